@@ -1,0 +1,433 @@
+//! The Order aggregate: what a customer asked for and how far fulfilment has come.
+//!
+//! Life cycle: `pending -> reserved -> paid -> scheduled -> completed`, or `cancelled` from any
+//! state before `completed`. An order cannot complete before its payment and its delivery are
+//! confirmed. Confirmations that already took effect are no-ops, so the saga may repeat them.
+
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::{Aggregate, DomainEvent};
+use serde::{Deserialize, Serialize};
+
+use crate::error::DomainError;
+use crate::values::{CancellationReason, CustomerId, Money, OrderId, PetId, SpecialInstructions};
+use crate::FIRST_EVENT_VERSION;
+
+/// Where an order stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OrderStatus {
+    /// Placed; the pet is not yet reserved.
+    Pending,
+    /// The pet is held for this order.
+    Reserved,
+    /// The payment went through.
+    Paid,
+    /// The delivery is scheduled.
+    Scheduled,
+    /// Terminal: paid, delivered, the pet sold.
+    Completed,
+    /// Terminal: the order was given up; see its reason.
+    Cancelled,
+}
+
+impl OrderStatus {
+    /// The lower-case word clients see.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Reserved => "reserved",
+            Self::Paid => "paid",
+            Self::Scheduled => "scheduled",
+            Self::Completed => "completed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    /// Whether the order can no longer change.
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, Self::Completed | Self::Cancelled)
+    }
+}
+
+/// What a customer asks for when placing an order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderRequest {
+    /// The new order's id.
+    pub order_id: OrderId,
+    /// Who orders.
+    pub customer_id: CustomerId,
+    /// Which pet.
+    pub pet_id: PetId,
+    /// The pet's price when the order was placed; what the customer will pay.
+    pub amount: Money,
+    /// Optional free text.
+    pub special_instructions: Option<SpecialInstructions>,
+}
+
+/// Commands an order accepts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OrderCommand {
+    /// Place a new order. Repeating it with the same request is a no-op (idempotent retry);
+    /// a different request on the same id is refused.
+    PlaceOrder(OrderRequest),
+    /// Record that the pet is now held for this order.
+    ConfirmPetReserved,
+    /// Record that the payment went through.
+    ConfirmPayment {
+        /// What was charged; must equal the order's amount.
+        amount: Money,
+    },
+    /// Record that the delivery is scheduled.
+    ConfirmDeliveryScheduled,
+    /// Finish the order. Requires payment and delivery.
+    CompleteOrder,
+    /// Give the order up.
+    CancelOrder {
+        /// Why.
+        reason: CancellationReason,
+    },
+}
+
+/// Events of an order's life.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OrderEvent {
+    /// The order was placed.
+    OrderCreated(OrderRequest),
+    /// The pet is held for the order.
+    OrderPetReserved,
+    /// The order is paid.
+    OrderPaid {
+        /// What was charged.
+        amount: Money,
+    },
+    /// The order's delivery is scheduled.
+    OrderDeliveryScheduled,
+    /// The order is complete.
+    OrderCompleted,
+    /// The order was cancelled.
+    OrderCancelled {
+        /// Why.
+        reason: CancellationReason,
+    },
+}
+
+impl DomainEvent for OrderEvent {
+    fn event_type(&self) -> String {
+        match self {
+            Self::OrderCreated(_) => "OrderCreated",
+            Self::OrderPetReserved => "OrderPetReserved",
+            Self::OrderPaid { .. } => "OrderPaid",
+            Self::OrderDeliveryScheduled => "OrderDeliveryScheduled",
+            Self::OrderCompleted => "OrderCompleted",
+            Self::OrderCancelled { .. } => "OrderCancelled",
+        }
+        .to_owned()
+    }
+
+    fn event_version(&self) -> String {
+        FIRST_EVENT_VERSION.to_owned()
+    }
+}
+
+/// An order, rebuilt from its events. `None` until placed.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Order {
+    state: Option<OrderState>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct OrderState {
+    request: OrderRequest,
+    status: OrderStatus,
+    cancellation_reason: Option<CancellationReason>,
+}
+
+impl Order {
+    /// The request the order was placed with, once it exists.
+    pub fn request(&self) -> Option<&OrderRequest> {
+        self.state.as_ref().map(|state| &state.request)
+    }
+
+    /// The order's status, once it exists.
+    pub fn status(&self) -> Option<OrderStatus> {
+        self.state.as_ref().map(|state| state.status)
+    }
+
+    /// Why the order was cancelled, if it was.
+    pub fn cancellation_reason(&self) -> Option<CancellationReason> {
+        self.state.as_ref().and_then(|state| state.cancellation_reason)
+    }
+
+    /// Decides which events `command` produces, without changing the order.
+    pub fn decide(&self, command: OrderCommand) -> Result<Vec<OrderEvent>, DomainError> {
+        use OrderStatus::*;
+        let Some(state) = &self.state else {
+            return match command {
+                OrderCommand::PlaceOrder(request) => Ok(vec![OrderEvent::OrderCreated(request)]),
+                _ => Err(DomainError::validation("order_id", "the order does not exist")),
+            };
+        };
+        let order_id = state.request.order_id;
+        let refuse = |action: &'static str| {
+            Err(DomainError::InvalidOrderTransition {
+                order_id,
+                status: state.status.as_str(),
+                action,
+            })
+        };
+        match command {
+            OrderCommand::PlaceOrder(request) if request == state.request => Ok(vec![]),
+            OrderCommand::PlaceOrder(_) => Err(DomainError::IdempotencyKeyReused(order_id)),
+            OrderCommand::ConfirmPetReserved => match state.status {
+                Pending => Ok(vec![OrderEvent::OrderPetReserved]),
+                Reserved | Paid | Scheduled | Completed => Ok(vec![]),
+                Cancelled => refuse("confirm the pet reservation"),
+            },
+            OrderCommand::ConfirmPayment { amount } => {
+                if amount != state.request.amount {
+                    return Err(DomainError::AmountMismatch {
+                        expected: state.request.amount.to_string(),
+                        actual: amount.to_string(),
+                    });
+                }
+                match state.status {
+                    Reserved => Ok(vec![OrderEvent::OrderPaid { amount }]),
+                    Paid | Scheduled | Completed => Ok(vec![]),
+                    Pending | Cancelled => refuse("confirm a payment"),
+                }
+            }
+            OrderCommand::ConfirmDeliveryScheduled => match state.status {
+                Paid => Ok(vec![OrderEvent::OrderDeliveryScheduled]),
+                Scheduled | Completed => Ok(vec![]),
+                Pending | Reserved | Cancelled => refuse("confirm a delivery"),
+            },
+            OrderCommand::CompleteOrder => match state.status {
+                Scheduled => Ok(vec![OrderEvent::OrderCompleted]),
+                Completed => Ok(vec![]),
+                Pending | Reserved | Paid | Cancelled => refuse("complete"),
+            },
+            OrderCommand::CancelOrder { reason } => match state.status {
+                Completed => refuse("cancel"),
+                Cancelled => Ok(vec![]),
+                Pending | Reserved | Paid | Scheduled => {
+                    Ok(vec![OrderEvent::OrderCancelled { reason }])
+                }
+            },
+        }
+    }
+}
+
+impl Aggregate for Order {
+    const TYPE: &'static str = "Order";
+    type Command = OrderCommand;
+    type Event = OrderEvent;
+    type Error = DomainError;
+    type Services = ();
+
+    async fn handle(
+        &mut self,
+        command: Self::Command,
+        _services: &Self::Services,
+        sink: &EventSink<Self>,
+    ) -> Result<(), Self::Error> {
+        for event in self.decide(command)? {
+            sink.write(event, self).await;
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, event: Self::Event) {
+        if let OrderEvent::OrderCreated(request) = event {
+            self.state = Some(OrderState {
+                request,
+                status: OrderStatus::Pending,
+                cancellation_reason: None,
+            });
+            return;
+        }
+        let Some(state) = self.state.as_mut() else {
+            return;
+        };
+        match event {
+            OrderEvent::OrderCreated(_) => {}
+            OrderEvent::OrderPetReserved => state.status = OrderStatus::Reserved,
+            OrderEvent::OrderPaid { .. } => state.status = OrderStatus::Paid,
+            OrderEvent::OrderDeliveryScheduled => state.status = OrderStatus::Scheduled,
+            OrderEvent::OrderCompleted => state.status = OrderStatus::Completed,
+            OrderEvent::OrderCancelled { reason } => {
+                state.status = OrderStatus::Cancelled;
+                state.cancellation_reason = Some(reason);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use cqrs_es::test::TestFramework;
+
+    use super::*;
+
+    type OrderTest = TestFramework<Order>;
+
+    fn request() -> OrderRequest {
+        OrderRequest {
+            order_id: OrderId::from_idempotency_key("test", "order"),
+            customer_id: CustomerId::parse("customer-001").expect("valid"),
+            pet_id: PetId::parse("golden-retriever-001").expect("valid"),
+            amount: Money::usd(120_000).expect("valid"),
+            special_instructions: Some(
+                SpecialInstructions::parse("Include training guide").expect("valid"),
+            ),
+        }
+    }
+
+    fn created() -> OrderEvent {
+        OrderEvent::OrderCreated(request())
+    }
+
+    fn paid() -> OrderEvent {
+        OrderEvent::OrderPaid {
+            amount: request().amount,
+        }
+    }
+
+    fn refused(status: &'static str, action: &'static str) -> DomainError {
+        DomainError::InvalidOrderTransition {
+            order_id: request().order_id,
+            status,
+            action,
+        }
+    }
+
+    #[test]
+    fn placing_an_order_creates_it() {
+        OrderTest::with(())
+            .given_no_previous_events()
+            .when(OrderCommand::PlaceOrder(request()))
+            .then_expect_events(vec![created()]);
+    }
+
+    #[test]
+    fn a_retried_placement_is_a_no_op_and_a_different_one_is_refused() {
+        OrderTest::with(())
+            .given(vec![created()])
+            .when(OrderCommand::PlaceOrder(request()))
+            .then_expect_events(vec![]);
+        let mut other = request();
+        other.pet_id = PetId::parse("persian-cat-001").expect("valid");
+        OrderTest::with(())
+            .given(vec![created()])
+            .when(OrderCommand::PlaceOrder(other))
+            .then_expect_error(DomainError::IdempotencyKeyReused(request().order_id));
+    }
+
+    #[test]
+    fn the_happy_path_reaches_completed() {
+        OrderTest::with(())
+            .given(vec![created()])
+            .when(OrderCommand::ConfirmPetReserved)
+            .then_expect_events(vec![OrderEvent::OrderPetReserved]);
+        OrderTest::with(())
+            .given(vec![created(), OrderEvent::OrderPetReserved])
+            .when(OrderCommand::ConfirmPayment {
+                amount: request().amount,
+            })
+            .then_expect_events(vec![paid()]);
+        OrderTest::with(())
+            .given(vec![created(), OrderEvent::OrderPetReserved, paid()])
+            .when(OrderCommand::ConfirmDeliveryScheduled)
+            .then_expect_events(vec![OrderEvent::OrderDeliveryScheduled]);
+        OrderTest::with(())
+            .given(vec![
+                created(),
+                OrderEvent::OrderPetReserved,
+                paid(),
+                OrderEvent::OrderDeliveryScheduled,
+            ])
+            .when(OrderCommand::CompleteOrder)
+            .then_expect_events(vec![OrderEvent::OrderCompleted]);
+    }
+
+    #[test]
+    fn an_order_cannot_complete_before_payment_and_delivery() {
+        OrderTest::with(())
+            .given(vec![created(), OrderEvent::OrderPetReserved])
+            .when(OrderCommand::CompleteOrder)
+            .then_expect_error(refused("reserved", "complete"));
+        OrderTest::with(())
+            .given(vec![created(), OrderEvent::OrderPetReserved, paid()])
+            .when(OrderCommand::CompleteOrder)
+            .then_expect_error(refused("paid", "complete"));
+        OrderTest::with(())
+            .given(vec![created(), OrderEvent::OrderPetReserved])
+            .when(OrderCommand::ConfirmDeliveryScheduled)
+            .then_expect_error(refused("reserved", "confirm a delivery"));
+    }
+
+    #[test]
+    fn a_payment_must_match_the_amount_in_minor_units() {
+        OrderTest::with(())
+            .given(vec![created(), OrderEvent::OrderPetReserved])
+            .when(OrderCommand::ConfirmPayment {
+                amount: Money::usd(119_999).expect("valid"),
+            })
+            .then_expect_error(DomainError::AmountMismatch {
+                expected: "1200.00 USD".into(),
+                actual: "1199.99 USD".into(),
+            });
+    }
+
+    #[test]
+    fn confirmations_are_safe_to_repeat() {
+        OrderTest::with(())
+            .given(vec![created(), OrderEvent::OrderPetReserved, paid()])
+            .when(OrderCommand::ConfirmPayment {
+                amount: request().amount,
+            })
+            .then_expect_events(vec![]);
+    }
+
+    #[test]
+    fn a_cancelled_order_stays_cancelled_and_a_completed_one_cannot_be_cancelled() {
+        let cancelled = OrderEvent::OrderCancelled {
+            reason: CancellationReason::PaymentFailed,
+        };
+        OrderTest::with(())
+            .given(vec![created(), OrderEvent::OrderPetReserved])
+            .when(OrderCommand::CancelOrder {
+                reason: CancellationReason::PaymentFailed,
+            })
+            .then_expect_events(vec![cancelled.clone()]);
+        OrderTest::with(())
+            .given(vec![created(), cancelled.clone()])
+            .when(OrderCommand::CancelOrder {
+                reason: CancellationReason::Requested,
+            })
+            .then_expect_events(vec![]);
+        OrderTest::with(())
+            .given(vec![created(), cancelled])
+            .when(OrderCommand::ConfirmPetReserved)
+            .then_expect_error(refused("cancelled", "confirm the pet reservation"));
+        OrderTest::with(())
+            .given(vec![
+                created(),
+                OrderEvent::OrderPetReserved,
+                paid(),
+                OrderEvent::OrderDeliveryScheduled,
+                OrderEvent::OrderCompleted,
+            ])
+            .when(OrderCommand::CancelOrder {
+                reason: CancellationReason::Requested,
+            })
+            .then_expect_error(refused("completed", "cancel"));
+    }
+
+    #[test]
+    fn commands_on_a_missing_order_are_refused() {
+        OrderTest::with(())
+            .given_no_previous_events()
+            .when(OrderCommand::CompleteOrder)
+            .then_expect_error(DomainError::validation("order_id", "the order does not exist"));
+    }
+}

@@ -1,1 +1,22 @@
-//! placeholder
+//! Cross-cutting runtime and infrastructure adapters of the petstore.
+//!
+//! Owns what every role needs and no business rule: typed settings, telemetry, the
+//! problem+json error format and correlation ids, and the adapters around the domain: the
+//! event store (Postgres through postgres-es, embedded SQLite through sqlite-es), command
+//! dispatch with optimistic-concurrency retries, and the global event stream with its
+//! checkpoints. It must not decide business outcomes: that is `petstore-domain`'s job.
+//!
+//! # Layout
+//! - [`settings`]: the typed [`settings::Settings`], layered from defaults, YAML files and env.
+//! - [`telemetry`]: the tracing subscriber (JSON or text logs).
+//! - [`http`]: problem+json responses, correlation ids, extractors whose rejections are problems.
+//! - [`database`]: connecting to Postgres or SQLite and running the migrations.
+//! - [`event_store`]: loading aggregates and appending their events, with metadata.
+//! - [`stream`]: the global, gap-free event stream and durable checkpoints.
+
+pub mod database;
+pub mod event_store;
+pub mod http;
+pub mod settings;
+pub mod stream;
+pub mod telemetry;

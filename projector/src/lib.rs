@@ -1,1 +1,20 @@
-//! placeholder
+//! The projector: streams every event, in global order, into the read models.
+//!
+//! It owns the read models (their shapes, how events fold into them, and where they live)
+//! and the loop that keeps them current. It never decides business outcomes: it only records
+//! what the events say. On Postgres each batch of events and the projector's checkpoint
+//! commit in one transaction, so a crash never applies an event twice or skips one. In the
+//! embedded mode the read models live in memory and are rebuilt from the event log at start.
+//!
+//! # Layout
+//! - [`views`]: the read-model documents and how events fold into them.
+//! - [`read_models`]: where the views live (Postgres tables or memory) and the queries on them.
+//! - [`runner`]: the projection loop and its progress.
+
+pub mod read_models;
+pub mod runner;
+pub mod views;
+
+pub use read_models::{BrowseFilter, BrowsePage, ReadModelError, ReadModels};
+pub use runner::{Projector, ProjectorProgress};
+pub use views::{MoneyView, OrderStatusView, PetView};

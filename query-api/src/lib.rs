@@ -1,1 +1,52 @@
-//! placeholder
+//! The query side of the petstore's HTTP API: GET routes over the read models, and health.
+//!
+//! It reads what the projector maintains and never writes events.
+//!
+//! # Layout
+//! - [`pets`]: browsing the catalog (`/pets/browse`, legacy `/browse-pets`) and pet details.
+//! - [`orders`]: order status.
+//! - [`health`]: component health, liveness and readiness.
+
+use axum::Router;
+use petstore_platform::database::Database;
+use petstore_projector::{ProjectorProgress, ReadModels};
+use tokio::sync::watch;
+
+pub mod health;
+pub mod orders;
+pub mod pets;
+
+/// What the query handlers need.
+#[derive(Clone)]
+pub struct QueryState {
+    /// The read models served.
+    pub read_models: ReadModels,
+    /// The event store's database, for health checks.
+    pub database: Database,
+    /// The progress of this process's projector, when it runs one.
+    pub projector: Option<watch::Receiver<ProjectorProgress>>,
+}
+
+/// Every query route, with its state applied.
+pub fn router(state: QueryState) -> Router {
+    Router::new()
+        .merge(pets::router())
+        .merge(orders::router())
+        .merge(health::router())
+        .with_state(state)
+}
+
+/// The OpenAPI description of the query routes.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    paths(
+        pets::browse, pets::browse_legacy, pets::pet_details, orders::order_status,
+        health::health, health::live, health::ready,
+    ),
+    components(schemas(
+        pets::BrowseResponse, petstore_projector::PetView, petstore_projector::MoneyView,
+        petstore_projector::OrderStatusView, health::HealthReport, health::ComponentHealth,
+        petstore_platform::http::ProblemDocument,
+    ))
+)]
+pub struct QueryApiDoc;

@@ -1,0 +1,213 @@
+//! The `petstore` binary's library: wires the roles (command API, query API, projector)
+//! into one process over one event store. Every piece of logic lives in the crate that owns
+//! it; this crate only assembles them and runs them until shutdown.
+//!
+//! # Layout
+//! - [`Application`]: build (connect, migrate, seed, bind), then run until stopped.
+//! - [`Role`]: which parts of the service this process runs.
+//! - [`Shutdown`]: the signal that stops a running application gracefully.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::get;
+use axum::Router;
+use petstore_command_api::{CommandApiDoc, CommandState};
+use petstore_platform::database::{Database, DatabaseError};
+use petstore_platform::event_store::EventStore;
+use petstore_platform::http;
+use petstore_platform::settings::Settings;
+use petstore_projector::{Projector, ReadModels};
+use petstore_query_api::{QueryApiDoc, QueryState};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tower_http::catch_panic::CatchPanicLayer;
+use utoipa::OpenApi;
+
+/// A part of the service a process can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum)]
+pub enum Role {
+    /// POST routes: commands become events.
+    Command,
+    /// GET routes over the read models, and health.
+    Query,
+    /// Streams events into the read models.
+    Projector,
+}
+
+impl Role {
+    /// Every role: what `serve` runs by default.
+    pub fn all() -> BTreeSet<Role> {
+        BTreeSet::from([Role::Command, Role::Query, Role::Projector])
+    }
+}
+
+/// The service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// The database is unreachable or cannot be migrated.
+    #[error(transparent)]
+    Database(#[from] DatabaseError),
+    /// Seeding the demo catalog failed.
+    #[error("seeding the demo catalog failed: {0}")]
+    Seed(String),
+    /// The roles do not fit the storage.
+    #[error("{0}")]
+    Roles(&'static str),
+    /// The listener cannot be bound.
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        /// The address.
+        address: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The server failed while running.
+    #[error("the server failed: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+/// Stops a running [`Application`]: new connections are refused, requests in flight finish,
+/// the projector commits its batch, then the pools close.
+#[derive(Debug, Clone)]
+pub struct Shutdown(watch::Sender<bool>);
+
+impl Shutdown {
+    fn new() -> Self {
+        Self(watch::Sender::new(false))
+    }
+
+    /// Asks the application to stop.
+    pub fn trigger(&self) {
+        self.0.send_replace(true);
+    }
+
+    /// Resolves once [`Self::trigger`] was called.
+    pub fn wait(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut receiver = self.0.subscribe();
+        async move {
+            let _closed = receiver.wait_for(|stopped| *stopped).await;
+        }
+    }
+}
+
+/// A built service, bound to its port, ready to run.
+pub struct Application {
+    listener: TcpListener,
+    router: Router,
+    database: Database,
+    projector: Option<JoinHandle<()>>,
+    shutdown: Shutdown,
+}
+
+impl Application {
+    /// Connects to the store (migrating it unless told not to), seeds the demo catalog,
+    /// starts the projector and binds the listener, for the given roles.
+    pub async fn build(settings: Settings, roles: &BTreeSet<Role>) -> Result<Self, StartupError> {
+        let database = Database::connect(&settings.database, &settings.storage).await?;
+        if settings.database.migrate_on_start {
+            database.migrate().await?;
+        }
+        if matches!(database, Database::Sqlite(_)) && *roles != Role::all() {
+            return Err(StartupError::Roles(
+                "the embedded store keeps read models in memory: run every role in one process, \
+                 or set DATABASE_URL to split roles across processes",
+            ));
+        }
+        let store = EventStore::new(database.clone(), settings.commands.max_conflict_retries);
+        if roles.contains(&Role::Command) && settings.catalog.seed_demo_pets {
+            let added = petstore_command_api::catalog::seed_demo_catalog(&store)
+                .await
+                .map_err(|error| StartupError::Seed(error.to_string()))?;
+            if added > 0 {
+                tracing::info!(added, "seeded the demo catalog");
+            }
+        }
+        let shutdown = Shutdown::new();
+        let read_models = ReadModels::for_database(&database);
+        let (projector, progress) = if roles.contains(&Role::Projector) {
+            let projector = Projector::new(store.clone(), read_models.clone(), settings.projector.clone());
+            let progress = projector.progress();
+            (Some(tokio::spawn(projector.run(shutdown.wait()))), Some(progress))
+        } else {
+            (None, None)
+        };
+
+        let mut router = Router::new()
+            .route("/petstore-domain/openapi.json", get(openapi))
+            .fallback(http::not_found);
+        if roles.contains(&Role::Command) {
+            router = router.merge(petstore_command_api::router(CommandState { store: store.clone() }));
+        }
+        if roles.contains(&Role::Query) {
+            router = router.merge(petstore_query_api::router(QueryState {
+                read_models,
+                database: database.clone(),
+                projector: progress,
+            }));
+        }
+        let router = router
+            .layer(DefaultBodyLimit::max(settings.http.body_limit_bytes))
+            .layer(CatchPanicLayer::new())
+            .layer(axum::middleware::from_fn(http::correlation));
+
+        let address = settings.http.listen;
+        let listener = TcpListener::bind(address)
+            .await
+            .map_err(|source| StartupError::Bind { address, source })?;
+        Ok(Self {
+            listener,
+            router,
+            database,
+            projector,
+            shutdown,
+        })
+    }
+
+    /// The bound port (useful with port 0).
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map_or(0, |address| address.port())
+    }
+
+    /// A handle that stops the application.
+    pub fn shutdown_handle(&self) -> Shutdown {
+        self.shutdown.clone()
+    }
+
+    /// Serves until the shutdown handle fires, then drains and stops.
+    pub async fn run_until_stopped(self) -> Result<(), StartupError> {
+        let result = axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(self.shutdown.wait())
+            .await
+            .map_err(StartupError::Serve);
+        // Stop the projector too when the server ended for another reason.
+        self.shutdown.trigger();
+        if let Some(projector) = self.projector {
+            if let Err(error) = projector.await {
+                tracing::error!(%error, "the projector task failed");
+            }
+        }
+        self.database.close().await;
+        result
+    }
+}
+
+/// The OpenAPI 3.1 document of every route.
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    let mut document = CommandApiDoc::openapi();
+    document.merge(QueryApiDoc::openapi());
+    document.info.title = "Petstore order platform".to_owned();
+    document.info.version = env!("CARGO_PKG_VERSION").to_owned();
+    document.info.description = Some(
+        "Event-sourced petstore: orders become events; read models serve queries. Every error \
+         is application/problem+json with a correlation_id."
+            .to_owned(),
+    );
+    document
+}
+
+async fn openapi() -> http::Json<utoipa::openapi::OpenApi> {
+    http::Json(openapi_document())
+}

@@ -1,0 +1,23 @@
+//! The demo catalog, created as `PetAdded` events when missing.
+
+use cqrs_es::AggregateError;
+use petstore_domain::catalog::demo_pets;
+use petstore_domain::pet::{Pet, PetCommand};
+use petstore_domain::DomainError;
+use petstore_platform::event_store::{EventMetadata, EventStore};
+use petstore_platform::http::CorrelationId;
+
+/// Adds every demo pet that is not in the store yet; returns how many were added. Safe to run
+/// on every start and from several instances at once: adding an identical pet is a no-op.
+pub async fn seed_demo_catalog(store: &EventStore) -> Result<usize, AggregateError<DomainError>> {
+    let metadata = EventMetadata::new(CorrelationId::generate(), "system");
+    let mut added = 0;
+    for details in demo_pets().map_err(AggregateError::UserError)? {
+        let pet_id = details.pet_id.to_string();
+        let events = store
+            .execute::<Pet>(&pet_id, PetCommand::AddPet(details), &(), &metadata)
+            .await?;
+        added += events.len();
+    }
+    Ok(added)
+}

@@ -1,0 +1,170 @@
+//! Placing orders.
+
+use axum::extract::State;
+use axum::http::header::{HeaderMap, HeaderValue, LOCATION};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use petstore_domain::order::{Order, OrderCommand, OrderRequest, OrderStatus};
+use petstore_domain::pet::Pet;
+use petstore_domain::{CustomerId, DomainError, OrderId, PetId, SpecialInstructions};
+use petstore_platform::event_store::EventMetadata;
+use petstore_platform::http::{Json, Problem, RequestContext, Subject};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::CommandState;
+
+/// The header a client sets to make a POST safe to retry.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// The order routes.
+pub fn router() -> Router<CommandState> {
+    Router::new()
+        .route("/petstore-domain/orders", post(place_order))
+        .route("/petstore-domain/create-order", post(create_order_legacy))
+}
+
+/// What a customer sends to order a pet.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlaceOrderBody {
+    /// Who orders: 1 to 128 characters of letters, digits and `-_.@+`.
+    #[schema(example = "customer-001")]
+    pub customer_id: String,
+    /// The pet's id.
+    #[schema(example = "golden-retriever-001")]
+    pub pet_id: String,
+    /// Up to 500 characters of free text.
+    #[schema(example = "Please include vaccination records")]
+    #[serde(default)]
+    pub special_instructions: Option<String>,
+}
+
+/// The answer to an accepted order.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct OrderAccepted {
+    /// The order's id; `GET /petstore-domain/orders/{order_id}/status` tracks it.
+    pub order_id: String,
+    /// The order's status (`pending` for a new order).
+    pub status: String,
+    /// The request's correlation id; every event of the order's saga carries it.
+    pub correlation_id: String,
+}
+
+/// Place an order for a pet.
+///
+/// The order is accepted (202) and fulfilled asynchronously; follow it at the `Location`.
+/// With an `Idempotency-Key`, repeating the request returns the same order instead of placing
+/// a second one; reusing a key for a different order is refused (422).
+#[utoipa::path(
+    post,
+    path = "/petstore-domain/orders",
+    tag = "orders",
+    request_body = PlaceOrderBody,
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters; a retried request with the same key returns the same order"),
+        ("X-Correlation-ID" = Option<String>, Header, description = "echoed on the response and stored on every event of the order"),
+    ),
+    responses(
+        (status = 202, description = "Order accepted", body = OrderAccepted,
+         headers(("Location" = String, description = "The order's status URL"))),
+        (status = 400, description = "Malformed JSON or header", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 409, description = "Concurrent changes kept conflicting", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 415, description = "Body is not application/json", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid field, unknown pet, or reused Idempotency-Key", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 503, description = "Event store unreachable", body = ProblemDocument, content_type = "application/problem+json"),
+    )
+)]
+#[tracing::instrument(skip_all, fields(order_id), err(Debug))]
+pub async fn place_order(
+    State(state): State<CommandState>,
+    subject: Subject,
+    headers: HeaderMap,
+    Json(body): Json<PlaceOrderBody>,
+) -> Result<Response, Problem> {
+    let customer_id = CustomerId::parse(&body.customer_id)?;
+    let pet_id = PetId::parse(&body.pet_id)?;
+    let special_instructions = body
+        .special_instructions
+        .as_deref()
+        .map(SpecialInstructions::parse)
+        .transpose()?;
+    let order_id = match headers.get(IDEMPOTENCY_KEY) {
+        Some(key) => OrderId::from_idempotency_key(subject.as_str(), parse_idempotency_key(key)?),
+        None => OrderId::random(),
+    };
+    tracing::Span::current().record("order_id", tracing::field::display(order_id));
+
+    let pet: Pet = state.store.load(pet_id.as_str()).await?;
+    let Some(details) = pet.details() else {
+        return Err(DomainError::validation("pet_id", format!("no pet has id {pet_id}")).into());
+    };
+    let command = OrderCommand::PlaceOrder(OrderRequest {
+        order_id,
+        customer_id,
+        pet_id,
+        amount: details.price,
+        special_instructions,
+    });
+    let correlation_id = RequestContext::correlation_id();
+    let metadata = EventMetadata::new(correlation_id.clone(), subject.as_str());
+    let appended = state
+        .store
+        .execute::<Order>(&order_id.to_string(), command, &(), &metadata)
+        .await?;
+    let status = if appended.is_empty() {
+        // A retried request: answer with the order as it stands now.
+        let order: Order = state.store.load(&order_id.to_string()).await?;
+        order.status().unwrap_or(OrderStatus::Pending)
+    } else {
+        OrderStatus::Pending
+    };
+    let location = format!("/petstore-domain/orders/{order_id}/status");
+    let mut response = (
+        StatusCode::ACCEPTED,
+        Json(OrderAccepted {
+            order_id: order_id.to_string(),
+            status: status.as_str().to_owned(),
+            correlation_id: correlation_id.to_string(),
+        }),
+    )
+        .into_response();
+    if let Ok(value) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(LOCATION, value);
+    }
+    Ok(response)
+}
+
+/// Legacy alias of `POST /petstore-domain/orders`.
+#[utoipa::path(
+    post,
+    path = "/petstore-domain/create-order",
+    tag = "orders",
+    request_body = PlaceOrderBody,
+    responses(
+        (status = 202, description = "Order accepted", body = OrderAccepted),
+        (status = "4XX", description = "As for POST /petstore-domain/orders", body = ProblemDocument, content_type = "application/problem+json"),
+    )
+)]
+pub async fn create_order_legacy(
+    state: State<CommandState>,
+    subject: Subject,
+    headers: HeaderMap,
+    body: Json<PlaceOrderBody>,
+) -> Result<Response, Problem> {
+    place_order(state, subject, headers, body).await
+}
+
+fn parse_idempotency_key(value: &HeaderValue) -> Result<&str, Problem> {
+    value
+        .to_str()
+        .ok()
+        .filter(|key| !key.is_empty() && key.len() <= 255)
+        .ok_or_else(|| Problem::bad_request("Idempotency-Key must be 1 to 255 visible ASCII characters"))
+}
+
+#[allow(unused_imports)]
+use petstore_platform::http::ProblemDocument;

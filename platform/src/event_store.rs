@@ -1,0 +1,231 @@
+//! The event store: loading aggregates and appending the events their commands decide.
+//!
+//! Both engines sit behind cqrs-es's [`PersistedEventRepository`]: postgres-es for Postgres
+//! and sqlite-es for the embedded store, selected at run time by [`EventRepository`]. Above
+//! it, [`EventStore::execute`] runs one command with optimistic concurrency: a conflicting
+//! append (another writer took the same sequence number) reloads the aggregate and decides
+//! again, a bounded number of times, before it is reported as a conflict.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::persist::{
+    PersistedEventRepository, PersistedEventStore, PersistenceError, ReplayStream,
+    SerializedEvent, SerializedSnapshot,
+};
+use cqrs_es::{Aggregate, AggregateError, EventEnvelope, EventStore as _};
+use postgres_es::PostgresEventRepository;
+use serde_json::Value;
+use sqlite_es::SqliteEventRepository;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::database::Database;
+use crate::http::CorrelationId;
+
+/// The cqrs-es repository of whichever engine the service runs on.
+pub enum EventRepository {
+    /// postgres-es.
+    Postgres(PostgresEventRepository),
+    /// sqlite-es.
+    Sqlite(SqliteEventRepository),
+}
+
+impl EventRepository {
+    /// The repository for `database`, on the `events` and `snapshots` tables.
+    pub fn new(database: &Database) -> Self {
+        match database {
+            Database::Postgres(pool) => Self::Postgres(PostgresEventRepository::new(pool.clone())),
+            Database::Sqlite(pool) => Self::Sqlite(SqliteEventRepository::new(pool.clone())),
+        }
+    }
+}
+
+/// Shares one [`EventRepository`] between the per-command cqrs-es stores.
+#[derive(Clone)]
+pub struct SharedRepository(Arc<EventRepository>);
+
+macro_rules! delegate {
+    ($self:ident, $repo:ident => $call:expr) => {
+        match $self.0.as_ref() {
+            EventRepository::Postgres($repo) => $call.await,
+            EventRepository::Sqlite($repo) => $call.await,
+        }
+    };
+}
+
+impl PersistedEventRepository for SharedRepository {
+    async fn get_events<A: Aggregate>(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<Vec<SerializedEvent>, PersistenceError> {
+        delegate!(self, repo => repo.get_events::<A>(aggregate_id))
+    }
+
+    async fn get_last_events<A: Aggregate>(
+        &self,
+        aggregate_id: &str,
+        last_sequence: usize,
+    ) -> Result<Vec<SerializedEvent>, PersistenceError> {
+        delegate!(self, repo => repo.get_last_events::<A>(aggregate_id, last_sequence))
+    }
+
+    async fn get_snapshot<A: Aggregate>(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<Option<SerializedSnapshot>, PersistenceError> {
+        delegate!(self, repo => repo.get_snapshot::<A>(aggregate_id))
+    }
+
+    async fn persist<A: Aggregate>(
+        &self,
+        events: &[SerializedEvent],
+        snapshot_update: Option<(String, Value, usize)>,
+    ) -> Result<(), PersistenceError> {
+        delegate!(self, repo => repo.persist::<A>(events, snapshot_update))
+    }
+
+    async fn stream_events<A: Aggregate>(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<ReplayStream, PersistenceError> {
+        delegate!(self, repo => repo.stream_events::<A>(aggregate_id))
+    }
+
+    async fn stream_all_events<A: Aggregate>(&self) -> Result<ReplayStream, PersistenceError> {
+        delegate!(self, repo => repo.stream_all_events::<A>())
+    }
+}
+
+/// What every event records about the command that caused it. Stored as the event's
+/// metadata, it makes the audit trail a query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventMetadata {
+    /// Shared by everything one request (and the saga it starts) causes.
+    pub correlation_id: CorrelationId,
+    /// The id of what caused this command: the request's id or the event's id.
+    pub causation_id: String,
+    /// Who acted: a user's subject, or `system` for the service itself.
+    pub subject: String,
+    /// The command's own id; saga commands derive it from their causing event.
+    pub command_id: Uuid,
+    /// When the command ran.
+    pub timestamp: DateTime<Utc>,
+}
+
+impl EventMetadata {
+    /// Metadata for a command acting on behalf of `subject` within `correlation_id`.
+    pub fn new(correlation_id: CorrelationId, subject: impl Into<String>) -> Self {
+        let command_id = Uuid::new_v4();
+        Self {
+            causation_id: command_id.to_string(),
+            correlation_id,
+            subject: subject.into(),
+            command_id,
+            timestamp: Utc::now(),
+        }
+    }
+
+    /// The form stored beside each event.
+    pub fn to_map(&self) -> HashMap<String, String> {
+        HashMap::from([
+            ("correlation_id".to_owned(), self.correlation_id.to_string()),
+            ("causation_id".to_owned(), self.causation_id.clone()),
+            ("subject".to_owned(), self.subject.clone()),
+            ("command_id".to_owned(), self.command_id.to_string()),
+            (
+                "timestamp".to_owned(),
+                self.timestamp.to_rfc3339_opts(SecondsFormat::Micros, true),
+            ),
+        ])
+    }
+}
+
+/// Loads aggregates and appends their events, on either engine.
+#[derive(Clone)]
+pub struct EventStore {
+    database: Database,
+    repository: SharedRepository,
+    max_conflict_retries: u32,
+    appended: watch::Sender<u64>,
+}
+
+impl EventStore {
+    /// A store over `database`, retrying conflicting appends up to `max_conflict_retries` times.
+    pub fn new(database: Database, max_conflict_retries: u32) -> Self {
+        let repository = SharedRepository(Arc::new(EventRepository::new(&database)));
+        Self {
+            database,
+            repository,
+            max_conflict_retries,
+            appended: watch::Sender::new(0),
+        }
+    }
+
+    /// The database underneath.
+    pub fn database(&self) -> &Database {
+        &self.database
+    }
+
+    /// Ticks after every append from this process; stream readers wait on it.
+    pub fn appended(&self) -> watch::Receiver<u64> {
+        self.appended.subscribe()
+    }
+
+    fn cqrs_store<A: Aggregate>(&self) -> PersistedEventStore<SharedRepository, A> {
+        PersistedEventStore::new_event_store(self.repository.clone())
+    }
+
+    /// Rebuilds an aggregate from its events (a default one if it has none).
+    pub async fn load<A: Aggregate>(&self, aggregate_id: &str) -> Result<A, AggregateError<A::Error>> {
+        let context = self.cqrs_store::<A>().load_aggregate(aggregate_id).await?;
+        Ok(context.aggregate)
+    }
+
+    /// Runs `command` against the aggregate and appends the events it decides, with
+    /// `metadata`. Returns the appended events (none when the command was a repeat that
+    /// changed nothing). A lost optimistic-concurrency race is retried with jittered backoff.
+    pub async fn execute<A>(
+        &self,
+        aggregate_id: &str,
+        command: A::Command,
+        services: &A::Services,
+        metadata: &EventMetadata,
+    ) -> Result<Vec<EventEnvelope<A>>, AggregateError<A::Error>>
+    where
+        A: Aggregate,
+        A::Command: Clone,
+    {
+        let store = self.cqrs_store::<A>();
+        let mut attempt = 0;
+        loop {
+            let mut context = store.load_aggregate(aggregate_id).await?;
+            let sink = EventSink::default();
+            context
+                .aggregate
+                .handle(command.clone(), services, &sink)
+                .await
+                .map_err(AggregateError::UserError)?;
+            let events = sink.collect().await;
+            if events.is_empty() {
+                return Ok(Vec::new());
+            }
+            match store.commit(events, context, metadata.to_map()).await {
+                Ok(committed) => {
+                    self.appended.send_modify(|count| *count = count.wrapping_add(1));
+                    return Ok(committed);
+                }
+                Err(AggregateError::AggregateConflict) if attempt < self.max_conflict_retries => {
+                    attempt += 1;
+                    tracing::debug!(attempt, aggregate_id, "append conflicted; retrying");
+                    let ceiling = 2_u64.saturating_pow(attempt.min(6));
+                    tokio::time::sleep(Duration::from_millis(fastrand::u64(0..=ceiling))).await;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+}

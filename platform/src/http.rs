@@ -1,0 +1,424 @@
+//! HTTP plumbing shared by the APIs: correlation ids, RFC 9457 problem responses, and
+//! extractors whose rejections are problems too.
+//!
+//! [`correlation`] is the outermost middleware. It accepts a valid `X-Correlation-ID` or makes
+//! one, runs the request inside a span that carries it (so every log line of the request has
+//! it) and inside a task-local [`RequestContext`] (so a [`Problem`] can name it), echoes it on
+//! the response, and turns any bare error response (unknown route, wrong method, body too
+//! large) into `application/problem+json`.
+
+use std::fmt;
+use std::time::Instant;
+
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::header::{self, HeaderName, HeaderValue};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use tracing::Instrument;
+use uuid::Uuid;
+
+/// The request and response header that carries the correlation id.
+pub const CORRELATION_ID_HEADER: HeaderName = HeaderName::from_static("x-correlation-id");
+
+/// The media type of problem responses.
+pub const PROBLEM_CONTENT_TYPE: &str = "application/problem+json";
+
+/// Ties together everything one request causes: logs, events, the saga, responses.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct CorrelationId(String);
+
+impl CorrelationId {
+    /// Longest accepted id.
+    pub const MAX_LEN: usize = 128;
+
+    /// A fresh id (a UUID).
+    pub fn generate() -> Self {
+        Self(Uuid::new_v4().to_string())
+    }
+
+    /// Accepts 1 to 128 characters of ASCII letters, digits and `-_.:`.
+    pub fn parse(input: &str) -> Option<Self> {
+        let valid = !input.is_empty()
+            && input.len() <= Self::MAX_LEN
+            && input
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+        valid.then(|| Self(input.to_owned()))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for CorrelationId {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(&self.0)
+    }
+}
+
+/// What a handler may ask about the request it serves.
+#[derive(Debug, Clone)]
+pub struct RequestContext {
+    /// The request's correlation id.
+    pub correlation_id: CorrelationId,
+    /// The request path, used as a problem's `instance`.
+    pub path: String,
+}
+
+tokio::task_local! {
+    static REQUEST_CONTEXT: RequestContext;
+}
+
+impl RequestContext {
+    /// The context of the request being served, if any.
+    pub fn current() -> Option<RequestContext> {
+        REQUEST_CONTEXT.try_with(Clone::clone).ok()
+    }
+
+    /// The current request's correlation id, or a fresh one outside a request.
+    pub fn correlation_id() -> CorrelationId {
+        Self::current().map_or_else(CorrelationId::generate, |context| context.correlation_id)
+    }
+}
+
+/// An RFC 9457 problem: the body of every 4xx and 5xx response.
+#[derive(Debug, Clone)]
+pub struct Problem {
+    status: StatusCode,
+    kind: &'static str,
+    title: String,
+    detail: String,
+    headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+#[derive(Serialize)]
+struct ProblemBody<'a> {
+    #[serde(rename = "type")]
+    kind: String,
+    title: &'a str,
+    status: u16,
+    detail: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    instance: Option<String>,
+    correlation_id: String,
+}
+
+/// The JSON shape of a problem, for the OpenAPI document.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ProblemDocument {
+    /// A URI reference naming the kind of problem, e.g. `/problems/validation`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// A short summary of the kind.
+    pub title: String,
+    /// The HTTP status.
+    pub status: u16,
+    /// What went wrong with this request.
+    pub detail: String,
+    /// The request path.
+    pub instance: Option<String>,
+    /// Quote it when reporting a problem; it finds every log line of the request.
+    pub correlation_id: String,
+}
+
+impl Problem {
+    /// A problem of kind `kind` (a slug such as `validation`), with the given status.
+    pub fn new(status: StatusCode, kind: &'static str, title: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self {
+            status,
+            kind,
+            title: title.into(),
+            detail: detail.into(),
+            headers: Vec::new(),
+        }
+    }
+
+    /// 422: the request is well-formed but its content is not acceptable.
+    pub fn validation(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "validation", "Invalid request", detail)
+    }
+
+    /// 400: the request cannot be read.
+    pub fn bad_request(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad-request", "Malformed request", detail)
+    }
+
+    /// 404: the named resource does not exist.
+    pub fn not_found(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not-found", "Not found", detail)
+    }
+
+    /// 409: the request conflicts with the resource's current state.
+    pub fn conflict(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "conflict", "Conflict", detail)
+    }
+
+    /// 503: a dependency is unavailable; retry later.
+    pub fn unavailable(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Service unavailable", detail)
+            .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
+    }
+
+    /// 500: logs `cause` with the correlation id and tells the client nothing internal.
+    pub fn internal(cause: &dyn fmt::Display) -> Self {
+        tracing::error!(error = %cause, "internal error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "Internal error",
+            "the service failed to handle the request; quote the correlation id when reporting it",
+        )
+    }
+
+    /// A problem that only has a status (unknown route, wrong method, ...).
+    pub fn from_status(status: StatusCode) -> Self {
+        let (kind, detail) = match status {
+            StatusCode::NOT_FOUND => ("not-found", "no resource at this path"),
+            StatusCode::METHOD_NOT_ALLOWED => ("method-not-allowed", "this path does not accept this method"),
+            StatusCode::PAYLOAD_TOO_LARGE => ("payload-too-large", "the request body is larger than the service accepts"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => ("unsupported-media-type", "send the body as application/json"),
+            StatusCode::REQUEST_TIMEOUT => ("timeout", "the request took too long"),
+            _ if status.is_server_error() => ("internal", "the service failed to handle the request"),
+            _ => ("bad-request", "the request was refused"),
+        };
+        let title = status.canonical_reason().unwrap_or("Error");
+        Self::new(status, kind, title, detail)
+    }
+
+    /// Adds a response header (`Retry-After`, `WWW-Authenticate`, ...).
+    pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Self {
+        self.headers.push((name, value));
+        self
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let context = RequestContext::current();
+        let body = ProblemBody {
+            kind: format!("/problems/{}", self.kind),
+            title: &self.title,
+            status: self.status.as_u16(),
+            detail: &self.detail,
+            instance: context.as_ref().map(|context| context.path.clone()),
+            correlation_id: context
+                .map_or_else(CorrelationId::generate, |context| context.correlation_id)
+                .to_string(),
+        };
+        let json = serde_json::to_vec(&body).unwrap_or_default();
+        let mut response = (self.status, json).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_CONTENT_TYPE));
+        for (name, value) in self.headers {
+            headers.insert(name, value);
+        }
+        response
+    }
+}
+
+impl From<JsonRejection> for Problem {
+    fn from(rejection: JsonRejection) -> Self {
+        match rejection {
+            JsonRejection::JsonDataError(error) => Self::validation(error.body_text()),
+            JsonRejection::JsonSyntaxError(error) => Self::bad_request(error.body_text()),
+            JsonRejection::MissingJsonContentType(_) => Self::from_status(StatusCode::UNSUPPORTED_MEDIA_TYPE),
+            other => {
+                let status = other.status();
+                let mut problem = Self::from_status(status);
+                if status.is_client_error() && status != StatusCode::PAYLOAD_TOO_LARGE {
+                    problem.detail = other.body_text();
+                }
+                problem
+            }
+        }
+    }
+}
+
+impl From<PathRejection> for Problem {
+    fn from(rejection: PathRejection) -> Self {
+        Self::bad_request(rejection.body_text())
+    }
+}
+
+impl From<QueryRejection> for Problem {
+    fn from(rejection: QueryRejection) -> Self {
+        Self::validation(rejection.body_text())
+    }
+}
+
+/// `axum::Json` whose rejection is a [`Problem`].
+#[derive(Debug, Clone, Copy, Default, FromRequest)]
+#[from_request(via(axum::Json), rejection(Problem))]
+pub struct Json<T>(pub T);
+
+impl<T: Serialize> IntoResponse for Json<T> {
+    fn into_response(self) -> Response {
+        axum::Json(self.0).into_response()
+    }
+}
+
+/// `axum::extract::Path` whose rejection is a [`Problem`].
+#[derive(Debug, FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(Problem))]
+pub struct Path<T>(pub T);
+
+/// `axum::extract::Query` whose rejection is a [`Problem`].
+#[derive(Debug, FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(Problem))]
+pub struct Query<T>(pub T);
+
+/// Outermost middleware: correlation id, request span and log line, problem bodies for bare
+/// error responses.
+pub async fn correlation(request: Request, next: Next) -> Response {
+    let supplied = request.headers().get(&CORRELATION_ID_HEADER);
+    let correlation_id = match supplied.map(|value| value.to_str().ok().and_then(CorrelationId::parse)) {
+        None => CorrelationId::generate(),
+        Some(Some(id)) => id,
+        Some(None) => {
+            let context = RequestContext {
+                correlation_id: CorrelationId::generate(),
+                path: request.uri().path().to_owned(),
+            };
+            let id = context.correlation_id.clone();
+            let problem = Problem::bad_request(
+                "X-Correlation-ID must be 1 to 128 characters of letters, digits and -_.:",
+            );
+            let response = REQUEST_CONTEXT.scope(context, async { problem.into_response() }).await;
+            return with_correlation_header(response, &id);
+        }
+    };
+    let context = RequestContext {
+        correlation_id: correlation_id.clone(),
+        path: request.uri().path().to_owned(),
+    };
+    let span = tracing::info_span!(
+        "request",
+        method = %request.method(),
+        path = %request.uri().path(),
+        correlation_id = %correlation_id,
+    );
+    let started = Instant::now();
+    let response = REQUEST_CONTEXT
+        .scope(context, async move {
+            let response = next.run(request).await;
+            let response = problem_for_bare_error(response);
+            let status = response.status().as_u16();
+            let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+            if status >= 500 {
+                tracing::error!(status, elapsed_ms, "request failed");
+            } else {
+                tracing::info!(status, elapsed_ms, "request served");
+            }
+            response
+        })
+        .instrument(span)
+        .await;
+    with_correlation_header(response, &correlation_id)
+}
+
+fn with_correlation_header(mut response: Response, id: &CorrelationId) -> Response {
+    if let Ok(value) = HeaderValue::from_str(id.as_str()) {
+        response.headers_mut().insert(CORRELATION_ID_HEADER, value);
+    }
+    response
+}
+
+fn problem_for_bare_error(response: Response) -> Response {
+    let status = response.status();
+    let is_problem = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes().starts_with(PROBLEM_CONTENT_TYPE.as_bytes()));
+    if status.as_u16() < 400 || is_problem {
+        return response;
+    }
+    let mut problem = Problem::from_status(status);
+    for name in [header::ALLOW, header::RETRY_AFTER, header::WWW_AUTHENTICATE] {
+        if let Some(value) = response.headers().get(&name) {
+            problem = problem.with_header(name, value.clone());
+        }
+    }
+    problem.into_response()
+}
+
+/// Handler for routes nobody serves: a 404 problem.
+pub async fn not_found() -> Problem {
+    Problem::from_status(StatusCode::NOT_FOUND)
+}
+
+/// Who is acting. Authentication plugs in here: today every caller is `anonymous`; the JWT
+/// issue replaces this extractor's body with token validation, and every handler that takes
+/// a `Subject` is then authenticated without further change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subject(String);
+
+impl Subject {
+    /// The subject of unauthenticated callers.
+    pub const ANONYMOUS: &'static str = "anonymous";
+
+    /// The subject as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Subject {
+    type Rejection = Problem;
+
+    async fn from_request_parts(
+        _parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Self(Self::ANONYMOUS.to_owned()))
+    }
+}
+
+impl From<petstore_domain::DomainError> for Problem {
+    fn from(error: petstore_domain::DomainError) -> Self {
+        use petstore_domain::DomainError as E;
+        let detail = error.to_string();
+        match error {
+            E::Validation { .. } | E::IdempotencyKeyReused(_) | E::AmountMismatch { .. } => {
+                Self::validation(detail)
+            }
+            E::PetNotFound(_) | E::OrderNotFound(_) => Self::not_found(detail),
+            E::PetAlreadyExists(_)
+            | E::PetUnavailable { .. }
+            | E::PetAlreadySold(_)
+            | E::PetNotReservedForOrder { .. }
+            | E::InvalidOrderTransition { .. }
+            | E::InvalidTransition { .. } => Self::conflict(detail),
+        }
+    }
+}
+
+impl<T> From<cqrs_es::AggregateError<T>> for Problem
+where
+    T: std::error::Error + Into<Problem>,
+{
+    fn from(error: cqrs_es::AggregateError<T>) -> Self {
+        use cqrs_es::AggregateError as E;
+        match error {
+            E::UserError(error) => error.into(),
+            E::AggregateConflict => Self::conflict(
+                "the resource kept changing under concurrent requests; retry the request",
+            ),
+            E::DatabaseConnectionError(cause) => {
+                tracing::error!(error = %cause, "event store unreachable");
+                Self::unavailable("the event store is unreachable; retry shortly")
+            }
+            E::DeserializationError(cause) | E::UnexpectedError(cause) => Self::internal(&cause),
+        }
+    }
+}

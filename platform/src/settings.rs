@@ -1,0 +1,225 @@
+//! Typed settings, layered: compiled defaults, then `config/base.yaml`, then
+//! `config/{PETSTORE_ENV}.yaml`, then `PETSTORE__SECTION__KEY` environment variables (and the
+//! conventional `DATABASE_URL`). Unknown keys and bad values fail at start-up, naming the key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Yaml};
+use figment::Figment;
+use secrecy::SecretString;
+use serde::Deserialize;
+
+/// Everything the service can be configured with.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// The HTTP listener.
+    pub http: HttpSettings,
+    /// Where events and read models live.
+    pub database: DatabaseSettings,
+    /// Embedded storage (used when no database URL is set).
+    pub storage: StorageSettings,
+    /// How the projector reads the global stream.
+    pub projector: ProjectorSettings,
+    /// Command dispatch.
+    pub commands: CommandSettings,
+    /// The demo catalog.
+    pub catalog: CatalogSettings,
+    /// Logging.
+    pub log: LogSettings,
+}
+
+/// The HTTP listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSettings {
+    /// Address to listen on; port 0 picks a free one.
+    pub listen: SocketAddr,
+    /// Largest accepted request body, in bytes.
+    pub body_limit_bytes: usize,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            body_limit_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// Where events and read models live.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseSettings {
+    /// A `postgres://` URL. Unset: the embedded SQLite store under `storage.data_dir`.
+    pub url: Option<SecretString>,
+    /// Connections in the pool.
+    pub max_connections: u32,
+    /// Run the migrations when the service starts.
+    pub migrate_on_start: bool,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            url: None,
+            max_connections: 16,
+            migrate_on_start: true,
+        }
+    }
+}
+
+/// Embedded storage.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageSettings {
+    /// Folder of the embedded event store (`petstore.db`).
+    pub data_dir: PathBuf,
+}
+
+impl Default for StorageSettings {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("data"),
+        }
+    }
+}
+
+/// How the projector reads the global stream.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProjectorSettings {
+    /// Most events applied in one read-model transaction.
+    pub batch_size: u32,
+    /// How long a reader waits for a wake-up before it polls anyway, in milliseconds.
+    pub poll_interval_ms: u64,
+}
+
+impl ProjectorSettings {
+    /// [`Self::poll_interval_ms`] as a duration.
+    pub fn poll_interval(&self) -> Duration {
+        Duration::from_millis(self.poll_interval_ms.max(1))
+    }
+}
+
+impl Default for ProjectorSettings {
+    fn default() -> Self {
+        Self {
+            batch_size: 500,
+            poll_interval_ms: 100,
+        }
+    }
+}
+
+/// Command dispatch.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CommandSettings {
+    /// How often a command that lost an optimistic-concurrency race is retried before 409.
+    pub max_conflict_retries: u32,
+}
+
+impl Default for CommandSettings {
+    fn default() -> Self {
+        Self {
+            max_conflict_retries: 8,
+        }
+    }
+}
+
+/// The demo catalog.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CatalogSettings {
+    /// Create the demo pets (as events) when they are missing.
+    pub seed_demo_pets: bool,
+}
+
+impl Default for CatalogSettings {
+    fn default() -> Self {
+        Self {
+            seed_demo_pets: true,
+        }
+    }
+}
+
+/// Log output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object a line.
+    Json,
+    /// Human-readable lines.
+    Text,
+}
+
+/// Logging.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// `json` or `text`.
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `petstore=debug,sqlx=warn`; `RUST_LOG` overrides it.
+    pub filter: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Json,
+            filter: "info,sqlx=warn".to_owned(),
+        }
+    }
+}
+
+/// Settings could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct SettingsError(#[from] Box<figment::Error>);
+
+impl Settings {
+    /// Reads the layers from `config_dir` and the process environment.
+    pub fn load(config_dir: &Path) -> Result<Self, SettingsError> {
+        let environment = std::env::var("PETSTORE_ENV").unwrap_or_else(|_| "local".to_owned());
+        Self::figment(config_dir, &environment)
+            .merge(Env::prefixed("PETSTORE__").split("__"))
+            .merge(Env::raw().filter_map(|key| {
+                (key == "database_url").then(|| "database.url".into())
+            }))
+            .extract()
+            .map_err(|error| SettingsError(Box::new(error)))
+    }
+
+    /// The file layers only: defaults, `base.yaml`, `{environment}.yaml`.
+    pub fn figment(config_dir: &Path, environment: &str) -> Figment {
+        Figment::new()
+            .merge(Yaml::file(config_dir.join("base.yaml")))
+            .merge(Yaml::file(config_dir.join(format!("{environment}.yaml"))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_need_no_file() {
+        let settings: Settings = Settings::figment(Path::new("/nonexistent"), "local")
+            .extract()
+            .expect("defaults are complete");
+        assert_eq!(settings.http.listen.port(), 8080);
+        assert!(settings.database.url.is_none());
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_name() {
+        let error = Figment::new()
+            .merge(Yaml::string("http:\n  lisen: 127.0.0.1:1\n"))
+            .extract::<Settings>()
+            .expect_err("typo must fail");
+        assert!(error.to_string().contains("lisen"), "{error}");
+    }
+}

@@ -1,0 +1,329 @@
+//! The global event stream: every committed event, once, in an order that never changes.
+//!
+//! On Postgres the order is `(transaction_id, global_position)` and a reader only takes events
+//! of transactions older than the oldest one still running (`pg_snapshot_xmin`), so an event
+//! that a slow transaction commits late is never skipped. Readers wake on `LISTEN
+//! petstore_events` and poll as a fallback. On SQLite one writer at a time makes
+//! `global_position` commit order by itself. Subscribers keep durable checkpoints in
+//! `stream_checkpoints`; Postgres read models save theirs inside their own transaction
+//! ([`save_checkpoint_in`]).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sqlx::postgres::PgListener;
+use sqlx::{PgConnection, Row};
+use tokio::sync::watch;
+
+use crate::database::Database;
+use crate::event_store::EventStore;
+
+/// The Postgres notification channel the events trigger signals.
+pub const EVENTS_CHANNEL: &str = "petstore_events";
+
+/// A place in the global stream; "after this event". Ordered as the stream is.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct StreamPosition {
+    /// The writing transaction's id (always 0 on SQLite).
+    pub transaction_id: i64,
+    /// The event's global position.
+    pub global_position: i64,
+}
+
+impl StreamPosition {
+    /// Before the first event.
+    pub const START: StreamPosition = StreamPosition {
+        transaction_id: 0,
+        global_position: 0,
+    };
+}
+
+/// One event as the global stream delivers it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordedEvent {
+    /// Where it stands in the stream.
+    pub position: StreamPosition,
+    /// `Order`, `Pet`, `Payment`, `Delivery`.
+    pub aggregate_type: String,
+    /// The aggregate's id.
+    pub aggregate_id: String,
+    /// The event's number within its aggregate, from 1.
+    pub sequence: i64,
+    /// The event's type name.
+    pub event_type: String,
+    /// The event's schema version.
+    pub event_version: String,
+    /// The event, as the domain serialized it.
+    pub payload: Value,
+    /// Correlation id, causation id, subject, command id, timestamp.
+    pub metadata: HashMap<String, String>,
+}
+
+impl RecordedEvent {
+    /// A metadata value, or the empty string.
+    pub fn metadata_value(&self, key: &str) -> &str {
+        self.metadata.get(key).map(String::as_str).unwrap_or_default()
+    }
+}
+
+/// Reading the stream or a checkpoint failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The database failed.
+    #[error("reading the event stream failed: {0}")]
+    Database(#[from] sqlx::Error),
+    /// A stored event's metadata is not a JSON object of strings.
+    #[error("event at {position:?} has malformed metadata: {source}")]
+    Metadata {
+        /// The event.
+        position: StreamPosition,
+        /// Why.
+        source: serde_json::Error,
+    },
+}
+
+const POSTGRES_READ: &str = "
+SELECT transaction_id::text::bigint AS transaction_id, global_position, aggregate_type,
+       aggregate_id, sequence, event_type, event_version, payload, metadata
+  FROM events
+ WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+   AND (transaction_id, global_position) > ($1::text::xid8, $2)
+ ORDER BY transaction_id, global_position
+ LIMIT $3";
+
+const SQLITE_READ: &str = "
+SELECT 0 AS transaction_id, global_position, aggregate_type, aggregate_id, sequence,
+       event_type, event_version, payload, metadata
+  FROM events
+ WHERE global_position > ?2 AND ?1 >= 0
+ ORDER BY global_position
+ LIMIT ?3";
+
+fn decode<R: Row>(row: &R) -> Result<RecordedEvent, StreamError>
+where
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Value: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'c> &'c str: sqlx::ColumnIndex<R>,
+{
+    let position = StreamPosition {
+        transaction_id: row.try_get("transaction_id")?,
+        global_position: row.try_get("global_position")?,
+    };
+    let metadata: Value = row.try_get("metadata")?;
+    Ok(RecordedEvent {
+        position,
+        aggregate_type: row.try_get("aggregate_type")?,
+        aggregate_id: row.try_get("aggregate_id")?,
+        sequence: row.try_get("sequence")?,
+        event_type: row.try_get("event_type")?,
+        event_version: row.try_get("event_version")?,
+        payload: row.try_get("payload")?,
+        metadata: serde_json::from_value(metadata)
+            .map_err(|source| StreamError::Metadata { position, source })?,
+    })
+}
+
+/// Reads up to `limit` events after `after`, in stream order.
+pub async fn read_after(
+    database: &Database,
+    after: StreamPosition,
+    limit: u32,
+) -> Result<Vec<RecordedEvent>, StreamError> {
+    let limit = i64::from(limit.max(1));
+    match database {
+        Database::Postgres(pool) => {
+            let rows = sqlx::query(POSTGRES_READ)
+                .bind(after.transaction_id.to_string())
+                .bind(after.global_position)
+                .bind(limit)
+                .fetch_all(pool)
+                .await?;
+            rows.iter().map(decode).collect()
+        }
+        Database::Sqlite(pool) => {
+            let rows = sqlx::query(SQLITE_READ)
+                .bind(after.transaction_id)
+                .bind(after.global_position)
+                .bind(limit)
+                .fetch_all(pool)
+                .await?;
+            rows.iter().map(decode).collect()
+        }
+    }
+}
+
+/// The checkpoint saved under `name`, or [`StreamPosition::START`].
+pub async fn load_checkpoint(database: &Database, name: &str) -> Result<StreamPosition, StreamError> {
+    const SQL: &str = "SELECT transaction_id, global_position FROM stream_checkpoints WHERE name = $1";
+    let row = match database {
+        Database::Postgres(pool) => sqlx::query_as::<_, (i64, i64)>(SQL)
+            .bind(name)
+            .fetch_optional(pool)
+            .await?,
+        Database::Sqlite(pool) => sqlx::query_as::<_, (i64, i64)>(SQL)
+            .bind(name)
+            .fetch_optional(pool)
+            .await?,
+    };
+    Ok(row.map_or(StreamPosition::START, |(transaction_id, global_position)| {
+        StreamPosition {
+            transaction_id,
+            global_position,
+        }
+    }))
+}
+
+const SAVE_CHECKPOINT: &str = "
+INSERT INTO stream_checkpoints (name, transaction_id, global_position) VALUES ($1, $2, $3)
+ON CONFLICT (name) DO UPDATE
+   SET transaction_id = excluded.transaction_id,
+       global_position = excluded.global_position,
+       updated_at = CURRENT_TIMESTAMP";
+
+/// Saves `position` as the checkpoint `name`.
+pub async fn save_checkpoint(
+    database: &Database,
+    name: &str,
+    position: StreamPosition,
+) -> Result<(), StreamError> {
+    match database {
+        Database::Postgres(pool) => {
+            let mut connection = pool.acquire().await?;
+            save_checkpoint_in(&mut connection, name, position).await?;
+        }
+        Database::Sqlite(pool) => {
+            let sql = SAVE_CHECKPOINT.replace(
+                "updated_at = CURRENT_TIMESTAMP",
+                "updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
+            );
+            sqlx::query(&sql)
+                .bind(name)
+                .bind(position.transaction_id)
+                .bind(position.global_position)
+                .execute(pool)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Saves a Postgres checkpoint on `connection`, typically inside the transaction that applied
+/// the events, so the two commit together.
+pub async fn save_checkpoint_in(
+    connection: &mut PgConnection,
+    name: &str,
+    position: StreamPosition,
+) -> Result<(), StreamError> {
+    sqlx::query(SAVE_CHECKPOINT)
+        .bind(name)
+        .bind(position.transaction_id)
+        .bind(position.global_position)
+        .execute(connection)
+        .await?;
+    Ok(())
+}
+
+/// Tails the global stream from a position, waiting for new events when it has read them all.
+pub struct StreamReader {
+    database: Database,
+    position: StreamPosition,
+    batch_size: u32,
+    poll_interval: Duration,
+    local_appends: watch::Receiver<u64>,
+    listener: Option<PgListener>,
+}
+
+impl StreamReader {
+    /// A reader of `store`'s stream that starts after `position`.
+    pub fn new(
+        store: &EventStore,
+        position: StreamPosition,
+        batch_size: u32,
+        poll_interval: Duration,
+    ) -> Self {
+        Self {
+            database: store.database().clone(),
+            position,
+            batch_size,
+            poll_interval,
+            local_appends: store.appended(),
+            listener: None,
+        }
+    }
+
+    /// The position after the last event returned.
+    pub fn position(&self) -> StreamPosition {
+        self.position
+    }
+
+    /// The next events, waiting until at least one is there. Each event is returned once;
+    /// a reader recreated from a saved checkpoint resumes right after it.
+    pub async fn next_batch(&mut self) -> Result<Vec<RecordedEvent>, StreamError> {
+        loop {
+            if let Some(batch) = self.next_batch_or_idle().await? {
+                return Ok(batch);
+            }
+        }
+    }
+
+    /// The next events, or `None` after waiting once (for a notification, a local append or
+    /// the poll interval) when the reader is at the head of the stream.
+    pub async fn next_batch_or_idle(&mut self) -> Result<Option<Vec<RecordedEvent>>, StreamError> {
+        self.local_appends.borrow_and_update();
+        self.ensure_listening().await;
+        let batch = read_after(&self.database, self.position, self.batch_size).await?;
+        if let Some(last) = batch.last() {
+            self.position = last.position;
+            return Ok(Some(batch));
+        }
+        self.wait().await;
+        Ok(None)
+    }
+
+    async fn ensure_listening(&mut self) {
+        let Database::Postgres(pool) = &self.database else {
+            return;
+        };
+        if self.listener.is_some() {
+            return;
+        }
+        match PgListener::connect_with(pool).await {
+            Ok(mut listener) => match listener.listen(EVENTS_CHANNEL).await {
+                Ok(()) => self.listener = Some(listener),
+                Err(error) => tracing::warn!(%error, "listen failed; polling instead"),
+            },
+            Err(error) => tracing::warn!(%error, "listener connection failed; polling instead"),
+        }
+    }
+
+    /// Waits for a notification, a local append or the poll interval, whichever comes first.
+    async fn wait(&mut self) {
+        let poll = tokio::time::sleep(self.poll_interval);
+        let local = self.local_appends.changed();
+        match self.listener.as_mut() {
+            Some(listener) => {
+                tokio::select! {
+                    received = listener.try_recv() => {
+                        if let Err(error) = received {
+                            tracing::warn!(%error, "event notifications lost; reconnecting");
+                            self.listener = None;
+                        }
+                    }
+                    _ = local => {}
+                    () = poll => {}
+                }
+            }
+            None => {
+                tokio::select! {
+                    _ = local => {}
+                    () = poll => {}
+                }
+            }
+        }
+    }
+}

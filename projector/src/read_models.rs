@@ -1,0 +1,361 @@
+//! Where the read models live and the queries the query API runs on them.
+//!
+//! Postgres: `order_status_view` and `pet_catalog_view`, updated batch by batch in one
+//! transaction together with the `read_models` checkpoint. Memory (embedded mode): maps
+//! behind a lock, rebuilt from the event log at start-up.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use cqrs_es::Aggregate;
+use petstore_domain::order::Order;
+use petstore_domain::pet::Pet;
+use petstore_domain::{OrderId, PetCategory, PetId};
+use petstore_platform::database::Database;
+use petstore_platform::stream::{self, RecordedEvent, StreamError, StreamPosition};
+use sqlx::PgPool;
+use tokio::sync::RwLock;
+
+use crate::views::{DecodeError, OrderStatusView, PetView};
+
+const ORDER: &str = <Order as Aggregate>::TYPE;
+const PET: &str = <Pet as Aggregate>::TYPE;
+
+/// The checkpoint name of the read models' projection.
+pub const CHECKPOINT: &str = "read_models";
+
+/// A read model could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadModelError {
+    /// The database failed.
+    #[error("read model query failed: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Saving the checkpoint failed.
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    /// A stored event could not be decoded.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// A stored document does not match the view's shape.
+    #[error("stored read-model document is malformed: {0}")]
+    Document(#[from] serde_json::Error),
+}
+
+/// Browse filters; every field is optional.
+#[derive(Debug, Clone, Default)]
+pub struct BrowseFilter {
+    /// Only this category.
+    pub category: Option<PetCategory>,
+    /// Price at least this many minor units.
+    pub min_price: Option<i64>,
+    /// Price at most this many minor units.
+    pub max_price: Option<i64>,
+    /// Only pets with this availability (`available`, `reserved`, `sold`).
+    pub availability: Option<String>,
+    /// Start after this pet id (the previous page's cursor).
+    pub after: Option<PetId>,
+    /// Page size.
+    pub limit: u32,
+}
+
+/// One page of browse results, ordered by pet id.
+#[derive(Debug, Clone)]
+pub struct BrowsePage {
+    /// The pets.
+    pub pets: Vec<PetView>,
+    /// Pass it as `cursor` to get the next page; `None` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// The in-memory read models and the position they reflect.
+#[derive(Debug, Default)]
+pub struct MemoryState {
+    orders: HashMap<String, OrderStatusView>,
+    pets: BTreeMap<String, PetView>,
+    position: StreamPosition,
+}
+
+/// The read models, on Postgres or in memory.
+#[derive(Debug, Clone)]
+pub enum ReadModels {
+    /// Tables in the Postgres database.
+    Postgres(PgPool),
+    /// Maps in this process.
+    Memory(Arc<RwLock<MemoryState>>),
+}
+
+impl ReadModels {
+    /// Postgres read models for a Postgres store; in-memory ones for the embedded store.
+    pub fn for_database(database: &Database) -> Self {
+        match database {
+            Database::Postgres(pool) => Self::Postgres(pool.clone()),
+            Database::Sqlite(_) => Self::Memory(Arc::default()),
+        }
+    }
+
+    /// `postgres` or `memory`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Postgres(_) => "postgres",
+            Self::Memory(_) => "memory",
+        }
+    }
+
+    /// The stream position the read models reflect.
+    pub async fn position(&self) -> Result<StreamPosition, ReadModelError> {
+        match self {
+            Self::Postgres(pool) => {
+                Ok(stream::load_checkpoint(&Database::Postgres(pool.clone()), CHECKPOINT).await?)
+            }
+            Self::Memory(state) => Ok(state.read().await.position),
+        }
+    }
+
+    /// Applies a batch of events, in order, and moves the checkpoint past the last one,
+    /// atomically: either all of it is visible afterwards or none of it.
+    pub async fn apply(&self, events: &[RecordedEvent]) -> Result<(), ReadModelError> {
+        let Some(last) = events.last() else {
+            return Ok(());
+        };
+        match self {
+            Self::Postgres(pool) => apply_postgres(pool, events, last.position).await,
+            Self::Memory(state) => {
+                // Fold into copies first so a decode error leaves the state untouched.
+                let mut guard = state.write().await;
+                let mut orders: HashMap<String, Option<OrderStatusView>> = HashMap::new();
+                let mut pets: HashMap<String, Option<PetView>> = HashMap::new();
+                for event in events {
+                    match event.aggregate_type.as_str() {
+                        ORDER => {
+                            let slot = orders
+                                .entry(event.aggregate_id.clone())
+                                .or_insert_with(|| guard.orders.get(&event.aggregate_id).cloned());
+                            *slot = OrderStatusView::fold(slot.take(), event)?;
+                        }
+                        PET => {
+                            let slot = pets
+                                .entry(event.aggregate_id.clone())
+                                .or_insert_with(|| guard.pets.get(&event.aggregate_id).cloned());
+                            *slot = PetView::fold(slot.take(), event)?;
+                        }
+                        _ => {}
+                    }
+                }
+                for (id, view) in orders {
+                    if let Some(view) = view {
+                        guard.orders.insert(id, view);
+                    }
+                }
+                for (id, view) in pets {
+                    if let Some(view) = view {
+                        guard.pets.insert(id, view);
+                    }
+                }
+                guard.position = last.position;
+                Ok(())
+            }
+        }
+    }
+
+    /// The status view of an order.
+    pub async fn order(&self, order_id: &OrderId) -> Result<Option<OrderStatusView>, ReadModelError> {
+        match self {
+            Self::Postgres(pool) => {
+                let document: Option<serde_json::Value> =
+                    sqlx::query_scalar("SELECT document FROM order_status_view WHERE order_id = $1")
+                        .bind(order_id.as_uuid())
+                        .fetch_optional(pool)
+                        .await?;
+                Ok(document.map(serde_json::from_value).transpose()?)
+            }
+            Self::Memory(state) => Ok(state.read().await.orders.get(&order_id.to_string()).cloned()),
+        }
+    }
+
+    /// A pet of the catalog.
+    pub async fn pet(&self, pet_id: &PetId) -> Result<Option<PetView>, ReadModelError> {
+        match self {
+            Self::Postgres(pool) => {
+                let document: Option<serde_json::Value> =
+                    sqlx::query_scalar("SELECT document FROM pet_catalog_view WHERE pet_id = $1")
+                        .bind(pet_id.as_str())
+                        .fetch_optional(pool)
+                        .await?;
+                Ok(document.map(serde_json::from_value).transpose()?)
+            }
+            Self::Memory(state) => Ok(state.read().await.pets.get(pet_id.as_str()).cloned()),
+        }
+    }
+
+    /// One page of pets matching `filter`, ordered by id.
+    pub async fn browse(&self, filter: &BrowseFilter) -> Result<BrowsePage, ReadModelError> {
+        let limit = filter.limit.max(1) as usize;
+        let mut pets = match self {
+            Self::Postgres(pool) => {
+                let documents: Vec<serde_json::Value> = sqlx::query_scalar(
+                    "SELECT document FROM pet_catalog_view
+                      WHERE ($1::text IS NULL OR category = $1)
+                        AND ($2::bigint IS NULL OR price_minor >= $2)
+                        AND ($3::bigint IS NULL OR price_minor <= $3)
+                        AND ($4::text IS NULL OR availability = $4)
+                        AND ($5::text IS NULL OR pet_id > $5)
+                      ORDER BY pet_id
+                      LIMIT $6",
+                )
+                .bind(filter.category.map(|category| category.as_str()))
+                .bind(filter.min_price)
+                .bind(filter.max_price)
+                .bind(filter.availability.as_deref())
+                .bind(filter.after.as_ref().map(PetId::as_str))
+                .bind(limit as i64 + 1)
+                .fetch_all(pool)
+                .await?;
+                documents
+                    .into_iter()
+                    .map(serde_json::from_value)
+                    .collect::<Result<Vec<PetView>, _>>()?
+            }
+            Self::Memory(state) => {
+                let guard = state.read().await;
+                let start = filter
+                    .after
+                    .as_ref()
+                    .map_or(std::ops::Bound::Unbounded, |after| {
+                        std::ops::Bound::Excluded(after.as_str().to_owned())
+                    });
+                guard
+                    .pets
+                    .range((start, std::ops::Bound::Unbounded))
+                    .map(|(_, pet)| pet)
+                    .filter(|pet| {
+                        filter.category.is_none_or(|category| pet.category == category.as_str())
+                            && filter.min_price.is_none_or(|min| pet.price.amount_minor >= min)
+                            && filter.max_price.is_none_or(|max| pet.price.amount_minor <= max)
+                            && filter
+                                .availability
+                                .as_deref()
+                                .is_none_or(|wanted| pet.availability == wanted)
+                    })
+                    .take(limit + 1)
+                    .cloned()
+                    .collect()
+            }
+        };
+        let next_cursor = if pets.len() > limit {
+            pets.truncate(limit);
+            pets.last().map(|pet| pet.id.clone())
+        } else {
+            None
+        };
+        Ok(BrowsePage { pets, next_cursor })
+    }
+}
+
+async fn apply_postgres(
+    pool: &PgPool,
+    events: &[RecordedEvent],
+    last: StreamPosition,
+) -> Result<(), ReadModelError> {
+    let order_ids: Vec<String> = distinct_ids(events, ORDER);
+    let pet_ids: Vec<String> = distinct_ids(events, PET);
+    let mut transaction = pool.begin().await?;
+    let mut orders: HashMap<String, Option<OrderStatusView>> = order_ids.iter().map(|id| (id.clone(), None)).collect();
+    let mut pets: HashMap<String, Option<PetView>> = pet_ids.iter().map(|id| (id.clone(), None)).collect();
+    if !order_ids.is_empty() {
+        let rows: Vec<(String, serde_json::Value)> = sqlx::query_as(
+            "SELECT order_id::text, document FROM order_status_view
+              WHERE order_id = ANY($1::text[]::uuid[]) FOR UPDATE",
+        )
+        .bind(&order_ids)
+        .fetch_all(&mut *transaction)
+        .await?;
+        for (id, document) in rows {
+            orders.insert(id, Some(serde_json::from_value(document)?));
+        }
+    }
+    if !pet_ids.is_empty() {
+        let rows: Vec<(String, serde_json::Value)> = sqlx::query_as(
+            "SELECT pet_id, document FROM pet_catalog_view WHERE pet_id = ANY($1) FOR UPDATE",
+        )
+        .bind(&pet_ids)
+        .fetch_all(&mut *transaction)
+        .await?;
+        for (id, document) in rows {
+            pets.insert(id, Some(serde_json::from_value(document)?));
+        }
+    }
+    for event in events {
+        match event.aggregate_type.as_str() {
+            ORDER => {
+                let slot = orders.entry(event.aggregate_id.clone()).or_default();
+                *slot = OrderStatusView::fold(slot.take(), event)?;
+            }
+            PET => {
+                let slot = pets.entry(event.aggregate_id.clone()).or_default();
+                *slot = PetView::fold(slot.take(), event)?;
+            }
+            _ => {}
+        }
+    }
+    let orders: Vec<OrderStatusView> = orders.into_values().flatten().collect();
+    if !orders.is_empty() {
+        let ids: Vec<&str> = orders.iter().map(|view| view.order_id.as_str()).collect();
+        let versions: Vec<i64> = orders.iter().map(|view| view.version).collect();
+        let documents = orders.iter().map(serde_json::to_string).collect::<Result<Vec<_>, _>>()?;
+        sqlx::query(
+            "INSERT INTO order_status_view (order_id, last_sequence, document)
+             SELECT id::uuid, version, document::jsonb
+               FROM UNNEST($1::text[], $2::bigint[], $3::text[]) AS t(id, version, document)
+             ON CONFLICT (order_id) DO UPDATE
+                SET last_sequence = excluded.last_sequence, document = excluded.document
+              WHERE order_status_view.last_sequence < excluded.last_sequence",
+        )
+        .bind(&ids)
+        .bind(&versions)
+        .bind(&documents)
+        .execute(&mut *transaction)
+        .await?;
+    }
+    let pets: Vec<PetView> = pets.into_values().flatten().collect();
+    if !pets.is_empty() {
+        let ids: Vec<&str> = pets.iter().map(|view| view.id.as_str()).collect();
+        let categories: Vec<&str> = pets.iter().map(|view| view.category.as_str()).collect();
+        let prices: Vec<i64> = pets.iter().map(|view| view.price.amount_minor).collect();
+        let availability: Vec<&str> = pets.iter().map(|view| view.availability.as_str()).collect();
+        let versions: Vec<i64> = pets.iter().map(|view| view.version).collect();
+        let documents = pets.iter().map(serde_json::to_string).collect::<Result<Vec<_>, _>>()?;
+        sqlx::query(
+            "INSERT INTO pet_catalog_view (pet_id, category, price_minor, availability, last_sequence, document)
+             SELECT id, category, price, availability, version, document::jsonb
+               FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::bigint[], $6::text[])
+                    AS t(id, category, price, availability, version, document)
+             ON CONFLICT (pet_id) DO UPDATE
+                SET category = excluded.category, price_minor = excluded.price_minor,
+                    availability = excluded.availability, last_sequence = excluded.last_sequence,
+                    document = excluded.document
+              WHERE pet_catalog_view.last_sequence < excluded.last_sequence",
+        )
+        .bind(&ids)
+        .bind(&categories)
+        .bind(&prices)
+        .bind(&availability)
+        .bind(&versions)
+        .bind(&documents)
+        .execute(&mut *transaction)
+        .await?;
+    }
+    stream::save_checkpoint_in(&mut transaction, CHECKPOINT, last).await?;
+    transaction.commit().await?;
+    Ok(())
+}
+
+fn distinct_ids(events: &[RecordedEvent], aggregate_type: &str) -> Vec<String> {
+    let mut ids: Vec<String> = events
+        .iter()
+        .filter(|event| event.aggregate_type == aggregate_type)
+        .map(|event| event.aggregate_id.clone())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}

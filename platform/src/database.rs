@@ -99,12 +99,13 @@ impl Database {
         Ok(())
     }
 
-    /// A round trip, for health checks.
+    /// Checks that the events table answers, for health checks.
     pub async fn ping(&self) -> Result<(), DatabaseError> {
+        const SQL: &str = "SELECT 1 FROM events LIMIT 1";
         match self {
-            Self::Postgres(pool) => sqlx::query("SELECT 1").execute(pool).await?,
+            Self::Postgres(pool) => sqlx::query(SQL).execute(pool).await?,
             Self::Sqlite(pool) => {
-                sqlx::query("SELECT 1").execute(pool).await?;
+                sqlx::query(SQL).execute(pool).await?;
                 return Ok(());
             }
         };

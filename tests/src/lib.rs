@@ -1,1 +1,266 @@
-//! placeholder
+//! Test support for the black-box suites in `tests/tests/`: a fresh Postgres database per
+//! test, the real application started on port 0 against Postgres or the embedded store, and
+//! an HTTP client that speaks to it. Nothing here fakes a dependency.
+//!
+//! # Layout
+//! - [`TestDatabase`]: a uniquely named database created for one test and dropped after it.
+//! - [`Engine`]: which store a test runs against.
+//! - [`TestApp`]: the running service and helpers to call it.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use petstore_cli::{Application, Role, Shutdown};
+use petstore_platform::database::Database;
+use petstore_platform::settings::{LogFormat, Settings};
+use secrecy::SecretString;
+use serde_json::Value;
+use sqlx::{Connection, PgConnection};
+use tempfile::TempDir;
+use tokio::task::JoinHandle;
+
+/// The server the test databases are created on; override with `PETSTORE_TEST_DATABASE_URL`.
+pub fn admin_url() -> String {
+    std::env::var("PETSTORE_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// A database of its own for one test.
+pub struct TestDatabase {
+    name: String,
+    url: String,
+}
+
+impl TestDatabase {
+    /// Creates `petstore_test_<random>` on the test server.
+    pub async fn create() -> Self {
+        let admin = admin_url();
+        let name = format!("petstore_test_{}", uuid::Uuid::new_v4().simple());
+        let mut connection = PgConnection::connect(&admin)
+            .await
+            .expect("the test Postgres server must be running (scripts/test.sh starts it)");
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut connection)
+            .await
+            .expect("create the test database");
+        let base = admin.rsplit_once('/').map_or(admin.as_str(), |(base, _)| base);
+        let url = format!("{base}/{name}");
+        Self { name, url }
+    }
+
+    /// Its URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// A direct connection, to inspect or break things.
+    pub async fn connect(&self) -> PgConnection {
+        PgConnection::connect(&self.url).await.expect("connect to the test database")
+    }
+
+    /// Drops the database (terminating leftover connections).
+    pub async fn drop_database(self) {
+        if let Ok(mut connection) = PgConnection::connect(&admin_url()).await {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
+                .execute(&mut connection)
+                .await;
+        }
+    }
+}
+
+/// Which event store a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// The embedded default: SQLite file, in-memory read models.
+    Embedded,
+    /// Postgres: a fresh database per test.
+    Postgres,
+}
+
+/// Where a test's data lives; kept alive for the test's length.
+pub enum Storage {
+    /// A temporary folder for the embedded store.
+    Embedded(TempDir),
+    /// A fresh Postgres database.
+    Postgres(TestDatabase),
+}
+
+impl Storage {
+    /// Fresh storage for `engine`.
+    pub async fn new(engine: Engine) -> Self {
+        match engine {
+            Engine::Embedded => Self::Embedded(tempfile::tempdir().expect("create a temp dir")),
+            Engine::Postgres => Self::Postgres(TestDatabase::create().await),
+        }
+    }
+
+    /// Settings that point the service at this storage, listening on port 0.
+    pub fn settings(&self) -> Settings {
+        let mut settings = Settings::default();
+        settings.http.listen = ([127, 0, 0, 1], 0).into();
+        settings.log.format = LogFormat::Text;
+        settings.projector.poll_interval_ms = 50;
+        settings.database.max_connections = 8;
+        match self {
+            Self::Embedded(dir) => settings.storage.data_dir = dir.path().to_path_buf(),
+            Self::Postgres(database) => {
+                settings.database.url = Some(SecretString::from(database.url().to_owned()));
+            }
+        }
+        settings
+    }
+
+    /// A migrated connection to this storage's event store.
+    pub async fn database(&self) -> Database {
+        let settings = self.settings();
+        let database = Database::connect(&settings.database, &settings.storage)
+            .await
+            .expect("connect");
+        database.migrate().await.expect("migrate");
+        database
+    }
+
+    /// The Postgres database, when there is one.
+    pub fn postgres(&self) -> Option<&TestDatabase> {
+        match self {
+            Self::Postgres(database) => Some(database),
+            Self::Embedded(_) => None,
+        }
+    }
+
+    /// Removes the storage.
+    pub async fn remove(self) {
+        if let Self::Postgres(database) = self {
+            database.drop_database().await;
+        }
+    }
+}
+
+/// The service, running on a free port.
+pub struct TestApp {
+    /// `http://127.0.0.1:PORT`.
+    pub address: String,
+    /// A client with no default headers.
+    pub client: reqwest::Client,
+    shutdown: Shutdown,
+    server: JoinHandle<()>,
+}
+
+impl TestApp {
+    /// Starts the application with `settings` and every role.
+    pub async fn start(settings: Settings) -> Self {
+        Self::start_with_roles(settings, &Role::all()).await
+    }
+
+    /// Starts the application with `settings` and `roles`.
+    pub async fn start_with_roles(settings: Settings, roles: &BTreeSet<Role>) -> Self {
+        petstore_platform::telemetry::init(&settings.log);
+        let application = Application::build(settings, roles).await.expect("the service starts");
+        let address = format!("http://127.0.0.1:{}", application.port());
+        let shutdown = application.shutdown_handle();
+        let server = tokio::spawn(async move {
+            application.run_until_stopped().await.expect("the service runs");
+        });
+        Self {
+            address,
+            client: reqwest::Client::new(),
+            shutdown,
+            server,
+        }
+    }
+
+    /// Stops the application gracefully and waits until it has.
+    pub async fn stop(self) {
+        self.shutdown.trigger();
+        self.server.await.expect("the server task ends cleanly");
+    }
+
+    /// `address` + `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.address)
+    }
+
+    /// GET `path`.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client.get(self.url(path)).send().await.expect("GET is answered")
+    }
+
+    /// POST `body` as JSON to `path`.
+    pub async fn post_json(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("POST is answered")
+    }
+
+    /// Places the seed's example order and returns the response body.
+    pub async fn place_order(&self, pet_id: &str) -> Value {
+        let response = self
+            .post_json(
+                "/petstore-domain/orders",
+                &serde_json::json!({
+                    "customer_id": "customer-001",
+                    "pet_id": pet_id,
+                    "special_instructions": "Include training guide"
+                }),
+            )
+            .await;
+        assert_eq!(response.status(), 202, "order accepted");
+        response.json().await.expect("JSON body")
+    }
+
+    /// Polls the order's status until `accept` holds or 10 s pass; returns the last view.
+    pub async fn wait_for_order(&self, order_id: &str, accept: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let response = self.get(&format!("/petstore-domain/orders/{order_id}/status")).await;
+            if response.status() == 200 {
+                let view: Value = response.json().await.expect("JSON body");
+                if accept(&view) {
+                    return view;
+                }
+                assert!(Instant::now() < deadline, "order {order_id} stuck at {view}");
+            } else {
+                assert_eq!(response.status(), 404, "unexpected status");
+                assert!(Instant::now() < deadline, "order {order_id} never appeared");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Polls until the read models are ready (health/ready answers 200) or 10 s pass.
+    pub async fn wait_until_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.get("/petstore-domain/health/ready").await.status() != 200 {
+            assert!(Instant::now() < deadline, "the service never became ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Asserts `response` is a problem with `status`, and returns its body.
+pub async fn assert_problem(response: reqwest::Response, status: u16) -> Value {
+    assert_eq!(response.status(), status, "status");
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(content_type, "application/problem+json");
+    let header_id = response
+        .headers()
+        .get("x-correlation-id")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let body: Value = response.json().await.expect("problem body is JSON");
+    assert_eq!(body["status"], status);
+    for field in ["type", "title", "detail", "correlation_id"] {
+        assert!(body[field].is_string(), "problem lacks {field}: {body}");
+    }
+    assert_eq!(body["correlation_id"], header_id, "the body names the header's correlation id");
+    body
+}

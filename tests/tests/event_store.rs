@@ -1,0 +1,332 @@
+//! The event store and the global stream, one suite run against both engines: Postgres (a
+//! fresh database per test) and the embedded SQLite store.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::{Aggregate, AggregateError, DomainEvent};
+use petstore_platform::event_store::{EventMetadata, EventStore};
+use petstore_platform::http::CorrelationId;
+use petstore_platform::stream::{self, RecordedEvent, StreamPosition, StreamReader};
+use petstore_tests::{Engine, Storage};
+use serde::{Deserialize, Serialize};
+
+/// A test aggregate that accepts any number of events, to load the store.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Counter {
+    value: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum CounterCommand {
+    Increment,
+    IncrementTwice,
+    Refuse,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+enum CounterEvent {
+    Incremented { to: u64 },
+}
+
+impl DomainEvent for CounterEvent {
+    fn event_type(&self) -> String {
+        "Incremented".to_owned()
+    }
+    fn event_version(&self) -> String {
+        "1.0".to_owned()
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("refused")]
+struct Refused;
+
+impl Aggregate for Counter {
+    const TYPE: &'static str = "Counter";
+    type Command = CounterCommand;
+    type Event = CounterEvent;
+    type Error = Refused;
+    type Services = ();
+
+    async fn handle(
+        &mut self,
+        command: CounterCommand,
+        _services: &(),
+        sink: &EventSink<Self>,
+    ) -> Result<(), Refused> {
+        let times = match command {
+            CounterCommand::Increment => 1,
+            CounterCommand::IncrementTwice => 2,
+            CounterCommand::Refuse => return Err(Refused),
+        };
+        for _ in 0..times {
+            let to = self.value + 1;
+            sink.write(CounterEvent::Incremented { to }, self).await;
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, event: CounterEvent) {
+        let CounterEvent::Incremented { to } = event;
+        self.value = to;
+    }
+}
+
+fn metadata() -> EventMetadata {
+    EventMetadata::new(CorrelationId::generate(), "tester")
+}
+
+async fn read_all(store: &EventStore) -> Vec<RecordedEvent> {
+    stream::read_after(store.database(), StreamPosition::START, 100_000)
+        .await
+        .expect("read the stream")
+}
+
+macro_rules! on_both_engines {
+    ($($name:ident),* $(,)?) => {
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() { super::$name(super::Engine::Postgres).await })*
+        }
+        mod embedded {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() { super::$name(super::Engine::Embedded).await })*
+        }
+    };
+}
+
+on_both_engines!(
+    appended_events_load_back_with_their_metadata,
+    a_refused_command_appends_nothing,
+    concurrent_commands_on_one_aggregate_all_land_in_sequence,
+    conflicts_beyond_the_retry_budget_are_reported,
+    checkpoints_are_durable,
+    concurrent_writers_and_a_tailing_reader_see_every_event_exactly_once,
+);
+
+async fn appended_events_load_back_with_their_metadata(engine: Engine) {
+    let storage = Storage::new(engine).await;
+    let store = EventStore::new(storage.database().await, 8);
+    let metadata = metadata();
+    let appended = store
+        .execute::<Counter>("c-1", CounterCommand::IncrementTwice, &(), &metadata)
+        .await
+        .expect("append");
+    assert_eq!(appended.len(), 2);
+    assert_eq!(appended[1].sequence, 2);
+
+    let counter: Counter = store.load("c-1").await.expect("load");
+    assert_eq!(counter.value, 2);
+
+    let events = read_all(&store).await;
+    assert_eq!(events.len(), 2);
+    let event = &events[1];
+    assert_eq!(event.aggregate_type, "Counter");
+    assert_eq!(event.aggregate_id, "c-1");
+    assert_eq!(event.sequence, 2);
+    assert_eq!(event.event_type, "Incremented");
+    assert_eq!(event.event_version, "1.0");
+    assert_eq!(event.payload, serde_json::json!({"Incremented": {"to": 2}}));
+    assert_eq!(event.metadata_value("correlation_id"), metadata.correlation_id.as_str());
+    assert_eq!(event.metadata_value("subject"), "tester");
+    assert_eq!(event.metadata_value("command_id"), metadata.command_id.to_string());
+    assert!(!event.metadata_value("causation_id").is_empty());
+    assert!(event.metadata_value("timestamp").ends_with('Z'));
+    assert!(events[0].position < events[1].position, "stream order follows append order");
+    storage.remove().await;
+}
+
+async fn a_refused_command_appends_nothing(engine: Engine) {
+    let storage = Storage::new(engine).await;
+    let store = EventStore::new(storage.database().await, 8);
+    let result = store
+        .execute::<Counter>("c-1", CounterCommand::Refuse, &(), &metadata())
+        .await;
+    assert!(matches!(result, Err(AggregateError::UserError(Refused))));
+    assert!(read_all(&store).await.is_empty());
+    storage.remove().await;
+}
+
+async fn concurrent_commands_on_one_aggregate_all_land_in_sequence(engine: Engine) {
+    let storage = Storage::new(engine).await;
+    let store = EventStore::new(storage.database().await, 100);
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .execute::<Counter>("hot", CounterCommand::Increment, &(), &metadata())
+                    .await
+                    .map(|events| events.len())
+            })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.expect("task").expect("retried until it landed"), 1);
+    }
+    let counter: Counter = store.load("hot").await.expect("load");
+    assert_eq!(counter.value, 16, "no increment lost");
+    let sequences: Vec<i64> = read_all(&store).await.iter().map(|event| event.sequence).collect();
+    assert_eq!(sequences, (1..=16).collect::<Vec<_>>());
+    storage.remove().await;
+}
+
+async fn conflicts_beyond_the_retry_budget_are_reported(engine: Engine) {
+    let storage = Storage::new(engine).await;
+    let store = EventStore::new(storage.database().await, 0);
+    let tasks: Vec<_> = (0..12)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .execute::<Counter>("hot", CounterCommand::Increment, &(), &metadata())
+                    .await
+            })
+        })
+        .collect();
+    let mut landed = 0;
+    let mut conflicts = 0;
+    for task in tasks {
+        match task.await.expect("task") {
+            Ok(_) => landed += 1,
+            Err(AggregateError::AggregateConflict) => conflicts += 1,
+            Err(other) => panic!("unexpected error {other}"),
+        }
+    }
+    let counter: Counter = store.load("hot").await.expect("load");
+    assert_eq!(counter.value, landed, "every success is stored, nothing else");
+    assert_eq!(landed + conflicts, 12);
+    storage.remove().await;
+}
+
+async fn checkpoints_are_durable(engine: Engine) {
+    let storage = Storage::new(engine).await;
+    let database = storage.database().await;
+    assert_eq!(
+        stream::load_checkpoint(&database, "reader").await.expect("load"),
+        StreamPosition::START
+    );
+    let position = StreamPosition {
+        transaction_id: 0,
+        global_position: 42,
+    };
+    stream::save_checkpoint(&database, "reader", position).await.expect("save");
+    let later = StreamPosition {
+        transaction_id: 0,
+        global_position: 43,
+    };
+    stream::save_checkpoint(&database, "reader", later).await.expect("overwrite");
+    database.close().await;
+    let reopened = storage.database().await;
+    assert_eq!(stream::load_checkpoint(&reopened, "reader").await.expect("load"), later);
+    storage.remove().await;
+}
+
+/// 8 writers append 5,000 events to 100 contended aggregates while a reader tails the stream;
+/// the reader is dropped part-way and recreated from its checkpoint.
+async fn concurrent_writers_and_a_tailing_reader_see_every_event_exactly_once(engine: Engine) {
+    const WRITERS: usize = 8;
+    const EVENTS_PER_WRITER: usize = 625;
+    const TOTAL: usize = WRITERS * EVENTS_PER_WRITER;
+    let storage = Storage::new(engine).await;
+    let store = EventStore::new(storage.database().await, 1_000);
+
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for _ in 0..EVENTS_PER_WRITER {
+                    let aggregate = format!("counter-{}", fastrand::usize(0..100));
+                    store
+                        .execute::<Counter>(&aggregate, CounterCommand::Increment, &(), &metadata())
+                        .await
+                        .expect("append");
+                }
+            })
+        })
+        .collect();
+
+    let seen = Arc::new(tokio::sync::Mutex::new(Vec::<RecordedEvent>::new()));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    // First reader: until at least 2,000 events, then save the checkpoint and drop it.
+    let mut reader = StreamReader::new(&store, StreamPosition::START, 97, Duration::from_millis(20));
+    while seen.lock().await.len() < 2_000 {
+        assert!(Instant::now() < deadline, "the reader stalled");
+        let batch = reader.next_batch().await.expect("read");
+        seen.lock().await.extend(batch);
+    }
+    stream::save_checkpoint(store.database(), "suite", reader.position())
+        .await
+        .expect("save");
+    drop(reader);
+
+    let resume = stream::load_checkpoint(store.database(), "suite").await.expect("load");
+    let mut reader = StreamReader::new(&store, resume, 97, Duration::from_millis(20));
+    while seen.lock().await.len() < TOTAL {
+        assert!(Instant::now() < deadline, "the reader stalled after resuming");
+        let batch = tokio::time::timeout(Duration::from_secs(30), reader.next_batch())
+            .await
+            .expect("events keep arriving")
+            .expect("read");
+        seen.lock().await.extend(batch);
+    }
+    for writer in writers {
+        writer.await.expect("writer");
+    }
+    // Nothing more arrives after the writers are done.
+    let extra = stream::read_after(store.database(), reader.position(), 10).await.expect("read");
+    assert!(extra.is_empty(), "the reader saw every event");
+
+    let seen = seen.lock().await;
+    assert_eq!(seen.len(), TOTAL);
+    let unique: HashSet<(String, i64)> =
+        seen.iter().map(|event| (event.aggregate_id.clone(), event.sequence)).collect();
+    assert_eq!(unique.len(), TOTAL, "no event delivered twice");
+    assert!(
+        seen.windows(2).all(|pair| pair[0].position < pair[1].position),
+        "positions strictly increase"
+    );
+    let mut last_sequence: HashMap<&str, i64> = HashMap::new();
+    for event in seen.iter() {
+        let last = last_sequence.entry(&event.aggregate_id).or_insert(0);
+        assert_eq!(event.sequence, *last + 1, "{} out of sequence", event.aggregate_id);
+        *last = event.sequence;
+    }
+    storage.remove().await;
+}
+
+/// A slow transaction that appends before a fast one but commits after it: the reader must
+/// not move past the fast one's event while the slow one is open, or it would skip the slow
+/// one's event for ever.
+#[tokio::test]
+async fn postgres_reader_never_skips_an_event_committed_late() {
+    let storage = Storage::new(Engine::Postgres).await;
+    let store = EventStore::new(storage.database().await, 8);
+    let database = storage.postgres().expect("postgres");
+
+    let mut slow = database.connect().await;
+    sqlx::query("BEGIN").execute(&mut slow).await.expect("begin");
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+         VALUES ('Counter', 'slow', 1, 'Incremented', '1.0', '{\"Incremented\":{\"to\":1}}', '{}')",
+    )
+    .execute(&mut slow)
+    .await
+    .expect("slow insert");
+
+    store
+        .execute::<Counter>("fast", CounterCommand::Increment, &(), &metadata())
+        .await
+        .expect("fast append commits");
+    let visible = stream::read_after(store.database(), StreamPosition::START, 10).await.expect("read");
+    assert!(visible.is_empty(), "nothing is delivered past an open older transaction: {visible:?}");
+
+    sqlx::query("COMMIT").execute(&mut slow).await.expect("commit");
+    let visible = stream::read_after(store.database(), StreamPosition::START, 10).await.expect("read");
+    let ids: Vec<&str> = visible.iter().map(|event| event.aggregate_id.as_str()).collect();
+    assert_eq!(ids, ["slow", "fast"], "both delivered, in commit-safe order");
+    storage.remove().await;
+}

@@ -4,8 +4,8 @@
 //! [`correlation`] is the outermost middleware. It accepts a valid `X-Correlation-ID` or makes
 //! one, runs the request inside a span that carries it (so every log line of the request has
 //! it) and inside a task-local [`RequestContext`] (so a [`Problem`] can name it), echoes it on
-//! the response, and turns any bare error response (unknown route, wrong method, body too
-//! large) into `application/problem+json`.
+//! the response, and turns any bare error response (unknown route, wrong method, a panic)
+//! into `application/problem+json`.
 
 use std::fmt;
 use std::time::Instant;
@@ -336,11 +336,13 @@ fn with_correlation_header(mut response: Response, id: &CorrelationId) -> Respon
 
 fn problem_for_bare_error(response: Response) -> Response {
     let status = response.status();
-    let is_problem = response
+    // Only bare responses (no body type, or axum's and tower's plain-text ones) are
+    // replaced; a JSON error body a handler chose (a 503 health report) is kept.
+    let is_bare = response
         .headers()
         .get(header::CONTENT_TYPE)
-        .is_some_and(|value| value.as_bytes().starts_with(PROBLEM_CONTENT_TYPE.as_bytes()));
-    if status.as_u16() < 400 || is_problem {
+        .is_none_or(|value| value.as_bytes().starts_with(b"text/plain"));
+    if status.as_u16() < 400 || !is_bare {
         return response;
     }
     let mut problem = Problem::from_status(status);

@@ -157,6 +157,33 @@ pub async fn read_after(
     }
 }
 
+/// The position of the last committed event (the stream's head), or
+/// [`StreamPosition::START`] for an empty store. A reader at or past it has seen everything
+/// committed when this was asked.
+pub async fn head_position(database: &Database) -> Result<StreamPosition, StreamError> {
+    let row: Option<(i64, i64)> = match database {
+        Database::Postgres(pool) => {
+            sqlx::query_as(
+                "SELECT transaction_id::text::bigint, global_position FROM events
+                  ORDER BY transaction_id DESC, global_position DESC LIMIT 1",
+            )
+            .fetch_optional(pool)
+            .await?
+        }
+        Database::Sqlite(pool) => {
+            sqlx::query_as("SELECT 0, coalesce(max(global_position), 0) FROM events")
+                .fetch_optional(pool)
+                .await?
+        }
+    };
+    Ok(row.map_or(StreamPosition::START, |(transaction_id, global_position)| {
+        StreamPosition {
+            transaction_id,
+            global_position,
+        }
+    }))
+}
+
 /// The checkpoint saved under `name`, or [`StreamPosition::START`].
 pub async fn load_checkpoint(database: &Database, name: &str) -> Result<StreamPosition, StreamError> {
     const SQL: &str = "SELECT transaction_id, global_position FROM stream_checkpoints WHERE name = $1";

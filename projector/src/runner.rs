@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use petstore_platform::event_store::EventStore;
 use petstore_platform::settings::ProjectorSettings;
-use petstore_platform::stream::{StreamPosition, StreamReader};
+use petstore_platform::stream::{self, StreamPosition, StreamReader};
 use tokio::sync::watch;
 
 use crate::read_models::ReadModels;
@@ -17,8 +17,8 @@ use crate::read_models::ReadModels;
 pub struct ProjectorProgress {
     /// The position the read models reflect.
     pub position: StreamPosition,
-    /// Whether the projector has read up to the head of the stream at least once since it
-    /// started (the read models were rebuilt or resumed).
+    /// Whether the read models have reached what was committed when the projector started
+    /// (rebuilt or resumed); stays true afterwards.
     pub caught_up: bool,
 }
 
@@ -60,32 +60,44 @@ impl Projector {
                     }
                 }
             };
+            // Caught up means: at or past what was committed when the projector (re)started.
+            // An empty read does not prove it: on Postgres an older open transaction anywhere
+            // in the cluster hides newer events until it ends.
+            let head = match stream::head_position(self.store.database()).await {
+                Ok(head) => head,
+                Err(error) => {
+                    tracing::error!(%error, "cannot read the stream head; retrying");
+                    tokio::select! {
+                        () = &mut shutdown => return,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
             let mut reader = StreamReader::new(
                 &self.store,
                 start,
                 self.settings.batch_size,
                 self.settings.poll_interval(),
             );
-            self.progress.send_modify(|progress| progress.position = start);
+            self.progress.send_modify(|progress| {
+                progress.position = start;
+                progress.caught_up |= start >= head;
+            });
             loop {
                 let batch = tokio::select! {
                     () = &mut shutdown => return,
                     batch = reader.next_batch_or_idle() => batch,
                 };
                 let result = match batch {
-                    Ok(None) => {
-                        self.progress.send_modify(|progress| progress.caught_up = true);
-                        continue;
-                    }
+                    Ok(None) => continue,
                     Ok(Some(events)) => self.read_models.apply(&events).await.map(|()| events),
                     Err(error) => Err(error.into()),
                 };
                 match result {
                     Ok(events) => {
-                        let full = events.len() >= self.settings.batch_size as usize;
                         self.progress.send_modify(|progress| {
                             progress.position = reader.position();
-                            progress.caught_up |= !full;
+                            progress.caught_up |= progress.position >= head;
                         });
                         tracing::debug!(events = events.len(), "projected");
                     }

@@ -264,3 +264,19 @@ pub async fn assert_problem(response: reqwest::Response, status: u16) -> Value {
     assert_eq!(body["correlation_id"], header_id, "the body names the header's correlation id");
     body
 }
+
+/// Declares `postgres::NAME` and `embedded::NAME` tests that run `async fn NAME(Engine)` once
+/// per engine, so one suite covers both stores.
+#[macro_export]
+macro_rules! on_both_engines {
+    ($($name:ident),* $(,)?) => {
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() { super::$name($crate::Engine::Postgres).await })*
+        }
+        mod embedded {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() { super::$name($crate::Engine::Embedded).await })*
+        }
+    };
+}

@@ -10,7 +10,7 @@ use cqrs_es::{Aggregate, AggregateError, DomainEvent};
 use petstore_platform::event_store::{EventMetadata, EventStore};
 use petstore_platform::http::CorrelationId;
 use petstore_platform::stream::{self, RecordedEvent, StreamPosition, StreamReader};
-use petstore_tests::{Engine, Storage};
+use petstore_tests::{on_both_engines, Engine, Storage};
 use serde::{Deserialize, Serialize};
 
 /// A test aggregate that accepts any number of events, to load the store.
@@ -83,19 +83,6 @@ async fn read_all(store: &EventStore) -> Vec<RecordedEvent> {
     stream::read_after(store.database(), StreamPosition::START, 100_000)
         .await
         .expect("read the stream")
-}
-
-macro_rules! on_both_engines {
-    ($($name:ident),* $(,)?) => {
-        mod postgres {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn $name() { super::$name(super::Engine::Postgres).await })*
-        }
-        mod embedded {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn $name() { super::$name(super::Engine::Embedded).await })*
-        }
-    };
 }
 
 on_both_engines!(

@@ -128,9 +128,16 @@ impl Application {
         let shutdown = Shutdown::new();
         let read_models = ReadModels::for_database(&database);
         let (projector, progress) = if roles.contains(&Role::Projector) {
-            let projector = Projector::new(store.clone(), read_models.clone(), settings.projector.clone());
+            let projector = Projector::new(
+                store.clone(),
+                read_models.clone(),
+                settings.projector.clone(),
+            );
             let progress = projector.progress();
-            (Some(tokio::spawn(projector.run(shutdown.wait()))), Some(progress))
+            (
+                Some(tokio::spawn(projector.run(shutdown.wait()))),
+                Some(progress),
+            )
         } else {
             (None, None)
         };
@@ -139,7 +146,9 @@ impl Application {
             .route("/petstore-domain/openapi.json", get(openapi))
             .fallback(http::not_found);
         if roles.contains(&Role::Command) {
-            router = router.merge(petstore_command_api::router(CommandState { store: store.clone() }));
+            router = router.merge(petstore_command_api::router(CommandState {
+                store: store.clone(),
+            }));
         }
         if roles.contains(&Role::Query) {
             router = router.merge(petstore_query_api::router(QueryState {
@@ -168,7 +177,9 @@ impl Application {
 
     /// The bound port (useful with port 0).
     pub fn port(&self) -> u16 {
-        self.listener.local_addr().map_or(0, |address| address.port())
+        self.listener
+            .local_addr()
+            .map_or(0, |address| address.port())
     }
 
     /// A handle that stops the application.

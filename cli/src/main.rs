@@ -16,7 +16,12 @@ use petstore_platform::telemetry;
 #[command(name = "petstore", version, about)]
 struct Cli {
     /// Folder with base.yaml and {PETSTORE_ENV}.yaml.
-    #[arg(long, global = true, default_value = "config", env = "PETSTORE_CONFIG_DIR")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "config",
+        env = "PETSTORE_CONFIG_DIR"
+    )]
     config_dir: PathBuf,
     #[command(subcommand)]
     command: Command,

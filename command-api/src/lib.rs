@@ -30,6 +30,10 @@ pub fn router(state: CommandState) -> Router {
 #[derive(utoipa::OpenApi)]
 #[openapi(
     paths(orders::place_order, orders::create_order_legacy),
-    components(schemas(orders::PlaceOrderBody, orders::OrderAccepted, petstore_platform::http::ProblemDocument))
+    components(schemas(
+        orders::PlaceOrderBody,
+        orders::OrderAccepted,
+        petstore_platform::http::ProblemDocument
+    ))
 )]
 pub struct CommandApiDoc;

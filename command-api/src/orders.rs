@@ -10,7 +10,7 @@ use petstore_domain::order::{Order, OrderCommand, OrderRequest, OrderStatus};
 use petstore_domain::pet::Pet;
 use petstore_domain::{CustomerId, DomainError, OrderId, PetId, SpecialInstructions};
 use petstore_platform::event_store::EventMetadata;
-use petstore_platform::http::{Json, Problem, RequestContext, Subject};
+use petstore_platform::http::{Json, Problem, ProblemDocument, RequestContext, Subject};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -163,8 +163,8 @@ fn parse_idempotency_key(value: &HeaderValue) -> Result<&str, Problem> {
         .to_str()
         .ok()
         .filter(|key| !key.is_empty() && key.len() <= 255)
-        .ok_or_else(|| Problem::bad_request("Idempotency-Key must be 1 to 255 visible ASCII characters"))
+        .ok_or_else(|| {
+            Problem::bad_request("Idempotency-Key must be 1 to 255 visible ASCII characters")
+        })
 }
 
-#[allow(unused_imports)]
-use petstore_platform::http::ProblemDocument;

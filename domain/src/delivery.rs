@@ -221,7 +221,10 @@ mod tests {
         DeliveryCommand::RecordDeliveryScheduled {
             order_id: order_id(),
             pet_id: PetId::parse("golden-retriever-001").expect("valid"),
-            estimated_arrival: Utc.with_ymd_and_hms(2026, 12, 1, 10, 0, 0).single().expect("valid"),
+            estimated_arrival: Utc
+                .with_ymd_and_hms(2026, 12, 1, 10, 0, 0)
+                .single()
+                .expect("valid"),
             provider_reference: "dl_1".into(),
         }
     }
@@ -230,7 +233,10 @@ mod tests {
         DeliveryEvent::DeliveryScheduled {
             order_id: order_id(),
             pet_id: PetId::parse("golden-retriever-001").expect("valid"),
-            estimated_arrival: Utc.with_ymd_and_hms(2026, 12, 1, 10, 0, 0).single().expect("valid"),
+            estimated_arrival: Utc
+                .with_ymd_and_hms(2026, 12, 1, 10, 0, 0)
+                .single()
+                .expect("valid"),
             provider_reference: "dl_1".into(),
         }
     }

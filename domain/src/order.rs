@@ -155,7 +155,9 @@ impl Order {
 
     /// Why the order was cancelled, if it was.
     pub fn cancellation_reason(&self) -> Option<CancellationReason> {
-        self.state.as_ref().and_then(|state| state.cancellation_reason)
+        self.state
+            .as_ref()
+            .and_then(|state| state.cancellation_reason)
     }
 
     /// Decides which events `command` produces, without changing the order.
@@ -164,7 +166,10 @@ impl Order {
         let Some(state) = &self.state else {
             return match command {
                 OrderCommand::PlaceOrder(request) => Ok(vec![OrderEvent::OrderCreated(request)]),
-                _ => Err(DomainError::validation("order_id", "the order does not exist")),
+                _ => Err(DomainError::validation(
+                    "order_id",
+                    "the order does not exist",
+                )),
             };
         };
         let order_id = state.request.order_id;
@@ -428,6 +433,9 @@ mod tests {
         OrderTest::with(())
             .given_no_previous_events()
             .when(OrderCommand::CompleteOrder)
-            .then_expect_error(DomainError::validation("order_id", "the order does not exist"));
+            .then_expect_error(DomainError::validation(
+                "order_id",
+                "the order does not exist",
+            ));
     }
 }

@@ -169,17 +169,19 @@ impl Payment {
                 PaymentState::Declined => Ok(vec![]),
                 _ => refuse(order_id, "decline a payment"),
             },
-            PaymentCommand::RefundPayment { reason } => match (self.state, self.order_id, self.amount) {
-                (PaymentState::Processed, Some(order_id), Some(amount)) => {
-                    Ok(vec![PaymentEvent::PaymentRefunded {
-                        order_id,
-                        amount,
-                        reason,
-                    }])
+            PaymentCommand::RefundPayment { reason } => {
+                match (self.state, self.order_id, self.amount) {
+                    (PaymentState::Processed, Some(order_id), Some(amount)) => {
+                        Ok(vec![PaymentEvent::PaymentRefunded {
+                            order_id,
+                            amount,
+                            reason,
+                        }])
+                    }
+                    // Nothing was charged, or it was already given back: nothing to refund.
+                    _ => Ok(vec![]),
                 }
-                // Nothing was charged, or it was already given back: nothing to refund.
-                _ => Ok(vec![]),
-            },
+            }
         }
     }
 }

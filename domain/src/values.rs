@@ -364,7 +364,10 @@ mod tests {
         let price = Money::usd(120_005).expect("positive");
         assert_eq!(price.to_string(), "1200.05 USD");
         let json = serde_json::to_value(price).expect("serializes");
-        assert_eq!(json, serde_json::json!({"amount_minor": 120005, "currency": "USD"}));
+        assert_eq!(
+            json,
+            serde_json::json!({"amount_minor": 120005, "currency": "USD"})
+        );
     }
 
     #[test]

@@ -57,8 +57,8 @@ impl Database {
     ) -> Result<Self, DatabaseError> {
         match &database.url {
             Some(url) => {
-                let options =
-                    PgConnectOptions::from_str(url.expose_secret()).map_err(DatabaseError::InvalidUrl)?;
+                let options = PgConnectOptions::from_str(url.expose_secret())
+                    .map_err(DatabaseError::InvalidUrl)?;
                 let pool = PgPoolOptions::new()
                     .max_connections(database.max_connections)
                     .acquire_timeout(Duration::from_secs(5))
@@ -68,9 +68,11 @@ impl Database {
                 Ok(Self::Postgres(pool))
             }
             None => {
-                std::fs::create_dir_all(&storage.data_dir).map_err(|source| DatabaseError::DataDir {
-                    path: storage.data_dir.display().to_string(),
-                    source,
+                std::fs::create_dir_all(&storage.data_dir).map_err(|source| {
+                    DatabaseError::DataDir {
+                        path: storage.data_dir.display().to_string(),
+                        source,
+                    }
                 })?;
                 let options = SqliteConnectOptions::new()
                     .filename(storage.data_dir.join("petstore.db"))

@@ -13,8 +13,8 @@ use std::time::Duration;
 use chrono::{DateTime, SecondsFormat, Utc};
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::persist::{
-    PersistedEventRepository, PersistedEventStore, PersistenceError, ReplayStream,
-    SerializedEvent, SerializedSnapshot,
+    PersistedEventRepository, PersistedEventStore, PersistenceError, ReplayStream, SerializedEvent,
+    SerializedSnapshot,
 };
 use cqrs_es::{Aggregate, AggregateError, EventEnvelope, EventStore as _};
 use postgres_es::PostgresEventRepository;
@@ -180,7 +180,10 @@ impl EventStore {
     }
 
     /// Rebuilds an aggregate from its events (a default one if it has none).
-    pub async fn load<A: Aggregate>(&self, aggregate_id: &str) -> Result<A, AggregateError<A::Error>> {
+    pub async fn load<A: Aggregate>(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<A, AggregateError<A::Error>> {
         let context = self.cqrs_store::<A>().load_aggregate(aggregate_id).await?;
         Ok(context.aggregate)
     }
@@ -215,7 +218,8 @@ impl EventStore {
             }
             match store.commit(events, context, metadata.to_map()).await {
                 Ok(committed) => {
-                    self.appended.send_modify(|count| *count = count.wrapping_add(1));
+                    self.appended
+                        .send_modify(|count| *count = count.wrapping_add(1));
                     return Ok(committed);
                 }
                 Err(AggregateError::AggregateConflict) if attempt < self.max_conflict_retries => {

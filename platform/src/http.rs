@@ -129,7 +129,12 @@ pub struct ProblemDocument {
 
 impl Problem {
     /// A problem of kind `kind` (a slug such as `validation`), with the given status.
-    pub fn new(status: StatusCode, kind: &'static str, title: impl Into<String>, detail: impl Into<String>) -> Self {
+    pub fn new(
+        status: StatusCode,
+        kind: &'static str,
+        title: impl Into<String>,
+        detail: impl Into<String>,
+    ) -> Self {
         Self {
             status,
             kind,
@@ -141,12 +146,22 @@ impl Problem {
 
     /// 422: the request is well-formed but its content is not acceptable.
     pub fn validation(detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "validation", "Invalid request", detail)
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation",
+            "Invalid request",
+            detail,
+        )
     }
 
     /// 400: the request cannot be read.
     pub fn bad_request(detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "bad-request", "Malformed request", detail)
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "bad-request",
+            "Malformed request",
+            detail,
+        )
     }
 
     /// 404: the named resource does not exist.
@@ -161,8 +176,13 @@ impl Problem {
 
     /// 503: a dependency is unavailable; retry later.
     pub fn unavailable(detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Service unavailable", detail)
-            .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "Service unavailable",
+            detail,
+        )
+        .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
     }
 
     /// 500: logs `cause` with the correlation id and tells the client nothing internal.
@@ -180,11 +200,22 @@ impl Problem {
     pub fn from_status(status: StatusCode) -> Self {
         let (kind, detail) = match status {
             StatusCode::NOT_FOUND => ("not-found", "no resource at this path"),
-            StatusCode::METHOD_NOT_ALLOWED => ("method-not-allowed", "this path does not accept this method"),
-            StatusCode::PAYLOAD_TOO_LARGE => ("payload-too-large", "the request body is larger than the service accepts"),
-            StatusCode::UNSUPPORTED_MEDIA_TYPE => ("unsupported-media-type", "send the body as application/json"),
+            StatusCode::METHOD_NOT_ALLOWED => (
+                "method-not-allowed",
+                "this path does not accept this method",
+            ),
+            StatusCode::PAYLOAD_TOO_LARGE => (
+                "payload-too-large",
+                "the request body is larger than the service accepts",
+            ),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => (
+                "unsupported-media-type",
+                "send the body as application/json",
+            ),
             StatusCode::REQUEST_TIMEOUT => ("timeout", "the request took too long"),
-            _ if status.is_server_error() => ("internal", "the service failed to handle the request"),
+            _ if status.is_server_error() => {
+                ("internal", "the service failed to handle the request")
+            }
             _ => ("bad-request", "the request was refused"),
         };
         let title = status.canonical_reason().unwrap_or("Error");
@@ -219,7 +250,10 @@ impl IntoResponse for Problem {
         let json = serde_json::to_vec(&body).unwrap_or_default();
         let mut response = (self.status, json).into_response();
         let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_CONTENT_TYPE));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(PROBLEM_CONTENT_TYPE),
+        );
         for (name, value) in self.headers {
             headers.insert(name, value);
         }
@@ -232,7 +266,9 @@ impl From<JsonRejection> for Problem {
         match rejection {
             JsonRejection::JsonDataError(error) => Self::validation(error.body_text()),
             JsonRejection::JsonSyntaxError(error) => Self::bad_request(error.body_text()),
-            JsonRejection::MissingJsonContentType(_) => Self::from_status(StatusCode::UNSUPPORTED_MEDIA_TYPE),
+            JsonRejection::MissingJsonContentType(_) => {
+                Self::from_status(StatusCode::UNSUPPORTED_MEDIA_TYPE)
+            }
             other => {
                 let status = other.status();
                 let mut problem = Self::from_status(status);
@@ -282,22 +318,25 @@ pub struct Query<T>(pub T);
 /// error responses.
 pub async fn correlation(request: Request, next: Next) -> Response {
     let supplied = request.headers().get(&CORRELATION_ID_HEADER);
-    let correlation_id = match supplied.map(|value| value.to_str().ok().and_then(CorrelationId::parse)) {
-        None => CorrelationId::generate(),
-        Some(Some(id)) => id,
-        Some(None) => {
-            let context = RequestContext {
-                correlation_id: CorrelationId::generate(),
-                path: request.uri().path().to_owned(),
-            };
-            let id = context.correlation_id.clone();
-            let problem = Problem::bad_request(
-                "X-Correlation-ID must be 1 to 128 characters of letters, digits and -_.:",
-            );
-            let response = REQUEST_CONTEXT.scope(context, async { problem.into_response() }).await;
-            return with_correlation_header(response, &id);
-        }
-    };
+    let correlation_id =
+        match supplied.map(|value| value.to_str().ok().and_then(CorrelationId::parse)) {
+            None => CorrelationId::generate(),
+            Some(Some(id)) => id,
+            Some(None) => {
+                let context = RequestContext {
+                    correlation_id: CorrelationId::generate(),
+                    path: request.uri().path().to_owned(),
+                };
+                let id = context.correlation_id.clone();
+                let problem = Problem::bad_request(
+                    "X-Correlation-ID must be 1 to 128 characters of letters, digits and -_.:",
+                );
+                let response = REQUEST_CONTEXT
+                    .scope(context, async { problem.into_response() })
+                    .await;
+                return with_correlation_header(response, &id);
+            }
+        };
     let context = RequestContext {
         correlation_id: correlation_id.clone(),
         path: request.uri().path().to_owned(),

@@ -186,9 +186,9 @@ impl Settings {
         let environment = std::env::var("PETSTORE_ENV").unwrap_or_else(|_| "local".to_owned());
         Self::figment(config_dir, &environment)
             .merge(Env::prefixed("PETSTORE__").split("__"))
-            .merge(Env::raw().filter_map(|key| {
-                (key == "database_url").then(|| "database.url".into())
-            }))
+            .merge(
+                Env::raw().filter_map(|key| (key == "database_url").then(|| "database.url".into())),
+            )
             .extract()
             .map_err(|error| SettingsError(Box::new(error)))
     }
@@ -212,6 +212,17 @@ mod tests {
             .expect("defaults are complete");
         assert_eq!(settings.http.listen.port(), 8080);
         assert!(settings.database.url.is_none());
+    }
+
+    #[test]
+    fn every_shipped_config_file_is_valid() {
+        let config_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
+        for environment in ["local", "staging", "production"] {
+            let settings: Settings = Settings::figment(&config_dir, environment)
+                .extract()
+                .unwrap_or_else(|error| panic!("config/{environment}.yaml: {error}"));
+            assert_eq!(settings.http.listen.port(), 8080);
+        }
     }
 
     #[test]

@@ -66,7 +66,10 @@ pub struct RecordedEvent {
 impl RecordedEvent {
     /// A metadata value, or the empty string.
     pub fn metadata_value(&self, key: &str) -> &str {
-        self.metadata.get(key).map(String::as_str).unwrap_or_default()
+        self.metadata
+            .get(key)
+            .map(String::as_str)
+            .unwrap_or_default()
     }
 }
 
@@ -176,33 +179,43 @@ pub async fn head_position(database: &Database) -> Result<StreamPosition, Stream
                 .await?
         }
     };
-    Ok(row.map_or(StreamPosition::START, |(transaction_id, global_position)| {
-        StreamPosition {
+    Ok(row.map_or(
+        StreamPosition::START,
+        |(transaction_id, global_position)| StreamPosition {
             transaction_id,
             global_position,
-        }
-    }))
+        },
+    ))
 }
 
 /// The checkpoint saved under `name`, or [`StreamPosition::START`].
-pub async fn load_checkpoint(database: &Database, name: &str) -> Result<StreamPosition, StreamError> {
-    const SQL: &str = "SELECT transaction_id, global_position FROM stream_checkpoints WHERE name = $1";
+pub async fn load_checkpoint(
+    database: &Database,
+    name: &str,
+) -> Result<StreamPosition, StreamError> {
+    const SQL: &str =
+        "SELECT transaction_id, global_position FROM stream_checkpoints WHERE name = $1";
     let row = match database {
-        Database::Postgres(pool) => sqlx::query_as::<_, (i64, i64)>(SQL)
-            .bind(name)
-            .fetch_optional(pool)
-            .await?,
-        Database::Sqlite(pool) => sqlx::query_as::<_, (i64, i64)>(SQL)
-            .bind(name)
-            .fetch_optional(pool)
-            .await?,
+        Database::Postgres(pool) => {
+            sqlx::query_as::<_, (i64, i64)>(SQL)
+                .bind(name)
+                .fetch_optional(pool)
+                .await?
+        }
+        Database::Sqlite(pool) => {
+            sqlx::query_as::<_, (i64, i64)>(SQL)
+                .bind(name)
+                .fetch_optional(pool)
+                .await?
+        }
     };
-    Ok(row.map_or(StreamPosition::START, |(transaction_id, global_position)| {
-        StreamPosition {
+    Ok(row.map_or(
+        StreamPosition::START,
+        |(transaction_id, global_position)| StreamPosition {
             transaction_id,
             global_position,
-        }
-    }))
+        },
+    ))
 }
 
 const SAVE_CHECKPOINT: &str = "

@@ -158,17 +158,26 @@ impl ReadModels {
     }
 
     /// The status view of an order.
-    pub async fn order(&self, order_id: &OrderId) -> Result<Option<OrderStatusView>, ReadModelError> {
+    pub async fn order(
+        &self,
+        order_id: &OrderId,
+    ) -> Result<Option<OrderStatusView>, ReadModelError> {
         match self {
             Self::Postgres(pool) => {
-                let document: Option<serde_json::Value> =
-                    sqlx::query_scalar("SELECT document FROM order_status_view WHERE order_id = $1")
-                        .bind(order_id.as_uuid())
-                        .fetch_optional(pool)
-                        .await?;
+                let document: Option<serde_json::Value> = sqlx::query_scalar(
+                    "SELECT document FROM order_status_view WHERE order_id = $1",
+                )
+                .bind(order_id.as_uuid())
+                .fetch_optional(pool)
+                .await?;
                 Ok(document.map(serde_json::from_value).transpose()?)
             }
-            Self::Memory(state) => Ok(state.read().await.orders.get(&order_id.to_string()).cloned()),
+            Self::Memory(state) => Ok(state
+                .read()
+                .await
+                .orders
+                .get(&order_id.to_string())
+                .cloned()),
         }
     }
 
@@ -228,9 +237,15 @@ impl ReadModels {
                     .range((start, std::ops::Bound::Unbounded))
                     .map(|(_, pet)| pet)
                     .filter(|pet| {
-                        filter.category.is_none_or(|category| pet.category == category.as_str())
-                            && filter.min_price.is_none_or(|min| pet.price.amount_minor >= min)
-                            && filter.max_price.is_none_or(|max| pet.price.amount_minor <= max)
+                        filter
+                            .category
+                            .is_none_or(|category| pet.category == category.as_str())
+                            && filter
+                                .min_price
+                                .is_none_or(|min| pet.price.amount_minor >= min)
+                            && filter
+                                .max_price
+                                .is_none_or(|max| pet.price.amount_minor <= max)
                             && filter
                                 .availability
                                 .as_deref()
@@ -259,8 +274,10 @@ async fn apply_postgres(
     let order_ids: Vec<String> = distinct_ids(events, ORDER);
     let pet_ids: Vec<String> = distinct_ids(events, PET);
     let mut transaction = pool.begin().await?;
-    let mut orders: HashMap<String, Option<OrderStatusView>> = order_ids.iter().map(|id| (id.clone(), None)).collect();
-    let mut pets: HashMap<String, Option<PetView>> = pet_ids.iter().map(|id| (id.clone(), None)).collect();
+    let mut orders: HashMap<String, Option<OrderStatusView>> =
+        order_ids.iter().map(|id| (id.clone(), None)).collect();
+    let mut pets: HashMap<String, Option<PetView>> =
+        pet_ids.iter().map(|id| (id.clone(), None)).collect();
     if !order_ids.is_empty() {
         let rows: Vec<(String, serde_json::Value)> = sqlx::query_as(
             "SELECT order_id::text, document FROM order_status_view
@@ -301,7 +318,10 @@ async fn apply_postgres(
     if !orders.is_empty() {
         let ids: Vec<&str> = orders.iter().map(|view| view.order_id.as_str()).collect();
         let versions: Vec<i64> = orders.iter().map(|view| view.version).collect();
-        let documents = orders.iter().map(serde_json::to_string).collect::<Result<Vec<_>, _>>()?;
+        let documents = orders
+            .iter()
+            .map(serde_json::to_string)
+            .collect::<Result<Vec<_>, _>>()?;
         sqlx::query(
             "INSERT INTO order_status_view (order_id, last_sequence, document)
              SELECT id::uuid, version, document::jsonb
@@ -323,7 +343,10 @@ async fn apply_postgres(
         let prices: Vec<i64> = pets.iter().map(|view| view.price.amount_minor).collect();
         let availability: Vec<&str> = pets.iter().map(|view| view.availability.as_str()).collect();
         let versions: Vec<i64> = pets.iter().map(|view| view.version).collect();
-        let documents = pets.iter().map(serde_json::to_string).collect::<Result<Vec<_>, _>>()?;
+        let documents = pets
+            .iter()
+            .map(serde_json::to_string)
+            .collect::<Result<Vec<_>, _>>()?;
         sqlx::query(
             "INSERT INTO pet_catalog_view (pet_id, category, price_minor, availability, last_sequence, document)
              SELECT id, category, price, availability, version, document::jsonb

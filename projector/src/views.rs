@@ -100,7 +100,10 @@ impl OrderStatusView {
     /// Folds an `Order` event into the view. Events at or below the view's version are
     /// ignored, so re-applying a batch changes nothing.
     pub fn fold(view: Option<Self>, event: &RecordedEvent) -> Result<Option<Self>, DecodeError> {
-        if view.as_ref().is_some_and(|view| view.version >= event.sequence) {
+        if view
+            .as_ref()
+            .is_some_and(|view| view.version >= event.sequence)
+        {
             return Ok(view);
         }
         let timestamp = event.metadata_value("timestamp").to_owned();
@@ -145,7 +148,10 @@ impl OrderStatusView {
 impl PetView {
     /// Folds a `Pet` event into the view; events at or below its version are ignored.
     pub fn fold(view: Option<Self>, event: &RecordedEvent) -> Result<Option<Self>, DecodeError> {
-        if view.as_ref().is_some_and(|view| view.version >= event.sequence) {
+        if view
+            .as_ref()
+            .is_some_and(|view| view.version >= event.sequence)
+        {
             return Ok(view);
         }
         let availability = match decode::<PetEvent>(event)? {

@@ -54,7 +54,11 @@ async fn report(state: &QueryState) -> HealthReport {
         Ok(()) => component(true, state.database.engine(), None),
         Err(error) => {
             tracing::warn!(%error, "event store health check failed");
-            component(false, state.database.engine(), Some("unreachable".to_owned()))
+            component(
+                false,
+                state.database.engine(),
+                Some("unreachable".to_owned()),
+            )
         }
     };
     components.insert("event_store".to_owned(), store);
@@ -66,19 +70,29 @@ async fn report(state: &QueryState) -> HealthReport {
         ),
         Err(error) => {
             tracing::warn!(%error, "read model health check failed");
-            component(false, state.read_models.kind(), Some("unreachable".to_owned()))
+            component(
+                false,
+                state.read_models.kind(),
+                Some("unreachable".to_owned()),
+            )
         }
     };
     components.insert("read_models".to_owned(), read_models);
     if let Some(progress) = &state.projector {
         let progress = *progress.borrow();
-        let detail = if progress.caught_up { "caught up" } else { "catching up" };
+        let detail = if progress.caught_up {
+            "caught up"
+        } else {
+            "catching up"
+        };
         components.insert(
             "projector".to_owned(),
             component(true, "in-process", Some(detail.to_owned())),
         );
     }
-    let all_up = components.values().all(|component| component.status == "up");
+    let all_up = components
+        .values()
+        .all(|component| component.status == "up");
     HealthReport {
         status: if all_up { "up" } else { "down" }.to_owned(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -138,14 +152,18 @@ pub async fn live() -> Json<serde_json::Value> {
 pub async fn ready(State(state): State<QueryState>) -> Result<Json<HealthReport>, Problem> {
     let report = report(&state).await;
     if report.status != "up" {
-        return Err(Problem::unavailable("a component is down; see /petstore-domain/health"));
+        return Err(Problem::unavailable(
+            "a component is down; see /petstore-domain/health",
+        ));
     }
     let caught_up = state
         .projector
         .as_ref()
         .is_none_or(|progress| progress.borrow().caught_up);
     if !caught_up {
-        return Err(Problem::unavailable("the read models are still being rebuilt"));
+        return Err(Problem::unavailable(
+            "the read models are still being rebuilt",
+        ));
     }
     Ok(Json(report))
 }

@@ -40,12 +40,21 @@ pub fn router(state: QueryState) -> Router {
 #[derive(utoipa::OpenApi)]
 #[openapi(
     paths(
-        pets::browse, pets::browse_legacy, pets::pet_details, orders::order_status,
-        health::health, health::live, health::ready,
+        pets::browse,
+        pets::browse_legacy,
+        pets::pet_details,
+        orders::order_status,
+        health::health,
+        health::live,
+        health::ready,
     ),
     components(schemas(
-        pets::BrowseResponse, petstore_projector::PetView, petstore_projector::MoneyView,
-        petstore_projector::OrderStatusView, health::HealthReport, health::ComponentHealth,
+        pets::BrowseResponse,
+        petstore_projector::PetView,
+        petstore_projector::MoneyView,
+        petstore_projector::OrderStatusView,
+        health::HealthReport,
+        health::ComponentHealth,
         petstore_platform::http::ProblemDocument,
     ))
 )]

@@ -11,7 +11,10 @@ use crate::QueryState;
 
 /// The order routes.
 pub fn router() -> Router<QueryState> {
-    Router::new().route("/petstore-domain/orders/{order_id}/status", get(order_status))
+    Router::new().route(
+        "/petstore-domain/orders/{order_id}/status",
+        get(order_status),
+    )
 }
 
 /// Where an order stands.
@@ -36,9 +39,17 @@ pub async fn order_status(
     State(state): State<QueryState>,
     Path(order_id): Path<String>,
 ) -> Result<Json<OrderStatusView>, Problem> {
-    let order_id = OrderId::parse(&order_id).map_err(|error| Problem::bad_request(error.to_string()))?;
-    match state.read_models.order(&order_id).await.map_err(|error| Problem::internal(&error))? {
+    let order_id =
+        OrderId::parse(&order_id).map_err(|error| Problem::bad_request(error.to_string()))?;
+    match state
+        .read_models
+        .order(&order_id)
+        .await
+        .map_err(|error| Problem::internal(&error))?
+    {
         Some(view) => Ok(Json(view)),
-        None => Err(Problem::not_found(format!("order {order_id} does not exist"))),
+        None => Err(Problem::not_found(format!(
+            "order {order_id} does not exist"
+        ))),
     }
 }

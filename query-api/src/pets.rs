@@ -56,7 +56,11 @@ pub struct BrowseResponse {
 
 impl BrowseParams {
     fn into_filter(self) -> Result<BrowseFilter, Problem> {
-        let category = self.category.as_deref().map(PetCategory::parse).transpose()?;
+        let category = self
+            .category
+            .as_deref()
+            .map(PetCategory::parse)
+            .transpose()?;
         let availability = match self.availability.as_deref() {
             None => None,
             Some(value @ ("available" | "reserved" | "sold")) => Some(value.to_owned()),
@@ -84,7 +88,8 @@ impl BrowseParams {
             .cursor
             .as_deref()
             .map(|cursor| {
-                PetId::parse(cursor).map_err(|_| Problem::validation("cursor: not a cursor this API returned"))
+                PetId::parse(cursor)
+                    .map_err(|_| Problem::validation("cursor: not a cursor this API returned"))
             })
             .transpose()?;
         Ok(BrowseFilter {
@@ -118,7 +123,11 @@ pub async fn browse(
     Query(params): Query<BrowseParams>,
 ) -> Result<Json<BrowseResponse>, Problem> {
     let filter = params.into_filter()?;
-    let page = state.read_models.browse(&filter).await.map_err(|error| Problem::internal(&error))?;
+    let page = state
+        .read_models
+        .browse(&filter)
+        .await
+        .map_err(|error| Problem::internal(&error))?;
     Ok(Json(BrowseResponse {
         count: page.pets.len(),
         pets: page.pets,
@@ -162,7 +171,12 @@ pub async fn pet_details(
     Path(pet_id): Path<String>,
 ) -> Result<Json<PetView>, Problem> {
     let pet_id = PetId::parse(&pet_id).map_err(|error| Problem::bad_request(error.to_string()))?;
-    match state.read_models.pet(&pet_id).await.map_err(|error| Problem::internal(&error))? {
+    match state
+        .read_models
+        .pet(&pet_id)
+        .await
+        .map_err(|error| Problem::internal(&error))?
+    {
         Some(pet) => Ok(Json(pet)),
         None => Err(Problem::not_found(format!("pet {pet_id} does not exist"))),
     }

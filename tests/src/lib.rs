@@ -43,7 +43,9 @@ impl TestDatabase {
             .execute(&mut connection)
             .await
             .expect("create the test database");
-        let base = admin.rsplit_once('/').map_or(admin.as_str(), |(base, _)| base);
+        let base = admin
+            .rsplit_once('/')
+            .map_or(admin.as_str(), |(base, _)| base);
         let url = format!("{base}/{name}");
         Self { name, url }
     }
@@ -55,15 +57,20 @@ impl TestDatabase {
 
     /// A direct connection, to inspect or break things.
     pub async fn connect(&self) -> PgConnection {
-        PgConnection::connect(&self.url).await.expect("connect to the test database")
+        PgConnection::connect(&self.url)
+            .await
+            .expect("connect to the test database")
     }
 
     /// Drops the database (terminating leftover connections).
     pub async fn drop_database(self) {
         if let Ok(mut connection) = PgConnection::connect(&admin_url()).await {
-            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
-                .execute(&mut connection)
-                .await;
+            let _ = sqlx::query(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .execute(&mut connection)
+            .await;
         }
     }
 }
@@ -155,11 +162,16 @@ impl TestApp {
     /// Starts the application with `settings` and `roles`.
     pub async fn start_with_roles(settings: Settings, roles: &BTreeSet<Role>) -> Self {
         petstore_platform::telemetry::init(&settings.log);
-        let application = Application::build(settings, roles).await.expect("the service starts");
+        let application = Application::build(settings, roles)
+            .await
+            .expect("the service starts");
         let address = format!("http://127.0.0.1:{}", application.port());
         let shutdown = application.shutdown_handle();
         let server = tokio::spawn(async move {
-            application.run_until_stopped().await.expect("the service runs");
+            application
+                .run_until_stopped()
+                .await
+                .expect("the service runs");
         });
         Self {
             address,
@@ -182,7 +194,11 @@ impl TestApp {
 
     /// GET `path`.
     pub async fn get(&self, path: &str) -> reqwest::Response {
-        self.client.get(self.url(path)).send().await.expect("GET is answered")
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("GET is answered")
     }
 
     /// POST `body` as JSON to `path`.
@@ -215,13 +231,18 @@ impl TestApp {
     pub async fn wait_for_order(&self, order_id: &str, accept: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let response = self.get(&format!("/petstore-domain/orders/{order_id}/status")).await;
+            let response = self
+                .get(&format!("/petstore-domain/orders/{order_id}/status"))
+                .await;
             if response.status() == 200 {
                 let view: Value = response.json().await.expect("JSON body");
                 if accept(&view) {
                     return view;
                 }
-                assert!(Instant::now() < deadline, "order {order_id} stuck at {view}");
+                assert!(
+                    Instant::now() < deadline,
+                    "order {order_id} stuck at {view}"
+                );
             } else {
                 assert_eq!(response.status(), 404, "unexpected status");
                 assert!(Instant::now() < deadline, "order {order_id} never appeared");
@@ -261,7 +282,10 @@ pub async fn assert_problem(response: reqwest::Response, status: u16) -> Value {
     for field in ["type", "title", "detail", "correlation_id"] {
         assert!(body[field].is_string(), "problem lacks {field}: {body}");
     }
-    assert_eq!(body["correlation_id"], header_id, "the body names the header's correlation id");
+    assert_eq!(
+        body["correlation_id"], header_id,
+        "the body names the header's correlation id"
+    );
     body
 }
 

@@ -32,12 +32,16 @@ async fn finish(storage: Storage, app: TestApp) {
 async fn count_events(storage: &Storage, aggregate_type: &str) -> i64 {
     let query = "SELECT count(*) FROM events WHERE aggregate_type = $1";
     match storage.database().await {
-        petstore_platform::database::Database::Postgres(pool) => {
-            sqlx::query_scalar(query).bind(aggregate_type).fetch_one(&pool).await.expect("count")
-        }
-        petstore_platform::database::Database::Sqlite(pool) => {
-            sqlx::query_scalar(query).bind(aggregate_type).fetch_one(&pool).await.expect("count")
-        }
+        petstore_platform::database::Database::Postgres(pool) => sqlx::query_scalar(query)
+            .bind(aggregate_type)
+            .fetch_one(&pool)
+            .await
+            .expect("count"),
+        petstore_platform::database::Database::Sqlite(pool) => sqlx::query_scalar(query)
+            .bind(aggregate_type)
+            .fetch_one(&pool)
+            .await
+            .expect("count"),
     }
 }
 
@@ -48,11 +52,20 @@ async fn health_reports_every_component(engine: Engine) {
     assert!(response.headers().contains_key("x-correlation-id"));
     let health: Value = response.json().await.expect("json");
     assert_eq!(health["status"], "up");
-    let expected_store = if engine == Engine::Postgres { "postgres" } else { "sqlite" };
+    let expected_store = if engine == Engine::Postgres {
+        "postgres"
+    } else {
+        "sqlite"
+    };
     assert_eq!(health["components"]["event_store"]["kind"], expected_store);
     assert_eq!(health["components"]["read_models"]["status"], "up");
     assert_eq!(health["components"]["projector"]["status"], "up");
-    for path in ["/petstore-domain/health/live", "/petstore-domain/health/ready", "/health", "/health/live"] {
+    for path in [
+        "/petstore-domain/health/live",
+        "/petstore-domain/health/ready",
+        "/health",
+        "/health/live",
+    ] {
         assert_eq!(app.get(path).await.status(), 200, "{path}");
     }
     finish(storage, app).await;
@@ -60,18 +73,31 @@ async fn health_reports_every_component(engine: Engine) {
 
 async fn browse_filters_and_pages_the_demo_catalog(engine: Engine) {
     let (storage, app) = spawn(engine).await;
-    let dogs: Value = app.get("/petstore-domain/pets/browse?category=dog").await.json().await.expect("json");
+    let dogs: Value = app
+        .get("/petstore-domain/pets/browse?category=dog")
+        .await
+        .json()
+        .await
+        .expect("json");
     let pets = dogs["pets"].as_array().expect("pets");
     assert!(pets.len() >= 3);
     assert!(pets.iter().all(|pet| pet["category"] == "dog"));
     assert!(pets.iter().any(|pet| pet["id"] == "golden-retriever-001"));
     assert_eq!(dogs["count"], pets.len());
 
-    let all: Value = app.get("/petstore-domain/pets/browse?limit=100").await.json().await.expect("json");
+    let all: Value = app
+        .get("/petstore-domain/pets/browse?limit=100")
+        .await
+        .json()
+        .await
+        .expect("json");
     let all = all["pets"].as_array().expect("pets").clone();
     assert!(all.len() >= 12, "the demo catalog has at least 12 pets");
     for category in ["dog", "cat", "bird", "fish"] {
-        assert!(all.iter().any(|pet| pet["category"] == category), "{category}");
+        assert!(
+            all.iter().any(|pet| pet["category"] == category),
+            "{category}"
+        );
     }
 
     let cheap: Value = app
@@ -83,7 +109,9 @@ async fn browse_filters_and_pages_the_demo_catalog(engine: Engine) {
     let cheap = cheap["pets"].as_array().expect("pets");
     assert!(!cheap.is_empty());
     assert!(cheap.iter().all(|pet| {
-        let price = pet["price"]["amount_minor"].as_i64().expect("integer minor units");
+        let price = pet["price"]["amount_minor"]
+            .as_i64()
+            .expect("integer minor units");
         (2000..=10000).contains(&price)
     }));
 
@@ -94,13 +122,19 @@ async fn browse_filters_and_pages_the_demo_catalog(engine: Engine) {
         let page: Value = app.get(&path).await.json().await.expect("json");
         let pets = page["pets"].as_array().expect("pets");
         assert!(pets.len() <= 5);
-        walked.extend(pets.iter().map(|pet| pet["id"].as_str().expect("id").to_owned()));
+        walked.extend(
+            pets.iter()
+                .map(|pet| pet["id"].as_str().expect("id").to_owned()),
+        );
         match page["next_cursor"].as_str() {
             Some(cursor) => path = format!("/petstore-domain/pets/browse?limit=5&cursor={cursor}"),
             None => break,
         }
     }
-    let ids: Vec<String> = all.iter().map(|pet| pet["id"].as_str().expect("id").to_owned()).collect();
+    let ids: Vec<String> = all
+        .iter()
+        .map(|pet| pet["id"].as_str().expect("id").to_owned())
+        .collect();
     assert_eq!(walked, ids);
     let mut sorted = ids.clone();
     sorted.sort();
@@ -121,15 +155,28 @@ async fn browse_rejects_bad_filters(engine: Engine) {
         "cursor=Not%20A%20Cursor",
         "colour=red",
     ] {
-        let problem = assert_problem(app.get(&format!("/petstore-domain/pets/browse?{query}")).await, 422).await;
-        assert_eq!(problem["instance"], "/petstore-domain/pets/browse", "{query}");
+        let problem = assert_problem(
+            app.get(&format!("/petstore-domain/pets/browse?{query}"))
+                .await,
+            422,
+        )
+        .await;
+        assert_eq!(
+            problem["instance"], "/petstore-domain/pets/browse",
+            "{query}"
+        );
     }
     finish(storage, app).await;
 }
 
 async fn pet_details_and_their_unhappy_paths(engine: Engine) {
     let (storage, app) = spawn(engine).await;
-    let pet: Value = app.get("/petstore-domain/pets/golden-retriever-001").await.json().await.expect("json");
+    let pet: Value = app
+        .get("/petstore-domain/pets/golden-retriever-001")
+        .await
+        .json()
+        .await
+        .expect("json");
     assert_eq!(pet["id"], "golden-retriever-001");
     assert_eq!(pet["category"], "dog");
     assert_eq!(pet["availability"], "available");
@@ -154,21 +201,39 @@ async fn an_order_is_accepted_tracked_and_carries_the_correlation_id(engine: Eng
         .await
         .expect("answered");
     assert_eq!(response.status(), 202);
-    assert_eq!(response.headers()["x-correlation-id"], "demo-correlation-42");
-    let location = response.headers()["location"].to_str().expect("ascii").to_owned();
+    assert_eq!(
+        response.headers()["x-correlation-id"],
+        "demo-correlation-42"
+    );
+    let location = response.headers()["location"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
     let accepted: Value = response.json().await.expect("json");
     let order_id = accepted["order_id"].as_str().expect("order id").to_owned();
     assert_eq!(accepted["status"], "pending");
     assert_eq!(accepted["correlation_id"], "demo-correlation-42");
-    assert_eq!(location, format!("/petstore-domain/orders/{order_id}/status"));
+    assert_eq!(
+        location,
+        format!("/petstore-domain/orders/{order_id}/status")
+    );
 
     let view = app.wait_for_order(&order_id, |_| true).await;
     assert_eq!(view["order_id"], order_id);
     assert_eq!(view["customer_id"], "customer-001");
     assert_eq!(view["pet_id"], "golden-retriever-001");
-    assert_eq!(view["amount"], json!({"amount_minor": 120000, "currency": "USD"}));
-    assert_eq!(view["special_instructions"], "Please include vaccination records");
-    assert_eq!(view["correlation_id"], "demo-correlation-42", "the event metadata carries it");
+    assert_eq!(
+        view["amount"],
+        json!({"amount_minor": 120000, "currency": "USD"})
+    );
+    assert_eq!(
+        view["special_instructions"],
+        "Please include vaccination records"
+    );
+    assert_eq!(
+        view["correlation_id"], "demo-correlation-42",
+        "the event metadata carries it"
+    );
     let status = view["status"].as_str().expect("status");
     assert!(status.chars().all(|c| c.is_ascii_lowercase()), "{status}");
     finish(storage, app).await;
@@ -185,18 +250,37 @@ async fn an_idempotency_key_makes_a_retry_return_the_same_order(engine: Engine) 
             .json(&body);
         async move { request.send().await.expect("answered") }
     };
-    let first: Value = post("key-1", body.clone()).await.json().await.expect("json");
+    let first: Value = post("key-1", body.clone())
+        .await
+        .json()
+        .await
+        .expect("json");
     let retry = post("key-1", body.clone()).await;
     assert_eq!(retry.status(), 202);
     let retry: Value = retry.json().await.expect("json");
     assert_eq!(retry["order_id"], first["order_id"]);
-    let other: Value = post("key-2", body.clone()).await.json().await.expect("json");
+    let other: Value = post("key-2", body.clone())
+        .await
+        .json()
+        .await
+        .expect("json");
     assert_ne!(other["order_id"], first["order_id"]);
-    assert_eq!(count_events(&storage, "Order").await, 2, "the retry placed no second order");
+    assert_eq!(
+        count_events(&storage, "Order").await,
+        2,
+        "the retry placed no second order"
+    );
 
-    let reused = post("key-1", json!({"customer_id": "customer-7", "pet_id": "betta-001"})).await;
+    let reused = post(
+        "key-1",
+        json!({"customer_id": "customer-7", "pet_id": "betta-001"}),
+    )
+    .await;
     let problem = assert_problem(reused, 422).await;
-    assert!(problem["detail"].as_str().expect("detail").contains("Idempotency-Key"));
+    assert!(problem["detail"]
+        .as_str()
+        .expect("detail")
+        .contains("Idempotency-Key"));
     finish(storage, app).await;
 }
 
@@ -204,28 +288,55 @@ async fn bad_orders_are_clear_problems_and_write_nothing(engine: Engine) {
     let (storage, app) = spawn(engine).await;
     let url = app.url("/petstore-domain/orders");
     let send = |body: String, content_type: &'static str| {
-        let request = app.client.post(&url).header("content-type", content_type).body(body);
+        let request = app
+            .client
+            .post(&url)
+            .header("content-type", content_type)
+            .body(body);
         async move { request.send().await.expect("answered") }
     };
     let good = r#"{"customer_id":"c","pet_id":"golden-retriever-001"}"#;
 
-    let malformed = assert_problem(send("{\"customer_id\":".into(), "application/json").await, 400).await;
+    let malformed = assert_problem(
+        send("{\"customer_id\":".into(), "application/json").await,
+        400,
+    )
+    .await;
     assert_eq!(malformed["instance"], "/petstore-domain/orders");
     assert_problem(send(good.into(), "text/plain").await, 415).await;
-    assert_problem(send(format!("{{\"customer_id\":\"{}\"}}", "x".repeat(100_000)), "application/json").await, 413).await;
+    assert_problem(
+        send(
+            format!("{{\"customer_id\":\"{}\"}}", "x".repeat(100_000)),
+            "application/json",
+        )
+        .await,
+        413,
+    )
+    .await;
     let unknown_pet = assert_problem(
-        send(r#"{"customer_id":"c","pet_id":"unicorn-001"}"#.into(), "application/json").await,
+        send(
+            r#"{"customer_id":"c","pet_id":"unicorn-001"}"#.into(),
+            "application/json",
+        )
+        .await,
         422,
     )
     .await;
-    assert!(unknown_pet["detail"].as_str().expect("detail").contains("unicorn-001"));
+    assert!(unknown_pet["detail"]
+        .as_str()
+        .expect("detail")
+        .contains("unicorn-001"));
     for body in [
         r#"{"pet_id":"golden-retriever-001"}"#.to_owned(),
         r#"{"customer_id":"c","pet_id":"Golden Retriever"}"#.to_owned(),
         r#"{"customer_id":"","pet_id":"golden-retriever-001"}"#.to_owned(),
         r#"{"customer_id":"c","pet_id":"golden-retriever-001","colour":"red"}"#.to_owned(),
-        r#"{"customer_id":"c","pet_id":"golden-retriever-001","special_instructions":42}"#.to_owned(),
-        format!(r#"{{"customer_id":"c","pet_id":"golden-retriever-001","special_instructions":"{}"}}"#, "x".repeat(501)),
+        r#"{"customer_id":"c","pet_id":"golden-retriever-001","special_instructions":42}"#
+            .to_owned(),
+        format!(
+            r#"{{"customer_id":"c","pet_id":"golden-retriever-001","special_instructions":"{}"}}"#,
+            "x".repeat(501)
+        ),
         "[]".to_owned(),
     ] {
         assert_problem(send(body.clone(), "application/json").await, 422).await;
@@ -250,19 +361,31 @@ async fn bad_orders_are_clear_problems_and_write_nothing(engine: Engine) {
         .await
         .expect("answered");
     assert_problem(bad_correlation, 400).await;
-    assert_eq!(count_events(&storage, "Order").await, 0, "no refused request wrote an event");
+    assert_eq!(
+        count_events(&storage, "Order").await,
+        0,
+        "no refused request wrote an event"
+    );
     finish(storage, app).await;
 }
 
 async fn order_status_unhappy_paths(engine: Engine) {
     let (storage, app) = spawn(engine).await;
-    assert_problem(app.get("/petstore-domain/orders/not-a-uuid/status").await, 400).await;
+    assert_problem(
+        app.get("/petstore-domain/orders/not-a-uuid/status").await,
+        400,
+    )
+    .await;
     let unknown = assert_problem(
-        app.get("/petstore-domain/orders/6f1e0b6c-58a4-4c1e-9a3e-2d7b0c5f1a90/status").await,
+        app.get("/petstore-domain/orders/6f1e0b6c-58a4-4c1e-9a3e-2d7b0c5f1a90/status")
+            .await,
         404,
     )
     .await;
-    assert!(unknown["detail"].as_str().expect("detail").contains("6f1e0b6c"));
+    assert!(unknown["detail"]
+        .as_str()
+        .expect("detail")
+        .contains("6f1e0b6c"));
     finish(storage, app).await;
 }
 
@@ -282,8 +405,16 @@ async fn unknown_routes_and_methods_are_problems(engine: Engine) {
 
 async fn the_openapi_document_describes_every_route(engine: Engine) {
     let (storage, app) = spawn(engine).await;
-    let document: Value = app.get("/petstore-domain/openapi.json").await.json().await.expect("json");
-    assert!(document["openapi"].as_str().expect("version").starts_with("3.1"));
+    let document: Value = app
+        .get("/petstore-domain/openapi.json")
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert!(document["openapi"]
+        .as_str()
+        .expect("version")
+        .starts_with("3.1"));
     for (path, method) in [
         ("/petstore-domain/orders", "post"),
         ("/petstore-domain/create-order", "post"),
@@ -295,10 +426,19 @@ async fn the_openapi_document_describes_every_route(engine: Engine) {
         ("/petstore-domain/health/live", "get"),
         ("/petstore-domain/health/ready", "get"),
     ] {
-        assert!(document["paths"][path][method].is_object(), "{method} {path} missing");
+        assert!(
+            document["paths"][path][method].is_object(),
+            "{method} {path} missing"
+        );
     }
     let schemas = &document["components"]["schemas"];
-    for schema in ["PlaceOrderBody", "OrderAccepted", "OrderStatusView", "PetView", "ProblemDocument"] {
+    for schema in [
+        "PlaceOrderBody",
+        "OrderAccepted",
+        "OrderStatusView",
+        "PetView",
+        "ProblemDocument",
+    ] {
         assert!(schemas[schema].is_object(), "{schema} missing");
     }
     let problem = &document["paths"]["/petstore-domain/orders"]["post"]["responses"]["422"];
@@ -308,8 +448,18 @@ async fn the_openapi_document_describes_every_route(engine: Engine) {
 
 async fn legacy_aliases_answer_like_the_new_routes(engine: Engine) {
     let (storage, app) = spawn(engine).await;
-    let new: Value = app.get("/petstore-domain/pets/browse?category=cat").await.json().await.expect("json");
-    let legacy: Value = app.get("/petstore-domain/browse-pets?category=cat").await.json().await.expect("json");
+    let new: Value = app
+        .get("/petstore-domain/pets/browse?category=cat")
+        .await
+        .json()
+        .await
+        .expect("json");
+    let legacy: Value = app
+        .get("/petstore-domain/browse-pets?category=cat")
+        .await
+        .json()
+        .await
+        .expect("json");
     assert_eq!(new, legacy);
     let accepted = app
         .post_json(
@@ -319,7 +469,8 @@ async fn legacy_aliases_answer_like_the_new_routes(engine: Engine) {
         .await;
     assert_eq!(accepted.status(), 202);
     let accepted: Value = accepted.json().await.expect("json");
-    app.wait_for_order(accepted["order_id"].as_str().expect("id"), |_| true).await;
+    app.wait_for_order(accepted["order_id"].as_str().expect("id"), |_| true)
+        .await;
     finish(storage, app).await;
 }
 
@@ -339,7 +490,12 @@ async fn embedded_orders_survive_a_restart() {
     let after = restarted.wait_for_order(&order_id, |_| true).await;
     assert_eq!(after["order_id"], before["order_id"]);
     assert_eq!(after["correlation_id"], before["correlation_id"]);
-    let catalog: Value = restarted.get("/petstore-domain/pets/browse?limit=100").await.json().await.expect("json");
+    let catalog: Value = restarted
+        .get("/petstore-domain/pets/browse?limit=100")
+        .await
+        .json()
+        .await
+        .expect("json");
     assert_eq!(catalog["count"], 14, "the demo catalog is not seeded twice");
     restarted.stop().await;
 }
@@ -357,12 +513,11 @@ async fn postgres_read_models_resume_from_their_checkpoint() {
 
     let database = storage.postgres().expect("postgres");
     let mut connection = database.connect().await;
-    let (checkpoint,): (i64,) = sqlx::query_as(
-        "SELECT global_position FROM stream_checkpoints WHERE name = 'read_models'",
-    )
-    .fetch_one(&mut connection)
-    .await
-    .expect("the checkpoint was committed");
+    let (checkpoint,): (i64,) =
+        sqlx::query_as("SELECT global_position FROM stream_checkpoints WHERE name = 'read_models'")
+            .fetch_one(&mut connection)
+            .await
+            .expect("the checkpoint was committed");
     let (last,): (i64,) = sqlx::query_as("SELECT max(global_position) FROM events")
         .fetch_one(&mut connection)
         .await
@@ -399,7 +554,10 @@ async fn a_broken_event_store_is_reported_not_hidden() {
     let app = TestApp::start(storage.settings()).await;
     app.wait_until_ready().await;
     let mut connection = storage.postgres().expect("postgres").connect().await;
-    sqlx::query("DROP TABLE events CASCADE").execute(&mut connection).await.expect("break it");
+    sqlx::query("DROP TABLE events CASCADE")
+        .execute(&mut connection)
+        .await
+        .expect("break it");
 
     let health = app.get("/petstore-domain/health").await;
     assert_eq!(health.status(), 503);

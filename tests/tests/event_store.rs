@@ -117,12 +117,21 @@ async fn appended_events_load_back_with_their_metadata(engine: Engine) {
     assert_eq!(event.event_type, "Incremented");
     assert_eq!(event.event_version, "1.0");
     assert_eq!(event.payload, serde_json::json!({"Incremented": {"to": 2}}));
-    assert_eq!(event.metadata_value("correlation_id"), metadata.correlation_id.as_str());
+    assert_eq!(
+        event.metadata_value("correlation_id"),
+        metadata.correlation_id.as_str()
+    );
     assert_eq!(event.metadata_value("subject"), "tester");
-    assert_eq!(event.metadata_value("command_id"), metadata.command_id.to_string());
+    assert_eq!(
+        event.metadata_value("command_id"),
+        metadata.command_id.to_string()
+    );
     assert!(!event.metadata_value("causation_id").is_empty());
     assert!(event.metadata_value("timestamp").ends_with('Z'));
-    assert!(events[0].position < events[1].position, "stream order follows append order");
+    assert!(
+        events[0].position < events[1].position,
+        "stream order follows append order"
+    );
     storage.remove().await;
 }
 
@@ -152,11 +161,18 @@ async fn concurrent_commands_on_one_aggregate_all_land_in_sequence(engine: Engin
         })
         .collect();
     for task in tasks {
-        assert_eq!(task.await.expect("task").expect("retried until it landed"), 1);
+        assert_eq!(
+            task.await.expect("task").expect("retried until it landed"),
+            1
+        );
     }
     let counter: Counter = store.load("hot").await.expect("load");
     assert_eq!(counter.value, 16, "no increment lost");
-    let sequences: Vec<i64> = read_all(&store).await.iter().map(|event| event.sequence).collect();
+    let sequences: Vec<i64> = read_all(&store)
+        .await
+        .iter()
+        .map(|event| event.sequence)
+        .collect();
     assert_eq!(sequences, (1..=16).collect::<Vec<_>>());
     storage.remove().await;
 }
@@ -184,7 +200,10 @@ async fn conflicts_beyond_the_retry_budget_are_reported(engine: Engine) {
         }
     }
     let counter: Counter = store.load("hot").await.expect("load");
-    assert_eq!(counter.value, landed, "every success is stored, nothing else");
+    assert_eq!(
+        counter.value, landed,
+        "every success is stored, nothing else"
+    );
     assert_eq!(landed + conflicts, 12);
     storage.remove().await;
 }
@@ -193,22 +212,33 @@ async fn checkpoints_are_durable(engine: Engine) {
     let storage = Storage::new(engine).await;
     let database = storage.database().await;
     assert_eq!(
-        stream::load_checkpoint(&database, "reader").await.expect("load"),
+        stream::load_checkpoint(&database, "reader")
+            .await
+            .expect("load"),
         StreamPosition::START
     );
     let position = StreamPosition {
         transaction_id: 0,
         global_position: 42,
     };
-    stream::save_checkpoint(&database, "reader", position).await.expect("save");
+    stream::save_checkpoint(&database, "reader", position)
+        .await
+        .expect("save");
     let later = StreamPosition {
         transaction_id: 0,
         global_position: 43,
     };
-    stream::save_checkpoint(&database, "reader", later).await.expect("overwrite");
+    stream::save_checkpoint(&database, "reader", later)
+        .await
+        .expect("overwrite");
     database.close().await;
     let reopened = storage.database().await;
-    assert_eq!(stream::load_checkpoint(&reopened, "reader").await.expect("load"), later);
+    assert_eq!(
+        stream::load_checkpoint(&reopened, "reader")
+            .await
+            .expect("load"),
+        later
+    );
     storage.remove().await;
 }
 
@@ -239,7 +269,8 @@ async fn concurrent_writers_and_a_tailing_reader_see_every_event_exactly_once(en
     let seen = Arc::new(tokio::sync::Mutex::new(Vec::<RecordedEvent>::new()));
     let deadline = Instant::now() + Duration::from_secs(120);
     // First reader: until at least 2,000 events, then save the checkpoint and drop it.
-    let mut reader = StreamReader::new(&store, StreamPosition::START, 97, Duration::from_millis(20));
+    let mut reader =
+        StreamReader::new(&store, StreamPosition::START, 97, Duration::from_millis(20));
     while seen.lock().await.len() < 2_000 {
         assert!(Instant::now() < deadline, "the reader stalled");
         let batch = reader.next_batch().await.expect("read");
@@ -250,10 +281,15 @@ async fn concurrent_writers_and_a_tailing_reader_see_every_event_exactly_once(en
         .expect("save");
     drop(reader);
 
-    let resume = stream::load_checkpoint(store.database(), "suite").await.expect("load");
+    let resume = stream::load_checkpoint(store.database(), "suite")
+        .await
+        .expect("load");
     let mut reader = StreamReader::new(&store, resume, 97, Duration::from_millis(20));
     while seen.lock().await.len() < TOTAL {
-        assert!(Instant::now() < deadline, "the reader stalled after resuming");
+        assert!(
+            Instant::now() < deadline,
+            "the reader stalled after resuming"
+        );
         let batch = tokio::time::timeout(Duration::from_secs(30), reader.next_batch())
             .await
             .expect("events keep arriving")
@@ -264,22 +300,32 @@ async fn concurrent_writers_and_a_tailing_reader_see_every_event_exactly_once(en
         writer.await.expect("writer");
     }
     // Nothing more arrives after the writers are done.
-    let extra = stream::read_after(store.database(), reader.position(), 10).await.expect("read");
+    let extra = stream::read_after(store.database(), reader.position(), 10)
+        .await
+        .expect("read");
     assert!(extra.is_empty(), "the reader saw every event");
 
     let seen = seen.lock().await;
     assert_eq!(seen.len(), TOTAL);
-    let unique: HashSet<(String, i64)> =
-        seen.iter().map(|event| (event.aggregate_id.clone(), event.sequence)).collect();
+    let unique: HashSet<(String, i64)> = seen
+        .iter()
+        .map(|event| (event.aggregate_id.clone(), event.sequence))
+        .collect();
     assert_eq!(unique.len(), TOTAL, "no event delivered twice");
     assert!(
-        seen.windows(2).all(|pair| pair[0].position < pair[1].position),
+        seen.windows(2)
+            .all(|pair| pair[0].position < pair[1].position),
         "positions strictly increase"
     );
     let mut last_sequence: HashMap<&str, i64> = HashMap::new();
     for event in seen.iter() {
         let last = last_sequence.entry(&event.aggregate_id).or_insert(0);
-        assert_eq!(event.sequence, *last + 1, "{} out of sequence", event.aggregate_id);
+        assert_eq!(
+            event.sequence,
+            *last + 1,
+            "{} out of sequence",
+            event.aggregate_id
+        );
         *last = event.sequence;
     }
     storage.remove().await;
@@ -295,7 +341,10 @@ async fn postgres_reader_never_skips_an_event_committed_late() {
     let database = storage.postgres().expect("postgres");
 
     let mut slow = database.connect().await;
-    sqlx::query("BEGIN").execute(&mut slow).await.expect("begin");
+    sqlx::query("BEGIN")
+        .execute(&mut slow)
+        .await
+        .expect("begin");
     sqlx::query(
         "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
          VALUES ('Counter', 'slow', 1, 'Incremented', '1.0', '{\"Incremented\":{\"to\":1}}', '{}')",
@@ -308,12 +357,29 @@ async fn postgres_reader_never_skips_an_event_committed_late() {
         .execute::<Counter>("fast", CounterCommand::Increment, &(), &metadata())
         .await
         .expect("fast append commits");
-    let visible = stream::read_after(store.database(), StreamPosition::START, 10).await.expect("read");
-    assert!(visible.is_empty(), "nothing is delivered past an open older transaction: {visible:?}");
+    let visible = stream::read_after(store.database(), StreamPosition::START, 10)
+        .await
+        .expect("read");
+    assert!(
+        visible.is_empty(),
+        "nothing is delivered past an open older transaction: {visible:?}"
+    );
 
-    sqlx::query("COMMIT").execute(&mut slow).await.expect("commit");
-    let visible = stream::read_after(store.database(), StreamPosition::START, 10).await.expect("read");
-    let ids: Vec<&str> = visible.iter().map(|event| event.aggregate_id.as_str()).collect();
-    assert_eq!(ids, ["slow", "fast"], "both delivered, in commit-safe order");
+    sqlx::query("COMMIT")
+        .execute(&mut slow)
+        .await
+        .expect("commit");
+    let visible = stream::read_after(store.database(), StreamPosition::START, 10)
+        .await
+        .expect("read");
+    let ids: Vec<&str> = visible
+        .iter()
+        .map(|event| event.aggregate_id.as_str())
+        .collect();
+    assert_eq!(
+        ids,
+        ["slow", "fast"],
+        "both delivered, in commit-safe order"
+    );
     storage.remove().await;
 }

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Runs every check and test of the petstore: installs and starts what the tests need
+# (idempotently: fast when it is already there), then lint, then the whole test suite.
+#
+#   scripts/test.sh            # everything
+#   scripts/test.sh -E 'test(browse)'   # extra arguments go to cargo nextest run
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/petstore/target}"
+export PETSTORE_TEST_DATABASE_URL="${PETSTORE_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+bash "$repo/scripts/services.sh" postgres
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+  log "installing cargo-nextest"
+  cargo install cargo-nextest --locked
+fi
+
+if [[ "${CI:-}" == "true" ]]; then
+  # Databases left behind by interrupted earlier runs.
+  psql "$PETSTORE_TEST_DATABASE_URL" -Atc \
+    "SELECT datname FROM pg_database WHERE datname LIKE 'petstore_test_%'" |
+    while read -r name; do
+      psql "$PETSTORE_TEST_DATABASE_URL" -qc "DROP DATABASE IF EXISTS \"$name\" WITH (FORCE)" || true
+    done
+fi
+
+log "compose files"
+if ! command -v docker-compose >/dev/null 2>&1; then
+  log "installing docker-compose (to validate compose files offline)"
+  if [[ $(id -u) -eq 0 ]]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null
+  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null; fi
+fi
+for file in compose/*.yml; do docker-compose -f "$file" config -q; done
+
+log "formatting"
+cargo fmt --all --check
+log "lints"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+log "tests"
+profile=default
+[[ "${CI:-}" == "true" ]] && profile=ci
+cargo nextest run --workspace --locked --profile "$profile" "$@"

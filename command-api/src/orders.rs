@@ -167,4 +167,3 @@ fn parse_idempotency_key(value: &HeaderValue) -> Result<&str, Problem> {
             Problem::bad_request("Idempotency-Key must be 1 to 255 visible ASCII characters")
         })
 }
-

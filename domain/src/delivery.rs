@@ -124,9 +124,10 @@ impl Delivery {
     pub fn state(&self) -> DeliveryState {
         self.state
     }
+}
 
-    /// Decides which events `command` produces, without changing the delivery.
-    pub fn decide(&self, command: DeliveryCommand) -> Result<Vec<DeliveryEvent>, DomainError> {
+impl crate::Decide for Delivery {
+    fn decide(&self, command: Self::Command) -> Result<Vec<Self::Event>, Self::Error> {
         let refuse = |order_id: OrderId, action: &'static str| {
             Err(DomainError::InvalidTransition {
                 aggregate: "delivery",
@@ -183,10 +184,7 @@ impl Aggregate for Delivery {
         _services: &Self::Services,
         sink: &EventSink<Self>,
     ) -> Result<(), Self::Error> {
-        for event in self.decide(command)? {
-            sink.write(event, self).await;
-        }
-        Ok(())
+        crate::write_decisions(self, command, sink).await
     }
 
     fn apply(&mut self, event: Self::Event) {

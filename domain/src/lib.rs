@@ -33,3 +33,24 @@ pub use values::{
 
 /// Version string carried by every event type that has never changed shape.
 pub const FIRST_EVENT_VERSION: &str = "1.0";
+
+/// An aggregate whose decisions are a pure function of its state and a command: which
+/// events the command produces, or why it is refused. Repeating a command that already took
+/// effect decides no events.
+pub trait Decide: cqrs_es::Aggregate {
+    /// Decides which events `command` produces, without changing the aggregate.
+    fn decide(&self, command: Self::Command) -> Result<Vec<Self::Event>, Self::Error>;
+}
+
+/// The `handle` of every [`Decide`] aggregate: decide, then write each event to the sink
+/// (which applies it).
+pub(crate) async fn write_decisions<A: Decide>(
+    aggregate: &mut A,
+    command: A::Command,
+    sink: &cqrs_es::event_sink::EventSink<A>,
+) -> Result<(), A::Error> {
+    for event in aggregate.decide(command)? {
+        sink.write(event, aggregate).await;
+    }
+    Ok(())
+}

@@ -159,9 +159,10 @@ impl Order {
             .as_ref()
             .and_then(|state| state.cancellation_reason)
     }
+}
 
-    /// Decides which events `command` produces, without changing the order.
-    pub fn decide(&self, command: OrderCommand) -> Result<Vec<OrderEvent>, DomainError> {
+impl crate::Decide for Order {
+    fn decide(&self, command: Self::Command) -> Result<Vec<Self::Event>, Self::Error> {
         use OrderStatus::*;
         let Some(state) = &self.state else {
             return match command {
@@ -235,10 +236,7 @@ impl Aggregate for Order {
         _services: &Self::Services,
         sink: &EventSink<Self>,
     ) -> Result<(), Self::Error> {
-        for event in self.decide(command)? {
-            sink.write(event, self).await;
-        }
-        Ok(())
+        crate::write_decisions(self, command, sink).await
     }
 
     fn apply(&mut self, event: Self::Event) {

@@ -126,9 +126,10 @@ impl Payment {
     pub fn state(&self) -> PaymentState {
         self.state
     }
+}
 
-    /// Decides which events `command` produces, without changing the payment.
-    pub fn decide(&self, command: PaymentCommand) -> Result<Vec<PaymentEvent>, DomainError> {
+impl crate::Decide for Payment {
+    fn decide(&self, command: Self::Command) -> Result<Vec<Self::Event>, Self::Error> {
         let refuse = |order_id: OrderId, action: &'static str| {
             Err(DomainError::InvalidTransition {
                 aggregate: "payment",
@@ -199,10 +200,7 @@ impl Aggregate for Payment {
         _services: &Self::Services,
         sink: &EventSink<Self>,
     ) -> Result<(), Self::Error> {
-        for event in self.decide(command)? {
-            sink.write(event, self).await;
-        }
-        Ok(())
+        crate::write_decisions(self, command, sink).await
     }
 
     fn apply(&mut self, event: Self::Event) {

@@ -143,9 +143,10 @@ impl Pet {
     pub fn availability(&self) -> Option<&Availability> {
         self.state.as_ref().map(|state| &state.availability)
     }
+}
 
-    /// Decides which events `command` produces, without changing the pet.
-    pub fn decide(&self, command: PetCommand) -> Result<Vec<PetEvent>, DomainError> {
+impl crate::Decide for Pet {
+    fn decide(&self, command: Self::Command) -> Result<Vec<Self::Event>, Self::Error> {
         let Some(state) = &self.state else {
             return match command {
                 PetCommand::AddPet(details) => Ok(vec![PetEvent::PetAdded(details)]),
@@ -221,10 +222,7 @@ impl Aggregate for Pet {
         _services: &Self::Services,
         sink: &EventSink<Self>,
     ) -> Result<(), Self::Error> {
-        for event in self.decide(command)? {
-            sink.write(event, self).await;
-        }
-        Ok(())
+        crate::write_decisions(self, command, sink).await
     }
 
     fn apply(&mut self, event: Self::Event) {

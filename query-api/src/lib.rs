@@ -55,6 +55,7 @@ pub fn router(state: QueryState) -> Router {
         petstore_projector::OrderStatusView,
         health::HealthReport,
         health::ComponentHealth,
+        health::Liveness,
         petstore_platform::http::ProblemDocument,
     ))
 )]

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, AggregateError, DomainEvent};
+use petstore_platform::database::Database;
 use petstore_platform::event_store::{EventMetadata, EventStore};
 use petstore_platform::http::CorrelationId;
 use petstore_platform::stream::{self, RecordedEvent, StreamPosition, StreamReader};
@@ -79,10 +80,35 @@ fn metadata() -> EventMetadata {
     EventMetadata::new(CorrelationId::generate(), "tester")
 }
 
-async fn read_all(store: &EventStore) -> Vec<RecordedEvent> {
-    stream::read_after(store.database(), StreamPosition::START, 100_000)
-        .await
-        .expect("read the stream")
+/// The whole stream once it holds at least `count` events. On Postgres an event becomes
+/// visible to readers only when every older transaction in the cluster has ended (other
+/// tests run in parallel), so a read right after an append may lag for a moment.
+async fn read_at_least(store: &EventStore, count: usize) -> Vec<RecordedEvent> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let events = stream::read_after(store.database(), StreamPosition::START, 100_000)
+            .await
+            .expect("read the stream");
+        if events.len() >= count {
+            return events;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {count} events became visible",
+            events.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Rows in the events table, whether stream readers see them yet or not.
+async fn stored_event_count(store: &EventStore) -> i64 {
+    const SQL: &str = "SELECT count(*) FROM events";
+    match store.database() {
+        Database::Postgres(pool) => sqlx::query_scalar(SQL).fetch_one(pool).await,
+        Database::Sqlite(pool) => sqlx::query_scalar(SQL).fetch_one(pool).await,
+    }
+    .expect("count events")
 }
 
 on_both_engines!(
@@ -108,7 +134,7 @@ async fn appended_events_load_back_with_their_metadata(engine: Engine) {
     let counter: Counter = store.load("c-1").await.expect("load");
     assert_eq!(counter.value, 2);
 
-    let events = read_all(&store).await;
+    let events = read_at_least(&store, 2).await;
     assert_eq!(events.len(), 2);
     let event = &events[1];
     assert_eq!(event.aggregate_type, "Counter");
@@ -142,7 +168,7 @@ async fn a_refused_command_appends_nothing(engine: Engine) {
         .execute::<Counter>("c-1", CounterCommand::Refuse, &(), &metadata())
         .await;
     assert!(matches!(result, Err(AggregateError::UserError(Refused))));
-    assert!(read_all(&store).await.is_empty());
+    assert_eq!(stored_event_count(&store).await, 0);
     storage.remove().await;
 }
 
@@ -168,7 +194,7 @@ async fn concurrent_commands_on_one_aggregate_all_land_in_sequence(engine: Engin
     }
     let counter: Counter = store.load("hot").await.expect("load");
     assert_eq!(counter.value, 16, "no increment lost");
-    let sequences: Vec<i64> = read_all(&store)
+    let sequences: Vec<i64> = read_at_least(&store, 16)
         .await
         .iter()
         .map(|event| event.sequence)
@@ -369,9 +395,7 @@ async fn postgres_reader_never_skips_an_event_committed_late() {
         .execute(&mut slow)
         .await
         .expect("commit");
-    let visible = stream::read_after(store.database(), StreamPosition::START, 10)
-        .await
-        .expect("read");
+    let visible = read_at_least(&store, 2).await;
     let ids: Vec<&str> = visible
         .iter()
         .map(|event| event.aggregate_id.as_str())

@@ -1,6 +1,6 @@
-//! The `petstore` binary's library: wires the roles (command API, query API, projector)
-//! into one process over one event store. Every piece of logic lives in the crate that owns
-//! it; this crate only assembles them and runs them until shutdown.
+//! The `petstore` binary's library: wires the roles (command API, query API, projector,
+//! saga runner) into one process over one event store. Every piece of logic lives in the
+//! crate that owns it; this crate only assembles them and runs them until shutdown.
 //!
 //! # Layout
 //! - [`Application`]: build (connect, migrate, seed, bind), then run until stopped.
@@ -9,14 +9,18 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::get;
 use axum::Router;
+use petstore_command_api::providers::{SimulatedDeliveryProvider, SimulatedPaymentGateway};
+use petstore_command_api::saga::SagaRunner;
 use petstore_command_api::{CommandApiDoc, CommandState};
 use petstore_platform::database::{Database, DatabaseError};
 use petstore_platform::event_store::EventStore;
 use petstore_platform::http;
+use petstore_platform::metrics::Metrics;
 use petstore_platform::settings::Settings;
 use petstore_projector::{Projector, ReadModels};
 use petstore_query_api::{QueryApiDoc, QueryState};
@@ -35,12 +39,14 @@ pub enum Role {
     Query,
     /// Streams events into the read models.
     Projector,
+    /// Runs the order-fulfilment sagas and their deadlines.
+    Saga,
 }
 
 impl Role {
     /// Every role: what `serve` runs by default.
     pub fn all() -> BTreeSet<Role> {
-        BTreeSet::from([Role::Command, Role::Query, Role::Projector])
+        BTreeSet::from([Role::Command, Role::Query, Role::Projector, Role::Saga])
     }
 }
 
@@ -98,7 +104,7 @@ pub struct Application {
     listener: TcpListener,
     router: Router,
     database: Database,
-    projector: Option<JoinHandle<()>>,
+    workers: Vec<JoinHandle<()>>,
     shutdown: Shutdown,
 }
 
@@ -126,28 +132,54 @@ impl Application {
             }
         }
         let shutdown = Shutdown::new();
+        let metrics = Metrics::new();
+        let payments = Arc::new(SimulatedPaymentGateway::new(
+            settings.providers.payment.clone(),
+        ));
+        let deliveries = Arc::new(SimulatedDeliveryProvider::new(
+            settings.providers.delivery.clone(),
+        ));
+        let mut workers = Vec::new();
         let read_models = ReadModels::for_database(&database);
-        let (projector, progress) = if roles.contains(&Role::Projector) {
+        let progress = if roles.contains(&Role::Projector) {
             let projector = Projector::new(
                 store.clone(),
                 read_models.clone(),
                 settings.projector.clone(),
             );
             let progress = projector.progress();
-            (
-                Some(tokio::spawn(projector.run(shutdown.wait()))),
-                Some(progress),
-            )
+            workers.push(tokio::spawn(projector.run(shutdown.wait())));
+            Some(progress)
         } else {
-            (None, None)
+            None
         };
+        if roles.contains(&Role::Saga) {
+            let runner = SagaRunner::new(
+                store.clone(),
+                settings.saga.clone(),
+                settings.providers.clone(),
+                payments.clone(),
+                deliveries,
+                metrics.clone(),
+            );
+            workers.push(tokio::spawn(runner.run(shutdown.wait())));
+        }
 
+        let rendered = metrics.clone();
         let mut router = Router::new()
             .route("/petstore-domain/openapi.json", get(openapi))
+            .route(
+                "/metrics",
+                get(move || std::future::ready(render_metrics(&rendered))),
+            )
             .fallback(http::not_found);
         if roles.contains(&Role::Command) {
             router = router.merge(petstore_command_api::router(CommandState {
                 store: store.clone(),
+                saga: settings.saga.clone(),
+                providers: settings.providers.clone(),
+                payments,
+                metrics,
             }));
         }
         if roles.contains(&Role::Query) {
@@ -170,7 +202,7 @@ impl Application {
             listener,
             router,
             database,
-            projector,
+            workers,
             shutdown,
         })
     }
@@ -193,11 +225,12 @@ impl Application {
             .with_graceful_shutdown(self.shutdown.wait())
             .await
             .map_err(StartupError::Serve);
-        // Stop the projector too when the server ended for another reason.
+        // Stop the projector and the saga runner too when the server ended for another
+        // reason; each finishes the batch it is handling.
         self.shutdown.trigger();
-        if let Some(projector) = self.projector {
-            if let Err(error) = projector.await {
-                tracing::error!(%error, "the projector task failed");
+        for worker in self.workers {
+            if let Err(error) = worker.await {
+                tracing::error!(%error, "a background task failed");
             }
         }
         self.database.close().await;
@@ -217,6 +250,16 @@ pub fn openapi_document() -> utoipa::openapi::OpenApi {
             .to_owned(),
     );
     document
+}
+
+fn render_metrics(metrics: &Metrics) -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        metrics.render(),
+    )
 }
 
 async fn openapi() -> http::Json<utoipa::openapi::OpenApi> {

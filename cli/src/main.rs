@@ -1,15 +1,19 @@
-//! `petstore`: run the service, or migrate its database.
+//! `petstore`: run the service, print audit trails, or migrate the database.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use std::io::Write;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use petstore_cli::{Application, Role};
+use petstore_domain::OrderId;
 use petstore_platform::database::Database;
 use petstore_platform::settings::Settings;
 use petstore_platform::telemetry;
+use petstore_query_api::audit;
 
 /// The petstore order platform.
 #[derive(Debug, Parser)]
@@ -44,12 +48,41 @@ enum Command {
         #[arg(long)]
         no_migrate: bool,
     },
+    /// Print the audit trail of an order or a correlation id: every event, in order, with
+    /// its metadata.
+    Audit {
+        /// The order whose trail to print.
+        #[arg(
+            long,
+            conflicts_with = "correlation_id",
+            required_unless_present = "correlation_id"
+        )]
+        order: Option<String>,
+        /// The correlation id whose trail to print.
+        #[arg(long)]
+        correlation_id: Option<String>,
+        /// `table` (default) or `json`.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+        /// Folder of the embedded store (overrides storage.data_dir).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
     /// Apply pending database migrations and exit.
     Migrate {
         /// Folder of the embedded store (overrides storage.data_dir).
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+}
+
+/// How `audit` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Format {
+    /// An aligned table.
+    Table,
+    /// The same JSON as `GET /petstore-domain/orders/{id}/audit`.
+    Json,
 }
 
 #[tokio::main]
@@ -90,6 +123,35 @@ async fn main() -> anyhow::Result<()> {
             });
             application.run_until_stopped().await?;
         }
+        Command::Audit {
+            order,
+            correlation_id,
+            format,
+            data_dir,
+        } => {
+            if let Some(data_dir) = data_dir {
+                settings.storage.data_dir = data_dir;
+            }
+            let database = Database::connect(&settings.database, &settings.storage).await?;
+            let trail = match (order, correlation_id) {
+                (Some(order), _) => {
+                    let order_id = OrderId::parse(&order)?;
+                    audit::by_order(&database, &order_id)
+                        .await?
+                        .with_context(|| format!("order {order_id} does not exist"))?
+                }
+                (None, Some(correlation_id)) => {
+                    audit::by_correlation(&database, &correlation_id).await?
+                }
+                (None, None) => anyhow::bail!("give --order or --correlation-id"),
+            };
+            database.close().await;
+            let mut stdout = std::io::stdout().lock();
+            match format {
+                Format::Json => writeln!(stdout, "{}", serde_json::to_string_pretty(&trail)?)?,
+                Format::Table => writeln!(stdout, "{}", audit_table(&trail))?,
+            }
+        }
         Command::Migrate { data_dir } => {
             if let Some(data_dir) = data_dir {
                 settings.storage.data_dir = data_dir;
@@ -101,6 +163,36 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn audit_table(trail: &audit::AuditTrail) -> comfy_table::Table {
+    let mut table = comfy_table::Table::new();
+    table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
+    table.set_header([
+        "#",
+        "timestamp",
+        "aggregate",
+        "seq",
+        "event",
+        "ver",
+        "subject",
+        "causation",
+        "event id",
+    ]);
+    for entry in &trail.events {
+        table.add_row([
+            entry.global_position.to_string(),
+            entry.timestamp.clone(),
+            format!("{} {}", entry.aggregate_type, entry.aggregate_id),
+            entry.sequence.to_string(),
+            entry.event_type.clone(),
+            entry.event_version.clone(),
+            entry.subject.clone(),
+            entry.causation_id.clone(),
+            entry.event_id.clone(),
+        ]);
+    }
+    table
 }
 
 async fn wait_for_signal() {

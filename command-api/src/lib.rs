@@ -6,33 +6,61 @@
 //!
 //! # Layout
 //! - [`orders`]: `POST /petstore-domain/orders` and its legacy alias `/create-order`.
+//! - [`payments`]: `POST /petstore-domain/payments` and its legacy alias `/process-payment`.
 //! - [`catalog`]: creating the demo pets as events on first start.
+//! - [`providers`]: simulated payment gateway and delivery provider, and the timeout and
+//!   retry policy around every call to them.
+//! - [`saga`]: the saga runner: the order-fulfilment saga driven from the event stream,
+//!   and its deadlines.
+
+use std::sync::Arc;
 
 use axum::Router;
 use petstore_platform::event_store::EventStore;
+use petstore_platform::metrics::Metrics;
+use petstore_platform::settings::{ProvidersSettings, SagaSettings};
 
 pub mod catalog;
 pub mod orders;
+pub mod payments;
+pub mod providers;
+pub mod saga;
 
 /// What the command handlers need.
 #[derive(Clone)]
 pub struct CommandState {
     /// Where aggregates are loaded from and events appended to.
     pub store: EventStore,
+    /// The saga's settings (whether orders are paid automatically).
+    pub saga: SagaSettings,
+    /// The providers' settings (retry policy, simulated failures).
+    pub providers: ProvidersSettings,
+    /// The payment gateway customers pay through.
+    pub payments: Arc<providers::SimulatedPaymentGateway>,
+    /// Metrics.
+    pub metrics: Metrics,
 }
 
 /// Every command route, with its state applied.
 pub fn router(state: CommandState) -> Router {
-    orders::router().with_state(state)
+    orders::router().merge(payments::router()).with_state(state)
 }
 
 /// The OpenAPI description of the command routes.
 #[derive(utoipa::OpenApi)]
 #[openapi(
-    paths(orders::place_order, orders::create_order_legacy),
+    paths(
+        orders::place_order,
+        orders::create_order_legacy,
+        payments::pay_order,
+        payments::process_payment_legacy
+    ),
     components(schemas(
         orders::PlaceOrderBody,
         orders::OrderAccepted,
+        payments::PaymentBody,
+        payments::PaymentResult,
+        payments::AmountBody,
         petstore_platform::http::ProblemDocument
     ))
 )]

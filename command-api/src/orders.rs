@@ -8,7 +8,9 @@ use axum::routing::post;
 use axum::Router;
 use petstore_domain::order::{Order, OrderCommand, OrderRequest, OrderStatus};
 use petstore_domain::pet::Pet;
-use petstore_domain::{CustomerId, DomainError, OrderId, PetId, SpecialInstructions};
+use petstore_domain::{
+    CustomerId, DomainError, OrderId, PetId, SimulatedFailure, SpecialInstructions,
+};
 use petstore_platform::event_store::EventMetadata;
 use petstore_platform::http::{Json, Problem, ProblemDocument, RequestContext, Subject};
 use serde::{Deserialize, Serialize};
@@ -18,6 +20,8 @@ use crate::CommandState;
 
 /// The header a client sets to make a POST safe to retry.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// The header that makes one step of this order's saga fail (the seed's resilience demo).
+pub const SIMULATE_FAILURE: &str = "x-simulate-failure";
 
 /// The order routes.
 pub fn router() -> Router<CommandState> {
@@ -66,6 +70,7 @@ pub struct OrderAccepted {
     params(
         ("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters; a retried request with the same key returns the same order"),
         ("X-Correlation-ID" = Option<String>, Header, description = "echoed on the response and stored on every event of the order"),
+        ("X-Simulate-Failure" = Option<String>, Header, description = "inventory-service, payment-service or delivery-service: make that step of this order's saga fail (when providers.allow_simulated_failures)"),
     ),
     responses(
         (status = 202, description = "Order accepted", body = OrderAccepted,
@@ -92,6 +97,15 @@ pub async fn place_order(
         .as_deref()
         .map(SpecialInstructions::parse)
         .transpose()?;
+    let simulated_failure = match headers.get(SIMULATE_FAILURE) {
+        None => None,
+        Some(_) if !state.providers.allow_simulated_failures => {
+            return Err(Problem::validation(
+                "X-Simulate-Failure is disabled here (providers.allow_simulated_failures)",
+            ))
+        }
+        Some(value) => Some(SimulatedFailure::parse(value.to_str().unwrap_or_default())?),
+    };
     let order_id = match headers.get(IDEMPOTENCY_KEY) {
         Some(key) => OrderId::from_idempotency_key(subject.as_str(), parse_idempotency_key(key)?),
         None => OrderId::random(),
@@ -108,6 +122,7 @@ pub async fn place_order(
         pet_id,
         amount: details.price,
         special_instructions,
+        simulated_failure,
     });
     let correlation_id = RequestContext::correlation_id();
     let metadata = EventMetadata::new(correlation_id.clone(), subject.as_str());

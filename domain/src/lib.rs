@@ -17,6 +17,8 @@
 //! - [`payment`]: the Payment aggregate (one per order).
 //! - [`delivery`]: the Delivery aggregate (one per order).
 //! - [`catalog`]: the demo catalog created as events on first start.
+//! - [`providers`]: the payment gateway and delivery provider the saga calls, as traits.
+//! - [`saga`]: the order-fulfilment saga as pure decisions: event in, actions out.
 
 pub mod catalog;
 pub mod delivery;
@@ -24,11 +26,14 @@ pub mod error;
 pub mod order;
 pub mod payment;
 pub mod pet;
+pub mod providers;
+pub mod saga;
 pub mod values;
 
 pub use error::DomainError;
 pub use values::{
-    CancellationReason, CustomerId, Money, OrderId, PetCategory, PetId, SpecialInstructions,
+    CancellationReason, CustomerId, Money, OrderId, PetCategory, PetId, SagaStep, SimulatedFailure,
+    SpecialInstructions,
 };
 
 /// Version string carried by every event type that has never changed shape.

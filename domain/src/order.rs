@@ -9,7 +9,10 @@ use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
 
 use crate::error::DomainError;
-use crate::values::{CancellationReason, CustomerId, Money, OrderId, PetId, SpecialInstructions};
+use crate::values::{
+    CancellationReason, CustomerId, Money, OrderId, PetId, SagaStep, SimulatedFailure,
+    SpecialInstructions,
+};
 use crate::FIRST_EVENT_VERSION;
 
 /// Where an order stands.
@@ -62,6 +65,9 @@ pub struct OrderRequest {
     pub amount: Money,
     /// Optional free text.
     pub special_instructions: Option<SpecialInstructions>,
+    /// A step this order's saga must fail, for resilience demos (`X-Simulate-Failure`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub simulated_failure: Option<SimulatedFailure>,
 }
 
 /// Commands an order accepts.
@@ -85,6 +91,11 @@ pub enum OrderCommand {
     CancelOrder {
         /// Why.
         reason: CancellationReason,
+    },
+    /// A step's deadline passed: cancel the order if it is still waiting for that step.
+    TimeOutStep {
+        /// The step whose deadline passed.
+        step: SagaStep,
     },
 }
 
@@ -212,6 +223,21 @@ impl crate::Decide for Order {
                 Completed => Ok(vec![]),
                 Pending | Reserved | Paid | Cancelled => refuse("complete"),
             },
+            OrderCommand::TimeOutStep { step } => {
+                let waiting_for = match state.status {
+                    Pending => Some(SagaStep::Reservation),
+                    Reserved => Some(SagaStep::Payment),
+                    Paid => Some(SagaStep::Delivery),
+                    Scheduled | Completed | Cancelled => None,
+                };
+                if waiting_for == Some(step) {
+                    Ok(vec![OrderEvent::OrderCancelled {
+                        reason: CancellationReason::StepTimedOut,
+                    }])
+                } else {
+                    Ok(vec![])
+                }
+            }
             OrderCommand::CancelOrder { reason } => match state.status {
                 Completed => refuse("cancel"),
                 Cancelled => Ok(vec![]),
@@ -282,6 +308,7 @@ mod tests {
             special_instructions: Some(
                 SpecialInstructions::parse("Include training guide").expect("valid"),
             ),
+            simulated_failure: None,
         }
     }
 
@@ -424,6 +451,32 @@ mod tests {
                 reason: CancellationReason::Requested,
             })
             .then_expect_error(refused("completed", "cancel"));
+    }
+
+    #[test]
+    fn a_deadline_cancels_only_an_order_still_waiting_for_that_step() {
+        let timed_out = OrderEvent::OrderCancelled {
+            reason: CancellationReason::StepTimedOut,
+        };
+        OrderTest::with(())
+            .given(vec![created(), OrderEvent::OrderPetReserved])
+            .when(OrderCommand::TimeOutStep {
+                step: SagaStep::Payment,
+            })
+            .then_expect_events(vec![timed_out]);
+        // The payment went through before the deadline fired: nothing to do.
+        OrderTest::with(())
+            .given(vec![created(), OrderEvent::OrderPetReserved, paid()])
+            .when(OrderCommand::TimeOutStep {
+                step: SagaStep::Payment,
+            })
+            .then_expect_events(vec![]);
+        OrderTest::with(())
+            .given(vec![created()])
+            .when(OrderCommand::TimeOutStep {
+                step: SagaStep::Delivery,
+            })
+            .then_expect_events(vec![]);
     }
 
     #[test]

@@ -316,6 +316,8 @@ pub enum CancellationReason {
     DeliveryFailed,
     /// A saga step did not finish before its deadline.
     StepTimedOut,
+    /// The inventory service failed while reserving the pet.
+    InventoryFailed,
     /// The customer or an operator cancelled the order.
     Requested,
 }
@@ -328,7 +330,72 @@ impl CancellationReason {
             Self::PaymentFailed => "payment-failed",
             Self::DeliveryFailed => "delivery-failed",
             Self::StepTimedOut => "step-timed-out",
+            Self::InventoryFailed => "inventory-failed",
             Self::Requested => "requested",
+        }
+    }
+}
+
+/// A step of the order-fulfilment saga that can take time, fail and be compensated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SagaStep {
+    /// Holding the pet for the order.
+    Reservation,
+    /// Charging the customer.
+    Payment,
+    /// Booking the delivery.
+    Delivery,
+}
+
+impl SagaStep {
+    /// Every step, in saga order.
+    pub const ALL: [SagaStep; 3] = [Self::Reservation, Self::Payment, Self::Delivery];
+
+    /// The lower-case name.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Reservation => "reservation",
+            Self::Payment => "payment",
+            Self::Delivery => "delivery",
+        }
+    }
+
+    /// Parses the lower-case name.
+    pub fn parse(input: &str) -> Result<Self, DomainError> {
+        Self::ALL
+            .into_iter()
+            .find(|step| step.as_str() == input)
+            .ok_or_else(|| {
+                DomainError::validation("step", "must be reservation, payment or delivery")
+            })
+    }
+}
+
+/// Which external service an order's saga should find failing (the seed's
+/// `X-Simulate-Failure` header), so resilience can be demonstrated and tested.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SimulatedFailure {
+    /// `inventory-service`: reserving the pet fails.
+    InventoryService,
+    /// `payment-service`: the payment gateway fails.
+    PaymentService,
+    /// `delivery-service`: the delivery provider fails.
+    DeliveryService,
+}
+
+impl SimulatedFailure {
+    /// Parses `inventory-service`, `payment-service` or `delivery-service`.
+    pub fn parse(input: &str) -> Result<Self, DomainError> {
+        match input {
+            "inventory-service" => Ok(Self::InventoryService),
+            "payment-service" => Ok(Self::PaymentService),
+            "delivery-service" => Ok(Self::DeliveryService),
+            _ => Err(DomainError::validation(
+                "X-Simulate-Failure",
+                "must be inventory-service, payment-service or delivery-service",
+            )),
         }
     }
 }

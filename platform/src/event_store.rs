@@ -13,8 +13,8 @@ use std::time::Duration;
 use chrono::{DateTime, SecondsFormat, Utc};
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::persist::{
-    PersistedEventRepository, PersistedEventStore, PersistenceError, ReplayStream, SerializedEvent,
-    SerializedSnapshot,
+    EventStoreAggregateContext, PersistedEventRepository, PersistedEventStore, PersistenceError,
+    ReplayStream, SerializedEvent, SerializedSnapshot,
 };
 use cqrs_es::{Aggregate, AggregateError, EventEnvelope, EventStore as _};
 use postgres_es::PostgresEventRepository;
@@ -129,6 +129,23 @@ impl EventMetadata {
         }
     }
 
+    /// Metadata for a command the service issues because of an earlier event: same
+    /// correlation id, the event as causation, and the given deterministic command id.
+    pub fn caused_by(
+        correlation_id: CorrelationId,
+        causing_event_id: Uuid,
+        command_id: Uuid,
+        subject: impl Into<String>,
+    ) -> Self {
+        Self {
+            correlation_id,
+            causation_id: causing_event_id.to_string(),
+            subject: subject.into(),
+            command_id,
+            timestamp: Utc::now(),
+        }
+    }
+
     /// The form stored beside each event.
     pub fn to_map(&self) -> HashMap<String, String> {
         HashMap::from([
@@ -189,8 +206,12 @@ impl EventStore {
     }
 
     /// Runs `command` against the aggregate and appends the events it decides, with
-    /// `metadata`. Returns the appended events (none when the command was a repeat that
-    /// changed nothing). A lost optimistic-concurrency race is retried with jittered backoff.
+    /// `metadata`. Returns the appended events; none when the command changed nothing, or
+    /// when the aggregate already holds events of a command with the same
+    /// `metadata.command_id` (the command was handled before: saga commands derive their id
+    /// from the event that caused them, so a replayed event never acts twice). A lost
+    /// optimistic-concurrency race reloads the aggregate and decides again, with jittered
+    /// backoff, up to the configured number of retries.
     pub async fn execute<A>(
         &self,
         aggregate_id: &str,
@@ -203,9 +224,25 @@ impl EventStore {
         A::Command: Clone,
     {
         let store = self.cqrs_store::<A>();
+        let command_id = metadata.command_id.to_string();
         let mut attempt = 0;
         loop {
-            let mut context = store.load_aggregate(aggregate_id).await?;
+            let history = store.load_events(aggregate_id).await?;
+            let already_handled = history.iter().any(|envelope| {
+                envelope.metadata.get("command_id").map(String::as_str) == Some(command_id.as_str())
+            });
+            if already_handled {
+                return Ok(Vec::new());
+            }
+            let mut context = EventStoreAggregateContext {
+                aggregate_id: aggregate_id.to_owned(),
+                aggregate: A::default(),
+                current_sequence: history.last().map_or(0, |envelope| envelope.sequence),
+                current_snapshot: None,
+            };
+            for envelope in history {
+                context.aggregate.apply(envelope.payload);
+            }
             let sink = EventSink::default();
             context
                 .aggregate

@@ -11,12 +11,16 @@
 //! - [`telemetry`]: the tracing subscriber (JSON or text logs).
 //! - [`http`]: problem+json responses, correlation ids, extractors whose rejections are problems.
 //! - [`database`]: connecting to Postgres or SQLite and running the migrations.
+//! - [`deadlines`]: durable saga step deadlines.
+//! - [`metrics`]: the registry of every metric, rendered for Prometheus.
 //! - [`event_store`]: loading aggregates and appending their events, with metadata.
-//! - [`stream`]: the global, gap-free event stream and durable checkpoints.
+//! - [`stream`]: the global, gap-free event stream, durable checkpoints, audit queries.
 
 pub mod database;
+pub mod deadlines;
 pub mod event_store;
 pub mod http;
+pub mod metrics;
 pub mod settings;
 pub mod stream;
 pub mod telemetry;

@@ -27,6 +27,10 @@ pub struct Settings {
     pub commands: CommandSettings,
     /// The demo catalog.
     pub catalog: CatalogSettings,
+    /// The order-fulfilment saga.
+    pub saga: SagaSettings,
+    /// The payment gateway and delivery provider.
+    pub providers: ProvidersSettings,
     /// Logging.
     pub log: LogSettings,
 }
@@ -142,6 +146,91 @@ impl Default for CatalogSettings {
     fn default() -> Self {
         Self {
             seed_demo_pets: true,
+        }
+    }
+}
+
+/// The order-fulfilment saga.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SagaSettings {
+    /// The seed's `express_order_processing`: on, the saga charges the order itself; off, it
+    /// waits for `POST /payments` until the payment deadline.
+    pub express_order_processing: bool,
+    /// How long reserving the pet may take before the order is cancelled, in milliseconds.
+    pub reservation_timeout_ms: u64,
+    /// How long the payment may take (including waiting for the customer), in milliseconds.
+    pub payment_timeout_ms: u64,
+    /// How long booking the delivery may take, in milliseconds.
+    pub delivery_timeout_ms: u64,
+    /// How often due deadlines are looked for at most, in milliseconds.
+    pub deadline_poll_interval_ms: u64,
+    /// Most events the runner takes from the stream at once.
+    pub batch_size: u32,
+    /// Most orders the runner advances at the same time (each order's events stay in order).
+    pub max_concurrent_orders: usize,
+}
+
+impl Default for SagaSettings {
+    fn default() -> Self {
+        Self {
+            express_order_processing: true,
+            reservation_timeout_ms: 30_000,
+            payment_timeout_ms: 300_000,
+            delivery_timeout_ms: 60_000,
+            deadline_poll_interval_ms: 200,
+            batch_size: 200,
+            max_concurrent_orders: 64,
+        }
+    }
+}
+
+/// The external providers. The default adapters simulate them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProvidersSettings {
+    /// The payment gateway.
+    pub payment: ProviderSettings,
+    /// The delivery provider.
+    pub delivery: ProviderSettings,
+    /// Honour `X-Simulate-Failure` on `POST /orders`.
+    pub allow_simulated_failures: bool,
+}
+
+impl Default for ProvidersSettings {
+    fn default() -> Self {
+        Self {
+            payment: ProviderSettings::default(),
+            delivery: ProviderSettings::default(),
+            allow_simulated_failures: true,
+        }
+    }
+}
+
+/// One provider: how the simulation behaves and how calls to it are protected.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProviderSettings {
+    /// Simulated latency of a call, in milliseconds (each call varies by up to ±50 %).
+    pub latency_ms: u64,
+    /// Share of simulated calls that fail transiently, 0.0 to 1.0.
+    pub failure_rate: f64,
+    /// A call that takes longer fails (and is retried), in milliseconds.
+    pub call_timeout_ms: u64,
+    /// Attempts per call, the first included.
+    pub max_attempts: u32,
+    /// Backoff before the first retry, doubled each time, with full jitter, in milliseconds.
+    pub initial_backoff_ms: u64,
+}
+
+impl Default for ProviderSettings {
+    fn default() -> Self {
+        Self {
+            latency_ms: 20,
+            failure_rate: 0.0,
+            call_timeout_ms: 2_000,
+            max_attempts: 3,
+            initial_backoff_ms: 50,
         }
     }
 }

@@ -25,7 +25,18 @@ pub const EVENTS_CHANNEL: &str = "petstore_events";
 
 /// A place in the global stream; "after this event". Ordered as the stream is.
 #[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
 )]
 pub struct StreamPosition {
     /// The writing transaction's id (always 0 on SQLite).
@@ -63,7 +74,23 @@ pub struct RecordedEvent {
     pub metadata: HashMap<String, String>,
 }
 
+/// Namespace of event ids (UUIDv5 of aggregate type, id and sequence).
+const EVENT_ID_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x3b8f_6f4e_2c1d_4e7a_9b0c_5d6e_7f80_9a1b);
+
+/// The stable id of the event at `sequence` of an aggregate: the same everywhere the event
+/// travels (Kafka headers, causation ids, audit trail) without being stored twice.
+pub fn event_id(aggregate_type: &str, aggregate_id: &str, sequence: i64) -> uuid::Uuid {
+    let name = format!("{aggregate_type}\u{0}{aggregate_id}\u{0}{sequence}");
+    uuid::Uuid::new_v5(&EVENT_ID_NAMESPACE, name.as_bytes())
+}
+
 impl RecordedEvent {
+    /// The event's stable id.
+    pub fn event_id(&self) -> uuid::Uuid {
+        event_id(&self.aggregate_type, &self.aggregate_id, self.sequence)
+    }
+
     /// A metadata value, or the empty string.
     pub fn metadata_value(&self, key: &str) -> &str {
         self.metadata
@@ -366,4 +393,73 @@ impl StreamReader {
             }
         }
     }
+}
+
+const POSTGRES_BY_CORRELATION: &str = "
+SELECT transaction_id::text::bigint AS transaction_id, global_position, aggregate_type,
+       aggregate_id, sequence, event_type, event_version, payload, metadata
+  FROM events
+ WHERE metadata ->> 'correlation_id' = $1
+ ORDER BY transaction_id, global_position";
+
+const SQLITE_BY_CORRELATION: &str = "
+SELECT 0 AS transaction_id, global_position, aggregate_type, aggregate_id, sequence,
+       event_type, event_version, payload, metadata
+  FROM events
+ WHERE json_extract(metadata, '$.correlation_id') = ?1
+ ORDER BY global_position";
+
+/// Every committed event whose metadata carries `correlation_id`, across aggregates, in
+/// stream order: the audit trail of one request and everything it caused.
+pub async fn events_with_correlation(
+    database: &Database,
+    correlation_id: &str,
+) -> Result<Vec<RecordedEvent>, StreamError> {
+    match database {
+        Database::Postgres(pool) => sqlx::query(POSTGRES_BY_CORRELATION)
+            .bind(correlation_id)
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(decode)
+            .collect(),
+        Database::Sqlite(pool) => sqlx::query(SQLITE_BY_CORRELATION)
+            .bind(correlation_id)
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(decode)
+            .collect(),
+    }
+}
+
+/// The correlation id of an aggregate's first event, if the aggregate exists.
+pub async fn correlation_of(
+    database: &Database,
+    aggregate_type: &str,
+    aggregate_id: &str,
+) -> Result<Option<String>, StreamError> {
+    let correlation: Option<Option<String>> = match database {
+        Database::Postgres(pool) => {
+            sqlx::query_scalar(
+                "SELECT metadata ->> 'correlation_id' FROM events
+                  WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = 1",
+            )
+            .bind(aggregate_type)
+            .bind(aggregate_id)
+            .fetch_optional(pool)
+            .await?
+        }
+        Database::Sqlite(pool) => {
+            sqlx::query_scalar(
+                "SELECT json_extract(metadata, '$.correlation_id') FROM events
+                  WHERE aggregate_type = ?1 AND aggregate_id = ?2 AND sequence = 1",
+            )
+            .bind(aggregate_type)
+            .bind(aggregate_id)
+            .fetch_optional(pool)
+            .await?
+        }
+    };
+    Ok(correlation.flatten())
 }

@@ -8,7 +8,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use cqrs_es::Aggregate;
-use petstore_domain::order::Order;
 use petstore_domain::pet::Pet;
 use petstore_domain::{OrderId, PetCategory, PetId};
 use petstore_platform::database::Database;
@@ -16,9 +15,8 @@ use petstore_platform::stream::{self, RecordedEvent, StreamError, StreamPosition
 use sqlx::PgPool;
 use tokio::sync::RwLock;
 
-use crate::views::{DecodeError, OrderStatusView, PetView};
+use crate::views::{order_view_id, DecodeError, OrderStatusView, PetView};
 
-const ORDER: &str = <Order as Aggregate>::TYPE;
 const PET: &str = <Pet as Aggregate>::TYPE;
 
 /// The checkpoint name of the read models' projection.
@@ -125,20 +123,17 @@ impl ReadModels {
                 let mut orders: HashMap<String, Option<OrderStatusView>> = HashMap::new();
                 let mut pets: HashMap<String, Option<PetView>> = HashMap::new();
                 for event in events {
-                    match event.aggregate_type.as_str() {
-                        ORDER => {
-                            let slot = orders
-                                .entry(event.aggregate_id.clone())
-                                .or_insert_with(|| guard.orders.get(&event.aggregate_id).cloned());
-                            *slot = OrderStatusView::fold(slot.take(), event)?;
-                        }
-                        PET => {
-                            let slot = pets
-                                .entry(event.aggregate_id.clone())
-                                .or_insert_with(|| guard.pets.get(&event.aggregate_id).cloned());
-                            *slot = PetView::fold(slot.take(), event)?;
-                        }
-                        _ => {}
+                    if let Some(order_id) = order_view_id(event) {
+                        let slot = orders
+                            .entry(order_id)
+                            .or_insert_with_key(|order_id| guard.orders.get(order_id).cloned());
+                        *slot = OrderStatusView::fold(slot.take(), event)?;
+                    }
+                    if event.aggregate_type == PET {
+                        let slot = pets
+                            .entry(event.aggregate_id.clone())
+                            .or_insert_with(|| guard.pets.get(&event.aggregate_id).cloned());
+                        *slot = PetView::fold(slot.take(), event)?;
                     }
                 }
                 for (id, view) in orders {
@@ -271,7 +266,9 @@ async fn apply_postgres(
     events: &[RecordedEvent],
     last: StreamPosition,
 ) -> Result<(), ReadModelError> {
-    let order_ids: Vec<String> = distinct_ids(events, ORDER);
+    let mut order_ids: Vec<String> = events.iter().filter_map(order_view_id).collect();
+    order_ids.sort_unstable();
+    order_ids.dedup();
     let pet_ids: Vec<String> = distinct_ids(events, PET);
     let mut transaction = pool.begin().await?;
     let mut orders: HashMap<String, Option<OrderStatusView>> =
@@ -302,22 +299,22 @@ async fn apply_postgres(
         }
     }
     for event in events {
-        match event.aggregate_type.as_str() {
-            ORDER => {
-                let slot = orders.entry(event.aggregate_id.clone()).or_default();
-                *slot = OrderStatusView::fold(slot.take(), event)?;
-            }
-            PET => {
-                let slot = pets.entry(event.aggregate_id.clone()).or_default();
-                *slot = PetView::fold(slot.take(), event)?;
-            }
-            _ => {}
+        if let Some(order_id) = order_view_id(event) {
+            let slot = orders.entry(order_id).or_default();
+            *slot = OrderStatusView::fold(slot.take(), event)?;
+        }
+        if event.aggregate_type == PET {
+            let slot = pets.entry(event.aggregate_id.clone()).or_default();
+            *slot = PetView::fold(slot.take(), event)?;
         }
     }
     let orders: Vec<OrderStatusView> = orders.into_values().flatten().collect();
     if !orders.is_empty() {
         let ids: Vec<&str> = orders.iter().map(|view| view.order_id.as_str()).collect();
-        let versions: Vec<i64> = orders.iter().map(|view| view.version).collect();
+        let versions: Vec<i64> = orders
+            .iter()
+            .map(|view| view.position.global_position)
+            .collect();
         let documents = orders
             .iter()
             .map(serde_json::to_string)
@@ -327,8 +324,7 @@ async fn apply_postgres(
              SELECT id::uuid, version, document::jsonb
                FROM UNNEST($1::text[], $2::bigint[], $3::text[]) AS t(id, version, document)
              ON CONFLICT (order_id) DO UPDATE
-                SET last_sequence = excluded.last_sequence, document = excluded.document
-              WHERE order_status_view.last_sequence < excluded.last_sequence",
+                SET last_sequence = excluded.last_sequence, document = excluded.document",
         )
         .bind(&ids)
         .bind(&versions)

@@ -1,9 +1,12 @@
 //! Read-model documents and how events fold into them. The fold is the same for every store.
 
-use petstore_domain::order::{OrderEvent, OrderStatus};
-use petstore_domain::pet::{Availability, PetEvent};
+use cqrs_es::Aggregate;
+use petstore_domain::delivery::{Delivery, DeliveryEvent};
+use petstore_domain::order::{Order, OrderEvent, OrderStatus};
+use petstore_domain::payment::{Payment, PaymentEvent};
+use petstore_domain::pet::{Availability, Pet, PetEvent};
 use petstore_domain::Money;
-use petstore_platform::stream::RecordedEvent;
+use petstore_platform::stream::{RecordedEvent, StreamPosition};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -25,6 +28,33 @@ impl From<Money> for MoneyView {
     }
 }
 
+/// One step of an order's saga, as the status shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SagaStepView {
+    /// `reservation`, `payment`, `delivery` or `completion`.
+    pub name: String,
+    /// `pending`, `in_progress`, `succeeded`, `failed`, `compensated` or `skipped`.
+    pub state: String,
+    /// When the step started (RFC 3339).
+    pub started_at: Option<String>,
+    /// When it last changed state after starting (RFC 3339).
+    pub finished_at: Option<String>,
+    /// The provider's reference, or why the step failed or was compensated.
+    pub detail: Option<String>,
+}
+
+impl SagaStepView {
+    fn pending(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            state: "pending".to_owned(),
+            started_at: None,
+            finished_at: None,
+            detail: None,
+        }
+    }
+}
+
 /// Where an order stands, as `GET /orders/{id}/status` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct OrderStatusView {
@@ -40,16 +70,19 @@ pub struct OrderStatusView {
     pub amount: MoneyView,
     /// The customer's free text.
     pub special_instructions: Option<String>,
-    /// Machine-readable reason when cancelled (`pet-unavailable`, `payment-failed`, ...).
+    /// Machine-readable reason when cancelled (`pet-unavailable`, `payment-failed`,
+    /// `delivery-failed`, `step-timed-out`, `inventory-failed`, `requested`).
     pub cancellation_reason: Option<String>,
-    /// The correlation id of the request that placed the order.
+    /// The saga's steps in order: reservation, payment, delivery, completion.
+    pub steps: Vec<SagaStepView>,
+    /// The correlation id of the request that placed the order; the audit trail's key.
     pub correlation_id: String,
     /// When the order was placed (RFC 3339).
     pub created_at: String,
-    /// When the order last changed (RFC 3339).
+    /// When the order or its saga last changed (RFC 3339).
     pub updated_at: String,
-    /// How many events the order has; grows with every change.
-    pub version: i64,
+    /// The global stream position of the last event applied to this view.
+    pub position: StreamPosition,
 }
 
 /// A pet in the catalog, as browse and `GET /pets/{id}` show it.
@@ -96,20 +129,42 @@ fn decode<E: serde::de::DeserializeOwned>(event: &RecordedEvent) -> Result<E, De
     })
 }
 
+/// The order whose status view an event changes, if any.
+pub fn order_view_id(event: &RecordedEvent) -> Option<String> {
+    match event.aggregate_type.as_str() {
+        Order::TYPE | Payment::TYPE | Delivery::TYPE => Some(event.aggregate_id.clone()),
+        Pet::TYPE => event
+            .payload
+            .as_object()
+            .and_then(|variants| variants.values().next())
+            .and_then(|fields| fields.get("order_id"))
+            .and_then(|order_id| order_id.as_str())
+            .map(str::to_owned),
+        _ => None,
+    }
+}
+
 impl OrderStatusView {
-    /// Folds an `Order` event into the view. Events at or below the view's version are
-    /// ignored, so re-applying a batch changes nothing.
+    /// Folds an event of the order, its pet, its payment or its delivery into the view.
+    /// Events at or before the view's position are ignored, so re-applying a batch changes
+    /// nothing.
     pub fn fold(view: Option<Self>, event: &RecordedEvent) -> Result<Option<Self>, DecodeError> {
         if view
             .as_ref()
-            .is_some_and(|view| view.version >= event.sequence)
+            .is_some_and(|view| view.position >= event.position)
         {
             return Ok(view);
         }
         let timestamp = event.metadata_value("timestamp").to_owned();
-        let decoded: OrderEvent = decode(event)?;
-        let status = match &decoded {
-            OrderEvent::OrderCreated(request) => {
+        if event.aggregate_type == Order::TYPE {
+            if let OrderEvent::OrderCreated(request) = decode(event)? {
+                let mut steps: Vec<SagaStepView> =
+                    ["reservation", "payment", "delivery", "completion"]
+                        .into_iter()
+                        .map(SagaStepView::pending)
+                        .collect();
+                steps[0].state = "in_progress".to_owned();
+                steps[0].started_at = Some(timestamp.clone());
                 return Ok(Some(Self {
                     order_id: request.order_id.to_string(),
                     status: OrderStatus::Pending.as_str().to_owned(),
@@ -121,27 +176,131 @@ impl OrderStatusView {
                         .as_ref()
                         .map(|text| text.as_str().to_owned()),
                     cancellation_reason: None,
+                    steps,
                     correlation_id: event.metadata_value("correlation_id").to_owned(),
                     created_at: timestamp.clone(),
                     updated_at: timestamp,
-                    version: event.sequence,
+                    position: event.position,
                 }));
             }
-            OrderEvent::OrderPetReserved => OrderStatus::Reserved,
-            OrderEvent::OrderPaid { .. } => OrderStatus::Paid,
-            OrderEvent::OrderDeliveryScheduled => OrderStatus::Scheduled,
-            OrderEvent::OrderCompleted => OrderStatus::Completed,
-            OrderEvent::OrderCancelled { .. } => OrderStatus::Cancelled,
+        }
+        let Some(mut view) = view else {
+            return Ok(None);
         };
-        Ok(view.map(|mut view| {
-            view.status = status.as_str().to_owned();
-            if let OrderEvent::OrderCancelled { reason } = decoded {
-                view.cancellation_reason = Some(reason.as_str().to_owned());
+        view.apply(event, &timestamp)?;
+        view.updated_at = timestamp;
+        view.position = event.position;
+        Ok(Some(view))
+    }
+
+    fn step(&mut self, name: &str) -> Option<&mut SagaStepView> {
+        self.steps.iter_mut().find(|step| step.name == name)
+    }
+
+    /// Moves a step to `state` at `at`, with an optional detail.
+    fn mark(&mut self, name: &str, state: &str, at: &str, detail: Option<String>) {
+        if let Some(step) = self.step(name) {
+            if state == "in_progress" {
+                step.started_at = Some(at.to_owned());
+            } else {
+                step.finished_at = Some(at.to_owned());
             }
-            view.updated_at = timestamp;
-            view.version = event.sequence;
-            view
-        }))
+            step.state = state.to_owned();
+            if detail.is_some() {
+                step.detail = detail;
+            }
+        }
+    }
+
+    fn apply(&mut self, event: &RecordedEvent, at: &str) -> Result<(), DecodeError> {
+        match event.aggregate_type.as_str() {
+            Order::TYPE => match decode::<OrderEvent>(event)? {
+                OrderEvent::OrderCreated(_) => {}
+                OrderEvent::OrderPetReserved => {
+                    self.status = OrderStatus::Reserved.as_str().to_owned();
+                    self.mark("payment", "in_progress", at, None);
+                }
+                OrderEvent::OrderPaid { .. } => {
+                    self.status = OrderStatus::Paid.as_str().to_owned();
+                    self.mark("delivery", "in_progress", at, None);
+                }
+                OrderEvent::OrderDeliveryScheduled => {
+                    self.status = OrderStatus::Scheduled.as_str().to_owned();
+                    self.mark("completion", "in_progress", at, None);
+                }
+                OrderEvent::OrderCompleted => {
+                    self.status = OrderStatus::Completed.as_str().to_owned();
+                    self.mark("completion", "succeeded", at, None);
+                }
+                OrderEvent::OrderCancelled { reason } => {
+                    self.status = OrderStatus::Cancelled.as_str().to_owned();
+                    self.cancellation_reason = Some(reason.as_str().to_owned());
+                    for step in &mut self.steps {
+                        match step.state.as_str() {
+                            "in_progress" => {
+                                step.state = "failed".to_owned();
+                                step.finished_at = Some(at.to_owned());
+                                step.detail
+                                    .get_or_insert_with(|| reason.as_str().to_owned());
+                            }
+                            "pending" => step.state = "skipped".to_owned(),
+                            _ => {}
+                        }
+                    }
+                }
+            },
+            Pet::TYPE => match decode::<PetEvent>(event)? {
+                PetEvent::PetReserved { .. } => self.mark("reservation", "succeeded", at, None),
+                PetEvent::PetReleased { .. } => {
+                    let reserved = self
+                        .step("reservation")
+                        .is_some_and(|step| step.state == "succeeded");
+                    if reserved {
+                        self.mark(
+                            "reservation",
+                            "compensated",
+                            at,
+                            Some("pet released".to_owned()),
+                        );
+                    }
+                }
+                PetEvent::PetAdded(_) | PetEvent::PetSold { .. } => {}
+            },
+            Payment::TYPE => match decode::<PaymentEvent>(event)? {
+                PaymentEvent::PaymentProcessed {
+                    provider_reference, ..
+                } => self.mark("payment", "succeeded", at, Some(provider_reference)),
+                PaymentEvent::PaymentDeclined { reason, .. } => {
+                    self.mark("payment", "failed", at, Some(reason))
+                }
+                PaymentEvent::PaymentRefunded { reason, .. } => {
+                    self.mark("payment", "compensated", at, Some(reason))
+                }
+            },
+            Delivery::TYPE => match decode::<DeliveryEvent>(event)? {
+                DeliveryEvent::DeliveryScheduled {
+                    provider_reference,
+                    estimated_arrival,
+                    ..
+                } => self.mark(
+                    "delivery",
+                    "succeeded",
+                    at,
+                    Some(format!(
+                        "{provider_reference}, arriving {}",
+                        estimated_arrival.to_rfc3339()
+                    )),
+                ),
+                DeliveryEvent::DeliveryFailed { reason, .. } => {
+                    self.mark("delivery", "failed", at, Some(reason))
+                }
+                DeliveryEvent::DeliveryCancelled { reason, .. } => {
+                    self.mark("delivery", "compensated", at, Some(reason))
+                }
+            },
+            _ => {}
+        }
+        Ok(())
     }
 }
 

@@ -1,10 +1,12 @@
 //! The query side of the petstore's HTTP API: GET routes over the read models, and health.
 //!
-//! It reads what the projector maintains and never writes events.
+//! It reads what the projector maintains (and, for audit trails, the event store itself)
+//! and never writes events.
 //!
 //! # Layout
 //! - [`pets`]: browsing the catalog (`/pets/browse`, legacy `/browse-pets`) and pet details.
 //! - [`orders`]: order status.
+//! - [`audit`]: the audit trail of an order or a correlation id, from the event store.
 //! - [`health`]: component health, liveness and readiness.
 
 use axum::Router;
@@ -12,6 +14,7 @@ use petstore_platform::database::Database;
 use petstore_projector::{ProjectorProgress, ReadModels};
 use tokio::sync::watch;
 
+pub mod audit;
 pub mod health;
 pub mod orders;
 pub mod pets;
@@ -32,6 +35,7 @@ pub fn router(state: QueryState) -> Router {
     Router::new()
         .merge(pets::router())
         .merge(orders::router())
+        .merge(audit::router())
         .merge(health::router())
         .with_state(state)
 }
@@ -44,6 +48,7 @@ pub fn router(state: QueryState) -> Router {
         pets::browse_legacy,
         pets::pet_details,
         orders::order_status,
+        audit::order_audit,
         health::health,
         health::live,
         health::ready,
@@ -53,6 +58,10 @@ pub fn router(state: QueryState) -> Router {
         petstore_projector::PetView,
         petstore_projector::MoneyView,
         petstore_projector::OrderStatusView,
+        petstore_projector::views::SagaStepView,
+        petstore_platform::stream::StreamPosition,
+        audit::AuditTrail,
+        audit::AuditEntry,
         health::HealthReport,
         health::ComponentHealth,
         health::Liveness,

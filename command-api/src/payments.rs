@@ -1,0 +1,205 @@
+//! Paying an order that waits for its payment (when `saga.express_order_processing` is off,
+//! the saga leaves charging to the customer, until the payment deadline).
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::post;
+use axum::Router;
+use petstore_domain::order::{Order, OrderStatus};
+use petstore_domain::payment::{Payment, PaymentCommand, PaymentState};
+use petstore_domain::providers::{ChargeRequest, PaymentGateway};
+use petstore_domain::values::Currency;
+use petstore_domain::{Money, OrderId};
+use petstore_platform::event_store::EventMetadata;
+use petstore_platform::http::{
+    CorrelationId, Json, Problem, ProblemDocument, RequestContext, Subject,
+};
+use petstore_platform::stream;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::{providers, CommandState};
+
+/// The payment routes.
+pub fn router() -> axum::Router<CommandState> {
+    Router::new()
+        .route("/petstore-domain/payments", post(pay_order))
+        .route(
+            "/petstore-domain/process-payment",
+            post(process_payment_legacy),
+        )
+}
+
+/// An amount in minor units.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AmountBody {
+    /// Minor units (cents).
+    pub amount_minor: i64,
+    /// ISO 4217 code.
+    pub currency: String,
+}
+
+/// A customer's payment for an order.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PaymentBody {
+    /// The order to pay.
+    pub order_id: String,
+    /// What the customer expects to pay; when given it must equal the order's amount.
+    #[serde(default)]
+    pub amount: Option<AmountBody>,
+}
+
+/// A recorded payment.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PaymentResult {
+    /// The order paid.
+    pub order_id: String,
+    /// `processed`.
+    pub status: String,
+    /// What was charged.
+    pub amount: AmountBody,
+    /// The gateway's reference.
+    pub provider_reference: String,
+}
+
+/// Pay an order.
+///
+/// Only for orders whose saga waits for the customer's payment (status `reserved` while
+/// `express_order_processing` is off). Retrying is safe: an order is charged at most once.
+/// A declined payment answers 402 and cancels the order.
+#[utoipa::path(
+    post,
+    path = "/petstore-domain/payments",
+    tag = "payments",
+    request_body = PaymentBody,
+    responses(
+        (status = 200, description = "Paid", body = PaymentResult),
+        (status = 400, description = "Malformed JSON", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 402, description = "The gateway declined; the order will be cancelled", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 404, description = "No such order", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 409, description = "The order does not wait for a payment (already paid, not reserved yet, cancelled, or paid automatically)", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid field or wrong amount", body = ProblemDocument, content_type = "application/problem+json"),
+    )
+)]
+#[tracing::instrument(skip_all, fields(order_id = %body.order_id), err(Debug))]
+pub async fn pay_order(
+    State(state): State<CommandState>,
+    subject: Subject,
+    Json(body): Json<PaymentBody>,
+) -> Result<Json<PaymentResult>, Problem> {
+    let order_id = OrderId::parse(&body.order_id)?;
+    let key = order_id.to_string();
+    let order: Order = state.store.load(&key).await?;
+    let (Some(request), Some(status)) = (order.request(), order.status()) else {
+        return Err(Problem::not_found(format!(
+            "order {order_id} does not exist"
+        )));
+    };
+    if let Some(amount) = &body.amount {
+        let offered = Money::new(amount.amount_minor, Currency::parse(&amount.currency)?)?;
+        if offered != request.amount {
+            return Err(Problem::validation(format!(
+                "amount: the order costs {}, not {offered}",
+                request.amount
+            )));
+        }
+    }
+    let payment: Payment = state.store.load(&key).await?;
+    if payment.state() == PaymentState::Processed || status == OrderStatus::Paid {
+        return Err(Problem::conflict(format!(
+            "order {order_id} is already paid"
+        )));
+    }
+    if state.saga.express_order_processing {
+        return Err(Problem::conflict(
+            "orders are paid automatically here (express_order_processing is on)",
+        ));
+    }
+    if status != OrderStatus::Reserved || payment.state() != PaymentState::None {
+        return Err(Problem::conflict(format!(
+            "order {order_id} is {} and does not wait for a payment",
+            status.as_str()
+        )));
+    }
+
+    // The order's correlation id ties the payment into the order's audit trail; this
+    // request's own id becomes the causation.
+    let correlation = stream::correlation_of(state.store.database(), "Order", &key)
+        .await
+        .map_err(|error| Problem::internal(&error))?
+        .and_then(|id| CorrelationId::parse(&id))
+        .unwrap_or_else(RequestContext::correlation_id);
+    let mut metadata = EventMetadata::new(correlation, subject.as_str());
+    metadata.causation_id = RequestContext::correlation_id().to_string();
+    let charge = ChargeRequest {
+        order_id,
+        amount: request.amount,
+        // One key per order: a retried POST never charges twice.
+        idempotency_key: format!("customer-payment:{order_id}"),
+        simulate_failure: false,
+    };
+    let result = providers::call(&state.providers.payment, &state.metrics, "payment", || {
+        state.payments.charge(charge.clone())
+    })
+    .await;
+    match result {
+        Ok(receipt) => {
+            let command = PaymentCommand::RecordPaymentProcessed {
+                order_id,
+                amount: request.amount,
+                provider_reference: receipt.reference.clone(),
+            };
+            state
+                .store
+                .execute::<Payment>(&key, command, &(), &metadata)
+                .await?;
+            Ok(Json(PaymentResult {
+                order_id: order_id.to_string(),
+                status: PaymentState::Processed.as_str().to_owned(),
+                amount: AmountBody {
+                    amount_minor: request.amount.amount_minor(),
+                    currency: request.amount.currency().to_string(),
+                },
+                provider_reference: receipt.reference,
+            }))
+        }
+        Err(error) => {
+            let command = PaymentCommand::RecordPaymentDeclined {
+                order_id,
+                amount: request.amount,
+                reason: error.to_string(),
+            };
+            state
+                .store
+                .execute::<Payment>(&key, command, &(), &metadata)
+                .await?;
+            Err(Problem::new(
+                StatusCode::PAYMENT_REQUIRED,
+                "payment-declined",
+                "Payment declined",
+                format!("the payment gateway did not take the payment: {error}"),
+            ))
+        }
+    }
+}
+
+/// Legacy alias of `POST /petstore-domain/payments`.
+#[utoipa::path(
+    post,
+    path = "/petstore-domain/process-payment",
+    tag = "payments",
+    request_body = PaymentBody,
+    responses(
+        (status = 200, description = "Paid", body = PaymentResult),
+        (status = "4XX", description = "As for POST /petstore-domain/payments", body = ProblemDocument, content_type = "application/problem+json"),
+    )
+)]
+pub async fn process_payment_legacy(
+    state: State<CommandState>,
+    subject: Subject,
+    body: Json<PaymentBody>,
+) -> Result<Json<PaymentResult>, Problem> {
+    pay_order(state, subject, body).await
+}

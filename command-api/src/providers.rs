@@ -1,0 +1,167 @@
+//! Adapters of the domain's provider traits, and the policy every call to them goes through.
+//!
+//! The default adapters simulate a provider: a configurable latency (±50 %), a configurable
+//! share of transient failures, forced failures for `X-Simulate-Failure`, and idempotency by
+//! key (a repeated key answers the first result, as real gateways do). [`call`] wraps every
+//! call in a timeout and retries transient failures with exponential backoff and full jitter.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use chrono::Utc;
+use petstore_domain::providers::{
+    ChargeReceipt, ChargeRequest, DeliveryBooking, DeliveryProvider, DeliveryRequest,
+    PaymentGateway, ProviderError,
+};
+use petstore_platform::metrics::Metrics;
+use petstore_platform::settings::ProviderSettings;
+
+/// Calls a provider with the timeout and retry policy of `settings`, counting each attempt
+/// in `metrics` under `provider`. Refusals are final; transient failures and time-outs are
+/// retried up to `max_attempts` in all.
+pub async fn call<T, F, Fut>(
+    settings: &ProviderSettings,
+    metrics: &Metrics,
+    provider: &str,
+    mut attempt_call: F,
+) -> Result<T, ProviderError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, ProviderError>>,
+{
+    let attempts = settings.max_attempts.max(1);
+    let mut backoff = Duration::from_millis(settings.initial_backoff_ms);
+    let mut attempt = 1;
+    loop {
+        let outcome = tokio::time::timeout(
+            Duration::from_millis(settings.call_timeout_ms),
+            attempt_call(),
+        )
+        .await
+        .unwrap_or_else(|_| Err(ProviderError::Unavailable("the call timed out".to_owned())));
+        match outcome {
+            Ok(value) => {
+                metrics.provider_call(provider, "ok");
+                return Ok(value);
+            }
+            Err(ProviderError::Refused(reason)) => {
+                metrics.provider_call(provider, "refused");
+                return Err(ProviderError::Refused(reason));
+            }
+            Err(ProviderError::Unavailable(reason)) => {
+                metrics.provider_call(provider, "unavailable");
+                if attempt >= attempts {
+                    return Err(ProviderError::Unavailable(format!(
+                        "{reason} (after {attempts} attempts)"
+                    )));
+                }
+                tracing::warn!(provider, attempt, %reason, "provider call failed; retrying");
+                let jittered = fastrand::u64(0..=backoff.as_millis() as u64);
+                tokio::time::sleep(Duration::from_millis(jittered)).await;
+                backoff = backoff.saturating_mul(2);
+                attempt += 1;
+            }
+        }
+    }
+}
+
+async fn simulate(
+    settings: &ProviderSettings,
+    forced_failure: bool,
+    name: &str,
+) -> Result<(), ProviderError> {
+    if settings.latency_ms > 0 {
+        let half = settings.latency_ms / 2;
+        let latency = settings.latency_ms - half + fastrand::u64(0..=settings.latency_ms);
+        tokio::time::sleep(Duration::from_millis(latency)).await;
+    }
+    if forced_failure {
+        return Err(ProviderError::Unavailable(format!(
+            "{name} is failing (simulated)"
+        )));
+    }
+    if fastrand::f64() < settings.failure_rate {
+        return Err(ProviderError::Unavailable(format!(
+            "{name} had a transient failure (simulated)"
+        )));
+    }
+    Ok(())
+}
+
+/// A simulated payment gateway.
+#[derive(Debug)]
+pub struct SimulatedPaymentGateway {
+    settings: ProviderSettings,
+    charges: Mutex<HashMap<String, ChargeReceipt>>,
+}
+
+impl SimulatedPaymentGateway {
+    /// A gateway that behaves as `settings` say.
+    pub fn new(settings: ProviderSettings) -> Self {
+        Self {
+            settings,
+            charges: Mutex::default(),
+        }
+    }
+
+    /// How many distinct charges the gateway has taken.
+    pub fn captured(&self) -> usize {
+        self.charges.lock().map_or(0, |charges| charges.len())
+    }
+}
+
+impl PaymentGateway for SimulatedPaymentGateway {
+    async fn charge(&self, request: ChargeRequest) -> Result<ChargeReceipt, ProviderError> {
+        simulate(&self.settings, request.simulate_failure, "payment-service").await?;
+        let mut charges = self
+            .charges
+            .lock()
+            .map_err(|_| ProviderError::Unavailable("payment gateway state poisoned".to_owned()))?;
+        let receipt = charges
+            .entry(request.idempotency_key)
+            .or_insert_with(|| ChargeReceipt {
+                reference: format!("ch_{}", uuid::Uuid::new_v4().simple()),
+            });
+        Ok(receipt.clone())
+    }
+}
+
+/// A simulated delivery provider.
+#[derive(Debug)]
+pub struct SimulatedDeliveryProvider {
+    settings: ProviderSettings,
+    bookings: Mutex<HashMap<String, DeliveryBooking>>,
+}
+
+impl SimulatedDeliveryProvider {
+    /// A provider that behaves as `settings` say.
+    pub fn new(settings: ProviderSettings) -> Self {
+        Self {
+            settings,
+            bookings: Mutex::default(),
+        }
+    }
+
+    /// How many distinct deliveries the provider has booked.
+    pub fn booked(&self) -> usize {
+        self.bookings.lock().map_or(0, |bookings| bookings.len())
+    }
+}
+
+impl DeliveryProvider for SimulatedDeliveryProvider {
+    async fn book(&self, request: DeliveryRequest) -> Result<DeliveryBooking, ProviderError> {
+        simulate(&self.settings, request.simulate_failure, "delivery-service").await?;
+        let mut bookings = self.bookings.lock().map_err(|_| {
+            ProviderError::Unavailable("delivery provider state poisoned".to_owned())
+        })?;
+        let booking = bookings
+            .entry(request.idempotency_key)
+            .or_insert_with(|| DeliveryBooking {
+                reference: format!("dl_{}", uuid::Uuid::new_v4().simple()),
+                estimated_arrival: Utc::now() + chrono::Duration::days(3),
+            });
+        Ok(booking.clone())
+    }
+}

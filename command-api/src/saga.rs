@@ -1,0 +1,511 @@
+//! The saga runner: drives every order's fulfilment saga from the global event stream.
+//!
+//! It reads the stream from its own durable checkpoint (`saga`), asks the pure
+//! [`petstore_domain::saga::react`] what each event calls for, and performs it: commands to
+//! aggregates, calls to the payment gateway and delivery provider, deadlines. Events of
+//! different orders are handled concurrently; one order's events stay in stream order. The
+//! checkpoint moves after a whole batch has been handled, so a crash replays at most one
+//! batch, and replaying is harmless: every command carries an id derived from the event
+//! that caused it (and the action's place in the reaction), and the event store drops a
+//! command whose id the aggregate already holds. Provider calls are made only while the
+//! payment or delivery has no recorded result, with an idempotency key derived the same way.
+//!
+//! A second loop fires due deadlines: a step that has not finished in time cancels the order.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use cqrs_es::{Aggregate, AggregateError};
+use futures::TryStreamExt;
+use petstore_domain::delivery::{Delivery, DeliveryCommand, DeliveryEvent, DeliveryState};
+use petstore_domain::order::{Order, OrderCommand, OrderEvent};
+use petstore_domain::payment::{Payment, PaymentCommand, PaymentEvent, PaymentState};
+use petstore_domain::pet::{Pet, PetEvent};
+use petstore_domain::providers::{
+    ChargeRequest, DeliveryProvider, DeliveryRequest, PaymentGateway,
+};
+use petstore_domain::saga::{self, SagaAction, SagaEvent, SagaOutcome, SagaPolicy};
+use petstore_domain::{DomainError, OrderId, SagaStep};
+use petstore_platform::deadlines::{self, Deadline};
+use petstore_platform::event_store::{EventMetadata, EventStore};
+use petstore_platform::http::CorrelationId;
+use petstore_platform::metrics::Metrics;
+use petstore_platform::settings::{ProvidersSettings, SagaSettings};
+use petstore_platform::stream::{self, RecordedEvent, StreamReader};
+use uuid::Uuid;
+
+use crate::providers;
+
+/// The checkpoint name of the saga runner's subscription.
+pub const CHECKPOINT: &str = "saga";
+/// The subject saga commands act as.
+pub const SUBJECT: &str = "saga";
+
+/// Namespace of the ids of commands the saga issues.
+const COMMAND_NAMESPACE: Uuid = Uuid::from_u128(0x9d2c_41a7_63e8_4f0b_8a5d_1c3e_6b7f_2a90);
+
+/// Why handling a batch failed; the runner retries it from the checkpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum SagaError {
+    /// The event store failed.
+    #[error("event store: {0}")]
+    Store(String),
+    /// Reading the stream or the checkpoint failed.
+    #[error(transparent)]
+    Stream(#[from] stream::StreamError),
+    /// The deadline table failed.
+    #[error("deadlines: {0}")]
+    Deadlines(#[from] sqlx::Error),
+    /// A stored event cannot be decoded.
+    #[error("cannot decode {event_type} of {aggregate_id}: {source}")]
+    Decode {
+        /// The event type.
+        event_type: String,
+        /// The aggregate.
+        aggregate_id: String,
+        /// Why.
+        source: serde_json::Error,
+    },
+}
+
+/// Runs the sagas.
+pub struct SagaRunner<P, D> {
+    store: EventStore,
+    settings: SagaSettings,
+    providers: ProvidersSettings,
+    payments: Arc<P>,
+    deliveries: Arc<D>,
+    metrics: Metrics,
+}
+
+impl<P, D> Clone for SagaRunner<P, D> {
+    fn clone(&self) -> Self {
+        Self {
+            store: self.store.clone(),
+            settings: self.settings.clone(),
+            providers: self.providers.clone(),
+            payments: self.payments.clone(),
+            deliveries: self.deliveries.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+/// A decoded event of interest to the saga.
+enum Decoded {
+    Order(OrderEvent),
+    Pet(PetEvent),
+    Payment(PaymentEvent),
+    Delivery(DeliveryEvent),
+}
+
+fn decode<E: serde::de::DeserializeOwned>(event: &RecordedEvent) -> Result<E, SagaError> {
+    serde_json::from_value(event.payload.clone()).map_err(|source| SagaError::Decode {
+        event_type: event.event_type.clone(),
+        aggregate_id: event.aggregate_id.clone(),
+        source,
+    })
+}
+
+/// The order an event belongs to, and the event decoded; `None` for events no saga needs.
+fn saga_event(event: &RecordedEvent) -> Result<Option<(OrderId, Decoded)>, SagaError> {
+    let order_of_aggregate = || OrderId::parse(&event.aggregate_id).ok();
+    Ok(match event.aggregate_type.as_str() {
+        Order::TYPE => order_of_aggregate()
+            .map(|id| decode(event).map(|e| (id, Decoded::Order(e))))
+            .transpose()?,
+        Payment::TYPE => order_of_aggregate()
+            .map(|id| decode(event).map(|e| (id, Decoded::Payment(e))))
+            .transpose()?,
+        Delivery::TYPE => order_of_aggregate()
+            .map(|id| decode(event).map(|e| (id, Decoded::Delivery(e))))
+            .transpose()?,
+        Pet::TYPE => {
+            let pet_event: PetEvent = decode(event)?;
+            SagaEvent::order_of_pet_event(&pet_event).map(|id| (id, Decoded::Pet(pet_event)))
+        }
+        _ => None,
+    })
+}
+
+fn store_error<E: std::error::Error>(error: AggregateError<E>) -> SagaError {
+    SagaError::Store(error.to_string())
+}
+
+impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D> {
+    /// A runner over `store`, calling `payments` and `deliveries`.
+    pub fn new(
+        store: EventStore,
+        settings: SagaSettings,
+        providers: ProvidersSettings,
+        payments: Arc<P>,
+        deliveries: Arc<D>,
+        metrics: Metrics,
+    ) -> Self {
+        Self {
+            store,
+            settings,
+            providers,
+            payments,
+            deliveries,
+            metrics,
+        }
+    }
+
+    fn policy(&self) -> SagaPolicy {
+        let millis =
+            |value: u64| chrono::Duration::milliseconds(i64::try_from(value).unwrap_or(i64::MAX));
+        SagaPolicy {
+            express_payment: self.settings.express_order_processing,
+            reservation_timeout: millis(self.settings.reservation_timeout_ms),
+            payment_timeout: millis(self.settings.payment_timeout_ms),
+            delivery_timeout: millis(self.settings.delivery_timeout_ms),
+        }
+    }
+
+    /// Runs the stream loop and the deadline loop until `shutdown` resolves. A batch being
+    /// handled when it does is finished first.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let deadlines = tokio::spawn(self.clone().fire_deadlines(stopped.clone()));
+        let stream = tokio::spawn(self.follow_stream(stopped));
+        shutdown.await;
+        let _ = stop.send(true);
+        for task in [stream, deadlines] {
+            if let Err(error) = task.await {
+                tracing::error!(%error, "a saga task failed");
+            }
+        }
+    }
+
+    async fn follow_stream(self, mut stopped: tokio::sync::watch::Receiver<bool>) {
+        loop {
+            if let Err(error) = self.follow_from_checkpoint(&mut stopped).await {
+                tracing::error!(%error, "saga batch failed; retrying from the checkpoint");
+                tokio::select! {
+                    _ = stopped.wait_for(|stop| *stop) => return,
+                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            } else {
+                return;
+            }
+        }
+    }
+
+    /// Handles batches until stopped (`Ok`) or until a batch fails (`Err`).
+    async fn follow_from_checkpoint(
+        &self,
+        stopped: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), SagaError> {
+        let database = self.store.database();
+        let start = stream::load_checkpoint(database, CHECKPOINT).await?;
+        let mut reader = StreamReader::new(
+            &self.store,
+            start,
+            self.settings.batch_size,
+            Duration::from_millis(100),
+        );
+        loop {
+            let batch = tokio::select! {
+                _ = stopped.wait_for(|stop| *stop) => return Ok(()),
+                batch = reader.next_batch() => batch?,
+            };
+            self.handle_batch(&batch).await?;
+            stream::save_checkpoint(database, CHECKPOINT, reader.position()).await?;
+        }
+    }
+
+    /// Handles a batch: orders concurrently, each order's events in order.
+    pub async fn handle_batch(&self, batch: &[RecordedEvent]) -> Result<(), SagaError> {
+        let mut per_order: Vec<(OrderId, Vec<(&RecordedEvent, Decoded)>)> = Vec::new();
+        let mut index: HashMap<OrderId, usize> = HashMap::new();
+        for event in batch {
+            if let Some((order_id, decoded)) = saga_event(event)? {
+                let slot = *index.entry(order_id).or_insert_with(|| {
+                    per_order.push((order_id, Vec::new()));
+                    per_order.len() - 1
+                });
+                per_order[slot].1.push((event, decoded));
+            }
+        }
+        futures::stream::iter(per_order.into_iter().map(Ok))
+            .try_for_each_concurrent(
+                self.settings.max_concurrent_orders.max(1),
+                |(order_id, events)| async move {
+                    for (event, decoded) in events {
+                        self.handle_event(order_id, event, &decoded).await?;
+                    }
+                    Ok(())
+                },
+            )
+            .await
+    }
+
+    #[tracing::instrument(skip_all, fields(order_id = %order_id, event = %event.event_type, correlation_id = %event.metadata_value("correlation_id")))]
+    async fn handle_event(
+        &self,
+        order_id: OrderId,
+        event: &RecordedEvent,
+        decoded: &Decoded,
+    ) -> Result<(), SagaError> {
+        let order: Order = self
+            .store
+            .load(&order_id.to_string())
+            .await
+            .map_err(store_error)?;
+        let occurred_at = DateTime::parse_from_rfc3339(event.metadata_value("timestamp"))
+            .map_or_else(|_| Utc::now(), |at| at.with_timezone(&Utc));
+        let saga_event = match decoded {
+            Decoded::Order(inner) => SagaEvent::Order(inner),
+            Decoded::Pet(inner) => SagaEvent::Pet(inner),
+            Decoded::Payment(inner) => SagaEvent::Payment(inner),
+            Decoded::Delivery(inner) => SagaEvent::Delivery(inner),
+        };
+        let actions = saga::react(&order, saga_event, occurred_at, &self.policy());
+        let correlation_id = CorrelationId::parse(event.metadata_value("correlation_id"))
+            .unwrap_or_else(CorrelationId::generate);
+        let cause = Cause {
+            event_id: event.event_id(),
+            correlation_id,
+            order_id,
+        };
+        for (position, action) in actions.into_iter().enumerate() {
+            self.perform(&cause, position, action).await?;
+        }
+        Ok(())
+    }
+
+    async fn perform(
+        &self,
+        cause: &Cause,
+        position: usize,
+        action: SagaAction,
+    ) -> Result<(), SagaError> {
+        let order_key = cause.order_id.to_string();
+        match action {
+            SagaAction::Order(command) => {
+                self.send::<Order>(&order_key, command, cause.metadata(position, ""))
+                    .await?;
+            }
+            SagaAction::Pet {
+                pet_id,
+                command,
+                if_refused,
+            } => {
+                let refused = self
+                    .send::<Pet>(pet_id.as_str(), command, cause.metadata(position, ""))
+                    .await?;
+                if let (Some(error), Some(reason)) = (refused, if_refused) {
+                    tracing::info!(%error, reason = reason.as_str(), "pet refused; cancelling the order");
+                    self.send::<Order>(
+                        &order_key,
+                        OrderCommand::CancelOrder { reason },
+                        cause.metadata(position, "refused"),
+                    )
+                    .await?;
+                }
+            }
+            SagaAction::Payment(command) => {
+                self.send::<Payment>(&order_key, command, cause.metadata(position, ""))
+                    .await?;
+            }
+            SagaAction::Delivery(command) => {
+                self.send::<Delivery>(&order_key, command, cause.metadata(position, ""))
+                    .await?;
+            }
+            SagaAction::ChargePayment {
+                amount,
+                simulate_failure,
+            } => {
+                let payment: Payment = self.store.load(&order_key).await.map_err(store_error)?;
+                if payment.state() != PaymentState::None {
+                    return Ok(());
+                }
+                let metadata = cause.metadata(position, "");
+                let request = ChargeRequest {
+                    order_id: cause.order_id,
+                    amount,
+                    idempotency_key: metadata.command_id.to_string(),
+                    simulate_failure,
+                };
+                let result =
+                    providers::call(&self.providers.payment, &self.metrics, "payment", || {
+                        self.payments.charge(request.clone())
+                    })
+                    .await;
+                let command = match result {
+                    Ok(receipt) => PaymentCommand::RecordPaymentProcessed {
+                        order_id: cause.order_id,
+                        amount,
+                        provider_reference: receipt.reference,
+                    },
+                    Err(error) => PaymentCommand::RecordPaymentDeclined {
+                        order_id: cause.order_id,
+                        amount,
+                        reason: error.to_string(),
+                    },
+                };
+                self.send::<Payment>(&order_key, command, metadata).await?;
+            }
+            SagaAction::BookDelivery {
+                pet_id,
+                simulate_failure,
+            } => {
+                let delivery: Delivery = self.store.load(&order_key).await.map_err(store_error)?;
+                if delivery.state() != DeliveryState::None {
+                    return Ok(());
+                }
+                let metadata = cause.metadata(position, "");
+                let request = DeliveryRequest {
+                    order_id: cause.order_id,
+                    pet_id: pet_id.clone(),
+                    idempotency_key: metadata.command_id.to_string(),
+                    simulate_failure,
+                };
+                let result =
+                    providers::call(&self.providers.delivery, &self.metrics, "delivery", || {
+                        self.deliveries.book(request.clone())
+                    })
+                    .await;
+                let command = match result {
+                    Ok(booking) => DeliveryCommand::RecordDeliveryScheduled {
+                        order_id: cause.order_id,
+                        pet_id,
+                        estimated_arrival: booking.estimated_arrival,
+                        provider_reference: booking.reference,
+                    },
+                    Err(error) => DeliveryCommand::RecordDeliveryFailed {
+                        order_id: cause.order_id,
+                        reason: error.to_string(),
+                    },
+                };
+                self.send::<Delivery>(&order_key, command, metadata).await?;
+            }
+            SagaAction::ScheduleDeadline { step, due_at } => {
+                deadlines::schedule(
+                    self.store.database(),
+                    &Deadline {
+                        order_id: order_key,
+                        step: step.as_str().to_owned(),
+                        due_at,
+                        correlation_id: cause.correlation_id.to_string(),
+                    },
+                )
+                .await?;
+            }
+            SagaAction::Finished(outcome) => match outcome {
+                SagaOutcome::Completed => self.metrics.saga_finished("completed", ""),
+                SagaOutcome::Cancelled(reason) => {
+                    self.metrics.saga_finished("cancelled", reason.as_str())
+                }
+            },
+        }
+        Ok(())
+    }
+
+    /// Executes a saga command. A refusal by the domain is expected in races (the pet was
+    /// taken, the order was cancelled meanwhile) and is returned, not raised.
+    async fn send<A>(
+        &self,
+        aggregate_id: &str,
+        command: A::Command,
+        metadata: EventMetadata,
+    ) -> Result<Option<DomainError>, SagaError>
+    where
+        A: Aggregate<Error = DomainError, Services = ()>,
+        A::Command: Clone + std::fmt::Debug,
+    {
+        match self
+            .store
+            .execute::<A>(aggregate_id, command, &(), &metadata)
+            .await
+        {
+            Ok(_) => Ok(None),
+            Err(AggregateError::UserError(error)) => {
+                tracing::debug!(%error, aggregate_id, "saga command refused");
+                Ok(Some(error))
+            }
+            Err(error) => Err(store_error(error)),
+        }
+    }
+
+    async fn fire_deadlines(self, mut stopped: tokio::sync::watch::Receiver<bool>) {
+        let poll = Duration::from_millis(self.settings.deadline_poll_interval_ms.max(10));
+        loop {
+            if let Err(error) = self.fire_due_deadlines().await {
+                tracing::error!(%error, "firing deadlines failed; retrying");
+            }
+            tokio::select! {
+                _ = stopped.wait_for(|stop| *stop) => return,
+                () = tokio::time::sleep(poll) => {}
+            }
+        }
+    }
+
+    /// Fires every deadline that is due now: cancels the order if it still waits for that
+    /// step, then marks the deadline fired.
+    pub async fn fire_due_deadlines(&self) -> Result<usize, SagaError> {
+        let database = self.store.database();
+        let due = deadlines::due(database, Utc::now(), 100).await?;
+        for deadline in &due {
+            let (Ok(order_id), Ok(step)) = (
+                OrderId::parse(&deadline.order_id),
+                SagaStep::parse(&deadline.step),
+            ) else {
+                tracing::error!(?deadline, "malformed deadline; marking it fired");
+                deadlines::mark_fired(database, &deadline.order_id, &deadline.step).await?;
+                continue;
+            };
+            let command_id = Uuid::new_v5(
+                &COMMAND_NAMESPACE,
+                format!("deadline\u{0}{order_id}\u{0}{}", step.as_str()).as_bytes(),
+            );
+            let metadata = EventMetadata {
+                causation_id: format!("deadline:{}:{}", order_id, step.as_str()),
+                ..EventMetadata::caused_by(
+                    CorrelationId::parse(&deadline.correlation_id)
+                        .unwrap_or_else(CorrelationId::generate),
+                    command_id,
+                    command_id,
+                    SUBJECT,
+                )
+            };
+            self.send::<Order>(
+                &deadline.order_id,
+                OrderCommand::TimeOutStep { step },
+                metadata,
+            )
+            .await?;
+            deadlines::mark_fired(database, &deadline.order_id, &deadline.step).await?;
+        }
+        Ok(due.len())
+    }
+}
+
+/// The event a reaction answers.
+struct Cause {
+    event_id: Uuid,
+    correlation_id: CorrelationId,
+    order_id: OrderId,
+}
+
+impl Cause {
+    /// Metadata of the command at `position` of the reaction (`variant` tells apart several
+    /// commands one action sends): its id is derived from the causing event, so a replay
+    /// issues the very same command.
+    fn metadata(&self, position: usize, variant: &str) -> EventMetadata {
+        let command_id = Uuid::new_v5(
+            &COMMAND_NAMESPACE,
+            format!("{}\u{0}{position}\u{0}{variant}", self.event_id).as_bytes(),
+        );
+        EventMetadata::caused_by(
+            self.correlation_id.clone(),
+            self.event_id,
+            command_id,
+            SUBJECT,
+        )
+    }
+}

@@ -1,0 +1,128 @@
+//! Durable deadlines of saga steps, in the event store's database (`saga_deadlines`).
+//!
+//! Scheduling is idempotent per (order, step), so a replayed event schedules nothing new.
+//! A deadline is marked fired only after its command ran: a crash in between fires it again,
+//! and the command (derived from the deadline) is a no-op the second time.
+
+use chrono::{DateTime, TimeZone, Utc};
+
+use crate::database::Database;
+
+/// One step's deadline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deadline {
+    /// The order.
+    pub order_id: String,
+    /// The step (`reservation`, `payment`, `delivery`).
+    pub step: String,
+    /// When it is due.
+    pub due_at: DateTime<Utc>,
+    /// The order's correlation id, carried by the command the deadline fires.
+    pub correlation_id: String,
+}
+
+/// Records `deadline` unless one exists for the same order and step.
+pub async fn schedule(database: &Database, deadline: &Deadline) -> Result<(), sqlx::Error> {
+    const SQL: &str = "INSERT INTO saga_deadlines (order_id, step, due_at_ms, correlation_id)
+                       VALUES ($1, $2, $3, $4) ON CONFLICT (order_id, step) DO NOTHING";
+    match database {
+        Database::Postgres(pool) => {
+            sqlx::query(SQL)
+                .bind(&deadline.order_id)
+                .bind(&deadline.step)
+                .bind(deadline.due_at.timestamp_millis())
+                .bind(&deadline.correlation_id)
+                .execute(pool)
+                .await?;
+        }
+        Database::Sqlite(pool) => {
+            sqlx::query(SQL)
+                .bind(&deadline.order_id)
+                .bind(&deadline.step)
+                .bind(deadline.due_at.timestamp_millis())
+                .bind(&deadline.correlation_id)
+                .execute(pool)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Up to `limit` unfired deadlines due at or before `now`, earliest first.
+pub async fn due(
+    database: &Database,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<Deadline>, sqlx::Error> {
+    const SQL: &str = "SELECT order_id, step, due_at_ms, correlation_id FROM saga_deadlines
+                        WHERE fired_at_ms IS NULL AND due_at_ms <= $1
+                        ORDER BY due_at_ms LIMIT $2";
+    let rows: Vec<(String, String, i64, String)> = match database {
+        Database::Postgres(pool) => {
+            sqlx::query_as(SQL)
+                .bind(now.timestamp_millis())
+                .bind(limit)
+                .fetch_all(pool)
+                .await?
+        }
+        Database::Sqlite(pool) => {
+            sqlx::query_as(SQL)
+                .bind(now.timestamp_millis())
+                .bind(limit)
+                .fetch_all(pool)
+                .await?
+        }
+    };
+    Ok(rows
+        .into_iter()
+        .map(|(order_id, step, due_at_ms, correlation_id)| Deadline {
+            order_id,
+            step,
+            due_at: Utc
+                .timestamp_millis_opt(due_at_ms)
+                .single()
+                .unwrap_or_else(Utc::now),
+            correlation_id,
+        })
+        .collect())
+}
+
+/// When the earliest unfired deadline is due, if any.
+pub async fn next_due(database: &Database) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+    const SQL: &str = "SELECT min(due_at_ms) FROM saga_deadlines WHERE fired_at_ms IS NULL";
+    let millis: Option<i64> = match database {
+        Database::Postgres(pool) => sqlx::query_scalar(SQL).fetch_one(pool).await?,
+        Database::Sqlite(pool) => sqlx::query_scalar(SQL).fetch_one(pool).await?,
+    };
+    Ok(millis.and_then(|millis| Utc.timestamp_millis_opt(millis).single()))
+}
+
+/// Marks a deadline fired so it is not fired again.
+pub async fn mark_fired(
+    database: &Database,
+    order_id: &str,
+    step: &str,
+) -> Result<(), sqlx::Error> {
+    const SQL: &str = "UPDATE saga_deadlines SET fired_at_ms = $3
+                        WHERE order_id = $1 AND step = $2 AND fired_at_ms IS NULL";
+    let now = Utc::now().timestamp_millis();
+    match database {
+        Database::Postgres(pool) => {
+            sqlx::query(SQL)
+                .bind(order_id)
+                .bind(step)
+                .bind(now)
+                .execute(pool)
+                .await?;
+        }
+        Database::Sqlite(pool) => {
+            sqlx::query(SQL)
+                .bind(order_id)
+                .bind(step)
+                .bind(now)
+                .execute(pool)
+                .await?;
+        }
+    }
+    Ok(())
+}

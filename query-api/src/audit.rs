@@ -1,0 +1,139 @@
+//! The audit trail: every event that shares an order's correlation id, across aggregates, in
+//! stream order, with its metadata. Read straight from the event store.
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::Router;
+use petstore_domain::OrderId;
+use petstore_platform::database::Database;
+use petstore_platform::http::{Json, Path, Problem, ProblemDocument};
+use petstore_platform::stream::{self, RecordedEvent, StreamError};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::QueryState;
+
+/// The audit routes.
+pub fn router() -> Router<QueryState> {
+    Router::new().route("/petstore-domain/orders/{order_id}/audit", get(order_audit))
+}
+
+/// One event of an audit trail.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AuditEntry {
+    /// The event's stable id.
+    pub event_id: String,
+    /// The event type, e.g. `OrderCreated`.
+    pub event_type: String,
+    /// The event's schema version.
+    pub event_version: String,
+    /// `Order`, `Pet`, `Payment` or `Delivery`.
+    pub aggregate_type: String,
+    /// The aggregate's id.
+    pub aggregate_id: String,
+    /// The event's number within its aggregate.
+    pub sequence: i64,
+    /// The event's global position.
+    pub global_position: i64,
+    /// Shared by everything one request caused.
+    pub correlation_id: String,
+    /// What caused the command: a request, an event id, or a deadline.
+    pub causation_id: String,
+    /// Who acted: a user, `saga`, or `system`.
+    pub subject: String,
+    /// The command's id.
+    pub command_id: String,
+    /// When the command ran (RFC 3339).
+    pub timestamp: String,
+    /// The event itself.
+    pub payload: serde_json::Value,
+}
+
+impl From<RecordedEvent> for AuditEntry {
+    fn from(event: RecordedEvent) -> Self {
+        let meta = |key: &str| event.metadata_value(key).to_owned();
+        Self {
+            event_id: event.event_id().to_string(),
+            correlation_id: meta("correlation_id"),
+            causation_id: meta("causation_id"),
+            subject: meta("subject"),
+            command_id: meta("command_id"),
+            timestamp: meta("timestamp"),
+            event_type: event.event_type,
+            event_version: event.event_version,
+            aggregate_type: event.aggregate_type,
+            aggregate_id: event.aggregate_id,
+            sequence: event.sequence,
+            global_position: event.position.global_position,
+            payload: event.payload,
+        }
+    }
+}
+
+/// An audit trail.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AuditTrail {
+    /// The correlation id every entry shares.
+    pub correlation_id: String,
+    /// The events, in stream order.
+    pub events: Vec<AuditEntry>,
+}
+
+/// Every event sharing `correlation_id`.
+pub async fn by_correlation(
+    database: &Database,
+    correlation_id: &str,
+) -> Result<AuditTrail, StreamError> {
+    let events = stream::events_with_correlation(database, correlation_id).await?;
+    Ok(AuditTrail {
+        correlation_id: correlation_id.to_owned(),
+        events: events.into_iter().map(AuditEntry::from).collect(),
+    })
+}
+
+/// Every event sharing the correlation id of the order's placement; `None` for an unknown
+/// order.
+pub async fn by_order(
+    database: &Database,
+    order_id: &OrderId,
+) -> Result<Option<AuditTrail>, StreamError> {
+    let Some(correlation_id) =
+        stream::correlation_of(database, "Order", &order_id.to_string()).await?
+    else {
+        return Ok(None);
+    };
+    by_correlation(database, &correlation_id).await.map(Some)
+}
+
+/// The audit trail of an order.
+///
+/// Every event that shares the order's correlation id (its placement, the saga's commands
+/// on the pet, payment and delivery, deadlines, the customer's payment), in stream order.
+#[utoipa::path(
+    get,
+    path = "/petstore-domain/orders/{order_id}/audit",
+    tag = "orders",
+    params(("order_id" = String, Path, description = "The order's UUID")),
+    responses(
+        (status = 200, description = "The audit trail", body = AuditTrail),
+        (status = 400, description = "Not a UUID", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 404, description = "No such order", body = ProblemDocument, content_type = "application/problem+json"),
+    )
+)]
+#[tracing::instrument(skip_all, fields(order_id = %order_id), err(Debug))]
+pub async fn order_audit(
+    State(state): State<QueryState>,
+    Path(order_id): Path<String>,
+) -> Result<Json<AuditTrail>, Problem> {
+    let order_id =
+        OrderId::parse(&order_id).map_err(|error| Problem::bad_request(error.to_string()))?;
+    match by_order(&state.database, &order_id)
+        .await
+        .map_err(|error| Problem::internal(&error))?
+    {
+        Some(trail) => Ok(Json(trail)),
+        None => Err(Problem::not_found(format!(
+            "order {order_id} does not exist"
+        ))),
+    }
+}

@@ -116,10 +116,13 @@ impl Application {
         if settings.database.migrate_on_start {
             database.migrate().await?;
         }
-        if matches!(database, Database::Sqlite(_)) && *roles != Role::all() {
+        let serves_queries = roles.contains(&Role::Query);
+        if matches!(database, Database::Sqlite(_))
+            && serves_queries != roles.contains(&Role::Projector)
+        {
             return Err(StartupError::Roles(
-                "the embedded store keeps read models in memory: run every role in one process, \
-                 or set DATABASE_URL to split roles across processes",
+                "the embedded store keeps read models in memory: run the query and projector \
+                 roles in the same process, or set DATABASE_URL to split them",
             ));
         }
         let store = EventStore::new(database.clone(), settings.commands.max_conflict_retries);

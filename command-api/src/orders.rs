@@ -83,7 +83,7 @@ pub struct OrderAccepted {
         (status = 503, description = "Event store unreachable", body = ProblemDocument, content_type = "application/problem+json"),
     )
 )]
-#[tracing::instrument(skip_all, fields(order_id), err(Debug))]
+#[tracing::instrument(skip_all, fields(order_id), err(Debug, level = "debug"))]
 pub async fn place_order(
     State(state): State<CommandState>,
     subject: Subject,

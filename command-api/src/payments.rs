@@ -83,7 +83,7 @@ pub struct PaymentResult {
         (status = 422, description = "Invalid field or wrong amount", body = ProblemDocument, content_type = "application/problem+json"),
     )
 )]
-#[tracing::instrument(skip_all, fields(order_id = %body.order_id), err(Debug))]
+#[tracing::instrument(skip_all, fields(order_id = %body.order_id), err(Debug, level = "debug"))]
 pub async fn pay_order(
     State(state): State<CommandState>,
     subject: Subject,

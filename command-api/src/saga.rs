@@ -167,21 +167,27 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
     }
 
     /// Runs the stream loop and the deadline loop until `shutdown` resolves. A batch being
-    /// handled when it does is finished first.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) {
+    /// handled when it does is finished first. Everything runs inside this future (nothing is
+    /// spawned), so dropping it stops the runner at once, as a crash would.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let (stop, stopped) = tokio::sync::watch::channel(false);
-        let deadlines = tokio::spawn(self.clone().fire_deadlines(stopped.clone()));
-        let stream = tokio::spawn(self.follow_stream(stopped));
-        shutdown.await;
-        let _ = stop.send(true);
-        for task in [stream, deadlines] {
-            if let Err(error) = task.await {
-                tracing::error!(%error, "a saga task failed");
+        let work = async {
+            tokio::join!(
+                self.fire_deadlines(stopped.clone()),
+                self.follow_stream(stopped)
+            );
+        };
+        tokio::pin!(work);
+        tokio::select! {
+            () = &mut work => {}
+            () = shutdown => {
+                let _ = stop.send(true);
+                work.await;
             }
         }
     }
 
-    async fn follow_stream(self, mut stopped: tokio::sync::watch::Receiver<bool>) {
+    async fn follow_stream(&self, mut stopped: tokio::sync::watch::Receiver<bool>) {
         loop {
             if let Err(error) = self.follow_from_checkpoint(&mut stopped).await {
                 tracing::error!(%error, "saga batch failed; retrying from the checkpoint");
@@ -432,7 +438,7 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
         }
     }
 
-    async fn fire_deadlines(self, mut stopped: tokio::sync::watch::Receiver<bool>) {
+    async fn fire_deadlines(&self, mut stopped: tokio::sync::watch::Receiver<bool>) {
         let poll = Duration::from_millis(self.settings.deadline_poll_interval_ms.max(10));
         loop {
             if let Err(error) = self.fire_due_deadlines().await {

@@ -120,7 +120,7 @@ pub async fn by_order(
         (status = 404, description = "No such order", body = ProblemDocument, content_type = "application/problem+json"),
     )
 )]
-#[tracing::instrument(skip_all, fields(order_id = %order_id), err(Debug))]
+#[tracing::instrument(skip_all, fields(order_id = %order_id), err(Debug, level = "debug"))]
 pub async fn order_audit(
     State(state): State<QueryState>,
     Path(order_id): Path<String>,

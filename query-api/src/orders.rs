@@ -34,7 +34,7 @@ pub fn router() -> Router<QueryState> {
         (status = 404, description = "No such order", body = ProblemDocument, content_type = "application/problem+json"),
     )
 )]
-#[tracing::instrument(skip_all, fields(order_id = %order_id), err(Debug))]
+#[tracing::instrument(skip_all, fields(order_id = %order_id), err(Debug, level = "debug"))]
 pub async fn order_status(
     State(state): State<QueryState>,
     Path(order_id): Path<String>,

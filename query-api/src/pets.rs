@@ -117,7 +117,7 @@ impl BrowseParams {
         (status = 422, description = "A filter is invalid", body = ProblemDocument, content_type = "application/problem+json"),
     )
 )]
-#[tracing::instrument(skip_all, err(Debug))]
+#[tracing::instrument(skip_all, err(Debug, level = "debug"))]
 pub async fn browse(
     State(state): State<QueryState>,
     Query(params): Query<BrowseParams>,
@@ -165,7 +165,7 @@ pub async fn browse_legacy(
         (status = 404, description = "No such pet", body = ProblemDocument, content_type = "application/problem+json"),
     )
 )]
-#[tracing::instrument(skip_all, fields(pet_id = %pet_id), err(Debug))]
+#[tracing::instrument(skip_all, fields(pet_id = %pet_id), err(Debug, level = "debug"))]
 pub async fn pet_details(
     State(state): State<QueryState>,
     Path(pet_id): Path<String>,

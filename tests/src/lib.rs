@@ -127,6 +127,29 @@ impl Storage {
         database
     }
 
+    /// How many stored events have this type.
+    pub async fn count_events(&self, event_type: &str) -> i64 {
+        let query = "SELECT count(*) FROM events WHERE event_type = $1";
+        let database = self.database().await;
+        let count = match &database {
+            Database::Postgres(pool) => {
+                sqlx::query_scalar(query)
+                    .bind(event_type)
+                    .fetch_one(pool)
+                    .await
+            }
+            Database::Sqlite(pool) => {
+                sqlx::query_scalar(query)
+                    .bind(event_type)
+                    .fetch_one(pool)
+                    .await
+            }
+        }
+        .expect("count events");
+        database.close().await;
+        count
+    }
+
     /// The Postgres database, when there is one.
     pub fn postgres(&self) -> Option<&TestDatabase> {
         match self {
@@ -247,6 +270,30 @@ impl TestApp {
                 assert_eq!(response.status(), 404, "unexpected status");
                 assert!(Instant::now() < deadline, "order {order_id} never appeared");
             }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Polls until the order is `completed` or `cancelled`; returns its status view.
+    pub async fn wait_for_terminal(&self, order_id: &str) -> Value {
+        self.wait_for_order(order_id, |view| {
+            matches!(view["status"].as_str(), Some("completed" | "cancelled"))
+        })
+        .await
+    }
+
+    /// Polls `path` until `accept` holds for its JSON body or 10 s pass; returns the body.
+    pub async fn wait_for_json(&self, path: &str, accept: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let body: Value = self.get(path).await.json().await.unwrap_or(Value::Null);
+            if accept(&body) {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{path} never satisfied the test: {body}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

@@ -1,0 +1,528 @@
+//! The order-fulfilment saga, black-box, on both engines: happy path, failures and their
+//! compensations, deadlines (also across a restart), contention for one pet, the payments
+//! API, and a saga runner killed at random points.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use petstore_cli::Role;
+use petstore_command_api::providers::{SimulatedDeliveryProvider, SimulatedPaymentGateway};
+use petstore_command_api::saga::SagaRunner;
+use petstore_domain::pet::{Pet, PetCommand, PetDetails};
+use petstore_domain::{Money, PetCategory, PetId};
+use petstore_platform::event_store::{EventMetadata, EventStore};
+use petstore_platform::http::CorrelationId;
+use petstore_platform::metrics::Metrics;
+use petstore_platform::settings::Settings;
+use petstore_tests::{assert_problem, on_both_engines, Engine, Storage, TestApp};
+use serde_json::{json, Value};
+
+on_both_engines!(
+    an_order_completes_and_its_audit_trail_shows_the_whole_chain,
+    a_failing_payment_cancels_the_order_and_frees_the_pet,
+    a_failing_delivery_refunds_the_payment_and_frees_the_pet,
+    a_failing_inventory_service_cancels_the_order,
+    a_step_that_times_out_is_compensated,
+    a_deadline_survives_a_restart_and_fires_once,
+    twenty_orders_for_one_pet_sell_it_once,
+    customers_pay_through_the_payments_api_when_express_processing_is_off,
+    the_payments_api_refuses_what_it_cannot_do,
+    a_saga_runner_killed_at_random_points_loses_and_doubles_nothing,
+);
+
+async fn spawn_with(engine: Engine, configure: impl FnOnce(&mut Settings)) -> (Storage, TestApp) {
+    let storage = Storage::new(engine).await;
+    let mut settings = storage.settings();
+    configure(&mut settings);
+    let app = TestApp::start(settings).await;
+    app.wait_until_ready().await;
+    (storage, app)
+}
+
+async fn post_order(app: &TestApp, pet_id: &str, simulate: Option<&str>) -> String {
+    let mut request = app
+        .client
+        .post(app.url("/petstore-domain/orders"))
+        .json(&json!({"customer_id": "customer-001", "pet_id": pet_id}));
+    if let Some(service) = simulate {
+        request = request.header("X-Simulate-Failure", service);
+    }
+    let response = request.send().await.expect("answered");
+    assert_eq!(response.status(), 202);
+    let body: Value = response.json().await.expect("json");
+    body["order_id"].as_str().expect("order id").to_owned()
+}
+
+async fn audit_types(app: &TestApp, order_id: &str) -> Vec<String> {
+    let trail: Value = app
+        .get(&format!("/petstore-domain/orders/{order_id}/audit"))
+        .await
+        .json()
+        .await
+        .expect("json");
+    trail["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|event| event["event_type"].as_str().expect("type").to_owned())
+        .collect()
+}
+
+async fn wait_for_pet(app: &TestApp, pet_id: &str, availability: &str) {
+    app.wait_for_json(&format!("/petstore-domain/pets/{pet_id}"), |pet| {
+        pet["availability"] == availability
+    })
+    .await;
+}
+
+fn step<'a>(view: &'a Value, name: &str) -> &'a Value {
+    view["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .find(|step| step["name"] == name)
+        .expect("step present")
+}
+
+async fn an_order_completes_and_its_audit_trail_shows_the_whole_chain(engine: Engine) {
+    let (storage, app) = spawn_with(engine, |_| {}).await;
+    let order_id = post_order(&app, "golden-retriever-001", None).await;
+    let view = app.wait_for_terminal(&order_id).await;
+    assert_eq!(view["status"], "completed");
+    for name in ["reservation", "payment", "delivery", "completion"] {
+        let step = step(&view, name);
+        assert_eq!(step["state"], "succeeded", "{name}: {step}");
+        assert!(step["started_at"].is_string() && step["finished_at"].is_string());
+    }
+    wait_for_pet(&app, "golden-retriever-001", "sold").await;
+
+    let trail: Value = app
+        .get(&format!("/petstore-domain/orders/{order_id}/audit"))
+        .await
+        .json()
+        .await
+        .expect("json");
+    let events = trail["events"].as_array().expect("events");
+    let types: Vec<&str> = events
+        .iter()
+        .map(|event| event["event_type"].as_str().expect("type"))
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "OrderCreated",
+            "PetReserved",
+            "OrderPetReserved",
+            "PaymentProcessed",
+            "OrderPaid",
+            "DeliveryScheduled",
+            "OrderDeliveryScheduled",
+            "PetSold",
+            "OrderCompleted",
+        ]
+    );
+    let mut positions = Vec::new();
+    for event in events {
+        assert_eq!(event["correlation_id"], view["correlation_id"]);
+        for field in [
+            "event_id",
+            "event_version",
+            "aggregate_type",
+            "aggregate_id",
+            "causation_id",
+            "subject",
+            "command_id",
+            "timestamp",
+        ] {
+            assert!(
+                event[field].as_str().is_some_and(|value| !value.is_empty()),
+                "{field} in {event}"
+            );
+        }
+        positions.push(event["global_position"].as_i64().expect("position"));
+    }
+    assert!(
+        positions.windows(2).all(|pair| pair[0] < pair[1]),
+        "in stream order"
+    );
+    assert_eq!(events[0]["subject"], "anonymous");
+    assert_eq!(events[1]["subject"], "saga");
+    assert_eq!(
+        events[1]["causation_id"], events[0]["event_id"],
+        "each step names its cause"
+    );
+
+    let metrics = app.get("/metrics").await.text().await.expect("text");
+    assert!(
+        metrics.contains(r#"petstore_saga_completed_total{outcome="completed",reason=""} 1"#),
+        "{metrics}"
+    );
+    app.stop().await;
+    storage.remove().await;
+}
+
+async fn a_failing_payment_cancels_the_order_and_frees_the_pet(engine: Engine) {
+    let (storage, app) = spawn_with(engine, |_| {}).await;
+    let order_id = post_order(&app, "beagle-001", Some("payment-service")).await;
+    let view = app.wait_for_terminal(&order_id).await;
+    assert_eq!(view["status"], "cancelled");
+    assert_eq!(view["cancellation_reason"], "payment-failed");
+    assert_eq!(step(&view, "payment")["state"], "failed");
+    wait_for_pet(&app, "beagle-001", "available").await;
+    let types = audit_types(&app, &order_id).await;
+    assert!(types.contains(&"PaymentDeclined".to_owned()));
+    assert!(types.contains(&"PetReleased".to_owned()));
+    assert!(
+        !types.iter().any(|t| t.starts_with("Delivery")),
+        "no delivery: {types:?}"
+    );
+    assert_eq!(storage.count_events("PaymentProcessed").await, 0);
+    app.stop().await;
+    storage.remove().await;
+}
+
+async fn a_failing_delivery_refunds_the_payment_and_frees_the_pet(engine: Engine) {
+    let (storage, app) = spawn_with(engine, |_| {}).await;
+    let order_id = post_order(&app, "corgi-001", Some("delivery-service")).await;
+    let view = app.wait_for_terminal(&order_id).await;
+    assert_eq!(view["cancellation_reason"], "delivery-failed");
+    let view = app
+        .wait_for_order(&order_id, |view| {
+            step(view, "payment")["state"] == "compensated"
+                && step(view, "reservation")["state"] == "compensated"
+        })
+        .await;
+    assert_eq!(step(&view, "delivery")["state"], "failed");
+    wait_for_pet(&app, "corgi-001", "available").await;
+    let types = audit_types(&app, &order_id).await;
+    let refunded = types
+        .iter()
+        .position(|t| t == "PaymentRefunded")
+        .expect("refunded");
+    let released = types
+        .iter()
+        .position(|t| t == "PetReleased")
+        .expect("released");
+    assert!(
+        refunded < released,
+        "compensations run in reverse order: {types:?}"
+    );
+    app.stop().await;
+    storage.remove().await;
+}
+
+async fn a_failing_inventory_service_cancels_the_order(engine: Engine) {
+    let (storage, app) = spawn_with(engine, |_| {}).await;
+    let order_id = post_order(&app, "budgie-001", Some("inventory-service")).await;
+    let view = app.wait_for_terminal(&order_id).await;
+    assert_eq!(view["cancellation_reason"], "inventory-failed");
+    wait_for_pet(&app, "budgie-001", "available").await;
+    let unknown = app
+        .client
+        .post(app.url("/petstore-domain/orders"))
+        .header("X-Simulate-Failure", "dns-service")
+        .json(&json!({"customer_id": "c", "pet_id": "budgie-001"}))
+        .send()
+        .await
+        .expect("answered");
+    assert_problem(unknown, 422).await;
+    app.stop().await;
+    storage.remove().await;
+}
+
+async fn a_step_that_times_out_is_compensated(engine: Engine) {
+    let (storage, app) = spawn_with(engine, |settings| {
+        // The gateway answers after the payment step's deadline.
+        settings.providers.payment.latency_ms = 1_500;
+        settings.providers.payment.call_timeout_ms = 10_000;
+        settings.saga.payment_timeout_ms = 200;
+        settings.saga.deadline_poll_interval_ms = 20;
+    })
+    .await;
+    let order_id = post_order(&app, "maine-coon-001", None).await;
+    let view = app.wait_for_terminal(&order_id).await;
+    assert_eq!(view["status"], "cancelled");
+    assert_eq!(view["cancellation_reason"], "step-timed-out");
+    // The late charge is refunded when it lands, and the pet is freed.
+    app.wait_for_order(&order_id, |view| {
+        step(view, "payment")["state"] == "compensated"
+    })
+    .await;
+    wait_for_pet(&app, "maine-coon-001", "available").await;
+    assert_eq!(storage.count_events("PaymentRefunded").await, 1);
+    assert_eq!(storage.count_events("OrderCompleted").await, 0);
+    app.stop().await;
+    storage.remove().await;
+}
+
+async fn a_deadline_survives_a_restart_and_fires_once(engine: Engine) {
+    let storage = Storage::new(engine).await;
+    let mut settings = storage.settings();
+    settings.saga.express_order_processing = false; // the saga waits for the customer
+    settings.saga.payment_timeout_ms = 1_500;
+    settings.saga.deadline_poll_interval_ms = 20;
+    let app = TestApp::start(settings.clone()).await;
+    app.wait_until_ready().await;
+    let order_id = post_order(&app, "cockatiel-001", None).await;
+    app.wait_for_order(&order_id, |view| view["status"] == "reserved")
+        .await;
+    app.stop().await;
+
+    tokio::time::sleep(Duration::from_millis(1_600)).await; // the deadline passes while down
+    let app = TestApp::start(settings).await;
+    let view = app.wait_for_terminal(&order_id).await;
+    assert_eq!(view["cancellation_reason"], "step-timed-out");
+    wait_for_pet(&app, "cockatiel-001", "available").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        storage.count_events("OrderCancelled").await,
+        1,
+        "fired once"
+    );
+    app.stop().await;
+    storage.remove().await;
+}
+
+async fn twenty_orders_for_one_pet_sell_it_once(engine: Engine) {
+    let (storage, app) = spawn_with(engine, |_| {}).await;
+    let app = Arc::new(app);
+    let orders: Vec<String> = futures::future::join_all((0..20).map(|_| {
+        let app = app.clone();
+        async move { post_order(&app, "african-grey-001", None).await }
+    }))
+    .await;
+    let mut completed = 0;
+    for order_id in &orders {
+        let view = app.wait_for_terminal(order_id).await;
+        match view["status"].as_str() {
+            Some("completed") => completed += 1,
+            _ => assert_eq!(view["cancellation_reason"], "pet-unavailable", "{view}"),
+        }
+    }
+    assert_eq!(completed, 1, "exactly one order gets the pet");
+    assert_eq!(
+        storage.count_events("PaymentProcessed").await,
+        1,
+        "exactly one payment"
+    );
+    assert_eq!(storage.count_events("PetSold").await, 1);
+    wait_for_pet(&app, "african-grey-001", "sold").await;
+    let app = Arc::try_unwrap(app).ok().expect("no other handle");
+    app.stop().await;
+    storage.remove().await;
+}
+
+async fn customers_pay_through_the_payments_api_when_express_processing_is_off(engine: Engine) {
+    let (storage, app) = spawn_with(engine, |settings| {
+        settings.saga.express_order_processing = false;
+    })
+    .await;
+    let order_id = post_order(&app, "siamese-cat-001", None).await;
+    let view = app
+        .wait_for_order(&order_id, |view| view["status"] == "reserved")
+        .await;
+    assert_eq!(step(&view, "payment")["state"], "in_progress");
+    let paid = app
+        .post_json(
+            "/petstore-domain/payments",
+            &json!({"order_id": order_id, "amount": {"amount_minor": 65000, "currency": "USD"}}),
+        )
+        .await;
+    assert_eq!(paid.status(), 200);
+    let paid: Value = paid.json().await.expect("json");
+    assert_eq!(paid["status"], "processed");
+    assert!(paid["provider_reference"]
+        .as_str()
+        .is_some_and(|r| r.starts_with("ch_")));
+    let view = app.wait_for_terminal(&order_id).await;
+    assert_eq!(view["status"], "completed");
+    // The customer's payment is part of the order's audit trail.
+    assert!(audit_types(&app, &order_id)
+        .await
+        .contains(&"PaymentProcessed".to_owned()));
+    // Paying again is refused, not charged twice (also through the legacy alias).
+    let again = app
+        .post_json(
+            "/petstore-domain/process-payment",
+            &json!({"order_id": order_id}),
+        )
+        .await;
+    assert_problem(again, 409).await;
+    assert_eq!(storage.count_events("PaymentProcessed").await, 1);
+    app.stop().await;
+    storage.remove().await;
+}
+
+async fn the_payments_api_refuses_what_it_cannot_do(engine: Engine) {
+    let (storage, app) = spawn_with(engine, |settings| {
+        settings.saga.express_order_processing = false;
+    })
+    .await;
+    let order_id = post_order(&app, "goldfish-001", None).await;
+    app.wait_for_order(&order_id, |view| view["status"] == "reserved")
+        .await;
+    let pay = |body: Value| {
+        let request = app
+            .client
+            .post(app.url("/petstore-domain/payments"))
+            .json(&body);
+        async move { request.send().await.expect("answered") }
+    };
+    assert_problem(
+        pay(json!({"order_id": "6f1e0b6c-58a4-4c1e-9a3e-2d7b0c5f1a90"})).await,
+        404,
+    )
+    .await;
+    assert_problem(pay(json!({"order_id": "not-a-uuid"})).await, 422).await;
+    assert_problem(pay(json!({})).await, 422).await;
+    assert_problem(pay(json!({"order_id": order_id, "tip": 5})).await, 422).await;
+    let wrong_amount =
+        json!({"order_id": order_id, "amount": {"amount_minor": 1, "currency": "USD"}});
+    assert_problem(pay(wrong_amount).await, 422).await;
+    let bad_currency =
+        json!({"order_id": order_id, "amount": {"amount_minor": 1500, "currency": "usd"}});
+    assert_problem(pay(bad_currency).await, 422).await;
+    let malformed = app
+        .client
+        .post(app.url("/petstore-domain/payments"))
+        .header("content-type", "application/json")
+        .body("{")
+        .send()
+        .await
+        .expect("answered");
+    assert_problem(malformed, 400).await;
+    assert_eq!(
+        storage.count_events("PaymentProcessed").await,
+        0,
+        "nothing charged"
+    );
+    app.stop().await;
+
+    // With express processing on, the saga pays; customers cannot.
+    let mut settings = storage.settings();
+    settings.saga.express_order_processing = true;
+    let app = TestApp::start(settings).await;
+    let order_id = post_order(&app, "betta-001", None).await;
+    app.wait_for_terminal(&order_id).await;
+    let refused = app
+        .post_json("/petstore-domain/payments", &json!({"order_id": order_id}))
+        .await;
+    assert_problem(refused, 409).await;
+    app.stop().await;
+    storage.remove().await;
+}
+
+/// Runs the application without its saga role and drives the sagas with a runner the test
+/// starts and kills (drops mid-flight) over and over, then lets a last one finish.
+async fn a_saga_runner_killed_at_random_points_loses_and_doubles_nothing(engine: Engine) {
+    const ORDERS: usize = 30;
+    let storage = Storage::new(engine).await;
+    let mut settings = storage.settings();
+    settings.providers.payment.latency_ms = 10;
+    settings.providers.delivery.latency_ms = 10;
+    let roles: BTreeSet<Role> = [Role::Command, Role::Query, Role::Projector].into();
+    let app = TestApp::start_with_roles(settings.clone(), &roles).await;
+    app.wait_until_ready().await;
+
+    let store = EventStore::new(storage.database().await, 16);
+    let metadata = EventMetadata::new(CorrelationId::generate(), "test");
+    let mut pets = Vec::new();
+    for index in 0..ORDERS {
+        let pet_id = format!("test-puppy-{index:03}");
+        let details = PetDetails {
+            pet_id: PetId::parse(&pet_id).expect("valid"),
+            name: format!("Puppy {index}"),
+            category: PetCategory::Dog,
+            breed: "Mixed".into(),
+            age_months: 2,
+            price: Money::usd(10_000 + index as i64).expect("valid"),
+            description: "test".into(),
+        };
+        store
+            .execute::<Pet>(&pet_id, PetCommand::AddPet(details), &(), &metadata)
+            .await
+            .expect("add pet");
+        pets.push(pet_id);
+    }
+    let mut orders = Vec::new();
+    for pet_id in &pets {
+        orders.push(post_order(&app, pet_id, None).await);
+    }
+
+    let payments = Arc::new(SimulatedPaymentGateway::new(
+        settings.providers.payment.clone(),
+    ));
+    let deliveries = Arc::new(SimulatedDeliveryProvider::new(
+        settings.providers.delivery.clone(),
+    ));
+    let runner = || {
+        SagaRunner::new(
+            store.clone(),
+            settings.saga.clone(),
+            settings.providers.clone(),
+            payments.clone(),
+            deliveries.clone(),
+            Metrics::new(),
+        )
+    };
+    for _ in 0..12 {
+        let task = tokio::spawn(runner().run(futures::future::pending()));
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(5..80))).await;
+        task.abort();
+        let _ = task.await;
+    }
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let last = tokio::spawn(runner().run(async {
+        let _ = stopped.await;
+    }));
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for order_id in &orders {
+        loop {
+            let view: Value = app
+                .get(&format!("/petstore-domain/orders/{order_id}/status"))
+                .await
+                .json()
+                .await
+                .expect("json");
+            if view["status"] == "completed" {
+                break;
+            }
+            assert_ne!(
+                view["status"], "cancelled",
+                "nothing should fail here: {view}"
+            );
+            assert!(Instant::now() < deadline, "saga stuck: {view}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+    let _ = stop.send(());
+    last.await.expect("runner stops cleanly");
+
+    let completed = storage.count_events("OrderCompleted").await;
+    assert_eq!(completed, ORDERS as i64);
+    assert_eq!(
+        storage.count_events("PaymentProcessed").await,
+        completed,
+        "one payment per order"
+    );
+    assert_eq!(
+        storage.count_events("DeliveryScheduled").await,
+        completed,
+        "one delivery per order"
+    );
+    assert_eq!(storage.count_events("PetSold").await, completed);
+    assert_eq!(
+        payments.captured(),
+        ORDERS,
+        "the gateway charged each order once"
+    );
+    assert_eq!(
+        deliveries.booked(),
+        ORDERS,
+        "the provider booked each delivery once"
+    );
+    app.stop().await;
+    storage.remove().await;
+}

@@ -158,36 +158,72 @@ impl Ablation {
 /// `--breakdown`, add one cost at a time on the way from one to the other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Workload {
-    /// One autocommit INSERT into the plain `bench_baseline` table.
+    /// The benchmark's baseline: one autocommit INSERT into the plain `bench_baseline` table.
     Baseline,
-    /// The same INSERT inside BEGIN ... COMMIT, as postgres-es and sqlite-es append.
-    BaselineInTransaction,
-    /// The event repository's INSERT into `events`, in a transaction.
-    EventsInsertInTransaction,
-    /// The repository's SELECT of the aggregate's events, then its transactional INSERT: the
-    /// SQL of an append without cqrs-es and the domain around it.
-    EventsLoadThenInsert,
+    /// Plain SQL, to isolate one cost of the append path.
+    Sql(SqlSteps),
     /// [`EventStore::execute`] of `PlaceOrder` on a fresh order.
     EventStore,
 }
 
+/// The SQL steps of one operation that is not the event store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SqlSteps {
+    /// INSERT into `events` (with its indexes, columns and trigger) instead of `bench_baseline`.
+    into_events: bool,
+    /// First SELECT the aggregate's events, as loading an aggregate does.
+    load_first: bool,
+    /// Wrap the INSERT in BEGIN ... COMMIT, as postgres-es and sqlite-es do.
+    in_transaction: bool,
+}
+
 impl Workload {
-    const BREAKDOWN: [Workload; 5] = [
+    const BREAKDOWN: [Workload; 7] = [
         Self::Baseline,
-        Self::BaselineInTransaction,
-        Self::EventsInsertInTransaction,
-        Self::EventsLoadThenInsert,
+        Self::sql(false, false, true),
+        Self::sql(true, false, false),
+        Self::sql(true, false, true),
+        Self::sql(true, true, false),
+        Self::sql(true, true, true),
         Self::EventStore,
     ];
 
-    fn name(self) -> &'static str {
+    const fn sql(into_events: bool, load_first: bool, in_transaction: bool) -> Self {
+        Self::Sql(SqlSteps {
+            into_events,
+            load_first,
+            in_transaction,
+        })
+    }
+
+    fn steps(self) -> Option<SqlSteps> {
         match self {
-            Self::Baseline => "baseline: INSERT (autocommit)",
-            Self::BaselineInTransaction => "baseline: BEGIN; INSERT; COMMIT",
-            Self::EventsInsertInTransaction => "events: BEGIN; INSERT; COMMIT",
-            Self::EventsLoadThenInsert => "events: SELECT; BEGIN; INSERT; COMMIT",
-            Self::EventStore => "event store: execute(PlaceOrder)",
+            Self::Baseline => Some(SqlSteps {
+                into_events: false,
+                load_first: false,
+                in_transaction: false,
+            }),
+            Self::Sql(steps) => Some(steps),
+            Self::EventStore => None,
         }
+    }
+
+    fn name(self) -> String {
+        let Some(steps) = self.steps() else {
+            return "event store: execute(PlaceOrder)".to_owned();
+        };
+        let table = if steps.into_events {
+            "events"
+        } else {
+            "baseline"
+        };
+        let select = if steps.load_first { "SELECT; " } else { "" };
+        let insert = if steps.in_transaction {
+            "BEGIN; INSERT; COMMIT"
+        } else {
+            "INSERT"
+        };
+        format!("{table}: {select}{insert}")
     }
 }
 
@@ -261,6 +297,7 @@ impl OrderTemplate {
             pet_id: self.pet_id.clone(),
             amount: self.amount,
             special_instructions: Some(self.special_instructions.clone()),
+            simulated_failure: None,
         }
     }
 
@@ -302,56 +339,33 @@ macro_rules! insert_row {
     };
 }
 
-/// One operation of `$workload` on `$pool`; the two engines differ in types, not in steps.
-macro_rules! append_on {
-    ($pool:expr, $appender:expr, $workload:expr) => {{
-        let pool = $pool;
-        let row = &$appender.row;
-        let statements = $appender.statements;
+/// One operation of `$steps` on `$pool`; the two engines differ in types, not in steps.
+macro_rules! run_steps {
+    ($pool:expr, $appender:expr, $steps:expr) => {{
+        let (pool, appender, steps): (_, &Appender, SqlSteps) = ($pool, $appender, $steps);
+        let row = &appender.row;
         let aggregate_id = Uuid::new_v4().to_string();
         let aggregate_id = aggregate_id.as_str();
-        let inserted = match $workload {
-            Workload::EventStore => return $appender.append_through_event_store().await,
-            Workload::Baseline => insert_row!(statements.insert_baseline, row, aggregate_id, pool),
-            Workload::BaselineInTransaction => {
-                let mut transaction = pool.begin().await?;
-                let inserted = insert_row!(
-                    statements.insert_baseline,
-                    row,
-                    aggregate_id,
-                    &mut *transaction
-                );
-                transaction.commit().await?;
-                inserted
-            }
-            Workload::EventsInsertInTransaction => {
-                let mut transaction = pool.begin().await?;
-                let inserted = insert_row!(
-                    statements.insert_event,
-                    row,
-                    aggregate_id,
-                    &mut *transaction
-                );
-                transaction.commit().await?;
-                inserted
-            }
-            Workload::EventsLoadThenInsert => {
-                let loaded = sqlx::query(statements.select_events)
-                    .bind(Order::TYPE)
-                    .bind(aggregate_id)
-                    .fetch_all(pool)
-                    .await?;
-                ensure!(loaded.is_empty(), "a fresh aggregate already has events");
-                let mut transaction = pool.begin().await?;
-                let inserted = insert_row!(
-                    statements.insert_event,
-                    row,
-                    aggregate_id,
-                    &mut *transaction
-                );
-                transaction.commit().await?;
-                inserted
-            }
+        if steps.load_first {
+            let loaded = sqlx::query(appender.statements.select_events)
+                .bind(Order::TYPE)
+                .bind(aggregate_id)
+                .fetch_all(pool)
+                .await?;
+            ensure!(loaded.is_empty(), "a fresh aggregate already has events");
+        }
+        let insert = if steps.into_events {
+            appender.statements.insert_event
+        } else {
+            appender.statements.insert_baseline
+        };
+        let inserted = if steps.in_transaction {
+            let mut transaction = pool.begin().await?;
+            let inserted = insert_row!(insert, row, aggregate_id, &mut *transaction);
+            transaction.commit().await?;
+            inserted
+        } else {
+            insert_row!(insert, row, aggregate_id, pool)
         };
         ensure!(
             inserted.rows_affected() == 1,
@@ -364,9 +378,12 @@ macro_rules! append_on {
 
 impl Appender {
     async fn append(&self, workload: Workload) -> anyhow::Result<()> {
+        let Some(steps) = workload.steps() else {
+            return self.append_through_event_store().await;
+        };
         match &self.database {
-            Database::Postgres(pool) => append_on!(pool, self, workload),
-            Database::Sqlite(pool) => append_on!(pool, self, workload),
+            Database::Postgres(pool) => run_steps!(pool, self, steps),
+            Database::Sqlite(pool) => run_steps!(pool, self, steps),
         }
     }
 
@@ -739,7 +756,7 @@ impl Report {
             vec![
                 row.engine.name().to_owned(),
                 row.writers.to_string(),
-                row.workload.name().to_owned(),
+                row.workload.name(),
                 format!("{:.0}", row.measurement.per_second()),
                 format!("{:.2}", row.measurement.quantile_ms(0.5)),
                 format!("{:.2}", row.measurement.quantile_ms(0.99)),

@@ -310,6 +310,8 @@ async fn apply_postgres(
     }
     let orders: Vec<OrderStatusView> = orders.into_values().flatten().collect();
     if !orders.is_empty() {
+        // An order view folds events of four aggregates, so its `last_sequence` column holds
+        // the global position of the last event applied, not a per-aggregate sequence.
         let ids: Vec<&str> = orders.iter().map(|view| view.order_id.as_str()).collect();
         let versions: Vec<i64> = orders
             .iter()

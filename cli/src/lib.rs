@@ -10,6 +10,7 @@
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::get;
@@ -17,12 +18,15 @@ use axum::Router;
 use petstore_command_api::providers::{SimulatedDeliveryProvider, SimulatedPaymentGateway};
 use petstore_command_api::saga::SagaRunner;
 use petstore_command_api::{CommandApiDoc, CommandState};
+use petstore_platform::bus::{BusError, KafkaBus};
+use petstore_platform::cache::{Cache, CacheError};
 use petstore_platform::database::{Database, DatabaseError};
 use petstore_platform::event_store::EventStore;
 use petstore_platform::http;
 use petstore_platform::metrics::Metrics;
 use petstore_platform::settings::Settings;
-use petstore_projector::{Projector, ReadModels};
+use petstore_projector::read_models::CHECKPOINT;
+use petstore_projector::{KafkaProjection, Projector, ReadModels, RedisViews};
 use petstore_query_api::{QueryApiDoc, QueryState};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -59,6 +63,12 @@ pub enum StartupError {
     /// Seeding the demo catalog failed.
     #[error("seeding the demo catalog failed: {0}")]
     Seed(String),
+    /// Redis is misconfigured.
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    /// Kafka is misconfigured.
+    #[error(transparent)]
+    Bus(#[from] BusError),
     /// The roles do not fit the storage.
     #[error("{0}")]
     Roles(&'static str),
@@ -144,18 +154,52 @@ impl Application {
         ));
         let mut workers = Vec::new();
         let read_models = ReadModels::for_database(&database);
-        let progress = if roles.contains(&Role::Projector) {
+        let redis = match &settings.redis.url {
+            Some(_) => Some(RedisViews::new(
+                Cache::connect(&settings.redis)?,
+                Duration::from_secs(settings.redis.browse_ttl_seconds),
+            )),
+            None => None,
+        };
+        let bus = match &settings.kafka.brokers {
+            Some(_) => Some(KafkaBus::new(&settings.kafka)?),
+            None => None,
+        };
+        let mut projections = Vec::new();
+        if roles.contains(&Role::Projector) {
+            let mut spawn = |name: &'static str, progress, task| {
+                projections.push((name, progress));
+                workers.push(tokio::spawn(task));
+            };
             let projector = Projector::new(
                 store.clone(),
                 read_models.clone(),
                 settings.projector.clone(),
             );
-            let progress = projector.progress();
-            workers.push(tokio::spawn(projector.run(shutdown.wait())));
-            Some(progress)
-        } else {
-            None
-        };
+            spawn(
+                CHECKPOINT,
+                projector.progress(),
+                boxed(projector.run(shutdown.wait())),
+            );
+            if let Some(redis) = &redis {
+                let projector =
+                    Projector::new(store.clone(), redis.clone(), settings.projector.clone());
+                spawn(
+                    "redis",
+                    projector.progress(),
+                    boxed(projector.run(shutdown.wait())),
+                );
+            }
+            if let Some(bus) = &bus {
+                let kafka = KafkaProjection::new(bus.clone(), database.clone());
+                let projector = Projector::new(store.clone(), kafka, settings.projector.clone());
+                spawn(
+                    "kafka",
+                    projector.progress(),
+                    boxed(projector.run(shutdown.wait())),
+                );
+            }
+        }
         if roles.contains(&Role::Saga) {
             let runner = SagaRunner::new(
                 store.clone(),
@@ -165,6 +209,10 @@ impl Application {
                 deliveries,
                 metrics.clone(),
             );
+            let runner = match bus {
+                Some(_) => runner.with_kafka(settings.kafka.clone()),
+                None => runner,
+            };
             workers.push(tokio::spawn(runner.run(shutdown.wait())));
         }
 
@@ -188,8 +236,10 @@ impl Application {
         if roles.contains(&Role::Query) {
             router = router.merge(petstore_query_api::router(QueryState {
                 read_models,
+                redis,
                 database: database.clone(),
-                projector: progress,
+                projections,
+                consistency_wait: Duration::from_millis(settings.http.consistency_wait_ms),
             }));
         }
         let router = router
@@ -239,6 +289,12 @@ impl Application {
         self.database.close().await;
         result
     }
+}
+
+type Task = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+fn boxed(task: impl std::future::Future<Output = ()> + Send + 'static) -> Task {
+    Box::pin(task)
 }
 
 /// The OpenAPI 3.1 document of every route.

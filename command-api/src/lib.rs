@@ -41,6 +41,36 @@ pub struct CommandState {
     pub metrics: Metrics,
 }
 
+impl CommandState {
+    /// The `X-Consistency-Token` of an aggregate's event: a query that sends it back waits
+    /// until the read model shows that event. `None` when the event cannot be found (it was
+    /// just appended, so only a failing database explains that; the response goes out
+    /// without a token rather than failing).
+    pub async fn consistency_token(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        sequence: usize,
+    ) -> Option<axum::http::HeaderValue> {
+        let sequence = i64::try_from(sequence).ok()?;
+        match petstore_platform::stream::position_of(
+            self.store.database(),
+            aggregate_type,
+            aggregate_id,
+            sequence,
+        )
+        .await
+        {
+            Ok(Some(position)) => axum::http::HeaderValue::from_str(&position.to_token()).ok(),
+            Ok(None) => None,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the position for a consistency token");
+                None
+            }
+        }
+    }
+}
+
 /// Every command route, with its state applied.
 pub fn router(state: CommandState) -> Router {
     orders::router().merge(payments::router()).with_state(state)

@@ -6,13 +6,16 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
+use cqrs_es::Aggregate;
 use petstore_domain::order::{Order, OrderCommand, OrderRequest, OrderStatus};
 use petstore_domain::pet::Pet;
 use petstore_domain::{
     CustomerId, DomainError, OrderId, PetId, SimulatedFailure, SpecialInstructions,
 };
 use petstore_platform::event_store::EventMetadata;
-use petstore_platform::http::{Json, Problem, ProblemDocument, RequestContext, Subject};
+use petstore_platform::http::{
+    Json, Problem, ProblemDocument, RequestContext, Subject, CONSISTENCY_TOKEN_HEADER,
+};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -74,7 +77,8 @@ pub struct OrderAccepted {
     ),
     responses(
         (status = 202, description = "Order accepted", body = OrderAccepted,
-         headers(("Location" = String, description = "The order's status URL"))),
+         headers(("Location" = String, description = "The order's status URL"),
+                 ("X-Consistency-Token" = String, description = "Send it back on a GET to read your own write"))),
         (status = 400, description = "Malformed JSON or header", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 409, description = "Concurrent changes kept conflicting", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = ProblemDocument, content_type = "application/problem+json"),
@@ -137,6 +141,13 @@ pub async fn place_order(
     } else {
         OrderStatus::Pending
     };
+    let token = state
+        .consistency_token(
+            Order::TYPE,
+            &order_id.to_string(),
+            appended.last().map_or(1, |event| event.sequence),
+        )
+        .await;
     let location = format!("/petstore-domain/orders/{order_id}/status");
     let mut response = (
         StatusCode::ACCEPTED,
@@ -149,6 +160,11 @@ pub async fn place_order(
         .into_response();
     if let Ok(value) = HeaderValue::from_str(&location) {
         response.headers_mut().insert(LOCATION, value);
+    }
+    if let Some(token) = token {
+        response
+            .headers_mut()
+            .insert(CONSISTENCY_TOKEN_HEADER, token);
     }
     Ok(response)
 }

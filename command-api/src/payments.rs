@@ -3,8 +3,10 @@
 
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
+use cqrs_es::Aggregate;
 use petstore_domain::order::{Order, OrderStatus};
 use petstore_domain::payment::{Payment, PaymentCommand, PaymentState};
 use petstore_domain::providers::{ChargeRequest, PaymentGateway};
@@ -13,6 +15,7 @@ use petstore_domain::{Money, OrderId};
 use petstore_platform::event_store::EventMetadata;
 use petstore_platform::http::{
     CorrelationId, Json, Problem, ProblemDocument, RequestContext, Subject,
+    CONSISTENCY_TOKEN_HEADER,
 };
 use petstore_platform::stream;
 use serde::{Deserialize, Serialize};
@@ -88,7 +91,7 @@ pub async fn pay_order(
     State(state): State<CommandState>,
     subject: Subject,
     Json(body): Json<PaymentBody>,
-) -> Result<Json<PaymentResult>, Problem> {
+) -> Result<Response, Problem> {
     let order_id = OrderId::parse(&body.order_id)?;
     let key = order_id.to_string();
     let order: Order = state.store.load(&key).await?;
@@ -151,11 +154,19 @@ pub async fn pay_order(
                 amount: request.amount,
                 provider_reference: receipt.reference.clone(),
             };
-            state
+            let appended = state
                 .store
                 .execute::<Payment>(&key, command, &(), &metadata)
                 .await?;
-            Ok(Json(PaymentResult {
+            let token = match appended.last() {
+                Some(event) => {
+                    state
+                        .consistency_token(Payment::TYPE, &key, event.sequence)
+                        .await
+                }
+                None => None,
+            };
+            let body = Json(PaymentResult {
                 order_id: order_id.to_string(),
                 status: PaymentState::Processed.as_str().to_owned(),
                 amount: AmountBody {
@@ -163,7 +174,14 @@ pub async fn pay_order(
                     currency: request.amount.currency().to_string(),
                 },
                 provider_reference: receipt.reference,
-            }))
+            });
+            let mut response = body.into_response();
+            if let Some(token) = token {
+                response
+                    .headers_mut()
+                    .insert(CONSISTENCY_TOKEN_HEADER, token);
+            }
+            Ok(response)
         }
         Err(error) => {
             let command = PaymentCommand::RecordPaymentDeclined {
@@ -200,6 +218,6 @@ pub async fn process_payment_legacy(
     state: State<CommandState>,
     subject: Subject,
     body: Json<PaymentBody>,
-) -> Result<Json<PaymentResult>, Problem> {
+) -> Result<Response, Problem> {
     pay_order(state, subject, body).await
 }

@@ -10,6 +10,10 @@
 //! command whose id the aggregate already holds. Provider calls are made only while the
 //! payment or delivery has no recorded result, with an idempotency key derived the same way.
 //!
+//! With Kafka configured the runner consumes the events from the topics in a consumer group
+//! instead (offsets committed after the batch's commands are stored); several runners then
+//! share the work.
+//!
 //! A second loop fires due deadlines: a step that has not finished in time cancels the order.
 
 use std::collections::HashMap;
@@ -29,11 +33,12 @@ use petstore_domain::providers::{
 };
 use petstore_domain::saga::{self, SagaAction, SagaEvent, SagaOutcome, SagaPolicy};
 use petstore_domain::{DomainError, OrderId, SagaStep};
+use petstore_platform::bus::{BusError, KafkaSubscriber};
 use petstore_platform::deadlines::{self, Deadline};
 use petstore_platform::event_store::{EventMetadata, EventStore};
 use petstore_platform::http::CorrelationId;
 use petstore_platform::metrics::Metrics;
-use petstore_platform::settings::{ProvidersSettings, SagaSettings};
+use petstore_platform::settings::{KafkaSettings, ProvidersSettings, SagaSettings};
 use petstore_platform::stream::{self, RecordedEvent, StreamReader};
 use uuid::Uuid;
 
@@ -59,6 +64,9 @@ pub enum SagaError {
     /// The deadline table failed.
     #[error("deadlines: {0}")]
     Deadlines(#[from] sqlx::Error),
+    /// Kafka failed.
+    #[error(transparent)]
+    Bus(#[from] BusError),
     /// A stored event cannot be decoded.
     #[error("cannot decode {event_type} of {aggregate_id}: {source}")]
     Decode {
@@ -74,6 +82,7 @@ pub enum SagaError {
 /// Runs the sagas.
 pub struct SagaRunner<P, D> {
     store: EventStore,
+    kafka: Option<KafkaSettings>,
     settings: SagaSettings,
     providers: ProvidersSettings,
     payments: Arc<P>,
@@ -85,6 +94,7 @@ impl<P, D> Clone for SagaRunner<P, D> {
     fn clone(&self) -> Self {
         Self {
             store: self.store.clone(),
+            kafka: self.kafka.clone(),
             settings: self.settings.clone(),
             providers: self.providers.clone(),
             payments: self.payments.clone(),
@@ -147,12 +157,21 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
     ) -> Self {
         Self {
             store,
+            kafka: None,
             settings,
             providers,
             payments,
             deliveries,
             metrics,
         }
+    }
+
+    /// Consume the events from Kafka, in the configured consumer group, instead of following
+    /// the event store: several runners then share the work, and a dead runner's partitions
+    /// move to the others.
+    pub fn with_kafka(mut self, kafka: KafkaSettings) -> Self {
+        self.kafka = Some(kafka);
+        self
     }
 
     fn policy(&self) -> SagaPolicy {
@@ -172,10 +191,13 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let work = async {
-            tokio::join!(
-                self.fire_deadlines(stopped.clone()),
-                self.follow_stream(stopped)
-            );
+            let events = async {
+                match &self.kafka {
+                    Some(kafka) => self.follow_kafka(kafka, stopped.clone()).await,
+                    None => self.follow_stream(stopped.clone()).await,
+                }
+            };
+            tokio::join!(self.fire_deadlines(stopped.clone()), events);
         };
         tokio::pin!(work);
         tokio::select! {
@@ -198,6 +220,52 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
             } else {
                 return;
             }
+        }
+    }
+
+    async fn follow_kafka(
+        &self,
+        kafka: &KafkaSettings,
+        mut stopped: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut seen = RecentEvents::new(100_000);
+        loop {
+            match self.consume_kafka(kafka, &mut stopped, &mut seen).await {
+                Ok(()) => return,
+                Err(error) => {
+                    // The consumer is dropped: it rejoins the group and resumes from the last
+                    // committed offsets, so the failed batch is handled again.
+                    tracing::error!(%error, "saga batch from kafka failed; rejoining the group");
+                    tokio::select! {
+                        _ = stopped.wait_for(|stop| *stop) => return,
+                        () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles batches from the consumer group until stopped (`Ok`) or until one fails.
+    /// Offsets are committed only after a batch's commands are stored.
+    async fn consume_kafka(
+        &self,
+        kafka: &KafkaSettings,
+        stopped: &mut tokio::sync::watch::Receiver<bool>,
+        seen: &mut RecentEvents,
+    ) -> Result<(), SagaError> {
+        let subscriber = KafkaSubscriber::new(kafka, &kafka.consumer_group)?;
+        loop {
+            let batch = tokio::select! {
+                _ = stopped.wait_for(|stop| *stop) => return Ok(()),
+                batch = subscriber.next_batch(self.settings.batch_size as usize, Duration::from_millis(10)) => batch?,
+            };
+            // Kafka delivers at least once: drop events this runner already handled.
+            let fresh: Vec<RecordedEvent> = batch
+                .into_iter()
+                .filter(|event| seen.first_time(event.event_id()))
+                .collect();
+            self.handle_batch(&fresh).await?;
+            subscriber.commit()?;
         }
     }
 
@@ -488,6 +556,38 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
             deadlines::mark_fired(database, &deadline.order_id, &deadline.step).await?;
         }
         Ok(due.len())
+    }
+}
+
+/// The ids of the events handled most recently, to drop redeliveries cheaply (the command
+/// ids make a redelivered event harmless anyway).
+struct RecentEvents {
+    capacity: usize,
+    order: std::collections::VecDeque<Uuid>,
+    ids: std::collections::HashSet<Uuid>,
+}
+
+impl RecentEvents {
+    fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            order: std::collections::VecDeque::new(),
+            ids: std::collections::HashSet::new(),
+        }
+    }
+
+    /// Records `id`; false when it was already there.
+    fn first_time(&mut self, id: Uuid) -> bool {
+        if !self.ids.insert(id) {
+            return false;
+        }
+        self.order.push_back(id);
+        if self.order.len() > self.capacity {
+            if let Some(oldest) = self.order.pop_front() {
+                self.ids.remove(&oldest);
+            }
+        }
+        true
     }
 }
 

@@ -130,3 +130,45 @@ impl Database {
         }
     }
 }
+
+/// Proof that this process is the one active instance of something (a projection): a
+/// Postgres advisory lock held on a connection of its own, released when dropped or when the
+/// process dies (its connection closes), so a standby takes over. On SQLite every process
+/// keeps its own read models, so the lock is always granted.
+#[derive(Debug)]
+pub struct ExclusiveLock {
+    _connection: Option<sqlx::PgConnection>,
+}
+
+impl Database {
+    /// Tries to become the active holder of `name`; `None` while another process holds it.
+    pub async fn try_lock(&self, name: &str) -> Result<Option<ExclusiveLock>, DatabaseError> {
+        use sqlx::Connection;
+        let Self::Postgres(pool) = self else {
+            return Ok(Some(ExclusiveLock { _connection: None }));
+        };
+        let mut connection = sqlx::PgConnection::connect_with(&pool.connect_options())
+            .await
+            .map_err(DatabaseError::Connect)?;
+        let key = lock_key(name);
+        let acquired: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(key)
+            .fetch_one(&mut connection)
+            .await?;
+        Ok(acquired.then_some(ExclusiveLock {
+            _connection: Some(connection),
+        }))
+    }
+}
+
+/// A stable 64-bit advisory-lock key for a name.
+fn lock_key(name: &str) -> i64 {
+    let digest = uuid::Uuid::new_v5(
+        &uuid::Uuid::NAMESPACE_OID,
+        format!("petstore:{name}").as_bytes(),
+    );
+    let bytes = digest.as_bytes();
+    i64::from_be_bytes([
+        bytes[0], bytes[1], bytes[2], bytes[3], bytes[4], bytes[5], bytes[6], bytes[7],
+    ])
+}

@@ -116,6 +116,19 @@ pub struct EventMetadata {
     pub timestamp: DateTime<Utc>,
 }
 
+/// Namespace of trace ids derived from correlation ids.
+const TRACE_NAMESPACE: Uuid = Uuid::from_u128(0x51c3_7a0e_94d2_4b6f_8e1a_2f3b_4c5d_6e7f);
+
+impl EventMetadata {
+    /// A W3C `traceparent` for the event: the trace id is derived from the correlation id, so
+    /// every event of one request and its saga shares a trace; the span id from the command.
+    pub fn traceparent(&self) -> String {
+        let trace = Uuid::new_v5(&TRACE_NAMESPACE, self.correlation_id.as_str().as_bytes());
+        let span = self.command_id.simple().to_string();
+        format!("00-{}-{}-01", trace.simple(), &span[..16])
+    }
+}
+
 impl EventMetadata {
     /// Metadata for a command acting on behalf of `subject` within `correlation_id`.
     pub fn new(correlation_id: CorrelationId, subject: impl Into<String>) -> Self {
@@ -157,6 +170,7 @@ impl EventMetadata {
                 "timestamp".to_owned(),
                 self.timestamp.to_rfc3339_opts(SecondsFormat::Micros, true),
             ),
+            ("traceparent".to_owned(), self.traceparent()),
         ])
     }
 }

@@ -23,6 +23,10 @@ use uuid::Uuid;
 /// The request and response header that carries the correlation id.
 pub const CORRELATION_ID_HEADER: HeaderName = HeaderName::from_static("x-correlation-id");
 
+/// The header that carries a read-your-writes token: commands answer with it, queries wait
+/// (bounded) until the read model has reached it.
+pub const CONSISTENCY_TOKEN_HEADER: HeaderName = HeaderName::from_static("x-consistency-token");
+
 /// The media type of problem responses.
 pub const PROBLEM_CONTENT_TYPE: &str = "application/problem+json";
 

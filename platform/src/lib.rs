@@ -10,12 +10,16 @@
 //! - [`settings`]: the typed [`settings::Settings`], layered from defaults, YAML files and env.
 //! - [`telemetry`]: the tracing subscriber (JSON or text logs).
 //! - [`http`]: problem+json responses, correlation ids, extractors whose rejections are problems.
+//! - [`bus`]: Kafka: publishing the stream (idempotent producer) and consuming it in a group.
+//! - [`cache`]: Redis, with short timeouts so a slow or absent Redis is a fallback, not an outage.
 //! - [`database`]: connecting to Postgres or SQLite and running the migrations.
 //! - [`deadlines`]: durable saga step deadlines.
 //! - [`metrics`]: the registry of every metric, rendered for Prometheus.
 //! - [`event_store`]: loading aggregates and appending their events, with metadata.
 //! - [`stream`]: the global, gap-free event stream, durable checkpoints, audit queries.
 
+pub mod bus;
+pub mod cache;
 pub mod database;
 pub mod deadlines;
 pub mod event_store;

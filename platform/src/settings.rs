@@ -31,6 +31,10 @@ pub struct Settings {
     pub saga: SagaSettings,
     /// The payment gateway and delivery provider.
     pub providers: ProvidersSettings,
+    /// Kafka (unset brokers: no Kafka; the saga follows the event store directly).
+    pub kafka: KafkaSettings,
+    /// Redis (unset URL: reads are served by the read-model database alone).
+    pub redis: RedisSettings,
     /// Logging.
     pub log: LogSettings,
 }
@@ -43,6 +47,9 @@ pub struct HttpSettings {
     pub listen: SocketAddr,
     /// Largest accepted request body, in bytes.
     pub body_limit_bytes: usize,
+    /// How long a query with an `X-Consistency-Token` waits for the read model to reach it
+    /// before answering 409, in milliseconds.
+    pub consistency_wait_ms: u64,
 }
 
 impl Default for HttpSettings {
@@ -50,6 +57,7 @@ impl Default for HttpSettings {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             body_limit_bytes: 64 * 1024,
+            consistency_wait_ms: 2_000,
         }
     }
 }
@@ -235,6 +243,65 @@ impl Default for ProviderSettings {
     }
 }
 
+/// Kafka: where the projector publishes events and the saga runner consumes them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaSettings {
+    /// Bootstrap servers, comma-separated (`KAFKA_BROKERS`). Unset: Kafka is off.
+    pub brokers: Option<String>,
+    /// Topics are `{topic_prefix}.orders`, `.pets`, `.payments`, `.deliveries`.
+    pub topic_prefix: String,
+    /// Partitions of each topic created at start-up.
+    pub partitions: i32,
+    /// Replication factor of each topic created at start-up.
+    pub replication_factor: i32,
+    /// How long the producer keeps trying to deliver a message, in milliseconds.
+    pub message_timeout_ms: u64,
+    /// The saga runners' consumer group.
+    pub consumer_group: String,
+    /// Idempotent producer (acks=all, no duplicates from producer retries).
+    pub idempotent_producer: bool,
+}
+
+impl Default for KafkaSettings {
+    fn default() -> Self {
+        Self {
+            brokers: None,
+            topic_prefix: "petstore".to_owned(),
+            partitions: 3,
+            replication_factor: 1,
+            message_timeout_ms: 10_000,
+            consumer_group: "petstore-saga".to_owned(),
+            idempotent_producer: true,
+        }
+    }
+}
+
+/// Redis: serves order status and caches browse results.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisSettings {
+    /// `redis://host:port/db` (`REDIS_URL`). Unset: Redis is off.
+    pub url: Option<SecretString>,
+    /// Prefix of every key, so several deployments (or tests) can share a server.
+    pub key_prefix: String,
+    /// A Redis call slower than this counts as a failure (the query falls back), in ms.
+    pub operation_timeout_ms: u64,
+    /// How long a cached browse page lives, in seconds.
+    pub browse_ttl_seconds: u64,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        Self {
+            url: None,
+            key_prefix: "petstore".to_owned(),
+            operation_timeout_ms: 250,
+            browse_ttl_seconds: 30,
+        }
+    }
+}
+
 /// Log output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -275,9 +342,12 @@ impl Settings {
         let environment = std::env::var("PETSTORE_ENV").unwrap_or_else(|_| "local".to_owned());
         Self::figment(config_dir, &environment)
             .merge(Env::prefixed("PETSTORE__").split("__"))
-            .merge(
-                Env::raw().filter_map(|key| (key == "database_url").then(|| "database.url".into())),
-            )
+            .merge(Env::raw().filter_map(|key| match key.as_str() {
+                "database_url" => Some("database.url".into()),
+                "kafka_brokers" => Some("kafka.brokers".into()),
+                "redis_url" => Some("redis.url".into()),
+                _ => None,
+            }))
             .extract()
             .map_err(|error| SettingsError(Box::new(error)))
     }

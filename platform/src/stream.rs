@@ -463,3 +463,62 @@ pub async fn correlation_of(
     };
     Ok(correlation.flatten())
 }
+
+impl StreamPosition {
+    /// The opaque `X-Consistency-Token` form: `{transaction_id}.{global_position}`.
+    pub fn to_token(&self) -> String {
+        format!("{}.{}", self.transaction_id, self.global_position)
+    }
+
+    /// Parses [`Self::to_token`]'s form.
+    pub fn from_token(token: &str) -> Option<Self> {
+        let (transaction_id, global_position) = token.split_once('.')?;
+        Some(Self {
+            transaction_id: transaction_id
+                .parse()
+                .ok()
+                .filter(|value: &i64| *value >= 0)?,
+            global_position: global_position
+                .parse()
+                .ok()
+                .filter(|value: &i64| *value >= 0)?,
+        })
+    }
+}
+
+/// Where one stored event stands in the global stream.
+pub async fn position_of(
+    database: &Database,
+    aggregate_type: &str,
+    aggregate_id: &str,
+    sequence: i64,
+) -> Result<Option<StreamPosition>, StreamError> {
+    let row: Option<(i64, i64)> = match database {
+        Database::Postgres(pool) => {
+            sqlx::query_as(
+                "SELECT transaction_id::text::bigint, global_position FROM events
+                  WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = $3",
+            )
+            .bind(aggregate_type)
+            .bind(aggregate_id)
+            .bind(sequence)
+            .fetch_optional(pool)
+            .await?
+        }
+        Database::Sqlite(pool) => {
+            sqlx::query_as(
+                "SELECT 0, global_position FROM events
+                  WHERE aggregate_type = ?1 AND aggregate_id = ?2 AND sequence = ?3",
+            )
+            .bind(aggregate_type)
+            .bind(aggregate_id)
+            .bind(sequence)
+            .fetch_optional(pool)
+            .await?
+        }
+    };
+    Ok(row.map(|(transaction_id, global_position)| StreamPosition {
+        transaction_id,
+        global_position,
+    }))
+}

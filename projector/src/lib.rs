@@ -1,4 +1,5 @@
-//! The projector: streams every event, in global order, into the read models.
+//! The projector: streams every event, in global order, into the read models, Redis and
+//! Kafka.
 //!
 //! It owns the read models (their shapes, how events fold into them, and where they live)
 //! and the loop that keeps them current. It never decides business outcomes: it only records
@@ -8,13 +9,22 @@
 //!
 //! # Layout
 //! - [`views`]: the read-model documents and how events fold into them.
+//! - [`projection`]: what a projection is: a stream consumer with its own checkpoint.
 //! - [`read_models`]: where the views live (Postgres tables or memory) and the queries on them.
-//! - [`runner`]: the projection loop and its progress.
+//! - [`redis_views`]: the same views in Redis, and the browse cache.
+//! - [`kafka`]: publishing the stream to Kafka.
+//! - [`runner`]: the projection loop (one active instance per projection) and its progress.
 
+pub mod kafka;
+pub mod projection;
 pub mod read_models;
+pub mod redis_views;
 pub mod runner;
 pub mod views;
 
+pub use kafka::KafkaProjection;
+pub use projection::{Projection, ProjectionError};
 pub use read_models::{BrowseFilter, BrowsePage, ReadModelError, ReadModels};
+pub use redis_views::RedisViews;
 pub use runner::{Projector, ProjectorProgress};
 pub use views::{MoneyView, OrderStatusView, PetView};

@@ -7,17 +7,30 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use cqrs_es::Aggregate;
-use petstore_domain::pet::Pet;
 use petstore_domain::{OrderId, PetCategory, PetId};
 use petstore_platform::database::Database;
 use petstore_platform::stream::{self, RecordedEvent, StreamError, StreamPosition};
 use sqlx::PgPool;
 use tokio::sync::RwLock;
 
-use crate::views::{order_view_id, DecodeError, OrderStatusView, PetView};
+use crate::views::{DecodeError, OrderStatusView, PetView, ViewBatch};
 
-const PET: &str = <Pet as Aggregate>::TYPE;
+impl crate::projection::Projection for ReadModels {
+    fn name(&self) -> &'static str {
+        CHECKPOINT
+    }
+
+    async fn position(&self) -> Result<StreamPosition, crate::projection::ProjectionError> {
+        Ok(ReadModels::position(self).await?)
+    }
+
+    async fn apply(
+        &self,
+        events: &[RecordedEvent],
+    ) -> Result<(), crate::projection::ProjectionError> {
+        Ok(ReadModels::apply(self, events).await?)
+    }
+}
 
 /// The checkpoint name of the read models' projection.
 pub const CHECKPOINT: &str = "read_models";
@@ -118,33 +131,32 @@ impl ReadModels {
         match self {
             Self::Postgres(pool) => apply_postgres(pool, events, last.position).await,
             Self::Memory(state) => {
-                // Fold into copies first so a decode error leaves the state untouched.
+                // Fold copies first so a decode error leaves the state untouched.
                 let mut guard = state.write().await;
-                let mut orders: HashMap<String, Option<OrderStatusView>> = HashMap::new();
-                let mut pets: HashMap<String, Option<PetView>> = HashMap::new();
-                for event in events {
-                    if let Some(order_id) = order_view_id(event) {
-                        let slot = orders
-                            .entry(order_id)
-                            .or_insert_with_key(|order_id| guard.orders.get(order_id).cloned());
-                        *slot = OrderStatusView::fold(slot.take(), event)?;
-                    }
-                    if event.aggregate_type == PET {
-                        let slot = pets
-                            .entry(event.aggregate_id.clone())
-                            .or_insert_with(|| guard.pets.get(&event.aggregate_id).cloned());
-                        *slot = PetView::fold(slot.take(), event)?;
-                    }
+                let (order_ids, pet_ids) = ViewBatch::ids(events);
+                let mut batch = ViewBatch {
+                    orders: order_ids
+                        .into_iter()
+                        .map(|id| {
+                            let view = guard.orders.get(&id).cloned();
+                            (id, view)
+                        })
+                        .collect(),
+                    pets: pet_ids
+                        .into_iter()
+                        .map(|id| {
+                            let view = guard.pets.get(&id).cloned();
+                            (id, view)
+                        })
+                        .collect(),
+                };
+                batch.fold(events)?;
+                let (orders, pets) = batch.into_views();
+                for view in orders {
+                    guard.orders.insert(view.order_id.clone(), view);
                 }
-                for (id, view) in orders {
-                    if let Some(view) = view {
-                        guard.orders.insert(id, view);
-                    }
-                }
-                for (id, view) in pets {
-                    if let Some(view) = view {
-                        guard.pets.insert(id, view);
-                    }
+                for view in pets {
+                    guard.pets.insert(view.id.clone(), view);
                 }
                 guard.position = last.position;
                 Ok(())
@@ -266,15 +278,9 @@ async fn apply_postgres(
     events: &[RecordedEvent],
     last: StreamPosition,
 ) -> Result<(), ReadModelError> {
-    let mut order_ids: Vec<String> = events.iter().filter_map(order_view_id).collect();
-    order_ids.sort_unstable();
-    order_ids.dedup();
-    let pet_ids: Vec<String> = distinct_ids(events, PET);
+    let (order_ids, pet_ids) = ViewBatch::ids(events);
     let mut transaction = pool.begin().await?;
-    let mut orders: HashMap<String, Option<OrderStatusView>> =
-        order_ids.iter().map(|id| (id.clone(), None)).collect();
-    let mut pets: HashMap<String, Option<PetView>> =
-        pet_ids.iter().map(|id| (id.clone(), None)).collect();
+    let mut batch = ViewBatch::default();
     if !order_ids.is_empty() {
         let rows: Vec<(String, serde_json::Value)> = sqlx::query_as(
             "SELECT order_id::text, document FROM order_status_view
@@ -284,7 +290,9 @@ async fn apply_postgres(
         .fetch_all(&mut *transaction)
         .await?;
         for (id, document) in rows {
-            orders.insert(id, Some(serde_json::from_value(document)?));
+            batch
+                .orders
+                .insert(id, Some(serde_json::from_value(document)?));
         }
     }
     if !pet_ids.is_empty() {
@@ -295,20 +303,13 @@ async fn apply_postgres(
         .fetch_all(&mut *transaction)
         .await?;
         for (id, document) in rows {
-            pets.insert(id, Some(serde_json::from_value(document)?));
+            batch
+                .pets
+                .insert(id, Some(serde_json::from_value(document)?));
         }
     }
-    for event in events {
-        if let Some(order_id) = order_view_id(event) {
-            let slot = orders.entry(order_id).or_default();
-            *slot = OrderStatusView::fold(slot.take(), event)?;
-        }
-        if event.aggregate_type == PET {
-            let slot = pets.entry(event.aggregate_id.clone()).or_default();
-            *slot = PetView::fold(slot.take(), event)?;
-        }
-    }
-    let orders: Vec<OrderStatusView> = orders.into_values().flatten().collect();
+    batch.fold(events)?;
+    let (orders, pets) = batch.into_views();
     if !orders.is_empty() {
         // An order view folds events of four aggregates, so its `last_sequence` column holds
         // the global position of the last event applied, not a per-aggregate sequence.
@@ -334,7 +335,6 @@ async fn apply_postgres(
         .execute(&mut *transaction)
         .await?;
     }
-    let pets: Vec<PetView> = pets.into_values().flatten().collect();
     if !pets.is_empty() {
         let ids: Vec<&str> = pets.iter().map(|view| view.id.as_str()).collect();
         let categories: Vec<&str> = pets.iter().map(|view| view.category.as_str()).collect();
@@ -368,15 +368,4 @@ async fn apply_postgres(
     stream::save_checkpoint_in(&mut transaction, CHECKPOINT, last).await?;
     transaction.commit().await?;
     Ok(())
-}
-
-fn distinct_ids(events: &[RecordedEvent], aggregate_type: &str) -> Vec<String> {
-    let mut ids: Vec<String> = events
-        .iter()
-        .filter(|event| event.aggregate_type == aggregate_type)
-        .map(|event| event.aggregate_id.clone())
-        .collect();
-    ids.sort_unstable();
-    ids.dedup();
-    ids
 }

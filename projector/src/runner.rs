@@ -1,6 +1,7 @@
-//! The projection loop: read the global stream from the read models' checkpoint, apply each
-//! batch, repeat. Errors are logged and retried from the last committed checkpoint, so the
-//! read models never skip an event.
+//! The projection loop: become the active instance of a projection (a Postgres advisory
+//! lock; a standby waits and takes over when the active one dies), read the global stream
+//! from the projection's checkpoint, apply each batch, repeat. Errors are logged and retried
+//! from the last checkpoint, so a projection never skips an event.
 
 use std::future::Future;
 use std::time::Duration;
@@ -10,38 +11,46 @@ use petstore_platform::settings::ProjectorSettings;
 use petstore_platform::stream::{self, StreamPosition, StreamReader};
 use tokio::sync::watch;
 
-use crate::read_models::ReadModels;
+use crate::projection::Projection;
 
-/// How far the projector has come.
+/// How long a standby waits between attempts to take over.
+const TAKEOVER_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a failing projection waits before retrying from its checkpoint.
+const RETRY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How far a projection has come.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ProjectorProgress {
-    /// The position the read models reflect.
+    /// The position the projection reflects.
     pub position: StreamPosition,
-    /// Whether the read models have reached what was committed when the projector started
-    /// (rebuilt or resumed); stays true afterwards.
+    /// Whether it has reached what was committed when it (re)started; stays true afterwards.
     pub caught_up: bool,
+    /// Whether this process is the active instance (not a standby).
+    pub active: bool,
+    /// Whether the last attempt failed (the projection is stalled until it succeeds).
+    pub failing: bool,
 }
 
-/// Keeps the read models current.
-pub struct Projector {
+/// Keeps one projection current.
+pub struct Projector<P> {
     store: EventStore,
-    read_models: ReadModels,
+    projection: P,
     settings: ProjectorSettings,
     progress: watch::Sender<ProjectorProgress>,
 }
 
-impl Projector {
-    /// A projector of `store`'s stream into `read_models`.
-    pub fn new(store: EventStore, read_models: ReadModels, settings: ProjectorSettings) -> Self {
+impl<P: Projection> Projector<P> {
+    /// A projector of `store`'s stream into `projection`.
+    pub fn new(store: EventStore, projection: P, settings: ProjectorSettings) -> Self {
         Self {
             store,
-            read_models,
+            projection,
             settings,
             progress: watch::Sender::new(ProjectorProgress::default()),
         }
     }
 
-    /// Follows the projector's progress.
+    /// Follows the projection's progress.
     pub fn progress(&self) -> watch::Receiver<ProjectorProgress> {
         self.progress.subscribe()
     }
@@ -49,67 +58,83 @@ impl Projector {
     /// Projects until `shutdown` resolves. A batch being applied when it does still commits.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
-        loop {
-            let start = match self.read_models.position().await {
-                Ok(position) => position,
-                Err(error) => {
-                    tracing::error!(%error, "cannot read the projector checkpoint; retrying");
-                    tokio::select! {
-                        () = &mut shutdown => return,
-                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    }
+        let name = self.projection.name();
+        let _lock = loop {
+            match self
+                .store
+                .database()
+                .try_lock(&format!("projection:{name}"))
+                .await
+            {
+                Ok(Some(lock)) => break lock,
+                Ok(None) => {
+                    tracing::debug!(projection = name, "standby: another instance is active")
                 }
-            };
-            // Caught up means: at or past what was committed when the projector (re)started.
-            // An empty read does not prove it: on Postgres an older open transaction anywhere
-            // in the cluster hides newer events until it ends.
-            let head = match stream::head_position(self.store.database()).await {
-                Ok(head) => head,
                 Err(error) => {
-                    tracing::error!(%error, "cannot read the stream head; retrying");
-                    tokio::select! {
-                        () = &mut shutdown => return,
-                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    }
-                }
-            };
-            let mut reader = StreamReader::new(
-                &self.store,
-                start,
-                self.settings.batch_size,
-                self.settings.poll_interval(),
-            );
-            self.progress.send_modify(|progress| {
-                progress.position = start;
-                progress.caught_up |= start >= head;
-            });
-            loop {
-                let batch = tokio::select! {
-                    () = &mut shutdown => return,
-                    batch = reader.next_batch_or_idle() => batch,
-                };
-                let result = match batch {
-                    Ok(None) => continue,
-                    Ok(Some(events)) => self.read_models.apply(&events).await.map(|()| events),
-                    Err(error) => Err(error.into()),
-                };
-                match result {
-                    Ok(events) => {
-                        self.progress.send_modify(|progress| {
-                            progress.position = reader.position();
-                            progress.caught_up |= progress.position >= head;
-                        });
-                        tracing::debug!(events = events.len(), "projected");
-                    }
-                    Err(error) => {
-                        tracing::error!(%error, "projecting failed; resuming from the checkpoint");
-                        tokio::select! {
-                            () = &mut shutdown => return,
-                            () = tokio::time::sleep(Duration::from_secs(1)) => break,
-                        }
-                    }
+                    tracing::warn!(projection = name, %error, "cannot take the projection lock")
                 }
             }
+            tokio::select! {
+                () = &mut shutdown => return,
+                () = tokio::time::sleep(TAKEOVER_INTERVAL) => {}
+            }
+        };
+        tracing::info!(projection = name, "active");
+        self.progress.send_modify(|progress| progress.active = true);
+        loop {
+            if let Err(error) = self.follow(&mut shutdown).await {
+                tracing::error!(projection = name, %error, "projecting failed; resuming from the checkpoint");
+                self.progress
+                    .send_modify(|progress| progress.failing = true);
+                tokio::select! {
+                    () = &mut shutdown => return,
+                    () = tokio::time::sleep(RETRY_INTERVAL) => {}
+                }
+            } else {
+                return;
+            }
+        }
+    }
+
+    /// Projects from the checkpoint until stopped (`Ok`) or until something fails (`Err`).
+    async fn follow(
+        &self,
+        shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> Result<(), crate::projection::ProjectionError> {
+        let start = self.projection.position().await?;
+        // Caught up means: at or past what was committed when the projection (re)started.
+        // An empty read does not prove it: on Postgres an older open transaction anywhere in
+        // the cluster hides newer events until it ends.
+        let head = stream::head_position(self.store.database()).await?;
+        let mut reader = StreamReader::new(
+            &self.store,
+            start,
+            self.settings.batch_size,
+            self.settings.poll_interval(),
+        );
+        self.progress.send_modify(|progress| {
+            progress.position = start;
+            progress.caught_up |= start >= head;
+        });
+        loop {
+            let batch = tokio::select! {
+                () = shutdown.as_mut() => return Ok(()),
+                batch = reader.next_batch_or_idle() => batch?,
+            };
+            let Some(events) = batch else {
+                continue;
+            };
+            self.projection.apply(&events).await?;
+            self.progress.send_modify(|progress| {
+                progress.position = reader.position();
+                progress.caught_up |= progress.position >= head;
+                progress.failing = false;
+            });
+            tracing::debug!(
+                projection = self.projection.name(),
+                events = events.len(),
+                "projected"
+            );
         }
     }
 }

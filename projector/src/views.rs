@@ -1,5 +1,7 @@
 //! Read-model documents and how events fold into them. The fold is the same for every store.
 
+use std::collections::HashMap;
+
 use cqrs_es::Aggregate;
 use petstore_domain::delivery::{Delivery, DeliveryEvent};
 use petstore_domain::order::{Order, OrderEvent, OrderStatus};
@@ -127,6 +129,55 @@ fn decode<E: serde::de::DeserializeOwned>(event: &RecordedEvent) -> Result<E, De
         event_version: event.event_version.clone(),
         source,
     })
+}
+
+/// The views one batch of events touches, before and after folding it.
+#[derive(Debug, Default)]
+pub struct ViewBatch {
+    /// Order views by order id; `None` until the order exists.
+    pub orders: HashMap<String, Option<OrderStatusView>>,
+    /// Pet views by pet id.
+    pub pets: HashMap<String, Option<PetView>>,
+}
+
+impl ViewBatch {
+    /// The order and pet ids `events` touch, each once, sorted: load these views, fold.
+    pub fn ids(events: &[RecordedEvent]) -> (Vec<String>, Vec<String>) {
+        let mut orders: Vec<String> = events.iter().filter_map(order_view_id).collect();
+        orders.sort_unstable();
+        orders.dedup();
+        let mut pets: Vec<String> = events
+            .iter()
+            .filter(|event| event.aggregate_type == Pet::TYPE)
+            .map(|event| event.aggregate_id.clone())
+            .collect();
+        pets.sort_unstable();
+        pets.dedup();
+        (orders, pets)
+    }
+
+    /// Folds `events`, in order, into the loaded views (missing ones start as `None`).
+    pub fn fold(&mut self, events: &[RecordedEvent]) -> Result<(), DecodeError> {
+        for event in events {
+            if let Some(order_id) = order_view_id(event) {
+                let slot = self.orders.entry(order_id).or_default();
+                *slot = OrderStatusView::fold(slot.take(), event)?;
+            }
+            if event.aggregate_type == Pet::TYPE {
+                let slot = self.pets.entry(event.aggregate_id.clone()).or_default();
+                *slot = PetView::fold(slot.take(), event)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The views after folding, without the ids that never came to exist.
+    pub fn into_views(self) -> (Vec<OrderStatusView>, Vec<PetView>) {
+        (
+            self.orders.into_values().flatten().collect(),
+            self.pets.into_values().flatten().collect(),
+        )
+    }
 }
 
 /// The order whose status view an event changes, if any.

@@ -40,11 +40,12 @@ pub struct ComponentHealth {
 /// The service's health.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct HealthReport {
-    /// `up` when every component is up, else `down`.
+    /// `up`, `degraded` (only Redis or a secondary projection is down) or `down`.
     pub status: String,
     /// The service version.
     pub version: String,
-    /// Each component by name: `event_store`, `read_models`, `projector`.
+    /// Each component by name: `event_store`, `read_models`, `redis`, and
+    /// `projection:{read_models,redis,kafka}` for the projections this process runs.
     pub components: BTreeMap<String, ComponentHealth>,
 }
 
@@ -78,23 +79,53 @@ async fn report(state: &QueryState) -> HealthReport {
         }
     };
     components.insert("read_models".to_owned(), read_models);
-    if let Some(progress) = &state.projector {
+    for (name, progress) in &state.projections {
         let progress = *progress.borrow();
-        let detail = if progress.caught_up {
+        let detail = if !progress.active {
+            "standby: another instance is active"
+        } else if progress.failing {
+            "stalled: retrying from its checkpoint"
+        } else if progress.caught_up {
             "caught up"
         } else {
             "catching up"
         };
         components.insert(
-            "projector".to_owned(),
-            component(true, "in-process", Some(detail.to_owned())),
+            format!("projection:{name}"),
+            component(!progress.failing, "in-process", Some(detail.to_owned())),
         );
     }
+    if let Some(redis) = &state.redis {
+        let redis_health = match redis.cache().ping().await {
+            Ok(()) => component(true, "redis", None),
+            Err(error) => {
+                tracing::warn!(%error, "redis health check failed");
+                component(
+                    false,
+                    "redis",
+                    Some("unreachable; queries are served from the database".to_owned()),
+                )
+            }
+        };
+        components.insert("redis".to_owned(), redis_health);
+    }
+    let essential_up = ["event_store", "read_models", "projection:read_models"]
+        .iter()
+        .all(|name| {
+            components
+                .get(*name)
+                .is_none_or(|component| component.status == "up")
+        });
     let all_up = components
         .values()
         .all(|component| component.status == "up");
+    let status = match (essential_up, all_up) {
+        (true, true) => "up",
+        (true, false) => "degraded",
+        (false, _) => "down",
+    };
     HealthReport {
-        status: if all_up { "up" } else { "down" }.to_owned(),
+        status: status.to_owned(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         components,
     }
@@ -108,22 +139,24 @@ fn component(up: bool, kind: &str, detail: Option<String>) -> ComponentHealth {
     }
 }
 
-/// The status of every component. 200 when all are up, 503 otherwise.
+/// The status of every component: `up`; `degraded` (200) when only Redis or a secondary
+/// projection (Redis, Kafka) is down and queries are served from the database; `down` (503)
+/// when the event store or the read models are.
 #[utoipa::path(
     get,
     path = "/petstore-domain/health",
     tag = "health",
     responses(
-        (status = 200, description = "Every component is up", body = HealthReport),
+        (status = 200, description = "Up, or degraded (Redis or a secondary projection down)", body = HealthReport),
         (status = 503, description = "A component is down", body = HealthReport),
     )
 )]
 pub async fn health(State(state): State<QueryState>) -> impl IntoResponse {
     let report = report(&state).await;
-    let status = if report.status == "up" {
-        StatusCode::OK
-    } else {
+    let status = if report.status == "down" {
         StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
     };
     (status, Json(report))
 }
@@ -160,15 +193,16 @@ pub async fn live() -> Json<Liveness> {
 )]
 pub async fn ready(State(state): State<QueryState>) -> Result<Json<HealthReport>, Problem> {
     let report = report(&state).await;
-    if report.status != "up" {
+    if report.status == "down" {
         return Err(Problem::unavailable(
             "a component is down; see /petstore-domain/health",
         ));
     }
     let caught_up = state
-        .projector
-        .as_ref()
-        .is_none_or(|progress| progress.borrow().caught_up);
+        .projections
+        .iter()
+        .filter(|(name, _)| *name == petstore_projector::read_models::CHECKPOINT)
+        .all(|(_, progress)| progress.borrow().caught_up);
     if !caught_up {
         return Err(Problem::unavailable(
             "the read models are still being rebuilt",

@@ -8,26 +8,35 @@
 //! - [`orders`]: order status.
 //! - [`audit`]: the audit trail of an order or a correlation id, from the event store.
 //! - [`health`]: component health, liveness and readiness.
+//! - [`reads`]: Redis first, database as fallback; read-your-writes tokens.
+
+use std::time::Duration;
 
 use axum::Router;
 use petstore_platform::database::Database;
-use petstore_projector::{ProjectorProgress, ReadModels};
+use petstore_projector::{ProjectorProgress, ReadModels, RedisViews};
 use tokio::sync::watch;
 
 pub mod audit;
 pub mod health;
 pub mod orders;
 pub mod pets;
+pub mod reads;
 
 /// What the query handlers need.
 #[derive(Clone)]
 pub struct QueryState {
     /// The read models served.
     pub read_models: ReadModels,
+    /// The same views in Redis, read first when configured.
+    pub redis: Option<RedisViews>,
     /// The event store's database, for health checks.
     pub database: Database,
-    /// The progress of this process's projector, when it runs one.
-    pub projector: Option<watch::Receiver<ProjectorProgress>>,
+    /// The progress of each projection this process runs, by name (`read_models`,
+    /// `redis`, `kafka`).
+    pub projections: Vec<(&'static str, watch::Receiver<ProjectorProgress>)>,
+    /// How long a query with a consistency token waits for the read model.
+    pub consistency_wait: Duration,
 }
 
 /// Every query route, with its state applied.

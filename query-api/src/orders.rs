@@ -7,6 +7,7 @@ use petstore_domain::OrderId;
 use petstore_platform::http::{Json, Path, Problem, ProblemDocument};
 use petstore_projector::OrderStatusView;
 
+use crate::reads::ConsistencyToken;
 use crate::QueryState;
 
 /// The order routes.
@@ -22,31 +23,33 @@ pub fn router() -> Router<QueryState> {
 /// The status is one lower-case word: `pending`, `reserved`, `paid`, `scheduled`, and the
 /// terminal `completed` and `cancelled` (with a machine-readable `cancellation_reason`).
 /// The read model follows the events within milliseconds; a just-placed order may answer 404
-/// for that long.
+/// for that long, unless the request sends back the `X-Consistency-Token` the POST answered
+/// with: then it waits (up to `http.consistency_wait_ms`) until the read model shows the
+/// write, and answers 409 with `Retry-After` if it does not in time.
 #[utoipa::path(
     get,
     path = "/petstore-domain/orders/{order_id}/status",
     tag = "orders",
-    params(("order_id" = String, Path, description = "The order's UUID")),
+    params(
+        ("order_id" = String, Path, description = "The order's UUID"),
+        ("X-Consistency-Token" = Option<String>, Header, description = "From a command's response: wait until the read model shows that write"),
+    ),
     responses(
         (status = 200, description = "The order's status", body = OrderStatusView),
         (status = 400, description = "Not a UUID", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 404, description = "No such order", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 409, description = "The read model did not reach the consistency token in time", body = ProblemDocument, content_type = "application/problem+json"),
     )
 )]
 #[tracing::instrument(skip_all, fields(order_id = %order_id), err(Debug, level = "debug"))]
 pub async fn order_status(
     State(state): State<QueryState>,
     Path(order_id): Path<String>,
+    token: ConsistencyToken,
 ) -> Result<Json<OrderStatusView>, Problem> {
     let order_id =
         OrderId::parse(&order_id).map_err(|error| Problem::bad_request(error.to_string()))?;
-    match state
-        .read_models
-        .order(&order_id)
-        .await
-        .map_err(|error| Problem::internal(&error))?
-    {
+    match state.order(&order_id, token).await? {
         Some(view) => Ok(Json(view)),
         None => Err(Problem::not_found(format!(
             "order {order_id} does not exist"

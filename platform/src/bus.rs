@@ -1,0 +1,327 @@
+//! Kafka: publishing the global stream and consuming it in a consumer group.
+//!
+//! Every event goes to the topic of its aggregate type (`{prefix}.orders`, `.pets`,
+//! `.payments`, `.deliveries`), keyed by aggregate id (so one aggregate's events stay in
+//! order in one partition), with headers `event_id`, `event_type`, `event_version`,
+//! `correlation_id`, `causation_id`, `traceparent`, and an [`Envelope`] as JSON value. The
+//! producer is idempotent with `acks=all`; [`KafkaBus::publish`] returns only once every
+//! message of the batch is acknowledged, so a caller may move its checkpoint after it.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::future::try_join_all;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::Message;
+use serde::{Deserialize, Serialize};
+
+use crate::settings::KafkaSettings;
+use crate::stream::{RecordedEvent, StreamPosition};
+
+/// Kafka failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// Kafka is not configured.
+    #[error("kafka.brokers is not set")]
+    NotConfigured,
+    /// The client or broker failed.
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    /// A delivery report never came.
+    #[error("kafka delivery was cancelled")]
+    Cancelled,
+    /// Creating a topic failed.
+    #[error("creating topic {topic} failed: {code}")]
+    CreateTopic {
+        /// The topic.
+        topic: String,
+        /// The broker's error code.
+        code: RDKafkaErrorCode,
+    },
+    /// A consumed message is not an envelope.
+    #[error("message at {topic}/{partition}@{offset} is not an event envelope: {source}")]
+    Envelope {
+        /// Topic.
+        topic: String,
+        /// Partition.
+        partition: i32,
+        /// Offset.
+        offset: i64,
+        /// Why.
+        source: serde_json::Error,
+    },
+}
+
+/// The JSON value of every message: the event and where it stands in the global stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// The event's stable id.
+    pub event_id: String,
+    /// `Order`, `Pet`, `Payment` or `Delivery`.
+    pub aggregate_type: String,
+    /// The aggregate's id (also the message key).
+    pub aggregate_id: String,
+    /// The event's number within its aggregate, from 1.
+    pub sequence: i64,
+    /// The event type, e.g. `OrderCreated`.
+    pub event_type: String,
+    /// The event's schema version.
+    pub event_version: String,
+    /// The event's place in the global stream.
+    pub position: StreamPosition,
+    /// Correlation id, causation id, subject, command id, timestamp, traceparent.
+    pub metadata: HashMap<String, String>,
+    /// The event as the domain serialized it.
+    pub payload: serde_json::Value,
+}
+
+impl From<&RecordedEvent> for Envelope {
+    fn from(event: &RecordedEvent) -> Self {
+        Self {
+            event_id: event.event_id().to_string(),
+            aggregate_type: event.aggregate_type.clone(),
+            aggregate_id: event.aggregate_id.clone(),
+            sequence: event.sequence,
+            event_type: event.event_type.clone(),
+            event_version: event.event_version.clone(),
+            position: event.position,
+            metadata: event.metadata.clone(),
+            payload: event.payload.clone(),
+        }
+    }
+}
+
+impl From<Envelope> for RecordedEvent {
+    fn from(envelope: Envelope) -> Self {
+        Self {
+            position: envelope.position,
+            aggregate_type: envelope.aggregate_type,
+            aggregate_id: envelope.aggregate_id,
+            sequence: envelope.sequence,
+            event_type: envelope.event_type,
+            event_version: envelope.event_version,
+            payload: envelope.payload,
+            metadata: envelope.metadata,
+        }
+    }
+}
+
+/// The topic of an aggregate type: `Order` → `{prefix}.orders`.
+pub fn topic_for(prefix: &str, aggregate_type: &str) -> String {
+    let plural = match aggregate_type {
+        "Delivery" => "deliveries".to_owned(),
+        other => format!("{}s", other.to_lowercase()),
+    };
+    format!("{prefix}.{plural}")
+}
+
+/// The topics the service creates and consumes.
+pub fn topics(prefix: &str) -> Vec<String> {
+    ["Order", "Pet", "Payment", "Delivery"]
+        .into_iter()
+        .map(|aggregate_type| topic_for(prefix, aggregate_type))
+        .collect()
+}
+
+fn brokers(settings: &KafkaSettings) -> Result<&str, BusError> {
+    settings.brokers.as_deref().ok_or(BusError::NotConfigured)
+}
+
+/// Publishes events to Kafka.
+#[derive(Clone)]
+pub struct KafkaBus {
+    producer: FutureProducer,
+    settings: KafkaSettings,
+}
+
+impl KafkaBus {
+    /// A producer for the configured brokers (no connection is made yet).
+    pub fn new(settings: &KafkaSettings) -> Result<Self, BusError> {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", brokers(settings)?)
+            .set(
+                "enable.idempotence",
+                settings.idempotent_producer.to_string(),
+            )
+            .set("acks", "all")
+            .set(
+                "message.timeout.ms",
+                settings.message_timeout_ms.to_string(),
+            )
+            .set("linger.ms", "2")
+            .set("compression.type", "none")
+            .create()?;
+        Ok(Self {
+            producer,
+            settings: settings.clone(),
+        })
+    }
+
+    /// Creates the service's topics with the configured partitions; existing ones are kept.
+    pub async fn ensure_topics(&self) -> Result<(), BusError> {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", brokers(&self.settings)?)
+            .create()?;
+        let names = topics(&self.settings.topic_prefix);
+        let new_topics: Vec<NewTopic<'_>> = names
+            .iter()
+            .map(|name| {
+                NewTopic::new(
+                    name,
+                    self.settings.partitions,
+                    TopicReplication::Fixed(self.settings.replication_factor),
+                )
+            })
+            .collect();
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        for result in admin.create_topics(&new_topics, &options).await? {
+            match result {
+                Ok(_) => {}
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((topic, code)) => return Err(BusError::CreateTopic { topic, code }),
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes `events` in order and waits until the broker acknowledged every one.
+    pub async fn publish(&self, events: &[RecordedEvent]) -> Result<(), BusError> {
+        let mut deliveries = Vec::with_capacity(events.len());
+        for event in events {
+            let topic = topic_for(&self.settings.topic_prefix, &event.aggregate_type);
+            let envelope = Envelope::from(event);
+            let value = serde_json::to_vec(&envelope).map_err(|source| BusError::Envelope {
+                topic: topic.clone(),
+                partition: -1,
+                offset: -1,
+                source,
+            })?;
+            let mut headers = OwnedHeaders::new_with_capacity(6);
+            for (key, value) in [
+                ("event_id", envelope.event_id.as_str()),
+                ("event_type", envelope.event_type.as_str()),
+                ("event_version", envelope.event_version.as_str()),
+                ("correlation_id", event.metadata_value("correlation_id")),
+                ("causation_id", event.metadata_value("causation_id")),
+                ("traceparent", event.metadata_value("traceparent")),
+            ] {
+                headers = headers.insert(Header {
+                    key,
+                    value: Some(value),
+                });
+            }
+            let mut record = FutureRecord::to(&topic)
+                .key(&event.aggregate_id)
+                .payload(&value)
+                .headers(headers);
+            // Enqueue in stream order; librdkafka keeps per-partition order with idempotence.
+            let delivery = loop {
+                match self.producer.send_result(record) {
+                    Ok(delivery) => break delivery,
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                        record = returned;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err((error, _)) => return Err(error.into()),
+                }
+            };
+            deliveries.push(delivery);
+        }
+        try_join_all(deliveries.into_iter().map(|delivery| async move {
+            match delivery.await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err((error, _))) => Err(BusError::Kafka(error)),
+                Err(_) => Err(BusError::Cancelled),
+            }
+        }))
+        .await?;
+        Ok(())
+    }
+}
+
+/// A member of a consumer group over the service's topics.
+pub struct KafkaSubscriber {
+    consumer: StreamConsumer,
+}
+
+impl KafkaSubscriber {
+    /// Joins `group` and subscribes to every topic of the service. Offsets are committed
+    /// only by [`Self::commit`]; a new group starts from the earliest offset.
+    pub fn new(settings: &KafkaSettings, group: &str) -> Result<Self, BusError> {
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers(settings)?)
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "1000")
+            .create()?;
+        let names = topics(&settings.topic_prefix);
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        consumer.subscribe(&names)?;
+        Ok(Self { consumer })
+    }
+
+    /// Waits for one message, then takes whatever else arrives within `linger`, up to `max`.
+    /// Each message's offset is stored for the next [`Self::commit`].
+    pub async fn next_batch(
+        &self,
+        max: usize,
+        linger: Duration,
+    ) -> Result<Vec<RecordedEvent>, BusError> {
+        let mut batch = Vec::new();
+        let first = self.consumer.recv().await?;
+        batch.push(self.take(&first)?);
+        let until = tokio::time::Instant::now() + linger;
+        while batch.len() < max {
+            match tokio::time::timeout_at(until, self.consumer.recv()).await {
+                Ok(message) => {
+                    let message = message?;
+                    batch.push(self.take(&message)?);
+                }
+                Err(_) => break,
+            }
+        }
+        Ok(batch)
+    }
+
+    fn take(
+        &self,
+        message: &rdkafka::message::BorrowedMessage<'_>,
+    ) -> Result<RecordedEvent, BusError> {
+        let envelope: Envelope = serde_json::from_slice(message.payload().unwrap_or_default())
+            .map_err(|source| BusError::Envelope {
+                topic: message.topic().to_owned(),
+                partition: message.partition(),
+                offset: message.offset(),
+                source,
+            })?;
+        self.consumer.store_offset_from_message(message)?;
+        Ok(envelope.into())
+    }
+
+    /// Commits the stored offsets: everything returned so far is handled.
+    pub fn commit(&self) -> Result<(), BusError> {
+        match self.consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => Ok(()),
+            Err(error) => Err(error.into()),
+        }
+    }
+}
+
+/// Reads a header of a consumed message as text.
+pub fn header<'a>(message: &'a impl Message, key: &str) -> Option<&'a str> {
+    let headers = message.headers()?;
+    headers
+        .iter()
+        .find(|header| header.key == key)
+        .and_then(|header| header.value)
+        .and_then(|value| std::str::from_utf8(value).ok())
+}

@@ -1,0 +1,140 @@
+//! Redis, for read models and cached query results.
+//!
+//! Every call has a short timeout: a slow or unreachable Redis turns into an error the caller
+//! handles (queries fall back to the read-model database) instead of a slow service. The
+//! connection manager reconnects on its own once Redis is back. Keys are namespaced by a
+//! configurable prefix.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::AsyncCommands;
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::settings::RedisSettings;
+
+/// Redis failed or answered too slowly.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// Redis is not configured.
+    #[error("redis.url is not set")]
+    NotConfigured,
+    /// The client or server failed.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// The call took longer than the operation timeout.
+    #[error("redis did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// A Redis connection with a key prefix and an operation timeout.
+#[derive(Clone)]
+pub struct Cache {
+    connection: ConnectionManager,
+    prefix: String,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Cache")
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cache {
+    /// A lazily connecting client: the service starts even when Redis is down.
+    pub fn connect(settings: &RedisSettings) -> Result<Self, CacheError> {
+        let url: &SecretString = settings.url.as_ref().ok_or(CacheError::NotConfigured)?;
+        let client = redis::Client::open(url.expose_secret())?;
+        let timeout = Duration::from_millis(settings.operation_timeout_ms.max(1));
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(1));
+        let connection = ConnectionManager::new_lazy_with_config(client, config)?;
+        Ok(Self {
+            connection,
+            prefix: settings.key_prefix.clone(),
+            timeout,
+        })
+    }
+
+    /// `{prefix}:{suffix}`.
+    pub fn key(&self, suffix: &str) -> String {
+        format!("{}:{suffix}", self.prefix)
+    }
+
+    async fn bounded<T>(
+        &self,
+        call: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, CacheError> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(CacheError::Timeout(self.timeout)),
+        }
+    }
+
+    /// Round trip, for health checks.
+    pub async fn ping(&self) -> Result<(), CacheError> {
+        let mut connection = self.connection.clone();
+        self.bounded(redis::cmd("PING").query_async::<String>(&mut connection))
+            .await?;
+        Ok(())
+    }
+
+    /// The value at a full key.
+    pub async fn get(&self, key: &str) -> Result<Option<String>, CacheError> {
+        let mut connection = self.connection.clone();
+        self.bounded(connection.get(key)).await
+    }
+
+    /// The values at several full keys, in order.
+    pub async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<String>>, CacheError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut connection = self.connection.clone();
+        self.bounded(redis::cmd("MGET").arg(keys).query_async(&mut connection))
+            .await
+    }
+
+    /// Sets a full key that expires after `ttl`.
+    pub async fn set_expiring(
+        &self,
+        key: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<(), CacheError> {
+        let mut connection = self.connection.clone();
+        self.bounded(connection.set_ex(key, value, ttl.as_secs().max(1)))
+            .await
+    }
+
+    /// Sets every `(key, value)` and increments every counter key, atomically (MULTI/EXEC).
+    pub async fn write_atomically(
+        &self,
+        values: &[(String, String)],
+        counters: &[String],
+    ) -> Result<(), CacheError> {
+        let mut pipeline = redis::pipe();
+        pipeline.atomic();
+        for (key, value) in values {
+            pipeline.set(key, value).ignore();
+        }
+        for key in counters {
+            pipeline.incr(key, 1).ignore();
+        }
+        let mut connection = self.connection.clone();
+        // A big batch may take longer than one small call.
+        let timeout = self.timeout * 4;
+        match tokio::time::timeout(timeout, pipeline.query_async::<()>(&mut connection)).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(CacheError::Timeout(timeout)),
+        }
+    }
+}

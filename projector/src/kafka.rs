@@ -1,0 +1,57 @@
+//! The Kafka projection: publishes every event of the global stream to its topic. Its
+//! checkpoint (`kafka` in `stream_checkpoints`) moves only after the broker acknowledged the
+//! whole batch, so a broker outage stalls it and nothing is lost; a crash between delivery
+//! and checkpoint publishes that batch again (consumers deduplicate by event id).
+
+use petstore_platform::bus::KafkaBus;
+use petstore_platform::database::Database;
+use petstore_platform::stream::{self, RecordedEvent, StreamPosition};
+
+use crate::projection::{Projection, ProjectionError};
+
+/// The checkpoint name of the Kafka projection.
+pub const CHECKPOINT: &str = "kafka";
+
+/// Publishes the global stream to Kafka.
+pub struct KafkaProjection {
+    bus: KafkaBus,
+    database: Database,
+    topics_ready: std::sync::atomic::AtomicBool,
+}
+
+impl KafkaProjection {
+    /// Publishes with `bus`, keeping its checkpoint in `database`.
+    pub fn new(bus: KafkaBus, database: Database) -> Self {
+        Self {
+            bus,
+            database,
+            topics_ready: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+}
+
+impl Projection for KafkaProjection {
+    fn name(&self) -> &'static str {
+        CHECKPOINT
+    }
+
+    async fn position(&self) -> Result<StreamPosition, ProjectionError> {
+        Ok(stream::load_checkpoint(&self.database, CHECKPOINT).await?)
+    }
+
+    async fn apply(&self, events: &[RecordedEvent]) -> Result<(), ProjectionError> {
+        let Some(last) = events.last() else {
+            return Ok(());
+        };
+        // Topics are created on first use, not at start-up, so a broker that is down when the
+        // service starts stalls this projection instead of the service.
+        if !self.topics_ready.load(std::sync::atomic::Ordering::Relaxed) {
+            self.bus.ensure_topics().await?;
+            self.topics_ready
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.bus.publish(events).await?;
+        stream::save_checkpoint(&self.database, CHECKPOINT, last.position).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,49 @@
+//! What the projector runs: a consumer of the global stream with its own checkpoint.
+
+use std::future::Future;
+
+use petstore_platform::bus::BusError;
+use petstore_platform::cache::CacheError;
+use petstore_platform::stream::{RecordedEvent, StreamError, StreamPosition};
+
+use crate::read_models::ReadModelError;
+use crate::views::DecodeError;
+
+/// A projection failed; the projector retries from the last checkpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectionError {
+    /// A read-model database failed.
+    #[error(transparent)]
+    ReadModels(#[from] ReadModelError),
+    /// Kafka failed.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// Redis failed.
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    /// The event stream or a checkpoint failed.
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    /// A stored event cannot be decoded.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// A stored document does not match its view.
+    #[error("malformed document: {0}")]
+    Document(#[from] serde_json::Error),
+}
+
+/// A consumer of the global stream that keeps its own checkpoint. `apply` must move the
+/// checkpoint past the batch only once the batch's effect is durable.
+pub trait Projection: Send + Sync + 'static {
+    /// The checkpoint and lock name (`read_models`, `redis`, `kafka`).
+    fn name(&self) -> &'static str;
+
+    /// The position after the last applied event.
+    fn position(&self) -> impl Future<Output = Result<StreamPosition, ProjectionError>> + Send;
+
+    /// Applies a batch, in order, and moves the checkpoint past its last event.
+    fn apply(
+        &self,
+        events: &[RecordedEvent],
+    ) -> impl Future<Output = Result<(), ProjectionError>> + Send;
+}

@@ -1,0 +1,191 @@
+//! The Redis projection: order status and pet views in Redis, for fast reads, and the cache
+//! of browse results.
+//!
+//! It folds the stream like every read model (same [`ViewBatch`] fold) and writes each
+//! batch's views together with its checkpoint in one MULTI/EXEC, so Redis never holds half a
+//! batch. Pet changes bump the catalog generation, which is part of every cached browse key:
+//! a cached page is never served after a pet it shows changed. Redis down stalls this
+//! projection only; queries fall back to the read-model database meanwhile, and Redis
+//! catches up from its checkpoint when it is back (or rebuilds from the start if it lost its
+//! data).
+
+use std::time::Duration;
+
+use petstore_domain::{OrderId, PetId};
+use petstore_platform::cache::{Cache, CacheError};
+use petstore_platform::stream::{RecordedEvent, StreamPosition};
+
+use crate::projection::{Projection, ProjectionError};
+use crate::read_models::{BrowseFilter, BrowsePage};
+use crate::views::{OrderStatusView, PetView, ViewBatch};
+
+/// The checkpoint name of the Redis projection.
+pub const CHECKPOINT: &str = "redis";
+
+/// Order and pet views in Redis.
+#[derive(Debug, Clone)]
+pub struct RedisViews {
+    cache: Cache,
+    browse_ttl: Duration,
+}
+
+impl RedisViews {
+    /// Views in `cache`; browse pages live `browse_ttl`.
+    pub fn new(cache: Cache, browse_ttl: Duration) -> Self {
+        Self { cache, browse_ttl }
+    }
+
+    /// The Redis connection.
+    pub fn cache(&self) -> &Cache {
+        &self.cache
+    }
+
+    fn order_key(&self, order_id: &str) -> String {
+        self.cache.key(&format!("order:{order_id}"))
+    }
+
+    fn pet_key(&self, pet_id: &str) -> String {
+        self.cache.key(&format!("pet:{pet_id}"))
+    }
+
+    fn checkpoint_key(&self) -> String {
+        self.cache.key("checkpoint:redis")
+    }
+
+    fn generation_key(&self) -> String {
+        self.cache.key("catalog:generation")
+    }
+
+    /// An order's status view, if Redis has it.
+    pub async fn order(
+        &self,
+        order_id: &OrderId,
+    ) -> Result<Option<OrderStatusView>, ProjectionError> {
+        let document = self
+            .cache
+            .get(&self.order_key(&order_id.to_string()))
+            .await?;
+        Ok(document
+            .map(|text| serde_json::from_str(&text))
+            .transpose()?)
+    }
+
+    /// A pet's view, if Redis has it.
+    pub async fn pet(&self, pet_id: &PetId) -> Result<Option<PetView>, ProjectionError> {
+        let document = self.cache.get(&self.pet_key(pet_id.as_str())).await?;
+        Ok(document
+            .map(|text| serde_json::from_str(&text))
+            .transpose()?)
+    }
+
+    async fn browse_key(&self, filter: &BrowseFilter) -> Result<String, CacheError> {
+        let generation = self
+            .cache
+            .get(&self.generation_key())
+            .await?
+            .unwrap_or_default();
+        Ok(self.cache.key(&format!(
+            "browse:{generation}:{}:{}:{}:{}:{}:{}",
+            filter.category.map_or("", |category| category.as_str()),
+            filter
+                .min_price
+                .map(|price| price.to_string())
+                .unwrap_or_default(),
+            filter
+                .max_price
+                .map(|price| price.to_string())
+                .unwrap_or_default(),
+            filter.availability.as_deref().unwrap_or_default(),
+            filter.after.as_ref().map_or("", PetId::as_str),
+            filter.limit,
+        )))
+    }
+
+    /// A cached browse page for `filter`, if one is current.
+    pub async fn cached_browse(
+        &self,
+        filter: &BrowseFilter,
+    ) -> Result<Option<BrowsePage>, ProjectionError> {
+        let key = self.browse_key(filter).await?;
+        let Some(text) = self.cache.get(&key).await? else {
+            return Ok(None);
+        };
+        let (pets, next_cursor): (Vec<PetView>, Option<String>) = serde_json::from_str(&text)?;
+        Ok(Some(BrowsePage { pets, next_cursor }))
+    }
+
+    /// Caches a browse page for `filter` under the current catalog generation.
+    pub async fn cache_browse(
+        &self,
+        filter: &BrowseFilter,
+        page: &BrowsePage,
+    ) -> Result<(), ProjectionError> {
+        let key = self.browse_key(filter).await?;
+        let text = serde_json::to_string(&(&page.pets, &page.next_cursor))?;
+        self.cache
+            .set_expiring(&key, &text, self.browse_ttl)
+            .await?;
+        Ok(())
+    }
+}
+
+impl Projection for RedisViews {
+    fn name(&self) -> &'static str {
+        CHECKPOINT
+    }
+
+    async fn position(&self) -> Result<StreamPosition, ProjectionError> {
+        match self.cache.get(&self.checkpoint_key()).await? {
+            Some(text) => Ok(serde_json::from_str(&text)?),
+            None => Ok(StreamPosition::START),
+        }
+    }
+
+    async fn apply(&self, events: &[RecordedEvent]) -> Result<(), ProjectionError> {
+        let Some(last) = events.last() else {
+            return Ok(());
+        };
+        let (order_ids, pet_ids) = ViewBatch::ids(events);
+        let order_keys: Vec<String> = order_ids.iter().map(|id| self.order_key(id)).collect();
+        let pet_keys: Vec<String> = pet_ids.iter().map(|id| self.pet_key(id)).collect();
+        let mut batch = ViewBatch::default();
+        for (id, document) in order_ids
+            .into_iter()
+            .zip(self.cache.get_many(&order_keys).await?)
+        {
+            let view = document
+                .map(|text| serde_json::from_str(&text))
+                .transpose()?;
+            batch.orders.insert(id, view);
+        }
+        for (id, document) in pet_ids
+            .into_iter()
+            .zip(self.cache.get_many(&pet_keys).await?)
+        {
+            let view = document
+                .map(|text| serde_json::from_str(&text))
+                .transpose()?;
+            batch.pets.insert(id, view);
+        }
+        batch.fold(events)?;
+        let (orders, pets) = batch.into_views();
+        let mut values = Vec::with_capacity(orders.len() + pets.len() + 1);
+        for view in &orders {
+            values.push((self.order_key(&view.order_id), serde_json::to_string(view)?));
+        }
+        for view in &pets {
+            values.push((self.pet_key(&view.id), serde_json::to_string(view)?));
+        }
+        values.push((
+            self.checkpoint_key(),
+            serde_json::to_string(&last.position)?,
+        ));
+        let counters = if pets.is_empty() {
+            Vec::new()
+        } else {
+            vec![self.generation_key()]
+        };
+        self.cache.write_atomically(&values, &counters).await?;
+        Ok(())
+    }
+}

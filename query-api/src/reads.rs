@@ -1,0 +1,112 @@
+//! Where each query reads from: Redis first when it is configured and healthy, the read-model
+//! database otherwise; and read-your-writes: a query that carries an `X-Consistency-Token`
+//! waits (bounded) until the read-model database has reached it.
+
+use std::time::Duration;
+
+use axum::extract::FromRequestParts;
+use axum::http::header::{HeaderValue, RETRY_AFTER};
+use axum::http::request::Parts;
+use petstore_domain::{OrderId, PetId};
+use petstore_platform::http::{Problem, CONSISTENCY_TOKEN_HEADER};
+use petstore_platform::stream::StreamPosition;
+use petstore_projector::{BrowseFilter, BrowsePage, OrderStatusView, PetView};
+use tokio::time::Instant;
+
+use crate::QueryState;
+
+/// The `X-Consistency-Token` a client sent back, if any.
+#[derive(Debug, Clone, Copy)]
+pub struct ConsistencyToken(pub Option<StreamPosition>);
+
+impl<S: Send + Sync> FromRequestParts<S> for ConsistencyToken {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        match parts.headers.get(&CONSISTENCY_TOKEN_HEADER) {
+            None => Ok(Self(None)),
+            Some(value) => value
+                .to_str()
+                .ok()
+                .and_then(StreamPosition::from_token)
+                .map(|position| Self(Some(position)))
+                .ok_or_else(|| {
+                    Problem::bad_request("X-Consistency-Token is not a token this API issued")
+                }),
+        }
+    }
+}
+
+fn internal(error: impl std::fmt::Display) -> Problem {
+    Problem::internal(&error)
+}
+
+impl QueryState {
+    /// Waits until the read-model database reflects `token`; 409 with `Retry-After` past the
+    /// configured bound.
+    async fn wait_for(&self, token: StreamPosition) -> Result<(), Problem> {
+        let deadline = Instant::now() + self.consistency_wait;
+        loop {
+            let position = self.read_models.position().await.map_err(internal)?;
+            if position >= token {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(Problem::conflict(format!(
+                    "the read model has not reached your write within {} ms; retry shortly",
+                    self.consistency_wait.as_millis()
+                ))
+                .with_header(RETRY_AFTER, HeaderValue::from_static("1")));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// An order's status view.
+    pub async fn order(
+        &self,
+        order_id: &OrderId,
+        token: ConsistencyToken,
+    ) -> Result<Option<OrderStatusView>, Problem> {
+        if let Some(token) = token.0 {
+            self.wait_for(token).await?;
+        } else if let Some(redis) = &self.redis {
+            match redis.order(order_id).await {
+                Ok(Some(view)) => return Ok(Some(view)),
+                Ok(None) => {}
+                Err(error) => tracing::debug!(%error, "redis read failed; reading the database"),
+            }
+        }
+        self.read_models.order(order_id).await.map_err(internal)
+    }
+
+    /// A pet's view.
+    pub async fn pet(&self, pet_id: &PetId) -> Result<Option<PetView>, Problem> {
+        if let Some(redis) = &self.redis {
+            match redis.pet(pet_id).await {
+                Ok(Some(view)) => return Ok(Some(view)),
+                Ok(None) => {}
+                Err(error) => tracing::debug!(%error, "redis read failed; reading the database"),
+            }
+        }
+        self.read_models.pet(pet_id).await.map_err(internal)
+    }
+
+    /// A browse page: from the Redis cache when current, else from the database (and then
+    /// cached).
+    pub async fn browse(&self, filter: &BrowseFilter) -> Result<BrowsePage, Problem> {
+        let Some(redis) = &self.redis else {
+            return self.read_models.browse(filter).await.map_err(internal);
+        };
+        match redis.cached_browse(filter).await {
+            Ok(Some(page)) => return Ok(page),
+            Ok(None) => {}
+            Err(error) => tracing::debug!(%error, "redis read failed; reading the database"),
+        }
+        let page = self.read_models.browse(filter).await.map_err(internal)?;
+        if let Err(error) = redis.cache_browse(filter, &page).await {
+            tracing::debug!(%error, "caching a browse page failed");
+        }
+        Ok(page)
+    }
+}

@@ -43,7 +43,10 @@ async fn health_reports_every_component(engine: Engine) {
     };
     assert_eq!(health["components"]["event_store"]["kind"], expected_store);
     assert_eq!(health["components"]["read_models"]["status"], "up");
-    assert_eq!(health["components"]["projection:read_models"]["status"], "up");
+    assert_eq!(
+        health["components"]["projection:read_models"]["status"],
+        "up"
+    );
     for path in [
         "/petstore-domain/health/live",
         "/petstore-domain/health/ready",

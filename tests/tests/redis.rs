@@ -1,0 +1,265 @@
+//! Redis read models and the browse cache (Postgres as the source), Redis failures, and
+//! read-your-writes tokens.
+
+use std::time::Duration;
+
+use petstore_platform::settings::Settings;
+use petstore_tests::{
+    assert_problem, on_both_engines, redis_url, unique_name, Engine, OwnRedis, Storage, TestApp,
+};
+use redis::AsyncCommands;
+use secrecy::SecretString;
+use serde_json::{json, Value};
+
+fn with_redis(settings: &mut Settings, url: &str, prefix: &str) {
+    settings.redis.url = Some(SecretString::from(url.to_owned()));
+    settings.redis.key_prefix = prefix.to_owned();
+}
+
+async fn place(app: &TestApp, pet_id: &str) -> String {
+    let accepted = app.place_order(pet_id).await;
+    accepted["order_id"].as_str().expect("id").to_owned()
+}
+
+async fn redis_get(url: &str, key: &str) -> Option<String> {
+    let client = redis::Client::open(url).expect("url");
+    let mut connection = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis answers");
+    connection.get(key).await.expect("GET")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn order_status_is_served_from_redis_and_equals_the_database_view() {
+    let storage = Storage::new(Engine::Postgres).await;
+    let prefix = unique_name("redis");
+    let mut settings = storage.settings();
+    with_redis(&mut settings, &redis_url(), &prefix);
+    let app = TestApp::start(settings).await;
+    app.wait_until_ready().await;
+    let order_id = place(&app, "golden-retriever-001").await;
+    let served = app.wait_for_terminal(&order_id).await;
+    assert_eq!(served["status"], "completed");
+
+    // The Redis projection holds the same document the database does, once caught up.
+    let key = format!("{prefix}:order:{order_id}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let in_redis: Value = loop {
+        if let Some(text) = redis_get(&redis_url(), &key).await {
+            let view: Value = serde_json::from_str(&text).expect("json");
+            if view["status"] == "completed" {
+                break view;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "redis never caught up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut connection = storage.postgres().expect("postgres").connect().await;
+    let in_postgres: Value =
+        sqlx::query_scalar("SELECT document FROM order_status_view WHERE order_id = $1::uuid")
+            .bind(&order_id)
+            .fetch_one(&mut connection)
+            .await
+            .expect("row");
+    assert_eq!(in_redis, in_postgres);
+    let health: Value = app
+        .get("/petstore-domain/health")
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(health["status"], "up");
+    assert_eq!(health["components"]["redis"]["status"], "up");
+    app.stop().await;
+    storage.remove().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_stopped_during_reads_falls_back_to_postgres_and_catches_up_when_back() {
+    let storage = Storage::new(Engine::Postgres).await;
+    let mut redis = OwnRedis::start().await;
+    let prefix = unique_name("redis");
+    let mut settings = storage.settings();
+    with_redis(&mut settings, &redis.url(), &prefix);
+    let app = TestApp::start(settings).await;
+    app.wait_until_ready().await;
+    let first = place(&app, "labrador-001").await;
+    app.wait_for_terminal(&first).await;
+
+    redis.stop();
+    let health = app.get("/petstore-domain/health").await;
+    assert_eq!(health.status(), 200, "degraded, not down");
+    let health: Value = health.json().await.expect("json");
+    assert_eq!(health["status"], "degraded");
+    assert_eq!(health["components"]["redis"]["status"], "down");
+    assert_eq!(app.get("/petstore-domain/health/ready").await.status(), 200);
+
+    // Reads stay correct, from Postgres; new orders still complete.
+    let view: Value = app
+        .get(&format!("/petstore-domain/orders/{first}/status"))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(view["status"], "completed");
+    let second = place(&app, "corgi-001").await;
+    assert_eq!(app.wait_for_terminal(&second).await["status"], "completed");
+    let dogs: Value = app
+        .get("/petstore-domain/pets/browse?category=dog")
+        .await
+        .json()
+        .await
+        .expect("json");
+    let corgi = dogs["pets"]
+        .as_array()
+        .expect("pets")
+        .iter()
+        .find(|pet| pet["id"] == "corgi-001")
+        .cloned();
+    assert_eq!(corgi.expect("listed")["availability"], "sold");
+
+    // Redis comes back empty: its projection rebuilds from the log and serves again.
+    redis.restart().await;
+    let key = format!("{prefix}:order:{second}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while redis_get(&redis.url(), &key).await.is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "redis projection never caught up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    app.wait_for_json("/petstore-domain/health", |health| health["status"] == "up")
+        .await;
+    app.stop().await;
+    storage.remove().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unreachable_redis_never_breaks_the_service() {
+    let storage = Storage::new(Engine::Postgres).await;
+    let mut settings = storage.settings();
+    with_redis(
+        &mut settings,
+        "redis://127.0.0.1:1/0",
+        &unique_name("redis"),
+    );
+    let app = TestApp::start(settings).await;
+    app.wait_until_ready().await;
+    let order_id = place(&app, "persian-cat-001").await;
+    assert_eq!(
+        app.wait_for_terminal(&order_id).await["status"],
+        "completed"
+    );
+    let pet: Value = app
+        .get("/petstore-domain/pets/persian-cat-001")
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(pet["availability"], "sold");
+    let health: Value = app
+        .get("/petstore-domain/health")
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(health["status"], "degraded");
+    assert_eq!(health["components"]["redis"]["status"], "down");
+    app.stop().await;
+    storage.remove().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cached_browse_pages_are_invalidated_by_pet_events() {
+    let storage = Storage::new(Engine::Postgres).await;
+    let mut settings = storage.settings();
+    with_redis(&mut settings, &redis_url(), &unique_name("redis"));
+    settings.redis.browse_ttl_seconds = 3_600; // only invalidation can refresh a page
+    let app = TestApp::start(settings).await;
+    app.wait_until_ready().await;
+    let availability = |page: &Value| {
+        page["pets"]
+            .as_array()
+            .expect("pets")
+            .iter()
+            .find(|pet| pet["id"] == "beagle-001")
+            .map(|pet| pet["availability"].clone())
+    };
+    let page: Value = app
+        .get("/petstore-domain/pets/browse?category=dog")
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(availability(&page), Some(json!("available")));
+    let order_id = place(&app, "beagle-001").await;
+    app.wait_for_terminal(&order_id).await;
+    app.wait_for_json("/petstore-domain/pets/browse?category=dog", |page| {
+        availability(page) == Some(json!("sold"))
+    })
+    .await;
+    app.stop().await;
+    storage.remove().await;
+}
+
+on_both_engines!(a_consistency_token_reads_your_own_write);
+
+async fn a_consistency_token_reads_your_own_write(engine: Engine) {
+    let storage = Storage::new(engine).await;
+    let mut settings = storage.settings();
+    settings.http.consistency_wait_ms = 3_000;
+    let app = TestApp::start(settings).await;
+    app.wait_until_ready().await;
+    for _ in 0..5 {
+        let response = app
+            .post_json(
+                "/petstore-domain/orders",
+                &json!({"customer_id": "c", "pet_id": "clownfish-001"}),
+            )
+            .await;
+        assert_eq!(response.status(), 202);
+        let token = response.headers()["x-consistency-token"]
+            .to_str()
+            .expect("ascii")
+            .to_owned();
+        let accepted: Value = response.json().await.expect("json");
+        let order_id = accepted["order_id"].as_str().expect("id");
+        let read = app
+            .client
+            .get(app.url(&format!("/petstore-domain/orders/{order_id}/status")))
+            .header("X-Consistency-Token", &token)
+            .send()
+            .await
+            .expect("answered");
+        assert_eq!(
+            read.status(),
+            200,
+            "the write is visible at once with its token"
+        );
+    }
+    let status_path = "/petstore-domain/orders/6f1e0b6c-58a4-4c1e-9a3e-2d7b0c5f1a90/status";
+    let malformed = app
+        .client
+        .get(app.url(status_path))
+        .header("X-Consistency-Token", "yesterday")
+        .send()
+        .await
+        .expect("answered");
+    assert_problem(malformed, 400).await;
+    let unreachable = app
+        .client
+        .get(app.url(status_path))
+        .header("X-Consistency-Token", "9000000000000.9000000000000")
+        .send()
+        .await
+        .expect("answered");
+    assert!(unreachable.headers().contains_key("retry-after"));
+    assert_problem(unreachable, 409).await;
+    app.stop().await;
+    storage.remove().await;
+}

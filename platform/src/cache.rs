@@ -64,6 +64,94 @@ impl Cache {
         })
     }
 
+    /// The same connection under another key prefix.
+    pub fn with_prefix(&self, prefix: &str) -> Self {
+        Self {
+            connection: self.connection.clone(),
+            prefix: prefix.to_owned(),
+            timeout: self.timeout,
+        }
+    }
+
+    /// The key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Moves every key under `{from}:` to the same suffix under this cache's prefix, replacing
+    /// what is there, in one MULTI/EXEC: readers see the old keys or the new ones, never a mix.
+    /// Returns how many keys moved.
+    pub async fn adopt_namespace(&self, from: &str) -> Result<usize, CacheError> {
+        let mut connection = self.connection.clone();
+        let pattern = format!("{from}:*");
+        let mut keys: Vec<String> = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, batch): (u64, Vec<String>) = self
+                .bounded(
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query_async(&mut connection),
+                )
+                .await?;
+            keys.extend(batch);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        let mut pipeline = redis::pipe();
+        pipeline.atomic();
+        for key in &keys {
+            let suffix = &key[from.len() + 1..];
+            pipeline.rename(key, self.key(suffix)).ignore();
+        }
+        let timeout = self.timeout * 20;
+        match tokio::time::timeout(timeout, pipeline.query_async::<()>(&mut connection)).await {
+            Ok(result) => result?,
+            Err(_) => return Err(CacheError::Timeout(timeout)),
+        }
+        Ok(keys.len())
+    }
+
+    /// Deletes every key under `{prefix}:` (a namespace left by an interrupted replay).
+    pub async fn delete_namespace(&self, prefix: &str) -> Result<usize, CacheError> {
+        let mut connection = self.connection.clone();
+        let pattern = format!("{prefix}:*");
+        let mut deleted = 0;
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = self
+                .bounded(
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query_async(&mut connection),
+                )
+                .await?;
+            if !keys.is_empty() {
+                deleted += keys.len();
+                self.bounded(
+                    redis::cmd("DEL")
+                        .arg(&keys)
+                        .query_async::<usize>(&mut connection),
+                )
+                .await?;
+            }
+            if next == 0 {
+                return Ok(deleted);
+            }
+            cursor = next;
+        }
+    }
+
     /// `{prefix}:{suffix}`.
     pub fn key(&self, suffix: &str) -> String {
         format!("{}:{suffix}", self.prefix)

@@ -13,12 +13,14 @@
 //! - [`read_models`]: where the views live (Postgres tables or memory) and the queries on them.
 //! - [`redis_views`]: the same views in Redis, and the browse cache.
 //! - [`kafka`]: publishing the stream to Kafka.
+//! - [`replay`]: rebuilding projections into shadow copies and swapping them in; republishing.
 //! - [`runner`]: the projection loop (one active instance per projection) and its progress.
 
 pub mod kafka;
 pub mod projection;
 pub mod read_models;
 pub mod redis_views;
+pub mod replay;
 pub mod runner;
 pub mod views;
 

@@ -129,7 +129,7 @@ impl ReadModels {
             return Ok(());
         };
         match self {
-            Self::Postgres(pool) => apply_postgres(pool, events, last.position).await,
+            Self::Postgres(pool) => apply_postgres(pool, events, last.position, LIVE_TABLES).await,
             Self::Memory(state) => {
                 // Fold copies first so a decode error leaves the state untouched.
                 let mut guard = state.write().await;
@@ -273,19 +273,41 @@ impl ReadModels {
     }
 }
 
-async fn apply_postgres(
+/// The Postgres tables a fold writes to: the live ones (with the checkpoint) or a replay's
+/// shadow copies.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PgTables {
+    pub(crate) orders: &'static str,
+    pub(crate) pets: &'static str,
+    pub(crate) checkpoint: Option<&'static str>,
+}
+
+/// The tables queries read.
+pub(crate) const LIVE_TABLES: PgTables = PgTables {
+    orders: "order_status_view",
+    pets: "pet_catalog_view",
+    checkpoint: Some(CHECKPOINT),
+};
+
+pub(crate) async fn apply_postgres(
     pool: &PgPool,
     events: &[RecordedEvent],
     last: StreamPosition,
+    tables: PgTables,
 ) -> Result<(), ReadModelError> {
+    let PgTables {
+        orders: orders_table,
+        pets: pets_table,
+        checkpoint,
+    } = tables;
     let (order_ids, pet_ids) = ViewBatch::ids(events);
     let mut transaction = pool.begin().await?;
     let mut batch = ViewBatch::default();
     if !order_ids.is_empty() {
-        let rows: Vec<(String, serde_json::Value)> = sqlx::query_as(
-            "SELECT order_id::text, document FROM order_status_view
-              WHERE order_id = ANY($1::text[]::uuid[]) FOR UPDATE",
-        )
+        let rows: Vec<(String, serde_json::Value)> = sqlx::query_as(&format!(
+            "SELECT order_id::text, document FROM {orders_table}
+              WHERE order_id = ANY($1::text[]::uuid[]) FOR UPDATE"
+        ))
         .bind(&order_ids)
         .fetch_all(&mut *transaction)
         .await?;
@@ -296,9 +318,9 @@ async fn apply_postgres(
         }
     }
     if !pet_ids.is_empty() {
-        let rows: Vec<(String, serde_json::Value)> = sqlx::query_as(
-            "SELECT pet_id, document FROM pet_catalog_view WHERE pet_id = ANY($1) FOR UPDATE",
-        )
+        let rows: Vec<(String, serde_json::Value)> = sqlx::query_as(&format!(
+            "SELECT pet_id, document FROM {pets_table} WHERE pet_id = ANY($1) FOR UPDATE"
+        ))
         .bind(&pet_ids)
         .fetch_all(&mut *transaction)
         .await?;
@@ -322,13 +344,13 @@ async fn apply_postgres(
             .iter()
             .map(serde_json::to_string)
             .collect::<Result<Vec<_>, _>>()?;
-        sqlx::query(
-            "INSERT INTO order_status_view (order_id, last_sequence, document)
+        sqlx::query(&format!(
+            "INSERT INTO {orders_table} (order_id, last_sequence, document)
              SELECT id::uuid, version, document::jsonb
                FROM UNNEST($1::text[], $2::bigint[], $3::text[]) AS t(id, version, document)
              ON CONFLICT (order_id) DO UPDATE
-                SET last_sequence = excluded.last_sequence, document = excluded.document",
-        )
+                SET last_sequence = excluded.last_sequence, document = excluded.document"
+        ))
         .bind(&ids)
         .bind(&versions)
         .bind(&documents)
@@ -345,8 +367,8 @@ async fn apply_postgres(
             .iter()
             .map(serde_json::to_string)
             .collect::<Result<Vec<_>, _>>()?;
-        sqlx::query(
-            "INSERT INTO pet_catalog_view (pet_id, category, price_minor, availability, last_sequence, document)
+        sqlx::query(&format!(
+            "INSERT INTO {pets_table} (pet_id, category, price_minor, availability, last_sequence, document)
              SELECT id, category, price, availability, version, document::jsonb
                FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::bigint[], $6::text[])
                     AS t(id, category, price, availability, version, document)
@@ -354,8 +376,8 @@ async fn apply_postgres(
                 SET category = excluded.category, price_minor = excluded.price_minor,
                     availability = excluded.availability, last_sequence = excluded.last_sequence,
                     document = excluded.document
-              WHERE pet_catalog_view.last_sequence < excluded.last_sequence",
-        )
+              WHERE {pets_table}.last_sequence < excluded.last_sequence"
+        ))
         .bind(&ids)
         .bind(&categories)
         .bind(&prices)
@@ -365,7 +387,9 @@ async fn apply_postgres(
         .execute(&mut *transaction)
         .await?;
     }
-    stream::save_checkpoint_in(&mut transaction, CHECKPOINT, last).await?;
+    if let Some(checkpoint) = checkpoint {
+        stream::save_checkpoint_in(&mut transaction, checkpoint, last).await?;
+    }
     transaction.commit().await?;
     Ok(())
 }

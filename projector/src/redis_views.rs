@@ -35,6 +35,22 @@ impl RedisViews {
         Self { cache, browse_ttl }
     }
 
+    /// The same views under another key prefix (a replay's shadow copy).
+    pub fn with_prefix(&self, prefix: &str) -> Self {
+        Self {
+            cache: self.cache.with_prefix(prefix),
+            browse_ttl: self.browse_ttl,
+        }
+    }
+
+    /// Makes every cached browse page stale (a new catalog generation).
+    pub async fn invalidate_browse_cache(&self) -> Result<(), ProjectionError> {
+        self.cache
+            .write_atomically(&[], &[self.generation_key()])
+            .await?;
+        Ok(())
+    }
+
     /// The Redis connection.
     pub fn cache(&self) -> &Cache {
         &self.cache

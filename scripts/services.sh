@@ -2,7 +2,8 @@
 # Makes sure the services the tests talk to are installed and running on 127.0.0.1.
 # Idempotent: when a service already answers, nothing is done.
 #
-#   scripts/services.sh postgres
+#   scripts/services.sh postgres redis kafka
+#   scripts/services.sh stop-started     # stops what an earlier call started
 set -euo pipefail
 
 log() { printf '==> %s\n' "$*" >&2; }
@@ -35,9 +36,63 @@ postgres() {
   log "PostgreSQL did not start"; exit 1
 }
 
+# Services this script started are recorded here, so scripts/test.sh stops only those.
+state_dir="${PETSTORE_STATE_DIR:-$HOME/.cache/petstore/run}"
+mkdir -p "$state_dir"
+
+listening() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+
+redis() {
+  if listening 127.0.0.1 6379; then return; fi
+  if ! command -v redis-server >/dev/null 2>&1; then
+    log "installing Redis"
+    apt_install redis-server
+  fi
+  log "starting Redis"
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
+    --pidfile "$state_dir/redis.pid" --logfile "$state_dir/redis.log"
+  for _ in $(seq 1 30); do listening 127.0.0.1 6379 && { echo redis >> "$state_dir/started"; return; }; sleep 0.5; done
+  log "Redis did not start"; exit 1
+}
+
+kafka() {
+  # The Kafka-protocol broker: any broker already listening is used as it is.
+  local brokers="${KAFKA_BROKERS:-127.0.0.1:9092}"
+  local first="${brokers%%,*}"
+  if listening "${first%:*}" "${first##*:}"; then return; fi
+  if ! command -v tansu >/dev/null 2>&1; then
+    log "installing the tansu broker (about 12 minutes the first time)"
+    cargo install tansu --version 0.6.0 --locked --features dynostore
+  fi
+  log "starting tansu on $first"
+  nohup tansu broker \
+    --listener-url "tcp://$first" --advertised-listener-url "tcp://$first" \
+    --storage-engine memory://tansu/ > "$state_dir/tansu.log" 2>&1 &
+  echo $! > "$state_dir/tansu.pid"
+  for _ in $(seq 1 60); do
+    listening "${first%:*}" "${first##*:}" && { echo kafka >> "$state_dir/started"; return; }
+    sleep 0.5
+  done
+  log "tansu did not start; see $state_dir/tansu.log"; exit 1
+}
+
+stop_started() {
+  [[ -f "$state_dir/started" ]] || return 0
+  while read -r service; do
+    case "$service" in
+      kafka) [[ -f "$state_dir/tansu.pid" ]] && kill "$(cat "$state_dir/tansu.pid")" 2>/dev/null || true ;;
+      redis) [[ -f "$state_dir/redis.pid" ]] && kill "$(cat "$state_dir/redis.pid")" 2>/dev/null || true ;;
+    esac
+  done < "$state_dir/started"
+  rm -f "$state_dir/started"
+}
+
 for service in "$@"; do
   case "$service" in
     postgres) postgres ;;
+    redis) redis ;;
+    kafka) kafka ;;
+    stop-started) stop_started ;;
     *) log "unknown service $service"; exit 2 ;;
   esac
 done

@@ -1,0 +1,396 @@
+//! Kafka, against the real Kafka-protocol broker (`KAFKA_BROKERS`, started by
+//! scripts/test.sh): every event published with its key and headers in per-key order, a
+//! projector killed while orders pour in, and sagas shared by two runners in one group.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use petstore_cli::Role;
+use petstore_command_api::providers::{SimulatedDeliveryProvider, SimulatedPaymentGateway};
+use petstore_command_api::saga::SagaRunner;
+use petstore_domain::pet::{Pet, PetCommand, PetDetails};
+use petstore_domain::{Money, PetCategory, PetId};
+use petstore_platform::bus::{self, Envelope, KafkaBus};
+use petstore_platform::cache::Cache;
+use petstore_platform::event_store::{EventMetadata, EventStore};
+use petstore_platform::http::CorrelationId;
+use petstore_platform::metrics::Metrics;
+use petstore_platform::settings::Settings;
+use petstore_platform::stream::{self, StreamPosition};
+use petstore_projector::views::ViewBatch;
+use petstore_projector::{KafkaProjection, Projector, ReadModels, RedisViews};
+use petstore_tests::{kafka_brokers, redis_url, unique_name, Engine, Storage, TestApp};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::Message;
+use secrecy::SecretString;
+use serde_json::Value;
+
+fn with_kafka(settings: &mut Settings) -> String {
+    let prefix = unique_name("kafka").replace('-', "_");
+    settings.kafka.brokers = Some(kafka_brokers());
+    settings.kafka.topic_prefix = prefix.clone();
+    settings.kafka.consumer_group = format!("{prefix}.saga");
+    prefix
+}
+
+/// A consumed message: its key, headers and envelope.
+struct Consumed {
+    key: String,
+    headers: HashMap<String, String>,
+    envelope: Envelope,
+}
+
+/// Reads every topic of `prefix` from the start until `count` distinct events arrived.
+async fn consume_all(prefix: &str, count: usize) -> Vec<Consumed> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set("group.id", unique_name("reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let topics = bus::topics(prefix);
+    let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics).expect("subscribe");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut consumed = Vec::new();
+    let mut distinct = HashSet::new();
+    while distinct.len() < count {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let message = tokio::time::timeout(remaining, consumer.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {count} events reached kafka", distinct.len()))
+            .expect("message");
+        let headers = message
+            .headers()
+            .map(|headers| {
+                use rdkafka::message::Headers;
+                headers
+                    .iter()
+                    .map(|header| {
+                        (
+                            header.key.to_owned(),
+                            String::from_utf8_lossy(header.value.unwrap_or_default()).into_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let envelope: Envelope =
+            serde_json::from_slice(message.payload().expect("value")).expect("envelope");
+        distinct.insert(envelope.event_id.clone());
+        consumed.push(Consumed {
+            key: String::from_utf8_lossy(message.key().expect("key")).into_owned(),
+            headers,
+            envelope,
+        });
+    }
+    consumed
+}
+
+async fn stored_event_count(storage: &Storage) -> usize {
+    let mut connection = storage.postgres().expect("postgres").connect().await;
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&mut connection)
+        .await
+        .expect("count");
+    count as usize
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_event_reaches_kafka_with_its_key_headers_and_per_key_order() {
+    let storage = Storage::new(Engine::Postgres).await;
+    let mut settings = storage.settings();
+    let prefix = with_kafka(&mut settings);
+    let app = TestApp::start(settings).await;
+    app.wait_until_ready().await;
+    let mut orders = Vec::new();
+    for pet in [
+        "golden-retriever-001",
+        "golden-retriever-001",
+        "persian-cat-001",
+    ] {
+        let accepted = app.place_order(pet).await;
+        orders.push(accepted["order_id"].as_str().expect("id").to_owned());
+    }
+    for order_id in &orders {
+        // The saga itself runs over Kafka here.
+        app.wait_for_terminal(order_id).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let total = stored_event_count(&storage).await;
+    let consumed = consume_all(&prefix, total).await;
+
+    let mut last_sequence: HashMap<(String, String), i64> = HashMap::new();
+    let mut seen = HashSet::new();
+    for message in &consumed {
+        let envelope = &message.envelope;
+        assert_eq!(message.key, envelope.aggregate_id, "keyed by aggregate id");
+        assert_eq!(message.headers["event_id"], envelope.event_id);
+        assert_eq!(message.headers["event_type"], envelope.event_type);
+        assert_eq!(message.headers["event_version"], envelope.event_version);
+        assert_eq!(
+            message.headers["correlation_id"],
+            envelope.metadata["correlation_id"]
+        );
+        assert_eq!(
+            message.headers["causation_id"],
+            envelope.metadata["causation_id"]
+        );
+        assert!(
+            message.headers["traceparent"].starts_with("00-"),
+            "{:?}",
+            message.headers
+        );
+        if !seen.insert(envelope.event_id.clone()) {
+            continue; // a duplicate from a republished batch is allowed
+        }
+        let last = last_sequence
+            .entry((
+                envelope.aggregate_type.clone(),
+                envelope.aggregate_id.clone(),
+            ))
+            .or_insert(0);
+        assert_eq!(
+            envelope.sequence,
+            *last + 1,
+            "per-key order, nothing missing"
+        );
+        *last = envelope.sequence;
+    }
+    assert_eq!(seen.len(), total);
+    let health: Value = app
+        .get("/petstore-domain/health")
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(health["components"]["projection:kafka"]["status"], "up");
+    app.stop().await;
+    storage.remove().await;
+}
+
+/// The projectors (read models, Redis, Kafka) are killed at random points while 1,000
+/// orders are placed, then restarted: Kafka holds every event, and the read models equal a
+/// fold of the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn projectors_killed_while_orders_pour_in_lose_nothing() {
+    const ORDERS: usize = 1_000;
+    let storage = Storage::new(Engine::Postgres).await;
+    let mut settings = storage.settings();
+    let prefix = with_kafka(&mut settings);
+    settings.redis.url = Some(SecretString::from(redis_url()));
+    settings.redis.key_prefix = unique_name("redis");
+    settings.projector.batch_size = 50;
+    let app = Arc::new(
+        TestApp::start_with_roles(settings.clone(), &[Role::Command].into_iter().collect()).await,
+    );
+
+    let store = EventStore::new(storage.database().await, 16);
+    let database = store.database().clone();
+    let redis = RedisViews::new(
+        Cache::connect(&settings.redis).expect("redis"),
+        Duration::from_secs(30),
+    );
+    let bus = KafkaBus::new(&settings.kafka).expect("bus");
+    let start_projectors = || {
+        let read_models = Projector::new(
+            store.clone(),
+            ReadModels::for_database(&database),
+            settings.projector.clone(),
+        );
+        let redis = Projector::new(store.clone(), redis.clone(), settings.projector.clone());
+        let kafka = Projector::new(
+            store.clone(),
+            KafkaProjection::new(bus.clone(), database.clone()),
+            settings.projector.clone(),
+        );
+        vec![
+            tokio::spawn(read_models.run(futures::future::pending())),
+            tokio::spawn(redis.run(futures::future::pending())),
+            tokio::spawn(kafka.run(futures::future::pending())),
+        ]
+    };
+
+    let placing = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            let pets = [
+                "golden-retriever-001",
+                "labrador-001",
+                "beagle-001",
+                "corgi-001",
+                "budgie-001",
+            ];
+            futures::future::join_all((0..ORDERS).map(|index| {
+                let app = app.clone();
+                async move {
+                    let response = app
+                        .post_json(
+                            "/petstore-domain/orders",
+                            &serde_json::json!({"customer_id": format!("c-{index}"), "pet_id": pets[index % pets.len()]}),
+                        )
+                        .await;
+                    assert_eq!(response.status(), 202);
+                }
+            }))
+            .await;
+        })
+    };
+    while !placing.is_finished() {
+        let tasks = start_projectors();
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(50..400))).await;
+        for task in tasks {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+    placing.await.expect("orders placed");
+
+    let tasks = start_projectors();
+    let head = stream::head_position(&database).await.expect("head");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let postgres = stream::load_checkpoint(&database, "read_models")
+            .await
+            .expect("checkpoint");
+        let kafka = stream::load_checkpoint(&database, "kafka")
+            .await
+            .expect("checkpoint");
+        let redis_position = petstore_projector::Projection::position(&redis)
+            .await
+            .expect("redis");
+        if postgres >= head && kafka >= head && redis_position >= head {
+            break;
+        }
+        assert!(Instant::now() < deadline, "projections never caught up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let events = stream::read_after(&database, StreamPosition::START, 1_000_000)
+        .await
+        .expect("log");
+    assert_eq!(events.len(), stored_event_count(&storage).await);
+    consume_all(&prefix, events.len()).await;
+
+    let mut expected = ViewBatch::default();
+    expected.fold(&events).expect("fold");
+    let (orders, pets) = expected.into_views();
+    assert_eq!(orders.len(), ORDERS);
+    let read_models = ReadModels::for_database(&database);
+    for view in &orders {
+        let order_id = petstore_domain::OrderId::parse(&view.order_id).expect("id");
+        assert_eq!(
+            read_models.order(&order_id).await.expect("pg").as_ref(),
+            Some(view)
+        );
+        assert_eq!(
+            redis.order(&order_id).await.expect("redis").as_ref(),
+            Some(view)
+        );
+    }
+    for view in &pets {
+        let pet_id = PetId::parse(&view.id).expect("id");
+        assert_eq!(
+            read_models.pet(&pet_id).await.expect("pg").as_ref(),
+            Some(view)
+        );
+        assert_eq!(
+            redis.pet(&pet_id).await.expect("redis").as_ref(),
+            Some(view)
+        );
+    }
+    for task in tasks {
+        task.abort();
+    }
+    Arc::try_unwrap(app).ok().expect("sole owner").stop().await;
+    storage.remove().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_saga_runners_share_a_group_and_one_can_die() {
+    const ORDERS: usize = 20;
+    let storage = Storage::new(Engine::Postgres).await;
+    let mut settings = storage.settings();
+    with_kafka(&mut settings);
+    let roles: BTreeSet<Role> = [Role::Command, Role::Query, Role::Projector].into();
+    let app = TestApp::start_with_roles(settings.clone(), &roles).await;
+    app.wait_until_ready().await;
+
+    let store = EventStore::new(storage.database().await, 16);
+    let metadata = EventMetadata::new(CorrelationId::generate(), "test");
+    for index in 0..ORDERS {
+        let pet_id = format!("kafka-kitten-{index:03}");
+        let details = PetDetails {
+            pet_id: PetId::parse(&pet_id).expect("valid"),
+            name: format!("Kitten {index}"),
+            category: PetCategory::Cat,
+            breed: "Mixed".into(),
+            age_months: 2,
+            price: Money::usd(5_000).expect("valid"),
+            description: "test".into(),
+        };
+        store
+            .execute::<Pet>(&pet_id, PetCommand::AddPet(details), &(), &metadata)
+            .await
+            .expect("add");
+    }
+    let payments = Arc::new(SimulatedPaymentGateway::new(
+        settings.providers.payment.clone(),
+    ));
+    let deliveries = Arc::new(SimulatedDeliveryProvider::new(
+        settings.providers.delivery.clone(),
+    ));
+    let runner = || {
+        SagaRunner::new(
+            store.clone(),
+            settings.saga.clone(),
+            settings.providers.clone(),
+            payments.clone(),
+            deliveries.clone(),
+            Metrics::new(),
+        )
+        .with_kafka(settings.kafka.clone())
+    };
+    let doomed = tokio::spawn(runner().run(futures::future::pending()));
+    let survivor = tokio::spawn(runner().run(futures::future::pending()));
+
+    let mut orders = Vec::new();
+    for index in 0..ORDERS {
+        let accepted = app.place_order(&format!("kafka-kitten-{index:03}")).await;
+        orders.push(accepted["order_id"].as_str().expect("id").to_owned());
+        if index == ORDERS / 2 {
+            doomed.abort(); // one runner dies mid-run; its partitions move to the other
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(90);
+    for order_id in &orders {
+        loop {
+            let view: Value = app
+                .get(&format!("/petstore-domain/orders/{order_id}/status"))
+                .await
+                .json()
+                .await
+                .unwrap_or(Value::Null);
+            if view["status"] == "completed" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "saga stuck after losing a runner: {view}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert_eq!(
+        storage.count_events("PaymentProcessed").await,
+        ORDERS as i64,
+        "no double payment"
+    );
+    assert_eq!(payments.captured(), ORDERS);
+    survivor.abort();
+    app.stop().await;
+    storage.remove().await;
+}

@@ -36,9 +36,12 @@ postgres() {
   log "PostgreSQL did not start"; exit 1
 }
 
-# Services this script started are recorded here, so scripts/test.sh stops only those.
+# Logs and pid files live here. A caller that wants to stop what it started later (like
+# scripts/test.sh) names a file in PETSTORE_STARTED_FILE: each service this script starts is
+# appended to it, and `stop-started` stops exactly those.
 state_dir="${PETSTORE_STATE_DIR:-$HOME/.cache/petstore/run}"
 mkdir -p "$state_dir"
+started_file="${PETSTORE_STARTED_FILE:-/dev/null}"
 
 listening() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
 
@@ -51,7 +54,7 @@ redis() {
   log "starting Redis"
   redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
     --pidfile "$state_dir/redis.pid" --logfile "$state_dir/redis.log"
-  for _ in $(seq 1 30); do listening 127.0.0.1 6379 && { echo redis >> "$state_dir/started"; return; }; sleep 0.5; done
+  for _ in $(seq 1 30); do listening 127.0.0.1 6379 && { echo redis >> "$started_file"; return; }; sleep 0.5; done
   log "Redis did not start"; exit 1
 }
 
@@ -70,21 +73,21 @@ kafka() {
     --storage-engine memory://tansu/ > "$state_dir/tansu.log" 2>&1 &
   echo $! > "$state_dir/tansu.pid"
   for _ in $(seq 1 60); do
-    listening "${first%:*}" "${first##*:}" && { echo kafka >> "$state_dir/started"; return; }
+    listening "${first%:*}" "${first##*:}" && { echo kafka >> "$started_file"; return; }
     sleep 0.5
   done
   log "tansu did not start; see $state_dir/tansu.log"; exit 1
 }
 
 stop_started() {
-  [[ -f "$state_dir/started" ]] || return 0
+  [[ -f "$started_file" ]] || return 0
   while read -r service; do
     case "$service" in
       kafka) [[ -f "$state_dir/tansu.pid" ]] && kill "$(cat "$state_dir/tansu.pid")" 2>/dev/null || true ;;
       redis) [[ -f "$state_dir/redis.pid" ]] && kill "$(cat "$state_dir/redis.pid")" 2>/dev/null || true ;;
     esac
-  done < "$state_dir/started"
-  rm -f "$state_dir/started"
+  done < "$started_file"
+  : > "$started_file"
 }
 
 for service in "$@"; do

@@ -13,9 +13,11 @@ export PETSTORE_TEST_DATABASE_URL="${PETSTORE_TEST_DATABASE_URL:-postgres://post
 
 log() { printf '==> %s\n' "$*" >&2; }
 
+# Stop at exit what this run started (a broker or Redis already running is left alone).
+PETSTORE_STARTED_FILE="$(mktemp)"
+export PETSTORE_STARTED_FILE
+trap 'bash "$repo/scripts/services.sh" stop-started; rm -f "$PETSTORE_STARTED_FILE"' EXIT
 bash "$repo/scripts/services.sh" postgres redis kafka
-# Stop what this run started (a broker or Redis that was already running is left alone).
-trap 'bash "$repo/scripts/services.sh" stop-started' EXIT
 export KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
 export PETSTORE_TEST_REDIS_URL="${PETSTORE_TEST_REDIS_URL:-redis://127.0.0.1:6379/0}"
 

@@ -92,6 +92,11 @@ struct Args {
     #[arg(long)]
     breakdown: bool,
 
+    /// Connections in the pool (default: the largest number of writers). SQLite's pool
+    /// holds at most 8 whatever is asked.
+    #[arg(long)]
+    pool_size: Option<u32>,
+
     /// Parts of the `events` schema to drop in the bench database before measuring
     /// (analysis only: the service needs all of them).
     #[arg(long, value_enum, value_delimiter = ',')]
@@ -210,7 +215,7 @@ impl Workload {
 
     fn name(self) -> String {
         let Some(steps) = self.steps() else {
-            return "event store: execute(PlaceOrder)".to_owned();
+            return "event store: execute_on_new(PlaceOrder)".to_owned();
         };
         let table = if steps.into_events {
             "events"
@@ -387,15 +392,17 @@ impl Appender {
         }
     }
 
-    /// The service's own append path; a fresh order id makes this exactly one event at
-    /// sequence 1, so no writer ever conflicts with another.
+    /// The service's own append path for a new order (`POST /orders` without an
+    /// `Idempotency-Key`): [`EventStore::execute_on_new`] decides on the empty aggregate and
+    /// appends one event at sequence 1 in a single statement. A fresh order id means no
+    /// writer ever conflicts with another.
     async fn append_through_event_store(&self) -> anyhow::Result<()> {
         let order_id = OrderId::random();
         let command = OrderCommand::PlaceOrder(self.order.request(order_id));
         let metadata = EventMetadata::new(CorrelationId::generate(), "bench");
         let appended = self
             .store
-            .execute::<Order>(&order_id.to_string(), command, &(), &metadata)
+            .execute_on_new::<Order>(&order_id.to_string(), command, &(), &metadata)
             .await?;
         ensure!(
             appended.len() == 1,
@@ -492,7 +499,7 @@ struct BenchDatabase {
 }
 
 impl BenchDatabase {
-    async fn create(engine: Engine, args: &Args, max_writers: u32) -> anyhow::Result<Self> {
+    async fn create(engine: Engine, args: &Args, pool_size: u32) -> anyhow::Result<Self> {
         match engine {
             Engine::Postgres => {
                 let name = format!(
@@ -503,7 +510,7 @@ impl BenchDatabase {
                 execute_as_admin(admin_url, &format!("CREATE DATABASE \"{name}\"")).await?;
                 let settings = DatabaseSettings {
                     url: Some(SecretString::from(with_database(admin_url, &name)?)),
-                    max_connections: max_writers,
+                    max_connections: pool_size,
                     migrate_on_start: true,
                 };
                 match Database::connect(&settings, &StorageSettings::default()).await {
@@ -528,7 +535,7 @@ impl BenchDatabase {
                 };
                 let settings = DatabaseSettings {
                     url: None,
-                    max_connections: max_writers,
+                    max_connections: pool_size,
                     migrate_on_start: true,
                 };
                 Ok(Self {
@@ -581,14 +588,19 @@ impl BenchDatabase {
                 .fetch_one(pool)
                 .await?;
                 format!(
-                    "PostgreSQL {version} (synchronous_commit={synchronous_commit}, fsync={fsync})"
+                    "PostgreSQL {version} (synchronous_commit={synchronous_commit}, fsync={fsync}), \
+                     pool of {} connections",
+                    pool.options().get_max_connections()
                 )
             }
             Database::Sqlite(pool) => {
                 let (version,): (String,) = sqlx::query_as("SELECT sqlite_version()")
                     .fetch_one(pool)
                     .await?;
-                format!("SQLite {version} (WAL, synchronous=NORMAL, pool of at most 8 connections)")
+                format!(
+                    "SQLite {version} (WAL, synchronous=NORMAL), pool of {} connections",
+                    pool.options().get_max_connections()
+                )
             }
         })
     }
@@ -923,6 +935,8 @@ async fn main() -> anyhow::Result<()> {
         ensure_loopback(&args.postgres_url)?;
     }
     let max_writers = args.writers.iter().copied().max().unwrap_or(1);
+    let pool_size = args.pool_size.unwrap_or(max_writers);
+    ensure!(pool_size > 0, "--pool-size must be above 0");
     let workloads: Vec<Workload> = if args.breakdown {
         Workload::BREAKDOWN.to_vec()
     } else {
@@ -947,7 +961,7 @@ async fn main() -> anyhow::Result<()> {
 
     let mut report = Report::default();
     for &engine in &args.engines {
-        let bench = BenchDatabase::create(engine, &args, max_writers).await?;
+        let bench = BenchDatabase::create(engine, &args, pool_size).await?;
         header.push(format!("{}: {}", engine.name(), bench.describe().await?));
         let outcome = tokio::select! {
             outcome = run_engine(&bench, &args, &workloads, &mut report) => outcome,

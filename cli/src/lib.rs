@@ -153,6 +153,9 @@ impl Application {
             settings.providers.delivery.clone(),
         ));
         let mut workers = Vec::new();
+        if roles.contains(&Role::Command) || roles.contains(&Role::Saga) {
+            workers.push(tokio::spawn(store.clone().notify_appends(shutdown.wait())));
+        }
         let read_models = ReadModels::for_database(&database);
         let redis = match &settings.redis.url {
             Some(_) => Some(RedisViews::new(

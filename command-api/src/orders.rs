@@ -110,6 +110,7 @@ pub async fn place_order(
         }
         Some(value) => Some(SimulatedFailure::parse(value.to_str().unwrap_or_default())?),
     };
+    let idempotent = headers.contains_key(IDEMPOTENCY_KEY);
     let order_id = match headers.get(IDEMPOTENCY_KEY) {
         Some(key) => OrderId::from_idempotency_key(subject.as_str(), parse_idempotency_key(key)?),
         None => OrderId::random(),
@@ -130,10 +131,18 @@ pub async fn place_order(
     });
     let correlation_id = RequestContext::correlation_id();
     let metadata = EventMetadata::new(correlation_id.clone(), subject.as_str());
-    let appended = state
-        .store
-        .execute::<Order>(&order_id.to_string(), command, &(), &metadata)
-        .await?;
+    let appended = if idempotent {
+        state
+            .store
+            .execute::<Order>(&order_id.to_string(), command, &(), &metadata)
+            .await?
+    } else {
+        // A fresh random id: nothing to load.
+        state
+            .store
+            .execute_on_new::<Order>(&order_id.to_string(), command, &(), &metadata)
+            .await?
+    };
     let status = if appended.is_empty() {
         // A retried request: answer with the order as it stands now.
         let order: Order = state.store.load(&order_id.to_string()).await?;

@@ -58,7 +58,10 @@ impl Database {
         match &database.url {
             Some(url) => {
                 let options = PgConnectOptions::from_str(url.expose_secret())
-                    .map_err(DatabaseError::InvalidUrl)?;
+                    .map_err(DatabaseError::InvalidUrl)?
+                    // A transaction left open (a cancelled task, a bug) would hold back the
+                    // cluster-wide horizon every stream reader waits on: end it quickly.
+                    .options([("idle_in_transaction_session_timeout", "5s")]);
                 let pool = PgPoolOptions::new()
                     .max_connections(database.max_connections)
                     .acquire_timeout(Duration::from_secs(5))

@@ -28,8 +28,8 @@ use crate::http::CorrelationId;
 
 /// The cqrs-es repository of whichever engine the service runs on.
 pub enum EventRepository {
-    /// postgres-es.
-    Postgres(PostgresEventRepository),
+    /// postgres-es, and the pool for the single-statement append.
+    Postgres(PostgresEventRepository, sqlx::PgPool),
     /// sqlite-es.
     Sqlite(SqliteEventRepository),
 }
@@ -38,9 +38,60 @@ impl EventRepository {
     /// The repository for `database`, on the `events` and `snapshots` tables.
     pub fn new(database: &Database) -> Self {
         match database {
-            Database::Postgres(pool) => Self::Postgres(PostgresEventRepository::new(pool.clone())),
+            Database::Postgres(pool) => {
+                Self::Postgres(PostgresEventRepository::new(pool.clone()), pool.clone())
+            }
             Database::Sqlite(pool) => Self::Sqlite(SqliteEventRepository::new(pool.clone())),
         }
+    }
+}
+
+/// Appends a command's events to Postgres in one statement: one round trip, atomic on its
+/// own (no BEGIN/COMMIT), where postgres-es sends BEGIN, one INSERT per event and COMMIT. A
+/// taken (aggregate, sequence) is the optimistic-concurrency conflict, as in postgres-es.
+async fn append_postgres<A: Aggregate>(
+    pool: &sqlx::PgPool,
+    events: &[SerializedEvent],
+) -> Result<(), PersistenceError> {
+    let Some(first) = events.first() else {
+        return Ok(());
+    };
+    let mut sequences = Vec::with_capacity(events.len());
+    let mut types = Vec::with_capacity(events.len());
+    let mut versions = Vec::with_capacity(events.len());
+    let mut payloads = Vec::with_capacity(events.len());
+    let mut metadata = Vec::with_capacity(events.len());
+    for event in events {
+        sequences.push(i64::try_from(event.sequence).unwrap_or(i64::MAX));
+        types.push(event.event_type.as_str());
+        versions.push(event.event_version.as_str());
+        payloads.push(event.payload.clone());
+        metadata.push(event.metadata.clone());
+    }
+    let result = sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+         SELECT $1, $2, sequence, event_type, event_version, payload, metadata
+           FROM UNNEST($3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::jsonb[])
+                AS t(sequence, event_type, event_version, payload, metadata)",
+    )
+    .bind(A::TYPE)
+    .bind(&first.aggregate_id)
+    .bind(&sequences)
+    .bind(&types)
+    .bind(&versions)
+    .bind(&payloads)
+    .bind(&metadata)
+    .execute(pool)
+    .await;
+    match result {
+        Ok(_) => Ok(()),
+        Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("23505") => {
+            Err(PersistenceError::OptimisticLockError)
+        }
+        Err(error @ (sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed)) => {
+            Err(PersistenceError::ConnectionError(Box::new(error)))
+        }
+        Err(error) => Err(PersistenceError::UnknownError(Box::new(error))),
     }
 }
 
@@ -51,7 +102,7 @@ pub struct SharedRepository(Arc<EventRepository>);
 macro_rules! delegate {
     ($self:ident, $repo:ident => $call:expr) => {
         match $self.0.as_ref() {
-            EventRepository::Postgres($repo) => $call.await,
+            EventRepository::Postgres($repo, _) => $call.await,
             EventRepository::Sqlite($repo) => $call.await,
         }
     };
@@ -85,7 +136,12 @@ impl PersistedEventRepository for SharedRepository {
         events: &[SerializedEvent],
         snapshot_update: Option<(String, Value, usize)>,
     ) -> Result<(), PersistenceError> {
-        delegate!(self, repo => repo.persist::<A>(events, snapshot_update))
+        match (self.0.as_ref(), snapshot_update) {
+            (EventRepository::Postgres(_, pool), None) => append_postgres::<A>(pool, events).await,
+            (_, snapshot_update) => {
+                delegate!(self, repo => repo.persist::<A>(events, snapshot_update))
+            }
+        }
     }
 
     async fn stream_events<A: Aggregate>(
@@ -175,6 +231,9 @@ impl EventMetadata {
     }
 }
 
+/// Pause between two notifications of other processes.
+const NOTIFY_COALESCE: Duration = Duration::from_millis(2);
+
 /// Loads aggregates and appends their events, on either engine.
 #[derive(Clone)]
 pub struct EventStore {
@@ -206,6 +265,35 @@ impl EventStore {
         self.appended.subscribe()
     }
 
+    /// Wakes stream readers in other processes after appends from this one: one
+    /// `NOTIFY petstore_events` per burst, sent after the appends committed (not from a
+    /// trigger inside each append, which would serialize every commit on the notification
+    /// queue's lock). Readers poll as well, so a lost notification only delays them. Runs
+    /// until `shutdown` resolves; does nothing on SQLite, where one process writes.
+    pub async fn notify_appends(self, shutdown: impl std::future::Future<Output = ()>) {
+        let Database::Postgres(pool) = &self.database else {
+            return;
+        };
+        let mut appended = self.appended.subscribe();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => return,
+                changed = appended.changed() => if changed.is_err() { return },
+            }
+            appended.borrow_and_update();
+            if let Err(error) = sqlx::query("SELECT pg_notify($1, '')")
+                .bind(crate::stream::EVENTS_CHANNEL)
+                .execute(pool)
+                .await
+            {
+                tracing::debug!(%error, "notifying other processes failed; they will poll");
+            }
+            // Coalesce: appends during this pause share the next notification.
+            tokio::time::sleep(NOTIFY_COALESCE).await;
+        }
+    }
+
     fn cqrs_store<A: Aggregate>(&self) -> PersistedEventStore<SharedRepository, A> {
         PersistedEventStore::new_event_store(self.repository.clone())
     }
@@ -217,6 +305,52 @@ impl EventStore {
     ) -> Result<A, AggregateError<A::Error>> {
         let context = self.cqrs_store::<A>().load_aggregate(aggregate_id).await?;
         Ok(context.aggregate)
+    }
+
+    /// Like [`Self::execute`], for an aggregate whose id was just made up (a random UUID):
+    /// there is nothing to load, so the command is decided on an empty aggregate and appended
+    /// at sequence 1 in one round trip. Should the id exist after all, the append conflicts
+    /// and the command runs through [`Self::execute`].
+    pub async fn execute_on_new<A>(
+        &self,
+        aggregate_id: &str,
+        command: A::Command,
+        services: &A::Services,
+        metadata: &EventMetadata,
+    ) -> Result<Vec<EventEnvelope<A>>, AggregateError<A::Error>>
+    where
+        A: Aggregate,
+        A::Command: Clone,
+    {
+        let store = self.cqrs_store::<A>();
+        let mut context = EventStoreAggregateContext {
+            aggregate_id: aggregate_id.to_owned(),
+            aggregate: A::default(),
+            current_sequence: 0,
+            current_snapshot: None,
+        };
+        let sink = EventSink::default();
+        context
+            .aggregate
+            .handle(command.clone(), services, &sink)
+            .await
+            .map_err(AggregateError::UserError)?;
+        let events = sink.collect().await;
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        match store.commit(events, context, metadata.to_map()).await {
+            Ok(committed) => {
+                self.appended
+                    .send_modify(|count| *count = count.wrapping_add(1));
+                Ok(committed)
+            }
+            Err(AggregateError::AggregateConflict) => {
+                self.execute::<A>(aggregate_id, command, services, metadata)
+                    .await
+            }
+            Err(error) => Err(error),
+        }
     }
 
     /// Runs `command` against the aggregate and appends the events it decides, with

@@ -2,11 +2,12 @@
 //!
 //! On Postgres the order is `(transaction_id, global_position)` and a reader only takes events
 //! of transactions older than the oldest one still running (`pg_snapshot_xmin`), so an event
-//! that a slow transaction commits late is never skipped. Readers wake on `LISTEN
-//! petstore_events` and poll as a fallback. On SQLite one writer at a time makes
-//! `global_position` commit order by itself. Subscribers keep durable checkpoints in
-//! `stream_checkpoints`; Postgres read models save theirs inside their own transaction
-//! ([`save_checkpoint_in`]).
+//! that a slow transaction commits late is never skipped. On SQLite one writer at a time makes
+//! `global_position` commit order by itself. Readers are woken by appends in their own process
+//! and by `NOTIFY petstore_events` from other processes (see
+//! [`crate::event_store::EventStore::notify_appends`]), and poll as a fallback. Subscribers
+//! keep durable checkpoints in `stream_checkpoints`; Postgres read models save theirs inside
+//! their own transaction ([`save_checkpoint_in`]).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -20,7 +21,7 @@ use tokio::sync::watch;
 use crate::database::Database;
 use crate::event_store::EventStore;
 
-/// The Postgres notification channel the events trigger signals.
+/// The Postgres notification channel appends are announced on.
 pub const EVENTS_CHANNEL: &str = "petstore_events";
 
 /// A place in the global stream; "after this event". Ordered as the stream is.
@@ -303,7 +304,16 @@ pub struct StreamReader {
     poll_interval: Duration,
     local_appends: watch::Receiver<u64>,
     listener: Option<PgListener>,
+    /// Quick re-reads left after a wake-up that found nothing: new events can be committed
+    /// yet hidden for a moment behind an older transaction still running.
+    quick_retries: u32,
 }
+
+/// Quick re-reads after a wake-up that found nothing, and the pause between them: together
+/// they cover the few milliseconds an older transaction takes to finish, without polling an
+/// idle stream.
+const QUICK_RETRIES: u32 = 50;
+const QUICK_RETRY_PAUSE: Duration = Duration::from_millis(2);
 
 impl StreamReader {
     /// A reader of `store`'s stream that starts after `position`.
@@ -320,6 +330,7 @@ impl StreamReader {
             poll_interval,
             local_appends: store.appended(),
             listener: None,
+            quick_retries: 0,
         }
     }
 
@@ -346,9 +357,17 @@ impl StreamReader {
         let batch = read_after(&self.database, self.position, self.batch_size).await?;
         if let Some(last) = batch.last() {
             self.position = last.position;
+            self.quick_retries = 0;
             return Ok(Some(batch));
         }
-        self.wait().await;
+        if self.quick_retries > 0 {
+            self.quick_retries -= 1;
+            tokio::time::sleep(QUICK_RETRY_PAUSE).await;
+            return Ok(None);
+        }
+        if self.wait().await {
+            self.quick_retries = QUICK_RETRIES;
+        }
         Ok(None)
     }
 
@@ -368,8 +387,9 @@ impl StreamReader {
         }
     }
 
-    /// Waits for a notification, a local append or the poll interval, whichever comes first.
-    async fn wait(&mut self) {
+    /// Waits for a notification, a local append or the poll interval, whichever comes first;
+    /// true when something signalled new events.
+    async fn wait(&mut self) -> bool {
         let poll = tokio::time::sleep(self.poll_interval);
         let local = self.local_appends.changed();
         match self.listener.as_mut() {
@@ -380,15 +400,16 @@ impl StreamReader {
                             tracing::warn!(%error, "event notifications lost; reconnecting");
                             self.listener = None;
                         }
+                        true
                     }
-                    _ = local => {}
-                    () = poll => {}
+                    _ = local => true,
+                    () = poll => false,
                 }
             }
             None => {
                 tokio::select! {
-                    _ = local => {}
-                    () = poll => {}
+                    _ = local => true,
+                    () = poll => false,
                 }
             }
         }

@@ -250,9 +250,9 @@ impl TestApp {
         response.json().await.expect("JSON body")
     }
 
-    /// Polls the order's status until `accept` holds or 10 s pass; returns the last view.
+    /// Polls the order's status until `accept` holds or 30 s pass; returns the last view.
     pub async fn wait_for_order(&self, order_id: &str, accept: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let response = self
                 .get(&format!("/petstore-domain/orders/{order_id}/status"))
@@ -282,9 +282,9 @@ impl TestApp {
         .await
     }
 
-    /// Polls `path` until `accept` holds for its JSON body or 10 s pass; returns the body.
+    /// Polls `path` until `accept` holds for its JSON body or 30 s pass; returns the body.
     pub async fn wait_for_json(&self, path: &str, accept: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let body: Value = self.get(path).await.json().await.unwrap_or(Value::Null);
             if accept(&body) {
@@ -298,9 +298,9 @@ impl TestApp {
         }
     }
 
-    /// Polls until the read models are ready (health/ready answers 200) or 10 s pass.
+    /// Polls until the read models are ready (health/ready answers 200) or 30 s pass.
     pub async fn wait_until_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(30);
         while self.get("/petstore-domain/health/ready").await.status() != 200 {
             assert!(Instant::now() < deadline, "the service never became ready");
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -1,0 +1,468 @@
+//! `pipeline-bench`: how fast events travel after they are appended.
+//!
+//! - `saga`: time from `POST /orders` to `completed` in the read model, at several numbers of
+//!   concurrent clients, against the real service on Postgres (port 0), with the simulated
+//!   providers at a given latency. The floor it cannot beat is two provider calls.
+//! - `projector`: throughput of each projection (Postgres read models, Redis, Kafka) over a
+//!   preloaded log of at least 100,000 events, beside a baseline measured in the same run:
+//!   reading the same stream without applying it. Then the rebuild (`replay`) speed, and the
+//!   end-to-end lag (append to visible in the Redis read model) at a steady order rate.
+//!
+//! Everything runs against 127.0.0.1 only, in a fresh database `petstore_bench_<hex>` that is
+//! dropped at the end, with its own Redis key prefix and Kafka topic prefix.
+
+// The results on stdout are what this binary is for.
+#![allow(clippy::print_stdout)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use hdrhistogram::Histogram;
+use petstore_cli::{Application, Role};
+use petstore_domain::order::{OrderEvent, OrderRequest};
+use petstore_domain::pet::{Pet, PetCommand, PetDetails};
+use petstore_domain::{CustomerId, Money, OrderId, PetCategory, PetId};
+use petstore_platform::bus::KafkaBus;
+use petstore_platform::cache::Cache;
+use petstore_platform::database::Database;
+use petstore_platform::event_store::{EventMetadata, EventStore};
+use petstore_platform::http::CorrelationId;
+use petstore_platform::settings::{LogFormat, Settings};
+use petstore_platform::stream::{self, StreamPosition, StreamReader};
+use petstore_projector::replay;
+use petstore_projector::{KafkaProjection, Projection, ReadModels, RedisViews};
+use secrecy::SecretString;
+use serde_json::Value;
+use sqlx::{Connection as _, PgConnection};
+
+#[derive(Debug, Parser)]
+#[command(name = "pipeline-bench", about)]
+struct Args {
+    /// Admin URL of the loopback Postgres server the bench database is created on.
+    #[arg(
+        long,
+        env = "BENCH_POSTGRES_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    postgres_url: String,
+    /// Redis on loopback.
+    #[arg(
+        long,
+        env = "BENCH_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379/0"
+    )]
+    redis_url: String,
+    /// Kafka-protocol broker on loopback; `none` to skip Kafka.
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    kafka_brokers: String,
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// Order-to-completed latency at several concurrencies.
+    Saga {
+        /// Concurrent clients, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,50")]
+        clients: Vec<usize>,
+        /// Orders per level.
+        #[arg(long, default_value_t = 300)]
+        orders: usize,
+        /// Simulated latency of each provider call, in ms.
+        #[arg(long, default_value_t = 20)]
+        provider_latency_ms: u64,
+    },
+    /// Projection throughput, replay speed and end-to-end lag.
+    Projector {
+        /// Events to preload (OrderCreated events of distinct orders).
+        #[arg(long, default_value_t = 100_000)]
+        events: usize,
+        /// Orders per second for the lag measurement.
+        #[arg(long, default_value_t = 200)]
+        rate: u64,
+        /// Seconds of the lag measurement.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+}
+
+struct BenchDatabase {
+    admin_url: String,
+    name: String,
+    url: String,
+}
+
+impl BenchDatabase {
+    async fn create(admin_url: &str) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            admin_url.contains("@127.0.0.1") || admin_url.contains("@localhost"),
+            "the bench only runs against a loopback Postgres"
+        );
+        let name = format!("petstore_bench_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = PgConnection::connect(admin_url)
+            .await
+            .context("connect to Postgres")?;
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await?;
+        let base = admin_url
+            .rsplit_once('/')
+            .map_or(admin_url, |(base, _)| base);
+        Ok(Self {
+            admin_url: admin_url.to_owned(),
+            url: format!("{base}/{name}"),
+            name,
+        })
+    }
+
+    async fn drop(self) -> anyhow::Result<()> {
+        let mut admin = PgConnection::connect(&self.admin_url).await?;
+        sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ))
+        .execute(&mut admin)
+        .await?;
+        Ok(())
+    }
+
+    fn settings(&self) -> Settings {
+        let mut settings = Settings::default();
+        settings.http.listen = ([127, 0, 0, 1], 0).into();
+        settings.log.format = LogFormat::Text;
+        settings.log.filter = "warn".to_owned();
+        settings.database.url = Some(SecretString::from(self.url.clone()));
+        settings.database.max_connections = 32;
+        settings.projector.poll_interval_ms = 50;
+        settings
+    }
+}
+
+fn millis(histogram: &Histogram<u64>, quantile: f64) -> f64 {
+    histogram.value_at_quantile(quantile) as f64 / 1000.0
+}
+
+async fn add_pets(store: &EventStore, count: usize) -> anyhow::Result<Vec<String>> {
+    let metadata = EventMetadata::new(CorrelationId::generate(), "bench");
+    let mut pets = Vec::with_capacity(count);
+    for index in 0..count {
+        let pet_id = format!("bench-pet-{index:06}");
+        let details = PetDetails {
+            pet_id: PetId::parse(&pet_id)?,
+            name: format!("Bench {index}"),
+            category: PetCategory::Fish,
+            breed: "Guppy".to_owned(),
+            age_months: 1,
+            price: Money::usd(1_000)?,
+            description: "bench".to_owned(),
+        };
+        store
+            .execute::<Pet>(&pet_id, PetCommand::AddPet(details), &(), &metadata)
+            .await
+            .map_err(|error| anyhow::anyhow!("{error}"))?;
+        pets.push(pet_id);
+    }
+    Ok(pets)
+}
+
+async fn saga(
+    args: &Args,
+    clients: &[usize],
+    orders: usize,
+    latency_ms: u64,
+) -> anyhow::Result<()> {
+    println!(
+        "saga latency: POST /orders until `completed` is visible in the read model (Postgres)"
+    );
+    println!("simulated provider latency {latency_ms} ms per call (2 calls per saga); {orders} orders per level");
+    println!();
+    println!("| clients | orders | completed/s | p50 ms | p99 ms | max ms |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    for &level in clients {
+        let database = BenchDatabase::create(&args.postgres_url).await?;
+        let mut settings = database.settings();
+        settings.catalog.seed_demo_pets = false;
+        settings.providers.payment.latency_ms = latency_ms;
+        settings.providers.delivery.latency_ms = latency_ms;
+        let application = Application::build(settings.clone(), &Role::all()).await?;
+        let base = format!("http://127.0.0.1:{}", application.port());
+        let shutdown = application.shutdown_handle();
+        let server = tokio::spawn(application.run_until_stopped());
+        let connected = Database::connect(&settings.database, &settings.storage).await?;
+        let store = EventStore::new(connected, 8);
+        let pets = Arc::new(add_pets(&store, orders).await?);
+        let client = reqwest::Client::new();
+        let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let started = Instant::now();
+        let workers = (0..level).map(|_| {
+            let (client, base, pets, next) =
+                (client.clone(), base.clone(), pets.clone(), next.clone());
+            async move {
+                let mut histogram = Histogram::<u64>::new(3)?;
+                loop {
+                    let index = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(pet) = pets.get(index) else {
+                        return anyhow::Ok(histogram);
+                    };
+                    let begin = Instant::now();
+                    let accepted: Value = client
+                        .post(format!("{base}/petstore-domain/orders"))
+                        .json(&serde_json::json!({"customer_id": "bench", "pet_id": pet}))
+                        .send()
+                        .await?
+                        .json()
+                        .await?;
+                    let order_id = accepted["order_id"]
+                        .as_str()
+                        .context("order id")?
+                        .to_owned();
+                    loop {
+                        let response = client
+                            .get(format!("{base}/petstore-domain/orders/{order_id}/status"))
+                            .send()
+                            .await?;
+                        if response.status() == 200 {
+                            let view: Value = response.json().await?;
+                            match view["status"].as_str() {
+                                Some("completed") => break,
+                                Some("cancelled") => anyhow::bail!("order cancelled: {view}"),
+                                _ => {}
+                            }
+                        }
+                        anyhow::ensure!(begin.elapsed() < Duration::from_secs(60), "order stuck");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    histogram.record(begin.elapsed().as_micros() as u64)?;
+                }
+            }
+        });
+        let mut histogram = Histogram::<u64>::new(3)?;
+        for result in futures::future::join_all(workers).await {
+            histogram.add(result?)?;
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        println!(
+            "| {level} | {orders} | {:.0} | {:.1} | {:.1} | {:.1} |",
+            orders as f64 / elapsed,
+            millis(&histogram, 0.5),
+            millis(&histogram, 0.99),
+            histogram.max() as f64 / 1000.0
+        );
+        shutdown.trigger();
+        server.await??;
+        store.database().close().await;
+        database.drop().await?;
+    }
+    Ok(())
+}
+
+/// Inserts `count` OrderCreated events of distinct orders straight into the events table, in
+/// batches: the log the projections are measured on.
+async fn preload(database: &Database, count: usize) -> anyhow::Result<()> {
+    let Database::Postgres(pool) = database else {
+        anyhow::bail!("the projector bench runs on Postgres");
+    };
+    let metadata =
+        serde_json::to_string(&EventMetadata::new(CorrelationId::generate(), "bench").to_map())?;
+    let mut done = 0;
+    while done < count {
+        let size = (count - done).min(5_000);
+        let mut ids = Vec::with_capacity(size);
+        let mut payloads = Vec::with_capacity(size);
+        for _ in 0..size {
+            let order_id = OrderId::random();
+            let event = OrderEvent::OrderCreated(OrderRequest {
+                order_id,
+                customer_id: CustomerId::parse("bench")?,
+                pet_id: PetId::parse("bench-pet")?,
+                amount: Money::usd(1_000)?,
+                special_instructions: None,
+                simulated_failure: None,
+            });
+            ids.push(order_id.to_string());
+            payloads.push(serde_json::to_string(&event)?);
+        }
+        sqlx::query(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+             SELECT 'Order', id, 1, 'OrderCreated', '1.0', payload::jsonb, $3::jsonb
+               FROM UNNEST($1::text[], $2::text[]) AS t(id, payload)",
+        )
+        .bind(&ids)
+        .bind(&payloads)
+        .bind(&metadata)
+        .execute(pool)
+        .await?;
+        done += size;
+    }
+    Ok(())
+}
+
+/// Applies the whole log with `projection` from its checkpoint to the head; events/s.
+async fn catch_up(
+    store: &EventStore,
+    projection: &impl Projection,
+    batch_size: u32,
+) -> anyhow::Result<f64> {
+    let head = stream::head_position(store.database()).await?;
+    let mut reader = StreamReader::new(
+        store,
+        projection.position().await?,
+        batch_size,
+        Duration::from_millis(10),
+    );
+    let started = Instant::now();
+    let mut events = 0_usize;
+    while reader.position() < head {
+        let batch = reader.next_batch().await?;
+        events += batch.len();
+        projection.apply(&batch).await?;
+    }
+    Ok(events as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn projector(args: &Args, events: usize, rate: u64, seconds: u64) -> anyhow::Result<()> {
+    let database = BenchDatabase::create(&args.postgres_url).await?;
+    let mut settings = database.settings();
+    settings.redis.url = Some(SecretString::from(args.redis_url.clone()));
+    settings.redis.key_prefix = format!("bench-{}", uuid::Uuid::new_v4().simple());
+    let kafka = args.kafka_brokers != "none";
+    if kafka {
+        settings.kafka.brokers = Some(args.kafka_brokers.clone());
+        settings.kafka.topic_prefix = format!("bench_{}", uuid::Uuid::new_v4().simple());
+    }
+    let connected = Database::connect(&settings.database, &settings.storage).await?;
+    connected.migrate().await?;
+    let store = EventStore::new(connected.clone(), 8);
+    let started = Instant::now();
+    preload(&connected, events).await?;
+    println!(
+        "preloaded {events} OrderCreated events in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    println!();
+    println!("| projection | events/s | ratio to the baseline |");
+    println!("|---|---:|---:|");
+    let batch = settings.projector.batch_size;
+
+    // Baseline: read the same stream, apply nothing.
+    let head = stream::head_position(&connected).await?;
+    let begin = Instant::now();
+    let mut position = StreamPosition::START;
+    let mut read = 0;
+    while position < head {
+        let events = stream::read_after(&connected, position, batch).await?;
+        if let Some(last) = events.last() {
+            position = last.position;
+        }
+        read += events.len();
+    }
+    let baseline = read as f64 / begin.elapsed().as_secs_f64();
+    println!("| baseline: read the stream only | {baseline:.0} | 1.00 |");
+    let read_models = ReadModels::for_database(&connected);
+    let rate_pg = catch_up(&store, &read_models, batch).await?;
+    println!(
+        "| Postgres read models | {rate_pg:.0} | {:.2} |",
+        rate_pg / baseline
+    );
+    let redis = RedisViews::new(Cache::connect(&settings.redis)?, Duration::from_secs(30));
+    let rate_redis = catch_up(&store, &redis, batch).await?;
+    println!(
+        "| Redis views | {rate_redis:.0} | {:.2} |",
+        rate_redis / baseline
+    );
+    if kafka {
+        let projection = KafkaProjection::new(KafkaBus::new(&settings.kafka)?, connected.clone());
+        let rate_kafka = catch_up(&store, &projection, batch).await?;
+        println!(
+            "| Kafka (acks=all, idempotent) | {rate_kafka:.0} | {:.2} |",
+            rate_kafka / baseline
+        );
+    }
+    let report = replay::rebuild_read_models(&connected, 1_000, false, &mut |_| {}).await?;
+    let replay_rate = report.events as f64 / report.elapsed.as_secs_f64();
+    println!(
+        "| replay --projection read_models | {replay_rate:.0} | {:.2} |",
+        replay_rate / baseline
+    );
+
+    // End-to-end lag at a steady rate: the whole service, orders placed by HTTP, each one
+    // watched in Redis until its view appears.
+    let mut service = settings.clone();
+    service.catalog.seed_demo_pets = true;
+    let roles = [Role::Command, Role::Query, Role::Projector]
+        .into_iter()
+        .collect();
+    let application = Application::build(service, &roles).await?;
+    let base = format!("http://127.0.0.1:{}", application.port());
+    let shutdown = application.shutdown_handle();
+    let server = tokio::spawn(application.run_until_stopped());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let client = reqwest::Client::new();
+    let mut interval = tokio::time::interval(Duration::from_micros(1_000_000 / rate.max(1)));
+    let total = rate * seconds;
+    let mut watchers = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        interval.tick().await;
+        let (client, base, redis) = (client.clone(), base.clone(), redis.clone());
+        watchers.push(tokio::spawn(async move {
+            let begin = Instant::now();
+            let accepted: Value = client
+                .post(format!("{base}/petstore-domain/orders"))
+                .json(
+                    &serde_json::json!({"customer_id": "bench", "pet_id": "golden-retriever-001"}),
+                )
+                .send()
+                .await?
+                .json()
+                .await?;
+            let appended = begin.elapsed();
+            let order_id = OrderId::parse(accepted["order_id"].as_str().context("id")?)?;
+            let watch = Instant::now();
+            while redis.order(&order_id).await?.is_none() {
+                anyhow::ensure!(watch.elapsed() < Duration::from_secs(30), "never visible");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            anyhow::Ok((begin.elapsed() - appended).as_micros() as u64)
+        }));
+    }
+    let mut lag = Histogram::<u64>::new(3)?;
+    for watcher in watchers {
+        lag.record(watcher.await??)?;
+    }
+    println!();
+    println!(
+        "end-to-end lag, POST answered to visible in the Redis read model, {rate} orders/s for {seconds}s: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        millis(&lag, 0.5),
+        millis(&lag, 0.99),
+        lag.max() as f64 / 1000.0
+    );
+    shutdown.trigger();
+    server.await??;
+    connected.close().await;
+    redis
+        .cache()
+        .delete_namespace(&settings.redis.key_prefix)
+        .await?;
+    database.drop().await?;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    match &args.bench {
+        Bench::Saga {
+            clients,
+            orders,
+            provider_latency_ms,
+        } => saga(&args, clients, *orders, *provider_latency_ms).await,
+        Bench::Projector {
+            events,
+            rate,
+            seconds,
+        } => projector(&args, *events, *rate, *seconds).await,
+    }
+}

@@ -178,7 +178,8 @@ impl Application {
                 store.clone(),
                 read_models.clone(),
                 settings.projector.clone(),
-            );
+            )
+            .with_metrics(metrics.clone());
             spawn(
                 CHECKPOINT,
                 projector.progress(),
@@ -186,7 +187,8 @@ impl Application {
             );
             if let Some(redis) = &redis {
                 let projector =
-                    Projector::new(store.clone(), redis.clone(), settings.projector.clone());
+                    Projector::new(store.clone(), redis.clone(), settings.projector.clone())
+                        .with_metrics(metrics.clone());
                 spawn(
                     "redis",
                     projector.progress(),
@@ -195,7 +197,8 @@ impl Application {
             }
             if let Some(bus) = &bus {
                 let kafka = KafkaProjection::new(bus.clone(), database.clone());
-                let projector = Projector::new(store.clone(), kafka, settings.projector.clone());
+                let projector = Projector::new(store.clone(), kafka, settings.projector.clone())
+                    .with_metrics(metrics.clone());
                 spawn(
                     "kafka",
                     projector.progress(),

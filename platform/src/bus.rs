@@ -163,6 +163,13 @@ impl KafkaBus {
         })
     }
 
+    /// A fresh producer with the same settings. After a failed batch the old producer may be
+    /// wedged (a restarted broker that lost its idempotent-producer state rejects its
+    /// sequence numbers); a new one starts a new producer id.
+    pub fn renewed(&self) -> Result<Self, BusError> {
+        Self::new(&self.settings)
+    }
+
     /// Creates the service's topics with the configured partitions; existing ones are kept.
     pub async fn ensure_topics(&self) -> Result<(), BusError> {
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
@@ -179,7 +186,11 @@ impl KafkaBus {
                 )
             })
             .collect();
-        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let options = AdminOptions::new()
+            .operation_timeout(Some(Duration::from_secs(10)))
+            .request_timeout(Some(Duration::from_millis(
+                self.settings.message_timeout_ms,
+            )));
         for result in admin.create_topics(&new_topics, &options).await? {
             match result {
                 Ok(_) => {}

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 /// Labels of `petstore_saga_completed_total`.
@@ -26,6 +27,13 @@ pub struct ProviderCallLabels {
     pub result: String,
 }
 
+/// Labels of the projection metrics.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProjectionLabels {
+    /// `read_models`, `redis` or `kafka`.
+    pub projection: String,
+}
+
 /// Every metric of the service.
 #[derive(Clone)]
 pub struct Metrics {
@@ -36,6 +44,12 @@ pub struct Metrics {
     pub sagas: Family<SagaOutcomeLabels, Counter>,
     /// Calls to external providers, by result (each attempt counts).
     pub provider_calls: Family<ProviderCallLabels, Counter>,
+    /// Failed attempts of a projection (a broker or Redis down stalls it; each retry counts).
+    pub projection_failures: Family<ProjectionLabels, Counter>,
+    /// 1 while a projection is stalled by failures, 0 once it applies again.
+    pub projection_stalled: Family<ProjectionLabels, Gauge>,
+    /// Events applied by each projection.
+    pub projected_events: Family<ProjectionLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -60,10 +74,31 @@ impl Metrics {
             "Calls to the payment gateway and delivery provider, by result",
             provider_calls.clone(),
         );
+        let projection_failures = Family::<ProjectionLabels, Counter>::default();
+        registry.register(
+            "petstore_projection_failures",
+            "Failed attempts of a projection to apply a batch",
+            projection_failures.clone(),
+        );
+        let projection_stalled = Family::<ProjectionLabels, Gauge>::default();
+        registry.register(
+            "petstore_projection_stalled",
+            "1 while a projection cannot apply (its dependency is down), else 0",
+            projection_stalled.clone(),
+        );
+        let projected_events = Family::<ProjectionLabels, Counter>::default();
+        registry.register(
+            "petstore_projected_events",
+            "Events applied by each projection",
+            projected_events.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             sagas,
             provider_calls,
+            projection_failures,
+            projection_stalled,
+            projected_events,
         }
     }
 
@@ -85,6 +120,23 @@ impl Metrics {
                 result: result.to_owned(),
             })
             .inc();
+    }
+
+    /// Records a projection's failed attempt (and marks it stalled) or its applied batch.
+    pub fn projection_attempt(&self, projection: &str, applied: Result<u64, ()>) {
+        let labels = ProjectionLabels {
+            projection: projection.to_owned(),
+        };
+        match applied {
+            Ok(events) => {
+                self.projected_events.get_or_create(&labels).inc_by(events);
+                self.projection_stalled.get_or_create(&labels).set(0);
+            }
+            Err(()) => {
+                self.projection_failures.get_or_create(&labels).inc();
+                self.projection_stalled.get_or_create(&labels).set(1);
+            }
+        }
     }
 
     /// The Prometheus text exposition of every metric.

@@ -14,7 +14,7 @@ pub const CHECKPOINT: &str = "kafka";
 
 /// Publishes the global stream to Kafka.
 pub struct KafkaProjection {
-    bus: KafkaBus,
+    bus: std::sync::Mutex<KafkaBus>,
     database: Database,
     topics_ready: std::sync::atomic::AtomicBool,
 }
@@ -23,7 +23,7 @@ impl KafkaProjection {
     /// Publishes with `bus`, keeping its checkpoint in `database`.
     pub fn new(bus: KafkaBus, database: Database) -> Self {
         Self {
-            bus,
+            bus: std::sync::Mutex::new(bus),
             database,
             topics_ready: std::sync::atomic::AtomicBool::new(false),
         }
@@ -43,14 +43,28 @@ impl Projection for KafkaProjection {
         let Some(last) = events.last() else {
             return Ok(());
         };
+        let bus = self
+            .bus
+            .lock()
+            .map(|bus| bus.clone())
+            .map_err(|_| ProjectionError::Bus(petstore_platform::bus::BusError::Cancelled))?;
         // Topics are created on first use, not at start-up, so a broker that is down when the
         // service starts stalls this projection instead of the service.
         if !self.topics_ready.load(std::sync::atomic::Ordering::Relaxed) {
-            self.bus.ensure_topics().await?;
+            bus.ensure_topics().await?;
             self.topics_ready
                 .store(true, std::sync::atomic::Ordering::Relaxed);
         }
-        self.bus.publish(events).await?;
+        if let Err(error) = bus.publish(events).await {
+            // The broker may have come back without the topics, or without the producer's
+            // state: check the topics and start a new producer before the retry.
+            self.topics_ready
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+            if let (Ok(fresh), Ok(mut slot)) = (bus.renewed(), self.bus.lock()) {
+                *slot = fresh;
+            }
+            return Err(error.into());
+        }
         stream::save_checkpoint(&self.database, CHECKPOINT, last.position).await?;
         Ok(())
     }

@@ -7,6 +7,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use petstore_platform::event_store::EventStore;
+use petstore_platform::metrics::Metrics;
 use petstore_platform::settings::ProjectorSettings;
 use petstore_platform::stream::{self, StreamPosition, StreamReader};
 use tokio::sync::watch;
@@ -37,6 +38,7 @@ pub struct Projector<P> {
     projection: P,
     settings: ProjectorSettings,
     progress: watch::Sender<ProjectorProgress>,
+    metrics: Option<Metrics>,
 }
 
 impl<P: Projection> Projector<P> {
@@ -47,7 +49,14 @@ impl<P: Projection> Projector<P> {
             projection,
             settings,
             progress: watch::Sender::new(ProjectorProgress::default()),
+            metrics: None,
         }
+    }
+
+    /// Records failures, stalls and applied events in `metrics`.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Follows the projection's progress.
@@ -86,6 +95,9 @@ impl<P: Projection> Projector<P> {
                 tracing::error!(projection = name, %error, "projecting failed; resuming from the checkpoint");
                 self.progress
                     .send_modify(|progress| progress.failing = true);
+                if let Some(metrics) = &self.metrics {
+                    metrics.projection_attempt(name, Err(()));
+                }
                 tokio::select! {
                     () = &mut shutdown => return,
                     () = tokio::time::sleep(RETRY_INTERVAL) => {}
@@ -125,6 +137,9 @@ impl<P: Projection> Projector<P> {
                 continue;
             };
             self.projection.apply(&events).await?;
+            if let Some(metrics) = &self.metrics {
+                metrics.projection_attempt(self.projection.name(), Ok(events.len() as u64));
+            }
             self.progress.send_modify(|progress| {
                 progress.position = reader.position();
                 progress.caught_up |= progress.position >= head;

@@ -298,6 +298,22 @@ impl TestApp {
         }
     }
 
+    /// Polls `path` until `accept` holds for its text body or 30 s pass; returns the text.
+    pub async fn wait_for_text(&self, path: &str, accept: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = self.get(path).await.text().await.unwrap_or_default();
+            if accept(&text) {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{path} never satisfied the test:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Polls until the read models are ready (health/ready answers 200) or 30 s pass.
     pub async fn wait_until_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);

@@ -1,0 +1,221 @@
+//! Roles in separate processes: one active projector per projection, a standby takes over;
+//! a broker that goes away stalls the Kafka projection visibly, and it resumes without loss.
+
+use std::time::{Duration, Instant};
+
+use petstore_domain::pet::{Pet, PetCommand, PetDetails};
+use petstore_domain::{Money, PetCategory, PetId};
+use petstore_platform::event_store::{EventMetadata, EventStore};
+use petstore_platform::http::CorrelationId;
+use petstore_projector::{Projector, ReadModels};
+use petstore_tests::{Engine, Storage, TestApp};
+
+async fn add_pet(store: &EventStore, pet_id: &str) {
+    let details = PetDetails {
+        pet_id: PetId::parse(pet_id).expect("valid"),
+        name: "Standby".into(),
+        category: PetCategory::Bird,
+        breed: "Canary".into(),
+        age_months: 3,
+        price: Money::usd(3_000).expect("valid"),
+        description: "test".into(),
+    };
+    let metadata = EventMetadata::new(CorrelationId::generate(), "test");
+    store
+        .execute::<Pet>(pet_id, PetCommand::AddPet(details), &(), &metadata)
+        .await
+        .expect("add pet");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_standby_projector_takes_over_when_the_active_one_dies() {
+    let storage = Storage::new(Engine::Postgres).await;
+    let store = EventStore::new(storage.database().await, 8);
+    let settings = storage.settings();
+    let read_models = ReadModels::for_database(store.database());
+
+    let first = Projector::new(
+        store.clone(),
+        read_models.clone(),
+        settings.projector.clone(),
+    );
+    let mut first_progress = first.progress();
+    let first = tokio::spawn(first.run(futures::future::pending()));
+    first_progress
+        .wait_for(|progress| progress.active)
+        .await
+        .expect("first is active");
+
+    let second = Projector::new(
+        store.clone(),
+        read_models.clone(),
+        settings.projector.clone(),
+    );
+    let mut second_progress = second.progress();
+    let second = tokio::spawn(second.run(futures::future::pending()));
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert!(
+        !second_progress.borrow().active,
+        "only one active projector"
+    );
+
+    first.abort(); // the active process dies
+    let _ = first.await;
+    let died = Instant::now();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        second_progress.wait_for(|progress| progress.active),
+    )
+    .await
+    .expect("the standby takes over within seconds")
+    .expect("progress");
+    let takeover = died.elapsed();
+    assert!(takeover < Duration::from_secs(5), "took {takeover:?}");
+
+    add_pet(&store, "standby-canary-001").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let pet_id = PetId::parse("standby-canary-001").expect("valid");
+    while read_models.pet(&pet_id).await.expect("query").is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the new active projector does not project"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    second.abort();
+    storage.remove().await;
+}
+
+/// A tansu broker of the test's own, on a free port, so it can be stopped and started.
+struct OwnBroker {
+    port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl OwnBroker {
+    async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .map(|address| address.port())
+            .expect("a free port");
+        let mut broker = Self { port, child: None };
+        broker.restart().await;
+        broker
+    }
+
+    fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    async fn restart(&mut self) {
+        let url = format!("tcp://{}", self.address());
+        let child = std::process::Command::new("tansu")
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("tansu is installed (scripts/test.sh installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "tansu did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn metric(metrics: &str, line_start: &str) -> Option<String> {
+    metrics
+        .lines()
+        .find(|line| line.starts_with(line_start))
+        .and_then(|line| line.rsplit(' ').next())
+        .map(str::to_owned)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broker_outage_stalls_the_kafka_projection_visibly_and_loses_nothing() {
+    let mut broker = OwnBroker::start().await;
+    let storage = Storage::new(Engine::Postgres).await;
+    let mut settings = storage.settings();
+    settings.kafka.brokers = Some(broker.address());
+    settings.kafka.topic_prefix = "outage".to_owned();
+    settings.kafka.message_timeout_ms = 1_000;
+    let roles = [
+        petstore_cli::Role::Command,
+        petstore_cli::Role::Query,
+        petstore_cli::Role::Projector,
+    ]
+    .into_iter()
+    .collect();
+    let app = TestApp::start_with_roles(settings, &roles).await;
+    app.wait_until_ready().await;
+    let stalled = r#"petstore_projection_stalled{projection="kafka"}"#;
+    app.wait_for_text("/metrics", |text| {
+        metric(text, stalled).as_deref() == Some("0")
+    })
+    .await;
+
+    broker.stop();
+    let store = EventStore::new(storage.database().await, 8);
+    add_pet(&store, "outage-canary-001").await;
+    let text = app
+        .wait_for_text("/metrics", |text| {
+            metric(text, stalled).as_deref() == Some("1")
+        })
+        .await;
+    assert!(metric(
+        &text,
+        r#"petstore_projection_failures_total{projection="kafka"}"#
+    )
+    .is_some());
+    let health: serde_json::Value = app
+        .get("/petstore-domain/health")
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(health["components"]["projection:kafka"]["status"], "down");
+    assert_eq!(health["status"], "degraded");
+
+    broker.restart().await;
+    app.wait_for_text("/metrics", |text| {
+        metric(text, stalled).as_deref() == Some("0")
+    })
+    .await;
+    let database = store.database().clone();
+    let head = petstore_platform::stream::head_position(&database)
+        .await
+        .expect("head");
+    let checkpoint = petstore_platform::stream::load_checkpoint(&database, "kafka")
+        .await
+        .expect("checkpoint");
+    assert_eq!(
+        checkpoint, head,
+        "everything appended during the outage was published"
+    );
+    app.stop().await;
+    storage.remove().await;
+}

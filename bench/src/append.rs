@@ -7,21 +7,26 @@
 //! - **baseline**: one autocommit `INSERT` per operation into `bench_baseline`, a plain table
 //!   with the event table's columns and no index but its primary key, with rows of the same
 //!   size as a real `OrderCreated` event and its metadata;
-//! - **event store**: [`EventStore::execute`] of `PlaceOrder` on a fresh Order aggregate, so
-//!   every operation is the full append path: load the (empty) aggregate, decide, then append
-//!   one event at sequence 1 with optimistic concurrency, metadata and a global position.
+//! - **event store**: [`EventStore::execute_on_new`] of `PlaceOrder` on a fresh Order
+//!   aggregate, the path of `POST /orders`: decide on the empty aggregate, then append one
+//!   event at sequence 1 with optimistic concurrency, metadata and a global position, while
+//!   [`EventStore::notify_appends`] wakes other processes as it does in the service;
 //!
 //! and reports throughput, p50/p99 latency and the ratio event store / baseline. `--breakdown`
-//! adds the steps in between (a transaction, the `events` table, the load) so the cost of each
-//! can be read off; `--ablate` drops parts of the `events` schema in the throw-away bench
-//! database to measure what each one costs. Both only serve the analysis in `bench/README.md`.
+//! adds the steps in between (a transaction, the `events` table, the load) and
+//! [`EventStore::execute`], the path of every command on an existing aggregate (load, decide,
+//! append), so the cost of each can be read off; `--ablate` drops parts of the `events` schema
+//! in the throw-away bench database and `--with-notify-trigger` puts back the NOTIFY trigger
+//! of the first schema, to measure what each one costs. They only serve the analysis in
+//! `bench/README.md`.
 //!
 //! The benchmark only ever talks to a database on the loopback interface: it creates a fresh
 //! Postgres database `petstore_bench_<random hex>` and drops it at the end, and keeps the
 //! SQLite store in a temporary directory.
 //!
 //! # Layout
-//! - [`Args`], [`Engine`], [`Workload`], [`Ablation`]: the command line.
+//! - [`Args`], [`Engine`], [`Ablation`]: the command line.
+//! - [`Workload`], [`SqlSteps`]: what one operation does.
 //! - [`BenchDatabase`]: creating, preparing and dropping the database of one engine.
 //! - [`Appender`]: one operation of each workload.
 //! - [`measure`]: N writers for a fixed time, with warm-up; a [`Measurement`].
@@ -101,6 +106,11 @@ struct Args {
     /// (analysis only: the service needs all of them).
     #[arg(long, value_enum, value_delimiter = ',')]
     ablate: Vec<Ablation>,
+
+    /// Postgres: re-create the statement trigger of migration 0001 that ran `pg_notify` in
+    /// every append (migration 0004 dropped it), to measure what it cost.
+    #[arg(long)]
+    with_notify_trigger: bool,
 }
 
 /// A database engine the event store runs on.
@@ -124,8 +134,6 @@ impl Engine {
 /// A part of the `events` schema that `--ablate` removes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Ablation {
-    /// Postgres: the statement trigger that runs `pg_notify` on every append.
-    NotifyTrigger,
     /// Both: the expression index on `metadata ->> 'correlation_id'`.
     CorrelationIndex,
     /// Postgres: the `global_position` identity and `transaction_id` xid8 columns and their
@@ -136,17 +144,14 @@ enum Ablation {
 impl Ablation {
     fn name(self) -> &'static str {
         match self {
-            Self::NotifyTrigger => "notify-trigger",
             Self::CorrelationIndex => "correlation-index",
             Self::GlobalOrder => "global-order",
         }
     }
 
-    /// The statements that remove this part on `engine`; none when it has no such part.
+    /// The statements that remove this part on `engine`.
     fn statements(self, engine: Engine) -> &'static [&'static str] {
         match (self, engine) {
-            (Self::NotifyTrigger, Engine::Postgres) => &["DROP TRIGGER events_appended ON events"],
-            (Self::NotifyTrigger, Engine::Sqlite) => &[],
             (Self::CorrelationIndex, _) => &["DROP INDEX events_correlation_id"],
             (Self::GlobalOrder, Engine::Postgres) => {
                 &["ALTER TABLE events DROP COLUMN transaction_id, DROP COLUMN global_position"]
@@ -167,29 +172,44 @@ enum Workload {
     Baseline,
     /// Plain SQL, to isolate one cost of the append path.
     Sql(SqlSteps),
-    /// [`EventStore::execute`] of `PlaceOrder` on a fresh order.
+    /// [`EventStore::execute`] of `PlaceOrder` on a fresh order: the path of every command on
+    /// an existing aggregate (and of `POST /orders` with an `Idempotency-Key`), which loads
+    /// the aggregate before it decides.
+    EventStoreLoading,
+    /// The benchmark: [`EventStore::execute_on_new`] of `PlaceOrder` on a fresh order.
     EventStore,
 }
 
 /// The SQL steps of one operation that is not the event store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct SqlSteps {
-    /// INSERT into `events` (with its indexes, columns and trigger) instead of `bench_baseline`.
+    /// INSERT into `events` (with its indexes and global-order columns) instead of
+    /// `bench_baseline`.
     into_events: bool,
     /// First SELECT the aggregate's events, as loading an aggregate does.
     load_first: bool,
-    /// Wrap the INSERT in BEGIN ... COMMIT, as postgres-es and sqlite-es do.
+    /// Wrap the INSERT in BEGIN ... COMMIT, as postgres-es and sqlite-es do (the service
+    /// appends to Postgres in one statement instead).
     in_transaction: bool,
 }
 
+impl SqlSteps {
+    const BASELINE: SqlSteps = SqlSteps {
+        into_events: false,
+        load_first: false,
+        in_transaction: false,
+    };
+}
+
 impl Workload {
-    const BREAKDOWN: [Workload; 7] = [
+    const BREAKDOWN: [Workload; 8] = [
         Self::Baseline,
         Self::sql(false, false, true),
         Self::sql(true, false, false),
         Self::sql(true, false, true),
         Self::sql(true, true, false),
         Self::sql(true, true, true),
+        Self::EventStoreLoading,
         Self::EventStore,
     ];
 
@@ -201,21 +221,12 @@ impl Workload {
         })
     }
 
-    fn steps(self) -> Option<SqlSteps> {
-        match self {
-            Self::Baseline => Some(SqlSteps {
-                into_events: false,
-                load_first: false,
-                in_transaction: false,
-            }),
-            Self::Sql(steps) => Some(steps),
-            Self::EventStore => None,
-        }
-    }
-
     fn name(self) -> String {
-        let Some(steps) = self.steps() else {
-            return "event store: execute_on_new(PlaceOrder)".to_owned();
+        let steps = match self {
+            Self::EventStoreLoading => return "event store: execute(PlaceOrder)".to_owned(),
+            Self::EventStore => return "event store: execute_on_new(PlaceOrder)".to_owned(),
+            Self::Baseline => SqlSteps::BASELINE,
+            Self::Sql(steps) => steps,
         };
         let table = if steps.into_events {
             "events"
@@ -231,6 +242,15 @@ impl Workload {
         format!("{table}: {select}{insert}")
     }
 }
+
+/// The per-append NOTIFY of migration 0001, which migration 0004 replaced by
+/// [`EventStore::notify_appends`].
+const OLD_NOTIFY_TRIGGER: [&str; 2] = [
+    "CREATE FUNCTION notify_events_appended() RETURNS trigger LANGUAGE plpgsql AS \
+     $$ BEGIN PERFORM pg_notify('petstore_events', ''); RETURN NULL; END $$",
+    "CREATE TRIGGER events_appended AFTER INSERT ON events FOR EACH STATEMENT \
+     EXECUTE FUNCTION notify_events_appended()",
+];
 
 /// The SQL of one engine's workloads.
 struct Statements {
@@ -383,8 +403,11 @@ macro_rules! run_steps {
 
 impl Appender {
     async fn append(&self, workload: Workload) -> anyhow::Result<()> {
-        let Some(steps) = workload.steps() else {
-            return self.append_through_event_store().await;
+        let steps = match workload {
+            Workload::EventStore => return self.place_new_order(false).await,
+            Workload::EventStoreLoading => return self.place_new_order(true).await,
+            Workload::Baseline => SqlSteps::BASELINE,
+            Workload::Sql(steps) => steps,
         };
         match &self.database {
             Database::Postgres(pool) => run_steps!(pool, self, steps),
@@ -392,18 +415,25 @@ impl Appender {
         }
     }
 
-    /// The service's own append path for a new order (`POST /orders` without an
-    /// `Idempotency-Key`): [`EventStore::execute_on_new`] decides on the empty aggregate and
-    /// appends one event at sequence 1 in a single statement. A fresh order id means no
-    /// writer ever conflicts with another.
-    async fn append_through_event_store(&self) -> anyhow::Result<()> {
+    /// The service's own append path for a new order (`POST /orders`):
+    /// [`EventStore::execute_on_new`] decides on the empty aggregate and appends one event at
+    /// sequence 1 in a single statement; with `load_first`, [`EventStore::execute`] loads the
+    /// (empty) aggregate first, as every command on an existing aggregate does. A fresh order
+    /// id means no writer ever conflicts with another.
+    async fn place_new_order(&self, load_first: bool) -> anyhow::Result<()> {
         let order_id = OrderId::random();
+        let aggregate_id = order_id.to_string();
         let command = OrderCommand::PlaceOrder(self.order.request(order_id));
         let metadata = EventMetadata::new(CorrelationId::generate(), "bench");
-        let appended = self
-            .store
-            .execute_on_new::<Order>(&order_id.to_string(), command, &(), &metadata)
-            .await?;
+        let appended = if load_first {
+            self.store
+                .execute::<Order>(&aggregate_id, command, &(), &metadata)
+                .await?
+        } else {
+            self.store
+                .execute_on_new::<Order>(&aggregate_id, command, &(), &metadata)
+                .await?
+        };
         ensure!(
             appended.len() == 1,
             "placing an order appended {} events",
@@ -548,15 +578,20 @@ impl BenchDatabase {
         }
     }
 
-    /// Migrates, applies `ablations` and creates the baseline table.
-    async fn prepare(&self, ablations: &[Ablation]) -> anyhow::Result<()> {
+    /// Migrates, applies `--ablate` and `--with-notify-trigger`, and creates the baseline
+    /// table.
+    async fn prepare(&self, args: &Args) -> anyhow::Result<()> {
         self.database.migrate().await?;
         let statements = self.statements();
-        let mut script: Vec<&str> = ablations
+        let mut script: Vec<&str> = args
+            .ablate
             .iter()
             .flat_map(|ablation| ablation.statements(self.engine))
             .copied()
             .collect();
+        if args.with_notify_trigger && self.engine == Engine::Postgres {
+            script.extend(OLD_NOTIFY_TRIGGER);
+        }
         script.push(statements.create_baseline);
         for statement in script {
             match &self.database {
@@ -862,7 +897,7 @@ async fn run_engine(
     workloads: &[Workload],
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    bench.prepare(&args.ablate).await?;
+    bench.prepare(args).await?;
     let appender = Arc::new(Appender {
         database: bench.database.clone(),
         store: EventStore::new(bench.database.clone(), 8),
@@ -870,6 +905,12 @@ async fn run_engine(
         order: OrderTemplate::new()?,
         row: OrderTemplate::new()?.row()?,
     });
+    // As in the service: other processes learn of appends from one NOTIFY per burst. It stops
+    // when `_stop_notifier` is dropped, however this function ends.
+    let (_stop_notifier, notifier_stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(appender.store.clone().notify_appends(async move {
+        notifier_stopped.await.unwrap_or(());
+    }));
     let warmup = Duration::from_secs(args.warmup_seconds);
     let duration = Duration::from_secs(args.seconds);
     for &writers in &args.writers {
@@ -947,10 +988,14 @@ async fn main() -> anyhow::Result<()> {
         format!("date: {}", chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")),
         format!("machine: {}", machine()),
         format!(
-            "each workload: {} s warm-up, then {} s measured; event store retries: 8",
+            "each workload: {} s warm-up, then {} s measured; event store retries: 8; \
+             EventStore::notify_appends running",
             args.warmup_seconds, args.seconds
         ),
     ];
+    if args.with_notify_trigger {
+        header.push("with the per-append NOTIFY trigger of migration 0001".to_owned());
+    }
     if !args.ablate.is_empty() {
         let dropped: Vec<&str> = args.ablate.iter().map(|ablation| ablation.name()).collect();
         header.push(format!(

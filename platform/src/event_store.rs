@@ -323,34 +323,48 @@ impl EventStore {
         A::Command: Clone,
     {
         let store = self.cqrs_store::<A>();
-        let mut context = EventStoreAggregateContext {
+        let context = EventStoreAggregateContext {
             aggregate_id: aggregate_id.to_owned(),
             aggregate: A::default(),
             current_sequence: 0,
             current_snapshot: None,
         };
+        match self
+            .decide_and_commit(&store, context, command.clone(), services, metadata)
+            .await
+        {
+            Err(AggregateError::AggregateConflict) => {
+                self.execute::<A>(aggregate_id, command, services, metadata)
+                    .await
+            }
+            outcome => outcome,
+        }
+    }
+
+    /// Hands `command` to the loaded aggregate and commits what it decides (nothing when it
+    /// decides nothing), then wakes this process's stream readers.
+    async fn decide_and_commit<A: Aggregate>(
+        &self,
+        store: &PersistedEventStore<SharedRepository, A>,
+        mut context: EventStoreAggregateContext<A>,
+        command: A::Command,
+        services: &A::Services,
+        metadata: &EventMetadata,
+    ) -> Result<Vec<EventEnvelope<A>>, AggregateError<A::Error>> {
         let sink = EventSink::default();
         context
             .aggregate
-            .handle(command.clone(), services, &sink)
+            .handle(command, services, &sink)
             .await
             .map_err(AggregateError::UserError)?;
         let events = sink.collect().await;
         if events.is_empty() {
             return Ok(Vec::new());
         }
-        match store.commit(events, context, metadata.to_map()).await {
-            Ok(committed) => {
-                self.appended
-                    .send_modify(|count| *count = count.wrapping_add(1));
-                Ok(committed)
-            }
-            Err(AggregateError::AggregateConflict) => {
-                self.execute::<A>(aggregate_id, command, services, metadata)
-                    .await
-            }
-            Err(error) => Err(error),
-        }
+        let committed = store.commit(events, context, metadata.to_map()).await?;
+        self.appended
+            .send_modify(|count| *count = count.wrapping_add(1));
+        Ok(committed)
     }
 
     /// Runs `command` against the aggregate and appends the events it decides, with
@@ -391,29 +405,17 @@ impl EventStore {
             for envelope in history {
                 context.aggregate.apply(envelope.payload);
             }
-            let sink = EventSink::default();
-            context
-                .aggregate
-                .handle(command.clone(), services, &sink)
+            match self
+                .decide_and_commit(&store, context, command.clone(), services, metadata)
                 .await
-                .map_err(AggregateError::UserError)?;
-            let events = sink.collect().await;
-            if events.is_empty() {
-                return Ok(Vec::new());
-            }
-            match store.commit(events, context, metadata.to_map()).await {
-                Ok(committed) => {
-                    self.appended
-                        .send_modify(|count| *count = count.wrapping_add(1));
-                    return Ok(committed);
-                }
+            {
                 Err(AggregateError::AggregateConflict) if attempt < self.max_conflict_retries => {
                     attempt += 1;
                     tracing::debug!(attempt, aggregate_id, "append conflicted; retrying");
                     let ceiling = 2_u64.saturating_pow(attempt.min(6));
                     tokio::time::sleep(Duration::from_millis(fastrand::u64(0..=ceiling))).await;
                 }
-                Err(error) => return Err(error),
+                outcome => return outcome,
             }
         }
     }

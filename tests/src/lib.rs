@@ -408,6 +408,39 @@ impl Drop for OwnRedis {
     }
 }
 
+/// Adds `count` pets named `{prefix}-000`, `{prefix}-001`, ... through the event store (for
+/// tests that need more pets than the demo catalog has); returns their ids.
+pub async fn add_pets(
+    store: &petstore_platform::event_store::EventStore,
+    prefix: &str,
+    count: usize,
+) -> Vec<String> {
+    use petstore_domain::pet::{Pet, PetCommand, PetDetails};
+    let metadata = petstore_platform::event_store::EventMetadata::new(
+        petstore_platform::http::CorrelationId::generate(),
+        "test",
+    );
+    let mut pets = Vec::with_capacity(count);
+    for index in 0..count {
+        let pet_id = format!("{prefix}-{index:03}");
+        let details = PetDetails {
+            pet_id: petstore_domain::PetId::parse(&pet_id).expect("a valid test pet id"),
+            name: format!("Test pet {index}"),
+            category: petstore_domain::PetCategory::Dog,
+            breed: "Mixed".into(),
+            age_months: 2,
+            price: petstore_domain::Money::usd(10_000).expect("valid"),
+            description: "test".into(),
+        };
+        store
+            .execute::<Pet>(&pet_id, PetCommand::AddPet(details), &(), &metadata)
+            .await
+            .expect("add pet");
+        pets.push(pet_id);
+    }
+    pets
+}
+
 /// Asserts `response` is a problem with `status`, and returns its body.
 pub async fn assert_problem(response: reqwest::Response, status: u16) -> Value {
     assert_eq!(response.status(), status, "status");

@@ -9,18 +9,16 @@ use std::time::{Duration, Instant};
 use petstore_cli::Role;
 use petstore_command_api::providers::{SimulatedDeliveryProvider, SimulatedPaymentGateway};
 use petstore_command_api::saga::SagaRunner;
-use petstore_domain::pet::{Pet, PetCommand, PetDetails};
-use petstore_domain::{Money, PetCategory, PetId};
+use petstore_domain::PetId;
 use petstore_platform::bus::{self, Envelope, KafkaBus};
 use petstore_platform::cache::Cache;
-use petstore_platform::event_store::{EventMetadata, EventStore};
-use petstore_platform::http::CorrelationId;
+use petstore_platform::event_store::EventStore;
 use petstore_platform::metrics::Metrics;
 use petstore_platform::settings::Settings;
 use petstore_platform::stream::{self, StreamPosition};
 use petstore_projector::views::ViewBatch;
 use petstore_projector::{KafkaProjection, Projector, ReadModels, RedisViews};
-use petstore_tests::{kafka_brokers, redis_url, unique_name, Engine, Storage, TestApp};
+use petstore_tests::{add_pets, kafka_brokers, redis_url, unique_name, Engine, Storage, TestApp};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::Message;
@@ -320,23 +318,7 @@ async fn two_saga_runners_share_a_group_and_one_can_die() {
     app.wait_until_ready().await;
 
     let store = EventStore::new(storage.database().await, 16);
-    let metadata = EventMetadata::new(CorrelationId::generate(), "test");
-    for index in 0..ORDERS {
-        let pet_id = format!("kafka-kitten-{index:03}");
-        let details = PetDetails {
-            pet_id: PetId::parse(&pet_id).expect("valid"),
-            name: format!("Kitten {index}"),
-            category: PetCategory::Cat,
-            breed: "Mixed".into(),
-            age_months: 2,
-            price: Money::usd(5_000).expect("valid"),
-            description: "test".into(),
-        };
-        store
-            .execute::<Pet>(&pet_id, PetCommand::AddPet(details), &(), &metadata)
-            .await
-            .expect("add");
-    }
+    let pets = add_pets(&store, "kafka-kitten", ORDERS).await;
     let payments = Arc::new(SimulatedPaymentGateway::new(
         settings.providers.payment.clone(),
     ));
@@ -358,8 +340,8 @@ async fn two_saga_runners_share_a_group_and_one_can_die() {
     let survivor = tokio::spawn(runner().run(futures::future::pending()));
 
     let mut orders = Vec::new();
-    for index in 0..ORDERS {
-        let accepted = app.place_order(&format!("kafka-kitten-{index:03}")).await;
+    for (index, pet) in pets.iter().enumerate() {
+        let accepted = app.place_order(pet).await;
         orders.push(accepted["order_id"].as_str().expect("id").to_owned());
         if index == ORDERS / 2 {
             doomed.abort(); // one runner dies mid-run; its partitions move to the other

@@ -3,29 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use petstore_domain::pet::{Pet, PetCommand, PetDetails};
-use petstore_domain::{Money, PetCategory, PetId};
-use petstore_platform::event_store::{EventMetadata, EventStore};
-use petstore_platform::http::CorrelationId;
+use petstore_domain::PetId;
+use petstore_platform::event_store::EventStore;
 use petstore_projector::{Projector, ReadModels};
-use petstore_tests::{Engine, Storage, TestApp};
-
-async fn add_pet(store: &EventStore, pet_id: &str) {
-    let details = PetDetails {
-        pet_id: PetId::parse(pet_id).expect("valid"),
-        name: "Standby".into(),
-        category: PetCategory::Bird,
-        breed: "Canary".into(),
-        age_months: 3,
-        price: Money::usd(3_000).expect("valid"),
-        description: "test".into(),
-    };
-    let metadata = EventMetadata::new(CorrelationId::generate(), "test");
-    store
-        .execute::<Pet>(pet_id, PetCommand::AddPet(details), &(), &metadata)
-        .await
-        .expect("add pet");
-}
+use petstore_tests::{add_pets, Engine, Storage, TestApp};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_standby_projector_takes_over_when_the_active_one_dies() {
@@ -72,9 +53,9 @@ async fn a_standby_projector_takes_over_when_the_active_one_dies() {
     let takeover = died.elapsed();
     assert!(takeover < Duration::from_secs(5), "took {takeover:?}");
 
-    add_pet(&store, "standby-canary-001").await;
+    add_pets(&store, "standby-canary", 1).await;
     let deadline = Instant::now() + Duration::from_secs(10);
-    let pet_id = PetId::parse("standby-canary-001").expect("valid");
+    let pet_id = PetId::parse("standby-canary-000").expect("valid");
     while read_models.pet(&pet_id).await.expect("query").is_none() {
         assert!(
             Instant::now() < deadline,
@@ -180,7 +161,7 @@ async fn a_broker_outage_stalls_the_kafka_projection_visibly_and_loses_nothing()
 
     broker.stop();
     let store = EventStore::new(storage.database().await, 8);
-    add_pet(&store, "outage-canary-001").await;
+    add_pets(&store, "outage-canary", 1).await;
     let text = app
         .wait_for_text("/metrics", |text| {
             metric(text, stalled).as_deref() == Some("1")

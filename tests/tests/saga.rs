@@ -9,13 +9,10 @@ use std::time::{Duration, Instant};
 use petstore_cli::Role;
 use petstore_command_api::providers::{SimulatedDeliveryProvider, SimulatedPaymentGateway};
 use petstore_command_api::saga::SagaRunner;
-use petstore_domain::pet::{Pet, PetCommand, PetDetails};
-use petstore_domain::{Money, PetCategory, PetId};
-use petstore_platform::event_store::{EventMetadata, EventStore};
-use petstore_platform::http::CorrelationId;
+use petstore_platform::event_store::EventStore;
 use petstore_platform::metrics::Metrics;
 use petstore_platform::settings::Settings;
-use petstore_tests::{assert_problem, on_both_engines, Engine, Storage, TestApp};
+use petstore_tests::{add_pets, assert_problem, on_both_engines, Engine, Storage, TestApp};
 use serde_json::{json, Value};
 
 on_both_engines!(
@@ -426,25 +423,7 @@ async fn a_saga_runner_killed_at_random_points_loses_and_doubles_nothing(engine:
     app.wait_until_ready().await;
 
     let store = EventStore::new(storage.database().await, 16);
-    let metadata = EventMetadata::new(CorrelationId::generate(), "test");
-    let mut pets = Vec::new();
-    for index in 0..ORDERS {
-        let pet_id = format!("test-puppy-{index:03}");
-        let details = PetDetails {
-            pet_id: PetId::parse(&pet_id).expect("valid"),
-            name: format!("Puppy {index}"),
-            category: PetCategory::Dog,
-            breed: "Mixed".into(),
-            age_months: 2,
-            price: Money::usd(10_000 + index as i64).expect("valid"),
-            description: "test".into(),
-        };
-        store
-            .execute::<Pet>(&pet_id, PetCommand::AddPet(details), &(), &metadata)
-            .await
-            .expect("add pet");
-        pets.push(pet_id);
-    }
+    let pets = add_pets(&store, "test-puppy", ORDERS).await;
     let mut orders = Vec::new();
     for pet_id in &pets {
         orders.push(post_order(&app, pet_id, None).await);

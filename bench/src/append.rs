@@ -612,9 +612,20 @@ impl BenchDatabase {
         }
     }
 
-    /// The engine's version and durability settings, for the report.
+    /// The engine's version, durability settings, pool and schema, for the report.
     async fn describe(&self) -> anyhow::Result<String> {
-        Ok(match &self.database {
+        const LATEST_MIGRATION: &str = "SELECT max(version) FROM _sqlx_migrations";
+        let migration: Option<i64> = match &self.database {
+            Database::Postgres(pool) => {
+                sqlx::query_scalar(LATEST_MIGRATION).fetch_one(pool).await?
+            }
+            Database::Sqlite(pool) => sqlx::query_scalar(LATEST_MIGRATION).fetch_one(pool).await?,
+        };
+        let schema = match migration {
+            Some(version) => format!("schema at migration {version}"),
+            None => "no migrations".to_owned(),
+        };
+        let engine = match &self.database {
             Database::Postgres(pool) => {
                 let (version, synchronous_commit, fsync): (String, String, String) = sqlx::query_as(
                     "SELECT current_setting('server_version'), current_setting('synchronous_commit'), \
@@ -637,7 +648,8 @@ impl BenchDatabase {
                     pool.options().get_max_connections()
                 )
             }
-        })
+        };
+        Ok(format!("{engine}, {schema}"))
     }
 
     /// Writes out what earlier workloads left in the WAL, so that their checkpoint does not
@@ -890,14 +902,14 @@ fn machine() -> String {
     format!("{cpus} cores (nproc), {model}")
 }
 
-/// Measures every workload at every concurrency on one engine.
+/// Measures every workload at every concurrency on one engine, prepared by
+/// [`BenchDatabase::prepare`].
 async fn run_engine(
     bench: &BenchDatabase,
     args: &Args,
     workloads: &[Workload],
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    bench.prepare(args).await?;
     let appender = Arc::new(Appender {
         database: bench.database.clone(),
         store: EventStore::new(bench.database.clone(), 8),
@@ -1007,7 +1019,18 @@ async fn main() -> anyhow::Result<()> {
     let mut report = Report::default();
     for &engine in &args.engines {
         let bench = BenchDatabase::create(engine, &args, pool_size).await?;
-        header.push(format!("{}: {}", engine.name(), bench.describe().await?));
+        let described = match bench.prepare(&args).await {
+            Ok(()) => bench.describe().await,
+            Err(error) => Err(error),
+        };
+        let described = match described {
+            Ok(described) => described,
+            Err(error) => {
+                bench.drop_database().await?;
+                return Err(error);
+            }
+        };
+        header.push(format!("{}: {described}", engine.name()));
         let outcome = tokio::select! {
             outcome = run_engine(&bench, &args, &workloads, &mut report) => outcome,
             _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),

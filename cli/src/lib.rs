@@ -190,7 +190,7 @@ impl Application {
                     Projector::new(store.clone(), redis.clone(), settings.projector.clone())
                         .with_metrics(metrics.clone());
                 spawn(
-                    "redis",
+                    petstore_projector::redis_views::CHECKPOINT,
                     projector.progress(),
                     boxed(projector.run(shutdown.wait())),
                 );
@@ -200,7 +200,7 @@ impl Application {
                 let projector = Projector::new(store.clone(), kafka, settings.projector.clone())
                     .with_metrics(metrics.clone());
                 spawn(
-                    "kafka",
+                    petstore_projector::kafka::CHECKPOINT,
                     projector.progress(),
                     boxed(projector.run(shutdown.wait())),
                 );

@@ -16,7 +16,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
 use serde::{Deserialize, Serialize};
@@ -325,14 +325,4 @@ impl KafkaSubscriber {
             Err(error) => Err(error.into()),
         }
     }
-}
-
-/// Reads a header of a consumed message as text.
-pub fn header<'a>(message: &'a impl Message, key: &str) -> Option<&'a str> {
-    let headers = message.headers()?;
-    headers
-        .iter()
-        .find(|header| header.key == key)
-        .and_then(|header| header.value)
-        .and_then(|value| std::str::from_utf8(value).ok())
 }

@@ -74,6 +74,10 @@ enum Bench {
         /// Simulated latency of each provider call, in ms.
         #[arg(long, default_value_t = 20)]
         provider_latency_ms: u64,
+        /// Serve the status polls from Redis (as the distributed mode does) instead of the
+        /// read-model tables.
+        #[arg(long)]
+        with_redis: bool,
     },
     /// Projection throughput, replay speed and end-to-end lag.
     Projector {
@@ -173,9 +177,15 @@ async fn saga(
     clients: &[usize],
     orders: usize,
     latency_ms: u64,
+    with_redis: bool,
 ) -> anyhow::Result<()> {
+    let reads = if with_redis {
+        "Redis"
+    } else {
+        "the Postgres read model"
+    };
     println!(
-        "saga latency: POST /orders until `completed` is visible in the read model (Postgres)"
+        "saga latency: POST /orders until `completed` is visible (status polled from {reads})"
     );
     println!("simulated provider latency {latency_ms} ms per call (2 calls per saga); {orders} orders per level");
     println!();
@@ -187,6 +197,10 @@ async fn saga(
         settings.catalog.seed_demo_pets = false;
         settings.providers.payment.latency_ms = latency_ms;
         settings.providers.delivery.latency_ms = latency_ms;
+        if with_redis {
+            settings.redis.url = Some(SecretString::from(args.redis_url.clone()));
+            settings.redis.key_prefix = format!("bench-{}", uuid::Uuid::new_v4().simple());
+        }
         let application = Application::build(settings.clone(), &Role::all()).await?;
         let base = format!("http://127.0.0.1:{}", application.port());
         let shutdown = application.shutdown_handle();
@@ -254,6 +268,11 @@ async fn saga(
         shutdown.trigger();
         server.await??;
         store.database().close().await;
+        if with_redis {
+            Cache::connect(&settings.redis)?
+                .delete_namespace(&settings.redis.key_prefix)
+                .await?;
+        }
         database.drop().await?;
     }
     Ok(())
@@ -458,7 +477,8 @@ async fn main() -> anyhow::Result<()> {
             clients,
             orders,
             provider_latency_ms,
-        } => saga(&args, clients, *orders, *provider_latency_ms).await,
+            with_redis,
+        } => saga(&args, clients, *orders, *provider_latency_ms, *with_redis).await,
         Bench::Projector {
             events,
             rate,

@@ -30,7 +30,7 @@ async fn completed_order(data_dir: &std::path::Path) -> (String, String) {
         .expect("json");
     let order_id = accepted["order_id"].as_str().expect("id").to_owned();
     let correlation_id = accepted["correlation_id"].as_str().expect("id").to_owned();
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let status: Value = client
             .get(format!("{base}/petstore-domain/orders/{order_id}/status"))

@@ -27,6 +27,6 @@ pub mod views;
 pub use kafka::KafkaProjection;
 pub use projection::{Projection, ProjectionError};
 pub use read_models::{BrowseFilter, BrowsePage, ReadModelError, ReadModels};
-pub use redis_views::RedisViews;
+pub use redis_views::{BrowseSlot, CachedBrowse, RedisViews};
 pub use runner::{Projector, ProjectorProgress};
 pub use views::{MoneyView, OrderStatusView, PetView};

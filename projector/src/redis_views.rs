@@ -117,32 +117,60 @@ impl RedisViews {
         )))
     }
 
-    /// A cached browse page for `filter`, if one is current.
+    /// The cached browse page for `filter` if one is current; otherwise the slot a page read
+    /// from the read-model database may be cached in (see [`Self::cache_browse`]).
     pub async fn cached_browse(
         &self,
         filter: &BrowseFilter,
-    ) -> Result<Option<BrowsePage>, ProjectionError> {
+    ) -> Result<CachedBrowse, ProjectionError> {
         let key = self.browse_key(filter).await?;
-        let Some(text) = self.cache.get(&key).await? else {
-            return Ok(None);
-        };
-        let (pets, next_cursor): (Vec<PetView>, Option<String>) = serde_json::from_str(&text)?;
-        Ok(Some(BrowsePage { pets, next_cursor }))
+        if let Some(text) = self.cache.get(&key).await? {
+            let (pets, next_cursor): (Vec<PetView>, Option<String>) = serde_json::from_str(&text)?;
+            return Ok(CachedBrowse::Hit(BrowsePage { pets, next_cursor }));
+        }
+        // Read after the generation: this projection has applied at least every pet change
+        // that generation stands for.
+        let as_of = self.position().await?;
+        Ok(CachedBrowse::Miss(BrowseSlot { key, as_of }))
     }
 
-    /// Caches a browse page for `filter` under the current catalog generation.
+    /// Caches `page` in `slot`, if the database it was read from had reached `database_at`
+    /// (read before the page) at least as far as this projection had when the slot was
+    /// taken. A database behind Redis would otherwise give a page without the pet changes
+    /// that made the current generation, cached under that generation for its whole TTL.
+    /// Returns whether the page was cached.
     pub async fn cache_browse(
         &self,
-        filter: &BrowseFilter,
+        slot: BrowseSlot,
         page: &BrowsePage,
-    ) -> Result<(), ProjectionError> {
-        let key = self.browse_key(filter).await?;
+        database_at: StreamPosition,
+    ) -> Result<bool, ProjectionError> {
+        if database_at < slot.as_of {
+            return Ok(false);
+        }
         let text = serde_json::to_string(&(&page.pets, &page.next_cursor))?;
         self.cache
-            .set_expiring(&key, &text, self.browse_ttl)
+            .set_expiring(&slot.key, &text, self.browse_ttl)
             .await?;
-        Ok(())
+        Ok(true)
     }
+}
+
+/// A browse lookup in Redis.
+#[derive(Debug)]
+pub enum CachedBrowse {
+    /// A current cached page.
+    Hit(BrowsePage),
+    /// Nothing cached: where to cache a page read elsewhere.
+    Miss(BrowseSlot),
+}
+
+/// Where a browse page may be cached: the key of the catalog generation current at lookup,
+/// and how far the Redis projection had got then.
+#[derive(Debug)]
+pub struct BrowseSlot {
+    key: String,
+    as_of: StreamPosition,
 }
 
 impl Projection for RedisViews {

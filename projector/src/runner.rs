@@ -134,6 +134,15 @@ impl<P: Projection> Projector<P> {
                 batch = reader.next_batch_or_idle() => batch?,
             };
             let Some(events) = batch else {
+                // Nothing left to apply: whatever failed before holds nothing back now.
+                let recovered = self
+                    .progress
+                    .send_if_modified(|progress| std::mem::replace(&mut progress.failing, false));
+                if recovered {
+                    if let Some(metrics) = &self.metrics {
+                        metrics.projection_attempt(self.projection.name(), Ok(0));
+                    }
+                }
                 continue;
             };
             self.projection.apply(&events).await?;

@@ -123,11 +123,7 @@ pub async fn browse(
     Query(params): Query<BrowseParams>,
 ) -> Result<Json<BrowseResponse>, Problem> {
     let filter = params.into_filter()?;
-    let page = state
-        .read_models
-        .browse(&filter)
-        .await
-        .map_err(|error| Problem::internal(&error))?;
+    let page = state.browse(&filter).await?;
     Ok(Json(BrowseResponse {
         count: page.pets.len(),
         pets: page.pets,
@@ -171,12 +167,7 @@ pub async fn pet_details(
     Path(pet_id): Path<String>,
 ) -> Result<Json<PetView>, Problem> {
     let pet_id = PetId::parse(&pet_id).map_err(|error| Problem::bad_request(error.to_string()))?;
-    match state
-        .read_models
-        .pet(&pet_id)
-        .await
-        .map_err(|error| Problem::internal(&error))?
-    {
+    match state.pet(&pet_id).await? {
         Some(pet) => Ok(Json(pet)),
         None => Err(Problem::not_found(format!("pet {pet_id} does not exist"))),
     }

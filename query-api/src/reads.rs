@@ -10,7 +10,7 @@ use axum::http::request::Parts;
 use petstore_domain::{OrderId, PetId};
 use petstore_platform::http::{Problem, CONSISTENCY_TOKEN_HEADER};
 use petstore_platform::stream::StreamPosition;
-use petstore_projector::{BrowseFilter, BrowsePage, OrderStatusView, PetView};
+use petstore_projector::{BrowseFilter, BrowsePage, CachedBrowse, OrderStatusView, PetView};
 use tokio::time::Instant;
 
 use crate::QueryState;
@@ -98,14 +98,20 @@ impl QueryState {
         let Some(redis) = &self.redis else {
             return self.read_models.browse(filter).await.map_err(internal);
         };
-        match redis.cached_browse(filter).await {
-            Ok(Some(page)) => return Ok(page),
-            Ok(None) => {}
-            Err(error) => tracing::debug!(%error, "redis read failed; reading the database"),
-        }
+        let slot = match redis.cached_browse(filter).await {
+            Ok(CachedBrowse::Hit(page)) => return Ok(page),
+            Ok(CachedBrowse::Miss(slot)) => Some(slot),
+            Err(error) => {
+                tracing::debug!(%error, "redis read failed; reading the database");
+                None
+            }
+        };
+        let database_at = self.read_models.position().await.map_err(internal)?;
         let page = self.read_models.browse(filter).await.map_err(internal)?;
-        if let Err(error) = redis.cache_browse(filter, &page).await {
-            tracing::debug!(%error, "caching a browse page failed");
+        if let Some(slot) = slot {
+            if let Err(error) = redis.cache_browse(slot, &page, database_at).await {
+                tracing::debug!(%error, "caching a browse page failed");
+            }
         }
         Ok(page)
     }

@@ -293,7 +293,7 @@ async fn concurrent_writers_and_a_tailing_reader_see_every_event_exactly_once(en
         .collect();
 
     let seen = Arc::new(tokio::sync::Mutex::new(Vec::<RecordedEvent>::new()));
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(240);
     // First reader: until at least 2,000 events, then save the checkpoint and drop it.
     let mut reader =
         StreamReader::new(&store, StreamPosition::START, 97, Duration::from_millis(20));

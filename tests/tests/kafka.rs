@@ -6,6 +6,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use petstore_cli::Role;
 use petstore_command_api::providers::{SimulatedDeliveryProvider, SimulatedPaymentGateway};
 use petstore_command_api::saga::SagaRunner;
@@ -30,6 +31,10 @@ fn with_kafka(settings: &mut Settings) -> String {
     settings.kafka.brokers = Some(kafka_brokers());
     settings.kafka.topic_prefix = prefix.clone();
     settings.kafka.consumer_group = format!("{prefix}.saga");
+    // Joining and rebalancing the group takes seconds: keep step deadlines out of the way.
+    settings.saga.reservation_timeout_ms = 300_000;
+    settings.saga.payment_timeout_ms = 300_000;
+    settings.saga.delivery_timeout_ms = 300_000;
     prefix
 }
 
@@ -182,6 +187,7 @@ async fn projectors_killed_while_orders_pour_in_lose_nothing() {
     settings.redis.url = Some(SecretString::from(redis_url()));
     settings.redis.key_prefix = unique_name("redis");
     settings.projector.batch_size = 50;
+    settings.redis.operation_timeout_ms = 5_000; // a loaded machine; this test reads a lot
     let app = Arc::new(
         TestApp::start_with_roles(settings.clone(), &[Role::Command].into_iter().collect()).await,
     );
@@ -222,7 +228,8 @@ async fn projectors_killed_while_orders_pour_in_lose_nothing() {
                 "corgi-001",
                 "budgie-001",
             ];
-            futures::future::join_all((0..ORDERS).map(|index| {
+            // Many clients at once, bounded like a real load generator's connection pool.
+            futures::stream::iter(0..ORDERS).for_each_concurrent(32, |index| {
                 let app = app.clone();
                 async move {
                     let response = app
@@ -233,7 +240,7 @@ async fn projectors_killed_while_orders_pour_in_lose_nothing() {
                         .await;
                     assert_eq!(response.status(), 202);
                 }
-            }))
+            })
             .await;
         })
     };

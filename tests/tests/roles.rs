@@ -44,17 +44,18 @@ async fn a_standby_projector_takes_over_when_the_active_one_dies() {
     let _ = first.await;
     let died = Instant::now();
     tokio::time::timeout(
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         second_progress.wait_for(|progress| progress.active),
     )
     .await
     .expect("the standby takes over within seconds")
     .expect("progress");
     let takeover = died.elapsed();
-    assert!(takeover < Duration::from_secs(5), "took {takeover:?}");
+    // One retry interval plus the dead connection's backend exiting; generous for a loaded CI.
+    assert!(takeover < Duration::from_secs(10), "took {takeover:?}");
 
     add_pets(&store, "standby-canary", 1).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     let pet_id = PetId::parse("standby-canary-000").expect("valid");
     while read_models.pet(&pet_id).await.expect("query").is_none() {
         assert!(

@@ -200,7 +200,9 @@ async fn main() -> anyhow::Result<()> {
             batch_size,
         } => {
             let database = Database::connect(&settings.database, &settings.storage).await?;
-            database.migrate().await?;
+            if !dry_run {
+                database.migrate().await?;
+            }
             let total = stream::head_position(&database)
                 .await?
                 .global_position
@@ -223,6 +225,11 @@ async fn main() -> anyhow::Result<()> {
                     runs.push(("redis", ReplayTask::Redis));
                 } else if projection == Some(ProjectionName::Redis) {
                     anyhow::bail!("redis.url (REDIS_URL) is not set");
+                } else {
+                    writeln!(
+                        std::io::stderr(),
+                        "redis: skipped (redis.url / REDIS_URL is not set)"
+                    )?;
                 }
             }
             for (name, task) in runs {

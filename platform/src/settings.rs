@@ -342,12 +342,18 @@ impl Settings {
         let environment = std::env::var("PETSTORE_ENV").unwrap_or_else(|_| "local".to_owned());
         Self::figment(config_dir, &environment)
             .merge(Env::prefixed("PETSTORE__").split("__"))
-            .merge(Env::raw().filter_map(|key| match key.as_str() {
-                "database_url" => Some("database.url".into()),
-                "kafka_brokers" => Some("kafka.brokers".into()),
-                "redis_url" => Some("redis.url".into()),
-                _ => None,
-            }))
+            .merge(
+                Env::raw()
+                    .only(&["DATABASE_URL", "KAFKA_BROKERS", "REDIS_URL"])
+                    .map(|key| {
+                        // `only` matches case-insensitively and keeps the name as written.
+                        match key.as_str().to_ascii_lowercase().as_str() {
+                            "database_url" => "database.url".into(),
+                            "kafka_brokers" => "kafka.brokers".into(),
+                            _ => "redis.url".into(),
+                        }
+                    }),
+            )
             .extract()
             .map_err(|error| SettingsError(Box::new(error)))
     }
@@ -382,6 +388,40 @@ mod tests {
                 .unwrap_or_else(|error| panic!("config/{environment}.yaml: {error}"));
             assert_eq!(settings.http.listen.port(), 8080);
         }
+    }
+
+    #[test]
+    fn the_conventional_variables_and_prefixed_ones_override_the_files() {
+        use secrecy::ExposeSecret;
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("base.yaml", "http:\n  listen: 127.0.0.1:9000\n")?;
+            jail.set_env("DATABASE_URL", "postgres://db.invalid/petstore");
+            jail.set_env("KAFKA_BROKERS", "127.0.0.1:19092");
+            jail.set_env("REDIS_URL", "redis://127.0.0.1:16379/0");
+            jail.set_env("PETSTORE__HTTP__LISTEN", "127.0.0.1:9001");
+            jail.set_env("PETSTORE__SAGA__EXPRESS_ORDER_PROCESSING", "false");
+            let settings = Settings::load(jail.directory()).expect("valid");
+            assert_eq!(
+                settings
+                    .database
+                    .url
+                    .as_ref()
+                    .map(|url| url.expose_secret().to_owned()),
+                Some("postgres://db.invalid/petstore".to_owned())
+            );
+            assert_eq!(settings.kafka.brokers.as_deref(), Some("127.0.0.1:19092"));
+            assert_eq!(
+                settings
+                    .redis
+                    .url
+                    .as_ref()
+                    .map(|url| url.expose_secret().to_owned()),
+                Some("redis://127.0.0.1:16379/0".to_owned())
+            );
+            assert_eq!(settings.http.listen.port(), 9001);
+            assert!(!settings.saga.express_order_processing);
+            Ok(())
+        });
     }
 
     #[test]

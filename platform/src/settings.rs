@@ -391,6 +391,10 @@ mod tests {
     }
 
     #[test]
+    #[expect(
+        clippy::result_large_err,
+        reason = "figment::Jail's closures return figment::Error"
+    )]
     fn the_conventional_variables_and_prefixed_ones_override_the_files() {
         use secrecy::ExposeSecret;
         figment::Jail::expect_with(|jail| {

@@ -27,6 +27,7 @@ use petstore_platform::metrics::Metrics;
 use petstore_platform::settings::Settings;
 use petstore_projector::read_models::CHECKPOINT;
 use petstore_projector::{KafkaProjection, Projector, ReadModels, RedisViews};
+use petstore_query_api::health::HealthState;
 use petstore_query_api::{QueryApiDoc, QueryState};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -239,12 +240,18 @@ impl Application {
                 metrics,
             }));
         }
+        router = router.merge(petstore_query_api::health::router(HealthState::new(
+            database.clone(),
+            read_models.clone(),
+            redis.clone(),
+            projections,
+            roles.contains(&Role::Query),
+        )));
         if roles.contains(&Role::Query) {
             router = router.merge(petstore_query_api::router(QueryState {
                 read_models,
                 redis,
                 database: database.clone(),
-                projections,
                 consistency_wait: Duration::from_millis(settings.http.consistency_wait_ms),
             }));
         }

@@ -1,20 +1,90 @@
-//! Health: components, liveness, readiness.
+//! Health: components, liveness, readiness. Mounted in every process, whatever its roles,
+//! so probes work for a projector-only or saga-only process too.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
+use petstore_platform::database::Database;
 use petstore_platform::http::{Json, Problem, ProblemDocument};
+use petstore_platform::stream::{self, StreamPosition};
+use petstore_projector::{ProjectorProgress, ReadModels, RedisViews};
 use serde::{Deserialize, Serialize};
+use tokio::sync::{watch, OnceCell};
 use utoipa::ToSchema;
 
-use crate::QueryState;
+/// What the health routes look at.
+#[derive(Clone)]
+pub struct HealthState {
+    /// The event store's database.
+    pub database: Database,
+    /// The read models (in the same database on Postgres).
+    pub read_models: ReadModels,
+    /// Redis, when configured.
+    pub redis: Option<RedisViews>,
+    /// The progress of each projection this process runs, by name (`read_models`,
+    /// `redis`, `kafka`).
+    pub projections: Vec<(&'static str, watch::Receiver<ProjectorProgress>)>,
+    /// Whether this process serves queries: then it is ready only once the read models
+    /// have caught up with what was committed when it started.
+    pub serves_queries: bool,
+    /// The head of the log when the first readiness probe found no projector of the read
+    /// models in this process (they run elsewhere): the position they must reach.
+    start_head: Arc<OnceCell<StreamPosition>>,
+}
+
+impl HealthState {
+    /// Health of a process over `database` and `read_models`, running `projections`.
+    pub fn new(
+        database: Database,
+        read_models: ReadModels,
+        redis: Option<RedisViews>,
+        projections: Vec<(&'static str, watch::Receiver<ProjectorProgress>)>,
+        serves_queries: bool,
+    ) -> Self {
+        Self {
+            database,
+            read_models,
+            redis,
+            projections,
+            serves_queries,
+            start_head: Arc::new(OnceCell::new()),
+        }
+    }
+
+    /// Whether the read models have caught up since start-up: by this process's own
+    /// projector when it runs one, else by comparing their checkpoint with the head of the
+    /// log as it was at the first probe.
+    async fn read_models_caught_up(&self) -> Result<bool, Problem> {
+        let local = self
+            .projections
+            .iter()
+            .find(|(name, _)| *name == petstore_projector::read_models::CHECKPOINT);
+        if let Some((_, progress)) = local {
+            return Ok(progress.borrow().caught_up);
+        }
+        let unavailable = |error: stream::StreamError| {
+            tracing::warn!(%error, "readiness check failed");
+            Problem::unavailable("the event store does not answer")
+        };
+        let head = *self
+            .start_head
+            .get_or_try_init(|| stream::head_position(&self.database))
+            .await
+            .map_err(unavailable)?;
+        let position = self.read_models.position().await.map_err(|error| {
+            Problem::unavailable(format!("the read models do not answer: {error}"))
+        })?;
+        Ok(position >= head)
+    }
+}
 
 /// The health routes, under `/petstore-domain/health` and at the root (`/health`, for probes).
-pub fn router() -> Router<QueryState> {
+pub fn router(state: HealthState) -> Router {
     let mut router = Router::new();
     for prefix in ["/petstore-domain", ""] {
         router = router
@@ -22,7 +92,7 @@ pub fn router() -> Router<QueryState> {
             .route(&format!("{prefix}/health/live"), get(live))
             .route(&format!("{prefix}/health/ready"), get(ready));
     }
-    router
+    router.with_state(state)
 }
 
 /// The health of one component.
@@ -49,7 +119,7 @@ pub struct HealthReport {
     pub components: BTreeMap<String, ComponentHealth>,
 }
 
-async fn report(state: &QueryState) -> HealthReport {
+async fn report(state: &HealthState) -> HealthReport {
     let mut components = BTreeMap::new();
     let store = match state.database.ping().await {
         Ok(()) => component(true, state.database.engine(), None),
@@ -151,7 +221,7 @@ fn component(up: bool, kind: &str, detail: Option<String>) -> ComponentHealth {
         (status = 503, description = "A component is down", body = HealthReport),
     )
 )]
-pub async fn health(State(state): State<QueryState>) -> impl IntoResponse {
+pub async fn health(State(state): State<HealthState>) -> impl IntoResponse {
     let report = report(&state).await;
     let status = if report.status == "down" {
         StatusCode::SERVICE_UNAVAILABLE
@@ -191,21 +261,16 @@ pub async fn live() -> Json<Liveness> {
         (status = 503, description = "Not ready yet", body = ProblemDocument, content_type = "application/problem+json"),
     )
 )]
-pub async fn ready(State(state): State<QueryState>) -> Result<Json<HealthReport>, Problem> {
+pub async fn ready(State(state): State<HealthState>) -> Result<Json<HealthReport>, Problem> {
     let report = report(&state).await;
     if report.status == "down" {
         return Err(Problem::unavailable(
             "a component is down; see /petstore-domain/health",
         ));
     }
-    let caught_up = state
-        .projections
-        .iter()
-        .filter(|(name, _)| *name == petstore_projector::read_models::CHECKPOINT)
-        .all(|(_, progress)| progress.borrow().caught_up);
-    if !caught_up {
+    if state.serves_queries && !state.read_models_caught_up().await? {
         return Err(Problem::unavailable(
-            "the read models are still being rebuilt",
+            "the read models are still catching up",
         ));
     }
     Ok(Json(report))

@@ -14,8 +14,7 @@ use std::time::Duration;
 
 use axum::Router;
 use petstore_platform::database::Database;
-use petstore_projector::{ProjectorProgress, ReadModels, RedisViews};
-use tokio::sync::watch;
+use petstore_projector::{ReadModels, RedisViews};
 
 pub mod audit;
 pub mod health;
@@ -30,22 +29,19 @@ pub struct QueryState {
     pub read_models: ReadModels,
     /// The same views in Redis, read first when configured.
     pub redis: Option<RedisViews>,
-    /// The event store's database, for health checks.
+    /// The event store's database, for audit trails.
     pub database: Database,
-    /// The progress of each projection this process runs, by name (`read_models`,
-    /// `redis`, `kafka`).
-    pub projections: Vec<(&'static str, watch::Receiver<ProjectorProgress>)>,
     /// How long a query with a consistency token waits for the read model.
     pub consistency_wait: Duration,
 }
 
-/// Every query route, with its state applied.
+/// Every query route, with its state applied. The health routes are separate
+/// ([`health::router`]): every process mounts them, whatever its roles.
 pub fn router(state: QueryState) -> Router {
     Router::new()
         .merge(pets::router())
         .merge(orders::router())
         .merge(audit::router())
-        .merge(health::router())
         .with_state(state)
 }
 

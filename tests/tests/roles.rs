@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use petstore_domain::PetId;
 use petstore_platform::event_store::EventStore;
 use petstore_projector::{Projector, ReadModels};
-use petstore_tests::{add_pets, Engine, Storage, TestApp};
+use petstore_tests::{add_pets, assert_problem, Engine, Storage, TestApp};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_standby_projector_takes_over_when_the_active_one_dies() {
@@ -199,5 +199,44 @@ async fn a_broker_outage_stalls_the_kafka_projection_visibly_and_loses_nothing()
         "everything appended during the outage was published"
     );
     app.stop().await;
+    storage.remove().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn split_processes_each_answer_health_and_the_api_is_ready_once_read_models_catch_up() {
+    use petstore_cli::Role;
+    let storage = Storage::new(Engine::Postgres).await;
+    let settings = storage.settings();
+    let api =
+        TestApp::start_with_roles(settings.clone(), &[Role::Command, Role::Query].into()).await;
+    // No projector runs yet: the demo catalog is in the log, not in the read models.
+    let not_ready = api.get("/health/ready").await;
+    assert_problem(not_ready, 503).await;
+    assert_eq!(api.get("/health/live").await.status(), 200);
+
+    let workers = TestApp::start_with_roles(settings, &[Role::Projector, Role::Saga].into()).await;
+    workers.wait_until_ready().await;
+    let health: serde_json::Value = workers
+        .get("/petstore-domain/health")
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert!(
+        health["components"]["projection:read_models"].is_object(),
+        "{health}"
+    );
+    assert_eq!(
+        workers.get("/petstore-domain/pets/browse").await.status(),
+        404,
+        "no query role here"
+    );
+
+    api.wait_until_ready().await;
+    let accepted = api.place_order("golden-retriever-001").await;
+    let order_id = accepted["order_id"].as_str().expect("id");
+    assert_eq!(api.wait_for_terminal(order_id).await["status"], "completed");
+    api.stop().await;
+    workers.stop().await;
     storage.remove().await;
 }

@@ -78,12 +78,9 @@ impl Cache {
         &self.prefix
     }
 
-    /// Moves every key under `{from}:` to the same suffix under this cache's prefix, replacing
-    /// what is there, in one MULTI/EXEC: readers see the old keys or the new ones, never a mix.
-    /// Returns how many keys moved.
-    pub async fn adopt_namespace(&self, from: &str) -> Result<usize, CacheError> {
+    /// Every key matching `pattern` (SCAN, so Redis is never blocked).
+    async fn scan(&self, pattern: &str) -> Result<Vec<String>, CacheError> {
         let mut connection = self.connection.clone();
-        let pattern = format!("{from}:*");
         let mut keys: Vec<String> = Vec::new();
         let mut cursor: u64 = 0;
         loop {
@@ -92,7 +89,7 @@ impl Cache {
                     redis::cmd("SCAN")
                         .arg(cursor)
                         .arg("MATCH")
-                        .arg(&pattern)
+                        .arg(pattern)
                         .arg("COUNT")
                         .arg(1000)
                         .query_async(&mut connection),
@@ -100,56 +97,67 @@ impl Cache {
                 .await?;
             keys.extend(batch);
             if next == 0 {
-                break;
+                return Ok(keys);
             }
             cursor = next;
         }
+    }
+
+    /// Moves every key under `{from}:` to the same suffix under this cache's prefix, and
+    /// deletes this cache's keys matching `replaced` (suffix patterns such as `order:*`) that
+    /// the move does not overwrite, in one MULTI/EXEC: readers see the old set of keys or the
+    /// new one, never a mix. Returns how many keys moved.
+    pub async fn adopt_namespace(
+        &self,
+        from: &str,
+        replaced: &[&str],
+    ) -> Result<usize, CacheError> {
+        let moving = self.scan(&format!("{from}:*")).await?;
+        let targets: std::collections::HashSet<String> = moving
+            .iter()
+            .map(|key| self.key(&key[from.len() + 1..]))
+            .collect();
+        let mut stale = Vec::new();
+        for pattern in replaced {
+            stale.extend(
+                self.scan(&self.key(pattern))
+                    .await?
+                    .into_iter()
+                    .filter(|key| !targets.contains(key)),
+            );
+        }
         let mut pipeline = redis::pipe();
         pipeline.atomic();
-        for key in &keys {
-            let suffix = &key[from.len() + 1..];
-            pipeline.rename(key, self.key(suffix)).ignore();
+        for key in &stale {
+            pipeline.del(key).ignore();
         }
+        for key in &moving {
+            pipeline
+                .rename(key, self.key(&key[from.len() + 1..]))
+                .ignore();
+        }
+        let mut connection = self.connection.clone();
         let timeout = self.timeout * 20;
         match tokio::time::timeout(timeout, pipeline.query_async::<()>(&mut connection)).await {
             Ok(result) => result?,
             Err(_) => return Err(CacheError::Timeout(timeout)),
         }
-        Ok(keys.len())
+        Ok(moving.len())
     }
 
     /// Deletes every key under `{prefix}:` (a namespace left by an interrupted replay).
     pub async fn delete_namespace(&self, prefix: &str) -> Result<usize, CacheError> {
+        let keys = self.scan(&format!("{prefix}:*")).await?;
         let mut connection = self.connection.clone();
-        let pattern = format!("{prefix}:*");
-        let mut deleted = 0;
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, keys): (u64, Vec<String>) = self
-                .bounded(
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(&pattern)
-                        .arg("COUNT")
-                        .arg(1000)
-                        .query_async(&mut connection),
-                )
-                .await?;
-            if !keys.is_empty() {
-                deleted += keys.len();
-                self.bounded(
-                    redis::cmd("DEL")
-                        .arg(&keys)
-                        .query_async::<usize>(&mut connection),
-                )
-                .await?;
-            }
-            if next == 0 {
-                return Ok(deleted);
-            }
-            cursor = next;
+        for chunk in keys.chunks(1000) {
+            self.bounded(
+                redis::cmd("DEL")
+                    .arg(chunk)
+                    .query_async::<usize>(&mut connection),
+            )
+            .await?;
         }
+        Ok(keys.len())
     }
 
     /// `{prefix}:{suffix}`.

@@ -30,6 +30,9 @@ pub struct RedisViews {
 }
 
 impl RedisViews {
+    /// The key patterns (after the prefix) of the views; a replay replaces all of them.
+    pub const VIEW_PATTERNS: [&'static str; 2] = ["order:*", "pet:*"];
+
     /// Views in `cache`; browse pages live `browse_ttl`.
     pub fn new(cache: Cache, browse_ttl: Duration) -> Self {
         Self { cache, browse_ttl }

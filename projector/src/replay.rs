@@ -212,7 +212,7 @@ pub async fn rebuild_redis(
     .await?;
     if !dry_run {
         live.cache()
-            .adopt_namespace(&shadow_prefix)
+            .adopt_namespace(&shadow_prefix, &RedisViews::VIEW_PATTERNS)
             .await
             .map_err(ProjectionError::from)?;
         live.invalidate_browse_cache().await?;

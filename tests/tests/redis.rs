@@ -228,7 +228,7 @@ async fn cached_browse_pages_are_invalidated_by_pet_events() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_browse_page_read_from_a_lagging_database_is_not_cached() {
+async fn with_the_database_behind_reads_come_from_redis_and_no_stale_page_is_cached() {
     let storage = Storage::new(Engine::Postgres).await;
     let prefix = unique_name("redis");
     let mut settings = storage.settings();
@@ -257,6 +257,14 @@ async fn a_browse_page_read_from_a_lagging_database_is_not_cached() {
         page["pets"],
         json!([]),
         "the database read model is still empty"
+    );
+    // Pets and order status are served from Redis: the database has neither.
+    let pet = app.get("/petstore-domain/pets/golden-retriever-001").await;
+    assert_eq!(pet.status(), 200);
+    let order_id = place(&app, "golden-retriever-001").await;
+    assert_eq!(
+        app.wait_for_terminal(&order_id).await["status"],
+        "completed"
     );
     drop(held);
     // Once the database has caught up, the catalog shows, although no pet changed since.

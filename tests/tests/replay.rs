@@ -142,12 +142,43 @@ async fn replaying_every_projection_gives_byte_identical_read_models() {
     let live_redis = redis_documents(&prefix).await;
     assert!(live_postgres.len() >= 17, "3 orders and 14 pets");
 
+    // Damage the live read models: only a real rebuild from the log repairs them.
+    let mut connection = storage.postgres().expect("postgres").connect().await;
+    sqlx::query("UPDATE order_status_view SET document = '{}'::jsonb")
+        .execute(&mut connection)
+        .await
+        .expect("damage");
+    sqlx::query("DELETE FROM pet_catalog_view WHERE pet_id = 'beagle-001'")
+        .execute(&mut connection)
+        .await
+        .expect("damage");
+    let client = redis::Client::open(redis_url()).expect("url");
+    let mut redis_connection = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let () = redis_connection
+        .set(format!("{prefix}:order:{}", orders[0]), "{}")
+        .await
+        .expect("damage");
+    let () = redis_connection
+        .set(format!("{prefix}:pet:stray-001"), "{}")
+        .await
+        .expect("damage");
+    let damaged = postgres_documents(&storage).await;
+    assert_ne!(damaged, live_postgres);
+
     let mut seen = 0;
     let dry = replay::rebuild_read_models(&database, 7, true, &mut |n| seen = n)
         .await
         .expect("dry run");
     assert_eq!(dry.applied, 0);
     assert_eq!(seen, dry.events);
+    assert_eq!(
+        postgres_documents(&storage).await,
+        damaged,
+        "a dry run writes nothing"
+    );
     let report = replay::rebuild_read_models(&database, 7, false, &mut |_| {})
         .await
         .expect("rebuild");

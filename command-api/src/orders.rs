@@ -16,6 +16,7 @@ use petstore_platform::event_store::EventMetadata;
 use petstore_platform::http::{
     Json, Problem, ProblemDocument, RequestContext, Subject, CONSISTENCY_TOKEN_HEADER,
 };
+use petstore_platform::stream;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -143,9 +144,18 @@ pub async fn place_order(
             .execute_on_new::<Order>(&order_id.to_string(), command, &(), &metadata)
             .await?
     };
+    let mut correlation_id = correlation_id.to_string();
     let status = if appended.is_empty() {
-        // A retried request: answer with the order as it stands now.
+        // A retried request: answer with the order as it stands now, and the correlation id
+        // its events carry (the first request's).
         let order: Order = state.store.load(&order_id.to_string()).await?;
+        if let Some(original) =
+            stream::correlation_of(state.store.database(), Order::TYPE, &order_id.to_string())
+                .await
+                .map_err(|error| Problem::internal(&error))?
+        {
+            correlation_id = original;
+        }
         order.status().unwrap_or(OrderStatus::Pending)
     } else {
         OrderStatus::Pending
@@ -163,7 +173,7 @@ pub async fn place_order(
         Json(OrderAccepted {
             order_id: order_id.to_string(),
             status: status.as_str().to_owned(),
-            correlation_id: correlation_id.to_string(),
+            correlation_id,
         }),
     )
         .into_response();

@@ -246,6 +246,10 @@ async fn an_idempotency_key_makes_a_retry_return_the_same_order(engine: Engine) 
     assert_eq!(retry.status(), 202);
     let retry: Value = retry.json().await.expect("json");
     assert_eq!(retry["order_id"], first["order_id"]);
+    assert_eq!(
+        retry["correlation_id"], first["correlation_id"],
+        "the id the order's events carry"
+    );
     let other: Value = post("key-2", body.clone())
         .await
         .json()

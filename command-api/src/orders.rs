@@ -152,7 +152,7 @@ pub async fn place_order(
         if let Some(original) =
             stream::correlation_of(state.store.database(), Order::TYPE, &order_id.to_string())
                 .await
-                .map_err(|error| Problem::internal(&error))?
+                .map_err(|error| Problem::from_failure(&error))?
         {
             correlation_id = original;
         }

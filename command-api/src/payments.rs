@@ -131,7 +131,7 @@ pub async fn pay_order(
     // request's own id becomes the causation.
     let correlation = stream::correlation_of(state.store.database(), "Order", &key)
         .await
-        .map_err(|error| Problem::internal(&error))?
+        .map_err(|error| Problem::from_failure(&error))?
         .and_then(|id| CorrelationId::parse(&id))
         .unwrap_or_else(RequestContext::correlation_id);
     let mut metadata = EventMetadata::new(correlation, subject.as_str());

@@ -200,6 +200,24 @@ impl Problem {
         )
     }
 
+    /// A failed read or write: 503 with `Retry-After` when a database in `error`'s chain of
+    /// causes is unreachable (connection refused or lost, pool exhausted, server shutting
+    /// down or out of connections), else 500. Either way the cause is logged, not shown.
+    pub fn from_failure(error: &(dyn std::error::Error + 'static)) -> Self {
+        let mut cause = Some(error);
+        while let Some(current) = cause {
+            if current
+                .downcast_ref::<sqlx::Error>()
+                .is_some_and(database_unreachable)
+            {
+                tracing::error!(%error, "database unreachable");
+                return Self::unavailable("a database is unreachable; retry shortly");
+            }
+            cause = current.source();
+        }
+        Self::internal(&error)
+    }
+
     /// A problem that only has a status (unknown route, wrong method, ...).
     pub fn from_status(status: StatusCode) -> Self {
         let (kind, detail) = match status {
@@ -465,5 +483,51 @@ where
             }
             E::DeserializationError(cause) | E::UnexpectedError(cause) => Self::internal(&cause),
         }
+    }
+}
+
+/// Whether `error` means the database cannot be reached (as opposed to a failed statement).
+fn database_unreachable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(error) => error.code().is_some_and(|code| {
+            // connection exceptions, too many connections, shutting down or starting up
+            code.starts_with("08") || code == "53300" || code.starts_with("57P")
+        }),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("reading failed: {0}")]
+    struct Wrapped(#[source] sqlx::Error);
+
+    #[test]
+    fn an_unreachable_database_is_503_with_retry_after_and_other_failures_500() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        for unreachable in [
+            Wrapped(sqlx::Error::Io(refused)),
+            Wrapped(sqlx::Error::PoolTimedOut),
+        ] {
+            let problem = Problem::from_failure(&unreachable);
+            assert_eq!(problem.status, StatusCode::SERVICE_UNAVAILABLE);
+            assert!(problem
+                .headers
+                .iter()
+                .any(|(name, _)| name == header::RETRY_AFTER));
+        }
+        let failed = Wrapped(sqlx::Error::RowNotFound);
+        assert_eq!(
+            Problem::from_failure(&failed).status,
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
     }
 }

@@ -129,7 +129,7 @@ pub async fn order_audit(
         OrderId::parse(&order_id).map_err(|error| Problem::bad_request(error.to_string()))?;
     match by_order(&state.database, &order_id)
         .await
-        .map_err(|error| Problem::internal(&error))?
+        .map_err(|error| Problem::from_failure(&error))?
     {
         Some(trail) => Ok(Json(trail)),
         None => Err(Problem::not_found(format!(

@@ -37,8 +37,8 @@ impl<S: Send + Sync> FromRequestParts<S> for ConsistencyToken {
     }
 }
 
-fn internal(error: impl std::fmt::Display) -> Problem {
-    Problem::internal(&error)
+fn internal(error: impl std::error::Error + 'static) -> Problem {
+    Problem::from_failure(&error)
 }
 
 impl QueryState {

@@ -9,6 +9,7 @@ use petstore_projector::{BrowseFilter, PetView};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
+use crate::reads::ConsistencyToken;
 use crate::QueryState;
 
 /// Largest page.
@@ -111,9 +112,14 @@ impl BrowseParams {
     get,
     path = "/petstore-domain/pets/browse",
     tag = "pets",
-    params(BrowseParams),
+    params(
+        BrowseParams,
+        ("X-Consistency-Token" = Option<String>, Header, description = "From a command's response: wait until the read model shows that write"),
+    ),
     responses(
         (status = 200, description = "A page of pets", body = BrowseResponse),
+        (status = 400, description = "Not a consistency token this API issued", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 409, description = "The read model did not reach the consistency token in time", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 422, description = "A filter is invalid", body = ProblemDocument, content_type = "application/problem+json"),
     )
 )]
@@ -121,9 +127,10 @@ impl BrowseParams {
 pub async fn browse(
     State(state): State<QueryState>,
     Query(params): Query<BrowseParams>,
+    token: ConsistencyToken,
 ) -> Result<Json<BrowseResponse>, Problem> {
     let filter = params.into_filter()?;
-    let page = state.browse(&filter).await?;
+    let page = state.browse(&filter, token).await?;
     Ok(Json(BrowseResponse {
         count: page.pets.len(),
         pets: page.pets,
@@ -136,17 +143,23 @@ pub async fn browse(
     get,
     path = "/petstore-domain/browse-pets",
     tag = "pets",
-    params(BrowseParams),
+    params(
+        BrowseParams,
+        ("X-Consistency-Token" = Option<String>, Header, description = "From a command's response: wait until the read model shows that write"),
+    ),
     responses(
         (status = 200, description = "A page of pets", body = BrowseResponse),
+        (status = 400, description = "Not a consistency token this API issued", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 409, description = "The read model did not reach the consistency token in time", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 422, description = "A filter is invalid", body = ProblemDocument, content_type = "application/problem+json"),
     )
 )]
 pub async fn browse_legacy(
     state: State<QueryState>,
     params: Query<BrowseParams>,
+    token: ConsistencyToken,
 ) -> Result<Json<BrowseResponse>, Problem> {
-    browse(state, params).await
+    browse(state, params, token).await
 }
 
 /// One pet's details and availability.
@@ -154,20 +167,25 @@ pub async fn browse_legacy(
     get,
     path = "/petstore-domain/pets/{pet_id}",
     tag = "pets",
-    params(("pet_id" = String, Path, description = "The pet's id, e.g. golden-retriever-001")),
+    params(
+        ("pet_id" = String, Path, description = "The pet's id, e.g. golden-retriever-001"),
+        ("X-Consistency-Token" = Option<String>, Header, description = "From a command's response: wait until the read model shows that write"),
+    ),
     responses(
         (status = 200, description = "The pet", body = PetView),
-        (status = 400, description = "Not a pet id", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 400, description = "Not a pet id, or not a consistency token this API issued", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 404, description = "No such pet", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 409, description = "The read model did not reach the consistency token in time", body = ProblemDocument, content_type = "application/problem+json"),
     )
 )]
 #[tracing::instrument(skip_all, fields(pet_id = %pet_id), err(Debug, level = "debug"))]
 pub async fn pet_details(
     State(state): State<QueryState>,
     Path(pet_id): Path<String>,
+    token: ConsistencyToken,
 ) -> Result<Json<PetView>, Problem> {
     let pet_id = PetId::parse(&pet_id).map_err(|error| Problem::bad_request(error.to_string()))?;
-    match state.pet(&pet_id).await? {
+    match state.pet(&pet_id, token).await? {
         Some(pet) => Ok(Json(pet)),
         None => Err(Problem::not_found(format!("pet {pet_id} does not exist"))),
     }

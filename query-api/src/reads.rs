@@ -81,8 +81,14 @@ impl QueryState {
     }
 
     /// A pet's view.
-    pub async fn pet(&self, pet_id: &PetId) -> Result<Option<PetView>, Problem> {
-        if let Some(redis) = &self.redis {
+    pub async fn pet(
+        &self,
+        pet_id: &PetId,
+        token: ConsistencyToken,
+    ) -> Result<Option<PetView>, Problem> {
+        if let Some(token) = token.0 {
+            self.wait_for(token).await?;
+        } else if let Some(redis) = &self.redis {
             match redis.pet(pet_id).await {
                 Ok(Some(view)) => return Ok(Some(view)),
                 Ok(None) => {}
@@ -93,8 +99,16 @@ impl QueryState {
     }
 
     /// A browse page: from the Redis cache when current, else from the database (and then
-    /// cached).
-    pub async fn browse(&self, filter: &BrowseFilter) -> Result<BrowsePage, Problem> {
+    /// cached). With a token, from the database once it has reached the token.
+    pub async fn browse(
+        &self,
+        filter: &BrowseFilter,
+        token: ConsistencyToken,
+    ) -> Result<BrowsePage, Problem> {
+        if let Some(token) = token.0 {
+            self.wait_for(token).await?;
+            return self.read_models.browse(filter).await.map_err(internal);
+        }
         let Some(redis) = &self.redis else {
             return self.read_models.browse(filter).await.map_err(internal);
         };

@@ -312,6 +312,19 @@ async fn a_consistency_token_reads_your_own_write(engine: Engine) {
             200,
             "the write is visible at once with its token"
         );
+        for pet_path in [
+            "/petstore-domain/pets/clownfish-001",
+            "/petstore-domain/pets/browse?category=fish",
+        ] {
+            let read = app
+                .client
+                .get(app.url(pet_path))
+                .header("X-Consistency-Token", &token)
+                .send()
+                .await
+                .expect("answered");
+            assert_eq!(read.status(), 200, "{pet_path}");
+        }
     }
     let status_path = "/petstore-domain/orders/6f1e0b6c-58a4-4c1e-9a3e-2d7b0c5f1a90/status";
     let malformed = app
@@ -325,15 +338,29 @@ async fn a_consistency_token_reads_your_own_write(engine: Engine) {
     app.stop().await;
     settings.http.consistency_wait_ms = 300;
     let app = TestApp::start(settings).await;
-    let unreachable = app
-        .client
-        .get(app.url(status_path))
-        .header("X-Consistency-Token", "9000000000000.9000000000000")
-        .send()
-        .await
-        .expect("answered");
-    assert!(unreachable.headers().contains_key("retry-after"));
-    assert_problem(unreachable, 409).await;
+    for path in [
+        status_path,
+        "/petstore-domain/pets/clownfish-001",
+        "/petstore-domain/pets/browse",
+    ] {
+        let malformed = app
+            .client
+            .get(app.url(path))
+            .header("X-Consistency-Token", "yesterday")
+            .send()
+            .await
+            .expect("answered");
+        assert_problem(malformed, 400).await;
+        let unreachable = app
+            .client
+            .get(app.url(path))
+            .header("X-Consistency-Token", "9000000000000.9000000000000")
+            .send()
+            .await
+            .expect("answered");
+        assert!(unreachable.headers().contains_key("retry-after"));
+        assert_problem(unreachable, 409).await;
+    }
     app.stop().await;
     storage.remove().await;
 }

@@ -223,13 +223,9 @@ impl Application {
             workers.push(tokio::spawn(runner.run(shutdown.wait())));
         }
 
-        let rendered = metrics.clone();
         let mut router = Router::new()
             .route("/petstore-domain/openapi.json", get(openapi))
-            .route(
-                "/metrics",
-                get(move || std::future::ready(render_metrics(&rendered))),
-            )
+            .route("/metrics", get(serve_metrics).with_state(metrics.clone()))
             .fallback(http::not_found);
         if roles.contains(&Role::Command) {
             router = router.merge(petstore_command_api::router(CommandState {
@@ -310,10 +306,17 @@ fn boxed(task: impl std::future::Future<Output = ()> + Send + 'static) -> Task {
     Box::pin(task)
 }
 
-/// The OpenAPI 3.1 document of every route.
+/// The routes every process serves besides the command and query APIs.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(openapi, serve_metrics))]
+struct ServiceApiDoc;
+
+/// The OpenAPI 3.1 document of every route (the health routes also answer at the root, as
+/// `/health`, `/health/live` and `/health/ready`, for probes).
 pub fn openapi_document() -> utoipa::openapi::OpenApi {
     let mut document = CommandApiDoc::openapi();
     document.merge(QueryApiDoc::openapi());
+    document.merge(ServiceApiDoc::openapi());
     document.info.title = "Petstore order platform".to_owned();
     document.info.version = env!("CARGO_PKG_VERSION").to_owned();
     document.info.description = Some(
@@ -324,7 +327,16 @@ pub fn openapi_document() -> utoipa::openapi::OpenApi {
     document
 }
 
-fn render_metrics(metrics: &Metrics) -> impl axum::response::IntoResponse {
+/// Prometheus metrics in the OpenMetrics text format.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "service",
+    responses((status = 200, description = "Every metric", body = String, content_type = "application/openmetrics-text"))
+)]
+async fn serve_metrics(
+    axum::extract::State(metrics): axum::extract::State<Metrics>,
+) -> impl axum::response::IntoResponse {
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -334,6 +346,13 @@ fn render_metrics(metrics: &Metrics) -> impl axum::response::IntoResponse {
     )
 }
 
+/// This document.
+#[utoipa::path(
+    get,
+    path = "/petstore-domain/openapi.json",
+    tag = "service",
+    responses((status = 200, description = "The OpenAPI 3.1 document of every route", body = Object))
+)]
 async fn openapi() -> http::Json<utoipa::openapi::OpenApi> {
     http::Json(openapi_document())
 }

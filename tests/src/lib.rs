@@ -224,6 +224,16 @@ impl TestApp {
             .expect("GET is answered")
     }
 
+    /// GET `path` with the consistency token `token` (any text, to test refusals too).
+    pub async fn get_with_token(&self, path: &str, token: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path))
+            .header("X-Consistency-Token", token)
+            .send()
+            .await
+            .expect("GET is answered")
+    }
+
     /// POST `body` as JSON to `path`.
     pub async fn post_json(&self, path: &str, body: &Value) -> reqwest::Response {
         self.client

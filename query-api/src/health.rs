@@ -32,8 +32,9 @@ pub struct HealthState {
     /// Whether this process serves queries: then it is ready only once the read models
     /// have caught up with what was committed when it started.
     pub serves_queries: bool,
-    /// The head of the log when the first readiness probe found no projector of the read
-    /// models in this process (they run elsewhere): the position they must reach.
+    /// The head of the log when the first readiness probe found no active projector of the
+    /// read models in this process (it is on standby, or runs elsewhere): the position they
+    /// must reach.
     start_head: Arc<OnceCell<StreamPosition>>,
 }
 
@@ -57,15 +58,17 @@ impl HealthState {
     }
 
     /// Whether the read models have caught up since start-up: by this process's own
-    /// projector when it runs one, else by comparing their checkpoint with the head of the
-    /// log as it was at the first probe.
+    /// projector when it is the active one, else by comparing their checkpoint with the head
+    /// of the log as it was at the first probe.
     async fn read_models_caught_up(&self) -> Result<bool, Problem> {
         let local = self
             .projections
             .iter()
-            .find(|(name, _)| *name == petstore_projector::read_models::CHECKPOINT);
-        if let Some((_, progress)) = local {
-            return Ok(progress.borrow().caught_up);
+            .find(|(name, _)| *name == petstore_projector::read_models::CHECKPOINT)
+            .map(|(_, progress)| *progress.borrow())
+            .filter(|progress| progress.active);
+        if let Some(progress) = local {
+            return Ok(progress.caught_up);
         }
         let unavailable = |error: stream::StreamError| {
             tracing::warn!(%error, "readiness check failed");
@@ -77,7 +80,8 @@ impl HealthState {
             .await
             .map_err(unavailable)?;
         let position = self.read_models.position().await.map_err(|error| {
-            Problem::unavailable(format!("the read models do not answer: {error}"))
+            tracing::warn!(%error, "readiness check failed");
+            Problem::unavailable("the read models do not answer")
         })?;
         Ok(position >= head)
     }

@@ -240,3 +240,31 @@ async fn split_processes_each_answer_health_and_the_api_is_ready_once_read_model
     workers.stop().await;
     storage.remove().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_full_instance_is_ready_while_its_projectors_stand_by() {
+    let storage = Storage::new(Engine::Postgres).await;
+    let first = TestApp::start(storage.settings()).await;
+    first.wait_until_ready().await;
+    let second = TestApp::start(storage.settings()).await;
+    second.wait_until_ready().await;
+    let health: serde_json::Value = second
+        .get("/petstore-domain/health")
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        health["components"]["projection:read_models"]["detail"],
+        "standby: another instance is active"
+    );
+    let accepted = second.place_order("labrador-001").await;
+    let order_id = accepted["order_id"].as_str().expect("id");
+    assert_eq!(
+        second.wait_for_terminal(order_id).await["status"],
+        "completed"
+    );
+    second.stop().await;
+    first.stop().await;
+    storage.remove().await;
+}

@@ -53,9 +53,45 @@ async fn append_postgres<A: Aggregate>(
     pool: &sqlx::PgPool,
     events: &[SerializedEvent],
 ) -> Result<(), PersistenceError> {
-    let Some(first) = events.first() else {
-        return Ok(());
+    let result = match events {
+        [] => return Ok(()),
+        // Most commands decide one event: a plain VALUES row is cheaper for the server to
+        // plan and run than unnesting arrays.
+        [event] => {
+            sqlx::query(
+                "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(A::TYPE)
+            .bind(&event.aggregate_id)
+            .bind(i64::try_from(event.sequence).unwrap_or(i64::MAX))
+            .bind(&event.event_type)
+            .bind(&event.event_version)
+            .bind(&event.payload)
+            .bind(&event.metadata)
+            .execute(pool)
+            .await
+        }
+        [first, ..] => append_many::<A>(pool, first, events).await,
     };
+    match result {
+        Ok(_) => Ok(()),
+        Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("23505") => {
+            Err(PersistenceError::OptimisticLockError)
+        }
+        Err(error @ (sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed)) => {
+            Err(PersistenceError::ConnectionError(Box::new(error)))
+        }
+        Err(error) => Err(PersistenceError::UnknownError(Box::new(error))),
+    }
+}
+
+/// Several events of one aggregate in one statement.
+async fn append_many<A: Aggregate>(
+    pool: &sqlx::PgPool,
+    first: &SerializedEvent,
+    events: &[SerializedEvent],
+) -> Result<sqlx::postgres::PgQueryResult, sqlx::Error> {
     let mut sequences = Vec::with_capacity(events.len());
     let mut types = Vec::with_capacity(events.len());
     let mut versions = Vec::with_capacity(events.len());
@@ -65,10 +101,10 @@ async fn append_postgres<A: Aggregate>(
         sequences.push(i64::try_from(event.sequence).unwrap_or(i64::MAX));
         types.push(event.event_type.as_str());
         versions.push(event.event_version.as_str());
-        payloads.push(event.payload.clone());
-        metadata.push(event.metadata.clone());
+        payloads.push(&event.payload);
+        metadata.push(&event.metadata);
     }
-    let result = sqlx::query(
+    sqlx::query(
         "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
          SELECT $1, $2, sequence, event_type, event_version, payload, metadata
            FROM UNNEST($3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::jsonb[])
@@ -82,17 +118,7 @@ async fn append_postgres<A: Aggregate>(
     .bind(&payloads)
     .bind(&metadata)
     .execute(pool)
-    .await;
-    match result {
-        Ok(_) => Ok(()),
-        Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("23505") => {
-            Err(PersistenceError::OptimisticLockError)
-        }
-        Err(error @ (sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed)) => {
-            Err(PersistenceError::ConnectionError(Box::new(error)))
-        }
-        Err(error) => Err(PersistenceError::UnknownError(Box::new(error))),
-    }
+    .await
 }
 
 /// Shares one [`EventRepository`] between the per-command cqrs-es stores.

@@ -399,10 +399,28 @@ impl OwnRedis {
             .expect("redis-server is installed");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-            .await
-            .is_err()
-        {
+        loop {
+            // A server that exits (its port taken meanwhile) must not pass for ready because
+            // something else answers on the port.
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|child| child.try_wait().ok().flatten());
+            assert!(exited.is_none(), "redis-server exited: {exited:?}");
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .is_ok()
+                && exited.is_none()
+            {
+                // Give a server that failed to bind the moment it needs to exit.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let still_running = self
+                    .child
+                    .as_mut()
+                    .is_some_and(|child| matches!(child.try_wait(), Ok(None)));
+                assert!(still_running, "redis-server exited: its port was taken");
+                break;
+            }
             assert!(Instant::now() < deadline, "redis-server did not start");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -109,6 +109,7 @@ enum Command {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum ProjectionName {
     /// The Postgres read models (order status, pet catalog).
+    #[value(name = "read_models", alias = "read-models")]
     ReadModels,
     /// The Redis views.
     Redis,

@@ -102,6 +102,13 @@ async fn database_url_selects_postgres_for_migrate_and_replay() {
 
     let dry = petstore(
         &database.url,
+        &["replay", "--projection", "read_models", "--dry-run"],
+    );
+    let stderr = String::from_utf8_lossy(&dry.stderr);
+    assert!(dry.status.success(), "{stderr}");
+    assert!(stderr.contains("read_models: 0 events read"), "{stderr}");
+    let dry = petstore(
+        &database.url,
         &["replay", "--projection", "all", "--dry-run"],
     );
     let stderr = String::from_utf8_lossy(&dry.stderr);

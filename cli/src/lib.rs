@@ -40,7 +40,7 @@ use utoipa::OpenApi;
 pub enum Role {
     /// POST routes: commands become events.
     Command,
-    /// GET routes over the read models, and health.
+    /// GET routes over the read models and audit trails (health answers in every process).
     Query,
     /// Streams events into the read models.
     Projector,

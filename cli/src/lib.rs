@@ -70,6 +70,9 @@ pub enum StartupError {
     /// Kafka is misconfigured.
     #[error(transparent)]
     Bus(#[from] BusError),
+    /// The event log cannot be read.
+    #[error(transparent)]
+    Stream(#[from] petstore_platform::stream::StreamError),
     /// The roles do not fit the storage.
     #[error("{0}")]
     Roles(&'static str),
@@ -236,12 +239,21 @@ impl Application {
                 metrics,
             }));
         }
+        // On Postgres the read models are shared: they are ready once their checkpoint
+        // reaches what the log held now (the demo catalog just seeded included).
+        let ready_at = match &database {
+            Database::Postgres(_) => {
+                Some(petstore_platform::stream::head_position(&database).await?)
+            }
+            Database::Sqlite(_) => None,
+        };
         router = router.merge(petstore_query_api::health::router(HealthState::new(
             database.clone(),
             read_models.clone(),
             redis.clone(),
             projections,
             roles.contains(&Role::Query),
+            ready_at,
         )));
         if roles.contains(&Role::Query) {
             router = router.merge(petstore_query_api::router(QueryState {

@@ -151,8 +151,7 @@ pub async fn place_order(
         let order: Order = state.store.load(&order_id.to_string()).await?;
         if let Some(original) =
             stream::correlation_of(state.store.database(), Order::TYPE, &order_id.to_string())
-                .await
-                .map_err(|error| Problem::from_failure(&error))?
+                .await?
         {
             correlation_id = original;
         }

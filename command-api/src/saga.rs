@@ -253,7 +253,7 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
         stopped: &mut tokio::sync::watch::Receiver<bool>,
         seen: &mut RecentEvents,
     ) -> Result<(), SagaError> {
-        let subscriber = KafkaSubscriber::new(kafka, &kafka.consumer_group)?;
+        let subscriber = KafkaSubscriber::new(kafka, &kafka.consumer_group).await?;
         loop {
             let batch = tokio::select! {
                 _ = stopped.wait_for(|stop| *stop) => return Ok(()),

@@ -172,33 +172,7 @@ impl KafkaBus {
 
     /// Creates the service's topics with the configured partitions; existing ones are kept.
     pub async fn ensure_topics(&self) -> Result<(), BusError> {
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", brokers(&self.settings)?)
-            .create()?;
-        let names = topics(&self.settings.topic_prefix);
-        let new_topics: Vec<NewTopic<'_>> = names
-            .iter()
-            .map(|name| {
-                NewTopic::new(
-                    name,
-                    self.settings.partitions,
-                    TopicReplication::Fixed(self.settings.replication_factor),
-                )
-            })
-            .collect();
-        let options = AdminOptions::new()
-            .operation_timeout(Some(Duration::from_secs(10)))
-            .request_timeout(Some(Duration::from_millis(
-                self.settings.message_timeout_ms,
-            )));
-        for result in admin.create_topics(&new_topics, &options).await? {
-            match result {
-                Ok(_) => {}
-                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((topic, code)) => return Err(BusError::CreateTopic { topic, code }),
-            }
-        }
-        Ok(())
+        ensure_topics(&self.settings).await
     }
 
     /// Publishes `events` in order and waits until the broker acknowledged every one.
@@ -256,15 +230,48 @@ impl KafkaBus {
     }
 }
 
+/// Creates the service's topics with the configured partitions; existing ones are kept.
+async fn ensure_topics(settings: &KafkaSettings) -> Result<(), BusError> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers(settings)?)
+        .create()?;
+    let names = topics(&settings.topic_prefix);
+    let new_topics: Vec<NewTopic<'_>> = names
+        .iter()
+        .map(|name| {
+            NewTopic::new(
+                name,
+                settings.partitions,
+                TopicReplication::Fixed(settings.replication_factor),
+            )
+        })
+        .collect();
+    let options = AdminOptions::new()
+        .operation_timeout(Some(Duration::from_secs(10)))
+        .request_timeout(Some(Duration::from_millis(settings.message_timeout_ms)));
+    for result in admin.create_topics(&new_topics, &options).await? {
+        match result {
+            Ok(_) => {}
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => return Err(BusError::CreateTopic { topic, code }),
+        }
+    }
+    Ok(())
+}
+
 /// A member of a consumer group over the service's topics.
 pub struct KafkaSubscriber {
     consumer: StreamConsumer,
 }
 
 impl KafkaSubscriber {
-    /// Joins `group` and subscribes to every topic of the service. Offsets are committed
-    /// only by [`Self::commit`]; a new group starts from the earliest offset.
-    pub fn new(settings: &KafkaSettings, group: &str) -> Result<Self, BusError> {
+    /// Creates the service's topics if need be, joins `group` and subscribes to every topic.
+    /// Offsets are committed only by [`Self::commit`]; a new group starts from the earliest
+    /// offset. (Subscribing to a topic that does not exist yet would leave its partitions
+    /// unassigned until the next metadata refresh, and the events published meanwhile
+    /// unhandled for that long.)
+    pub async fn new(settings: &KafkaSettings, group: &str) -> Result<Self, BusError> {
+        ensure_topics(settings).await?;
         let consumer: StreamConsumer = ClientConfig::new()
             .set("bootstrap.servers", brokers(settings)?)
             .set("group.id", group)
@@ -273,6 +280,8 @@ impl KafkaSubscriber {
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", "6000")
             .set("heartbeat.interval.ms", "1000")
+            // Notice re-created topics within seconds, not the default five minutes.
+            .set("topic.metadata.refresh.interval.ms", "5000")
             .create()?;
         let names = topics(&settings.topic_prefix);
         let names: Vec<&str> = names.iter().map(String::as_str).collect();

@@ -103,21 +103,28 @@ impl Cache {
         }
     }
 
-    /// Moves every key under `{from}:` to the same suffix under this cache's prefix, and
-    /// deletes this cache's keys matching `replaced` (suffix patterns such as `order:*`) that
-    /// the move does not overwrite, in one MULTI/EXEC: readers see the old set of keys or the
-    /// new one, never a mix. Returns how many keys moved.
+    /// Moves every key under `{from}:` to the same suffix under this cache's prefix, deletes
+    /// this cache's keys matching `replaced` (suffix patterns such as `order:*`) that the
+    /// move does not overwrite, and increments the counters `incremented` (suffixes; their
+    /// copies under `{from}:` are dropped, not moved), all in one MULTI/EXEC: readers see the
+    /// old set of keys or the new one, never a mix. Returns how many keys moved.
     pub async fn adopt_namespace(
         &self,
         from: &str,
         replaced: &[&str],
+        incremented: &[&str],
     ) -> Result<usize, CacheError> {
-        let moving = self.scan(&format!("{from}:*")).await?;
+        // SCAN may return a key twice: a set, so no RENAME runs on a key already moved.
+        let shadow: std::collections::BTreeSet<String> =
+            self.scan(&format!("{from}:*")).await?.into_iter().collect();
+        let (dropped, moving): (Vec<&String>, Vec<&String>) = shadow
+            .iter()
+            .partition(|key| incremented.contains(&&key[from.len() + 1..]));
         let targets: std::collections::HashSet<String> = moving
             .iter()
             .map(|key| self.key(&key[from.len() + 1..]))
             .collect();
-        let mut stale = Vec::new();
+        let mut stale = std::collections::BTreeSet::new();
         for pattern in replaced {
             stale.extend(
                 self.scan(&self.key(pattern))
@@ -128,13 +135,16 @@ impl Cache {
         }
         let mut pipeline = redis::pipe();
         pipeline.atomic();
-        for key in &stale {
+        for key in stale.iter().chain(dropped) {
             pipeline.del(key).ignore();
         }
         for key in &moving {
             pipeline
-                .rename(key, self.key(&key[from.len() + 1..]))
+                .rename(*key, self.key(&key[from.len() + 1..]))
                 .ignore();
+        }
+        for counter in incremented {
+            pipeline.incr(self.key(counter), 1).ignore();
         }
         let mut connection = self.connection.clone();
         let timeout = self.timeout * 20;

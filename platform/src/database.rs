@@ -48,14 +48,44 @@ pub enum DatabaseError {
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
 
+/// Whether `error` means the database cannot be reached (as opposed to a failed statement).
+pub fn unreachable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(error) => error.code().is_some_and(|code| {
+            // connection exceptions, too many connections, shutting down or starting up
+            code.starts_with("08") || code == "53300" || code.starts_with("57P")
+        }),
+        _ => false,
+    }
+}
+
+/// A pooled connection idle longer than this is pinged before it is handed out.
+const IDLE_BEFORE_PING: Duration = Duration::from_secs(5);
+
+/// URL parameters that ask for TLS settings explicitly.
+const TLS_PARAMETERS: [&str; 5] = ["sslmode", "ssl-mode", "sslrootcert", "sslcert", "sslkey"];
+
 /// TLS to a server on this machine protects nothing and costs CPU on both ends of every
 /// round trip (a fifth of the saga throughput on two cores), so a loopback or Unix-socket
-/// connection goes without it, unless the URL (`sslmode=`) or `PGSSLMODE` asks otherwise.
-fn without_loopback_tls(options: PgConnectOptions, url: &str) -> PgConnectOptions {
-    let explicit = url
-        .split_once('?')
-        .is_some_and(|(_, query)| query.split('&').any(|pair| pair.starts_with("sslmode=")))
-        || std::env::var_os("PGSSLMODE").is_some();
+/// connection goes without it, unless the URL sets any TLS parameter or `PGSSLMODE` is set
+/// (`env_sslmode`).
+fn without_loopback_tls(
+    options: PgConnectOptions,
+    url: &str,
+    env_sslmode: bool,
+) -> PgConnectOptions {
+    let explicit = env_sslmode
+        || url.split_once('?').is_some_and(|(_, query)| {
+            query.split('&').any(|pair| {
+                let key = pair.split_once('=').map_or(pair, |(key, _)| key);
+                TLS_PARAMETERS.contains(&key)
+            })
+        });
     let host = options.get_host();
     let local = options.get_socket().is_some()
         || host.starts_with('/')
@@ -83,17 +113,30 @@ impl Database {
             Some(url) => {
                 let options = PgConnectOptions::from_str(url.expose_secret())
                     .map_err(DatabaseError::InvalidUrl)?;
-                let options = without_loopback_tls(options, url.expose_secret())
-                    // A transaction left open (a cancelled task, a bug) would hold back the
-                    // cluster-wide horizon every stream reader waits on: end it quickly.
-                    .options([("idle_in_transaction_session_timeout", "5s")]);
+                let options = without_loopback_tls(
+                    options,
+                    url.expose_secret(),
+                    std::env::var_os("PGSSLMODE").is_some(),
+                )
+                // A transaction left open (a cancelled task, a bug) would hold back the
+                // cluster-wide horizon every stream reader waits on: end it quickly.
+                .options([("idle_in_transaction_session_timeout", "5s")]);
                 let pool = PgPoolOptions::new()
                     .max_connections(database.max_connections)
                     .acquire_timeout(Duration::from_secs(5))
-                    // No ping before every checkout: it doubled the round trips of every
-                    // query. A connection the server dropped fails its next query instead;
-                    // sqlx then discards it, and every caller retries or answers 503.
+                    // No ping before every checkout (a third of the round trips of a query):
+                    // only a connection idle for a while is checked, since the server may
+                    // have dropped it (restart, idle timeout). One dropped under load fails
+                    // its query instead: sqlx discards it, and callers retry or answer 503.
                     .test_before_acquire(false)
+                    .before_acquire(|connection, meta| {
+                        Box::pin(async move {
+                            if meta.idle_for > IDLE_BEFORE_PING {
+                                sqlx::Connection::ping(connection).await?;
+                            }
+                            Ok(true)
+                        })
+                    })
                     .connect_with(options)
                     .await
                     .map_err(DatabaseError::Connect)?;
@@ -211,14 +254,11 @@ mod tests {
 
     fn mode(url: &str) -> PgSslMode {
         let options = PgConnectOptions::from_str(url).expect("valid url");
-        without_loopback_tls(options, url).get_ssl_mode()
+        without_loopback_tls(options, url, false).get_ssl_mode()
     }
 
     #[test]
-    fn loopback_goes_without_tls_unless_the_url_asks_for_it() {
-        if std::env::var_os("PGSSLMODE").is_some() {
-            return; // the environment decides; nothing to check here
-        }
+    fn loopback_goes_without_tls_unless_the_url_or_environment_asks_for_it() {
         assert!(matches!(
             mode("postgres://u@127.0.0.1:5432/db"),
             PgSslMode::Disable
@@ -233,8 +273,23 @@ mod tests {
             PgSslMode::Require
         ));
         assert!(matches!(
+            mode("postgres://u@127.0.0.1/db?ssl-mode=require"),
+            PgSslMode::Require
+        ));
+        // A certificate asks for TLS too (sqlx's default mode then applies).
+        assert!(!matches!(
+            mode("postgres://u@127.0.0.1/db?sslrootcert=/etc/ca.pem"),
+            PgSslMode::Disable
+        ));
+        assert!(matches!(
             mode("postgres://u@db.internal/db"),
             PgSslMode::Prefer
+        ));
+        let url = "postgres://u@127.0.0.1/db";
+        let options = PgConnectOptions::from_str(url).expect("valid url");
+        assert!(!matches!(
+            without_loopback_tls(options, url, true).get_ssl_mode(),
+            PgSslMode::Disable
         ));
     }
 }

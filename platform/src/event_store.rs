@@ -79,7 +79,7 @@ async fn append_postgres<A: Aggregate>(
         Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("23505") => {
             Err(PersistenceError::OptimisticLockError)
         }
-        Err(error @ (sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed)) => {
+        Err(error) if crate::database::unreachable(&error) => {
             Err(PersistenceError::ConnectionError(Box::new(error)))
         }
         Err(error) => Err(PersistenceError::UnknownError(Box::new(error))),

@@ -208,7 +208,7 @@ impl Problem {
         while let Some(current) = cause {
             if current
                 .downcast_ref::<sqlx::Error>()
-                .is_some_and(database_unreachable)
+                .is_some_and(crate::database::unreachable)
             {
                 tracing::error!(%error, "database unreachable");
                 return Self::unavailable("a database is unreachable; retry shortly");
@@ -466,6 +466,12 @@ impl From<petstore_domain::DomainError> for Problem {
     }
 }
 
+impl From<crate::stream::StreamError> for Problem {
+    fn from(error: crate::stream::StreamError) -> Self {
+        Self::from_failure(&error)
+    }
+}
+
 impl<T> From<cqrs_es::AggregateError<T>> for Problem
 where
     T: std::error::Error + Into<Problem>,
@@ -481,24 +487,13 @@ where
                 tracing::error!(error = %cause, "event store unreachable");
                 Self::unavailable("the event store is unreachable; retry shortly")
             }
-            E::DeserializationError(cause) | E::UnexpectedError(cause) => Self::internal(&cause),
+            E::DeserializationError(cause) => Self::internal(&cause),
+            // postgres-es reports some connection failures (a dropped connection, a server
+            // shutting down) as unexpected: look at the cause.
+            E::UnexpectedError(cause) => {
+                Self::from_failure(cause.as_ref() as &(dyn std::error::Error + 'static))
+            }
         }
-    }
-}
-
-/// Whether `error` means the database cannot be reached (as opposed to a failed statement).
-fn database_unreachable(error: &sqlx::Error) -> bool {
-    match error {
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(error) => error.code().is_some_and(|code| {
-            // connection exceptions, too many connections, shutting down or starting up
-            code.starts_with("08") || code == "53300" || code.starts_with("57P")
-        }),
-        _ => false,
     }
 }
 

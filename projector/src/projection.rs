@@ -32,6 +32,12 @@ pub enum ProjectionError {
     Document(#[from] serde_json::Error),
 }
 
+impl From<ProjectionError> for petstore_platform::http::Problem {
+    fn from(error: ProjectionError) -> Self {
+        Self::from_failure(&error)
+    }
+}
+
 /// A consumer of the global stream that keeps its own checkpoint. `apply` must move the
 /// checkpoint past the batch only once the batch's effect is durable.
 pub trait Projection: Send + Sync + 'static {

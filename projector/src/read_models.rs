@@ -52,6 +52,12 @@ pub enum ReadModelError {
     Document(#[from] serde_json::Error),
 }
 
+impl From<ReadModelError> for petstore_platform::http::Problem {
+    fn from(error: ReadModelError) -> Self {
+        Self::from_failure(&error)
+    }
+}
+
 /// Browse filters; every field is optional.
 #[derive(Debug, Clone, Default)]
 pub struct BrowseFilter {

@@ -32,6 +32,9 @@ pub struct RedisViews {
 impl RedisViews {
     /// The key patterns (after the prefix) of the views; a replay replaces all of them.
     pub const VIEW_PATTERNS: [&'static str; 2] = ["order:*", "pet:*"];
+    /// The catalog generation (after the prefix): part of every cached browse key, bumped by
+    /// every pet change and by a replay.
+    pub const GENERATION: &'static str = "catalog:generation";
 
     /// Views in `cache`; browse pages live `browse_ttl`.
     pub fn new(cache: Cache, browse_ttl: Duration) -> Self {
@@ -44,14 +47,6 @@ impl RedisViews {
             cache: self.cache.with_prefix(prefix),
             browse_ttl: self.browse_ttl,
         }
-    }
-
-    /// Makes every cached browse page stale (a new catalog generation).
-    pub async fn invalidate_browse_cache(&self) -> Result<(), ProjectionError> {
-        self.cache
-            .write_atomically(&[], &[self.generation_key()])
-            .await?;
-        Ok(())
     }
 
     /// The Redis connection.
@@ -72,7 +67,7 @@ impl RedisViews {
     }
 
     fn generation_key(&self) -> String {
-        self.cache.key("catalog:generation")
+        self.cache.key(Self::GENERATION)
     }
 
     /// An order's status view, if Redis has it.

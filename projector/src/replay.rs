@@ -212,10 +212,13 @@ pub async fn rebuild_redis(
     .await?;
     if !dry_run {
         live.cache()
-            .adopt_namespace(&shadow_prefix, &RedisViews::VIEW_PATTERNS)
+            .adopt_namespace(
+                &shadow_prefix,
+                &RedisViews::VIEW_PATTERNS,
+                &[RedisViews::GENERATION],
+            )
             .await
             .map_err(ProjectionError::from)?;
-        live.invalidate_browse_cache().await?;
     }
     Ok(ReplayReport {
         events,

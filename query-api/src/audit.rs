@@ -127,10 +127,7 @@ pub async fn order_audit(
 ) -> Result<Json<AuditTrail>, Problem> {
     let order_id =
         OrderId::parse(&order_id).map_err(|error| Problem::bad_request(error.to_string()))?;
-    match by_order(&state.database, &order_id)
-        .await
-        .map_err(|error| Problem::from_failure(&error))?
-    {
+    match by_order(&state.database, &order_id).await? {
         Some(trail) => Ok(Json(trail)),
         None => Err(Problem::not_found(format!(
             "order {order_id} does not exist"

@@ -2,6 +2,7 @@
 //! so probes work for a projector-only or saga-only process too.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -11,10 +12,10 @@ use axum::routing::get;
 use axum::Router;
 use petstore_platform::database::Database;
 use petstore_platform::http::{Json, Problem, ProblemDocument};
-use petstore_platform::stream::{self, StreamPosition};
+use petstore_platform::stream::StreamPosition;
 use petstore_projector::{ProjectorProgress, ReadModels, RedisViews};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{watch, OnceCell};
+use tokio::sync::watch;
 use utoipa::ToSchema;
 
 /// What the health routes look at.
@@ -32,20 +33,27 @@ pub struct HealthState {
     /// Whether this process serves queries: then it is ready only once the read models
     /// have caught up with what was committed when it started.
     pub serves_queries: bool,
-    /// The head of the log when the first readiness probe found no active projector of the
-    /// read models in this process (it is on standby, or runs elsewhere): the position they
-    /// must reach.
-    start_head: Arc<OnceCell<StreamPosition>>,
+    /// On Postgres, where every process shares the read models: the head of the log when
+    /// this process started, which their checkpoint must reach. `None` for the embedded
+    /// store, whose in-memory read models this process's own projector rebuilds.
+    ready_at: Option<StreamPosition>,
+    /// Set once the read models have caught up: readiness does not flap afterwards (a
+    /// projector taking over, a burst of writes).
+    caught_up: Arc<AtomicBool>,
 }
 
 impl HealthState {
     /// Health of a process over `database` and `read_models`, running `projections`.
+    /// `ready_at`: on Postgres, the head of the log at start-up, which the shared read
+    /// models' checkpoint must reach for readiness; `None` on the embedded store, whose
+    /// in-memory read models this process's own projector rebuilds.
     pub fn new(
         database: Database,
         read_models: ReadModels,
         redis: Option<RedisViews>,
         projections: Vec<(&'static str, watch::Receiver<ProjectorProgress>)>,
         serves_queries: bool,
+        ready_at: Option<StreamPosition>,
     ) -> Self {
         Self {
             database,
@@ -53,37 +61,36 @@ impl HealthState {
             redis,
             projections,
             serves_queries,
-            start_head: Arc::new(OnceCell::new()),
+            ready_at,
+            caught_up: Arc::new(AtomicBool::new(false)),
         }
     }
 
-    /// Whether the read models have caught up since start-up: by this process's own
-    /// projector when it is the active one, else by comparing their checkpoint with the head
-    /// of the log as it was at the first probe.
+    /// Whether the read models have caught up since start-up: their shared checkpoint has
+    /// reached the head seen at start-up (Postgres), or this process's own projector says
+    /// so (embedded store).
     async fn read_models_caught_up(&self) -> Result<bool, Problem> {
-        let local = self
-            .projections
-            .iter()
-            .find(|(name, _)| *name == petstore_projector::read_models::CHECKPOINT)
-            .map(|(_, progress)| *progress.borrow())
-            .filter(|progress| progress.active);
-        if let Some(progress) = local {
-            return Ok(progress.caught_up);
+        if self.caught_up.load(Ordering::Acquire) {
+            return Ok(true);
         }
-        let unavailable = |error: stream::StreamError| {
-            tracing::warn!(%error, "readiness check failed");
-            Problem::unavailable("the event store does not answer")
+        let caught_up = match self.ready_at {
+            Some(head) => {
+                let position = self.read_models.position().await.map_err(|error| {
+                    tracing::warn!(%error, "readiness check failed");
+                    Problem::unavailable("the read models do not answer")
+                })?;
+                position >= head
+            }
+            None => self
+                .projections
+                .iter()
+                .filter(|(name, _)| *name == petstore_projector::read_models::CHECKPOINT)
+                .all(|(_, progress)| progress.borrow().caught_up),
         };
-        let head = *self
-            .start_head
-            .get_or_try_init(|| stream::head_position(&self.database))
-            .await
-            .map_err(unavailable)?;
-        let position = self.read_models.position().await.map_err(|error| {
-            tracing::warn!(%error, "readiness check failed");
-            Problem::unavailable("the read models do not answer")
-        })?;
-        Ok(position >= head)
+        if caught_up {
+            self.caught_up.store(true, Ordering::Release);
+        }
+        Ok(caught_up)
     }
 }
 

@@ -37,17 +37,13 @@ impl<S: Send + Sync> FromRequestParts<S> for ConsistencyToken {
     }
 }
 
-fn internal(error: impl std::error::Error + 'static) -> Problem {
-    Problem::from_failure(&error)
-}
-
 impl QueryState {
     /// Waits until the read-model database reflects `token`; 409 with `Retry-After` past the
     /// configured bound.
     async fn wait_for(&self, token: StreamPosition) -> Result<(), Problem> {
         let deadline = Instant::now() + self.consistency_wait;
         loop {
-            let position = self.read_models.position().await.map_err(internal)?;
+            let position = self.read_models.position().await?;
             if position >= token {
                 return Ok(());
             }
@@ -77,7 +73,10 @@ impl QueryState {
                 Err(error) => tracing::debug!(%error, "redis read failed; reading the database"),
             }
         }
-        self.read_models.order(order_id).await.map_err(internal)
+        self.read_models
+            .order(order_id)
+            .await
+            .map_err(Problem::from)
     }
 
     /// A pet's view.
@@ -95,7 +94,7 @@ impl QueryState {
                 Err(error) => tracing::debug!(%error, "redis read failed; reading the database"),
             }
         }
-        self.read_models.pet(pet_id).await.map_err(internal)
+        self.read_models.pet(pet_id).await.map_err(Problem::from)
     }
 
     /// A browse page: from the Redis cache when current, else from the database (and then
@@ -107,10 +106,10 @@ impl QueryState {
     ) -> Result<BrowsePage, Problem> {
         if let Some(token) = token.0 {
             self.wait_for(token).await?;
-            return self.read_models.browse(filter).await.map_err(internal);
+            return self.read_models.browse(filter).await.map_err(Problem::from);
         }
         let Some(redis) = &self.redis else {
-            return self.read_models.browse(filter).await.map_err(internal);
+            return self.read_models.browse(filter).await.map_err(Problem::from);
         };
         let slot = match redis.cached_browse(filter).await {
             Ok(CachedBrowse::Hit(page)) => return Ok(page),
@@ -120,12 +119,13 @@ impl QueryState {
                 None
             }
         };
-        let database_at = self.read_models.position().await.map_err(internal)?;
-        let page = self.read_models.browse(filter).await.map_err(internal)?;
-        if let Some(slot) = slot {
-            if let Err(error) = redis.cache_browse(slot, &page, database_at).await {
-                tracing::debug!(%error, "caching a browse page failed");
-            }
+        let Some(slot) = slot else {
+            return self.read_models.browse(filter).await.map_err(Problem::from);
+        };
+        let database_at = self.read_models.position().await?;
+        let page = self.read_models.browse(filter).await?;
+        if let Err(error) = redis.cache_browse(slot, &page, database_at).await {
+            tracing::debug!(%error, "caching a browse page failed");
         }
         Ok(page)
     }

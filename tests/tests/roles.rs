@@ -264,7 +264,14 @@ async fn a_second_full_instance_is_ready_while_its_projectors_stand_by() {
         second.wait_for_terminal(order_id).await["status"],
         "completed"
     );
-    second.stop().await;
+    // The first instance goes: the second's projector takes over, and it stays ready.
     first.stop().await;
+    second
+        .wait_for_json("/petstore-domain/health", |health| {
+            health["components"]["projection:read_models"]["detail"] == "caught up"
+        })
+        .await;
+    assert_eq!(second.get("/health/ready").await.status(), 200);
+    second.stop().await;
     storage.remove().await;
 }

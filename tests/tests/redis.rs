@@ -233,9 +233,10 @@ async fn with_the_database_behind_reads_come_from_redis_and_no_stale_page_is_cac
     let prefix = unique_name("redis");
     let mut settings = storage.settings();
     with_redis(&mut settings, &redis_url(), &prefix);
-    settings.redis.browse_ttl_seconds = 3_600; // only invalidation could refresh a page
-                                               // Hold the database projection's lock: this service's read-model projector stays on
-                                               // standby, so the database read model lags behind the Redis projection.
+    // Only invalidation could refresh a page.
+    settings.redis.browse_ttl_seconds = 3_600;
+    // Hold the database projection's lock: this service's read-model projector stays on
+    // standby, so the database read model lags behind the Redis projection.
     let database = storage.database().await;
     let held = database
         .try_lock("projection:read_models")

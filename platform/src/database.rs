@@ -64,6 +64,27 @@ pub fn unreachable(error: &sqlx::Error) -> bool {
     }
 }
 
+/// Begins a transaction on a connection from `pool`, safely even if the caller is cancelled.
+///
+/// sqlx 0.8 sends `BEGIN` and only then counts the transaction: a future dropped while it
+/// waits for the answer (a task aborted, a `select!` or timeout) leaves a pooled connection
+/// inside a transaction sqlx does not know about. Every later autocommit statement on that
+/// connection then runs uncommitted, and its transaction id holds back the stream horizon of
+/// every reader on the cluster. Here the `BEGIN` runs in a task of its own that always
+/// finishes: if nobody waits for the transaction any more, it is dropped there and rolled
+/// back properly.
+pub async fn begin(
+    pool: &sqlx::PgPool,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+    let pool = pool.clone();
+    match tokio::spawn(async move { pool.begin().await }).await {
+        Ok(result) => result,
+        Err(join) => Err(sqlx::Error::WorkerCrashed).inspect_err(|_| {
+            tracing::error!(error = %join, "the task beginning a transaction failed");
+        }),
+    }
+}
+
 /// A pooled connection idle longer than this is pinged before it is handed out.
 const IDLE_BEFORE_PING: Duration = Duration::from_secs(5);
 

@@ -307,7 +307,7 @@ pub(crate) async fn apply_postgres(
         checkpoint,
     } = tables;
     let (order_ids, pet_ids) = ViewBatch::ids(events);
-    let mut transaction = pool.begin().await?;
+    let mut transaction = petstore_platform::database::begin(pool).await?;
     let mut batch = ViewBatch::default();
     if !order_ids.is_empty() {
         let rows: Vec<(String, serde_json::Value)> = sqlx::query_as(&format!(

@@ -135,7 +135,7 @@ pub async fn rebuild_read_models(
 }
 
 async fn create_shadow_tables(pool: &PgPool) -> Result<(), sqlx::Error> {
-    let mut transaction = pool.begin().await?;
+    let mut transaction = petstore_platform::database::begin(pool).await?;
     for (shadow, live) in [
         (SHADOW_TABLES.orders, LIVE_TABLES.orders),
         (SHADOW_TABLES.pets, LIVE_TABLES.pets),
@@ -153,7 +153,7 @@ async fn create_shadow_tables(pool: &PgPool) -> Result<(), sqlx::Error> {
 }
 
 async fn swap_in_shadow_tables(pool: &PgPool, last: StreamPosition) -> Result<(), ReplayError> {
-    let mut transaction = pool.begin().await?;
+    let mut transaction = petstore_platform::database::begin(pool).await?;
     sqlx::query(&format!(
         "LOCK TABLE {}, {} IN ACCESS EXCLUSIVE MODE",
         LIVE_TABLES.orders, LIVE_TABLES.pets

@@ -433,17 +433,28 @@ async fn a_cancelled_begin_leaves_no_pooled_connection_inside_a_transaction() {
             () = yields => {}
         }
     }
-    tokio::time::sleep(Duration::from_millis(300)).await; // dropped transactions roll back
+    // Dropped transactions roll back in tasks of their own: give them a moment (less than
+    // the server's 5 s idle-in-transaction timeout, which would hide a stuck connection).
     let mut observer = storage.postgres().expect("postgres").connect().await;
-    let stuck: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM pg_stat_activity
-          WHERE datname = current_database() AND state LIKE 'idle in transaction%'
-            AND pid <> pg_backend_pid()",
-    )
-    .fetch_one(&mut observer)
-    .await
-    .expect("query");
-    assert_eq!(stuck, 0, "pooled connections left inside a transaction");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let stuck: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND state LIKE 'idle in transaction%'
+                AND pid <> pg_backend_pid()",
+        )
+        .fetch_one(&mut observer)
+        .await
+        .expect("query");
+        if stuck == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{stuck} pooled connections left inside a transaction"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     drop(observer);
     database.close().await;
     storage.remove().await;

@@ -30,8 +30,8 @@ use crate::http::CorrelationId;
 pub enum EventRepository {
     /// postgres-es, and the pool for the single-statement append.
     Postgres(PostgresEventRepository, sqlx::PgPool),
-    /// sqlite-es.
-    Sqlite(SqliteEventRepository),
+    /// sqlite-es, and the pool for the cancellation-safe append.
+    Sqlite(SqliteEventRepository, sqlx::SqlitePool),
 }
 
 impl EventRepository {
@@ -41,7 +41,9 @@ impl EventRepository {
             Database::Postgres(pool) => {
                 Self::Postgres(PostgresEventRepository::new(pool.clone()), pool.clone())
             }
-            Database::Sqlite(pool) => Self::Sqlite(SqliteEventRepository::new(pool.clone())),
+            Database::Sqlite(pool) => {
+                Self::Sqlite(SqliteEventRepository::new(pool.clone()), pool.clone())
+            }
         }
     }
 }
@@ -121,6 +123,57 @@ async fn append_many<A: Aggregate>(
     .await
 }
 
+/// Appends a command's events to SQLite, in a task of its own: a caller cancelled mid-way (a
+/// client that hung up) can neither leave a pooled connection inside a transaction, which
+/// would hold SQLite's only write lock, nor half an append. One event is one `INSERT`
+/// (atomic by itself, the global-position trigger included); several share a transaction.
+/// A taken (aggregate, sequence) is the optimistic-concurrency conflict, as in sqlite-es.
+async fn append_sqlite(
+    pool: &sqlx::SqlitePool,
+    aggregate_type: &'static str,
+    events: &[SerializedEvent],
+) -> Result<(), PersistenceError> {
+    const INSERT: &str = "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+         VALUES (?, ?, ?, ?, ?, ?, ?)";
+    let pool = pool.clone();
+    let events = events.to_vec();
+    let appended = tokio::spawn(async move {
+        let insert = |event: &SerializedEvent| {
+            sqlx::query(INSERT)
+                .bind(aggregate_type)
+                .bind(event.aggregate_id.clone())
+                .bind(i64::try_from(event.sequence).unwrap_or(i64::MAX))
+                .bind(event.event_type.clone())
+                .bind(event.event_version.clone())
+                .bind(event.payload.to_string())
+                .bind(event.metadata.to_string())
+        };
+        match events.as_slice() {
+            [] => Ok(()),
+            [event] => insert(event).execute(&pool).await.map(|_| ()),
+            several => {
+                let mut transaction = pool.begin().await?;
+                for event in several {
+                    insert(event).execute(&mut *transaction).await?;
+                }
+                transaction.commit().await
+            }
+        }
+    })
+    .await;
+    match appended {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(sqlx::Error::Database(error))) if error.code().as_deref() == Some("1555") => {
+            Err(PersistenceError::OptimisticLockError)
+        }
+        Ok(Err(error)) if crate::database::unreachable(&error) => {
+            Err(PersistenceError::ConnectionError(Box::new(error)))
+        }
+        Ok(Err(error)) => Err(PersistenceError::UnknownError(Box::new(error))),
+        Err(join) => Err(PersistenceError::UnknownError(Box::new(join))),
+    }
+}
+
 /// Shares one [`EventRepository`] between the per-command cqrs-es stores.
 #[derive(Clone)]
 pub struct SharedRepository(Arc<EventRepository>);
@@ -129,7 +182,7 @@ macro_rules! delegate {
     ($self:ident, $repo:ident => $call:expr) => {
         match $self.0.as_ref() {
             EventRepository::Postgres($repo, _) => $call.await,
-            EventRepository::Sqlite($repo) => $call.await,
+            EventRepository::Sqlite($repo, _) => $call.await,
         }
     };
 }
@@ -164,6 +217,7 @@ impl PersistedEventRepository for SharedRepository {
     ) -> Result<(), PersistenceError> {
         match (self.0.as_ref(), snapshot_update) {
             (EventRepository::Postgres(_, pool), None) => append_postgres::<A>(pool, events).await,
+            (EventRepository::Sqlite(_, pool), None) => append_sqlite(pool, A::TYPE, events).await,
             (_, snapshot_update) => {
                 delegate!(self, repo => repo.persist::<A>(events, snapshot_update))
             }

@@ -242,17 +242,17 @@ impl Application {
         // On Postgres the read models are shared: they are ready once their checkpoint
         // reaches what the log held now (the demo catalog just seeded included).
         let ready_at = match &database {
-            Database::Postgres(_) => {
+            Database::Postgres(_) if serves_queries => {
                 Some(petstore_platform::stream::head_position(&database).await?)
             }
-            Database::Sqlite(_) => None,
+            _ => None,
         };
         router = router.merge(petstore_query_api::health::router(HealthState::new(
             database.clone(),
             read_models.clone(),
             redis.clone(),
             projections,
-            roles.contains(&Role::Query),
+            serves_queries,
             ready_at,
         )));
         if roles.contains(&Role::Query) {

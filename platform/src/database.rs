@@ -77,11 +77,21 @@ pub async fn begin(
     pool: &sqlx::PgPool,
 ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
     let pool = pool.clone();
-    match tokio::spawn(async move { pool.begin().await }).await {
+    to_completion(async move { pool.begin().await }).await
+}
+
+/// Runs database work in a task of its own, so that it finishes (or fails) as a whole even
+/// when the caller is cancelled: what a cancelled caller no longer waits for is dropped in
+/// that task, where sqlx cleans it up properly.
+pub async fn to_completion<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, sqlx::Error>> + Send + 'static,
+) -> Result<T, sqlx::Error> {
+    match tokio::spawn(work).await {
         Ok(result) => result,
-        Err(join) => Err(sqlx::Error::WorkerCrashed).inspect_err(|_| {
-            tracing::error!(error = %join, "the task beginning a transaction failed");
-        }),
+        Err(join) => {
+            tracing::error!(error = %join, "a database task failed");
+            Err(sqlx::Error::WorkerCrashed)
+        }
     }
 }
 

@@ -76,15 +76,22 @@ async fn append_postgres<A: Aggregate>(
         }
         [first, ..] => append_many::<A>(pool, first, events).await,
     };
-    match result {
-        Ok(_) => Ok(()),
-        Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("23505") => {
-            Err(PersistenceError::OptimisticLockError)
+    result
+        .map(|_| ())
+        .map_err(|error| persistence_error(error, "23505"))
+}
+
+/// How cqrs-es sees a failed append: `conflict_code` (the engine's unique-violation code for
+/// a taken (aggregate, sequence)) is the optimistic-concurrency conflict.
+fn persistence_error(error: sqlx::Error, conflict_code: &str) -> PersistenceError {
+    match error {
+        sqlx::Error::Database(error) if error.code().as_deref() == Some(conflict_code) => {
+            PersistenceError::OptimisticLockError
         }
-        Err(error) if crate::database::unreachable(&error) => {
-            Err(PersistenceError::ConnectionError(Box::new(error)))
+        error if crate::database::unreachable(&error) => {
+            PersistenceError::ConnectionError(Box::new(error))
         }
-        Err(error) => Err(PersistenceError::UnknownError(Box::new(error))),
+        error => PersistenceError::UnknownError(Box::new(error)),
     }
 }
 
@@ -137,7 +144,7 @@ async fn append_sqlite(
          VALUES (?, ?, ?, ?, ?, ?, ?)";
     let pool = pool.clone();
     let events = events.to_vec();
-    let appended = tokio::spawn(async move {
+    crate::database::to_completion(async move {
         let insert = |event: &SerializedEvent| {
             sqlx::query(INSERT)
                 .bind(aggregate_type)
@@ -160,18 +167,8 @@ async fn append_sqlite(
             }
         }
     })
-    .await;
-    match appended {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(sqlx::Error::Database(error))) if error.code().as_deref() == Some("1555") => {
-            Err(PersistenceError::OptimisticLockError)
-        }
-        Ok(Err(error)) if crate::database::unreachable(&error) => {
-            Err(PersistenceError::ConnectionError(Box::new(error)))
-        }
-        Ok(Err(error)) => Err(PersistenceError::UnknownError(Box::new(error))),
-        Err(join) => Err(PersistenceError::UnknownError(Box::new(join))),
-    }
+    .await
+    .map_err(|error| persistence_error(error, "1555"))
 }
 
 /// Shares one [`EventRepository`] between the per-command cqrs-es stores.

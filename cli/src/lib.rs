@@ -16,18 +16,21 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::get;
 use axum::Router;
 use petstore_command_api::providers::{SimulatedDeliveryProvider, SimulatedPaymentGateway};
-use petstore_command_api::saga::SagaRunner;
+use petstore_command_api::saga::{SagaRunner, SagaRunnerHealth};
 use petstore_command_api::{CommandApiDoc, CommandState};
 use petstore_platform::bus::{BusError, KafkaBus};
 use petstore_platform::cache::{Cache, CacheError};
 use petstore_platform::database::{Database, DatabaseError};
 use petstore_platform::event_store::EventStore;
+use petstore_platform::health::{EventStoreHealth, HealthState};
 use petstore_platform::http;
 use petstore_platform::metrics::Metrics;
 use petstore_platform::settings::Settings;
+use petstore_projector::health::{
+    ProjectionHealth, ReadModelsHealth, ReadModelsReadiness, RedisHealth,
+};
 use petstore_projector::read_models::CHECKPOINT;
 use petstore_projector::{KafkaProjection, Projector, ReadModels, RedisViews};
-use petstore_query_api::health::HealthState;
 use petstore_query_api::{QueryApiDoc, QueryState};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -139,7 +142,9 @@ impl Application {
                  roles in the same process, or set DATABASE_URL to split them",
             ));
         }
-        let store = EventStore::new(database.clone(), settings.commands.max_conflict_retries);
+        let metrics = Metrics::new().observe_pool(&database);
+        let store = EventStore::new(database.clone(), settings.commands.max_conflict_retries)
+            .with_metrics(metrics.clone());
         if roles.contains(&Role::Command) && settings.catalog.seed_demo_pets {
             let added = petstore_command_api::catalog::seed_demo_catalog(&store)
                 .await
@@ -149,7 +154,6 @@ impl Application {
             }
         }
         let shutdown = Shutdown::new();
-        let metrics = Metrics::new();
         let payments = Arc::new(SimulatedPaymentGateway::new(
             settings.providers.payment.clone(),
         ));
@@ -169,13 +173,17 @@ impl Application {
             None => None,
         };
         let bus = match &settings.kafka.brokers {
-            Some(_) => Some(KafkaBus::new(&settings.kafka)?),
+            Some(_) => Some(KafkaBus::new(&settings.kafka)?.with_metrics(metrics.clone())),
             None => None,
         };
-        let mut projections = Vec::new();
+        let mut health = HealthState::default().with(EventStoreHealth(database.clone()));
+        let mut own_read_models_progress = None;
         if roles.contains(&Role::Projector) {
-            let mut spawn = |name: &'static str, progress, task| {
-                projections.push((name, progress));
+            let mut spawn = |name: &'static str, progress: watch::Receiver<_>, task| {
+                if name == CHECKPOINT {
+                    own_read_models_progress = Some(progress.clone());
+                }
+                health = std::mem::take(&mut health).with(ProjectionHealth { name, progress });
                 workers.push(tokio::spawn(task));
             };
             let projector = Projector::new(
@@ -223,6 +231,7 @@ impl Application {
                 Some(_) => runner.with_kafka(settings.kafka.clone()),
                 None => runner,
             };
+            health = health.with(SagaRunnerHealth(runner.progress()));
             workers.push(tokio::spawn(runner.run(shutdown.wait())));
         }
 
@@ -236,37 +245,37 @@ impl Application {
                 saga: settings.saga.clone(),
                 providers: settings.providers.clone(),
                 payments,
-                metrics,
+                metrics: metrics.clone(),
             }));
         }
         // On Postgres the read models are shared: they are ready once their checkpoint
         // reaches what the log held now (the demo catalog just seeded included).
-        let ready_at = match &database {
-            Database::Postgres(_) if serves_queries => {
-                Some(petstore_platform::stream::head_position(&database).await?)
-            }
-            _ => None,
+        let readiness = match (&database, own_read_models_progress) {
+            _ if !serves_queries => ReadModelsReadiness::NotServing,
+            (Database::Postgres(_), _) => ReadModelsReadiness::SharedCheckpoint(
+                petstore_platform::stream::head_position(&database).await?,
+            ),
+            (Database::Sqlite(_), Some(progress)) => ReadModelsReadiness::OwnProjector(progress),
+            (Database::Sqlite(_), None) => ReadModelsReadiness::NotServing,
         };
-        router = router.merge(petstore_query_api::health::router(HealthState::new(
-            database.clone(),
-            read_models.clone(),
-            redis.clone(),
-            projections,
-            serves_queries,
-            ready_at,
-        )));
+        health = health.with(ReadModelsHealth::new(read_models.clone(), readiness));
+        if let Some(redis) = &redis {
+            health = health.with(RedisHealth(redis.clone()));
+        }
+        router = router.merge(petstore_platform::health::router(health));
         if roles.contains(&Role::Query) {
             router = router.merge(petstore_query_api::router(QueryState {
                 read_models,
                 redis,
                 database: database.clone(),
                 consistency_wait: Duration::from_millis(settings.http.consistency_wait_ms),
+                metrics: metrics.clone(),
             }));
         }
         let router = router
             .layer(DefaultBodyLimit::max(settings.http.body_limit_bytes))
             .layer(CatchPanicLayer::new())
-            .layer(axum::middleware::from_fn(http::correlation));
+            .layer(axum::middleware::from_fn_with_state(metrics, http::observe));
 
         let address = settings.http.listen;
         let listener = TcpListener::bind(address)
@@ -328,6 +337,7 @@ struct ServiceApiDoc;
 pub fn openapi_document() -> utoipa::openapi::OpenApi {
     let mut document = CommandApiDoc::openapi();
     document.merge(QueryApiDoc::openapi());
+    document.merge(petstore_platform::health::HealthApiDoc::openapi());
     document.merge(ServiceApiDoc::openapi());
     document.info.title = "Petstore order platform".to_owned();
     document.info.version = env!("CARGO_PKG_VERSION").to_owned();

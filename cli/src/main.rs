@@ -129,9 +129,19 @@ enum Format {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let mut settings = Settings::load(&cli.config_dir)?;
-    telemetry::init(&settings.log);
-    match cli.command {
+    let settings = Settings::load(&cli.config_dir)?;
+    let telemetry = telemetry::init(&settings.log).context("setting up telemetry")?;
+    if telemetry.exporting() {
+        tracing::info!("exporting spans over OTLP");
+    }
+    let outcome = run(cli.command, settings).await;
+    // Export the spans still buffered, whatever the outcome.
+    telemetry.shutdown().await;
+    outcome
+}
+
+async fn run(command: Command, mut settings: Settings) -> anyhow::Result<()> {
+    match command {
         Command::Serve {
             listen,
             data_dir,

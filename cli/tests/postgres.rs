@@ -1,69 +1,20 @@
 //! The real binary on Postgres: `DATABASE_URL` selects it, `migrate` builds the schema,
 //! `replay --dry-run` reads without writing.
 
-use std::process::{Command, Output};
+mod common;
 
-use sqlx::{Connection, PgConnection};
+use std::process::Output;
 
-fn admin_url() -> String {
-    std::env::var("PETSTORE_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
-}
-
-/// A fresh database of this test's own (the test script drops leftovers by this prefix).
-struct FreshDatabase {
-    name: String,
-    url: String,
-}
-
-impl FreshDatabase {
-    async fn create() -> Self {
-        let admin = admin_url();
-        let name = format!("petstore_test_{}", uuid::Uuid::new_v4().simple());
-        let mut connection = PgConnection::connect(&admin).await.expect("postgres");
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&mut connection)
-            .await
-            .expect("create");
-        let base = admin
-            .rsplit_once('/')
-            .map_or(admin.as_str(), |(base, _)| base);
-        let url = format!("{base}/{name}");
-        Self { name, url }
-    }
-
-    async fn tables(&self) -> Vec<String> {
-        let mut connection = PgConnection::connect(&self.url).await.expect("connect");
-        sqlx::query_scalar(
-            "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' ORDER BY 1",
-        )
-        .fetch_all(&mut connection)
-        .await
-        .expect("tables")
-    }
-
-    async fn drop(self) {
-        let mut connection = PgConnection::connect(&admin_url()).await.expect("postgres");
-        sqlx::query(&format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.name
-        ))
-        .execute(&mut connection)
-        .await
-        .expect("drop");
-    }
-}
+use common::FreshDatabase;
 
 fn petstore(database_url: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_petstore"))
-        .args(args)
-        .env("DATABASE_URL", database_url)
-        .env_remove("REDIS_URL")
-        .env_remove("KAFKA_BROKERS")
-        .env("PETSTORE_CONFIG_DIR", "/nonexistent")
-        .env("PETSTORE__LOG__FORMAT", "text")
-        .output()
-        .expect("the binary runs")
+    common::petstore_command(&[
+        ("DATABASE_URL", database_url.to_owned()),
+        ("PETSTORE__LOG__FORMAT", "text".to_owned()),
+    ])
+    .args(args)
+    .output()
+    .expect("the binary runs")
 }
 
 #[tokio::test]

@@ -17,6 +17,7 @@ use petstore_domain::providers::{
 };
 use petstore_platform::metrics::Metrics;
 use petstore_platform::settings::ProviderSettings;
+use tracing::Instrument;
 
 /// Calls a provider with the timeout and retry policy of `settings`, counting each attempt
 /// in `metrics` under `provider`. Refusals are final; transient failures and time-outs are
@@ -35,23 +36,44 @@ where
     let mut backoff = Duration::from_millis(settings.initial_backoff_ms);
     let mut attempt = 1;
     loop {
+        let started = std::time::Instant::now();
+        let span = tracing::info_span!(
+            "provider call",
+            otel.name = %format_args!("call {provider}"),
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            provider,
+            attempt,
+            outcome = tracing::field::Empty,
+        );
         let outcome = tokio::time::timeout(
             Duration::from_millis(settings.call_timeout_ms),
             attempt_call(),
         )
+        .instrument(span.clone())
         .await
         .unwrap_or_else(|_| Err(ProviderError::Unavailable("the call timed out".to_owned())));
+        let (label, failed) = match &outcome {
+            Ok(_) => ("ok", false),
+            Err(ProviderError::Refused(_)) => ("refused", false),
+            Err(ProviderError::Unavailable(_)) => ("unavailable", true),
+        };
+        span.record("outcome", label);
+        if failed {
+            span.record("otel.status_code", "ERROR");
+        }
+        drop(span);
         match outcome {
             Ok(value) => {
-                metrics.provider_call(provider, "ok");
+                metrics.provider_call(provider, "ok", started.elapsed());
                 return Ok(value);
             }
             Err(ProviderError::Refused(reason)) => {
-                metrics.provider_call(provider, "refused");
+                metrics.provider_call(provider, "refused", started.elapsed());
                 return Err(ProviderError::Refused(reason));
             }
             Err(ProviderError::Unavailable(reason)) => {
-                metrics.provider_call(provider, "unavailable");
+                metrics.provider_call(provider, "unavailable", started.elapsed());
                 if attempt >= attempts {
                     return Err(ProviderError::Unavailable(format!(
                         "{reason} (after {attempts} attempts)"

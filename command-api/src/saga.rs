@@ -39,7 +39,10 @@ use petstore_platform::event_store::{EventMetadata, EventStore};
 use petstore_platform::http::CorrelationId;
 use petstore_platform::metrics::Metrics;
 use petstore_platform::settings::{KafkaSettings, ProvidersSettings, SagaSettings};
-use petstore_platform::stream::{self, RecordedEvent, StreamReader};
+use petstore_platform::stream::{self, Lag, RecordedEvent, StreamPosition, StreamReader};
+use petstore_platform::telemetry;
+use tokio::sync::watch;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::providers;
@@ -79,6 +82,18 @@ pub enum SagaError {
     },
 }
 
+/// How far the saga runner has come.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SagaProgress {
+    /// The last event handled: in the stream's order (following the event store), or the
+    /// furthest one (consuming Kafka, whose partitions interleave). `None` before the first.
+    pub position: Option<StreamPosition>,
+    /// Whether the last batch failed (the runner is stalled until one succeeds).
+    pub failing: bool,
+    /// How far behind the log it was when last measured.
+    pub lag: Lag,
+}
+
 /// Runs the sagas.
 pub struct SagaRunner<P, D> {
     store: EventStore,
@@ -88,6 +103,8 @@ pub struct SagaRunner<P, D> {
     payments: Arc<P>,
     deliveries: Arc<D>,
     metrics: Metrics,
+    progress: watch::Sender<SagaProgress>,
+    in_flight: Arc<std::sync::Mutex<std::collections::HashSet<OrderId>>>,
 }
 
 impl<P, D> Clone for SagaRunner<P, D> {
@@ -100,6 +117,8 @@ impl<P, D> Clone for SagaRunner<P, D> {
             payments: self.payments.clone(),
             deliveries: self.deliveries.clone(),
             metrics: self.metrics.clone(),
+            progress: self.progress.clone(),
+            in_flight: self.in_flight.clone(),
         }
     }
 }
@@ -163,6 +182,64 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
             payments,
             deliveries,
             metrics,
+            progress: watch::Sender::new(SagaProgress::default()),
+            in_flight: Arc::default(),
+        }
+    }
+
+    /// Follows the runner's progress (for health).
+    pub fn progress(&self) -> watch::Receiver<SagaProgress> {
+        self.progress.subscribe()
+    }
+
+    /// Records a batch's outcome in the progress and the metrics.
+    fn batch_done(&self, handled: Option<StreamPosition>, outcome: &Result<(), SagaError>) {
+        let failing = outcome.is_err();
+        if failing {
+            self.metrics.saga_failures.inc();
+        }
+        self.metrics.saga_stalled.set(i64::from(failing));
+        self.progress.send_modify(|progress| {
+            progress.failing = failing;
+            if let Some(handled) = handled.filter(|_| !failing) {
+                progress.position = Some(progress.position.map_or(handled, |at| {
+                    if self.kafka.is_some() {
+                        at.max(handled)
+                    } else {
+                        handled
+                    }
+                }));
+            }
+        });
+    }
+
+    /// Measures, every [`stream::LAG_SAMPLE_INTERVAL`], how far behind the log the runner
+    /// is and how many deadlines wait, into the progress and the metrics. Never returns.
+    async fn measure(&self) {
+        let database = self.store.database();
+        loop {
+            let position = self.progress.borrow().position;
+            if let Some(position) = position {
+                match stream::lag(database, position).await {
+                    Ok(lag) => {
+                        self.metrics.saga_lag(lag);
+                        self.progress.send_modify(|progress| progress.lag = lag);
+                    }
+                    Err(error) => tracing::debug!(%error, "measuring the saga lag failed"),
+                }
+            }
+            match deadlines::backlog(database, Utc::now()).await {
+                Ok((pending, overdue)) => {
+                    self.metrics.deadlines_pending.set(pending);
+                    self.metrics.deadlines_overdue.set(overdue);
+                }
+                Err(error) => tracing::debug!(%error, "counting deadlines failed"),
+            }
+            let in_flight = self.in_flight.lock().map_or(0, |orders| orders.len());
+            self.metrics
+                .sagas_in_flight
+                .set(i64::try_from(in_flight).unwrap_or(i64::MAX));
+            tokio::time::sleep(stream::LAG_SAMPLE_INTERVAL).await;
         }
     }
 
@@ -197,7 +274,10 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                     None => self.follow_stream(stopped.clone()).await,
                 }
             };
-            tokio::join!(self.fire_deadlines(stopped.clone()), events);
+            tokio::select! {
+                _ = async { tokio::join!(self.fire_deadlines(stopped.clone()), events) } => {}
+                () = self.measure() => {}
+            }
         };
         tokio::pin!(work);
         tokio::select! {
@@ -264,7 +344,10 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                 .into_iter()
                 .filter(|event| seen.first_time(event.event_id()))
                 .collect();
-            self.handle_batch(&fresh).await?;
+            let outcome = self.handle_batch(&fresh).await;
+            let furthest = fresh.iter().map(|event| event.position).max();
+            self.batch_done(furthest, &outcome);
+            outcome?;
             subscriber.commit()?;
         }
     }
@@ -287,7 +370,9 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                 _ = stopped.wait_for(|stop| *stop) => return Ok(()),
                 batch = reader.next_batch() => batch?,
             };
-            self.handle_batch(&batch).await?;
+            let outcome = self.handle_batch(&batch).await;
+            self.batch_done(batch.last().map(|event| event.position), &outcome);
+            outcome?;
             stream::save_checkpoint(database, CHECKPOINT, reader.position()).await?;
         }
     }
@@ -310,7 +395,17 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                 self.settings.max_concurrent_orders.max(1),
                 |(order_id, events)| async move {
                     for (event, decoded) in events {
-                        self.handle_event(order_id, event, &decoded).await?;
+                        let span = step_span(order_id, event);
+                        async {
+                            let outcome = self.handle_event(order_id, event, &decoded).await;
+                            if let Err(error) = &outcome {
+                                tracing::Span::current().record("otel.status_code", "ERROR");
+                                tracing::error!(%error, "saga step failed");
+                            }
+                            outcome
+                        }
+                        .instrument(span)
+                        .await?;
                     }
                     Ok(())
                 },
@@ -318,7 +413,6 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
             .await
     }
 
-    #[tracing::instrument(skip_all, fields(order_id = %order_id, event = %event.event_type, correlation_id = %event.metadata_value("correlation_id")))]
     async fn handle_event(
         &self,
         order_id: OrderId,
@@ -338,6 +432,12 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
             Decoded::Payment(inner) => SagaEvent::Payment(inner),
             Decoded::Delivery(inner) => SagaEvent::Delivery(inner),
         };
+        if matches!(decoded, Decoded::Order(OrderEvent::OrderCreated(_))) {
+            self.metrics.sagas_started.inc();
+            if let Ok(mut orders) = self.in_flight.lock() {
+                orders.insert(order_id);
+            }
+        }
         let actions = saga::react(&order, saga_event, occurred_at, &self.policy());
         let correlation_id = CorrelationId::parse(event.metadata_value("correlation_id"))
             .unwrap_or_else(CorrelationId::generate);
@@ -470,12 +570,17 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                 )
                 .await?;
             }
-            SagaAction::Finished(outcome) => match outcome {
-                SagaOutcome::Completed => self.metrics.saga_finished("completed", ""),
-                SagaOutcome::Cancelled(reason) => {
-                    self.metrics.saga_finished("cancelled", reason.as_str())
+            SagaAction::Finished(outcome) => {
+                if let Ok(mut orders) = self.in_flight.lock() {
+                    orders.remove(&cause.order_id);
                 }
-            },
+                match outcome {
+                    SagaOutcome::Completed => self.metrics.saga_finished("completed", ""),
+                    SagaOutcome::Cancelled(reason) => {
+                        self.metrics.saga_finished("cancelled", reason.as_str())
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -525,13 +630,30 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
         let database = self.store.database();
         let due = deadlines::due(database, Utc::now(), 100).await?;
         for deadline in &due {
+            let span = tracing::info_span!(
+                parent: None,
+                "saga deadline",
+                otel.name = "saga deadline",
+                order_id = %deadline.order_id,
+                step = %deadline.step,
+                correlation_id = %deadline.correlation_id,
+            );
+            self.fire_deadline(deadline).instrument(span).await?;
+        }
+        Ok(due.len())
+    }
+
+    /// Fires one due deadline.
+    async fn fire_deadline(&self, deadline: &Deadline) -> Result<(), SagaError> {
+        let database = self.store.database();
+        {
             let (Ok(order_id), Ok(step)) = (
                 OrderId::parse(&deadline.order_id),
                 SagaStep::parse(&deadline.step),
             ) else {
                 tracing::error!(?deadline, "malformed deadline; marking it fired");
                 deadlines::mark_fired(database, &deadline.order_id, &deadline.step).await?;
-                continue;
+                return Ok(());
             };
             let command_id = Uuid::new_v5(
                 &COMMAND_NAMESPACE,
@@ -555,7 +677,7 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
             .await?;
             deadlines::mark_fired(database, &deadline.order_id, &deadline.step).await?;
         }
-        Ok(due.len())
+        Ok(())
     }
 }
 
@@ -591,6 +713,38 @@ impl RecentEvents {
     }
 }
 
+/// The span of one saga step: a consumer span in the order's trace, a child of the span that
+/// published the event (Kafka) or of the append that stored it (following the event store).
+fn step_span(order_id: OrderId, event: &RecordedEvent) -> tracing::Span {
+    let span = tracing::info_span!(
+        parent: None,
+        "saga step",
+        otel.name = %format_args!("saga {}", event.event_type),
+        otel.kind = "consumer",
+        otel.status_code = tracing::field::Empty,
+        messaging.system = tracing::field::Empty,
+        messaging.operation.type = tracing::field::Empty,
+        messaging.destination.name = tracing::field::Empty,
+        messaging.destination.partition.id = tracing::field::Empty,
+        messaging.kafka.offset = tracing::field::Empty,
+        messaging.kafka.message.key = tracing::field::Empty,
+        order_id = %order_id,
+        event_type = %event.event_type,
+        global_position = event.position.global_position,
+        correlation_id = %event.metadata_value("correlation_id"),
+    );
+    if let Some(delivery) = &event.delivery {
+        span.record("messaging.system", "kafka");
+        span.record("messaging.operation.type", "process");
+        span.record("messaging.destination.name", delivery.topic.as_str());
+        span.record("messaging.destination.partition.id", delivery.partition);
+        span.record("messaging.kafka.offset", delivery.offset);
+        span.record("messaging.kafka.message.key", event.aggregate_id.as_str());
+    }
+    telemetry::continue_trace(&span, event.traceparent());
+    span
+}
+
 /// The event a reaction answers.
 struct Cause {
     event_id: Uuid,
@@ -613,5 +767,44 @@ impl Cause {
             command_id,
             SUBJECT,
         )
+    }
+}
+
+/// The saga runner in `/health`: `caught up`, `lagging`, `stalled` (its last batch failed:
+/// down until one succeeds) or `down` (it stopped). Not essential: queries still work.
+pub struct SagaRunnerHealth(pub watch::Receiver<SagaProgress>);
+
+impl petstore_platform::health::HealthCheck for SagaRunnerHealth {
+    fn name(&self) -> String {
+        "saga_runner".to_owned()
+    }
+
+    fn essential(&self) -> bool {
+        false
+    }
+
+    fn check(&self) -> futures::future::BoxFuture<'_, petstore_platform::health::ComponentHealth> {
+        use petstore_platform::health::ComponentHealth;
+        let progress = *self.0.borrow();
+        let stopped = self.0.has_changed().is_err();
+        Box::pin(async move {
+            if stopped {
+                ComponentHealth::down("in-process", "down: the saga runner stopped")
+            } else if progress.failing {
+                ComponentHealth::down(
+                    "in-process",
+                    "stalled: its last batch failed; retrying from the checkpoint",
+                )
+            } else {
+                let detail = progress.lag.lagging().unwrap_or_else(|| {
+                    match progress.position {
+                        Some(_) => "caught up",
+                        None => "waiting for the first event",
+                    }
+                    .to_owned()
+                });
+                ComponentHealth::up("in-process", Some(detail))
+            }
+        })
     }
 }

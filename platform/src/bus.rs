@@ -3,7 +3,8 @@
 //! Every event goes to the topic of its aggregate type (`{prefix}.orders`, `.pets`,
 //! `.payments`, `.deliveries`), keyed by aggregate id (so one aggregate's events stay in
 //! order in one partition), with headers `event_id`, `event_type`, `event_version`,
-//! `correlation_id`, `causation_id`, `traceparent`, and an [`Envelope`] as JSON value. The
+//! `correlation_id`, `causation_id`, `traceparent` (of the message's producer span, a child
+//! of the append that stored the event), and an [`Envelope`] as JSON value. The
 //! producer is idempotent with `acks=all`; [`KafkaBus::publish`] returns only once every
 //! message of the batch is acknowledged, so a caller may move its checkpoint after it.
 
@@ -16,13 +17,17 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
 use serde::{Deserialize, Serialize};
 
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::metrics::Metrics;
 use crate::settings::KafkaSettings;
-use crate::stream::{RecordedEvent, StreamPosition};
+use crate::stream::{Delivery, RecordedEvent, StreamPosition};
+use crate::telemetry;
 
 /// Kafka failed.
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +113,7 @@ impl From<Envelope> for RecordedEvent {
             event_version: envelope.event_version,
             payload: envelope.payload,
             metadata: envelope.metadata,
+            delivery: None,
         }
     }
 }
@@ -138,6 +144,7 @@ fn brokers(settings: &KafkaSettings) -> Result<&str, BusError> {
 pub struct KafkaBus {
     producer: FutureProducer,
     settings: KafkaSettings,
+    metrics: Option<Metrics>,
 }
 
 impl KafkaBus {
@@ -160,14 +167,24 @@ impl KafkaBus {
         Ok(Self {
             producer,
             settings: settings.clone(),
+            metrics: None,
         })
+    }
+
+    /// Counts failed deliveries and measures delivery latency in `metrics`.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// A fresh producer with the same settings. After a failed batch the old producer may be
     /// wedged (a restarted broker that lost its idempotent-producer state rejects its
     /// sequence numbers); a new one starts a new producer id.
     pub fn renewed(&self) -> Result<Self, BusError> {
-        Self::new(&self.settings)
+        Ok(Self {
+            metrics: self.metrics.clone(),
+            ..Self::new(&self.settings)?
+        })
     }
 
     /// Creates the service's topics with the configured partitions; existing ones are kept.
@@ -175,11 +192,35 @@ impl KafkaBus {
         ensure_topics(&self.settings).await
     }
 
-    /// Publishes `events` in order and waits until the broker acknowledged every one.
-    pub async fn publish(&self, events: &[RecordedEvent]) -> Result<(), BusError> {
+    /// Publishes `events` in order and waits until the broker acknowledged every one. Each
+    /// message gets a producer span, in the event's trace (`Trace::Continue`) or in a new
+    /// trace linked to it (`Trace::Link`, for replays), whose `traceparent` travels in the
+    /// message headers.
+    pub async fn publish(&self, events: &[RecordedEvent], trace: Trace) -> Result<(), BusError> {
         let mut deliveries = Vec::with_capacity(events.len());
         for event in events {
             let topic = topic_for(&self.settings.topic_prefix, &event.aggregate_type);
+            let span = tracing::info_span!(
+                "send",
+                otel.name = %format_args!("send {topic}"),
+                otel.kind = "producer",
+                otel.status_code = tracing::field::Empty,
+                messaging.system = "kafka",
+                messaging.operation.type = "send",
+                messaging.operation.name = "send",
+                messaging.destination.name = %topic,
+                messaging.kafka.message.key = %event.aggregate_id,
+                messaging.destination.partition.id = tracing::field::Empty,
+                messaging.kafka.offset = tracing::field::Empty,
+                event_type = %event.event_type,
+                correlation_id = %event.metadata_value("correlation_id"),
+            );
+            let stored = event.metadata.get("traceparent").map(String::as_str);
+            match trace {
+                Trace::Continue => telemetry::continue_trace(&span, stored),
+                Trace::Link => telemetry::link_to(&span, stored),
+            }
+            let traceparent = telemetry::traceparent_of(&span.context()).unwrap_or_default();
             let envelope = Envelope::from(event);
             let value = serde_json::to_vec(&envelope).map_err(|source| BusError::Envelope {
                 topic: topic.clone(),
@@ -194,7 +235,7 @@ impl KafkaBus {
                 ("event_version", envelope.event_version.as_str()),
                 ("correlation_id", event.metadata_value("correlation_id")),
                 ("causation_id", event.metadata_value("causation_id")),
-                ("traceparent", event.metadata_value("traceparent")),
+                ("traceparent", traceparent.as_str()),
             ] {
                 headers = headers.insert(Header {
                     key,
@@ -213,21 +254,56 @@ impl KafkaBus {
                         record = returned;
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
-                    Err((error, _)) => return Err(error.into()),
+                    Err((error, _)) => {
+                        if let Some(metrics) = &self.metrics {
+                            metrics.kafka_publish_errors.inc();
+                        }
+                        return Err(error.into());
+                    }
                 }
             };
-            deliveries.push(delivery);
+            deliveries.push((delivery, span, std::time::Instant::now()));
         }
-        try_join_all(deliveries.into_iter().map(|delivery| async move {
-            match delivery.await {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err((error, _))) => Err(BusError::Kafka(error)),
-                Err(_) => Err(BusError::Cancelled),
-            }
-        }))
+        let metrics = self.metrics.as_ref();
+        try_join_all(
+            deliveries
+                .into_iter()
+                .map(|(delivery, span, sent)| async move {
+                    let outcome = match delivery.await {
+                        Ok(Ok(delivered)) => {
+                            span.record("messaging.destination.partition.id", delivered.partition);
+                            span.record("messaging.kafka.offset", delivered.offset);
+                            Ok(())
+                        }
+                        Ok(Err((error, _))) => Err(BusError::Kafka(error)),
+                        Err(_) => Err(BusError::Cancelled),
+                    };
+                    if outcome.is_err() {
+                        span.record("otel.status_code", "ERROR");
+                    }
+                    if let Some(metrics) = metrics {
+                        match &outcome {
+                            Ok(()) => metrics.kafka_delivery.observe(sent.elapsed().as_secs_f64()),
+                            Err(_) => {
+                                metrics.kafka_publish_errors.inc();
+                            }
+                        }
+                    }
+                    outcome
+                }),
+        )
         .await?;
         Ok(())
     }
+}
+
+/// How a published message's span relates to the trace its event was stored in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trace {
+    /// A child of the append that stored the event: the projector publishing live events.
+    Continue,
+    /// A new trace linked to it: a replay, which must never re-parent old traces.
+    Link,
 }
 
 /// Creates the service's topics with the configured partitions; existing ones are kept.
@@ -324,7 +400,22 @@ impl KafkaSubscriber {
                 source,
             })?;
         self.consumer.store_offset_from_message(message)?;
-        Ok(envelope.into())
+        let traceparent = message.headers().and_then(|headers| {
+            (0..headers.count())
+                .map(|index| headers.get(index))
+                .find(|header| header.key == "traceparent")
+                .and_then(|header| header.value)
+                .and_then(|value| std::str::from_utf8(value).ok())
+                .map(str::to_owned)
+        });
+        let mut event = RecordedEvent::from(envelope);
+        event.delivery = Some(Delivery {
+            topic: message.topic().to_owned(),
+            partition: message.partition(),
+            offset: message.offset(),
+            traceparent,
+        });
+        Ok(event)
     }
 
     /// Commits the stored offsets: everything returned so far is handled.

@@ -228,6 +228,26 @@ impl Database {
         }
     }
 
+    /// The engine's name in OpenTelemetry's `db.system.name`.
+    pub fn semconv_system(&self) -> &'static str {
+        match self {
+            Self::Postgres(_) => "postgresql",
+            Self::Sqlite(_) => "sqlite",
+        }
+    }
+
+    /// The pool's connections (open, of them idle) and its configured size.
+    pub fn pool_state(&self) -> (u32, u32, u32) {
+        fn state<DB: sqlx::Database>(pool: &sqlx::Pool<DB>) -> (u32, u32, u32) {
+            let idle = u32::try_from(pool.num_idle()).unwrap_or(u32::MAX);
+            (pool.size(), idle, pool.options().get_max_connections())
+        }
+        match self {
+            Self::Postgres(pool) => state(pool),
+            Self::Sqlite(pool) => state(pool),
+        }
+    }
+
     /// Closes the pool, waiting for connections in use.
     pub async fn close(&self) {
         match self {

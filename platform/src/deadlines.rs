@@ -126,3 +126,25 @@ pub async fn mark_fired(
     }
     Ok(())
 }
+
+/// How many deadlines are unfired, and how many of those are already due at `now` (a
+/// backlog that should stay near zero).
+pub async fn backlog(database: &Database, now: DateTime<Utc>) -> Result<(i64, i64), sqlx::Error> {
+    const SQL: &str =
+        "SELECT count(*), coalesce(sum(CASE WHEN due_at_ms <= $1 THEN 1 ELSE 0 END), 0)
+                         FROM saga_deadlines WHERE fired_at_ms IS NULL";
+    match database {
+        Database::Postgres(pool) => {
+            sqlx::query_as(SQL)
+                .bind(now.timestamp_millis())
+                .fetch_one(pool)
+                .await
+        }
+        Database::Sqlite(pool) => {
+            sqlx::query_as(SQL)
+                .bind(now.timestamp_millis())
+                .fetch_one(pool)
+                .await
+        }
+    }
+}

@@ -21,10 +21,13 @@ use postgres_es::PostgresEventRepository;
 use serde_json::Value;
 use sqlite_es::SqliteEventRepository;
 use tokio::sync::watch;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use uuid::Uuid;
 
 use crate::database::Database;
 use crate::http::CorrelationId;
+use crate::metrics::Metrics;
 
 /// The cqrs-es repository of whichever engine the service runs on.
 pub enum EventRepository {
@@ -249,19 +252,6 @@ pub struct EventMetadata {
     pub timestamp: DateTime<Utc>,
 }
 
-/// Namespace of trace ids derived from correlation ids.
-const TRACE_NAMESPACE: Uuid = Uuid::from_u128(0x51c3_7a0e_94d2_4b6f_8e1a_2f3b_4c5d_6e7f);
-
-impl EventMetadata {
-    /// A W3C `traceparent` for the event: the trace id is derived from the correlation id, so
-    /// every event of one request and its saga shares a trace; the span id from the command.
-    pub fn traceparent(&self) -> String {
-        let trace = Uuid::new_v5(&TRACE_NAMESPACE, self.correlation_id.as_str().as_bytes());
-        let span = self.command_id.simple().to_string();
-        format!("00-{}-{}-01", trace.simple(), &span[..16])
-    }
-}
-
 impl EventMetadata {
     /// Metadata for a command acting on behalf of `subject` within `correlation_id`.
     pub fn new(correlation_id: CorrelationId, subject: impl Into<String>) -> Self {
@@ -292,7 +282,8 @@ impl EventMetadata {
         }
     }
 
-    /// The form stored beside each event.
+    /// The form stored beside each event (the event store adds the `traceparent` of the
+    /// append that stores it).
     pub fn to_map(&self) -> HashMap<String, String> {
         HashMap::from([
             ("correlation_id".to_owned(), self.correlation_id.to_string()),
@@ -303,7 +294,6 @@ impl EventMetadata {
                 "timestamp".to_owned(),
                 self.timestamp.to_rfc3339_opts(SecondsFormat::Micros, true),
             ),
-            ("traceparent".to_owned(), self.traceparent()),
         ])
     }
 }
@@ -318,6 +308,7 @@ pub struct EventStore {
     repository: SharedRepository,
     max_conflict_retries: u32,
     appended: watch::Sender<u64>,
+    metrics: Option<Metrics>,
 }
 
 impl EventStore {
@@ -329,7 +320,14 @@ impl EventStore {
             repository,
             max_conflict_retries,
             appended: watch::Sender::new(0),
+            metrics: None,
         }
+    }
+
+    /// Counts appended events in `metrics`.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The database underneath.
@@ -438,7 +436,30 @@ impl EventStore {
         if events.is_empty() {
             return Ok(Vec::new());
         }
-        let committed = store.commit(events, context, metadata.to_map()).await?;
+        // The append is a client span of the command's trace; its context is stored with
+        // the events, so whatever handles them later (projector, saga) continues the trace.
+        let span = tracing::info_span!(
+            "append",
+            otel.name = %format_args!("INSERT {}", A::TYPE),
+            otel.kind = "client",
+            db.system.name = self.database.semconv_system(),
+            db.operation.name = "INSERT",
+            db.collection.name = "events",
+            aggregate_type = A::TYPE,
+            aggregate_id = %context.aggregate_id,
+            events = events.len(),
+        );
+        let mut stored = metadata.to_map();
+        if let Some(traceparent) = crate::telemetry::traceparent_of(&span.context()) {
+            stored.insert("traceparent".to_owned(), traceparent);
+        }
+        let committed = store
+            .commit(events, context, stored)
+            .instrument(span)
+            .await?;
+        if let Some(metrics) = &self.metrics {
+            metrics.events_appended(A::TYPE, committed.len());
+        }
         self.appended
             .send_modify(|count| *count = count.wrapping_add(1));
         Ok(committed)

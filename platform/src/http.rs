@@ -1,24 +1,29 @@
 //! HTTP plumbing shared by the APIs: correlation ids, RFC 9457 problem responses, and
 //! extractors whose rejections are problems too.
 //!
-//! [`correlation`] is the outermost middleware. It accepts a valid `X-Correlation-ID` or makes
-//! one, runs the request inside a span that carries it (so every log line of the request has
-//! it) and inside a task-local [`RequestContext`] (so a [`Problem`] can name it), echoes it on
-//! the response, and turns any bare error response (unknown route, wrong method, a panic)
-//! into `application/problem+json`.
+//! [`observe`] is the outermost middleware. It accepts a valid `X-Correlation-ID` or makes
+//! one, runs the request inside a server span that carries it and continues the caller's
+//! `traceparent` (so every log line of the request has both), and inside a task-local
+//! [`RequestContext`] (so a [`Problem`] can name them), counts the request by route template,
+//! echoes both ids on the response, and turns any bare error response (unknown route, wrong
+//! method, a panic) into `application/problem+json`.
 
 use std::fmt;
 use std::time::Instant;
 
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
-use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Request};
 use axum::http::header::{self, HeaderName, HeaderValue};
-use axum::http::StatusCode;
+use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use uuid::Uuid;
+
+use crate::metrics::{Metrics, RequestLabels};
+use crate::telemetry;
 
 /// The request and response header that carries the correlation id.
 pub const CORRELATION_ID_HEADER: HeaderName = HeaderName::from_static("x-correlation-id");
@@ -73,6 +78,8 @@ pub struct RequestContext {
     pub correlation_id: CorrelationId,
     /// The request path, used as a problem's `instance`.
     pub path: String,
+    /// The request's trace id (32 hex digits), named in problem bodies.
+    pub trace_id: Option<String>,
 }
 
 tokio::task_local! {
@@ -111,6 +118,8 @@ struct ProblemBody<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     instance: Option<String>,
     correlation_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trace_id: Option<String>,
 }
 
 /// The JSON shape of a problem, for the OpenAPI document.
@@ -129,6 +138,8 @@ pub struct ProblemDocument {
     pub instance: Option<String>,
     /// Quote it when reporting a problem; it finds every log line of the request.
     pub correlation_id: String,
+    /// The request's trace id: find its trace (and its log lines) by it.
+    pub trace_id: Option<String>,
 }
 
 impl Problem {
@@ -265,6 +276,9 @@ impl IntoResponse for Problem {
             status: self.status.as_u16(),
             detail: &self.detail,
             instance: context.as_ref().map(|context| context.path.clone()),
+            trace_id: context
+                .as_ref()
+                .and_then(|context| context.trace_id.clone()),
             correlation_id: context
                 .map_or_else(CorrelationId::generate, |context| context.correlation_id)
                 .to_string(),
@@ -336,56 +350,121 @@ pub struct Path<T>(pub T);
 #[from_request(via(axum::extract::Query), rejection(Problem))]
 pub struct Query<T>(pub T);
 
-/// Outermost middleware: correlation id, request span and log line, problem bodies for bare
-/// error responses.
-pub async fn correlation(request: Request, next: Next) -> Response {
+/// The W3C trace context header, read from requests and echoed on responses.
+pub const TRACEPARENT_HEADER: HeaderName = HeaderName::from_static("traceparent");
+
+/// The `method` label of a request: common methods by name, the rest as `other` (bounded).
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// The `status_class` label of a status: `2xx`, `4xx`, ...
+fn status_class(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// Outermost middleware, for every route: the correlation id, the request's server span (a
+/// child of the caller's `traceparent`, if any) and its log line, metrics by route template,
+/// problem bodies for bare error responses, and `X-Correlation-ID` and `traceparent` on the
+/// response.
+pub async fn observe(
+    axum::extract::State(metrics): axum::extract::State<Metrics>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let started = Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", MatchedPath::as_str)
+        .to_owned();
+    let method = method_label(request.method());
     let supplied = request.headers().get(&CORRELATION_ID_HEADER);
-    let correlation_id =
+    let (correlation_id, refused) =
         match supplied.map(|value| value.to_str().ok().and_then(CorrelationId::parse)) {
-            None => CorrelationId::generate(),
-            Some(Some(id)) => id,
-            Some(None) => {
-                let context = RequestContext {
-                    correlation_id: CorrelationId::generate(),
-                    path: request.uri().path().to_owned(),
-                };
-                let id = context.correlation_id.clone();
-                let problem = Problem::bad_request(
+            None => (CorrelationId::generate(), None),
+            Some(Some(id)) => (id, None),
+            Some(None) => (
+                CorrelationId::generate(),
+                Some(Problem::bad_request(
                     "X-Correlation-ID must be 1 to 128 characters of letters, digits and -_.:",
-                );
-                let response = REQUEST_CONTEXT
-                    .scope(context, async { problem.into_response() })
-                    .await;
-                return with_correlation_header(response, &id);
-            }
+                )),
+            ),
         };
-    let context = RequestContext {
-        correlation_id: correlation_id.clone(),
-        path: request.uri().path().to_owned(),
-    };
+    let path = request.uri().path().to_owned();
     let span = tracing::info_span!(
         "request",
-        method = %request.method(),
-        path = %request.uri().path(),
+        otel.name = %format_args!("{method} {route}"),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = method,
+        http.route = %route,
+        url.path = %path,
+        http.response.status_code = tracing::field::Empty,
         correlation_id = %correlation_id,
     );
-    let started = Instant::now();
+    let incoming = request
+        .headers()
+        .get(&TRACEPARENT_HEADER)
+        .and_then(|value| value.to_str().ok());
+    telemetry::continue_trace(&span, incoming);
+    let traceparent = telemetry::traceparent_of(&span.context());
+    let context = RequestContext {
+        correlation_id: correlation_id.clone(),
+        path,
+        trace_id: traceparent
+            .as_deref()
+            .and_then(|value| value.split('-').nth(1))
+            .map(str::to_owned),
+    };
     let response = REQUEST_CONTEXT
-        .scope(context, async move {
-            let response = next.run(request).await;
-            let response = problem_for_bare_error(response);
-            let status = response.status().as_u16();
+        .scope(context, async {
+            let response = match refused {
+                Some(problem) => problem.into_response(),
+                None => problem_for_bare_error(next.run(request).await),
+            };
+            let status = response.status();
+            let current = tracing::Span::current();
+            current.record("http.response.status_code", i64::from(status.as_u16()));
             let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
-            if status >= 500 {
-                tracing::error!(status, elapsed_ms, "request failed");
+            if status.is_server_error() {
+                current.record("otel.status_code", "ERROR");
+                tracing::error!(status = status.as_u16(), elapsed_ms, "request failed");
             } else {
-                tracing::info!(status, elapsed_ms, "request served");
+                tracing::info!(status = status.as_u16(), elapsed_ms, "request served");
             }
             response
         })
         .instrument(span)
         .await;
-    with_correlation_header(response, &correlation_id)
+    metrics.request_served(
+        RequestLabels {
+            route,
+            method,
+            status_class: status_class(response.status()),
+        },
+        started.elapsed(),
+    );
+    let mut response = with_correlation_header(response, &correlation_id);
+    if let Some(value) = traceparent.and_then(|value| HeaderValue::from_str(&value).ok()) {
+        response.headers_mut().insert(TRACEPARENT_HEADER, value);
+    }
+    response
 }
 
 fn with_correlation_header(mut response: Response, id: &CorrelationId) -> Response {

@@ -9,6 +9,7 @@
 //! # Layout
 //! - [`settings`]: the typed [`settings::Settings`], layered from defaults, YAML files and env.
 //! - [`telemetry`]: the tracing subscriber (JSON or text logs).
+//! - [`health`]: the health routes and the [`health::HealthCheck`] each component registers.
 //! - [`http`]: problem+json responses, correlation ids, extractors whose rejections are problems.
 //! - [`bus`]: Kafka: publishing the stream (idempotent producer) and consuming it in a group.
 //! - [`cache`]: Redis, with short timeouts so a slow or absent Redis is a fallback, not an outage.
@@ -23,6 +24,7 @@ pub mod cache;
 pub mod database;
 pub mod deadlines;
 pub mod event_store;
+pub mod health;
 pub mod http;
 pub mod metrics;
 pub mod settings;

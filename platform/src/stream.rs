@@ -71,8 +71,24 @@ pub struct RecordedEvent {
     pub event_version: String,
     /// The event, as the domain serialized it.
     pub payload: Value,
-    /// Correlation id, causation id, subject, command id, timestamp.
+    /// Correlation id, causation id, subject, command id, timestamp, traceparent (of the
+    /// append that stored it).
     pub metadata: HashMap<String, String>,
+    /// How it arrived, when it came from Kafka rather than the event store.
+    pub delivery: Option<Delivery>,
+}
+
+/// Where a Kafka message carrying an event came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// Its topic.
+    pub topic: String,
+    /// Its partition.
+    pub partition: i32,
+    /// Its offset.
+    pub offset: i64,
+    /// The `traceparent` header: the producer span that published it.
+    pub traceparent: Option<String>,
 }
 
 /// Namespace of event ids (UUIDv5 of aggregate type, id and sequence).
@@ -90,6 +106,15 @@ impl RecordedEvent {
     /// The event's stable id.
     pub fn event_id(&self) -> uuid::Uuid {
         event_id(&self.aggregate_type, &self.aggregate_id, self.sequence)
+    }
+
+    /// The `traceparent` a handler continues: the message's (its producer span) when it came
+    /// from Kafka, else the one stored with the event (the append).
+    pub fn traceparent(&self) -> Option<&str> {
+        self.delivery
+            .as_ref()
+            .and_then(|delivery| delivery.traceparent.as_deref())
+            .or_else(|| self.metadata.get("traceparent").map(String::as_str))
     }
 
     /// A metadata value, or the empty string.
@@ -156,6 +181,7 @@ where
         payload: row.try_get("payload")?,
         metadata: serde_json::from_value(metadata)
             .map_err(|source| StreamError::Metadata { position, source })?,
+        delivery: None,
     })
 }
 
@@ -215,6 +241,76 @@ pub async fn head_position(database: &Database) -> Result<StreamPosition, Stream
         },
     ))
 }
+
+/// How far a stream subscriber (a projection, the saga runner) is behind the log.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Lag {
+    /// Events in the log after its position (counted up to [`LAG_COUNT_LIMIT`]).
+    pub events: i64,
+    /// Age of the oldest of them, in seconds, by its timestamp (0 when there is none).
+    pub seconds: f64,
+}
+
+/// A subscriber whose oldest unhandled event is at least this old is reported `lagging`.
+pub const LAGGING_AFTER_SECONDS: f64 = 5.0;
+
+/// `lag` counts at most this many events: past it, the subscriber is far behind anyway, and
+/// counting further would cost the database more than the answer is worth.
+pub const LAG_COUNT_LIMIT: i64 = 100_000;
+
+impl Lag {
+    /// `lagging: …` when the oldest unhandled event is older than [`LAGGING_AFTER_SECONDS`].
+    pub fn lagging(&self) -> Option<String> {
+        (self.events > 0 && self.seconds >= LAGGING_AFTER_SECONDS).then(|| {
+            format!(
+                "lagging: {} events behind, the oldest {:.1} s old",
+                self.events, self.seconds
+            )
+        })
+    }
+}
+
+/// How far a subscriber at `after` is behind: the committed events after it (whether or not
+/// a reader may see them yet) and the age of the oldest.
+pub async fn lag(database: &Database, after: StreamPosition) -> Result<Lag, StreamError> {
+    let (events, oldest): (i64, Option<String>) = match database {
+        Database::Postgres(pool) => {
+            sqlx::query_as(
+                "SELECT count(*), min(timestamp) FROM (
+                   SELECT metadata ->> 'timestamp' AS timestamp FROM events
+                    WHERE (transaction_id, global_position) > ($1::text::xid8, $2)
+                    ORDER BY transaction_id, global_position LIMIT $3) AS pending",
+            )
+            .bind(after.transaction_id.to_string())
+            .bind(after.global_position)
+            .bind(LAG_COUNT_LIMIT)
+            .fetch_one(pool)
+            .await?
+        }
+        Database::Sqlite(pool) => {
+            sqlx::query_as(
+                "SELECT count(*), min(timestamp) FROM (
+                   SELECT json_extract(metadata, '$.timestamp') AS timestamp FROM events
+                    WHERE global_position > ?1 ORDER BY global_position LIMIT ?2) AS pending",
+            )
+            .bind(after.global_position)
+            .bind(LAG_COUNT_LIMIT)
+            .fetch_one(pool)
+            .await?
+        }
+    };
+    let seconds = oldest
+        .and_then(|timestamp| chrono::DateTime::parse_from_rfc3339(&timestamp).ok())
+        .map_or(0.0, |oldest| {
+            (chrono::Utc::now() - oldest.with_timezone(&chrono::Utc))
+                .to_std()
+                .map_or(0.0, |age| age.as_secs_f64())
+        });
+    Ok(Lag { events, seconds })
+}
+
+/// How often subscribers measure their [`lag`].
+pub const LAG_SAMPLE_INTERVAL: Duration = Duration::from_secs(2);
 
 /// The checkpoint saved under `name`, or [`StreamPosition::START`].
 pub async fn load_checkpoint(

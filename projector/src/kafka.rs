@@ -3,7 +3,7 @@
 //! whole batch, so a broker outage stalls it and nothing is lost; a crash between delivery
 //! and checkpoint publishes that batch again (consumers deduplicate by event id).
 
-use petstore_platform::bus::KafkaBus;
+use petstore_platform::bus::{KafkaBus, Trace};
 use petstore_platform::database::Database;
 use petstore_platform::stream::{self, RecordedEvent, StreamPosition};
 
@@ -55,7 +55,7 @@ impl Projection for KafkaProjection {
             self.topics_ready
                 .store(true, std::sync::atomic::Ordering::Relaxed);
         }
-        if let Err(error) = bus.publish(events).await {
+        if let Err(error) = bus.publish(events, Trace::Continue).await {
             // The broker may have come back without the topics, or without the producer's
             // state: check the topics and start a new producer before the retry.
             self.topics_ready

@@ -14,8 +14,10 @@
 //! - [`redis_views`]: the same views in Redis, and the browse cache.
 //! - [`kafka`]: publishing the stream to Kafka.
 //! - [`replay`]: rebuilding projections into shadow copies and swapping them in; republishing.
-//! - [`runner`]: the projection loop (one active instance per projection) and its progress.
+//! - [`runner`]: the projection loop (one active instance per projection), its progress and lag.
+//! - [`health`]: health checks of the read models, Redis and each projection.
 
+pub mod health;
 pub mod kafka;
 pub mod projection;
 pub mod read_models;

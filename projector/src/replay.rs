@@ -8,10 +8,13 @@
 
 use std::time::{Duration, Instant};
 
-use petstore_platform::bus::KafkaBus;
+use petstore_platform::bus::{KafkaBus, Trace};
 use petstore_platform::database::Database;
+use petstore_platform::http::CorrelationId;
 use petstore_platform::stream::{self, StreamPosition};
+use petstore_platform::telemetry;
 use sqlx::PgPool;
+use tracing::Instrument;
 
 use crate::projection::{Projection, ProjectionError};
 use crate::read_models::{apply_postgres, PgTables, CHECKPOINT, LIVE_TABLES};
@@ -83,7 +86,18 @@ where
         position = last.position;
         read += batch.len() as u64;
         if !dry_run {
-            applied += apply(batch).await?;
+            // A new trace per batch, linked to the events' original traces (never a child
+            // of them: a replay must not re-parent history).
+            let span = tracing::info_span!(
+                parent: None,
+                "replay",
+                otel.name = "replay batch",
+                events = batch.len(),
+                first_position = batch.first().map_or(0, |event| event.position.global_position),
+                correlation_id = %CorrelationId::generate(),
+            );
+            telemetry::link_to_events(&span, &batch);
+            applied += apply(batch).instrument(span).await?;
         }
         progress(read);
     }
@@ -251,7 +265,7 @@ pub async fn republish(
                 .into_iter()
                 .filter(|event| event.position.global_position > from)
                 .collect();
-            bus.publish(&selected)
+            bus.publish(&selected, Trace::Link)
                 .await
                 .map_err(ProjectionError::from)?;
             Ok(selected.len() as u64)

@@ -7,10 +7,13 @@ use std::future::Future;
 use std::time::Duration;
 
 use petstore_platform::event_store::EventStore;
+use petstore_platform::http::CorrelationId;
 use petstore_platform::metrics::Metrics;
 use petstore_platform::settings::ProjectorSettings;
-use petstore_platform::stream::{self, StreamPosition, StreamReader};
+use petstore_platform::stream::{self, Lag, StreamPosition, StreamReader};
+use petstore_platform::telemetry;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::projection::Projection;
 
@@ -20,7 +23,7 @@ const TAKEOVER_INTERVAL: Duration = Duration::from_secs(1);
 const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How far a projection has come.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct ProjectorProgress {
     /// The position the projection reflects.
     pub position: StreamPosition,
@@ -30,6 +33,9 @@ pub struct ProjectorProgress {
     pub active: bool,
     /// Whether the last attempt failed (the projection is stalled until it succeeds).
     pub failing: bool,
+    /// How far behind the log it was when last measured (every
+    /// [`stream::LAG_SAMPLE_INTERVAL`] while active).
+    pub lag: Lag,
 }
 
 /// Keeps one projection current.
@@ -90,8 +96,11 @@ impl<P: Projection> Projector<P> {
         };
         tracing::info!(projection = name, "active");
         self.progress.send_modify(|progress| progress.active = true);
-        loop {
-            if let Err(error) = self.follow(&mut shutdown).await {
+        let work = async {
+            loop {
+                let Err(error) = self.follow(&mut shutdown).await else {
+                    return;
+                };
                 tracing::error!(projection = name, %error, "projecting failed; resuming from the checkpoint");
                 self.progress
                     .send_modify(|progress| progress.failing = true);
@@ -102,9 +111,32 @@ impl<P: Projection> Projector<P> {
                     () = &mut shutdown => return,
                     () = tokio::time::sleep(RETRY_INTERVAL) => {}
                 }
-            } else {
-                return;
             }
+        };
+        tokio::select! {
+            () = work => {}
+            () = self.measure_lag() => {}
+        }
+    }
+
+    /// Measures how far behind the log the projection is, every
+    /// [`stream::LAG_SAMPLE_INTERVAL`], into its progress and metrics. Never returns.
+    async fn measure_lag(&self) {
+        let name = self.projection.name();
+        loop {
+            let position = self.progress.borrow().position;
+            match stream::lag(self.store.database(), position).await {
+                Ok(lag) => {
+                    self.progress.send_modify(|progress| progress.lag = lag);
+                    if let Some(metrics) = &self.metrics {
+                        metrics.projection_lag(name, lag);
+                    }
+                }
+                Err(error) => {
+                    tracing::debug!(projection = name, %error, "measuring the lag failed")
+                }
+            }
+            tokio::time::sleep(stream::LAG_SAMPLE_INTERVAL).await;
         }
     }
 
@@ -145,7 +177,19 @@ impl<P: Projection> Projector<P> {
                 }
                 continue;
             };
-            self.projection.apply(&events).await?;
+            // A batch is a unit of work of its own: a new trace, linked to the traces of the
+            // events it applies, and a correlation id for its log lines.
+            let span = tracing::info_span!(
+                parent: None,
+                "project",
+                otel.name = %format_args!("project {}", self.projection.name()),
+                projection = self.projection.name(),
+                events = events.len(),
+                first_position = events.first().map_or(0, |event| event.position.global_position),
+                correlation_id = %CorrelationId::generate(),
+            );
+            telemetry::link_to_events(&span, &events);
+            self.projection.apply(&events).instrument(span).await?;
             if let Some(metrics) = &self.metrics {
                 metrics.projection_attempt(self.projection.name(), Ok(events.len() as u64));
             }

@@ -1,4 +1,4 @@
-//! The query side of the petstore's HTTP API: GET routes over the read models, and health.
+//! The query side of the petstore's HTTP API: GET routes over the read models.
 //!
 //! It reads what the projector maintains (and, for audit trails, the event store itself)
 //! and never writes events.
@@ -7,17 +7,16 @@
 //! - [`pets`]: browsing the catalog (`/pets/browse`, legacy `/browse-pets`) and pet details.
 //! - [`orders`]: order status.
 //! - [`audit`]: the audit trail of an order or a correlation id, from the event store.
-//! - [`health`]: component health, liveness and readiness.
 //! - [`reads`]: Redis first, database as fallback; read-your-writes tokens.
 
 use std::time::Duration;
 
 use axum::Router;
 use petstore_platform::database::Database;
+use petstore_platform::metrics::Metrics;
 use petstore_projector::{ReadModels, RedisViews};
 
 pub mod audit;
-pub mod health;
 pub mod orders;
 pub mod pets;
 pub mod reads;
@@ -33,10 +32,12 @@ pub struct QueryState {
     pub database: Database,
     /// How long a query with a consistency token waits for the read model.
     pub consistency_wait: Duration,
+    /// Metrics (Redis hits, misses and fallbacks).
+    pub metrics: Metrics,
 }
 
-/// Every query route, with its state applied. The health routes are separate
-/// ([`health::router`]): every process mounts them, whatever its roles.
+/// Every query route, with its state applied. (Health is every process's:
+/// `petstore_platform::health`.)
 pub fn router(state: QueryState) -> Router {
     Router::new()
         .merge(pets::router())
@@ -54,9 +55,6 @@ pub fn router(state: QueryState) -> Router {
         pets::pet_details,
         orders::order_status,
         audit::order_audit,
-        health::health,
-        health::live,
-        health::ready,
     ),
     components(schemas(
         pets::BrowseResponse,
@@ -67,9 +65,6 @@ pub fn router(state: QueryState) -> Router {
         petstore_platform::stream::StreamPosition,
         audit::AuditTrail,
         audit::AuditEntry,
-        health::HealthReport,
-        health::ComponentHealth,
-        health::Liveness,
         petstore_platform::http::ProblemDocument,
     ))
 )]

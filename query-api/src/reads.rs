@@ -37,15 +37,26 @@ impl<S: Send + Sync> FromRequestParts<S> for ConsistencyToken {
     }
 }
 
-/// What Redis answered, if it had it; a failed read is logged and the database answers.
-fn from_redis<T>(read: Result<Option<T>, petstore_projector::ProjectionError>) -> Option<T> {
-    read.unwrap_or_else(|error| {
-        tracing::debug!(%error, "redis read failed; reading the database");
-        None
-    })
-}
-
 impl QueryState {
+    /// What Redis answered for `view`, if it had it; a failed read is logged and counted as
+    /// a fallback, and the database answers.
+    fn redis_answer<T>(
+        &self,
+        view: &'static str,
+        read: Result<Option<T>, petstore_projector::ProjectionError>,
+    ) -> Option<T> {
+        let (result, value) = match read {
+            Ok(Some(value)) => ("hit", Some(value)),
+            Ok(None) => ("miss", None),
+            Err(error) => {
+                tracing::debug!(%error, "redis read failed; reading the database");
+                ("fallback", None)
+            }
+        };
+        self.metrics.cache_read(view, result);
+        value
+    }
+
     /// Waits until the read-model database reflects `token`; 409 with `Retry-After` past the
     /// configured bound.
     async fn wait_for(&self, token: StreamPosition) -> Result<(), Problem> {
@@ -75,7 +86,7 @@ impl QueryState {
         if let Some(token) = token.0 {
             self.wait_for(token).await?;
         } else if let Some(redis) = &self.redis {
-            if let Some(view) = from_redis(redis.order(order_id).await) {
+            if let Some(view) = self.redis_answer("order", redis.order(order_id).await) {
                 return Ok(Some(view));
             }
         }
@@ -94,7 +105,7 @@ impl QueryState {
         if let Some(token) = token.0 {
             self.wait_for(token).await?;
         } else if let Some(redis) = &self.redis {
-            if let Some(view) = from_redis(redis.pet(pet_id).await) {
+            if let Some(view) = self.redis_answer("pet", redis.pet(pet_id).await) {
                 return Ok(Some(view));
             }
         }
@@ -115,10 +126,17 @@ impl QueryState {
             }
             (None, None) => None,
             (None, Some(redis)) => match redis.cached_browse(filter).await {
-                Ok(CachedBrowse::Hit(page)) => return Ok(page),
-                Ok(CachedBrowse::Miss(slot)) => Some((redis, slot)),
+                Ok(CachedBrowse::Hit(page)) => {
+                    self.metrics.cache_read("browse", "hit");
+                    return Ok(page);
+                }
+                Ok(CachedBrowse::Miss(slot)) => {
+                    self.metrics.cache_read("browse", "miss");
+                    Some((redis, slot))
+                }
                 Err(error) => {
                     tracing::debug!(%error, "redis read failed; reading the database");
+                    self.metrics.cache_read("browse", "fallback");
                     None
                 }
             },

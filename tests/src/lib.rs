@@ -184,7 +184,8 @@ impl TestApp {
 
     /// Starts the application with `settings` and `roles`.
     pub async fn start_with_roles(settings: Settings, roles: &BTreeSet<Role>) -> Self {
-        petstore_platform::telemetry::init(&settings.log);
+        // The first test of the process installs the subscriber; the rest reuse it.
+        let _telemetry = petstore_platform::telemetry::init(&settings.log).expect("telemetry");
         let application = Application::build(settings, roles)
             .await
             .expect("the service starts");

@@ -52,12 +52,12 @@ log "formatting"
 cargo fmt --all --check
 log "lints"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+if [[ $# -eq 0 ]]; then
+  log "load script smoke run (k6, 5 s against the real binary)"
+  bash "$repo/scripts/load.sh" --smoke
+fi
 log "tests"
 profile=default
 [[ "${CI:-}" == "true" ]] && profile=ci
 cargo nextest run --workspace --locked --profile "$profile" "$@"
 
-if [[ $# -eq 0 ]]; then
-  log "load script smoke run (k6, 5 s against the real binary)"
-  bash "$repo/scripts/load.sh" --smoke
-fi

@@ -98,7 +98,11 @@ fn hex(bytes: &[u8]) -> String {
 
 fn attribute_text(attribute: &opentelemetry_proto::tonic::common::v1::KeyValue) -> String {
     use opentelemetry_proto::tonic::common::v1::any_value::Value as V;
-    match attribute.value.as_ref().and_then(|value| value.value.as_ref()) {
+    match attribute
+        .value
+        .as_ref()
+        .and_then(|value| value.value.as_ref())
+    {
         Some(V::StringValue(text)) => text.clone(),
         Some(V::IntValue(number)) => number.to_string(),
         Some(V::BoolValue(flag)) => flag.to_string(),
@@ -154,14 +158,25 @@ async fn one_order_is_one_trace_across_kafka_and_a_replay_links_to_it() {
     let order_id = accepted["order_id"].as_str().expect("order id").to_owned();
     let view = service.wait_for_terminal(&order_id).await;
     assert_eq!(view["status"], "completed", "{view}");
+    // The saga counts the completion once it has handled OrderCompleted itself.
+    service
+        .wait_for_text("/metrics", |text| {
+            text.contains("petstore_saga_completed_total{outcome=\"completed\",reason=\"\"} 1")
+        })
+        .await;
     // Graceful shutdown flushes the spans still buffered.
     let status = service.stop().await;
     assert!(status.success(), "clean exit: {status}");
 
     let spans = receiver.spans();
-    let trace: Vec<&ReceivedSpan> = spans.iter().filter(|span| span.trace_id == trace_id).collect();
-    let by_id: HashMap<&str, &ReceivedSpan> =
-        trace.iter().map(|span| (span.span_id.as_str(), *span)).collect();
+    let trace: Vec<&ReceivedSpan> = spans
+        .iter()
+        .filter(|span| span.trace_id == trace_id)
+        .collect();
+    let by_id: HashMap<&str, &ReceivedSpan> = trace
+        .iter()
+        .map(|span| (span.span_id.as_str(), *span))
+        .collect();
     let names: Vec<&str> = trace.iter().map(|span| span.name.as_str()).collect();
     let find = |name: &str, kind: SpanKind| {
         trace
@@ -178,7 +193,10 @@ async fn one_order_is_one_trace_across_kafka_and_a_replay_links_to_it() {
     };
 
     let server = find("POST /petstore-domain/orders", SpanKind::Server);
-    assert_eq!(server.parent_span_id, caller_span, "continues the caller's span");
+    assert_eq!(
+        server.parent_span_id, caller_span,
+        "continues the caller's span"
+    );
     assert_eq!(server.attributes["http.route"], "/petstore-domain/orders");
     assert_eq!(server.attributes["http.response.status_code"], "202");
     assert_eq!(echoed, format!("00-{trace_id}-{}-01", server.span_id));
@@ -205,17 +223,30 @@ async fn one_order_is_one_trace_across_kafka_and_a_replay_links_to_it() {
     assert_eq!(send.attributes["messaging.system"], "kafka");
     assert_eq!(send.attributes["messaging.destination.name"], orders_topic);
     assert_eq!(send.attributes["messaging.kafka.message.key"], order_id);
-    assert_eq!(send.parent_span_id, created_append.span_id, "published from its append");
+    assert_eq!(
+        send.parent_span_id, created_append.span_id,
+        "published from its append"
+    );
 
     let consume = find("saga OrderCreated", SpanKind::Consumer);
-    assert_eq!(consume.parent_span_id, send.span_id, "consumed from its message");
+    assert_eq!(
+        consume.parent_span_id, send.span_id,
+        "consumed from its message"
+    );
     assert_eq!(consume.attributes["messaging.system"], "kafka");
     assert_eq!(consume.attributes["messaging.operation.type"], "process");
-    assert_eq!(consume.attributes["correlation_id"], accepted["correlation_id"].as_str().expect("id"));
+    assert_eq!(
+        consume.attributes["correlation_id"],
+        accepted["correlation_id"].as_str().expect("id")
+    );
 
     for provider in ["call payment", "call delivery"] {
         let call = find(provider, SpanKind::Client);
-        assert_eq!(parent_of(call).kind, SpanKind::Consumer, "{provider} inside a saga step");
+        assert_eq!(
+            parent_of(call).kind,
+            SpanKind::Consumer,
+            "{provider} inside a saga step"
+        );
     }
     let completed = find("saga OrderCompleted", SpanKind::Consumer);
     // Every span of the order hangs off the server span: one tree, no orphans.
@@ -226,7 +257,10 @@ async fn one_order_is_one_trace_across_kafka_and_a_replay_links_to_it() {
         hops += 1;
         assert!(hops < 200, "a cycle");
     }
-    assert!(hops >= 6, "the completion is many hops down the order's trace");
+    assert!(
+        hops >= 6,
+        "the completion is many hops down the order's trace"
+    );
 
     // The projector's batches are traces of their own, linked to the order's.
     assert!(
@@ -258,7 +292,10 @@ async fn one_order_is_one_trace_across_kafka_and_a_replay_links_to_it() {
         .filter(|span| span.kind == SpanKind::Producer)
         .filter(|span| span.links.iter().any(|(linked, _)| *linked == trace_id))
         .collect();
-    assert!(!republished.is_empty(), "the replay's messages link to the order's trace");
+    assert!(
+        !republished.is_empty(),
+        "the replay's messages link to the order's trace"
+    );
     assert!(
         replayed.iter().all(|span| span.trace_id != trace_id),
         "a replay never adds spans to an old trace"
@@ -285,8 +322,13 @@ async fn json_logs_follow_a_request_and_never_show_secrets() {
     // The server trusts loopback connections, so the password is never checked: it is only
     // there to prove it never reaches a log line.
     let secret = format!("s3cret-{}", random_hex(8));
-    let url_with_secret = database.url.replacen("postgres@", &format!("postgres:{secret}@"), 1);
-    assert_ne!(url_with_secret, database.url, "the URL carries the password");
+    let url_with_secret = database
+        .url
+        .replacen("postgres@", &format!("postgres:{secret}@"), 1);
+    assert_ne!(
+        url_with_secret, database.url,
+        "the URL carries the password"
+    );
     let service = Service::start(&[("DATABASE_URL", url_with_secret)]).await;
     let client = reqwest::Client::new();
 
@@ -368,22 +410,35 @@ async fn json_logs_follow_a_request_and_never_show_secrets() {
     assert!(
         parsed
             .iter()
-            .any(|line| line["correlation_id"] == "corr-failed-1" && line["message"] == "request failed"),
+            .any(|line| line["correlation_id"] == "corr-failed-1"
+                && line["message"] == "request failed"),
         "the 5xx itself is logged"
     );
 
     let status = service.stop().await;
     assert!(status.success(), "clean exit: {status}");
     let all = lines.join("\n");
-    assert!(!all.contains(&secret), "a log line shows the database password");
-    assert!(!all.contains("postgres:s3cret"), "a log line shows the database URL");
+    assert!(
+        !all.contains(&secret),
+        "a log line shows the database password"
+    );
+    assert!(
+        !all.contains("postgres:s3cret"),
+        "a log line shows the database URL"
+    );
     database.drop().await;
 }
 
 #[tokio::test]
 async fn a_bad_opentelemetry_setting_stops_start_up() {
     let output = common::petstore_command(&[("OTEL_TRACES_SAMPLER", "sometimes".to_owned())])
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir", "/nonexistent-petstore"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            "/nonexistent-petstore",
+        ])
         .output()
         .expect("the binary runs");
     assert!(!output.status.success());

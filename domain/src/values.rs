@@ -323,6 +323,16 @@ pub enum CancellationReason {
 }
 
 impl CancellationReason {
+    /// Every reason.
+    pub const ALL: [CancellationReason; 6] = [
+        Self::PetUnavailable,
+        Self::PaymentFailed,
+        Self::DeliveryFailed,
+        Self::StepTimedOut,
+        Self::InventoryFailed,
+        Self::Requested,
+    ];
+
     /// The kebab-case name clients see.
     pub fn as_str(&self) -> &'static str {
         match self {

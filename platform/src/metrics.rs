@@ -362,6 +362,29 @@ impl Metrics {
                 .get_or_create(&DependencyLabels { dependency })
                 .set(BREAKER_CLOSED);
         }
+        // Series that exist from the start read 0 instead of "no data", so rates and ratios
+        // over them answer before the first event (the outcomes of sagas, Redis reads).
+        sagas
+            .get_or_create(&SagaOutcomeLabels {
+                outcome: "completed".to_owned(),
+                reason: String::new(),
+            })
+            .inc_by(0);
+        for reason in petstore_domain::CancellationReason::ALL {
+            sagas
+                .get_or_create(&SagaOutcomeLabels {
+                    outcome: "cancelled".to_owned(),
+                    reason: reason.as_str().to_owned(),
+                })
+                .inc_by(0);
+        }
+        for view in ["order", "pet", "browse"] {
+            for result in ["hit", "miss", "fallback"] {
+                cache_reads
+                    .get_or_create(&CacheReadLabels { view, result })
+                    .inc_by(0);
+            }
+        }
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info
             .get_or_create(&BuildLabels {

@@ -529,8 +529,13 @@ mod tests {
         assert_eq!(line["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
         let span_id = line["span_id"].as_str().expect("span_id");
         assert_eq!(span_id.len(), 16);
-        assert_ne!(span_id, "00f067aa0ba902b7", "the handler's own span, not the caller's");
-        assert!(line["timestamp"].as_str().is_some_and(|at| at.ends_with('Z')));
+        assert_ne!(
+            span_id, "00f067aa0ba902b7",
+            "the handler's own span, not the caller's"
+        );
+        assert!(line["timestamp"]
+            .as_str()
+            .is_some_and(|at| at.ends_with('Z')));
         assert!(line["target"].as_str().is_some());
     }
 

@@ -59,8 +59,16 @@ impl<P: Projection> Projector<P> {
         }
     }
 
-    /// Records failures, stalls and applied events in `metrics`.
+    /// Records failures, stalls, lag and applied events in `metrics`.
     pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        // Its series read 0 from the start rather than appearing with the first failure.
+        metrics.projection_attempt(self.projection.name(), Ok(0));
+        metrics
+            .projection_failures
+            .get_or_create(&petstore_platform::metrics::ProjectionLabels {
+                projection: self.projection.name().to_owned(),
+            })
+            .inc_by(0);
         self.metrics = Some(metrics);
         self
     }

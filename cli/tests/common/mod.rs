@@ -113,7 +113,10 @@ impl Service {
         let lines = Arc::new(Mutex::new(Vec::new()));
         let sink = lines.clone();
         std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
                 sink.lock().expect("lines").push(line);
             }
         });
@@ -178,6 +181,26 @@ impl Service {
                 panic!("the service did not stop within 30 s of SIGTERM");
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Polls `path` until its text satisfies `accept` (60 s at most); returns it.
+    pub async fn wait_for_text(&self, path: &str, accept: impl Fn(&str) -> bool) -> String {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let text = match client.get(self.url(path)).send().await {
+                Ok(response) => response.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            };
+            if accept(&text) {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{path} never satisfied the test:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 

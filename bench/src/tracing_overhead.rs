@@ -1,0 +1,329 @@
+//! `trace-bench`: what tracing costs. Request throughput and latency of the real service with
+//! spans exported over OTLP/HTTP to a local receiver, as a ratio of the same service with no
+//! exporter configured (the default: spans carry ids for logs and propagation but are not
+//! recorded), and of one with OpenTelemetry disabled altogether (`OTEL_SDK_DISABLED=true`).
+//!
+//! Each configuration runs in a process of its own (the tracing subscriber is global): this
+//! binary re-runs itself as the service, embedded store in a fresh temporary folder, on a
+//! free loopback port. The configurations alternate round by round so that drift on a
+//! shared machine spreads over all of them. The receiver decodes every export request with
+//! the OpenTelemetry protocol's own message types and counts the spans.
+
+// The results on stdout are what this binary is for.
+#![allow(clippy::print_stdout)]
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use axum::body::Bytes;
+use clap::Parser;
+use hdrhistogram::Histogram;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use petstore_cli::{Application, Role};
+use petstore_platform::settings::{LogFormat, Settings};
+use prost::Message as _;
+
+#[derive(Debug, Parser)]
+#[command(name = "trace-bench", about)]
+struct Args {
+    /// Seconds each configuration is measured per round (after 1 s of warm-up).
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Rounds: each runs every configuration once.
+    #[arg(long, default_value_t = 2)]
+    rounds: u32,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 16)]
+    clients: usize,
+    /// Run as the service (internal: the bench starts itself this way).
+    #[arg(long, hide = true)]
+    serve: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Disabled,
+    NotExported,
+    Exported,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Disabled => "OpenTelemetry disabled",
+            Self::NotExported => "no exporter (default)",
+            Self::Exported => "exported over OTLP",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Workload {
+    /// `GET /petstore-domain/pets/{id}`.
+    Reads,
+    /// `POST /petstore-domain/orders`, each starting a saga (spans in the background too).
+    Orders,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if let Some(data_dir) = &args.serve {
+        return serve(data_dir).await;
+    }
+    let spans = Arc::new(AtomicU64::new(0));
+    let receiver = start_receiver(spans.clone()).await?;
+    println!(
+        "trace-bench: {} s per configuration and round, {} rounds, {} clients, embedded store",
+        args.seconds, args.rounds, args.clients
+    );
+    let modes = [Mode::NotExported, Mode::Exported, Mode::Disabled];
+    for workload in [Workload::Reads, Workload::Orders] {
+        let mut results: Vec<(Mode, Measurement)> = Vec::new();
+        for _ in 0..args.rounds {
+            for mode in modes {
+                let service = BenchService::start(mode, &receiver).await?;
+                let measured = drive(&service.base, workload, &args).await?;
+                service.stop();
+                results.push((mode, measured));
+            }
+        }
+        println!("\n{workload:?}:");
+        println!("| configuration | requests/s | p50 ms | p99 ms | ratio to no exporter |");
+        println!("|---|---:|---:|---:|---:|");
+        let baseline = mean_rate(&results, Mode::NotExported);
+        for mode in modes {
+            let rate = mean_rate(&results, mode);
+            let (p50, p99) = percentiles(&results, mode);
+            println!(
+                "| {} | {rate:.0} | {p50:.2} | {p99:.2} | **{:.2}** |",
+                mode.name(),
+                rate / baseline
+            );
+        }
+        for mode in modes {
+            let rates: Vec<String> = results
+                .iter()
+                .filter(|(m, _)| *m == mode)
+                .map(|(_, measured)| format!("{:.0}", measured.rate))
+                .collect();
+            println!("  {} per round: {}", mode.name(), rates.join(" / "));
+        }
+    }
+    println!(
+        "\nspans received by the OTLP receiver: {}",
+        spans.load(Ordering::Relaxed)
+    );
+    Ok(())
+}
+
+/// The service, as a child process of this bench.
+async fn serve(data_dir: &std::path::Path) -> anyhow::Result<()> {
+    let mut settings = Settings::default();
+    settings.http.listen = ([127, 0, 0, 1], 0).into();
+    settings.storage.data_dir = data_dir.to_path_buf();
+    settings.log.format = LogFormat::Json;
+    settings.log.filter = "warn".to_owned();
+    settings.providers.payment.latency_ms = 0;
+    settings.providers.delivery.latency_ms = 0;
+    let telemetry = petstore_platform::telemetry::init(&settings.log)?;
+    let application = Application::build(settings, &Role::all()).await?;
+    println!("PORT {}", application.port());
+    let shutdown = application.shutdown_handle();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        shutdown.trigger();
+    });
+    application.run_until_stopped().await?;
+    telemetry.shutdown().await;
+    Ok(())
+}
+
+struct BenchService {
+    child: Child,
+    base: String,
+    _data: tempfile::TempDir,
+}
+
+impl BenchService {
+    async fn start(mode: Mode, receiver: &str) -> anyhow::Result<Self> {
+        let data = tempfile::tempdir()?;
+        let mut command = Command::new(std::env::current_exe()?);
+        command
+            .arg("--serve")
+            .arg(data.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        for (name, _) in std::env::vars() {
+            if name.starts_with("OTEL_") {
+                command.env_remove(name);
+            }
+        }
+        match mode {
+            Mode::Disabled => {
+                command.env("OTEL_SDK_DISABLED", "true");
+            }
+            Mode::NotExported => {}
+            Mode::Exported => {
+                command.env("OTEL_EXPORTER_OTLP_ENDPOINT", receiver);
+            }
+        }
+        let mut child = command.spawn()?;
+        let stdout = child.stdout.take().context("piped stdout")?;
+        let port = tokio::task::spawn_blocking(move || {
+            use std::io::BufRead;
+            std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+                .find_map(|line| {
+                    line.strip_prefix("PORT ")
+                        .and_then(|port| port.parse::<u16>().ok())
+                })
+        })
+        .await?
+        .context("the service did not start")?;
+        let base = format!("http://127.0.0.1:{port}");
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while client
+            .get(format!("{base}/health/ready"))
+            .send()
+            .await
+            .map_or(true, |response| response.status() != 200)
+        {
+            anyhow::ensure!(Instant::now() < deadline, "the service never became ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(Self {
+            child,
+            base,
+            _data: data,
+        })
+    }
+
+    fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+struct Measurement {
+    rate: f64,
+    latency: Histogram<u64>,
+}
+
+async fn drive(base: &str, workload: Workload, args: &Args) -> anyhow::Result<Measurement> {
+    let client = reqwest::Client::new();
+    let warm_up = Instant::now() + Duration::from_secs(1);
+    let end = warm_up + Duration::from_secs(args.seconds);
+    let mut tasks = Vec::new();
+    for client_index in 0..args.clients {
+        let client = client.clone();
+        let base = base.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let mut latency = Histogram::<u64>::new(3)?;
+            let mut count = 0_u64;
+            let mut sequence = 0_u64;
+            loop {
+                let started = Instant::now();
+                if started >= end {
+                    break;
+                }
+                sequence += 1;
+                let response = match workload {
+                    Workload::Reads => {
+                        client
+                            .get(format!("{base}/petstore-domain/pets/golden-retriever-001"))
+                            .send()
+                            .await?
+                    }
+                    Workload::Orders => {
+                        client
+                            .post(format!("{base}/petstore-domain/orders"))
+                            .json(&serde_json::json!({
+                                "customer_id": format!("customer-{client_index}-{sequence}"),
+                                "pet_id": "beagle-001",
+                            }))
+                            .send()
+                            .await?
+                    }
+                };
+                anyhow::ensure!(
+                    response.status().is_success(),
+                    "unexpected status {}",
+                    response.status()
+                );
+                response.bytes().await?;
+                if started >= warm_up {
+                    count += 1;
+                    latency
+                        .record(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX))?;
+                }
+            }
+            anyhow::Ok((count, latency))
+        }));
+    }
+    let mut total = 0;
+    let mut latency = Histogram::<u64>::new(3)?;
+    for task in tasks {
+        let (count, histogram) = task.await??;
+        total += count;
+        latency.add(histogram)?;
+    }
+    Ok(Measurement {
+        rate: total as f64 / args.seconds as f64,
+        latency,
+    })
+}
+
+fn mean_rate(results: &[(Mode, Measurement)], mode: Mode) -> f64 {
+    let rates: Vec<f64> = results
+        .iter()
+        .filter(|(m, _)| *m == mode)
+        .map(|(_, measured)| measured.rate)
+        .collect();
+    rates.iter().sum::<f64>() / rates.len().max(1) as f64
+}
+
+fn percentiles(results: &[(Mode, Measurement)], mode: Mode) -> (f64, f64) {
+    let mut merged = Histogram::<u64>::new(3).expect("a valid histogram");
+    for (_, measured) in results.iter().filter(|(m, _)| *m == mode) {
+        let _ = merged.add(&measured.latency);
+    }
+    (
+        merged.value_at_quantile(0.5) as f64 / 1000.0,
+        merged.value_at_quantile(0.99) as f64 / 1000.0,
+    )
+}
+
+/// An OTLP/HTTP receiver on a free loopback port that decodes and counts spans.
+async fn start_receiver(spans: Arc<AtomicU64>) -> anyhow::Result<String> {
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: Bytes| {
+            let spans = spans.clone();
+            async move {
+                let Ok(request) = ExportTraceServiceRequest::decode(body) else {
+                    return axum::http::StatusCode::BAD_REQUEST;
+                };
+                let count: usize = request
+                    .resource_spans
+                    .iter()
+                    .flat_map(|resource| &resource.scope_spans)
+                    .map(|scope| scope.spans.len())
+                    .sum();
+                spans.fetch_add(count as u64, Ordering::Relaxed);
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let endpoint = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(endpoint)
+}

@@ -6,8 +6,9 @@
 //! Each configuration runs in a process of its own (the tracing subscriber is global): this
 //! binary re-runs itself as the service, embedded store in a fresh temporary folder, on a
 //! free loopback port. The configurations alternate round by round so that drift on a
-//! shared machine spreads over all of them. The receiver decodes every export request with
-//! the OpenTelemetry protocol's own message types and counts the spans.
+//! shared machine spreads over all of them. The receiver, a process of its own as a collector
+//! or agent would be, decodes every export request with the OpenTelemetry protocol's own
+//! message types and counts the spans.
 
 // The results on stdout are what this binary is for.
 #![allow(clippy::print_stdout)]
@@ -41,6 +42,9 @@ struct Args {
     /// Run as the service (internal: the bench starts itself this way).
     #[arg(long, hide = true)]
     serve: Option<std::path::PathBuf>,
+    /// Run as the OTLP receiver (internal: the bench starts itself this way).
+    #[arg(long, hide = true)]
+    receive: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +52,7 @@ enum Mode {
     Disabled,
     NotExported,
     Exported,
+    ExportedSampled,
 }
 
 impl Mode {
@@ -56,6 +61,7 @@ impl Mode {
             Self::Disabled => "OpenTelemetry disabled",
             Self::NotExported => "no exporter (default)",
             Self::Exported => "exported over OTLP",
+            Self::ExportedSampled => "exported, 10 % of traces sampled",
         }
     }
 }
@@ -74,13 +80,36 @@ async fn main() -> anyhow::Result<()> {
     if let Some(data_dir) = &args.serve {
         return serve(data_dir).await;
     }
-    let spans = Arc::new(AtomicU64::new(0));
-    let receiver = start_receiver(spans.clone()).await?;
+    if args.receive {
+        return receive().await;
+    }
+    // The receiver is a process of its own, as a collector or agent would be.
+    let mut receiver_process = Command::new(std::env::current_exe()?)
+        .arg("--receive")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut receiver_output =
+        std::io::BufReader::new(receiver_process.stdout.take().context("piped stdout")?);
+    let receiver = {
+        use std::io::BufRead;
+        let mut line = String::new();
+        receiver_output.read_line(&mut line)?;
+        line.trim()
+            .strip_prefix("ENDPOINT ")
+            .context("the receiver did not start")?
+            .to_owned()
+    };
     println!(
         "trace-bench: {} s per configuration and round, {} rounds, {} clients, embedded store",
         args.seconds, args.rounds, args.clients
     );
-    let modes = [Mode::NotExported, Mode::Exported, Mode::Disabled];
+    let modes = [
+        Mode::NotExported,
+        Mode::Exported,
+        Mode::ExportedSampled,
+        Mode::Disabled,
+    ];
     for workload in [Workload::Reads, Workload::Orders] {
         let mut results: Vec<(Mode, Measurement)> = Vec::new();
         for _ in 0..args.rounds {
@@ -113,10 +142,27 @@ async fn main() -> anyhow::Result<()> {
             println!("  {} per round: {}", mode.name(), rates.join(" / "));
         }
     }
-    println!(
-        "\nspans received by the OTLP receiver: {}",
-        spans.load(Ordering::Relaxed)
-    );
+    // Closing its stdin asks the receiver for its count.
+    drop(receiver_process.stdin.take());
+    let mut count = String::new();
+    std::io::BufRead::read_line(&mut receiver_output, &mut count)?;
+    let _ = receiver_process.wait();
+    println!("\nspans received by the OTLP receiver: {}", count.trim());
+    Ok(())
+}
+
+/// The OTLP receiver process: prints its endpoint, receives until its stdin closes, then
+/// prints how many spans it decoded.
+async fn receive() -> anyhow::Result<()> {
+    let spans = Arc::new(AtomicU64::new(0));
+    let endpoint = start_receiver(spans.clone()).await?;
+    println!("ENDPOINT {endpoint}");
+    tokio::task::spawn_blocking(|| {
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+    })
+    .await?;
+    println!("{}", spans.load(Ordering::Relaxed));
     Ok(())
 }
 
@@ -169,6 +215,12 @@ impl BenchService {
             Mode::NotExported => {}
             Mode::Exported => {
                 command.env("OTEL_EXPORTER_OTLP_ENDPOINT", receiver);
+            }
+            Mode::ExportedSampled => {
+                command
+                    .env("OTEL_EXPORTER_OTLP_ENDPOINT", receiver)
+                    .env("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+                    .env("OTEL_TRACES_SAMPLER_ARG", "0.1");
             }
         }
         let mut child = command.spawn()?;

@@ -88,7 +88,6 @@ pub struct OrderAccepted {
         (status = 503, description = "Event store unreachable", body = ProblemDocument, content_type = "application/problem+json"),
     )
 )]
-#[tracing::instrument(skip_all, fields(order_id), err(Debug, level = "debug"))]
 pub async fn place_order(
     State(state): State<CommandState>,
     subject: Subject,
@@ -116,7 +115,7 @@ pub async fn place_order(
         Some(key) => OrderId::from_idempotency_key(subject.as_str(), parse_idempotency_key(key)?),
         None => OrderId::random(),
     };
-    tracing::Span::current().record("order_id", tracing::field::display(order_id));
+    RequestContext::record_order(&order_id);
 
     let pet: Pet = state.store.load(pet_id.as_str()).await?;
     let Some(details) = pet.details() else {

@@ -86,13 +86,13 @@ pub struct PaymentResult {
         (status = 422, description = "Invalid field or wrong amount", body = ProblemDocument, content_type = "application/problem+json"),
     )
 )]
-#[tracing::instrument(skip_all, fields(order_id = %body.order_id), err(Debug, level = "debug"))]
 pub async fn pay_order(
     State(state): State<CommandState>,
     subject: Subject,
     Json(body): Json<PaymentBody>,
 ) -> Result<Response, Problem> {
     let order_id = OrderId::parse(&body.order_id)?;
+    RequestContext::record_order(&order_id);
     let key = order_id.to_string();
     let order: Order = state.store.load(&key).await?;
     let (Some(request), Some(status)) = (order.request(), order.status()) else {

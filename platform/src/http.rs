@@ -92,6 +92,12 @@ impl RequestContext {
         REQUEST_CONTEXT.try_with(Clone::clone).ok()
     }
 
+    /// Names the order the current request acts on, on its span (so its log lines and its
+    /// trace carry `order_id`). Call it from the handler's task.
+    pub fn record_order(order_id: &dyn fmt::Display) {
+        tracing::Span::current().record("order_id", tracing::field::display(order_id));
+    }
+
     /// The current request's correlation id, or a fresh one outside a request.
     pub fn correlation_id() -> CorrelationId {
         Self::current().map_or_else(CorrelationId::generate, |context| context.correlation_id)
@@ -417,6 +423,7 @@ pub async fn observe(
         url.path = %path,
         http.response.status_code = tracing::field::Empty,
         correlation_id = %correlation_id,
+        order_id = tracing::field::Empty,
     );
     let incoming = request
         .headers()

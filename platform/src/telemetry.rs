@@ -1,6 +1,7 @@
 //! Logs and traces: one `tracing` subscriber for the process.
 //!
-//! - **Logs**: JSON lines (or text for a terminal) filtered by `log.filter` or `RUST_LOG`.
+//! - **Logs**: JSON lines (or text for a terminal) filtered by `log.filter` or `RUST_LOG`
+//!   (which filters log lines only, not traces).
 //!   Every JSON line carries `timestamp`, `level`, `target`, `message`, the event's own
 //!   fields, and from the spans it runs in: `correlation_id` and `order_id` (the nearest span
 //!   that has them) and `trace_id` and `span_id` (the current span's OpenTelemetry context).
@@ -19,14 +20,14 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::propagation::TextMapPropagator as _;
 use opentelemetry::trace::{SpanContext, TraceContextExt, TracerProvider as _};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
-use tracing::{Event, Subscriber};
+use tracing::{Event, Level, Subscriber};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
@@ -106,6 +107,9 @@ fn init_with(
         Some(tracer_provider(endpoint.as_deref(), &env)?)
     };
     let exporting = provider.is_some() && endpoint.is_some();
+    // Traces do not depend on the log filter: the service's own spans at `info` and above
+    // (with its warnings and errors as span events), never its dependencies' (sqlx, rdkafka,
+    // hyper).
     let otel_layer = provider.as_ref().map(|provider| {
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("petstore"))
@@ -113,6 +117,16 @@ fn init_with(
             .with_threads(false)
             .with_target(false)
             .with_tracked_inactivity(false)
+            .with_location(false)
+            .with_filter(tracing_subscriber::filter::filter_fn(|metadata| {
+                // Spans, and as span events only what went wrong: the log has the rest.
+                let floor = if metadata.is_span() {
+                    Level::INFO
+                } else {
+                    Level::WARN
+                };
+                metadata.target().starts_with("petstore") && *metadata.level() <= floor
+            }))
     });
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.filter));
@@ -124,9 +138,9 @@ fn init_with(
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
             .boxed(),
-    };
+    }
+    .with_filter(filter);
     let installed = tracing_subscriber::registry()
-        .with(filter)
         .with(LogFields)
         .with(otel_layer)
         .with(log_layer)
@@ -228,12 +242,17 @@ pub fn current_traceparent() -> Option<String> {
 
 /// The W3C `traceparent` of an OpenTelemetry context, if it holds a valid span.
 pub fn traceparent_of(context: &opentelemetry::Context) -> Option<String> {
-    if !context.span().span_context().is_valid() {
-        return None;
-    }
-    let mut carrier = HashMap::new();
-    TraceContextPropagator::new().inject_context(context, &mut carrier);
-    carrier.remove("traceparent")
+    let span = context.span();
+    let span_context = span.span_context();
+    // The W3C format (version 00), as TraceContextPropagator writes it, without its map.
+    span_context.is_valid().then(|| {
+        format!(
+            "00-{}-{}-{:02x}",
+            span_context.trace_id(),
+            span_context.span_id(),
+            span_context.trace_flags().to_u8()
+        )
+    })
 }
 
 /// The context a W3C `traceparent` (and optional `tracestate`) names; `None` when it does

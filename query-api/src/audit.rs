@@ -6,7 +6,7 @@ use axum::routing::get;
 use axum::Router;
 use petstore_domain::OrderId;
 use petstore_platform::database::Database;
-use petstore_platform::http::{Json, Path, Problem, ProblemDocument};
+use petstore_platform::http::{Json, Path, Problem, ProblemDocument, RequestContext};
 use petstore_platform::stream::{self, RecordedEvent, StreamError};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -120,13 +120,13 @@ pub async fn by_order(
         (status = 404, description = "No such order", body = ProblemDocument, content_type = "application/problem+json"),
     )
 )]
-#[tracing::instrument(skip_all, fields(order_id = %order_id), err(Debug, level = "debug"))]
 pub async fn order_audit(
     State(state): State<QueryState>,
     Path(order_id): Path<String>,
 ) -> Result<Json<AuditTrail>, Problem> {
     let order_id =
         OrderId::parse(&order_id).map_err(|error| Problem::bad_request(error.to_string()))?;
+    RequestContext::record_order(&order_id);
     match by_order(&state.database, &order_id).await? {
         Some(trail) => Ok(Json(trail)),
         None => Err(Problem::not_found(format!(

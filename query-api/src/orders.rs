@@ -4,7 +4,7 @@ use axum::extract::State;
 use axum::routing::get;
 use axum::Router;
 use petstore_domain::OrderId;
-use petstore_platform::http::{Json, Path, Problem, ProblemDocument};
+use petstore_platform::http::{Json, Path, Problem, ProblemDocument, RequestContext};
 use petstore_projector::OrderStatusView;
 
 use crate::reads::ConsistencyToken;
@@ -41,7 +41,6 @@ pub fn router() -> Router<QueryState> {
         (status = 409, description = "The read model did not reach the consistency token in time", body = ProblemDocument, content_type = "application/problem+json"),
     )
 )]
-#[tracing::instrument(skip_all, fields(order_id = %order_id), err(Debug, level = "debug"))]
 pub async fn order_status(
     State(state): State<QueryState>,
     Path(order_id): Path<String>,
@@ -49,6 +48,7 @@ pub async fn order_status(
 ) -> Result<Json<OrderStatusView>, Problem> {
     let order_id =
         OrderId::parse(&order_id).map_err(|error| Problem::bad_request(error.to_string()))?;
+    RequestContext::record_order(&order_id);
     match state.order(&order_id, token).await? {
         Some(view) => Ok(Json(view)),
         None => Err(Problem::not_found(format!(

@@ -123,7 +123,6 @@ impl BrowseParams {
         (status = 422, description = "A filter is invalid", body = ProblemDocument, content_type = "application/problem+json"),
     )
 )]
-#[tracing::instrument(skip_all, err(Debug, level = "debug"))]
 pub async fn browse(
     State(state): State<QueryState>,
     Query(params): Query<BrowseParams>,
@@ -178,7 +177,6 @@ pub async fn browse_legacy(
         (status = 409, description = "The read model did not reach the consistency token in time", body = ProblemDocument, content_type = "application/problem+json"),
     )
 )]
-#[tracing::instrument(skip_all, fields(pet_id = %pet_id), err(Debug, level = "debug"))]
 pub async fn pet_details(
     State(state): State<QueryState>,
     Path(pet_id): Path<String>,

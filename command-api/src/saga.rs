@@ -85,8 +85,9 @@ pub enum SagaError {
 /// How far the saga runner has come.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct SagaProgress {
-    /// The last event handled: in the stream's order (following the event store), or the
-    /// furthest one (consuming Kafka, whose partitions interleave). `None` before the first.
+    /// The last event handled: in the stream's order (following the event store: from the
+    /// checkpoint it resumed at), or the furthest one (consuming Kafka, whose partitions
+    /// interleave: `None` before the first).
     pub position: Option<StreamPosition>,
     /// Whether the last batch failed (the runner is stalled until one succeeds).
     pub failing: bool,
@@ -359,6 +360,9 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
     ) -> Result<(), SagaError> {
         let database = self.store.database();
         let start = stream::load_checkpoint(database, CHECKPOINT).await?;
+        // Where it resumes is what it has handled, as far as lag goes.
+        self.progress
+            .send_modify(|progress| progress.position = Some(start));
         let mut reader = StreamReader::new(
             &self.store,
             start,

@@ -225,6 +225,11 @@ impl TestApp {
             .expect("GET is answered")
     }
 
+    /// GET `path` and its JSON body (`Null` when the body is not JSON).
+    pub async fn get_json(&self, path: &str) -> Value {
+        self.get(path).await.json().await.unwrap_or(Value::Null)
+    }
+
     /// GET `path` with the consistency token `token` (any text, to test refusals too).
     pub async fn get_with_token(&self, path: &str, token: &str) -> reqwest::Response {
         self.client
@@ -351,6 +356,26 @@ pub fn redis_url() -> String {
 /// own topic prefix and consumer groups.
 pub fn kafka_brokers() -> String {
     std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned())
+}
+
+/// Points `settings` at the test broker under topics and a consumer group of the test's own
+/// (returned: the topic prefix), with step deadlines out of the way of group rebalances.
+pub fn with_kafka(settings: &mut Settings) -> String {
+    let prefix = unique_name("kafka").replace('-', "_");
+    settings.kafka.brokers = Some(kafka_brokers());
+    settings.kafka.topic_prefix = prefix.clone();
+    settings.kafka.consumer_group = format!("{prefix}.saga");
+    // Joining and rebalancing the group takes seconds: keep step deadlines out of the way.
+    settings.saga.reservation_timeout_ms = 300_000;
+    settings.saga.payment_timeout_ms = 300_000;
+    settings.saga.delivery_timeout_ms = 300_000;
+    prefix
+}
+
+/// Points `settings` at the Redis at `url`, under the key prefix `prefix`.
+pub fn with_redis(settings: &mut Settings, url: &str, prefix: &str) {
+    settings.redis.url = Some(SecretString::from(url.to_owned()));
+    settings.redis.key_prefix = prefix.to_owned();
 }
 
 /// A unique name for a test's keys, topics and groups.

@@ -15,28 +15,17 @@ use petstore_platform::bus::{self, Envelope, KafkaBus};
 use petstore_platform::cache::Cache;
 use petstore_platform::event_store::EventStore;
 use petstore_platform::metrics::Metrics;
-use petstore_platform::settings::Settings;
 use petstore_platform::stream::{self, StreamPosition};
 use petstore_projector::views::ViewBatch;
 use petstore_projector::{KafkaProjection, Projector, ReadModels, RedisViews};
-use petstore_tests::{add_pets, kafka_brokers, redis_url, unique_name, Engine, Storage, TestApp};
+use petstore_tests::{
+    add_pets, kafka_brokers, redis_url, unique_name, with_kafka, with_redis, Engine, Storage,
+    TestApp,
+};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::Message;
-use secrecy::SecretString;
 use serde_json::Value;
-
-fn with_kafka(settings: &mut Settings) -> String {
-    let prefix = unique_name("kafka").replace('-', "_");
-    settings.kafka.brokers = Some(kafka_brokers());
-    settings.kafka.topic_prefix = prefix.clone();
-    settings.kafka.consumer_group = format!("{prefix}.saga");
-    // Joining and rebalancing the group takes seconds: keep step deadlines out of the way.
-    settings.saga.reservation_timeout_ms = 300_000;
-    settings.saga.payment_timeout_ms = 300_000;
-    settings.saga.delivery_timeout_ms = 300_000;
-    prefix
-}
 
 /// A consumed message: its key, headers and envelope.
 struct Consumed {
@@ -184,8 +173,7 @@ async fn projectors_killed_while_orders_pour_in_lose_nothing() {
     let storage = Storage::new(Engine::Postgres).await;
     let mut settings = storage.settings();
     let prefix = with_kafka(&mut settings);
-    settings.redis.url = Some(SecretString::from(redis_url()));
-    settings.redis.key_prefix = unique_name("redis");
+    with_redis(&mut settings, &redis_url(), &unique_name("redis"));
     settings.projector.batch_size = 50;
     settings.redis.operation_timeout_ms = 5_000; // a loaded machine; this test reads a lot
     let app = Arc::new(

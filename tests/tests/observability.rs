@@ -7,10 +7,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use petstore_tests::{
-    assert_problem, kafka_brokers, on_both_engines, redis_url, unique_name, Engine, Storage,
-    TestApp,
+    assert_problem, on_both_engines, redis_url, unique_name, with_kafka, with_redis, Engine,
+    Storage, TestApp,
 };
-use secrecy::SecretString;
 use serde_json::Value;
 
 /// The series of a scrape: every sample line's name and labels (values and comments cut).
@@ -246,15 +245,8 @@ fn metric_names(expression: &str) -> HashSet<String> {
 async fn prometheus_answers_the_seed_queries_the_dashboard_and_the_alert_rules() {
     let storage = Storage::new(Engine::Postgres).await;
     let mut settings = storage.settings();
-    let prefix = unique_name("metrics").replace('-', "_");
-    settings.kafka.brokers = Some(kafka_brokers());
-    settings.kafka.topic_prefix = prefix.clone();
-    settings.kafka.consumer_group = format!("{prefix}.saga");
-    settings.saga.reservation_timeout_ms = 300_000;
-    settings.saga.payment_timeout_ms = 300_000;
-    settings.saga.delivery_timeout_ms = 300_000;
-    settings.redis.url = Some(SecretString::from(redis_url()));
-    settings.redis.key_prefix = unique_name("metrics");
+    with_kafka(&mut settings);
+    with_redis(&mut settings, &redis_url(), &unique_name("metrics"));
     let app = TestApp::start(settings).await;
     app.wait_until_ready().await;
     let target = app.address.trim_start_matches("http://").to_owned();
@@ -291,14 +283,24 @@ async fn prometheus_answers_the_seed_queries_the_dashboard_and_the_alert_rules()
     ] {
         prometheus.wait_for(expression).await;
     }
-    let p95 = prometheus
-        .wait_for("histogram_quantile(0.95, sum by (le) (rate(petstore_request_duration_seconds_bucket[1m])))")
-        .await;
-    let p95: f64 = p95[0]["value"][1]
-        .as_str()
-        .and_then(|value| value.parse().ok())
-        .expect("a number");
-    assert!(p95 > 0.0 && p95.is_finite(), "p95 {p95}");
+    // A quantile over rates is NaN until two scrapes straddle some traffic: poll for a number.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        app.get("/petstore-domain/pets/browse?category=dog").await;
+        let p95 = prometheus
+            .wait_for("histogram_quantile(0.95, sum by (le) (rate(petstore_request_duration_seconds_bucket[1m])))")
+            .await;
+        let p95: f64 = p95[0]["value"][1]
+            .as_str()
+            .and_then(|value| value.parse().ok())
+            .expect("a number");
+        if p95.is_finite() {
+            assert!(p95 > 0.0, "p95 {p95}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "p95 stayed {p95}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let breakers = prometheus.wait_for("petstore_circuit_breaker_state").await;
     assert_eq!(breakers.len(), 5, "one series per dependency: {breakers:?}");
 
@@ -358,21 +360,11 @@ async fn prometheus_answers_the_seed_queries_the_dashboard_and_the_alert_rules()
     storage.remove().await;
 }
 
-async fn saga_runner_health(app: &TestApp) -> Value {
-    let health: Value = app
-        .get("/petstore-domain/health")
-        .await
-        .json()
-        .await
-        .expect("json");
-    health
-}
-
 async fn the_saga_runner_shows_in_health_and_stalls_loudly(engine: Engine) {
     let storage = Storage::new(engine).await;
     let app = TestApp::start(storage.settings()).await;
     app.wait_until_ready().await;
-    let health = saga_runner_health(&app).await;
+    let health = app.get_json("/petstore-domain/health").await;
     assert_eq!(
         health["components"]["saga_runner"]["status"], "up",
         "{health}"
@@ -421,12 +413,9 @@ async fn the_saga_runner_shows_in_health_and_stalls_loudly(engine: Engine) {
     })
     .await;
     let order_id = order["order_id"].as_str().expect("id");
-    let view: Value = app
-        .get(&format!("/petstore-domain/orders/{order_id}/status"))
-        .await
-        .json()
-        .await
-        .expect("json");
+    let view = app
+        .get_json(&format!("/petstore-domain/orders/{order_id}/status"))
+        .await;
     assert_ne!(view["status"], "completed", "nothing was skipped: {view}");
     database.close().await;
     app.stop().await;

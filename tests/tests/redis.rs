@@ -3,18 +3,12 @@
 
 use std::time::Duration;
 
-use petstore_platform::settings::Settings;
 use petstore_tests::{
-    assert_problem, on_both_engines, redis_url, unique_name, Engine, OwnRedis, Storage, TestApp,
+    assert_problem, on_both_engines, redis_url, unique_name, with_redis, Engine, OwnRedis, Storage,
+    TestApp,
 };
 use redis::AsyncCommands;
-use secrecy::SecretString;
 use serde_json::{json, Value};
-
-fn with_redis(settings: &mut Settings, url: &str, prefix: &str) {
-    settings.redis.url = Some(SecretString::from(url.to_owned()));
-    settings.redis.key_prefix = prefix.to_owned();
-}
 
 async fn place(app: &TestApp, pet_id: &str) -> String {
     let accepted = app.place_order(pet_id).await;
@@ -77,12 +71,7 @@ async fn order_status_is_served_from_redis_and_equals_the_database_view() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(in_redis, in_postgres);
-    let health: Value = app
-        .get("/petstore-domain/health")
-        .await
-        .json()
-        .await
-        .expect("json");
+    let health = app.get_json("/petstore-domain/health").await;
     assert_eq!(health["status"], "up");
     assert_eq!(health["components"]["redis"]["status"], "up");
     app.stop().await;

@@ -84,7 +84,7 @@ prometheus() {
   # The tests start Prometheus servers of their own; only the binaries are needed.
   if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then return; fi
   log "installing Prometheus (prometheus, promtool)"
-  apt_install prometheus
+  apt_install --no-install-recommends prometheus
   # Debian's package may start its own server on :9090; the tests do not need it.
   if pgrep -x prometheus >/dev/null 2>&1; then
     pkill -x prometheus || true

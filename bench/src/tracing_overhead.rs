@@ -1,5 +1,6 @@
-//! `trace-bench`: what tracing costs. Request throughput and latency of the real service with
-//! spans exported over OTLP/HTTP to a local receiver, as a ratio of the same service with no
+//! `trace-bench`: what tracing costs. Request throughput, latency and the service process's
+//! CPU time per request (from `/proc`) of the real service with spans exported over OTLP/HTTP
+//! to a local receiver (all traces, or 10 % sampled), as a ratio of the same service with no
 //! exporter configured (the default: spans carry ids for logs and propagation but are not
 //! recorded), and of one with OpenTelemetry disabled altogether (`OTEL_SDK_DISABLED=true`).
 //!
@@ -115,22 +116,30 @@ async fn main() -> anyhow::Result<()> {
         for _ in 0..args.rounds {
             for mode in modes {
                 let service = BenchService::start(mode, &receiver).await?;
-                let measured = drive(&service.base, workload, &args).await?;
+                let measured = drive(&service.base, workload, &args, service.child.id()).await?;
                 service.stop();
                 results.push((mode, measured));
             }
         }
         println!("\n{workload:?}:");
-        println!("| configuration | requests/s | p50 ms | p99 ms | ratio to no exporter |");
-        println!("|---|---:|---:|---:|---:|");
-        let baseline = mean_rate(&results, Mode::NotExported);
+        println!(
+            "| configuration | requests/s | p50 ms | p99 ms | ratio to no exporter | service CPU µs/request | ratio |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|---:|");
+        let baseline = mean_of(&results, Mode::NotExported, |measured| measured.rate);
+        let baseline_cpu = mean_of(&results, Mode::NotExported, |measured| {
+            measured.cpu_per_request
+        });
         for mode in modes {
-            let rate = mean_rate(&results, mode);
+            let rate = mean_of(&results, mode, |measured| measured.rate);
+            let cpu = mean_of(&results, mode, |measured| measured.cpu_per_request);
             let (p50, p99) = percentiles(&results, mode);
             println!(
-                "| {} | {rate:.0} | {p50:.2} | {p99:.2} | **{:.2}** |",
+                "| {} | {rate:.0} | {p50:.2} | {p99:.2} | **{:.2}** | {:.1} | {:.2} |",
                 mode.name(),
-                rate / baseline
+                rate / baseline,
+                cpu * 1e6,
+                cpu / baseline_cpu
             );
         }
         for mode in modes {
@@ -267,9 +276,32 @@ impl BenchService {
 struct Measurement {
     rate: f64,
     latency: Histogram<u64>,
+    /// CPU seconds the service process used (user and system) per request measured.
+    cpu_per_request: f64,
 }
 
-async fn drive(base: &str, workload: Workload, args: &Args) -> anyhow::Result<Measurement> {
+/// CPU seconds a process has used (user and system), from `/proc/PID/stat`.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let after_name = stat.rsplit_once(')').context("a stat line")?.1;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks: u64 = fields
+        .get(11..13)
+        .context("utime and stime")?
+        .iter()
+        .map(|field| field.parse::<u64>())
+        .sum::<Result<u64, _>>()?;
+    // The kernel's USER_HZ, 100 on Linux.
+    Ok(ticks as f64 / 100.0)
+}
+
+async fn drive(
+    base: &str,
+    workload: Workload,
+    args: &Args,
+    service: u32,
+) -> anyhow::Result<Measurement> {
     let client = reqwest::Client::new();
     let warm_up = Instant::now() + Duration::from_secs(1);
     let end = warm_up + Duration::from_secs(args.seconds);
@@ -320,6 +352,10 @@ async fn drive(base: &str, workload: Workload, args: &Args) -> anyhow::Result<Me
             anyhow::Ok((count, latency))
         }));
     }
+    tokio::time::sleep_until(warm_up.into()).await;
+    let cpu_before = cpu_seconds(service)?;
+    tokio::time::sleep_until(end.into()).await;
+    let cpu = cpu_seconds(service)? - cpu_before;
     let mut total = 0;
     let mut latency = Histogram::<u64>::new(3)?;
     for task in tasks {
@@ -330,16 +366,21 @@ async fn drive(base: &str, workload: Workload, args: &Args) -> anyhow::Result<Me
     Ok(Measurement {
         rate: total as f64 / args.seconds as f64,
         latency,
+        cpu_per_request: cpu / total.max(1) as f64,
     })
 }
 
-fn mean_rate(results: &[(Mode, Measurement)], mode: Mode) -> f64 {
-    let rates: Vec<f64> = results
+fn mean_of(
+    results: &[(Mode, Measurement)],
+    mode: Mode,
+    value: impl Fn(&Measurement) -> f64,
+) -> f64 {
+    let values: Vec<f64> = results
         .iter()
         .filter(|(m, _)| *m == mode)
-        .map(|(_, measured)| measured.rate)
+        .map(|(_, measured)| value(measured))
         .collect();
-    rates.iter().sum::<f64>() / rates.len().max(1) as f64
+    values.iter().sum::<f64>() / values.len().max(1) as f64
 }
 
 fn percentiles(results: &[(Mode, Measurement)], mode: Mode) -> (f64, f64) {

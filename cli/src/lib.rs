@@ -176,14 +176,15 @@ impl Application {
             Some(_) => Some(KafkaBus::new(&settings.kafka)?.with_metrics(metrics.clone())),
             None => None,
         };
-        let mut health = HealthState::default().with(EventStoreHealth(database.clone()));
+        let mut health = HealthState::default();
+        health.add(EventStoreHealth(database.clone()));
         let mut own_read_models_progress = None;
         if roles.contains(&Role::Projector) {
             let mut spawn = |name: &'static str, progress: watch::Receiver<_>, task| {
                 if name == CHECKPOINT {
                     own_read_models_progress = Some(progress.clone());
                 }
-                health = std::mem::take(&mut health).with(ProjectionHealth { name, progress });
+                health.add(ProjectionHealth { name, progress });
                 workers.push(tokio::spawn(task));
             };
             let projector = Projector::new(
@@ -231,7 +232,7 @@ impl Application {
                 Some(_) => runner.with_kafka(settings.kafka.clone()),
                 None => runner,
             };
-            health = health.with(SagaRunnerHealth(runner.progress()));
+            health.add(SagaRunnerHealth(runner.progress()));
             workers.push(tokio::spawn(runner.run(shutdown.wait())));
         }
 
@@ -258,9 +259,9 @@ impl Application {
             (Database::Sqlite(_), Some(progress)) => ReadModelsReadiness::OwnProjector(progress),
             (Database::Sqlite(_), None) => ReadModelsReadiness::NotServing,
         };
-        health = health.with(ReadModelsHealth::new(read_models.clone(), readiness));
+        health.add(ReadModelsHealth::new(read_models.clone(), readiness));
         if let Some(redis) = &redis {
-            health = health.with(RedisHealth(redis.clone()));
+            health.add(RedisHealth(redis.clone()));
         }
         router = router.merge(petstore_platform::health::router(health));
         if roles.contains(&Role::Query) {

@@ -650,37 +650,35 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
     /// Fires one due deadline.
     async fn fire_deadline(&self, deadline: &Deadline) -> Result<(), SagaError> {
         let database = self.store.database();
-        {
-            let (Ok(order_id), Ok(step)) = (
-                OrderId::parse(&deadline.order_id),
-                SagaStep::parse(&deadline.step),
-            ) else {
-                tracing::error!(?deadline, "malformed deadline; marking it fired");
-                deadlines::mark_fired(database, &deadline.order_id, &deadline.step).await?;
-                return Ok(());
-            };
-            let command_id = Uuid::new_v5(
-                &COMMAND_NAMESPACE,
-                format!("deadline\u{0}{order_id}\u{0}{}", step.as_str()).as_bytes(),
-            );
-            let metadata = EventMetadata {
-                causation_id: format!("deadline:{}:{}", order_id, step.as_str()),
-                ..EventMetadata::caused_by(
-                    CorrelationId::parse(&deadline.correlation_id)
-                        .unwrap_or_else(CorrelationId::generate),
-                    command_id,
-                    command_id,
-                    SUBJECT,
-                )
-            };
-            self.send::<Order>(
-                &deadline.order_id,
-                OrderCommand::TimeOutStep { step },
-                metadata,
-            )
-            .await?;
+        let (Ok(order_id), Ok(step)) = (
+            OrderId::parse(&deadline.order_id),
+            SagaStep::parse(&deadline.step),
+        ) else {
+            tracing::error!(?deadline, "malformed deadline; marking it fired");
             deadlines::mark_fired(database, &deadline.order_id, &deadline.step).await?;
-        }
+            return Ok(());
+        };
+        let command_id = Uuid::new_v5(
+            &COMMAND_NAMESPACE,
+            format!("deadline\u{0}{order_id}\u{0}{}", step.as_str()).as_bytes(),
+        );
+        let metadata = EventMetadata {
+            causation_id: format!("deadline:{}:{}", order_id, step.as_str()),
+            ..EventMetadata::caused_by(
+                CorrelationId::parse(&deadline.correlation_id)
+                    .unwrap_or_else(CorrelationId::generate),
+                command_id,
+                command_id,
+                SUBJECT,
+            )
+        };
+        self.send::<Order>(
+            &deadline.order_id,
+            OrderCommand::TimeOutStep { step },
+            metadata,
+        )
+        .await?;
+        deadlines::mark_fired(database, &deadline.order_id, &deadline.step).await?;
         Ok(())
     }
 }

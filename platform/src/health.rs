@@ -107,9 +107,8 @@ pub struct HealthState {
 
 impl HealthState {
     /// Adds a component.
-    pub fn with(mut self, check: impl HealthCheck) -> Self {
+    pub fn add(&mut self, check: impl HealthCheck) {
         self.checks.push(Arc::new(check));
-        self
     }
 
     /// Every component's health and the verdict.

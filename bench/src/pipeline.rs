@@ -141,6 +141,9 @@ impl BenchDatabase {
         settings.database.url = Some(SecretString::from(self.url.clone()));
         settings.database.max_connections = 32;
         settings.projector.poll_interval_ms = 50;
+        // Demo mode, no rate limits: this bench measures the saga pipeline, not auth.
+        settings.security.authentication_required = false;
+        settings.security.rate_limits.enabled = false;
         settings
     }
 }

@@ -184,6 +184,9 @@ async fn serve(data_dir: &std::path::Path) -> anyhow::Result<()> {
     settings.log.filter = "warn".to_owned();
     settings.providers.payment.latency_ms = 0;
     settings.providers.delivery.latency_ms = 0;
+    // Demo mode, no rate limits: this bench measures tracing, not auth.
+    settings.security.authentication_required = false;
+    settings.security.rate_limits.enabled = false;
     let telemetry = petstore_platform::telemetry::init(&settings.log)?;
     let application = Application::build(settings, &Role::all()).await?;
     println!("PORT {}", application.port());

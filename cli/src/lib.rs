@@ -13,11 +13,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
+use axum::http::header::{self, HeaderName, HeaderValue};
+use axum::http::{Method, StatusCode};
 use axum::routing::get;
 use axum::Router;
 use petstore_command_api::providers::{SimulatedDeliveryProvider, SimulatedPaymentGateway};
 use petstore_command_api::saga::{SagaRunner, SagaRunnerHealth};
 use petstore_command_api::{CommandApiDoc, CommandState};
+use petstore_platform::auth::{self, AuthError, Security};
 use petstore_platform::bus::{BusError, KafkaBus};
 use petstore_platform::cache::{Cache, CacheError};
 use petstore_platform::database::{Database, DatabaseError};
@@ -25,7 +28,7 @@ use petstore_platform::event_store::EventStore;
 use petstore_platform::health::{EventStoreHealth, HealthState};
 use petstore_platform::http;
 use petstore_platform::metrics::Metrics;
-use petstore_platform::settings::Settings;
+use petstore_platform::settings::{SecuritySettings, Settings, SettingsError};
 use petstore_projector::health::{
     ProjectionHealth, ReadModelsHealth, ReadModelsReadiness, RedisHealth,
 };
@@ -36,6 +39,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::timeout::TimeoutLayer;
 use utoipa::OpenApi;
 
 /// A part of the service a process can run.
@@ -61,6 +66,12 @@ impl Role {
 /// The service could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
+    /// A setting is refused.
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
+    /// Token verification cannot be set up.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
     /// The database is unreachable or cannot be migrated.
     #[error(transparent)]
     Database(#[from] DatabaseError),
@@ -129,6 +140,7 @@ impl Application {
     /// Connects to the store (migrating it unless told not to), seeds the demo catalog,
     /// starts the projector and binds the listener, for the given roles.
     pub async fn build(settings: Settings, roles: &BTreeSet<Role>) -> Result<Self, StartupError> {
+        settings.validate()?;
         let database = Database::connect(&settings.database, &settings.storage).await?;
         if settings.database.migrate_on_start {
             database.migrate().await?;
@@ -236,7 +248,12 @@ impl Application {
             workers.push(tokio::spawn(runner.run(shutdown.wait())));
         }
 
+        let security = Security::build(&settings.security, &database, &metrics).await?;
+        workers.push(tokio::spawn(
+            security.rate_limits().clone().evict_until(shutdown.wait()),
+        ));
         let mut router = Router::new()
+            .merge(security.router())
             .route("/petstore-domain/openapi.json", get(openapi))
             .route("/metrics", get(serve_metrics).with_state(metrics.clone()))
             .fallback(http::not_found);
@@ -266,6 +283,7 @@ impl Application {
         router = router.merge(petstore_platform::health::router(health));
         if roles.contains(&Role::Query) {
             router = router.merge(petstore_query_api::router(QueryState {
+                security_audit: security.audit().clone(),
                 read_models,
                 redis,
                 database: database.clone(),
@@ -276,6 +294,12 @@ impl Application {
         let router = router
             .layer(DefaultBodyLimit::max(settings.http.body_limit_bytes))
             .layer(CatchPanicLayer::new())
+            .layer(TimeoutLayer::with_status_code(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Duration::from_millis(settings.security.request_timeout_ms),
+            ))
+            .layer(axum::middleware::from_fn_with_state(security, auth::guard))
+            .layer(tower::util::option_layer(cors(&settings.security)))
             .layer(axum::middleware::from_fn_with_state(metrics, http::observe));
 
         let address = settings.http.listen;
@@ -305,7 +329,10 @@ impl Application {
 
     /// Serves until the shutdown handle fires, then drains and stops.
     pub async fn run_until_stopped(self) -> Result<(), StartupError> {
-        let result = axum::serve(self.listener, self.router)
+        let service = self
+            .router
+            .into_make_service_with_connect_info::<SocketAddr>();
+        let result = axum::serve(self.listener, service)
             .with_graceful_shutdown(self.shutdown.wait())
             .await
             .map_err(StartupError::Serve);
@@ -320,6 +347,35 @@ impl Application {
         self.database.close().await;
         result
     }
+}
+
+/// CORS: off (no layer, no headers at all) unless origins are configured.
+fn cors(settings: &SecuritySettings) -> Option<CorsLayer> {
+    if settings.cors_allowed_origins.is_empty() {
+        return None;
+    }
+    let origins: Vec<HeaderValue> = settings
+        .cors_allowed_origins
+        .iter()
+        .filter_map(|origin| HeaderValue::from_str(origin).ok())
+        .collect();
+    let layer = CorsLayer::new()
+        .allow_origin(AllowOrigin::list(origins))
+        .allow_methods([Method::GET, Method::POST, Method::PUT])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            HeaderName::from_static("idempotency-key"),
+            HeaderName::from_static("x-correlation-id"),
+            HeaderName::from_static("x-consistency-token"),
+        ])
+        .expose_headers([
+            HeaderName::from_static("x-correlation-id"),
+            HeaderName::from_static("x-consistency-token"),
+            header::RETRY_AFTER,
+            header::LOCATION,
+        ]);
+    Some(layer)
 }
 
 type Task = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;

@@ -14,6 +14,9 @@ use petstore_domain::OrderId;
 use petstore_platform::bus::KafkaBus;
 use petstore_platform::cache::Cache;
 use petstore_platform::database::Database;
+use petstore_platform::security_audit::{
+    SecurityAudit, SecurityAuditEntry, SecurityAuditFilter, SecurityEventKind,
+};
 use petstore_platform::settings::Settings;
 use petstore_platform::stream;
 use petstore_platform::telemetry;
@@ -59,13 +62,30 @@ enum Command {
         /// The order whose trail to print.
         #[arg(
             long,
-            conflicts_with = "correlation_id",
-            required_unless_present = "correlation_id"
+            conflicts_with_all = ["correlation_id", "security"],
+            required_unless_present_any = ["correlation_id", "security"]
         )]
         order: Option<String>,
         /// The correlation id whose trail to print.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "security")]
         correlation_id: Option<String>,
+        /// Print the security audit trail instead (logins, refusals, rate-limit trips, admin
+        /// actions, key-set fetches), newest first.
+        #[arg(long)]
+        security: bool,
+        /// With --security: only this subject's entries.
+        #[arg(long, requires = "security")]
+        subject: Option<String>,
+        /// With --security: only this kind (login, token_rejected, forbidden, rate_limited,
+        /// admin_action, key_set_rotation).
+        #[arg(long, requires = "security")]
+        kind: Option<String>,
+        /// With --security: only entries at or after this RFC 3339 time.
+        #[arg(long, requires = "security")]
+        since: Option<String>,
+        /// With --security: at most this many entries.
+        #[arg(long, default_value_t = 100, requires = "security")]
+        limit: u32,
         /// `table` (default) or `json`.
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
@@ -97,6 +117,9 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         batch_size: u32,
     },
+    /// Read a password on standard input and print its Argon2id hash, for the
+    /// `security.users` list of a config file.
+    HashPassword,
     /// Apply pending database migrations and exit.
     Migrate {
         /// Folder of the embedded store (overrides storage.data_dir).
@@ -129,6 +152,9 @@ enum Format {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Command::HashPassword = cli.command {
+        return hash_password();
+    }
     let settings = Settings::load(&cli.config_dir)?;
     let telemetry = telemetry::init(&settings.log).context("setting up telemetry")?;
     if telemetry.exporting() {
@@ -177,6 +203,11 @@ async fn run(command: Command, mut settings: Settings) -> anyhow::Result<()> {
         Command::Audit {
             order,
             correlation_id,
+            security,
+            subject,
+            kind,
+            since,
+            limit,
             format,
             data_dir,
         } => {
@@ -184,6 +215,36 @@ async fn run(command: Command, mut settings: Settings) -> anyhow::Result<()> {
                 settings.storage.data_dir = data_dir;
             }
             let database = Database::connect(&settings.database, &settings.storage).await?;
+            if security {
+                let filter = SecurityAuditFilter {
+                    subject,
+                    kind: kind
+                        .map(|kind| {
+                            SecurityEventKind::parse(&kind)
+                                .with_context(|| format!("--kind: no kind is called {kind}"))
+                        })
+                        .transpose()?,
+                    since_ms: since
+                        .map(|since| {
+                            chrono::DateTime::parse_from_rfc3339(&since)
+                                .map(|time| time.timestamp_millis())
+                                .with_context(|| format!("--since: {since} is not RFC 3339"))
+                        })
+                        .transpose()?,
+                    limit,
+                    ..SecurityAuditFilter::default()
+                };
+                let entries = SecurityAudit::new(database.clone()).query(&filter).await?;
+                database.close().await;
+                let mut stdout = std::io::stdout().lock();
+                match format {
+                    Format::Json => {
+                        writeln!(stdout, "{}", serde_json::to_string_pretty(&entries)?)?;
+                    }
+                    Format::Table => writeln!(stdout, "{}", security_table(&entries))?,
+                }
+                return Ok(());
+            }
             let trail = match (order, correlation_id) {
                 (Some(order), _) => {
                     let order_id = OrderId::parse(&order)?;
@@ -293,6 +354,7 @@ async fn run(command: Command, mut settings: Settings) -> anyhow::Result<()> {
             }
             database.close().await;
         }
+        Command::HashPassword => hash_password()?,
         Command::Migrate { data_dir } => {
             if let Some(data_dir) = data_dir {
                 settings.storage.data_dir = data_dir;
@@ -367,6 +429,50 @@ impl Progress {
             bar.finish();
         }
     }
+}
+
+fn hash_password() -> anyhow::Result<()> {
+    let mut password = String::new();
+    std::io::stdin()
+        .read_line(&mut password)
+        .context("reading the password from standard input")?;
+    let password = password.trim_end_matches(['\n', '\r']);
+    anyhow::ensure!(!password.is_empty(), "the password is empty");
+    let hash = petstore_platform::auth::login::hash_password(password)
+        .map_err(|error| anyhow::anyhow!("hashing failed: {error}"))?;
+    writeln!(std::io::stdout().lock(), "{hash}")?;
+    Ok(())
+}
+
+fn security_table(entries: &[SecurityAuditEntry]) -> comfy_table::Table {
+    let mut table = comfy_table::Table::new();
+    table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
+    table.set_header([
+        "id",
+        "at",
+        "kind",
+        "outcome",
+        "subject",
+        "client",
+        "route",
+        "correlation",
+        "detail",
+    ]);
+    for entry in entries {
+        let text = |value: &Option<String>| value.clone().unwrap_or_default();
+        table.add_row([
+            entry.id.to_string(),
+            entry.at.clone(),
+            entry.kind.clone(),
+            entry.outcome.clone(),
+            text(&entry.subject),
+            text(&entry.client_ip),
+            format!("{} {}", text(&entry.method), text(&entry.route)),
+            text(&entry.correlation_id),
+            entry.detail.clone(),
+        ]);
+    }
+    table
 }
 
 fn audit_table(trail: &audit::AuditTrail) -> comfy_table::Table {

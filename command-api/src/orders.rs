@@ -12,9 +12,10 @@ use petstore_domain::pet::Pet;
 use petstore_domain::{
     CustomerId, DomainError, OrderId, PetId, SimulatedFailure, SpecialInstructions,
 };
+use petstore_platform::auth::Caller;
 use petstore_platform::event_store::EventMetadata;
 use petstore_platform::http::{
-    Json, Problem, ProblemDocument, RequestContext, Subject, CONSISTENCY_TOKEN_HEADER,
+    Json, Problem, ProblemDocument, RequestContext, CONSISTENCY_TOKEN_HEADER,
 };
 use petstore_platform::stream;
 use serde::{Deserialize, Serialize};
@@ -38,9 +39,12 @@ pub fn router() -> Router<CommandState> {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PlaceOrderBody {
-    /// Who orders: 1 to 128 characters of letters, digits and `-_.@+`.
+    /// Who orders: 1 to 128 characters of letters, digits and `-_.@+`. A customer orders as
+    /// the token's subject (another id is 403; omitted, the subject is used); an admin may
+    /// order for anyone.
     #[schema(example = "customer-001")]
-    pub customer_id: String,
+    #[serde(default)]
+    pub customer_id: Option<String>,
     /// The pet's id.
     #[schema(example = "golden-retriever-001")]
     pub pet_id: String,
@@ -81,6 +85,8 @@ pub struct OrderAccepted {
          headers(("Location" = String, description = "The order's status URL"),
                  ("X-Consistency-Token" = String, description = "Send it back on a GET to read your own write"))),
         (status = 400, description = "Malformed JSON or header", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 401, description = "No valid bearer token", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 403, description = "customer_id is another customer's", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 409, description = "Concurrent changes kept conflicting", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 415, description = "Body is not application/json", body = ProblemDocument, content_type = "application/problem+json"),
@@ -90,11 +96,22 @@ pub struct OrderAccepted {
 )]
 pub async fn place_order(
     State(state): State<CommandState>,
-    subject: Subject,
+    caller: Caller,
     headers: HeaderMap,
     Json(body): Json<PlaceOrderBody>,
 ) -> Result<Response, Problem> {
-    let customer_id = CustomerId::parse(&body.customer_id)?;
+    let customer_id = match body.customer_id.as_deref() {
+        Some(customer_id) => {
+            let customer_id = CustomerId::parse(customer_id)?;
+            if !caller.is_admin() && customer_id.as_str() != caller.subject() {
+                return Err(Problem::forbidden(
+                    "customer_id must be your own (the token's subject)",
+                ));
+            }
+            customer_id
+        }
+        None => CustomerId::parse(caller.subject())?,
+    };
     let pet_id = PetId::parse(&body.pet_id)?;
     let special_instructions = body
         .special_instructions
@@ -112,7 +129,7 @@ pub async fn place_order(
     };
     let idempotent = headers.contains_key(IDEMPOTENCY_KEY);
     let order_id = match headers.get(IDEMPOTENCY_KEY) {
-        Some(key) => OrderId::from_idempotency_key(subject.as_str(), parse_idempotency_key(key)?),
+        Some(key) => OrderId::from_idempotency_key(caller.subject(), parse_idempotency_key(key)?),
         None => OrderId::random(),
     };
     RequestContext::record_order(&order_id);
@@ -130,7 +147,7 @@ pub async fn place_order(
         simulated_failure,
     });
     let correlation_id = RequestContext::correlation_id();
-    let metadata = EventMetadata::new(correlation_id.clone(), subject.as_str());
+    let metadata = EventMetadata::new(correlation_id.clone(), caller.subject());
     let appended = if idempotent {
         state
             .store
@@ -199,11 +216,11 @@ pub async fn place_order(
 )]
 pub async fn create_order_legacy(
     state: State<CommandState>,
-    subject: Subject,
+    caller: Caller,
     headers: HeaderMap,
     body: Json<PlaceOrderBody>,
 ) -> Result<Response, Problem> {
-    place_order(state, subject, headers, body).await
+    place_order(state, caller, headers, body).await
 }
 
 fn parse_idempotency_key(value: &HeaderValue) -> Result<&str, Problem> {

@@ -12,10 +12,10 @@ use petstore_domain::payment::{Payment, PaymentCommand, PaymentState};
 use petstore_domain::providers::{ChargeRequest, PaymentGateway};
 use petstore_domain::values::Currency;
 use petstore_domain::{Money, OrderId};
+use petstore_platform::auth::Caller;
 use petstore_platform::event_store::EventMetadata;
 use petstore_platform::http::{
-    CorrelationId, Json, Problem, ProblemDocument, RequestContext, Subject,
-    CONSISTENCY_TOKEN_HEADER,
+    CorrelationId, Json, Problem, ProblemDocument, RequestContext, CONSISTENCY_TOKEN_HEADER,
 };
 use petstore_platform::stream;
 use serde::{Deserialize, Serialize};
@@ -81,6 +81,8 @@ pub struct PaymentResult {
         (status = 200, description = "Paid", body = PaymentResult),
         (status = 400, description = "Malformed JSON", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 402, description = "The gateway declined; the order will be cancelled", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 401, description = "No valid bearer token", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 403, description = "The order belongs to another customer", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 404, description = "No such order", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 409, description = "The order does not wait for a payment (already paid, not reserved yet, cancelled, or paid automatically)", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 422, description = "Invalid field or wrong amount", body = ProblemDocument, content_type = "application/problem+json"),
@@ -88,7 +90,7 @@ pub struct PaymentResult {
 )]
 pub async fn pay_order(
     State(state): State<CommandState>,
-    subject: Subject,
+    caller: Caller,
     Json(body): Json<PaymentBody>,
 ) -> Result<Response, Problem> {
     let order_id = OrderId::parse(&body.order_id)?;
@@ -100,6 +102,7 @@ pub async fn pay_order(
             "order {order_id} does not exist"
         )));
     };
+    caller.authorize_customer(request.customer_id.as_str())?;
     if let Some(amount) = &body.amount {
         let offered = Money::new(amount.amount_minor, Currency::parse(&amount.currency)?)?;
         if offered != request.amount {
@@ -133,7 +136,7 @@ pub async fn pay_order(
         .await?
         .and_then(|id| CorrelationId::parse(&id))
         .unwrap_or_else(RequestContext::correlation_id);
-    let mut metadata = EventMetadata::new(correlation, subject.as_str());
+    let mut metadata = EventMetadata::new(correlation, caller.subject());
     metadata.causation_id = RequestContext::correlation_id().to_string();
     let charge = ChargeRequest {
         order_id,
@@ -192,11 +195,13 @@ pub async fn pay_order(
                 .store
                 .execute::<Payment>(&key, command, &(), &metadata)
                 .await?;
+            // The gateway's own words stay in the log and the event, not in the answer.
+            tracing::warn!(%error, "the payment gateway declined a customer payment");
             Err(Problem::new(
                 StatusCode::PAYMENT_REQUIRED,
                 "payment-declined",
                 "Payment declined",
-                format!("the payment gateway did not take the payment: {error}"),
+                "the payment gateway declined the payment; the order will be cancelled",
             ))
         }
     }
@@ -215,8 +220,8 @@ pub async fn pay_order(
 )]
 pub async fn process_payment_legacy(
     state: State<CommandState>,
-    subject: Subject,
+    caller: Caller,
     body: Json<PaymentBody>,
 ) -> Result<Response, Problem> {
-    pay_order(state, subject, body).await
+    pay_order(state, caller, body).await
 }

@@ -195,6 +195,42 @@ impl Problem {
         Self::new(StatusCode::CONFLICT, "conflict", "Conflict", detail)
     }
 
+    /// 401 with `WWW-Authenticate: Bearer`: no credentials, or (`invalid_token: Some(reason)`)
+    /// credentials that are refused for `reason`.
+    pub fn unauthorized(detail: impl Into<String>, invalid_token: bool) -> Self {
+        let challenge = if invalid_token {
+            "Bearer realm=\"petstore\", error=\"invalid_token\""
+        } else {
+            "Bearer realm=\"petstore\""
+        };
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "Unauthorized",
+            detail,
+        )
+        .with_header(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static(challenge),
+        )
+    }
+
+    /// 403: the caller is known but may not do this.
+    pub fn forbidden(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", "Forbidden", detail)
+    }
+
+    /// 429 with `Retry-After`: the caller exceeded a rate limit.
+    pub fn too_many_requests(retry_after_seconds: u64) -> Self {
+        Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate-limited",
+            "Too many requests",
+            format!("rate limit exceeded; retry in {retry_after_seconds} s"),
+        )
+        .with_header(header::RETRY_AFTER, HeaderValue::from(retry_after_seconds))
+    }
+
     /// 503: a dependency is unavailable; retry later.
     pub fn unavailable(detail: impl Into<String>) -> Self {
         Self::new(
@@ -252,6 +288,10 @@ impl Problem {
                 "send the body as application/json",
             ),
             StatusCode::REQUEST_TIMEOUT => ("timeout", "the request took too long"),
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => (
+                "headers-too-large",
+                "the request headers are larger than the service accepts",
+            ),
             _ if status.is_server_error() => {
                 ("internal", "the service failed to handle the request")
             }
@@ -504,33 +544,6 @@ fn problem_for_bare_error(response: Response) -> Response {
 /// Handler for routes nobody serves: a 404 problem.
 pub async fn not_found() -> Problem {
     Problem::from_status(StatusCode::NOT_FOUND)
-}
-
-/// Who is acting. Authentication plugs in here: today every caller is `anonymous`; the JWT
-/// issue replaces this extractor's body with token validation, and every handler that takes
-/// a `Subject` is then authenticated without further change.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Subject(String);
-
-impl Subject {
-    /// The subject of unauthenticated callers.
-    pub const ANONYMOUS: &'static str = "anonymous";
-
-    /// The subject as text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl<S: Send + Sync> FromRequestParts<S> for Subject {
-    type Rejection = Problem;
-
-    async fn from_request_parts(
-        _parts: &mut axum::http::request::Parts,
-        _state: &S,
-    ) -> Result<Self, Self::Rejection> {
-        Ok(Self(Self::ANONYMOUS.to_owned()))
-    }
 }
 
 impl From<petstore_domain::DomainError> for Problem {

@@ -7,6 +7,9 @@
 //! checkpoints. It must not decide business outcomes: that is `petstore-domain`'s job.
 //!
 //! # Layout
+//! - [`auth`]: bearer tokens (login, OIDC), roles, the public routes, the security middleware.
+//! - [`rate_limit`]: per-subject and per-route quotas, swappable at run time.
+//! - [`security_audit`]: the durable trail of logins, refusals, rate-limit trips, admin actions.
 //! - [`settings`]: the typed [`settings::Settings`], layered from defaults, YAML files and env.
 //! - [`telemetry`]: the tracing subscriber (JSON or text logs).
 //! - [`health`]: the health routes and the [`health::HealthCheck`] each component registers.
@@ -19,6 +22,7 @@
 //! - [`event_store`]: loading aggregates and appending their events, with metadata.
 //! - [`stream`]: the global, gap-free event stream, durable checkpoints, audit queries.
 
+pub mod auth;
 pub mod bus;
 pub mod cache;
 pub mod database;
@@ -27,6 +31,8 @@ pub mod event_store;
 pub mod health;
 pub mod http;
 pub mod metrics;
+pub mod rate_limit;
+pub mod security_audit;
 pub mod settings;
 pub mod stream;
 pub mod telemetry;

@@ -104,6 +104,27 @@ pub struct DependencyLabels {
     pub dependency: &'static str,
 }
 
+/// Labels of `petstore_auth_failures_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthFailureLabels {
+    /// Why: `missing`, `malformed`, `expired`, `unknown_key`, ... (a fixed list).
+    pub reason: &'static str,
+}
+
+/// Labels of `petstore_rate_limited_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RateLimitLabels {
+    /// The quota: `default`, `login`, or a configured `"METHOD /route"`.
+    pub policy: String,
+}
+
+/// Labels of `petstore_logins_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LoginLabels {
+    /// `success` or `failure`.
+    pub outcome: &'static str,
+}
+
 /// Labels of `petstore_build_info`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
@@ -181,6 +202,12 @@ pub struct Metrics {
     pub pool_max_connections: Gauge,
     /// The state of each dependency's circuit breaker (see [`BREAKER_CLOSED`]).
     pub circuit_breaker_state: Family<DependencyLabels, Gauge>,
+    /// Requests refused 401, by reason.
+    pub auth_failures: Family<AuthFailureLabels, Counter>,
+    /// Requests refused 429, by quota.
+    pub rate_limited: Family<RateLimitLabels, Counter>,
+    /// Password logins, by outcome.
+    pub logins: Family<LoginLabels, Counter>,
     pool: Option<Database>,
 }
 
@@ -397,6 +424,27 @@ impl Metrics {
             "The running version (always 1)",
             build_info,
         );
+        let auth_failures = Family::<AuthFailureLabels, Counter>::default();
+        registry.register(
+            "petstore_auth_failures",
+            "Requests refused 401 (no, malformed, expired or untrusted token), by reason",
+            auth_failures.clone(),
+        );
+        let rate_limited = Family::<RateLimitLabels, Counter>::default();
+        registry.register(
+            "petstore_rate_limited",
+            "Requests refused 429, by quota",
+            rate_limited.clone(),
+        );
+        let logins = Family::<LoginLabels, Counter>::default();
+        for outcome in ["success", "failure"] {
+            logins.get_or_create(&LoginLabels { outcome }).inc_by(0);
+        }
+        registry.register(
+            "petstore_logins",
+            "Password logins, by outcome",
+            logins.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             requests,
@@ -425,6 +473,9 @@ impl Metrics {
             pool_connections,
             pool_max_connections,
             circuit_breaker_state,
+            auth_failures,
+            rate_limited,
+            logins,
             pool: None,
         }
     }

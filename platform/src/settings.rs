@@ -11,6 +11,9 @@ use figment::Figment;
 use secrecy::SecretString;
 use serde::Deserialize;
 
+mod security;
+pub use security::*;
+
 /// Everything the service can be configured with.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -37,6 +40,34 @@ pub struct Settings {
     pub redis: RedisSettings,
     /// Logging.
     pub log: LogSettings,
+    /// Authentication, authorization, rate limits and request hardening.
+    pub security: SecuritySettings,
+    /// The environment the settings were read for (`PETSTORE_ENV`, default `local`).
+    #[serde(skip)]
+    pub environment: Environment,
+}
+
+/// The environment a process runs in: `local`, `staging`, `production` or another name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Environment(pub String);
+
+impl Environment {
+    /// A developer machine: the only place demo mode and a weak token secret are allowed.
+    pub fn is_local(&self) -> bool {
+        self.0 == "local"
+    }
+}
+
+impl Default for Environment {
+    fn default() -> Self {
+        Self("local".to_owned())
+    }
+}
+
+impl std::fmt::Display for Environment {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(&self.0)
+    }
 }
 
 /// The HTTP listener.
@@ -331,16 +362,37 @@ impl Default for LogSettings {
     }
 }
 
-/// Settings could not be read.
+/// Settings could not be read, or are not acceptable.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid configuration: {0}")]
-pub struct SettingsError(#[from] Box<figment::Error>);
+pub enum SettingsError {
+    /// A file or variable cannot be read into the settings (unknown key, wrong type).
+    #[error("invalid configuration: {0}")]
+    Read(#[from] Box<figment::Error>),
+    /// A value is read but refused.
+    #[error("invalid configuration: {key}: {reason}")]
+    Invalid {
+        /// The key, e.g. `security.jwt.secret`.
+        key: String,
+        /// Why it is refused.
+        reason: String,
+    },
+}
+
+impl SettingsError {
+    /// A refused value.
+    pub fn invalid(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
 
 impl Settings {
     /// Reads the layers from `config_dir` and the process environment.
     pub fn load(config_dir: &Path) -> Result<Self, SettingsError> {
         let environment = std::env::var("PETSTORE_ENV").unwrap_or_else(|_| "local".to_owned());
-        Self::figment(config_dir, &environment)
+        let mut settings: Self = Self::figment(config_dir, &environment)
             .merge(Env::prefixed("PETSTORE__").split("__"))
             .merge(
                 Env::raw()
@@ -355,7 +407,16 @@ impl Settings {
                     }),
             )
             .extract()
-            .map_err(|error| SettingsError(Box::new(error)))
+            .map_err(|error| SettingsError::Read(Box::new(error)))?;
+        settings.environment = Environment(environment);
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Refuses values that read well but must not run: a weak token secret or demo mode
+    /// outside `local`, malformed users, issuers, proxies or limits.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        self.security.validate(&self.environment)
     }
 
     /// The file layers only: defaults, `base.yaml`, `{environment}.yaml`.
@@ -404,6 +465,10 @@ mod tests {
             jail.set_env("REDIS_URL", "redis://127.0.0.1:16379/0");
             jail.set_env("PETSTORE__HTTP__LISTEN", "127.0.0.1:9001");
             jail.set_env("PETSTORE__SAGA__EXPRESS_ORDER_PROCESSING", "false");
+            jail.set_env(
+                "PETSTORE__SECURITY__JWT__SECRET",
+                "a-secret-of-thirty-two-bytes-or-more",
+            );
             let settings = Settings::load(jail.directory()).expect("valid");
             assert_eq!(
                 settings

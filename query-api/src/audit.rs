@@ -5,6 +5,7 @@ use axum::extract::State;
 use axum::routing::get;
 use axum::Router;
 use petstore_domain::OrderId;
+use petstore_platform::auth::Caller;
 use petstore_platform::database::Database;
 use petstore_platform::http::{Json, Path, Problem, ProblemDocument, RequestContext};
 use petstore_platform::stream::{self, RecordedEvent, StreamError};
@@ -79,6 +80,23 @@ pub struct AuditTrail {
     pub events: Vec<AuditEntry>,
 }
 
+impl AuditTrail {
+    /// The customer who placed `order_id`, from its `OrderCreated` event.
+    pub fn customer_of(&self, order_id: &OrderId) -> Option<&str> {
+        let order_id = order_id.to_string();
+        self.events
+            .iter()
+            .find(|event| event.event_type == "OrderCreated" && event.aggregate_id == order_id)
+            .and_then(|event| {
+                event
+                    .payload
+                    .get("OrderCreated")?
+                    .get("customer_id")?
+                    .as_str()
+            })
+    }
+}
+
 /// Every event sharing `correlation_id`.
 pub async fn by_correlation(
     database: &Database,
@@ -117,18 +135,24 @@ pub async fn by_order(
     responses(
         (status = 200, description = "The audit trail", body = AuditTrail),
         (status = 400, description = "Not a UUID", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 401, description = "No valid bearer token", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 403, description = "The order belongs to another customer", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 404, description = "No such order", body = ProblemDocument, content_type = "application/problem+json"),
     )
 )]
 pub async fn order_audit(
     State(state): State<QueryState>,
+    caller: Caller,
     Path(order_id): Path<String>,
 ) -> Result<Json<AuditTrail>, Problem> {
     let order_id =
         OrderId::parse(&order_id).map_err(|error| Problem::bad_request(error.to_string()))?;
     RequestContext::record_order(&order_id);
     match by_order(&state.database, &order_id).await? {
-        Some(trail) => Ok(Json(trail)),
+        Some(trail) => {
+            caller.authorize_customer(trail.customer_of(&order_id).unwrap_or_default())?;
+            Ok(Json(trail))
+        }
         None => Err(Problem::not_found(format!(
             "order {order_id} does not exist"
         ))),

@@ -7,6 +7,7 @@
 //! - [`pets`]: browsing the catalog (`/pets/browse`, legacy `/browse-pets`) and pet details.
 //! - [`orders`]: order status.
 //! - [`audit`]: the audit trail of an order or a correlation id, from the event store.
+//! - [`security`]: the security audit trail, for admins.
 //! - [`reads`]: Redis first, database as fallback; read-your-writes tokens.
 
 use std::time::Duration;
@@ -20,6 +21,7 @@ pub mod audit;
 pub mod orders;
 pub mod pets;
 pub mod reads;
+pub mod security;
 
 /// What the query handlers need.
 #[derive(Clone)]
@@ -32,6 +34,8 @@ pub struct QueryState {
     pub database: Database,
     /// How long a query with a consistency token waits for the read model.
     pub consistency_wait: Duration,
+    /// The security audit trail.
+    pub security_audit: petstore_platform::security_audit::SecurityAudit,
     /// Metrics (Redis hits, misses and fallbacks).
     pub metrics: Metrics,
 }
@@ -43,6 +47,7 @@ pub fn router(state: QueryState) -> Router {
         .merge(pets::router())
         .merge(orders::router())
         .merge(audit::router())
+        .merge(security::router())
         .with_state(state)
 }
 
@@ -55,6 +60,7 @@ pub fn router(state: QueryState) -> Router {
         pets::pet_details,
         orders::order_status,
         audit::order_audit,
+        security::security_audit,
     ),
     components(schemas(
         pets::BrowseResponse,
@@ -65,6 +71,9 @@ pub fn router(state: QueryState) -> Router {
         petstore_platform::stream::StreamPosition,
         audit::AuditTrail,
         audit::AuditEntry,
+        security::SecurityAuditPage,
+        petstore_platform::security_audit::SecurityAuditEntry,
+        petstore_platform::security_audit::SecurityEventKind,
         petstore_platform::http::ProblemDocument,
     ))
 )]

@@ -4,6 +4,7 @@ use axum::extract::State;
 use axum::routing::get;
 use axum::Router;
 use petstore_domain::OrderId;
+use petstore_platform::auth::Caller;
 use petstore_platform::http::{Json, Path, Problem, ProblemDocument, RequestContext};
 use petstore_projector::OrderStatusView;
 
@@ -37,12 +38,15 @@ pub fn router() -> Router<QueryState> {
     responses(
         (status = 200, description = "The order's status", body = OrderStatusView),
         (status = 400, description = "Not a UUID", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 401, description = "No valid bearer token", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 403, description = "The order belongs to another customer", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 404, description = "No such order", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 409, description = "The read model did not reach the consistency token in time", body = ProblemDocument, content_type = "application/problem+json"),
     )
 )]
 pub async fn order_status(
     State(state): State<QueryState>,
+    caller: Caller,
     Path(order_id): Path<String>,
     token: ConsistencyToken,
 ) -> Result<Json<OrderStatusView>, Problem> {
@@ -50,7 +54,10 @@ pub async fn order_status(
         OrderId::parse(&order_id).map_err(|error| Problem::bad_request(error.to_string()))?;
     RequestContext::record_order(&order_id);
     match state.order(&order_id, token).await? {
-        Some(view) => Ok(Json(view)),
+        Some(view) => {
+            caller.authorize_customer(&view.customer_id)?;
+            Ok(Json(view))
+        }
         None => Err(Problem::not_found(format!(
             "order {order_id} does not exist"
         ))),

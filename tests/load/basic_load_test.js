@@ -28,6 +28,10 @@ const MAX_POLLS = parseInt(__ENV.MAX_POLLS || '60', 10);
 const POLL_INTERVAL = parseFloat(__ENV.POLL_INTERVAL || '0.25');
 // Pause between iterations, seconds (0 for a closed loop at full speed).
 const THINK_TIME = parseFloat(__ENV.THINK_TIME || '0.5');
+// Orders and their status need a token: setup() logs in as this user (config/local.yaml's
+// demo user, customer-001, by default).
+const USERNAME = __ENV.USERNAME || 'demo';
+const PASSWORD = __ENV.PASSWORD || 'demo';
 
 // The demo catalog (config catalog.seed_demo_pets).
 const PETS = [
@@ -82,11 +86,20 @@ export function setup() {
   if (response.status !== 200) {
     throw new Error(`${API}/health/ready answered ${response.status}: is the service running at ${BASE_URL}?`);
   }
+  const login = http.post(`${BASE_URL}/auth/login`, JSON.stringify({ username: USERNAME, password: PASSWORD }), {
+    headers: { 'Content-Type': 'application/json' },
+    tags: { name: 'login' },
+  });
+  const token = json(login);
+  if (login.status !== 200 || token === null) {
+    throw new Error(`logging in as ${USERNAME} answered ${login.status}`);
+  }
+  return { token: token.token };
 }
 
-export default function () {
+export default function (data) {
   const correlationId = uniqueId('k6');
-  const headers = { 'X-Correlation-ID': correlationId };
+  const headers = { 'X-Correlation-ID': correlationId, Authorization: `Bearer ${data.token}` };
 
   group('browse', () => {
     const response = http.get(`${API}/pets/browse?category=dog`, { headers, tags: { name: 'browse' } });

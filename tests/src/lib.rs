@@ -11,8 +11,9 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use petstore_cli::{Application, Role, Shutdown};
+use petstore_platform::auth::TokenVerifier;
 use petstore_platform::database::Database;
-use petstore_platform::settings::{LogFormat, Settings};
+use petstore_platform::settings::{JwtSettings, LogFormat, RoleName, Settings};
 use secrecy::SecretString;
 use serde_json::Value;
 use sqlx::{Connection, PgConnection};
@@ -108,6 +109,10 @@ impl Storage {
         settings.log.format = LogFormat::Text;
         settings.projector.poll_interval_ms = 50;
         settings.database.max_connections = 8;
+        // Tests mint their own tokens with this secret (TestApp::token); rate limits are
+        // off except in the tests of rate limits, which poll far less than the others.
+        settings.security.jwt.secret = Some(SecretString::from(TEST_TOKEN_SECRET.to_owned()));
+        settings.security.rate_limits.enabled = false;
         match self {
             Self::Embedded(dir) => settings.storage.data_dir = dir.path().to_path_buf(),
             Self::Postgres(database) => {
@@ -166,12 +171,19 @@ impl Storage {
     }
 }
 
+/// The token secret of test services (at least 32 bytes).
+pub const TEST_TOKEN_SECRET: &str = "test-token-secret-of-at-least-32-bytes!";
+
 /// The service, running on a free port.
 pub struct TestApp {
     /// `http://127.0.0.1:PORT`.
     pub address: String,
-    /// A client with no default headers.
+    /// A client that sends an admin's bearer token on every request (so tests of other
+    /// things act with every right).
     pub client: reqwest::Client,
+    /// A client with no default headers: no token.
+    pub anonymous: reqwest::Client,
+    jwt: JwtSettings,
     shutdown: Shutdown,
     server: JoinHandle<()>,
 }
@@ -186,6 +198,7 @@ impl TestApp {
     pub async fn start_with_roles(settings: Settings, roles: &BTreeSet<Role>) -> Self {
         // The first test of the process installs the subscriber; the rest reuse it.
         let _telemetry = petstore_platform::telemetry::init(&settings.log).expect("telemetry");
+        let jwt = settings.security.jwt.clone();
         let application = Application::build(settings, roles)
             .await
             .expect("the service starts");
@@ -197,12 +210,41 @@ impl TestApp {
                 .await
                 .expect("the service runs");
         });
-        Self {
+        let mut app = Self {
             address,
             client: reqwest::Client::new(),
+            anonymous: reqwest::Client::new(),
+            jwt,
             shutdown,
             server,
+        };
+        if app.jwt.secret.is_some() {
+            app.client = app.client_as("admin", RoleName::Admin);
         }
+        app
+    }
+
+    /// A token of this service's own for `subject` with `role`.
+    pub fn token(&self, subject: &str, role: RoleName) -> String {
+        TokenVerifier::new(&self.jwt, Vec::new())
+            .expect("the test secret is a valid key")
+            .issue(subject, role)
+            .expect("the test service has a secret")
+            .0
+    }
+
+    /// A client that sends a token for `subject` with `role` on every request.
+    pub fn client_as(&self, subject: &str, role: RoleName) -> reqwest::Client {
+        let mut headers = reqwest::header::HeaderMap::new();
+        let value = format!("Bearer {}", self.token(subject, role));
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            reqwest::header::HeaderValue::from_str(&value).expect("a token is ASCII"),
+        );
+        reqwest::Client::builder()
+            .default_headers(headers)
+            .build()
+            .expect("a client")
     }
 
     /// Stops the application gracefully and waits until it has.

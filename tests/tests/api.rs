@@ -318,7 +318,7 @@ async fn bad_orders_are_clear_problems_and_write_nothing(engine: Engine) {
         .expect("detail")
         .contains("unicorn-001"));
     for body in [
-        r#"{"pet_id":"golden-retriever-001"}"#.to_owned(),
+        r#"{"customer_id":"c"}"#.to_owned(),
         r#"{"customer_id":"c","pet_id":"Golden Retriever"}"#.to_owned(),
         r#"{"customer_id":"","pet_id":"golden-retriever-001"}"#.to_owned(),
         r#"{"customer_id":"c","pet_id":"golden-retriever-001","colour":"red"}"#.to_owned(),

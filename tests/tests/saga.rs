@@ -143,7 +143,8 @@ async fn an_order_completes_and_its_audit_trail_shows_the_whole_chain(engine: En
         positions.windows(2).all(|pair| pair[0] < pair[1]),
         "in stream order"
     );
-    assert_eq!(events[0]["subject"], "anonymous");
+    // The subject comes from the token (the test client's is an admin's).
+    assert_eq!(events[0]["subject"], "admin");
     assert_eq!(events[1]["subject"], "saga");
     assert_eq!(
         events[1]["causation_id"], events[0]["event_id"],

@@ -70,7 +70,9 @@ impl FreshDatabase {
 }
 
 /// `petstore` with a clean environment: no config files, no Redis, Kafka or OTLP endpoint
-/// unless `env` sets them, JSON logs.
+/// unless `env` sets them, JSON logs, and the seed's demo mode without rate limits (these
+/// tests are about other things; `cli/tests/security.rs` runs the binary with the shipped
+/// config and its users).
 pub fn petstore_command(env: &[(&str, String)]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_petstore"));
     command
@@ -85,7 +87,10 @@ pub fn petstore_command(env: &[(&str, String)]) -> Command {
             command.env_remove(name);
         }
     }
-    command.env("PETSTORE__LOG__FORMAT", "json");
+    command
+        .env("PETSTORE__LOG__FORMAT", "json")
+        .env("PETSTORE__SECURITY__AUTHENTICATION_REQUIRED", "false")
+        .env("PETSTORE__SECURITY__RATE_LIMITS__ENABLED", "false");
     for (name, value) in env {
         command.env(name, value);
     }

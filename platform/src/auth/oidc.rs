@@ -1,0 +1,273 @@
+//! One OIDC issuer's signing keys: read from a file, or fetched from its JWKS (found by
+//! discovery or configured), kept in memory and refetched when a token names an unknown
+//! `kid` (key rotation).
+//!
+//! Refetches are single-flight (one at a time, the others wait for its result) and at most
+//! one per cooldown, so tokens with random kids cannot make the service hammer the provider.
+//! A failed fetch keeps the keys already known.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey};
+use serde::Deserialize;
+
+use super::tokens::TokenRejection;
+use crate::security_audit::{SecurityAudit, SecurityEvent, SecurityEventKind, SecurityOutcome};
+use crate::settings::{same_host, OidcAlgorithm, OidcIssuerSettings, OidcSettings, RoleName};
+
+/// A key set could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum KeySetError {
+    /// The provider did not answer well.
+    #[error("fetching {url} failed: {reason}")]
+    Fetch {
+        /// What was fetched.
+        url: String,
+        /// Why it failed.
+        reason: String,
+    },
+    /// The discovery document names a key set off the issuer's host, or over http.
+    #[error("the discovered jwks_uri is refused: {0}")]
+    Untrusted(String),
+    /// The file cannot be read or parsed.
+    #[error("the key set file {path} cannot be read: {reason}")]
+    File {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The keys of one issuer.
+pub struct OidcIssuer {
+    settings: OidcIssuerSettings,
+    client: reqwest::Client,
+    cooldown: Duration,
+    keys: RwLock<Arc<HashMap<String, Arc<DecodingKey>>>>,
+    /// Held while a refetch runs; remembers when the last one started.
+    refetch: tokio::sync::Mutex<Option<Instant>>,
+    audit: Option<SecurityAudit>,
+}
+
+#[derive(Deserialize)]
+struct Discovery {
+    jwks_uri: String,
+}
+
+impl OidcIssuer {
+    /// An issuer with no keys yet: [`Self::load`] reads or fetches them.
+    pub fn new(
+        settings: OidcIssuerSettings,
+        oidc: &OidcSettings,
+        audit: Option<SecurityAudit>,
+    ) -> Result<Self, KeySetError> {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_millis(oidc.fetch_timeout_ms))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|error| KeySetError::Fetch {
+                url: settings.issuer.clone(),
+                reason: error.to_string(),
+            })?;
+        Ok(Self {
+            settings,
+            client,
+            cooldown: Duration::from_secs(oidc.refetch_cooldown_seconds),
+            keys: RwLock::new(Arc::new(HashMap::new())),
+            refetch: tokio::sync::Mutex::new(None),
+            audit,
+        })
+    }
+
+    /// The exact `iss` of its tokens.
+    pub fn issuer(&self) -> &str {
+        &self.settings.issuer
+    }
+
+    /// The `aud` its tokens must name.
+    pub fn audience(&self) -> &str {
+        &self.settings.audience
+    }
+
+    /// Whether the issuer is configured to sign with `algorithm`.
+    pub fn accepts(&self, algorithm: OidcAlgorithm) -> bool {
+        self.settings.algorithms.contains(&algorithm)
+    }
+
+    /// How many keys are known.
+    pub fn key_count(&self) -> usize {
+        self.current().len()
+    }
+
+    /// Reads the key file or fetches the key set. A file that cannot be read is an error
+    /// (start-up fails); a provider that does not answer is logged and retried on the first
+    /// token that needs it.
+    pub async fn load(&self) -> Result<(), KeySetError> {
+        if let Some(path) = &self.settings.jwks_file {
+            let file_error = |reason: String| KeySetError::File {
+                path: path.display().to_string(),
+                reason,
+            };
+            let text = tokio::fs::read_to_string(path)
+                .await
+                .map_err(|error| file_error(error.to_string()))?;
+            let set: JwkSet =
+                serde_json::from_str(&text).map_err(|error| file_error(error.to_string()))?;
+            self.replace(&set);
+            return Ok(());
+        }
+        let mut last = self.refetch.lock().await;
+        *last = Some(Instant::now());
+        if let Err(error) = self.fetch_and_replace().await {
+            tracing::error!(issuer = %self.settings.issuer, %error, "the identity provider's key set could not be fetched; retrying when a token needs it");
+        }
+        Ok(())
+    }
+
+    /// The key `kid`, refetching the key set once (single-flight, at most once per cooldown)
+    /// when it is unknown. The key must suit `algorithm`.
+    pub async fn key(
+        &self,
+        kid: &str,
+        algorithm: Algorithm,
+    ) -> Result<Arc<DecodingKey>, TokenRejection> {
+        let suitable = |key: &Arc<DecodingKey>| key.family() == algorithm.family();
+        if let Some(key) = self.current().get(kid) {
+            return suitable(key)
+                .then(|| key.clone())
+                .ok_or(TokenRejection::AlgorithmNotAccepted);
+        }
+        if self.settings.jwks_file.is_some() {
+            return Err(TokenRejection::UnknownKey);
+        }
+        let mut last = self.refetch.lock().await;
+        // Another request may have refetched while this one waited.
+        if let Some(key) = self.current().get(kid) {
+            return suitable(key)
+                .then(|| key.clone())
+                .ok_or(TokenRejection::AlgorithmNotAccepted);
+        }
+        if last.is_some_and(|started| started.elapsed() < self.cooldown) {
+            return Err(TokenRejection::UnknownKey);
+        }
+        *last = Some(Instant::now());
+        if let Err(error) = self.fetch_and_replace().await {
+            tracing::warn!(issuer = %self.settings.issuer, %error, "key set refetch failed; keeping the known keys");
+        }
+        drop(last);
+        match self.current().get(kid) {
+            Some(key) if suitable(key) => Ok(key.clone()),
+            Some(_) => Err(TokenRejection::AlgorithmNotAccepted),
+            None => Err(TokenRejection::UnknownKey),
+        }
+    }
+
+    /// The roles in the configured claim: a string or an array of strings, reached by a
+    /// dotted path.
+    pub fn roles(&self, claims: &serde_json::Value) -> BTreeSet<RoleName> {
+        let mut value = claims;
+        for part in self.settings.roles_claim.split('.') {
+            match value.get(part) {
+                Some(inner) => value = inner,
+                None => return BTreeSet::new(),
+            }
+        }
+        match value {
+            serde_json::Value::String(role) => RoleName::parse(role).into_iter().collect(),
+            serde_json::Value::Array(roles) => roles
+                .iter()
+                .filter_map(serde_json::Value::as_str)
+                .filter_map(RoleName::parse)
+                .collect(),
+            _ => BTreeSet::new(),
+        }
+    }
+
+    fn current(&self) -> Arc<HashMap<String, Arc<DecodingKey>>> {
+        match self.keys.read() {
+            Ok(keys) => keys.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn replace(&self, set: &JwkSet) -> usize {
+        let keys: HashMap<String, Arc<DecodingKey>> = set
+            .keys
+            .iter()
+            .filter_map(|jwk| {
+                let kid = jwk.common.key_id.clone()?;
+                let key = DecodingKey::from_jwk(jwk).ok()?;
+                Some((kid, Arc::new(key)))
+            })
+            .collect();
+        let count = keys.len();
+        let keys = Arc::new(keys);
+        match self.keys.write() {
+            Ok(mut slot) => *slot = keys,
+            Err(poisoned) => *poisoned.into_inner() = keys,
+        }
+        count
+    }
+
+    async fn fetch_and_replace(&self) -> Result<usize, KeySetError> {
+        let result = self.fetch().await.map(|set| self.replace(&set));
+        let (outcome, detail) = match &result {
+            Ok(count) => (
+                SecurityOutcome::Success,
+                format!("fetched {count} keys of {}", self.settings.issuer),
+            ),
+            Err(error) => (SecurityOutcome::Failure, error.to_string()),
+        };
+        if let Some(audit) = &self.audit {
+            audit
+                .record(SecurityEvent::new(
+                    SecurityEventKind::KeySetRotation,
+                    outcome,
+                    detail,
+                ))
+                .await;
+        }
+        result
+    }
+
+    async fn fetch(&self) -> Result<JwkSet, KeySetError> {
+        let jwks_uri = match &self.settings.jwks_uri {
+            Some(uri) => uri.clone(),
+            None => {
+                let url = format!(
+                    "{}/.well-known/openid-configuration",
+                    self.settings.issuer.trim_end_matches('/')
+                );
+                let discovery: Discovery = self.get_json(&url).await?;
+                same_host(&self.settings.issuer, &discovery.jwks_uri)
+                    .map_err(KeySetError::Untrusted)?;
+                discovery.jwks_uri
+            }
+        };
+        self.get_json(&jwks_uri).await
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, url: &str) -> Result<T, KeySetError> {
+        let failed = |reason: String| KeySetError::Fetch {
+            url: url.to_owned(),
+            reason,
+        };
+        let response = self
+            .client
+            .get(url)
+            .send()
+            .await
+            .map_err(|error| failed(error.to_string()))?;
+        if !response.status().is_success() {
+            return Err(failed(format!("status {}", response.status())));
+        }
+        response
+            .json::<T>()
+            .await
+            .map_err(|error| failed(error.to_string()))
+    }
+}

@@ -1,0 +1,247 @@
+//! Bearer tokens: the service's own HS256 tokens (issued by `POST /auth/login`) and RS256 or
+//! ES256 tokens of configured OIDC issuers.
+//!
+//! The validation is chosen by the token's issuer, never by its `alg`: the unverified `iss`
+//! only picks which issuer's rules apply, and those rules fix the algorithms and keys. So
+//! `alg: none` (no such algorithm to jsonwebtoken), an HS256 token claiming an OIDC issuer
+//! (HS/RS confusion: the public key used as an HMAC secret) and an RS256 token claiming the
+//! local issuer are all refused before any signature check.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use secrecy::ExposeSecret;
+use serde::{Deserialize, Serialize};
+
+use super::oidc::OidcIssuer;
+use crate::settings::{JwtSettings, OidcAlgorithm, RoleName};
+
+/// Why a token was refused. The text goes into the audit trail and the `WWW-Authenticate`
+/// error description; it never contains the token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenRejection {
+    /// Not three base64url parts of JSON, or an algorithm nobody accepts (`none`).
+    #[error("the token is malformed or names an unsupported algorithm")]
+    Malformed,
+    /// `iss` names no configured issuer.
+    #[error("the token's issuer is not trusted")]
+    UnknownIssuer,
+    /// The issuer does not sign with the token's `alg`.
+    #[error("the token's algorithm is not accepted for its issuer")]
+    AlgorithmNotAccepted,
+    /// The issuer's key set has no key with the token's `kid` (after a refetch).
+    #[error("the token's signing key is unknown")]
+    UnknownKey,
+    /// The signature does not verify.
+    #[error("the token's signature is invalid")]
+    BadSignature,
+    /// `exp` has passed.
+    #[error("the token has expired")]
+    Expired,
+    /// `nbf` is in the future.
+    #[error("the token is not valid yet")]
+    NotYetValid,
+    /// `aud` does not name this service.
+    #[error("the token is not meant for this service (audience)")]
+    WrongAudience,
+    /// A required claim (`iss`, `aud`, `exp`, `nbf`, `sub`) is missing or malformed.
+    #[error("the token lacks a required claim: {0}")]
+    MissingClaim(String),
+}
+
+impl TokenRejection {
+    /// A short, bounded label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed",
+            Self::UnknownIssuer => "unknown_issuer",
+            Self::AlgorithmNotAccepted => "algorithm",
+            Self::UnknownKey => "unknown_key",
+            Self::BadSignature => "bad_signature",
+            Self::Expired => "expired",
+            Self::NotYetValid => "not_yet_valid",
+            Self::WrongAudience => "wrong_audience",
+            Self::MissingClaim(_) => "missing_claim",
+        }
+    }
+
+    fn from_validation(error: &jsonwebtoken::errors::Error) -> Self {
+        match error.kind() {
+            ErrorKind::ExpiredSignature => Self::Expired,
+            ErrorKind::ImmatureSignature => Self::NotYetValid,
+            ErrorKind::InvalidAudience => Self::WrongAudience,
+            ErrorKind::InvalidIssuer => Self::UnknownIssuer,
+            ErrorKind::InvalidSignature => Self::BadSignature,
+            ErrorKind::InvalidAlgorithm => Self::AlgorithmNotAccepted,
+            ErrorKind::MissingRequiredClaim(claim) | ErrorKind::InvalidClaimFormat(claim) => {
+                Self::MissingClaim(claim.clone())
+            }
+            _ => Self::Malformed,
+        }
+    }
+}
+
+/// Who a valid token says the caller is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedToken {
+    /// The `sub` claim.
+    pub subject: String,
+    /// The roles the token grants (unknown role names are ignored).
+    pub roles: BTreeSet<RoleName>,
+}
+
+/// The claims of the service's own tokens.
+#[derive(Debug, Serialize, Deserialize)]
+struct LocalClaims {
+    iss: String,
+    aud: String,
+    sub: String,
+    iat: i64,
+    nbf: i64,
+    exp: i64,
+    roles: Vec<String>,
+}
+
+/// Just enough of an unverified token to pick the issuer whose rules apply.
+#[derive(Deserialize)]
+struct UnverifiedIssuer {
+    iss: Option<String>,
+}
+
+/// The claims every token must carry.
+const REQUIRED_CLAIMS: [&str; 5] = ["iss", "aud", "exp", "nbf", "sub"];
+
+/// The service's own issuer: signs logins, verifies its tokens.
+struct LocalIssuer {
+    issuer: String,
+    audience: String,
+    ttl_seconds: u64,
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+}
+
+/// Verifies bearer tokens, and issues the service's own.
+#[derive(Clone)]
+pub struct TokenVerifier {
+    local: Option<Arc<LocalIssuer>>,
+    issuers: Vec<Arc<OidcIssuer>>,
+    leeway_seconds: u64,
+}
+
+impl TokenVerifier {
+    /// A verifier for the local issuer (when `jwt.secret` is set) and `issuers`.
+    pub fn new(
+        jwt: &JwtSettings,
+        issuers: Vec<Arc<OidcIssuer>>,
+    ) -> Result<Self, jsonwebtoken::errors::Error> {
+        let local = match &jwt.secret {
+            Some(secret) => {
+                let bytes = secret.expose_secret().as_bytes();
+                Some(Arc::new(LocalIssuer {
+                    issuer: jwt.issuer.clone(),
+                    audience: jwt.audience.clone(),
+                    ttl_seconds: jwt.token_ttl_seconds,
+                    encoding: EncodingKey::from_secret(bytes)?,
+                    decoding: DecodingKey::from_secret(bytes)?,
+                }))
+            }
+            None => None,
+        };
+        Ok(Self {
+            local,
+            issuers,
+            leeway_seconds: jwt.leeway_seconds,
+        })
+    }
+
+    /// Whether the service issues tokens of its own (a secret is configured).
+    pub fn issues_tokens(&self) -> bool {
+        self.local.is_some()
+    }
+
+    /// Issues an HS256 token for `subject` with `role`, valid for the configured lifetime.
+    /// Returns the token and its lifetime in seconds; `None` without a secret.
+    pub fn issue(&self, subject: &str, role: RoleName) -> Option<(String, u64)> {
+        let local = self.local.as_ref()?;
+        let now = chrono::Utc::now().timestamp();
+        let claims = LocalClaims {
+            iss: local.issuer.clone(),
+            aud: local.audience.clone(),
+            sub: subject.to_owned(),
+            iat: now,
+            nbf: now,
+            exp: now.saturating_add(i64::try_from(local.ttl_seconds).unwrap_or(i64::MAX)),
+            roles: vec![role.as_str().to_owned()],
+        };
+        let token =
+            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &local.encoding).ok()?;
+        Some((token, local.ttl_seconds))
+    }
+
+    /// Checks `token` by the rules of the issuer it names.
+    pub async fn verify(&self, token: &str) -> Result<VerifiedToken, TokenRejection> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| TokenRejection::Malformed)?;
+        let issuer = jsonwebtoken::dangerous::insecure_decode_claims::<UnverifiedIssuer>(token)
+            .map_err(|_| TokenRejection::Malformed)?
+            .iss
+            .ok_or_else(|| TokenRejection::MissingClaim("iss".to_owned()))?;
+        if let Some(local) = self.local.as_ref().filter(|local| local.issuer == issuer) {
+            if header.alg != Algorithm::HS256 {
+                return Err(TokenRejection::AlgorithmNotAccepted);
+            }
+            let validation = self.validation(Algorithm::HS256, &local.issuer, &local.audience);
+            let claims = jsonwebtoken::decode::<LocalClaims>(token, &local.decoding, &validation)
+                .map_err(|error| TokenRejection::from_validation(&error))?
+                .claims;
+            return Ok(VerifiedToken {
+                subject: claims.sub,
+                roles: claims
+                    .roles
+                    .iter()
+                    .filter_map(|role| RoleName::parse(role))
+                    .collect(),
+            });
+        }
+        let oidc = self
+            .issuers
+            .iter()
+            .find(|candidate| candidate.issuer() == issuer)
+            .ok_or(TokenRejection::UnknownIssuer)?;
+        let algorithm = match header.alg {
+            Algorithm::RS256 => OidcAlgorithm::RS256,
+            Algorithm::ES256 => OidcAlgorithm::ES256,
+            _ => return Err(TokenRejection::AlgorithmNotAccepted),
+        };
+        if !oidc.accepts(algorithm) {
+            return Err(TokenRejection::AlgorithmNotAccepted);
+        }
+        let kid = header.kid.as_deref().ok_or(TokenRejection::UnknownKey)?;
+        let key = oidc.key(kid, header.alg).await?;
+        let validation = self.validation(header.alg, oidc.issuer(), oidc.audience());
+        let claims = jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation)
+            .map_err(|error| TokenRejection::from_validation(&error))?
+            .claims;
+        let subject = claims
+            .get("sub")
+            .and_then(serde_json::Value::as_str)
+            .filter(|subject| !subject.is_empty())
+            .ok_or_else(|| TokenRejection::MissingClaim("sub".to_owned()))?
+            .to_owned();
+        Ok(VerifiedToken {
+            subject,
+            roles: oidc.roles(&claims),
+        })
+    }
+
+    fn validation(&self, algorithm: Algorithm, issuer: &str, audience: &str) -> Validation {
+        let mut validation = Validation::new(algorithm);
+        validation.set_required_spec_claims(&REQUIRED_CLAIMS);
+        validation.set_issuer(&[issuer]);
+        validation.set_audience(&[audience]);
+        validation.validate_nbf = true;
+        validation.leeway = self.leeway_seconds;
+        validation
+    }
+}

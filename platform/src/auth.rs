@@ -427,8 +427,15 @@ pub async fn guard(State(security): State<Security>, mut request: Request, next:
     };
     request.extensions_mut().insert(caller.clone());
 
+    // Logins have quotas of their own, per username and per address (see `login`).
     let route_key = format!("{} {}", route.method, route.template);
-    let usage = match inner.limits.check_request(&route_key, &request) {
+    let counted = route.template != "/auth/login";
+    let decision = if counted {
+        inner.limits.check_request(&route_key, &request)
+    } else {
+        Decision::Unlimited
+    };
+    let usage = match decision {
         Decision::Limited { usage, first_trip } => {
             return security.limited(&usage, first_trip, &caller, &route).await;
         }

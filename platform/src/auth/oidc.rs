@@ -120,8 +120,8 @@ impl OidcIssuer {
             self.replace(&set);
             return Ok(());
         }
-        let mut last = self.refetch.lock().await;
-        *last = Some(Instant::now());
+        // The start-up fetch starts no cooldown: the first unknown kid may refetch at once.
+        let _single_flight = self.refetch.lock().await;
         if let Err(error) = self.fetch_and_replace().await {
             tracing::error!(issuer = %self.settings.issuer, %error, "the identity provider's key set could not be fetched; retrying when a token needs it");
         }

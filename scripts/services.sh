@@ -3,7 +3,7 @@
 # Idempotent: when a service already answers, nothing is done.
 #
 #   scripts/services.sh postgres redis kafka
-#   scripts/services.sh prometheus k6     # tools only: installed, not started
+#   scripts/services.sh prometheus k6 schemathesis   # tools only: installed, not started
 #   scripts/services.sh stop-started     # stops what an earlier call started
 set -euo pipefail
 # Functions are named ensure_*: a function named like the tool (k6) would answer `command -v`
@@ -103,6 +103,15 @@ ensure_k6() {
   type -P k6 >/dev/null 2>&1 || { log "k6 is not on the PATH after installing it"; exit 1; }
 }
 
+ensure_schemathesis() {
+  if type -P st >/dev/null 2>&1; then return; fi
+  log "installing schemathesis (PyPI)"
+  python3 -m pip install --quiet --disable-pip-version-check 'schemathesis>=4,<5'
+  if type -P pyenv >/dev/null 2>&1; then pyenv rehash; fi
+  hash -r
+  type -P st >/dev/null 2>&1 || { log "st is not on the PATH after installing schemathesis"; exit 1; }
+}
+
 stop_started() {
   [[ -f "$started_file" ]] || return 0
   while read -r service; do
@@ -121,6 +130,7 @@ for service in "$@"; do
     kafka) ensure_kafka ;;
     prometheus) ensure_prometheus ;;
     k6) ensure_k6 ;;
+    schemathesis) ensure_schemathesis ;;
     stop-started) stop_started ;;
     *) log "unknown service $service"; exit 2 ;;
   esac

@@ -17,7 +17,7 @@ log() { printf '==> %s\n' "$*" >&2; }
 PETSTORE_STARTED_FILE="$(mktemp)"
 export PETSTORE_STARTED_FILE
 trap 'bash "$repo/scripts/services.sh" stop-started; rm -f "$PETSTORE_STARTED_FILE"' EXIT
-bash "$repo/scripts/services.sh" postgres redis kafka prometheus k6
+bash "$repo/scripts/services.sh" postgres redis kafka prometheus k6 schemathesis
 export KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
 export PETSTORE_TEST_REDIS_URL="${PETSTORE_TEST_REDIS_URL:-redis://127.0.0.1:6379/0}"
 
@@ -55,6 +55,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 if [[ $# -eq 0 ]]; then
   log "load script smoke run (k6, 5 s against the real binary)"
   bash "$repo/scripts/load.sh" --smoke
+  log "API contract (schemathesis against the real binary)"
+  bash "$repo/scripts/contract.sh"
 fi
 log "tests"
 profile=default

@@ -396,6 +396,8 @@ pub fn openapi_document() -> utoipa::openapi::OpenApi {
     document.merge(QueryApiDoc::openapi());
     document.merge(petstore_platform::health::HealthApiDoc::openapi());
     document.merge(ServiceApiDoc::openapi());
+    document.merge(petstore_platform::auth::login::LoginApiDoc::openapi());
+    auth::describe_security(&mut document);
     document.info.title = "Petstore order platform".to_owned();
     document.info.version = env!("CARGO_PKG_VERSION").to_owned();
     document.info.description = Some(

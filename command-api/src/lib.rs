@@ -87,6 +87,7 @@ pub fn router(state: CommandState) -> Router {
     ),
     components(schemas(
         orders::PlaceOrderBody,
+        orders::SimulatedFailureHeader,
         orders::OrderAccepted,
         payments::PaymentBody,
         payments::PaymentResult,

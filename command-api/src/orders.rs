@@ -9,9 +9,7 @@ use axum::Router;
 use cqrs_es::Aggregate;
 use petstore_domain::order::{Order, OrderCommand, OrderRequest, OrderStatus};
 use petstore_domain::pet::Pet;
-use petstore_domain::{
-    CustomerId, DomainError, OrderId, PetId, SimulatedFailure, SpecialInstructions,
-};
+use petstore_domain::{CustomerId, OrderId, PetId, SimulatedFailure, SpecialInstructions};
 use petstore_platform::auth::Caller;
 use petstore_platform::event_store::EventMetadata;
 use petstore_platform::http::{
@@ -35,6 +33,19 @@ pub fn router() -> Router<CommandState> {
         .route("/petstore-domain/create-order", post(create_order_legacy))
 }
 
+/// The values of `X-Simulate-Failure` (for the OpenAPI document).
+#[derive(ToSchema)]
+#[allow(dead_code)] // a schema only: the header is parsed by `SimulatedFailure::parse`
+#[schema(rename_all = "kebab-case")]
+pub enum SimulatedFailureHeader {
+    /// The reservation step fails.
+    InventoryService,
+    /// The payment step fails.
+    PaymentService,
+    /// The delivery step fails.
+    DeliveryService,
+}
+
 /// What a customer sends to order a pet.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -42,14 +53,22 @@ pub struct PlaceOrderBody {
     /// Who orders: 1 to 128 characters of letters, digits and `-_.@+`. A customer orders as
     /// the token's subject (another id is 403; omitted, the subject is used); an admin may
     /// order for anyone.
-    #[schema(example = "customer-001")]
+    #[schema(example = "customer-001", pattern = "^[A-Za-z0-9._@+-]{1,128}$")]
     #[serde(default)]
     pub customer_id: Option<String>,
     /// The pet's id.
-    #[schema(example = "golden-retriever-001")]
+    #[schema(
+        example = "golden-retriever-001",
+        pattern = "^[a-z0-9]+(-[a-z0-9]+)*$",
+        max_length = 64
+    )]
     pub pet_id: String,
     /// Up to 500 characters of free text.
-    #[schema(example = "Please include vaccination records")]
+    #[schema(
+        example = "Please include vaccination records",
+        max_length = 500,
+        pattern = "^[^\\u0000-\\u0009\\u000b-\\u001f\\u007f-\\u009f]*$"
+    )]
     #[serde(default)]
     pub special_instructions: Option<String>,
 }
@@ -76,9 +95,9 @@ pub struct OrderAccepted {
     tag = "orders",
     request_body = PlaceOrderBody,
     params(
-        ("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters; a retried request with the same key returns the same order"),
-        ("X-Correlation-ID" = Option<String>, Header, description = "echoed on the response and stored on every event of the order"),
-        ("X-Simulate-Failure" = Option<String>, Header, description = "inventory-service, payment-service or delivery-service: make that step of this order's saga fail (when providers.allow_simulated_failures)"),
+        ("Idempotency-Key" = Option<String>, Header, pattern = "^[!-~]{1,255}$", description = "1 to 255 visible ASCII characters; a retried request with the same key returns the same order"),
+        ("X-Correlation-ID" = Option<String>, Header, pattern = "^[A-Za-z0-9._:-]{1,128}$", description = "echoed on the response and stored on every event of the order"),
+        ("X-Simulate-Failure" = Option<SimulatedFailureHeader>, Header, description = "inventory-service, payment-service or delivery-service: make that step of this order's saga fail (when providers.allow_simulated_failures)"),
     ),
     responses(
         (status = 202, description = "Order accepted", body = OrderAccepted,
@@ -90,7 +109,8 @@ pub struct OrderAccepted {
         (status = 409, description = "Concurrent changes kept conflicting", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 415, description = "Body is not application/json", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid field, unknown pet, or reused Idempotency-Key", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 404, description = "No pet has this id", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid field, or reused Idempotency-Key", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 503, description = "Event store unreachable", body = ProblemDocument, content_type = "application/problem+json"),
     )
 )]
@@ -136,7 +156,7 @@ pub async fn place_order(
 
     let pet: Pet = state.store.load(pet_id.as_str()).await?;
     let Some(details) = pet.details() else {
-        return Err(DomainError::validation("pet_id", format!("no pet has id {pet_id}")).into());
+        return Err(Problem::not_found(format!("no pet has id {pet_id}")));
     };
     let command = OrderCommand::PlaceOrder(OrderRequest {
         order_id,
@@ -227,7 +247,9 @@ fn parse_idempotency_key(value: &HeaderValue) -> Result<&str, Problem> {
     value
         .to_str()
         .ok()
-        .filter(|key| !key.is_empty() && key.len() <= 255)
+        .filter(|key| {
+            !key.is_empty() && key.len() <= 255 && key.bytes().all(|b| b.is_ascii_graphic())
+        })
         .ok_or_else(|| {
             Problem::bad_request("Idempotency-Key must be 1 to 255 visible ASCII characters")
         })

@@ -38,9 +38,27 @@ pub fn router() -> axum::Router<CommandState> {
 #[serde(deny_unknown_fields)]
 pub struct AmountBody {
     /// Minor units (cents).
+    #[schema(minimum = 0)]
+    #[serde(deserialize_with = "whole_number")]
     pub amount_minor: i64,
     /// ISO 4217 code.
+    #[schema(pattern = "^[A-Z]{3}$")]
     pub currency: String,
+}
+
+/// An integer as JSON Schema means it: `3346` or `3346.0` (a number with no fraction).
+fn whole_number<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
+    let number = serde_json::Number::deserialize(deserializer)?;
+    if let Some(value) = number.as_i64() {
+        return Ok(value);
+    }
+    number
+        .as_f64()
+        .filter(|value| value.fract() == 0.0 && value.abs() < 9.007_199_254_740_992e15)
+        .map(|value| value as i64)
+        .ok_or_else(|| {
+            serde::de::Error::custom(format!("{number} is not a whole number of minor units"))
+        })
 }
 
 /// A customer's payment for an order.
@@ -48,6 +66,7 @@ pub struct AmountBody {
 #[serde(deny_unknown_fields)]
 pub struct PaymentBody {
     /// The order to pay.
+    #[schema(format = Uuid)]
     pub order_id: String,
     /// What the customer expects to pay; when given it must equal the order's amount.
     #[serde(default)]

@@ -582,14 +582,18 @@ pub async fn correlation_of(
 }
 
 impl StreamPosition {
-    /// The opaque `X-Consistency-Token` form: `{transaction_id}.{global_position}`.
+    /// The `pattern` of [`Self::to_token`]'s form, for the OpenAPI document.
+    pub const TOKEN_PATTERN: &'static str = "^t[0-9]{1,18}p[0-9]{1,18}$";
+
+    /// The opaque `X-Consistency-Token` form: `t{transaction_id}p{global_position}` (letters
+    /// and digits only, so that it is a plain token in any header grammar).
     pub fn to_token(&self) -> String {
-        format!("{}.{}", self.transaction_id, self.global_position)
+        format!("t{}p{}", self.transaction_id, self.global_position)
     }
 
     /// Parses [`Self::to_token`]'s form.
     pub fn from_token(token: &str) -> Option<Self> {
-        let (transaction_id, global_position) = token.split_once('.')?;
+        let (transaction_id, global_position) = token.strip_prefix('t')?.split_once('p')?;
         Some(Self {
             transaction_id: transaction_id
                 .parse()

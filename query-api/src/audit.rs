@@ -131,7 +131,7 @@ pub async fn by_order(
     get,
     path = "/petstore-domain/orders/{order_id}/audit",
     tag = "orders",
-    params(("order_id" = String, Path, description = "The order's UUID")),
+    params(("order_id" = String, Path, format = Uuid, description = "The order's UUID")),
     responses(
         (status = 200, description = "The audit trail", body = AuditTrail),
         (status = 400, description = "Not a UUID", body = ProblemDocument, content_type = "application/problem+json"),

@@ -32,8 +32,8 @@ pub fn router() -> Router<QueryState> {
     path = "/petstore-domain/orders/{order_id}/status",
     tag = "orders",
     params(
-        ("order_id" = String, Path, description = "The order's UUID"),
-        ("X-Consistency-Token" = Option<String>, Header, description = "From a command's response: wait until the read model shows that write"),
+        ("order_id" = String, Path, format = Uuid, description = "The order's UUID"),
+        ("X-Consistency-Token" = Option<String>, Header, pattern = "^t[0-9]{1,18}p[0-9]{1,18}$", description = "From a command's response: wait until the read model shows that write"),
     ),
     responses(
         (status = 200, description = "The order's status", body = OrderStatusView),

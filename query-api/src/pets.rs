@@ -31,16 +31,22 @@ pub fn router() -> Router<QueryState> {
 #[into_params(parameter_in = Query)]
 pub struct BrowseParams {
     /// `dog`, `cat`, `bird`, `fish` or `reptile`.
+    #[param(pattern = "^(dog|cat|bird|fish|reptile)$")]
     pub category: Option<String>,
     /// Lowest price, in minor units (cents).
+    #[param(minimum = 0)]
     pub min_price: Option<i64>,
-    /// Highest price, in minor units (cents).
+    /// Highest price, in minor units (cents); below `min_price`, no pet matches.
+    #[param(minimum = 0)]
     pub max_price: Option<i64>,
     /// `available`, `reserved` or `sold`.
+    #[param(pattern = "^(available|reserved|sold)$")]
     pub availability: Option<String>,
     /// Page size, 1 to 100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
     pub limit: Option<u32>,
-    /// The `next_cursor` of the previous page.
+    /// The `next_cursor` of the previous page (a pet id).
+    #[param(pattern = "^[a-z0-9]+(-[a-z0-9]+)*$", max_length = 64)]
     pub cursor: Option<String>,
 }
 
@@ -76,11 +82,6 @@ impl BrowseParams {
                 return Err(Problem::validation(format!("{name}: must not be negative")));
             }
         }
-        if let (Some(min), Some(max)) = (self.min_price, self.max_price) {
-            if min > max {
-                return Err(Problem::validation("min_price: must not exceed max_price"));
-            }
-        }
         let limit = self.limit.unwrap_or(DEFAULT_PAGE_SIZE);
         if !(1..=MAX_PAGE_SIZE).contains(&limit) {
             return Err(Problem::validation("limit: must be between 1 and 100"));
@@ -114,7 +115,7 @@ impl BrowseParams {
     tag = "pets",
     params(
         BrowseParams,
-        ("X-Consistency-Token" = Option<String>, Header, description = "From a command's response: wait until the read model shows that write"),
+        ("X-Consistency-Token" = Option<String>, Header, pattern = "^t[0-9]{1,18}p[0-9]{1,18}$", description = "From a command's response: wait until the read model shows that write"),
     ),
     responses(
         (status = 200, description = "A page of pets", body = BrowseResponse),
@@ -144,7 +145,7 @@ pub async fn browse(
     tag = "pets",
     params(
         BrowseParams,
-        ("X-Consistency-Token" = Option<String>, Header, description = "From a command's response: wait until the read model shows that write"),
+        ("X-Consistency-Token" = Option<String>, Header, pattern = "^t[0-9]{1,18}p[0-9]{1,18}$", description = "From a command's response: wait until the read model shows that write"),
     ),
     responses(
         (status = 200, description = "A page of pets", body = BrowseResponse),
@@ -167,8 +168,8 @@ pub async fn browse_legacy(
     path = "/petstore-domain/pets/{pet_id}",
     tag = "pets",
     params(
-        ("pet_id" = String, Path, description = "The pet's id, e.g. golden-retriever-001"),
-        ("X-Consistency-Token" = Option<String>, Header, description = "From a command's response: wait until the read model shows that write"),
+        ("pet_id" = String, Path, pattern = "^[a-z0-9]+(-[a-z0-9]+)*$", max_length = 64, description = "The pet's id, e.g. golden-retriever-001"),
+        ("X-Consistency-Token" = Option<String>, Header, pattern = "^t[0-9]{1,18}p[0-9]{1,18}$", description = "From a command's response: wait until the read model shows that write"),
     ),
     responses(
         (status = 200, description = "The pet", body = PetView),

@@ -24,12 +24,15 @@ pub fn router() -> Router<QueryState> {
 #[into_params(parameter_in = Query)]
 pub struct SecurityAuditQuery {
     /// Only this subject's entries (for a login: the username tried).
+    #[param(max_length = 256)]
     subject: Option<String>,
     /// Only this kind.
     kind: Option<SecurityEventKind>,
     /// Only entries at or after this time (RFC 3339).
+    #[param(format = DateTime)]
     since: Option<String>,
     /// Only entries before this time (RFC 3339).
+    #[param(format = DateTime)]
     until: Option<String>,
     /// Only entries older than this id: the previous page's `next`.
     #[param(minimum = 1)]
@@ -80,6 +83,15 @@ pub async fn security_audit(
     let limit = query.limit.unwrap_or(100);
     if !(1..=500).contains(&limit) {
         return Err(Problem::validation("limit must be 1 to 500"));
+    }
+    if query
+        .subject
+        .as_ref()
+        .is_some_and(|subject| subject.len() > 256)
+    {
+        return Err(Problem::validation(
+            "subject must be at most 256 characters",
+        ));
     }
     if query.before.is_some_and(|before| before < 1) {
         return Err(Problem::validation("before must be above 0"));

@@ -17,6 +17,14 @@ use crate::metrics::LoginLabels;
 use crate::rate_limit::Decision;
 use crate::security_audit::{SecurityEventKind, SecurityOutcome};
 
+/// The OpenAPI description of the login route.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    paths(login),
+    components(schemas(LoginBody, LoginToken, ProblemDocument))
+)]
+pub struct LoginApiDoc;
+
 /// The login route.
 pub fn router() -> Router<Security> {
     Router::new().route("/auth/login", post(login))

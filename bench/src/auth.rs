@@ -23,10 +23,10 @@ use secrecy::SecretString;
 #[command(name = "auth-bench", about)]
 struct Args {
     /// Seconds each configuration is measured per round (after 1 s of warm-up).
-    #[arg(long, default_value_t = 10)]
-    seconds: u64,
-    /// Rounds: each runs both configurations once.
     #[arg(long, default_value_t = 3)]
+    seconds: u64,
+    /// Rounds: each runs both configurations once, in alternating order.
+    #[arg(long, default_value_t = 10)]
     rounds: u32,
     /// Concurrent clients.
     #[arg(long, default_value_t = 16)]
@@ -154,19 +154,29 @@ async fn main() -> anyhow::Result<()> {
     let open = start(false).await?;
     let secured = start(true).await?;
     let (mut open_total, mut secured_total) = (0.0, 0.0);
+    let mut ratios = Vec::new();
     println!("round | auth + rate limits req/s | demo mode, no limits req/s | ratio");
     for round in 1..=args.rounds {
-        let off = drive(&open, args.clients, args.seconds).await?;
-        let on = drive(&secured, args.clients, args.seconds).await?;
+        // Alternate which goes first, so that drift on a shared machine favours neither.
+        let (on, off) = if round % 2 == 0 {
+            let on = drive(&secured, args.clients, args.seconds).await?;
+            (on, drive(&open, args.clients, args.seconds).await?)
+        } else {
+            let off = drive(&open, args.clients, args.seconds).await?;
+            (drive(&secured, args.clients, args.seconds).await?, off)
+        };
         open_total += off;
         secured_total += on;
+        ratios.push(on / off);
         println!("{round} | {on:.0} | {off:.0} | {:.3}", on / off);
     }
+    ratios.sort_by(f64::total_cmp);
     println!(
-        "mean | {:.0} | {:.0} | {:.3}",
+        "total | {:.0} | {:.0} | {:.3} (median of rounds {:.3})",
         secured_total / f64::from(args.rounds),
         open_total / f64::from(args.rounds),
-        secured_total / open_total
+        secured_total / open_total,
+        ratios[ratios.len() / 2]
     );
     Ok(())
 }

@@ -7,8 +7,8 @@
 //! (HS/RS confusion: the public key used as an HMAC secret) and an RS256 token claiming the
 //! local issuer are all refused before any signature check.
 
-use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -122,12 +122,30 @@ struct LocalIssuer {
     decoding: DecodingKey,
 }
 
+/// A token that verified, remembered until it expires.
+struct Verified {
+    token: VerifiedToken,
+    not_before: i64,
+    expires: i64,
+}
+
+/// Most tokens remembered; past it the cache starts afresh (a client sends the same token
+/// for its whole life, so even a small cache saves almost every verification).
+const CACHE_CAPACITY: usize = 10_000;
+
 /// Verifies bearer tokens, and issues the service's own.
+///
+/// Tokens that verified are remembered (by their full text, at most [`CACHE_CAPACITY`]) and
+/// accepted again without decoding while `nbf` and `exp` (with the leeway) still allow them:
+/// a token's claims and signature cannot change, so only time can make it invalid. A key
+/// removed from an issuer's key set therefore stops new tokens at once and tokens already
+/// seen at their `exp`.
 #[derive(Clone)]
 pub struct TokenVerifier {
     local: Option<Arc<LocalIssuer>>,
     issuers: Vec<Arc<OidcIssuer>>,
     leeway_seconds: u64,
+    cache: Arc<Mutex<HashMap<String, Verified>>>,
 }
 
 impl TokenVerifier {
@@ -153,6 +171,7 @@ impl TokenVerifier {
             local,
             issuers,
             leeway_seconds: jwt.leeway_seconds,
+            cache: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 
@@ -180,8 +199,43 @@ impl TokenVerifier {
         Some((token, local.ttl_seconds))
     }
 
-    /// Checks `token` by the rules of the issuer it names.
+    /// Checks `token` by the rules of the issuer it names (or finds it verified before and
+    /// still within its lifetime).
     pub async fn verify(&self, token: &str) -> Result<VerifiedToken, TokenRejection> {
+        let now = chrono::Utc::now().timestamp();
+        let leeway = i64::try_from(self.leeway_seconds).unwrap_or(i64::MAX);
+        // The same bounds as jsonwebtoken's: `nbf` may be `leeway` ahead, `exp` `leeway` behind.
+        let current =
+            |entry: &Verified| entry.not_before <= now + leeway && entry.expires >= now - leeway;
+        if let Ok(cache) = self.cache.lock() {
+            match cache.get(token) {
+                Some(entry) if current(entry) => return Ok(entry.token.clone()),
+                Some(_) => return Err(TokenRejection::Expired),
+                None => {}
+            }
+        }
+        let (verified, not_before, expires) = self.verify_uncached(token).await?;
+        if let Ok(mut cache) = self.cache.lock() {
+            if cache.len() >= CACHE_CAPACITY {
+                cache.clear();
+            }
+            cache.insert(
+                token.to_owned(),
+                Verified {
+                    token: verified.clone(),
+                    not_before,
+                    expires,
+                },
+            );
+        }
+        Ok(verified)
+    }
+
+    /// Decodes and checks `token`: who it names, and its `nbf` and `exp`.
+    async fn verify_uncached(
+        &self,
+        token: &str,
+    ) -> Result<(VerifiedToken, i64, i64), TokenRejection> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenRejection::Malformed)?;
         let issuer = jsonwebtoken::dangerous::insecure_decode_claims::<UnverifiedIssuer>(token)
             .map_err(|_| TokenRejection::Malformed)?
@@ -195,14 +249,15 @@ impl TokenVerifier {
             let claims = jsonwebtoken::decode::<LocalClaims>(token, &local.decoding, &validation)
                 .map_err(|error| TokenRejection::from_validation(&error))?
                 .claims;
-            return Ok(VerifiedToken {
+            let verified = VerifiedToken {
                 subject: claims.sub,
                 roles: claims
                     .roles
                     .iter()
                     .filter_map(|role| RoleName::parse(role))
                     .collect(),
-            });
+            };
+            return Ok((verified, claims.nbf, claims.exp));
         }
         let oidc = self
             .issuers
@@ -229,10 +284,20 @@ impl TokenVerifier {
             .filter(|subject| !subject.is_empty())
             .ok_or_else(|| TokenRejection::MissingClaim("sub".to_owned()))?
             .to_owned();
-        Ok(VerifiedToken {
+        // Validation required both, as numbers.
+        let time = |name: &str| {
+            claims
+                .get(name)
+                .and_then(serde_json::Value::as_f64)
+                .map(|seconds| seconds as i64)
+                .ok_or_else(|| TokenRejection::MissingClaim(name.to_owned()))
+        };
+        let (not_before, expires) = (time("nbf")?, time("exp")?);
+        let verified = VerifiedToken {
             subject,
             roles: oidc.roles(&claims),
-        })
+        };
+        Ok((verified, not_before, expires))
     }
 
     fn validation(&self, algorithm: Algorithm, issuer: &str, audience: &str) -> Validation {
@@ -243,5 +308,59 @@ impl TokenVerifier {
         validation.validate_nbf = true;
         validation.leeway = self.leeway_seconds;
         validation
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::SecretString;
+
+    fn verifier(leeway_seconds: u64) -> TokenVerifier {
+        let jwt = JwtSettings {
+            secret: Some(SecretString::from("unit-test-secret-of-at-least-32-bytes")),
+            leeway_seconds,
+            ..JwtSettings::default()
+        };
+        TokenVerifier::new(&jwt, Vec::new()).expect("a valid secret")
+    }
+
+    fn signed(verifier: &TokenVerifier, expires_in: i64) -> String {
+        let local = verifier.local.as_ref().expect("local issuer");
+        let now = chrono::Utc::now().timestamp();
+        let claims = LocalClaims {
+            iss: local.issuer.clone(),
+            aud: local.audience.clone(),
+            sub: "customer-001".to_owned(),
+            iat: now,
+            nbf: now,
+            exp: now + expires_in,
+            roles: vec!["customer".to_owned()],
+        };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &local.encoding)
+            .expect("signed")
+    }
+
+    #[tokio::test]
+    async fn a_remembered_token_is_refused_once_it_expires() {
+        let verifier = verifier(0);
+        let token = signed(&verifier, 1);
+        let first = verifier.verify(&token).await.expect("valid");
+        assert_eq!(first.subject, "customer-001");
+        assert_eq!(verifier.verify(&token).await, Ok(first));
+        tokio::time::sleep(std::time::Duration::from_millis(2_100)).await;
+        assert_eq!(verifier.verify(&token).await, Err(TokenRejection::Expired));
+        // A token that never verified is never remembered.
+        let forged = format!("{}x", signed(&verifier, 600));
+        assert_eq!(
+            verifier.verify(&forged).await,
+            Err(TokenRejection::BadSignature)
+        );
+        assert!(verifier
+            .cache
+            .lock()
+            .expect("lock")
+            .keys()
+            .all(|key| key == &token));
     }
 }

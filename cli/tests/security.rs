@@ -112,6 +112,47 @@ async fn the_seed_security_demo_works_as_written_and_logs_no_secret() {
 
     let lines = service.lines();
     service.stop().await;
+
+    // `petstore audit --security` reads the same trail from the store.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_petstore"))
+        .args(["audit", "--security", "--kind", "login", "--format", "json"])
+        .args(["--data-dir", &data.path().display().to_string()])
+        .env("PETSTORE_CONFIG_DIR", config)
+        .output()
+        .expect("the binary runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let entries: Vec<Value> = serde_json::from_slice(&output.stdout).expect("JSON entries");
+    let outcomes: Vec<(&str, &str)> = entries
+        .iter()
+        .map(|entry| {
+            (
+                entry["subject"].as_str().unwrap_or_default(),
+                entry["outcome"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    for expected in [
+        ("customer-001", "success"),
+        ("demo", "failure"),
+        ("admin", "success"),
+    ] {
+        assert!(outcomes.contains(&expected), "{expected:?} in {outcomes:?}");
+    }
+    let table = std::process::Command::new(env!("CARGO_BIN_EXE_petstore"))
+        .args([
+            "audit",
+            "--security",
+            "--data-dir",
+            &data.path().display().to_string(),
+        ])
+        .env("PETSTORE_CONFIG_DIR", config)
+        .output()
+        .expect("the binary runs");
+    assert!(String::from_utf8_lossy(&table.stdout).contains("token_rejected"));
     for secret in [
         "not-the-password-4711",
         token.as_str(),

@@ -694,6 +694,72 @@ async fn security_events_are_recorded_without_secrets(engine: Engine) {
     storage.remove().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn oversized_headers_cors_and_security_headers() {
+    let storage = Storage::new(Engine::Embedded).await;
+    let mut settings = storage.settings();
+    settings.security.max_header_bytes = 4096;
+    let app = start(settings).await;
+    let browse = app.url("/petstore-domain/pets/browse");
+    let huge = app
+        .anonymous
+        .get(&browse)
+        .header("X-Padding", "x".repeat(5000))
+        .send();
+    assert_problem(huge.await.expect("answered"), 431).await;
+    // CORS is off unless configured: no CORS headers at all, preflight or not.
+    let preflight = app
+        .anonymous
+        .request(reqwest::Method::OPTIONS, &browse)
+        .header("Origin", "https://shop.example")
+        .header("Access-Control-Request-Method", "GET")
+        .send()
+        .await
+        .expect("answered");
+    assert!(preflight
+        .headers()
+        .get("access-control-allow-origin")
+        .is_none());
+    let plain = app.anonymous.get(&browse).send().await.expect("answered");
+    assert_eq!(plain.headers()["x-content-type-options"], "nosniff");
+    assert!(
+        plain.headers().get("cache-control").is_none(),
+        "anonymous answers may be cached"
+    );
+    assert!(plain.headers().get("vary").is_none());
+    app.stop().await;
+
+    let mut settings = storage.settings();
+    settings.security.cors_allowed_origins = vec!["https://shop.example".to_owned()];
+    let app = start(settings).await;
+    let preflight = app
+        .anonymous
+        .request(reqwest::Method::OPTIONS, app.url("/petstore-domain/orders"))
+        .header("Origin", "https://shop.example")
+        .header("Access-Control-Request-Method", "POST")
+        .header(
+            "Access-Control-Request-Headers",
+            "authorization,content-type",
+        )
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(
+        preflight.headers()["access-control-allow-origin"],
+        "https://shop.example"
+    );
+    let other = app
+        .anonymous
+        .get(app.url("/petstore-domain/pets/browse"))
+        .header("Origin", "https://evil.example")
+        .send()
+        .await
+        .expect("answered");
+    assert!(other.headers().get("access-control-allow-origin").is_none());
+    app.stop().await;
+    storage.remove().await;
+}
+
 petstore_tests::on_both_engines!(
     rate_limits_hold_per_subject_per_route_and_per_address,
     two_customers_with_one_idempotency_key_get_two_orders,

@@ -24,20 +24,8 @@ done
 bash "$repo/scripts/services.sh" k6
 if [[ "$profile" == release ]]; then cargo build --release --locked --bin petstore; else cargo build --locked --bin petstore; fi
 
-data="$(mktemp -d)"
-port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-# The local config's users (the script logs in as demo); rate limits off, since one
-# customer's load would meet the 30 orders a minute quota at once.
-PETSTORE_CONFIG_DIR="$repo/config" PETSTORE__LOG__FORMAT=json PETSTORE__LOG__FILTER=warn \
-  PETSTORE__SECURITY__RATE_LIMITS__ENABLED=false \
-  "$CARGO_TARGET_DIR/$profile/petstore" serve --listen "127.0.0.1:$port" --data-dir "$data" \
-  2> "$data/service.log" &
-service=$!
-trap 'kill "$service" 2>/dev/null || true; wait "$service" 2>/dev/null || true; rm -rf "$data"' EXIT
-for _ in $(seq 1 100); do
-  curl -fsS "http://127.0.0.1:$port/health/ready" >/dev/null 2>&1 && break
-  sleep 0.2
-done
-curl -fsS "http://127.0.0.1:$port/health/ready" >/dev/null || { cat "$data/service.log" >&2; exit 1; }
+# shellcheck source=scripts/local-service.sh
+source "$repo/scripts/local-service.sh"
+start_local_service "$CARGO_TARGET_DIR/$profile/petstore"
 
-BASE_URL="http://127.0.0.1:$port" SMOKE="$smoke" k6 run --quiet tests/load/basic_load_test.js
+BASE_URL="$BASE_URL" SMOKE="$smoke" k6 run --quiet tests/load/basic_load_test.js

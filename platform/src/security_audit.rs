@@ -195,52 +195,35 @@ impl SecurityAudit {
             "security event"
         );
         let at_ms = chrono::Utc::now().timestamp_millis();
-        const INSERT: &str =
-            "INSERT INTO security_audit (at_ms, kind, outcome, subject, client_ip, \
-             method, route, correlation_id, trace_id, detail) VALUES ";
+        // Both engines take `$n` placeholders.
+        const INSERT: &str = "INSERT INTO security_audit (at_ms, kind, outcome, subject, \
+             client_ip, method, route, correlation_id, trace_id, detail) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
+        macro_rules! insert {
+            ($pool:expr) => {{
+                let pool = $pool.clone();
+                database::to_completion(async move {
+                    sqlx::query(INSERT)
+                        .bind(at_ms)
+                        .bind(event.kind.as_str())
+                        .bind(event.outcome.as_str())
+                        .bind(event.subject)
+                        .bind(client_ip)
+                        .bind(event.method)
+                        .bind(event.route)
+                        .bind(correlation_id)
+                        .bind(trace_id)
+                        .bind(event.detail)
+                        .execute(&pool)
+                        .await
+                        .map(|_| ())
+                })
+                .await
+            }};
+        }
         let result = match &self.database {
-            Database::Postgres(pool) => {
-                let pool = pool.clone();
-                let sql = format!("{INSERT}($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)");
-                database::to_completion(async move {
-                    sqlx::query(&sql)
-                        .bind(at_ms)
-                        .bind(event.kind.as_str())
-                        .bind(event.outcome.as_str())
-                        .bind(event.subject)
-                        .bind(client_ip)
-                        .bind(event.method)
-                        .bind(event.route)
-                        .bind(correlation_id)
-                        .bind(trace_id)
-                        .bind(event.detail)
-                        .execute(&pool)
-                        .await
-                        .map(|_| ())
-                })
-                .await
-            }
-            Database::Sqlite(pool) => {
-                let pool = pool.clone();
-                let sql = format!("{INSERT}(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
-                database::to_completion(async move {
-                    sqlx::query(&sql)
-                        .bind(at_ms)
-                        .bind(event.kind.as_str())
-                        .bind(event.outcome.as_str())
-                        .bind(event.subject)
-                        .bind(client_ip)
-                        .bind(event.method)
-                        .bind(event.route)
-                        .bind(correlation_id)
-                        .bind(trace_id)
-                        .bind(event.detail)
-                        .execute(&pool)
-                        .await
-                        .map(|_| ())
-                })
-                .await
-            }
+            Database::Postgres(pool) => insert!(pool),
+            Database::Sqlite(pool) => insert!(pool),
         };
         if let Err(error) = result {
             tracing::error!(target: "petstore::security", %error, "a security event could not be stored");
@@ -252,49 +235,35 @@ impl SecurityAudit {
         &self,
         filter: &SecurityAuditFilter,
     ) -> Result<Vec<SecurityAuditEntry>, sqlx::Error> {
-        // Both engines take `$n` placeholders.
-        let mut sql = String::from(
-            "SELECT id, at_ms, kind, outcome, subject, client_ip, method, route, \
-             correlation_id, trace_id, detail FROM security_audit WHERE \
-             ($1 IS NULL OR subject = $1) AND ($2 IS NULL OR kind = $2) \
-             AND ($3 IS NULL OR at_ms >= $3) AND ($4 IS NULL OR at_ms < $4) \
-             AND ($5 IS NULL OR id < $5) ORDER BY id DESC LIMIT $6",
-        );
+        // Both engines take `$n` placeholders and these casts (which tell Postgres the types
+        // of parameters that may be NULL).
+        const SELECT: &str = "SELECT id, at_ms, kind, outcome, subject, client_ip, method, \
+             route, correlation_id, trace_id, detail FROM security_audit WHERE \
+             (CAST($1 AS text) IS NULL OR subject = $1) AND (CAST($2 AS text) IS NULL OR kind = $2) \
+             AND (CAST($3 AS bigint) IS NULL OR at_ms >= $3) \
+             AND (CAST($4 AS bigint) IS NULL OR at_ms < $4) \
+             AND (CAST($5 AS bigint) IS NULL OR id < $5) ORDER BY id DESC LIMIT $6";
         let kind = filter.kind.map(SecurityEventKind::as_str);
         let limit = i64::from(filter.limit.max(1));
-        let rows: Vec<Row10> = match &self.database {
-            Database::Postgres(pool) => {
-                sql = sql
-                    .replace("$1 IS NULL", "$1::text IS NULL")
-                    .replace("$2 IS NULL", "$2::text IS NULL")
-                    .replace("$3 IS NULL", "$3::bigint IS NULL")
-                    .replace("$4 IS NULL", "$4::bigint IS NULL")
-                    .replace("$5 IS NULL", "$5::bigint IS NULL");
-                sqlx::query(&sql)
+        macro_rules! select {
+            ($pool:expr) => {
+                sqlx::query(SELECT)
                     .bind(filter.subject.as_deref())
                     .bind(kind)
                     .bind(filter.since_ms)
                     .bind(filter.until_ms)
                     .bind(filter.before_id)
                     .bind(limit)
-                    .fetch_all(pool)
+                    .fetch_all($pool)
                     .await?
                     .iter()
-                    .map(Row10::from_pg)
+                    .map(Row10::from_row)
                     .collect::<Result<_, _>>()?
-            }
-            Database::Sqlite(pool) => sqlx::query(&sql)
-                .bind(filter.subject.as_deref())
-                .bind(kind)
-                .bind(filter.since_ms)
-                .bind(filter.until_ms)
-                .bind(filter.before_id)
-                .bind(limit)
-                .fetch_all(pool)
-                .await?
-                .iter()
-                .map(Row10::from_sqlite)
-                .collect::<Result<_, _>>()?,
+            };
+        }
+        let rows: Vec<Row10> = match &self.database {
+            Database::Postgres(pool) => select!(pool),
+            Database::Sqlite(pool) => select!(pool),
         };
         Ok(rows.into_iter().map(Row10::into_entry).collect())
     }
@@ -307,19 +276,14 @@ struct Row10 {
 }
 
 impl Row10 {
-    fn from_pg(row: &sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
-        let mut text: [Option<String>; 9] = Default::default();
-        for (index, slot) in text.iter_mut().enumerate() {
-            *slot = row.try_get(index + 2)?;
-        }
-        Ok(Self {
-            id: row.try_get(0)?,
-            at_ms: row.try_get(1)?,
-            text,
-        })
-    }
-
-    fn from_sqlite(row: &sqlx::sqlite::SqliteRow) -> Result<Self, sqlx::Error> {
+    /// Reads a row of either engine: `id`, `at_ms`, then nine text columns.
+    fn from_row<R>(row: &R) -> Result<Self, sqlx::Error>
+    where
+        R: Row,
+        usize: sqlx::ColumnIndex<R>,
+        i64: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+        Option<String>: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    {
         let mut text: [Option<String>; 9] = Default::default();
         for (index, slot) in text.iter_mut().enumerate() {
             *slot = row.try_get(index + 2)?;

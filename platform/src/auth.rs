@@ -110,11 +110,6 @@ impl Caller {
         self.roles.contains(&RoleName::Admin)
     }
 
-    /// Whether a valid token came with the request.
-    pub fn is_authenticated(&self) -> bool {
-        self.authenticated
-    }
-
     /// The client's address.
     pub fn client_ip(&self) -> IpAddr {
         self.client_ip

@@ -582,9 +582,6 @@ pub async fn correlation_of(
 }
 
 impl StreamPosition {
-    /// The `pattern` of [`Self::to_token`]'s form, for the OpenAPI document.
-    pub const TOKEN_PATTERN: &'static str = "^t[0-9]{1,18}p[0-9]{1,18}$";
-
     /// The opaque `X-Consistency-Token` form: `t{transaction_id}p{global_position}` (letters
     /// and digits only, so that it is a plain token in any header grammar).
     pub fn to_token(&self) -> String {

@@ -98,11 +98,6 @@ impl OidcIssuer {
         self.settings.algorithms.contains(&algorithm)
     }
 
-    /// How many keys are known.
-    pub fn key_count(&self) -> usize {
-        self.current().len()
-    }
-
     /// Reads the key file or fetches the key set. A file that cannot be read is an error
     /// (start-up fails); a provider that does not answer is logged and retried on the first
     /// token that needs it.

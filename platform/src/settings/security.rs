@@ -358,7 +358,10 @@ impl SecuritySettings {
                     "usernames must be non-empty and unique",
                 ));
             }
-            if !user.password_hash.expose_secret().starts_with("$argon2") {
+            let hash = user.password_hash.expose_secret();
+            if !hash.starts_with("$argon2")
+                || argon2::password_hash::phc::PasswordHash::new(hash).is_err()
+            {
                 return Err(SettingsError::invalid(
                     format!("{key}.password_hash"),
                     "must be an Argon2 PHC string ($argon2id$...), never a password",

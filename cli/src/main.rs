@@ -117,6 +117,9 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         batch_size: u32,
     },
+    /// Inspect the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Read a password on standard input and print its Argon2id hash, for the
     /// `security.users` list of a config file.
     HashPassword,
@@ -125,6 +128,18 @@ enum Command {
         /// Folder of the embedded store (overrides storage.data_dir).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+    },
+}
+
+/// `petstore config ...`.
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate the configuration without starting anything: print the effective settings
+    /// (secrets redacted) and exit 0, or the refused key and exit 1.
+    Check {
+        /// The environment to check (default: PETSTORE_ENV, else local).
+        #[arg(long)]
+        env: Option<String>,
     },
 }
 
@@ -152,8 +167,21 @@ enum Format {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if let Command::HashPassword = cli.command {
-        return hash_password();
+    match &cli.command {
+        Command::HashPassword => return hash_password(),
+        Command::Config(ConfigCommand::Check { env }) => {
+            let settings = Settings::load_for(&cli.config_dir, env.as_deref())?;
+            let mut stdout = std::io::stdout().lock();
+            // Debug output: every SecretString prints as [REDACTED].
+            writeln!(stdout, "{settings:#?}")?;
+            writeln!(
+                stdout,
+                "the configuration of environment {} is valid",
+                settings.environment
+            )?;
+            return Ok(());
+        }
+        _ => {}
     }
     let settings = Settings::load(&cli.config_dir)?;
     let telemetry = telemetry::init(&settings.log).context("setting up telemetry")?;
@@ -355,6 +383,7 @@ async fn run(command: Command, mut settings: Settings) -> anyhow::Result<()> {
             database.close().await;
         }
         Command::HashPassword => hash_password()?,
+        Command::Config(_) => unreachable!("handled before the settings are loaded"),
         Command::Migrate { data_dir } => {
             if let Some(data_dir) = data_dir {
                 settings.storage.data_dir = data_dir;

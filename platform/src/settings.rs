@@ -389,9 +389,41 @@ impl SettingsError {
 }
 
 impl Settings {
-    /// Reads the layers from `config_dir` and the process environment.
+    /// Reads the layers from `config_dir` and the process environment, for the environment
+    /// `PETSTORE_ENV` names (`local` when unset).
     pub fn load(config_dir: &Path) -> Result<Self, SettingsError> {
-        let environment = std::env::var("PETSTORE_ENV").unwrap_or_else(|_| "local".to_owned());
+        Self::load_for(config_dir, None)
+    }
+
+    /// As [`Self::load`], for `environment` when given (over `PETSTORE_ENV`). A named
+    /// environment must have its file, `{config_dir}/{environment}.yaml`: a misspelt name
+    /// never starts on compiled defaults. Only the unnamed default, `local`, may lack one.
+    pub fn load_for(config_dir: &Path, environment: Option<&str>) -> Result<Self, SettingsError> {
+        let named = environment
+            .map(str::to_owned)
+            .or_else(|| std::env::var("PETSTORE_ENV").ok());
+        let environment = named.clone().unwrap_or_else(|| "local".to_owned());
+        let well_formed = !environment.is_empty()
+            && environment
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !well_formed {
+            return Err(SettingsError::invalid(
+                "PETSTORE_ENV",
+                format!("{environment:?} is not an environment name (a-z, 0-9, -)"),
+            ));
+        }
+        let file = config_dir.join(format!("{environment}.yaml"));
+        if named.is_some() && !file.is_file() {
+            return Err(SettingsError::invalid(
+                "PETSTORE_ENV",
+                format!(
+                    "unknown environment {environment:?}: {} does not exist (environments there: {})",
+                    file.display(),
+                    Self::environments(config_dir).join(", ")
+                ),
+            ));
+        }
         let mut settings: Self = Self::figment(config_dir, &environment)
             .merge(Env::prefixed("PETSTORE__").split("__"))
             .merge(
@@ -413,10 +445,128 @@ impl Settings {
         Ok(settings)
     }
 
-    /// Refuses values that read well but must not run: a weak token secret or demo mode
-    /// outside `local`, malformed users, issuers, proxies or limits.
+    /// The environments `config_dir` has a file for.
+    pub fn environments(config_dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(config_dir)
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .filter_map(|entry| {
+                let name = entry
+                    .file_name()
+                    .to_str()?
+                    .strip_suffix(".yaml")?
+                    .to_owned();
+                (name != "base").then_some(name)
+            })
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Refuses values that read well but must not run: out-of-range numbers, a log filter
+    /// that does not parse, a weak token secret or demo mode outside `local`, malformed
+    /// users, issuers, proxies or limits.
     pub fn validate(&self) -> Result<(), SettingsError> {
+        self.validate_ranges()?;
         self.security.validate(&self.environment)
+    }
+
+    fn validate_ranges(&self) -> Result<(), SettingsError> {
+        let positive: [(&str, u64); 18] = [
+            ("http.body_limit_bytes", self.http.body_limit_bytes as u64),
+            (
+                "database.max_connections",
+                u64::from(self.database.max_connections),
+            ),
+            ("projector.batch_size", u64::from(self.projector.batch_size)),
+            (
+                "projector.poll_interval_ms",
+                self.projector.poll_interval_ms,
+            ),
+            (
+                "saga.reservation_timeout_ms",
+                self.saga.reservation_timeout_ms,
+            ),
+            ("saga.payment_timeout_ms", self.saga.payment_timeout_ms),
+            ("saga.delivery_timeout_ms", self.saga.delivery_timeout_ms),
+            (
+                "saga.deadline_poll_interval_ms",
+                self.saga.deadline_poll_interval_ms,
+            ),
+            ("saga.batch_size", u64::from(self.saga.batch_size)),
+            (
+                "saga.max_concurrent_orders",
+                self.saga.max_concurrent_orders as u64,
+            ),
+            (
+                "providers.payment.call_timeout_ms",
+                self.providers.payment.call_timeout_ms,
+            ),
+            (
+                "providers.payment.max_attempts",
+                u64::from(self.providers.payment.max_attempts),
+            ),
+            (
+                "providers.delivery.call_timeout_ms",
+                self.providers.delivery.call_timeout_ms,
+            ),
+            (
+                "providers.delivery.max_attempts",
+                u64::from(self.providers.delivery.max_attempts),
+            ),
+            ("kafka.message_timeout_ms", self.kafka.message_timeout_ms),
+            (
+                "redis.operation_timeout_ms",
+                self.redis.operation_timeout_ms,
+            ),
+            ("redis.browse_ttl_seconds", self.redis.browse_ttl_seconds),
+            (
+                "kafka.partitions",
+                u64::try_from(self.kafka.partitions).unwrap_or(0),
+            ),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(SettingsError::invalid(key, "must be above 0"));
+            }
+        }
+        if self.kafka.replication_factor < 1 {
+            return Err(SettingsError::invalid(
+                "kafka.replication_factor",
+                "must be above 0",
+            ));
+        }
+        for (key, rate) in [
+            (
+                "providers.payment.failure_rate",
+                self.providers.payment.failure_rate,
+            ),
+            (
+                "providers.delivery.failure_rate",
+                self.providers.delivery.failure_rate,
+            ),
+        ] {
+            if !(0.0..=1.0).contains(&rate) {
+                return Err(SettingsError::invalid(
+                    key,
+                    format!("{rate} is not between 0 and 1"),
+                ));
+            }
+        }
+        for (key, text) in [
+            ("kafka.topic_prefix", &self.kafka.topic_prefix),
+            ("kafka.consumer_group", &self.kafka.consumer_group),
+            ("redis.key_prefix", &self.redis.key_prefix),
+        ] {
+            if text.is_empty() {
+                return Err(SettingsError::invalid(key, "must not be empty"));
+            }
+        }
+        if let Err(error) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
+            return Err(SettingsError::invalid("log.filter", error.to_string()));
+        }
+        Ok(())
     }
 
     /// The file layers only: defaults, `base.yaml`, `{environment}.yaml`.
@@ -438,6 +588,62 @@ mod tests {
             .expect("defaults are complete");
         assert_eq!(settings.http.listen.port(), 8080);
         assert!(settings.database.url.is_none());
+    }
+
+    #[test]
+    #[expect(
+        clippy::result_large_err,
+        reason = "figment::Jail's closures return figment::Error"
+    )]
+    fn an_unknown_or_fileless_environment_and_out_of_range_values_are_refused_by_name() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "base.yaml",
+                "security:\n  jwt:\n    secret: a-secret-of-thirty-two-bytes-or-more\n",
+            )?;
+            jail.create_file("production.yaml", "log:\n  format: json\n")?;
+            let error = |result: Result<Settings, SettingsError>| match result {
+                Ok(_) => panic!("refused expected"),
+                Err(error) => error.to_string(),
+            };
+            let message = error(Settings::load_for(jail.directory(), Some("prod")));
+            assert!(
+                message.contains("PETSTORE_ENV") && message.contains("prod.yaml"),
+                "{message}"
+            );
+            assert!(
+                message.contains("production"),
+                "names what exists: {message}"
+            );
+            assert!(error(Settings::load_for(jail.directory(), Some("../etc")))
+                .contains("PETSTORE_ENV"));
+            jail.set_env("PETSTORE_ENV", "staging");
+            assert!(error(Settings::load(jail.directory())).contains("staging.yaml"));
+            jail.set_env("PETSTORE_ENV", "production");
+            let settings = Settings::load(jail.directory()).expect("production has its file");
+            assert_eq!(settings.environment.to_string(), "production");
+            for (variable, value, key) in [
+                (
+                    "PETSTORE__PROVIDERS__PAYMENT__FAILURE_RATE",
+                    "1.5",
+                    "providers.payment.failure_rate",
+                ),
+                ("PETSTORE__KAFKA__PARTITIONS", "0", "kafka.partitions"),
+                (
+                    "PETSTORE__SAGA__PAYMENT_TIMEOUT_MS",
+                    "0",
+                    "saga.payment_timeout_ms",
+                ),
+                ("PETSTORE__LOG__FILTER", "info,[", "log.filter"),
+            ] {
+                jail.set_env(variable, value);
+                let message = error(Settings::load(jail.directory()));
+                assert!(message.contains(key), "{variable}={value}: {message}");
+                jail.clear_env();
+                jail.set_env("PETSTORE_ENV", "production");
+            }
+            Ok(())
+        });
     }
 
     #[test]

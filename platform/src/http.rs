@@ -273,6 +273,12 @@ impl Problem {
 
     /// A problem that only has a status (unknown route, wrong method, ...).
     pub fn from_status(status: StatusCode) -> Self {
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            // A bare 503 is the request timeout's: worth a retry.
+            return Self::unavailable(
+                "the request took longer than the service allows; retry shortly",
+            );
+        }
         let (kind, detail) = match status {
             StatusCode::NOT_FOUND => ("not-found", "no resource at this path"),
             StatusCode::METHOD_NOT_ALLOWED => (

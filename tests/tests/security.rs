@@ -699,8 +699,21 @@ async fn oversized_headers_cors_and_security_headers() {
     let storage = Storage::new(Engine::Embedded).await;
     let mut settings = storage.settings();
     settings.security.max_header_bytes = 4096;
+    // A query that waits for a consistency token the log never reaches outlasts the
+    // request timeout: 503 with Retry-After, as problem+json.
+    settings.security.request_timeout_ms = 200;
+    settings.http.consistency_wait_ms = 5_000;
     let app = start(settings).await;
     let browse = app.url("/petstore-domain/pets/browse");
+    let slow = app
+        .anonymous
+        .get(&browse)
+        .header("X-Consistency-Token", "t999999999p999999999")
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(slow.headers()["retry-after"], "1");
+    assert_problem(slow, 503).await;
     let huge = app
         .anonymous
         .get(&browse)

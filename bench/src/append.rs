@@ -323,6 +323,7 @@ impl OrderTemplate {
             amount: self.amount,
             special_instructions: Some(self.special_instructions.clone()),
             simulated_failure: None,
+            express_processing: None,
         }
     }
 

@@ -303,6 +303,7 @@ async fn preload(database: &Database, count: usize) -> anyhow::Result<()> {
                 amount: Money::usd(1_000)?,
                 special_instructions: None,
                 simulated_failure: None,
+                express_processing: None,
             });
             ids.push(order_id.to_string());
             payloads.push(serde_json::to_string(&event)?);

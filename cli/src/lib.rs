@@ -27,6 +27,7 @@ use petstore_platform::database::{Database, DatabaseError};
 use petstore_platform::event_store::EventStore;
 use petstore_platform::health::{EventStoreHealth, HealthState};
 use petstore_platform::http;
+use petstore_platform::live::Live;
 use petstore_platform::metrics::Metrics;
 use petstore_platform::settings::{SecuritySettings, Settings, SettingsError};
 use petstore_projector::health::{
@@ -81,6 +82,9 @@ pub enum StartupError {
     /// Redis is misconfigured.
     #[error(transparent)]
     Cache(#[from] CacheError),
+    /// The live settings cannot be read or recorded.
+    #[error(transparent)]
+    Live(#[from] petstore_platform::live::LiveReadError),
     /// Kafka is misconfigured.
     #[error(transparent)]
     Bus(#[from] BusError),
@@ -157,6 +161,7 @@ impl Application {
         let metrics = Metrics::new().observe_pool(&database);
         let store = EventStore::new(database.clone(), settings.commands.max_conflict_retries)
             .with_metrics(metrics.clone());
+        let live = Live::start(store.clone(), &settings, metrics.clone()).await?;
         if roles.contains(&Role::Command) && settings.catalog.seed_demo_pets {
             let added = petstore_command_api::catalog::seed_demo_catalog(&store)
                 .await
@@ -166,13 +171,9 @@ impl Application {
             }
         }
         let shutdown = Shutdown::new();
-        let payments = Arc::new(SimulatedPaymentGateway::new(
-            settings.providers.payment.clone(),
-        ));
-        let deliveries = Arc::new(SimulatedDeliveryProvider::new(
-            settings.providers.delivery.clone(),
-        ));
-        let mut workers = Vec::new();
+        let payments = Arc::new(SimulatedPaymentGateway::new(live.clone()));
+        let deliveries = Arc::new(SimulatedDeliveryProvider::new(live.clone()));
+        let mut workers = vec![tokio::spawn(live.clone().run(shutdown.wait()))];
         if roles.contains(&Role::Command) || roles.contains(&Role::Saga) {
             workers.push(tokio::spawn(store.clone().notify_appends(shutdown.wait())));
         }
@@ -239,6 +240,7 @@ impl Application {
                 payments.clone(),
                 deliveries,
                 metrics.clone(),
+                live.clone(),
             );
             let runner = match bus {
                 Some(_) => runner.with_kafka(settings.kafka.clone()),
@@ -252,15 +254,27 @@ impl Application {
         workers.push(tokio::spawn(
             security.rate_limits().clone().evict_until(shutdown.wait()),
         ));
+        {
+            let (live, limits, shutdown) = (
+                live.clone(),
+                security.rate_limits().clone(),
+                shutdown.wait(),
+            );
+            let started = settings.clone();
+            workers.push(tokio::spawn(async move {
+                live.apply_until(limits, &started, shutdown).await;
+            }));
+        }
         let mut router = Router::new()
             .merge(security.router())
+            .merge(petstore_platform::live::http::router(live.clone()))
             .route("/petstore-domain/openapi.json", get(openapi))
             .route("/metrics", get(serve_metrics).with_state(metrics.clone()))
             .fallback(http::not_found);
         if roles.contains(&Role::Command) {
             router = router.merge(petstore_command_api::router(CommandState {
                 store: store.clone(),
-                saga: settings.saga.clone(),
+                live: live.clone(),
                 providers: settings.providers.clone(),
                 payments,
                 metrics: metrics.clone(),
@@ -397,6 +411,7 @@ pub fn openapi_document() -> utoipa::openapi::OpenApi {
     document.merge(petstore_platform::health::HealthApiDoc::openapi());
     document.merge(ServiceApiDoc::openapi());
     document.merge(petstore_platform::auth::login::LoginApiDoc::openapi());
+    document.merge(petstore_platform::live::http::LiveApiDoc::openapi());
     auth::describe_security(&mut document);
     document.info.title = "Petstore order platform".to_owned();
     document.info.version = env!("CARGO_PKG_VERSION").to_owned();

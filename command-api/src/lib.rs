@@ -18,7 +18,7 @@ use std::sync::Arc;
 use axum::Router;
 use petstore_platform::event_store::EventStore;
 use petstore_platform::metrics::Metrics;
-use petstore_platform::settings::{ProvidersSettings, SagaSettings};
+use petstore_platform::settings::ProvidersSettings;
 
 pub mod catalog;
 pub mod orders;
@@ -31,8 +31,8 @@ pub mod saga;
 pub struct CommandState {
     /// Where aggregates are loaded from and events appended to.
     pub store: EventStore,
-    /// The saga's settings (whether orders are paid automatically).
-    pub saga: SagaSettings,
+    /// The live settings (flags decide how orders are paid).
+    pub live: petstore_platform::live::Live,
     /// The providers' settings (retry policy, simulated failures).
     pub providers: ProvidersSettings,
     /// The payment gateway customers pay through.

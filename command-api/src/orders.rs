@@ -15,6 +15,7 @@ use petstore_platform::event_store::EventMetadata;
 use petstore_platform::http::{
     Json, Problem, ProblemDocument, RequestContext, CONSISTENCY_TOKEN_HEADER,
 };
+use petstore_platform::settings::Flag;
 use petstore_platform::stream;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -158,6 +159,10 @@ pub async fn place_order(
     let Some(details) = pet.details() else {
         return Err(Problem::not_found(format!("no pet has id {pet_id}")));
     };
+    // The order keeps the payment mode of the moment it was placed.
+    let express = state
+        .live
+        .flag(Flag::ExpressOrderProcessing, customer_id.as_str());
     let command = OrderCommand::PlaceOrder(OrderRequest {
         order_id,
         customer_id,
@@ -165,9 +170,11 @@ pub async fn place_order(
         amount: details.price,
         special_instructions,
         simulated_failure,
+        express_processing: Some(express),
     });
     let correlation_id = RequestContext::correlation_id();
-    let metadata = EventMetadata::new(correlation_id.clone(), caller.subject());
+    let metadata = EventMetadata::new(correlation_id.clone(), caller.subject())
+        .with_flag(Flag::ExpressOrderProcessing, express);
     let appended = if idempotent {
         state
             .store

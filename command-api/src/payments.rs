@@ -1,5 +1,6 @@
-//! Paying an order that waits for its payment (when `saga.express_order_processing` is off,
-//! the saga leaves charging to the customer, until the payment deadline).
+//! Paying an order that waits for its payment (an order placed while
+//! `express_order_processing` was off leaves charging to the customer, until the payment
+//! deadline).
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -17,6 +18,7 @@ use petstore_platform::event_store::EventMetadata;
 use petstore_platform::http::{
     CorrelationId, Json, Problem, ProblemDocument, RequestContext, CONSISTENCY_TOKEN_HEADER,
 };
+use petstore_platform::settings::Flag;
 use petstore_platform::stream;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -88,8 +90,8 @@ pub struct PaymentResult {
 
 /// Pay an order.
 ///
-/// Only for orders whose saga waits for the customer's payment (status `reserved` while
-/// `express_order_processing` is off). Retrying is safe: an order is charged at most once.
+/// Only for orders whose saga waits for the customer's payment (status `reserved`, placed
+/// while `express_order_processing` was off); 503 while `payment_processing` is off. Retrying is safe: an order is charged at most once.
 /// A declined payment answers 402 and cancels the order.
 #[utoipa::path(
     post,
@@ -137,10 +139,15 @@ pub async fn pay_order(
             "order {order_id} is already paid"
         )));
     }
-    if state.saga.express_order_processing {
-        return Err(Problem::conflict(
-            "orders are paid automatically here (express_order_processing is on)",
-        ));
+    let live = &state.live;
+    let customer = request.customer_id.as_str();
+    let express = request
+        .express_processing
+        .unwrap_or_else(|| live.flag(Flag::ExpressOrderProcessing, customer));
+    if express {
+        return Err(Problem::conflict(format!(
+            "order {order_id} is paid automatically (express_order_processing was on when it was placed)"
+        )));
     }
     if status != OrderStatus::Reserved || payment.state() != PaymentState::None {
         return Err(Problem::conflict(format!(
@@ -155,7 +162,15 @@ pub async fn pay_order(
         .await?
         .and_then(|id| CorrelationId::parse(&id))
         .unwrap_or_else(RequestContext::correlation_id);
-    let mut metadata = EventMetadata::new(correlation, caller.subject());
+    if !live.flag(Flag::PaymentProcessing, customer) {
+        return Err(Problem::unavailable(
+            "payment processing is paused (payment_processing is off); the order keeps waiting \
+             for its payment, retry later",
+        ));
+    }
+    let mut metadata = EventMetadata::new(correlation, caller.subject())
+        .with_flag(Flag::ExpressOrderProcessing, false)
+        .with_flag(Flag::PaymentProcessing, true);
     metadata.causation_id = RequestContext::correlation_id().to_string();
     let charge = ChargeRequest {
         order_id,

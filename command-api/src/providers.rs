@@ -1,7 +1,7 @@
 //! Adapters of the domain's provider traits, and the policy every call to them goes through.
 //!
 //! The default adapters simulate a provider: a configurable latency (±50 %), a configurable
-//! share of transient failures, forced failures for `X-Simulate-Failure`, and idempotency by
+//! share of transient failures (both live settings), forced failures for `X-Simulate-Failure`, and idempotency by
 //! key (a repeated key answers the first result, as real gateways do). [`call`] wraps every
 //! call in a timeout and retries transient failures with exponential backoff and full jitter.
 
@@ -15,8 +15,9 @@ use petstore_domain::providers::{
     ChargeReceipt, ChargeRequest, DeliveryBooking, DeliveryProvider, DeliveryRequest,
     PaymentGateway, ProviderError,
 };
+use petstore_platform::live::Live;
 use petstore_platform::metrics::Metrics;
-use petstore_platform::settings::ProviderSettings;
+use petstore_platform::settings::{LiveProvider, ProviderSettings};
 use tracing::Instrument;
 
 /// Calls a provider with the timeout and retry policy of `settings`, counting each attempt
@@ -90,7 +91,7 @@ where
 }
 
 async fn simulate(
-    settings: &ProviderSettings,
+    settings: &LiveProvider,
     forced_failure: bool,
     name: &str,
 ) -> Result<(), ProviderError> {
@@ -113,17 +114,16 @@ async fn simulate(
 }
 
 /// A simulated payment gateway.
-#[derive(Debug)]
 pub struct SimulatedPaymentGateway {
-    settings: ProviderSettings,
+    live: Live,
     charges: Mutex<HashMap<String, ChargeReceipt>>,
 }
 
 impl SimulatedPaymentGateway {
-    /// A gateway that behaves as `settings` say.
-    pub fn new(settings: ProviderSettings) -> Self {
+    /// A gateway that behaves as the live `providers.payment` settings say, at each call.
+    pub fn new(live: Live) -> Self {
         Self {
-            settings,
+            live,
             charges: Mutex::default(),
         }
     }
@@ -136,7 +136,8 @@ impl SimulatedPaymentGateway {
 
 impl PaymentGateway for SimulatedPaymentGateway {
     async fn charge(&self, request: ChargeRequest) -> Result<ChargeReceipt, ProviderError> {
-        simulate(&self.settings, request.simulate_failure, "payment-service").await?;
+        let behaviour = self.live.current().settings.providers.payment.clone();
+        simulate(&behaviour, request.simulate_failure, "payment-service").await?;
         let mut charges = self
             .charges
             .lock()
@@ -151,17 +152,16 @@ impl PaymentGateway for SimulatedPaymentGateway {
 }
 
 /// A simulated delivery provider.
-#[derive(Debug)]
 pub struct SimulatedDeliveryProvider {
-    settings: ProviderSettings,
+    live: Live,
     bookings: Mutex<HashMap<String, DeliveryBooking>>,
 }
 
 impl SimulatedDeliveryProvider {
-    /// A provider that behaves as `settings` say.
-    pub fn new(settings: ProviderSettings) -> Self {
+    /// A provider that behaves as the live `providers.delivery` settings say, at each call.
+    pub fn new(live: Live) -> Self {
         Self {
-            settings,
+            live,
             bookings: Mutex::default(),
         }
     }
@@ -174,7 +174,8 @@ impl SimulatedDeliveryProvider {
 
 impl DeliveryProvider for SimulatedDeliveryProvider {
     async fn book(&self, request: DeliveryRequest) -> Result<DeliveryBooking, ProviderError> {
-        simulate(&self.settings, request.simulate_failure, "delivery-service").await?;
+        let behaviour = self.live.current().settings.providers.delivery.clone();
+        simulate(&behaviour, request.simulate_failure, "delivery-service").await?;
         let mut bookings = self.bookings.lock().map_err(|_| {
             ProviderError::Unavailable("delivery provider state poisoned".to_owned())
         })?;

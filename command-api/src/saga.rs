@@ -15,6 +15,13 @@
 //! share the work.
 //!
 //! A second loop fires due deadlines: a step that has not finished in time cancels the order.
+//!
+//! The live settings decide as each step starts: the step timeouts, and `payment_processing`.
+//! While that flag is off (for the order's customer) a payment is held: no call to the
+//! gateway, a durable `payment_hold` entry instead, re-checked every second; when the flag is
+//! on again the order's `OrderPetReserved` is handled anew (the same deterministic command ids,
+//! so nothing is charged twice). A payment deadline that falls due while payments are held is
+//! extended by `saga.payment_timeout_ms` instead of cancelling the order.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -37,8 +44,9 @@ use petstore_platform::bus::{BusError, KafkaSubscriber};
 use petstore_platform::deadlines::{self, Deadline};
 use petstore_platform::event_store::{EventMetadata, EventStore};
 use petstore_platform::http::CorrelationId;
+use petstore_platform::live::Live;
 use petstore_platform::metrics::Metrics;
-use petstore_platform::settings::{KafkaSettings, ProvidersSettings, SagaSettings};
+use petstore_platform::settings::{Flag, KafkaSettings, ProvidersSettings, SagaSettings};
 use petstore_platform::stream::{self, Lag, RecordedEvent, StreamPosition, StreamReader};
 use petstore_platform::telemetry;
 use tokio::sync::watch;
@@ -51,6 +59,12 @@ use crate::providers;
 pub const CHECKPOINT: &str = "saga";
 /// The subject saga commands act as.
 pub const SUBJECT: &str = "saga";
+
+/// The deadline-table step of a held payment: due when it is time to look again.
+pub const PAYMENT_HOLD: &str = "payment_hold";
+
+/// How often a held payment looks whether `payment_processing` is on again.
+const PAYMENT_HOLD_RECHECK: chrono::Duration = chrono::Duration::seconds(1);
 
 /// Namespace of the ids of commands the saga issues.
 const COMMAND_NAMESPACE: Uuid = Uuid::from_u128(0x9d2c_41a7_63e8_4f0b_8a5d_1c3e_6b7f_2a90);
@@ -104,6 +118,7 @@ pub struct SagaRunner<P, D> {
     payments: Arc<P>,
     deliveries: Arc<D>,
     metrics: Metrics,
+    live: Live,
     progress: watch::Sender<SagaProgress>,
     in_flight: Arc<std::sync::Mutex<std::collections::HashSet<OrderId>>>,
 }
@@ -118,6 +133,7 @@ impl<P, D> Clone for SagaRunner<P, D> {
             payments: self.payments.clone(),
             deliveries: self.deliveries.clone(),
             metrics: self.metrics.clone(),
+            live: self.live.clone(),
             progress: self.progress.clone(),
             in_flight: self.in_flight.clone(),
         }
@@ -166,7 +182,8 @@ fn store_error<E: std::error::Error>(error: AggregateError<E>) -> SagaError {
 }
 
 impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D> {
-    /// A runner over `store`, calling `payments` and `deliveries`.
+    /// A runner over `store`, calling `payments` and `deliveries`, deciding with the `live`
+    /// settings.
     pub fn new(
         store: EventStore,
         settings: SagaSettings,
@@ -174,6 +191,7 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
         payments: Arc<P>,
         deliveries: Arc<D>,
         metrics: Metrics,
+        live: Live,
     ) -> Self {
         Self {
             store,
@@ -183,6 +201,7 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
             payments,
             deliveries,
             metrics,
+            live,
             progress: watch::Sender::new(SagaProgress::default()),
             in_flight: Arc::default(),
         }
@@ -252,14 +271,15 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
         self
     }
 
-    fn policy(&self) -> SagaPolicy {
-        let millis =
-            |value: u64| chrono::Duration::milliseconds(i64::try_from(value).unwrap_or(i64::MAX));
+    /// The policy in force now, for an order of `customer` (a rollout buckets by them).
+    fn policy(&self, customer: &str) -> SagaPolicy {
+        let live = self.live.current();
+        let saga = &live.settings.saga;
         SagaPolicy {
-            express_payment: self.settings.express_order_processing,
-            reservation_timeout: millis(self.settings.reservation_timeout_ms),
-            payment_timeout: millis(self.settings.payment_timeout_ms),
-            delivery_timeout: millis(self.settings.delivery_timeout_ms),
+            express_payment: live.flag(Flag::ExpressOrderProcessing, customer),
+            reservation_timeout: millis(saga.reservation_timeout_ms),
+            payment_timeout: millis(saga.payment_timeout_ms),
+            delivery_timeout: millis(saga.delivery_timeout_ms),
         }
     }
 
@@ -442,13 +462,18 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                 orders.insert(order_id);
             }
         }
-        let actions = saga::react(&order, saga_event, occurred_at, &self.policy());
+        let customer = order
+            .request()
+            .map(|request| request.customer_id.as_str().to_owned())
+            .unwrap_or_default();
+        let actions = saga::react(&order, saga_event, occurred_at, &self.policy(&customer));
         let correlation_id = CorrelationId::parse(event.metadata_value("correlation_id"))
             .unwrap_or_else(CorrelationId::generate);
         let cause = Cause {
             event_id: event.event_id(),
             correlation_id,
             order_id,
+            customer,
         };
         for (position, action) in actions.into_iter().enumerate() {
             self.perform(&cause, position, action).await?;
@@ -502,7 +527,23 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                 if payment.state() != PaymentState::None {
                     return Ok(());
                 }
-                let metadata = cause.metadata(position, "");
+                if !self.live.flag(Flag::PaymentProcessing, &cause.customer) {
+                    tracing::info!("payment held: payment_processing is off");
+                    deadlines::rearm(
+                        self.store.database(),
+                        &Deadline {
+                            order_id: order_key,
+                            step: PAYMENT_HOLD.to_owned(),
+                            due_at: Utc::now() + PAYMENT_HOLD_RECHECK,
+                            correlation_id: cause.correlation_id.to_string(),
+                        },
+                    )
+                    .await?;
+                    return Ok(());
+                }
+                let metadata = cause
+                    .metadata(position, "")
+                    .with_flag(Flag::PaymentProcessing, true);
                 let request = ChargeRequest {
                     order_id: cause.order_id,
                     amount,
@@ -650,6 +691,9 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
     /// Fires one due deadline.
     async fn fire_deadline(&self, deadline: &Deadline) -> Result<(), SagaError> {
         let database = self.store.database();
+        if deadline.step == PAYMENT_HOLD {
+            return self.resume_held_payment(deadline).await;
+        }
         let (Ok(order_id), Ok(step)) = (
             OrderId::parse(&deadline.order_id),
             SagaStep::parse(&deadline.step),
@@ -658,6 +702,31 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
             deadlines::mark_fired(database, &deadline.order_id, &deadline.step).await?;
             return Ok(());
         };
+        if step == SagaStep::Payment {
+            let order: Order = self
+                .store
+                .load(&deadline.order_id)
+                .await
+                .map_err(store_error)?;
+            let customer = order
+                .request()
+                .map(|request| request.customer_id.as_str().to_owned())
+                .unwrap_or_default();
+            if !self.live.flag(Flag::PaymentProcessing, &customer) {
+                let timeout = self.live.current().settings.saga.payment_timeout_ms;
+                let extended = Utc::now() + millis(timeout);
+                tracing::info!(%extended, "payments are held: the payment deadline is extended");
+                deadlines::rearm(
+                    database,
+                    &Deadline {
+                        due_at: extended,
+                        ..deadline.clone()
+                    },
+                )
+                .await?;
+                return Ok(());
+            }
+        }
         let command_id = Uuid::new_v5(
             &COMMAND_NAMESPACE,
             format!("deadline\u{0}{order_id}\u{0}{}", step.as_str()).as_bytes(),
@@ -681,6 +750,61 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
         deadlines::mark_fired(database, &deadline.order_id, &deadline.step).await?;
         Ok(())
     }
+}
+
+impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D> {
+    /// A held payment is due for a look: still held, look again later; else handle the
+    /// order's `OrderPetReserved` again, which charges it now (or holds it anew).
+    async fn resume_held_payment(&self, deadline: &Deadline) -> Result<(), SagaError> {
+        let database = self.store.database();
+        let Ok(order_id) = OrderId::parse(&deadline.order_id) else {
+            deadlines::mark_fired_at(database, deadline).await?;
+            return Ok(());
+        };
+        let order: Order = self
+            .store
+            .load(&deadline.order_id)
+            .await
+            .map_err(store_error)?;
+        let customer = order
+            .request()
+            .map(|request| request.customer_id.as_str().to_owned())
+            .unwrap_or_default();
+        if !self.live.flag(Flag::PaymentProcessing, &customer) {
+            deadlines::rearm(
+                database,
+                &Deadline {
+                    due_at: Utc::now() + PAYMENT_HOLD_RECHECK,
+                    ..deadline.clone()
+                },
+            )
+            .await?;
+            return Ok(());
+        }
+        // Marked fired only at the time it fell due: held again meanwhile, it was re-armed
+        // for later and stays.
+        let reserved = stream::aggregate_events_newest_first(
+            database,
+            Order::TYPE,
+            &deadline.order_id,
+            1..i64::MAX,
+            100,
+        )
+        .await?
+        .into_iter()
+        .find(|event| event.event_type == "OrderPetReserved");
+        if let Some(event) = reserved {
+            tracing::info!(order_id = %order_id, "payment_processing is on again: resuming a held payment");
+            let decoded = Decoded::Order(decode(&event)?);
+            self.handle_event(order_id, &event, &decoded).await?;
+        }
+        deadlines::mark_fired_at(database, deadline).await?;
+        Ok(())
+    }
+}
+
+fn millis(value: u64) -> chrono::Duration {
+    chrono::Duration::milliseconds(i64::try_from(value).unwrap_or(i64::MAX))
 }
 
 /// The ids of the events handled most recently, to drop redeliveries cheaply (the command
@@ -752,6 +876,8 @@ struct Cause {
     event_id: Uuid,
     correlation_id: CorrelationId,
     order_id: OrderId,
+    /// The order's customer: the subject flags are evaluated for.
+    customer: String,
 }
 
 impl Cause {

@@ -68,6 +68,22 @@ pub struct OrderRequest {
     /// A step this order's saga must fail, for resilience demos (`X-Simulate-Failure`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub simulated_failure: Option<SimulatedFailure>,
+    /// Whether the saga charges the order itself (`express_order_processing` when the order
+    /// was placed) or waits for the customer's payment. Orders keep the mode they started
+    /// with; `None` (orders placed before the flag was live) follows the saga's policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub express_processing: Option<bool>,
+}
+
+impl OrderRequest {
+    /// Whether `other` asks for the same order: a retried request is the same order even if
+    /// the flags changed between the two attempts.
+    pub fn same_order_as(&self, other: &OrderRequest) -> bool {
+        let (mut mine, mut theirs) = (self.clone(), other.clone());
+        mine.express_processing = None;
+        theirs.express_processing = None;
+        mine == theirs
+    }
 }
 
 /// Commands an order accepts.
@@ -193,7 +209,9 @@ impl crate::Decide for Order {
             })
         };
         match command {
-            OrderCommand::PlaceOrder(request) if request == state.request => Ok(vec![]),
+            OrderCommand::PlaceOrder(request) if request.same_order_as(&state.request) => {
+                Ok(vec![])
+            }
             OrderCommand::PlaceOrder(_) => Err(DomainError::IdempotencyKeyReused(order_id)),
             OrderCommand::ConfirmPetReserved => match state.status {
                 Pending => Ok(vec![OrderEvent::OrderPetReserved]),
@@ -309,6 +327,7 @@ mod tests {
                 SpecialInstructions::parse("Include training guide").expect("valid"),
             ),
             simulated_failure: None,
+            express_processing: None,
         }
     }
 

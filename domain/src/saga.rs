@@ -22,8 +22,9 @@ use crate::values::{CancellationReason, Money, OrderId, PetId, SagaStep, Simulat
 /// How the saga behaves; from configuration and feature flags.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SagaPolicy {
-    /// The seed's `express_order_processing`: on, the saga charges the order itself; off, it
-    /// waits for the customer to pay (`POST /payments`) until the payment deadline.
+    /// The seed's `express_order_processing`, for orders that did not record their own mode
+    /// ([`crate::order::OrderRequest::express_processing`]): on, the saga charges the order
+    /// itself; off, it waits for the customer to pay (`POST /payments`) until the deadline.
     pub express_payment: bool,
     /// How long each step may take before the order is cancelled.
     pub reservation_timeout: Duration,
@@ -167,7 +168,8 @@ pub fn react(
         },
         SagaEvent::Order(OrderEvent::OrderPetReserved) => {
             let mut actions = vec![deadline(SagaStep::Payment)];
-            if policy.express_payment && status == OrderStatus::Reserved {
+            let express = request.express_processing.unwrap_or(policy.express_payment);
+            if express && status == OrderStatus::Reserved {
                 actions.push(SagaAction::ChargePayment {
                     amount: request.amount,
                     simulate_failure: simulated == Some(SimulatedFailure::PaymentService),
@@ -269,6 +271,7 @@ mod tests {
             amount: Money::usd(120_000).expect("valid"),
             special_instructions: None,
             simulated_failure,
+            express_processing: None,
         }
     }
 
@@ -441,6 +444,44 @@ mod tests {
                 step: SagaStep::Payment,
                 due_at: now() + Duration::seconds(20),
             }]
+        );
+    }
+
+    #[test]
+    fn an_order_keeps_the_payment_mode_it_was_placed_with() {
+        for (recorded, policy_now, charges) in [
+            (Some(false), true, false),
+            (Some(true), false, true),
+            (None, true, true),
+            (None, false, false),
+        ] {
+            let mut placed = request(None);
+            placed.express_processing = recorded;
+            let state = order(vec![
+                OrderEvent::OrderCreated(placed),
+                OrderEvent::OrderPetReserved,
+            ]);
+            let actions = react(
+                &state,
+                SagaEvent::Order(&OrderEvent::OrderPetReserved),
+                now(),
+                &policy(policy_now),
+            );
+            let charged = actions
+                .iter()
+                .any(|action| matches!(action, SagaAction::ChargePayment { .. }));
+            assert_eq!(
+                charged, charges,
+                "recorded {recorded:?}, flag now {policy_now}"
+            );
+        }
+        let mut retried = request(None);
+        retried.express_processing = Some(false);
+        let mut first = request(None);
+        first.express_processing = Some(true);
+        assert!(
+            retried.same_order_as(&first),
+            "a retry after a flag change is the same order"
         );
     }
 

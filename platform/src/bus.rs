@@ -122,6 +122,7 @@ impl From<Envelope> for RecordedEvent {
 pub fn topic_for(prefix: &str, aggregate_type: &str) -> String {
     let plural = match aggregate_type {
         "Delivery" => "deliveries".to_owned(),
+        crate::live::AGGREGATE_TYPE => "settings".to_owned(),
         other => format!("{}s", other.to_lowercase()),
     };
     format!("{prefix}.{plural}")
@@ -129,10 +130,16 @@ pub fn topic_for(prefix: &str, aggregate_type: &str) -> String {
 
 /// The topics the service creates and consumes.
 pub fn topics(prefix: &str) -> Vec<String> {
-    ["Order", "Pet", "Payment", "Delivery"]
-        .into_iter()
-        .map(|aggregate_type| topic_for(prefix, aggregate_type))
-        .collect()
+    [
+        "Order",
+        "Pet",
+        "Payment",
+        "Delivery",
+        crate::live::AGGREGATE_TYPE,
+    ]
+    .into_iter()
+    .map(|aggregate_type| topic_for(prefix, aggregate_type))
+    .collect()
 }
 
 fn brokers(settings: &KafkaSettings) -> Result<&str, BusError> {

@@ -48,6 +48,65 @@ pub async fn schedule(database: &Database, deadline: &Deadline) -> Result<(), sq
     Ok(())
 }
 
+/// Records `deadline`, or moves the one for the same order and step to its new time (and
+/// arms it again if it fired): a held payment's next look, an extended payment deadline.
+pub async fn rearm(database: &Database, deadline: &Deadline) -> Result<(), sqlx::Error> {
+    const SQL: &str = "INSERT INTO saga_deadlines (order_id, step, due_at_ms, correlation_id)
+                       VALUES ($1, $2, $3, $4)
+                       ON CONFLICT (order_id, step)
+                       DO UPDATE SET due_at_ms = excluded.due_at_ms, fired_at_ms = NULL";
+    match database {
+        Database::Postgres(pool) => {
+            sqlx::query(SQL)
+                .bind(&deadline.order_id)
+                .bind(&deadline.step)
+                .bind(deadline.due_at.timestamp_millis())
+                .bind(&deadline.correlation_id)
+                .execute(pool)
+                .await?;
+        }
+        Database::Sqlite(pool) => {
+            sqlx::query(SQL)
+                .bind(&deadline.order_id)
+                .bind(&deadline.step)
+                .bind(deadline.due_at.timestamp_millis())
+                .bind(&deadline.correlation_id)
+                .execute(pool)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Marks `deadline` fired if it is still due at the time it had when read (one re-armed
+/// since stays armed).
+pub async fn mark_fired_at(database: &Database, deadline: &Deadline) -> Result<(), sqlx::Error> {
+    const SQL: &str = "UPDATE saga_deadlines SET fired_at_ms = $4
+                        WHERE order_id = $1 AND step = $2 AND due_at_ms = $3 AND fired_at_ms IS NULL";
+    let now = Utc::now().timestamp_millis();
+    match database {
+        Database::Postgres(pool) => {
+            sqlx::query(SQL)
+                .bind(&deadline.order_id)
+                .bind(&deadline.step)
+                .bind(deadline.due_at.timestamp_millis())
+                .bind(now)
+                .execute(pool)
+                .await?;
+        }
+        Database::Sqlite(pool) => {
+            sqlx::query(SQL)
+                .bind(&deadline.order_id)
+                .bind(&deadline.step)
+                .bind(deadline.due_at.timestamp_millis())
+                .bind(now)
+                .execute(pool)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
 /// Up to `limit` unfired deadlines due at or before `now`, earliest first.
 pub async fn due(
     database: &Database,

@@ -6,7 +6,8 @@
 //! append (another writer took the same sequence number) reloads the aggregate and decides
 //! again, a bounded number of times, before it is reported as a conflict.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +29,7 @@ use uuid::Uuid;
 use crate::database::Database;
 use crate::http::CorrelationId;
 use crate::metrics::Metrics;
+use crate::settings::Flag;
 
 /// The cqrs-es repository of whichever engine the service runs on.
 pub enum EventRepository {
@@ -250,6 +252,10 @@ pub struct EventMetadata {
     pub command_id: Uuid,
     /// When the command ran.
     pub timestamp: DateTime<Utc>,
+    /// The feature flags that took part in the decision, and whether each was on (stored as
+    /// `feature_flags`: `express_order_processing=on,payment_processing=on`). The live
+    /// settings version is stamped on every event by the store itself.
+    pub feature_flags: BTreeMap<&'static str, bool>,
 }
 
 impl EventMetadata {
@@ -262,7 +268,14 @@ impl EventMetadata {
             subject: subject.into(),
             command_id,
             timestamp: Utc::now(),
+            feature_flags: BTreeMap::new(),
         }
+    }
+
+    /// Records that `flag` took part in the decision, on or off.
+    pub fn with_flag(mut self, flag: Flag, on: bool) -> Self {
+        self.feature_flags.insert(flag.key(), on);
+        self
     }
 
     /// Metadata for a command the service issues because of an earlier event: same
@@ -279,13 +292,14 @@ impl EventMetadata {
             subject: subject.into(),
             command_id,
             timestamp: Utc::now(),
+            feature_flags: BTreeMap::new(),
         }
     }
 
     /// The form stored beside each event (the event store adds the `traceparent` of the
     /// append that stores it).
     pub fn to_map(&self) -> HashMap<String, String> {
-        HashMap::from([
+        let mut map = HashMap::from([
             ("correlation_id".to_owned(), self.correlation_id.to_string()),
             ("causation_id".to_owned(), self.causation_id.clone()),
             ("subject".to_owned(), self.subject.clone()),
@@ -294,8 +308,32 @@ impl EventMetadata {
                 "timestamp".to_owned(),
                 self.timestamp.to_rfc3339_opts(SecondsFormat::Micros, true),
             ),
-        ])
+        ]);
+        if !self.feature_flags.is_empty() {
+            let flags: Vec<String> = self
+                .feature_flags
+                .iter()
+                .map(|(flag, on)| format!("{flag}={}", if *on { "on" } else { "off" }))
+                .collect();
+            map.insert(FEATURE_FLAGS_KEY.to_owned(), flags.join(","));
+        }
+        map
     }
+}
+
+/// The metadata key of the live settings version a command was decided under.
+pub const SETTINGS_VERSION_KEY: &str = "settings_version";
+
+/// The metadata key of the flags that took part in a decision.
+pub const FEATURE_FLAGS_KEY: &str = "feature_flags";
+
+/// The flags of a stored `feature_flags` metadata value.
+pub fn parse_feature_flags(stored: &str) -> BTreeMap<String, bool> {
+    stored
+        .split(',')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(flag, state)| (flag.to_owned(), state == "on"))
+        .collect()
 }
 
 /// Pause between two notifications of other processes.
@@ -309,6 +347,7 @@ pub struct EventStore {
     max_conflict_retries: u32,
     appended: watch::Sender<u64>,
     metrics: Option<Metrics>,
+    settings_version: Arc<AtomicU64>,
 }
 
 impl EventStore {
@@ -321,6 +360,7 @@ impl EventStore {
             max_conflict_retries,
             appended: watch::Sender::new(0),
             metrics: None,
+            settings_version: Arc::default(),
         }
     }
 
@@ -328,6 +368,12 @@ impl EventStore {
     pub fn with_metrics(mut self, metrics: Metrics) -> Self {
         self.metrics = Some(metrics);
         self
+    }
+
+    /// Stamps `version` (the live settings in force) on every event appended from now on, by
+    /// every clone of this store.
+    pub fn set_settings_version(&self, version: u64) {
+        self.settings_version.store(version, Ordering::Relaxed);
     }
 
     /// The database underneath.
@@ -450,6 +496,10 @@ impl EventStore {
             events = events.len(),
         );
         let mut stored = metadata.to_map();
+        stored.insert(
+            SETTINGS_VERSION_KEY.to_owned(),
+            self.settings_version.load(Ordering::Relaxed).to_string(),
+        );
         if let Some(traceparent) = crate::telemetry::traceparent_of(&span.context()) {
             stored.insert("traceparent".to_owned(), traceparent);
         }

@@ -8,7 +8,9 @@
 //! echoes both ids on the response, and turns any bare error response (unknown route, wrong
 //! method, a panic) into `application/problem+json`.
 
+use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
@@ -31,6 +33,10 @@ pub const CORRELATION_ID_HEADER: HeaderName = HeaderName::from_static("x-correla
 /// The header that carries a read-your-writes token: commands answer with it, queries wait
 /// (bounded) until the read model has reached it.
 pub const CONSISTENCY_TOKEN_HEADER: HeaderName = HeaderName::from_static("x-consistency-token");
+
+/// The response header that lists the feature-flag variants a request was served with:
+/// `pet_personalization=on, premium_filters=off`.
+pub const FEATURE_FLAGS_HEADER: HeaderName = HeaderName::from_static("x-feature-flags");
 
 /// The media type of problem responses.
 pub const PROBLEM_CONTENT_TYPE: &str = "application/problem+json";
@@ -80,6 +86,8 @@ pub struct RequestContext {
     pub path: String,
     /// The request's trace id (32 hex digits), named in problem bodies.
     pub trace_id: Option<String>,
+    /// The feature-flag variants the request was served with (`X-Feature-Flags`).
+    pub served_flags: Arc<Mutex<BTreeMap<&'static str, bool>>>,
 }
 
 tokio::task_local! {
@@ -96,6 +104,16 @@ impl RequestContext {
     /// trace carry `order_id`). Call it from the handler's task.
     pub fn record_order(order_id: &dyn fmt::Display) {
         tracing::Span::current().record("order_id", tracing::field::display(order_id));
+    }
+
+    /// Records that the current request was served with `flag` on or off (shown in its
+    /// `X-Feature-Flags` response header). Outside a request it does nothing.
+    pub fn record_flag(flag: &'static str, on: bool) {
+        if let Ok(context) = REQUEST_CONTEXT.try_with(|context| context.served_flags.clone()) {
+            if let Ok(mut flags) = context.lock() {
+                flags.insert(flag, on);
+            }
+        }
     }
 
     /// The current request's correlation id, or a fresh one outside a request.
@@ -484,7 +502,9 @@ pub async fn observe(
             .as_deref()
             .and_then(|value| value.split('-').nth(1))
             .map(str::to_owned),
+        served_flags: Arc::default(),
     };
+    let served_flags = context.served_flags.clone();
     let response = REQUEST_CONTEXT
         .scope(context, async {
             let response = match refused {
@@ -514,6 +534,17 @@ pub async fn observe(
         started.elapsed(),
     );
     let mut response = with_correlation_header(response, &correlation_id);
+    if let Ok(flags) = served_flags.lock() {
+        let listed: Vec<String> = flags
+            .iter()
+            .map(|(flag, on)| format!("{flag}={}", if *on { "on" } else { "off" }))
+            .collect();
+        if let Ok(value) = HeaderValue::from_str(&listed.join(", ")) {
+            if !listed.is_empty() {
+                response.headers_mut().insert(FEATURE_FLAGS_HEADER, value);
+            }
+        }
+    }
     if let Some(value) = traceparent.and_then(|value| HeaderValue::from_str(&value).ok()) {
         response.headers_mut().insert(TRACEPARENT_HEADER, value);
     }

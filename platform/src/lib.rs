@@ -11,6 +11,8 @@
 //! - [`rate_limit`]: per-subject and per-route quotas, swappable at run time.
 //! - [`security_audit`]: the durable trail of logins, refusals, rate-limit trips, admin actions.
 //! - [`settings`]: the typed [`settings::Settings`], layered from defaults, YAML files and env.
+//! - [`live`]: the live settings (flags, limits, provider behaviour, timeouts, log filter) as
+//!   events, applied in every process, and their admin routes.
 //! - [`telemetry`]: the tracing subscriber (JSON or text logs).
 //! - [`health`]: the health routes and the [`health::HealthCheck`] each component registers.
 //! - [`http`]: problem+json responses, correlation ids, extractors whose rejections are problems.
@@ -30,6 +32,7 @@ pub mod deadlines;
 pub mod event_store;
 pub mod health;
 pub mod http;
+pub mod live;
 pub mod metrics;
 pub mod rate_limit;
 pub mod security_audit;

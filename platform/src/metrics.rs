@@ -73,6 +73,15 @@ pub struct ProjectionLabels {
     pub projection: String,
 }
 
+/// Labels of `petstore_feature_flag_evaluations_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FlagLabels {
+    /// The flag's key.
+    pub flag: &'static str,
+    /// `on` or `off`: the variant served.
+    pub variant: &'static str,
+}
+
 /// Labels of `petstore_events_appended_total`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AggregateLabels {
@@ -208,6 +217,10 @@ pub struct Metrics {
     pub rate_limited: Family<RateLimitLabels, Counter>,
     /// Password logins, by outcome.
     pub logins: Family<LoginLabels, Counter>,
+    /// Feature-flag decisions, by flag and variant served.
+    pub feature_flag_evaluations: Family<FlagLabels, Counter>,
+    /// The live settings version this process runs with.
+    pub live_settings_version: Gauge,
     pool: Option<Database>,
 }
 
@@ -379,6 +392,28 @@ impl Metrics {
             "The event store pool's configured size",
             pool_max_connections.clone(),
         );
+        let feature_flag_evaluations = Family::<FlagLabels, Counter>::default();
+        registry.register(
+            "petstore_feature_flag_evaluations",
+            "Feature-flag decisions, by flag and the variant served (on or off)",
+            feature_flag_evaluations.clone(),
+        );
+        for flag in crate::settings::Flag::ALL {
+            for variant in ["on", "off"] {
+                feature_flag_evaluations
+                    .get_or_create(&FlagLabels {
+                        flag: flag.key(),
+                        variant,
+                    })
+                    .inc_by(0);
+            }
+        }
+        let live_settings_version = Gauge::default();
+        registry.register(
+            "petstore_live_settings_version",
+            "The live settings version this process runs with (0: the files as read)",
+            live_settings_version.clone(),
+        );
         let circuit_breaker_state = Family::<DependencyLabels, Gauge>::default();
         registry.register(
             "petstore_circuit_breaker_state",
@@ -476,6 +511,8 @@ impl Metrics {
             auth_failures,
             rate_limited,
             logins,
+            feature_flag_evaluations,
+            live_settings_version,
             pool: None,
         }
     }

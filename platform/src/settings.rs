@@ -11,7 +11,9 @@ use figment::Figment;
 use secrecy::SecretString;
 use serde::Deserialize;
 
+mod live;
 mod security;
+pub use live::*;
 pub use security::*;
 
 /// Everything the service can be configured with.
@@ -42,9 +44,36 @@ pub struct Settings {
     pub log: LogSettings,
     /// Authentication, authorization, rate limits and request hardening.
     pub security: SecuritySettings,
+    /// The seed's feature flags (live: see [`LiveSettings`]).
+    pub feature_flags: FeatureFlags,
+    /// How live changes reach this process.
+    pub live_settings: LiveReloadSettings,
     /// The environment the settings were read for (`PETSTORE_ENV`, default `local`).
     #[serde(skip)]
     pub environment: Environment,
+    /// The folder the settings were read from; `None` when built in code (no file watch).
+    #[serde(skip)]
+    pub config_dir: Option<PathBuf>,
+}
+
+/// How live changes reach this process.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LiveReloadSettings {
+    /// How often the event store is asked for a newer version (changes made in this process
+    /// apply at once), in milliseconds.
+    pub poll_interval_ms: u64,
+    /// Watch the configuration folder and record edits of the live keys as changes.
+    pub watch_files: bool,
+}
+
+impl Default for LiveReloadSettings {
+    fn default() -> Self {
+        Self {
+            poll_interval_ms: 250,
+            watch_files: true,
+        }
+    }
 }
 
 /// The environment a process runs in: `local`, `staging`, `production` or another name.
@@ -193,9 +222,6 @@ impl Default for CatalogSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SagaSettings {
-    /// The seed's `express_order_processing`: on, the saga charges the order itself; off, it
-    /// waits for `POST /payments` until the payment deadline.
-    pub express_order_processing: bool,
     /// How long reserving the pet may take before the order is cancelled, in milliseconds.
     pub reservation_timeout_ms: u64,
     /// How long the payment may take (including waiting for the customer), in milliseconds.
@@ -213,7 +239,6 @@ pub struct SagaSettings {
 impl Default for SagaSettings {
     fn default() -> Self {
         Self {
-            express_order_processing: true,
             reservation_timeout_ms: 30_000,
             payment_timeout_ms: 300_000,
             delivery_timeout_ms: 60_000,
@@ -441,6 +466,7 @@ impl Settings {
             .extract()
             .map_err(|error| SettingsError::Read(Box::new(error)))?;
         settings.environment = Environment(environment);
+        settings.config_dir = Some(config_dir.to_owned());
         settings.validate()?;
         Ok(settings)
     }
@@ -473,7 +499,7 @@ impl Settings {
     }
 
     fn validate_ranges(&self) -> Result<(), SettingsError> {
-        let positive: [(&str, u64); 18] = [
+        let positive: [(&str, u64); 16] = [
             ("http.body_limit_bytes", self.http.body_limit_bytes as u64),
             (
                 "database.max_connections",
@@ -484,12 +510,6 @@ impl Settings {
                 "projector.poll_interval_ms",
                 self.projector.poll_interval_ms,
             ),
-            (
-                "saga.reservation_timeout_ms",
-                self.saga.reservation_timeout_ms,
-            ),
-            ("saga.payment_timeout_ms", self.saga.payment_timeout_ms),
-            ("saga.delivery_timeout_ms", self.saga.delivery_timeout_ms),
             (
                 "saga.deadline_poll_interval_ms",
                 self.saga.deadline_poll_interval_ms,
@@ -522,6 +542,10 @@ impl Settings {
             ),
             ("redis.browse_ttl_seconds", self.redis.browse_ttl_seconds),
             (
+                "live_settings.poll_interval_ms",
+                self.live_settings.poll_interval_ms,
+            ),
+            (
                 "kafka.partitions",
                 u64::try_from(self.kafka.partitions).unwrap_or(0),
             ),
@@ -537,23 +561,6 @@ impl Settings {
                 "must be above 0",
             ));
         }
-        for (key, rate) in [
-            (
-                "providers.payment.failure_rate",
-                self.providers.payment.failure_rate,
-            ),
-            (
-                "providers.delivery.failure_rate",
-                self.providers.delivery.failure_rate,
-            ),
-        ] {
-            if !(0.0..=1.0).contains(&rate) {
-                return Err(SettingsError::invalid(
-                    key,
-                    format!("{rate} is not between 0 and 1"),
-                ));
-            }
-        }
         for (key, text) in [
             ("kafka.topic_prefix", &self.kafka.topic_prefix),
             ("kafka.consumer_group", &self.kafka.consumer_group),
@@ -563,10 +570,7 @@ impl Settings {
                 return Err(SettingsError::invalid(key, "must not be empty"));
             }
         }
-        if let Err(error) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
-            return Err(SettingsError::invalid("log.filter", error.to_string()));
-        }
-        Ok(())
+        LiveSettings::of(self).validate()
     }
 
     /// The file layers only: defaults, `base.yaml`, `{environment}.yaml`.
@@ -670,7 +674,11 @@ mod tests {
             jail.set_env("KAFKA_BROKERS", "127.0.0.1:19092");
             jail.set_env("REDIS_URL", "redis://127.0.0.1:16379/0");
             jail.set_env("PETSTORE__HTTP__LISTEN", "127.0.0.1:9001");
-            jail.set_env("PETSTORE__SAGA__EXPRESS_ORDER_PROCESSING", "false");
+            jail.set_env("PETSTORE__FEATURE_FLAGS__EXPRESS_ORDER_PROCESSING", "false");
+            jail.set_env(
+                "PETSTORE__FEATURE_FLAGS__PET_PERSONALIZATION__ROLLOUT_PERCENTAGE",
+                "25",
+            );
             jail.set_env(
                 "PETSTORE__SECURITY__JWT__SECRET",
                 "a-secret-of-thirty-two-bytes-or-more",
@@ -694,7 +702,14 @@ mod tests {
                 Some("redis://127.0.0.1:16379/0".to_owned())
             );
             assert_eq!(settings.http.listen.port(), 9001);
-            assert!(!settings.saga.express_order_processing);
+            assert_eq!(
+                settings.feature_flags.express_order_processing,
+                FlagSetting::Off
+            );
+            assert_eq!(
+                settings.feature_flags.pet_personalization,
+                FlagSetting::Rollout { percentage: 25.0 }
+            );
             Ok(())
         });
     }

@@ -550,6 +550,54 @@ pub async fn events_with_correlation(
     }
 }
 
+/// Events of one aggregate with a sequence in `sequences`, newest first, at most `limit`.
+pub async fn aggregate_events_newest_first(
+    database: &Database,
+    aggregate_type: &str,
+    aggregate_id: &str,
+    sequences: std::ops::Range<i64>,
+    limit: i64,
+) -> Result<Vec<RecordedEvent>, StreamError> {
+    const POSTGRES: &str = "
+SELECT transaction_id::text::bigint AS transaction_id, global_position, aggregate_type,
+       aggregate_id, sequence, event_type, event_version, payload, metadata
+  FROM events
+ WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence >= $3 AND sequence < $4
+ ORDER BY sequence DESC
+ LIMIT $5";
+    const SQLITE: &str = "
+SELECT 0 AS transaction_id, global_position, aggregate_type, aggregate_id, sequence,
+       event_type, event_version, payload, metadata
+  FROM events
+ WHERE aggregate_type = ?1 AND aggregate_id = ?2 AND sequence >= ?3 AND sequence < ?4
+ ORDER BY sequence DESC
+ LIMIT ?5";
+    match database {
+        Database::Postgres(pool) => sqlx::query(POSTGRES)
+            .bind(aggregate_type)
+            .bind(aggregate_id)
+            .bind(sequences.start)
+            .bind(sequences.end)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(decode)
+            .collect(),
+        Database::Sqlite(pool) => sqlx::query(SQLITE)
+            .bind(aggregate_type)
+            .bind(aggregate_id)
+            .bind(sequences.start)
+            .bind(sequences.end)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(decode)
+            .collect(),
+    }
+}
+
 /// The correlation id of an aggregate's first event, if the aggregate exists.
 pub async fn correlation_of(
     database: &Database,

@@ -87,6 +87,21 @@ impl Telemetry {
     }
 }
 
+type LogFilterReload = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// Replaces the filter of the global subscriber's log output. One per process, as the
+/// subscriber it belongs to.
+static LOG_FILTER: std::sync::OnceLock<LogFilterReload> = std::sync::OnceLock::new();
+
+/// Replaces the log filter (`log.filter`, live) of the subscriber [`init`] installed: `Ok(false)`
+/// when [`init`] installed none (tests, a library user with their own subscriber).
+pub fn set_log_filter(directives: &str) -> Result<bool, String> {
+    match LOG_FILTER.get() {
+        Some(reload) => reload(directives).map(|()| true),
+        None => Ok(false),
+    }
+}
+
 /// Installs the global subscriber: logs as `settings` say, spans as the `OTEL_*` variables
 /// say. Calling it again keeps the first subscriber (tests do) and returns an inert handle.
 pub fn init(settings: &LogSettings) -> Result<Telemetry, TelemetryError> {
@@ -130,6 +145,7 @@ fn init_with(
     });
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.filter));
+    let (filter, filter_handle) = tracing_subscriber::reload::Layer::new(filter);
     let log_layer = match settings.format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .event_format(JsonLines)
@@ -146,6 +162,15 @@ fn init_with(
         .with(log_layer)
         .try_init()
         .is_ok();
+    if installed {
+        let reload: LogFilterReload = Box::new(move |directives: &str| {
+            let filter = EnvFilter::try_new(directives).map_err(|error| error.to_string())?;
+            filter_handle
+                .reload(filter)
+                .map_err(|error| error.to_string())
+        });
+        let _first = LOG_FILTER.set(reload);
+    }
     Ok(Telemetry {
         provider: provider.filter(|_| installed),
         exporting: exporting && installed,

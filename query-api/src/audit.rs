@@ -7,6 +7,7 @@ use axum::Router;
 use petstore_domain::OrderId;
 use petstore_platform::auth::Caller;
 use petstore_platform::database::Database;
+use petstore_platform::event_store;
 use petstore_platform::http::{Json, Path, Problem, ProblemDocument, RequestContext};
 use petstore_platform::stream::{self, RecordedEvent, StreamError};
 use serde::{Deserialize, Serialize};
@@ -46,6 +47,11 @@ pub struct AuditEntry {
     pub command_id: String,
     /// When the command ran (RFC 3339).
     pub timestamp: String,
+    /// The live settings version the command was decided under (absent on events stored
+    /// before settings were versioned).
+    pub settings_version: Option<u64>,
+    /// The feature flags that took part in the decision, on (`true`) or off.
+    pub feature_flags: std::collections::BTreeMap<String, bool>,
     /// The event itself.
     pub payload: serde_json::Value,
 }
@@ -60,6 +66,13 @@ impl From<RecordedEvent> for AuditEntry {
             subject: meta("subject"),
             command_id: meta("command_id"),
             timestamp: meta("timestamp"),
+            settings_version: event
+                .metadata_value(event_store::SETTINGS_VERSION_KEY)
+                .parse()
+                .ok(),
+            feature_flags: event_store::parse_feature_flags(
+                event.metadata_value(event_store::FEATURE_FLAGS_KEY),
+            ),
             event_type: event.event_type,
             event_version: event.event_version,
             aggregate_type: event.aggregate_type,

@@ -14,6 +14,7 @@ use petstore_domain::PetId;
 use petstore_platform::bus::{self, Envelope, KafkaBus};
 use petstore_platform::cache::Cache;
 use petstore_platform::event_store::EventStore;
+use petstore_platform::live::Live;
 use petstore_platform::metrics::Metrics;
 use petstore_platform::stream::{self, StreamPosition};
 use petstore_projector::views::ViewBatch;
@@ -354,12 +355,11 @@ async fn two_saga_runners_share_a_group_and_one_can_die() {
 
     let store = EventStore::new(storage.database().await, 16);
     let pets = add_pets(&store, "kafka-kitten", ORDERS).await;
-    let payments = Arc::new(SimulatedPaymentGateway::new(
-        settings.providers.payment.clone(),
-    ));
-    let deliveries = Arc::new(SimulatedDeliveryProvider::new(
-        settings.providers.delivery.clone(),
-    ));
+    let live = Live::start(store.clone(), &settings, Metrics::new())
+        .await
+        .expect("live settings");
+    let payments = Arc::new(SimulatedPaymentGateway::new(live.clone()));
+    let deliveries = Arc::new(SimulatedDeliveryProvider::new(live.clone()));
     let runner = || {
         SagaRunner::new(
             store.clone(),
@@ -368,6 +368,7 @@ async fn two_saga_runners_share_a_group_and_one_can_die() {
             payments.clone(),
             deliveries.clone(),
             Metrics::new(),
+            live.clone(),
         )
         .with_kafka(settings.kafka.clone())
     };

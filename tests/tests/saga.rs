@@ -10,8 +10,9 @@ use petstore_cli::Role;
 use petstore_command_api::providers::{SimulatedDeliveryProvider, SimulatedPaymentGateway};
 use petstore_command_api::saga::SagaRunner;
 use petstore_platform::event_store::EventStore;
+use petstore_platform::live::Live;
 use petstore_platform::metrics::Metrics;
-use petstore_platform::settings::Settings;
+use petstore_platform::settings::{FlagSetting, Settings};
 use petstore_tests::{add_pets, assert_problem, on_both_engines, Engine, Storage, TestApp};
 use serde_json::{json, Value};
 
@@ -259,7 +260,7 @@ async fn a_step_that_times_out_is_compensated(engine: Engine) {
 async fn a_deadline_survives_a_restart_and_fires_once(engine: Engine) {
     let storage = Storage::new(engine).await;
     let mut settings = storage.settings();
-    settings.saga.express_order_processing = false; // the saga waits for the customer
+    settings.feature_flags.express_order_processing = FlagSetting::Off; // the saga waits for the customer
     settings.saga.payment_timeout_ms = 1_500;
     settings.saga.deadline_poll_interval_ms = 20;
     let app = TestApp::start(settings.clone()).await;
@@ -315,7 +316,7 @@ async fn twenty_orders_for_one_pet_sell_it_once(engine: Engine) {
 
 async fn customers_pay_through_the_payments_api_when_express_processing_is_off(engine: Engine) {
     let (storage, app) = spawn_with(engine, |settings| {
-        settings.saga.express_order_processing = false;
+        settings.feature_flags.express_order_processing = FlagSetting::Off;
     })
     .await;
     let order_id = post_order(&app, "siamese-cat-001", None).await;
@@ -356,7 +357,7 @@ async fn customers_pay_through_the_payments_api_when_express_processing_is_off(e
 
 async fn the_payments_api_refuses_what_it_cannot_do(engine: Engine) {
     let (storage, app) = spawn_with(engine, |settings| {
-        settings.saga.express_order_processing = false;
+        settings.feature_flags.express_order_processing = FlagSetting::Off;
     })
     .await;
     let order_id = post_order(&app, "goldfish-001", None).await;
@@ -401,7 +402,7 @@ async fn the_payments_api_refuses_what_it_cannot_do(engine: Engine) {
 
     // With express processing on, the saga pays; customers cannot.
     let mut settings = storage.settings();
-    settings.saga.express_order_processing = true;
+    settings.feature_flags.express_order_processing = FlagSetting::On;
     let app = TestApp::start(settings).await;
     let order_id = post_order(&app, "betta-001", None).await;
     app.wait_for_terminal(&order_id).await;
@@ -432,12 +433,11 @@ async fn a_saga_runner_killed_at_random_points_loses_and_doubles_nothing(engine:
         orders.push(post_order(&app, pet_id, None).await);
     }
 
-    let payments = Arc::new(SimulatedPaymentGateway::new(
-        settings.providers.payment.clone(),
-    ));
-    let deliveries = Arc::new(SimulatedDeliveryProvider::new(
-        settings.providers.delivery.clone(),
-    ));
+    let live = Live::start(store.clone(), &settings, Metrics::new())
+        .await
+        .expect("live settings");
+    let payments = Arc::new(SimulatedPaymentGateway::new(live.clone()));
+    let deliveries = Arc::new(SimulatedDeliveryProvider::new(live.clone()));
     let runner = || {
         SagaRunner::new(
             store.clone(),
@@ -446,6 +446,7 @@ async fn a_saga_runner_killed_at_random_points_loses_and_doubles_nothing(engine:
             payments.clone(),
             deliveries.clone(),
             Metrics::new(),
+            live.clone(),
         )
     };
     for _ in 0..12 {

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::{Environment, SettingsError};
 
@@ -208,8 +208,9 @@ fn default_roles_claim() -> String {
     "roles".to_owned()
 }
 
-/// Request rates, per subject (per client IP for anonymous callers).
-#[derive(Debug, Clone, Deserialize)]
+/// Request rates, per subject (per client IP for anonymous callers). Live: a change applies
+/// at once (the counts start afresh).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RateLimitSettings {
     /// Off: no request is refused for its rate.
@@ -234,6 +235,38 @@ impl Default for RateLimitSettings {
             login_per_minute: 10,
             max_keys: 100_000,
         }
+    }
+}
+
+impl RateLimitSettings {
+    /// Refuses zero limits and malformed route keys, naming the key.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        if self.default_per_minute == 0 || self.login_per_minute == 0 {
+            return Err(SettingsError::invalid(
+                "security.rate_limits",
+                "limits must be above 0 (set enabled: false to turn them off)",
+            ));
+        }
+        if self.max_keys == 0 {
+            return Err(SettingsError::invalid(
+                "security.rate_self.max_keys",
+                "must be above 0",
+            ));
+        }
+        for (route, limit) in &self.routes {
+            let well_formed = route.split_once(' ').is_some_and(|(method, path)| {
+                !method.is_empty()
+                    && method.bytes().all(|b| b.is_ascii_uppercase())
+                    && path.starts_with('/')
+            });
+            if !well_formed || *limit == 0 {
+                return Err(SettingsError::invalid(
+                    format!("security.rate_limits.routes.{route:?}"),
+                    "keys are \"METHOD /route/template\", limits above 0",
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -420,32 +453,7 @@ impl SecuritySettings {
                 ));
             }
         }
-        let limits = &self.rate_limits;
-        if limits.default_per_minute == 0 || limits.login_per_minute == 0 {
-            return Err(SettingsError::invalid(
-                "security.rate_limits",
-                "limits must be above 0 (set enabled: false to turn them off)",
-            ));
-        }
-        if limits.max_keys == 0 {
-            return Err(SettingsError::invalid(
-                "security.rate_limits.max_keys",
-                "must be above 0",
-            ));
-        }
-        for (route, limit) in &limits.routes {
-            let well_formed = route.split_once(' ').is_some_and(|(method, path)| {
-                !method.is_empty()
-                    && method.bytes().all(|b| b.is_ascii_uppercase())
-                    && path.starts_with('/')
-            });
-            if !well_formed || *limit == 0 {
-                return Err(SettingsError::invalid(
-                    format!("security.rate_limits.routes.{route:?}"),
-                    "keys are \"METHOD /route/template\", limits above 0",
-                ));
-            }
-        }
+        self.rate_limits.validate()?;
         if self.request_timeout_ms == 0 {
             return Err(SettingsError::invalid(
                 "security.request_timeout_ms",

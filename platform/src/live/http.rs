@@ -1,0 +1,290 @@
+//! The admin routes of the live settings, served by every process (any instance can be
+//! asked or changed; the change reaches the others through the event store). Admin only:
+//! the security guard refuses everyone else on `/petstore-domain/admin/*`.
+
+use axum::extract::State;
+use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::{IntoParams, ToSchema};
+
+use super::{HistoryEntry, Live, LiveReadError, LiveSettingsError, LiveSnapshot};
+use crate::auth::Caller;
+use crate::event_store::EventMetadata;
+use crate::http::{Json, Problem, ProblemDocument, Query, RequestContext};
+
+/// The header that says why a change is made (kept in the history).
+pub const CHANGE_REASON_HEADER: HeaderName = HeaderName::from_static("x-change-reason");
+
+/// The live-settings routes.
+pub fn router(live: Live) -> Router {
+    Router::new()
+        .route(
+            "/petstore-domain/admin/config",
+            get(get_config).put(put_config),
+        )
+        .route("/petstore-domain/admin/config/history", get(config_history))
+        .with_state(live)
+}
+
+/// The live settings and their version.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ConfigDocument {
+    /// 0 before any change, then one more per change; also the `ETag`.
+    pub version: u64,
+    /// When the version was made (RFC 3339); absent for version 0 (the files as read).
+    pub updated_at: Option<String>,
+    /// Who made it: a user's subject, or `file`.
+    pub updated_by: Option<String>,
+    /// Every live setting: `feature_flags`, `security.rate_limits`,
+    /// `providers.{payment,delivery}.{latency_ms,failure_rate}`, `saga.*_timeout_ms`,
+    /// `log.filter`.
+    #[schema(value_type = Object)]
+    pub settings: Value,
+}
+
+fn etag(version: u64) -> HeaderValue {
+    HeaderValue::from_str(&format!("\"{version}\"")).unwrap_or(HeaderValue::from_static("\"0\""))
+}
+
+fn document(snapshot: &LiveSnapshot) -> Response {
+    let body = ConfigDocument {
+        version: snapshot.version,
+        updated_at: snapshot.updated_at.clone(),
+        updated_by: snapshot.updated_by.clone(),
+        settings: snapshot.settings.to_value(),
+    };
+    (
+        [
+            (header::ETAG, etag(snapshot.version)),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+        ],
+        Json(body),
+    )
+        .into_response()
+}
+
+/// The versions an `If-Match` or `If-None-Match` header names (`*` is `None`: any).
+fn versions_in(value: &HeaderValue) -> Result<Option<Vec<u64>>, Problem> {
+    let text = value
+        .to_str()
+        .map_err(|_| Problem::bad_request("the entity tag must be ASCII"))?
+        .trim();
+    if text == "*" {
+        return Ok(None);
+    }
+    text.split(',')
+        .map(|tag| {
+            let tag = tag.trim();
+            tag.strip_prefix("W/")
+                .unwrap_or(tag)
+                .strip_prefix('"')
+                .and_then(|tag| tag.strip_suffix('"'))
+                .and_then(|version| version.parse::<u64>().ok())
+                .ok_or_else(|| {
+                    Problem::bad_request(format!(
+                        "{tag:?} is not an entity tag of these settings (send the ETag, such as \"3\")"
+                    ))
+                })
+        })
+        .collect::<Result<Vec<u64>, Problem>>()
+        .map(Some)
+}
+
+fn read_failure(error: &LiveReadError) -> Problem {
+    Problem::from_failure(error)
+}
+
+/// The live settings.
+///
+/// The part of the configuration that may change while the service runs, with its version
+/// (also the `ETag`; `If-None-Match` answers 304 when unchanged).
+#[utoipa::path(
+    get,
+    path = "/petstore-domain/admin/config",
+    tag = "admin",
+    params(("If-None-Match" = Option<String>, Header, description = "An ETag from an earlier answer")),
+    responses(
+        (status = 200, description = "The settings in force", body = ConfigDocument,
+         headers(("ETag" = String, description = "The version, quoted"))),
+        (status = 304, description = "Unchanged since the ETag given"),
+        (status = 400, description = "A malformed If-None-Match", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 401, description = "No valid bearer token", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 403, description = "Not an admin", body = ProblemDocument, content_type = "application/problem+json"),
+    )
+)]
+pub async fn get_config(State(live): State<Live>, headers: HeaderMap) -> Result<Response, Problem> {
+    let snapshot = live.current();
+    if let Some(value) = headers.get(header::IF_NONE_MATCH) {
+        let unchanged = match versions_in(value)? {
+            None => true,
+            Some(versions) => versions.contains(&snapshot.version),
+        };
+        if unchanged {
+            return Ok((
+                StatusCode::NOT_MODIFIED,
+                [(header::ETAG, etag(snapshot.version))],
+            )
+                .into_response());
+        }
+    }
+    Ok(document(&snapshot))
+}
+
+/// Change live settings.
+///
+/// The body is a partial settings document, merged key by key (JSON merge patch, RFC 7386),
+/// such as `{"feature_flags":{"pet_personalization":true}}`. The whole result is validated:
+/// an unknown key, a wrong type or a refused value is a 422 and nothing changes. With
+/// `If-Match` (an ETag from `GET`), a change made meanwhile by anyone is a 412. The change is
+/// an event: it applies at once here and within a second on every instance, survives
+/// restarts and is listed in `/history`. `X-Change-Reason` says why.
+#[utoipa::path(
+    put,
+    path = "/petstore-domain/admin/config",
+    tag = "admin",
+    params(
+        ("If-Match" = Option<String>, Header, description = "Apply only at this version (an ETag)"),
+        ("X-Change-Reason" = Option<String>, Header, description = "Why, kept in the history (up to 500 characters)"),
+    ),
+    request_body(content = Object, description = "A partial settings document"),
+    responses(
+        (status = 200, description = "The settings in force after the change", body = ConfigDocument,
+         headers(("ETag" = String, description = "The new version, quoted"))),
+        (status = 400, description = "A malformed If-Match or reason", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 401, description = "No valid bearer token", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 403, description = "Not an admin", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 412, description = "The settings changed since the If-Match version", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 415, description = "The body is not JSON", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 422, description = "An unknown key, a wrong type or a refused value; nothing changed", body = ProblemDocument, content_type = "application/problem+json"),
+    )
+)]
+pub async fn put_config(
+    State(live): State<Live>,
+    caller: Caller,
+    headers: HeaderMap,
+    Json(patch): Json<Value>,
+) -> Result<Response, Problem> {
+    let expected_version = match headers.get(header::IF_MATCH) {
+        None => None,
+        Some(value) => match versions_in(value)? {
+            None => None,
+            Some(versions) if versions.len() == 1 => versions.first().copied(),
+            Some(_) => return Err(Problem::bad_request("If-Match must name one version")),
+        },
+    };
+    let reason = match headers.get(CHANGE_REASON_HEADER) {
+        None => None,
+        Some(value) => {
+            let text = value
+                .to_str()
+                .ok()
+                .filter(|text| !text.trim().is_empty() && text.len() <= 500)
+                .ok_or_else(|| {
+                    Problem::bad_request(
+                        "X-Change-Reason must be 1 to 500 visible ASCII characters",
+                    )
+                })?;
+            Some(text.trim().to_owned())
+        }
+    };
+    let metadata = EventMetadata::new(RequestContext::correlation_id(), caller.subject());
+    match live
+        .change(patch, expected_version, reason, &metadata)
+        .await
+        .map_err(|error| read_failure(&error))?
+    {
+        Ok(snapshot) => Ok(document(&snapshot)),
+        Err(LiveSettingsError::Invalid(error)) => Err(Problem::validation(match &error {
+            crate::settings::SettingsError::Invalid { key, reason } if key.is_empty() => {
+                reason.clone()
+            }
+            crate::settings::SettingsError::Invalid { key, reason } => format!("{key}: {reason}"),
+            other => other.to_string(),
+        })),
+        Err(stale @ LiveSettingsError::StaleVersion { .. }) => Err(Problem::new(
+            StatusCode::PRECONDITION_FAILED,
+            "stale-version",
+            "Precondition failed",
+            format!("{stale}: GET the settings again and retry with the new ETag"),
+        )),
+    }
+}
+
+/// Which changes to list.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct HistoryQuery {
+    /// Changes per page, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
+    limit: Option<u32>,
+    /// Only versions below this one: the previous page's `next`.
+    #[param(minimum = 1)]
+    before: Option<u64>,
+}
+
+/// A page of the change history, newest first.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct HistoryPage {
+    /// The changes.
+    pub changes: Vec<HistoryEntry>,
+    /// Pass it as `before` for the next page; absent on the last one.
+    pub next: Option<u64>,
+}
+
+/// The history of the live settings.
+///
+/// Every change, newest first: its version, when, who (`file` for a file edit), why, and
+/// each key with its old and new value.
+#[utoipa::path(
+    get,
+    path = "/petstore-domain/admin/config/history",
+    tag = "admin",
+    params(HistoryQuery),
+    responses(
+        (status = 200, description = "A page of changes", body = HistoryPage),
+        (status = 401, description = "No valid bearer token", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 403, description = "Not an admin", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 422, description = "A bad limit", body = ProblemDocument, content_type = "application/problem+json"),
+    )
+)]
+pub async fn config_history(
+    State(live): State<Live>,
+    Query(query): Query<HistoryQuery>,
+) -> Result<Json<HistoryPage>, Problem> {
+    let limit = query.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(Problem::validation("limit must be 1 to 500"));
+    }
+    if query.before == Some(0) {
+        return Err(Problem::validation("before must be above 0"));
+    }
+    let changes = live
+        .history(limit, query.before)
+        .await
+        .map_err(|error| read_failure(&error))?;
+    let next = (changes.len() == limit as usize)
+        .then(|| changes.last().map(|entry| entry.version))
+        .flatten()
+        .filter(|version| *version > 1);
+    Ok(Json(HistoryPage { changes, next }))
+}
+
+/// The OpenAPI description of the live-settings routes.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    paths(get_config, put_config, config_history),
+    components(schemas(
+        ConfigDocument,
+        HistoryPage,
+        HistoryEntry,
+        super::ChangeSource,
+        crate::settings::SettingChange
+    ))
+)]
+pub struct LiveApiDoc;

@@ -163,6 +163,7 @@ async fn add_pets(store: &EventStore, count: usize) -> anyhow::Result<Vec<String
             category: PetCategory::Fish,
             breed: "Guppy".to_owned(),
             age_months: 1,
+            vaccinated: false,
             price: Money::usd(1_000)?,
             description: "bench".to_owned(),
         };

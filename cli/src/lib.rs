@@ -303,6 +303,7 @@ impl Application {
                 database: database.clone(),
                 consistency_wait: Duration::from_millis(settings.http.consistency_wait_ms),
                 metrics: metrics.clone(),
+                live: live.clone(),
             }));
         }
         let router = router

@@ -87,10 +87,12 @@ async fn the_seed_flag_demo_works_and_file_edits_apply_live() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert_eq!(edited["settings"]["feature_flags"]["premium_filters"], false);
     assert_eq!(
-        edited["settings"]["feature_flags"]["pet_personalization"],
-        true,
+        edited["settings"]["feature_flags"]["premium_filters"],
+        false
+    );
+    assert_eq!(
+        edited["settings"]["feature_flags"]["pet_personalization"], true,
         "the API's change stays"
     );
     assert_eq!(edited["updated_by"], "file");

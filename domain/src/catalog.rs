@@ -156,6 +156,8 @@ pub fn demo_pets() -> Result<Vec<PetDetails>, DomainError> {
                     category: *category,
                     breed: (*breed).to_owned(),
                     age_months: *age_months,
+                    // Dogs and cats of the demo catalog have had their shots.
+                    vaccinated: matches!(category, PetCategory::Dog | PetCategory::Cat),
                     price: Money::usd(*price)?,
                     description: (*description).to_owned(),
                 })

@@ -26,6 +26,10 @@ pub struct PetDetails {
     pub breed: String,
     /// Age in whole months.
     pub age_months: u32,
+    /// Whether the pet has had its vaccinations (absent in pets added before it was
+    /// recorded: not vaccinated).
+    #[serde(default)]
+    pub vaccinated: bool,
     /// Price.
     pub price: Money,
     /// Free-text description.
@@ -264,6 +268,7 @@ mod tests {
             category: PetCategory::Dog,
             breed: "Golden Retriever".into(),
             age_months: 3,
+            vaccinated: true,
             price: Money::usd(120_000).expect("valid"),
             description: "Friendly".into(),
         }

@@ -105,6 +105,21 @@ impl Caller {
         &self.subject
     }
 
+    /// Whether the caller presented a valid token.
+    pub fn is_authenticated(&self) -> bool {
+        self.authenticated
+    }
+
+    /// Who a feature flag is decided for: the subject, or the address of an anonymous
+    /// caller (so a rollout buckets anonymous callers too, stably per address).
+    pub fn flag_subject(&self) -> String {
+        if self.authenticated {
+            self.subject.clone()
+        } else {
+            self.client_ip.to_string()
+        }
+    }
+
     /// Whether the caller has the admin role.
     pub fn is_admin(&self) -> bool {
         self.roles.contains(&RoleName::Admin)

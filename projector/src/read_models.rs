@@ -69,10 +69,59 @@ pub struct BrowseFilter {
     pub max_price: Option<i64>,
     /// Only pets with this availability (`available`, `reserved`, `sold`).
     pub availability: Option<String>,
+    /// The premium filters (`premium_filters` flag).
+    pub premium: PremiumFilter,
     /// Start after this pet id (the previous page's cursor).
     pub after: Option<PetId>,
     /// Page size.
     pub limit: u32,
+}
+
+/// The premium browse filters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PremiumFilter {
+    /// Breed contains this, ignoring case.
+    pub breed: Option<String>,
+    /// At least this many months old.
+    pub min_age_months: Option<u32>,
+    /// At most this many months old.
+    pub max_age_months: Option<u32>,
+    /// Vaccinated (true) or not (false).
+    pub vaccinated: Option<bool>,
+}
+
+impl PremiumFilter {
+    /// Whether any premium filter is set.
+    pub fn is_set(&self) -> bool {
+        *self != Self::default()
+    }
+
+    /// Whether `pet` passes.
+    pub fn admits(&self, pet: &PetView) -> bool {
+        self.breed
+            .as_deref()
+            .is_none_or(|breed| pet.breed.to_lowercase().contains(&breed.to_lowercase()))
+            && self.min_age_months.is_none_or(|min| pet.age_months >= min)
+            && self.max_age_months.is_none_or(|max| pet.age_months <= max)
+            && self
+                .vaccinated
+                .is_none_or(|wanted| pet.vaccinated == wanted)
+    }
+
+    /// Its part of a cache key.
+    pub fn key(&self) -> String {
+        format!(
+            "{}:{}:{}:{}",
+            self.breed.as_deref().unwrap_or_default().to_lowercase(),
+            self.min_age_months
+                .map(|n| n.to_string())
+                .unwrap_or_default(),
+            self.max_age_months
+                .map(|n| n.to_string())
+                .unwrap_or_default(),
+            self.vaccinated.map(|v| v.to_string()).unwrap_or_default(),
+        )
+    }
 }
 
 /// One page of browse results, ordered by pet id.
@@ -194,6 +243,42 @@ impl ReadModels {
         }
     }
 
+    /// The categories of the pets `customer_id` ordered (cancelled orders aside), with how
+    /// many orders each, most ordered first.
+    pub async fn ordered_categories(
+        &self,
+        customer_id: &str,
+    ) -> Result<Vec<(String, i64)>, ReadModelError> {
+        match self {
+            Self::Postgres(pool) => Ok(sqlx::query_as(
+                "SELECT p.category, count(*) AS orders
+                   FROM order_status_view o
+                   JOIN pet_catalog_view p ON p.pet_id = o.document->>'pet_id'
+                  WHERE o.document->>'customer_id' = $1 AND o.document->>'status' <> 'cancelled'
+                  GROUP BY p.category
+                  ORDER BY orders DESC, p.category",
+            )
+            .bind(customer_id)
+            .fetch_all(pool)
+            .await?),
+            Self::Memory(state) => {
+                let guard = state.read().await;
+                let mut counts: HashMap<String, i64> = HashMap::new();
+                for order in guard.orders.values() {
+                    if order.customer_id != customer_id || order.status == "cancelled" {
+                        continue;
+                    }
+                    if let Some(pet) = guard.pets.get(&order.pet_id) {
+                        *counts.entry(pet.category.clone()).or_default() += 1;
+                    }
+                }
+                let mut ranked: Vec<(String, i64)> = counts.into_iter().collect();
+                ranked.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+                Ok(ranked)
+            }
+        }
+    }
+
     /// A pet of the catalog.
     pub async fn pet(&self, pet_id: &PetId) -> Result<Option<PetView>, ReadModelError> {
         match self {
@@ -221,6 +306,10 @@ impl ReadModels {
                         AND ($3::bigint IS NULL OR price_minor <= $3)
                         AND ($4::text IS NULL OR availability = $4)
                         AND ($5::text IS NULL OR pet_id > $5)
+                        AND ($7::text IS NULL OR strpos(lower(document->>'breed'), lower($7)) > 0)
+                        AND ($8::bigint IS NULL OR (document->>'age_months')::bigint >= $8)
+                        AND ($9::bigint IS NULL OR (document->>'age_months')::bigint <= $9)
+                        AND ($10::boolean IS NULL OR coalesce((document->>'vaccinated')::boolean, false) = $10)
                       ORDER BY pet_id
                       LIMIT $6",
                 )
@@ -230,6 +319,10 @@ impl ReadModels {
                 .bind(filter.availability.as_deref())
                 .bind(filter.after.as_ref().map(PetId::as_str))
                 .bind(limit as i64 + 1)
+                .bind(filter.premium.breed.as_deref())
+                .bind(filter.premium.min_age_months.map(i64::from))
+                .bind(filter.premium.max_age_months.map(i64::from))
+                .bind(filter.premium.vaccinated)
                 .fetch_all(pool)
                 .await?;
                 documents
@@ -263,6 +356,7 @@ impl ReadModels {
                                 .availability
                                 .as_deref()
                                 .is_none_or(|wanted| pet.availability == wanted)
+                            && filter.premium.admits(pet)
                     })
                     .take(limit + 1)
                     .cloned()

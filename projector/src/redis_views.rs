@@ -99,7 +99,7 @@ impl RedisViews {
             .await?
             .unwrap_or_default();
         Ok(self.cache.key(&format!(
-            "browse:{generation}:{}:{}:{}:{}:{}:{}",
+            "browse:{generation}:{}:{}:{}:{}:{}:{}:{}",
             filter.category.map_or("", |category| category.as_str()),
             filter
                 .min_price
@@ -112,6 +112,7 @@ impl RedisViews {
             filter.availability.as_deref().unwrap_or_default(),
             filter.after.as_ref().map_or("", PetId::as_str),
             filter.limit,
+            filter.premium.key(),
         )))
     }
 

@@ -100,6 +100,9 @@ pub struct PetView {
     pub breed: String,
     /// Age in months.
     pub age_months: u32,
+    /// Whether the pet has had its vaccinations.
+    #[serde(default)]
+    pub vaccinated: bool,
     /// Price.
     pub price: MoneyView,
     /// Free-text description.
@@ -372,6 +375,7 @@ impl PetView {
                     category: details.category.as_str().to_owned(),
                     breed: details.breed,
                     age_months: details.age_months,
+                    vaccinated: details.vaccinated,
                     price: details.price.into(),
                     description: details.description,
                     availability: Availability::Available.as_str().to_owned(),

@@ -38,6 +38,8 @@ pub struct QueryState {
     pub security_audit: petstore_platform::security_audit::SecurityAudit,
     /// Metrics (Redis hits, misses and fallbacks).
     pub metrics: Metrics,
+    /// The live settings (the browse flags).
+    pub live: petstore_platform::live::Live,
 }
 
 /// Every query route, with its state applied. (Health is every process's:
@@ -64,6 +66,7 @@ pub fn router(state: QueryState) -> Router {
     ),
     components(schemas(
         pets::BrowseResponse,
+        pets::Personalization,
         petstore_projector::PetView,
         petstore_projector::MoneyView,
         petstore_projector::OrderStatusView,

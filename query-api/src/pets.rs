@@ -4,8 +4,10 @@ use axum::extract::State;
 use axum::routing::get;
 use axum::Router;
 use petstore_domain::{PetCategory, PetId};
+use petstore_platform::auth::Caller;
 use petstore_platform::http::{Json, Path, Problem, ProblemDocument, Query};
-use petstore_projector::{BrowseFilter, PetView};
+use petstore_platform::settings::Flag;
+use petstore_projector::{BrowseFilter, PetView, PremiumFilter};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -48,13 +50,39 @@ pub struct BrowseParams {
     /// The `next_cursor` of the previous page (a pet id).
     #[param(pattern = "^[a-z0-9]+(-[a-z0-9]+)*$", max_length = 64)]
     pub cursor: Option<String>,
+    /// Premium (`premium_filters`): the breed contains this, ignoring case.
+    #[param(min_length = 1, max_length = 64)]
+    pub breed: Option<String>,
+    /// Premium (`premium_filters`): at least this many months old.
+    #[param(minimum = 0)]
+    pub min_age_months: Option<u32>,
+    /// Premium (`premium_filters`): at most this many months old.
+    #[param(minimum = 0)]
+    pub max_age_months: Option<u32>,
+    /// Premium (`premium_filters`): vaccinated or not.
+    pub vaccinated: Option<bool>,
+}
+
+/// How a page was ranked for the caller (`pet_personalization`).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Personalization {
+    /// Whether the page is ranked for the caller.
+    pub applied: bool,
+    /// Why (or why not), in words.
+    pub reason: String,
+    /// The categories that rank first, most ordered first.
+    pub preferred_categories: Vec<String>,
 }
 
 /// One page of pets.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct BrowseResponse {
-    /// The pets, ordered by id.
+    /// The pets, ordered by id; with `personalization` applied, the caller's most ordered
+    /// categories first (by id within each).
     pub pets: Vec<PetView>,
+    /// Present when `pet_personalization` is on for the caller.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub personalization: Option<Personalization>,
     /// How many pets this page holds.
     pub count: usize,
     /// Pass as `cursor` for the next page; absent on the last page.
@@ -63,6 +91,17 @@ pub struct BrowseResponse {
 
 impl BrowseParams {
     fn into_filter(self) -> Result<BrowseFilter, Problem> {
+        if self.breed.as_ref().is_some_and(|breed| {
+            breed.trim().is_empty() || breed.len() > 64 || breed.chars().any(char::is_control)
+        }) {
+            return Err(Problem::validation("breed: 1 to 64 characters"));
+        }
+        let premium = PremiumFilter {
+            breed: self.breed.map(|breed| breed.trim().to_owned()),
+            min_age_months: self.min_age_months,
+            max_age_months: self.max_age_months,
+            vaccinated: self.vaccinated,
+        };
         let category = self
             .category
             .as_deref()
@@ -99,6 +138,7 @@ impl BrowseParams {
             min_price: self.min_price,
             max_price: self.max_price,
             availability,
+            premium,
             after,
             limit,
         })
@@ -126,16 +166,76 @@ impl BrowseParams {
 )]
 pub async fn browse(
     State(state): State<QueryState>,
+    caller: Caller,
     Query(params): Query<BrowseParams>,
     token: ConsistencyToken,
 ) -> Result<Json<BrowseResponse>, Problem> {
     let filter = params.into_filter()?;
-    let page = state.browse(&filter, token).await?;
+    let subject = caller.flag_subject();
+    if filter.premium.is_set() && !state.live.flag(Flag::PremiumFilters, &subject) {
+        return Err(Problem::validation(
+            "breed, min_age_months, max_age_months and vaccinated are premium filters, and \
+             premium_filters is off",
+        ));
+    }
+    let mut page = state.browse(&filter, token).await?;
+    let personalization = if state.live.flag(Flag::PetPersonalization, &subject) {
+        Some(personalize(&state, &caller, &mut page.pets).await?)
+    } else {
+        None
+    };
     Ok(Json(BrowseResponse {
         count: page.pets.len(),
         pets: page.pets,
+        personalization,
         next_cursor: page.next_cursor,
     }))
+}
+
+/// Ranks `pets` for the caller: the categories of their past orders first, most ordered
+/// first (a stable sort, so pet-id order holds within each).
+async fn personalize(
+    state: &QueryState,
+    caller: &Caller,
+    pets: &mut [PetView],
+) -> Result<Personalization, Problem> {
+    if !caller.is_authenticated() {
+        return Ok(Personalization {
+            applied: false,
+            reason: "sign in: results are ranked by the categories of your past orders".to_owned(),
+            preferred_categories: Vec::new(),
+        });
+    }
+    let ranked = state
+        .read_models
+        .ordered_categories(caller.subject())
+        .await?;
+    if ranked.is_empty() {
+        return Ok(Personalization {
+            applied: false,
+            reason: "no past orders to rank by yet".to_owned(),
+            preferred_categories: Vec::new(),
+        });
+    }
+    let rank_of = |category: &str| {
+        ranked
+            .iter()
+            .position(|(preferred, _)| preferred == category)
+            .unwrap_or(ranked.len())
+    };
+    pets.sort_by_key(|pet| rank_of(&pet.category));
+    let described: Vec<String> = ranked
+        .iter()
+        .map(|(category, orders)| format!("{category} ({orders})"))
+        .collect();
+    Ok(Personalization {
+        applied: true,
+        reason: format!(
+            "ranked by the categories of your past orders: {}",
+            described.join(", ")
+        ),
+        preferred_categories: ranked.into_iter().map(|(category, _)| category).collect(),
+    })
 }
 
 /// Legacy alias of `GET /petstore-domain/pets/browse`.
@@ -156,10 +256,11 @@ pub async fn browse(
 )]
 pub async fn browse_legacy(
     state: State<QueryState>,
+    caller: Caller,
     params: Query<BrowseParams>,
     token: ConsistencyToken,
 ) -> Result<Json<BrowseResponse>, Problem> {
-    browse(state, params, token).await
+    browse(state, caller, params, token).await
 }
 
 /// One pet's details and availability.

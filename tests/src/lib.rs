@@ -530,6 +530,7 @@ pub async fn add_pets(
             category: petstore_domain::PetCategory::Dog,
             breed: "Mixed".into(),
             age_months: 2,
+            vaccinated: false,
             price: petstore_domain::Money::usd(10_000).expect("valid"),
             description: "test".into(),
         };

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use petstore_cli::Role;
-use petstore_platform::settings::RoleName;
+use petstore_platform::settings::{Flag, FlagSetting, RoleName};
 use petstore_tests::{assert_problem, on_both_engines, Engine, Storage, TestApp};
 use serde_json::{json, Value};
 
@@ -366,7 +366,158 @@ async fn payments_are_held_while_payment_processing_is_off(engine: Engine) {
     storage.remove().await;
 }
 
+fn flags_header(response: &reqwest::Response) -> String {
+    response
+        .headers()
+        .get("x-feature-flags")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+async fn pet_ids(response: reqwest::Response) -> Vec<String> {
+    assert_eq!(response.status(), 200);
+    let page: Value = response.json().await.expect("JSON");
+    page["pets"]
+        .as_array()
+        .expect("pets")
+        .iter()
+        .map(|pet| pet["id"].as_str().expect("id").to_owned())
+        .collect()
+}
+
+async fn the_browse_flags_filter_and_rank_for_the_caller(engine: Engine) {
+    let storage = Storage::new(engine).await;
+    let app = TestApp::start(storage.settings()).await;
+    app.wait_until_ready().await;
+    let browse = |query: &str| {
+        app.anonymous
+            .get(app.url(&format!("/petstore-domain/pets/browse{query}")))
+            .send()
+    };
+
+    // premium_filters is on by default.
+    let retrievers = pet_ids(browse("?breed=RETRIEVER").await.expect("answered")).await;
+    assert_eq!(retrievers, ["golden-retriever-001", "labrador-001"]);
+    let response = browse("?vaccinated=false&max_age_months=12")
+        .await
+        .expect("answered");
+    assert!(flags_header(&response).contains("premium_filters=on"));
+    let unvaccinated = pet_ids(response).await;
+    assert!(!unvaccinated.is_empty());
+    assert!(
+        unvaccinated
+            .iter()
+            .all(|id| !id.contains("cat") && !id.contains("retriever")),
+        "{unvaccinated:?}"
+    );
+    let old = pet_ids(browse("?min_age_months=10").await.expect("answered")).await;
+    assert!(old.contains(&"maine-coon-001".to_owned()), "{old:?}");
+    assert!(!old.contains(&"golden-retriever-001".to_owned()));
+    assert_problem(browse("?vaccinated=maybe").await.expect("answered"), 422).await;
+    assert_problem(browse("?breed=%20").await.expect("answered"), 422).await;
+
+    put_ok(&app, &json!({"feature_flags": {"premium_filters": false}})).await;
+    let refused = assert_problem(browse("?breed=beagle").await.expect("answered"), 422).await;
+    assert!(
+        refused["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("premium_filters"),
+        "{refused}"
+    );
+    let plain = browse("?category=dog").await.expect("answered");
+    assert!(flags_header(&plain).is_empty() || !flags_header(&plain).contains("premium"));
+    assert_eq!(plain.status(), 200);
+
+    // pet_personalization: a customer who bought a cat sees cats first, and why.
+    put_ok(
+        &app,
+        &json!({"feature_flags": {"pet_personalization": true}}),
+    )
+    .await;
+    let order = app.place_order("persian-cat-001").await;
+    app.wait_for_terminal(order["order_id"].as_str().expect("id"))
+        .await;
+    let customer = app.client_as("customer-001", RoleName::Customer);
+    let response = customer
+        .get(app.url("/petstore-domain/pets/browse?availability=available"))
+        .send()
+        .await
+        .expect("answered");
+    assert!(flags_header(&response).contains("pet_personalization=on"));
+    let page: Value = response.json().await.expect("JSON");
+    assert_eq!(page["personalization"]["applied"], true, "{page}");
+    assert!(page["personalization"]["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("cat (1)"));
+    assert_eq!(page["pets"][0]["category"], "cat", "{page}");
+    let anonymous: Value = browse("")
+        .await
+        .expect("answered")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(anonymous["personalization"]["applied"], false);
+    let ids: Vec<&str> = anonymous["pets"]
+        .as_array()
+        .expect("pets")
+        .iter()
+        .filter_map(|pet| pet["id"].as_str())
+        .collect();
+    let mut sorted = ids.clone();
+    sorted.sort_unstable();
+    assert_eq!(ids, sorted, "unranked: by id");
+
+    // A rollout: each customer gets the variant their bucket says, every time.
+    put_ok(
+        &app,
+        &json!({"feature_flags": {"pet_personalization": {"rollout_percentage": 50}}}),
+    )
+    .await;
+    let setting = FlagSetting::Rollout { percentage: 50.0 };
+    let mut served = (0, 0);
+    for n in 0..30 {
+        let subject = format!("customer-{n:03}");
+        let expected = setting.is_on_for(Flag::PetPersonalization, &subject);
+        let client = app.client_as(&subject, RoleName::Customer);
+        for _ in 0..2 {
+            let response = client
+                .get(app.url("/petstore-domain/pets/browse"))
+                .send()
+                .await
+                .expect("answered");
+            let header = flags_header(&response);
+            let variant = if expected {
+                "pet_personalization=on"
+            } else {
+                "pet_personalization=off"
+            };
+            assert!(header.contains(variant), "{subject}: {header}");
+            let page: Value = response.json().await.expect("JSON");
+            assert_eq!(page["personalization"].is_object(), expected, "{subject}");
+        }
+        if expected {
+            served.0 += 1
+        } else {
+            served.1 += 1
+        }
+    }
+    assert!(
+        served.0 > 0 && served.1 > 0,
+        "both variants served: {served:?}"
+    );
+    let metrics = app.get("/metrics").await.text().await.expect("text");
+    assert!(metrics.contains(
+        "petstore_feature_flag_evaluations_total{flag=\"pet_personalization\",variant=\"on\"}"
+    ));
+    app.stop().await;
+    storage.remove().await;
+}
+
 on_both_engines!(
+    the_browse_flags_filter_and_rank_for_the_caller,
     the_config_is_versioned_conditional_and_refuses_bad_changes_whole,
     a_put_changes_the_rate_limits_of_the_running_server,
     orders_keep_the_payment_mode_they_started_with_and_the_audit_shows_the_flags,

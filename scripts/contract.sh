@@ -19,9 +19,15 @@ source "$repo/scripts/local-service.sh"
 start_local_service "$CARGO_TARGET_DIR/debug/petstore" PETSTORE__HTTP__CONSISTENCY_WAIT_MS=50
 
 seed=(--seed "${ST_SEED:-20261201}")
+# PUT /petstore-domain/admin/config (the only PUT) is left out: generated documents that the
+# schema cannot tell from valid ones (a log filter's grammar, a rollout's range inside a
+# free-form object) are refused with 422 as they must be, and an accepted one would change
+# the live settings (rate limits, flags) under every other check. tests/tests/live_settings.rs
+# covers it, unhappy paths included.
 [[ "${ST_SEED:-}" == random ]] && seed=()
 PETSTORE_CONTRACT_USERNAME=admin PETSTORE_CONTRACT_PASSWORD=admin \
   PYTHONPATH="$repo/tests/contract" SCHEMATHESIS_HOOKS=petstore_hooks \
   st --config-file "$repo/tests/contract/schemathesis.toml" run \
   "$BASE_URL/petstore-domain/openapi.json" --url "$BASE_URL" \
+  --exclude-method PUT \
   --checks all --max-examples "${ST_MAX_EXAMPLES:-30}" "${seed[@]}" --no-color

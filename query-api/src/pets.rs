@@ -53,11 +53,11 @@ pub struct BrowseParams {
     /// Premium (`premium_filters`): the breed contains this, ignoring case.
     #[param(min_length = 1, max_length = 64)]
     pub breed: Option<String>,
-    /// Premium (`premium_filters`): at least this many months old.
-    #[param(minimum = 0)]
+    /// Premium (`premium_filters`): at least this many months old (0 to 1200).
+    #[param(minimum = 0, maximum = 1200)]
     pub min_age_months: Option<u32>,
-    /// Premium (`premium_filters`): at most this many months old.
-    #[param(minimum = 0)]
+    /// Premium (`premium_filters`): at most this many months old (0 to 1200).
+    #[param(minimum = 0, maximum = 1200)]
     pub max_age_months: Option<u32>,
     /// Premium (`premium_filters`): vaccinated or not.
     pub vaccinated: Option<bool>,
@@ -91,13 +91,23 @@ pub struct BrowseResponse {
 
 impl BrowseParams {
     fn into_filter(self) -> Result<BrowseFilter, Problem> {
-        if self.breed.as_ref().is_some_and(|breed| {
-            breed.trim().is_empty() || breed.len() > 64 || breed.chars().any(char::is_control)
-        }) {
+        if self
+            .breed
+            .as_ref()
+            .is_some_and(|breed| !(1..=64).contains(&breed.chars().count()))
+        {
             return Err(Problem::validation("breed: 1 to 64 characters"));
         }
+        for (name, months) in [
+            ("min_age_months", self.min_age_months),
+            ("max_age_months", self.max_age_months),
+        ] {
+            if months.is_some_and(|months| months > 1200) {
+                return Err(Problem::validation(format!("{name}: 0 to 1200")));
+            }
+        }
         let premium = PremiumFilter {
-            breed: self.breed.map(|breed| breed.trim().to_owned()),
+            breed: self.breed,
             min_age_months: self.min_age_months,
             max_age_months: self.max_age_months,
             vaccinated: self.vaccinated,

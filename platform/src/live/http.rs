@@ -80,11 +80,14 @@ fn versions_in(value: &HeaderValue) -> Result<Option<Vec<u64>>, Problem> {
     text.split(',')
         .map(|tag| {
             let tag = tag.trim();
-            tag.strip_prefix("W/")
-                .unwrap_or(tag)
+            let opaque = tag.strip_prefix("W/").unwrap_or(tag);
+            // The quoted form is the standard; a bare version is accepted too.
+            opaque
                 .strip_prefix('"')
                 .and_then(|tag| tag.strip_suffix('"'))
-                .and_then(|version| version.parse::<u64>().ok())
+                .unwrap_or(opaque)
+                .parse::<u64>()
+                .ok()
                 .ok_or_else(|| {
                     Problem::bad_request(format!(
                         "{tag:?} is not an entity tag of these settings (send the ETag, such as \"3\")"
@@ -107,12 +110,11 @@ fn read_failure(error: &LiveReadError) -> Problem {
     get,
     path = "/petstore-domain/admin/config",
     tag = "admin",
-    params(("If-None-Match" = Option<String>, Header, description = "An ETag from an earlier answer")),
+    params(("If-None-Match" = Option<String>, Header, description = "ETags from earlier answers; a tag that is not one of ours matches nothing")),
     responses(
         (status = 200, description = "The settings in force", body = ConfigDocument,
          headers(("ETag" = String, description = "The version, quoted"))),
         (status = 304, description = "Unchanged since the ETag given"),
-        (status = 400, description = "A malformed If-None-Match", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 401, description = "No valid bearer token", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 403, description = "Not an admin", body = ProblemDocument, content_type = "application/problem+json"),
     )
@@ -120,9 +122,11 @@ fn read_failure(error: &LiveReadError) -> Problem {
 pub async fn get_config(State(live): State<Live>, headers: HeaderMap) -> Result<Response, Problem> {
     let snapshot = live.current();
     if let Some(value) = headers.get(header::IF_NONE_MATCH) {
-        let unchanged = match versions_in(value)? {
-            None => true,
-            Some(versions) => versions.contains(&snapshot.version),
+        // A tag that is not one of ours matches nothing: the document is sent.
+        let unchanged = match versions_in(value) {
+            Ok(None) => true,
+            Ok(Some(versions)) => versions.contains(&snapshot.version),
+            Err(_) => false,
         };
         if unchanged {
             return Ok((
@@ -148,8 +152,8 @@ pub async fn get_config(State(live): State<Live>, headers: HeaderMap) -> Result<
     path = "/petstore-domain/admin/config",
     tag = "admin",
     params(
-        ("If-Match" = Option<String>, Header, description = "Apply only at this version (an ETag)"),
-        ("X-Change-Reason" = Option<String>, Header, description = "Why, kept in the history (up to 500 characters)"),
+        ("If-Match" = Option<String>, Header, pattern = r#"^(\*|(W/)?"[0-9]{1,19}")$"#, description = "Apply only at this version (an ETag)"),
+        ("X-Change-Reason" = Option<String>, Header, pattern = "^[!-~]([ -~]{0,498}[!-~])?$", description = "Why, kept in the history: up to 500 printable ASCII characters, not starting or ending with a space"),
     ),
     request_body(content = Object, description = "A partial settings document"),
     responses(
@@ -180,16 +184,16 @@ pub async fn put_config(
     let reason = match headers.get(CHANGE_REASON_HEADER) {
         None => None,
         Some(value) => {
-            let text = value
-                .to_str()
-                .ok()
-                .filter(|text| !text.trim().is_empty() && text.len() <= 500)
-                .ok_or_else(|| {
-                    Problem::bad_request(
-                        "X-Change-Reason must be 1 to 500 visible ASCII characters",
-                    )
-                })?;
-            Some(text.trim().to_owned())
+            let bytes = value.as_bytes();
+            let printable = bytes.iter().all(|b| (b' '..=b'~').contains(b));
+            let trimmed = bytes.first().is_some_and(|b| *b != b' ')
+                && bytes.last().is_some_and(|b| *b != b' ');
+            if !printable || !trimmed || bytes.len() > 500 {
+                return Err(Problem::bad_request(
+                    "X-Change-Reason must be 1 to 500 printable ASCII characters, not starting or ending with a space",
+                ));
+            }
+            Some(String::from_utf8_lossy(bytes).into_owned())
         }
     };
     let metadata = EventMetadata::new(RequestContext::correlation_id(), caller.subject());
@@ -225,7 +229,7 @@ pub struct HistoryQuery {
     limit: Option<u32>,
     /// Only versions below this one: the previous page's `next`.
     #[param(minimum = 1)]
-    before: Option<u64>,
+    before: Option<i64>,
 }
 
 /// A page of the change history, newest first.
@@ -261,11 +265,14 @@ pub async fn config_history(
     if !(1..=500).contains(&limit) {
         return Err(Problem::validation("limit must be 1 to 500"));
     }
-    if query.before == Some(0) {
+    if query.before.is_some_and(|before| before < 1) {
         return Err(Problem::validation("before must be above 0"));
     }
     let changes = live
-        .history(limit, query.before)
+        .history(
+            limit,
+            query.before.and_then(|before| u64::try_from(before).ok()),
+        )
         .await
         .map_err(|error| read_failure(&error))?;
     let next = (changes.len() == limit as usize)

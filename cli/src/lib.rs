@@ -35,6 +35,7 @@ use petstore_projector::health::{
 };
 use petstore_projector::read_models::CHECKPOINT;
 use petstore_projector::{KafkaProjection, Projector, ReadModels, RedisViews};
+use petstore_query_api::updates::OrderUpdates;
 use petstore_query_api::{QueryApiDoc, QueryState};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -296,7 +297,14 @@ impl Application {
         }
         router = router.merge(petstore_platform::health::router(health));
         if roles.contains(&Role::Query) {
+            let updates = OrderUpdates::new(
+                read_models.clone(),
+                settings.http.order_updates.clone(),
+                metrics.clone(),
+            );
+            workers.push(tokio::spawn(updates.clone().run(shutdown.wait())));
             router = router.merge(petstore_query_api::router(QueryState {
+                updates,
                 security_audit: security.audit().clone(),
                 read_models,
                 redis,

@@ -55,6 +55,11 @@ pub const PUBLIC_ROUTES: [&str; 13] = [
     "unmatched",
 ];
 
+/// Routes that also take the bearer token as an `access_token` query parameter (RFC 6750
+/// §2.3), for clients that cannot send headers: a browser's `WebSocket` and `EventSource`.
+/// Sending both that and `Authorization` is refused. Paths are logged without their query.
+pub const QUERY_TOKEN_ROUTES: [&str; 1] = ["/petstore-domain/orders/{order_id}/updates"];
+
 /// Routes under this prefix are for admins only.
 pub const ADMIN_PREFIX: &str = "/petstore-domain/admin/";
 
@@ -344,6 +349,25 @@ fn credentials(headers: &HeaderMap) -> Credentials<'_> {
     }
 }
 
+/// The credentials of a request: its `Authorization` header or, on [`QUERY_TOKEN_ROUTES`],
+/// its `access_token` query parameter (as it is: JWTs are URL-safe).
+fn request_credentials<'a>(request: &'a Request, template: &str) -> Credentials<'a> {
+    let from_query = QUERY_TOKEN_ROUTES
+        .contains(&template)
+        .then(|| request.uri().query())
+        .flatten()
+        .and_then(|query| {
+            query
+                .split('&')
+                .find_map(|pair| pair.strip_prefix("access_token="))
+        });
+    match (credentials(request.headers()), from_query) {
+        (credentials, None) => credentials,
+        (Credentials::Missing, Some(token)) if !token.is_empty() => Credentials::Bearer(token),
+        _ => Credentials::Malformed,
+    }
+}
+
 /// The client's address: the socket's peer, unless that is a trusted proxy; then the
 /// rightmost `X-Forwarded-For` entry that is not a trusted proxy (entries left of it are
 /// whatever the client claimed).
@@ -414,7 +438,7 @@ pub async fn guard(State(security): State<Security>, mut request: Request, next:
             .to_owned(),
     };
     let public = PUBLIC_ROUTES.contains(&route.template.as_str());
-    let (caller, rejection) = match credentials(request.headers()) {
+    let (caller, rejection) = match request_credentials(&request, &route.template) {
         Credentials::Missing if public => (Caller::anonymous(client_ip), None),
         Credentials::Missing if inner.demo_mode => (Caller::demo(client_ip), None),
         Credentials::Missing => (Caller::anonymous(client_ip), Some(None)),

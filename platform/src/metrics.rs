@@ -134,6 +134,20 @@ pub struct LoginLabels {
     pub outcome: &'static str,
 }
 
+/// An order-update connection's protocol.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpdateProtocolLabels {
+    /// `websocket` or `sse`.
+    pub protocol: &'static str,
+}
+
+/// Why an order-update connection ended.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpdateCloseLabels {
+    /// `terminal`, `client`, `slow`, `flag_off`, `shutdown` or `error`.
+    pub reason: &'static str,
+}
+
 /// Labels of `petstore_build_info`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
@@ -221,6 +235,14 @@ pub struct Metrics {
     pub feature_flag_evaluations: Family<FlagLabels, Counter>,
     /// The live settings version this process runs with.
     pub live_settings_version: Gauge,
+    /// Open order-update connections, by protocol.
+    pub order_update_connections: Family<UpdateProtocolLabels, Gauge>,
+    /// Order updates sent to clients.
+    pub order_updates_sent: Counter,
+    /// From an update's event timestamp to its send.
+    pub order_update_delay: Histogram,
+    /// Order-update connections ended, by reason.
+    pub order_update_closes: Family<UpdateCloseLabels, Counter>,
     pool: Option<Database>,
 }
 
@@ -414,6 +436,36 @@ impl Metrics {
             "The live settings version this process runs with (0: the files as read)",
             live_settings_version.clone(),
         );
+        let order_update_connections = Family::<UpdateProtocolLabels, Gauge>::default();
+        registry.register(
+            "petstore_order_update_connections",
+            "Open live order-update connections, by protocol (websocket, sse)",
+            order_update_connections.clone(),
+        );
+        for protocol in ["websocket", "sse"] {
+            order_update_connections
+                .get_or_create(&UpdateProtocolLabels { protocol })
+                .set(0);
+        }
+        let order_updates_sent = Counter::default();
+        registry.register(
+            "petstore_order_updates_sent",
+            "Order status updates sent on live update connections",
+            order_updates_sent.clone(),
+        );
+        let order_update_delay = latency_histogram();
+        registry.register_with_unit(
+            "petstore_order_update_delay",
+            "From the event that changed an order's status to its update being sent",
+            prometheus_client::registry::Unit::Seconds,
+            order_update_delay.clone(),
+        );
+        let order_update_closes = Family::<UpdateCloseLabels, Counter>::default();
+        registry.register(
+            "petstore_order_update_closes",
+            "Live order-update connections ended, by reason",
+            order_update_closes.clone(),
+        );
         let circuit_breaker_state = Family::<DependencyLabels, Gauge>::default();
         registry.register(
             "petstore_circuit_breaker_state",
@@ -513,6 +565,10 @@ impl Metrics {
             logins,
             feature_flag_evaluations,
             live_settings_version,
+            order_update_connections,
+            order_updates_sent,
+            order_update_delay,
+            order_update_closes,
             pool: None,
         }
     }
@@ -564,6 +620,13 @@ impl Metrics {
                 provider: provider.to_owned(),
             })
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts an order-update connection that ended, and why.
+    pub fn order_update_closed(&self, reason: &'static str) {
+        self.order_update_closes
+            .get_or_create(&UpdateCloseLabels { reason })
+            .inc();
     }
 
     /// Counts one Redis read.

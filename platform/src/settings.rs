@@ -110,6 +110,8 @@ pub struct HttpSettings {
     /// How long a query with an `X-Consistency-Token` waits for the read model to reach it
     /// before answering 409, in milliseconds.
     pub consistency_wait_ms: u64,
+    /// The live order updates (`GET /orders/{id}/updates`).
+    pub order_updates: OrderUpdateSettings,
 }
 
 impl Default for HttpSettings {
@@ -118,6 +120,31 @@ impl Default for HttpSettings {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             body_limit_bytes: 64 * 1024,
             consistency_wait_ms: 2_000,
+            order_updates: OrderUpdateSettings::default(),
+        }
+    }
+}
+
+/// The live order updates: WebSocket and Server-Sent Events connections.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OrderUpdateSettings {
+    /// Open update connections one subject (a customer, an admin) may hold at once; the next
+    /// is refused with 429.
+    pub max_connections_per_subject: u32,
+    /// A client that has not taken an update within this long is dropped (WebSocket close
+    /// 1008), so it never holds the others up.
+    pub send_timeout_ms: u64,
+    /// How often an idle connection gets a keep-alive (SSE comment, WebSocket ping).
+    pub keep_alive_ms: u64,
+}
+
+impl Default for OrderUpdateSettings {
+    fn default() -> Self {
+        Self {
+            max_connections_per_subject: 16,
+            send_timeout_ms: 5_000,
+            keep_alive_ms: 15_000,
         }
     }
 }
@@ -499,8 +526,18 @@ impl Settings {
     }
 
     fn validate_ranges(&self) -> Result<(), SettingsError> {
-        let positive: [(&str, u64); 16] = [
+        let updates = &self.http.order_updates;
+        let positive: [(&str, u64); 19] = [
             ("http.body_limit_bytes", self.http.body_limit_bytes as u64),
+            (
+                "http.order_updates.max_connections_per_subject",
+                u64::from(updates.max_connections_per_subject),
+            ),
+            (
+                "http.order_updates.send_timeout_ms",
+                updates.send_timeout_ms,
+            ),
+            ("http.order_updates.keep_alive_ms", updates.keep_alive_ms),
             (
                 "database.max_connections",
                 u64::from(self.database.max_connections),

@@ -28,7 +28,10 @@ pub mod views;
 
 pub use kafka::KafkaProjection;
 pub use projection::{Projection, ProjectionError};
-pub use read_models::{BrowseFilter, BrowsePage, PremiumFilter, ReadModelError, ReadModels};
+pub use read_models::{
+    BrowseFilter, BrowsePage, OrderChangeFeed, OrderChanges, PremiumFilter, ReadModelError,
+    ReadModels,
+};
 pub use redis_views::{BrowseSlot, CachedBrowse, RedisViews};
 pub use runner::{Projector, ProjectorProgress};
-pub use views::{MoneyView, OrderStatusView, PetView};
+pub use views::{MoneyView, OrderStatusView, PetView, StatusChange};

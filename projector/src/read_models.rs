@@ -1,8 +1,10 @@
 //! Where the read models live and the queries the query API runs on them.
 //!
 //! Postgres: `order_status_view` and `pet_catalog_view`, updated batch by batch in one
-//! transaction together with the `read_models` checkpoint. Memory (embedded mode): maps
-//! behind a lock, rebuilt from the event log at start-up.
+//! transaction together with the `read_models` checkpoint; the transaction also notifies
+//! [`ORDER_CHANGES_CHANNEL`] with the ids of the orders it changed, delivered by Postgres at
+//! commit to every process listening. Memory (embedded mode): maps behind a lock, rebuilt
+//! from the event log at start-up, with the same notice on an in-process channel.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -10,8 +12,9 @@ use std::sync::Arc;
 use petstore_domain::{OrderId, PetCategory, PetId};
 use petstore_platform::database::Database;
 use petstore_platform::stream::{self, RecordedEvent, StreamError, StreamPosition};
+use sqlx::postgres::PgListener;
 use sqlx::PgPool;
-use tokio::sync::RwLock;
+use tokio::sync::{broadcast, RwLock};
 
 use crate::views::{DecodeError, OrderStatusView, PetView, ViewBatch};
 
@@ -139,6 +142,91 @@ pub struct MemoryState {
     orders: HashMap<String, OrderStatusView>,
     pets: BTreeMap<String, PetView>,
     position: StreamPosition,
+    changes: ChangeNotices,
+}
+
+/// The in-memory read models' notices of changed orders.
+#[derive(Debug)]
+struct ChangeNotices(broadcast::Sender<Arc<[String]>>);
+
+impl Default for ChangeNotices {
+    fn default() -> Self {
+        Self(broadcast::channel(1024).0)
+    }
+}
+
+/// The Postgres channel the read models' commits notify, with a comma-separated list of the
+/// order ids they changed, or `*` when any order may have (a replay swapped the tables in).
+pub const ORDER_CHANGES_CHANNEL: &str = "petstore_order_views";
+
+/// Postgres refuses notification payloads of 8000 bytes and more.
+const MAX_NOTICE_BYTES: usize = 7_900;
+
+/// What [`OrderChangeFeed::next`] reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OrderChanges {
+    /// These orders' views changed.
+    Orders(Arc<[String]>),
+    /// Any order's view may have changed (notices were missed, the listener reconnected or a
+    /// replay swapped the tables): re-read every order you follow.
+    Unknown,
+}
+
+/// The notices of changed order views, in commit order, whichever process projected them.
+pub struct OrderChangeFeed(Feed);
+
+enum Feed {
+    Postgres(PgListener),
+    Memory(broadcast::Receiver<Arc<[String]>>),
+}
+
+impl OrderChangeFeed {
+    /// The next notice, waiting for one.
+    pub async fn next(&mut self) -> Result<OrderChanges, ReadModelError> {
+        match &mut self.0 {
+            Feed::Postgres(listener) => match listener.try_recv().await? {
+                // The connection dropped; the listener reconnects (and listens again) on the
+                // next call, and anything notified in between is unknown.
+                None => Ok(OrderChanges::Unknown),
+                Some(notice) if notice.payload() == "*" => Ok(OrderChanges::Unknown),
+                Some(notice) => Ok(OrderChanges::Orders(
+                    notice.payload().split(',').map(str::to_owned).collect(),
+                )),
+            },
+            Feed::Memory(receiver) => match receiver.recv().await {
+                Ok(ids) => Ok(OrderChanges::Orders(ids)),
+                Err(broadcast::error::RecvError::Lagged(_)) => Ok(OrderChanges::Unknown),
+                // The sender lives as long as the read models do.
+                Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
+            },
+        }
+    }
+}
+
+/// Notifies [`ORDER_CHANGES_CHANNEL`] in `transaction` (so at its commit) of `ids`, in as
+/// many notices as their length needs.
+pub(crate) async fn notify_order_changes(
+    transaction: &mut sqlx::PgConnection,
+    ids: &[&str],
+) -> Result<(), sqlx::Error> {
+    let mut payload = String::new();
+    for (index, id) in ids.iter().enumerate() {
+        if !payload.is_empty() {
+            payload.push(',');
+        }
+        payload.push_str(id);
+        let next_fits = ids
+            .get(index + 1)
+            .is_some_and(|next| payload.len() + 1 + next.len() <= MAX_NOTICE_BYTES);
+        if !next_fits {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(ORDER_CHANGES_CHANNEL)
+                .bind(std::mem::take(&mut payload))
+                .execute(&mut *transaction)
+                .await?;
+        }
+    }
+    Ok(())
 }
 
 /// The read models, on Postgres or in memory.
@@ -207,6 +295,8 @@ impl ReadModels {
                 };
                 batch.fold(events)?;
                 let (orders, pets) = batch.into_views();
+                let changed: Arc<[String]> =
+                    orders.iter().map(|view| view.order_id.clone()).collect();
                 for view in orders {
                     guard.orders.insert(view.order_id.clone(), view);
                 }
@@ -214,6 +304,10 @@ impl ReadModels {
                     guard.pets.insert(view.id.clone(), view);
                 }
                 guard.position = last.position;
+                if !changed.is_empty() {
+                    // Nobody listening is fine: the notices are for live updates only.
+                    let _ = guard.changes.0.send(changed);
+                }
                 Ok(())
             }
         }
@@ -240,6 +334,50 @@ impl ReadModels {
                 .orders
                 .get(&order_id.to_string())
                 .cloned()),
+        }
+    }
+
+    /// The status views of `order_ids` that exist.
+    pub async fn orders(
+        &self,
+        order_ids: &[String],
+    ) -> Result<Vec<OrderStatusView>, ReadModelError> {
+        match self {
+            Self::Postgres(pool) => {
+                let documents: Vec<serde_json::Value> = sqlx::query_scalar(
+                    "SELECT document FROM order_status_view
+                      WHERE order_id = ANY($1::text[]::uuid[])",
+                )
+                .bind(order_ids)
+                .fetch_all(pool)
+                .await?;
+                Ok(documents
+                    .into_iter()
+                    .map(serde_json::from_value)
+                    .collect::<Result<_, _>>()?)
+            }
+            Self::Memory(state) => {
+                let guard = state.read().await;
+                Ok(order_ids
+                    .iter()
+                    .filter_map(|id| guard.orders.get(id).cloned())
+                    .collect())
+            }
+        }
+    }
+
+    /// A feed of the orders whose views change from now on. On Postgres it holds a
+    /// connection of its own, listening on [`ORDER_CHANGES_CHANNEL`].
+    pub async fn order_changes(&self) -> Result<OrderChangeFeed, ReadModelError> {
+        match self {
+            Self::Postgres(pool) => {
+                let mut listener = PgListener::connect_with(pool).await?;
+                listener.listen(ORDER_CHANGES_CHANNEL).await?;
+                Ok(OrderChangeFeed(Feed::Postgres(listener)))
+            }
+            Self::Memory(state) => Ok(OrderChangeFeed(Feed::Memory(
+                state.read().await.changes.0.subscribe(),
+            ))),
         }
     }
 
@@ -380,6 +518,8 @@ pub(crate) struct PgTables {
     pub(crate) orders: &'static str,
     pub(crate) pets: &'static str,
     pub(crate) checkpoint: Option<&'static str>,
+    /// Notify [`ORDER_CHANGES_CHANNEL`] of the orders changed.
+    pub(crate) notify: bool,
 }
 
 /// The tables queries read.
@@ -387,6 +527,7 @@ pub(crate) const LIVE_TABLES: PgTables = PgTables {
     orders: "order_status_view",
     pets: "pet_catalog_view",
     checkpoint: Some(CHECKPOINT),
+    notify: true,
 };
 
 pub(crate) async fn apply_postgres(
@@ -399,6 +540,7 @@ pub(crate) async fn apply_postgres(
         orders: orders_table,
         pets: pets_table,
         checkpoint,
+        ..
     } = tables;
     let (order_ids, pet_ids) = ViewBatch::ids(events);
     let mut transaction = petstore_platform::database::begin(pool).await?;
@@ -456,6 +598,9 @@ pub(crate) async fn apply_postgres(
         .bind(&documents)
         .execute(&mut *transaction)
         .await?;
+        if tables.notify {
+            notify_order_changes(&mut transaction, &ids).await?;
+        }
     }
     if !pets.is_empty() {
         let ids: Vec<&str> = pets.iter().map(|view| view.id.as_str()).collect();

@@ -58,6 +58,7 @@ const SHADOW_TABLES: PgTables = PgTables {
     orders: "order_status_view_replay",
     pets: "pet_catalog_view_replay",
     checkpoint: None,
+    notify: false,
 };
 
 /// Reads the whole stream in batches, calling `apply` on each (unless `dry_run`) and
@@ -186,6 +187,11 @@ async fn swap_in_shadow_tables(pool: &PgPool, last: StreamPosition) -> Result<()
             .await?;
     }
     stream::save_checkpoint_in(&mut transaction, CHECKPOINT, last).await?;
+    // Live order updates re-read every order they follow.
+    sqlx::query("SELECT pg_notify($1, '*')")
+        .bind(crate::read_models::ORDER_CHANGES_CHANNEL)
+        .execute(&mut *transaction)
+        .await?;
     transaction.commit().await?;
     Ok(())
 }

@@ -85,6 +85,30 @@ pub struct OrderStatusView {
     pub updated_at: String,
     /// The global stream position of the last event applied to this view.
     pub position: StreamPosition,
+    /// Every status the order has had, oldest first (what the live updates stream). Views
+    /// folded by a release before this field start it at their status then.
+    #[serde(default)]
+    pub status_history: Vec<StatusChange>,
+}
+
+/// One status of an order, from the event that set it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct StatusChange {
+    /// The status it took.
+    pub status: String,
+    /// Why, when it is `cancelled`.
+    pub cancellation_reason: Option<String>,
+    /// When the event was recorded (RFC 3339).
+    pub at: String,
+    /// The event's position in the global stream.
+    pub position: StreamPosition,
+}
+
+impl StatusChange {
+    /// Whether the order can change no more.
+    pub fn is_terminal(&self) -> bool {
+        matches!(self.status.as_str(), "completed" | "cancelled")
+    }
 }
 
 /// A pet in the catalog, as browse and `GET /pets/{id}` show it.
@@ -219,9 +243,16 @@ impl OrderStatusView {
                         .collect();
                 steps[0].state = "in_progress".to_owned();
                 steps[0].started_at = Some(timestamp.clone());
+                let status = OrderStatus::Pending.as_str().to_owned();
                 return Ok(Some(Self {
                     order_id: request.order_id.to_string(),
-                    status: OrderStatus::Pending.as_str().to_owned(),
+                    status_history: vec![StatusChange {
+                        status: status.clone(),
+                        cancellation_reason: None,
+                        at: timestamp.clone(),
+                        position: event.position,
+                    }],
+                    status,
                     customer_id: request.customer_id.to_string(),
                     pet_id: request.pet_id.to_string(),
                     amount: request.amount.into(),
@@ -241,10 +272,36 @@ impl OrderStatusView {
         let Some(mut view) = view else {
             return Ok(None);
         };
+        let before = view.current_status();
         view.apply(event, &timestamp)?;
+        if view.status != before.status {
+            if view.status_history.is_empty() {
+                view.status_history.push(before);
+            }
+            view.status_history.push(StatusChange {
+                status: view.status.clone(),
+                cancellation_reason: view.cancellation_reason.clone(),
+                at: timestamp.clone(),
+                position: event.position,
+            });
+        }
         view.updated_at = timestamp;
         view.position = event.position;
         Ok(Some(view))
+    }
+
+    /// The order's status now, as its last [`StatusChange`]. (A view folded before
+    /// `status_history` existed answers its status at its last position.)
+    pub fn current_status(&self) -> StatusChange {
+        self.status_history
+            .last()
+            .cloned()
+            .unwrap_or_else(|| StatusChange {
+                status: self.status.clone(),
+                cancellation_reason: self.cancellation_reason.clone(),
+                at: self.updated_at.clone(),
+                position: self.position,
+            })
     }
 
     fn step(&mut self, name: &str) -> Option<&mut SagaStepView> {

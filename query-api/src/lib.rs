@@ -6,6 +6,7 @@
 //! # Layout
 //! - [`pets`]: browsing the catalog (`/pets/browse`, legacy `/browse-pets`) and pet details.
 //! - [`orders`]: order status.
+//! - [`updates`]: live order updates (WebSocket and Server-Sent Events).
 //! - [`audit`]: the audit trail of an order or a correlation id, from the event store.
 //! - [`security`]: the security audit trail, for admins.
 //! - [`reads`]: Redis first, database as fallback; read-your-writes tokens.
@@ -22,6 +23,7 @@ pub mod orders;
 pub mod pets;
 pub mod reads;
 pub mod security;
+pub mod updates;
 
 /// What the query handlers need.
 #[derive(Clone)]
@@ -40,6 +42,8 @@ pub struct QueryState {
     pub metrics: Metrics,
     /// The live settings (the browse flags).
     pub live: petstore_platform::live::Live,
+    /// The live order updates' hub.
+    pub updates: updates::OrderUpdates,
 }
 
 /// Every query route, with its state applied. (Health is every process's:
@@ -48,6 +52,7 @@ pub fn router(state: QueryState) -> Router {
     Router::new()
         .merge(pets::router())
         .merge(orders::router())
+        .merge(updates::router())
         .merge(audit::router())
         .merge(security::router())
         .with_state(state)
@@ -61,6 +66,7 @@ pub fn router(state: QueryState) -> Router {
         pets::browse_legacy,
         pets::pet_details,
         orders::order_status,
+        updates::order_updates,
         audit::order_audit,
         security::security_audit,
     ),
@@ -71,6 +77,8 @@ pub fn router(state: QueryState) -> Router {
         petstore_projector::MoneyView,
         petstore_projector::OrderStatusView,
         petstore_projector::views::SagaStepView,
+        petstore_projector::StatusChange,
+        updates::OrderUpdate,
         petstore_platform::stream::StreamPosition,
         audit::AuditTrail,
         audit::AuditEntry,

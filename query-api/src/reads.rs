@@ -59,7 +59,7 @@ impl QueryState {
 
     /// Waits until the read-model database reflects `token`; 409 with `Retry-After` past the
     /// configured bound.
-    async fn wait_for(&self, token: StreamPosition) -> Result<(), Problem> {
+    pub(crate) async fn wait_for(&self, token: StreamPosition) -> Result<(), Problem> {
         let deadline = Instant::now() + self.consistency_wait;
         loop {
             let position = self.read_models.position().await?;

@@ -6,6 +6,9 @@
 //! - [`TestDatabase`]: a uniquely named database created for one test and dropped after it.
 //! - [`Engine`]: which store a test runs against.
 //! - [`TestApp`]: the running service and helpers to call it.
+//! - [`updates`]: WebSocket and Server-Sent Events clients of the live order updates.
+
+pub mod updates;
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};

@@ -203,30 +203,38 @@ impl OrderChangeFeed {
     }
 }
 
-/// Notifies [`ORDER_CHANGES_CHANNEL`] in `transaction` (so at its commit) of `ids`, in as
-/// many notices as their length needs.
+/// Notifies [`ORDER_CHANGES_CHANNEL`] in `transaction` (so at its commit) of `ids`.
 pub(crate) async fn notify_order_changes(
     transaction: &mut sqlx::PgConnection,
     ids: &[&str],
 ) -> Result<(), sqlx::Error> {
+    for payload in notice_payloads(ids) {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(ORDER_CHANGES_CHANNEL)
+            .bind(payload)
+            .execute(&mut *transaction)
+            .await?;
+    }
+    Ok(())
+}
+
+/// `ids` comma-separated, in as many payloads as Postgres's size limit needs.
+fn notice_payloads(ids: &[&str]) -> Vec<String> {
+    let mut payloads = Vec::new();
     let mut payload = String::new();
-    for (index, id) in ids.iter().enumerate() {
+    for id in ids {
+        if !payload.is_empty() && payload.len() + 1 + id.len() > MAX_NOTICE_BYTES {
+            payloads.push(std::mem::take(&mut payload));
+        }
         if !payload.is_empty() {
             payload.push(',');
         }
         payload.push_str(id);
-        let next_fits = ids
-            .get(index + 1)
-            .is_some_and(|next| payload.len() + 1 + next.len() <= MAX_NOTICE_BYTES);
-        if !next_fits {
-            sqlx::query("SELECT pg_notify($1, $2)")
-                .bind(ORDER_CHANGES_CHANNEL)
-                .bind(std::mem::take(&mut payload))
-                .execute(&mut *transaction)
-                .await?;
-        }
     }
-    Ok(())
+    if !payload.is_empty() {
+        payloads.push(payload);
+    }
+    payloads
 }
 
 /// The read models, on Postgres or in memory.
@@ -637,4 +645,30 @@ pub(crate) async fn apply_postgres(
     }
     transaction.commit().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notices_carry_every_id_within_the_size_limit() {
+        assert!(notice_payloads(&[]).is_empty());
+        let one = uuid::Uuid::new_v4().to_string();
+        assert_eq!(notice_payloads(&[one.as_str()]), [one.clone()]);
+        let ids: Vec<String> = (0..1_000)
+            .map(|_| uuid::Uuid::new_v4().to_string())
+            .collect();
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let payloads = notice_payloads(&refs);
+        assert!(payloads.len() > 1, "a thousand ids need several notices");
+        assert!(payloads
+            .iter()
+            .all(|payload| payload.len() <= MAX_NOTICE_BYTES));
+        let back: Vec<&str> = payloads
+            .iter()
+            .flat_map(|payload| payload.split(','))
+            .collect();
+        assert_eq!(back, refs);
+    }
 }

@@ -113,6 +113,9 @@ pub enum OrderCommand {
         /// The step whose deadline passed.
         step: SagaStep,
     },
+    /// Record that every compensation of the cancelled order is done (the saga sends it after
+    /// cancelling the delivery, refunding the payment and releasing the pet).
+    ConfirmCompensated,
 }
 
 /// Events of an order's life.
@@ -131,12 +134,18 @@ pub enum OrderEvent {
     OrderDeliveryScheduled,
     /// The order is complete.
     OrderCompleted,
-    /// The order was cancelled.
+    /// The order was cancelled; its compensations follow, then [`Self::OrderCompensated`].
+    /// (Version 1.0, written before `OrderCompensated` existed, is followed by none.)
     OrderCancelled {
         /// Why.
         reason: CancellationReason,
     },
+    /// Every compensation of the cancelled order is recorded: nothing is left to undo.
+    OrderCompensated,
 }
+
+/// The version of `OrderCancelled` that `OrderCompensated` follows.
+pub const COMPENSATED_CANCELLATION_VERSION: &str = "2.0";
 
 impl DomainEvent for OrderEvent {
     fn event_type(&self) -> String {
@@ -147,12 +156,17 @@ impl DomainEvent for OrderEvent {
             Self::OrderDeliveryScheduled => "OrderDeliveryScheduled",
             Self::OrderCompleted => "OrderCompleted",
             Self::OrderCancelled { .. } => "OrderCancelled",
+            Self::OrderCompensated => "OrderCompensated",
         }
         .to_owned()
     }
 
     fn event_version(&self) -> String {
-        FIRST_EVENT_VERSION.to_owned()
+        match self {
+            Self::OrderCancelled { .. } => COMPENSATED_CANCELLATION_VERSION,
+            _ => FIRST_EVENT_VERSION,
+        }
+        .to_owned()
     }
 }
 
@@ -167,6 +181,8 @@ struct OrderState {
     request: OrderRequest,
     status: OrderStatus,
     cancellation_reason: Option<CancellationReason>,
+    #[serde(default)]
+    compensated: bool,
 }
 
 impl Order {
@@ -263,6 +279,13 @@ impl crate::Decide for Order {
                     Ok(vec![OrderEvent::OrderCancelled { reason }])
                 }
             },
+            OrderCommand::ConfirmCompensated => match state.status {
+                Cancelled if state.compensated => Ok(vec![]),
+                Cancelled => Ok(vec![OrderEvent::OrderCompensated]),
+                Pending | Reserved | Paid | Scheduled | Completed => {
+                    refuse("confirm compensations")
+                }
+            },
         }
     }
 }
@@ -289,6 +312,7 @@ impl Aggregate for Order {
                 request,
                 status: OrderStatus::Pending,
                 cancellation_reason: None,
+                compensated: false,
             });
             return;
         }
@@ -305,6 +329,7 @@ impl Aggregate for Order {
                 state.status = OrderStatus::Cancelled;
                 state.cancellation_reason = Some(reason);
             }
+            OrderEvent::OrderCompensated => state.compensated = true,
         }
     }
 }
@@ -470,6 +495,26 @@ mod tests {
                 reason: CancellationReason::Requested,
             })
             .then_expect_error(refused("completed", "cancel"));
+    }
+
+    #[test]
+    fn only_a_cancelled_order_records_its_compensations_and_once() {
+        let cancelled = OrderEvent::OrderCancelled {
+            reason: CancellationReason::PaymentFailed,
+        };
+        assert_eq!(cancelled.event_version(), COMPENSATED_CANCELLATION_VERSION);
+        OrderTest::with(())
+            .given(vec![created(), cancelled.clone()])
+            .when(OrderCommand::ConfirmCompensated)
+            .then_expect_events(vec![OrderEvent::OrderCompensated]);
+        OrderTest::with(())
+            .given(vec![created(), cancelled, OrderEvent::OrderCompensated])
+            .when(OrderCommand::ConfirmCompensated)
+            .then_expect_events(vec![]);
+        OrderTest::with(())
+            .given(vec![created(), OrderEvent::OrderPetReserved])
+            .when(OrderCommand::ConfirmCompensated)
+            .then_expect_error(refused("reserved", "confirm compensations"));
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //! `OrderCreated` starts it: reserve the pet, take the payment, book the delivery, sell the
 //! pet and complete the order. A refused or failed step, or a step whose deadline passes,
 //! cancels the order; `OrderCancelled` then runs every compensation in reverse order (cancel
-//! the delivery, refund the payment, release the pet). Compensations are no-ops where there
-//! is nothing to undo, so running all of them is always safe.
+//! the delivery, refund the payment, release the pet) and records `OrderCompensated` after
+//! them, which ends the saga. Compensations are no-ops where there is nothing to undo, so
+//! running all of them is always safe.
 //!
 //! [`react`] decides from one event and the order's *current* state, never from memory of
 //! earlier events, so a runner that restarts and sees an event again decides consistently.
@@ -233,8 +234,14 @@ pub fn react(
                 command: PetCommand::ReleasePet { order_id },
                 if_refused: None,
             },
-            SagaAction::Finished(SagaOutcome::Cancelled(*reason)),
+            SagaAction::Order(OrderCommand::ConfirmCompensated),
         ],
+        SagaEvent::Order(OrderEvent::OrderCompensated) => {
+            let reason = order
+                .cancellation_reason()
+                .unwrap_or(CancellationReason::Requested);
+            vec![SagaAction::Finished(SagaOutcome::Cancelled(reason))]
+        }
         _ => Vec::new(),
     }
 }
@@ -512,9 +519,29 @@ mod tests {
                 ..
             }
         ));
+        // Recorded after the compensations; the saga ends only then.
         assert_eq!(
             actions[3],
-            SagaAction::Finished(SagaOutcome::Cancelled(CancellationReason::DeliveryFailed))
+            SagaAction::Order(OrderCommand::ConfirmCompensated)
+        );
+        assert_eq!(actions.len(), 4);
+        let compensated = order(vec![
+            created(),
+            OrderEvent::OrderPetReserved,
+            paid(),
+            cancelled,
+            OrderEvent::OrderCompensated,
+        ]);
+        assert_eq!(
+            react(
+                &compensated,
+                SagaEvent::Order(&OrderEvent::OrderCompensated),
+                now(),
+                &policy(true)
+            ),
+            [SagaAction::Finished(SagaOutcome::Cancelled(
+                CancellationReason::DeliveryFailed
+            ))]
         );
     }
 

@@ -389,7 +389,8 @@ impl ReadModels {
         }
     }
 
-    /// The categories of the pets `customer_id` ordered (cancelled orders aside), with how
+    /// The categories of the pets `customer_id` ordered (cancelled orders aside, compensating
+    /// ones too), with how
     /// many orders each, most ordered first.
     pub async fn ordered_categories(
         &self,
@@ -400,7 +401,7 @@ impl ReadModels {
                 "SELECT p.category, count(*) AS orders
                    FROM order_status_view o
                    JOIN pet_catalog_view p ON p.pet_id = o.document->>'pet_id'
-                  WHERE o.document->>'customer_id' = $1 AND o.document->>'status' <> 'cancelled'
+                  WHERE o.document->>'customer_id' = $1 AND o.document->>'status' NOT IN ('cancelled', 'compensating')
                   GROUP BY p.category
                   ORDER BY orders DESC, p.category",
             )
@@ -411,7 +412,8 @@ impl ReadModels {
                 let guard = state.read().await;
                 let mut counts: HashMap<String, i64> = HashMap::new();
                 for order in guard.orders.values() {
-                    if order.customer_id != customer_id || order.status == "cancelled" {
+                    if order.customer_id != customer_id
+                        || matches!(order.status.as_str(), "cancelled" | "compensating") {
                         continue;
                     }
                     if let Some(pet) = guard.pets.get(&order.pet_id) {
@@ -655,7 +657,7 @@ mod tests {
     fn notices_carry_every_id_within_the_size_limit() {
         assert!(notice_payloads(&[]).is_empty());
         let one = uuid::Uuid::new_v4().to_string();
-        assert_eq!(notice_payloads(&[one.as_str()]), [one.clone()]);
+        assert_eq!(notice_payloads(&[one.as_str()]), vec![one]);
         let ids: Vec<String> = (0..1_000)
             .map(|_| uuid::Uuid::new_v4().to_string())
             .collect();

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use cqrs_es::Aggregate;
 use petstore_domain::delivery::{Delivery, DeliveryEvent};
-use petstore_domain::order::{Order, OrderEvent, OrderStatus};
+use petstore_domain::order::{Order, OrderEvent, OrderStatus, COMPENSATED_CANCELLATION_VERSION};
 use petstore_domain::payment::{Payment, PaymentEvent};
 use petstore_domain::pet::{Availability, Pet, PetEvent};
 use petstore_domain::Money;
@@ -29,6 +29,10 @@ impl From<Money> for MoneyView {
         }
     }
 }
+
+/// The status of a cancelled order whose compensations (refund, pet release, delivery
+/// cancellation) are not all recorded yet; `cancelled` follows.
+pub const COMPENSATING: &str = "compensating";
 
 /// One step of an order's saga, as the status shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -62,7 +66,8 @@ impl SagaStepView {
 pub struct OrderStatusView {
     /// The order's id.
     pub order_id: String,
-    /// `pending`, `reserved`, `paid`, `scheduled`, `completed` or `cancelled`.
+    /// `pending`, `reserved`, `paid`, `scheduled`, then `completed`, or `compensating` and
+    /// `cancelled` (every compensation recorded: nothing is left to undo).
     pub status: String,
     /// Who ordered.
     pub customer_id: String,
@@ -343,8 +348,18 @@ impl OrderStatusView {
                     self.status = OrderStatus::Completed.as_str().to_owned();
                     self.mark("completion", "succeeded", at, None);
                 }
-                OrderEvent::OrderCancelled { reason } => {
+                OrderEvent::OrderCompensated => {
                     self.status = OrderStatus::Cancelled.as_str().to_owned();
+                }
+                OrderEvent::OrderCancelled { reason } => {
+                    // `cancelled` once nothing is left to undo: at `OrderCompensated`, or at
+                    // once for a cancellation written before that event existed.
+                    self.status = if event.event_version == COMPENSATED_CANCELLATION_VERSION {
+                        COMPENSATING
+                    } else {
+                        OrderStatus::Cancelled.as_str()
+                    }
+                    .to_owned();
                     self.cancellation_reason = Some(reason.as_str().to_owned());
                     for step in &mut self.steps {
                         match step.state.as_str() {

@@ -22,7 +22,10 @@ pub fn router() -> Router<QueryState> {
 /// Where an order stands.
 ///
 /// The status is one lower-case word: `pending`, `reserved`, `paid`, `scheduled`, and the
-/// terminal `completed` and `cancelled` (with a machine-readable `cancellation_reason`).
+/// terminal `completed` and `cancelled` (with a machine-readable `cancellation_reason`). A
+/// cancelled order is `compensating` (not terminal) until every compensation is recorded
+/// (payment refunded, pet released, delivery cancelled): `cancelled` means nothing is left
+/// to undo.
 /// The read model follows the events within milliseconds; a just-placed order may answer 404
 /// for that long, unless the request sends back the `X-Consistency-Token` the POST answered
 /// with: then it waits (up to `http.consistency_wait_ms`) until the read model shows the

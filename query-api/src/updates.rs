@@ -60,7 +60,8 @@ pub struct OrderUpdate {
     pub id: String,
     /// The order.
     pub order_id: String,
-    /// `pending`, `reserved`, `paid`, `scheduled`, `completed` or `cancelled`.
+    /// `pending`, `reserved`, `paid`, `scheduled`, `completed`, `compensating` or
+    /// `cancelled`.
     pub status: String,
     /// Why, when `cancelled`.
     pub cancellation_reason: Option<String>,

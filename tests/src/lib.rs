@@ -340,12 +340,19 @@ impl TestApp {
         }
     }
 
-    /// Polls until the order is `completed` or `cancelled`; returns its status view.
+    /// Polls until the order is `completed` or `cancelled`; returns its status view. A
+    /// `cancelled` view must be settled: no step that has a compensation (reservation,
+    /// payment, delivery) may still show `succeeded`.
     pub async fn wait_for_terminal(&self, order_id: &str) -> Value {
-        self.wait_for_order(order_id, |view| {
-            matches!(view["status"].as_str(), Some("completed" | "cancelled"))
-        })
-        .await
+        let view = self
+            .wait_for_order(order_id, |view| {
+                matches!(view["status"].as_str(), Some("completed" | "cancelled"))
+            })
+            .await;
+        if view["status"] == "cancelled" {
+            assert_settled(&view);
+        }
+        view
     }
 
     /// Polls `path` until `accept` holds for its JSON body or 30 s pass; returns the body.
@@ -544,6 +551,20 @@ pub async fn add_pets(
         pets.push(pet_id);
     }
     pets
+}
+
+/// Asserts that a cancelled order's view has nothing left to undo: no reservation, payment
+/// or delivery step still `succeeded`.
+pub fn assert_settled(view: &Value) {
+    let steps = view["steps"].as_array().expect("steps");
+    for step in steps {
+        if step["name"] != "completion" {
+            assert_ne!(
+                step["state"], "succeeded",
+                "a cancelled order not settled: {view}"
+            );
+        }
+    }
 }
 
 /// Asserts `response` is a problem with `status`, and returns its body.

@@ -294,6 +294,19 @@ async fn a_client_connecting_at_any_point_misses_nothing(engine: Engine) {
         .await
         .expect("the WebSocket opens");
     let received = updates::read_all(socket, LIMIT).await;
+    // `compensating` while the pet's release is still to come, then `cancelled`.
+    let failed = ["pending", "reserved", "compensating", "cancelled"];
+    let got = received.statuses();
+    let got: Vec<&str> = got.iter().map(String::as_str).collect();
+    assert!(failed.ends_with(&got), "{got:?}");
+    let view = app.wait_for_terminal(&order_id).await;
+    let history: Vec<&str> = view["status_history"]
+        .as_array()
+        .expect("history")
+        .iter()
+        .map(|change| change["status"].as_str().expect("a status"))
+        .collect();
+    assert_eq!(history, failed);
     let last = received.updates.last().expect("updates");
     assert_eq!(last["status"], "cancelled");
     assert_eq!(last["cancellation_reason"], "payment-failed");

@@ -465,3 +465,67 @@ impl PetView {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use cqrs_es::DomainEvent;
+    use petstore_domain::order::OrderRequest;
+    use petstore_domain::values::CancellationReason;
+    use petstore_domain::{CustomerId, OrderId, PetId};
+
+    use super::*;
+
+    fn recorded(order_id: OrderId, position: i64, event: &OrderEvent) -> RecordedEvent {
+        RecordedEvent {
+            position: StreamPosition {
+                transaction_id: 0,
+                global_position: position,
+            },
+            aggregate_type: Order::TYPE.to_owned(),
+            aggregate_id: order_id.to_string(),
+            sequence: position,
+            event_type: event.event_type(),
+            event_version: event.event_version(),
+            payload: serde_json::to_value(event).expect("an event serializes"),
+            metadata: HashMap::from([("timestamp".to_owned(), "2026-12-02T00:00:00Z".to_owned())]),
+            delivery: None,
+        }
+    }
+
+    fn statuses(events: &[RecordedEvent]) -> Vec<String> {
+        let mut view = None;
+        for event in events {
+            view = OrderStatusView::fold(view, event).expect("folds");
+        }
+        let view = view.expect("the order exists");
+        view.status_history.into_iter().map(|c| c.status).collect()
+    }
+
+    #[test]
+    fn a_cancellation_is_compensating_until_its_compensations_are_recorded() {
+        let order_id = OrderId::random();
+        let created = OrderEvent::OrderCreated(OrderRequest {
+            order_id,
+            customer_id: CustomerId::parse("customer-001").expect("valid"),
+            pet_id: PetId::parse("persian-cat-001").expect("valid"),
+            amount: Money::usd(1_000).expect("valid"),
+            special_instructions: None,
+            simulated_failure: None,
+            express_processing: None,
+        });
+        let cancelled = OrderEvent::OrderCancelled {
+            reason: CancellationReason::PaymentFailed,
+        };
+        let mut events = vec![
+            recorded(order_id, 1, &created),
+            recorded(order_id, 2, &cancelled),
+        ];
+        assert_eq!(statuses(&events), ["pending", "compensating"]);
+        events.push(recorded(order_id, 3, &OrderEvent::OrderCompensated));
+        assert_eq!(statuses(&events), ["pending", "compensating", "cancelled"]);
+        // Written before OrderCompensated existed: settled when recorded.
+        events.truncate(2);
+        events[1].event_version = petstore_domain::FIRST_EVENT_VERSION.to_owned();
+        assert_eq!(statuses(&events), ["pending", "cancelled"]);
+    }
+}

@@ -12,9 +12,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::error_handling::HandleErrorLayer;
 use axum::extract::DefaultBodyLimit;
 use axum::http::header::{self, HeaderName, HeaderValue};
-use axum::http::{Method, StatusCode};
+use axum::http::Method;
 use axum::routing::get;
 use axum::Router;
 use petstore_command_api::providers::{SimulatedDeliveryProvider, SimulatedPaymentGateway};
@@ -42,7 +43,6 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
-use tower_http::timeout::TimeoutLayer;
 use utoipa::OpenApi;
 
 /// A part of the service a process can run.
@@ -139,6 +139,9 @@ pub struct Application {
     database: Database,
     workers: Vec<JoinHandle<()>>,
     shutdown: Shutdown,
+    drain: Duration,
+    /// Set at the drain deadline: requests still in flight are answered 503.
+    cutoff: watch::Sender<bool>,
 }
 
 impl Application {
@@ -269,9 +272,7 @@ impl Application {
         let mut router = Router::new()
             .merge(security.router())
             .merge(petstore_platform::live::http::router(live.clone()))
-            .route("/petstore-domain/openapi.json", get(openapi))
-            .route("/metrics", get(serve_metrics).with_state(metrics.clone()))
-            .fallback(http::not_found);
+            .route("/petstore-domain/openapi.json", get(openapi));
         if roles.contains(&Role::Command) {
             router = router.merge(petstore_command_api::router(CommandState {
                 store: store.clone(),
@@ -295,7 +296,6 @@ impl Application {
         if let Some(redis) = &redis {
             health.add(RedisHealth(redis.clone()));
         }
-        router = router.merge(petstore_platform::health::router(health));
         if roles.contains(&Role::Query) {
             let updates = OrderUpdates::new(
                 read_models.clone(),
@@ -314,12 +314,29 @@ impl Application {
                 live: live.clone(),
             }));
         }
+        let cutoff = watch::channel(false).0;
+        // Load shedding covers the API; health and metrics answer however busy it is.
+        let limit = settings.http.max_concurrent_requests;
+        let shed_metrics = metrics.clone();
+        let router = router
+            .layer(
+                tower::ServiceBuilder::new()
+                    .layer(HandleErrorLayer::new(move |_: tower::BoxError| {
+                        shed_metrics.requests_shed.inc();
+                        std::future::ready(http::Problem::overloaded(limit))
+                    }))
+                    .layer(tower::load_shed::LoadShedLayer::new())
+                    .layer(tower::limit::GlobalConcurrencyLimitLayer::new(limit)),
+            )
+            .merge(petstore_platform::health::router(health))
+            .route("/metrics", get(serve_metrics).with_state(metrics.clone()))
+            .fallback(http::not_found);
         let router = router
             .layer(DefaultBodyLimit::max(settings.http.body_limit_bytes))
             .layer(CatchPanicLayer::new())
-            .layer(TimeoutLayer::with_status_code(
-                StatusCode::SERVICE_UNAVAILABLE,
-                Duration::from_millis(settings.security.request_timeout_ms),
+            .layer(axum::middleware::from_fn_with_state(
+                time_limits(&settings.security, cutoff.subscribe())?,
+                http::time_limit,
             ))
             .layer(axum::middleware::from_fn_with_state(security, auth::guard))
             .layer(tower::util::option_layer(cors(&settings.security)))
@@ -335,6 +352,8 @@ impl Application {
             database,
             workers,
             shutdown,
+            drain: Duration::from_millis(settings.http.shutdown_drain_ms),
+            cutoff,
         })
     }
 
@@ -350,15 +369,35 @@ impl Application {
         self.shutdown.clone()
     }
 
-    /// Serves until the shutdown handle fires, then drains and stops.
+    /// Serves until the shutdown handle fires; then stops accepting, lets the requests in
+    /// flight finish within `http.shutdown_drain_ms` (closing what is left after it), lets the
+    /// projectors and the saga runner finish and commit their batch, and stops.
     pub async fn run_until_stopped(self) -> Result<(), StartupError> {
         let service = self
             .router
             .into_make_service_with_connect_info::<SocketAddr>();
-        let result = axum::serve(self.listener, service)
-            .with_graceful_shutdown(self.shutdown.wait())
-            .await
-            .map_err(StartupError::Serve);
+        let serving =
+            axum::serve(self.listener, service).with_graceful_shutdown(self.shutdown.wait());
+        let serving = std::future::IntoFuture::into_future(serving);
+        tokio::pin!(serving);
+        let drained = {
+            let (stopping, drain) = (self.shutdown.wait(), self.drain);
+            async move {
+                stopping.await;
+                tokio::time::sleep(drain).await;
+            }
+        };
+        let result = tokio::select! {
+            served = &mut serving => served.map_err(StartupError::Serve),
+            () = drained => {
+                tracing::warn!(
+                    drain_ms = self.drain.as_millis() as u64,
+                    "requests still in flight at the drain deadline are answered 503"
+                );
+                self.cutoff.send_replace(true);
+                serving.await.map_err(StartupError::Serve)
+            }
+        };
         // Stop the projector and the saga runner too when the server ended for another
         // reason; each finishes the batch it is handling.
         self.shutdown.trigger();
@@ -370,6 +409,37 @@ impl Application {
         self.database.close().await;
         result
     }
+}
+
+/// The routes' time limits, each configured route checked against the routes served.
+fn time_limits(
+    settings: &SecuritySettings,
+    cutoff: watch::Receiver<bool>,
+) -> Result<http::TimeLimits, SettingsError> {
+    let timeouts = http::TimeLimits::new(settings, cutoff);
+    let document = openapi_document();
+    for route in timeouts.routes() {
+        let served = route.split_once(' ').is_some_and(|(method, path)| {
+            document.paths.paths.get(path).is_some_and(|item| {
+                let operation = match method {
+                    "GET" => &item.get,
+                    "POST" => &item.post,
+                    "PUT" => &item.put,
+                    "DELETE" => &item.delete,
+                    "PATCH" => &item.patch,
+                    _ => &None,
+                };
+                operation.is_some()
+            })
+        });
+        if !served {
+            return Err(SettingsError::invalid(
+                format!("security.route_timeouts_ms.{route:?}"),
+                "no such route (see GET /petstore-domain/openapi.json for the routes)",
+            ));
+        }
+    }
+    Ok(timeouts)
 }
 
 /// CORS: off (no layer, no headers at all) unless origins are configured.

@@ -260,6 +260,18 @@ impl Problem {
         .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
     }
 
+    /// 503 with `Retry-After`: this process already handles as many requests as it takes at
+    /// once (`http.max_concurrent_requests`); refused at once rather than queued.
+    pub fn overloaded(limit: usize) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "Service overloaded",
+            format!("{limit} requests are in progress, the most this process takes at once; retry shortly"),
+        )
+        .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
+    }
+
     /// 500: logs `cause` with the correlation id and tells the client nothing internal.
     pub fn internal(cause: &dyn fmt::Display) -> Self {
         tracing::error!(error = %cause, "internal error");
@@ -660,5 +672,68 @@ mod tests {
             Problem::from_failure(&failed).status,
             StatusCode::INTERNAL_SERVER_ERROR
         );
+    }
+}
+
+/// How long each route may take (`security.route_timeouts_ms`, else
+/// `security.request_timeout_ms`), and the shutdown's cut-off of requests still in flight.
+#[derive(Debug, Clone)]
+pub struct TimeLimits {
+    default: std::time::Duration,
+    routes: Arc<std::collections::HashMap<String, std::time::Duration>>,
+    cutoff: tokio::sync::watch::Receiver<bool>,
+}
+
+impl TimeLimits {
+    /// From the security settings; requests still running when `cutoff` turns true are
+    /// answered at once.
+    pub fn new(
+        settings: &crate::settings::SecuritySettings,
+        cutoff: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            default: std::time::Duration::from_millis(settings.request_timeout_ms),
+            routes: Arc::new(
+                settings
+                    .route_timeouts_ms
+                    .iter()
+                    .map(|(route, ms)| (route.clone(), std::time::Duration::from_millis(*ms)))
+                    .collect(),
+            ),
+            cutoff,
+        }
+    }
+
+    /// The route keys configured (`"METHOD /template"`).
+    pub fn routes(&self) -> impl Iterator<Item = &str> {
+        self.routes.keys().map(String::as_str)
+    }
+}
+
+/// The time-limit middleware: a request that outlasts its route's timeout, or is still
+/// running when a shutdown's drain deadline passes, is answered 503 with `Retry-After` (the
+/// handler is dropped, so nothing of it runs on).
+pub async fn time_limit(
+    axum::extract::State(limits): axum::extract::State<TimeLimits>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|path| format!("{} {}", request.method(), path.as_str()));
+    let limit = route
+        .and_then(|route| limits.routes.get(&route).copied())
+        .unwrap_or(limits.default);
+    let mut cutoff = limits.cutoff.clone();
+    tokio::select! {
+        finished = tokio::time::timeout(limit, next.run(request)) => match finished {
+            Ok(response) => response,
+            Err(_) => Problem::from_status(StatusCode::SERVICE_UNAVAILABLE).into_response(),
+        },
+        _ = cutoff.wait_for(|cut| *cut) => Problem::unavailable(
+            "the service is shutting down and this request outlasted its drain deadline; retry",
+        )
+        .into_response(),
     }
 }

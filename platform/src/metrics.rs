@@ -176,6 +176,8 @@ pub struct Metrics {
     pub request_errors: Family<RequestLabels, Counter>,
     /// HTTP request latency (`petstore_request_duration_seconds`).
     pub request_duration: HistogramFamily<RequestLabels>,
+    /// Requests refused at once because `http.max_concurrent_requests` were in flight.
+    pub requests_shed: Counter,
     /// Events appended by this process, by aggregate type.
     pub events_appended: Family<AggregateLabels, Counter>,
     /// Sagas started (an `OrderCreated` handled by a saga runner; at least once, like
@@ -276,6 +278,12 @@ impl Metrics {
             "HTTP request latency, from the first byte read to the response head",
             prometheus_client::registry::Unit::Seconds,
             request_duration.clone(),
+        );
+        let requests_shed = Counter::default();
+        registry.register(
+            "petstore_requests_shed",
+            "Requests refused at once (503) because http.max_concurrent_requests were in flight",
+            requests_shed.clone(),
         );
         let events_appended = Family::<AggregateLabels, Counter>::default();
         registry.register(
@@ -537,6 +545,7 @@ impl Metrics {
             requests,
             request_errors,
             request_duration,
+            requests_shed,
             events_appended,
             sagas_started,
             sagas,

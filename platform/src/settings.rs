@@ -112,6 +112,12 @@ pub struct HttpSettings {
     pub consistency_wait_ms: u64,
     /// The live order updates (`GET /orders/{id}/updates`).
     pub order_updates: OrderUpdateSettings,
+    /// Requests handled at once by this process (health and metrics aside); the next is
+    /// refused at once with 503 and `Retry-After` instead of queueing.
+    pub max_concurrent_requests: usize,
+    /// On shutdown, how long requests in flight may take to finish before their connections
+    /// are closed, in milliseconds.
+    pub shutdown_drain_ms: u64,
 }
 
 impl Default for HttpSettings {
@@ -121,6 +127,8 @@ impl Default for HttpSettings {
             body_limit_bytes: 64 * 1024,
             consistency_wait_ms: 2_000,
             order_updates: OrderUpdateSettings::default(),
+            max_concurrent_requests: 1_024,
+            shutdown_drain_ms: 10_000,
         }
     }
 }
@@ -527,8 +535,13 @@ impl Settings {
 
     fn validate_ranges(&self) -> Result<(), SettingsError> {
         let updates = &self.http.order_updates;
-        let positive: [(&str, u64); 19] = [
+        let positive: [(&str, u64); 21] = [
             ("http.body_limit_bytes", self.http.body_limit_bytes as u64),
+            (
+                "http.max_concurrent_requests",
+                self.http.max_concurrent_requests as u64,
+            ),
+            ("http.shutdown_drain_ms", self.http.shutdown_drain_ms),
             (
                 "http.order_updates.max_connections_per_subject",
                 u64::from(updates.max_connections_per_subject),

@@ -32,6 +32,9 @@ pub struct SecuritySettings {
     pub cors_allowed_origins: Vec<String>,
     /// A request that takes longer is answered 503, in milliseconds.
     pub request_timeout_ms: u64,
+    /// Timeouts of particular routes, replacing `request_timeout_ms` for them:
+    /// `"METHOD /route/template"` to milliseconds (the route must exist).
+    pub route_timeouts_ms: BTreeMap<String, u64>,
     /// Largest accepted total size of request headers, in bytes (431 beyond).
     pub max_header_bytes: usize,
 }
@@ -47,6 +50,7 @@ impl Default for SecuritySettings {
             trusted_proxies: Vec::new(),
             cors_allowed_origins: Vec::new(),
             request_timeout_ms: 30_000,
+            route_timeouts_ms: BTreeMap::new(),
             max_header_bytes: 16 * 1024,
         }
     }
@@ -254,12 +258,7 @@ impl RateLimitSettings {
             ));
         }
         for (route, limit) in &self.routes {
-            let well_formed = route.split_once(' ').is_some_and(|(method, path)| {
-                !method.is_empty()
-                    && method.bytes().all(|b| b.is_ascii_uppercase())
-                    && path.starts_with('/')
-            });
-            if !well_formed || *limit == 0 {
+            if !is_route_key(route) || *limit == 0 {
                 return Err(SettingsError::invalid(
                     format!("security.rate_limits.routes.{route:?}"),
                     "keys are \"METHOD /route/template\", limits above 0",
@@ -268,6 +267,15 @@ impl RateLimitSettings {
         }
         Ok(())
     }
+}
+
+/// Whether `key` reads `"METHOD /route/template"`.
+pub fn is_route_key(key: &str) -> bool {
+    key.split_once(' ').is_some_and(|(method, path)| {
+        !method.is_empty()
+            && method.bytes().all(|b| b.is_ascii_uppercase())
+            && path.starts_with('/')
+    })
 }
 
 /// A trusted proxy: one address, or a block of them.
@@ -459,6 +467,14 @@ impl SecuritySettings {
                 "security.request_timeout_ms",
                 "must be above 0",
             ));
+        }
+        for (route, timeout) in &self.route_timeouts_ms {
+            if !is_route_key(route) || *timeout == 0 {
+                return Err(SettingsError::invalid(
+                    format!("security.route_timeouts_ms.{route:?}"),
+                    "keys are \"METHOD /route/template\", timeouts above 0",
+                ));
+            }
         }
         if self.max_header_bytes < 1024 {
             return Err(SettingsError::invalid(

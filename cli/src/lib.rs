@@ -35,7 +35,7 @@ use petstore_projector::health::{
     ProjectionHealth, ReadModelsHealth, ReadModelsReadiness, RedisHealth,
 };
 use petstore_projector::read_models::CHECKPOINT;
-use petstore_projector::{KafkaProjection, Projector, ReadModels, RedisViews};
+use petstore_projector::{KafkaProjection, Owner, Projector, ReadModels, RedisViews};
 use petstore_query_api::updates::OrderUpdates;
 use petstore_query_api::{QueryApiDoc, QueryState};
 use tokio::net::TcpListener;
@@ -92,6 +92,24 @@ pub enum StartupError {
     /// The event log cannot be read.
     #[error(transparent)]
     Stream(#[from] petstore_platform::stream::StreamError),
+    /// A Redis view could not be read or claimed.
+    #[error(transparent)]
+    Projection(#[from] petstore_projector::ProjectionError),
+    /// The Redis prefix holds another event store's views and this process cannot rebuild it.
+    #[error(
+        "Redis prefix {prefix:?} holds the views of another event store ({other}), not of this \
+         one ({store}): {remedy}, or set redis.key_prefix to a prefix of this store's own"
+    )]
+    ForeignRedis {
+        /// The prefix.
+        prefix: String,
+        /// This store's id.
+        store: String,
+        /// The other store's id, or `unknown`.
+        other: String,
+        /// What would resolve it.
+        remedy: &'static str,
+    },
     /// The roles do not fit the storage.
     #[error("{0}")]
     Roles(&'static str),
@@ -189,6 +207,9 @@ impl Application {
             )),
             None => None,
         };
+        if let Some(views) = &redis {
+            claim_redis(views, &database, roles.contains(&Role::Projector)).await?;
+        }
         let bus = match &settings.kafka.brokers {
             Some(_) => Some(KafkaBus::new(&settings.kafka)?.with_metrics(metrics.clone())),
             None => None,
@@ -409,6 +430,59 @@ impl Application {
         self.database.close().await;
         result
     }
+}
+
+/// Makes sure the Redis prefix holds this event store's views before anything reads it:
+/// another store's are deleted and rebuilt by a process that projects (holding the
+/// projection's lock), and refused by one that does not.
+async fn claim_redis(
+    views: &RedisViews,
+    database: &Database,
+    projects: bool,
+) -> Result<(), StartupError> {
+    let store = database.store_id().await?;
+    let owner = views.owner(&store).await?;
+    let other = match &owner {
+        Owner::This => return Ok(()),
+        Owner::Nobody if !projects => return Ok(()),
+        Owner::Nobody => None,
+        Owner::Another(other) => Some(other.clone().unwrap_or_else(|| "unknown".to_owned())),
+    };
+    let foreign = |remedy| StartupError::ForeignRedis {
+        prefix: views.cache().prefix().to_owned(),
+        store: store.clone(),
+        other: other.clone().unwrap_or_default(),
+        remedy,
+    };
+    if !projects {
+        return Err(foreign(
+            "start a process with the projector role to rebuild it",
+        ));
+    }
+    let lock = database
+        .try_lock(&format!(
+            "projection:{}",
+            petstore_projector::redis_views::CHECKPOINT
+        ))
+        .await?;
+    if lock.is_none() {
+        if other.is_none() {
+            // Empty, and the active projector of this store fills it.
+            return Ok(());
+        }
+        return Err(foreign(
+            "the projector of this store that holds the Redis projection has not claimed it; restart it",
+        ));
+    }
+    if let Owner::Another(_) = views.claim(&store).await? {
+        tracing::warn!(
+            prefix = views.cache().prefix(),
+            other = other.as_deref().unwrap_or_default(),
+            store,
+            "the Redis prefix held another event store's views: deleted; rebuilding from this store's log"
+        );
+    }
+    Ok(())
 }
 
 /// The routes' time limits, each configured route checked against the routes served.

@@ -170,6 +170,12 @@ impl Cache {
         Ok(keys.len())
     }
 
+    /// Sets `key` to `value`, with no expiry.
+    pub async fn set(&self, key: &str, value: &str) -> Result<(), CacheError> {
+        let mut connection = self.connection.clone();
+        self.bounded(connection.set::<_, _, ()>(key, value)).await
+    }
+
     /// `{prefix}:{suffix}`.
     pub fn key(&self, suffix: &str) -> String {
         format!("{}:{suffix}", self.prefix)

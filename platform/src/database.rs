@@ -207,6 +207,23 @@ impl Database {
         Ok(())
     }
 
+    /// The event store's identity, made with its schema (`store_identity`): what projections
+    /// kept elsewhere (Redis) record, to tell this store's views from another's.
+    pub async fn store_id(&self) -> Result<String, DatabaseError> {
+        Ok(match self {
+            Self::Postgres(pool) => {
+                sqlx::query_scalar("SELECT store_id::text FROM store_identity")
+                    .fetch_one(pool)
+                    .await?
+            }
+            Self::Sqlite(pool) => {
+                sqlx::query_scalar("SELECT store_id FROM store_identity")
+                    .fetch_one(pool)
+                    .await?
+            }
+        })
+    }
+
     /// Checks that the events table answers, for health checks.
     pub async fn ping(&self) -> Result<(), DatabaseError> {
         const SQL: &str = "SELECT 1 FROM events LIMIT 1";

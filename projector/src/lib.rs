@@ -32,6 +32,6 @@ pub use read_models::{
     BrowseFilter, BrowsePage, OrderChangeFeed, OrderChanges, PremiumFilter, ReadModelError,
     ReadModels,
 };
-pub use redis_views::{BrowseSlot, CachedBrowse, RedisViews};
+pub use redis_views::{BrowseSlot, CachedBrowse, Owner, RedisViews};
 pub use runner::{Projector, ProjectorProgress};
 pub use views::{MoneyView, OrderStatusView, PetView, StatusChange};

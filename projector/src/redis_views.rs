@@ -35,6 +35,8 @@ impl RedisViews {
     /// The catalog generation (after the prefix): part of every cached browse key, bumped by
     /// every pet change and by a replay.
     pub const GENERATION: &'static str = "catalog:generation";
+    /// The id of the event store whose views these are (after the prefix).
+    pub const STORE: &'static str = "store";
 
     /// Views in `cache`; browse pages live `browse_ttl`.
     pub fn new(cache: Cache, browse_ttl: Duration) -> Self {
@@ -68,6 +70,43 @@ impl RedisViews {
 
     fn generation_key(&self) -> String {
         self.cache.key(Self::GENERATION)
+    }
+
+    fn store_key(&self) -> String {
+        self.cache.key(Self::STORE)
+    }
+
+    /// Whose views the prefix holds, compared with the event store `store_id`.
+    pub async fn owner(&self, store_id: &str) -> Result<Owner, ProjectionError> {
+        match self.cache.get(&self.store_key()).await? {
+            Some(recorded) if recorded == store_id => Ok(Owner::This),
+            Some(recorded) => Ok(Owner::Another(Some(recorded))),
+            // Views without a recorded store: left by a release before store identities, or
+            // by another store; either way not known to be this store's.
+            None if self.cache.get(&self.checkpoint_key()).await?.is_some() => {
+                Ok(Owner::Another(None))
+            }
+            None => Ok(Owner::Nobody),
+        }
+    }
+
+    /// Makes the prefix this store's: records `store_id`, deleting first whatever another
+    /// store left (the projection then rebuilds from the start of this store's log). Run it
+    /// holding the projection's lock. Returns what the prefix held before.
+    pub async fn claim(&self, store_id: &str) -> Result<Owner, ProjectionError> {
+        let owner = self.owner(store_id).await?;
+        if let Owner::Another(_) = &owner {
+            self.cache.delete_namespace(self.cache.prefix()).await?;
+        }
+        if owner != Owner::This {
+            self.mark_owned(store_id).await?;
+        }
+        Ok(owner)
+    }
+
+    /// Records that the views under the prefix are `store_id`'s (a replay rebuilt them).
+    pub async fn mark_owned(&self, store_id: &str) -> Result<(), ProjectionError> {
+        Ok(self.cache.set(&self.store_key(), store_id).await?)
     }
 
     /// An order's status view, if Redis has it.
@@ -153,6 +192,17 @@ impl RedisViews {
             .await?;
         Ok(true)
     }
+}
+
+/// Whose views a Redis prefix holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Owner {
+    /// Nobody's: no views, no checkpoint.
+    Nobody,
+    /// This event store's.
+    This,
+    /// Another event store's (its id, when recorded).
+    Another(Option<String>),
 }
 
 /// A browse lookup in Redis.

@@ -239,6 +239,7 @@ pub async fn rebuild_redis(
             )
             .await
             .map_err(ProjectionError::from)?;
+        live.mark_owned(&database.store_id().await?).await?;
     }
     Ok(ReplayReport {
         events,

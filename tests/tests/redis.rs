@@ -329,3 +329,100 @@ async fn a_consistency_token_reads_your_own_write(engine: Engine) {
     app.stop().await;
     storage.remove().await;
 }
+
+/// A new deployment (fresh store, the demo catalog just seeded) on a Redis prefix that still
+/// holds another store's views never serves them: a process that only queries refuses to
+/// start, naming the prefix and both stores; one that projects deletes them and rebuilds
+/// from its own log; a restart keeps what is its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_prefix_left_by_another_event_store_is_rebuilt_or_refused_never_served() {
+    let prefix = unique_name("redis-foreign");
+    let pet = "/petstore-domain/pets/golden-retriever-001";
+    let pet_key = format!("{prefix}:pet:golden-retriever-001");
+
+    // The old deployment sells the pet.
+    let old = Storage::new(Engine::Postgres).await;
+    let mut settings = old.settings();
+    with_redis(&mut settings, &redis_url(), &prefix);
+    let app = TestApp::start(settings).await;
+    app.wait_until_ready().await;
+    let order_id = place(&app, "golden-retriever-001").await;
+    assert_eq!(
+        app.wait_for_terminal(&order_id).await["status"],
+        "completed"
+    );
+    app.wait_for_json(pet, |view| view["availability"] == "sold")
+        .await;
+    let old_store = old.database().await.store_id().await.expect("a store id");
+    app.stop().await;
+    assert_eq!(
+        redis_get(&redis_url(), &format!("{prefix}:store")).await,
+        Some(old_store.clone())
+    );
+
+    // The new one, on a fresh database and the same prefix.
+    let new = Storage::new(Engine::Postgres).await;
+    let new_store = new.database().await.store_id().await.expect("a store id");
+    assert_ne!(new_store, old_store);
+    let mut settings = new.settings();
+    with_redis(&mut settings, &redis_url(), &prefix);
+    let refused = petstore_cli::Application::build(
+        settings.clone(),
+        &std::collections::BTreeSet::from([petstore_cli::Role::Query]),
+    )
+    .await;
+    let error = match refused {
+        Ok(_) => panic!("a query-only process served another store's Redis views"),
+        Err(error) => error.to_string(),
+    };
+    for part in [prefix.as_str(), old_store.as_str(), new_store.as_str()] {
+        assert!(error.contains(part), "{part} in: {error}");
+    }
+
+    let app = TestApp::start(settings.clone()).await;
+    app.wait_until_ready().await;
+    assert_eq!(app.get_json(pet).await["availability"], "available");
+    assert_eq!(
+        redis_get(&redis_url(), &format!("{prefix}:store")).await,
+        Some(new_store.clone())
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let rebuilt = redis_get(&redis_url(), &pet_key)
+            .await
+            .map(|text| serde_json::from_str::<Value>(&text).expect("json"));
+        if rebuilt.is_some_and(|view| view["availability"] == "available" && view["version"] == 1) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Redis was never rebuilt"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The old order is not this store's.
+    assert_problem(
+        app.get(&format!("/petstore-domain/orders/{order_id}/status"))
+            .await,
+        404,
+    )
+    .await;
+    let order_id = place(&app, "persian-cat-001").await;
+    app.wait_for_terminal(&order_id).await;
+    app.stop().await;
+
+    // Its own views survive a restart, and a query-only process now starts.
+    let app = TestApp::start_with_roles(
+        settings,
+        &std::collections::BTreeSet::from([petstore_cli::Role::Query]),
+    )
+    .await;
+    assert_eq!(
+        app.get_json(&format!("/petstore-domain/orders/{order_id}/status"))
+            .await["status"],
+        "completed"
+    );
+    app.stop().await;
+    old.remove().await;
+    new.remove().await;
+}

@@ -167,6 +167,8 @@ impl Application {
     /// starts the projector and binds the listener, for the given roles.
     pub async fn build(settings: Settings, roles: &BTreeSet<Role>) -> Result<Self, StartupError> {
         settings.validate()?;
+        let cutoff = watch::channel(false).0;
+        let limits = time_limits(&settings.security, cutoff.subscribe())?;
         let database = Database::connect(&settings.database, &settings.storage).await?;
         if settings.database.migrate_on_start {
             database.migrate().await?;
@@ -192,6 +194,25 @@ impl Application {
                 tracing::info!(added, "seeded the demo catalog");
             }
         }
+        let redis = match &settings.redis.url {
+            Some(_) => {
+                let store_id = database.store_id().await?;
+                let views = RedisViews::new(
+                    Cache::connect(&settings.redis)?,
+                    Duration::from_secs(settings.redis.browse_ttl_seconds),
+                )
+                .bound_to(&store_id);
+                claim_redis(
+                    &views,
+                    &database,
+                    &store_id,
+                    roles.contains(&Role::Projector),
+                )
+                .await?;
+                Some(views)
+            }
+            None => None,
+        };
         let shutdown = Shutdown::new();
         let payments = Arc::new(SimulatedPaymentGateway::new(live.clone()));
         let deliveries = Arc::new(SimulatedDeliveryProvider::new(live.clone()));
@@ -200,16 +221,6 @@ impl Application {
             workers.push(tokio::spawn(store.clone().notify_appends(shutdown.wait())));
         }
         let read_models = ReadModels::for_database(&database);
-        let redis = match &settings.redis.url {
-            Some(_) => Some(RedisViews::new(
-                Cache::connect(&settings.redis)?,
-                Duration::from_secs(settings.redis.browse_ttl_seconds),
-            )),
-            None => None,
-        };
-        if let Some(views) = &redis {
-            claim_redis(views, &database, roles.contains(&Role::Projector)).await?;
-        }
         let bus = match &settings.kafka.brokers {
             Some(_) => Some(KafkaBus::new(&settings.kafka)?.with_metrics(metrics.clone())),
             None => None,
@@ -335,7 +346,6 @@ impl Application {
                 live: live.clone(),
             }));
         }
-        let cutoff = watch::channel(false).0;
         // Load shedding covers the API; health and metrics answer however busy it is.
         let limit = settings.http.max_concurrent_requests;
         let shed_metrics = metrics.clone();
@@ -356,7 +366,7 @@ impl Application {
             .layer(DefaultBodyLimit::max(settings.http.body_limit_bytes))
             .layer(CatchPanicLayer::new())
             .layer(axum::middleware::from_fn_with_state(
-                time_limits(&settings.security, cutoff.subscribe())?,
+                limits,
                 http::time_limit,
             ))
             .layer(axum::middleware::from_fn_with_state(security, auth::guard))
@@ -438,10 +448,18 @@ impl Application {
 async fn claim_redis(
     views: &RedisViews,
     database: &Database,
+    store: &str,
     projects: bool,
 ) -> Result<(), StartupError> {
-    let store = database.store_id().await?;
-    let owner = views.owner(&store).await?;
+    let owner = match views.owner(store).await {
+        Ok(owner) => owner,
+        Err(error) => {
+            // Redis down never stops the service: the projection claims the prefix when it
+            // connects, before it writes anything.
+            tracing::warn!(%error, "Redis is unreachable: its views are checked to be this store's when the Redis projection connects");
+            return Ok(());
+        }
+    };
     let other = match &owner {
         Owner::This => return Ok(()),
         Owner::Nobody if !projects => return Ok(()),
@@ -450,7 +468,7 @@ async fn claim_redis(
     };
     let foreign = |remedy| StartupError::ForeignRedis {
         prefix: views.cache().prefix().to_owned(),
-        store: store.clone(),
+        store: store.to_owned(),
         other: other.clone().unwrap_or_default(),
         remedy,
     };
@@ -474,7 +492,7 @@ async fn claim_redis(
             "the projector of this store that holds the Redis projection has not claimed it; restart it",
         ));
     }
-    if let Owner::Another(_) = views.claim(&store).await? {
+    if let Owner::Another(_) = views.claim(store).await? {
         tracing::warn!(
             prefix = views.cache().prefix(),
             other = other.as_deref().unwrap_or_default(),

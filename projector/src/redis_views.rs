@@ -27,6 +27,9 @@ pub const CHECKPOINT: &str = "redis";
 pub struct RedisViews {
     cache: Cache,
     browse_ttl: Duration,
+    /// The event store these views are of: the projection claims the prefix for it each
+    /// time it (re)starts (see [`Self::claim`]).
+    store: Option<std::sync::Arc<str>>,
 }
 
 impl RedisViews {
@@ -40,7 +43,19 @@ impl RedisViews {
 
     /// Views in `cache`; browse pages live `browse_ttl`.
     pub fn new(cache: Cache, browse_ttl: Duration) -> Self {
-        Self { cache, browse_ttl }
+        Self {
+            cache,
+            browse_ttl,
+            store: None,
+        }
+    }
+
+    /// The views of the event store `store_id`: the projection claims the prefix for it
+    /// whenever it (re)starts, so views another store left are deleted and rebuilt even when
+    /// Redis was unreachable at start-up.
+    pub fn bound_to(mut self, store_id: &str) -> Self {
+        self.store = Some(store_id.into());
+        self
     }
 
     /// The same views under another key prefix (a replay's shadow copy).
@@ -48,6 +63,7 @@ impl RedisViews {
         Self {
             cache: self.cache.with_prefix(prefix),
             browse_ttl: self.browse_ttl,
+            store: self.store.clone(),
         }
     }
 
@@ -228,6 +244,17 @@ impl Projection for RedisViews {
     }
 
     async fn position(&self) -> Result<StreamPosition, ProjectionError> {
+        // The projector asks holding the projection's lock: the moment to claim the prefix.
+        if let Some(store) = &self.store {
+            if let Owner::Another(other) = self.claim(store).await? {
+                tracing::warn!(
+                    prefix = self.cache.prefix(),
+                    other = other.as_deref().unwrap_or("unknown"),
+                    store = &**store,
+                    "the Redis prefix held another event store's views: deleted; rebuilding from this store's log"
+                );
+            }
+        }
         match self.cache.get(&self.checkpoint_key()).await? {
             Some(text) => Ok(serde_json::from_str(&text)?),
             None => Ok(StreamPosition::START),

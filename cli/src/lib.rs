@@ -290,17 +290,7 @@ impl Application {
         workers.push(tokio::spawn(
             security.rate_limits().clone().evict_until(shutdown.wait()),
         ));
-        {
-            let (live, limits, shutdown) = (
-                live.clone(),
-                security.rate_limits().clone(),
-                shutdown.wait(),
-            );
-            let started = settings.clone();
-            workers.push(tokio::spawn(async move {
-                live.apply_until(limits, &started, shutdown).await;
-            }));
-        }
+        live.apply_to(security.rate_limits().clone(), &settings);
         let mut router = Router::new()
             .merge(security.router())
             .merge(petstore_platform::live::http::router(live.clone()))

@@ -23,7 +23,7 @@
 //! - [`http`]: `GET`/`PUT /petstore-domain/admin/config` and `/history`.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use cqrs_es::event_sink::EventSink;
@@ -323,12 +323,21 @@ pub struct Live {
     inner: Arc<Inner>,
 }
 
+/// The rate limits and log filter a process applied, and what it applied last.
+struct Applied {
+    rate_limits: RateLimits,
+    limits: crate::settings::RateLimitSettings,
+    filter: String,
+}
+
 struct Inner {
     store: EventStore,
     metrics: Metrics,
     /// The live keys of the configuration files as this process last read them.
     defaults: Mutex<LiveSettings>,
     current: watch::Sender<Arc<LiveSnapshot>>,
+    /// What [`Live::apply_to`] keeps in step with the versions.
+    applied: Mutex<Option<Applied>>,
     reload: LiveReloadSettings,
     config: Option<(PathBuf, String)>,
 }
@@ -353,6 +362,7 @@ impl Live {
                     updated_at: None,
                     updated_by: None,
                 })),
+                applied: Mutex::new(None),
                 reload: settings.live_settings.clone(),
                 config: settings
                     .config_dir
@@ -483,14 +493,17 @@ impl Live {
             .live_settings_version
             .set(i64::try_from(version).unwrap_or(i64::MAX));
         // Another refresh may have published a newer one meanwhile.
-        self.inner.current.send_if_modified(|current| {
+        let published = self.inner.current.send_if_modified(|current| {
             if current.version < version {
-                *current = snapshot;
+                *current = snapshot.clone();
                 true
             } else {
                 false
             }
         });
+        if published {
+            self.apply(&snapshot);
+        }
         tracing::info!(version, "live settings applied");
         Ok(())
     }
@@ -563,42 +576,49 @@ impl Live {
         }
     }
 
-    /// Applies every new version to what does not read the settings at each decision: the
-    /// rate limits (swapped whole; their counts start afresh) and the log filter. `started`
-    /// is what they were built with. Runs until `shutdown`.
-    pub async fn apply_until(
-        self,
-        rate_limits: RateLimits,
-        started: &Settings,
-        shutdown: impl std::future::Future<Output = ()>,
-    ) {
-        let mut limits = started.security.rate_limits.clone();
-        let mut filter = started.log.filter.clone();
-        let mut versions = self.subscribe();
-        tokio::pin!(shutdown);
-        loop {
-            let snapshot = versions.borrow_and_update().clone();
-            let wanted = &snapshot.settings;
-            if wanted.security.rate_limits != limits {
-                limits = wanted.security.rate_limits.clone();
-                rate_limits.replace(&limits);
-                tracing::info!(version = snapshot.version, "rate limits replaced");
-            }
-            if wanted.log.filter != filter {
-                filter = wanted.log.filter.clone();
-                match crate::telemetry::set_log_filter(&filter) {
-                    Ok(true) => {
-                        tracing::info!(version = snapshot.version, %filter, "log filter replaced")
-                    }
-                    Ok(false) => {}
-                    Err(error) => {
-                        tracing::error!(%error, %filter, "the log filter cannot be applied")
-                    }
+    /// From now on applies every new version, as it is published (before the request that
+    /// made it is answered), to what does not read the settings at each decision: the rate
+    /// limits (swapped whole; their counts start afresh) and the log filter. `started` is
+    /// what they were built with; the version in force now is applied at once.
+    pub fn apply_to(&self, rate_limits: RateLimits, started: &Settings) {
+        let applied = Applied {
+            rate_limits,
+            limits: started.security.rate_limits.clone(),
+            filter: started.log.filter.clone(),
+        };
+        *self
+            .inner
+            .applied
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(applied);
+        self.apply(&self.current());
+    }
+
+    fn apply(&self, snapshot: &LiveSnapshot) {
+        let mut applied = self
+            .inner
+            .applied
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some(applied) = applied.as_mut() else {
+            return;
+        };
+        let wanted = &snapshot.settings;
+        if wanted.security.rate_limits != applied.limits {
+            applied.limits = wanted.security.rate_limits.clone();
+            applied.rate_limits.replace(&applied.limits);
+            tracing::info!(version = snapshot.version, "rate limits replaced");
+        }
+        if wanted.log.filter != applied.filter {
+            applied.filter = wanted.log.filter.clone();
+            match crate::telemetry::set_log_filter(&applied.filter) {
+                Ok(true) => {
+                    tracing::info!(version = snapshot.version, filter = %applied.filter, "log filter replaced")
                 }
-            }
-            tokio::select! {
-                () = &mut shutdown => return,
-                changed = versions.changed() => if changed.is_err() { return },
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::error!(%error, filter = %applied.filter, "the log filter cannot be applied")
+                }
             }
         }
     }

@@ -30,6 +30,7 @@ use petstore_platform::health::{EventStoreHealth, HealthState};
 use petstore_platform::http;
 use petstore_platform::live::Live;
 use petstore_platform::metrics::Metrics;
+use petstore_platform::resilience::Policies;
 use petstore_platform::settings::{SecuritySettings, Settings, SettingsError};
 use petstore_projector::health::{
     ProjectionHealth, ReadModelsHealth, ReadModelsReadiness, RedisHealth,
@@ -216,6 +217,7 @@ impl Application {
         let shutdown = Shutdown::new();
         let payments = Arc::new(SimulatedPaymentGateway::new(live.clone()));
         let deliveries = Arc::new(SimulatedDeliveryProvider::new(live.clone()));
+        let policies = Policies::new(&live, &metrics);
         let mut workers = vec![tokio::spawn(live.clone().run(shutdown.wait()))];
         if roles.contains(&Role::Command) || roles.contains(&Role::Saga) {
             workers.push(tokio::spawn(store.clone().notify_appends(shutdown.wait())));
@@ -272,7 +274,7 @@ impl Application {
             let runner = SagaRunner::new(
                 store.clone(),
                 settings.saga.clone(),
-                settings.providers.clone(),
+                policies.clone(),
                 payments.clone(),
                 deliveries,
                 metrics.clone(),
@@ -293,13 +295,17 @@ impl Application {
         live.apply_to(security.rate_limits().clone(), &settings);
         let mut router = Router::new()
             .merge(security.router())
-            .merge(petstore_platform::live::http::router(live.clone()))
+            .merge(petstore_platform::live::http::router(
+                live.clone(),
+                policies.clone(),
+            ))
             .route("/petstore-domain/openapi.json", get(openapi));
         if roles.contains(&Role::Command) {
             router = router.merge(petstore_command_api::router(CommandState {
                 store: store.clone(),
                 live: live.clone(),
                 providers: settings.providers.clone(),
+                policies: policies.clone(),
                 payments,
                 metrics: metrics.clone(),
             }));

@@ -33,8 +33,10 @@ pub struct CommandState {
     pub store: EventStore,
     /// The live settings (flags decide how orders are paid).
     pub live: petstore_platform::live::Live,
-    /// The providers' settings (retry policy, simulated failures).
+    /// The providers' settings (whether failures may be simulated).
     pub providers: ProvidersSettings,
+    /// How the providers are called.
+    pub policies: petstore_platform::resilience::Policies,
     /// The payment gateway customers pay through.
     pub payments: Arc<providers::SimulatedPaymentGateway>,
     /// Metrics.

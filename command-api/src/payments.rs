@@ -2,6 +2,8 @@
 //! `express_order_processing` was off leaves charging to the customer, until the payment
 //! deadline).
 
+use std::sync::Arc;
+
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -18,6 +20,7 @@ use petstore_platform::event_store::EventMetadata;
 use petstore_platform::http::{
     CorrelationId, Json, Problem, ProblemDocument, RequestContext, CONSISTENCY_TOKEN_HEADER,
 };
+use petstore_platform::resilience::CallError;
 use petstore_platform::settings::Flag;
 use petstore_platform::stream;
 use serde::{Deserialize, Serialize};
@@ -107,6 +110,8 @@ pub struct PaymentResult {
         (status = 404, description = "No such order", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 409, description = "The order does not wait for a payment (already paid, not reserved yet, cancelled, or paid automatically)", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 422, description = "Invalid field or wrong amount", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 503, description = "`payment_processing` is off, or the payment gateway is not called now (its circuit breaker is open or its bulkhead full); the order keeps waiting, retry after `Retry-After` seconds", body = ProblemDocument, content_type = "application/problem+json",
+         headers(("Retry-After" = u64, description = "Seconds to wait"))),
     )
 )]
 pub async fn pay_order(
@@ -179,11 +184,16 @@ pub async fn pay_order(
         idempotency_key: format!("customer-payment:{order_id}"),
         simulate_failure: false,
     };
-    let result = providers::call(&state.providers.payment, &state.metrics, "payment", || {
-        state.payments.charge(charge.clone())
+    let gateway = Arc::clone(&state.payments);
+    let result = providers::call(&state.policies.payment, move || {
+        let gateway = Arc::clone(&gateway);
+        let charge = charge.clone();
+        async move { gateway.charge(charge).await }
     })
     .await;
     match result {
+        // No call was made: the order keeps waiting for its payment.
+        Err(CallError::Rejected(rejection)) => Err(rejection.problem("payment")),
         Ok(receipt) => {
             let command = PaymentCommand::RecordPaymentProcessed {
                 order_id,

@@ -1,9 +1,9 @@
-//! Adapters of the domain's provider traits, and the policy every call to them goes through.
+//! Adapters of the domain's provider traits, and how every call to them is made.
 //!
 //! The default adapters simulate a provider: a configurable latency (±50 %), a configurable
 //! share of transient failures (both live settings), forced failures for `X-Simulate-Failure`, and idempotency by
-//! key (a repeated key answers the first result, as real gateways do). [`call`] wraps every
-//! call in a timeout and retries transient failures with exponential backoff and full jitter.
+//! key (a repeated key answers the first result, as real gateways do). [`call`] makes every
+//! call through the provider's resilience policy ([`petstore_platform::resilience`]).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -16,78 +16,23 @@ use petstore_domain::providers::{
     PaymentGateway, ProviderError,
 };
 use petstore_platform::live::Live;
-use petstore_platform::metrics::Metrics;
-use petstore_platform::settings::{LiveProvider, ProviderSettings};
-use tracing::Instrument;
+use petstore_platform::resilience::{CallError, Policy};
+use petstore_platform::settings::LiveProvider;
 
-/// Calls a provider with the timeout and retry policy of `settings`, counting each attempt
-/// in `metrics` under `provider`. Refusals are final; transient failures and time-outs are
-/// retried up to `max_attempts` in all.
-pub async fn call<T, F, Fut>(
-    settings: &ProviderSettings,
-    metrics: &Metrics,
-    provider: &str,
-    mut attempt_call: F,
-) -> Result<T, ProviderError>
+/// Calls a provider through `policy`: a refusal is its final answer (not retried, not
+/// counted against its breaker); an unavailable provider or a time-out is its failure.
+pub async fn call<T, F, Fut>(policy: &Policy, attempt: F) -> Result<T, CallError<ProviderError>>
 where
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, ProviderError>>,
+    Fut: Future<Output = Result<T, ProviderError>> + Send + 'static,
+    T: Send + 'static,
 {
-    let attempts = settings.max_attempts.max(1);
-    let mut backoff = Duration::from_millis(settings.initial_backoff_ms);
-    let mut attempt = 1;
-    loop {
-        let started = std::time::Instant::now();
-        let span = tracing::info_span!(
-            "provider call",
-            otel.name = %format_args!("call {provider}"),
-            otel.kind = "client",
-            otel.status_code = tracing::field::Empty,
-            provider,
+    policy
+        .call(
+            |error| matches!(error, ProviderError::Unavailable(_)),
             attempt,
-            outcome = tracing::field::Empty,
-        );
-        let outcome = tokio::time::timeout(
-            Duration::from_millis(settings.call_timeout_ms),
-            attempt_call(),
         )
-        .instrument(span.clone())
         .await
-        .unwrap_or_else(|_| Err(ProviderError::Unavailable("the call timed out".to_owned())));
-        let (label, failed) = match &outcome {
-            Ok(_) => ("ok", false),
-            Err(ProviderError::Refused(_)) => ("refused", false),
-            Err(ProviderError::Unavailable(_)) => ("unavailable", true),
-        };
-        span.record("outcome", label);
-        if failed {
-            span.record("otel.status_code", "ERROR");
-        }
-        drop(span);
-        match outcome {
-            Ok(value) => {
-                metrics.provider_call(provider, "ok", started.elapsed());
-                return Ok(value);
-            }
-            Err(ProviderError::Refused(reason)) => {
-                metrics.provider_call(provider, "refused", started.elapsed());
-                return Err(ProviderError::Refused(reason));
-            }
-            Err(ProviderError::Unavailable(reason)) => {
-                metrics.provider_call(provider, "unavailable", started.elapsed());
-                if attempt >= attempts {
-                    return Err(ProviderError::Unavailable(format!(
-                        "{reason} (after {attempts} attempts)"
-                    )));
-                }
-                tracing::warn!(provider, attempt, %reason, "provider call failed; retrying");
-                let jittered = fastrand::u64(0..=backoff.as_millis() as u64);
-                tokio::time::sleep(Duration::from_millis(jittered)).await;
-                backoff = backoff.saturating_mul(2);
-                attempt += 1;
-            }
-        }
-    }
 }
 
 async fn simulate(

@@ -46,7 +46,8 @@ use petstore_platform::event_store::{EventMetadata, EventStore};
 use petstore_platform::http::CorrelationId;
 use petstore_platform::live::Live;
 use petstore_platform::metrics::Metrics;
-use petstore_platform::settings::{Flag, KafkaSettings, ProvidersSettings, SagaSettings};
+use petstore_platform::resilience::{CallError, Policies, Rejection};
+use petstore_platform::settings::{Flag, KafkaSettings, SagaSettings};
 use petstore_platform::stream::{self, Lag, RecordedEvent, StreamPosition, StreamReader};
 use petstore_platform::telemetry;
 use tokio::sync::watch;
@@ -60,8 +61,13 @@ pub const CHECKPOINT: &str = "saga";
 /// The subject saga commands act as.
 pub const SUBJECT: &str = "saga";
 
-/// The deadline-table step of a held payment: due when it is time to look again.
+/// The deadline-table step of a waiting payment (payments held, or the gateway not called
+/// while its breaker is open): due when it is time to try again.
 pub const PAYMENT_HOLD: &str = "payment_hold";
+
+/// The deadline-table step of a delivery waiting for its provider's breaker: due when it
+/// is time to try again.
+pub const DELIVERY_RETRY: &str = "delivery_retry";
 
 /// How often a held payment looks whether `payment_processing` is on again.
 const PAYMENT_HOLD_RECHECK: chrono::Duration = chrono::Duration::seconds(1);
@@ -114,7 +120,7 @@ pub struct SagaRunner<P, D> {
     store: EventStore,
     kafka: Option<KafkaSettings>,
     settings: SagaSettings,
-    providers: ProvidersSettings,
+    policies: Policies,
     payments: Arc<P>,
     deliveries: Arc<D>,
     metrics: Metrics,
@@ -129,7 +135,7 @@ impl<P, D> Clone for SagaRunner<P, D> {
             store: self.store.clone(),
             kafka: self.kafka.clone(),
             settings: self.settings.clone(),
-            providers: self.providers.clone(),
+            policies: self.policies.clone(),
             payments: self.payments.clone(),
             deliveries: self.deliveries.clone(),
             metrics: self.metrics.clone(),
@@ -182,12 +188,12 @@ fn store_error<E: std::error::Error>(error: AggregateError<E>) -> SagaError {
 }
 
 impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D> {
-    /// A runner over `store`, calling `payments` and `deliveries`, deciding with the `live`
-    /// settings.
+    /// A runner over `store`, calling `payments` and `deliveries` through `policies`,
+    /// deciding with the `live` settings.
     pub fn new(
         store: EventStore,
         settings: SagaSettings,
-        providers: ProvidersSettings,
+        policies: Policies,
         payments: Arc<P>,
         deliveries: Arc<D>,
         metrics: Metrics,
@@ -197,7 +203,7 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
             store,
             kafka: None,
             settings,
-            providers,
+            policies,
             payments,
             deliveries,
             metrics,
@@ -550,17 +556,22 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                     idempotency_key: metadata.command_id.to_string(),
                     simulate_failure,
                 };
-                let result =
-                    providers::call(&self.providers.payment, &self.metrics, "payment", || {
-                        self.payments.charge(request.clone())
-                    })
-                    .await;
+                let gateway = Arc::clone(&self.payments);
+                let result = providers::call(&self.policies.payment, move || {
+                    let gateway = Arc::clone(&gateway);
+                    let request = request.clone();
+                    async move { gateway.charge(request).await }
+                })
+                .await;
                 let command = match result {
                     Ok(receipt) => PaymentCommand::RecordPaymentProcessed {
                         order_id: cause.order_id,
                         amount,
                         provider_reference: receipt.reference,
                     },
+                    Err(CallError::Rejected(rejection)) => {
+                        return self.retry_later(PAYMENT_HOLD, cause, &rejection).await;
+                    }
                     Err(error) => PaymentCommand::RecordPaymentDeclined {
                         order_id: cause.order_id,
                         amount,
@@ -584,11 +595,13 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                     idempotency_key: metadata.command_id.to_string(),
                     simulate_failure,
                 };
-                let result =
-                    providers::call(&self.providers.delivery, &self.metrics, "delivery", || {
-                        self.deliveries.book(request.clone())
-                    })
-                    .await;
+                let provider = Arc::clone(&self.deliveries);
+                let result = providers::call(&self.policies.delivery, move || {
+                    let provider = Arc::clone(&provider);
+                    let request = request.clone();
+                    async move { provider.book(request).await }
+                })
+                .await;
                 let command = match result {
                     Ok(booking) => DeliveryCommand::RecordDeliveryScheduled {
                         order_id: cause.order_id,
@@ -596,6 +609,9 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                         estimated_arrival: booking.estimated_arrival,
                         provider_reference: booking.reference,
                     },
+                    Err(CallError::Rejected(rejection)) => {
+                        return self.retry_later(DELIVERY_RETRY, cause, &rejection).await;
+                    }
                     Err(error) => DeliveryCommand::RecordDeliveryFailed {
                         order_id: cause.order_id,
                         reason: error.to_string(),
@@ -627,6 +643,31 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                 }
             }
         }
+        Ok(())
+    }
+
+    /// A provider was not called (its breaker is open, its bulkhead full): the step waits
+    /// and is tried again when the policy says it may be, through a durable `step` entry of
+    /// the deadline table (so a restart does not lose it).
+    async fn retry_later(
+        &self,
+        step: &str,
+        cause: &Cause,
+        rejection: &Rejection,
+    ) -> Result<(), SagaError> {
+        let wait = chrono::Duration::from_std(rejection.retry_after())
+            .unwrap_or(chrono::Duration::seconds(1));
+        tracing::info!(%rejection, step, wait_ms = wait.num_milliseconds(), "provider not called; the step waits");
+        deadlines::rearm(
+            self.store.database(),
+            &Deadline {
+                order_id: cause.order_id.to_string(),
+                step: step.to_owned(),
+                due_at: Utc::now() + wait,
+                correlation_id: cause.correlation_id.to_string(),
+            },
+        )
+        .await?;
         Ok(())
     }
 
@@ -692,7 +733,10 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
     async fn fire_deadline(&self, deadline: &Deadline) -> Result<(), SagaError> {
         let database = self.store.database();
         if deadline.step == PAYMENT_HOLD {
-            return self.resume_held_payment(deadline).await;
+            return self.resume_step(deadline, "OrderPetReserved").await;
+        }
+        if deadline.step == DELIVERY_RETRY {
+            return self.resume_step(deadline, "OrderPaid").await;
         }
         let (Ok(order_id), Ok(step)) = (
             OrderId::parse(&deadline.order_id),
@@ -753,9 +797,11 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
 }
 
 impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D> {
-    /// A held payment is due for a look: still held, look again later; else handle the
-    /// order's `OrderPetReserved` again, which charges it now (or holds it anew).
-    async fn resume_held_payment(&self, deadline: &Deadline) -> Result<(), SagaError> {
+    /// A waiting step is due for a look: a payment still held looks again later; else the
+    /// order's `trigger` event (the one that started the step) is handled again, which calls
+    /// the provider now (or makes the step wait anew). The step's own deadline still runs:
+    /// when it falls due first, the order is cancelled and compensated as always.
+    async fn resume_step(&self, deadline: &Deadline, trigger: &str) -> Result<(), SagaError> {
         let database = self.store.database();
         let Ok(order_id) = OrderId::parse(&deadline.order_id) else {
             deadlines::mark_fired_at(database, deadline).await?;
@@ -770,7 +816,7 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
             .request()
             .map(|request| request.customer_id.as_str().to_owned())
             .unwrap_or_default();
-        if !self.live.flag(Flag::PaymentProcessing, &customer) {
+        if deadline.step == PAYMENT_HOLD && !self.live.flag(Flag::PaymentProcessing, &customer) {
             deadlines::rearm(
                 database,
                 &Deadline {
@@ -783,7 +829,7 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
         }
         // Marked fired only at the time it fell due: held again meanwhile, it was re-armed
         // for later and stays.
-        let reserved = stream::aggregate_events_newest_first(
+        let started = stream::aggregate_events_newest_first(
             database,
             Order::TYPE,
             &deadline.order_id,
@@ -792,9 +838,9 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
         )
         .await?
         .into_iter()
-        .find(|event| event.event_type == "OrderPetReserved");
-        if let Some(event) = reserved {
-            tracing::info!(order_id = %order_id, "payment_processing is on again: resuming a held payment");
+        .find(|event| event.event_type == trigger);
+        if let Some(event) = started {
+            tracing::info!(order_id = %order_id, step = %deadline.step, "resuming a waiting step");
             let decoded = Decoded::Order(decode(&event)?);
             self.handle_event(order_id, &event, &decoded).await?;
         }

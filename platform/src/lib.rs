@@ -35,6 +35,7 @@ pub mod http;
 pub mod live;
 pub mod metrics;
 pub mod rate_limit;
+pub mod resilience;
 pub mod security_audit;
 pub mod settings;
 pub mod stream;

@@ -104,7 +104,7 @@ pub enum LiveCommand {
         /// The partial document.
         patch: Value,
         /// This process's file settings: what version 0 is.
-        defaults: LiveSettings,
+        defaults: Box<LiveSettings>,
         /// Refuse unless the settings are at this version (`If-Match`).
         expected_version: Option<u64>,
         /// Why.
@@ -113,9 +113,9 @@ pub enum LiveCommand {
     /// The configuration files now read `file`; this process read `previous` before.
     ApplyFile {
         /// The live keys as this process read them before.
-        previous: LiveSettings,
+        previous: Box<LiveSettings>,
         /// The live keys as the files read now.
-        file: LiveSettings,
+        file: Box<LiveSettings>,
     },
 }
 
@@ -158,7 +158,7 @@ impl LiveConfiguration {
                         current: self.version,
                     });
                 }
-                let current = self.settings.clone().unwrap_or_else(|| defaults.clone());
+                let current = self.settings.clone().unwrap_or_else(|| (*defaults).clone());
                 let next = current.patched(&patch)?;
                 let changes = current.changes_to(&next);
                 if changes.is_empty() {
@@ -169,10 +169,11 @@ impl LiveConfiguration {
                     reason,
                     changes,
                     settings: next,
-                    file: self.file.clone().unwrap_or(defaults),
+                    file: self.file.clone().unwrap_or(*defaults),
                 }
             }
             LiveCommand::ApplyFile { previous, file } => {
+                let (previous, file) = (*previous, *file);
                 let recorded = self.file.clone().unwrap_or_else(|| previous.clone());
                 let edits = recorded.changes_to(&file);
                 if edits.is_empty() {
@@ -420,7 +421,7 @@ impl Live {
     ) -> Result<Result<Arc<LiveSnapshot>, LiveSettingsError>, LiveReadError> {
         let command = LiveCommand::Change {
             patch,
-            defaults: self.defaults(),
+            defaults: Box::new(self.defaults()),
             expected_version,
             reason,
         };
@@ -449,7 +450,10 @@ impl Live {
             .store
             .execute::<LiveConfiguration>(
                 AGGREGATE_ID,
-                LiveCommand::ApplyFile { previous, file },
+                LiveCommand::ApplyFile {
+                    previous: Box::new(previous),
+                    file: Box::new(file),
+                },
                 &(),
                 &metadata,
             )
@@ -711,7 +715,7 @@ mod tests {
             &mut configuration,
             LiveCommand::Change {
                 patch: json!({"feature_flags": {"pet_personalization": true}}),
-                defaults: defaults.clone(),
+                defaults: Box::new(defaults.clone()),
                 expected_version: Some(0),
                 reason: None,
             },
@@ -721,8 +725,8 @@ mod tests {
         apply(
             &mut configuration,
             LiveCommand::ApplyFile {
-                previous: defaults.clone(),
-                file: edited.clone(),
+                previous: Box::new(defaults.clone()),
+                file: Box::new(edited.clone()),
             },
         );
         let settings = configuration.settings.clone().expect("changed");
@@ -736,15 +740,15 @@ mod tests {
         // The same file read again (another instance, a restart) records nothing.
         assert!(configuration
             .decide(LiveCommand::ApplyFile {
-                previous: edited.clone(),
-                file: edited,
+                previous: Box::new(edited.clone()),
+                file: Box::new(edited),
             })
             .expect("accepted")
             .is_none());
         assert!(matches!(
             configuration.decide(LiveCommand::Change {
                 patch: json!({"feature_flags": {"premium_filters": false}}),
-                defaults,
+                defaults: Box::new(defaults),
                 expected_version: Some(1),
                 reason: None,
             }),

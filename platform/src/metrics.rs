@@ -113,6 +113,15 @@ pub struct DependencyLabels {
     pub dependency: &'static str,
 }
 
+/// Labels of `petstore_resilience_rejections_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectionLabels {
+    /// `payment` or `delivery`.
+    pub dependency: &'static str,
+    /// `breaker_open`, `bulkhead_full`, `retry_budget` or `timeout`.
+    pub reason: &'static str,
+}
+
 /// Labels of `petstore_auth_failures_total`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AuthFailureLabels {
@@ -178,6 +187,8 @@ pub struct Metrics {
     pub request_duration: HistogramFamily<RequestLabels>,
     /// Requests refused at once because `http.max_concurrent_requests` were in flight.
     pub requests_shed: Counter,
+    /// Calls to a dependency refused or cut short by its resilience policy.
+    pub resilience_rejections: Family<RejectionLabels, Counter>,
     /// Events appended by this process, by aggregate type.
     pub events_appended: Family<AggregateLabels, Counter>,
     /// Sagas started (an `OrderCreated` handled by a saga runner; at least once, like
@@ -278,6 +289,12 @@ impl Metrics {
             "HTTP request latency, from the first byte read to the response head",
             prometheus_client::registry::Unit::Seconds,
             request_duration.clone(),
+        );
+        let resilience_rejections = Family::<RejectionLabels, Counter>::default();
+        registry.register(
+            "petstore_resilience_rejections",
+            "Calls to a dependency refused or cut short by its policy: breaker open, bulkhead full, retry budget spent, overall timeout",
+            resilience_rejections.clone(),
         );
         let requests_shed = Counter::default();
         registry.register(
@@ -546,6 +563,7 @@ impl Metrics {
             request_errors,
             request_duration,
             requests_shed,
+            resilience_rejections,
             events_appended,
             sagas_started,
             sagas,
@@ -629,6 +647,13 @@ impl Metrics {
                 provider: provider.to_owned(),
             })
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts a call that `dependency`'s policy refused or cut short, and why.
+    pub fn resilience_rejection(&self, dependency: &'static str, reason: &'static str) {
+        self.resilience_rejections
+            .get_or_create(&RejectionLabels { dependency, reason })
+            .inc();
     }
 
     /// Counts an order-update connection that ended, and why.

@@ -12,8 +12,10 @@ use secrecy::SecretString;
 use serde::Deserialize;
 
 mod live;
+mod resilience;
 mod security;
 pub use live::*;
+pub use resilience::*;
 pub use security::*;
 
 /// Everything the service can be configured with.
@@ -36,6 +38,8 @@ pub struct Settings {
     pub saga: SagaSettings,
     /// The payment gateway and delivery provider.
     pub providers: ProvidersSettings,
+    /// How each outbound dependency is called (live: see [`LiveSettings`]).
+    pub resilience: ResilienceSettings,
     /// Kafka (unset brokers: no Kafka; the saga follows the event store directly).
     pub kafka: KafkaSettings,
     /// Redis (unset URL: reads are served by the read-model database alone).
@@ -306,7 +310,7 @@ impl Default for ProvidersSettings {
     }
 }
 
-/// One provider: how the simulation behaves and how calls to it are protected.
+/// One simulated provider's behaviour (how calls to it are protected: `resilience`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProviderSettings {
@@ -314,12 +318,6 @@ pub struct ProviderSettings {
     pub latency_ms: u64,
     /// Share of simulated calls that fail transiently, 0.0 to 1.0.
     pub failure_rate: f64,
-    /// A call that takes longer fails (and is retried), in milliseconds.
-    pub call_timeout_ms: u64,
-    /// Attempts per call, the first included.
-    pub max_attempts: u32,
-    /// Backoff before the first retry, doubled each time, with full jitter, in milliseconds.
-    pub initial_backoff_ms: u64,
 }
 
 impl Default for ProviderSettings {
@@ -327,9 +325,6 @@ impl Default for ProviderSettings {
         Self {
             latency_ms: 20,
             failure_rate: 0.0,
-            call_timeout_ms: 2_000,
-            max_attempts: 3,
-            initial_backoff_ms: 50,
         }
     }
 }
@@ -535,7 +530,7 @@ impl Settings {
 
     fn validate_ranges(&self) -> Result<(), SettingsError> {
         let updates = &self.http.order_updates;
-        let positive: [(&str, u64); 21] = [
+        let positive: [(&str, u64); 17] = [
             ("http.body_limit_bytes", self.http.body_limit_bytes as u64),
             (
                 "http.max_concurrent_requests",
@@ -568,22 +563,6 @@ impl Settings {
             (
                 "saga.max_concurrent_orders",
                 self.saga.max_concurrent_orders as u64,
-            ),
-            (
-                "providers.payment.call_timeout_ms",
-                self.providers.payment.call_timeout_ms,
-            ),
-            (
-                "providers.payment.max_attempts",
-                u64::from(self.providers.payment.max_attempts),
-            ),
-            (
-                "providers.delivery.call_timeout_ms",
-                self.providers.delivery.call_timeout_ms,
-            ),
-            (
-                "providers.delivery.max_attempts",
-                u64::from(self.providers.delivery.max_attempts),
             ),
             ("kafka.message_timeout_ms", self.kafka.message_timeout_ms),
             (

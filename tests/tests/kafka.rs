@@ -16,6 +16,7 @@ use petstore_platform::cache::Cache;
 use petstore_platform::event_store::EventStore;
 use petstore_platform::live::Live;
 use petstore_platform::metrics::Metrics;
+use petstore_platform::resilience::Policies;
 use petstore_platform::stream::{self, StreamPosition};
 use petstore_projector::views::ViewBatch;
 use petstore_projector::{KafkaProjection, Projector, ReadModels, RedisViews};
@@ -360,11 +361,12 @@ async fn two_saga_runners_share_a_group_and_one_can_die() {
         .expect("live settings");
     let payments = Arc::new(SimulatedPaymentGateway::new(live.clone()));
     let deliveries = Arc::new(SimulatedDeliveryProvider::new(live.clone()));
+    let policies = Policies::new(&live, &Metrics::new());
     let runner = || {
         SagaRunner::new(
             store.clone(),
             settings.saga.clone(),
-            settings.providers.clone(),
+            policies.clone(),
             payments.clone(),
             deliveries.clone(),
             Metrics::new(),

@@ -12,6 +12,7 @@ use petstore_command_api::saga::SagaRunner;
 use petstore_platform::event_store::EventStore;
 use petstore_platform::live::Live;
 use petstore_platform::metrics::Metrics;
+use petstore_platform::resilience::Policies;
 use petstore_platform::settings::{FlagSetting, Settings};
 use petstore_tests::{add_pets, assert_problem, on_both_engines, Engine, Storage, TestApp};
 use serde_json::{json, Value};
@@ -236,7 +237,8 @@ async fn a_step_that_times_out_is_compensated(engine: Engine) {
         // The gateway answers after the payment step's deadline.
         // (simulated latency varies by up to half: at least 1.5 s against a 0.2 s deadline)
         settings.providers.payment.latency_ms = 3_000;
-        settings.providers.payment.call_timeout_ms = 20_000;
+        settings.resilience.payment.timeout_ms = 20_000;
+        settings.resilience.payment.attempt_timeout_ms = 20_000;
         settings.saga.payment_timeout_ms = 200;
         settings.saga.deadline_poll_interval_ms = 20;
     })
@@ -438,11 +440,12 @@ async fn a_saga_runner_killed_at_random_points_loses_and_doubles_nothing(engine:
         .expect("live settings");
     let payments = Arc::new(SimulatedPaymentGateway::new(live.clone()));
     let deliveries = Arc::new(SimulatedDeliveryProvider::new(live.clone()));
+    let policies = Policies::new(&live, &Metrics::new());
     let runner = || {
         SagaRunner::new(
             store.clone(),
             settings.saga.clone(),
-            settings.providers.clone(),
+            policies.clone(),
             payments.clone(),
             deliveries.clone(),
             Metrics::new(),

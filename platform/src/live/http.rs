@@ -2,11 +2,13 @@
 //! asked or changed; the change reaches the others through the event store). Admin only:
 //! the security guard refuses everyone else on `/petstore-domain/admin/*`.
 
-use axum::extract::State;
+use std::collections::BTreeMap;
+
+use axum::extract::{FromRef, State};
 use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, put};
 use axum::Router;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -15,20 +17,39 @@ use utoipa::{IntoParams, ToSchema};
 use super::{HistoryEntry, Live, LiveReadError, LiveSettingsError, LiveSnapshot};
 use crate::auth::Caller;
 use crate::event_store::EventMetadata;
-use crate::http::{Json, Problem, ProblemDocument, Query, RequestContext};
+use crate::http::{Json, Path, Problem, ProblemDocument, Query, RequestContext};
+use crate::resilience::{BreakerStatus, Mode, Policies};
 
 /// The header that says why a change is made (kept in the history).
 pub const CHANGE_REASON_HEADER: HeaderName = HeaderName::from_static("x-change-reason");
 
+/// What the admin routes read: the live settings, and this process's breakers.
+#[derive(Clone)]
+pub struct AdminState {
+    live: Live,
+    breakers: Policies,
+}
+
+impl FromRef<AdminState> for Live {
+    fn from_ref(state: &AdminState) -> Live {
+        state.live.clone()
+    }
+}
+
 /// The live-settings routes.
-pub fn router(live: Live) -> Router {
+pub fn router(live: Live, breakers: Policies) -> Router {
     Router::new()
         .route(
             "/petstore-domain/admin/config",
             get(get_config).put(put_config),
         )
         .route("/petstore-domain/admin/config/history", get(config_history))
-        .with_state(live)
+        .route("/petstore-domain/admin/circuit-breakers", get(get_breakers))
+        .route(
+            "/petstore-domain/admin/circuit-breakers/{dependency}",
+            put(set_breaker),
+        )
+        .with_state(AdminState { live, breakers })
 }
 
 /// The live settings and their version.
@@ -42,21 +63,26 @@ pub struct ConfigDocument {
     pub updated_by: Option<String>,
     /// Every live setting: `feature_flags`, `security.rate_limits`,
     /// `providers.{payment,delivery}.{latency_ms,failure_rate}`, `saga.*_timeout_ms`,
-    /// `log.filter`.
+    /// `resilience.{payment,delivery}.*`, `log.filter`.
     #[schema(value_type = Object)]
     pub settings: Value,
+    /// The circuit breaker of each outbound dependency, in the process that answers (state,
+    /// mode, the window's counts). Runtime state, not a setting: the `ETag` and a 304 are
+    /// about `settings` only.
+    pub circuit_breakers: BTreeMap<String, BreakerStatus>,
 }
 
 fn etag(version: u64) -> HeaderValue {
     HeaderValue::from_str(&format!("\"{version}\"")).unwrap_or(HeaderValue::from_static("\"0\""))
 }
 
-fn document(snapshot: &LiveSnapshot) -> Response {
+async fn document(snapshot: &LiveSnapshot, breakers: &Policies) -> Response {
     let body = ConfigDocument {
         version: snapshot.version,
         updated_at: snapshot.updated_at.clone(),
         updated_by: snapshot.updated_by.clone(),
         settings: snapshot.settings.to_value(),
+        circuit_breakers: breakers.statuses().await,
     };
     (
         [
@@ -119,7 +145,10 @@ fn read_failure(error: &LiveReadError) -> Problem {
         (status = 403, description = "Not an admin", body = ProblemDocument, content_type = "application/problem+json"),
     )
 )]
-pub async fn get_config(State(live): State<Live>, headers: HeaderMap) -> Result<Response, Problem> {
+pub async fn get_config(
+    State(AdminState { live, breakers }): State<AdminState>,
+    headers: HeaderMap,
+) -> Result<Response, Problem> {
     let snapshot = live.current();
     if let Some(value) = headers.get(header::IF_NONE_MATCH) {
         // A tag that is not one of ours matches nothing: the document is sent.
@@ -136,7 +165,7 @@ pub async fn get_config(State(live): State<Live>, headers: HeaderMap) -> Result<
                 .into_response());
         }
     }
-    Ok(document(&snapshot))
+    Ok(document(&snapshot, &breakers).await)
 }
 
 /// Change live settings.
@@ -168,7 +197,7 @@ pub async fn get_config(State(live): State<Live>, headers: HeaderMap) -> Result<
     )
 )]
 pub async fn put_config(
-    State(live): State<Live>,
+    State(AdminState { live, breakers }): State<AdminState>,
     caller: Caller,
     headers: HeaderMap,
     Json(patch): Json<Value>,
@@ -202,7 +231,7 @@ pub async fn put_config(
         .await
         .map_err(|error| read_failure(&error))?
     {
-        Ok(snapshot) => Ok(document(&snapshot)),
+        Ok(snapshot) => Ok(document(&snapshot, &breakers).await),
         Err(LiveSettingsError::Invalid(error)) => Err(Problem::validation(match &error {
             crate::settings::SettingsError::Invalid { key, reason } if key.is_empty() => {
                 reason.clone()
@@ -282,11 +311,81 @@ pub async fn config_history(
     Ok(Json(HistoryPage { changes, next }))
 }
 
-/// The OpenAPI description of the live-settings routes.
+/// The circuit breakers.
+///
+/// Each outbound dependency's breaker in the process that answers: its state (`closed`,
+/// `open`, `half_open`), its mode, the counts of its window, calls in flight.
+#[utoipa::path(
+    get,
+    path = "/petstore-domain/admin/circuit-breakers",
+    tag = "admin",
+    responses(
+        (status = 200, description = "Each breaker, by dependency", body = BTreeMap<String, BreakerStatus>),
+        (status = 401, description = "No valid bearer token", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 403, description = "Not an admin", body = ProblemDocument, content_type = "application/problem+json"),
+    )
+)]
+pub async fn get_breakers(
+    State(AdminState { breakers, .. }): State<AdminState>,
+) -> Json<BTreeMap<String, BreakerStatus>> {
+    Json(breakers.statuses().await)
+}
+
+/// How an admin sets a breaker.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerModeBody {
+    /// `forced_open` (no call is made, for maintenance), `forced_closed` (every call is made,
+    /// none counted) or `automatic` (it decides again, starting closed).
+    pub mode: Mode,
+}
+
+/// Force a circuit breaker open or closed, or release it.
+///
+/// Acts on the breaker of the process that answers (breakers are per process) until it is
+/// released or the process restarts. Logged with the admin's subject.
+#[utoipa::path(
+    put,
+    path = "/petstore-domain/admin/circuit-breakers/{dependency}",
+    tag = "admin",
+    params(("dependency" = String, Path, description = "`payment` or `delivery`")),
+    request_body = BreakerModeBody,
+    responses(
+        (status = 200, description = "The breaker after the change", body = BreakerStatus),
+        (status = 400, description = "Malformed JSON", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 401, description = "No valid bearer token", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 403, description = "Not an admin", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 404, description = "No such dependency", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 415, description = "The body is not JSON", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 422, description = "An unknown mode or field", body = ProblemDocument, content_type = "application/problem+json"),
+    )
+)]
+pub async fn set_breaker(
+    State(AdminState { breakers, .. }): State<AdminState>,
+    caller: Caller,
+    Path(dependency): Path<String>,
+    Json(body): Json<BreakerModeBody>,
+) -> Result<Json<BreakerStatus>, Problem> {
+    let Some(policy) = breakers.get(&dependency) else {
+        let known: Vec<&str> = breakers.all().iter().map(|policy| policy.name()).collect();
+        return Err(Problem::not_found(format!(
+            "no circuit breaker {dependency:?} (there are: {})",
+            known.join(", ")
+        )));
+    };
+    tracing::warn!(subject = caller.subject(), dependency, mode = ?body.mode, "an admin sets a circuit breaker");
+    policy.set_mode(body.mode).await;
+    Ok(Json(policy.status().await))
+}
+
+/// The OpenAPI description of the live-settings and circuit-breaker routes.
 #[derive(utoipa::OpenApi)]
 #[openapi(
-    paths(get_config, put_config, config_history),
+    paths(get_config, put_config, config_history, get_breakers, set_breaker),
     components(schemas(
+        BreakerStatus,
+        BreakerModeBody,
+        Mode,
         ConfigDocument,
         HistoryPage,
         HistoryEntry,

@@ -1,14 +1,14 @@
 //! The live part of the settings: what may change while the service runs (feature flags,
-//! rate limits, simulated provider behaviour, saga step timeouts, the log filter). Its keys
-//! are the same as in the configuration files (`feature_flags.pet_personalization`,
-//! `security.rate_limits.default_per_minute`, ...), so a file edit and an API change name a
-//! setting alike. [`crate::live`] keeps it, as events, and applies it everywhere.
+//! rate limits, simulated provider behaviour, saga step timeouts, resilience policies, the log
+//! filter). Its keys are the same as in the configuration files
+//! (`feature_flags.pet_personalization`, `security.rate_limits.default_per_minute`, ...), so a
+//! file edit and an API change name a setting alike. [`crate::live`] keeps it, as events, and applies it everywhere.
 
 use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
 
-use super::{RateLimitSettings, Settings, SettingsError};
+use super::{RateLimitSettings, ResilienceSettings, Settings, SettingsError};
 
 /// The seed's five feature flags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -285,6 +285,8 @@ pub struct LiveSettings {
     pub providers: LiveProviders,
     /// Saga step timeouts.
     pub saga: LiveSaga,
+    /// How each outbound dependency is called.
+    pub resilience: ResilienceSettings,
     /// The log filter.
     pub log: LiveLog,
 }
@@ -324,6 +326,7 @@ impl LiveSettings {
                 payment_timeout_ms: settings.saga.payment_timeout_ms,
                 delivery_timeout_ms: settings.saga.delivery_timeout_ms,
             },
+            resilience: settings.resilience.clone(),
             log: LiveLog {
                 filter: settings.log.filter.clone(),
             },
@@ -364,6 +367,7 @@ impl LiveSettings {
         if let Err(error) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
             return Err(SettingsError::invalid("log.filter", error.to_string()));
         }
+        self.resilience.validate()?;
         self.security.rate_limits.validate()
     }
 

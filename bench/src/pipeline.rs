@@ -81,6 +81,10 @@ enum Bench {
         /// read-model tables.
         #[arg(long)]
         with_redis: bool,
+        /// The providers' resilience policies: `on`, `off` (called directly), or `both`
+        /// (off then on at each level, with the ratio).
+        #[arg(long, default_value = "on")]
+        policies: String,
     },
     /// Projection throughput, replay speed and end-to-end lag.
     Projector {
@@ -197,7 +201,14 @@ async fn saga(
     orders: usize,
     latency_ms: u64,
     with_redis: bool,
+    policies: &str,
 ) -> anyhow::Result<()> {
+    let modes: &[bool] = match policies {
+        "on" => &[true],
+        "off" => &[false],
+        "both" => &[false, true],
+        other => anyhow::bail!("--policies {other:?}: on, off or both"),
+    };
     let reads = if with_redis {
         "Redis"
     } else {
@@ -208,93 +219,117 @@ async fn saga(
     );
     println!("simulated provider latency {latency_ms} ms per call (2 calls per saga); {orders} orders per level");
     println!();
-    println!("| clients | orders | completed/s | p50 ms | p99 ms | max ms |");
-    println!("|---:|---:|---:|---:|---:|---:|");
+    println!("| clients | policies | orders | completed/s | p50 ms | p99 ms | max ms |");
+    println!("|---:|---|---:|---:|---:|---:|---:|");
     for &level in clients {
-        let database = BenchDatabase::create(&args.postgres_url).await?;
-        let mut settings = database.settings();
-        settings.catalog.seed_demo_pets = false;
-        settings.providers.payment.latency_ms = latency_ms;
-        settings.providers.delivery.latency_ms = latency_ms;
-        if with_redis {
-            settings.redis.url = Some(SecretString::from(args.redis_url.clone()));
-            settings.redis.key_prefix = format!("bench-{}", uuid::Uuid::new_v4().simple());
+        let mut throughputs = Vec::new();
+        for &enabled in modes {
+            let (elapsed, histogram) =
+                saga_level(args, level, orders, latency_ms, with_redis, enabled).await?;
+            let throughput = orders as f64 / elapsed;
+            throughputs.push(throughput);
+            println!(
+                "| {level} | {} | {orders} | {throughput:.0} | {:.1} | {:.1} | {:.1} |",
+                if enabled { "on" } else { "off" },
+                millis(&histogram, 0.5),
+                millis(&histogram, 0.99),
+                histogram.max() as f64 / 1000.0
+            );
         }
-        let application = Application::build(settings.clone(), &Role::all()).await?;
-        let base = format!("http://127.0.0.1:{}", application.port());
-        let shutdown = application.shutdown_handle();
-        let server = tokio::spawn(application.run_until_stopped());
-        let connected = Database::connect(&settings.database, &settings.storage).await?;
-        let store = EventStore::new(connected, 8);
-        let pets = Arc::new(add_pets(&store, orders).await?);
-        let client = reqwest::Client::new();
-        let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let started = Instant::now();
-        let workers = (0..level).map(|_| {
-            let (client, base, pets, next) =
-                (client.clone(), base.clone(), pets.clone(), next.clone());
-            async move {
-                let mut histogram = Histogram::<u64>::new(3)?;
-                loop {
-                    let index = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(pet) = pets.get(index) else {
-                        return anyhow::Ok(histogram);
-                    };
-                    let begin = Instant::now();
-                    let accepted: Value = client
-                        .post(format!("{base}/petstore-domain/orders"))
-                        .json(&serde_json::json!({"customer_id": "bench", "pet_id": pet}))
-                        .send()
-                        .await?
-                        .json()
-                        .await?;
-                    let order_id = accepted["order_id"]
-                        .as_str()
-                        .context("order id")?
-                        .to_owned();
-                    loop {
-                        let response = client
-                            .get(format!("{base}/petstore-domain/orders/{order_id}/status"))
-                            .send()
-                            .await?;
-                        if response.status() == 200 {
-                            let view: Value = response.json().await?;
-                            match view["status"].as_str() {
-                                Some("completed") => break,
-                                Some("cancelled") => anyhow::bail!("order cancelled: {view}"),
-                                _ => {}
-                            }
-                        }
-                        anyhow::ensure!(begin.elapsed() < Duration::from_secs(60), "order stuck");
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
-                    histogram.record(begin.elapsed().as_micros() as u64)?;
-                }
-            }
-        });
-        let mut histogram = Histogram::<u64>::new(3)?;
-        for result in futures::future::join_all(workers).await {
-            histogram.add(result?)?;
+        if let [off, on] = throughputs[..] {
+            println!("| {level} | **on / off** | | **{:.2}** | | | |", on / off);
         }
-        let elapsed = started.elapsed().as_secs_f64();
-        println!(
-            "| {level} | {orders} | {:.0} | {:.1} | {:.1} | {:.1} |",
-            orders as f64 / elapsed,
-            millis(&histogram, 0.5),
-            millis(&histogram, 0.99),
-            histogram.max() as f64 / 1000.0
-        );
-        shutdown.trigger();
-        server.await??;
-        store.database().close().await;
-        if with_redis {
-            Cache::connect(&settings.redis)?
-                .delete_namespace(&settings.redis.key_prefix)
-                .await?;
-        }
-        database.drop().await?;
     }
     Ok(())
+}
+
+/// One level of the saga bench: `orders` orders by `level` clients against a fresh service;
+/// the seconds it took and each order's latency.
+async fn saga_level(
+    args: &Args,
+    level: usize,
+    orders: usize,
+    latency_ms: u64,
+    with_redis: bool,
+    policies: bool,
+) -> anyhow::Result<(f64, Histogram<u64>)> {
+    let database = BenchDatabase::create(&args.postgres_url).await?;
+    let mut settings = database.settings();
+    settings.catalog.seed_demo_pets = false;
+    settings.providers.payment.latency_ms = latency_ms;
+    settings.providers.delivery.latency_ms = latency_ms;
+    settings.resilience.payment.enabled = policies;
+    settings.resilience.delivery.enabled = policies;
+    if with_redis {
+        settings.redis.url = Some(SecretString::from(args.redis_url.clone()));
+        settings.redis.key_prefix = format!("bench-{}", uuid::Uuid::new_v4().simple());
+    }
+    let application = Application::build(settings.clone(), &Role::all()).await?;
+    let base = format!("http://127.0.0.1:{}", application.port());
+    let shutdown = application.shutdown_handle();
+    let server = tokio::spawn(application.run_until_stopped());
+    let connected = Database::connect(&settings.database, &settings.storage).await?;
+    let store = EventStore::new(connected, 8);
+    let pets = Arc::new(add_pets(&store, orders).await?);
+    let client = reqwest::Client::new();
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let workers = (0..level).map(|_| {
+        let (client, base, pets, next) = (client.clone(), base.clone(), pets.clone(), next.clone());
+        async move {
+            let mut histogram = Histogram::<u64>::new(3)?;
+            loop {
+                let index = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(pet) = pets.get(index) else {
+                    return anyhow::Ok(histogram);
+                };
+                let begin = Instant::now();
+                let accepted: Value = client
+                    .post(format!("{base}/petstore-domain/orders"))
+                    .json(&serde_json::json!({"customer_id": "bench", "pet_id": pet}))
+                    .send()
+                    .await?
+                    .json()
+                    .await?;
+                let order_id = accepted["order_id"]
+                    .as_str()
+                    .context("order id")?
+                    .to_owned();
+                loop {
+                    let response = client
+                        .get(format!("{base}/petstore-domain/orders/{order_id}/status"))
+                        .send()
+                        .await?;
+                    if response.status() == 200 {
+                        let view: Value = response.json().await?;
+                        match view["status"].as_str() {
+                            Some("completed") => break,
+                            Some("cancelled") => anyhow::bail!("order cancelled: {view}"),
+                            _ => {}
+                        }
+                    }
+                    anyhow::ensure!(begin.elapsed() < Duration::from_secs(60), "order stuck");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                histogram.record(begin.elapsed().as_micros() as u64)?;
+            }
+        }
+    });
+    let mut histogram = Histogram::<u64>::new(3)?;
+    for result in futures::future::join_all(workers).await {
+        histogram.add(result?)?;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    shutdown.trigger();
+    server.await??;
+    store.database().close().await;
+    if with_redis {
+        Cache::connect(&settings.redis)?
+            .delete_namespace(&settings.redis.key_prefix)
+            .await?;
+    }
+    database.drop().await?;
+    Ok((elapsed, histogram))
 }
 
 /// One fan-out measurement: what every subscriber received after payments resumed.
@@ -709,7 +744,18 @@ async fn main() -> anyhow::Result<()> {
             orders,
             provider_latency_ms,
             with_redis,
-        } => saga(&args, clients, *orders, *provider_latency_ms, *with_redis).await,
+            policies,
+        } => {
+            saga(
+                &args,
+                clients,
+                *orders,
+                *provider_latency_ms,
+                *with_redis,
+                policies,
+            )
+            .await
+        }
         Bench::Projector {
             events,
             rate,

@@ -332,6 +332,19 @@ impl Policy {
         E: Send + 'static,
     {
         let guards = self.guards();
+        if !guards.settings.enabled {
+            return match self.attempt(&guards, is_failure, attempt(), 1).await {
+                Ok(Answer::Value(value)) => Ok(value),
+                Ok(Answer::Refused(error)) => Err(CallError::Refused(error)),
+                Err(Some(failure)) => Err(CallError::Failed {
+                    failure,
+                    attempts: 1,
+                }),
+                Ok(Answer::BulkheadFull) | Err(None) => {
+                    unreachable!("a disabled policy neither limits nor breaks")
+                }
+            };
+        }
         let overall = Duration::from_millis(guards.settings.timeout_ms);
         let started = Instant::now();
         let mut attempts = 0;
@@ -453,7 +466,8 @@ impl Policy {
     }
 
     /// One attempt: through the breaker (unless forced), under the attempt timeout, in the
-    /// bulkhead. `Err(None)`: the breaker refused it.
+    /// bulkhead; straight to the dependency when the policy is disabled. `Err(None)`: the
+    /// breaker refused it.
     async fn attempt<T, E, Fut>(
         &self,
         guards: &Guards,
@@ -476,36 +490,16 @@ impl Policy {
             attempt = number,
             outcome = tracing::field::Empty,
         );
-        let limit = Duration::from_millis(guards.settings.attempt_timeout_ms);
-        let bulkhead = guards
-            .bulkhead
-            .layer(tower::service_fn(run::<Result<T, E>>));
-        let guarded: BoxFuture<'static, AttemptResult<T, E>> = Box::pin(
-            async move {
-                match tokio::time::timeout(limit, bulkhead.oneshot(Call(Box::pin(call)))).await {
-                    Err(_) => Err(AttemptFailure::TimedOut(limit)),
-                    Ok(Err(BulkheadServiceError::Bulkhead(_))) => Ok(Answer::BulkheadFull),
-                    Ok(Err(BulkheadServiceError::Inner(never))) => match never {},
-                    Ok(Ok(Ok(value))) => Ok(Answer::Value(value)),
-                    Ok(Ok(Err(error))) if is_failure(&error) => Err(AttemptFailure::Error(error)),
-                    Ok(Ok(Err(error))) => Ok(Answer::Refused(error)),
-                }
-            }
-            .instrument(span.clone()),
-        );
         let started = Instant::now();
-        let outcome = match self.mode() {
-            Mode::ForcedOpen => Err(None),
-            Mode::ForcedClosed => guarded.await.map_err(Some),
-            Mode::Automatic => {
-                let breaker = guards
-                    .breaker
-                    .layer_fn(tower::service_fn(unwrap_attempt::<T, E>));
-                match breaker.oneshot(Call(guarded)).await {
-                    Ok(answer) => Ok(answer),
-                    Err(CircuitBreakerError::OpenCircuit) => Err(None),
-                    Err(CircuitBreakerError::Inner(failure)) => Err(Some(failure)),
-                }
+        let outcome = if guards.settings.enabled {
+            self.guarded(guards, is_failure, call)
+                .instrument(span.clone())
+                .await
+        } else {
+            match call.instrument(span.clone()).await {
+                Ok(value) => Ok(Answer::Value(value)),
+                Err(error) if is_failure(&error) => Err(Some(AttemptFailure::Error(error))),
+                Err(error) => Ok(Answer::Refused(error)),
             }
         };
         let label = match &outcome {
@@ -527,10 +521,58 @@ impl Policy {
         }
         outcome
     }
+
+    /// An attempt through the breaker (unless forced), the attempt timeout and the bulkhead.
+    async fn guarded<T, E, Fut>(
+        &self,
+        guards: &Guards,
+        is_failure: fn(&E) -> bool,
+        call: Fut,
+    ) -> Result<Answer<T, E>, Option<AttemptFailure<E>>>
+    where
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+        T: Send + 'static,
+        E: Send + 'static,
+    {
+        let limit = Duration::from_millis(guards.settings.attempt_timeout_ms);
+        let bulkhead = guards
+            .bulkhead
+            .layer(tower::service_fn(run::<Result<T, E>>));
+        let bounded: BoxFuture<'static, AttemptResult<T, E>> = Box::pin(async move {
+            match tokio::time::timeout(limit, bulkhead.oneshot(Call(Box::pin(call)))).await {
+                Err(_) => Err(AttemptFailure::TimedOut(limit)),
+                Ok(Err(BulkheadServiceError::Bulkhead(_))) => Ok(Answer::BulkheadFull),
+                Ok(Err(BulkheadServiceError::Inner(never))) => match never {},
+                Ok(Ok(Ok(value))) => Ok(Answer::Value(value)),
+                Ok(Ok(Err(error))) if is_failure(&error) => Err(AttemptFailure::Error(error)),
+                Ok(Ok(Err(error))) => Ok(Answer::Refused(error)),
+            }
+        });
+        match self.mode() {
+            Mode::ForcedOpen => Err(None),
+            Mode::ForcedClosed => bounded.await.map_err(Some),
+            Mode::Automatic => {
+                let breaker = guards
+                    .breaker
+                    .layer_fn(tower::service_fn(unwrap_attempt::<T, E>));
+                match breaker.oneshot(Call(bounded)).await {
+                    Ok(answer) => Ok(answer),
+                    Err(CircuitBreakerError::OpenCircuit) => Err(None),
+                    Err(CircuitBreakerError::Inner(failure)) => Err(Some(failure)),
+                }
+            }
+        }
+    }
 }
 
 impl Guards {
     fn build(name: &'static str, settings: &DependencyPolicy, metrics: &Metrics) -> Self {
+        if !settings.enabled {
+            tracing::warn!(
+                dependency = name,
+                "resilience policy disabled (resilience.{name}.enabled: false): calls go straight to the dependency, with no timeout, retry, breaker or bulkhead"
+            );
+        }
         let breaker = &settings.breaker;
         let gauge = metrics
             .circuit_breaker_state
@@ -940,5 +982,22 @@ mod tests {
             "closed",
             "rebuilt by the change"
         );
+    }
+
+    #[tokio::test]
+    async fn a_disabled_policy_calls_once_directly_and_never_opens() {
+        let (policy, _) = policy(|settings| {
+            settings.enabled = false;
+            settings.max_attempts = 3;
+        });
+        let calls = Arc::new(AtomicUsize::new(0));
+        for _ in 0..10 {
+            match call(&policy, &calls, Err(Failing::Down)).await {
+                Err(CallError::Failed { attempts: 1, .. }) => {}
+                other => panic!("one failed attempt expected, got {other:?}"),
+            }
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 10, "no retries");
+        assert_eq!(policy.status().await.state, "closed");
     }
 }

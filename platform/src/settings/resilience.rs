@@ -36,6 +36,9 @@ impl ResilienceSettings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DependencyPolicy {
+    /// Off: the dependency is called once, directly, with no timeout, breaker or bulkhead
+    /// (to measure what the policy costs; never in production). Logged at start-up.
+    pub enabled: bool,
     /// The whole call, every attempt and backoff included, in milliseconds.
     pub timeout_ms: u64,
     /// One attempt (waiting for the bulkhead included), in milliseconds.
@@ -57,6 +60,7 @@ pub struct DependencyPolicy {
 impl Default for DependencyPolicy {
     fn default() -> Self {
         Self {
+            enabled: true,
             timeout_ms: 6_000,
             attempt_timeout_ms: 2_000,
             max_attempts: 3,

@@ -6,11 +6,14 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
+use chrono::Utc;
 use cqrs_es::Aggregate;
 use petstore_domain::order::{Order, OrderCommand, OrderRequest, OrderStatus};
 use petstore_domain::pet::Pet;
+use petstore_domain::SagaStep;
 use petstore_domain::{CustomerId, OrderId, PetId, SimulatedFailure, SpecialInstructions};
 use petstore_platform::auth::Caller;
+use petstore_platform::deadlines::{self, Deadline};
 use petstore_platform::event_store::EventMetadata;
 use petstore_platform::http::{
     Json, Problem, ProblemDocument, RequestContext, CONSISTENCY_TOKEN_HEADER,
@@ -200,6 +203,7 @@ pub async fn place_order(
         }
         order.status().unwrap_or(OrderStatus::Pending)
     } else {
+        schedule_reservation_deadline(&state, order_id, &correlation_id).await;
         OrderStatus::Pending
     };
     let token = state
@@ -228,6 +232,28 @@ pub async fn place_order(
             .insert(CONSISTENCY_TOKEN_HEADER, token);
     }
     Ok(response)
+}
+
+/// Schedules the new order's reservation deadline, as its saga does when it handles
+/// `OrderCreated` (whichever comes first stays): so the deadline fires even if no saga runner
+/// ever takes the order (its Kafka partition not consumed). A failure is logged, not
+/// answered: the order is stored, and its saga schedules the deadline too.
+async fn schedule_reservation_deadline(
+    state: &CommandState,
+    order_id: OrderId,
+    correlation_id: &str,
+) {
+    let timeout = state.live.current().settings.saga.reservation_timeout_ms;
+    let deadline = Deadline {
+        order_id: order_id.to_string(),
+        step: SagaStep::Reservation.as_str().to_owned(),
+        due_at: Utc::now()
+            + chrono::Duration::milliseconds(i64::try_from(timeout).unwrap_or(i64::MAX)),
+        correlation_id: correlation_id.to_owned(),
+    };
+    if let Err(error) = deadlines::schedule(state.store.database(), &deadline).await {
+        tracing::warn!(%error, "the reservation deadline was not scheduled; the saga schedules it");
+    }
 }
 
 /// Legacy alias of `POST /petstore-domain/orders`.

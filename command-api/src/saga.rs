@@ -366,15 +366,15 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                 _ = stopped.wait_for(|stop| *stop) => return Ok(()),
                 batch = subscriber.next_batch(self.settings.batch_size as usize, Duration::from_millis(10)) => batch?,
             };
-            // Kafka delivers at least once: drop events this runner already handled.
-            let fresh: Vec<RecordedEvent> = batch
-                .into_iter()
-                .filter(|event| seen.first_time(event.event_id()))
-                .collect();
+            // Kafka delivers at least once: drop events this runner already handled. They
+            // count as handled only once their batch is: a failed batch is delivered again
+            // after the rejoin and must not be dropped then.
+            let fresh = seen.unseen(batch);
             let outcome = self.handle_batch(&fresh).await;
             let furthest = fresh.iter().map(|event| event.position).max();
             self.batch_done(furthest, &outcome);
             outcome?;
+            seen.record(&fresh);
             subscriber.commit()?;
         }
     }
@@ -870,18 +870,30 @@ impl RecentEvents {
         }
     }
 
-    /// Records `id`; false when it was already there.
-    fn first_time(&mut self, id: Uuid) -> bool {
-        if !self.ids.insert(id) {
-            return false;
+    /// The events of `batch` not handled yet, each once.
+    fn unseen(&self, batch: Vec<RecordedEvent>) -> Vec<RecordedEvent> {
+        let mut in_batch = std::collections::HashSet::new();
+        batch
+            .into_iter()
+            .filter(|event| {
+                let id = event.event_id();
+                !self.ids.contains(&id) && in_batch.insert(id)
+            })
+            .collect()
+    }
+
+    /// Remembers `events` as handled, forgetting the oldest beyond the capacity.
+    fn record(&mut self, events: &[RecordedEvent]) {
+        for event in events {
+            if self.ids.insert(event.event_id()) {
+                self.order.push_back(event.event_id());
+            }
         }
-        self.order.push_back(id);
-        if self.order.len() > self.capacity {
+        while self.order.len() > self.capacity {
             if let Some(oldest) = self.order.pop_front() {
                 self.ids.remove(&oldest);
             }
         }
-        true
     }
 }
 
@@ -980,5 +992,39 @@ impl petstore_platform::health::HealthCheck for SagaRunnerHealth {
                 ComponentHealth::up("in-process", Some(detail))
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(sequence: i64) -> RecordedEvent {
+        RecordedEvent {
+            position: StreamPosition::START,
+            aggregate_type: "Order".to_owned(),
+            aggregate_id: "o".to_owned(),
+            sequence,
+            event_type: "OrderCreated".to_owned(),
+            event_version: "1.0".to_owned(),
+            payload: serde_json::Value::Null,
+            metadata: HashMap::new(),
+            delivery: None,
+        }
+    }
+
+    #[test]
+    fn a_redelivered_event_is_dropped_only_once_its_batch_was_handled() {
+        let mut seen = RecentEvents::new(2);
+        let batch = vec![event(1), event(2), event(1)];
+        let fresh = seen.unseen(batch.clone());
+        assert_eq!(fresh.len(), 2, "each once");
+        // The batch failed: redelivered, it is all fresh again.
+        assert_eq!(seen.unseen(batch.clone()).len(), 2);
+        seen.record(&fresh);
+        assert!(seen.unseen(batch).is_empty());
+        // The oldest are forgotten beyond the capacity.
+        seen.record(&[event(3)]);
+        assert_eq!(seen.unseen(vec![event(1), event(3)]).len(), 1);
     }
 }

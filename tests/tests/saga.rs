@@ -28,7 +28,56 @@ on_both_engines!(
     customers_pay_through_the_payments_api_when_express_processing_is_off,
     the_payments_api_refuses_what_it_cannot_do,
     a_saga_runner_killed_at_random_points_loses_and_doubles_nothing,
+    a_reservation_deadline_fires_though_no_runner_ever_handled_the_order,
 );
+
+/// The reservation deadline is scheduled when the order is placed, not only when a saga
+/// runner handles `OrderCreated`: an order whose events no runner takes (a Kafka partition
+/// nobody consumes) is still cancelled when its step times out, by any runner's deadline
+/// loop.
+async fn a_reservation_deadline_fires_though_no_runner_ever_handled_the_order(engine: Engine) {
+    let storage = Storage::new(engine).await;
+    let mut settings = storage.settings();
+    settings.saga.reservation_timeout_ms = 300;
+    let roles: BTreeSet<Role> = [Role::Command, Role::Query, Role::Projector].into();
+    let app = TestApp::start_with_roles(settings.clone(), &roles).await;
+    app.wait_until_ready().await;
+    let order_id = post_order(&app, "budgie-001", None).await;
+
+    let store = EventStore::new(storage.database().await, 4);
+    let live = Live::start(store.clone(), &settings, Metrics::new())
+        .await
+        .expect("live settings");
+    let runner = SagaRunner::new(
+        store.clone(),
+        settings.saga.clone(),
+        Policies::new(&live, &Metrics::new()),
+        Arc::new(SimulatedPaymentGateway::new(live.clone())),
+        Arc::new(SimulatedDeliveryProvider::new(live.clone())),
+        Metrics::new(),
+        live,
+    );
+    // Only the deadline loop's work, never the stream: the order's events stay unhandled.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while runner.fire_due_deadlines().await.expect("deadlines") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the reservation deadline never fell due"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let view = app
+        .wait_for_order(&order_id, |view| {
+            view["cancellation_reason"] == "step-timed-out"
+        })
+        .await;
+    // Nothing was reserved; the compensation is recorded once a runner handles the
+    // cancellation.
+    assert_eq!(view["status"], "compensating", "{view}");
+    assert_eq!(storage.count_events("PetReserved").await, 0);
+    app.stop().await;
+    storage.remove().await;
+}
 
 async fn spawn_with(engine: Engine, configure: impl FnOnce(&mut Settings)) -> (Storage, TestApp) {
     let storage = Storage::new(engine).await;

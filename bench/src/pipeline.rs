@@ -603,7 +603,7 @@ async fn catch_up(
     while reader.position() < head {
         let batch = reader.next_batch().await?;
         events += batch.len();
-        projection.apply(&batch).await?;
+        projection.apply(&batch, None).await?;
     }
     Ok(events as f64 / started.elapsed().as_secs_f64())
 }

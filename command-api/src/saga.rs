@@ -403,7 +403,7 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
             let outcome = self.handle_batch(&batch).await;
             self.batch_done(batch.last().map(|event| event.position), &outcome);
             outcome?;
-            stream::save_checkpoint(database, CHECKPOINT, reader.position()).await?;
+            stream::save_checkpoint(database, CHECKPOINT, reader.position(), None).await?;
         }
     }
 

@@ -25,7 +25,51 @@ pub enum CacheError {
     /// The call took longer than the operation timeout.
     #[error("redis did not answer within {0:?}")]
     Timeout(Duration),
+    /// The writer's lock passed to another holder: its write was refused.
+    #[error("fenced: the views are written with token {current} now, not this writer's {held}")]
+    Fenced {
+        /// The writer's token.
+        held: i64,
+        /// The token the views accept now.
+        current: i64,
+    },
 }
+
+impl CacheError {
+    /// Whether the write was refused because the writer's lock passed to another holder.
+    pub fn is_fenced(&self) -> bool {
+        matches!(self, CacheError::Fenced { .. })
+    }
+}
+
+/// Raises the fence key `KEYS[1]` to token `ARGV[1]` unless it is already above it; answers
+/// the token in force.
+const RAISE_FENCE: &str = r"
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+local mine = tonumber(ARGV[1])
+if current < mine then
+  redis.call('SET', KEYS[1], ARGV[1])
+  return mine
+end
+return current
+";
+
+/// Writes `ARGV[2]` values to `KEYS[2..]` and increments the rest of `KEYS`, all or nothing,
+/// only while the fence key `KEYS[1]` holds token `ARGV[1]`; answers the token in force.
+const FENCED_WRITE: &str = r"
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if current ~= tonumber(ARGV[1]) then
+  return current
+end
+local values = tonumber(ARGV[2])
+for i = 1, values do
+  redis.call('SET', KEYS[i + 1], ARGV[i + 2])
+end
+for i = values + 2, #KEYS do
+  redis.call('INCR', KEYS[i])
+end
+return current
+";
 
 /// A Redis connection with a key prefix and an operation timeout.
 #[derive(Clone)]
@@ -232,7 +276,11 @@ impl Cache {
         &self,
         values: &[(String, String)],
         counters: &[String],
+        fence: Option<(&str, i64)>,
     ) -> Result<(), CacheError> {
+        if let Some((fence_key, token)) = fence {
+            return self.write_fenced(values, counters, fence_key, token).await;
+        }
         let mut pipeline = redis::pipe();
         pipeline.atomic();
         for (key, value) in values {
@@ -247,6 +295,67 @@ impl Cache {
         match tokio::time::timeout(timeout, pipeline.query_async::<()>(&mut connection)).await {
             Ok(result) => Ok(result?),
             Err(_) => Err(CacheError::Timeout(timeout)),
+        }
+    }
+
+    /// Makes `token` the one the fence key `key` accepts writes from; refused when a later
+    /// holder already raised it.
+    pub async fn raise_fence(&self, key: &str, token: i64) -> Result<(), CacheError> {
+        let mut connection = self.connection.clone();
+        let script = redis::Script::new(RAISE_FENCE);
+        let mut invocation = script.key(key);
+        invocation.arg(token);
+        let call = invocation.invoke_async::<i64>(&mut connection);
+        let current = match tokio::time::timeout(self.timeout, call).await {
+            Ok(result) => result?,
+            Err(_) => return Err(CacheError::Timeout(self.timeout)),
+        };
+        if current == token {
+            Ok(())
+        } else {
+            Err(CacheError::Fenced {
+                held: token,
+                current,
+            })
+        }
+    }
+
+    /// [`Self::write_atomically`] in one script that first checks the fence key.
+    async fn write_fenced(
+        &self,
+        values: &[(String, String)],
+        counters: &[String],
+        fence_key: &str,
+        token: i64,
+    ) -> Result<(), CacheError> {
+        let script = redis::Script::new(FENCED_WRITE);
+        let mut invocation = script.prepare_invoke();
+        invocation.key(fence_key).arg(token).arg(values.len());
+        for (key, _) in values {
+            invocation.key(key);
+        }
+        for (_, value) in values {
+            invocation.arg(value);
+        }
+        for key in counters {
+            invocation.key(key);
+        }
+        let mut connection = self.connection.clone();
+        let timeout = self.timeout * 4;
+        let current =
+            match tokio::time::timeout(timeout, invocation.invoke_async::<i64>(&mut connection))
+                .await
+            {
+                Ok(result) => result?,
+                Err(_) => return Err(CacheError::Timeout(timeout)),
+            };
+        if current == token {
+            Ok(())
+        } else {
+            Err(CacheError::Fenced {
+                held: token,
+                current,
+            })
         }
     }
 }

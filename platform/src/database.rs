@@ -276,11 +276,57 @@ impl Database {
 
 /// Proof that this process is the one active instance of something (a projection): a
 /// Postgres advisory lock held on a connection of its own, released when dropped or when the
-/// process dies (its connection closes), so a standby takes over. On SQLite every process
-/// keeps its own read models, so the lock is always granted.
+/// process dies (its connection closes), so a standby takes over. Each holder gets a fencing
+/// token one above its predecessor's ([`Fence`]). On SQLite every process keeps its own
+/// read models, so the lock is always granted and has no fence.
 #[derive(Debug)]
 pub struct ExclusiveLock {
-    _connection: Option<sqlx::PgConnection>,
+    connection: Option<tokio::sync::Mutex<sqlx::PgConnection>>,
+    fence: Option<Fence>,
+}
+
+/// A lock holder's fencing token: writes made in its name check, in their own transaction,
+/// that it is still the lock's current token (`lock_fences`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    /// The lock's name (`projection:read_models`).
+    pub name: String,
+    /// This holder's token.
+    pub token: i64,
+}
+
+/// How often a lock holder checks that its lock connection is alive.
+pub const LOCK_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl ExclusiveLock {
+    /// The holder's fencing token; `None` on SQLite.
+    pub fn fence(&self) -> Option<&Fence> {
+        self.fence.as_ref()
+    }
+
+    /// Resolves once the lock is lost: its connection fails, or does not answer, a check made
+    /// every [`LOCK_CHECK_INTERVAL`]. Never on SQLite.
+    pub async fn lost(&self) {
+        let Some(connection) = &self.connection else {
+            return std::future::pending().await;
+        };
+        loop {
+            tokio::time::sleep(LOCK_CHECK_INTERVAL).await;
+            let mut connection = connection.lock().await;
+            let check = sqlx::query("SELECT 1").execute(&mut *connection);
+            match tokio::time::timeout(LOCK_CHECK_INTERVAL * 2, check).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => {
+                    tracing::error!(%error, "the lock connection failed: the lock is lost");
+                    return;
+                }
+                Err(_) => {
+                    tracing::error!("the lock connection stopped answering: the lock is lost");
+                    return;
+                }
+            }
+        }
+    }
 }
 
 impl Database {
@@ -288,7 +334,10 @@ impl Database {
     pub async fn try_lock(&self, name: &str) -> Result<Option<ExclusiveLock>, DatabaseError> {
         use sqlx::Connection;
         let Self::Postgres(pool) = self else {
-            return Ok(Some(ExclusiveLock { _connection: None }));
+            return Ok(Some(ExclusiveLock {
+                connection: None,
+                fence: None,
+            }));
         };
         let mut connection = sqlx::PgConnection::connect_with(&pool.connect_options())
             .await
@@ -298,8 +347,23 @@ impl Database {
             .bind(key)
             .fetch_one(&mut connection)
             .await?;
-        Ok(acquired.then_some(ExclusiveLock {
-            _connection: Some(connection),
+        if !acquired {
+            return Ok(None);
+        }
+        let token: i64 = sqlx::query_scalar(
+            "INSERT INTO lock_fences (name, token) VALUES ($1, 1)
+             ON CONFLICT (name) DO UPDATE SET token = lock_fences.token + 1
+             RETURNING token",
+        )
+        .bind(name)
+        .fetch_one(&mut connection)
+        .await?;
+        Ok(Some(ExclusiveLock {
+            connection: Some(tokio::sync::Mutex::new(connection)),
+            fence: Some(Fence {
+                name: name.to_owned(),
+                token,
+            }),
         }))
     }
 }

@@ -18,7 +18,7 @@ use sqlx::postgres::PgListener;
 use sqlx::{PgConnection, Row};
 use tokio::sync::watch;
 
-use crate::database::Database;
+use crate::database::{Database, Fence};
 use crate::event_store::EventStore;
 
 /// The Postgres notification channel appends are announced on.
@@ -139,6 +139,16 @@ pub enum StreamError {
         position: StreamPosition,
         /// Why.
         source: serde_json::Error,
+    },
+    /// The writer's lock passed to another holder: its write was refused.
+    #[error("fenced: {name} is held with token {current:?} now, not this writer's {held}")]
+    Fenced {
+        /// The lock.
+        name: String,
+        /// The writer's token.
+        held: i64,
+        /// The lock's token now.
+        current: Option<i64>,
     },
 }
 
@@ -349,16 +359,19 @@ ON CONFLICT (name) DO UPDATE
        global_position = excluded.global_position,
        updated_at = CURRENT_TIMESTAMP";
 
-/// Saves `position` as the checkpoint `name`.
+/// Saves `position` as the checkpoint `name`; with `fence` (Postgres), only while it is still
+/// the lock's token.
 pub async fn save_checkpoint(
     database: &Database,
     name: &str,
     position: StreamPosition,
+    fence: Option<&Fence>,
 ) -> Result<(), StreamError> {
     match database {
         Database::Postgres(pool) => {
-            let mut connection = pool.acquire().await?;
-            save_checkpoint_in(&mut connection, name, position).await?;
+            let mut transaction = pool.begin().await?;
+            save_checkpoint_in(&mut transaction, name, position, fence).await?;
+            transaction.commit().await?;
         }
         Database::Sqlite(pool) => {
             let sql = SAVE_CHECKPOINT.replace(
@@ -377,12 +390,17 @@ pub async fn save_checkpoint(
 }
 
 /// Saves a Postgres checkpoint on `connection`, typically inside the transaction that applied
-/// the events, so the two commit together.
+/// the events, so the two commit together; with `fence`, only while it is still the lock's
+/// token (checked in the same transaction: [`check_fence_in`]).
 pub async fn save_checkpoint_in(
     connection: &mut PgConnection,
     name: &str,
     position: StreamPosition,
+    fence: Option<&Fence>,
 ) -> Result<(), StreamError> {
+    if let Some(fence) = fence {
+        check_fence_in(connection, fence).await?;
+    }
     sqlx::query(SAVE_CHECKPOINT)
         .bind(name)
         .bind(position.transaction_id)
@@ -390,6 +408,37 @@ pub async fn save_checkpoint_in(
         .execute(connection)
         .await?;
     Ok(())
+}
+
+/// Refuses unless `fence` is still its lock's token. Run inside the transaction of the write
+/// it guards: the row is share-locked until that transaction ends, so a successor's token
+/// cannot move past it meanwhile (the successor waits for the commit, then reads what it
+/// wrote).
+pub async fn check_fence_in(
+    connection: &mut PgConnection,
+    fence: &Fence,
+) -> Result<(), StreamError> {
+    let current: Option<i64> =
+        sqlx::query_scalar("SELECT token FROM lock_fences WHERE name = $1 FOR SHARE")
+            .bind(&fence.name)
+            .fetch_optional(&mut *connection)
+            .await?;
+    if current == Some(fence.token) {
+        Ok(())
+    } else {
+        Err(StreamError::Fenced {
+            name: fence.name.clone(),
+            held: fence.token,
+            current,
+        })
+    }
+}
+
+impl StreamError {
+    /// Whether the writer lost its lock (as opposed to a failure worth retrying).
+    pub fn is_fenced(&self) -> bool {
+        matches!(self, StreamError::Fenced { .. })
+    }
 }
 
 /// Tails the global stream from a position, waiting for new events when it has read them all.

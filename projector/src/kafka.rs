@@ -4,7 +4,7 @@
 //! and checkpoint publishes that batch again (consumers deduplicate by event id).
 
 use petstore_platform::bus::{KafkaBus, Trace};
-use petstore_platform::database::Database;
+use petstore_platform::database::{Database, Fence};
 use petstore_platform::stream::{self, RecordedEvent, StreamPosition};
 
 use crate::projection::{Projection, ProjectionError};
@@ -39,7 +39,11 @@ impl Projection for KafkaProjection {
         Ok(stream::load_checkpoint(&self.database, CHECKPOINT).await?)
     }
 
-    async fn apply(&self, events: &[RecordedEvent]) -> Result<(), ProjectionError> {
+    async fn apply(
+        &self,
+        events: &[RecordedEvent],
+        fence: Option<&Fence>,
+    ) -> Result<(), ProjectionError> {
         let Some(last) = events.last() else {
             return Ok(());
         };
@@ -65,7 +69,7 @@ impl Projection for KafkaProjection {
             }
             return Err(error.into());
         }
-        stream::save_checkpoint(&self.database, CHECKPOINT, last.position).await?;
+        stream::save_checkpoint(&self.database, CHECKPOINT, last.position, fence).await?;
         Ok(())
     }
 }

@@ -4,6 +4,7 @@ use std::future::Future;
 
 use petstore_platform::bus::BusError;
 use petstore_platform::cache::CacheError;
+use petstore_platform::database::Fence;
 use petstore_platform::stream::{RecordedEvent, StreamError, StreamPosition};
 
 use crate::read_models::ReadModelError;
@@ -47,9 +48,35 @@ pub trait Projection: Send + Sync + 'static {
     /// The position after the last applied event.
     fn position(&self) -> impl Future<Output = Result<StreamPosition, ProjectionError>> + Send;
 
-    /// Applies a batch, in order, and moves the checkpoint past its last event.
+    /// Applies a batch, in order, and moves the checkpoint past its last event; with
+    /// `fence`, only while it is still the projection lock's token (checked with the write).
     fn apply(
         &self,
         events: &[RecordedEvent],
+        fence: Option<&Fence>,
     ) -> impl Future<Output = Result<(), ProjectionError>> + Send;
+
+    /// Called once the projection's lock is taken, before anything is read or written:
+    /// makes `fence` the one its store accepts writes from (a store outside the event
+    /// store's database keeps a copy of the token). The event store's own database checks
+    /// the lock's token directly: nothing to do.
+    fn raise_fence(
+        &self,
+        fence: &Fence,
+    ) -> impl Future<Output = Result<(), ProjectionError>> + Send {
+        let _ = fence;
+        async { Ok(()) }
+    }
+}
+
+impl ProjectionError {
+    /// Whether the write was refused because the projection's lock passed to another holder.
+    pub fn is_fenced(&self) -> bool {
+        match self {
+            ProjectionError::Stream(error) => error.is_fenced(),
+            ProjectionError::Cache(error) => error.is_fenced(),
+            ProjectionError::ReadModels(ReadModelError::Stream(error)) => error.is_fenced(),
+            _ => false,
+        }
+    }
 }

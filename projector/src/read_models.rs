@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use petstore_domain::{OrderId, PetCategory, PetId};
-use petstore_platform::database::Database;
+use petstore_platform::database::{Database, Fence};
 use petstore_platform::stream::{self, RecordedEvent, StreamError, StreamPosition};
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
@@ -30,8 +30,9 @@ impl crate::projection::Projection for ReadModels {
     async fn apply(
         &self,
         events: &[RecordedEvent],
+        fence: Option<&Fence>,
     ) -> Result<(), crate::projection::ProjectionError> {
-        Ok(ReadModels::apply(self, events).await?)
+        Ok(ReadModels::apply(self, events, fence).await?)
     }
 }
 
@@ -274,13 +275,20 @@ impl ReadModels {
     }
 
     /// Applies a batch of events, in order, and moves the checkpoint past the last one,
-    /// atomically: either all of it is visible afterwards or none of it.
-    pub async fn apply(&self, events: &[RecordedEvent]) -> Result<(), ReadModelError> {
+    /// atomically: either all of it is visible afterwards or none of it. With `fence`
+    /// (Postgres), nothing is written unless it is still the projection lock's token.
+    pub async fn apply(
+        &self,
+        events: &[RecordedEvent],
+        fence: Option<&Fence>,
+    ) -> Result<(), ReadModelError> {
         let Some(last) = events.last() else {
             return Ok(());
         };
         match self {
-            Self::Postgres(pool) => apply_postgres(pool, events, last.position, LIVE_TABLES).await,
+            Self::Postgres(pool) => {
+                apply_postgres(pool, events, last.position, LIVE_TABLES, fence).await
+            }
             Self::Memory(state) => {
                 // Fold copies first so a decode error leaves the state untouched.
                 let mut guard = state.write().await;
@@ -545,6 +553,7 @@ pub(crate) async fn apply_postgres(
     events: &[RecordedEvent],
     last: StreamPosition,
     tables: PgTables,
+    fence: Option<&Fence>,
 ) -> Result<(), ReadModelError> {
     let PgTables {
         orders: orders_table,
@@ -643,7 +652,7 @@ pub(crate) async fn apply_postgres(
         .await?;
     }
     if let Some(checkpoint) = checkpoint {
-        stream::save_checkpoint_in(&mut transaction, checkpoint, last).await?;
+        stream::save_checkpoint_in(&mut transaction, checkpoint, last, fence).await?;
     }
     transaction.commit().await?;
     Ok(())

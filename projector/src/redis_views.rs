@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use petstore_domain::{OrderId, PetId};
 use petstore_platform::cache::{Cache, CacheError};
+use petstore_platform::database::Fence;
 use petstore_platform::stream::{RecordedEvent, StreamPosition};
 
 use crate::projection::{Projection, ProjectionError};
@@ -78,6 +79,11 @@ impl RedisViews {
 
     fn pet_key(&self, pet_id: &str) -> String {
         self.cache.key(&format!("pet:{pet_id}"))
+    }
+
+    /// The token of the projection lock's holder the views accept writes from.
+    fn fence_key(&self) -> String {
+        self.cache.key("fence:redis")
     }
 
     fn checkpoint_key(&self) -> String {
@@ -261,7 +267,18 @@ impl Projection for RedisViews {
         }
     }
 
-    async fn apply(&self, events: &[RecordedEvent]) -> Result<(), ProjectionError> {
+    async fn raise_fence(&self, fence: &Fence) -> Result<(), ProjectionError> {
+        Ok(self
+            .cache
+            .raise_fence(&self.fence_key(), fence.token)
+            .await?)
+    }
+
+    async fn apply(
+        &self,
+        events: &[RecordedEvent],
+        fence: Option<&Fence>,
+    ) -> Result<(), ProjectionError> {
         let Some(last) = events.last() else {
             return Ok(());
         };
@@ -305,7 +322,14 @@ impl Projection for RedisViews {
         } else {
             vec![self.generation_key()]
         };
-        self.cache.write_atomically(&values, &counters).await?;
+        let fence_key = self.fence_key();
+        self.cache
+            .write_atomically(
+                &values,
+                &counters,
+                fence.map(|fence| (fence_key.as_str(), fence.token)),
+            )
+            .await?;
         Ok(())
     }
 }

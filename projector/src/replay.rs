@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use petstore_platform::bus::{KafkaBus, Trace};
-use petstore_platform::database::Database;
+use petstore_platform::database::{Database, Fence};
 use petstore_platform::http::CorrelationId;
 use petstore_platform::stream::{self, StreamPosition};
 use petstore_platform::telemetry;
@@ -118,7 +118,7 @@ pub async fn rebuild_read_models(
             "the embedded read models live in memory and are rebuilt at every start",
         ));
     };
-    let _lock = database
+    let lock = database
         .try_lock(&format!("projection:{CHECKPOINT}"))
         .await?
         .ok_or(ReplayError::ProjectionActive(CHECKPOINT))?;
@@ -132,7 +132,7 @@ pub async fn rebuild_read_models(
         progress,
         |batch| async move {
             let last = batch.last().map(|event| event.position).unwrap_or_default();
-            apply_postgres(pool, &batch, last, SHADOW_TABLES)
+            apply_postgres(pool, &batch, last, SHADOW_TABLES, None)
                 .await
                 .map_err(ProjectionError::from)?;
             Ok(batch.len() as u64)
@@ -140,7 +140,7 @@ pub async fn rebuild_read_models(
     )
     .await?;
     if !dry_run {
-        swap_in_shadow_tables(pool, last).await?;
+        swap_in_shadow_tables(pool, last, lock.fence()).await?;
     }
     Ok(ReplayReport {
         events,
@@ -167,7 +167,11 @@ async fn create_shadow_tables(pool: &PgPool) -> Result<(), sqlx::Error> {
     transaction.commit().await
 }
 
-async fn swap_in_shadow_tables(pool: &PgPool, last: StreamPosition) -> Result<(), ReplayError> {
+async fn swap_in_shadow_tables(
+    pool: &PgPool,
+    last: StreamPosition,
+    fence: Option<&Fence>,
+) -> Result<(), ReplayError> {
     let mut transaction = petstore_platform::database::begin(pool).await?;
     sqlx::query(&format!(
         "LOCK TABLE {}, {} IN ACCESS EXCLUSIVE MODE",
@@ -186,7 +190,7 @@ async fn swap_in_shadow_tables(pool: &PgPool, last: StreamPosition) -> Result<()
             .execute(&mut *transaction)
             .await?;
     }
-    stream::save_checkpoint_in(&mut transaction, CHECKPOINT, last).await?;
+    stream::save_checkpoint_in(&mut transaction, CHECKPOINT, last, fence).await?;
     // Live order updates re-read every order they follow.
     sqlx::query("SELECT pg_notify($1, '*')")
         .bind(crate::read_models::ORDER_CHANGES_CHANNEL)
@@ -225,7 +229,7 @@ pub async fn rebuild_redis(
         dry_run,
         progress,
         |batch| async move {
-            shadow_ref.apply(&batch).await?;
+            shadow_ref.apply(&batch, None).await?;
             Ok(batch.len() as u64)
         },
     )

@@ -1,11 +1,15 @@
 //! The projection loop: become the active instance of a projection (a Postgres advisory
 //! lock; a standby waits and takes over when the active one dies), read the global stream
 //! from the projection's checkpoint, apply each batch, repeat. Errors are logged and retried
-//! from the last checkpoint, so a projection never skips an event.
+//! from the last checkpoint, so a projection never skips an event. Every write carries the
+//! lock's fencing token and is refused once a successor holds the lock; an instance whose
+//! lock connection fails (checked every second) or whose write is refused stops and stands
+//! by.
 
 use std::future::Future;
 use std::time::Duration;
 
+use petstore_platform::database::Fence;
 use petstore_platform::event_store::EventStore;
 use petstore_platform::http::CorrelationId;
 use petstore_platform::metrics::Metrics;
@@ -82,48 +86,65 @@ impl<P: Projection> Projector<P> {
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         let name = self.projection.name();
-        let _lock = loop {
-            match self
-                .store
-                .database()
-                .try_lock(&format!("projection:{name}"))
-                .await
-            {
-                Ok(Some(lock)) => break lock,
-                Ok(None) => {
-                    tracing::debug!(projection = name, "standby: another instance is active")
-                }
-                Err(error) => {
-                    tracing::warn!(projection = name, %error, "cannot take the projection lock")
-                }
-            }
-            tokio::select! {
-                () = &mut shutdown => return,
-                () = tokio::time::sleep(TAKEOVER_INTERVAL) => {}
-            }
-        };
-        tracing::info!(projection = name, "active");
-        self.progress.send_modify(|progress| progress.active = true);
-        let work = async {
-            loop {
-                let Err(error) = self.follow(&mut shutdown).await else {
-                    return;
-                };
-                tracing::error!(projection = name, %error, "projecting failed; resuming from the checkpoint");
-                self.progress
-                    .send_modify(|progress| progress.failing = true);
-                if let Some(metrics) = &self.metrics {
-                    metrics.projection_attempt(name, Err(()));
+        loop {
+            let lock = loop {
+                match self
+                    .store
+                    .database()
+                    .try_lock(&format!("projection:{name}"))
+                    .await
+                {
+                    Ok(Some(lock)) => break lock,
+                    Ok(None) => {
+                        tracing::debug!(projection = name, "standby: another instance is active")
+                    }
+                    Err(error) => {
+                        tracing::warn!(projection = name, %error, "cannot take the projection lock")
+                    }
                 }
                 tokio::select! {
                     () = &mut shutdown => return,
-                    () = tokio::time::sleep(RETRY_INTERVAL) => {}
+                    () = tokio::time::sleep(TAKEOVER_INTERVAL) => {}
                 }
+            };
+            let token = lock.fence().map(|fence| fence.token);
+            tracing::info!(projection = name, fencing_token = token, "active");
+            self.progress.send_modify(|progress| progress.active = true);
+            let work = async {
+                loop {
+                    let Err(error) = self.follow(&mut shutdown, lock.fence()).await else {
+                        return true;
+                    };
+                    if error.is_fenced() {
+                        tracing::error!(projection = name, %error, "another instance took over: this one stops writing");
+                        return false;
+                    }
+                    tracing::error!(projection = name, %error, "projecting failed; resuming from the checkpoint");
+                    self.progress
+                        .send_modify(|progress| progress.failing = true);
+                    if let Some(metrics) = &self.metrics {
+                        metrics.projection_attempt(name, Err(()));
+                    }
+                    tokio::select! {
+                        () = &mut shutdown => return true,
+                        () = tokio::time::sleep(RETRY_INTERVAL) => {}
+                    }
+                }
+            };
+            let stopped = tokio::select! {
+                stopped = work => stopped,
+                () = self.measure_lag() => true,
+                () = lock.lost() => {
+                    tracing::error!(projection = name, "lost the projection lock: this instance stops and stands by");
+                    false
+                }
+            };
+            self.progress
+                .send_modify(|progress| progress.active = false);
+            drop(lock);
+            if stopped {
+                return;
             }
-        };
-        tokio::select! {
-            () = work => {}
-            () = self.measure_lag() => {}
         }
     }
 
@@ -152,8 +173,12 @@ impl<P: Projection> Projector<P> {
     async fn follow(
         &self,
         shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+        fence: Option<&Fence>,
     ) -> Result<(), crate::projection::ProjectionError> {
         let start = self.projection.position().await?;
+        if let Some(fence) = fence {
+            self.projection.raise_fence(fence).await?;
+        }
         // Caught up means: at or past what was committed when the projection (re)started.
         // An empty read does not prove it: on Postgres an older open transaction anywhere in
         // the cluster hides newer events until it ends.
@@ -197,7 +222,10 @@ impl<P: Projection> Projector<P> {
                 correlation_id = %CorrelationId::generate(),
             );
             telemetry::link_to_events(&span, &events);
-            self.projection.apply(&events).instrument(span).await?;
+            self.projection
+                .apply(&events, fence)
+                .instrument(span)
+                .await?;
             if let Some(metrics) = &self.metrics {
                 metrics.projection_attempt(self.projection.name(), Ok(events.len() as u64));
             }

@@ -247,14 +247,14 @@ async fn checkpoints_are_durable(engine: Engine) {
         transaction_id: 0,
         global_position: 42,
     };
-    stream::save_checkpoint(&database, "reader", position)
+    stream::save_checkpoint(&database, "reader", position, None)
         .await
         .expect("save");
     let later = StreamPosition {
         transaction_id: 0,
         global_position: 43,
     };
-    stream::save_checkpoint(&database, "reader", later)
+    stream::save_checkpoint(&database, "reader", later, None)
         .await
         .expect("overwrite");
     database.close().await;
@@ -302,7 +302,7 @@ async fn concurrent_writers_and_a_tailing_reader_see_every_event_exactly_once(en
         let batch = reader.next_batch().await.expect("read");
         seen.lock().await.extend(batch);
     }
-    stream::save_checkpoint(store.database(), "suite", reader.position())
+    stream::save_checkpoint(store.database(), "suite", reader.position(), None)
         .await
         .expect("save");
     drop(reader);

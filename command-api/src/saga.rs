@@ -98,7 +98,7 @@ pub enum SagaError {
         /// The aggregate.
         aggregate_id: String,
         /// Why.
-        source: serde_json::Error,
+        source: petstore_domain::upcasting::DecodeFailure,
     },
 }
 
@@ -154,8 +154,15 @@ enum Decoded {
     Delivery(DeliveryEvent),
 }
 
+/// Decodes an event in today's shape (an older version upcast first).
 fn decode<E: serde::de::DeserializeOwned>(event: &RecordedEvent) -> Result<E, SagaError> {
-    serde_json::from_value(event.payload.clone()).map_err(|source| SagaError::Decode {
+    petstore_domain::upcasting::decode(
+        &event.aggregate_type,
+        &event.event_type,
+        &event.event_version,
+        &event.payload,
+    )
+    .map_err(|source| SagaError::Decode {
         event_type: event.event_type.clone(),
         aggregate_id: event.aggregate_id.clone(),
         source,

@@ -28,6 +28,7 @@ pub mod payment;
 pub mod pet;
 pub mod providers;
 pub mod saga;
+pub mod upcasting;
 pub mod values;
 
 pub use error::DomainError;

@@ -139,13 +139,17 @@ pub enum OrderEvent {
     OrderCancelled {
         /// Why.
         reason: CancellationReason,
+        /// Whether `OrderCompensated` follows once the compensations are recorded (`false`
+        /// only in cancellations written before that event existed, version 1.0: those were
+        /// settled at once).
+        compensated_later: bool,
     },
     /// Every compensation of the cancelled order is recorded: nothing is left to undo.
     OrderCompensated,
 }
 
-/// The version of `OrderCancelled` that `OrderCompensated` follows.
-pub const COMPENSATED_CANCELLATION_VERSION: &str = "2.0";
+/// The version of `OrderCancelled` this code writes (see [`crate::upcasting`]).
+pub const ORDER_CANCELLED_VERSION: &str = "3.0";
 
 impl DomainEvent for OrderEvent {
     fn event_type(&self) -> String {
@@ -163,7 +167,7 @@ impl DomainEvent for OrderEvent {
 
     fn event_version(&self) -> String {
         match self {
-            Self::OrderCancelled { .. } => COMPENSATED_CANCELLATION_VERSION,
+            Self::OrderCancelled { .. } => ORDER_CANCELLED_VERSION,
             _ => FIRST_EVENT_VERSION,
         }
         .to_owned()
@@ -267,6 +271,7 @@ impl crate::Decide for Order {
                 if waiting_for == Some(step) {
                     Ok(vec![OrderEvent::OrderCancelled {
                         reason: CancellationReason::StepTimedOut,
+                        compensated_later: true,
                     }])
                 } else {
                     Ok(vec![])
@@ -275,9 +280,10 @@ impl crate::Decide for Order {
             OrderCommand::CancelOrder { reason } => match state.status {
                 Completed => refuse("cancel"),
                 Cancelled => Ok(vec![]),
-                Pending | Reserved | Paid | Scheduled => {
-                    Ok(vec![OrderEvent::OrderCancelled { reason }])
-                }
+                Pending | Reserved | Paid | Scheduled => Ok(vec![OrderEvent::OrderCancelled {
+                    reason,
+                    compensated_later: true,
+                }]),
             },
             OrderCommand::ConfirmCompensated => match state.status {
                 Cancelled if state.compensated => Ok(vec![]),
@@ -325,9 +331,13 @@ impl Aggregate for Order {
             OrderEvent::OrderPaid { .. } => state.status = OrderStatus::Paid,
             OrderEvent::OrderDeliveryScheduled => state.status = OrderStatus::Scheduled,
             OrderEvent::OrderCompleted => state.status = OrderStatus::Completed,
-            OrderEvent::OrderCancelled { reason } => {
+            OrderEvent::OrderCancelled {
+                reason,
+                compensated_later,
+            } => {
                 state.status = OrderStatus::Cancelled;
                 state.cancellation_reason = Some(reason);
+                state.compensated = !compensated_later;
             }
             OrderEvent::OrderCompensated => state.compensated = true,
         }
@@ -466,6 +476,7 @@ mod tests {
     fn a_cancelled_order_stays_cancelled_and_a_completed_one_cannot_be_cancelled() {
         let cancelled = OrderEvent::OrderCancelled {
             reason: CancellationReason::PaymentFailed,
+            compensated_later: true,
         };
         OrderTest::with(())
             .given(vec![created(), OrderEvent::OrderPetReserved])
@@ -501,8 +512,9 @@ mod tests {
     fn only_a_cancelled_order_records_its_compensations_and_once() {
         let cancelled = OrderEvent::OrderCancelled {
             reason: CancellationReason::PaymentFailed,
+            compensated_later: true,
         };
-        assert_eq!(cancelled.event_version(), COMPENSATED_CANCELLATION_VERSION);
+        assert_eq!(cancelled.event_version(), ORDER_CANCELLED_VERSION);
         OrderTest::with(())
             .given(vec![created(), cancelled.clone()])
             .when(OrderCommand::ConfirmCompensated)
@@ -521,6 +533,7 @@ mod tests {
     fn a_deadline_cancels_only_an_order_still_waiting_for_that_step() {
         let timed_out = OrderEvent::OrderCancelled {
             reason: CancellationReason::StepTimedOut,
+            compensated_later: true,
         };
         OrderTest::with(())
             .given(vec![created(), OrderEvent::OrderPetReserved])

@@ -222,7 +222,7 @@ pub fn react(
         SagaEvent::Order(OrderEvent::OrderCompleted) => {
             vec![SagaAction::Finished(SagaOutcome::Completed)]
         }
-        SagaEvent::Order(OrderEvent::OrderCancelled { reason }) => vec![
+        SagaEvent::Order(OrderEvent::OrderCancelled { reason, .. }) => vec![
             SagaAction::Delivery(DeliveryCommand::CancelDelivery {
                 reason: format!("order cancelled: {}", reason.as_str()),
             }),
@@ -496,6 +496,7 @@ mod tests {
     fn a_cancelled_order_compensates_in_reverse_order() {
         let cancelled = OrderEvent::OrderCancelled {
             reason: CancellationReason::DeliveryFailed,
+            compensated_later: true,
         };
         let state = order(vec![
             created(),
@@ -552,6 +553,7 @@ mod tests {
             OrderEvent::OrderPetReserved,
             OrderEvent::OrderCancelled {
                 reason: CancellationReason::StepTimedOut,
+                compensated_later: true,
             },
         ]);
         let processed = PaymentEvent::PaymentProcessed {

@@ -417,6 +417,7 @@ impl EventStore {
 
     fn cqrs_store<A: Aggregate>(&self) -> PersistedEventStore<SharedRepository, A> {
         PersistedEventStore::new_event_store(self.repository.clone())
+            .with_upcasters(vec![Box::new(DomainUpcaster)])
     }
 
     /// Rebuilds an aggregate from its events (a default one if it has none).
@@ -566,5 +567,31 @@ impl EventStore {
                 outcome => return outcome,
             }
         }
+    }
+}
+
+/// Brings the domain's events stored in an older shape to today's as aggregates load them
+/// ([`petstore_domain::upcasting`]). One that cannot be upcast is left as stored: decoding it
+/// then fails, and the load reports it.
+struct DomainUpcaster;
+
+impl cqrs_es::persist::EventUpcaster for DomainUpcaster {
+    fn can_upcast(&self, event_type: &str, event_version: &str) -> bool {
+        petstore_domain::upcasting::is_outdated(event_type, event_version)
+    }
+
+    fn upcast(&self, mut event: SerializedEvent) -> SerializedEvent {
+        match petstore_domain::upcasting::upcast(
+            &event.aggregate_type,
+            &event.event_type,
+            &event.event_version,
+            &mut event.payload,
+        ) {
+            Ok(version) => event.event_version = version.to_owned(),
+            Err(error) => {
+                tracing::error!(%error, aggregate_id = %event.aggregate_id, "a stored event cannot be upcast")
+            }
+        }
+        event
     }
 }

@@ -4,9 +4,10 @@ use std::collections::HashMap;
 
 use cqrs_es::Aggregate;
 use petstore_domain::delivery::{Delivery, DeliveryEvent};
-use petstore_domain::order::{Order, OrderEvent, OrderStatus, COMPENSATED_CANCELLATION_VERSION};
+use petstore_domain::order::{Order, OrderEvent, OrderStatus};
 use petstore_domain::payment::{Payment, PaymentEvent};
 use petstore_domain::pet::{Availability, Pet, PetEvent};
+use petstore_domain::upcasting;
 use petstore_domain::Money;
 use petstore_platform::stream::{RecordedEvent, StreamPosition};
 use serde::{Deserialize, Serialize};
@@ -150,11 +151,18 @@ pub struct DecodeError {
     aggregate_id: String,
     event_type: String,
     event_version: String,
-    source: serde_json::Error,
+    source: upcasting::DecodeFailure,
 }
 
+/// Decodes an event in today's shape (an older version upcast first).
 fn decode<E: serde::de::DeserializeOwned>(event: &RecordedEvent) -> Result<E, DecodeError> {
-    serde_json::from_value(event.payload.clone()).map_err(|source| DecodeError {
+    upcasting::decode(
+        &event.aggregate_type,
+        &event.event_type,
+        &event.event_version,
+        &event.payload,
+    )
+    .map_err(|source| DecodeError {
         aggregate_type: event.aggregate_type.clone(),
         aggregate_id: event.aggregate_id.clone(),
         event_type: event.event_type.clone(),
@@ -351,10 +359,13 @@ impl OrderStatusView {
                 OrderEvent::OrderCompensated => {
                     self.status = OrderStatus::Cancelled.as_str().to_owned();
                 }
-                OrderEvent::OrderCancelled { reason } => {
+                OrderEvent::OrderCancelled {
+                    reason,
+                    compensated_later,
+                } => {
                     // `cancelled` once nothing is left to undo: at `OrderCompensated`, or at
                     // once for a cancellation written before that event existed.
-                    self.status = if event.event_version == COMPENSATED_CANCELLATION_VERSION {
+                    self.status = if compensated_later {
                         COMPENSATING
                     } else {
                         OrderStatus::Cancelled.as_str()
@@ -515,6 +526,7 @@ mod tests {
         });
         let cancelled = OrderEvent::OrderCancelled {
             reason: CancellationReason::PaymentFailed,
+            compensated_later: true,
         };
         let mut events = vec![
             recorded(order_id, 1, &created),

@@ -98,7 +98,7 @@ pub enum SagaError {
         /// The aggregate.
         aggregate_id: String,
         /// Why.
-        source: petstore_domain::upcasting::DecodeFailure,
+        source: Box<petstore_domain::upcasting::DecodeFailure>,
     },
 }
 
@@ -165,7 +165,7 @@ fn decode<E: serde::de::DeserializeOwned>(event: &RecordedEvent) -> Result<E, Sa
     .map_err(|source| SagaError::Decode {
         event_type: event.event_type.clone(),
         aggregate_id: event.aggregate_id.clone(),
-        source,
+        source: Box::new(source),
     })
 }
 

@@ -151,7 +151,7 @@ pub struct DecodeError {
     aggregate_id: String,
     event_type: String,
     event_version: String,
-    source: upcasting::DecodeFailure,
+    source: Box<upcasting::DecodeFailure>,
 }
 
 /// Decodes an event in today's shape (an older version upcast first).
@@ -167,7 +167,7 @@ fn decode<E: serde::de::DeserializeOwned>(event: &RecordedEvent) -> Result<E, De
         aggregate_id: event.aggregate_id.clone(),
         event_type: event.event_type.clone(),
         event_version: event.event_version.clone(),
-        source,
+        source: Box::new(source),
     })
 }
 

@@ -202,7 +202,8 @@ impl Application {
                     Cache::connect(&settings.redis)?,
                     Duration::from_secs(settings.redis.browse_ttl_seconds),
                 )
-                .bound_to(&store_id);
+                .bound_to(&store_id)
+                .with_dead_letters(database.clone());
                 claim_redis(
                     &views,
                     &database,
@@ -229,6 +230,9 @@ impl Application {
         };
         let mut health = HealthState::default();
         health.add(EventStoreHealth(database.clone()));
+        health.add(petstore_platform::dead_letters::DeadLetterHealth(
+            database.clone(),
+        ));
         let mut own_read_models_progress = None;
         if roles.contains(&Role::Projector) {
             let mut spawn = |name: &'static str, progress: watch::Receiver<_>, task| {
@@ -299,6 +303,7 @@ impl Application {
                 live.clone(),
                 policies.clone(),
             ))
+            .merge(petstore_platform::dead_letters::router(database.clone()))
             .route("/petstore-domain/openapi.json", get(openapi));
         if roles.contains(&Role::Command) {
             router = router.merge(petstore_command_api::router(CommandState {
@@ -340,6 +345,7 @@ impl Application {
                 consistency_wait: Duration::from_millis(settings.http.consistency_wait_ms),
                 metrics: metrics.clone(),
                 live: live.clone(),
+                dead_letters: Default::default(),
             }));
         }
         // Load shedding covers the API; health and metrics answer however busy it is.
@@ -579,6 +585,7 @@ pub fn openapi_document() -> utoipa::openapi::OpenApi {
     document.merge(ServiceApiDoc::openapi());
     document.merge(petstore_platform::auth::login::LoginApiDoc::openapi());
     document.merge(petstore_platform::live::http::LiveApiDoc::openapi());
+    document.merge(petstore_platform::dead_letters::DeadLettersApiDoc::openapi());
     auth::describe_security(&mut document);
     document.info.title = "Petstore order platform".to_owned();
     document.info.version = env!("CARGO_PKG_VERSION").to_owned();

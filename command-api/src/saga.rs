@@ -41,6 +41,7 @@ use petstore_domain::providers::{
 use petstore_domain::saga::{self, SagaAction, SagaEvent, SagaOutcome, SagaPolicy};
 use petstore_domain::{DomainError, OrderId, SagaStep};
 use petstore_platform::bus::{BusError, KafkaSubscriber};
+use petstore_platform::dead_letters;
 use petstore_platform::deadlines::{self, Deadline};
 use petstore_platform::event_store::{EventMetadata, EventStore};
 use petstore_platform::http::CorrelationId;
@@ -72,6 +73,9 @@ pub const DELIVERY_RETRY: &str = "delivery_retry";
 /// How often a held payment looks whether `payment_processing` is on again.
 const PAYMENT_HOLD_RECHECK: chrono::Duration = chrono::Duration::seconds(1);
 
+/// Attempts at handling one event before it is set aside as a dead letter.
+const HANDLING_ATTEMPTS: u32 = 3;
+
 /// Namespace of the ids of commands the saga issues.
 const COMMAND_NAMESPACE: Uuid = Uuid::from_u128(0x9d2c_41a7_63e8_4f0b_8a5d_1c3e_6b7f_2a90);
 
@@ -90,6 +94,9 @@ pub enum SagaError {
     /// Kafka failed.
     #[error(transparent)]
     Bus(#[from] BusError),
+    /// The dead-letter store failed.
+    #[error("dead letters: {0}")]
+    DeadLetters(String),
     /// A stored event cannot be decoded.
     #[error("cannot decode {event_type} of {aggregate_id}: {source}")]
     Decode {
@@ -268,6 +275,10 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                 }
                 Err(error) => tracing::debug!(%error, "counting deadlines failed"),
             }
+            match dead_letters::open_counts(database).await {
+                Ok(counts) => self.metrics.dead_letters_open(&counts),
+                Err(error) => tracing::debug!(%error, "counting dead letters failed"),
+            }
             let in_flight = self.in_flight.lock().map_or(0, |orders| orders.len());
             self.metrics
                 .sagas_in_flight
@@ -414,12 +425,21 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
         }
     }
 
-    /// Handles a batch: orders concurrently, each order's events in order.
+    /// Handles a batch: orders concurrently, each order's events in order. An event that
+    /// cannot be decoded, or whose handling still fails after [`HANDLING_ATTEMPTS`] while the
+    /// database answers, is set aside as a dead letter and the batch moves on.
     pub async fn handle_batch(&self, batch: &[RecordedEvent]) -> Result<(), SagaError> {
         let mut per_order: Vec<(OrderId, Vec<(&RecordedEvent, Decoded)>)> = Vec::new();
         let mut index: HashMap<OrderId, usize> = HashMap::new();
         for event in batch {
-            if let Some((order_id, decoded)) = saga_event(event)? {
+            let decoded = match saga_event(event) {
+                Ok(decoded) => decoded,
+                Err(error) => {
+                    self.set_aside(event, &error).await?;
+                    None
+                }
+            };
+            if let Some((order_id, decoded)) = decoded {
                 let slot = *index.entry(order_id).or_insert_with(|| {
                     per_order.push((order_id, Vec::new()));
                     per_order.len() - 1
@@ -433,21 +453,127 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                 |(order_id, events)| async move {
                     for (event, decoded) in events {
                         let span = step_span(order_id, event);
-                        async {
-                            let outcome = self.handle_event(order_id, event, &decoded).await;
-                            if let Err(error) = &outcome {
-                                tracing::Span::current().record("otel.status_code", "ERROR");
-                                tracing::error!(%error, "saga step failed");
-                            }
-                            outcome
-                        }
-                        .instrument(span)
-                        .await?;
+                        self.handle_persistently(order_id, event, &decoded)
+                            .instrument(span)
+                            .await?;
                     }
                     Ok(())
                 },
             )
             .await
+    }
+
+    /// Handles one event, trying again a few times; one that keeps failing while the
+    /// database answers is set aside (the failure is the event's, not the infrastructure's).
+    async fn handle_persistently(
+        &self,
+        order_id: OrderId,
+        event: &RecordedEvent,
+        decoded: &Decoded,
+    ) -> Result<(), SagaError> {
+        let mut attempt = 1;
+        loop {
+            let Err(error) = self.handle_event(order_id, event, decoded).await else {
+                return Ok(());
+            };
+            tracing::Span::current().record("otel.status_code", "ERROR");
+            tracing::error!(%error, attempt, "saga step failed");
+            if attempt >= HANDLING_ATTEMPTS {
+                if self.store.database().ping().await.is_err() {
+                    return Err(error);
+                }
+                return self.set_aside(event, &error).await;
+            }
+            tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+            attempt += 1;
+        }
+    }
+
+    /// Records `event` as a dead letter of the saga, with `error`.
+    async fn set_aside(&self, event: &RecordedEvent, error: &SagaError) -> Result<(), SagaError> {
+        let order_id = match event.aggregate_type.as_str() {
+            Order::TYPE | Payment::TYPE | Delivery::TYPE => Some(event.aggregate_id.as_str()),
+            _ => None,
+        };
+        let id = dead_letters::record(
+            self.store.database(),
+            CHECKPOINT,
+            event,
+            order_id,
+            &error.to_string(),
+        )
+        .await
+        .map_err(|error| SagaError::DeadLetters(error.to_string()))?;
+        self.metrics.dead_letter_recorded(CHECKPOINT);
+        tracing::warn!(
+            dead_letter = id,
+            %error,
+            event_type = %event.event_type,
+            aggregate_id = %event.aggregate_id,
+            sequence = event.sequence,
+            "event set aside as a dead letter; the saga moves on"
+        );
+        Ok(())
+    }
+
+    /// Handles again the saga's dead letters an operator asked to retry
+    /// (`petstore dead-letters retry`): resolved when handled, pending again when not.
+    pub async fn retry_dead_letters(&self) -> Result<usize, SagaError> {
+        let database = self.store.database();
+        let failed = |error: sqlx::Error| SagaError::DeadLetters(error.to_string());
+        let letters = dead_letters::retrying(database, CHECKPOINT)
+            .await
+            .map_err(failed)?;
+        for letter in &letters {
+            let event = stream::aggregate_events_newest_first(
+                database,
+                &letter.aggregate_type,
+                &letter.aggregate_id,
+                letter.sequence..letter.sequence + 1,
+                1,
+            )
+            .await?
+            .into_iter()
+            .next();
+            let outcome = match &event {
+                None => Err(SagaError::DeadLetters(
+                    "the event is no longer in the log".into(),
+                )),
+                Some(event) => match saga_event(event) {
+                    Ok(Some((order_id, decoded))) => {
+                        self.handle_event(order_id, event, &decoded).await
+                    }
+                    Ok(None) => Ok(()),
+                    Err(error) => Err(error),
+                },
+            };
+            match (outcome, &event) {
+                (Ok(()), _) => {
+                    dead_letters::transition(
+                        database,
+                        letter.id,
+                        &[dead_letters::RETRYING],
+                        dead_letters::RESOLVED,
+                    )
+                    .await
+                    .map_err(failed)?;
+                    tracing::info!(dead_letter = letter.id, "dead letter handled on retry");
+                }
+                (Err(error), Some(event)) => self.set_aside(event, &error).await?,
+                (Err(error), None) => {
+                    tracing::error!(dead_letter = letter.id, %error, "dead letter cannot be retried");
+                    dead_letters::transition(
+                        database,
+                        letter.id,
+                        &[dead_letters::RETRYING],
+                        dead_letters::PENDING,
+                    )
+                    .await
+                    .map_err(failed)?;
+                }
+            }
+        }
+        Ok(letters.len())
     }
 
     async fn handle_event(
@@ -709,6 +835,9 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
         loop {
             if let Err(error) = self.fire_due_deadlines().await {
                 tracing::error!(%error, "firing deadlines failed; retrying");
+            }
+            if let Err(error) = self.retry_dead_letters().await {
+                tracing::error!(%error, "retrying dead letters failed; trying again");
             }
             tokio::select! {
                 _ = stopped.wait_for(|stop| *stop) => return,

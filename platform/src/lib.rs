@@ -28,6 +28,7 @@ pub mod auth;
 pub mod bus;
 pub mod cache;
 pub mod database;
+pub mod dead_letters;
 pub mod deadlines;
 pub mod event_store;
 pub mod health;

@@ -122,6 +122,13 @@ pub struct RejectionLabels {
     pub reason: &'static str,
 }
 
+/// Labels of the dead-letter metrics.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConsumerLabels {
+    /// `saga`.
+    pub consumer: String,
+}
+
 /// Labels of `petstore_auth_failures_total`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AuthFailureLabels {
@@ -187,6 +194,10 @@ pub struct Metrics {
     pub request_duration: HistogramFamily<RequestLabels>,
     /// Requests refused at once because `http.max_concurrent_requests` were in flight.
     pub requests_shed: Counter,
+    /// Events set aside as dead letters, by consumer.
+    pub dead_letters_recorded: Family<ConsumerLabels, Counter>,
+    /// Dead letters waiting for someone (pending or retrying), by consumer.
+    pub dead_letters: Family<ConsumerLabels, Gauge>,
     /// Calls to a dependency refused or cut short by its resilience policy.
     pub resilience_rejections: Family<RejectionLabels, Counter>,
     /// Events appended by this process, by aggregate type.
@@ -296,6 +307,23 @@ impl Metrics {
             "Calls to a dependency refused or cut short by its policy: breaker open, bulkhead full, retry budget spent, overall timeout",
             resilience_rejections.clone(),
         );
+        let dead_letters_recorded = Family::<ConsumerLabels, Counter>::default();
+        registry.register(
+            "petstore_dead_letters_recorded",
+            "Events a consumer set aside as dead letters",
+            dead_letters_recorded.clone(),
+        );
+        let dead_letters = Family::<ConsumerLabels, Gauge>::default();
+        registry.register(
+            "petstore_dead_letters",
+            "Dead letters waiting for someone (pending or retrying), by consumer",
+            dead_letters.clone(),
+        );
+        dead_letters
+            .get_or_create(&ConsumerLabels {
+                consumer: "saga".to_owned(),
+            })
+            .set(0);
         let requests_shed = Counter::default();
         registry.register(
             "petstore_requests_shed",
@@ -563,6 +591,8 @@ impl Metrics {
             request_errors,
             request_duration,
             requests_shed,
+            dead_letters_recorded,
+            dead_letters,
             resilience_rejections,
             events_appended,
             sagas_started,
@@ -647,6 +677,29 @@ impl Metrics {
                 provider: provider.to_owned(),
             })
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts an event `consumer` set aside.
+    pub fn dead_letter_recorded(&self, consumer: &str) {
+        self.dead_letters_recorded
+            .get_or_create(&ConsumerLabels {
+                consumer: consumer.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Sets the open dead letters of each consumer (those missing from `counts` have none).
+    pub fn dead_letters_open(&self, counts: &std::collections::BTreeMap<String, i64>) {
+        for consumer in ["saga"]
+            .into_iter()
+            .map(str::to_owned)
+            .chain(counts.keys().cloned())
+        {
+            let open = counts.get(&consumer).copied().unwrap_or(0);
+            self.dead_letters
+                .get_or_create(&ConsumerLabels { consumer })
+                .set(open);
+        }
     }
 
     /// Counts a call that `dependency`'s policy refused or cut short, and why.

@@ -22,6 +22,7 @@ pub mod kafka;
 pub mod projection;
 pub mod read_models;
 pub mod redis_views;
+pub mod refold;
 pub mod replay;
 pub mod runner;
 pub mod views;

@@ -4,7 +4,8 @@ use std::future::Future;
 
 use petstore_platform::bus::BusError;
 use petstore_platform::cache::CacheError;
-use petstore_platform::database::Fence;
+use petstore_platform::database::{Database, Fence};
+use petstore_platform::dead_letters::DeadLetter;
 use petstore_platform::stream::{RecordedEvent, StreamError, StreamPosition};
 
 use crate::read_models::ReadModelError;
@@ -67,6 +68,29 @@ pub trait Projection: Send + Sync + 'static {
         let _ = fence;
         async { Ok(()) }
     }
+
+    /// Retries one of this projection's dead letters: folds the views it concerns again from
+    /// the log ([`crate::refold`]) and writes them (with `fence`, like a batch). A projection
+    /// that never sets events aside has none.
+    fn refold(
+        &self,
+        database: &Database,
+        letter: &DeadLetter,
+        fence: Option<&Fence>,
+    ) -> impl Future<Output = Result<Refolded, ProjectionError>> + Send {
+        let _ = (database, fence);
+        let refused = format!("the {} projection sets no events aside", letter.consumer);
+        async move { Ok(Refolded::StillFailing(refused)) }
+    }
+}
+
+/// What retrying a dead letter of a projection came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refolded {
+    /// The views it concerns were folded again, it included.
+    Done,
+    /// It still cannot be folded: why.
+    StillFailing(String),
 }
 
 impl ProjectionError {

@@ -16,7 +16,11 @@ use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use tokio::sync::{broadcast, RwLock};
 
-use crate::views::{DecodeError, OrderStatusView, PetView, ViewBatch};
+use petstore_platform::dead_letters::{self, DeadLetter};
+
+use crate::projection::Refolded;
+use crate::refold;
+use crate::views::{DecodeError, OrderStatusView, PetView, Poisoned, ViewBatch};
 
 impl crate::projection::Projection for ReadModels {
     fn name(&self) -> &'static str {
@@ -34,6 +38,92 @@ impl crate::projection::Projection for ReadModels {
     ) -> Result<(), crate::projection::ProjectionError> {
         Ok(ReadModels::apply(self, events, fence).await?)
     }
+
+    async fn refold(
+        &self,
+        database: &Database,
+        letter: &DeadLetter,
+        fence: Option<&Fence>,
+    ) -> Result<Refolded, crate::projection::ProjectionError> {
+        let (mut batch, events) = refold::history(database, letter).await?;
+        let wanted: (Vec<String>, Vec<String>) = (
+            batch.orders.keys().cloned().collect(),
+            batch.pets.keys().cloned().collect(),
+        );
+        if let Some(poison) = batch.fold(&events).into_iter().next() {
+            return Ok(Refolded::StillFailing(poison.error.to_string()));
+        }
+        let orders: Vec<OrderStatusView> = wanted
+            .0
+            .iter()
+            .filter_map(|id| batch.orders.remove(id).flatten())
+            .collect();
+        let pets: Vec<PetView> = wanted
+            .1
+            .iter()
+            .filter_map(|id| batch.pets.remove(id).flatten())
+            .collect();
+        match self {
+            Self::Postgres(pool) => {
+                let mut transaction = petstore_platform::database::begin(pool)
+                    .await
+                    .map_err(ReadModelError::from)?;
+                if let Some(fence) = fence {
+                    stream::check_fence_in(&mut transaction, fence)
+                        .await
+                        .map_err(ReadModelError::from)?;
+                }
+                sqlx::query(&format!(
+                    "DELETE FROM {} WHERE order_id = ANY($1::text[]::uuid[])",
+                    LIVE_TABLES.orders
+                ))
+                .bind(&wanted.0)
+                .execute(&mut *transaction)
+                .await
+                .map_err(ReadModelError::from)?;
+                sqlx::query(&format!(
+                    "DELETE FROM {} WHERE pet_id = ANY($1)",
+                    LIVE_TABLES.pets
+                ))
+                .bind(&wanted.1)
+                .execute(&mut *transaction)
+                .await
+                .map_err(ReadModelError::from)?;
+                write_views(&mut transaction, LIVE_TABLES, &orders, &pets).await?;
+                transaction.commit().await.map_err(ReadModelError::from)?;
+            }
+            Self::Memory(state) => {
+                let mut guard = state.write().await;
+                let changed: Arc<[String]> =
+                    orders.iter().map(|view| view.order_id.clone()).collect();
+                for view in orders {
+                    guard.orders.insert(view.order_id.clone(), view);
+                }
+                for view in pets {
+                    guard.pets.insert(view.id.clone(), view);
+                }
+                let _ = guard.changes.0.send(changed);
+            }
+        }
+        Ok(Refolded::Done)
+    }
+}
+
+/// Sets a skipped event aside as a dead letter of the read models.
+pub(crate) async fn set_aside(
+    database: &Database,
+    poison: &Poisoned<'_>,
+) -> Result<(), ReadModelError> {
+    let id = dead_letters::record(
+        database,
+        CHECKPOINT,
+        poison.event,
+        poison.order_id.as_deref(),
+        &poison.error.to_string(),
+    )
+    .await?;
+    tracing::warn!(dead_letter = id, error = %poison.error, "event set aside as a dead letter; the read models move on");
+    Ok(())
 }
 
 /// The checkpoint name of the read models' projection.
@@ -144,6 +234,9 @@ pub struct MemoryState {
     pets: BTreeMap<String, PetView>,
     position: StreamPosition,
     changes: ChangeNotices,
+    /// Where events that cannot be folded are set aside (the embedded store); without one
+    /// such an event fails its batch.
+    dead_letters: Option<Database>,
 }
 
 /// The in-memory read models' notices of changed orders.
@@ -252,7 +345,10 @@ impl ReadModels {
     pub fn for_database(database: &Database) -> Self {
         match database {
             Database::Postgres(pool) => Self::Postgres(pool.clone()),
-            Database::Sqlite(_) => Self::Memory(Arc::default()),
+            Database::Sqlite(_) => Self::Memory(Arc::new(RwLock::new(MemoryState {
+                dead_letters: Some(database.clone()),
+                ..MemoryState::default()
+            }))),
         }
     }
 
@@ -309,7 +405,19 @@ impl ReadModels {
                         })
                         .collect(),
                 };
-                batch.fold(events)?;
+                let poisoned = batch.fold(events);
+                match guard.dead_letters.clone() {
+                    Some(database) => {
+                        for poison in &poisoned {
+                            set_aside(&database, poison).await?;
+                        }
+                    }
+                    None => {
+                        if let Some(poison) = poisoned.into_iter().next() {
+                            return Err(poison.error.into());
+                        }
+                    }
+                }
                 let (orders, pets) = batch.into_views();
                 let changed: Arc<[String]> =
                     orders.iter().map(|view| view.order_id.clone()).collect();
@@ -591,8 +699,38 @@ pub(crate) async fn apply_postgres(
                 .insert(id, Some(serde_json::from_value(document)?));
         }
     }
-    batch.fold(events)?;
+    for poison in batch.fold(events) {
+        let id = dead_letters::record_in(
+            &mut transaction,
+            CHECKPOINT,
+            poison.event,
+            poison.order_id.as_deref(),
+            &poison.error.to_string(),
+        )
+        .await?;
+        tracing::warn!(dead_letter = id, error = %poison.error, "event set aside as a dead letter; the read models move on");
+    }
     let (orders, pets) = batch.into_views();
+    write_views(&mut transaction, tables, &orders, &pets).await?;
+    if let Some(checkpoint) = checkpoint {
+        stream::save_checkpoint_in(&mut transaction, checkpoint, last, fence).await?;
+    }
+    transaction.commit().await?;
+    Ok(())
+}
+
+/// Writes folded views into `tables`, inside `transaction`.
+async fn write_views(
+    transaction: &mut sqlx::PgConnection,
+    tables: PgTables,
+    orders: &[OrderStatusView],
+    pets: &[PetView],
+) -> Result<(), ReadModelError> {
+    let PgTables {
+        orders: orders_table,
+        pets: pets_table,
+        ..
+    } = tables;
     if !orders.is_empty() {
         // An order view folds events of four aggregates, so its `last_sequence` column holds
         // the global position of the last event applied, not a per-aggregate sequence.
@@ -618,7 +756,7 @@ pub(crate) async fn apply_postgres(
         .execute(&mut *transaction)
         .await?;
         if tables.notify {
-            notify_order_changes(&mut transaction, &ids).await?;
+            notify_order_changes(&mut *transaction, &ids).await?;
         }
     }
     if !pets.is_empty() {
@@ -651,10 +789,6 @@ pub(crate) async fn apply_postgres(
         .execute(&mut *transaction)
         .await?;
     }
-    if let Some(checkpoint) = checkpoint {
-        stream::save_checkpoint_in(&mut transaction, checkpoint, last, fence).await?;
-    }
-    transaction.commit().await?;
     Ok(())
 }
 

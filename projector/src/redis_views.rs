@@ -13,11 +13,12 @@ use std::time::Duration;
 
 use petstore_domain::{OrderId, PetId};
 use petstore_platform::cache::{Cache, CacheError};
-use petstore_platform::database::Fence;
+use petstore_platform::database::{Database, Fence};
+use petstore_platform::dead_letters::{self, DeadLetter};
 use petstore_platform::stream::{RecordedEvent, StreamPosition};
 
-use crate::projection::{Projection, ProjectionError};
-use crate::read_models::{BrowseFilter, BrowsePage};
+use crate::projection::{Projection, ProjectionError, Refolded};
+use crate::read_models::{BrowseFilter, BrowsePage, ReadModelError};
 use crate::views::{OrderStatusView, PetView, ViewBatch};
 
 /// The checkpoint name of the Redis projection.
@@ -31,6 +32,9 @@ pub struct RedisViews {
     /// The event store these views are of: the projection claims the prefix for it each
     /// time it (re)starts (see [`Self::claim`]).
     store: Option<std::sync::Arc<str>>,
+    /// Where events that cannot be folded are set aside (the event store's database);
+    /// without one such an event fails its batch.
+    dead_letters: Option<Database>,
 }
 
 impl RedisViews {
@@ -48,7 +52,14 @@ impl RedisViews {
             cache,
             browse_ttl,
             store: None,
+            dead_letters: None,
         }
+    }
+
+    /// Sets events that cannot be folded aside in `database`, and moves on.
+    pub fn with_dead_letters(mut self, database: Database) -> Self {
+        self.dead_letters = Some(database);
+        self
     }
 
     /// The views of the event store `store_id`: the projection claims the prefix for it
@@ -65,6 +76,7 @@ impl RedisViews {
             cache: self.cache.with_prefix(prefix),
             browse_ttl: self.browse_ttl,
             store: self.store.clone(),
+            dead_letters: self.dead_letters.clone(),
         }
     }
 
@@ -267,6 +279,47 @@ impl Projection for RedisViews {
         }
     }
 
+    async fn refold(
+        &self,
+        database: &Database,
+        letter: &DeadLetter,
+        fence: Option<&Fence>,
+    ) -> Result<Refolded, ProjectionError> {
+        let (mut batch, events) = crate::refold::history(database, letter).await?;
+        let wanted: (Vec<String>, Vec<String>) = (
+            batch.orders.keys().cloned().collect(),
+            batch.pets.keys().cloned().collect(),
+        );
+        if let Some(poison) = batch.fold(&events).into_iter().next() {
+            return Ok(Refolded::StillFailing(poison.error.to_string()));
+        }
+        let mut values = Vec::new();
+        for id in &wanted.0 {
+            if let Some(view) = batch.orders.remove(id).flatten() {
+                values.push((
+                    self.order_key(&view.order_id),
+                    serde_json::to_string(&view)?,
+                ));
+            }
+        }
+        let mut counters = Vec::new();
+        for id in &wanted.1 {
+            if let Some(view) = batch.pets.remove(id).flatten() {
+                values.push((self.pet_key(&view.id), serde_json::to_string(&view)?));
+                counters = vec![self.generation_key()];
+            }
+        }
+        let fence_key = self.fence_key();
+        self.cache
+            .write_atomically(
+                &values,
+                &counters,
+                fence.map(|fence| (fence_key.as_str(), fence.token)),
+            )
+            .await?;
+        Ok(Refolded::Done)
+    }
+
     async fn raise_fence(&self, fence: &Fence) -> Result<(), ProjectionError> {
         Ok(self
             .cache
@@ -304,7 +357,28 @@ impl Projection for RedisViews {
                 .transpose()?;
             batch.pets.insert(id, view);
         }
-        batch.fold(events)?;
+        let poisoned = batch.fold(events);
+        match &self.dead_letters {
+            Some(database) => {
+                for poison in &poisoned {
+                    let id = dead_letters::record(
+                        database,
+                        CHECKPOINT,
+                        poison.event,
+                        poison.order_id.as_deref(),
+                        &poison.error.to_string(),
+                    )
+                    .await
+                    .map_err(ReadModelError::from)?;
+                    tracing::warn!(dead_letter = id, error = %poison.error, "event set aside as a dead letter; the Redis views move on");
+                }
+            }
+            None => {
+                if let Some(poison) = poisoned.into_iter().next() {
+                    return Err(poison.error.into());
+                }
+            }
+        }
         let (orders, pets) = batch.into_views();
         let mut values = Vec::with_capacity(orders.len() + pets.len() + 1);
         for view in &orders {

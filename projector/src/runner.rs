@@ -19,10 +19,14 @@ use petstore_platform::telemetry;
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use crate::projection::Projection;
+use crate::projection::{Projection, Refolded};
+use crate::read_models::ReadModelError;
+use petstore_platform::dead_letters;
 
 /// How long a standby waits between attempts to take over.
 const TAKEOVER_INTERVAL: Duration = Duration::from_secs(1);
+/// How often an idle projection looks for dead letters to retry.
+const RETRY_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a failing projection waits before retrying from its checkpoint.
 const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -148,6 +152,46 @@ impl<P: Projection> Projector<P> {
         }
     }
 
+    /// Retries the dead letters of this projection someone asked to retry
+    /// (`petstore dead-letters retry`): refolds the views each concerns; `resolved` when that
+    /// works, `pending` again with the error when not.
+    async fn retry_dead_letters(
+        &self,
+        fence: Option<&Fence>,
+    ) -> Result<(), crate::projection::ProjectionError> {
+        let database = self.store.database();
+        let failed = |error: sqlx::Error| ReadModelError::from(error);
+        let letters = dead_letters::retrying(database, self.projection.name())
+            .await
+            .map_err(failed)?;
+        for letter in letters {
+            match self.projection.refold(database, &letter, fence).await? {
+                Refolded::Done => {
+                    dead_letters::transition(
+                        database,
+                        letter.id,
+                        &[dead_letters::RETRYING],
+                        dead_letters::RESOLVED,
+                    )
+                    .await
+                    .map_err(failed)?;
+                    tracing::info!(
+                        projection = self.projection.name(),
+                        dead_letter = letter.id,
+                        "dead letter refolded on retry"
+                    );
+                }
+                Refolded::StillFailing(error) => {
+                    dead_letters::fail_again(database, letter.id, &error)
+                        .await
+                        .map_err(failed)?;
+                    tracing::warn!(projection = self.projection.name(), dead_letter = letter.id, %error, "dead letter still fails");
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Measures how far behind the log the projection is, every
     /// [`stream::LAG_SAMPLE_INTERVAL`], into its progress and metrics. Never returns.
     async fn measure_lag(&self) {
@@ -193,12 +237,17 @@ impl<P: Projection> Projector<P> {
             progress.position = start;
             progress.caught_up |= start >= head;
         });
+        let mut retries_checked = std::time::Instant::now();
         loop {
             let batch = tokio::select! {
                 () = shutdown.as_mut() => return Ok(()),
                 batch = reader.next_batch_or_idle() => batch?,
             };
             let Some(events) = batch else {
+                if retries_checked.elapsed() >= RETRY_CHECK_INTERVAL {
+                    retries_checked = std::time::Instant::now();
+                    self.retry_dead_letters(fence).await?;
+                }
                 // Nothing left to apply: whatever failed before holds nothing back now.
                 let recovered = self
                     .progress

@@ -95,6 +95,24 @@ pub struct OrderStatusView {
     /// folded by a release before this field start it at their status then.
     #[serde(default)]
     pub status_history: Vec<StatusChange>,
+    /// Events of this order set aside as dead letters and not handled yet: while there are
+    /// any, the order needs someone's attention (`petstore dead-letters`). Not part of the
+    /// stored view: the status route adds it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attention: Vec<Attention>,
+}
+
+/// A dead letter that holds an order back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Attention {
+    /// The dead letter (`petstore dead-letters retry ID`).
+    pub dead_letter_id: i64,
+    /// Who could not handle the event: `saga`.
+    pub consumer: String,
+    /// The event's type and version.
+    pub event: String,
+    /// Why.
+    pub error: String,
 }
 
 /// One status of an order, from the event that set it.
@@ -171,6 +189,17 @@ fn decode<E: serde::de::DeserializeOwned>(event: &RecordedEvent) -> Result<E, De
     })
 }
 
+/// An event a projection could not fold: skipped, to be set aside as a dead letter.
+#[derive(Debug)]
+pub struct Poisoned<'a> {
+    /// The event.
+    pub event: &'a RecordedEvent,
+    /// The order whose view it concerns, when known.
+    pub order_id: Option<String>,
+    /// Why.
+    pub error: DecodeError,
+}
+
 /// The views one batch of events touches, before and after folding it.
 #[derive(Debug, Default)]
 pub struct ViewBatch {
@@ -196,19 +225,37 @@ impl ViewBatch {
         (orders, pets)
     }
 
-    /// Folds `events`, in order, into the loaded views (missing ones start as `None`).
-    pub fn fold(&mut self, events: &[RecordedEvent]) -> Result<(), DecodeError> {
+    /// Folds `events`, in order, into the loaded views (missing ones start as `None`). An
+    /// event that cannot be decoded is skipped (its views stay as they were) and returned, to
+    /// be set aside as a dead letter.
+    pub fn fold<'a>(&mut self, events: &'a [RecordedEvent]) -> Vec<Poisoned<'a>> {
+        let mut poisoned = Vec::new();
         for event in events {
-            if let Some(order_id) = order_view_id(event) {
-                let slot = self.orders.entry(order_id).or_default();
-                *slot = OrderStatusView::fold(slot.take(), event)?;
-            }
-            if event.aggregate_type == Pet::TYPE {
-                let slot = self.pets.entry(event.aggregate_id.clone()).or_default();
-                *slot = PetView::fold(slot.take(), event)?;
+            let order_id = order_view_id(event);
+            let folded = order_id
+                .as_ref()
+                .map_or(Ok(()), |order_id| {
+                    OrderStatusView::fold(self.orders.entry(order_id.clone()).or_default(), event)
+                })
+                .and_then(|()| {
+                    if event.aggregate_type == Pet::TYPE {
+                        PetView::fold(
+                            self.pets.entry(event.aggregate_id.clone()).or_default(),
+                            event,
+                        )
+                    } else {
+                        Ok(())
+                    }
+                });
+            if let Err(error) = folded {
+                poisoned.push(Poisoned {
+                    event,
+                    order_id,
+                    error,
+                });
             }
         }
-        Ok(())
+        poisoned
     }
 
     /// The views after folding, without the ids that never came to exist.
@@ -239,12 +286,13 @@ impl OrderStatusView {
     /// Folds an event of the order, its pet, its payment or its delivery into the view.
     /// Events at or before the view's position are ignored, so re-applying a batch changes
     /// nothing.
-    pub fn fold(view: Option<Self>, event: &RecordedEvent) -> Result<Option<Self>, DecodeError> {
-        if view
+    /// On a decode error the view is left as it was.
+    pub fn fold(slot: &mut Option<Self>, event: &RecordedEvent) -> Result<(), DecodeError> {
+        if slot
             .as_ref()
             .is_some_and(|view| view.position >= event.position)
         {
-            return Ok(view);
+            return Ok(());
         }
         let timestamp = event.metadata_value("timestamp").to_owned();
         if event.aggregate_type == Order::TYPE {
@@ -257,7 +305,7 @@ impl OrderStatusView {
                 steps[0].state = "in_progress".to_owned();
                 steps[0].started_at = Some(timestamp.clone());
                 let status = OrderStatus::Pending.as_str().to_owned();
-                return Ok(Some(Self {
+                *slot = Some(Self {
                     order_id: request.order_id.to_string(),
                     status_history: vec![StatusChange {
                         status: status.clone(),
@@ -265,6 +313,7 @@ impl OrderStatusView {
                         at: timestamp.clone(),
                         position: event.position,
                     }],
+                    attention: Vec::new(),
                     status,
                     customer_id: request.customer_id.to_string(),
                     pet_id: request.pet_id.to_string(),
@@ -279,11 +328,12 @@ impl OrderStatusView {
                     created_at: timestamp.clone(),
                     updated_at: timestamp,
                     position: event.position,
-                }));
+                });
+                return Ok(());
             }
         }
-        let Some(mut view) = view else {
-            return Ok(None);
+        let Some(view) = slot.as_mut() else {
+            return Ok(());
         };
         let before = view.current_status();
         view.apply(event, &timestamp)?;
@@ -300,7 +350,7 @@ impl OrderStatusView {
         }
         view.updated_at = timestamp;
         view.position = event.position;
-        Ok(Some(view))
+        Ok(())
     }
 
     /// The order's status now, as its last [`StatusChange`]. (A view folded before
@@ -442,17 +492,18 @@ impl OrderStatusView {
 }
 
 impl PetView {
-    /// Folds a `Pet` event into the view; events at or below its version are ignored.
-    pub fn fold(view: Option<Self>, event: &RecordedEvent) -> Result<Option<Self>, DecodeError> {
-        if view
+    /// Folds a `Pet` event into the view; events at or below its version are ignored. On a
+    /// decode error the view is left as it was.
+    pub fn fold(slot: &mut Option<Self>, event: &RecordedEvent) -> Result<(), DecodeError> {
+        if slot
             .as_ref()
             .is_some_and(|view| view.version >= event.sequence)
         {
-            return Ok(view);
+            return Ok(());
         }
         let availability = match decode::<PetEvent>(event)? {
             PetEvent::PetAdded(details) => {
-                return Ok(Some(Self {
+                *slot = Some(Self {
                     id: details.pet_id.to_string(),
                     name: details.name,
                     category: details.category.as_str().to_owned(),
@@ -463,17 +514,18 @@ impl PetView {
                     description: details.description,
                     availability: Availability::Available.as_str().to_owned(),
                     version: event.sequence,
-                }));
+                });
+                return Ok(());
             }
             PetEvent::PetReserved { order_id } => Availability::Reserved { order_id },
             PetEvent::PetReleased { .. } => Availability::Available,
             PetEvent::PetSold { order_id } => Availability::Sold { order_id },
         };
-        Ok(view.map(|mut view| {
+        if let Some(view) = slot {
             view.availability = availability.as_str().to_owned();
             view.version = event.sequence;
-            view
-        }))
+        }
+        Ok(())
     }
 }
 
@@ -506,7 +558,7 @@ mod tests {
     fn statuses(events: &[RecordedEvent]) -> Vec<String> {
         let mut view = None;
         for event in events {
-            view = OrderStatusView::fold(view, event).expect("folds");
+            OrderStatusView::fold(&mut view, event).expect("folds");
         }
         let view = view.expect("the order exists");
         view.status_history.into_iter().map(|c| c.status).collect()

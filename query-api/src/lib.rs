@@ -44,6 +44,8 @@ pub struct QueryState {
     pub live: petstore_platform::live::Live,
     /// The live order updates' hub.
     pub updates: updates::OrderUpdates,
+    /// Whether any dead letter is open (the status route then looks the order's up).
+    pub dead_letters: petstore_platform::dead_letters::OpenGate,
 }
 
 /// Every query route, with its state applied. (Health is every process's:

@@ -57,8 +57,9 @@ pub async fn order_status(
         OrderId::parse(&order_id).map_err(|error| Problem::bad_request(error.to_string()))?;
     RequestContext::record_order(&order_id);
     match state.order(&order_id, token).await? {
-        Some(view) => {
+        Some(mut view) => {
             caller.authorize_customer(&view.customer_id)?;
+            view.attention = state.attention(&order_id).await;
             Ok(Json(view))
         }
         None => Err(Problem::not_found(format!(

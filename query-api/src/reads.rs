@@ -8,8 +8,10 @@ use axum::extract::FromRequestParts;
 use axum::http::header::{HeaderValue, RETRY_AFTER};
 use axum::http::request::Parts;
 use petstore_domain::{OrderId, PetId};
+use petstore_platform::dead_letters;
 use petstore_platform::http::{Problem, CONSISTENCY_TOKEN_HEADER};
 use petstore_platform::stream::StreamPosition;
+use petstore_projector::views::Attention;
 use petstore_projector::{BrowseFilter, BrowsePage, CachedBrowse, OrderStatusView, PetView};
 use tokio::time::Instant;
 
@@ -38,6 +40,32 @@ impl<S: Send + Sync> FromRequestParts<S> for ConsistencyToken {
 }
 
 impl QueryState {
+    /// The order's open dead letters, for its status (what holds it back). When they cannot
+    /// be read the status is answered without them, and the failure logged.
+    pub async fn attention(&self, order_id: &OrderId) -> Vec<Attention> {
+        let lookup = async {
+            if !self.dead_letters.any_open(&self.database).await? {
+                return Ok(Vec::new());
+            }
+            dead_letters::open_for_order(&self.database, &order_id.to_string()).await
+        };
+        match lookup.await {
+            Ok(letters) => letters
+                .into_iter()
+                .map(|letter| Attention {
+                    dead_letter_id: letter.id,
+                    consumer: letter.consumer,
+                    event: format!("{} {}", letter.event_type, letter.event_version),
+                    error: letter.error,
+                })
+                .collect(),
+            Err(error) => {
+                tracing::warn!(%error, "the order's dead letters could not be read; its status is answered without them");
+                Vec::new()
+            }
+        }
+    }
+
     /// What Redis answered for `view`, if it had it; a failed read is logged and counted as
     /// a fallback, and the database answers.
     fn redis_answer<T>(

@@ -1,0 +1,549 @@
+//! Dead letters: events a consumer could not decode or apply, set aside in the event store's
+//! database (`dead_letters`) with the error, so that the consumer's stream moves on.
+//!
+//! A dead letter is `pending` until someone acts: `retrying` asks the consumer to handle the
+//! event again (it becomes `resolved`, or `pending` again with the new error), `skipped`
+//! discards it. One row per consumer and event: setting the same event aside again updates the
+//! row (and counts the attempt).
+
+use std::collections::BTreeMap;
+
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::database::Database;
+use crate::stream::{RecordedEvent, StreamPosition};
+
+/// Not handled yet.
+pub const PENDING: &str = "pending";
+/// To be handled again by its consumer.
+pub const RETRYING: &str = "retrying";
+/// Handled after a retry.
+pub const RESOLVED: &str = "resolved";
+/// Discarded.
+pub const SKIPPED: &str = "skipped";
+
+/// One event set aside.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DeadLetter {
+    /// Its id (`petstore dead-letters retry ID`).
+    pub id: i64,
+    /// Who could not handle it: `saga`.
+    pub consumer: String,
+    /// The event's id.
+    pub event_id: String,
+    /// Where it stands in the stream.
+    #[schema(value_type = Object)]
+    pub position: StreamPosition,
+    /// Its aggregate type.
+    pub aggregate_type: String,
+    /// Its aggregate.
+    pub aggregate_id: String,
+    /// Its number in the aggregate.
+    pub sequence: i64,
+    /// Its type.
+    pub event_type: String,
+    /// Its version.
+    pub event_version: String,
+    /// The order it concerns, when known.
+    pub order_id: Option<String>,
+    /// The last error.
+    pub error: String,
+    /// How often it failed.
+    pub attempts: i64,
+    /// `pending`, `retrying`, `resolved` or `skipped`.
+    pub status: String,
+    /// When it was last set aside (ms since the epoch).
+    pub failed_at_ms: i64,
+    /// When it was resolved or skipped.
+    pub resolved_at_ms: Option<i64>,
+}
+
+type Row = (
+    i64,
+    String,
+    String,
+    i64,
+    i64,
+    String,
+    String,
+    i64,
+    String,
+    String,
+    Option<String>,
+    String,
+    i64,
+    String,
+    i64,
+    Option<i64>,
+);
+
+const COLUMNS: &str = "id, consumer, event_id, transaction_id, global_position, aggregate_type,
+    aggregate_id, sequence, event_type, event_version, order_id, error, attempts, status,
+    failed_at_ms, resolved_at_ms";
+
+fn from_row(row: Row) -> DeadLetter {
+    let (
+        id,
+        consumer,
+        event_id,
+        transaction_id,
+        global_position,
+        aggregate_type,
+        aggregate_id,
+        sequence,
+        event_type,
+        event_version,
+        order_id,
+        error,
+        attempts,
+        status,
+        failed_at_ms,
+        resolved_at_ms,
+    ) = row;
+    DeadLetter {
+        id,
+        consumer,
+        event_id,
+        position: StreamPosition {
+            transaction_id,
+            global_position,
+        },
+        aggregate_type,
+        aggregate_id,
+        sequence,
+        event_type,
+        event_version,
+        order_id,
+        error,
+        attempts,
+        status,
+        failed_at_ms,
+        resolved_at_ms,
+    }
+}
+
+/// Runs a query returning rows on either engine.
+macro_rules! fetch {
+    ($database:expr, $sql:expr, $method:ident $(, $bind:expr)*) => {
+        match $database {
+            Database::Postgres(pool) => {
+                sqlx::query_as($sql)$(.bind($bind))*.$method(pool).await
+            }
+            Database::Sqlite(pool) => {
+                sqlx::query_as($sql)$(.bind($bind))*.$method(pool).await
+            }
+        }
+    };
+}
+
+/// Sets `event` aside for `consumer` with `error`; answers its id. The same event set aside
+/// again is the same dead letter, `pending` again, one attempt more.
+pub async fn record(
+    database: &Database,
+    consumer: &str,
+    event: &RecordedEvent,
+    order_id: Option<&str>,
+    error: &str,
+) -> Result<i64, sqlx::Error> {
+    let (id,): (i64,) = fetch!(
+        database,
+        RECORD,
+        fetch_one,
+        consumer,
+        event.event_id().to_string(),
+        event.position.transaction_id,
+        event.position.global_position,
+        &event.aggregate_type,
+        &event.aggregate_id,
+        event.sequence,
+        &event.event_type,
+        &event.event_version,
+        order_id,
+        error,
+        Utc::now().timestamp_millis()
+    )?;
+    Ok(id)
+}
+
+const RECORD: &str = "INSERT INTO dead_letters (consumer, event_id, transaction_id,
+    global_position, aggregate_type, aggregate_id, sequence, event_type, event_version,
+    order_id, error, failed_at_ms)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+    ON CONFLICT (consumer, event_id) DO UPDATE
+       SET error = excluded.error, attempts = dead_letters.attempts + 1,
+           status = 'pending', failed_at_ms = excluded.failed_at_ms, resolved_at_ms = NULL
+    RETURNING id";
+
+/// [`record`] on a Postgres connection, inside the transaction of the write that skipped the
+/// event: both commit together.
+pub async fn record_in(
+    connection: &mut sqlx::PgConnection,
+    consumer: &str,
+    event: &RecordedEvent,
+    order_id: Option<&str>,
+    error: &str,
+) -> Result<i64, sqlx::Error> {
+    let (id,): (i64,) = sqlx::query_as(RECORD)
+        .bind(consumer)
+        .bind(event.event_id().to_string())
+        .bind(event.position.transaction_id)
+        .bind(event.position.global_position)
+        .bind(&event.aggregate_type)
+        .bind(&event.aggregate_id)
+        .bind(event.sequence)
+        .bind(&event.event_type)
+        .bind(&event.event_version)
+        .bind(order_id)
+        .bind(error)
+        .bind(Utc::now().timestamp_millis())
+        .fetch_one(connection)
+        .await?;
+    Ok(id)
+}
+
+/// The dead letters, newest first: all, or those with `status`.
+pub async fn list(
+    database: &Database,
+    status: Option<&str>,
+    limit: i64,
+) -> Result<Vec<DeadLetter>, sqlx::Error> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM dead_letters WHERE ($1 IS NULL OR status = $1)
+          ORDER BY id DESC LIMIT $2"
+    );
+    let rows: Vec<Row> = fetch!(database, &sql, fetch_all, status, limit)?;
+    Ok(rows.into_iter().map(from_row).collect())
+}
+
+/// One dead letter.
+pub async fn get(database: &Database, id: i64) -> Result<Option<DeadLetter>, sqlx::Error> {
+    let sql = format!("SELECT {COLUMNS} FROM dead_letters WHERE id = $1");
+    let row: Option<Row> = fetch!(database, &sql, fetch_optional, id)?;
+    Ok(row.map(from_row))
+}
+
+/// Moves dead letter `id` to `status` if it is in one of `from`; answers whether it moved.
+pub async fn transition(
+    database: &Database,
+    id: i64,
+    from: &[&str],
+    status: &str,
+) -> Result<bool, sqlx::Error> {
+    let resolved_at = matches!(status, RESOLVED | SKIPPED).then(|| Utc::now().timestamp_millis());
+    let sql = "UPDATE dead_letters SET status = $2, resolved_at_ms = $3
+                WHERE id = $1 AND status IN ($4, $5, $6) RETURNING id";
+    let slot = |index: usize| from.get(index).copied().unwrap_or("");
+    let moved: Option<(i64,)> = fetch!(
+        database,
+        sql,
+        fetch_optional,
+        id,
+        status,
+        resolved_at,
+        slot(0),
+        slot(1),
+        slot(2)
+    )?;
+    Ok(moved.is_some())
+}
+
+/// A retried dead letter failed again: `pending`, with the new error, one attempt more.
+pub async fn fail_again(database: &Database, id: i64, error: &str) -> Result<(), sqlx::Error> {
+    let sql = "UPDATE dead_letters SET status = 'pending', error = $2, attempts = attempts + 1,
+                      failed_at_ms = $3 WHERE id = $1";
+    let _: Option<(i64,)> = match database {
+        Database::Postgres(pool) => {
+            sqlx::query(sql)
+                .bind(id)
+                .bind(error)
+                .bind(Utc::now().timestamp_millis())
+                .execute(pool)
+                .await?;
+            None
+        }
+        Database::Sqlite(pool) => {
+            sqlx::query(sql)
+                .bind(id)
+                .bind(error)
+                .bind(Utc::now().timestamp_millis())
+                .execute(pool)
+                .await?;
+            None
+        }
+    };
+    Ok(())
+}
+
+/// The dead letters of `consumer` waiting to be handled again, oldest first.
+pub async fn retrying(database: &Database, consumer: &str) -> Result<Vec<DeadLetter>, sqlx::Error> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM dead_letters WHERE consumer = $1 AND status = 'retrying'
+          ORDER BY id LIMIT 100"
+    );
+    let rows: Vec<Row> = fetch!(database, &sql, fetch_all, consumer)?;
+    Ok(rows.into_iter().map(from_row).collect())
+}
+
+/// How many dead letters wait for someone (`pending` or `retrying`), by consumer.
+pub async fn open_counts(database: &Database) -> Result<BTreeMap<String, i64>, sqlx::Error> {
+    let sql = "SELECT consumer, count(*) FROM dead_letters
+                WHERE status IN ('pending', 'retrying') GROUP BY consumer";
+    let rows: Vec<(String, i64)> = fetch!(database, sql, fetch_all)?;
+    Ok(rows.into_iter().collect())
+}
+
+/// The open dead letters of an order.
+pub async fn open_for_order(
+    database: &Database,
+    order_id: &str,
+) -> Result<Vec<DeadLetter>, sqlx::Error> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM dead_letters
+          WHERE order_id = $1 AND status IN ('pending', 'retrying') ORDER BY id"
+    );
+    let rows: Vec<Row> = fetch!(database, &sql, fetch_all, order_id)?;
+    Ok(rows.into_iter().map(from_row).collect())
+}
+
+/// Whether any dead letter is open, asked of the database at most once per
+/// [`OPEN_CHECK_INTERVAL`]: the status route looks an order's dead letters up only then.
+#[derive(Clone, Default)]
+pub struct OpenGate {
+    last: std::sync::Arc<std::sync::Mutex<Option<(std::time::Instant, bool)>>>,
+}
+
+/// How long [`OpenGate`] trusts its last answer.
+pub const OPEN_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl OpenGate {
+    /// Whether some dead letter is `pending` or `retrying` (as of at most a second ago).
+    pub async fn any_open(&self, database: &Database) -> Result<bool, sqlx::Error> {
+        let cached = *self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((at, open)) = cached {
+            if at.elapsed() < OPEN_CHECK_INTERVAL {
+                return Ok(open);
+            }
+        }
+        let sql = "SELECT count(*) FROM (SELECT 1 FROM dead_letters
+                    WHERE status IN ('pending', 'retrying') LIMIT 1) AS open";
+        let (count,): (i64,) = fetch!(database, sql, fetch_one)?;
+        *self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some((std::time::Instant::now(), count > 0));
+        Ok(count > 0)
+    }
+}
+
+/// Dead letters waiting for someone: the service is `degraded` while there are any.
+pub struct DeadLetterHealth(pub Database);
+
+impl crate::health::HealthCheck for DeadLetterHealth {
+    fn name(&self) -> String {
+        "dead_letters".to_owned()
+    }
+
+    fn essential(&self) -> bool {
+        false
+    }
+
+    fn check(&self) -> futures::future::BoxFuture<'_, crate::health::ComponentHealth> {
+        use crate::health::ComponentHealth;
+        Box::pin(async {
+            match open_counts(&self.0).await {
+                Ok(counts) if counts.is_empty() => {
+                    ComponentHealth::up(self.0.engine(), Some("none".to_owned()))
+                }
+                Ok(counts) => {
+                    let total: i64 = counts.values().sum();
+                    let each: Vec<String> = counts
+                        .iter()
+                        .map(|(consumer, count)| format!("{consumer} {count}"))
+                        .collect();
+                    ComponentHealth::down(
+                        self.0.engine(),
+                        format!(
+                            "{total} events set aside ({}): GET /petstore-domain/admin/dead-letters",
+                            each.join(", ")
+                        ),
+                    )
+                }
+                Err(error) => {
+                    ComponentHealth::down(self.0.engine(), format!("cannot count: {error}"))
+                }
+            }
+        })
+    }
+}
+
+/// The admin routes of the dead letters.
+pub fn router(database: Database) -> axum::Router {
+    use axum::routing::{get, post};
+    axum::Router::new()
+        .route("/petstore-domain/admin/dead-letters", get(list_route))
+        .route(
+            "/petstore-domain/admin/dead-letters/{id}/retry",
+            post(retry_route),
+        )
+        .route(
+            "/petstore-domain/admin/dead-letters/{id}/skip",
+            post(skip_route),
+        )
+        .with_state(database)
+}
+
+/// Which dead letters to list.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct DeadLetterQuery {
+    /// Only those with this status: `pending`, `retrying`, `resolved` or `skipped`.
+    status: Option<String>,
+    /// At most this many, 1 to 500 (default 100).
+    #[param(minimum = 1, maximum = 500)]
+    limit: Option<i64>,
+}
+
+/// The dead letters, newest first.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct DeadLetterPage {
+    /// The dead letters.
+    pub dead_letters: Vec<DeadLetter>,
+}
+
+/// The dead letters.
+///
+/// Events a consumer could not decode or apply and set aside, newest first, with the error.
+#[utoipa::path(
+    get,
+    path = "/petstore-domain/admin/dead-letters",
+    tag = "admin",
+    params(DeadLetterQuery),
+    responses(
+        (status = 200, description = "The dead letters", body = DeadLetterPage),
+        (status = 400, description = "An unknown status or a bad limit", body = crate::http::ProblemDocument, content_type = "application/problem+json"),
+        (status = 401, description = "No valid bearer token", body = crate::http::ProblemDocument, content_type = "application/problem+json"),
+        (status = 403, description = "Not an admin", body = crate::http::ProblemDocument, content_type = "application/problem+json"),
+    )
+)]
+pub async fn list_route(
+    axum::extract::State(database): axum::extract::State<Database>,
+    crate::http::Query(query): crate::http::Query<DeadLetterQuery>,
+) -> Result<crate::http::Json<DeadLetterPage>, crate::http::Problem> {
+    use crate::http::Problem;
+    if let Some(status) = &query.status {
+        if ![PENDING, RETRYING, RESOLVED, SKIPPED].contains(&status.as_str()) {
+            return Err(Problem::bad_request(format!(
+                "status {status:?}: pending, retrying, resolved or skipped"
+            )));
+        }
+    }
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=500).contains(&limit) {
+        return Err(Problem::bad_request("limit must be 1 to 500"));
+    }
+    let dead_letters = list(&database, query.status.as_deref(), limit)
+        .await
+        .map_err(|error| Problem::from_failure(&error))?;
+    Ok(crate::http::Json(DeadLetterPage { dead_letters }))
+}
+
+/// Asks for dead letter `id` to be handled again, or discards it (`to`: [`RETRYING`] or
+/// [`SKIPPED`]); answers it after the change. The error names what is wrong: no such dead
+/// letter, or one that is not open.
+pub async fn act(database: &Database, id: i64, to: &str) -> Result<DeadLetter, ActError> {
+    if !transition(database, id, &[PENDING, RETRYING], to).await? {
+        return Err(match get(database, id).await? {
+            None => ActError::NotFound(id),
+            Some(letter) => ActError::NotOpen(letter.status),
+        });
+    }
+    get(database, id).await?.ok_or(ActError::NotFound(id))
+}
+
+/// Why a dead letter could not be retried or skipped.
+#[derive(Debug, thiserror::Error)]
+pub enum ActError {
+    /// No such dead letter.
+    #[error("there is no dead letter {0}")]
+    NotFound(i64),
+    /// It is resolved or skipped already.
+    #[error("the dead letter is {0} already")]
+    NotOpen(String),
+    /// The database failed.
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+impl From<ActError> for crate::http::Problem {
+    fn from(error: ActError) -> Self {
+        match &error {
+            ActError::NotFound(_) => Self::not_found(error.to_string()),
+            ActError::NotOpen(_) => Self::conflict(error.to_string()),
+            ActError::Database(cause) => Self::from_failure(cause),
+        }
+    }
+}
+
+/// Retry a dead letter.
+///
+/// Its consumer handles the event again within a second or so (the saga runner's deadline
+/// loop): `resolved` when it succeeds, `pending` again with the new error when not.
+#[utoipa::path(
+    post,
+    path = "/petstore-domain/admin/dead-letters/{id}/retry",
+    tag = "admin",
+    params(("id" = i64, Path, description = "The dead letter")),
+    responses(
+        (status = 200, description = "Marked `retrying`", body = DeadLetter),
+        (status = 400, description = "A malformed id", body = crate::http::ProblemDocument, content_type = "application/problem+json"),
+        (status = 401, description = "No valid bearer token", body = crate::http::ProblemDocument, content_type = "application/problem+json"),
+        (status = 403, description = "Not an admin", body = crate::http::ProblemDocument, content_type = "application/problem+json"),
+        (status = 404, description = "No such dead letter", body = crate::http::ProblemDocument, content_type = "application/problem+json"),
+        (status = 409, description = "Resolved or skipped already", body = crate::http::ProblemDocument, content_type = "application/problem+json"),
+    )
+)]
+pub async fn retry_route(
+    axum::extract::State(database): axum::extract::State<Database>,
+    crate::http::Path(id): crate::http::Path<i64>,
+) -> Result<crate::http::Json<DeadLetter>, crate::http::Problem> {
+    Ok(crate::http::Json(act(&database, id, RETRYING).await?))
+}
+
+/// Discard a dead letter.
+///
+/// The event stays in the log; its consumer never handles it.
+#[utoipa::path(
+    post,
+    path = "/petstore-domain/admin/dead-letters/{id}/skip",
+    tag = "admin",
+    params(("id" = i64, Path, description = "The dead letter")),
+    responses(
+        (status = 200, description = "Marked `skipped`", body = DeadLetter),
+        (status = 400, description = "A malformed id", body = crate::http::ProblemDocument, content_type = "application/problem+json"),
+        (status = 401, description = "No valid bearer token", body = crate::http::ProblemDocument, content_type = "application/problem+json"),
+        (status = 403, description = "Not an admin", body = crate::http::ProblemDocument, content_type = "application/problem+json"),
+        (status = 404, description = "No such dead letter", body = crate::http::ProblemDocument, content_type = "application/problem+json"),
+        (status = 409, description = "Resolved or skipped already", body = crate::http::ProblemDocument, content_type = "application/problem+json"),
+    )
+)]
+pub async fn skip_route(
+    axum::extract::State(database): axum::extract::State<Database>,
+    crate::http::Path(id): crate::http::Path<i64>,
+) -> Result<crate::http::Json<DeadLetter>, crate::http::Problem> {
+    Ok(crate::http::Json(act(&database, id, SKIPPED).await?))
+}
+
+/// The OpenAPI description of the dead-letter routes.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    paths(list_route, retry_route, skip_route),
+    components(schemas(DeadLetter, DeadLetterPage))
+)]
+pub struct DeadLettersApiDoc;

@@ -63,3 +63,17 @@ profile=default
 [[ "${CI:-}" == "true" ]] && profile=ci
 cargo nextest run --workspace --locked --profile "$profile" "$@"
 
+if [[ $# -eq 0 ]]; then
+  log "chaos: sagas under step failures and runner kills (embedded, then Postgres + Kafka + Redis)"
+  cargo build --locked -q -p petstore-cli --bin petstore
+  petstore_bin="$CARGO_TARGET_DIR/debug/petstore"
+  env -u KAFKA_BROKERS -u DATABASE_URL -u REDIS_URL PETSTORE__LOG__FILTER=error "$petstore_bin" chaos saga
+  chaos="chaos_$(od -An -N4 -tx1 /dev/urandom | tr -d ' \n')"
+  psql "$PETSTORE_TEST_DATABASE_URL" -qc "CREATE DATABASE petstore_test_$chaos"
+  DATABASE_URL="${PETSTORE_TEST_DATABASE_URL%/*}/petstore_test_$chaos" \
+    REDIS_URL="$PETSTORE_TEST_REDIS_URL" PETSTORE__REDIS__KEY_PREFIX="$chaos" \
+    PETSTORE__KAFKA__TOPIC_PREFIX="$chaos" PETSTORE__KAFKA__CONSUMER_GROUP="$chaos" \
+    PETSTORE__LOG__FILTER=error "$petstore_bin" chaos saga
+  psql "$PETSTORE_TEST_DATABASE_URL" -qc "DROP DATABASE petstore_test_$chaos WITH (FORCE)"
+  redis-cli -u "$PETSTORE_TEST_REDIS_URL" --scan --pattern "$chaos:*" | xargs -r redis-cli -u "$PETSTORE_TEST_REDIS_URL" del >/dev/null
+fi

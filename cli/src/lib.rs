@@ -7,6 +7,8 @@
 //! - [`Role`]: which parts of the service this process runs.
 //! - [`Shutdown`]: the signal that stops a running application gracefully.
 
+pub mod chaos;
+
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;

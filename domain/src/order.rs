@@ -201,6 +201,17 @@ impl Order {
     }
 
     /// Why the order was cancelled, if it was.
+    /// Whether nothing is left to do or undo: completed, or cancelled with every
+    /// compensation recorded.
+    pub fn is_settled(&self) -> bool {
+        self.state.as_ref().is_some_and(|state| match state.status {
+            OrderStatus::Completed => true,
+            OrderStatus::Cancelled => state.compensated,
+            _ => false,
+        })
+    }
+
+    /// Why it was cancelled, when it was.
     pub fn cancellation_reason(&self) -> Option<CancellationReason> {
         self.state
             .as_ref()

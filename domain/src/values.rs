@@ -396,6 +396,15 @@ pub enum SimulatedFailure {
 }
 
 impl SimulatedFailure {
+    /// `inventory-service`, `payment-service` or `delivery-service`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InventoryService => "inventory-service",
+            Self::PaymentService => "payment-service",
+            Self::DeliveryService => "delivery-service",
+        }
+    }
+
     /// Parses `inventory-service`, `payment-service` or `delivery-service`.
     pub fn parse(input: &str) -> Result<Self, DomainError> {
         match input {

@@ -403,11 +403,37 @@ pub fn router(database: Database) -> axum::Router {
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct DeadLetterQuery {
-    /// Only those with this status: `pending`, `retrying`, `resolved` or `skipped`.
-    status: Option<String>,
+    /// Only those with this status.
+    status: Option<StatusFilter>,
     /// At most this many, 1 to 500 (default 100).
     #[param(minimum = 1, maximum = 500)]
     limit: Option<i64>,
+}
+
+/// A dead letter's status, as a filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum StatusFilter {
+    /// Not handled yet.
+    Pending,
+    /// To be handled again.
+    Retrying,
+    /// Handled after a retry.
+    Resolved,
+    /// Discarded.
+    Skipped,
+}
+
+impl StatusFilter {
+    /// The status's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StatusFilter::Pending => PENDING,
+            StatusFilter::Retrying => RETRYING,
+            StatusFilter::Resolved => RESOLVED,
+            StatusFilter::Skipped => SKIPPED,
+        }
+    }
 }
 
 /// The dead letters, newest first.
@@ -427,7 +453,8 @@ pub struct DeadLetterPage {
     params(DeadLetterQuery),
     responses(
         (status = 200, description = "The dead letters", body = DeadLetterPage),
-        (status = 400, description = "An unknown status or a bad limit", body = crate::http::ProblemDocument, content_type = "application/problem+json"),
+        (status = 400, description = "A limit out of range", body = crate::http::ProblemDocument, content_type = "application/problem+json"),
+        (status = 422, description = "An unknown status or parameter", body = crate::http::ProblemDocument, content_type = "application/problem+json"),
         (status = 401, description = "No valid bearer token", body = crate::http::ProblemDocument, content_type = "application/problem+json"),
         (status = 403, description = "Not an admin", body = crate::http::ProblemDocument, content_type = "application/problem+json"),
     )
@@ -437,18 +464,11 @@ pub async fn list_route(
     crate::http::Query(query): crate::http::Query<DeadLetterQuery>,
 ) -> Result<crate::http::Json<DeadLetterPage>, crate::http::Problem> {
     use crate::http::Problem;
-    if let Some(status) = &query.status {
-        if ![PENDING, RETRYING, RESOLVED, SKIPPED].contains(&status.as_str()) {
-            return Err(Problem::bad_request(format!(
-                "status {status:?}: pending, retrying, resolved or skipped"
-            )));
-        }
-    }
     let limit = query.limit.unwrap_or(100);
     if !(1..=500).contains(&limit) {
         return Err(Problem::bad_request("limit must be 1 to 500"));
     }
-    let dead_letters = list(&database, query.status.as_deref(), limit)
+    let dead_letters = list(&database, query.status.map(StatusFilter::as_str), limit)
         .await
         .map_err(|error| Problem::from_failure(&error))?;
     Ok(crate::http::Json(DeadLetterPage { dead_letters }))
@@ -544,6 +564,6 @@ pub async fn skip_route(
 #[derive(utoipa::OpenApi)]
 #[openapi(
     paths(list_route, retry_route, skip_route),
-    components(schemas(DeadLetter, DeadLetterPage))
+    components(schemas(DeadLetter, DeadLetterPage, StatusFilter))
 )]
 pub struct DeadLettersApiDoc;

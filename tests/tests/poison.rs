@@ -250,7 +250,7 @@ async fn poison_events_are_set_aside_and_can_be_retried_or_skipped(engine: Engin
     assert_problem(
         app.get("/petstore-domain/admin/dead-letters?status=lost")
             .await,
-        400,
+        422,
     )
     .await;
     assert_problem(

@@ -97,6 +97,10 @@ pub enum SagaError {
     /// The dead-letter store failed.
     #[error("dead letters: {0}")]
     DeadLetters(String),
+    /// An aggregate's stored events cannot be read (one of them is malformed, of an
+    /// unknown type or version).
+    #[error("unreadable history: {0}")]
+    Unreadable(String),
     /// A stored event cannot be decoded.
     #[error("cannot decode {event_type} of {aggregate_id}: {source}")]
     Decode {
@@ -198,7 +202,18 @@ fn saga_event(event: &RecordedEvent) -> Result<Option<(OrderId, Decoded)>, SagaE
 }
 
 fn store_error<E: std::error::Error>(error: AggregateError<E>) -> SagaError {
-    SagaError::Store(error.to_string())
+    match error {
+        AggregateError::DeserializationError(_) => SagaError::Unreadable(error.to_string()),
+        other => SagaError::Store(other.to_string()),
+    }
+}
+
+impl SagaError {
+    /// Whether the failure is the event's own (it or its aggregate's history cannot be
+    /// read): set aside rather than retried for ever.
+    fn is_poison(&self) -> bool {
+        matches!(self, SagaError::Decode { .. } | SagaError::Unreadable(_))
+    }
 }
 
 impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D> {
@@ -463,8 +478,9 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
             .await
     }
 
-    /// Handles one event, trying again a few times; one that keeps failing while the
-    /// database answers is set aside (the failure is the event's, not the infrastructure's).
+    /// Handles one event, trying again a few times; one that keeps failing because an
+    /// aggregate's stored history cannot be read is set aside (the failure is the events',
+    /// not the infrastructure's).
     async fn handle_persistently(
         &self,
         order_id: OrderId,
@@ -479,7 +495,10 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
             tracing::Span::current().record("otel.status_code", "ERROR");
             tracing::error!(%error, attempt, "saga step failed");
             if attempt >= HANDLING_ATTEMPTS {
-                if self.store.database().ping().await.is_err() {
+                // Only a failure of the event's own (its history cannot be read) is set
+                // aside; anything else is the infrastructure's: the batch fails and is
+                // retried from the checkpoint, the runner shows stalled.
+                if !error.is_poison() {
                     return Err(error);
                 }
                 return self.set_aside(event, &error).await;

@@ -16,12 +16,24 @@ use petstore_tests::{add_pets, redis_url, unique_name, Engine, Storage};
 
 const LOCK: &str = "projection:read_models";
 
-/// Every event of the log, in order.
-async fn whole_log(store: &EventStore) -> Vec<RecordedEvent> {
+/// The log's first `count` events, in order. (The stream shows an event once no older
+/// transaction anywhere on the server is open: under a loaded suite that takes a moment.)
+async fn whole_log(store: &EventStore, count: usize) -> Vec<RecordedEvent> {
     let mut reader = StreamReader::new(store, StreamPosition::START, 1_000, Duration::ZERO);
     let mut events = Vec::new();
-    while let Some(batch) = reader.next_batch_or_idle().await.expect("read") {
-        events.extend(batch);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while events.len() < count {
+        match reader.next_batch_or_idle().await.expect("read") {
+            Some(batch) => events.extend(batch),
+            None => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the log shows {} events",
+                    events.len()
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
     }
     events
 }
@@ -62,7 +74,7 @@ async fn an_old_holder_cannot_write_the_read_models_after_a_successor_took_over(
     let database = storage.database().await;
     let store = EventStore::new(database.clone(), 4);
     add_pets(&store, "fenced-pup", 6).await;
-    let log = whole_log(&store).await;
+    let log = whole_log(&store, 6).await;
     let (first, rest) = log.split_at(log.len() / 2);
     let read_models = ReadModels::for_database(&database);
 
@@ -120,7 +132,7 @@ async fn an_old_holder_cannot_write_the_redis_views_after_a_successor_took_over(
     let database = storage.database().await;
     let store = EventStore::new(database.clone(), 4);
     add_pets(&store, "fenced-kit", 4).await;
-    let log = whole_log(&store).await;
+    let log = whole_log(&store, 4).await;
     let (first, rest) = log.split_at(log.len() / 2);
     let mut settings = storage.settings();
     settings.redis.url = Some(secrecy::SecretString::from(redis_url()));

@@ -32,6 +32,8 @@ use petstore_platform::cache::Cache;
 use petstore_platform::database::Database;
 use petstore_platform::event_store::{EventMetadata, EventStore};
 use petstore_platform::http::CorrelationId;
+use petstore_platform::metrics::Metrics;
+use petstore_platform::resilience::Policies;
 use petstore_platform::settings::{FlagSetting, LogFormat, RoleName, Settings};
 use petstore_platform::stream::{self, StreamPosition, StreamReader};
 use petstore_projector::replay;
@@ -324,9 +326,12 @@ async fn saga_level(
     server.await??;
     store.database().close().await;
     if with_redis {
-        Cache::connect(&settings.redis)?
-            .delete_namespace(&settings.redis.key_prefix)
-            .await?;
+        Cache::connect(
+            &settings.redis,
+            Policies::fixed(&settings.resilience, &Metrics::new()).redis,
+        )?
+        .delete_namespace(&settings.redis.key_prefix)
+        .await?;
     }
     database.drop().await?;
     Ok((elapsed, histogram))
@@ -652,14 +657,27 @@ async fn projector(args: &Args, events: usize, rate: u64, seconds: u64) -> anyho
         "| Postgres read models | {rate_pg:.0} | {:.2} |",
         rate_pg / baseline
     );
-    let redis = RedisViews::new(Cache::connect(&settings.redis)?, Duration::from_secs(30));
+    let redis = RedisViews::new(
+        Cache::connect(
+            &settings.redis,
+            Policies::fixed(&settings.resilience, &Metrics::new()).redis,
+        )?,
+        Duration::from_secs(30),
+    );
     let rate_redis = catch_up(&store, &redis, batch).await?;
     println!(
         "| Redis views | {rate_redis:.0} | {:.2} |",
         rate_redis / baseline
     );
     if kafka {
-        let projection = KafkaProjection::new(KafkaBus::new(&settings.kafka)?, connected.clone());
+        let projection = KafkaProjection::new(
+            KafkaBus::new(
+                &settings.kafka,
+                &connected.store_id().await?,
+                Policies::fixed(&settings.resilience, &Metrics::new()).kafka,
+            )?,
+            connected.clone(),
+        );
         let rate_kafka = catch_up(&store, &projection, batch).await?;
         println!(
             "| Kafka (acks=all, idempotent) | {rate_kafka:.0} | {:.2} |",

@@ -33,7 +33,7 @@ use petstore_platform::http;
 use petstore_platform::live::Live;
 use petstore_platform::metrics::Metrics;
 use petstore_platform::resilience::Policies;
-use petstore_platform::settings::{SecuritySettings, Settings, SettingsError};
+use petstore_platform::settings::{KafkaSettings, SecuritySettings, Settings, SettingsError};
 use petstore_projector::health::{
     ProjectionHealth, ReadModelsHealth, ReadModelsReadiness, RedisHealth,
 };
@@ -197,11 +197,12 @@ impl Application {
                 tracing::info!(added, "seeded the demo catalog");
             }
         }
+        let policies = Policies::new(&live, &metrics);
+        let store_id = database.store_id().await?;
         let redis = match &settings.redis.url {
             Some(_) => {
-                let store_id = database.store_id().await?;
                 let views = RedisViews::new(
-                    Cache::connect(&settings.redis)?,
+                    Cache::connect(&settings.redis, policies.redis.clone())?,
                     Duration::from_secs(settings.redis.browse_ttl_seconds),
                 )
                 .bound_to(&store_id)
@@ -220,14 +221,21 @@ impl Application {
         let shutdown = Shutdown::new();
         let payments = Arc::new(SimulatedPaymentGateway::new(live.clone()));
         let deliveries = Arc::new(SimulatedDeliveryProvider::new(live.clone()));
-        let policies = Policies::new(&live, &metrics);
         let mut workers = vec![tokio::spawn(live.clone().run(shutdown.wait()))];
         if roles.contains(&Role::Command) || roles.contains(&Role::Saga) {
             workers.push(tokio::spawn(store.clone().notify_appends(shutdown.wait())));
         }
         let read_models = ReadModels::for_database(&database);
+        if settings.kafka.brokers.is_some()
+            && (roles.contains(&Role::Projector) || roles.contains(&Role::Saga))
+        {
+            check_kafka_topics(&settings.kafka, &store_id).await?;
+        }
         let bus = match &settings.kafka.brokers {
-            Some(_) => Some(KafkaBus::new(&settings.kafka)?.with_metrics(metrics.clone())),
+            Some(_) => Some(
+                KafkaBus::new(&settings.kafka, &store_id, policies.kafka.clone())?
+                    .with_metrics(metrics.clone()),
+            ),
             None => None,
         };
         let mut health = HealthState::default();
@@ -294,7 +302,8 @@ impl Application {
             workers.push(tokio::spawn(runner.run(shutdown.wait())));
         }
 
-        let security = Security::build(&settings.security, &database, &metrics).await?;
+        let security =
+            Security::build(&settings.security, &database, &metrics, &policies.oidc).await?;
         workers.push(tokio::spawn(
             security.rate_limits().clone().evict_until(shutdown.wait()),
         ));
@@ -449,6 +458,20 @@ impl Application {
 /// Makes sure the Redis prefix holds this event store's views before anything reads it:
 /// another store's are deleted and rebuilt by a process that projects (holding the
 /// projection's lock), and refused by one that does not.
+/// Refuses topics that hold another event store's events. A broker that does not answer
+/// never stops the service: the relay checks the topics again before it publishes, and the
+/// saga runner skips any message not of this store.
+async fn check_kafka_topics(settings: &KafkaSettings, store_id: &str) -> Result<(), StartupError> {
+    match petstore_platform::bus::check_topic_owner(settings, store_id).await {
+        Ok(()) => Ok(()),
+        Err(error @ BusError::ForeignTopics { .. }) => Err(error.into()),
+        Err(error) => {
+            tracing::warn!(%error, "Kafka is unreachable: its topics are checked to be this store's when the relay connects");
+            Ok(())
+        }
+    }
+}
+
 async fn claim_redis(
     views: &RedisViews,
     database: &Database,

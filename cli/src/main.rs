@@ -14,6 +14,8 @@ use petstore_domain::OrderId;
 use petstore_platform::bus::KafkaBus;
 use petstore_platform::cache::Cache;
 use petstore_platform::database::Database;
+use petstore_platform::metrics::Metrics;
+use petstore_platform::resilience::Policies;
 use petstore_platform::security_audit::{
     SecurityAudit, SecurityAuditEntry, SecurityAuditFilter, SecurityEventKind,
 };
@@ -394,6 +396,7 @@ async fn run(command: Command, mut settings: Settings) -> anyhow::Result<()> {
                     )?;
                 }
             }
+            let policies = Policies::fixed(&settings.resilience, &Metrics::new());
             for (name, task) in runs {
                 let mut progress = Progress::new(name, total);
                 let report = match task {
@@ -405,7 +408,7 @@ async fn run(command: Command, mut settings: Settings) -> anyhow::Result<()> {
                     }
                     ReplayTask::Redis => {
                         let views = RedisViews::new(
-                            Cache::connect(&settings.redis)?,
+                            Cache::connect(&settings.redis, policies.redis.clone())?,
                             Duration::from_secs(settings.redis.browse_ttl_seconds),
                         )
                         .with_dead_letters(database.clone());
@@ -415,7 +418,11 @@ async fn run(command: Command, mut settings: Settings) -> anyhow::Result<()> {
                         .await?
                     }
                     ReplayTask::Kafka => {
-                        let bus = KafkaBus::new(&settings.kafka)?;
+                        let bus = KafkaBus::new(
+                            &settings.kafka,
+                            &database.store_id().await?,
+                            policies.kafka.clone(),
+                        )?;
                         replay::republish(
                             &database,
                             &bus,

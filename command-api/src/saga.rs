@@ -393,7 +393,13 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
         stopped: &mut tokio::sync::watch::Receiver<bool>,
         seen: &mut RecentEvents,
     ) -> Result<(), SagaError> {
-        let subscriber = KafkaSubscriber::new(kafka, &kafka.consumer_group).await?;
+        let store_id = self
+            .store
+            .database()
+            .store_id()
+            .await
+            .map_err(|error| SagaError::Store(error.to_string()))?;
+        let subscriber = KafkaSubscriber::new(kafka, &kafka.consumer_group, &store_id).await?;
         loop {
             let batch = tokio::select! {
                 _ = stopped.wait_for(|stop| *stop) => return Ok(()),

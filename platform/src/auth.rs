@@ -207,6 +207,7 @@ impl Security {
         settings: &SecuritySettings,
         database: &Database,
         metrics: &Metrics,
+        oidc_policy: &crate::resilience::Policy,
     ) -> Result<Self, AuthError> {
         if jsonwebtoken::crypto::CryptoProvider::try_get_default().is_none() {
             return Err(AuthError::NoCryptoProvider);
@@ -214,8 +215,12 @@ impl Security {
         let audit = SecurityAudit::new(database.clone());
         let mut issuers = Vec::with_capacity(settings.oidc.issuers.len());
         for issuer in &settings.oidc.issuers {
-            let issuer =
-                oidc::OidcIssuer::new(issuer.clone(), &settings.oidc, Some(audit.clone()))?;
+            let issuer = oidc::OidcIssuer::new(
+                issuer.clone(),
+                &settings.oidc,
+                Some(audit.clone()),
+                oidc_policy.clone(),
+            )?;
             issuer.load().await?;
             issuers.push(Arc::new(issuer));
         }

@@ -4,27 +4,35 @@
 //! `.payments`, `.deliveries`), keyed by aggregate id (so one aggregate's events stay in
 //! order in one partition), with headers `event_id`, `event_type`, `event_version`,
 //! `correlation_id`, `causation_id`, `traceparent` (of the message's producer span, a child
-//! of the append that stored the event), and an [`Envelope`] as JSON value. The
-//! producer is idempotent with `acks=all`; [`KafkaBus::publish`] returns only once every
-//! message of the batch is acknowledged, so a caller may move its checkpoint after it.
+//! of the append that stored the event), `store_id` (the event store's identity), and an
+//! [`Envelope`] as JSON value. The producer is idempotent with `acks=all`;
+//! [`KafkaBus::publish`] returns only once every message of the batch is acknowledged, so a
+//! caller may move its checkpoint after it; each batch goes through the `kafka` resilience
+//! policy.
+//!
+//! Topics are bound to the event store whose events they carry: [`check_topic_owner`] refuses
+//! topics whose latest messages are another store's, and a [`KafkaSubscriber`] skips (and
+//! logs) any message not stamped with its store's identity.
 
-use std::collections::HashMap;
-use std::time::Duration;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures::future::try_join_all;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::Message;
+use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::metrics::Metrics;
+use crate::resilience::{AttemptFailure, CallError, Policy, Rejection};
 use crate::settings::KafkaSettings;
 use crate::stream::{Delivery, RecordedEvent, StreamPosition};
 use crate::telemetry;
@@ -48,6 +56,28 @@ pub enum BusError {
         topic: String,
         /// The broker's error code.
         code: RDKafkaErrorCode,
+    },
+    /// The `kafka` policy made no call (its breaker is open, its bulkhead full).
+    #[error("kafka is not called now: {0}")]
+    Rejected(Rejection),
+    /// A batch was not acknowledged within the policy's attempt timeout.
+    #[error("kafka did not acknowledge the batch within {} ms", .0.as_millis())]
+    Timeout(Duration),
+    /// The service's topics hold another event store's events.
+    #[error(
+        "the Kafka topic {topic} (kafka.topic_prefix {prefix:?}) holds {found} (its latest message, partition {partition}), not this event store's ({store}): give this deployment a kafka.topic_prefix (and kafka.consumer_group) of its own, or delete the topics under {prefix:?} to let it take them"
+    )]
+    ForeignTopics {
+        /// The topic.
+        topic: String,
+        /// The topic prefix.
+        prefix: String,
+        /// Its partition.
+        partition: i32,
+        /// Whose events it holds.
+        found: String,
+        /// This store's identity.
+        store: String,
     },
     /// A consumed message is not an envelope.
     #[error("message at {topic}/{partition}@{offset} is not an event envelope: {source}")]
@@ -151,29 +181,56 @@ fn brokers(settings: &KafkaSettings) -> Result<&str, BusError> {
 pub struct KafkaBus {
     producer: FutureProducer,
     settings: KafkaSettings,
+    store_id: Arc<str>,
+    policy: Policy,
     metrics: Option<Metrics>,
 }
 
+/// One message, ready to hand to the producer.
+struct Outgoing {
+    topic: String,
+    key: String,
+    value: Vec<u8>,
+    headers: OwnedHeaders,
+    span: tracing::Span,
+}
+
+impl BusError {
+    /// Whether Kafka failed (counted by its breaker), rather than the message being unfit.
+    fn is_failure(&self) -> bool {
+        matches!(
+            self,
+            BusError::Kafka(_) | BusError::Cancelled | BusError::Timeout(_)
+        )
+    }
+}
+
+impl From<CallError<BusError>> for BusError {
+    fn from(error: CallError<BusError>) -> Self {
+        match error {
+            CallError::Refused(error)
+            | CallError::Failed {
+                failure: AttemptFailure::Error(error),
+                ..
+            } => error,
+            CallError::Failed {
+                failure: AttemptFailure::TimedOut(after),
+                ..
+            } => BusError::Timeout(after),
+            CallError::Rejected(rejection) => BusError::Rejected(rejection),
+        }
+    }
+}
+
 impl KafkaBus {
-    /// A producer for the configured brokers (no connection is made yet).
-    pub fn new(settings: &KafkaSettings) -> Result<Self, BusError> {
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", brokers(settings)?)
-            .set(
-                "enable.idempotence",
-                settings.idempotent_producer.to_string(),
-            )
-            .set("acks", "all")
-            .set(
-                "message.timeout.ms",
-                settings.message_timeout_ms.to_string(),
-            )
-            .set("linger.ms", "2")
-            .set("compression.type", "none")
-            .create()?;
+    /// A producer for the configured brokers (no connection is made yet), stamping
+    /// `store_id` on every message and publishing through `policy` (the `kafka` one).
+    pub fn new(settings: &KafkaSettings, store_id: &str, policy: Policy) -> Result<Self, BusError> {
         Ok(Self {
-            producer,
+            producer: producer(settings)?,
             settings: settings.clone(),
+            store_id: store_id.into(),
+            policy,
             metrics: None,
         })
     }
@@ -189,14 +246,16 @@ impl KafkaBus {
     /// sequence numbers); a new one starts a new producer id.
     pub fn renewed(&self) -> Result<Self, BusError> {
         Ok(Self {
-            metrics: self.metrics.clone(),
-            ..Self::new(&self.settings)?
+            producer: producer(&self.settings)?,
+            ..self.clone()
         })
     }
 
-    /// Creates the service's topics with the configured partitions; existing ones are kept.
+    /// Creates the service's topics with the configured partitions (existing ones are
+    /// kept), then checks that they hold no other event store's events.
     pub async fn ensure_topics(&self) -> Result<(), BusError> {
-        ensure_topics(&self.settings).await
+        ensure_topics(&self.settings).await?;
+        check_topic_owner(&self.settings, &self.store_id).await
     }
 
     /// Publishes `events` in order and waits until the broker acknowledged every one. Each
@@ -204,104 +263,159 @@ impl KafkaBus {
     /// trace linked to it (`Trace::Link`, for replays), whose `traceparent` travels in the
     /// message headers.
     pub async fn publish(&self, events: &[RecordedEvent], trace: Trace) -> Result<(), BusError> {
-        let mut deliveries = Vec::with_capacity(events.len());
-        for event in events {
-            let topic = topic_for(&self.settings.topic_prefix, &event.aggregate_type);
-            let span = tracing::info_span!(
-                "send",
-                otel.name = %format_args!("send {topic}"),
-                otel.kind = "producer",
-                otel.status_code = tracing::field::Empty,
-                messaging.system = "kafka",
-                messaging.operation.type = "send",
-                messaging.operation.name = "send",
-                messaging.destination.name = %topic,
-                messaging.kafka.message.key = %event.aggregate_id,
-                messaging.destination.partition.id = tracing::field::Empty,
-                messaging.kafka.offset = tracing::field::Empty,
-                event_type = %event.event_type,
-                correlation_id = %event.metadata_value("correlation_id"),
-            );
-            let stored = event.metadata.get("traceparent").map(String::as_str);
-            match trace {
-                Trace::Continue => telemetry::continue_trace(&span, stored),
-                Trace::Link => telemetry::link_to(&span, stored),
-            }
-            let traceparent = telemetry::traceparent_of(&span.context()).unwrap_or_default();
-            let envelope = Envelope::from(event);
-            let value = serde_json::to_vec(&envelope).map_err(|source| BusError::Envelope {
-                topic: topic.clone(),
-                partition: -1,
-                offset: -1,
-                source,
-            })?;
-            let mut headers = OwnedHeaders::new_with_capacity(6);
-            for (key, value) in [
-                ("event_id", envelope.event_id.as_str()),
-                ("event_type", envelope.event_type.as_str()),
-                ("event_version", envelope.event_version.as_str()),
-                ("correlation_id", event.metadata_value("correlation_id")),
-                ("causation_id", event.metadata_value("causation_id")),
-                ("traceparent", traceparent.as_str()),
-            ] {
-                headers = headers.insert(Header {
-                    key,
-                    value: Some(value),
-                });
-            }
-            let mut record = FutureRecord::to(&topic)
-                .key(&event.aggregate_id)
-                .payload(&value)
-                .headers(headers);
-            // Enqueue in stream order; librdkafka keeps per-partition order with idempotence.
-            let delivery = loop {
-                match self.producer.send_result(record) {
-                    Ok(delivery) => break delivery,
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
-                        record = returned;
-                        tokio::time::sleep(Duration::from_millis(5)).await;
+        let outgoing = Arc::new(
+            events
+                .iter()
+                .map(|event| self.outgoing(event, trace))
+                .collect::<Result<Vec<_>, _>>()?,
+        );
+        Ok(self
+            .policy
+            .call(BusError::is_failure, || {
+                send_all(
+                    self.producer.clone(),
+                    Arc::clone(&outgoing),
+                    self.metrics.clone(),
+                )
+            })
+            .await?)
+    }
+
+    fn outgoing(&self, event: &RecordedEvent, trace: Trace) -> Result<Outgoing, BusError> {
+        let topic = topic_for(&self.settings.topic_prefix, &event.aggregate_type);
+        let span = tracing::info_span!(
+            "send",
+            otel.name = %format_args!("send {topic}"),
+            otel.kind = "producer",
+            otel.status_code = tracing::field::Empty,
+            messaging.system = "kafka",
+            messaging.operation.type = "send",
+            messaging.operation.name = "send",
+            messaging.destination.name = %topic,
+            messaging.kafka.message.key = %event.aggregate_id,
+            messaging.destination.partition.id = tracing::field::Empty,
+            messaging.kafka.offset = tracing::field::Empty,
+            event_type = %event.event_type,
+            correlation_id = %event.metadata_value("correlation_id"),
+        );
+        let stored = event.metadata.get("traceparent").map(String::as_str);
+        match trace {
+            Trace::Continue => telemetry::continue_trace(&span, stored),
+            Trace::Link => telemetry::link_to(&span, stored),
+        }
+        let traceparent = telemetry::traceparent_of(&span.context()).unwrap_or_default();
+        let envelope = Envelope::from(event);
+        let value = serde_json::to_vec(&envelope).map_err(|source| BusError::Envelope {
+            topic: topic.clone(),
+            partition: -1,
+            offset: -1,
+            source,
+        })?;
+        let mut headers = OwnedHeaders::new_with_capacity(7);
+        for (key, value) in [
+            ("event_id", envelope.event_id.as_str()),
+            ("event_type", envelope.event_type.as_str()),
+            ("event_version", envelope.event_version.as_str()),
+            ("correlation_id", event.metadata_value("correlation_id")),
+            ("causation_id", event.metadata_value("causation_id")),
+            ("traceparent", traceparent.as_str()),
+            (STORE_HEADER, &self.store_id),
+        ] {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value),
+            });
+        }
+        Ok(Outgoing {
+            topic,
+            key: envelope.aggregate_id,
+            value,
+            headers,
+            span,
+        })
+    }
+}
+
+/// The header naming the event store a message's event comes from.
+pub const STORE_HEADER: &str = "store_id";
+
+fn producer(settings: &KafkaSettings) -> Result<FutureProducer, BusError> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", brokers(settings)?)
+        .set(
+            "enable.idempotence",
+            settings.idempotent_producer.to_string(),
+        )
+        .set("acks", "all")
+        .set(
+            "message.timeout.ms",
+            settings.message_timeout_ms.to_string(),
+        )
+        .set("linger.ms", "2")
+        .set("compression.type", "none")
+        .create()?)
+}
+
+/// Hands every message to the producer in order, then waits for every acknowledgement.
+async fn send_all(
+    producer: FutureProducer,
+    outgoing: Arc<Vec<Outgoing>>,
+    metrics: Option<Metrics>,
+) -> Result<(), BusError> {
+    let mut deliveries = Vec::with_capacity(outgoing.len());
+    for message in outgoing.iter() {
+        let mut record = FutureRecord::to(&message.topic)
+            .key(&message.key)
+            .payload(&message.value)
+            .headers(message.headers.clone());
+        // Enqueue in stream order; librdkafka keeps per-partition order with idempotence.
+        let delivery = loop {
+            match producer.send_result(record) {
+                Ok(delivery) => break delivery,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                    record = returned;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((error, _)) => {
+                    if let Some(metrics) = &metrics {
+                        metrics.kafka_publish_errors.inc();
                     }
-                    Err((error, _)) => {
-                        if let Some(metrics) = &self.metrics {
+                    return Err(error.into());
+                }
+            }
+        };
+        deliveries.push((delivery, &message.span, Instant::now()));
+    }
+    let metrics = metrics.as_ref();
+    try_join_all(
+        deliveries
+            .into_iter()
+            .map(|(delivery, span, sent)| async move {
+                let outcome = match delivery.await {
+                    Ok(Ok(delivered)) => {
+                        span.record("messaging.destination.partition.id", delivered.partition);
+                        span.record("messaging.kafka.offset", delivered.offset);
+                        Ok(())
+                    }
+                    Ok(Err((error, _))) => Err(BusError::Kafka(error)),
+                    Err(_) => Err(BusError::Cancelled),
+                };
+                if outcome.is_err() {
+                    span.record("otel.status_code", "ERROR");
+                }
+                if let Some(metrics) = metrics {
+                    match &outcome {
+                        Ok(()) => metrics.kafka_delivery.observe(sent.elapsed().as_secs_f64()),
+                        Err(_) => {
                             metrics.kafka_publish_errors.inc();
                         }
-                        return Err(error.into());
                     }
                 }
-            };
-            deliveries.push((delivery, span, std::time::Instant::now()));
-        }
-        let metrics = self.metrics.as_ref();
-        try_join_all(
-            deliveries
-                .into_iter()
-                .map(|(delivery, span, sent)| async move {
-                    let outcome = match delivery.await {
-                        Ok(Ok(delivered)) => {
-                            span.record("messaging.destination.partition.id", delivered.partition);
-                            span.record("messaging.kafka.offset", delivered.offset);
-                            Ok(())
-                        }
-                        Ok(Err((error, _))) => Err(BusError::Kafka(error)),
-                        Err(_) => Err(BusError::Cancelled),
-                    };
-                    if outcome.is_err() {
-                        span.record("otel.status_code", "ERROR");
-                    }
-                    if let Some(metrics) = metrics {
-                        match &outcome {
-                            Ok(()) => metrics.kafka_delivery.observe(sent.elapsed().as_secs_f64()),
-                            Err(_) => {
-                                metrics.kafka_publish_errors.inc();
-                            }
-                        }
-                    }
-                    outcome
-                }),
-        )
-        .await?;
-        Ok(())
-    }
+                outcome
+            }),
+    )
+    .await?;
+    Ok(())
 }
 
 /// How a published message's span relates to the trace its event was stored in.
@@ -342,18 +456,115 @@ async fn ensure_topics(settings: &KafkaSettings) -> Result<(), BusError> {
     Ok(())
 }
 
+/// How long [`check_topic_owner`] may take.
+const OWNER_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Checks that the service's topics hold this event store's events: the latest message of
+/// every partition must carry `store_id` in its `store_id` header. Empty or missing topics
+/// pass. A message of another store, or with no store at all (written before identities),
+/// is [`BusError::ForeignTopics`].
+pub async fn check_topic_owner(settings: &KafkaSettings, store_id: &str) -> Result<(), BusError> {
+    let settings = settings.clone();
+    let store_id = store_id.to_owned();
+    tokio::task::spawn_blocking(move || check_owner_blocking(&settings, &store_id))
+        .await
+        .map_err(|_| BusError::Cancelled)?
+}
+
+fn check_owner_blocking(settings: &KafkaSettings, store_id: &str) -> Result<(), BusError> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers(settings)?)
+        // Assigned partitions only: it never joins or commits to this group.
+        .set("group.id", format!("{}-owner-check", settings.topic_prefix))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("fetch.wait.max.ms", "10")
+        .create()?;
+    let deadline = Instant::now() + OWNER_CHECK_TIMEOUT;
+    let metadata = consumer.fetch_metadata(None, OWNER_CHECK_TIMEOUT)?;
+    let names: HashSet<String> = topics(&settings.topic_prefix).into_iter().collect();
+    let mut latest = TopicPartitionList::new();
+    let mut pending = HashSet::new();
+    for topic in metadata.topics() {
+        if !names.contains(topic.name()) {
+            continue;
+        }
+        for partition in topic.partitions() {
+            let (low, high) =
+                consumer.fetch_watermarks(topic.name(), partition.id(), OWNER_CHECK_TIMEOUT)?;
+            if high > low {
+                latest.add_partition_offset(
+                    topic.name(),
+                    partition.id(),
+                    Offset::Offset(high - 1),
+                )?;
+                pending.insert((topic.name().to_owned(), partition.id()));
+            }
+        }
+    }
+    if pending.is_empty() {
+        return Ok(());
+    }
+    consumer.assign(&latest)?;
+    while !pending.is_empty() {
+        let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+            return Err(BusError::Timeout(OWNER_CHECK_TIMEOUT));
+        };
+        let Some(message) = consumer.poll(left.min(Duration::from_millis(100))) else {
+            continue;
+        };
+        let message = message?;
+        if !pending.remove(&(message.topic().to_owned(), message.partition())) {
+            continue;
+        }
+        let found = header(&message, STORE_HEADER);
+        if found.as_deref() != Some(store_id) {
+            return Err(BusError::ForeignTopics {
+                topic: message.topic().to_owned(),
+                prefix: settings.topic_prefix.clone(),
+                partition: message.partition(),
+                found: match found {
+                    Some(other) => format!("events of the event store {other}"),
+                    None => "events with no store identity (written before identities)".to_owned(),
+                },
+                store: store_id.to_owned(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A header's value, as text.
+fn header<M: Message>(message: &M, key: &str) -> Option<String> {
+    let headers = message.headers()?;
+    (0..headers.count())
+        .map(|index| headers.get(index))
+        .find(|header| header.key == key)
+        .and_then(|header| header.value)
+        .and_then(|value| std::str::from_utf8(value).ok())
+        .map(str::to_owned)
+}
+
 /// A member of a consumer group over the service's topics.
 pub struct KafkaSubscriber {
     consumer: StreamConsumer,
+    store_id: String,
+    /// The partitions where another store's message was skipped (each logged once).
+    skipped: std::sync::Mutex<HashSet<(String, i32)>>,
 }
 
 impl KafkaSubscriber {
-    /// Creates the service's topics if need be, joins `group` and subscribes to every topic.
-    /// Offsets are committed only by [`Self::commit`]; a new group starts from the earliest
-    /// offset. (Subscribing to a topic that does not exist yet would leave its partitions
-    /// unassigned until the next metadata refresh, and the events published meanwhile
-    /// unhandled for that long.)
-    pub async fn new(settings: &KafkaSettings, group: &str) -> Result<Self, BusError> {
+    /// Creates the service's topics if need be, joins `group` and subscribes to every topic,
+    /// for the events of the store `store_id` (others' messages are skipped, each partition
+    /// logged once). Offsets are committed only by [`Self::commit`]; a new group starts from
+    /// the earliest offset. (Subscribing to a topic that does not exist yet would leave its
+    /// partitions unassigned until the next metadata refresh, and the events published
+    /// meanwhile unhandled for that long.)
+    pub async fn new(
+        settings: &KafkaSettings,
+        group: &str,
+        store_id: &str,
+    ) -> Result<Self, BusError> {
         ensure_topics(settings).await?;
         let consumer: StreamConsumer = ClientConfig::new()
             .set("bootstrap.servers", brokers(settings)?)
@@ -369,7 +580,11 @@ impl KafkaSubscriber {
         let names = topics(&settings.topic_prefix);
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         consumer.subscribe(&names)?;
-        Ok(Self { consumer })
+        Ok(Self {
+            consumer,
+            store_id: store_id.to_owned(),
+            skipped: std::sync::Mutex::new(HashSet::new()),
+        })
     }
 
     /// Waits for one message, then takes whatever else arrives within `linger`, up to `max`.
@@ -380,14 +595,16 @@ impl KafkaSubscriber {
         linger: Duration,
     ) -> Result<Vec<RecordedEvent>, BusError> {
         let mut batch = Vec::new();
-        let first = self.consumer.recv().await?;
-        batch.push(self.take(&first)?);
+        while batch.is_empty() {
+            let first = self.consumer.recv().await?;
+            batch.extend(self.take(&first)?);
+        }
         let until = tokio::time::Instant::now() + linger;
         while batch.len() < max {
             match tokio::time::timeout_at(until, self.consumer.recv()).await {
                 Ok(message) => {
                     let message = message?;
-                    batch.push(self.take(&message)?);
+                    batch.extend(self.take(&message)?);
                 }
                 Err(_) => break,
             }
@@ -395,10 +612,32 @@ impl KafkaSubscriber {
         Ok(batch)
     }
 
+    /// The message's event, or `None` for another store's message (its offset is stored:
+    /// it is passed over, not handled).
     fn take(
         &self,
         message: &rdkafka::message::BorrowedMessage<'_>,
-    ) -> Result<RecordedEvent, BusError> {
+    ) -> Result<Option<RecordedEvent>, BusError> {
+        let store = header(message, STORE_HEADER);
+        if store.as_deref() != Some(self.store_id.as_str()) {
+            self.consumer.store_offset_from_message(message)?;
+            let first = self
+                .skipped
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert((message.topic().to_owned(), message.partition()));
+            if first {
+                tracing::warn!(
+                    topic = message.topic(),
+                    partition = message.partition(),
+                    offset = message.offset(),
+                    found = store.as_deref().unwrap_or("none"),
+                    store = %self.store_id,
+                    "skipping messages of another event store on this partition (not handled)"
+                );
+            }
+            return Ok(None);
+        }
         let envelope: Envelope = serde_json::from_slice(message.payload().unwrap_or_default())
             .map_err(|source| BusError::Envelope {
                 topic: message.topic().to_owned(),
@@ -407,22 +646,14 @@ impl KafkaSubscriber {
                 source,
             })?;
         self.consumer.store_offset_from_message(message)?;
-        let traceparent = message.headers().and_then(|headers| {
-            (0..headers.count())
-                .map(|index| headers.get(index))
-                .find(|header| header.key == "traceparent")
-                .and_then(|header| header.value)
-                .and_then(|value| std::str::from_utf8(value).ok())
-                .map(str::to_owned)
-        });
         let mut event = RecordedEvent::from(envelope);
         event.delivery = Some(Delivery {
             topic: message.topic().to_owned(),
             partition: message.partition(),
             offset: message.offset(),
-            traceparent,
+            traceparent: header(message, "traceparent"),
         });
-        Ok(event)
+        Ok(Some(event))
     }
 
     /// Commits the stored offsets: everything returned so far is handled.

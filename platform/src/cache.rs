@@ -1,16 +1,23 @@
 //! Redis, for read models and cached query results.
 //!
-//! Every call has a short timeout: a slow or unreachable Redis turns into an error the caller
-//! handles (queries fall back to the read-model database) instead of a slow service. The
-//! connection manager reconnects on its own once Redis is back. Keys are namespaced by a
-//! configurable prefix.
+//! Every read and write goes through the `redis` resilience policy (breaker, bulkhead,
+//! overall timeout), and each command has a short timeout of its own inside it: a slow or
+//! unreachable Redis turns into an error the caller handles (queries fall back to the
+//! read-model database) instead of a slow service, and while its breaker is open no call
+//! waits for it at all. The health ping and the bulk moves of a replay or a start-up (which
+//! take their own, longer timeouts) are made directly. The connection manager reconnects on
+//! its own once Redis is back. Keys are namespaced by a configurable prefix.
 
 use std::time::Duration;
 
+use std::future::Future;
+use std::sync::{Arc, LazyLock};
+
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::AsyncCommands;
+use redis::{AsyncCommands, RetryMethod};
 use secrecy::{ExposeSecret, SecretString};
 
+use crate::resilience::{AttemptFailure, CallError, Policy, Rejection};
 use crate::settings::RedisSettings;
 
 /// Redis failed or answered too slowly.
@@ -25,6 +32,9 @@ pub enum CacheError {
     /// The call took longer than the operation timeout.
     #[error("redis did not answer within {0:?}")]
     Timeout(Duration),
+    /// The `redis` policy made no call (its breaker is open, its bulkhead full).
+    #[error("redis is not called now: {0}")]
+    Rejected(Rejection),
     /// The writer's lock passed to another holder: its write was refused.
     #[error("fenced: the views are written with token {current} now, not this writer's {held}")]
     Fenced {
@@ -40,11 +50,42 @@ impl CacheError {
     pub fn is_fenced(&self) -> bool {
         matches!(self, CacheError::Fenced { .. })
     }
+
+    /// Whether Redis failed (counted by its breaker), rather than answering for good (a
+    /// refused fenced write, a script or type error).
+    fn is_failure(&self) -> bool {
+        match self {
+            CacheError::Redis(error) => !matches!(error.retry_method(), RetryMethod::NoRetry),
+            CacheError::Timeout(_) => true,
+            CacheError::NotConfigured | CacheError::Rejected(_) | CacheError::Fenced { .. } => {
+                false
+            }
+        }
+    }
+}
+
+impl From<CallError<CacheError>> for CacheError {
+    fn from(error: CallError<CacheError>) -> Self {
+        match error {
+            CallError::Refused(error)
+            | CallError::Failed {
+                failure: AttemptFailure::Error(error),
+                ..
+            } => error,
+            CallError::Failed {
+                failure: AttemptFailure::TimedOut(after),
+                ..
+            } => CacheError::Timeout(after),
+            CallError::Rejected(rejection) => CacheError::Rejected(rejection),
+        }
+    }
 }
 
 /// Raises the fence key `KEYS[1]` to token `ARGV[1]` unless it is already above it; answers
 /// the token in force.
-const RAISE_FENCE: &str = r"
+static RAISE_FENCE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
 local mine = tonumber(ARGV[1])
 if current < mine then
@@ -52,11 +93,15 @@ if current < mine then
   return mine
 end
 return current
-";
+",
+    )
+});
 
 /// Writes `ARGV[2]` values to `KEYS[2..]` and increments the rest of `KEYS`, all or nothing,
 /// only while the fence key `KEYS[1]` holds token `ARGV[1]`; answers the token in force.
-const FENCED_WRITE: &str = r"
+static FENCED_WRITE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
 if current ~= tonumber(ARGV[1]) then
   return current
@@ -69,14 +114,17 @@ for i = values + 2, #KEYS do
   redis.call('INCR', KEYS[i])
 end
 return current
-";
+",
+    )
+});
 
-/// A Redis connection with a key prefix and an operation timeout.
+/// A Redis connection with a key prefix, an operation timeout and a resilience policy.
 #[derive(Clone)]
 pub struct Cache {
     connection: ConnectionManager,
     prefix: String,
     timeout: Duration,
+    policy: Policy,
 }
 
 impl std::fmt::Debug for Cache {
@@ -90,8 +138,9 @@ impl std::fmt::Debug for Cache {
 }
 
 impl Cache {
-    /// A lazily connecting client: the service starts even when Redis is down.
-    pub fn connect(settings: &RedisSettings) -> Result<Self, CacheError> {
+    /// A lazily connecting client calling through `policy` (the `redis` one): the service
+    /// starts even when Redis is down.
+    pub fn connect(settings: &RedisSettings, policy: Policy) -> Result<Self, CacheError> {
         let url: &SecretString = settings.url.as_ref().ok_or(CacheError::NotConfigured)?;
         let client = redis::Client::open(url.expose_secret())?;
         let timeout = Duration::from_millis(settings.operation_timeout_ms.max(1));
@@ -105,6 +154,7 @@ impl Cache {
             connection,
             prefix: settings.key_prefix.clone(),
             timeout,
+            policy,
         })
     }
 
@@ -114,6 +164,7 @@ impl Cache {
             connection: self.connection.clone(),
             prefix: prefix.to_owned(),
             timeout: self.timeout,
+            policy: self.policy.clone(),
         }
     }
 
@@ -216,8 +267,12 @@ impl Cache {
 
     /// Sets `key` to `value`, with no expiry.
     pub async fn set(&self, key: &str, value: &str) -> Result<(), CacheError> {
-        let mut connection = self.connection.clone();
-        self.bounded(connection.set::<_, _, ()>(key, value)).await
+        let (key, value) = (key.to_owned(), value.to_owned());
+        self.call(self.timeout, move |mut connection| {
+            let (key, value) = (key.clone(), value.clone());
+            async move { connection.set::<_, _, ()>(key, value).await }
+        })
+        .await
     }
 
     /// `{prefix}:{suffix}`.
@@ -227,12 +282,34 @@ impl Cache {
 
     async fn bounded<T>(
         &self,
-        call: impl std::future::Future<Output = redis::RedisResult<T>>,
+        call: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, CacheError> {
         match tokio::time::timeout(self.timeout, call).await {
             Ok(result) => Ok(result?),
             Err(_) => Err(CacheError::Timeout(self.timeout)),
         }
+    }
+
+    /// Runs `command` (on a clone of the connection) through the policy, each attempt
+    /// bounded by `timeout`.
+    async fn call<T, F, Fut>(&self, timeout: Duration, command: F) -> Result<T, CacheError>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>> + Send + 'static,
+        T: Send + 'static,
+    {
+        Ok(self
+            .policy
+            .call(CacheError::is_failure, || {
+                let command = command(self.connection.clone());
+                async move {
+                    match tokio::time::timeout(timeout, command).await {
+                        Ok(result) => Ok(result?),
+                        Err(_) => Err(CacheError::Timeout(timeout)),
+                    }
+                }
+            })
+            .await?)
     }
 
     /// Round trip, for health checks.
@@ -245,8 +322,12 @@ impl Cache {
 
     /// The value at a full key.
     pub async fn get(&self, key: &str) -> Result<Option<String>, CacheError> {
-        let mut connection = self.connection.clone();
-        self.bounded(connection.get(key)).await
+        let key = key.to_owned();
+        self.call(self.timeout, move |mut connection| {
+            let key = key.clone();
+            async move { connection.get(key).await }
+        })
+        .await
     }
 
     /// The values at several full keys, in order.
@@ -254,9 +335,12 @@ impl Cache {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let mut connection = self.connection.clone();
-        self.bounded(redis::cmd("MGET").arg(keys).query_async(&mut connection))
-            .await
+        let command = Arc::new(redis::cmd("MGET").arg(keys).to_owned());
+        self.call(self.timeout, move |mut connection| {
+            let command = command.clone();
+            async move { command.query_async(&mut connection).await }
+        })
+        .await
     }
 
     /// Sets a full key that expires after `ttl`.
@@ -266,9 +350,12 @@ impl Cache {
         value: &str,
         ttl: Duration,
     ) -> Result<(), CacheError> {
-        let mut connection = self.connection.clone();
-        self.bounded(connection.set_ex(key, value, ttl.as_secs().max(1)))
-            .await
+        let (key, value) = (key.to_owned(), value.to_owned());
+        self.call(self.timeout, move |mut connection| {
+            let (key, value) = (key.clone(), value.clone());
+            async move { connection.set_ex(key, value, ttl.as_secs().max(1)).await }
+        })
+        .await
     }
 
     /// Sets every `(key, value)` and increments every counter key, atomically (MULTI/EXEC).
@@ -289,27 +376,29 @@ impl Cache {
         for key in counters {
             pipeline.incr(key, 1).ignore();
         }
-        let mut connection = self.connection.clone();
+        let pipeline = Arc::new(pipeline);
         // A big batch may take longer than one small call.
-        let timeout = self.timeout * 4;
-        match tokio::time::timeout(timeout, pipeline.query_async::<()>(&mut connection)).await {
-            Ok(result) => Ok(result?),
-            Err(_) => Err(CacheError::Timeout(timeout)),
-        }
+        self.call(self.timeout * 4, move |mut connection| {
+            let pipeline = pipeline.clone();
+            async move { pipeline.query_async::<()>(&mut connection).await }
+        })
+        .await
     }
 
     /// Makes `token` the one the fence key `key` accepts writes from; refused when a later
     /// holder already raised it.
     pub async fn raise_fence(&self, key: &str, token: i64) -> Result<(), CacheError> {
-        let mut connection = self.connection.clone();
-        let script = redis::Script::new(RAISE_FENCE);
-        let mut invocation = script.key(key);
-        invocation.arg(token);
-        let call = invocation.invoke_async::<i64>(&mut connection);
-        let current = match tokio::time::timeout(self.timeout, call).await {
-            Ok(result) => result?,
-            Err(_) => return Err(CacheError::Timeout(self.timeout)),
-        };
+        let key = key.to_owned();
+        let current = self
+            .call(self.timeout, move |mut connection| {
+                let key = key.clone();
+                async move {
+                    let mut invocation = RAISE_FENCE.key(key);
+                    invocation.arg(token);
+                    invocation.invoke_async::<i64>(&mut connection).await
+                }
+            })
+            .await?;
         if current == token {
             Ok(())
         } else {
@@ -328,27 +417,31 @@ impl Cache {
         fence_key: &str,
         token: i64,
     ) -> Result<(), CacheError> {
-        let script = redis::Script::new(FENCED_WRITE);
-        let mut invocation = script.prepare_invoke();
-        invocation.key(fence_key).arg(token).arg(values.len());
-        for (key, _) in values {
-            invocation.key(key);
+        let mut keys = Vec::with_capacity(1 + values.len() + counters.len());
+        let mut args = Vec::with_capacity(2 + values.len());
+        keys.push(fence_key.to_owned());
+        args.extend([token.to_string(), values.len().to_string()]);
+        for (key, value) in values {
+            keys.push(key.clone());
+            args.push(value.clone());
         }
-        for (_, value) in values {
-            invocation.arg(value);
-        }
-        for key in counters {
-            invocation.key(key);
-        }
-        let mut connection = self.connection.clone();
-        let timeout = self.timeout * 4;
-        let current =
-            match tokio::time::timeout(timeout, invocation.invoke_async::<i64>(&mut connection))
-                .await
-            {
-                Ok(result) => result?,
-                Err(_) => return Err(CacheError::Timeout(timeout)),
-            };
+        keys.extend(counters.iter().cloned());
+        let (keys, args) = (Arc::new(keys), Arc::new(args));
+        let current = self
+            .call(self.timeout * 4, move |mut connection| {
+                let (keys, args) = (keys.clone(), args.clone());
+                async move {
+                    let mut invocation = FENCED_WRITE.prepare_invoke();
+                    for key in keys.iter() {
+                        invocation.key(key);
+                    }
+                    for arg in args.iter() {
+                        invocation.arg(arg);
+                    }
+                    invocation.invoke_async::<i64>(&mut connection).await
+                }
+            })
+            .await?;
         if current == token {
             Ok(())
         } else {

@@ -35,7 +35,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use crate::http::Problem;
 use crate::live::Live;
 use crate::metrics::{Metrics, BREAKER_CLOSED, BREAKER_HALF_OPEN, BREAKER_OPEN};
-use crate::settings::DependencyPolicy;
+use crate::settings::{DependencyPolicy, ResilienceSettings};
 
 /// How long the retry budget remembers calls.
 const BUDGET_WINDOW: Duration = Duration::from_secs(10);
@@ -652,30 +652,58 @@ pub struct Policies {
     pub payment: Policy,
     /// The delivery provider.
     pub delivery: Policy,
+    /// Redis.
+    pub redis: Policy,
+    /// Kafka (publishing).
+    pub kafka: Policy,
+    /// The OIDC providers' discovery and key-set fetches.
+    pub oidc: Policy,
 }
 
 impl Policies {
     /// The policies `resilience.*` of `live` says, at each call.
     pub fn new(live: &Live, metrics: &Metrics) -> Self {
-        let payment = live.clone();
-        let delivery = live.clone();
+        let policy = |name: &'static str, pick: fn(&ResilienceSettings) -> &DependencyPolicy| {
+            let live = live.clone();
+            Policy::new(
+                name,
+                Arc::new(move || pick(&live.current().settings.resilience).clone()),
+                metrics.clone(),
+            )
+        };
         Self {
-            payment: Policy::new(
-                "payment",
-                Arc::new(move || payment.current().settings.resilience.payment.clone()),
-                metrics.clone(),
-            ),
-            delivery: Policy::new(
-                "delivery",
-                Arc::new(move || delivery.current().settings.resilience.delivery.clone()),
-                metrics.clone(),
-            ),
+            payment: policy("payment", |all| &all.payment),
+            delivery: policy("delivery", |all| &all.delivery),
+            redis: policy("redis", |all| &all.redis),
+            kafka: policy("kafka", |all| &all.kafka),
+            oidc: policy("oidc", |all| &all.oidc),
+        }
+    }
+
+    /// The policies of `settings`, fixed (a command-line tool with no live settings).
+    pub fn fixed(settings: &ResilienceSettings, metrics: &Metrics) -> Self {
+        let policy = |name: &'static str, settings: &DependencyPolicy| {
+            let settings = settings.clone();
+            Policy::new(name, Arc::new(move || settings.clone()), metrics.clone())
+        };
+        Self {
+            payment: policy("payment", &settings.payment),
+            delivery: policy("delivery", &settings.delivery),
+            redis: policy("redis", &settings.redis),
+            kafka: policy("kafka", &settings.kafka),
+            oidc: policy("oidc", &settings.oidc),
         }
     }
 
     /// Each policy, by dependency name.
-    pub fn all(&self) -> [&Policy; 2] {
-        [&self.payment, &self.delivery]
+    pub fn all(&self) -> [&Policy; 5] {
+        [
+            &self.payment,
+            &self.delivery,
+            &self.redis,
+            &self.kafka,
+            &self.oidc,
+        ]
     }
 
     /// The policy of `name`.

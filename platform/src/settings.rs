@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use figment::providers::{Env, Format, Yaml};
+use figment::providers::{Env, Format, Serialized, Yaml};
 use figment::Figment;
 use secrecy::SecretString;
 use serde::Deserialize;
@@ -599,12 +599,30 @@ impl Settings {
                 return Err(SettingsError::invalid(key, "must not be empty"));
             }
         }
+        let kafka_attempt = self.resilience.kafka.attempt_timeout_ms;
+        if kafka_attempt <= self.kafka.message_timeout_ms {
+            return Err(SettingsError::invalid(
+                "resilience.kafka.attempt_timeout_ms",
+                format!(
+                    "{kafka_attempt} does not outlast kafka.message_timeout_ms ({}): a batch \
+                     would be given up while the producer still delivers it",
+                    self.kafka.message_timeout_ms
+                ),
+            ));
+        }
         LiveSettings::of(self).validate()
     }
 
     /// The file layers only: defaults, `base.yaml`, `{environment}.yaml`.
     pub fn figment(config_dir: &Path, environment: &str) -> Figment {
+        // Each dependency's policy has defaults of its own: layered under the files, so a
+        // file or variable naming one key of `resilience.redis` keeps Redis's defaults for
+        // the rest (a struct default would bring the providers').
         Figment::new()
+            .merge(Serialized::default(
+                "resilience",
+                ResilienceSettings::default(),
+            ))
             .merge(Yaml::file(config_dir.join("base.yaml")))
             .merge(Yaml::file(config_dir.join(format!("{environment}.yaml"))))
     }
@@ -621,6 +639,47 @@ mod tests {
             .expect("defaults are complete");
         assert_eq!(settings.http.listen.port(), 8080);
         assert!(settings.database.url.is_none());
+    }
+
+    #[test]
+    #[expect(
+        clippy::result_large_err,
+        reason = "figment::Jail's closures return figment::Error"
+    )]
+    fn a_policy_key_given_alone_keeps_its_dependencys_defaults() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "base.yaml",
+                "security:\n  jwt:\n    secret: a-secret-of-thirty-two-bytes-or-more\n\
+                 resilience:\n  redis:\n    max_attempts: 2\n",
+            )?;
+            jail.set_env("PETSTORE__RESILIENCE__OIDC__BREAKER__OPEN_MS", "1000");
+            let settings = Settings::load(jail.directory()).expect("valid");
+            let redis = &settings.resilience.redis;
+            assert_eq!(redis.max_attempts, 2);
+            assert_eq!(
+                DependencyPolicy {
+                    max_attempts: 2,
+                    ..DependencyPolicy::redis()
+                },
+                *redis,
+                "the rest is Redis's defaults, not the providers'"
+            );
+            assert_eq!(settings.resilience.oidc.breaker.open_ms, 1_000);
+            assert_eq!(settings.resilience.oidc.breaker.minimum_calls, 3);
+            assert_eq!(settings.resilience.kafka, DependencyPolicy::kafka());
+            jail.set_env("PETSTORE__RESILIENCE__KAFKA__ATTEMPT_TIMEOUT_MS", "5000");
+            let message = match Settings::load(jail.directory()) {
+                Ok(_) => panic!("an attempt shorter than the producer's delivery is refused"),
+                Err(error) => error.to_string(),
+            };
+            assert!(
+                message.contains("resilience.kafka.attempt_timeout_ms")
+                    && message.contains("kafka.message_timeout_ms"),
+                "{message}"
+            );
+            Ok(())
+        });
     }
 
     #[test]

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use petstore_platform::cache::Cache;
 use petstore_platform::database::{Database, ExclusiveLock};
 use petstore_platform::event_store::EventStore;
+use petstore_platform::metrics::Metrics;
+use petstore_platform::resilience::Policies;
 use petstore_platform::settings::ProjectorSettings;
 use petstore_platform::stream::{self, RecordedEvent, StreamPosition, StreamReader};
 use petstore_projector::{Projection, Projector, ReadModels, RedisViews};
@@ -137,7 +139,11 @@ async fn an_old_holder_cannot_write_the_redis_views_after_a_successor_took_over(
     let mut settings = storage.settings();
     settings.redis.url = Some(secrecy::SecretString::from(redis_url()));
     settings.redis.key_prefix = unique_name("fence");
-    let cache = Cache::connect(&settings.redis).expect("redis");
+    let cache = Cache::connect(
+        &settings.redis,
+        Policies::fixed(&settings.resilience, &Metrics::new()).redis,
+    )
+    .expect("redis");
     let views = RedisViews::new(cache.clone(), Duration::from_secs(30));
 
     let name = "projection:redis";

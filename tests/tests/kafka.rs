@@ -225,10 +225,20 @@ async fn projectors_killed_while_orders_pour_in_lose_nothing() {
     let store = EventStore::new(storage.database().await, 16);
     let database = store.database().clone();
     let redis = RedisViews::new(
-        Cache::connect(&settings.redis).expect("redis"),
+        Cache::connect(
+            &settings.redis,
+            Policies::fixed(&settings.resilience, &Metrics::new()).redis,
+        )
+        .expect("redis"),
         Duration::from_secs(30),
     );
-    let bus = KafkaBus::new(&settings.kafka).expect("bus");
+    let store_id = database.store_id().await.expect("a store id");
+    let bus = KafkaBus::new(
+        &settings.kafka,
+        &store_id,
+        Policies::fixed(&settings.resilience, &Metrics::new()).kafka,
+    )
+    .expect("bus");
     let start_projectors = || {
         let read_models = Projector::new(
             store.clone(),
@@ -425,5 +435,139 @@ async fn two_saga_runners_share_a_group_and_one_can_die() {
     assert_eq!(payments.captured(), ORDERS);
     survivor.abort();
     app.stop().await;
+    storage.remove().await;
+}
+
+/// Every event of `store`'s log, once the log shows `count` of them.
+async fn log_of(store: &EventStore, count: usize) -> Vec<petstore_platform::stream::RecordedEvent> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let events = stream::read_after(store.database(), StreamPosition::START, 100_000)
+            .await
+            .expect("log");
+        if events.len() >= count {
+            return events;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the log shows {} of {count}",
+            events.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn topics_left_by_another_event_store_are_refused_and_their_messages_never_handled() {
+    // Store A's events in the topics under a prefix.
+    let old = Storage::new(Engine::Embedded).await;
+    let old_store = EventStore::new(old.database().await, 4);
+    add_pets(&old_store, "kafka-old", 3).await;
+    let mut settings = old.settings();
+    let prefix = with_kafka(&mut settings);
+    let old_id = old_store.database().store_id().await.expect("a store id");
+    let policies = Policies::fixed(&settings.resilience, &Metrics::new());
+    let old_bus = KafkaBus::new(&settings.kafka, &old_id, policies.kafka.clone()).expect("bus");
+    old_bus
+        .ensure_topics()
+        .await
+        .expect("topics of nobody's yet");
+    old_bus
+        .publish(&log_of(&old_store, 3).await, bus::Trace::Continue)
+        .await
+        .expect("published");
+
+    // A new store under the same prefix: refused at start-up, naming both and the prefix.
+    let new = Storage::new(Engine::Embedded).await;
+    let mut new_settings = new.settings();
+    new_settings.kafka = settings.kafka.clone();
+    let new_store = EventStore::new(new.database().await, 4);
+    let new_id = new_store.database().store_id().await.expect("a store id");
+    let roles: BTreeSet<Role> = [Role::Command, Role::Query, Role::Projector, Role::Saga].into();
+    let refused = match petstore_cli::Application::build(new_settings.clone(), &roles).await {
+        Ok(_) => panic!("a deployment on another store's topics must not start"),
+        Err(error) => error.to_string(),
+    };
+    for part in [prefix.as_str(), &old_id, &new_id, "kafka.topic_prefix"] {
+        assert!(refused.contains(part), "names {part}: {refused}");
+    }
+    // Its relay refuses them too.
+    let new_bus = KafkaBus::new(&new_settings.kafka, &new_id, policies.kafka.clone()).expect("bus");
+    let error = new_bus.ensure_topics().await.expect_err("foreign topics");
+    assert!(
+        matches!(error, bus::BusError::ForeignTopics { .. }),
+        "{error}"
+    );
+
+    // A consumer of the new store passes over the old store's messages.
+    add_pets(&new_store, "kafka-new", 2).await;
+    let new_events = log_of(&new_store, 2).await;
+    new_bus
+        .publish(&new_events, bus::Trace::Continue)
+        .await
+        .expect("published");
+    let subscriber = bus::KafkaSubscriber::new(&new_settings.kafka, &unique_name("group"), &new_id)
+        .await
+        .expect("subscriber");
+    let wanted: HashSet<String> = new_events
+        .iter()
+        .map(|event| event.event_id().to_string())
+        .collect();
+    let mut received = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while received.len() < wanted.len() {
+        let batch = tokio::time::timeout(
+            deadline.saturating_duration_since(Instant::now()),
+            subscriber.next_batch(100, Duration::from_millis(200)),
+        )
+        .await
+        .expect("the new store's events arrive")
+        .expect("a batch");
+        for event in batch {
+            let id = event.event_id().to_string();
+            assert!(
+                wanted.contains(&id),
+                "only this store's events: {} {}",
+                event.event_type,
+                event.aggregate_id
+            );
+            received.insert(id);
+        }
+    }
+    old.remove().await;
+    new.remove().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unreachable_broker_opens_the_kafka_breaker_and_batches_are_refused_at_once() {
+    let storage = Storage::new(Engine::Embedded).await;
+    let store = EventStore::new(storage.database().await, 4);
+    add_pets(&store, "kafka-down", 1).await;
+    let events = log_of(&store, 1).await;
+    let mut settings = storage.settings();
+    with_kafka(&mut settings);
+    settings.kafka.brokers = Some("127.0.0.1:1".to_owned());
+    settings.kafka.message_timeout_ms = 300;
+    let policy = &mut settings.resilience.kafka;
+    policy.attempt_timeout_ms = 1_000;
+    policy.timeout_ms = 1_000;
+    policy.breaker.minimum_calls = 2;
+    let policies = Policies::fixed(&settings.resilience, &Metrics::new());
+    let store_id = store.database().store_id().await.expect("a store id");
+    let bus = KafkaBus::new(&settings.kafka, &store_id, policies.kafka.clone()).expect("bus");
+    for _ in 0..2 {
+        let error = bus
+            .publish(&events, bus::Trace::Continue)
+            .await
+            .expect_err("no broker");
+        assert!(matches!(error, bus::BusError::Kafka(_)), "{error}");
+    }
+    // Refused before any message reaches the producer.
+    let error = bus
+        .publish(&events, bus::Trace::Continue)
+        .await
+        .expect_err("refused");
+    assert!(matches!(error, bus::BusError::Rejected(_)), "{error}");
+    assert_eq!(policies.kafka.status().await.state, "open");
     storage.remove().await;
 }

@@ -426,3 +426,88 @@ async fn a_prefix_left_by_another_event_store_is_rebuilt_or_refused_never_served
     old.remove().await;
     new.remove().await;
 }
+
+fn metric_line<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+    text.lines().find(|line| line.starts_with(prefix))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopped_redis_opens_its_breaker_reads_skip_it_and_it_closes_when_redis_is_back() {
+    let storage = Storage::new(Engine::Postgres).await;
+    let mut redis = OwnRedis::start().await;
+    let mut settings = storage.settings();
+    with_redis(&mut settings, &redis.url(), &unique_name("redis"));
+    let breaker = &mut settings.resilience.redis.breaker;
+    breaker.minimum_calls = 5;
+    breaker.window_ms = 1_000;
+    breaker.open_ms = 300;
+    let app = TestApp::start(settings).await;
+    app.wait_until_ready().await;
+    let order_id = place(&app, "labrador-001").await;
+    app.wait_for_terminal(&order_id).await;
+    let breakers = app
+        .get_json("/petstore-domain/admin/circuit-breakers")
+        .await;
+    assert_eq!(breakers["redis"]["state"], "closed", "{breakers}");
+
+    // The calls that served the order leave the breaker's window.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    redis.stop();
+    // Every read is answered (from the database) while Redis fails, then while its breaker
+    // refuses to call it.
+    for _ in 0..20 {
+        let pet = app.get("/petstore-domain/pets/labrador-001").await;
+        assert_eq!(pet.status(), 200);
+        let pet: Value = pet.json().await.expect("json");
+        assert_eq!(pet["availability"], "sold");
+    }
+    let breakers = app
+        .get_json("/petstore-domain/admin/circuit-breakers")
+        .await;
+    assert_ne!(breakers["redis"]["state"], "closed", "{breakers}");
+    let metrics = app
+        .get("/metrics")
+        .await
+        .text()
+        .await
+        .expect("metrics text");
+    let refused = metric_line(
+        &metrics,
+        "petstore_resilience_rejections_total{dependency=\"redis\",reason=\"breaker_open\"}",
+    );
+    assert!(
+        refused.is_some_and(|line| !line.ends_with(" 0")),
+        "reads were refused by the open breaker: {refused:?}"
+    );
+    assert!(
+        metrics.contains("petstore_circuit_breaker_state{dependency=\"redis\"}"),
+        "{metrics}"
+    );
+    let fallbacks = metric_line(
+        &metrics,
+        "petstore_cache_reads_total{view=\"pet\",result=\"fallback\"}",
+    );
+    assert!(fallbacks.is_some(), "the reads fell back: {metrics}");
+
+    // Back: the breaker probes after its cool-down and closes; Redis serves again.
+    redis.restart().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let _read = app.get("/petstore-domain/pets/labrador-001").await;
+        let breakers = app
+            .get_json("/petstore-domain/admin/circuit-breakers")
+            .await;
+        if breakers["redis"]["state"] == "closed" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the redis breaker never closed: {breakers}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    app.wait_for_json("/petstore-domain/health", |health| health["status"] == "up")
+        .await;
+    app.stop().await;
+    storage.remove().await;
+}

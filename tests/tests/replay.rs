@@ -3,6 +3,8 @@
 use std::time::{Duration, Instant};
 
 use petstore_platform::cache::Cache;
+use petstore_platform::metrics::Metrics;
+use petstore_platform::resilience::Policies;
 use petstore_platform::stream;
 use petstore_projector::replay::{self, ReplayError};
 use petstore_projector::{Projection, RedisViews};
@@ -91,7 +93,11 @@ async fn replaying_every_projection_gives_byte_identical_read_models() {
     // (the saga's last compensations land after the order shows cancelled).
     let database = storage.database().await;
     let views = RedisViews::new(
-        Cache::connect(&settings.redis).expect("redis"),
+        Cache::connect(
+            &settings.redis,
+            Policies::fixed(&settings.resilience, &Metrics::new()).redis,
+        )
+        .expect("redis"),
         Duration::from_secs(30),
     );
     let deadline = Instant::now() + Duration::from_secs(60);

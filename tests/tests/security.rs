@@ -23,6 +23,8 @@ struct Provider {
     issuer: String,
     keys: Arc<Mutex<Vec<Jwk>>>,
     fetches: Arc<AtomicUsize>,
+    /// Key-set fetches still to answer 503.
+    failing: Arc<AtomicUsize>,
 }
 
 fn jwk(pem: &[u8], algorithm: Algorithm, kid: &str) -> Jwk {
@@ -50,6 +52,7 @@ impl Provider {
             jwk(EC, Algorithm::ES256, "ec-1"),
         ]));
         let fetches = Arc::new(AtomicUsize::new(0));
+        let failing = Arc::new(AtomicUsize::new(0));
         let discovery = json!({"issuer": issuer, "jwks_uri": format!("{issuer}/keys")});
         let router = axum::Router::new()
             .route(
@@ -61,10 +64,20 @@ impl Provider {
                 axum::routing::get({
                     let keys = keys.clone();
                     let fetches = fetches.clone();
+                    let failing = failing.clone();
                     move || async move {
+                        use axum::response::IntoResponse;
                         fetches.fetch_add(1, Ordering::SeqCst);
+                        let fail = failing
+                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
+                                left.checked_sub(1)
+                            })
+                            .is_ok();
+                        if fail {
+                            return axum::http::StatusCode::SERVICE_UNAVAILABLE.into_response();
+                        }
                         let keys = keys.lock().expect("lock").clone();
-                        axum::Json(JwkSet { keys })
+                        axum::Json(JwkSet { keys }).into_response()
                     }
                 }),
             );
@@ -73,6 +86,7 @@ impl Provider {
             issuer,
             keys,
             fetches,
+            failing,
         }
     }
 
@@ -778,3 +792,70 @@ petstore_tests::on_both_engines!(
     two_customers_with_one_idempotency_key_get_two_orders,
     security_events_are_recorded_without_secrets,
 );
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn key_set_fetches_are_retried_and_a_failing_provider_opens_its_breaker() {
+    let storage = Storage::new(Engine::Embedded).await;
+    let provider = Provider::start().await;
+    let mut settings = storage.settings();
+    settings.security.oidc.issuers = vec![provider.issuer_settings()];
+    settings.security.oidc.refetch_cooldown_seconds = 0;
+    settings.resilience.oidc.breaker.window_ms = 1_000;
+    let app = start(settings).await;
+    let get = |token: String| {
+        app.anonymous
+            .get(app.url("/petstore-domain/admin/audit/security"))
+            .header("Authorization", bearer(&token))
+            .send()
+    };
+    let admin = json!({"sub": "ops-admin", "realm_access": {"roles": ["admin"]}});
+    // A rotation while the provider fails twice: the third attempt of one refetch gets it.
+    provider.failing.store(2, Ordering::SeqCst);
+    provider
+        .keys
+        .lock()
+        .expect("lock")
+        .push(jwk(RSA_2, Algorithm::RS256, "rsa-2"));
+    let before = provider.fetches.load(Ordering::SeqCst);
+    let response = get(provider.token(RSA_2, Algorithm::RS256, "rsa-2", admin.clone()))
+        .await
+        .expect("answered");
+    assert_eq!(response.status(), 200, "retried past two 503s");
+    assert_eq!(provider.fetches.load(Ordering::SeqCst), before + 3);
+
+    // Down for good, once those calls left the breaker's window: a refetch's discovery
+    // succeeds and two failed key-set attempts open the breaker (2 of 3 calls, 3 at least),
+    // so no third attempt is made and the next unknown kids are refused without calling.
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    provider.failing.store(usize::MAX, Ordering::SeqCst);
+    let random = |index: usize| {
+        provider.token(
+            RSA_1,
+            Algorithm::RS256,
+            &format!("unknown-{index}"),
+            admin.clone(),
+        )
+    };
+    assert_eq!(get(random(0)).await.expect("answered").status(), 401);
+    let after_open = provider.fetches.load(Ordering::SeqCst);
+    assert_eq!(after_open, before + 5, "two more attempts");
+    for index in 1..10 {
+        assert_eq!(get(random(index)).await.expect("answered").status(), 401);
+    }
+    assert_eq!(
+        provider.fetches.load(Ordering::SeqCst),
+        after_open,
+        "no call while the breaker is open"
+    );
+    let breakers = app
+        .get_json("/petstore-domain/admin/circuit-breakers")
+        .await;
+    assert_eq!(breakers["oidc"]["state"], "open", "{breakers}");
+    // Known keys keep working meanwhile.
+    let known = get(provider.token(RSA_1, Algorithm::RS256, "rsa-1", admin.clone()))
+        .await
+        .expect("answered");
+    assert_eq!(known.status(), 200);
+    app.stop().await;
+    storage.remove().await;
+}

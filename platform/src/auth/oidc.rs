@@ -4,7 +4,9 @@
 //!
 //! Refetches are single-flight (one at a time, the others wait for its result) and at most
 //! one per cooldown, so tokens with random kids cannot make the service hammer the provider.
-//! A failed fetch keeps the keys already known.
+//! A failed fetch keeps the keys already known. Each discovery and key-set fetch goes
+//! through the `oidc` resilience policy: retried on a network failure, a 5xx or a 429 (not on
+//! another answer), and not made at all while the provider's breaker is open.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
@@ -15,6 +17,7 @@ use jsonwebtoken::{Algorithm, DecodingKey};
 use serde::Deserialize;
 
 use super::tokens::TokenRejection;
+use crate::resilience::{AttemptFailure, CallError, Policy};
 use crate::security_audit::{SecurityAudit, SecurityEvent, SecurityEventKind, SecurityOutcome};
 use crate::settings::{same_host, OidcAlgorithm, OidcIssuerSettings, OidcSettings, RoleName};
 
@@ -51,6 +54,20 @@ pub struct OidcIssuer {
     /// Held while a refetch runs; remembers when the last one started.
     refetch: tokio::sync::Mutex<Option<Instant>>,
     audit: Option<SecurityAudit>,
+    policy: Policy,
+}
+
+/// One failed fetch attempt: `failure` when the provider failed (retried, counted by its
+/// breaker), not when it answered something unusable.
+struct FetchFailure {
+    reason: String,
+    failure: bool,
+}
+
+impl FetchFailure {
+    fn is_failure(&self) -> bool {
+        self.failure
+    }
 }
 
 #[derive(Deserialize)]
@@ -59,11 +76,13 @@ struct Discovery {
 }
 
 impl OidcIssuer {
-    /// An issuer with no keys yet: [`Self::load`] reads or fetches them.
+    /// An issuer with no keys yet: [`Self::load`] reads or fetches them, through `policy`
+    /// (the `oidc` one).
     pub fn new(
         settings: OidcIssuerSettings,
         oidc: &OidcSettings,
         audit: Option<SecurityAudit>,
+        policy: Policy,
     ) -> Result<Self, KeySetError> {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_millis(oidc.fetch_timeout_ms))
@@ -80,6 +99,7 @@ impl OidcIssuer {
             keys: RwLock::new(Arc::new(HashMap::new())),
             refetch: tokio::sync::Mutex::new(None),
             audit,
+            policy,
         })
     }
 
@@ -246,23 +266,57 @@ impl OidcIssuer {
         self.get_json(&jwks_uri).await
     }
 
-    async fn get_json<T: serde::de::DeserializeOwned>(&self, url: &str) -> Result<T, KeySetError> {
-        let failed = |reason: String| KeySetError::Fetch {
+    async fn get_json<T>(&self, url: &str) -> Result<T, KeySetError>
+    where
+        T: serde::de::DeserializeOwned + Send + 'static,
+    {
+        let outcome = self
+            .policy
+            .call(FetchFailure::is_failure, || {
+                get_json_once(self.client.clone(), url.to_owned())
+            })
+            .await;
+        outcome.map_err(|error| KeySetError::Fetch {
             url: url.to_owned(),
-            reason,
-        };
-        let response = self
-            .client
-            .get(url)
-            .send()
-            .await
-            .map_err(|error| failed(error.to_string()))?;
-        if !response.status().is_success() {
-            return Err(failed(format!("status {}", response.status())));
-        }
-        response
-            .json::<T>()
-            .await
-            .map_err(|error| failed(error.to_string()))
+            reason: match error {
+                CallError::Refused(attempt)
+                | CallError::Failed {
+                    failure: AttemptFailure::Error(attempt),
+                    ..
+                } => attempt.reason,
+                CallError::Failed {
+                    failure: AttemptFailure::TimedOut(after),
+                    ..
+                } => format!("no answer within {} ms", after.as_millis()),
+                CallError::Rejected(rejection) => format!("not fetched: {rejection}"),
+            },
+        })
     }
+}
+
+/// One GET of a JSON document.
+async fn get_json_once<T: serde::de::DeserializeOwned>(
+    client: reqwest::Client,
+    url: String,
+) -> Result<T, FetchFailure> {
+    let response = client
+        .get(&url)
+        .send()
+        .await
+        .map_err(|error| FetchFailure {
+            reason: error.to_string(),
+            failure: true,
+        })?;
+    let status = response.status();
+    if !status.is_success() {
+        return Err(FetchFailure {
+            reason: format!("status {status}"),
+            failure: status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS,
+        });
+    }
+    response.json::<T>().await.map_err(|error| FetchFailure {
+        reason: error.to_string(),
+        // A body cut short is the provider's failure; one that is not the document is not.
+        failure: error.is_timeout() || error.is_body(),
+    })
 }

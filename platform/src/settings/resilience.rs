@@ -5,20 +5,47 @@ use serde::{Deserialize, Serialize};
 
 use super::SettingsError;
 
-/// The policies of the outbound dependencies, one each.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+/// The policies of the outbound dependencies, one each. (Each has its own defaults; the
+/// settings loader layers them under the files, so a file naming one key of a policy keeps
+/// that dependency's defaults for the rest.)
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ResilienceSettings {
     /// The payment gateway.
     pub payment: DependencyPolicy,
     /// The delivery provider.
     pub delivery: DependencyPolicy,
+    /// Redis: every read (a refused or failed one falls back to the database) and every
+    /// view write.
+    pub redis: DependencyPolicy,
+    /// Kafka: each batch the relay publishes (librdkafka retries inside an attempt).
+    pub kafka: DependencyPolicy,
+    /// The OIDC providers: each discovery and key-set fetch.
+    pub oidc: DependencyPolicy,
+}
+
+impl Default for ResilienceSettings {
+    fn default() -> Self {
+        Self {
+            payment: DependencyPolicy::default(),
+            delivery: DependencyPolicy::default(),
+            redis: DependencyPolicy::redis(),
+            kafka: DependencyPolicy::kafka(),
+            oidc: DependencyPolicy::oidc(),
+        }
+    }
 }
 
 impl ResilienceSettings {
     /// Each dependency's policy, by its name (as in `petstore_circuit_breaker_state`).
-    pub fn policies(&self) -> [(&'static str, &DependencyPolicy); 2] {
-        [("payment", &self.payment), ("delivery", &self.delivery)]
+    pub fn policies(&self) -> [(&'static str, &DependencyPolicy); 5] {
+        [
+            ("payment", &self.payment),
+            ("delivery", &self.delivery),
+            ("redis", &self.redis),
+            ("kafka", &self.kafka),
+            ("oidc", &self.oidc),
+        ]
     }
 
     /// Refuses values that read well but must not run, naming the key.
@@ -69,6 +96,78 @@ impl Default for DependencyPolicy {
             retry_budget: RetryBudgetSettings::default(),
             breaker: BreakerSettings::default(),
             bulkhead: BulkheadSettings::default(),
+        }
+    }
+}
+
+impl DependencyPolicy {
+    /// Redis: one attempt (a read falls back to the database at once; the projector retries
+    /// a failed batch itself), each command bounded by `redis.operation_timeout_ms` inside
+    /// the attempt; the breaker opens after 20 calls half failing and probes after 2 s, so
+    /// while Redis is away queries go to the database without waiting for its timeout.
+    pub fn redis() -> Self {
+        Self {
+            timeout_ms: 2_000,
+            attempt_timeout_ms: 2_000,
+            max_attempts: 1,
+            breaker: BreakerSettings {
+                minimum_calls: 20,
+                slow_call_ms: 1_000,
+                open_ms: 2_000,
+                ..BreakerSettings::default()
+            },
+            bulkhead: BulkheadSettings {
+                max_concurrent: 512,
+                max_wait_ms: 50,
+            },
+            ..Self::default()
+        }
+    }
+
+    /// Kafka: one attempt per batch (librdkafka retries inside it until
+    /// `kafka.message_timeout_ms`, which the attempt must outlast; the relay publishes the
+    /// batch again after a failure), breaker after 5 batches, probing after 5 s.
+    pub fn kafka() -> Self {
+        Self {
+            timeout_ms: 15_000,
+            attempt_timeout_ms: 15_000,
+            max_attempts: 1,
+            breaker: BreakerSettings {
+                window_ms: 30_000,
+                minimum_calls: 5,
+                slow_call_ms: 12_000,
+                ..BreakerSettings::default()
+            },
+            bulkhead: BulkheadSettings {
+                max_concurrent: 16,
+                max_wait_ms: 1_000,
+            },
+            ..Self::default()
+        }
+    }
+
+    /// An OIDC provider: three attempts of `security.oidc.fetch_timeout_ms` each (the HTTP
+    /// client's own timeout), the breaker open for 30 s after 3 failed fetches, at most 4
+    /// fetches at once.
+    pub fn oidc() -> Self {
+        Self {
+            timeout_ms: 20_000,
+            attempt_timeout_ms: 6_000,
+            max_attempts: 3,
+            initial_backoff_ms: 100,
+            breaker: BreakerSettings {
+                window_ms: 60_000,
+                minimum_calls: 3,
+                slow_call_ms: 5_000,
+                open_ms: 30_000,
+                half_open_calls: 1,
+                ..BreakerSettings::default()
+            },
+            bulkhead: BulkheadSettings {
+                max_concurrent: 4,
+                max_wait_ms: 1_000,
+            },
+            ..Self::default()
         }
     }
 }

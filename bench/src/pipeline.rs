@@ -62,6 +62,12 @@ struct Args {
     /// Kafka-protocol broker on loopback; `none` to skip Kafka.
     #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
     kafka_brokers: String,
+    /// `kafka.fetch_wait_max_ms` for the service under test (its default when not given).
+    #[arg(long)]
+    kafka_fetch_wait_ms: Option<u64>,
+    /// `kafka.linger_ms` for the service under test (its default when not given).
+    #[arg(long)]
+    kafka_linger_ms: Option<u64>,
     #[command(subcommand)]
     bench: Bench,
 }
@@ -83,6 +89,15 @@ enum Bench {
         /// read-model tables.
         #[arg(long)]
         with_redis: bool,
+        /// The distributed mode in one process: Redis as `--with-redis`, and Kafka
+        /// (`--kafka-brokers`): the relay publishes, the saga runner consumes its group.
+        #[arg(long)]
+        distributed: bool,
+        /// How a client learns its order completed: `updates` (the order's live-update
+        /// stream, SSE: the service pushes) or `poll` (its status every 10 ms, 100 requests
+        /// a second per client).
+        #[arg(long, default_value = "updates")]
+        wait: String,
         /// The providers' resilience policies: `on`, `off` (called directly), or `both`
         /// (off then on at each level, with the ratio).
         #[arg(long, default_value = "on")]
@@ -197,37 +212,69 @@ async fn add_pets(store: &EventStore, count: usize) -> anyhow::Result<Vec<String
     Ok(pets)
 }
 
-async fn saga(
-    args: &Args,
-    clients: &[usize],
-    orders: usize,
-    latency_ms: u64,
-    with_redis: bool,
-    policies: &str,
-) -> anyhow::Result<()> {
-    let modes: &[bool] = match policies {
+async fn saga(args: &Args) -> anyhow::Result<()> {
+    let Bench::Saga {
+        clients,
+        orders,
+        provider_latency_ms: latency_ms,
+        with_redis,
+        distributed,
+        wait,
+        policies,
+    } = &args.bench
+    else {
+        anyhow::bail!("not the saga bench");
+    };
+    let (orders, latency_ms, with_redis, distributed) =
+        (*orders, *latency_ms, *with_redis, *distributed);
+    let updates = match wait.as_str() {
+        "updates" => true,
+        "poll" => false,
+        other => anyhow::bail!("--wait {other:?}: updates or poll"),
+    };
+    let modes: &[bool] = match policies.as_str() {
         "on" => &[true],
         "off" => &[false],
         "both" => &[false, true],
         other => anyhow::bail!("--policies {other:?}: on, off or both"),
     };
+    let with_redis = with_redis || distributed;
     let reads = if with_redis {
         "Redis"
     } else {
         "the Postgres read model"
     };
-    println!(
-        "saga latency: POST /orders until `completed` is visible (status polled from {reads})"
-    );
+    let kafka = if distributed {
+        anyhow::ensure!(
+            args.kafka_brokers != "none",
+            "--distributed needs a broker (--kafka-brokers)"
+        );
+        format!(", saga driven through Kafka at {}", args.kafka_brokers)
+    } else {
+        String::new()
+    };
+    let how = if updates {
+        format!("pushed on its live-update stream (SSE) from {reads}")
+    } else {
+        format!("its status polled every 10 ms from {reads}")
+    };
+    println!("saga latency: POST /orders until `completed` is seen ({how}{kafka})");
     println!("simulated provider latency {latency_ms} ms per call (2 calls per saga); {orders} orders per level");
     println!();
     println!("| clients | policies | orders | completed/s | p50 ms | p99 ms | max ms |");
     println!("|---:|---|---:|---:|---:|---:|---:|");
-    for &level in clients {
+    for &level in clients.iter() {
         let mut throughputs = Vec::new();
         for &enabled in modes {
-            let (elapsed, histogram) =
-                saga_level(args, level, orders, latency_ms, with_redis, enabled).await?;
+            let (elapsed, histogram) = saga_level(
+                args,
+                level,
+                orders,
+                latency_ms,
+                (with_redis, distributed, updates),
+                enabled,
+            )
+            .await?;
             let throughput = orders as f64 / elapsed;
             throughputs.push(throughput);
             println!(
@@ -245,6 +292,87 @@ async fn saga(
     Ok(())
 }
 
+/// Places an order for `pet` and waits until it is `completed`: on its live-update stream
+/// (`updates`), or polling its status every 10 ms.
+async fn order_until_completed(
+    client: &reqwest::Client,
+    base: &str,
+    pet: &str,
+    updates: bool,
+) -> anyhow::Result<()> {
+    let begin = Instant::now();
+    let accepted = client
+        .post(format!("{base}/petstore-domain/orders"))
+        .json(&serde_json::json!({"customer_id": "bench", "pet_id": pet}))
+        .send()
+        .await?;
+    let token = accepted
+        .headers()
+        .get("x-consistency-token")
+        .cloned()
+        .context("a consistency token")?;
+    let accepted: Value = accepted.json().await?;
+    let order_id = accepted["order_id"]
+        .as_str()
+        .context("order id")?
+        .to_owned();
+    if updates {
+        let url = format!("{base}/petstore-domain/orders/{order_id}/updates");
+        let stream = client
+            .get(url)
+            .header("accept", "text/event-stream")
+            .header("x-consistency-token", token)
+            .send();
+        return tokio::time::timeout(Duration::from_secs(60), until_completed(stream))
+            .await
+            .context("order stuck")?;
+    }
+    loop {
+        let response = client
+            .get(format!("{base}/petstore-domain/orders/{order_id}/status"))
+            .send()
+            .await?;
+        if response.status() == 200 {
+            let view: Value = response.json().await?;
+            match view["status"].as_str() {
+                Some("completed") => return Ok(()),
+                Some("cancelled") => anyhow::bail!("order cancelled: {view}"),
+                _ => {}
+            }
+        }
+        anyhow::ensure!(begin.elapsed() < Duration::from_secs(60), "order stuck");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Reads an order's SSE update stream until its terminal update: `completed`, or an error.
+async fn until_completed(
+    stream: impl std::future::Future<Output = reqwest::Result<reqwest::Response>>,
+) -> anyhow::Result<()> {
+    let mut response = stream.await?;
+    anyhow::ensure!(
+        response.status() == 200,
+        "updates answered {}",
+        response.status()
+    );
+    let mut buffer = String::new();
+    while let Some(chunk) = response.chunk().await? {
+        buffer.push_str(std::str::from_utf8(&chunk)?);
+        while let Some(end) = buffer.find("\n\n") {
+            let event: String = buffer.drain(..end + 2).collect();
+            for data in event.lines().filter_map(|line| line.strip_prefix("data: ")) {
+                let update: Value = serde_json::from_str(data)?;
+                match update["status"].as_str() {
+                    Some("completed") => return Ok(()),
+                    Some("cancelled") => anyhow::bail!("order cancelled: {update}"),
+                    _ => {}
+                }
+            }
+        }
+    }
+    anyhow::bail!("the update stream ended before the order completed")
+}
+
 /// One level of the saga bench: `orders` orders by `level` clients against a fresh service;
 /// the seconds it took and each order's latency.
 async fn saga_level(
@@ -252,7 +380,7 @@ async fn saga_level(
     level: usize,
     orders: usize,
     latency_ms: u64,
-    with_redis: bool,
+    (with_redis, distributed, updates): (bool, bool, bool),
     policies: bool,
 ) -> anyhow::Result<(f64, Histogram<u64>)> {
     let database = BenchDatabase::create(&args.postgres_url).await?;
@@ -262,9 +390,23 @@ async fn saga_level(
     settings.providers.delivery.latency_ms = latency_ms;
     settings.resilience.payment.enabled = policies;
     settings.resilience.delivery.enabled = policies;
+    settings.feature_flags.real_time_order_updates = FlagSetting::On;
+    settings.http.order_updates.max_connections_per_subject = 10_000;
     if with_redis {
         settings.redis.url = Some(SecretString::from(args.redis_url.clone()));
         settings.redis.key_prefix = format!("bench-{}", uuid::Uuid::new_v4().simple());
+    }
+    if distributed {
+        let prefix = format!("bench_{}", uuid::Uuid::new_v4().simple());
+        settings.kafka.brokers = Some(args.kafka_brokers.clone());
+        settings.kafka.consumer_group = format!("{prefix}.saga");
+        settings.kafka.topic_prefix = prefix;
+        if let Some(wait) = args.kafka_fetch_wait_ms {
+            settings.kafka.fetch_wait_max_ms = wait;
+        }
+        if let Some(linger) = args.kafka_linger_ms {
+            settings.kafka.linger_ms = linger;
+        }
     }
     let application = Application::build(settings.clone(), &Role::all()).await?;
     let base = format!("http://127.0.0.1:{}", application.port());
@@ -272,8 +414,12 @@ async fn saga_level(
     let server = tokio::spawn(application.run_until_stopped());
     let connected = Database::connect(&settings.database, &settings.storage).await?;
     let store = EventStore::new(connected, 8);
-    let pets = Arc::new(add_pets(&store, orders).await?);
+    let mut pets = add_pets(&store, orders + 1).await?;
     let client = reqwest::Client::new();
+    // One order first, unmeasured: connections, and with Kafka the consumer group's join.
+    let warm_up = pets.pop().context("a pet")?;
+    order_until_completed(&client, &base, &warm_up, updates).await?;
+    let pets = Arc::new(pets);
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let started = Instant::now();
     let workers = (0..level).map(|_| {
@@ -286,33 +432,7 @@ async fn saga_level(
                     return anyhow::Ok(histogram);
                 };
                 let begin = Instant::now();
-                let accepted: Value = client
-                    .post(format!("{base}/petstore-domain/orders"))
-                    .json(&serde_json::json!({"customer_id": "bench", "pet_id": pet}))
-                    .send()
-                    .await?
-                    .json()
-                    .await?;
-                let order_id = accepted["order_id"]
-                    .as_str()
-                    .context("order id")?
-                    .to_owned();
-                loop {
-                    let response = client
-                        .get(format!("{base}/petstore-domain/orders/{order_id}/status"))
-                        .send()
-                        .await?;
-                    if response.status() == 200 {
-                        let view: Value = response.json().await?;
-                        match view["status"].as_str() {
-                            Some("completed") => break,
-                            Some("cancelled") => anyhow::bail!("order cancelled: {view}"),
-                            _ => {}
-                        }
-                    }
-                    anyhow::ensure!(begin.elapsed() < Duration::from_secs(60), "order stuck");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
+                order_until_completed(&client, &base, pet, updates).await?;
                 histogram.record(begin.elapsed().as_micros() as u64)?;
             }
         }
@@ -757,23 +877,7 @@ async fn projector(args: &Args, events: usize, rate: u64, seconds: u64) -> anyho
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     match &args.bench {
-        Bench::Saga {
-            clients,
-            orders,
-            provider_latency_ms,
-            with_redis,
-            policies,
-        } => {
-            saga(
-                &args,
-                clients,
-                *orders,
-                *provider_latency_ms,
-                *with_redis,
-                policies,
-            )
-            .await
-        }
+        Bench::Saga { .. } => saga(&args).await,
         Bench::Projector {
             events,
             rate,

@@ -403,7 +403,7 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
         loop {
             let batch = tokio::select! {
                 _ = stopped.wait_for(|stop| *stop) => return Ok(()),
-                batch = subscriber.next_batch(self.settings.batch_size as usize, Duration::from_millis(10)) => batch?,
+                batch = subscriber.next_batch(self.settings.batch_size as usize, Duration::ZERO) => batch?,
             };
             // Kafka delivers at least once: drop events this runner already handled. They
             // count as handled only once their batch is: a failed batch is delivered again

@@ -351,7 +351,7 @@ fn producer(settings: &KafkaSettings) -> Result<FutureProducer, BusError> {
             "message.timeout.ms",
             settings.message_timeout_ms.to_string(),
         )
-        .set("linger.ms", "2")
+        .set("linger.ms", settings.linger_ms.to_string())
         .set("compression.type", "none")
         .create()?)
 }
@@ -574,6 +574,7 @@ impl KafkaSubscriber {
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", "6000")
             .set("heartbeat.interval.ms", "1000")
+            .set("fetch.wait.max.ms", settings.fetch_wait_max_ms.to_string())
             // Notice re-created topics within seconds, not the default five minutes.
             .set("topic.metadata.refresh.interval.ms", "5000")
             .create()?;

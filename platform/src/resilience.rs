@@ -2,10 +2,11 @@
 //! first) as: an overall timeout, retries with exponential backoff and full jitter under a
 //! retry budget, a circuit breaker, a per-attempt timeout, a bulkhead.
 //!
-//! The breaker and the bulkhead are tower-resilience's (modelled on Resilience4j: a time
-//! window with a minimum number of calls, slow calls, bounded half-open probes whose permit a
-//! cancelled probe gives back; its count-based window is not used, it counts every call since
-//! the last transition rather than the last N); the retry budget is tower's `TpsBudget`.
+//! The bulkhead is tower-resilience's; the breaker is ours ([`breaker`]: modelled on
+//! Resilience4j, a time window of buckets with a minimum number of calls, slow calls, bounded
+//! half-open probes whose permit a cancelled probe gives back; O(1) per call, where
+//! tower-resilience's time window scans a record per call); the retry budget is tower's
+//! `TpsBudget`.
 //! Only the dependency's failures count against the breaker (an error, a time-out): a final
 //! answer (a declined card) does not, nor does a caller that went away (its attempt is
 //! dropped unrecorded). A retry is never made into an open breaker.
@@ -24,9 +25,6 @@ use serde::{Deserialize, Serialize};
 use tower::retry::budget::{Budget, TpsBudget};
 use tower::{Layer, ServiceExt};
 use tower_resilience::bulkhead::{BulkheadHandle, BulkheadLayer, BulkheadServiceError};
-use tower_resilience::circuitbreaker::{
-    CircuitBreakerError, CircuitBreakerHandle, CircuitBreakerLayer, CircuitState, SlidingWindowType,
-};
 use tracing::Instrument;
 use utoipa::ToSchema;
 
@@ -36,6 +34,10 @@ use crate::http::Problem;
 use crate::live::Live;
 use crate::metrics::{Metrics, BREAKER_CLOSED, BREAKER_HALF_OPEN, BREAKER_OPEN};
 use crate::settings::{DependencyPolicy, ResilienceSettings};
+
+pub mod breaker;
+
+use breaker::{Breaker, BreakerState};
 
 /// How long the retry budget remembers calls.
 const BUDGET_WINDOW: Duration = Duration::from_secs(10);
@@ -155,8 +157,7 @@ type AttemptResult<T, E> = Result<Answer<T, E>, AttemptFailure<E>>;
 /// A dependency's breaker, bulkhead and budget, built from one version of its settings.
 struct Guards {
     settings: DependencyPolicy,
-    breaker: CircuitBreakerLayer,
-    breaker_handle: CircuitBreakerHandle,
+    breaker: Breaker,
     bulkhead: BulkheadLayer,
     bulkhead_handle: BulkheadHandle,
     budget: TpsBudget,
@@ -243,7 +244,7 @@ impl Policy {
                 "resilience policy changed: its breaker starts closed"
             );
             *guards = Arc::new(Guards::build(self.inner.name, &wanted, &self.inner.metrics));
-            self.publish_state(CircuitState::Closed);
+            self.publish_state(BreakerState::Closed);
         }
         Arc::clone(&guards)
     }
@@ -256,13 +257,11 @@ impl Policy {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn publish_state(&self, state: CircuitState) {
+    fn publish_state(&self, state: BreakerState) {
         let value = match (self.mode(), state) {
             (Mode::ForcedOpen, _) => BREAKER_OPEN,
             (Mode::ForcedClosed, _) => BREAKER_CLOSED,
-            (Mode::Automatic, CircuitState::Closed) => BREAKER_CLOSED,
-            (Mode::Automatic, CircuitState::HalfOpen) => BREAKER_HALF_OPEN,
-            (Mode::Automatic, CircuitState::Open) => BREAKER_OPEN,
+            (Mode::Automatic, state) => gauge_value(state),
         };
         self.inner
             .metrics
@@ -285,34 +284,34 @@ impl Policy {
             mode,
         );
         if mode == Mode::Automatic && before != Mode::Automatic {
-            guards.breaker_handle.reset().await;
+            guards.breaker.reset();
         }
         tracing::warn!(dependency = self.inner.name, ?before, now = ?mode, "circuit breaker mode set by an admin");
-        self.publish_state(guards.breaker_handle.state());
+        self.publish_state(guards.breaker.snapshot().state);
     }
 
     /// The breaker's state now.
     pub async fn status(&self) -> BreakerStatus {
         let guards = self.guards();
-        let metrics = guards.breaker_handle.metrics().await;
+        let snapshot = guards.breaker.snapshot();
         let mode = self.mode();
-        let open_for = Duration::from_millis(guards.settings.breaker.open_ms);
-        let state = match (mode, metrics.state) {
-            (Mode::ForcedOpen, _) | (Mode::Automatic, CircuitState::Open) => "open",
-            (Mode::ForcedClosed, _) | (Mode::Automatic, CircuitState::Closed) => "closed",
-            (Mode::Automatic, CircuitState::HalfOpen) => "half_open",
+        let state = match (mode, snapshot.state) {
+            (Mode::ForcedOpen, _) | (Mode::Automatic, BreakerState::Open) => "open",
+            (Mode::ForcedClosed, _) | (Mode::Automatic, BreakerState::Closed) => "closed",
+            (Mode::Automatic, BreakerState::HalfOpen) => "half_open",
         };
-        let retry_after_ms = (mode == Mode::Automatic && metrics.state == CircuitState::Open)
-            .then(|| millis(open_for.saturating_sub(metrics.time_since_state_change)));
         BreakerStatus {
             state: state.to_owned(),
             mode,
-            calls: metrics.total_calls,
-            failures: metrics.failure_count,
-            slow_calls: metrics.slow_call_count,
-            failure_rate: metrics.failure_rate,
-            in_state_ms: millis(metrics.time_since_state_change),
-            retry_after_ms,
+            calls: snapshot.calls as usize,
+            failures: snapshot.failures as usize,
+            slow_calls: snapshot.slow_calls as usize,
+            failure_rate: snapshot.failure_rate(),
+            in_state_ms: millis(snapshot.in_state),
+            retry_after_ms: snapshot
+                .retry_after
+                .filter(|_| mode == Mode::Automatic)
+                .map(millis),
             in_flight: guards.bulkhead_handle.active_calls(),
             max_concurrent: guards.bulkhead_handle.max_concurrent(),
         }
@@ -441,7 +440,7 @@ impl Policy {
         match self.mode() {
             Mode::ForcedOpen => true,
             Mode::ForcedClosed => false,
-            Mode::Automatic => guards.breaker_handle.is_open(),
+            Mode::Automatic => guards.breaker.is_open(),
         }
     }
 
@@ -450,12 +449,9 @@ impl Policy {
         if self.mode() == Mode::ForcedOpen {
             return open_for;
         }
-        let metrics = guards.breaker_handle.metrics().await;
-        match metrics.state {
-            CircuitState::Open => open_for
-                .saturating_sub(metrics.time_since_state_change)
-                .max(Duration::from_millis(1)),
-            _ => SHORT_WAIT,
+        match guards.breaker.snapshot().retry_after {
+            Some(left) => left.max(Duration::from_millis(1)),
+            None => SHORT_WAIT,
         }
     }
 
@@ -552,13 +548,19 @@ impl Policy {
             Mode::ForcedOpen => Err(None),
             Mode::ForcedClosed => bounded.await.map_err(Some),
             Mode::Automatic => {
-                let breaker = guards
-                    .breaker
-                    .layer_fn(tower::service_fn(unwrap_attempt::<T, E>));
-                match breaker.oneshot(Call(bounded)).await {
-                    Ok(answer) => Ok(answer),
-                    Err(CircuitBreakerError::OpenCircuit) => Err(None),
-                    Err(CircuitBreakerError::Inner(failure)) => Err(Some(failure)),
+                // Dropped unrecorded when the caller goes away: a probe's place is given back.
+                let permit = guards.breaker.try_acquire().map_err(|_| None)?;
+                match bounded.await {
+                    // Not the dependency's doing: not counted.
+                    Ok(Answer::BulkheadFull) => Ok(Answer::BulkheadFull),
+                    Ok(answer) => {
+                        permit.record(false);
+                        Ok(answer)
+                    }
+                    Err(failure) => {
+                        permit.record(true);
+                        Err(Some(failure))
+                    }
                 }
             }
         }
@@ -573,35 +575,19 @@ impl Guards {
                 "resilience policy disabled (resilience.{name}.enabled: false): calls go straight to the dependency, with no timeout, retry, breaker or bulkhead"
             );
         }
-        let breaker = &settings.breaker;
         let gauge = metrics
             .circuit_breaker_state
             .get_or_create(&crate::metrics::DependencyLabels { dependency: name })
             .clone();
-        let (breaker_layer, breaker_handle) = CircuitBreakerLayer::builder()
-            .name(name)
-            .failure_rate_threshold(breaker.failure_rate)
-            .sliding_window_type(SlidingWindowType::TimeBased)
-            .sliding_window_duration(Duration::from_millis(breaker.window_ms))
-            .minimum_number_of_calls(breaker.minimum_calls as usize)
-            .slow_call_duration_threshold(Duration::from_millis(breaker.slow_call_ms))
-            .slow_call_rate_threshold(breaker.slow_call_rate)
-            .wait_duration_in_open(Duration::from_millis(breaker.open_ms))
-            .permitted_calls_in_half_open(breaker.half_open_calls as usize)
-            .on_state_transition(move |from, to| {
-                let (value, level) = match to {
-                    CircuitState::Closed => (BREAKER_CLOSED, "closed"),
-                    CircuitState::HalfOpen => (BREAKER_HALF_OPEN, "half_open"),
-                    CircuitState::Open => (BREAKER_OPEN, "open"),
-                };
-                gauge.set(value);
-                tracing::warn!(dependency = name, from = ?from, to = level, "circuit breaker state changed");
-            })
-            .build_with_handle()
-            .unwrap_or_else(|error| {
-                // The settings were validated: the builder accepts every valid policy.
-                unreachable!("resilience.{name}.breaker was validated: {error}")
-            });
+        let breaker = Breaker::new(settings.breaker.clone(), move |from, to| {
+            gauge.set(gauge_value(to));
+            let to = match to {
+                BreakerState::Closed => "closed",
+                BreakerState::HalfOpen => "half_open",
+                BreakerState::Open => "open",
+            };
+            tracing::warn!(dependency = name, from = ?from, to, "circuit breaker state changed");
+        });
         let (bulkhead, bulkhead_handle) = BulkheadLayer::builder()
             .name(name)
             .max_concurrent_calls(settings.bulkhead.max_concurrent as usize)
@@ -612,8 +598,7 @@ impl Guards {
             });
         Self {
             settings: settings.clone(),
-            breaker: breaker_layer,
-            breaker_handle,
+            breaker,
             bulkhead,
             bulkhead_handle,
             budget: TpsBudget::new(
@@ -634,11 +619,13 @@ fn run<R: 'static>(call: Call<R>) -> BoxFuture<'static, Result<R, Infallible>> {
     Box::pin(async move { Ok(call.0.await) })
 }
 
-/// The breaker's inner service: runs the guarded attempt; its failures are the breaker's.
-fn unwrap_attempt<T: 'static, E: 'static>(
-    call: Call<AttemptResult<T, E>>,
-) -> BoxFuture<'static, AttemptResult<T, E>> {
-    call.0
+/// `petstore_circuit_breaker_state`'s value for `state`.
+fn gauge_value(state: BreakerState) -> i64 {
+    match state {
+        BreakerState::Closed => BREAKER_CLOSED,
+        BreakerState::HalfOpen => BREAKER_HALF_OPEN,
+        BreakerState::Open => BREAKER_OPEN,
+    }
 }
 
 fn millis(duration: Duration) -> u64 {

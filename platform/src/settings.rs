@@ -347,6 +347,13 @@ pub struct KafkaSettings {
     pub consumer_group: String,
     /// Idempotent producer (acks=all, no duplicates from producer retries).
     pub idempotent_producer: bool,
+    /// The longest a consumer's fetch waits for data (librdkafka `fetch.wait.max.ms`), in
+    /// milliseconds. A broker answering a fetch only when this wait ends, rather than as soon
+    /// as data arrives, adds up to this much to every hop; lower costs idle fetch requests.
+    pub fetch_wait_max_ms: u64,
+    /// How long a producer waits to fill a batch before sending it (librdkafka
+    /// `linger.ms`), in milliseconds.
+    pub linger_ms: u64,
 }
 
 impl Default for KafkaSettings {
@@ -359,6 +366,8 @@ impl Default for KafkaSettings {
             message_timeout_ms: 10_000,
             consumer_group: "petstore-saga".to_owned(),
             idempotent_producer: true,
+            fetch_wait_max_ms: 2,
+            linger_ms: 0,
         }
     }
 }
@@ -530,7 +539,7 @@ impl Settings {
 
     fn validate_ranges(&self) -> Result<(), SettingsError> {
         let updates = &self.http.order_updates;
-        let positive: [(&str, u64); 17] = [
+        let positive: [(&str, u64); 18] = [
             ("http.body_limit_bytes", self.http.body_limit_bytes as u64),
             (
                 "http.max_concurrent_requests",
@@ -565,6 +574,7 @@ impl Settings {
                 self.saga.max_concurrent_orders as u64,
             ),
             ("kafka.message_timeout_ms", self.kafka.message_timeout_ms),
+            ("kafka.fetch_wait_max_ms", self.kafka.fetch_wait_max_ms),
             (
                 "redis.operation_timeout_ms",
                 self.redis.operation_timeout_ms,

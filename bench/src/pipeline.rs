@@ -753,6 +753,25 @@ async fn projector(args: &Args, events: usize, rate: u64, seconds: u64) -> anyho
         started.elapsed().as_secs_f64()
     );
     println!();
+    // The floor: one sequential SELECT of the same rows, in global order, through psql.
+    let begin = Instant::now();
+    let output = tokio::process::Command::new("psql")
+        .arg(&database.url)
+        .args(["-Atq", "-o", "/dev/null", "-c"])
+        .arg(
+            "SELECT transaction_id::text, global_position, aggregate_type, aggregate_id, \
+             sequence, event_type, event_version, payload, metadata FROM events \
+             ORDER BY events.transaction_id, events.global_position",
+        )
+        .output()
+        .await
+        .context("psql runs")?;
+    anyhow::ensure!(
+        output.status.success(),
+        "psql: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let psql = events as f64 / begin.elapsed().as_secs_f64();
     println!("| projection | events/s | ratio to the baseline |");
     println!("|---|---:|---:|");
     let batch = settings.projector.batch_size;
@@ -771,19 +790,27 @@ async fn projector(args: &Args, events: usize, rate: u64, seconds: u64) -> anyho
     }
     let baseline = read as f64 / begin.elapsed().as_secs_f64();
     println!("| baseline: read the stream only | {baseline:.0} | 1.00 |");
+    println!(
+        "| one sequential SELECT of the same rows through psql | {psql:.0} | {:.2} (the stream reads at {:.2} of it) |",
+        psql / baseline,
+        baseline / psql
+    );
     let read_models = ReadModels::for_database(&connected);
     let rate_pg = catch_up(&store, &read_models, batch).await?;
     println!(
         "| Postgres read models | {rate_pg:.0} | {:.2} |",
         rate_pg / baseline
     );
+    // Bound to the store, as the service's are: the service measured below finds its own
+    // views and does not rebuild them.
     let redis = RedisViews::new(
         Cache::connect(
             &settings.redis,
             Policies::fixed(&settings.resilience, &Metrics::new()).redis,
         )?,
         Duration::from_secs(30),
-    );
+    )
+    .bound_to(&connected.store_id().await?);
     let rate_redis = catch_up(&store, &redis, batch).await?;
     println!(
         "| Redis views | {rate_redis:.0} | {:.2} |",

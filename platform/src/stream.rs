@@ -152,13 +152,16 @@ pub enum StreamError {
     },
 }
 
+// `ORDER BY events.transaction_id`, qualified: bare, it names the output column of the same
+// name (the `bigint` cast), which no index orders, and Postgres sorts every row after the
+// position for each batch.
 const POSTGRES_READ: &str = "
 SELECT transaction_id::text::bigint AS transaction_id, global_position, aggregate_type,
        aggregate_id, sequence, event_type, event_version, payload, metadata
   FROM events
  WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot())
    AND (transaction_id, global_position) > ($1::text::xid8, $2)
- ORDER BY transaction_id, global_position
+ ORDER BY events.transaction_id, events.global_position
  LIMIT $3";
 
 const SQLITE_READ: &str = "
@@ -232,7 +235,7 @@ pub async fn head_position(database: &Database) -> Result<StreamPosition, Stream
         Database::Postgres(pool) => {
             sqlx::query_as(
                 "SELECT transaction_id::text::bigint, global_position FROM events
-                  ORDER BY transaction_id DESC, global_position DESC LIMIT 1",
+                  ORDER BY events.transaction_id DESC, events.global_position DESC LIMIT 1",
             )
             .fetch_optional(pool)
             .await?
@@ -566,7 +569,7 @@ SELECT transaction_id::text::bigint AS transaction_id, global_position, aggregat
        aggregate_id, sequence, event_type, event_version, payload, metadata
   FROM events
  WHERE metadata ->> 'correlation_id' = $1
- ORDER BY transaction_id, global_position";
+ ORDER BY events.transaction_id, events.global_position";
 
 const SQLITE_BY_CORRELATION: &str = "
 SELECT 0 AS transaction_id, global_position, aggregate_type, aggregate_id, sequence,

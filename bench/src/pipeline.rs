@@ -34,7 +34,7 @@ use petstore_platform::event_store::{EventMetadata, EventStore};
 use petstore_platform::http::CorrelationId;
 use petstore_platform::metrics::Metrics;
 use petstore_platform::resilience::Policies;
-use petstore_platform::settings::{FlagSetting, LogFormat, RoleName, Settings};
+use petstore_platform::settings::{FlagSetting, KafkaSettings, LogFormat, RoleName, Settings};
 use petstore_platform::stream::{self, StreamPosition, StreamReader};
 use petstore_projector::replay;
 use petstore_projector::{KafkaProjection, Projection, ReadModels, RedisViews};
@@ -114,6 +114,9 @@ enum Bench {
         /// Seconds of the lag measurement.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// Events per projection batch (`projector.batch_size`; its default when not given).
+        #[arg(long)]
+        batch: Option<u32>,
     },
     /// Live order updates: fan-out to many WebSocket subscribers.
     Updates {
@@ -710,6 +713,97 @@ async fn preload(database: &Database, count: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The relay's baseline: the log's events as the relay sends them (topic, key, the envelope
+/// as value, the same seven headers), read into memory first, then produced with a plain
+/// rdkafka producer configured like the relay's to topics of their own; records/s from the
+/// first send to the last acknowledgement.
+async fn raw_produce(database: &Database, kafka: &KafkaSettings) -> anyhow::Result<f64> {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let mut events = Vec::new();
+    let mut position = StreamPosition::START;
+    loop {
+        let batch = stream::read_after(database, position, 1_000).await?;
+        let Some(last) = batch.last() else { break };
+        position = last.position;
+        events.extend(batch);
+    }
+    let prefix = format!("{}_raw", kafka.topic_prefix);
+    let store_id = database.store_id().await?;
+    let records: Vec<(String, String, Vec<u8>, OwnedHeaders)> = events
+        .iter()
+        .map(|event| {
+            let envelope = petstore_platform::bus::Envelope::from(event);
+            let value = serde_json::to_vec(&envelope)?;
+            let topic = petstore_platform::bus::topic_for(&prefix, &event.aggregate_type);
+            let mut headers = OwnedHeaders::new_with_capacity(7);
+            for (key, value) in [
+                ("event_id", envelope.event_id.as_str()),
+                ("event_type", envelope.event_type.as_str()),
+                ("event_version", envelope.event_version.as_str()),
+                ("correlation_id", event.metadata_value("correlation_id")),
+                ("causation_id", event.metadata_value("causation_id")),
+                ("traceparent", event.metadata_value("traceparent")),
+                ("store_id", store_id.as_str()),
+            ] {
+                headers = headers.insert(Header {
+                    key,
+                    value: Some(value),
+                });
+            }
+            Ok((topic, event.aggregate_id.clone(), value, headers))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let mut raw_settings = kafka.clone();
+    raw_settings.topic_prefix = prefix;
+    KafkaBus::new(
+        &raw_settings,
+        &store_id,
+        Policies::fixed(&Settings::default().resilience, &Metrics::new()).kafka,
+    )?
+    .ensure_topics()
+    .await?;
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set(
+            "bootstrap.servers",
+            kafka.brokers.as_deref().unwrap_or_default(),
+        )
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", kafka.linger_ms.to_string())
+        .set("compression.type", "none")
+        .create()?;
+    let started = Instant::now();
+    let mut deliveries = Vec::with_capacity(records.len());
+    for (topic, key, value, headers) in &records {
+        let mut record = FutureRecord::to(topic)
+            .key(key)
+            .payload(value)
+            .headers(headers.clone());
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => break deliveries.push(delivery),
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    returned,
+                )) => {
+                    record = returned;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((error, _)) => return Err(error.into()),
+            }
+        }
+    }
+    for delivery in deliveries {
+        delivery
+            .await?
+            .map_err(|(error, _)| anyhow::anyhow!("delivery failed: {error}"))?;
+    }
+    Ok(records.len() as f64 / started.elapsed().as_secs_f64())
+}
+
 /// Applies the whole log with `projection` from its checkpoint to the head; events/s.
 async fn catch_up(
     store: &EventStore,
@@ -733,7 +827,12 @@ async fn catch_up(
     Ok(events as f64 / started.elapsed().as_secs_f64())
 }
 
-async fn projector(args: &Args, events: usize, rate: u64, seconds: u64) -> anyhow::Result<()> {
+async fn projector(
+    args: &Args,
+    events: usize,
+    (rate, seconds): (u64, u64),
+    batch: Option<u32>,
+) -> anyhow::Result<()> {
     let database = BenchDatabase::create(&args.postgres_url).await?;
     let mut settings = database.settings();
     settings.redis.url = Some(SecretString::from(args.redis_url.clone()));
@@ -774,6 +873,9 @@ async fn projector(args: &Args, events: usize, rate: u64, seconds: u64) -> anyho
     let psql = events as f64 / begin.elapsed().as_secs_f64();
     println!("| projection | events/s | ratio to the baseline |");
     println!("|---|---:|---:|");
+    if let Some(batch) = batch {
+        settings.projector.batch_size = batch;
+    }
     let batch = settings.projector.batch_size;
 
     // Baseline: read the same stream, apply nothing.
@@ -829,6 +931,12 @@ async fn projector(args: &Args, events: usize, rate: u64, seconds: u64) -> anyho
         println!(
             "| Kafka (acks=all, idempotent) | {rate_kafka:.0} | {:.2} |",
             rate_kafka / baseline
+        );
+        let raw = raw_produce(&connected, &settings.kafka).await?;
+        println!(
+            "| raw rdkafka produce of the same records (acks=all, idempotent, all in flight, then every acknowledgement) | {raw:.0} | {:.2} (the relay publishes at {:.2} of it) |",
+            raw / baseline,
+            rate_kafka / raw
         );
     }
     let report = replay::rebuild_read_models(&connected, 1_000, false, &mut |_| {}).await?;
@@ -909,7 +1017,8 @@ async fn main() -> anyhow::Result<()> {
             events,
             rate,
             seconds,
-        } => projector(&args, *events, *rate, *seconds).await,
+            batch,
+        } => projector(&args, *events, (*rate, *seconds), *batch).await,
         Bench::Updates {
             subscribers,
             orders,

@@ -420,8 +420,14 @@ impl Application {
         let service = self
             .router
             .into_make_service_with_connect_info::<SocketAddr>();
-        let serving =
-            axum::serve(self.listener, service).with_graceful_shutdown(self.shutdown.wait());
+        // Small writes (an SSE event, a WebSocket frame) go out at once: with Nagle's
+        // algorithm on, each waited for the client's delayed ACK of the one before (~40 ms).
+        let listener = axum::serve::ListenerExt::tap_io(self.listener, |stream| {
+            if let Err(error) = stream.set_nodelay(true) {
+                tracing::debug!(%error, "TCP_NODELAY could not be set");
+            }
+        });
+        let serving = axum::serve(listener, service).with_graceful_shutdown(self.shutdown.wait());
         let serving = std::future::IntoFuture::into_future(serving);
         tokio::pin!(serving);
         let drained = {

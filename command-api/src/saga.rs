@@ -3,15 +3,17 @@
 //! It reads the stream from its own durable checkpoint (`saga`), asks the pure
 //! [`petstore_domain::saga::react`] what each event calls for, and performs it: commands to
 //! aggregates, calls to the payment gateway and delivery provider, deadlines. Events of
-//! different orders are handled concurrently; one order's events stay in stream order. The
-//! checkpoint moves after a whole batch has been handled, so a crash replays at most one
-//! batch, and replaying is harmless: every command carries an id derived from the event
+//! different orders are handled concurrently, each order's in its own lane (its events in
+//! stream order), and the runner reads on while lanes run: one slow order holds up no other.
+//! The checkpoint moves past an event once it and every event before it are handled, so a
+//! crash replays what was in flight, and replaying is harmless: every command carries an id
+//! derived from the event
 //! that caused it (and the action's place in the reaction), and the event store drops a
 //! command whose id the aggregate already holds. Provider calls are made only while the
 //! payment or delivery has no recorded result, with an idempotency key derived the same way.
 //!
 //! With Kafka configured the runner consumes the events from the topics in a consumer group
-//! instead (offsets committed after the batch's commands are stored); several runners then
+//! instead (offsets committed, the same way, up to what is handled); several runners then
 //! share the work.
 //!
 //! A second loop fires due deadlines: a step that has not finished in time cancels the order.
@@ -23,14 +25,16 @@
 //! so nothing is charged twice). A payment deadline that falls due while payments are held is
 //! extended by `saga.payment_timeout_ms` instead of cancelling the order.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use cqrs_es::{Aggregate, AggregateError};
-use futures::TryStreamExt;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use petstore_domain::delivery::{Delivery, DeliveryCommand, DeliveryEvent, DeliveryState};
 use petstore_domain::order::{Order, OrderCommand, OrderEvent};
 use petstore_domain::payment::{Payment, PaymentCommand, PaymentEvent, PaymentState};
@@ -57,6 +61,10 @@ use uuid::Uuid;
 
 use crate::providers;
 
+mod arrivals;
+
+use arrivals::{Arrivals, Ticket};
+
 /// The checkpoint name of the saga runner's subscription.
 pub const CHECKPOINT: &str = "saga";
 /// The subject saga commands act as.
@@ -75,6 +83,11 @@ const PAYMENT_HOLD_RECHECK: chrono::Duration = chrono::Duration::seconds(1);
 
 /// Attempts at handling one event before it is set aside as a dead letter.
 const HANDLING_ATTEMPTS: u32 = 3;
+
+/// How often, at most, the runner acknowledges (saves its checkpoint, commits its offsets)
+/// while events keep coming: after a crash, what was handled since is handled again
+/// (harmlessly), and one acknowledgement covers many events.
+const ACKNOWLEDGE_EVERY: Duration = Duration::from_millis(50);
 
 /// Namespace of the ids of commands the saga issues.
 const COMMAND_NAMESPACE: Uuid = Uuid::from_u128(0x9d2c_41a7_63e8_4f0b_8a5d_1c3e_6b7f_2a90);
@@ -120,7 +133,7 @@ pub struct SagaProgress {
     /// checkpoint it resumed at), or the furthest one (consuming Kafka, whose partitions
     /// interleave: `None` before the first).
     pub position: Option<StreamPosition>,
-    /// Whether the last batch failed (the runner is stalled until one succeeds).
+    /// Whether handling an event failed (the runner is stalled until it handles one again).
     pub failing: bool,
     /// How far behind the log it was when last measured.
     pub lag: Lag,
@@ -163,6 +176,46 @@ enum Decoded {
     Pet(PetEvent),
     Payment(PaymentEvent),
     Delivery(DeliveryEvent),
+}
+
+/// An arrived event, as far as acknowledging it goes.
+struct Arrived {
+    position: StreamPosition,
+    /// Its Kafka topic and partition, and offset.
+    delivery: Option<((String, i32), i64)>,
+}
+
+impl Arrived {
+    fn of(event: &RecordedEvent) -> Self {
+        Self {
+            position: event.position,
+            delivery: event.delivery.as_ref().map(|delivery| {
+                (
+                    (delivery.topic.clone(), delivery.partition),
+                    delivery.offset,
+                )
+            }),
+        }
+    }
+}
+
+/// An event waiting for, or in, its order's lane.
+struct Work {
+    ticket: Ticket,
+    event: RecordedEvent,
+    decoded: Decoded,
+}
+
+/// A lane's run (or an event being set aside): its order, and the tickets and ids of the
+/// events handled, or why one failed.
+type Step<'a> = BoxFuture<'a, (Option<OrderId>, Result<Vec<(Ticket, Uuid)>, SagaError>)>;
+
+/// How the runner acknowledges what it handled.
+enum Acknowledge<'a> {
+    /// Following the event store: its checkpoint.
+    Checkpoint,
+    /// Consuming Kafka: the group's offsets.
+    Offsets(&'a KafkaSubscriber),
 }
 
 /// Decodes an event in today's shape (an older version upcast first).
@@ -247,25 +300,23 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
         self.progress.subscribe()
     }
 
-    /// Records a batch's outcome in the progress and the metrics.
-    fn batch_done(&self, handled: Option<StreamPosition>, outcome: &Result<(), SagaError>) {
-        let failing = outcome.is_err();
-        if failing {
-            self.metrics.saga_failures.inc();
-        }
-        self.metrics.saga_stalled.set(i64::from(failing));
+    /// Records in the progress what is handled (with all before it).
+    fn handled(&self, position: Option<StreamPosition>) {
+        self.metrics.saga_stalled.set(0);
         self.progress.send_modify(|progress| {
-            progress.failing = failing;
-            if let Some(handled) = handled.filter(|_| !failing) {
-                progress.position = Some(progress.position.map_or(handled, |at| {
-                    if self.kafka.is_some() {
-                        at.max(handled)
-                    } else {
-                        handled
-                    }
-                }));
+            progress.failing = false;
+            if let Some(handled) = position {
+                progress.position = Some(progress.position.map_or(handled, |at| at.max(handled)));
             }
         });
+    }
+
+    /// Records a failure: the runner is stalled until it has handled an event again.
+    fn failed(&self) {
+        self.metrics.saga_failures.inc();
+        self.metrics.saga_stalled.set(1);
+        self.progress
+            .send_modify(|progress| progress.failing = true);
     }
 
     /// Measures, every [`stream::LAG_SAMPLE_INTERVAL`], how far behind the log the runner
@@ -349,48 +400,37 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
         }
     }
 
-    async fn follow_stream(&self, mut stopped: tokio::sync::watch::Receiver<bool>) {
-        loop {
-            if let Err(error) = self.follow_from_checkpoint(&mut stopped).await {
-                tracing::error!(%error, "saga batch failed; retrying from the checkpoint");
-                tokio::select! {
-                    _ = stopped.wait_for(|stop| *stop) => return,
-                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
-                }
-            } else {
-                return;
+    async fn follow_stream(&self, mut stopped: watch::Receiver<bool>) {
+        while let Err(error) = self.follow_from_checkpoint(&mut stopped).await {
+            self.failed();
+            tracing::error!(%error, "saga step failed; retrying from the checkpoint");
+            tokio::select! {
+                _ = stopped.wait_for(|stop| *stop) => return,
+                () = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
         }
     }
 
-    async fn follow_kafka(
-        &self,
-        kafka: &KafkaSettings,
-        mut stopped: tokio::sync::watch::Receiver<bool>,
-    ) {
+    async fn follow_kafka(&self, kafka: &KafkaSettings, mut stopped: watch::Receiver<bool>) {
         let mut seen = RecentEvents::new(100_000);
-        loop {
-            match self.consume_kafka(kafka, &mut stopped, &mut seen).await {
-                Ok(()) => return,
-                Err(error) => {
-                    // The consumer is dropped: it rejoins the group and resumes from the last
-                    // committed offsets, so the failed batch is handled again.
-                    tracing::error!(%error, "saga batch from kafka failed; rejoining the group");
-                    tokio::select! {
-                        _ = stopped.wait_for(|stop| *stop) => return,
-                        () = tokio::time::sleep(Duration::from_millis(500)) => {}
-                    }
-                }
+        while let Err(error) = self.consume_kafka(kafka, &mut stopped, &mut seen).await {
+            // The consumer is dropped: it rejoins the group and resumes from the last
+            // committed offsets, so what was not handled is delivered again.
+            self.failed();
+            tracing::error!(%error, "saga step from kafka failed; rejoining the group");
+            tokio::select! {
+                _ = stopped.wait_for(|stop| *stop) => return,
+                () = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
         }
     }
 
-    /// Handles batches from the consumer group until stopped (`Ok`) or until one fails.
-    /// Offsets are committed only after a batch's commands are stored.
+    /// Handles the consumer group's events until stopped (`Ok`) or until one fails. Offsets
+    /// are committed only up to events handled with all before them.
     async fn consume_kafka(
         &self,
         kafka: &KafkaSettings,
-        stopped: &mut tokio::sync::watch::Receiver<bool>,
+        stopped: &mut watch::Receiver<bool>,
         seen: &mut RecentEvents,
     ) -> Result<(), SagaError> {
         let store_id = self
@@ -400,88 +440,220 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
             .await
             .map_err(|error| SagaError::Store(error.to_string()))?;
         let subscriber = KafkaSubscriber::new(kafka, &kafka.consumer_group, &store_id).await?;
-        loop {
-            let batch = tokio::select! {
-                _ = stopped.wait_for(|stop| *stop) => return Ok(()),
-                batch = subscriber.next_batch(self.settings.batch_size as usize, Duration::ZERO) => batch?,
-            };
-            // Kafka delivers at least once: drop events this runner already handled. They
-            // count as handled only once their batch is: a failed batch is delivered again
-            // after the rejoin and must not be dropped then.
-            let fresh = seen.unseen(batch);
-            let outcome = self.handle_batch(&fresh).await;
-            let furthest = fresh.iter().map(|event| event.position).max();
-            self.batch_done(furthest, &outcome);
-            outcome?;
-            seen.record(&fresh);
-            subscriber.commit()?;
-        }
+        let max = self.settings.batch_size as usize;
+        // Polled from a stream, never cancelled: a batch being taken is not lost.
+        let batches = futures::stream::unfold(&subscriber, |subscriber| async move {
+            let batch = subscriber.next_batch(max, Duration::ZERO).await;
+            Some((batch.map_err(SagaError::from), subscriber))
+        });
+        self.pipeline(batches, stopped, seen, Acknowledge::Offsets(&subscriber))
+            .await
     }
 
-    /// Handles batches until stopped (`Ok`) or until a batch fails (`Err`).
+    /// Handles the stream from the checkpoint until stopped (`Ok`) or until an event's
+    /// handling fails (`Err`).
     async fn follow_from_checkpoint(
         &self,
-        stopped: &mut tokio::sync::watch::Receiver<bool>,
+        stopped: &mut watch::Receiver<bool>,
     ) -> Result<(), SagaError> {
-        let database = self.store.database();
-        let start = stream::load_checkpoint(database, CHECKPOINT).await?;
+        let start = stream::load_checkpoint(self.store.database(), CHECKPOINT).await?;
         // Where it resumes is what it has handled, as far as lag goes.
         self.progress
             .send_modify(|progress| progress.position = Some(start));
-        let mut reader = StreamReader::new(
+        let reader = StreamReader::new(
             &self.store,
             start,
             self.settings.batch_size,
             Duration::from_millis(100),
         );
+        let batches = futures::stream::unfold(reader, |mut reader| async move {
+            let batch = reader.next_batch().await;
+            Some((batch.map_err(SagaError::from), reader))
+        });
+        let mut seen = RecentEvents::new(0);
+        self.pipeline(batches, stopped, &mut seen, Acknowledge::Checkpoint)
+            .await
+    }
+
+    /// Handles the events of `batches` until stopped (`Ok`, once what arrived is handled) or
+    /// until one's handling fails (`Err`). Each order's events go, in order, through the
+    /// order's lane; up to `saga.max_concurrent_orders` lanes run at once, and more events are
+    /// read while they run (up to `saga.batch_size` unacknowledged), so one slow order holds
+    /// up no other. What is handled with everything that arrived before it is acknowledged
+    /// (the checkpoint saved, the offsets committed) every [`ACKNOWLEDGE_EVERY`] at most. An
+    /// event that cannot be decoded, or whose handling keeps failing because its history
+    /// cannot be read, is set aside as a dead letter and the runner moves on.
+    async fn pipeline(
+        &self,
+        batches: impl futures::Stream<Item = Result<Vec<RecordedEvent>, SagaError>>,
+        stopped: &mut watch::Receiver<bool>,
+        seen: &mut RecentEvents,
+        acknowledge: Acknowledge<'_>,
+    ) -> Result<(), SagaError> {
+        let mut batches = std::pin::pin!(batches);
+        let lanes_at_most = self.settings.max_concurrent_orders.max(1);
+        let outstanding_at_most = (self.settings.batch_size as usize).max(1);
+        let mut arrivals = Arrivals::new();
+        // Nothing below awaits outside these futures: a lane not polled while it holds a
+        // database connection could starve whatever waits for one.
+        let mut lanes: FuturesUnordered<Step<'_>> = FuturesUnordered::new();
+        let mut acknowledging: Option<BoxFuture<'_, Result<(), SagaError>>> = None;
+        // Events waiting for their order's lane; orders waiting for a lane, each once.
+        let mut queued: HashMap<OrderId, Vec<Work>> = HashMap::new();
+        let mut waiting: VecDeque<OrderId> = VecDeque::new();
+        let mut running: HashSet<OrderId> = HashSet::new();
+        let mut in_flight: HashSet<Uuid> = HashSet::new();
+        let mut unacknowledged: Vec<Arrived> = Vec::new();
+        let mut acknowledge_at: Option<tokio::time::Instant> = None;
+        let mut stopping = false;
         loop {
-            let batch = tokio::select! {
-                _ = stopped.wait_for(|stop| *stop) => return Ok(()),
-                batch = reader.next_batch() => batch?,
-            };
-            let outcome = self.handle_batch(&batch).await;
-            self.batch_done(batch.last().map(|event| event.position), &outcome);
-            outcome?;
-            stream::save_checkpoint(database, CHECKPOINT, reader.position(), None).await?;
+            while lanes.len() < lanes_at_most {
+                let Some(order_id) = waiting.pop_front() else {
+                    break;
+                };
+                let work = queued.remove(&order_id).unwrap_or_default();
+                running.insert(order_id);
+                lanes.push(self.lane(order_id, work).boxed());
+            }
+            if stopping && lanes.is_empty() {
+                if let Some(acknowledging) = acknowledging.take() {
+                    acknowledging.await?;
+                }
+                unacknowledged.extend(arrivals.acknowledgeable());
+                return self.acknowledge(&acknowledge, unacknowledged, true).await;
+            }
+            let room = !stopping && arrivals.outstanding() < outstanding_at_most;
+            tokio::select! {
+                // (The guard `wait_for` returns must not live on across the awaits below.)
+                _ = async { stopped.wait_for(|stop| *stop).await.is_ok() }, if !stopping => stopping = true,
+                batch = batches.next(), if room => {
+                    let Some(batch) = batch else {
+                        stopping = true;
+                        continue;
+                    };
+                    for event in batch? {
+                        let arrived = Arrived::of(&event);
+                        let id = event.event_id();
+                        // Kafka delivers at least once: a redelivery of an event handled
+                        // or being handled needs nothing more.
+                        if seen.contains(&id) || in_flight.contains(&id) {
+                            arrivals.arrive(arrived, true);
+                            continue;
+                        }
+                        let decoded = match saga_event(&event) {
+                            Ok(decoded) => decoded,
+                            Err(error) => {
+                                let ticket = arrivals.arrive(arrived, false);
+                                lanes.push(async move {
+                                    let outcome = self.set_aside(&event, &error).await;
+                                    (None, outcome.map(|()| vec![(ticket, id)]))
+                                }.boxed());
+                                continue;
+                            }
+                        };
+                        let Some((order_id, decoded)) = decoded else {
+                            arrivals.arrive(arrived, true);
+                            continue;
+                        };
+                        in_flight.insert(id);
+                        let ticket = arrivals.arrive(arrived, false);
+                        let queue = queued.entry(order_id).or_default();
+                        if queue.is_empty() && !running.contains(&order_id) {
+                            waiting.push_back(order_id);
+                        }
+                        queue.push(Work { ticket, event, decoded });
+                    }
+                }
+                Some((order_id, handled)) = lanes.next(), if !lanes.is_empty() => {
+                    if let Some(order_id) = order_id {
+                        running.remove(&order_id);
+                        if queued.contains_key(&order_id) {
+                            waiting.push_back(order_id);
+                        }
+                    }
+                    for (ticket, id) in handled? {
+                        arrivals.finish(ticket);
+                        in_flight.remove(&id);
+                        seen.record(id);
+                    }
+                }
+                () = tokio::time::sleep_until(acknowledge_at.unwrap_or_else(tokio::time::Instant::now)), if acknowledge_at.is_some() && acknowledging.is_none() => {
+                    acknowledge_at = None;
+                    let handled = std::mem::take(&mut unacknowledged);
+                    acknowledging = Some(self.acknowledge(&acknowledge, handled, false).boxed());
+                }
+                acknowledged = async { acknowledging.as_mut().expect("guarded").await }, if acknowledging.is_some() => {
+                    acknowledging = None;
+                    acknowledged?;
+                }
+            }
+            let before = unacknowledged.len();
+            unacknowledged.extend(arrivals.acknowledgeable());
+            if unacknowledged.len() > before && acknowledge_at.is_none() {
+                acknowledge_at = Some(tokio::time::Instant::now() + ACKNOWLEDGE_EVERY);
+            }
         }
     }
 
-    /// Handles a batch: orders concurrently, each order's events in order. An event that
-    /// cannot be decoded, or whose handling still fails after [`HANDLING_ATTEMPTS`] while the
-    /// database answers, is set aside as a dead letter and the batch moves on.
-    pub async fn handle_batch(&self, batch: &[RecordedEvent]) -> Result<(), SagaError> {
-        let mut per_order: Vec<(OrderId, Vec<(&RecordedEvent, Decoded)>)> = Vec::new();
-        let mut index: HashMap<OrderId, usize> = HashMap::new();
-        for event in batch {
-            let decoded = match saga_event(event) {
-                Ok(decoded) => decoded,
-                Err(error) => {
-                    self.set_aside(event, &error).await?;
-                    None
+    /// Handles one order's events in order: the tickets and ids of those handled, or why
+    /// one failed.
+    async fn lane(
+        &self,
+        order_id: OrderId,
+        work: Vec<Work>,
+    ) -> (Option<OrderId>, Result<Vec<(Ticket, Uuid)>, SagaError>) {
+        let mut handled = Vec::with_capacity(work.len());
+        for Work {
+            ticket,
+            event,
+            decoded,
+        } in work
+        {
+            let span = step_span(order_id, &event);
+            let outcome = self
+                .handle_persistently(order_id, &event, &decoded)
+                .instrument(span)
+                .await;
+            if let Err(error) = outcome {
+                return (Some(order_id), Err(error));
+            }
+            handled.push((ticket, event.event_id()));
+        }
+        (Some(order_id), Ok(handled))
+    }
+
+    /// Acknowledges `handled` (events handled with all that arrived before them): saves the
+    /// checkpoint, or commits the offsets (waiting for the broker when `finally`).
+    async fn acknowledge(
+        &self,
+        how: &Acknowledge<'_>,
+        handled: Vec<Arrived>,
+        finally: bool,
+    ) -> Result<(), SagaError> {
+        let furthest = handled.iter().map(|arrived| arrived.position).max();
+        match how {
+            Acknowledge::Checkpoint => {
+                // In stream order: the last is the furthest.
+                if let Some(position) = furthest {
+                    stream::save_checkpoint(self.store.database(), CHECKPOINT, position, None)
+                        .await?;
                 }
-            };
-            if let Some((order_id, decoded)) = decoded {
-                let slot = *index.entry(order_id).or_insert_with(|| {
-                    per_order.push((order_id, Vec::new()));
-                    per_order.len() - 1
-                });
-                per_order[slot].1.push((event, decoded));
+            }
+            Acknowledge::Offsets(subscriber) => {
+                let mut offsets = HashMap::new();
+                for (partition, offset) in
+                    handled.into_iter().filter_map(|arrived| arrived.delivery)
+                {
+                    let at = offsets.entry(partition).or_insert(offset);
+                    *at = offset.max(*at);
+                }
+                subscriber.commit(&offsets, finally)?;
             }
         }
-        futures::stream::iter(per_order.into_iter().map(Ok))
-            .try_for_each_concurrent(
-                self.settings.max_concurrent_orders.max(1),
-                |(order_id, events)| async move {
-                    for (event, decoded) in events {
-                        let span = step_span(order_id, event);
-                        self.handle_persistently(order_id, event, &decoded)
-                            .instrument(span)
-                            .await?;
-                    }
-                    Ok(())
-                },
-            )
-            .await
+        if furthest.is_some() {
+            self.handled(furthest);
+        }
+        Ok(())
     }
 
     /// Handles one event, trying again a few times; one that keeps failing because an
@@ -838,7 +1010,7 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
         metadata: EventMetadata,
     ) -> Result<Option<DomainError>, SagaError>
     where
-        A: Aggregate<Error = DomainError, Services = ()>,
+        A: Aggregate<Error = DomainError, Services = ()> + Clone + 'static,
         A::Command: Clone + std::fmt::Debug,
     {
         match self
@@ -1031,24 +1203,15 @@ impl RecentEvents {
         }
     }
 
-    /// The events of `batch` not handled yet, each once.
-    fn unseen(&self, batch: Vec<RecordedEvent>) -> Vec<RecordedEvent> {
-        let mut in_batch = std::collections::HashSet::new();
-        batch
-            .into_iter()
-            .filter(|event| {
-                let id = event.event_id();
-                !self.ids.contains(&id) && in_batch.insert(id)
-            })
-            .collect()
+    /// Whether the event was handled.
+    fn contains(&self, id: &Uuid) -> bool {
+        self.ids.contains(id)
     }
 
-    /// Remembers `events` as handled, forgetting the oldest beyond the capacity.
-    fn record(&mut self, events: &[RecordedEvent]) {
-        for event in events {
-            if self.ids.insert(event.event_id()) {
-                self.order.push_back(event.event_id());
-            }
+    /// Remembers an event as handled, forgetting the oldest beyond the capacity.
+    fn record(&mut self, id: Uuid) {
+        if self.ids.insert(id) {
+            self.order.push_back(id);
         }
         while self.order.len() > self.capacity {
             if let Some(oldest) = self.order.pop_front() {
@@ -1117,7 +1280,7 @@ impl Cause {
     }
 }
 
-/// The saga runner in `/health`: `caught up`, `lagging`, `stalled` (its last batch failed:
+/// The saga runner in `/health`: `caught up`, `lagging`, `stalled` (handling an event failed:
 /// down until one succeeds) or `down` (it stopped). Not essential: queries still work.
 pub struct SagaRunnerHealth(pub watch::Receiver<SagaProgress>);
 
@@ -1140,7 +1303,7 @@ impl petstore_platform::health::HealthCheck for SagaRunnerHealth {
             } else if progress.failing {
                 ComponentHealth::down(
                     "in-process",
-                    "stalled: its last batch failed; retrying from the checkpoint",
+                    "stalled: an event's handling failed; retrying from the checkpoint",
                 )
             } else {
                 let detail = progress.lag.lagging().unwrap_or_else(|| {
@@ -1175,17 +1338,17 @@ mod tests {
     }
 
     #[test]
-    fn a_redelivered_event_is_dropped_only_once_its_batch_was_handled() {
+    fn handled_events_are_remembered_up_to_the_capacity() {
         let mut seen = RecentEvents::new(2);
-        let batch = vec![event(1), event(2), event(1)];
-        let fresh = seen.unseen(batch.clone());
-        assert_eq!(fresh.len(), 2, "each once");
-        // The batch failed: redelivered, it is all fresh again.
-        assert_eq!(seen.unseen(batch.clone()).len(), 2);
-        seen.record(&fresh);
-        assert!(seen.unseen(batch).is_empty());
+        let (one, two, three) = (event(1), event(2), event(3));
+        assert!(!seen.contains(&one.event_id()));
+        seen.record(one.event_id());
+        seen.record(one.event_id());
+        seen.record(two.event_id());
+        assert!(seen.contains(&one.event_id()) && seen.contains(&two.event_id()));
         // The oldest are forgotten beyond the capacity.
-        seen.record(&[event(3)]);
-        assert_eq!(seen.unseen(vec![event(1), event(3)]).len(), 1);
+        seen.record(three.event_id());
+        assert!(!seen.contains(&one.event_id()));
+        assert!(seen.contains(&three.event_id()));
     }
 }

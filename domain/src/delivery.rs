@@ -113,7 +113,7 @@ impl DeliveryState {
 }
 
 /// A delivery, rebuilt from its events.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Delivery {
     state: DeliveryState,
     order_id: Option<OrderId>,

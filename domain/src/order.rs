@@ -175,12 +175,12 @@ impl DomainEvent for OrderEvent {
 }
 
 /// An order, rebuilt from its events. `None` until placed.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Order {
     state: Option<OrderState>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct OrderState {
     request: OrderRequest,
     status: OrderStatus,

@@ -114,7 +114,7 @@ impl PaymentState {
 }
 
 /// A payment, rebuilt from its events.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Payment {
     state: PaymentState,
     order_id: Option<OrderId>,

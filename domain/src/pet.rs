@@ -126,12 +126,12 @@ impl DomainEvent for PetEvent {
 }
 
 /// A pet, rebuilt from its events. `None` until it is added.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Pet {
     state: Option<PetState>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct PetState {
     details: PetDetails,
     availability: Availability,

@@ -589,7 +589,8 @@ impl KafkaSubscriber {
     }
 
     /// Waits for one message, then takes whatever else arrives within `linger`, up to `max`.
-    /// Each message's offset is stored for the next [`Self::commit`].
+    /// Not cancel-safe: a message taken by a cancelled call is lost to this consumer (poll
+    /// it from a stream that keeps the call).
     pub async fn next_batch(
         &self,
         max: usize,
@@ -613,15 +614,14 @@ impl KafkaSubscriber {
         Ok(batch)
     }
 
-    /// The message's event, or `None` for another store's message (its offset is stored:
-    /// it is passed over, not handled).
+    /// The message's event, or `None` for another store's message (passed over, not
+    /// handled: a later commit on its partition covers it).
     fn take(
         &self,
         message: &rdkafka::message::BorrowedMessage<'_>,
     ) -> Result<Option<RecordedEvent>, BusError> {
         let store = header(message, STORE_HEADER);
         if store.as_deref() != Some(self.store_id.as_str()) {
-            self.consumer.store_offset_from_message(message)?;
             let first = self
                 .skipped
                 .lock()
@@ -646,7 +646,6 @@ impl KafkaSubscriber {
                 offset: message.offset(),
                 source,
             })?;
-        self.consumer.store_offset_from_message(message)?;
         let mut event = RecordedEvent::from(envelope);
         event.delivery = Some(Delivery {
             topic: message.topic().to_owned(),
@@ -657,11 +656,26 @@ impl KafkaSubscriber {
         Ok(Some(event))
     }
 
-    /// Commits the stored offsets: everything returned so far is handled.
-    pub fn commit(&self) -> Result<(), BusError> {
-        match self.consumer.commit_consumer_state(CommitMode::Sync) {
-            Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => Ok(()),
-            Err(error) => Err(error.into()),
+    /// Commits that everything up to `offsets` (topic, partition, last handled offset) is
+    /// handled; `wait` for the broker's answer, else the commit goes out in the background
+    /// (a lost one only means those messages are handled again, harmlessly).
+    pub fn commit(
+        &self,
+        offsets: &HashMap<(String, i32), i64>,
+        wait: bool,
+    ) -> Result<(), BusError> {
+        if offsets.is_empty() {
+            return Ok(());
         }
+        let mut list = TopicPartitionList::with_capacity(offsets.len());
+        for ((topic, partition), offset) in offsets {
+            list.add_partition_offset(topic, *partition, Offset::Offset(offset + 1))?;
+        }
+        let mode = if wait {
+            CommitMode::Sync
+        } else {
+            CommitMode::Async
+        };
+        Ok(self.consumer.commit(&list, mode)?)
     }
 }

@@ -64,6 +64,27 @@ pub fn unreachable(error: &sqlx::Error) -> bool {
     }
 }
 
+/// Postgres: a one-row `FROM` item that lets the statement's own transaction commit without
+/// waiting for the WAL flush (`synchronous_commit` off for that transaction only), for writes
+/// derived from events that are written again should a database crash lose them (deadlines,
+/// checkpoints, read models). Never for events. WAL order still holds: whatever commits
+/// flushed after them (an event append) makes them durable first.
+macro_rules! lazily_durable {
+    () => {
+        "(SELECT set_config('synchronous_commit', 'off', true)) AS lazily_durable"
+    };
+}
+pub(crate) use lazily_durable;
+
+/// Postgres: lets the transaction on `connection` commit without waiting for the WAL flush,
+/// as [`lazily_durable!`] does for one statement.
+pub async fn commit_lazily(connection: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("SET LOCAL synchronous_commit = off")
+        .execute(connection)
+        .await?;
+    Ok(())
+}
+
 /// Begins a transaction on a connection from `pool`, safely even if the caller is cancelled.
 ///
 /// sqlx 0.8 sends `BEGIN` and only then counts the transaction: a future dropped while it

@@ -478,13 +478,30 @@ pub async fn list_route(
 /// [`SKIPPED`]); answers it after the change. The error names what is wrong: no such dead
 /// letter, or one that is not open.
 pub async fn act(database: &Database, id: i64, to: &str) -> Result<DeadLetter, ActError> {
-    if !transition(database, id, &[PENDING, RETRYING], to).await? {
-        return Err(match get(database, id).await? {
+    // The letter as this change left it, in the same statement: a runner may take it up
+    // (and resolve it) at once.
+    let sql = format!(
+        "UPDATE dead_letters SET status = $2, resolved_at_ms = $3
+          WHERE id = $1 AND status IN ($4, $5) RETURNING {COLUMNS}"
+    );
+    let resolved_at = (to == SKIPPED).then(|| Utc::now().timestamp_millis());
+    let moved: Option<Row> = fetch!(
+        database,
+        &sql,
+        fetch_optional,
+        id,
+        to,
+        resolved_at,
+        PENDING,
+        RETRYING
+    )?;
+    match moved {
+        Some(row) => Ok(from_row(row)),
+        None => Err(match get(database, id).await? {
             None => ActError::NotFound(id),
             Some(letter) => ActError::NotOpen(letter.status),
-        });
+        }),
     }
-    get(database, id).await?.ok_or(ActError::NotFound(id))
 }
 
 /// Why a dead letter could not be retried or skipped.

@@ -3,10 +3,15 @@
 //! Scheduling is idempotent per (order, step), so a replayed event schedules nothing new.
 //! A deadline is marked fired only after its command ran: a crash in between fires it again,
 //! and the command (derived from the deadline) is a no-op the second time.
+//!
+//! On Postgres these writes commit without waiting for the WAL flush ([`lazily_durable!`](crate::database)):
+//! they are derived from events, and the saga checkpoint that covers a deadline's event is
+//! written after it, so a database crash that loses one loses that checkpoint too, and the
+//! event is handled again. Any event append (always flushed) flushes them first.
 
 use chrono::{DateTime, TimeZone, Utc};
 
-use crate::database::Database;
+use crate::database::{lazily_durable, Database};
 
 /// One step's deadline.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,9 +30,15 @@ pub struct Deadline {
 pub async fn schedule(database: &Database, deadline: &Deadline) -> Result<(), sqlx::Error> {
     const SQL: &str = "INSERT INTO saga_deadlines (order_id, step, due_at_ms, correlation_id)
                        VALUES ($1, $2, $3, $4) ON CONFLICT (order_id, step) DO NOTHING";
+    const POSTGRES: &str = concat!(
+        "INSERT INTO saga_deadlines (order_id, step, due_at_ms, correlation_id)
+         SELECT $1, $2, $3, $4 FROM ",
+        lazily_durable!(),
+        " ON CONFLICT (order_id, step) DO NOTHING"
+    );
     match database {
         Database::Postgres(pool) => {
-            sqlx::query(SQL)
+            sqlx::query(POSTGRES)
                 .bind(&deadline.order_id)
                 .bind(&deadline.step)
                 .bind(deadline.due_at.timestamp_millis())
@@ -55,9 +66,16 @@ pub async fn rearm(database: &Database, deadline: &Deadline) -> Result<(), sqlx:
                        VALUES ($1, $2, $3, $4)
                        ON CONFLICT (order_id, step)
                        DO UPDATE SET due_at_ms = excluded.due_at_ms, fired_at_ms = NULL";
+    const POSTGRES: &str = concat!(
+        "INSERT INTO saga_deadlines (order_id, step, due_at_ms, correlation_id)
+         SELECT $1, $2, $3, $4 FROM ",
+        lazily_durable!(),
+        " ON CONFLICT (order_id, step)
+         DO UPDATE SET due_at_ms = excluded.due_at_ms, fired_at_ms = NULL"
+    );
     match database {
         Database::Postgres(pool) => {
-            sqlx::query(SQL)
+            sqlx::query(POSTGRES)
                 .bind(&deadline.order_id)
                 .bind(&deadline.step)
                 .bind(deadline.due_at.timestamp_millis())
@@ -83,10 +101,15 @@ pub async fn rearm(database: &Database, deadline: &Deadline) -> Result<(), sqlx:
 pub async fn mark_fired_at(database: &Database, deadline: &Deadline) -> Result<(), sqlx::Error> {
     const SQL: &str = "UPDATE saga_deadlines SET fired_at_ms = $4
                         WHERE order_id = $1 AND step = $2 AND due_at_ms = $3 AND fired_at_ms IS NULL";
+    const POSTGRES: &str = concat!(
+        "UPDATE saga_deadlines SET fired_at_ms = $4 FROM ",
+        lazily_durable!(),
+        " WHERE order_id = $1 AND step = $2 AND due_at_ms = $3 AND fired_at_ms IS NULL"
+    );
     let now = Utc::now().timestamp_millis();
     match database {
         Database::Postgres(pool) => {
-            sqlx::query(SQL)
+            sqlx::query(POSTGRES)
                 .bind(&deadline.order_id)
                 .bind(&deadline.step)
                 .bind(deadline.due_at.timestamp_millis())
@@ -164,10 +187,15 @@ pub async fn mark_fired(
 ) -> Result<(), sqlx::Error> {
     const SQL: &str = "UPDATE saga_deadlines SET fired_at_ms = $3
                         WHERE order_id = $1 AND step = $2 AND fired_at_ms IS NULL";
+    const POSTGRES: &str = concat!(
+        "UPDATE saga_deadlines SET fired_at_ms = $3 FROM ",
+        lazily_durable!(),
+        " WHERE order_id = $1 AND step = $2 AND fired_at_ms IS NULL"
+    );
     let now = Utc::now().timestamp_millis();
     match database {
         Database::Postgres(pool) => {
-            sqlx::query(SQL)
+            sqlx::query(POSTGRES)
                 .bind(order_id)
                 .bind(step)
                 .bind(now)

@@ -14,8 +14,8 @@ use std::time::Duration;
 use chrono::{DateTime, SecondsFormat, Utc};
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::persist::{
-    EventStoreAggregateContext, PersistedEventRepository, PersistedEventStore, PersistenceError,
-    ReplayStream, SerializedEvent, SerializedSnapshot,
+    EventStoreAggregateContext, EventUpcaster, PersistedEventRepository, PersistedEventStore,
+    PersistenceError, ReplayStream, SerializedEvent, SerializedSnapshot,
 };
 use cqrs_es::{Aggregate, AggregateError, EventEnvelope, EventStore as _};
 use postgres_es::PostgresEventRepository;
@@ -27,9 +27,13 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use uuid::Uuid;
 
 use crate::database::Database;
+
+mod known;
+
 use crate::http::CorrelationId;
 use crate::metrics::Metrics;
 use crate::settings::Flag;
+use known::{Known, KnownAggregates};
 
 /// The cqrs-es repository of whichever engine the service runs on.
 pub enum EventRepository {
@@ -348,6 +352,7 @@ pub struct EventStore {
     appended: watch::Sender<u64>,
     metrics: Option<Metrics>,
     settings_version: Arc<AtomicU64>,
+    known: KnownAggregates,
 }
 
 impl EventStore {
@@ -361,6 +366,7 @@ impl EventStore {
             appended: watch::Sender::new(0),
             metrics: None,
             settings_version: Arc::default(),
+            known: KnownAggregates::default(),
         }
     }
 
@@ -420,13 +426,47 @@ impl EventStore {
             .with_upcasters(vec![Box::new(DomainUpcaster)])
     }
 
-    /// Rebuilds an aggregate from its events (a default one if it has none).
-    pub async fn load<A: Aggregate>(
+    /// The aggregate as it stands in the store (a default one if it has no events): what
+    /// this process knew of it, with the events appended since (by any process), or rebuilt
+    /// from all of its events.
+    pub async fn load<A: Aggregate + Clone + 'static>(
         &self,
         aggregate_id: &str,
     ) -> Result<A, AggregateError<A::Error>> {
-        let context = self.cqrs_store::<A>().load_aggregate(aggregate_id).await?;
-        Ok(context.aggregate)
+        Ok(self.current::<A>(aggregate_id).await?.aggregate)
+    }
+
+    /// [`Self::load`], with the sequence and command ids.
+    async fn current<A: Aggregate + Clone + 'static>(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<Known<A>, AggregateError<A::Error>> {
+        let mut known = self.known.get::<A>(aggregate_id).unwrap_or_default();
+        let newer = if known.sequence == 0 {
+            self.cqrs_store::<A>().load_events(aggregate_id).await?
+        } else {
+            let stored = self
+                .repository
+                .get_last_events::<A>(aggregate_id, known.sequence)
+                .await?;
+            stored
+                .into_iter()
+                .map(|event| {
+                    let event =
+                        if DomainUpcaster.can_upcast(&event.event_type, &event.event_version) {
+                            DomainUpcaster.upcast(event)
+                        } else {
+                            event
+                        };
+                    EventEnvelope::<A>::try_from(event)
+                })
+                .collect::<Result<_, _>>()?
+        };
+        for envelope in newer {
+            known.apply(envelope);
+        }
+        self.known.put(aggregate_id, known.clone());
+        Ok(known)
     }
 
     /// Like [`Self::execute`], for an aggregate whose id was just made up (a random UUID):
@@ -441,18 +481,17 @@ impl EventStore {
         metadata: &EventMetadata,
     ) -> Result<Vec<EventEnvelope<A>>, AggregateError<A::Error>>
     where
-        A: Aggregate,
+        A: Aggregate + Clone + 'static,
         A::Command: Clone,
     {
-        let store = self.cqrs_store::<A>();
-        let context = EventStoreAggregateContext {
-            aggregate_id: aggregate_id.to_owned(),
-            aggregate: A::default(),
-            current_sequence: 0,
-            current_snapshot: None,
-        };
         match self
-            .decide_and_commit(&store, context, command.clone(), services, metadata)
+            .decide_on(
+                aggregate_id,
+                Known::default(),
+                command.clone(),
+                services,
+                metadata,
+            )
             .await
         {
             Err(AggregateError::AggregateConflict) => {
@@ -520,9 +559,13 @@ impl EventStore {
     /// `metadata`. Returns the appended events; none when the command changed nothing, or
     /// when the aggregate already holds events of a command with the same
     /// `metadata.command_id` (the command was handled before: saga commands derive their id
-    /// from the event that caused them, so a replayed event never acts twice). A lost
-    /// optimistic-concurrency race reloads the aggregate and decides again, with jittered
-    /// backoff, up to the configured number of retries.
+    /// from the event that caused them, so a replayed event never acts twice).
+    ///
+    /// The command is first decided on what this process knows of the aggregate, reading
+    /// nothing: an append that goes through proves that copy current. Any other outcome (a
+    /// conflict, a refusal, nothing to do) is decided again on the aggregate as it stands in
+    /// the store. A lost optimistic-concurrency race there reloads and decides again, with
+    /// jittered backoff, up to the configured number of retries.
     pub async fn execute<A>(
         &self,
         aggregate_id: &str,
@@ -531,31 +574,31 @@ impl EventStore {
         metadata: &EventMetadata,
     ) -> Result<Vec<EventEnvelope<A>>, AggregateError<A::Error>>
     where
-        A: Aggregate,
+        A: Aggregate + Clone + 'static,
         A::Command: Clone,
     {
-        let store = self.cqrs_store::<A>();
         let command_id = metadata.command_id.to_string();
+        if let Some(known) = self.known.get::<A>(aggregate_id) {
+            if !known.command_ids.contains(&command_id) {
+                match self
+                    .decide_on(aggregate_id, known, command.clone(), services, metadata)
+                    .await
+                {
+                    Ok(committed) if !committed.is_empty() => return Ok(committed),
+                    Ok(_)
+                    | Err(AggregateError::UserError(_) | AggregateError::AggregateConflict) => {}
+                    Err(error) => return Err(error),
+                }
+            }
+        }
         let mut attempt = 0;
         loop {
-            let history = store.load_events(aggregate_id).await?;
-            let already_handled = history.iter().any(|envelope| {
-                envelope.metadata.get("command_id").map(String::as_str) == Some(command_id.as_str())
-            });
-            if already_handled {
+            let known = self.current::<A>(aggregate_id).await?;
+            if known.command_ids.contains(&command_id) {
                 return Ok(Vec::new());
             }
-            let mut context = EventStoreAggregateContext {
-                aggregate_id: aggregate_id.to_owned(),
-                aggregate: A::default(),
-                current_sequence: history.last().map_or(0, |envelope| envelope.sequence),
-                current_snapshot: None,
-            };
-            for envelope in history {
-                context.aggregate.apply(envelope.payload);
-            }
             match self
-                .decide_and_commit(&store, context, command.clone(), services, metadata)
+                .decide_on(aggregate_id, known, command.clone(), services, metadata)
                 .await
             {
                 Err(AggregateError::AggregateConflict) if attempt < self.max_conflict_retries => {
@@ -567,6 +610,48 @@ impl EventStore {
                 outcome => return outcome,
             }
         }
+    }
+
+    /// Decides `command` on `known` and commits it; what is known of the aggregate follows:
+    /// the events committed applied, or forgotten when the append failed (it may have gone
+    /// through, or the copy was stale).
+    async fn decide_on<A>(
+        &self,
+        aggregate_id: &str,
+        mut known: Known<A>,
+        command: A::Command,
+        services: &A::Services,
+        metadata: &EventMetadata,
+    ) -> Result<Vec<EventEnvelope<A>>, AggregateError<A::Error>>
+    where
+        A: Aggregate + Clone + 'static,
+    {
+        let context = EventStoreAggregateContext {
+            aggregate_id: aggregate_id.to_owned(),
+            aggregate: known.aggregate.clone(),
+            current_sequence: known.sequence,
+            current_snapshot: None,
+        };
+        let outcome = self
+            .decide_and_commit(
+                &self.cqrs_store::<A>(),
+                context,
+                command,
+                services,
+                metadata,
+            )
+            .await;
+        match &outcome {
+            Ok(committed) if !committed.is_empty() => {
+                for envelope in committed {
+                    known.apply(envelope.clone());
+                }
+                self.known.put(aggregate_id, known);
+            }
+            Ok(_) | Err(AggregateError::UserError(_)) => {}
+            Err(_) => self.known.forget::<A>(aggregate_id),
+        }
+        outcome
     }
 }
 

@@ -136,7 +136,7 @@ pub enum LiveSettingsError {
 }
 
 /// The live settings, folded from their events.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct LiveConfiguration {
     version: u64,
     settings: Option<LiveSettings>,

@@ -221,7 +221,7 @@ pub struct Metrics {
     pub saga_lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// Saga batches that failed and are retried.
     pub saga_failures: Counter,
-    /// 1 while the saga runner's last batch failed.
+    /// 1 while the saga runner is stalled (handling an event failed).
     pub saga_stalled: Gauge,
     /// Calls to external providers, by result (each attempt counts).
     pub provider_calls: Family<ProviderCallLabels, Counter>,
@@ -387,7 +387,7 @@ impl Metrics {
         let saga_stalled = Gauge::default();
         registry.register(
             "petstore_saga_runner_stalled",
-            "1 while the saga runner's last batch failed, else 0",
+            "1 while the saga runner is stalled (handling an event failed), else 0",
             saga_stalled.clone(),
         );
         let provider_calls = Family::<ProviderCallLabels, Counter>::default();

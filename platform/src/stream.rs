@@ -363,7 +363,9 @@ ON CONFLICT (name) DO UPDATE
        updated_at = CURRENT_TIMESTAMP";
 
 /// Saves `position` as the checkpoint `name`; with `fence` (Postgres), only while it is still
-/// the lock's token.
+/// the lock's token. On Postgres the commit does not wait for the WAL flush
+/// ([`crate::database::commit_lazily`]): a checkpoint lost in a database crash only means
+/// its events are handled again, which every subscriber takes harmlessly.
 pub async fn save_checkpoint(
     database: &Database,
     name: &str,
@@ -373,6 +375,7 @@ pub async fn save_checkpoint(
     match database {
         Database::Postgres(pool) => {
             let mut transaction = pool.begin().await?;
+            crate::database::commit_lazily(&mut transaction).await?;
             save_checkpoint_in(&mut transaction, name, position, fence).await?;
             transaction.commit().await?;
         }
@@ -460,8 +463,8 @@ pub struct StreamReader {
 /// Quick re-reads after a wake-up that found nothing, and the pause between them: together
 /// they cover the few milliseconds an older transaction takes to finish, without polling an
 /// idle stream.
-const QUICK_RETRIES: u32 = 50;
-const QUICK_RETRY_PAUSE: Duration = Duration::from_millis(2);
+const QUICK_RETRIES: u32 = 200;
+const QUICK_RETRY_PAUSE: Duration = Duration::from_micros(500);
 
 impl StreamReader {
     /// A reader of `store`'s stream that starts after `position`.

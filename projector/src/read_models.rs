@@ -671,6 +671,9 @@ pub(crate) async fn apply_postgres(
     } = tables;
     let (order_ids, pet_ids) = ViewBatch::ids(events);
     let mut transaction = petstore_platform::database::begin(pool).await?;
+    // Read models are derived: a database crash that loses this commit loses its
+    // checkpoint with it, and the events are applied again.
+    petstore_platform::database::commit_lazily(&mut transaction).await?;
     let mut batch = ViewBatch::default();
     if !order_ids.is_empty() {
         let rows: Vec<(String, serde_json::Value)> = sqlx::query_as(&format!(

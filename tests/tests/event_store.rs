@@ -15,7 +15,7 @@ use petstore_tests::{on_both_engines, Engine, Storage};
 use serde::{Deserialize, Serialize};
 
 /// A test aggregate that accepts any number of events, to load the store.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Counter {
     value: u64,
 }
@@ -118,7 +118,57 @@ on_both_engines!(
     conflicts_beyond_the_retry_budget_are_reported,
     checkpoints_are_durable,
     concurrent_writers_and_a_tailing_reader_see_every_event_exactly_once,
+    stores_of_two_processes_see_each_others_appends,
 );
+
+/// Each store keeps what it knows of the aggregates it loaded or appended to; another
+/// process's appends make that stale, and neither a load nor a command may act on it.
+async fn stores_of_two_processes_see_each_others_appends(engine: Engine) {
+    let storage = Storage::new(engine).await;
+    let one = EventStore::new(storage.database().await, 8);
+    let other = EventStore::new(storage.database().await, 8);
+    let increment = |store: &EventStore, metadata: EventMetadata| {
+        let store = store.clone();
+        async move {
+            store
+                .execute::<Counter>("c-1", CounterCommand::Increment, &(), &metadata)
+                .await
+                .expect("append")
+                .len()
+        }
+    };
+    let first = metadata();
+    assert_eq!(increment(&one, first.clone()).await, 1);
+    assert_eq!(increment(&one, metadata()).await, 1);
+    assert_eq!(increment(&other, metadata()).await, 1);
+    let loaded: Counter = one.load("c-1").await.expect("load");
+    assert_eq!(
+        loaded.value, 3,
+        "a load reads what the other store appended"
+    );
+
+    // `one` knows 3; the other appends a fourth: `one`'s next command conflicts on its
+    // stale copy and is decided again on the stored aggregate.
+    assert_eq!(increment(&other, metadata()).await, 1);
+    assert_eq!(increment(&one, metadata()).await, 1);
+    let loaded: Counter = other.load("c-1").await.expect("load");
+    assert_eq!(loaded.value, 5);
+    assert_eq!(stored_event_count(&one).await, 5);
+
+    // A command handled by one store is a no-op in the other.
+    assert_eq!(
+        increment(&other, first).await,
+        0,
+        "handled before, by the other store"
+    );
+    let seen_twice = metadata();
+    assert_eq!(increment(&other, seen_twice.clone()).await, 1);
+    assert_eq!(increment(&one, seen_twice).await, 0);
+    assert_eq!(stored_event_count(&one).await, 6);
+    let loaded: Counter = one.load("c-1").await.expect("load");
+    assert_eq!(loaded.value, 6);
+    storage.remove().await;
+}
 
 async fn appended_events_load_back_with_their_metadata(engine: Engine) {
     let storage = Storage::new(engine).await;

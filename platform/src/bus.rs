@@ -7,8 +7,8 @@
 //! of the append that stored the event), `store_id` (the event store's identity), and an
 //! [`Envelope`] as JSON value. The producer is idempotent with `acks=all`;
 //! [`KafkaBus::publish`] returns only once every message of the batch is acknowledged, so a
-//! caller may move its checkpoint after it; each batch goes through the `kafka` resilience
-//! policy.
+//! caller may move its checkpoint after it; [`InFlight`] keeps several batches in flight and
+//! tells which prefix is acknowledged. Each batch goes through the `kafka` resilience policy.
 //!
 //! Topics are bound to the event store whose events they carry: [`check_topic_owner`] refuses
 //! topics whose latest messages are another store's, and a [`KafkaSubscriber`] skips (and
@@ -29,6 +29,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
+use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::metrics::Metrics;
@@ -128,6 +129,37 @@ impl From<&RecordedEvent> for Envelope {
             position: event.position,
             metadata: event.metadata.clone(),
             payload: event.payload.clone(),
+        }
+    }
+}
+
+/// An [`Envelope`] borrowing its event, serialized the same way (without copying the
+/// payload and metadata per message).
+#[derive(Serialize)]
+struct EnvelopeOf<'a> {
+    event_id: String,
+    aggregate_type: &'a str,
+    aggregate_id: &'a str,
+    sequence: i64,
+    event_type: &'a str,
+    event_version: &'a str,
+    position: StreamPosition,
+    metadata: &'a HashMap<String, String>,
+    payload: &'a serde_json::Value,
+}
+
+impl<'a> From<&'a RecordedEvent> for EnvelopeOf<'a> {
+    fn from(event: &'a RecordedEvent) -> Self {
+        Self {
+            event_id: event.event_id().to_string(),
+            aggregate_type: &event.aggregate_type,
+            aggregate_id: &event.aggregate_id,
+            sequence: event.sequence,
+            event_type: &event.event_type,
+            event_version: &event.event_version,
+            position: event.position,
+            metadata: &event.metadata,
+            payload: &event.payload,
         }
     }
 }
@@ -263,22 +295,58 @@ impl KafkaBus {
     /// trace linked to it (`Trace::Link`, for replays), whose `traceparent` travels in the
     /// message headers.
     pub async fn publish(&self, events: &[RecordedEvent], trace: Trace) -> Result<(), BusError> {
-        let outgoing = Arc::new(
-            events
-                .iter()
-                .map(|event| self.outgoing(event, trace))
-                .collect::<Result<Vec<_>, _>>()?,
+        let (handed, _) = self.hand_over(events.to_vec(), trace, None);
+        handed.acknowledged().await
+    }
+
+    /// Hands `events` to the producer, in order, in one call of the `kafka` policy, in a
+    /// task of its own (so the caller reads the next batch meanwhile), and returns at once:
+    /// the batch's acknowledgement and the signal that it is in the producer's queue. With
+    /// `after` (the previous batch's signal) it is queued only once that batch is, and not at
+    /// all when that one never was: batches reach the producer in the order handed over.
+    fn hand_over(
+        &self,
+        events: Vec<RecordedEvent>,
+        trace: Trace,
+        after: Option<Queued>,
+    ) -> (Handed, Queued) {
+        let (queued, signal) = tokio::sync::oneshot::channel();
+        let bus = self.clone();
+        let call = tokio::spawn(
+            async move {
+                if let Some(after) = after {
+                    after.0.await.map_err(|_| BusError::Cancelled)?;
+                }
+                let outgoing = Arc::new(
+                    events
+                        .iter()
+                        .map(|event| bus.outgoing(event, trace))
+                        .collect::<Result<Vec<_>, _>>()?,
+                );
+                // Only the first attempt signals; a retry (with more than one attempt
+                // configured) queues the batch again behind whatever came after it.
+                let queued = std::sync::Mutex::new(Some(queued));
+                bus.policy
+                    .call(BusError::is_failure, || {
+                        send_all(
+                            bus.producer.clone(),
+                            Arc::clone(&outgoing),
+                            bus.metrics.clone(),
+                            queued.lock().ok().and_then(|mut slot| slot.take()),
+                        )
+                    })
+                    .await
+                    .map_err(BusError::from)
+            }
+            .in_current_span(),
         );
-        Ok(self
-            .policy
-            .call(BusError::is_failure, || {
-                send_all(
-                    self.producer.clone(),
-                    Arc::clone(&outgoing),
-                    self.metrics.clone(),
-                )
-            })
-            .await?)
+        (Handed(call), Queued(signal))
+    }
+
+    /// How many batches may wait for their acknowledgements at once: the `kafka` policy's
+    /// bulkhead in force, at most [`MAX_BATCHES_IN_FLIGHT`].
+    fn batches_in_flight(&self) -> usize {
+        self.policy.max_concurrent().clamp(1, MAX_BATCHES_IN_FLIGHT)
     }
 
     fn outgoing(&self, event: &RecordedEvent, trace: Trace) -> Result<Outgoing, BusError> {
@@ -304,7 +372,7 @@ impl KafkaBus {
             Trace::Link => telemetry::link_to(&span, stored),
         }
         let traceparent = telemetry::traceparent_of(&span.context()).unwrap_or_default();
-        let envelope = Envelope::from(event);
+        let envelope = EnvelopeOf::from(event);
         let value = serde_json::to_vec(&envelope).map_err(|source| BusError::Envelope {
             topic: topic.clone(),
             partition: -1,
@@ -314,8 +382,8 @@ impl KafkaBus {
         let mut headers = OwnedHeaders::new_with_capacity(7);
         for (key, value) in [
             ("event_id", envelope.event_id.as_str()),
-            ("event_type", envelope.event_type.as_str()),
-            ("event_version", envelope.event_version.as_str()),
+            ("event_type", &event.event_type),
+            ("event_version", &event.event_version),
             ("correlation_id", event.metadata_value("correlation_id")),
             ("causation_id", event.metadata_value("causation_id")),
             ("traceparent", traceparent.as_str()),
@@ -328,7 +396,7 @@ impl KafkaBus {
         }
         Ok(Outgoing {
             topic,
-            key: envelope.aggregate_id,
+            key: event.aggregate_id.clone(),
             value,
             headers,
             span,
@@ -361,6 +429,7 @@ async fn send_all(
     producer: FutureProducer,
     outgoing: Arc<Vec<Outgoing>>,
     metrics: Option<Metrics>,
+    queued: Option<tokio::sync::oneshot::Sender<()>>,
 ) -> Result<(), BusError> {
     let mut deliveries = Vec::with_capacity(outgoing.len());
     for message in outgoing.iter() {
@@ -385,6 +454,10 @@ async fn send_all(
             }
         };
         deliveries.push((delivery, &message.span, Instant::now()));
+    }
+    if let Some(queued) = queued {
+        // Whoever handed the batch over may go on; nobody waiting is fine.
+        let _ = queued.send(());
     }
     let metrics = metrics.as_ref();
     try_join_all(
@@ -425,6 +498,130 @@ pub enum Trace {
     Continue,
     /// A new trace linked to it: a replay, which must never re-parent old traces.
     Link,
+}
+
+/// At most this many batches wait for their acknowledgements at once ([`InFlight`]).
+pub const MAX_BATCHES_IN_FLIGHT: usize = 8;
+
+/// A batch handed over, its acknowledgements still to come.
+#[must_use = "a batch handed over is acknowledged or not: wait for it"]
+pub struct Handed(tokio::task::JoinHandle<Result<(), BusError>>);
+
+/// Resolves once a batch handed over is in the producer's queue; fails if it never gets there.
+struct Queued(tokio::sync::oneshot::Receiver<()>);
+
+impl Handed {
+    /// Waits until the broker acknowledged every message of the batch.
+    pub async fn acknowledged(self) -> Result<(), BusError> {
+        self.0.await.unwrap_or(Err(BusError::Cancelled))
+    }
+
+    /// Whether its answer is in (acknowledged or failed).
+    pub fn is_finished(&self) -> bool {
+        self.0.is_finished()
+    }
+}
+
+/// Batches handed over whose acknowledgements are still to come, oldest first, each with the
+/// stream position it ends at. Each batch is turned into messages and queued in a task of
+/// its own, after the one before it, while the caller reads the next; and the next is handed
+/// over while earlier ones are being acknowledged, so neither the encoding nor the broker's
+/// round trip is paid in line with reading. Only the acknowledged
+/// prefix counts as published. For ordering, the batches in flight are one large batch:
+/// librdkafka keeps each partition's order (and after a failure, everything from the first
+/// unacknowledged batch on is published again, as a failed batch is now).
+pub struct InFlight {
+    bus: KafkaBus,
+    batches: std::collections::VecDeque<(Handed, StreamPosition)>,
+    /// The last batch's signal: the next one is queued after it.
+    last_queued: Option<Queued>,
+}
+
+impl InFlight {
+    /// Nothing in flight yet, publishing with `bus`.
+    pub fn new(bus: KafkaBus) -> Self {
+        Self {
+            bus,
+            batches: std::collections::VecDeque::new(),
+            last_queued: None,
+        }
+    }
+
+    /// The bus it publishes with.
+    pub fn bus(&self) -> &KafkaBus {
+        &self.bus
+    }
+
+    /// Whether no batch is in flight.
+    pub fn is_empty(&self) -> bool {
+        self.batches.is_empty()
+    }
+
+    /// Forgets the batches in flight (they may still be delivered): their events are to be
+    /// published again.
+    pub fn forget(&mut self) {
+        self.batches.clear();
+        self.last_queued = None;
+    }
+
+    /// Forgets the batches in flight and publishes with a fresh producer from now on (after
+    /// a failure, see [`KafkaBus::renewed`]).
+    pub fn restart(&mut self) -> Result<(), BusError> {
+        self.forget();
+        self.bus = self.bus.renewed()?;
+        Ok(())
+    }
+
+    /// Hands `events` over (waiting for the oldest batches first while
+    /// [`MAX_BATCHES_IN_FLIGHT`] or the policy's bulkhead are reached); the end of the
+    /// acknowledged prefix, when it moved. An error forgets every batch in flight.
+    pub async fn push(
+        &mut self,
+        events: &[RecordedEvent],
+        trace: Trace,
+    ) -> Result<Option<StreamPosition>, BusError> {
+        let Some(last) = events.last() else {
+            return Ok(None);
+        };
+        let mut acknowledged = None;
+        while self.batches.len() >= self.bus.batches_in_flight() {
+            acknowledged = self.settle_front().await?.or(acknowledged);
+        }
+        let ready = self.acknowledged(false).await?;
+        let (handed, queued) = self
+            .bus
+            .hand_over(events.to_vec(), trace, self.last_queued.take());
+        self.batches.push_back((handed, last.position));
+        self.last_queued = Some(queued);
+        Ok(ready.or(acknowledged))
+    }
+
+    /// The end of the acknowledged prefix, when it moved: of the batches acknowledged by now,
+    /// or (`wait`) of all of them. An error forgets every batch in flight.
+    pub async fn acknowledged(&mut self, wait: bool) -> Result<Option<StreamPosition>, BusError> {
+        let mut acknowledged = None;
+        while self
+            .batches
+            .front()
+            .is_some_and(|(handed, _)| wait || handed.is_finished())
+        {
+            acknowledged = self.settle_front().await?.or(acknowledged);
+        }
+        Ok(acknowledged)
+    }
+
+    async fn settle_front(&mut self) -> Result<Option<StreamPosition>, BusError> {
+        let Some((handed, position)) = self.batches.pop_front() else {
+            return Ok(None);
+        };
+        match handed.acknowledged().await {
+            Ok(()) => Ok(Some(position)),
+            Err(error) => {
+                self.forget();
+                Err(error)
+            }
+        }
+    }
 }
 
 /// Creates the service's topics with the configured partitions; existing ones are kept.
@@ -677,5 +874,31 @@ impl KafkaSubscriber {
             CommitMode::Async
         };
         Ok(self.consumer.commit(&list, mode)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_borrowed_envelope_reads_back_as_the_envelope() {
+        let event = RecordedEvent {
+            position: StreamPosition {
+                transaction_id: 7,
+                global_position: 42,
+            },
+            aggregate_type: "Order".to_owned(),
+            aggregate_id: uuid::Uuid::new_v4().to_string(),
+            sequence: 3,
+            event_type: "OrderConfirmed".to_owned(),
+            event_version: "1.0".to_owned(),
+            payload: serde_json::json!({"OrderConfirmed": {"note": "ä \"quoted\""}}),
+            metadata: HashMap::from([("correlation_id".to_owned(), "c-1".to_owned())]),
+            delivery: None,
+        };
+        let bytes = serde_json::to_vec(&EnvelopeOf::from(&event)).expect("serialized");
+        let read: Envelope = serde_json::from_slice(&bytes).expect("an envelope");
+        assert_eq!(read, Envelope::from(&event));
     }
 }

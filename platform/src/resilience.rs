@@ -230,6 +230,17 @@ impl Policy {
         self.inner.name
     }
 
+    /// How many calls may run at once: the bulkhead's limit in force (unbounded when the
+    /// policy is disabled).
+    pub fn max_concurrent(&self) -> usize {
+        let guards = self.guards();
+        if guards.settings.enabled {
+            guards.settings.bulkhead.max_concurrent as usize
+        } else {
+            usize::MAX
+        }
+    }
+
     /// The guards of the settings in force, rebuilt when those changed.
     fn guards(&self) -> Arc<Guards> {
         let wanted = (self.inner.source)();

@@ -1,11 +1,16 @@
-//! The Kafka projection: publishes every event of the global stream to its topic. Its
-//! checkpoint (`kafka` in `stream_checkpoints`) moves only after the broker acknowledged the
-//! whole batch, so a broker outage stalls it and nothing is lost; a crash between delivery
-//! and checkpoint publishes that batch again (consumers deduplicate by event id).
+//! The Kafka projection: publishes every event of the global stream to its topic. Batches
+//! are handed to the producer one after another while earlier ones are still being
+//! acknowledged ([`InFlight`]); the checkpoint (`kafka` in `stream_checkpoints`) moves only
+//! over the acknowledged prefix, so a broker outage stalls it and nothing is lost. A crash,
+//! or a failed batch, publishes everything after the checkpoint again (consumers deduplicate
+//! by event id).
 
-use petstore_platform::bus::{KafkaBus, Trace};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use petstore_platform::bus::{BusError, InFlight, KafkaBus, Trace};
 use petstore_platform::database::{Database, Fence};
 use petstore_platform::stream::{self, RecordedEvent, StreamPosition};
+use tokio::sync::Mutex;
 
 use crate::projection::{Projection, ProjectionError};
 
@@ -14,18 +19,43 @@ pub const CHECKPOINT: &str = "kafka";
 
 /// Publishes the global stream to Kafka.
 pub struct KafkaProjection {
-    bus: std::sync::Mutex<KafkaBus>,
+    in_flight: Mutex<InFlight>,
     database: Database,
-    topics_ready: std::sync::atomic::AtomicBool,
+    topics_ready: AtomicBool,
 }
 
 impl KafkaProjection {
     /// Publishes with `bus`, keeping its checkpoint in `database`.
     pub fn new(bus: KafkaBus, database: Database) -> Self {
         Self {
-            bus: std::sync::Mutex::new(bus),
+            in_flight: Mutex::new(InFlight::new(bus)),
             database,
-            topics_ready: std::sync::atomic::AtomicBool::new(false),
+            topics_ready: AtomicBool::new(false),
+        }
+    }
+
+    /// Moves the checkpoint to `acknowledged`, when the acknowledged prefix moved; after a
+    /// failure, starts over with a fresh producer (the broker may have come back without the
+    /// topics, or without the producer's state) and answers the failure.
+    async fn settled(
+        &self,
+        in_flight: &mut InFlight,
+        acknowledged: Result<Option<StreamPosition>, BusError>,
+        fence: Option<&Fence>,
+    ) -> Result<Option<StreamPosition>, ProjectionError> {
+        match acknowledged {
+            Ok(Some(position)) => {
+                stream::save_checkpoint(&self.database, CHECKPOINT, position, fence).await?;
+                Ok(Some(position))
+            }
+            Ok(None) => Ok(None),
+            Err(error) => {
+                self.topics_ready.store(false, Ordering::Relaxed);
+                if let Err(renewing) = in_flight.restart() {
+                    tracing::warn!(error = %renewing, "cannot start a new producer");
+                }
+                Err(error.into())
+            }
         }
     }
 }
@@ -36,6 +66,9 @@ impl Projection for KafkaProjection {
     }
 
     async fn position(&self) -> Result<StreamPosition, ProjectionError> {
+        // Asked when the projector (re)starts from the checkpoint: whatever an earlier run
+        // left in flight is published again from there.
+        self.in_flight.lock().await.forget();
         Ok(stream::load_checkpoint(&self.database, CHECKPOINT).await?)
     }
 
@@ -43,33 +76,25 @@ impl Projection for KafkaProjection {
         &self,
         events: &[RecordedEvent],
         fence: Option<&Fence>,
-    ) -> Result<(), ProjectionError> {
-        let Some(last) = events.last() else {
-            return Ok(());
-        };
-        let bus = self
-            .bus
-            .lock()
-            .map(|bus| bus.clone())
-            .map_err(|_| ProjectionError::Bus(petstore_platform::bus::BusError::Cancelled))?;
+    ) -> Result<Option<StreamPosition>, ProjectionError> {
+        let mut in_flight = self.in_flight.lock().await;
         // Topics are created on first use, not at start-up, so a broker that is down when the
         // service starts stalls this projection instead of the service.
-        if !self.topics_ready.load(std::sync::atomic::Ordering::Relaxed) {
-            bus.ensure_topics().await?;
-            self.topics_ready
-                .store(true, std::sync::atomic::Ordering::Relaxed);
+        if !self.topics_ready.load(Ordering::Relaxed) {
+            in_flight.bus().ensure_topics().await?;
+            self.topics_ready.store(true, Ordering::Relaxed);
         }
-        if let Err(error) = bus.publish(events, Trace::Continue).await {
-            // The broker may have come back without the topics, or without the producer's
-            // state: check the topics and start a new producer before the retry.
-            self.topics_ready
-                .store(false, std::sync::atomic::Ordering::Relaxed);
-            if let (Ok(fresh), Ok(mut slot)) = (bus.renewed(), self.bus.lock()) {
-                *slot = fresh;
-            }
-            return Err(error.into());
-        }
-        stream::save_checkpoint(&self.database, CHECKPOINT, last.position, fence).await?;
-        Ok(())
+        let acknowledged = in_flight.push(events, Trace::Continue).await;
+        self.settled(&mut in_flight, acknowledged, fence).await
+    }
+
+    async fn settle(
+        &self,
+        fence: Option<&Fence>,
+        wait: bool,
+    ) -> Result<Option<StreamPosition>, ProjectionError> {
+        let mut in_flight = self.in_flight.lock().await;
+        let acknowledged = in_flight.acknowledged(wait).await;
+        self.settled(&mut in_flight, acknowledged, fence).await
     }
 }

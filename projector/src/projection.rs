@@ -51,11 +51,26 @@ pub trait Projection: Send + Sync + 'static {
 
     /// Applies a batch, in order, and moves the checkpoint past its last event; with
     /// `fence`, only while it is still the projection lock's token (checked with the write).
+    /// Answers the position the projection now reflects durably, when it moved: past the
+    /// batch, or, for a projection that keeps batches in flight (Kafka), past the last one
+    /// settled.
     fn apply(
         &self,
         events: &[RecordedEvent],
         fence: Option<&Fence>,
-    ) -> impl Future<Output = Result<(), ProjectionError>> + Send;
+    ) -> impl Future<Output = Result<Option<StreamPosition>, ProjectionError>> + Send;
+
+    /// Settles what `apply` left in flight: the batches finished by now, or (`wait`) all of
+    /// them, moving the checkpoint past them; the position it then reflects, when it moved.
+    /// A projection that finishes each batch in `apply` has nothing in flight.
+    fn settle(
+        &self,
+        fence: Option<&Fence>,
+        wait: bool,
+    ) -> impl Future<Output = Result<Option<StreamPosition>, ProjectionError>> + Send {
+        let _ = (fence, wait);
+        async { Ok(None) }
+    }
 
     /// Called once the projection's lock is taken, before anything is read or written:
     /// makes `fence` the one its store accepts writes from (a store outside the event

@@ -35,8 +35,9 @@ impl crate::projection::Projection for ReadModels {
         &self,
         events: &[RecordedEvent],
         fence: Option<&Fence>,
-    ) -> Result<(), crate::projection::ProjectionError> {
-        Ok(ReadModels::apply(self, events, fence).await?)
+    ) -> Result<Option<StreamPosition>, crate::projection::ProjectionError> {
+        ReadModels::apply(self, events, fence).await?;
+        Ok(events.last().map(|event| event.position))
     }
 
     async fn refold(
@@ -723,7 +724,7 @@ pub(crate) async fn apply_postgres(
 }
 
 /// Writes folded views into `tables`, inside `transaction`.
-async fn write_views(
+pub(crate) async fn write_views(
     transaction: &mut sqlx::PgConnection,
     tables: PgTables,
     orders: &[OrderStatusView],

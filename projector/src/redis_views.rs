@@ -331,9 +331,9 @@ impl Projection for RedisViews {
         &self,
         events: &[RecordedEvent],
         fence: Option<&Fence>,
-    ) -> Result<(), ProjectionError> {
+    ) -> Result<Option<StreamPosition>, ProjectionError> {
         let Some(last) = events.last() else {
-            return Ok(());
+            return Ok(None);
         };
         let (order_ids, pet_ids) = ViewBatch::ids(events);
         let order_keys: Vec<String> = order_ids.iter().map(|id| self.order_key(id)).collect();
@@ -404,6 +404,6 @@ impl Projection for RedisViews {
                 fence.map(|fence| (fence_key.as_str(), fence.token)),
             )
             .await?;
-        Ok(())
+        Ok(Some(last.position))
     }
 }

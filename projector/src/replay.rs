@@ -6,9 +6,11 @@
 //! keys). It takes the projection's lock first, so it never races a running projector: stop
 //! the projector role (a standby keeps waiting) while a rebuild runs.
 
+use std::collections::HashSet;
+use std::fmt::Write;
 use std::time::{Duration, Instant};
 
-use petstore_platform::bus::{KafkaBus, Trace};
+use petstore_platform::bus::{InFlight, KafkaBus, Trace};
 use petstore_platform::database::{Database, Fence};
 use petstore_platform::http::CorrelationId;
 use petstore_platform::stream::{self, StreamPosition};
@@ -17,8 +19,9 @@ use sqlx::PgPool;
 use tracing::Instrument;
 
 use crate::projection::{Projection, ProjectionError};
-use crate::read_models::{apply_postgres, PgTables, CHECKPOINT, LIVE_TABLES};
+use crate::read_models::{write_views, PgTables, ReadModelError, CHECKPOINT, LIVE_TABLES};
 use crate::redis_views::RedisViews;
+use crate::views::{OrderStatusView, PetView, ViewBatch};
 
 /// A replay could not run or failed.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +44,12 @@ pub enum ReplayError {
     /// Reading the stream failed.
     #[error(transparent)]
     Stream(#[from] stream::StreamError),
+    /// A read model could not be read or written.
+    #[error(transparent)]
+    ReadModels(#[from] ReadModelError),
+    /// Reading the stream ended before the head (the reading task failed).
+    #[error("reading the stream stopped after global position {0}, before the head")]
+    ReadStopped(i64),
 }
 
 /// What a replay did.
@@ -75,15 +84,16 @@ where
     Fut: std::future::Future<Output = Result<u64, ReplayError>>,
 {
     let head = stream::head_position(database).await?;
+    // The next batches are read while this one is applied.
+    let (batches, mut next) = tokio::sync::mpsc::channel(READ_AHEAD);
+    let _reading = AbortOnDrop(
+        tokio::spawn(read_up_to(database.clone(), head, batch_size, batches)).abort_handle(),
+    );
     let mut position = StreamPosition::START;
     let (mut read, mut applied) = (0_u64, 0_u64);
-    while position < head {
-        let batch = stream::read_after(database, position, batch_size).await?;
-        let Some(last) = batch.last() else {
-            // Events below the head are hidden by an older open transaction: wait for it.
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            continue;
-        };
+    while let Some(batch) = next.recv().await {
+        let batch = batch?;
+        let Some(last) = batch.last() else { continue };
         position = last.position;
         read += batch.len() as u64;
         if !dry_run {
@@ -102,7 +112,51 @@ where
         }
         progress(read);
     }
+    if position < head {
+        return Err(ReplayError::ReadStopped(position.global_position));
+    }
     Ok((position, read, applied))
+}
+
+/// How many batches a replay reads ahead of the one it applies.
+const READ_AHEAD: usize = 4;
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Reads the stream from the start up to `head` into `batches`, in order; stops at the first
+/// error (sent on) or when nobody receives.
+async fn read_up_to(
+    database: Database,
+    head: StreamPosition,
+    batch_size: u32,
+    batches: tokio::sync::mpsc::Sender<Result<Vec<stream::RecordedEvent>, stream::StreamError>>,
+) {
+    let mut position = StreamPosition::START;
+    while position < head {
+        let batch = match stream::read_after(&database, position, batch_size).await {
+            Ok(batch) => batch,
+            Err(error) => {
+                let _ = batches.send(Err(error)).await;
+                return;
+            }
+        };
+        let Some(last) = batch.last() else {
+            // Events below the head are hidden by an older open transaction: wait for it.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        position = last.position;
+        if batches.send(Ok(batch)).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Rebuilds the Postgres read models into shadow tables and swaps them in.
@@ -125,21 +179,21 @@ pub async fn rebuild_read_models(
     if !dry_run {
         create_shadow_tables(pool).await?;
     }
+    let shadow = tokio::sync::Mutex::new(ShadowFold::new(database, batch_size));
+    let shadow = &shadow;
     let (last, events, applied) = fold_stream(
         database,
         batch_size,
         dry_run,
         progress,
         |batch| async move {
-            let last = batch.last().map(|event| event.position).unwrap_or_default();
-            apply_postgres(pool, &batch, last, SHADOW_TABLES, None)
-                .await
-                .map_err(ProjectionError::from)?;
+            shadow.lock().await.fold(&batch).await?;
             Ok(batch.len() as u64)
         },
     )
     .await?;
     if !dry_run {
+        shadow.lock().await.write_out().await?;
         swap_in_shadow_tables(pool, last, lock.fence()).await?;
     }
     Ok(ReplayReport {
@@ -147,6 +201,196 @@ pub async fn rebuild_read_models(
         applied,
         elapsed: started.elapsed(),
     })
+}
+
+/// A rebuild keeps up to this many views per event of a batch in memory before it writes
+/// them to the shadow tables (10,000 at the CLI's 1,000-event batches).
+const VIEWS_IN_MEMORY_PER_BATCH_EVENT: usize = 10;
+
+/// A rebuild's fold. The views being folded stay in memory across batches (an order's saga
+/// sits close together in the log, so most views are complete before they are written) and
+/// go to the shadow tables in bulk: views new to them by `COPY`, views written before by
+/// one `UPDATE`. Nobody else writes the shadow tables, so nothing needs locking, and a view
+/// written out and touched again later is read back first.
+struct ShadowFold {
+    database: Database,
+    views_in_memory: usize,
+    views: ViewBatch,
+    /// Ids of the order views and pet views in the shadow tables.
+    written: (HashSet<String>, HashSet<String>),
+}
+
+impl ShadowFold {
+    fn new(database: &Database, batch_size: u32) -> Self {
+        Self {
+            database: database.clone(),
+            views_in_memory: VIEWS_IN_MEMORY_PER_BATCH_EVENT * batch_size.max(1) as usize,
+            views: ViewBatch::default(),
+            written: (HashSet::new(), HashSet::new()),
+        }
+    }
+
+    async fn fold(&mut self, events: &[stream::RecordedEvent]) -> Result<(), ReplayError> {
+        let Database::Postgres(pool) = &self.database else {
+            return Err(ReplayError::NotApplicable(
+                "the shadow tables are Postgres's",
+            ));
+        };
+        let (order_ids, pet_ids) = ViewBatch::ids(events);
+        let orders: Vec<String> = order_ids
+            .into_iter()
+            .filter(|id| !self.views.orders.contains_key(id) && self.written.0.contains(id))
+            .collect();
+        if !orders.is_empty() {
+            let rows: Vec<(String, serde_json::Value)> = sqlx::query_as(&format!(
+                "SELECT order_id::text, document FROM {} WHERE order_id = ANY($1::text[]::uuid[])",
+                SHADOW_TABLES.orders
+            ))
+            .bind(&orders)
+            .fetch_all(pool)
+            .await?;
+            for (id, document) in rows {
+                let view = serde_json::from_value(document).map_err(ReadModelError::from)?;
+                self.views.orders.insert(id, Some(view));
+            }
+        }
+        let pets: Vec<String> = pet_ids
+            .into_iter()
+            .filter(|id| !self.views.pets.contains_key(id) && self.written.1.contains(id))
+            .collect();
+        if !pets.is_empty() {
+            let rows: Vec<(String, serde_json::Value)> = sqlx::query_as(&format!(
+                "SELECT pet_id, document FROM {} WHERE pet_id = ANY($1)",
+                SHADOW_TABLES.pets
+            ))
+            .bind(&pets)
+            .fetch_all(pool)
+            .await?;
+            for (id, document) in rows {
+                let view = serde_json::from_value(document).map_err(ReadModelError::from)?;
+                self.views.pets.insert(id, Some(view));
+            }
+        }
+        for poison in self.views.fold(events) {
+            crate::read_models::set_aside(&self.database, &poison).await?;
+        }
+        if self.views.orders.len() + self.views.pets.len() >= self.views_in_memory {
+            self.write_out().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes every view in memory to the shadow tables, in one transaction, and forgets it.
+    async fn write_out(&mut self) -> Result<(), ReplayError> {
+        let Database::Postgres(pool) = &self.database else {
+            return Err(ReplayError::NotApplicable(
+                "the shadow tables are Postgres's",
+            ));
+        };
+        let views = std::mem::take(&mut self.views);
+        let (mut new_orders, mut old_orders) = (Vec::new(), Vec::new());
+        for view in views.orders.into_values().flatten() {
+            if self.written.0.contains(&view.order_id) {
+                old_orders.push(view);
+            } else {
+                self.written.0.insert(view.order_id.clone());
+                new_orders.push(view);
+            }
+        }
+        let (mut new_pets, mut old_pets) = (Vec::new(), Vec::new());
+        for view in views.pets.into_values().flatten() {
+            if self.written.1.contains(&view.id) {
+                old_pets.push(view);
+            } else {
+                self.written.1.insert(view.id.clone());
+                new_pets.push(view);
+            }
+        }
+        let mut transaction = petstore_platform::database::begin(pool).await?;
+        // The shadow tables are thrown away unless the swap, which commits durably (and so
+        // flushes the WAL of every write before it), goes through.
+        petstore_platform::database::commit_lazily(&mut transaction).await?;
+        copy_views(&mut transaction, &new_orders, &new_pets).await?;
+        write_views(&mut transaction, SHADOW_TABLES, &old_orders, &old_pets)
+            .await
+            .map_err(ProjectionError::from)?;
+        transaction.commit().await?;
+        Ok(())
+    }
+}
+
+/// `COPY`s views that are not in the shadow tables yet into them.
+async fn copy_views(
+    connection: &mut sqlx::PgConnection,
+    orders: &[OrderStatusView],
+    pets: &[PetView],
+) -> Result<(), ReplayError> {
+    if !orders.is_empty() {
+        let mut rows = String::with_capacity(orders.len() * 512);
+        for view in orders {
+            let _ = writeln!(
+                rows,
+                "{}\t{}\t{}",
+                view.order_id,
+                view.position.global_position,
+                copy_document(view)?
+            );
+        }
+        let mut copy = connection
+            .copy_in_raw(&format!(
+                "COPY {} (order_id, last_sequence, document) FROM STDIN",
+                SHADOW_TABLES.orders
+            ))
+            .await?;
+        copy.send(rows.into_bytes()).await?;
+        copy.finish().await?;
+    }
+    if !pets.is_empty() {
+        let mut rows = String::with_capacity(pets.len() * 512);
+        for view in pets {
+            let _ = writeln!(
+                rows,
+                "{}\t{}\t{}\t{}\t{}\t{}",
+                copy_text(&view.id),
+                copy_text(view.category.as_str()),
+                view.price.amount_minor,
+                copy_text(view.availability.as_str()),
+                view.version,
+                copy_document(view)?
+            );
+        }
+        let mut copy = connection
+            .copy_in_raw(&format!(
+                "COPY {} (pet_id, category, price_minor, availability, last_sequence, document) FROM STDIN",
+                SHADOW_TABLES.pets
+            ))
+            .await?;
+        copy.send(rows.into_bytes()).await?;
+        copy.finish().await?;
+    }
+    Ok(())
+}
+
+/// A view's JSON document as a field of `COPY`'s text format.
+fn copy_document(view: &impl serde::Serialize) -> Result<String, ReplayError> {
+    let text = serde_json::to_string(view).map_err(ReadModelError::from)?;
+    Ok(copy_text(&text))
+}
+
+/// `text` as a field of `COPY`'s text format: backslash, tab, newline and carriage return
+/// escaped.
+fn copy_text(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for character in text.chars() {
+        match character {
+            '\\' => escaped.push_str("\\\\"),
+            '\t' => escaped.push_str("\\t"),
+            '\n' => escaped.push_str("\\n"),
+            '\r' => escaped.push_str("\\r"),
+            other => escaped.push(other),
+        }
+    }
+    escaped
 }
 
 async fn create_shadow_tables(pool: &PgPool) -> Result<(), sqlx::Error> {
@@ -266,6 +510,8 @@ pub async fn republish(
     if !dry_run {
         bus.ensure_topics().await.map_err(ProjectionError::from)?;
     }
+    let in_flight = tokio::sync::Mutex::new(InFlight::new(bus.clone()));
+    let in_flight = &in_flight;
     let (_, events, applied) = fold_stream(
         database,
         batch_size,
@@ -276,16 +522,39 @@ pub async fn republish(
                 .into_iter()
                 .filter(|event| event.position.global_position > from)
                 .collect();
-            bus.publish(&selected, Trace::Link)
+            in_flight
+                .lock()
+                .await
+                .push(&selected, Trace::Link)
                 .await
                 .map_err(ProjectionError::from)?;
             Ok(selected.len() as u64)
         },
     )
     .await?;
+    in_flight
+        .lock()
+        .await
+        .acknowledged(true)
+        .await
+        .map_err(ProjectionError::from)?;
     Ok(ReplayReport {
         events,
         applied,
         elapsed: started.elapsed(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_fields_escape_what_copy_text_format_reads_specially() {
+        assert_eq!(copy_text("plain"), "plain");
+        assert_eq!(
+            copy_text("{\"note\":\"a\\\\b\\n\"}\t\r\n"),
+            "{\"note\":\"a\\\\\\\\b\\\\n\"}\\t\\r\\n"
+        );
+    }
 }

@@ -29,6 +29,8 @@ const TAKEOVER_INTERVAL: Duration = Duration::from_secs(1);
 const RETRY_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a failing projection waits before retrying from its checkpoint.
 const RETRY_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a stopping projection waits for the batches it has in flight.
+const SETTLE_AT_SHUTDOWN: Duration = Duration::from_secs(2);
 
 /// How far a projection has come.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -213,6 +215,14 @@ impl<P: Projection> Projector<P> {
         }
     }
 
+    /// Records that the projection durably reflects the stream up to `position`.
+    fn progressed(&self, position: StreamPosition, head: StreamPosition) {
+        self.progress.send_modify(|progress| {
+            progress.position = position;
+            progress.caught_up |= position >= head;
+        });
+    }
+
     /// Projects from the checkpoint until stopped (`Ok`) or until something fails (`Err`).
     async fn follow(
         &self,
@@ -240,10 +250,25 @@ impl<P: Projection> Projector<P> {
         let mut retries_checked = std::time::Instant::now();
         loop {
             let batch = tokio::select! {
-                () = shutdown.as_mut() => return Ok(()),
+                () = shutdown.as_mut() => {
+                    // Batches still in flight get a moment to settle; what does not is
+                    // applied again after the restart.
+                    let settled = tokio::time::timeout(
+                        SETTLE_AT_SHUTDOWN,
+                        self.projection.settle(fence, true),
+                    )
+                    .await;
+                    if let Ok(settled) = settled {
+                        settled?;
+                    }
+                    return Ok(());
+                }
                 batch = reader.next_batch_or_idle() => batch?,
             };
             let Some(events) = batch else {
+                if let Some(position) = self.projection.settle(fence, false).await? {
+                    self.progressed(position, head);
+                }
                 if retries_checked.elapsed() >= RETRY_CHECK_INTERVAL {
                     retries_checked = std::time::Instant::now();
                     self.retry_dead_letters(fence).await?;
@@ -271,18 +296,19 @@ impl<P: Projection> Projector<P> {
                 correlation_id = %CorrelationId::generate(),
             );
             telemetry::link_to_events(&span, &events);
-            self.projection
+            let applied = self
+                .projection
                 .apply(&events, fence)
                 .instrument(span)
                 .await?;
             if let Some(metrics) = &self.metrics {
                 metrics.projection_attempt(self.projection.name(), Ok(events.len() as u64));
             }
-            self.progress.send_modify(|progress| {
-                progress.position = reader.position();
-                progress.caught_up |= progress.position >= head;
-                progress.failing = false;
-            });
+            self.progress
+                .send_modify(|progress| progress.failing = false);
+            if let Some(position) = applied {
+                self.progressed(position, head);
+            }
             tracing::debug!(
                 projection = self.projection.name(),
                 events = events.len(),

@@ -571,3 +571,102 @@ async fn an_unreachable_broker_opens_the_kafka_breaker_and_batches_are_refused_a
     assert_eq!(policies.kafka.status().await.state, "open");
     storage.remove().await;
 }
+
+/// The relay keeps several batches in flight: the checkpoint moves only over batches the
+/// broker acknowledged, and once everything is settled every event is in Kafka, in per-key
+/// order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batches_in_flight_are_checkpointed_only_once_acknowledged() {
+    use petstore_projector::Projection;
+    let storage = Storage::new(Engine::Postgres).await;
+    let store = EventStore::new(storage.database().await, 4);
+    add_pets(&store, "in-flight", 60).await;
+    let events = log_of(&store, 60).await;
+    let mut settings = storage.settings();
+    let prefix = with_kafka(&mut settings);
+    let database = store.database().clone();
+    let store_id = database.store_id().await.expect("a store id");
+    let policies = Policies::fixed(&settings.resilience, &Metrics::new());
+    let bus = KafkaBus::new(&settings.kafka, &store_id, policies.kafka.clone()).expect("bus");
+    let relay = KafkaProjection::new(bus, database.clone());
+    assert_eq!(
+        relay.position().await.expect("position"),
+        StreamPosition::START
+    );
+    let mut reported = StreamPosition::START;
+    for (number, batch) in events.chunks(5).enumerate() {
+        let moved = relay.apply(batch, None).await.expect("handed over");
+        let checkpoint = stream::load_checkpoint(&database, "kafka")
+            .await
+            .expect("checkpoint");
+        if number == 0 {
+            // Nothing can be acknowledged before it was handed over.
+            assert_eq!(moved, None);
+        }
+        if let Some(position) = moved {
+            assert!(position <= batch[batch.len() - 1].position);
+            assert!(position > reported, "the acknowledged prefix only grows");
+            reported = position;
+        }
+        assert_eq!(
+            checkpoint, reported,
+            "the checkpoint is the acknowledged prefix"
+        );
+    }
+    let last = events[events.len() - 1].position;
+    let settled = relay.settle(None, true).await.expect("settled");
+    assert!(settled.is_some() || reported == last);
+    assert_eq!(
+        stream::load_checkpoint(&database, "kafka")
+            .await
+            .expect("checkpoint"),
+        last
+    );
+    let consumed = consume_all(&prefix, events.len()).await;
+    let mut last_sequence: HashMap<String, i64> = HashMap::new();
+    let mut seen = HashSet::new();
+    for message in &consumed {
+        let envelope = &message.envelope;
+        if seen.insert(envelope.event_id.clone()) {
+            let previous = last_sequence
+                .entry(envelope.aggregate_id.clone())
+                .or_insert(0);
+            assert_eq!(envelope.sequence, *previous + 1, "per-key order");
+            *previous = envelope.sequence;
+        }
+    }
+    assert_eq!(seen.len(), events.len());
+    storage.remove().await;
+}
+
+/// Batches in flight to a broker that never answers: waiting for them fails, and every batch
+/// in flight is forgotten (the relay publishes them again from its checkpoint).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_batch_in_flight_fails_the_whole_window() {
+    let storage = Storage::new(Engine::Embedded).await;
+    let store = EventStore::new(storage.database().await, 4);
+    add_pets(&store, "in-flight-down", 4).await;
+    let events = log_of(&store, 4).await;
+    let mut settings = storage.settings();
+    with_kafka(&mut settings);
+    settings.kafka.brokers = Some("127.0.0.1:1".to_owned());
+    settings.kafka.message_timeout_ms = 300;
+    let policy = &mut settings.resilience.kafka;
+    policy.attempt_timeout_ms = 1_000;
+    policy.timeout_ms = 1_000;
+    let policies = Policies::fixed(&settings.resilience, &Metrics::new());
+    let store_id = store.database().store_id().await.expect("a store id");
+    let bus = KafkaBus::new(&settings.kafka, &store_id, policies.kafka.clone()).expect("bus");
+    let mut in_flight = bus::InFlight::new(bus);
+    for batch in events.chunks(2) {
+        in_flight
+            .push(batch, bus::Trace::Continue)
+            .await
+            .expect("queued with the producer");
+    }
+    assert!(!in_flight.is_empty());
+    let error = in_flight.acknowledged(true).await.expect_err("no broker");
+    assert!(matches!(error, bus::BusError::Kafka(_)), "{error}");
+    assert!(in_flight.is_empty(), "a failure forgets the window");
+    storage.remove().await;
+}

@@ -383,9 +383,7 @@ impl ReadModels {
             return Ok(());
         };
         match self {
-            Self::Postgres(pool) => {
-                apply_postgres(pool, events, last.position, LIVE_TABLES, fence).await
-            }
+            Self::Postgres(pool) => apply_postgres(pool, events, last.position, fence).await,
             Self::Memory(state) => {
                 // Fold copies first so a decode error leaves the state untouched.
                 let mut guard = state.write().await;
@@ -638,13 +636,11 @@ impl ReadModels {
     }
 }
 
-/// The Postgres tables a fold writes to: the live ones (with the checkpoint) or a replay's
-/// shadow copies.
+/// The Postgres tables views are written to: the live ones or a replay's shadow copies.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct PgTables {
     pub(crate) orders: &'static str,
     pub(crate) pets: &'static str,
-    pub(crate) checkpoint: Option<&'static str>,
     /// Notify [`ORDER_CHANGES_CHANNEL`] of the orders changed.
     pub(crate) notify: bool,
 }
@@ -653,23 +649,21 @@ pub(crate) struct PgTables {
 pub(crate) const LIVE_TABLES: PgTables = PgTables {
     orders: "order_status_view",
     pets: "pet_catalog_view",
-    checkpoint: Some(CHECKPOINT),
     notify: true,
 };
 
-pub(crate) async fn apply_postgres(
+/// Folds a batch into the live tables and moves the checkpoint to `last`, in one transaction.
+async fn apply_postgres(
     pool: &PgPool,
     events: &[RecordedEvent],
     last: StreamPosition,
-    tables: PgTables,
     fence: Option<&Fence>,
 ) -> Result<(), ReadModelError> {
     let PgTables {
         orders: orders_table,
         pets: pets_table,
-        checkpoint,
         ..
-    } = tables;
+    } = LIVE_TABLES;
     let (order_ids, pet_ids) = ViewBatch::ids(events);
     let mut transaction = petstore_platform::database::begin(pool).await?;
     // Read models are derived: a database crash that loses this commit loses its
@@ -715,10 +709,8 @@ pub(crate) async fn apply_postgres(
         tracing::warn!(dead_letter = id, error = %poison.error, "event set aside as a dead letter; the read models move on");
     }
     let (orders, pets) = batch.into_views();
-    write_views(&mut transaction, tables, &orders, &pets).await?;
-    if let Some(checkpoint) = checkpoint {
-        stream::save_checkpoint_in(&mut transaction, checkpoint, last, fence).await?;
-    }
+    write_views(&mut transaction, LIVE_TABLES, &orders, &pets).await?;
+    stream::save_checkpoint_in(&mut transaction, CHECKPOINT, last, fence).await?;
     transaction.commit().await?;
     Ok(())
 }

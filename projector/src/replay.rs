@@ -66,7 +66,6 @@ pub struct ReplayReport {
 const SHADOW_TABLES: PgTables = PgTables {
     orders: "order_status_view_replay",
     pets: "pet_catalog_view_replay",
-    checkpoint: None,
     notify: false,
 };
 

@@ -824,7 +824,7 @@ async fn catch_up(
         events += batch.len();
         projection.apply(&batch, None).await?;
     }
-    projection.settle(None, true).await?;
+    projection.settle(None).await?;
     Ok(events as f64 / started.elapsed().as_secs_f64())
 }
 

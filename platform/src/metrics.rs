@@ -723,6 +723,15 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts events a projection applied (or handed over) without saying it is not stalled.
+    pub fn projected(&self, projection: &str, events: u64) {
+        self.projected_events
+            .get_or_create(&ProjectionLabels {
+                projection: projection.to_owned(),
+            })
+            .inc_by(events);
+    }
+
     /// Records a projection's failed attempt (and marks it stalled) or its applied batch.
     pub fn projection_attempt(&self, projection: &str, applied: Result<u64, ()>) {
         let labels = ProjectionLabels {

@@ -91,10 +91,9 @@ impl Projection for KafkaProjection {
     async fn settle(
         &self,
         fence: Option<&Fence>,
-        wait: bool,
     ) -> Result<Option<StreamPosition>, ProjectionError> {
         let mut in_flight = self.in_flight.lock().await;
-        let acknowledged = in_flight.acknowledged(wait).await;
+        let acknowledged = in_flight.acknowledged(true).await;
         self.settled(&mut in_flight, acknowledged, fence).await
     }
 }

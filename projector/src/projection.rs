@@ -60,15 +60,14 @@ pub trait Projection: Send + Sync + 'static {
         fence: Option<&Fence>,
     ) -> impl Future<Output = Result<Option<StreamPosition>, ProjectionError>> + Send;
 
-    /// Settles what `apply` left in flight: the batches finished by now, or (`wait`) all of
-    /// them, moving the checkpoint past them; the position it then reflects, when it moved.
-    /// A projection that finishes each batch in `apply` has nothing in flight.
+    /// Waits for what `apply` left in flight and moves the checkpoint past it; the position
+    /// it then reflects, when it moved. A projection that finishes each batch in `apply` has
+    /// nothing in flight.
     fn settle(
         &self,
         fence: Option<&Fence>,
-        wait: bool,
     ) -> impl Future<Output = Result<Option<StreamPosition>, ProjectionError>> + Send {
-        let _ = (fence, wait);
+        let _ = fence;
         async { Ok(None) }
     }
 

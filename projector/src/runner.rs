@@ -255,7 +255,7 @@ impl<P: Projection> Projector<P> {
                     // applied again after the restart.
                     let settled = tokio::time::timeout(
                         SETTLE_AT_SHUTDOWN,
-                        self.projection.settle(fence, true),
+                        self.projection.settle(fence),
                     )
                     .await;
                     if let Ok(settled) = settled {
@@ -266,7 +266,9 @@ impl<P: Projection> Projector<P> {
                 batch = reader.next_batch_or_idle() => batch?,
             };
             let Some(events) = batch else {
-                if let Some(position) = self.projection.settle(fence, false).await? {
+                // At the head: what is still in flight settles before the projection counts
+                // as caught up or recovered.
+                if let Some(position) = self.projection.settle(fence).await? {
                     self.progressed(position, head);
                 }
                 if retries_checked.elapsed() >= RETRY_CHECK_INTERVAL {
@@ -301,13 +303,18 @@ impl<P: Projection> Projector<P> {
                 .apply(&events, fence)
                 .instrument(span)
                 .await?;
-            if let Some(metrics) = &self.metrics {
-                metrics.projection_attempt(self.projection.name(), Ok(events.len() as u64));
-            }
-            self.progress
-                .send_modify(|progress| progress.failing = false);
+            let name = self.projection.name();
+            // A batch handed over but not yet settled (Kafka) proves nothing about an outage:
+            // the projection counts as recovered once its checkpoint moves.
             if let Some(position) = applied {
+                if let Some(metrics) = &self.metrics {
+                    metrics.projection_attempt(name, Ok(events.len() as u64));
+                }
+                self.progress
+                    .send_modify(|progress| progress.failing = false);
                 self.progressed(position, head);
+            } else if let Some(metrics) = &self.metrics {
+                metrics.projected(name, events.len() as u64);
             }
             tracing::debug!(
                 projection = self.projection.name(),

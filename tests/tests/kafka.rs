@@ -614,7 +614,7 @@ async fn batches_in_flight_are_checkpointed_only_once_acknowledged() {
         );
     }
     let last = events[events.len() - 1].position;
-    let settled = relay.settle(None, true).await.expect("settled");
+    let settled = relay.settle(None).await.expect("settled");
     assert!(settled.is_some() || reported == last);
     assert_eq!(
         stream::load_checkpoint(&database, "kafka")

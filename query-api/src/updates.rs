@@ -660,8 +660,20 @@ async fn serve_websocket(
     let end = served.err().unwrap_or(End::Error);
     if end != End::Client {
         let close = Message::Close(Some(end.close_frame()));
-        // A client too slow to take an update may not take the close either.
-        let _ = tokio::time::timeout(Duration::from_secs(1), socket.send(close)).await;
+        // The closing handshake, bounded (a client too slow to take an update may not take
+        // the close either): the connection goes only once the client's Close answered ours.
+        // Dropped at once, it could be reset under the client's reply, and the client would
+        // see a broken pipe instead of our frame.
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            if socket.send(close).await.is_ok() {
+                while let Some(Ok(message)) = socket.recv().await {
+                    if matches!(message, Message::Close(_)) {
+                        break;
+                    }
+                }
+            }
+        })
+        .await;
     }
     end
 }

@@ -903,7 +903,7 @@ async fn projector(
         psql / baseline,
         baseline / psql
     );
-    let read_models = ReadModels::for_database(&connected);
+    let read_models = ReadModels::open(&connected).await?;
     let rate_pg = catch_up(&store, &read_models, batch).await?;
     println!(
         "| Postgres read models | {rate_pg:.0} | {:.2} |",

@@ -225,7 +225,17 @@ impl Application {
         if roles.contains(&Role::Command) || roles.contains(&Role::Saga) {
             workers.push(tokio::spawn(store.clone().notify_appends(shutdown.wait())));
         }
-        let read_models = ReadModels::for_database(&database);
+        // The embedded store's read models live in the memory of the process serving them,
+        // loaded from its snapshot; Postgres's are shared tables.
+        let read_models = if serves_queries || matches!(database, Database::Postgres(_)) {
+            Some(
+                ReadModels::open(&database)
+                    .await
+                    .map_err(petstore_projector::ProjectionError::from)?,
+            )
+        } else {
+            None
+        };
         if settings.kafka.brokers.is_some()
             && (roles.contains(&Role::Projector) || roles.contains(&Role::Saga))
         {
@@ -252,17 +262,19 @@ impl Application {
                 health.add(ProjectionHealth { name, progress });
                 workers.push(tokio::spawn(task));
             };
-            let projector = Projector::new(
-                store.clone(),
-                read_models.clone(),
-                settings.projector.clone(),
-            )
-            .with_metrics(metrics.clone());
-            spawn(
-                CHECKPOINT,
-                projector.progress(),
-                boxed(projector.run(shutdown.wait())),
-            );
+            if let Some(read_models) = &read_models {
+                let projector = Projector::new(
+                    store.clone(),
+                    read_models.clone(),
+                    settings.projector.clone(),
+                )
+                .with_metrics(metrics.clone());
+                spawn(
+                    CHECKPOINT,
+                    projector.progress(),
+                    boxed(projector.run(shutdown.wait())),
+                );
+            }
             if let Some(redis) = &redis {
                 let projector =
                     Projector::new(store.clone(), redis.clone(), settings.projector.clone())
@@ -336,11 +348,13 @@ impl Application {
             (Database::Sqlite(_), Some(progress)) => ReadModelsReadiness::OwnProjector(progress),
             (Database::Sqlite(_), None) => ReadModelsReadiness::NotServing,
         };
-        health.add(ReadModelsHealth::new(read_models.clone(), readiness));
+        if let Some(read_models) = &read_models {
+            health.add(ReadModelsHealth::new(read_models.clone(), readiness));
+        }
         if let Some(redis) = &redis {
             health.add(RedisHealth(redis.clone()));
         }
-        if roles.contains(&Role::Query) {
+        if let (true, Some(read_models)) = (roles.contains(&Role::Query), read_models) {
             let updates = OrderUpdates::new(
                 read_models.clone(),
                 settings.http.order_updates.clone(),

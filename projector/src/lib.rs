@@ -5,12 +5,14 @@
 //! and the loop that keeps them current. It never decides business outcomes: it only records
 //! what the events say. On Postgres each batch of events and the projector's checkpoint
 //! commit in one transaction, so a crash never applies an event twice or skips one. In the
-//! embedded mode the read models live in memory and are rebuilt from the event log at start.
+//! embedded mode the read models live in memory, written behind to a snapshot in the SQLite
+//! file; a start loads it and folds the events after it.
 //!
 //! # Layout
 //! - [`views`]: the read-model documents and how events fold into them.
 //! - [`projection`]: what a projection is: a stream consumer with its own checkpoint.
 //! - [`read_models`]: where the views live (Postgres tables or memory) and the queries on them.
+//! - `snapshot`: the embedded read models' snapshot in the SQLite file.
 //! - [`redis_views`]: the same views in Redis, and the browse cache.
 //! - [`kafka`]: publishing the stream to Kafka.
 //! - [`replay`]: rebuilding projections into shadow copies and swapping them in; republishing.
@@ -25,6 +27,7 @@ pub mod redis_views;
 pub mod refold;
 pub mod replay;
 pub mod runner;
+mod snapshot;
 pub mod views;
 
 pub use kafka::KafkaProjection;

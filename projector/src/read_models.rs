@@ -3,11 +3,13 @@
 //! Postgres: `order_status_view` and `pet_catalog_view`, updated batch by batch in one
 //! transaction together with the `read_models` checkpoint; the transaction also notifies
 //! [`ORDER_CHANGES_CHANNEL`] with the ids of the orders it changed, delivered by Postgres at
-//! commit to every process listening. Memory (embedded mode): maps behind a lock, rebuilt
-//! from the event log at start-up, with the same notice on an in-process channel.
+//! commit to every process listening. Memory (embedded mode): maps behind a lock, with the
+//! same notice on an in-process channel, written behind to a snapshot in the SQLite file
+//! (`read_model_snapshot`): a start loads it and folds only the rest of the log.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Instant;
 
 use petstore_domain::{OrderId, PetCategory, PetId};
 use petstore_platform::database::{Database, Fence};
@@ -20,6 +22,7 @@ use petstore_platform::dead_letters::{self, DeadLetter};
 
 use crate::projection::Refolded;
 use crate::refold;
+use crate::snapshot::{self, Loaded};
 use crate::views::{DecodeError, OrderStatusView, PetView, Poisoned, ViewBatch};
 
 impl crate::projection::Projection for ReadModels {
@@ -37,7 +40,16 @@ impl crate::projection::Projection for ReadModels {
         fence: Option<&Fence>,
     ) -> Result<Option<StreamPosition>, crate::projection::ProjectionError> {
         ReadModels::apply(self, events, fence).await?;
+        self.save_snapshot(false).await;
         Ok(events.last().map(|event| event.position))
+    }
+
+    async fn settle(
+        &self,
+        _fence: Option<&Fence>,
+    ) -> Result<Option<StreamPosition>, crate::projection::ProjectionError> {
+        self.save_snapshot(true).await;
+        Ok(None)
     }
 
     async fn refold(
@@ -97,12 +109,7 @@ impl crate::projection::Projection for ReadModels {
                 let mut guard = state.write().await;
                 let changed: Arc<[String]> =
                     orders.iter().map(|view| view.order_id.clone()).collect();
-                for view in orders {
-                    guard.orders.insert(view.order_id.clone(), view);
-                }
-                for view in pets {
-                    guard.pets.insert(view.id.clone(), view);
-                }
+                guard.insert(orders, pets);
                 let _ = guard.changes.0.send(changed);
             }
         }
@@ -229,15 +236,33 @@ pub struct BrowsePage {
 }
 
 /// The in-memory read models and the position they reflect.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MemoryState {
     orders: HashMap<String, OrderStatusView>,
     pets: BTreeMap<String, PetView>,
     position: StreamPosition,
     changes: ChangeNotices,
-    /// Where events that cannot be folded are set aside (the embedded store); without one
-    /// such an event fails its batch.
-    dead_letters: Option<Database>,
+    /// The embedded store: where events that cannot be folded are set aside, and where the
+    /// snapshot is written.
+    database: Database,
+    /// Views changed since the snapshot was last written, and when that was.
+    unsaved_orders: HashSet<String>,
+    unsaved_pets: HashSet<String>,
+    saved_at: Instant,
+}
+
+impl MemoryState {
+    /// Stores folded views, to be written to the snapshot.
+    fn insert(&mut self, orders: Vec<OrderStatusView>, pets: Vec<PetView>) {
+        for view in orders {
+            self.unsaved_orders.insert(view.order_id.clone());
+            self.orders.insert(view.order_id.clone(), view);
+        }
+        for view in pets {
+            self.unsaved_pets.insert(view.id.clone());
+            self.pets.insert(view.id.clone(), view);
+        }
+    }
 }
 
 /// The in-memory read models' notices of changed orders.
@@ -342,15 +367,118 @@ pub enum ReadModels {
 }
 
 impl ReadModels {
-    /// Postgres read models for a Postgres store; in-memory ones for the embedded store.
-    pub fn for_database(database: &Database) -> Self {
-        match database {
+    /// Postgres read models for a Postgres store; in-memory ones for the embedded store,
+    /// loaded from its snapshot (they then fold the events after it).
+    pub async fn open(database: &Database) -> Result<Self, ReadModelError> {
+        Ok(match database {
             Database::Postgres(pool) => Self::Postgres(pool.clone()),
-            Database::Sqlite(_) => Self::Memory(Arc::new(RwLock::new(MemoryState {
-                dead_letters: Some(database.clone()),
-                ..MemoryState::default()
-            }))),
+            Database::Sqlite(_) => Self::memory(database, snapshot::load(database).await?),
+        })
+    }
+
+    /// In-memory read models on the embedded store, starting from `loaded`.
+    pub(crate) fn memory(database: &Database, loaded: Loaded) -> Self {
+        Self::Memory(Arc::new(RwLock::new(MemoryState {
+            orders: loaded.orders,
+            pets: loaded.pets,
+            position: loaded.position,
+            changes: ChangeNotices::default(),
+            database: database.clone(),
+            unsaved_orders: HashSet::new(),
+            unsaved_pets: HashSet::new(),
+            saved_at: Instant::now(),
+        })))
+    }
+
+    /// Writes the views changed since the last snapshot (embedded) once enough have collected
+    /// or the last write is old enough (sooner when `idle`, at the head of the log). A failed
+    /// write is logged and tried again later: the views stay right in memory, and a start
+    /// meanwhile folds more of the log.
+    async fn save_snapshot(&self, idle: bool) {
+        let Self::Memory(state) = self else {
+            return;
+        };
+        let (pool, position, order_ids, pet_ids, orders, pets) = {
+            let mut guard = state.write().await;
+            let unsaved = guard.unsaved_orders.len() + guard.unsaved_pets.len();
+            let interval = if idle {
+                snapshot::IDLE_INTERVAL
+            } else {
+                snapshot::BUSY_INTERVAL
+            };
+            let due = unsaved >= snapshot::MAX_UNSAVED
+                || (unsaved > 0 && guard.saved_at.elapsed() >= interval);
+            let Database::Sqlite(pool) = &guard.database else {
+                return;
+            };
+            if !due {
+                return;
+            }
+            let pool = pool.clone();
+            let state = &mut *guard;
+            let order_ids = std::mem::take(&mut state.unsaved_orders);
+            let pet_ids = std::mem::take(&mut state.unsaved_pets);
+            let orders: Vec<OrderStatusView> = order_ids
+                .iter()
+                .filter_map(|id| state.orders.get(id).cloned())
+                .collect();
+            let pets: Vec<PetView> = pet_ids
+                .iter()
+                .filter_map(|id| state.pets.get(id).cloned())
+                .collect();
+            (pool, state.position, order_ids, pet_ids, orders, pets)
+        };
+        // In a task of its own: a caller that stops waiting (a bounded shutdown) does not cut
+        // the transaction short.
+        let written = tokio::spawn(async move {
+            snapshot::write(&pool, position, &orders, &pets, snapshot::Write::Changes).await
+        })
+        .await;
+        let mut guard = state.write().await;
+        guard.saved_at = Instant::now();
+        match written {
+            Ok(Ok(true)) => {
+                tracing::debug!(
+                    global_position = position.global_position,
+                    orders = order_ids.len(),
+                    pets = pet_ids.len(),
+                    "wrote the read-model snapshot"
+                );
+                return;
+            }
+            // Another process stored a later snapshot: these views go with the next write.
+            Ok(Ok(false)) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "writing the read-model snapshot failed; it is tried again");
+            }
+            Err(error) => {
+                tracing::warn!(%error, "writing the read-model snapshot failed; it is tried again");
+            }
         }
+        guard.unsaved_orders.extend(order_ids);
+        guard.unsaved_pets.extend(pet_ids);
+    }
+
+    /// Writes every in-memory view as the embedded store's whole snapshot (a rebuild).
+    pub(crate) async fn replace_snapshot(&self) -> Result<(), ReadModelError> {
+        let Self::Memory(state) = self else {
+            return Ok(());
+        };
+        let guard = state.read().await;
+        let Database::Sqlite(pool) = &guard.database else {
+            return Ok(());
+        };
+        let orders: Vec<OrderStatusView> = guard.orders.values().cloned().collect();
+        let pets: Vec<PetView> = guard.pets.values().cloned().collect();
+        snapshot::write(
+            pool,
+            guard.position,
+            &orders,
+            &pets,
+            snapshot::Write::Everything,
+        )
+        .await?;
+        Ok(())
     }
 
     /// `postgres` or `memory`.
@@ -404,28 +532,13 @@ impl ReadModels {
                         })
                         .collect(),
                 };
-                let poisoned = batch.fold(events);
-                match guard.dead_letters.clone() {
-                    Some(database) => {
-                        for poison in &poisoned {
-                            set_aside(&database, poison).await?;
-                        }
-                    }
-                    None => {
-                        if let Some(poison) = poisoned.into_iter().next() {
-                            return Err(poison.error.into());
-                        }
-                    }
+                for poison in &batch.fold(events) {
+                    set_aside(&guard.database, poison).await?;
                 }
                 let (orders, pets) = batch.into_views();
                 let changed: Arc<[String]> =
                     orders.iter().map(|view| view.order_id.clone()).collect();
-                for view in orders {
-                    guard.orders.insert(view.order_id.clone(), view);
-                }
-                for view in pets {
-                    guard.pets.insert(view.id.clone(), view);
-                }
+                guard.insert(orders, pets);
                 guard.position = last.position;
                 if !changed.is_empty() {
                     // Nobody listening is fine: the notices are for live updates only.

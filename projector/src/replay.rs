@@ -4,7 +4,8 @@
 //! keys) while the live read models keep serving, then swaps them in atomically (one
 //! transaction renaming the tables and setting the checkpoint; one MULTI/EXEC renaming the
 //! keys). It takes the projection's lock first, so it never races a running projector: stop
-//! the projector role (a standby keeps waiting) while a rebuild runs.
+//! the projector role (a standby keeps waiting) while a rebuild runs. On the embedded store
+//! a rebuild folds the log in memory and replaces the read-model snapshot in one transaction.
 
 use std::collections::HashSet;
 use std::fmt::Write;
@@ -19,8 +20,11 @@ use sqlx::PgPool;
 use tracing::Instrument;
 
 use crate::projection::{Projection, ProjectionError};
-use crate::read_models::{write_views, PgTables, ReadModelError, CHECKPOINT, LIVE_TABLES};
+use crate::read_models::{
+    write_views, PgTables, ReadModelError, ReadModels, CHECKPOINT, LIVE_TABLES,
+};
 use crate::redis_views::RedisViews;
+use crate::snapshot::Loaded;
 use crate::views::{OrderStatusView, PetView, ViewBatch};
 
 /// A replay could not run or failed.
@@ -158,7 +162,9 @@ async fn read_up_to(
     }
 }
 
-/// Rebuilds the Postgres read models into shadow tables and swaps them in.
+/// Rebuilds the Postgres read models into shadow tables and swaps them in; on the embedded
+/// store, rebuilds the read-model snapshot a start loads (a running service keeps the views
+/// it holds in memory).
 pub async fn rebuild_read_models(
     database: &Database,
     batch_size: u32,
@@ -167,9 +173,27 @@ pub async fn rebuild_read_models(
 ) -> Result<ReplayReport, ReplayError> {
     let started = Instant::now();
     let Database::Postgres(pool) = database else {
-        return Err(ReplayError::NotApplicable(
-            "the embedded read models live in memory and are rebuilt at every start",
-        ));
+        let models = ReadModels::memory(database, Loaded::default());
+        let models = &models;
+        let (_, events, applied) = fold_stream(
+            database,
+            batch_size,
+            dry_run,
+            progress,
+            |batch| async move {
+                models.apply(&batch, None).await?;
+                Ok(batch.len() as u64)
+            },
+        )
+        .await?;
+        if !dry_run {
+            models.replace_snapshot().await?;
+        }
+        return Ok(ReplayReport {
+            events,
+            applied,
+            elapsed: started.elapsed(),
+        });
     };
     let lock = database
         .try_lock(&format!("projection:{CHECKPOINT}"))

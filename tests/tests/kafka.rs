@@ -239,12 +239,9 @@ async fn projectors_killed_while_orders_pour_in_lose_nothing() {
         Policies::fixed(&settings.resilience, &Metrics::new()).kafka,
     )
     .expect("bus");
+    let models = ReadModels::open(&database).await.expect("read models");
     let start_projectors = || {
-        let read_models = Projector::new(
-            store.clone(),
-            ReadModels::for_database(&database),
-            settings.projector.clone(),
-        );
+        let read_models = Projector::new(store.clone(), models.clone(), settings.projector.clone());
         let redis = Projector::new(store.clone(), redis.clone(), settings.projector.clone());
         let kafka = Projector::new(
             store.clone(),
@@ -324,7 +321,7 @@ async fn projectors_killed_while_orders_pour_in_lose_nothing() {
     assert!(expected.fold(&events).is_empty(), "every event folds");
     let (orders, pets) = expected.into_views();
     assert_eq!(orders.len(), ORDERS);
-    let read_models = ReadModels::for_database(&database);
+    let read_models = ReadModels::open(&database).await.expect("read models");
     for view in &orders {
         let order_id = petstore_domain::OrderId::parse(&view.order_id).expect("id");
         assert_eq!(
@@ -548,9 +545,11 @@ async fn an_unreachable_broker_opens_the_kafka_breaker_and_batches_are_refused_a
     with_kafka(&mut settings);
     settings.kafka.brokers = Some("127.0.0.1:1".to_owned());
     settings.kafka.message_timeout_ms = 300;
+    // librdkafka scans for timed-out messages once a second, so the 300 ms message timeout
+    // fires after up to about 1.3 s; the attempt timeout stays well above that.
     let policy = &mut settings.resilience.kafka;
-    policy.attempt_timeout_ms = 1_000;
-    policy.timeout_ms = 1_000;
+    policy.attempt_timeout_ms = 5_000;
+    policy.timeout_ms = 5_000;
     policy.breaker.minimum_calls = 2;
     let policies = Policies::fixed(&settings.resilience, &Metrics::new());
     let store_id = store.database().store_id().await.expect("a store id");
@@ -651,9 +650,11 @@ async fn a_failed_batch_in_flight_fails_the_whole_window() {
     with_kafka(&mut settings);
     settings.kafka.brokers = Some("127.0.0.1:1".to_owned());
     settings.kafka.message_timeout_ms = 300;
+    // librdkafka scans for timed-out messages once a second, so the 300 ms message timeout
+    // fires after up to about 1.3 s; the attempt timeout stays well above that.
     let policy = &mut settings.resilience.kafka;
-    policy.attempt_timeout_ms = 1_000;
-    policy.timeout_ms = 1_000;
+    policy.attempt_timeout_ms = 5_000;
+    policy.timeout_ms = 5_000;
     let policies = Policies::fixed(&settings.resilience, &Metrics::new());
     let store_id = store.database().store_id().await.expect("a store id");
     let bus = KafkaBus::new(&settings.kafka, &store_id, policies.kafka.clone()).expect("bus");

@@ -13,7 +13,9 @@ async fn a_standby_projector_takes_over_when_the_active_one_dies() {
     let storage = Storage::new(Engine::Postgres).await;
     let store = EventStore::new(storage.database().await, 8);
     let settings = storage.settings();
-    let read_models = ReadModels::for_database(store.database());
+    let read_models = ReadModels::open(store.database())
+        .await
+        .expect("read models");
 
     let first = Projector::new(
         store.clone(),

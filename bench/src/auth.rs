@@ -19,6 +19,10 @@ use petstore_platform::auth::TokenVerifier;
 use petstore_platform::settings::{LogFormat, RoleName, Settings};
 use secrecy::SecretString;
 
+// The service's allocator, as the `petstore` binary runs it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(name = "auth-bench", about)]
 struct Args {

@@ -42,6 +42,10 @@ use secrecy::SecretString;
 use serde_json::Value;
 use sqlx::{Connection as _, PgConnection};
 
+// The service's allocator, as the `petstore` binary runs it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(name = "pipeline-bench", about)]
 struct Args {

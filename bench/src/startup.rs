@@ -32,6 +32,10 @@ use secrecy::SecretString;
 use serde_json::Value;
 use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 
+// The service's allocator, as the `petstore` binary runs it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(name = "startup-bench", about)]
 struct Args {

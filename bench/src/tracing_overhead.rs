@@ -28,6 +28,10 @@ use petstore_cli::{Application, Role};
 use petstore_platform::settings::{LogFormat, Settings};
 use prost::Message as _;
 
+// The service's allocator, as the `petstore` binary runs it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(name = "trace-bench", about)]
 struct Args {

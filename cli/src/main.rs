@@ -25,6 +25,12 @@ use petstore_platform::telemetry;
 use petstore_projector::{replay, RedisViews};
 use petstore_query_api::audit;
 
+/// mimalloc instead of the system allocator: the event pipeline allocates and frees many
+/// small strings and JSON nodes per event, where glibc's malloc spent a third of a replay's
+/// CPU (bench/README section 3).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The petstore order platform.
 #[derive(Debug, Parser)]
 #[command(name = "petstore", version, about)]

@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sqlx::postgres::PgListener;
+use sqlx::types::Json;
 use sqlx::{PgConnection, Row};
 use tokio::sync::watch;
 
@@ -138,7 +139,7 @@ pub enum StreamError {
         /// The event.
         position: StreamPosition,
         /// Why.
-        source: serde_json::Error,
+        source: sqlx::Error,
     },
     /// The writer's lock passed to another holder: its write was refused.
     #[error("fenced: {name} is held with token {current:?} now, not this writer's {held}")]
@@ -177,13 +178,17 @@ where
     for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> Value: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Json<HashMap<String, String>>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'c> &'c str: sqlx::ColumnIndex<R>,
 {
     let position = StreamPosition {
         transaction_id: row.try_get("transaction_id")?,
         global_position: row.try_get("global_position")?,
     };
-    let metadata: Value = row.try_get("metadata")?;
+    // Straight into the map, without a JSON tree first.
+    let Json(metadata) = row
+        .try_get::<Json<HashMap<String, String>>, _>("metadata")
+        .map_err(|source| StreamError::Metadata { position, source })?;
     Ok(RecordedEvent {
         position,
         aggregate_type: row.try_get("aggregate_type")?,
@@ -192,8 +197,7 @@ where
         event_type: row.try_get("event_type")?,
         event_version: row.try_get("event_version")?,
         payload: row.try_get("payload")?,
-        metadata: serde_json::from_value(metadata)
-            .map_err(|source| StreamError::Metadata { position, source })?,
+        metadata,
         delivery: None,
     })
 }

@@ -8,7 +8,6 @@
 //! a rebuild folds the log in memory and replaces the read-model snapshot in one transaction.
 
 use std::collections::HashSet;
-use std::fmt::Write;
 use std::time::{Duration, Instant};
 
 use petstore_platform::bus::{InFlight, KafkaBus, Trace};
@@ -54,6 +53,9 @@ pub enum ReplayError {
     /// Reading the stream ended before the head (the reading task failed).
     #[error("reading the stream stopped after global position {0}, before the head")]
     ReadStopped(i64),
+    /// A write to the shadow tables stopped before it finished.
+    #[error("a write to the shadow tables stopped: {0}")]
+    WriteStopped(#[from] tokio::task::JoinError),
 }
 
 /// What a replay did.
@@ -202,7 +204,7 @@ pub async fn rebuild_read_models(
     if !dry_run {
         create_shadow_tables(pool).await?;
     }
-    let shadow = tokio::sync::Mutex::new(ShadowFold::new(database, batch_size));
+    let shadow = tokio::sync::Mutex::new(ShadowFold::new(pool, database, batch_size));
     let shadow = &shadow;
     let (last, events, applied) = fold_stream(
         database,
@@ -216,7 +218,7 @@ pub async fn rebuild_read_models(
     )
     .await?;
     if !dry_run {
-        shadow.lock().await.write_out().await?;
+        shadow.lock().await.finish().await?;
         swap_in_shadow_tables(pool, last, lock.fence()).await?;
     }
     Ok(ReplayReport {
@@ -234,60 +236,79 @@ const VIEWS_IN_MEMORY_PER_BATCH_EVENT: usize = 10;
 /// sits close together in the log, so most views are complete before they are written) and
 /// go to the shadow tables in bulk: views new to them by `COPY`, views written before by
 /// one `UPDATE`. Nobody else writes the shadow tables, so nothing needs locking, and a view
-/// written out and touched again later is read back first.
+/// written out and touched again later is read back first. A write runs while the fold goes
+/// on (Postgres parses the documents while this process folds the next events); the next
+/// write, or a read-back, waits for it.
 struct ShadowFold {
+    pool: PgPool,
     database: Database,
     views_in_memory: usize,
     views: ViewBatch,
-    /// Ids of the order views and pet views in the shadow tables.
+    /// Ids of the order views and pet views in the shadow tables (or being written there).
     written: (HashSet<String>, HashSet<String>),
+    /// The write under way.
+    writing: Option<tokio::task::JoinHandle<Result<(), ReplayError>>>,
 }
 
 impl ShadowFold {
-    fn new(database: &Database, batch_size: u32) -> Self {
+    fn new(pool: &PgPool, database: &Database, batch_size: u32) -> Self {
         Self {
+            pool: pool.clone(),
             database: database.clone(),
             views_in_memory: VIEWS_IN_MEMORY_PER_BATCH_EVENT * batch_size.max(1) as usize,
             views: ViewBatch::default(),
             written: (HashSet::new(), HashSet::new()),
+            writing: None,
         }
     }
 
+    /// Waits for the write under way, if any.
+    async fn written(&mut self) -> Result<(), ReplayError> {
+        match self.writing.take() {
+            Some(writing) => writing.await?,
+            None => Ok(()),
+        }
+    }
+
+    /// Writes the views still in memory and waits for every write.
+    async fn finish(&mut self) -> Result<(), ReplayError> {
+        self.write_out().await?;
+        self.written().await
+    }
+
     async fn fold(&mut self, events: &[stream::RecordedEvent]) -> Result<(), ReplayError> {
-        let Database::Postgres(pool) = &self.database else {
-            return Err(ReplayError::NotApplicable(
-                "the shadow tables are Postgres's",
-            ));
-        };
         let (order_ids, pet_ids) = ViewBatch::ids(events);
         let orders: Vec<String> = order_ids
             .into_iter()
             .filter(|id| !self.views.orders.contains_key(id) && self.written.0.contains(id))
             .collect();
+        let pets: Vec<String> = pet_ids
+            .into_iter()
+            .filter(|id| !self.views.pets.contains_key(id) && self.written.1.contains(id))
+            .collect();
+        if !orders.is_empty() || !pets.is_empty() {
+            self.written().await?;
+        }
         if !orders.is_empty() {
             let rows: Vec<(String, serde_json::Value)> = sqlx::query_as(&format!(
                 "SELECT order_id::text, document FROM {} WHERE order_id = ANY($1::text[]::uuid[])",
                 SHADOW_TABLES.orders
             ))
             .bind(&orders)
-            .fetch_all(pool)
+            .fetch_all(&self.pool)
             .await?;
             for (id, document) in rows {
                 let view = serde_json::from_value(document).map_err(ReadModelError::from)?;
                 self.views.orders.insert(id, Some(view));
             }
         }
-        let pets: Vec<String> = pet_ids
-            .into_iter()
-            .filter(|id| !self.views.pets.contains_key(id) && self.written.1.contains(id))
-            .collect();
         if !pets.is_empty() {
             let rows: Vec<(String, serde_json::Value)> = sqlx::query_as(&format!(
                 "SELECT pet_id, document FROM {} WHERE pet_id = ANY($1)",
                 SHADOW_TABLES.pets
             ))
             .bind(&pets)
-            .fetch_all(pool)
+            .fetch_all(&self.pool)
             .await?;
             for (id, document) in rows {
                 let view = serde_json::from_value(document).map_err(ReadModelError::from)?;
@@ -303,13 +324,9 @@ impl ShadowFold {
         Ok(())
     }
 
-    /// Writes every view in memory to the shadow tables, in one transaction, and forgets it.
+    /// Starts writing every view in memory to the shadow tables, in one transaction, once the
+    /// write before has finished; forgets them.
     async fn write_out(&mut self) -> Result<(), ReplayError> {
-        let Database::Postgres(pool) = &self.database else {
-            return Err(ReplayError::NotApplicable(
-                "the shadow tables are Postgres's",
-            ));
-        };
         let views = std::mem::take(&mut self.views);
         let (mut new_orders, mut old_orders) = (Vec::new(), Vec::new());
         for view in views.orders.into_values().flatten() {
@@ -329,15 +346,20 @@ impl ShadowFold {
                 new_pets.push(view);
             }
         }
-        let mut transaction = petstore_platform::database::begin(pool).await?;
-        // The shadow tables are thrown away unless the swap, which commits durably (and so
-        // flushes the WAL of every write before it), goes through.
-        petstore_platform::database::commit_lazily(&mut transaction).await?;
-        copy_views(&mut transaction, &new_orders, &new_pets).await?;
-        write_views(&mut transaction, SHADOW_TABLES, &old_orders, &old_pets)
-            .await
-            .map_err(ProjectionError::from)?;
-        transaction.commit().await?;
+        self.written().await?;
+        let pool = self.pool.clone();
+        self.writing = Some(tokio::spawn(async move {
+            let mut transaction = petstore_platform::database::begin(&pool).await?;
+            // The shadow tables are thrown away unless the swap, which commits durably (and
+            // so flushes the WAL of every write before it), goes through.
+            petstore_platform::database::commit_lazily(&mut transaction).await?;
+            copy_views(&mut transaction, &new_orders, &new_pets).await?;
+            write_views(&mut transaction, SHADOW_TABLES, &old_orders, &old_pets)
+                .await
+                .map_err(ProjectionError::from)?;
+            transaction.commit().await?;
+            Ok(())
+        }));
         Ok(())
     }
 }
@@ -349,71 +371,125 @@ async fn copy_views(
     pets: &[PetView],
 ) -> Result<(), ReplayError> {
     if !orders.is_empty() {
-        let mut rows = String::with_capacity(orders.len() * 512);
+        let mut rows = CopyRows::with_capacity(orders.len() * 512);
         for view in orders {
-            let _ = writeln!(
-                rows,
-                "{}\t{}\t{}",
-                view.order_id,
-                view.position.global_position,
-                copy_document(view)?
-            );
+            rows.text(&view.order_id)
+                .number(view.position.global_position)
+                .document(view)?
+                .end_row();
         }
-        let mut copy = connection
-            .copy_in_raw(&format!(
+        rows.send(
+            connection,
+            &format!(
                 "COPY {} (order_id, last_sequence, document) FROM STDIN",
                 SHADOW_TABLES.orders
-            ))
-            .await?;
-        copy.send(rows.into_bytes()).await?;
-        copy.finish().await?;
+            ),
+        )
+        .await?;
     }
     if !pets.is_empty() {
-        let mut rows = String::with_capacity(pets.len() * 512);
+        let mut rows = CopyRows::with_capacity(pets.len() * 512);
         for view in pets {
-            let _ = writeln!(
-                rows,
-                "{}\t{}\t{}\t{}\t{}\t{}",
-                copy_text(&view.id),
-                copy_text(view.category.as_str()),
-                view.price.amount_minor,
-                copy_text(view.availability.as_str()),
-                view.version,
-                copy_document(view)?
-            );
+            rows.text(&view.id)
+                .text(view.category.as_str())
+                .number(view.price.amount_minor)
+                .text(view.availability.as_str())
+                .number(view.version)
+                .document(view)?
+                .end_row();
         }
-        let mut copy = connection
-            .copy_in_raw(&format!(
+        rows.send(
+            connection,
+            &format!(
                 "COPY {} (pet_id, category, price_minor, availability, last_sequence, document) FROM STDIN",
                 SHADOW_TABLES.pets
-            ))
-            .await?;
-        copy.send(rows.into_bytes()).await?;
-        copy.finish().await?;
+            ),
+        )
+        .await?;
     }
     Ok(())
 }
 
-/// A view's JSON document as a field of `COPY`'s text format.
-fn copy_document(view: &impl serde::Serialize) -> Result<String, ReplayError> {
-    let text = serde_json::to_string(view).map_err(ReadModelError::from)?;
-    Ok(copy_text(&text))
-}
+/// Rows in `COPY`'s text format, built in one buffer: each field escaped as it is written
+/// (a document serialized straight into it), without a string per field.
+struct CopyRows(Vec<u8>);
 
-/// `text` as a field of `COPY`'s text format: backslash, tab, newline and carriage return
-/// escaped.
-fn copy_text(text: &str) -> String {
-    let mut escaped = String::with_capacity(text.len());
-    for character in text.chars() {
-        match character {
-            '\\' => escaped.push_str("\\\\"),
-            '\t' => escaped.push_str("\\t"),
-            '\n' => escaped.push_str("\\n"),
-            '\r' => escaped.push_str("\\r"),
-            other => escaped.push(other),
+impl CopyRows {
+    fn with_capacity(bytes: usize) -> Self {
+        Self(Vec::with_capacity(bytes))
+    }
+
+    /// A text field.
+    fn text(&mut self, text: &str) -> &mut Self {
+        escape_into(&mut self.0, text.as_bytes());
+        self.0.push(b'\t');
+        self
+    }
+
+    /// A number field.
+    fn number(&mut self, number: i64) -> &mut Self {
+        self.0.extend_from_slice(number.to_string().as_bytes());
+        self.0.push(b'\t');
+        self
+    }
+
+    /// A JSON document field.
+    fn document(&mut self, view: &impl serde::Serialize) -> Result<&mut Self, ReplayError> {
+        serde_json::to_writer(Escaping(&mut self.0), view).map_err(ReadModelError::from)?;
+        self.0.push(b'\t');
+        Ok(self)
+    }
+
+    /// Ends the row (its last field's tab becomes the newline).
+    fn end_row(&mut self) {
+        if let Some(last) = self.0.last_mut() {
+            *last = b'\n';
         }
     }
-    escaped
+
+    async fn send(
+        self,
+        connection: &mut sqlx::PgConnection,
+        copy: &str,
+    ) -> Result<(), sqlx::Error> {
+        let mut copy = connection.copy_in_raw(copy).await?;
+        copy.send(self.0).await?;
+        copy.finish().await?;
+        Ok(())
+    }
+}
+
+/// Appends `bytes` to `into` as a field of `COPY`'s text format: backslash, tab, newline and
+/// carriage return escaped (all ASCII: UTF-8 sequences never contain them).
+fn escape_into(into: &mut Vec<u8>, bytes: &[u8]) {
+    let mut plain = 0;
+    for (index, byte) in bytes.iter().enumerate() {
+        let escaped: &[u8] = match byte {
+            b'\\' => b"\\\\",
+            b'\t' => b"\\t",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            _ => continue,
+        };
+        into.extend_from_slice(&bytes[plain..index]);
+        into.extend_from_slice(escaped);
+        plain = index + 1;
+    }
+    into.extend_from_slice(&bytes[plain..]);
+}
+
+/// Escapes what a serializer writes through it.
+struct Escaping<'a>(&'a mut Vec<u8>);
+
+impl std::io::Write for Escaping<'_> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        escape_into(self.0, bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 async fn create_shadow_tables(pool: &PgPool) -> Result<(), sqlx::Error> {
@@ -574,10 +650,16 @@ mod tests {
 
     #[test]
     fn copy_fields_escape_what_copy_text_format_reads_specially() {
-        assert_eq!(copy_text("plain"), "plain");
+        let mut rows = CopyRows::with_capacity(64);
+        rows.text("plain")
+            .number(-7)
+            .text("{\"note\":\"a\\\\b\\n\"}\t\r\n")
+            .document(&serde_json::json!({"note": "tab\there"}))
+            .expect("serialized")
+            .end_row();
         assert_eq!(
-            copy_text("{\"note\":\"a\\\\b\\n\"}\t\r\n"),
-            "{\"note\":\"a\\\\\\\\b\\\\n\"}\\t\\r\\n"
+            String::from_utf8(rows.0).expect("utf-8"),
+            "plain\t-7\t{\"note\":\"a\\\\\\\\b\\\\n\"}\\t\\r\\n\t{\"note\":\"tab\\\\there\"}\n"
         );
     }
 }

@@ -4,7 +4,8 @@
 //!   concurrent clients, against the real service on Postgres (port 0), with the simulated
 //!   providers at a given latency. The floor it cannot beat is two provider calls.
 //! - `projector`: throughput of each projection (Postgres read models, Redis, Kafka) over a
-//!   preloaded log of at least 100,000 events, beside a baseline measured in the same run:
+//!   preloaded log of at least 100,000 events (distinct orders' `OrderCreated`, or whole
+//!   sagas), beside a baseline measured in the same run:
 //!   reading the same stream without applying it. Then the rebuild (`replay`) speed, and the
 //!   end-to-end lag (append to visible in the Redis read model) at a steady order rate.
 //! - `updates`: live order updates fanned out to many WebSocket subscribers: deliveries per
@@ -23,6 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use hdrhistogram::Histogram;
+use petstore_bench::saga_log::Template;
 use petstore_cli::{Application, Role};
 use petstore_domain::order::{OrderEvent, OrderRequest};
 use petstore_domain::pet::{Pet, PetCommand, PetDetails};
@@ -109,9 +111,13 @@ enum Bench {
     },
     /// Projection throughput, replay speed and end-to-end lag.
     Projector {
-        /// Events to preload (OrderCreated events of distinct orders).
+        /// Events to preload.
         #[arg(long, default_value_t = 100_000)]
         events: usize,
+        /// What the log holds: `orders` (OrderCreated events of distinct orders: every event
+        /// a new view) or `sagas` (whole sagas of ten events, one real order cloned).
+        #[arg(long, default_value = "orders")]
+        log: String,
         /// Orders per second for the lag measurement.
         #[arg(long, default_value_t = 200)]
         rate: u64,
@@ -834,10 +840,23 @@ async fn catch_up(
 
 async fn projector(
     args: &Args,
-    events: usize,
+    (events, log): (usize, &str),
     (rate, seconds): (u64, u64),
     batch: Option<u32>,
 ) -> anyhow::Result<()> {
+    let template = match log {
+        "orders" => None,
+        "sagas" => {
+            let database = BenchDatabase::create(&args.postgres_url).await?;
+            let mut settings = database.settings();
+            settings.providers.payment.latency_ms = 0;
+            settings.providers.delivery.latency_ms = 0;
+            let template = Template::record(&settings).await?;
+            database.drop().await?;
+            Some(template)
+        }
+        other => anyhow::bail!("--log is orders or sagas, not {other:?}"),
+    };
     let database = BenchDatabase::create(&args.postgres_url).await?;
     let mut settings = database.settings();
     settings.redis.url = Some(SecretString::from(args.redis_url.clone()));
@@ -851,11 +870,27 @@ async fn projector(
     connected.migrate().await?;
     let store = EventStore::new(connected.clone(), 8);
     let started = Instant::now();
-    preload(&connected, events).await?;
-    println!(
-        "preloaded {events} OrderCreated events in {:.1}s",
-        started.elapsed().as_secs_f64()
-    );
+    let events = match &template {
+        None => {
+            preload(&connected, events).await?;
+            println!(
+                "preloaded {events} OrderCreated events in {:.1}s",
+                started.elapsed().as_secs_f64()
+            );
+            events
+        }
+        Some(template) => {
+            let orders = events.div_ceil(template.rows.len());
+            template.append(&connected, 0, orders).await?;
+            let events = orders * template.rows.len();
+            println!(
+                "preloaded {events} events of {orders} whole sagas ({}) in {:.1}s",
+                template.event_types(),
+                started.elapsed().as_secs_f64()
+            );
+            events
+        }
+    };
     // Statistics and a visibility map, as a service's log has them once autovacuum has
     // passed; without them what is read first depends on whether it already came by.
     if let Database::Postgres(pool) = &connected {
@@ -1025,10 +1060,11 @@ async fn main() -> anyhow::Result<()> {
         Bench::Saga { .. } => saga(&args).await,
         Bench::Projector {
             events,
+            log,
             rate,
             seconds,
             batch,
-        } => projector(&args, *events, (*rate, *seconds), *batch).await,
+        } => projector(&args, (*events, log), (*rate, *seconds), *batch).await,
         Bench::Updates {
             subscribers,
             orders,

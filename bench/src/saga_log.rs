@@ -86,7 +86,10 @@ pub async fn until_ready(
                 return Ok(());
             }
         }
-        anyhow::ensure!(Instant::now() < deadline, "the service was not ready in {limit:?}");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the service was not ready in {limit:?}"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -145,7 +148,10 @@ impl Template {
             .as_deref()
             != Some("completed")
         {
-            anyhow::ensure!(Instant::now() < deadline, "the template order never completed");
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the template order never completed"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         shutdown.trigger();

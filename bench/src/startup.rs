@@ -21,10 +21,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Parser;
+use petstore_bench::saga_log::{order_status, token, until_ready, Template};
 use petstore_cli::{Application, Role};
 use petstore_command_api::saga;
 use petstore_platform::database::Database;
-use petstore_bench::saga_log::{order_status, token, until_ready, Template};
 use petstore_platform::settings::{LogFormat, Settings};
 use petstore_platform::stream::{self, StreamPosition};
 use secrecy::SecretString;

@@ -301,13 +301,7 @@ async fn events(
 }
 
 fn names_order(event: &RecordedEvent, order_id: &str) -> bool {
-    event
-        .payload
-        .as_object()
-        .and_then(|variants| variants.values().next())
-        .and_then(|fields| fields.get("order_id"))
-        .and_then(|value| value.as_str())
-        == Some(order_id)
+    event.payload.variant_field("order_id").as_deref() == Some(order_id)
 }
 
 /// The convergence checks of one case, from the log.

@@ -224,7 +224,7 @@ fn decode<E: serde::de::DeserializeOwned>(event: &RecordedEvent) -> Result<E, Sa
         &event.aggregate_type,
         &event.event_type,
         &event.event_version,
-        &event.payload,
+        event.payload.raw(),
     )
     .map_err(|source| SagaError::Decode {
         event_type: event.event_type.clone(),
@@ -1321,6 +1321,8 @@ impl petstore_platform::health::HealthCheck for SagaRunnerHealth {
 
 #[cfg(test)]
 mod tests {
+    use petstore_platform::stream::Payload;
+
     use super::*;
 
     fn event(sequence: i64) -> RecordedEvent {
@@ -1331,7 +1333,7 @@ mod tests {
             sequence,
             event_type: "OrderCreated".to_owned(),
             event_version: "1.0".to_owned(),
-            payload: serde_json::Value::Null,
+            payload: Payload::of(&serde_json::Value::Null).expect("a payload"),
             metadata: HashMap::new(),
             delivery: None,
         }

@@ -35,7 +35,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use crate::metrics::Metrics;
 use crate::resilience::{AttemptFailure, CallError, Policy, Rejection};
 use crate::settings::KafkaSettings;
-use crate::stream::{Delivery, RecordedEvent, StreamPosition};
+use crate::stream::{Delivery, Payload, RecordedEvent, StreamPosition};
 use crate::telemetry;
 
 /// Kafka failed.
@@ -114,7 +114,7 @@ pub struct Envelope {
     /// Correlation id, causation id, subject, command id, timestamp, traceparent.
     pub metadata: HashMap<String, String>,
     /// The event as the domain serialized it.
-    pub payload: serde_json::Value,
+    pub payload: Payload,
 }
 
 impl From<&RecordedEvent> for Envelope {
@@ -145,7 +145,7 @@ struct EnvelopeOf<'a> {
     event_version: &'a str,
     position: StreamPosition,
     metadata: &'a HashMap<String, String>,
-    payload: &'a serde_json::Value,
+    payload: &'a Payload,
 }
 
 impl<'a> From<&'a RecordedEvent> for EnvelopeOf<'a> {
@@ -893,7 +893,8 @@ mod tests {
             sequence: 3,
             event_type: "OrderConfirmed".to_owned(),
             event_version: "1.0".to_owned(),
-            payload: serde_json::json!({"OrderConfirmed": {"note": "ä \"quoted\""}}),
+            payload: Payload::of(&serde_json::json!({"OrderConfirmed": {"note": "ä \"quoted\""}}))
+                .expect("a payload"),
             metadata: HashMap::from([("correlation_id".to_owned(), "c-1".to_owned())]),
             delivery: None,
         };

@@ -659,7 +659,7 @@ impl Live {
 }
 
 fn decode(event: &RecordedEvent) -> Result<LiveSettingsChanged, LiveReadError> {
-    serde_json::from_value::<LiveEvent>(event.payload.clone())
+    serde_json::from_str::<LiveEvent>(event.payload.raw().get())
         .map(|LiveEvent::LiveSettingsChanged(changed)| changed)
         .map_err(|source| LiveReadError::Decode {
             version: event.sequence,

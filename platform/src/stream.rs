@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
 use sqlx::postgres::PgListener;
 use sqlx::types::Json;
@@ -55,6 +56,44 @@ impl StreamPosition {
     };
 }
 
+/// An event's payload as stored: raw JSON, parsed only by whoever reads it (a fold straight
+/// into its type, never a tree in between; the relay copies it as it is). Equal when the
+/// text is.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Payload(Box<RawValue>);
+
+impl Payload {
+    /// `event` serialized as a payload.
+    pub fn of<T: Serialize + ?Sized>(event: &T) -> Result<Self, serde_json::Error> {
+        serde_json::value::to_raw_value(event).map(Self)
+    }
+
+    /// The JSON.
+    pub fn raw(&self) -> &RawValue {
+        &self.0
+    }
+
+    /// The JSON as a tree.
+    pub fn to_value(&self) -> Result<Value, serde_json::Error> {
+        serde_json::from_str(self.0.get())
+    }
+
+    /// The string field `name` of the event's variant (`{"Variant": {"name": "…"}}`), read
+    /// without decoding the event (which may be the one that cannot be decoded).
+    pub fn variant_field(&self, name: &str) -> Option<String> {
+        let value = self.to_value().ok()?;
+        let field = value.as_object()?.values().next()?.get(name)?;
+        field.as_str().map(str::to_owned)
+    }
+}
+
+impl PartialEq for Payload {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.get() == other.0.get()
+    }
+}
+
 /// One event as the global stream delivers it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RecordedEvent {
@@ -71,7 +110,7 @@ pub struct RecordedEvent {
     /// The event's schema version.
     pub event_version: String,
     /// The event, as the domain serialized it.
-    pub payload: Value,
+    pub payload: Payload,
     /// Correlation id, causation id, subject, command id, timestamp, traceparent (of the
     /// append that stored it).
     pub metadata: HashMap<String, String>,
@@ -177,7 +216,7 @@ fn decode<R: Row>(row: &R) -> Result<RecordedEvent, StreamError>
 where
     for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    for<'r> Value: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Json<Box<RawValue>>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> Json<HashMap<String, String>>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'c> &'c str: sqlx::ColumnIndex<R>,
 {
@@ -196,7 +235,7 @@ where
         sequence: row.try_get("sequence")?,
         event_type: row.try_get("event_type")?,
         event_version: row.try_get("event_version")?,
-        payload: row.try_get("payload")?,
+        payload: Payload(row.try_get::<Json<Box<RawValue>>, _>("payload")?.0),
         metadata,
         delivery: None,
     })

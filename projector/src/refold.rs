@@ -42,8 +42,7 @@ fn pet_of(order_events: &[RecordedEvent]) -> Option<String> {
     order_events
         .iter()
         .find(|event| event.event_type == "OrderCreated")
-        .and_then(|event| event.payload.get("OrderCreated")?.get("pet_id")?.as_str())
-        .map(str::to_owned)
+        .and_then(|event| event.payload.variant_field("pet_id"))
 }
 
 /// An empty batch over the views `letter` concerns, and every event of theirs, in stream

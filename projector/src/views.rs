@@ -178,7 +178,7 @@ fn decode<E: serde::de::DeserializeOwned>(event: &RecordedEvent) -> Result<E, De
         &event.aggregate_type,
         &event.event_type,
         &event.event_version,
-        &event.payload,
+        event.payload.raw(),
     )
     .map_err(|source| DecodeError {
         aggregate_type: event.aggregate_type.clone(),
@@ -271,13 +271,7 @@ impl ViewBatch {
 pub fn order_view_id(event: &RecordedEvent) -> Option<String> {
     match event.aggregate_type.as_str() {
         Order::TYPE | Payment::TYPE | Delivery::TYPE => Some(event.aggregate_id.clone()),
-        Pet::TYPE => event
-            .payload
-            .as_object()
-            .and_then(|variants| variants.values().next())
-            .and_then(|fields| fields.get("order_id"))
-            .and_then(|order_id| order_id.as_str())
-            .map(str::to_owned),
+        Pet::TYPE => event.payload.variant_field("order_id"),
         _ => None,
     }
 }
@@ -535,6 +529,7 @@ mod tests {
     use petstore_domain::order::OrderRequest;
     use petstore_domain::values::CancellationReason;
     use petstore_domain::{CustomerId, OrderId, PetId};
+    use petstore_platform::stream::Payload;
 
     use super::*;
 
@@ -549,7 +544,7 @@ mod tests {
             sequence: position,
             event_type: event.event_type(),
             event_version: event.event_version(),
-            payload: serde_json::to_value(event).expect("an event serializes"),
+            payload: Payload::of(event).expect("an event serializes"),
             metadata: HashMap::from([("timestamp".to_owned(), "2026-12-02T00:00:00Z".to_owned())]),
             delivery: None,
         }

@@ -9,7 +9,7 @@ use petstore_platform::auth::Caller;
 use petstore_platform::database::Database;
 use petstore_platform::event_store;
 use petstore_platform::http::{Json, Path, Problem, ProblemDocument, RequestContext};
-use petstore_platform::stream::{self, RecordedEvent, StreamError};
+use petstore_platform::stream::{self, Payload, RecordedEvent, StreamError};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -53,7 +53,8 @@ pub struct AuditEntry {
     /// The feature flags that took part in the decision, on (`true`) or off.
     pub feature_flags: std::collections::BTreeMap<String, bool>,
     /// The event itself.
-    pub payload: serde_json::Value,
+    #[schema(value_type = Object)]
+    pub payload: Payload,
 }
 
 impl From<RecordedEvent> for AuditEntry {
@@ -95,18 +96,12 @@ pub struct AuditTrail {
 
 impl AuditTrail {
     /// The customer who placed `order_id`, from its `OrderCreated` event.
-    pub fn customer_of(&self, order_id: &OrderId) -> Option<&str> {
+    pub fn customer_of(&self, order_id: &OrderId) -> Option<String> {
         let order_id = order_id.to_string();
         self.events
             .iter()
             .find(|event| event.event_type == "OrderCreated" && event.aggregate_id == order_id)
-            .and_then(|event| {
-                event
-                    .payload
-                    .get("OrderCreated")?
-                    .get("customer_id")?
-                    .as_str()
-            })
+            .and_then(|event| event.payload.variant_field("customer_id"))
     }
 }
 
@@ -163,7 +158,7 @@ pub async fn order_audit(
     RequestContext::record_order(&order_id);
     match by_order(&state.database, &order_id).await? {
         Some(trail) => {
-            caller.authorize_customer(trail.customer_of(&order_id).unwrap_or_default())?;
+            caller.authorize_customer(&trail.customer_of(&order_id).unwrap_or_default())?;
             Ok(Json(trail))
         }
         None => Err(Problem::not_found(format!(

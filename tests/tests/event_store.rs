@@ -192,7 +192,10 @@ async fn appended_events_load_back_with_their_metadata(engine: Engine) {
     assert_eq!(event.sequence, 2);
     assert_eq!(event.event_type, "Incremented");
     assert_eq!(event.event_version, "1.0");
-    assert_eq!(event.payload, serde_json::json!({"Incremented": {"to": 2}}));
+    assert_eq!(
+        event.payload.to_value().expect("JSON"),
+        serde_json::json!({"Incremented": {"to": 2}})
+    );
     assert_eq!(
         event.metadata_value("correlation_id"),
         metadata.correlation_id.as_str()

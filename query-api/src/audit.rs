@@ -53,7 +53,7 @@ pub struct AuditEntry {
     /// The feature flags that took part in the decision, on (`true`) or off.
     pub feature_flags: std::collections::BTreeMap<String, bool>,
     /// The event itself.
-    #[schema(value_type = Object)]
+    #[schema(value_type = serde_json::Value)]
     pub payload: Payload,
 }
 

@@ -142,8 +142,9 @@ async fn append_many<A: Aggregate>(
 /// Appends a command's events to SQLite, in a task of its own: a caller cancelled mid-way (a
 /// client that hung up) can neither leave a pooled connection inside a transaction, which
 /// would hold SQLite's only write lock, nor half an append. One event is one `INSERT`
-/// (atomic by itself, the global-position trigger included); several share a transaction.
-/// A taken (aggregate, sequence) is the optimistic-concurrency conflict, as in sqlite-es.
+/// (atomic by itself, its global position the rowid); several share a transaction. A taken
+/// (aggregate, sequence) is the optimistic-concurrency conflict: a unique-constraint
+/// violation (2067; a primary-key one before migration 0012).
 async fn append_sqlite(
     pool: &sqlx::SqlitePool,
     aggregate_type: &'static str,
@@ -177,7 +178,7 @@ async fn append_sqlite(
         }
     })
     .await
-    .map_err(|error| persistence_error(error, "1555"))
+    .map_err(|error| persistence_error(error, "2067"))
 }
 
 /// Shares one [`EventRepository`] between the per-command cqrs-es stores.

@@ -374,7 +374,8 @@ macro_rules! run_steps {
     ($pool:expr, $appender:expr, $steps:expr) => {{
         let (pool, appender, steps): (_, &Appender, SqlSteps) = ($pool, $appender, $steps);
         let row = &appender.row;
-        let aggregate_id = Uuid::new_v4().to_string();
+        // Keyed as the event store's appends are (`OrderId::random`, a UUIDv7).
+        let aggregate_id = Uuid::now_v7().to_string();
         let aggregate_id = aggregate_id.as_str();
         if steps.load_first {
             let loaded = sqlx::query(appender.statements.select_events)

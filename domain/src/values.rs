@@ -16,9 +16,11 @@ const IDEMPOTENCY_NAMESPACE: Uuid = Uuid::from_u128(0x6f1e_0b6c_58a4_4c1e_9a3e_2
 pub struct OrderId(Uuid);
 
 impl OrderId {
-    /// A fresh random id.
+    /// A fresh id: a UUIDv7 (its first 48 bits the time, the rest random), so ids made one
+    /// after another sit side by side in every index keyed by them (the events' aggregate key,
+    /// the order views), instead of dirtying a random page of each per order.
     pub fn random() -> Self {
-        Self(Uuid::new_v4())
+        Self(Uuid::now_v7())
     }
 
     /// The id an order gets when a client sends an `Idempotency-Key`: the same subject and key

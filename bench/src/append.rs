@@ -141,7 +141,7 @@ enum Ablation {
     /// Both: the expression index on `metadata ->> 'correlation_id'`.
     CorrelationIndex,
     /// Postgres: the `global_position` identity and `transaction_id` xid8 columns and their
-    /// unique index. SQLite: the numbering trigger and the `global_position` index.
+    /// unique index. Not on SQLite, where the position is the rowid (migration 0012).
     GlobalOrder,
 }
 
@@ -160,10 +160,7 @@ impl Ablation {
             (Self::GlobalOrder, Engine::Postgres) => {
                 &["ALTER TABLE events DROP COLUMN transaction_id, DROP COLUMN global_position"]
             }
-            (Self::GlobalOrder, Engine::Sqlite) => &[
-                "DROP TRIGGER events_number_globally",
-                "DROP INDEX events_global_position",
-            ],
+            (Self::GlobalOrder, Engine::Sqlite) => &[],
         }
     }
 }
@@ -589,12 +586,17 @@ impl BenchDatabase {
     async fn prepare(&self, args: &Args) -> anyhow::Result<()> {
         self.database.migrate().await?;
         let statements = self.statements();
-        let mut script: Vec<&str> = args
-            .ablate
-            .iter()
-            .flat_map(|ablation| ablation.statements(self.engine))
-            .copied()
-            .collect();
+        let mut script: Vec<&str> = Vec::new();
+        for ablation in &args.ablate {
+            let statements = ablation.statements(self.engine);
+            anyhow::ensure!(
+                !statements.is_empty(),
+                "--ablate {} has nothing to drop on {:?}",
+                ablation.name(),
+                self.engine
+            );
+            script.extend(statements);
+        }
         if args.with_notify_trigger && self.engine == Engine::Postgres {
             script.extend(OLD_NOTIFY_TRIGGER);
         }

@@ -29,6 +29,7 @@ use petstore_cli::{Application, Role};
 use petstore_domain::order::{OrderEvent, OrderRequest};
 use petstore_domain::pet::{Pet, PetCommand, PetDetails};
 use petstore_domain::{CustomerId, Money, OrderId, PetCategory, PetId};
+use petstore_platform::auth::TokenVerifier;
 use petstore_platform::bus::KafkaBus;
 use petstore_platform::cache::Cache;
 use petstore_platform::database::Database;
@@ -108,6 +109,14 @@ enum Bench {
         /// (off then on at each level, with the ratio).
         #[arg(long, default_value = "on")]
         policies: String,
+        /// The observability and security layers to turn on, as a production deployment runs
+        /// them, comma-separated: `tracing` (every trace sampled, its spans exported over
+        /// OTLP/HTTP to a receiver in this process, on a thread of its own), `auth` (every
+        /// request carries a bearer token that is verified), `rate-limits` (every request
+        /// counted against limits far above the load), or `all`. Off by default: spans not
+        /// exported, demo mode (no token), rate limits off.
+        #[arg(long, value_delimiter = ',')]
+        layers: Vec<Layer>,
     },
     /// Projection throughput, replay speed and end-to-end lag.
     Projector {
@@ -197,6 +206,49 @@ impl BenchDatabase {
     }
 }
 
+/// A layer `saga --layers` turns on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Layer {
+    Tracing,
+    Auth,
+    RateLimits,
+    All,
+}
+
+/// The layers a saga bench runs with.
+#[derive(Debug, Clone, Copy)]
+struct Layers {
+    tracing: bool,
+    auth: bool,
+    rate_limits: bool,
+}
+
+impl Layers {
+    fn of(layers: &[Layer]) -> Self {
+        let on = |layer| layers.contains(&layer) || layers.contains(&Layer::All);
+        Self {
+            tracing: on(Layer::Tracing),
+            auth: on(Layer::Auth),
+            rate_limits: on(Layer::RateLimits),
+        }
+    }
+
+    fn describe(self) -> String {
+        let on_off = |on: bool| if on { "on" } else { "off" };
+        format!(
+            "tracing export {} (every trace), authentication {} (bearer tokens verified), \
+             rate limits {} (far above the load)",
+            on_off(self.tracing),
+            on_off(self.auth),
+            on_off(self.rate_limits)
+        )
+    }
+}
+
+/// The customer every saga bench order is placed for (and, with the layers on, the subject
+/// of the clients' token).
+const BENCH_CUSTOMER: &str = "bench";
+
 fn millis(histogram: &Histogram<u64>, quantile: f64) -> f64 {
     histogram.value_at_quantile(quantile) as f64 / 1000.0
 }
@@ -234,12 +286,32 @@ async fn saga(args: &Args) -> anyhow::Result<()> {
         distributed,
         wait,
         policies,
+        layers,
     } = &args.bench
     else {
         anyhow::bail!("not the saga bench");
     };
     let (orders, latency_ms, with_redis, distributed) =
         (*orders, *latency_ms, *with_redis, *distributed);
+    let layers = Layers::of(layers);
+    // The tracing subscriber is global: installed once, before the first service starts.
+    let telemetry = if layers.tracing {
+        let receiver = petstore_bench::otlp::Receiver::start_on_own_thread()?;
+        for (name, _) in std::env::vars() {
+            if name.starts_with("OTEL_") {
+                std::env::remove_var(name);
+            }
+        }
+        std::env::set_var("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.endpoint);
+        let mut log = Settings::default().log;
+        log.format = LogFormat::Text;
+        log.filter = "warn".to_owned();
+        let telemetry = petstore_platform::telemetry::init(&log)?;
+        anyhow::ensure!(telemetry.exporting(), "spans are not exported");
+        Some((telemetry, receiver))
+    } else {
+        None
+    };
     let updates = match wait.as_str() {
         "updates" => true,
         "poll" => false,
@@ -273,6 +345,7 @@ async fn saga(args: &Args) -> anyhow::Result<()> {
     };
     println!("saga latency: POST /orders until `completed` is seen ({how}{kafka})");
     println!("simulated provider latency {latency_ms} ms per call (2 calls per saga); {orders} orders per level");
+    println!("layers: {}", layers.describe());
     println!();
     println!("| clients | policies | orders | completed/s | p50 ms | p99 ms | max ms |");
     println!("|---:|---|---:|---:|---:|---:|---:|");
@@ -285,7 +358,7 @@ async fn saga(args: &Args) -> anyhow::Result<()> {
                 orders,
                 latency_ms,
                 (with_redis, distributed, updates),
-                enabled,
+                (enabled, layers),
             )
             .await?;
             let throughput = orders as f64 / elapsed;
@@ -302,23 +375,38 @@ async fn saga(args: &Args) -> anyhow::Result<()> {
             println!("| {level} | **on / off** | | **{:.2}** | | | |", on / off);
         }
     }
+    if let Some((telemetry, receiver)) = telemetry {
+        telemetry.shutdown().await;
+        println!();
+        println!("spans received by the OTLP receiver: {}", receiver.spans());
+    }
     Ok(())
 }
 
 /// Places an order for `pet` and waits until it is `completed`: on its live-update stream
-/// (`updates`), or polling its status every 10 ms.
+/// (`updates`), or polling its status every 10 ms. Every request carries `token` if given.
 async fn order_until_completed(
     client: &reqwest::Client,
     base: &str,
     pet: &str,
     updates: bool,
+    token: Option<&str>,
 ) -> anyhow::Result<()> {
     let begin = Instant::now();
-    let accepted = client
-        .post(format!("{base}/petstore-domain/orders"))
-        .json(&serde_json::json!({"customer_id": "bench", "pet_id": pet}))
+    let authorized = |request: reqwest::RequestBuilder| match token {
+        Some(token) => request.bearer_auth(token),
+        None => request,
+    };
+    let accepted = authorized(client.post(format!("{base}/petstore-domain/orders")))
+        .json(&serde_json::json!({"customer_id": BENCH_CUSTOMER, "pet_id": pet}))
         .send()
         .await?;
+    anyhow::ensure!(
+        accepted.status() == 202,
+        "POST /orders answered {}: {}",
+        accepted.status(),
+        accepted.text().await.unwrap_or_default()
+    );
     let token = accepted
         .headers()
         .get("x-consistency-token")
@@ -331,8 +419,7 @@ async fn order_until_completed(
         .to_owned();
     if updates {
         let url = format!("{base}/petstore-domain/orders/{order_id}/updates");
-        let stream = client
-            .get(url)
+        let stream = authorized(client.get(url))
             .header("accept", "text/event-stream")
             .header("x-consistency-token", token)
             .send();
@@ -341,10 +428,10 @@ async fn order_until_completed(
             .context("order stuck")?;
     }
     loop {
-        let response = client
-            .get(format!("{base}/petstore-domain/orders/{order_id}/status"))
-            .send()
-            .await?;
+        let response =
+            authorized(client.get(format!("{base}/petstore-domain/orders/{order_id}/status")))
+                .send()
+                .await?;
         if response.status() == 200 {
             let view: Value = response.json().await?;
             match view["status"].as_str() {
@@ -394,7 +481,7 @@ async fn saga_level(
     orders: usize,
     latency_ms: u64,
     (with_redis, distributed, updates): (bool, bool, bool),
-    policies: bool,
+    (policies, layers): (bool, Layers),
 ) -> anyhow::Result<(f64, Histogram<u64>)> {
     let database = BenchDatabase::create(&args.postgres_url).await?;
     let mut settings = database.settings();
@@ -405,6 +492,29 @@ async fn saga_level(
     settings.resilience.delivery.enabled = policies;
     settings.feature_flags.real_time_order_updates = FlagSetting::On;
     settings.http.order_updates.max_connections_per_subject = 10_000;
+    if layers.auth {
+        settings.security.authentication_required = true;
+        settings.security.jwt.secret = Some(SecretString::from(
+            "pipeline-bench-secret-of-32-bytes-or-more".to_owned(),
+        ));
+    }
+    if layers.rate_limits {
+        // Limits far above the load: every request is counted, none refused.
+        let limits = &mut settings.security.rate_limits;
+        limits.enabled = true;
+        limits.default_per_minute = 100_000_000;
+        for limit in limits.routes.values_mut() {
+            *limit = 100_000_000;
+        }
+    }
+    let token = if layers.auth {
+        TokenVerifier::new(&settings.security.jwt, Vec::new())?
+            .issue(BENCH_CUSTOMER, RoleName::Customer)
+            .map(|(token, _)| token)
+    } else {
+        None
+    };
+    let token = token.as_deref();
     if with_redis {
         settings.redis.url = Some(SecretString::from(args.redis_url.clone()));
         settings.redis.key_prefix = format!("bench-{}", uuid::Uuid::new_v4().simple());
@@ -431,12 +541,13 @@ async fn saga_level(
     let client = reqwest::Client::new();
     // One order first, unmeasured: connections, and with Kafka the consumer group's join.
     let warm_up = pets.pop().context("a pet")?;
-    order_until_completed(&client, &base, &warm_up, updates).await?;
+    order_until_completed(&client, &base, &warm_up, updates, token).await?;
     let pets = Arc::new(pets);
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let started = Instant::now();
     let workers = (0..level).map(|_| {
         let (client, base, pets, next) = (client.clone(), base.clone(), pets.clone(), next.clone());
+        let token = token.map(str::to_owned);
         async move {
             let mut histogram = Histogram::<u64>::new(3)?;
             loop {
@@ -445,7 +556,7 @@ async fn saga_level(
                     return anyhow::Ok(histogram);
                 };
                 let begin = Instant::now();
-                order_until_completed(&client, &base, pet, updates).await?;
+                order_until_completed(&client, &base, pet, updates, token.as_deref()).await?;
                 histogram.record(begin.elapsed().as_micros() as u64)?;
             }
         }

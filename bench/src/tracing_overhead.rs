@@ -15,18 +15,14 @@
 #![allow(clippy::print_stdout)]
 
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use axum::body::Bytes;
 use clap::Parser;
 use hdrhistogram::Histogram;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use petstore_bench::otlp::Receiver;
 use petstore_cli::{Application, Role};
 use petstore_platform::settings::{LogFormat, Settings};
-use prost::Message as _;
 
 // The service's allocator, as the `petstore` binary runs it.
 #[global_allocator]
@@ -167,15 +163,14 @@ async fn main() -> anyhow::Result<()> {
 /// The OTLP receiver process: prints its endpoint, receives until its stdin closes, then
 /// prints how many spans it decoded.
 async fn receive() -> anyhow::Result<()> {
-    let spans = Arc::new(AtomicU64::new(0));
-    let endpoint = start_receiver(spans.clone()).await?;
-    println!("ENDPOINT {endpoint}");
+    let receiver = Receiver::start().await?;
+    println!("ENDPOINT {}", receiver.endpoint);
     tokio::task::spawn_blocking(|| {
         let mut sink = Vec::new();
         let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
     })
     .await?;
-    println!("{}", spans.load(Ordering::Relaxed));
+    println!("{}", receiver.spans());
     Ok(())
 }
 
@@ -399,31 +394,4 @@ fn percentiles(results: &[(Mode, Measurement)], mode: Mode) -> (f64, f64) {
         merged.value_at_quantile(0.5) as f64 / 1000.0,
         merged.value_at_quantile(0.99) as f64 / 1000.0,
     )
-}
-
-/// An OTLP/HTTP receiver on a free loopback port that decodes and counts spans.
-async fn start_receiver(spans: Arc<AtomicU64>) -> anyhow::Result<String> {
-    let app = axum::Router::new().route(
-        "/v1/traces",
-        axum::routing::post(move |body: Bytes| {
-            let spans = spans.clone();
-            async move {
-                let Ok(request) = ExportTraceServiceRequest::decode(body) else {
-                    return axum::http::StatusCode::BAD_REQUEST;
-                };
-                let count: usize = request
-                    .resource_spans
-                    .iter()
-                    .flat_map(|resource| &resource.scope_spans)
-                    .map(|scope| scope.spans.len())
-                    .sum();
-                spans.fetch_add(count as u64, Ordering::Relaxed);
-                axum::http::StatusCode::OK
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let endpoint = format!("http://{}", listener.local_addr()?);
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    Ok(endpoint)
 }

@@ -28,28 +28,31 @@ use uuid::Uuid;
 
 use crate::database::Database;
 
+mod group_commit;
 mod known;
 
 use crate::http::CorrelationId;
 use crate::metrics::Metrics;
 use crate::settings::Flag;
+use group_commit::GroupCommit;
 use known::{Known, KnownAggregates};
 
 /// The cqrs-es repository of whichever engine the service runs on.
-pub enum EventRepository {
-    /// postgres-es, and the pool for the single-statement append.
-    Postgres(PostgresEventRepository, sqlx::PgPool),
+enum EventRepository {
+    /// postgres-es, and the group commit of appends.
+    Postgres(PostgresEventRepository, Arc<GroupCommit>),
     /// sqlite-es, and the pool for the cancellation-safe append.
     Sqlite(SqliteEventRepository, sqlx::SqlitePool),
 }
 
 impl EventRepository {
     /// The repository for `database`, on the `events` and `snapshots` tables.
-    pub fn new(database: &Database) -> Self {
+    fn new(database: &Database) -> Self {
         match database {
-            Database::Postgres(pool) => {
-                Self::Postgres(PostgresEventRepository::new(pool.clone()), pool.clone())
-            }
+            Database::Postgres(pool) => Self::Postgres(
+                PostgresEventRepository::new(pool.clone()),
+                Arc::new(GroupCommit::new(pool.clone())),
+            ),
             Database::Sqlite(pool) => {
                 Self::Sqlite(SqliteEventRepository::new(pool.clone()), pool.clone())
             }
@@ -57,37 +60,22 @@ impl EventRepository {
     }
 }
 
-/// Appends a command's events to Postgres in one statement: one round trip, atomic on its
-/// own (no BEGIN/COMMIT), where postgres-es sends BEGIN, one INSERT per event and COMMIT. A
-/// taken (aggregate, sequence) is the optimistic-concurrency conflict, as in postgres-es.
+/// Appends a command's events to Postgres in one statement, atomic on its own (no
+/// BEGIN/COMMIT), where postgres-es sends BEGIN, one INSERT per event and COMMIT. One event
+/// (most commands decide one) joins the group commit of concurrent appends. A taken
+/// (aggregate, sequence) is the optimistic-concurrency conflict, as in postgres-es.
 async fn append_postgres<A: Aggregate>(
-    pool: &sqlx::PgPool,
+    group_commit: &Arc<GroupCommit>,
     events: &[SerializedEvent],
 ) -> Result<(), PersistenceError> {
-    let result = match events {
-        [] => return Ok(()),
-        // Most commands decide one event: a plain VALUES row is cheaper for the server to
-        // plan and run than unnesting arrays.
-        [event] => {
-            sqlx::query(
-                "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            )
-            .bind(A::TYPE)
-            .bind(&event.aggregate_id)
-            .bind(i64::try_from(event.sequence).unwrap_or(i64::MAX))
-            .bind(&event.event_type)
-            .bind(&event.event_version)
-            .bind(&event.payload)
-            .bind(&event.metadata)
-            .execute(pool)
+    match events {
+        [] => Ok(()),
+        [event] => group_commit.append(A::TYPE, event).await,
+        [first, ..] => append_many::<A>(group_commit.pool(), first, events)
             .await
-        }
-        [first, ..] => append_many::<A>(pool, first, events).await,
-    };
-    result
-        .map(|_| ())
-        .map_err(|error| persistence_error(error, "23505"))
+            .map(|_| ())
+            .map_err(|error| persistence_error(error, "23505")),
+    }
 }
 
 /// How cqrs-es sees a failed append: `conflict_code` (the engine's unique-violation code for
@@ -183,7 +171,7 @@ async fn append_sqlite(
 
 /// Shares one [`EventRepository`] between the per-command cqrs-es stores.
 #[derive(Clone)]
-pub struct SharedRepository(Arc<EventRepository>);
+struct SharedRepository(Arc<EventRepository>);
 
 macro_rules! delegate {
     ($self:ident, $repo:ident => $call:expr) => {
@@ -223,7 +211,9 @@ impl PersistedEventRepository for SharedRepository {
         snapshot_update: Option<(String, Value, usize)>,
     ) -> Result<(), PersistenceError> {
         match (self.0.as_ref(), snapshot_update) {
-            (EventRepository::Postgres(_, pool), None) => append_postgres::<A>(pool, events).await,
+            (EventRepository::Postgres(_, group_commit), None) => {
+                append_postgres::<A>(group_commit, events).await
+            }
             (EventRepository::Sqlite(_, pool), None) => append_sqlite(pool, A::TYPE, events).await,
             (_, snapshot_update) => {
                 delegate!(self, repo => repo.persist::<A>(events, snapshot_update))

@@ -25,16 +25,23 @@ enum CounterCommand {
     Increment,
     IncrementTwice,
     Refuse,
+    /// Records a note and counts nothing.
+    Note(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 enum CounterEvent {
     Incremented { to: u64 },
+    Noted { note: String },
 }
 
 impl DomainEvent for CounterEvent {
     fn event_type(&self) -> String {
-        "Incremented".to_owned()
+        match self {
+            Self::Incremented { .. } => "Incremented",
+            Self::Noted { .. } => "Noted",
+        }
+        .to_owned()
     }
     fn event_version(&self) -> String {
         "1.0".to_owned()
@@ -62,6 +69,10 @@ impl Aggregate for Counter {
             CounterCommand::Increment => 1,
             CounterCommand::IncrementTwice => 2,
             CounterCommand::Refuse => return Err(Refused),
+            CounterCommand::Note(note) => {
+                sink.write(CounterEvent::Noted { note }, self).await;
+                return Ok(());
+            }
         };
         for _ in 0..times {
             let to = self.value + 1;
@@ -71,8 +82,9 @@ impl Aggregate for Counter {
     }
 
     fn apply(&mut self, event: CounterEvent) {
-        let CounterEvent::Incremented { to } = event;
-        self.value = to;
+        if let CounterEvent::Incremented { to } = event {
+            self.value = to;
+        }
     }
 }
 
@@ -458,6 +470,71 @@ async fn postgres_reader_never_skips_an_event_committed_late() {
         ["slow", "fast"],
         "both delivered, in commit-safe order"
     );
+    storage.remove().await;
+}
+
+/// Concurrent one-event appends share statements (group commit), yet each keeps its own
+/// outcome: a row Postgres refuses (`\u0000` in a jsonb payload) fails its own append and
+/// no other, every other append lands exactly once, and appends of one aggregate that race
+/// for the same sequence still leave one winner and the rest retried behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grouped_appends_keep_their_own_outcomes() {
+    let storage = Storage::new(Engine::Postgres).await;
+    let store = EventStore::new(storage.database().await, 100);
+    let tasks: Vec<_> = (0..240)
+        .map(|n| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let outcome = match n % 3 {
+                    0 => store
+                        .execute::<Counter>("hot", CounterCommand::Increment, &(), &metadata())
+                        .await
+                        .map(|events| events.len()),
+                    _ => {
+                        let note = if n % 12 == 1 { "bad \0 note" } else { "fine" };
+                        store
+                            .execute_on_new::<Counter>(
+                                &format!("new-{n}"),
+                                CounterCommand::Note(note.to_owned()),
+                                &(),
+                                &metadata(),
+                            )
+                            .await
+                            .map(|events| events.len())
+                    }
+                };
+                (n, outcome)
+            })
+        })
+        .collect();
+    let mut noted = 0;
+    for task in tasks {
+        let (n, outcome) = task.await.expect("task");
+        match (n % 3, n % 12 == 1, outcome) {
+            (0, _, Ok(1)) => {}
+            (_, false, Ok(1)) => noted += 1,
+            (_, true, Err(AggregateError::UnexpectedError(_))) => {}
+            (_, bad, outcome) => panic!("append {n} (bad row: {bad}) ended {outcome:?}"),
+        }
+    }
+    assert_eq!(noted, 140, "every good append landed");
+    let counter: Counter = store.load("hot").await.expect("load");
+    assert_eq!(counter.value, 80, "no increment lost or doubled");
+    assert_eq!(
+        stored_event_count(&store).await,
+        80 + 140,
+        "nothing but the landed appends is stored"
+    );
+    let hot: Vec<i64> = sqlx::query_scalar(
+        "SELECT sequence FROM events WHERE aggregate_id = 'hot' ORDER BY sequence",
+    )
+    .fetch_all(match store.database() {
+        Database::Postgres(pool) => pool,
+        Database::Sqlite(_) => unreachable!("a Postgres test"),
+    })
+    .await
+    .expect("sequences");
+    assert_eq!(hot, (1..=80).collect::<Vec<_>>());
     storage.remove().await;
 }
 

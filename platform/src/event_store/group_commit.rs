@@ -1,0 +1,280 @@
+//! Group commit of concurrent one-event appends on Postgres.
+//!
+//! Most commands append one event. Under load, many such appends arrive together, and each
+//! as a statement of its own pays a round trip, a plan and a commit. Here they queue, and
+//! a few flush tasks drain the queue, each writing everything queued in one
+//! `INSERT ... ON CONFLICT DO NOTHING RETURNING` (one transaction, one commit). The keys
+//! the statement returns are the appends that went through; a key it does not return was
+//! taken already, which is the append's optimistic-concurrency conflict, exactly as a
+//! unique violation is for an append on its own. So every append keeps its own outcome:
+//!
+//! - a batch never holds two appends of the same (aggregate, sequence): the later one waits
+//!   for the next batch, where it conflicts with the first;
+//! - a batch that fails (a row Postgres refuses, say) is retried one append at a time, so
+//!   that a bad row fails only its own append; a lost connection fails all of them, as it
+//!   would each on its own (the batch may or may not have committed);
+//! - an append alone in the queue is written at once, in the one-row statement, so a
+//!   lone writer waits for nothing;
+//! - the flush runs in a task of its own: a caller that is cancelled (a client hung up)
+//!   leaves the batch whole.
+//!
+//! Appends of several events (one command deciding more than one) keep their own statement,
+//! all or nothing: `ON CONFLICT DO NOTHING` would let half of them through.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use cqrs_es::persist::{PersistenceError, SerializedEvent};
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use super::persistence_error;
+
+/// The most appends one statement writes.
+const MAX_BATCH: usize = 128;
+
+/// Postgres's unique-violation code: a taken (aggregate, sequence).
+const UNIQUE_VIOLATION: &str = "23505";
+
+const INSERT_ONE: &str = "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+     VALUES ($1, $2, $3, $4, $5, $6, $7)";
+
+const INSERT_BATCH: &str = "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+     SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::jsonb[])
+     ON CONFLICT (aggregate_type, aggregate_id, sequence) DO NOTHING
+     RETURNING aggregate_type, aggregate_id, sequence";
+
+/// The queue of one-event appends and the tasks that flush it.
+pub(super) struct GroupCommit {
+    pool: sqlx::PgPool,
+    /// Flush tasks running at most: a quarter of the pool, so that loads and other queries
+    /// always find a connection.
+    max_flushing: usize,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    queue: VecDeque<Pending>,
+    flushing: usize,
+}
+
+/// One append waiting for its batch.
+struct Pending {
+    row: Row,
+    outcome: oneshot::Sender<Result<(), PersistenceError>>,
+}
+
+/// One event row, as the append wrote it.
+struct Row {
+    aggregate_type: &'static str,
+    aggregate_id: String,
+    sequence: i64,
+    event_type: String,
+    event_version: String,
+    payload: Value,
+    metadata: Value,
+}
+
+/// What makes a row unique in `events`.
+type Key<'a> = (&'a str, &'a str, i64);
+
+impl Row {
+    fn new(aggregate_type: &'static str, event: &SerializedEvent) -> Self {
+        Self {
+            aggregate_type,
+            aggregate_id: event.aggregate_id.clone(),
+            sequence: i64::try_from(event.sequence).unwrap_or(i64::MAX),
+            event_type: event.event_type.clone(),
+            event_version: event.event_version.clone(),
+            payload: event.payload.clone(),
+            metadata: event.metadata.clone(),
+        }
+    }
+
+    fn key(&self) -> Key<'_> {
+        (self.aggregate_type, &self.aggregate_id, self.sequence)
+    }
+
+    /// Writes this row alone; a taken key is the optimistic-concurrency conflict.
+    async fn insert(&self, pool: &sqlx::PgPool) -> Result<(), PersistenceError> {
+        sqlx::query(INSERT_ONE)
+            .bind(self.aggregate_type)
+            .bind(&self.aggregate_id)
+            .bind(self.sequence)
+            .bind(&self.event_type)
+            .bind(&self.event_version)
+            .bind(&self.payload)
+            .bind(&self.metadata)
+            .execute(pool)
+            .await
+            .map(|_| ())
+            .map_err(|error| persistence_error(error, UNIQUE_VIOLATION))
+    }
+}
+
+impl GroupCommit {
+    pub(super) fn new(pool: sqlx::PgPool) -> Self {
+        let max_flushing = (pool.options().get_max_connections() as usize / 4).max(1);
+        Self {
+            pool,
+            max_flushing,
+            state: Mutex::default(),
+        }
+    }
+
+    /// The pool the appends go to.
+    pub(super) fn pool(&self) -> &sqlx::PgPool {
+        &self.pool
+    }
+
+    /// Appends `event` of an `aggregate_type` aggregate, in the next batch.
+    pub(super) async fn append(
+        self: &Arc<Self>,
+        aggregate_type: &'static str,
+        event: &SerializedEvent,
+    ) -> Result<(), PersistenceError> {
+        let (outcome, written) = oneshot::channel();
+        let start_flushing = {
+            let mut state = self.lock();
+            state.queue.push_back(Pending {
+                row: Row::new(aggregate_type, event),
+                outcome,
+            });
+            let start = state.flushing < self.max_flushing;
+            if start {
+                state.flushing += 1;
+            }
+            start
+        };
+        if start_flushing {
+            tokio::spawn(Arc::clone(self).flush());
+        }
+        written.await.unwrap_or_else(|_| {
+            Err(PersistenceError::UnknownError(
+                "the group commit task ended before the append was written".into(),
+            ))
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Writes batches until the queue is empty.
+    async fn flush(self: Arc<Self>) {
+        loop {
+            let batch = {
+                let mut state = self.lock();
+                if state.queue.is_empty() {
+                    state.flushing -= 1;
+                    return;
+                }
+                take_batch(&mut state.queue)
+            };
+            self.write(batch).await;
+        }
+    }
+
+    /// Writes `batch` and tells each append its outcome.
+    async fn write(&self, mut batch: Vec<Pending>) {
+        if batch.len() == 1 {
+            let pending = batch.remove(0);
+            let outcome = pending.row.insert(&self.pool).await;
+            // The caller may have gone; the row is written all the same.
+            let _ = pending.outcome.send(outcome);
+            return;
+        }
+        match self.insert_batch(&batch).await {
+            Ok(written) => {
+                let written: HashSet<Key<'_>> = written
+                    .iter()
+                    .map(|(kind, id, sequence)| (kind.as_str(), id.as_str(), *sequence))
+                    .collect();
+                let outcomes: Vec<_> = batch
+                    .iter()
+                    .map(|pending| written.contains(&pending.row.key()))
+                    .collect();
+                for (pending, written) in batch.into_iter().zip(outcomes) {
+                    let outcome = if written {
+                        Ok(())
+                    } else {
+                        Err(PersistenceError::OptimisticLockError)
+                    };
+                    let _ = pending.outcome.send(outcome);
+                }
+            }
+            Err(error) if crate::database::unreachable(&error) => {
+                let error = Arc::new(error);
+                for pending in batch {
+                    let _ = pending
+                        .outcome
+                        .send(Err(PersistenceError::ConnectionError(Box::new(
+                            Arc::clone(&error),
+                        ))));
+                }
+            }
+            Err(error) => {
+                tracing::debug!(%error, rows = batch.len(), "a batch of appends failed; writing them one by one");
+                for pending in batch {
+                    let outcome = pending.row.insert(&self.pool).await;
+                    let _ = pending.outcome.send(outcome);
+                }
+            }
+        }
+    }
+
+    /// The batch in one statement; the keys it wrote.
+    async fn insert_batch(
+        &self,
+        batch: &[Pending],
+    ) -> Result<Vec<(String, String, i64)>, sqlx::Error> {
+        let rows = || batch.iter().map(|pending| &pending.row);
+        sqlx::query_as(INSERT_BATCH)
+            .bind(rows().map(|row| row.aggregate_type).collect::<Vec<_>>())
+            .bind(
+                rows()
+                    .map(|row| row.aggregate_id.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(rows().map(|row| row.sequence).collect::<Vec<_>>())
+            .bind(
+                rows()
+                    .map(|row| row.event_type.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                rows()
+                    .map(|row| row.event_version.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(rows().map(|row| &row.payload).collect::<Vec<_>>())
+            .bind(rows().map(|row| &row.metadata).collect::<Vec<_>>())
+            .fetch_all(&self.pool)
+            .await
+    }
+}
+
+/// Up to [`MAX_BATCH`] appends from the front of `queue`, no two with the same key (those
+/// left behind keep their place), in key order: two batches in flight at once then take
+/// the row locks they share in the same order, and cannot deadlock.
+fn take_batch(queue: &mut VecDeque<Pending>) -> Vec<Pending> {
+    let mut batch = Vec::with_capacity(queue.len().min(MAX_BATCH));
+    let mut keys = HashSet::with_capacity(batch.capacity());
+    let mut deferred = VecDeque::new();
+    while batch.len() < MAX_BATCH {
+        let Some(pending) = queue.pop_front() else {
+            break;
+        };
+        let row = &pending.row;
+        if keys.insert((row.aggregate_type, row.aggregate_id.clone(), row.sequence)) {
+            batch.push(pending);
+        } else {
+            deferred.push_back(pending);
+        }
+    }
+    deferred.append(queue);
+    *queue = deferred;
+    batch.sort_unstable_by(|a, b| a.row.key().cmp(&b.row.key()));
+    batch
+}

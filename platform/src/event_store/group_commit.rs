@@ -13,10 +13,10 @@
 //! - a batch that fails (a row Postgres refuses, say) is retried one append at a time, so
 //!   that a bad row fails only its own append; a lost connection fails all of them, as it
 //!   would each on its own (the batch may or may not have committed);
-//! - an append alone in the queue is written at once, in the one-row statement, so a
-//!   lone writer waits for nothing;
-//! - the flush runs in a task of its own: a caller that is cancelled (a client hung up)
-//!   leaves the batch whole.
+//! - an append while nothing else is in flight is written at once by its caller, in the
+//!   one-row statement, so a lone writer waits for nothing and pays nothing;
+//! - batches are written by tasks of their own: a caller that is cancelled (a client hung
+//!   up) leaves its batch whole.
 //!
 //! Appends of several events (one command deciding more than one) keep their own statement,
 //! all or nothing: `ON CONFLICT DO NOTHING` would let half of them through.
@@ -25,7 +25,6 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use cqrs_es::persist::{PersistenceError, SerializedEvent};
-use serde_json::Value;
 use tokio::sync::oneshot;
 
 use super::persistence_error;
@@ -65,15 +64,11 @@ struct Pending {
     outcome: oneshot::Sender<Result<(), PersistenceError>>,
 }
 
-/// One event row, as the append wrote it.
+/// One event row.
 struct Row {
     aggregate_type: &'static str,
-    aggregate_id: String,
     sequence: i64,
-    event_type: String,
-    event_version: String,
-    payload: Value,
-    metadata: Value,
+    event: SerializedEvent,
 }
 
 /// What makes a row unique in `events`.
@@ -83,34 +78,34 @@ impl Row {
     fn new(aggregate_type: &'static str, event: &SerializedEvent) -> Self {
         Self {
             aggregate_type,
-            aggregate_id: event.aggregate_id.clone(),
             sequence: i64::try_from(event.sequence).unwrap_or(i64::MAX),
-            event_type: event.event_type.clone(),
-            event_version: event.event_version.clone(),
-            payload: event.payload.clone(),
-            metadata: event.metadata.clone(),
+            event: event.clone(),
         }
     }
 
     fn key(&self) -> Key<'_> {
-        (self.aggregate_type, &self.aggregate_id, self.sequence)
+        (self.aggregate_type, &self.event.aggregate_id, self.sequence)
     }
+}
 
-    /// Writes this row alone; a taken key is the optimistic-concurrency conflict.
-    async fn insert(&self, pool: &sqlx::PgPool) -> Result<(), PersistenceError> {
-        sqlx::query(INSERT_ONE)
-            .bind(self.aggregate_type)
-            .bind(&self.aggregate_id)
-            .bind(self.sequence)
-            .bind(&self.event_type)
-            .bind(&self.event_version)
-            .bind(&self.payload)
-            .bind(&self.metadata)
-            .execute(pool)
-            .await
-            .map(|_| ())
-            .map_err(|error| persistence_error(error, UNIQUE_VIOLATION))
-    }
+/// Writes one event row alone; a taken key is the optimistic-concurrency conflict.
+async fn insert_one(
+    pool: &sqlx::PgPool,
+    aggregate_type: &'static str,
+    event: &SerializedEvent,
+) -> Result<(), PersistenceError> {
+    sqlx::query(INSERT_ONE)
+        .bind(aggregate_type)
+        .bind(&event.aggregate_id)
+        .bind(i64::try_from(event.sequence).unwrap_or(i64::MAX))
+        .bind(&event.event_type)
+        .bind(&event.event_version)
+        .bind(&event.payload)
+        .bind(&event.metadata)
+        .execute(pool)
+        .await
+        .map(|_| ())
+        .map_err(|error| persistence_error(error, UNIQUE_VIOLATION))
 }
 
 impl GroupCommit {
@@ -137,15 +132,25 @@ impl GroupCommit {
         let (outcome, written) = oneshot::channel();
         let start_flushing = {
             let mut state = self.lock();
-            state.queue.push_back(Pending {
-                row: Row::new(aggregate_type, event),
-                outcome,
-            });
-            let start = state.flushing < self.max_flushing;
-            if start {
-                state.flushing += 1;
+            if state.flushing == 0 {
+                // Nothing in flight (so nothing queued): written at once, by the caller.
+                state.flushing = 1;
+                None
+            } else {
+                state.queue.push_back(Pending {
+                    row: Row::new(aggregate_type, event),
+                    outcome,
+                });
+                let start = state.flushing < self.max_flushing;
+                if start {
+                    state.flushing += 1;
+                }
+                Some(start)
             }
-            start
+        };
+        let Some(start_flushing) = start_flushing else {
+            let _written_alone = WrittenAlone(self);
+            return insert_one(&self.pool, aggregate_type, event).await;
         };
         if start_flushing {
             tokio::spawn(Arc::clone(self).flush());
@@ -180,7 +185,8 @@ impl GroupCommit {
     async fn write(&self, mut batch: Vec<Pending>) {
         if batch.len() == 1 {
             let pending = batch.remove(0);
-            let outcome = pending.row.insert(&self.pool).await;
+            let outcome =
+                insert_one(&self.pool, pending.row.aggregate_type, &pending.row.event).await;
             // The caller may have gone; the row is written all the same.
             let _ = pending.outcome.send(outcome);
             return;
@@ -217,7 +223,9 @@ impl GroupCommit {
             Err(error) => {
                 tracing::debug!(%error, rows = batch.len(), "a batch of appends failed; writing them one by one");
                 for pending in batch {
-                    let outcome = pending.row.insert(&self.pool).await;
+                    let outcome =
+                        insert_one(&self.pool, pending.row.aggregate_type, &pending.row.event)
+                            .await;
                     let _ = pending.outcome.send(outcome);
                 }
             }
@@ -234,24 +242,39 @@ impl GroupCommit {
             .bind(rows().map(|row| row.aggregate_type).collect::<Vec<_>>())
             .bind(
                 rows()
-                    .map(|row| row.aggregate_id.as_str())
+                    .map(|row| row.event.aggregate_id.as_str())
                     .collect::<Vec<_>>(),
             )
             .bind(rows().map(|row| row.sequence).collect::<Vec<_>>())
             .bind(
                 rows()
-                    .map(|row| row.event_type.as_str())
+                    .map(|row| row.event.event_type.as_str())
                     .collect::<Vec<_>>(),
             )
             .bind(
                 rows()
-                    .map(|row| row.event_version.as_str())
+                    .map(|row| row.event.event_version.as_str())
                     .collect::<Vec<_>>(),
             )
-            .bind(rows().map(|row| &row.payload).collect::<Vec<_>>())
-            .bind(rows().map(|row| &row.metadata).collect::<Vec<_>>())
+            .bind(rows().map(|row| &row.event.payload).collect::<Vec<_>>())
+            .bind(rows().map(|row| &row.event.metadata).collect::<Vec<_>>())
             .fetch_all(&self.pool)
             .await
+    }
+}
+
+/// An append written by its caller while nothing else was in flight. When it is done (or
+/// its caller cancelled), the appends that queued meanwhile get a flush task.
+struct WrittenAlone<'a>(&'a Arc<GroupCommit>);
+
+impl Drop for WrittenAlone<'_> {
+    fn drop(&mut self) {
+        let mut state = self.0.lock();
+        if state.queue.is_empty() {
+            state.flushing -= 1;
+        } else {
+            tokio::spawn(Arc::clone(self.0).flush());
+        }
     }
 }
 
@@ -267,7 +290,11 @@ fn take_batch(queue: &mut VecDeque<Pending>) -> Vec<Pending> {
             break;
         };
         let row = &pending.row;
-        if keys.insert((row.aggregate_type, row.aggregate_id.clone(), row.sequence)) {
+        if keys.insert((
+            row.aggregate_type,
+            row.event.aggregate_id.clone(),
+            row.sequence,
+        )) {
             batch.push(pending);
         } else {
             deferred.push_back(pending);

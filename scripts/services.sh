@@ -4,11 +4,13 @@
 #
 #   scripts/services.sh postgres redis kafka
 #   scripts/services.sh prometheus k6 schemathesis   # tools only: installed, not started
+#   scripts/services.sh oidc-provider    # Node.js and tests/oidc's packages: the tests start it
 #   scripts/services.sh stop-started     # stops what an earlier call started
 set -euo pipefail
 # Functions are named ensure_*: a function named like the tool (k6) would answer `command -v`
 # itself, and the tool would never be installed.
 
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 log() { printf '==> %s\n' "$*" >&2; }
 sudo_if_needed() { if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
 apt_updated=""
@@ -112,6 +114,29 @@ ensure_schemathesis() {
   type -P st >/dev/null 2>&1 || { log "st is not on the PATH after installing schemathesis"; exit 1; }
 }
 
+ensure_oidc_provider() {
+  # The tests' OpenID Provider (tests/oidc/provider.mjs, oidc-provider 9) is started by the
+  # tests themselves; here only Node.js and the packages pinned in tests/oidc/package-lock.json.
+  if ! type -P node >/dev/null 2>&1 || ! type -P npm >/dev/null 2>&1; then
+    log "installing Node.js and npm"
+    apt_install nodejs npm
+  fi
+  # oidc-provider 9 needs Node.js 20.19 or newer (Debian 12's own nodejs is 18).
+  if ! node -e 'const [a, b] = process.versions.node.split(".").map(Number); process.exit(a > 20 || (a === 20 && b >= 19) ? 0 : 1)'; then
+    log "Node.js $(node --version) is too old for oidc-provider 9 (20.19 or newer is needed)"; exit 1
+  fi
+  # Installed, at the version tests/oidc/package.json pins: nothing to do.
+  if OIDC_DIR="$repo/tests/oidc" node -e '
+    const dir = process.env.OIDC_DIR, fs = require("node:fs");
+    const pinned = JSON.parse(fs.readFileSync(`${dir}/package.json`)).dependencies["oidc-provider"];
+    const installed = JSON.parse(fs.readFileSync(`${dir}/node_modules/oidc-provider/package.json`)).version;
+    process.exit(installed === pinned ? 0 : 1);' 2>/dev/null; then
+    return
+  fi
+  log "installing oidc-provider (npm ci in tests/oidc)"
+  npm ci --prefix "$repo/tests/oidc" --no-audit --no-fund
+}
+
 stop_started() {
   [[ -f "$started_file" ]] || return 0
   while read -r service; do
@@ -131,6 +156,7 @@ for service in "$@"; do
     prometheus) ensure_prometheus ;;
     k6) ensure_k6 ;;
     schemathesis) ensure_schemathesis ;;
+    oidc-provider) ensure_oidc_provider ;;
     stop-started) stop_started ;;
     *) log "unknown service $service"; exit 2 ;;
   esac

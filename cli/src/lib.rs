@@ -168,7 +168,13 @@ pub struct Application {
 impl Application {
     /// Connects to the store (migrating it unless told not to), seeds the demo catalog,
     /// starts the projector and binds the listener, for the given roles.
-    pub async fn build(settings: Settings, roles: &BTreeSet<Role>) -> Result<Self, StartupError> {
+    pub async fn build(
+        mut settings: Settings,
+        roles: &BTreeSet<Role>,
+    ) -> Result<Self, StartupError> {
+        if let Some(file) = settings.ensure_development_secret()? {
+            tracing::info!(file = %file.display(), "no security.jwt.secret is set: local tokens are signed with the secret kept in this file");
+        }
         settings.validate()?;
         let cutoff = watch::channel(false).0;
         let limits = time_limits(&settings.security, cutoff.subscribe())?;

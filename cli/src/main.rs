@@ -19,7 +19,7 @@ use petstore_platform::resilience::Policies;
 use petstore_platform::security_audit::{
     SecurityAudit, SecurityAuditEntry, SecurityAuditFilter, SecurityEventKind,
 };
-use petstore_platform::settings::Settings;
+use petstore_platform::settings::{self, Settings};
 use petstore_platform::stream;
 use petstore_platform::telemetry;
 use petstore_projector::{replay, RedisViews};
@@ -35,14 +35,10 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Debug, Parser)]
 #[command(name = "petstore", version, about)]
 struct Cli {
-    /// Folder with base.yaml and {PETSTORE_ENV}.yaml.
-    #[arg(
-        long,
-        global = true,
-        default_value = "config",
-        env = "PETSTORE_CONFIG_DIR"
-    )]
-    config_dir: PathBuf,
+    /// Folder with base.yaml and {PETSTORE_ENV}.yaml (default: ./config when it exists;
+    /// without one, compiled defaults and the built-in local settings).
+    #[arg(long, global = true, env = "PETSTORE_CONFIG_DIR")]
+    config_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -237,23 +233,15 @@ enum Format {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let config_dir = settings::config_dir(cli.config_dir.clone())?;
     match &cli.command {
         Command::HashPassword => return hash_password(),
         Command::Config(ConfigCommand::Check { env }) => {
-            let settings = Settings::load_for(&cli.config_dir, env.as_deref())?;
-            let mut stdout = std::io::stdout().lock();
-            // Debug output: every SecretString prints as [REDACTED].
-            writeln!(stdout, "{settings:#?}")?;
-            writeln!(
-                stdout,
-                "the configuration of environment {} is valid",
-                settings.environment
-            )?;
-            return Ok(());
+            return config_check(config_dir.as_deref(), env.as_deref());
         }
         _ => {}
     }
-    let settings = Settings::load(&cli.config_dir)?;
+    let settings = Settings::load(config_dir.as_deref())?;
     let telemetry = telemetry::init(&settings.log).context("setting up telemetry")?;
     if telemetry.exporting() {
         tracing::info!("exporting spans over OTLP");
@@ -657,6 +645,28 @@ impl Progress {
             bar.finish();
         }
     }
+}
+
+/// `config check`: each key of the effective settings with its value (secrets redacted) and
+/// the layer it came from, then the verdict.
+fn config_check(config_dir: Option<&std::path::Path>, env: Option<&str>) -> anyhow::Result<()> {
+    let (environment, keys) = Settings::provenance(config_dir, env)?;
+    let mut stdout = std::io::stdout().lock();
+    match config_dir {
+        Some(dir) => writeln!(stdout, "configuration folder: {}", dir.display())?,
+        None => writeln!(
+            stdout,
+            "configuration folder: none (./config does not exist here)"
+        )?,
+    }
+    for key in &keys {
+        writeln!(stdout, "{} = {}   # {}", key.key, key.value, key.layer)?;
+    }
+    writeln!(
+        stdout,
+        "the configuration of environment {environment} is valid"
+    )?;
+    Ok(())
 }
 
 fn hash_password() -> anyhow::Result<()> {

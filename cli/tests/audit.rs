@@ -58,7 +58,7 @@ fn petstore(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_petstore"))
         .args(args)
         .env_remove("DATABASE_URL")
-        .env("PETSTORE_CONFIG_DIR", "/nonexistent")
+        .env_remove("PETSTORE_CONFIG_DIR")
         .env("PETSTORE__SECURITY__AUTHENTICATION_REQUIRED", "false")
         .output()
         .expect("the binary runs")

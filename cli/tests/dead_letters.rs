@@ -16,7 +16,7 @@ fn petstore(data_dir: &str, args: &[&str]) -> Output {
         .args(args)
         .args(["--data-dir", data_dir])
         .env_remove("DATABASE_URL")
-        .env("PETSTORE_CONFIG_DIR", "/nonexistent")
+        .env_remove("PETSTORE_CONFIG_DIR")
         .env("PETSTORE__SECURITY__AUTHENTICATION_REQUIRED", "false")
         .output()
         .expect("the binary runs")

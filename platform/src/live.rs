@@ -636,7 +636,7 @@ impl Live {
             .join(format!("{environment}.yaml"))
             .is_file()
             .then_some(environment.as_str());
-        let settings = match Settings::load_for(dir, named) {
+        let settings = match Settings::load_for(Some(dir), named) {
             Ok(settings) => settings,
             Err(error) => {
                 tracing::error!(%error, "the edited configuration is refused; the settings in force stay");

@@ -9,17 +9,20 @@ use std::time::Duration;
 use figment::providers::{Env, Format, Serialized, Yaml};
 use figment::Figment;
 use secrecy::SecretString;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
+mod development_secret;
 mod live;
+mod provenance;
 mod resilience;
 mod security;
 pub use live::*;
+pub use provenance::KeySource;
 pub use resilience::*;
 pub use security::*;
 
 /// Everything the service can be configured with.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     /// The HTTP listener.
@@ -61,7 +64,7 @@ pub struct Settings {
 }
 
 /// How live changes reach this process.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LiveReloadSettings {
     /// How often the event store is asked for a newer version (changes made in this process
@@ -104,7 +107,7 @@ impl std::fmt::Display for Environment {
 }
 
 /// The HTTP listener.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpSettings {
     /// Address to listen on; port 0 picks a free one.
@@ -138,7 +141,7 @@ impl Default for HttpSettings {
 }
 
 /// The live order updates: WebSocket and Server-Sent Events connections.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OrderUpdateSettings {
     /// Open update connections one subject (a customer, an admin) may hold at once; the next
@@ -162,10 +165,11 @@ impl Default for OrderUpdateSettings {
 }
 
 /// Where events and read models live.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseSettings {
     /// A `postgres://` URL. Unset: the embedded SQLite store under `storage.data_dir`.
+    #[serde(serialize_with = "redacted_option")]
     pub url: Option<SecretString>,
     /// Connections in the pool.
     pub max_connections: u32,
@@ -184,7 +188,7 @@ impl Default for DatabaseSettings {
 }
 
 /// Embedded storage.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageSettings {
     /// Folder of the embedded event store (`petstore.db`).
@@ -200,7 +204,7 @@ impl Default for StorageSettings {
 }
 
 /// How the projector reads the global stream.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProjectorSettings {
     /// Most events applied in one read-model transaction.
@@ -226,7 +230,7 @@ impl Default for ProjectorSettings {
 }
 
 /// Command dispatch.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CommandSettings {
     /// How often a command that lost an optimistic-concurrency race is retried before 409.
@@ -242,7 +246,7 @@ impl Default for CommandSettings {
 }
 
 /// The demo catalog.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CatalogSettings {
     /// Create the demo pets (as events) when they are missing.
@@ -258,7 +262,7 @@ impl Default for CatalogSettings {
 }
 
 /// The order-fulfilment saga.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SagaSettings {
     /// How long reserving the pet may take before the order is cancelled, in milliseconds.
@@ -289,7 +293,7 @@ impl Default for SagaSettings {
 }
 
 /// The external providers. The default adapters simulate them.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProvidersSettings {
     /// The payment gateway.
@@ -311,7 +315,7 @@ impl Default for ProvidersSettings {
 }
 
 /// One simulated provider's behaviour (how calls to it are protected: `resilience`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProviderSettings {
     /// Simulated latency of a call, in milliseconds (each call varies by up to ±50 %).
@@ -330,7 +334,7 @@ impl Default for ProviderSettings {
 }
 
 /// Kafka: where the projector publishes events and the saga runner consumes them.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaSettings {
     /// Bootstrap servers, comma-separated (`KAFKA_BROKERS`). Unset: Kafka is off.
@@ -373,10 +377,11 @@ impl Default for KafkaSettings {
 }
 
 /// Redis: serves order status and caches browse results.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisSettings {
     /// `redis://host:port/db` (`REDIS_URL`). Unset: Redis is off.
+    #[serde(serialize_with = "redacted_option")]
     pub url: Option<SecretString>,
     /// Prefix of every key, so several deployments (or tests) can share a server.
     pub key_prefix: String,
@@ -398,7 +403,7 @@ impl Default for RedisSettings {
 }
 
 /// Log output.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// One JSON object a line.
@@ -408,7 +413,7 @@ pub enum LogFormat {
 }
 
 /// Logging.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogSettings {
     /// `json` or `text`.
@@ -453,16 +458,36 @@ impl SettingsError {
 }
 
 impl Settings {
-    /// Reads the layers from `config_dir` and the process environment, for the environment
-    /// `PETSTORE_ENV` names (`local` when unset).
-    pub fn load(config_dir: &Path) -> Result<Self, SettingsError> {
+    /// Reads the layers from `config_dir` (none: compiled defaults and the built-in `local`
+    /// layer only) and the process environment, for the environment `PETSTORE_ENV` names
+    /// (`local` when unset).
+    pub fn load(config_dir: Option<&Path>) -> Result<Self, SettingsError> {
         Self::load_for(config_dir, None)
     }
 
     /// As [`Self::load`], for `environment` when given (over `PETSTORE_ENV`). A named
     /// environment must have its file, `{config_dir}/{environment}.yaml`: a misspelt name
     /// never starts on compiled defaults. Only the unnamed default, `local`, may lack one.
-    pub fn load_for(config_dir: &Path, environment: Option<&str>) -> Result<Self, SettingsError> {
+    pub fn load_for(
+        config_dir: Option<&Path>,
+        environment: Option<&str>,
+    ) -> Result<Self, SettingsError> {
+        let (figment, environment) = Self::layers(config_dir, environment)?;
+        let mut settings: Self = figment
+            .extract()
+            .map_err(|error| SettingsError::Read(Box::new(error)))?;
+        settings.environment = Environment(environment);
+        settings.config_dir = config_dir.map(Path::to_owned);
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Every layer, in order, for `environment` (over `PETSTORE_ENV`, default `local`): the
+    /// figment that [`Self::load_for`] extracts, and the environment's name.
+    fn layers(
+        config_dir: Option<&Path>,
+        environment: Option<&str>,
+    ) -> Result<(Figment, String), SettingsError> {
         let named = environment
             .map(str::to_owned)
             .or_else(|| std::env::var("PETSTORE_ENV").ok());
@@ -477,18 +502,31 @@ impl Settings {
                 format!("{environment:?} is not an environment name (a-z, 0-9, -)"),
             ));
         }
-        let file = config_dir.join(format!("{environment}.yaml"));
-        if named.is_some() && !file.is_file() {
-            return Err(SettingsError::invalid(
-                "PETSTORE_ENV",
-                format!(
-                    "unknown environment {environment:?}: {} does not exist (environments there: {})",
-                    file.display(),
-                    Self::environments(config_dir).join(", ")
-                ),
-            ));
+        // `local` has its built-in layer; any other named environment needs its file.
+        if named.is_some() && environment != "local" {
+            let Some(dir) = config_dir else {
+                return Err(SettingsError::invalid(
+                    "PETSTORE_ENV",
+                    format!(
+                        "environment {environment:?} needs its file {environment}.yaml, and no \
+                         configuration folder is in use (./config does not exist here): pass \
+                         --config-dir or set PETSTORE_CONFIG_DIR"
+                    ),
+                ));
+            };
+            let file = dir.join(format!("{environment}.yaml"));
+            if !file.is_file() {
+                return Err(SettingsError::invalid(
+                    "PETSTORE_ENV",
+                    format!(
+                        "unknown environment {environment:?}: {} does not exist (environments there: {})",
+                        file.display(),
+                        Self::environments(dir).join(", ")
+                    ),
+                ));
+            }
         }
-        let mut settings: Self = Self::figment(config_dir, &environment)
+        let figment = Self::figment(config_dir, &environment)
             .merge(Env::prefixed("PETSTORE__").split("__"))
             .merge(
                 Env::raw()
@@ -501,13 +539,34 @@ impl Settings {
                             _ => "redis.url".into(),
                         }
                     }),
-            )
-            .extract()
-            .map_err(|error| SettingsError::Read(Box::new(error)))?;
-        settings.environment = Environment(environment);
-        settings.config_dir = Some(config_dir.to_owned());
-        settings.validate()?;
-        Ok(settings)
+            );
+        Ok((figment, environment))
+    }
+
+    /// The environment read for, and each key of its effective settings (secrets redacted)
+    /// with the layer it came from, in key order: what `petstore config check` prints.
+    pub fn provenance(
+        config_dir: Option<&Path>,
+        environment: Option<&str>,
+    ) -> Result<(Environment, Vec<KeySource>), SettingsError> {
+        let settings = Self::load_for(config_dir, environment)?;
+        let (figment, _) = Self::layers(config_dir, environment)?;
+        let tree = serde_json::to_value(&settings)
+            .map_err(|error| SettingsError::invalid("settings", error.to_string()))?;
+        let mut keys = Vec::new();
+        provenance::collect(&figment, "", &tree, &mut keys);
+        if let Some(key) = keys
+            .iter_mut()
+            .find(|key| key.key == "security.jwt.secret" && key.value.is_null())
+        {
+            if settings.environment.is_local() {
+                key.layer = format!(
+                    "generated at the first start, kept in {}",
+                    development_secret::path(&settings.storage.data_dir).display()
+                );
+            }
+        }
+        Ok((settings.environment, keys))
     }
 
     /// The environments `config_dir` has a file for.
@@ -623,20 +682,68 @@ impl Settings {
         LiveSettings::of(self).validate()
     }
 
-    /// The file layers only: defaults, `base.yaml`, `{environment}.yaml`.
-    pub fn figment(config_dir: &Path, environment: &str) -> Figment {
+    /// The file layers only: compiled defaults, `{config_dir}/base.yaml`, then
+    /// `{config_dir}/{environment}.yaml`; for `local` without that file, the built-in local
+    /// layer (the demo users, text logs), so the unnamed default runs anywhere.
+    pub fn figment(config_dir: Option<&Path>, environment: &str) -> Figment {
         // Each dependency's policy has defaults of its own: layered under the files, so a
         // file or variable naming one key of `resilience.redis` keeps Redis's defaults for
         // the rest (a struct default would bring the providers').
-        Figment::new()
-            .merge(Serialized::default(
-                "resilience",
-                ResilienceSettings::default(),
-            ))
-            .merge(Yaml::file(config_dir.join("base.yaml")))
-            .merge(Yaml::file(config_dir.join(format!("{environment}.yaml"))))
+        let mut figment = Figment::new().merge(Serialized::default(
+            "resilience",
+            ResilienceSettings::default(),
+        ));
+        // Exact paths: a relative folder is not looked for in the parent folders.
+        let file = match config_dir {
+            Some(dir) => {
+                figment = figment.merge(Yaml::file_exact(dir.join("base.yaml")));
+                Some(dir.join(format!("{environment}.yaml"))).filter(|file| file.is_file())
+            }
+            None => None,
+        };
+        match file {
+            Some(file) => figment.merge(Yaml::file_exact(file)),
+            None if environment == "local" => figment.merge(provenance::BuiltInLocal),
+            None => figment,
+        }
     }
 }
+
+/// Where the configuration files are read from: `explicit` (`--config-dir`,
+/// `PETSTORE_CONFIG_DIR`), which must be a folder, else `./config` when it is one, else none
+/// (compiled defaults and, for `local`, the built-in local layer).
+pub fn config_dir(explicit: Option<PathBuf>) -> Result<Option<PathBuf>, SettingsError> {
+    match explicit {
+        Some(dir) if dir.is_dir() => Ok(Some(dir)),
+        Some(dir) => Err(SettingsError::invalid(
+            "--config-dir",
+            format!("{} is not a folder", dir.display()),
+        )),
+        None => {
+            let default = PathBuf::from("config");
+            Ok(default.is_dir().then_some(default))
+        }
+    }
+}
+
+/// Serializes a secret as `[REDACTED]`, never its value.
+fn redacted<S: serde::Serializer>(_: &SecretString, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(REDACTED)
+}
+
+/// As [`redacted`], for an optional secret (unset stays `null`).
+fn redacted_option<S: serde::Serializer>(
+    secret: &Option<SecretString>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match secret {
+        Some(_) => serializer.serialize_str(REDACTED),
+        None => serializer.serialize_none(),
+    }
+}
+
+/// What a secret is shown as.
+const REDACTED: &str = "[REDACTED]";
 
 #[cfg(test)]
 mod tests {
@@ -644,7 +751,7 @@ mod tests {
 
     #[test]
     fn defaults_need_no_file() {
-        let settings: Settings = Settings::figment(Path::new("/nonexistent"), "local")
+        let settings: Settings = Settings::figment(None, "local")
             .extract()
             .expect("defaults are complete");
         assert_eq!(settings.http.listen.port(), 8080);
@@ -664,7 +771,7 @@ mod tests {
                  resilience:\n  redis:\n    max_attempts: 2\n",
             )?;
             jail.set_env("PETSTORE__RESILIENCE__OIDC__BREAKER__OPEN_MS", "1000");
-            let settings = Settings::load(jail.directory()).expect("valid");
+            let settings = Settings::load(Some(jail.directory())).expect("valid");
             let redis = &settings.resilience.redis;
             assert_eq!(redis.max_attempts, 2);
             assert_eq!(
@@ -679,7 +786,7 @@ mod tests {
             assert_eq!(settings.resilience.oidc.breaker.minimum_calls, 3);
             assert_eq!(settings.resilience.kafka, DependencyPolicy::kafka());
             jail.set_env("PETSTORE__RESILIENCE__KAFKA__ATTEMPT_TIMEOUT_MS", "5000");
-            let message = match Settings::load(jail.directory()) {
+            let message = match Settings::load(Some(jail.directory())) {
                 Ok(_) => panic!("an attempt shorter than the producer's delivery is refused"),
                 Err(error) => error.to_string(),
             };
@@ -708,7 +815,7 @@ mod tests {
                 Ok(_) => panic!("refused expected"),
                 Err(error) => error.to_string(),
             };
-            let message = error(Settings::load_for(jail.directory(), Some("prod")));
+            let message = error(Settings::load_for(Some(jail.directory()), Some("prod")));
             assert!(
                 message.contains("PETSTORE_ENV") && message.contains("prod.yaml"),
                 "{message}"
@@ -717,12 +824,14 @@ mod tests {
                 message.contains("production"),
                 "names what exists: {message}"
             );
-            assert!(error(Settings::load_for(jail.directory(), Some("../etc")))
-                .contains("PETSTORE_ENV"));
+            assert!(
+                error(Settings::load_for(Some(jail.directory()), Some("../etc")))
+                    .contains("PETSTORE_ENV")
+            );
             jail.set_env("PETSTORE_ENV", "staging");
-            assert!(error(Settings::load(jail.directory())).contains("staging.yaml"));
+            assert!(error(Settings::load(Some(jail.directory()))).contains("staging.yaml"));
             jail.set_env("PETSTORE_ENV", "production");
-            let settings = Settings::load(jail.directory()).expect("production has its file");
+            let settings = Settings::load(Some(jail.directory())).expect("production has its file");
             assert_eq!(settings.environment.to_string(), "production");
             for (variable, value, key) in [
                 (
@@ -739,7 +848,7 @@ mod tests {
                 ("PETSTORE__LOG__FILTER", "info,[", "log.filter"),
             ] {
                 jail.set_env(variable, value);
-                let message = error(Settings::load(jail.directory()));
+                let message = error(Settings::load(Some(jail.directory())));
                 assert!(message.contains(key), "{variable}={value}: {message}");
                 jail.clear_env();
                 jail.set_env("PETSTORE_ENV", "production");
@@ -752,7 +861,7 @@ mod tests {
     fn every_shipped_config_file_is_valid() {
         let config_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
         for environment in ["local", "staging", "production"] {
-            let settings: Settings = Settings::figment(&config_dir, environment)
+            let settings: Settings = Settings::figment(Some(&config_dir), environment)
                 .extract()
                 .unwrap_or_else(|error| panic!("config/{environment}.yaml: {error}"));
             assert_eq!(settings.http.listen.port(), 8080);
@@ -781,7 +890,7 @@ mod tests {
                 "PETSTORE__SECURITY__JWT__SECRET",
                 "a-secret-of-thirty-two-bytes-or-more",
             );
-            let settings = Settings::load(jail.directory()).expect("valid");
+            let settings = Settings::load(Some(jail.directory())).expect("valid");
             assert_eq!(
                 settings
                     .database
@@ -810,6 +919,113 @@ mod tests {
             );
             Ok(())
         });
+    }
+
+    #[test]
+    #[expect(
+        clippy::result_large_err,
+        reason = "figment::Jail's closures return figment::Error"
+    )]
+    fn each_key_names_the_layer_it_came_from() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("base.yaml", "http:\n  body_limit_bytes: 1000\n")?;
+            jail.set_env("PETSTORE__HTTP__LISTEN", "127.0.0.1:9001");
+            jail.set_env("REDIS_URL", "redis://127.0.0.1:16379/0");
+            let (_, keys) = Settings::provenance(Some(jail.directory()), None).expect("valid");
+            let layer = |key: &str| {
+                keys.iter()
+                    .find(|entry| entry.key == key)
+                    .unwrap_or_else(|| panic!("{key} is listed"))
+                    .layer
+                    .clone()
+            };
+            assert!(layer("http.body_limit_bytes").ends_with("base.yaml"));
+            assert_eq!(
+                layer("http.listen"),
+                "environment variable PETSTORE__HTTP__LISTEN"
+            );
+            assert_eq!(layer("redis.url"), "environment variable REDIS_URL");
+            assert_eq!(layer("kafka.topic_prefix"), "compiled default");
+            // No local.yaml in the folder: the built-in local layer has the demo users.
+            assert!(layer("security.users").starts_with("built-in local"));
+            assert!(layer("security.jwt.secret").contains("jwt-secret"));
+            assert!(layer("security.rate_limits.routes") == "compiled default");
+            let users = keys
+                .iter()
+                .find(|entry| entry.key == "security.users")
+                .expect("users");
+            assert_eq!(users.value[0]["password_hash"], "[REDACTED]");
+            let redis = keys
+                .iter()
+                .find(|entry| entry.key == "redis.url")
+                .expect("url");
+            assert_eq!(redis.value, "[REDACTED]");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn without_a_folder_local_runs_on_built_in_settings_and_a_named_one_is_refused() {
+        let settings = Settings::load_for(None, Some("local")).expect("local needs no file");
+        assert_eq!(settings.security.users.len(), 2, "the demo users");
+        assert!(settings.security.jwt.secret.is_none(), "made at start-up");
+        let error = Settings::load_for(None, Some("staging"))
+            .expect_err("staging needs its file")
+            .to_string();
+        assert!(
+            error.contains("staging") && error.contains("PETSTORE_CONFIG_DIR"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn the_local_secret_is_made_once_per_data_folder() {
+        let folder = tempfile::tempdir().expect("a temporary folder");
+        let mut settings = Settings::default();
+        settings.storage.data_dir = folder.path().join("data");
+        let mut again = settings.clone();
+        let file = settings
+            .ensure_development_secret()
+            .expect("made")
+            .expect("used");
+        assert_eq!(file, folder.path().join("data/jwt-secret"));
+        again.ensure_development_secret().expect("read");
+        let secret = |settings: &Settings| {
+            use secrecy::ExposeSecret;
+            settings
+                .security
+                .jwt
+                .secret
+                .as_ref()
+                .map(|secret| secret.expose_secret().to_owned())
+                .expect("a secret")
+        };
+        assert_eq!(secret(&settings), secret(&again), "kept and read back");
+        assert_eq!(secret(&settings).len(), 64);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&file).expect("kept").permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "readable by its owner only");
+        }
+        let mut production = Settings {
+            environment: Environment("production".to_owned()),
+            ..Settings::default()
+        };
+        production.storage.data_dir = folder.path().join("other");
+        assert_eq!(
+            production.ensure_development_secret().expect("nothing"),
+            None
+        );
+        std::fs::write(&file, "short").expect("damaged");
+        let error = again_with(folder.path()).expect_err("a damaged file is refused");
+        assert!(error.to_string().contains("jwt-secret"), "{error}");
+
+        fn again_with(folder: &Path) -> Result<Option<PathBuf>, SettingsError> {
+            let mut settings = Settings::default();
+            settings.storage.data_dir = folder.join("data");
+            settings.ensure_development_secret()
+        }
     }
 
     #[test]

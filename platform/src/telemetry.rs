@@ -151,8 +151,10 @@ fn init_with(
             .event_format(JsonLines)
             .with_writer(std::io::stderr)
             .boxed(),
+        // Colours only on a terminal: a redirected log stays plain text.
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .boxed(),
     }
     .with_filter(filter);

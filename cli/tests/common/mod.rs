@@ -76,7 +76,7 @@ impl FreshDatabase {
 pub fn petstore_command(env: &[(&str, String)]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_petstore"));
     command
-        .env("PETSTORE_CONFIG_DIR", "/nonexistent")
+        .env_remove("PETSTORE_CONFIG_DIR")
         .env("PETSTORE__LOG__FORMAT", "json")
         .env_remove("DATABASE_URL")
         .env_remove("REDIS_URL")
@@ -97,6 +97,19 @@ pub fn petstore_command(env: &[(&str, String)]) -> Command {
     command
 }
 
+/// The port a `listening` log line names, JSON (`"port":N`) or text (`port=N`).
+fn listening_port(line: &str) -> Option<u64> {
+    if let Ok(line) = serde_json::from_str::<serde_json::Value>(line) {
+        return (line["message"] == "listening").then(|| line["port"].as_u64())?;
+    }
+    let (_, rest) = line.split_once(" listening ")?;
+    let (_, port) = rest.split_once("port=")?;
+    port.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// `petstore serve` on a free port, its stderr (JSON log lines) collected.
 pub struct Service {
     child: Child,
@@ -108,7 +121,13 @@ pub struct Service {
 impl Service {
     /// Starts `petstore serve --listen 127.0.0.1:0` with `env` and waits until it is ready.
     pub async fn start(env: &[(&str, String)]) -> Self {
-        let mut child = petstore_command(env)
+        Self::start_command(petstore_command(env)).await
+    }
+
+    /// Starts `command serve --listen 127.0.0.1:0` and waits until it is ready; its log
+    /// lines may be JSON or text.
+    pub async fn start_command(mut command: Command) -> Self {
+        let mut child = command
             .args(["serve", "--listen", "127.0.0.1:0"])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -127,10 +146,11 @@ impl Service {
         });
         let deadline = Instant::now() + Duration::from_secs(60);
         let port = loop {
-            let port = lines.lock().expect("lines").iter().find_map(|line| {
-                let line: serde_json::Value = serde_json::from_str(line).ok()?;
-                (line["message"] == "listening").then(|| line["port"].as_u64())?
-            });
+            let port = lines
+                .lock()
+                .expect("lines")
+                .iter()
+                .find_map(|line| listening_port(line));
             if let Some(port) = port {
                 break port;
             }

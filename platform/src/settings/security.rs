@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::{Environment, SettingsError};
 
 /// Authentication, authorization, rate limits and request hardening.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SecuritySettings {
     /// Off: the seed's demo mode. Requests without a token act as the `demo` role (every
@@ -57,11 +57,12 @@ impl Default for SecuritySettings {
 }
 
 /// The service's own HS256 tokens.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct JwtSettings {
     /// The HMAC secret (`PETSTORE__SECURITY__JWT__SECRET`), at least 32 bytes outside
     /// `local`. Unset: `POST /auth/login` is off.
+    #[serde(serialize_with = "super::redacted_option")]
     pub secret: Option<SecretString>,
     /// The `iss` of issued tokens, and the only one accepted for HS256.
     pub issuer: String,
@@ -86,7 +87,7 @@ impl Default for JwtSettings {
 }
 
 /// What a user may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RoleName {
     /// Places orders and acts on its own orders only.
@@ -115,13 +116,14 @@ impl RoleName {
 }
 
 /// One user who may log in with a password.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserSettings {
     /// The login name.
     pub username: String,
     /// An Argon2 PHC string (`$argon2id$v=19$...`), never the password itself:
     /// `petstore hash-password` makes one.
+    #[serde(serialize_with = "super::redacted")]
     pub password_hash: SecretString,
     /// The user's role.
     pub role: RoleName,
@@ -149,7 +151,7 @@ impl std::fmt::Debug for UserSettings {
 }
 
 /// Identity providers.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OidcSettings {
     /// Accepted issuers.
@@ -172,7 +174,7 @@ impl Default for OidcSettings {
 }
 
 /// The signing algorithms accepted from an identity provider.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OidcAlgorithm {
     /// RSASSA-PKCS1-v1_5 with SHA-256.
     RS256,
@@ -181,7 +183,7 @@ pub enum OidcAlgorithm {
 }
 
 /// One identity provider.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OidcIssuerSettings {
     /// The exact `iss` of its tokens (`https://idp.example/realms/shop`).
@@ -364,6 +366,8 @@ impl SecuritySettings {
                     "the local development secret is public: set PETSTORE__SECURITY__JWT__SECRET",
                 ));
             }
+            // In local, the secret kept in the data folder (`ensure_development_secret`).
+            None if environment.is_local() => {}
             None if !self.users.is_empty() => {
                 return Err(SettingsError::invalid(
                     "security.jwt.secret",
@@ -486,7 +490,8 @@ impl SecuritySettings {
     }
 }
 
-/// The secret `config/local.yaml` ships, refused everywhere else.
+/// The public secret `config/local.yaml` shipped before `local` generated its own per data
+/// folder: known to anyone, so refused everywhere but `local`.
 pub const LOCAL_DEVELOPMENT_SECRET: &str = "local-development-secret-not-for-any-real-deployment";
 
 /// Checks an issuer's URL: https, or http on a loopback host (a provider on the same

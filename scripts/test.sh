@@ -17,7 +17,7 @@ log() { printf '==> %s\n' "$*" >&2; }
 PETSTORE_STARTED_FILE="$(mktemp)"
 export PETSTORE_STARTED_FILE
 trap 'bash "$repo/scripts/services.sh" stop-started; rm -f "$PETSTORE_STARTED_FILE"' EXIT
-bash "$repo/scripts/services.sh" postgres redis kafka prometheus k6 schemathesis
+bash "$repo/scripts/services.sh" postgres redis kafka prometheus k6 schemathesis oidc-provider
 export KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
 export PETSTORE_TEST_REDIS_URL="${PETSTORE_TEST_REDIS_URL:-redis://127.0.0.1:6379/0}"
 

@@ -127,14 +127,14 @@ pub async fn place_order(
     let customer_id = match body.customer_id.as_deref() {
         Some(customer_id) => {
             let customer_id = CustomerId::parse(customer_id)?;
-            if !caller.is_admin() && customer_id.as_str() != caller.subject() {
+            if !caller.is_admin() && customer_id != *caller.customer_id()? {
                 return Err(Problem::forbidden(
-                    "customer_id must be your own (the token's subject)",
+                    "customer_id must be your own (the customer your token names)",
                 ));
             }
             customer_id
         }
-        None => CustomerId::parse(caller.subject())?,
+        None => caller.customer_id()?.clone(),
     };
     let pet_id = PetId::parse(&body.pet_id)?;
     let special_instructions = body

@@ -24,6 +24,8 @@ use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
+use petstore_domain::CustomerId;
+
 use crate::database::Database;
 use crate::http::Problem;
 use crate::metrics::{AuthFailureLabels, Metrics, RateLimitLabels};
@@ -35,7 +37,7 @@ pub mod login;
 pub mod oidc;
 pub mod tokens;
 
-pub use tokens::{TokenRejection, TokenVerifier, VerifiedToken};
+pub use tokens::{NoCustomerId, TokenRejection, TokenVerifier, VerifiedToken};
 
 /// Routes anyone may call without a token (route templates, as axum matched them).
 /// `unmatched` is a path no route serves: it answers 404 and reveals nothing.
@@ -71,6 +73,8 @@ pub const ANONYMOUS: &str = "anonymous";
 pub struct Caller {
     subject: String,
     roles: BTreeSet<RoleName>,
+    /// The customer the caller acts as (the token's customer claim), or why it has none.
+    customer: Result<CustomerId, NoCustomerId>,
     client_ip: IpAddr,
     authenticated: bool,
 }
@@ -80,6 +84,7 @@ impl Caller {
         Self {
             subject: ANONYMOUS.to_owned(),
             roles: BTreeSet::new(),
+            customer: CustomerId::parse(ANONYMOUS).map_err(|_| NoCustomerId::missing("sub")),
             client_ip,
             authenticated: false,
         }
@@ -99,6 +104,8 @@ impl Caller {
         Self {
             subject: subject.to_owned(),
             roles: BTreeSet::from([RoleName::Customer]),
+            customer: CustomerId::parse(subject)
+                .map_err(|_| NoCustomerId::not_an_id("sub", subject)),
             client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             authenticated: true,
         }
@@ -135,9 +142,21 @@ impl Caller {
         self.client_ip
     }
 
+    /// The customer the caller acts as: the token's customer claim (`sub` unless its issuer
+    /// says otherwise); 403 saying why when the token names none.
+    pub fn customer_id(&self) -> Result<&CustomerId, Problem> {
+        self.customer
+            .as_ref()
+            .map_err(|reason| Problem::forbidden(reason.to_string()))
+    }
+
     /// Allows admins, and the customer `customer_id` itself; anyone else is refused 403.
     pub fn authorize_customer(&self, customer_id: &str) -> Result<(), Problem> {
-        if self.is_admin() || (self.authenticated && self.subject == customer_id) {
+        if self.is_admin() {
+            return Ok(());
+        }
+        let own = self.customer_id()?;
+        if self.authenticated && own.as_str() == customer_id {
             Ok(())
         } else {
             Err(Problem::forbidden("this order belongs to another customer"))
@@ -456,6 +475,7 @@ pub async fn guard(State(security): State<Security>, mut request: Request, next:
                 Caller {
                     subject: verified.subject,
                     roles: verified.roles,
+                    customer: verified.customer,
                     client_ip,
                     authenticated: true,
                 },

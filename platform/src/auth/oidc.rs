@@ -16,7 +16,9 @@ use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey};
 use serde::Deserialize;
 
-use super::tokens::TokenRejection;
+use petstore_domain::CustomerId;
+
+use super::tokens::{NoCustomerId, TokenRejection};
 use crate::resilience::{AttemptFailure, CallError, Policy};
 use crate::security_audit::{SecurityAudit, SecurityEvent, SecurityEventKind, SecurityOutcome};
 use crate::settings::{same_host, OidcAlgorithm, OidcIssuerSettings, OidcSettings, RoleName};
@@ -184,13 +186,9 @@ impl OidcIssuer {
     /// The roles in the configured claim: a string or an array of strings, reached by a
     /// dotted path.
     pub fn roles(&self, claims: &serde_json::Value) -> BTreeSet<RoleName> {
-        let mut value = claims;
-        for part in self.settings.roles_claim.split('.') {
-            match value.get(part) {
-                Some(inner) => value = inner,
-                None => return BTreeSet::new(),
-            }
-        }
+        let Some(value) = claim(claims, &self.settings.roles_claim) else {
+            return BTreeSet::new();
+        };
         match value {
             serde_json::Value::String(role) => RoleName::parse(role).into_iter().collect(),
             serde_json::Value::Array(roles) => roles
@@ -199,6 +197,18 @@ impl OidcIssuer {
                 .filter_map(RoleName::parse)
                 .collect(),
             _ => BTreeSet::new(),
+        }
+    }
+
+    /// The customer the token names, from the configured claim (`customer_claim`, default
+    /// `sub`): a string in the customer-id alphabet, or why the token names none.
+    pub fn customer(&self, claims: &serde_json::Value) -> Result<CustomerId, NoCustomerId> {
+        let name = &self.settings.customer_claim;
+        match claim(claims, name) {
+            Some(serde_json::Value::String(text)) => {
+                CustomerId::parse(text).map_err(|_| NoCustomerId::not_an_id(name, text))
+            }
+            _ => Err(NoCustomerId::missing(name)),
         }
     }
 
@@ -319,4 +329,10 @@ async fn get_json_once<T: serde::de::DeserializeOwned>(
         // A body cut short is the provider's failure; one that is not the document is not.
         failure: error.is_timeout() || error.is_body(),
     })
+}
+
+/// The value at a dotted `path` (`realm_access.roles`) of a token's claims.
+fn claim<'a>(claims: &'a serde_json::Value, path: &str) -> Option<&'a serde_json::Value> {
+    path.split('.')
+        .try_fold(claims, |value, part| value.get(part))
 }

@@ -15,6 +15,8 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 
+use petstore_domain::CustomerId;
+
 use super::oidc::OidcIssuer;
 use crate::settings::{JwtSettings, OidcAlgorithm, RoleName};
 
@@ -43,10 +45,17 @@ pub enum TokenRejection {
     /// `nbf` is in the future.
     #[error("the token is not valid yet")]
     NotYetValid,
+    /// `iat` is in the future (beyond the leeway): a token cannot be issued later than now.
+    #[error("the token claims to be issued in the future (iat)")]
+    IssuedInTheFuture,
+    /// The header's `typ` is neither `JWT` nor `at+jwt` (RFC 9068): another kind of token
+    /// (an ID token's, a logout token's) is not an access token.
+    #[error("the token's type (typ {0:?}) is not an access token's (JWT or at+jwt)")]
+    WrongType(String),
     /// `aud` does not name this service.
     #[error("the token is not meant for this service (audience)")]
     WrongAudience,
-    /// A required claim (`iss`, `aud`, `exp`, `nbf`, `sub`) is missing or malformed.
+    /// A required claim (`iss`, `aud`, `exp`, `sub`) is missing, or a claim is malformed.
     #[error("the token lacks a required claim: {0}")]
     MissingClaim(String),
 }
@@ -61,7 +70,8 @@ impl TokenRejection {
             Self::UnknownKey => "unknown_key",
             Self::BadSignature => "bad_signature",
             Self::Expired => "expired",
-            Self::NotYetValid => "not_yet_valid",
+            Self::NotYetValid | Self::IssuedInTheFuture => "not_yet_valid",
+            Self::WrongType(_) => "type",
             Self::WrongAudience => "wrong_audience",
             Self::MissingClaim(_) => "missing_claim",
         }
@@ -90,6 +100,46 @@ pub struct VerifiedToken {
     pub subject: String,
     /// The roles the token grants (unknown role names are ignored).
     pub roles: BTreeSet<RoleName>,
+    /// The customer the token acts as (its issuer's `customer_claim`, `sub` by default), or
+    /// why it names none.
+    pub customer: Result<CustomerId, NoCustomerId>,
+}
+
+/// Why a caller has no customer id: the token's claim is missing or not in the customer-id
+/// alphabet (`auth0|123`). Such a caller is refused 403 wherever a customer id is needed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct NoCustomerId(String);
+
+impl NoCustomerId {
+    /// The token has no string claim `claim`.
+    pub fn missing(claim: &str) -> Self {
+        Self(format!(
+            "your token has no {claim} claim naming a customer: only an admin may act here"
+        ))
+    }
+
+    /// The token's `claim` is `value`, which is no customer id.
+    pub fn not_an_id(claim: &str, value: &str) -> Self {
+        let shown: String = value.chars().take(64).collect();
+        Self(format!(
+            "your token's {claim} claim ({shown:?}) is not a customer id (1 to 128 of letters, \
+             digits and -_.@+): ask the service's operator to map customers from another claim \
+             (security.oidc.issuers[].customer_claim)"
+        ))
+    }
+}
+
+impl VerifiedToken {
+    fn new(subject: String, roles: BTreeSet<RoleName>) -> Self {
+        let customer =
+            CustomerId::parse(&subject).map_err(|_| NoCustomerId::not_an_id("sub", &subject));
+        Self {
+            subject,
+            roles,
+            customer,
+        }
+    }
 }
 
 /// The claims of the service's own tokens.
@@ -98,8 +148,10 @@ struct LocalClaims {
     iss: String,
     aud: String,
     sub: String,
-    iat: i64,
-    nbf: i64,
+    /// Always issued; optional when read, as for any token.
+    iat: Option<i64>,
+    /// Always issued; optional when read, as for any token.
+    nbf: Option<i64>,
     exp: i64,
     roles: Vec<String>,
 }
@@ -110,8 +162,35 @@ struct UnverifiedIssuer {
     iss: Option<String>,
 }
 
-/// The claims every token must carry.
-const REQUIRED_CLAIMS: [&str; 5] = ["iss", "aud", "exp", "nbf", "sub"];
+/// The claims every token must carry. `nbf` is checked when present, never required: RFC
+/// 9068 access tokens need not carry it, and many providers leave it out.
+const REQUIRED_CLAIMS: [&str; 4] = ["iss", "aud", "exp", "sub"];
+
+/// The header `typ` values of an access token: a plain JWT (RFC 7519), or an RFC 9068 access
+/// token (`at+jwt`, which may be written as the full media type). No `typ` is a plain JWT.
+fn access_token_type(typ: Option<&str>) -> Result<(), TokenRejection> {
+    match typ {
+        None => Ok(()),
+        Some(typ)
+            if ["jwt", "at+jwt", "application/at+jwt"]
+                .iter()
+                .any(|accepted| typ.eq_ignore_ascii_case(accepted)) =>
+        {
+            Ok(())
+        }
+        Some(typ) => Err(TokenRejection::WrongType(typ.chars().take(32).collect())),
+    }
+}
+
+/// Refuses a token issued after now (beyond `leeway`); jsonwebtoken does not check `iat`.
+fn issued_in_the_past(issued_at: Option<i64>, now: i64, leeway: i64) -> Result<(), TokenRejection> {
+    match issued_at {
+        Some(issued_at) if issued_at > now.saturating_add(leeway) => {
+            Err(TokenRejection::IssuedInTheFuture)
+        }
+        _ => Ok(()),
+    }
+}
 
 /// The service's own issuer: signs logins, verifies its tokens.
 struct LocalIssuer {
@@ -189,8 +268,8 @@ impl TokenVerifier {
             iss: local.issuer.clone(),
             aud: local.audience.clone(),
             sub: subject.to_owned(),
-            iat: now,
-            nbf: now,
+            iat: Some(now),
+            nbf: Some(now),
             exp: now.saturating_add(i64::try_from(local.ttl_seconds).unwrap_or(i64::MAX)),
             roles: vec![role.as_str().to_owned()],
         };
@@ -231,12 +310,16 @@ impl TokenVerifier {
         Ok(verified)
     }
 
-    /// Decodes and checks `token`: who it names, and its `nbf` and `exp`.
+    /// Decodes and checks `token`: who it names, and its `nbf` (the earliest time it may be
+    /// used: `i64::MIN` without one) and `exp`.
     async fn verify_uncached(
         &self,
         token: &str,
     ) -> Result<(VerifiedToken, i64, i64), TokenRejection> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenRejection::Malformed)?;
+        access_token_type(header.typ.as_deref())?;
+        let now = chrono::Utc::now().timestamp();
+        let leeway = i64::try_from(self.leeway_seconds).unwrap_or(i64::MAX);
         let issuer = jsonwebtoken::dangerous::insecure_decode_claims::<UnverifiedIssuer>(token)
             .map_err(|_| TokenRejection::Malformed)?
             .iss
@@ -249,15 +332,14 @@ impl TokenVerifier {
             let claims = jsonwebtoken::decode::<LocalClaims>(token, &local.decoding, &validation)
                 .map_err(|error| TokenRejection::from_validation(&error))?
                 .claims;
-            let verified = VerifiedToken {
-                subject: claims.sub,
-                roles: claims
-                    .roles
-                    .iter()
-                    .filter_map(|role| RoleName::parse(role))
-                    .collect(),
-            };
-            return Ok((verified, claims.nbf, claims.exp));
+            issued_in_the_past(claims.iat, now, leeway)?;
+            let roles = claims
+                .roles
+                .iter()
+                .filter_map(|role| RoleName::parse(role))
+                .collect();
+            let verified = VerifiedToken::new(claims.sub, roles);
+            return Ok((verified, claims.nbf.unwrap_or(i64::MIN), claims.exp));
         }
         let oidc = self
             .issuers
@@ -284,20 +366,21 @@ impl TokenVerifier {
             .filter(|subject| !subject.is_empty())
             .ok_or_else(|| TokenRejection::MissingClaim("sub".to_owned()))?
             .to_owned();
-        // Validation required both, as numbers.
+        // Validation checked their types: numbers where present, `exp` required.
         let time = |name: &str| {
             claims
                 .get(name)
                 .and_then(serde_json::Value::as_f64)
                 .map(|seconds| seconds as i64)
-                .ok_or_else(|| TokenRejection::MissingClaim(name.to_owned()))
         };
-        let (not_before, expires) = (time("nbf")?, time("exp")?);
+        issued_in_the_past(time("iat"), now, leeway)?;
+        let expires = time("exp").ok_or_else(|| TokenRejection::MissingClaim("exp".to_owned()))?;
         let verified = VerifiedToken {
+            customer: oidc.customer(&claims),
             subject,
             roles: oidc.roles(&claims),
         };
-        Ok((verified, not_before, expires))
+        Ok((verified, time("nbf").unwrap_or(i64::MIN), expires))
     }
 
     fn validation(&self, algorithm: Algorithm, issuer: &str, audience: &str) -> Validation {
@@ -332,13 +415,84 @@ mod tests {
             iss: local.issuer.clone(),
             aud: local.audience.clone(),
             sub: "customer-001".to_owned(),
-            iat: now,
-            nbf: now,
+            iat: Some(now),
+            nbf: Some(now),
             exp: now + expires_in,
             roles: vec!["customer".to_owned()],
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &local.encoding)
             .expect("signed")
+    }
+
+    /// A token of the local issuer with `claims` over the usual ones and `typ` in its header.
+    fn shaped(verifier: &TokenVerifier, typ: Option<&str>, claims: serde_json::Value) -> String {
+        let local = verifier.local.as_ref().expect("local issuer");
+        let now = chrono::Utc::now().timestamp();
+        let mut body = serde_json::json!({
+            "iss": local.issuer, "aud": local.audience, "sub": "customer-001",
+            "iat": now, "exp": now + 600, "roles": ["customer"],
+        });
+        for (key, value) in claims.as_object().expect("an object") {
+            body[key] = value.clone();
+        }
+        let mut header = Header::new(Algorithm::HS256);
+        header.typ = typ.map(str::to_owned);
+        jsonwebtoken::encode(&header, &body, &local.encoding).expect("signed")
+    }
+
+    #[tokio::test]
+    async fn nbf_is_checked_when_present_iat_may_not_be_ahead_and_typ_must_be_an_access_tokens() {
+        let verifier = verifier(30);
+        let now = chrono::Utc::now().timestamp();
+        let accepted = [
+            ("no nbf", Some("JWT"), serde_json::json!({})),
+            ("no typ", None, serde_json::json!({})),
+            ("RFC 9068 typ", Some("at+jwt"), serde_json::json!({})),
+            (
+                "its media type",
+                Some("application/at+jwt"),
+                serde_json::json!({}),
+            ),
+            (
+                "nbf within the leeway",
+                Some("JWT"),
+                serde_json::json!({"nbf": now + 20}),
+            ),
+            (
+                "iat within the leeway",
+                Some("JWT"),
+                serde_json::json!({"iat": now + 20}),
+            ),
+            ("no iat", Some("JWT"), serde_json::json!({"iat": null})),
+        ];
+        for (name, typ, claims) in accepted {
+            let token = shaped(&verifier, typ, claims);
+            assert!(verifier.verify(&token).await.is_ok(), "{name}");
+        }
+        let refused = [
+            (
+                "nbf ahead",
+                Some("JWT"),
+                serde_json::json!({"nbf": now + 600}),
+                TokenRejection::NotYetValid,
+            ),
+            (
+                "iat ahead",
+                Some("JWT"),
+                serde_json::json!({"iat": now + 600}),
+                TokenRejection::IssuedInTheFuture,
+            ),
+            (
+                "an ID token's typ",
+                Some("id_token+jwt"),
+                serde_json::json!({}),
+                TokenRejection::WrongType("id_token+jwt".to_owned()),
+            ),
+        ];
+        for (name, typ, claims, expected) in refused {
+            let token = shaped(&verifier, typ, claims);
+            assert_eq!(verifier.verify(&token).await, Err(expected), "{name}");
+        }
     }
 
     #[tokio::test]

@@ -204,6 +204,15 @@ pub struct OidcIssuerSettings {
     /// into objects (`realm_access.roles`). Unknown role names are ignored.
     #[serde(default = "default_roles_claim")]
     pub roles_claim: String,
+    /// The claim naming the customer a token acts as (a dotted path, like `roles_claim`):
+    /// its value must be a customer id (1 to 128 of letters, digits and `-_.@+`), else the
+    /// caller is refused 403 wherever a customer id is needed. Default `sub`.
+    #[serde(default = "default_customer_claim")]
+    pub customer_claim: String,
+}
+
+fn default_customer_claim() -> String {
+    "sub".to_owned()
 }
 
 fn default_algorithms() -> Vec<OidcAlgorithm> {
@@ -428,6 +437,17 @@ impl SecuritySettings {
                     format!("{key}.audience"),
                     "must not be empty",
                 ));
+            }
+            for (name, claim) in [
+                ("roles_claim", &issuer.roles_claim),
+                ("customer_claim", &issuer.customer_claim),
+            ] {
+                if claim.is_empty() || claim.split('.').any(str::is_empty) {
+                    return Err(SettingsError::invalid(
+                        format!("{key}.{name}"),
+                        "a claim name, or a dotted path of names (realm_access.roles)",
+                    ));
+                }
             }
             if issuer.algorithms.is_empty() {
                 return Err(SettingsError::invalid(

@@ -26,10 +26,12 @@ pub fn router() -> Router<QueryState> {
 /// cancelled order is `compensating` (not terminal) until every compensation is recorded
 /// (payment refunded, pet released, delivery cancelled): `cancelled` means nothing is left
 /// to undo.
-/// The read model follows the events within milliseconds; a just-placed order may answer 404
-/// for that long, unless the request sends back the `X-Consistency-Token` the POST answered
-/// with: then it waits (up to `http.consistency_wait_ms`) until the read model shows the
-/// write, and answers 409 with `Retry-After` if it does not in time.
+/// The read model follows the events within milliseconds. An order the event store holds
+/// but the read model does not show yet (just placed) is waited for, up to
+/// `http.consistency_wait_ms`, so the 202's `Location` answers at once; so does a request that
+/// sends back the `X-Consistency-Token` the POST answered with (it waits until the read model
+/// shows that write). Past the bound the answer is 409 with `Retry-After`. An id the store
+/// does not hold is 404 at once.
 #[utoipa::path(
     get,
     path = "/petstore-domain/orders/{order_id}/status",
@@ -44,7 +46,7 @@ pub fn router() -> Router<QueryState> {
         (status = 401, description = "No valid bearer token", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 403, description = "The order belongs to another customer", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 404, description = "No such order", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 409, description = "The read model did not reach the consistency token in time", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 409, description = "The read model did not reach the order or the consistency token in time", body = ProblemDocument, content_type = "application/problem+json"),
     )
 )]
 pub async fn order_status(

@@ -1,6 +1,7 @@
 //! Where each query reads from: Redis first when it is configured and healthy, the read-model
 //! database otherwise; and read-your-writes: a query that carries an `X-Consistency-Token`
-//! waits (bounded) until the read-model database has reached it.
+//! waits (bounded) until the read-model database has reached it, and so does a read of an
+//! order the event store holds but the read models do not show yet.
 
 use std::time::Duration;
 
@@ -10,7 +11,7 @@ use axum::http::request::Parts;
 use petstore_domain::{OrderId, PetId};
 use petstore_platform::dead_letters;
 use petstore_platform::http::{Problem, CONSISTENCY_TOKEN_HEADER};
-use petstore_platform::stream::StreamPosition;
+use petstore_platform::stream::{self, StreamPosition};
 use petstore_projector::views::Attention;
 use petstore_projector::{BrowseFilter, BrowsePage, CachedBrowse, OrderStatusView, PetView};
 use tokio::time::Instant;
@@ -105,7 +106,9 @@ impl QueryState {
         }
     }
 
-    /// An order's status view.
+    /// An order's status view. An order the read models do not show yet but the event store
+    /// holds (accepted a moment ago) is waited for, as if the request carried its
+    /// consistency token; an order the store does not hold is `None` at once.
     pub async fn order(
         &self,
         order_id: &OrderId,
@@ -118,6 +121,26 @@ impl QueryState {
                 return Ok(Some(view));
             }
         }
+        match self.read_models.order(order_id).await? {
+            Some(view) => Ok(Some(view)),
+            None => self.stored_order(order_id).await,
+        }
+    }
+
+    /// The view of an order the read models did not show: waits (bounded, as for a
+    /// consistency token) until they reach the order's first event when the event store
+    /// holds one; `None` at once when it does not. One lookup by the events' primary key, so
+    /// a random id costs no wait.
+    pub(crate) async fn stored_order(
+        &self,
+        order_id: &OrderId,
+    ) -> Result<Option<OrderStatusView>, Problem> {
+        // "Order": the order aggregate's type, as `audit::by_order` reads it too.
+        let placed = stream::position_of(&self.database, "Order", &order_id.to_string(), 1).await?;
+        let Some(placed) = placed else {
+            return Ok(None);
+        };
+        self.wait_for(placed).await?;
         self.read_models
             .order(order_id)
             .await

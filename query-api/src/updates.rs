@@ -472,7 +472,7 @@ impl Drop for Open {
         (status = 401, description = "No valid bearer token", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 403, description = "The order belongs to another customer, or real_time_order_updates is off", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 404, description = "No such order", body = ProblemDocument, content_type = "application/problem+json"),
-        (status = 409, description = "The read model did not reach the consistency token in time", body = ProblemDocument, content_type = "application/problem+json"),
+        (status = 409, description = "The read model did not reach the order or the consistency token in time", body = ProblemDocument, content_type = "application/problem+json"),
         (status = 429, description = "Too many open update connections for this caller", body = ProblemDocument, content_type = "application/problem+json"),
     )
 )]
@@ -524,7 +524,11 @@ pub async fn order_updates(
         .with_header(RETRY_AFTER, HeaderValue::from_static("1"))
     })?;
     let mut follower = Follower::subscribe(&state, slot, &order_id, flag_subject);
-    let Some(view) = state.read_models.order(&order_id).await? else {
+    let view = match state.read_models.order(&order_id).await? {
+        Some(view) => Some(view),
+        None => state.stored_order(&order_id).await?,
+    };
+    let Some(view) = view else {
         return Err(Problem::not_found(format!(
             "order {order_id} does not exist"
         )));

@@ -1,6 +1,15 @@
-//! Typed settings, layered: compiled defaults, then `config/base.yaml`, then
-//! `config/{PETSTORE_ENV}.yaml`, then `PETSTORE__SECTION__KEY` environment variables (and the
-//! conventional `DATABASE_URL`). Unknown keys and bad values fail at start-up, naming the key.
+//! Typed settings, layered: compiled defaults, then `{config folder}/base.yaml`, then
+//! `{config folder}/{PETSTORE_ENV}.yaml` (for `local` without one, the built-in local layer),
+//! then `PETSTORE__SECTION__KEY` environment variables (and the conventional `DATABASE_URL`,
+//! `REDIS_URL`, `KAFKA_BROKERS`). Unknown keys and bad values fail at start-up, naming the key.
+//!
+//! # Layout
+//! - this module: the [`Settings`] tree, its layers ([`Settings::load_for`]), the config
+//!   folder ([`config_dir`]) and the range checks.
+//! - `security`, `resilience`, `live`: their sections, and which keys may change at run time.
+//! - `provenance`: the built-in local layer, and which layer each key came from
+//!   ([`Settings::provenance`], `petstore config check`).
+//! - `development_secret`: `local`'s token secret, made once per data folder.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use petstore_platform::settings::{OidcIssuerSettings, Settings};
-use petstore_tests::{assert_problem, Engine, Storage, TestApp};
+use petstore_tests::{assert_problem, base64url, Engine, Storage, TestApp};
 use serde_json::{json, Value};
 use tokio::io::AsyncBufReadExt;
 
@@ -152,29 +152,29 @@ fn parts(token: &str) -> (Value, Value) {
     (serde_json::to_value(header).expect("json"), claims)
 }
 
-fn base64url(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
-        for i in 0..=chunk.len() {
-            out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
-        }
-    }
-    out
-}
-
-async fn expect_invalid_token(app: &TestApp, name: &str, token: &str) {
-    let response = app
-        .anonymous
-        .get(app.url("/petstore-domain/admin/audit/security"))
+/// `GET path` with `token`.
+async fn get_as(app: &TestApp, path: &str, token: &str) -> reqwest::Response {
+    app.anonymous
+        .get(app.url(path))
         .header("Authorization", bearer(token))
         .send()
         .await
-        .expect("answered");
+        .expect("answered")
+}
+
+/// `POST /petstore-domain/orders` with `body` and `token`.
+async fn order_as(app: &TestApp, token: &str, body: Value) -> reqwest::Response {
+    app.anonymous
+        .post(app.url("/petstore-domain/orders"))
+        .header("Authorization", bearer(token))
+        .json(&body)
+        .send()
+        .await
+        .expect("answered")
+}
+
+async fn expect_invalid_token(app: &TestApp, name: &str, token: &str) {
+    let response = get_as(app, "/petstore-domain/admin/audit/security", token).await;
     let challenge = response
         .headers()
         .get("www-authenticate")
@@ -200,34 +200,15 @@ async fn a_real_providers_tokens_work_with_their_roles_and_ownership() {
     assert!(claims.get("nbf").is_none(), "{claims}");
     assert_eq!(claims["aud"], AUDIENCE);
 
-    let trail = app
-        .anonymous
-        .get(app.url("/petstore-domain/admin/audit/security"))
-        .header("Authorization", bearer(&admin))
-        .send()
-        .await
-        .expect("answered");
+    let trail = get_as(&app, "/petstore-domain/admin/audit/security", &admin).await;
     assert_eq!(trail.status(), 200, "the admin's token is accepted");
 
     let customer = provider.customer("customer-001").await;
     let stranger = provider.customer("customer-002").await;
-    let refused = app
-        .anonymous
-        .get(app.url("/petstore-domain/admin/audit/security"))
-        .header("Authorization", bearer(&customer))
-        .send()
-        .await
-        .expect("answered");
+    let refused = get_as(&app, "/petstore-domain/admin/audit/security", &customer).await;
     assert_problem(refused, 403).await;
     // The customer orders as its subject, omitting customer_id, and follows its order.
-    let placed = app
-        .anonymous
-        .post(app.url("/petstore-domain/orders"))
-        .header("Authorization", bearer(&customer))
-        .json(&json!({"pet_id": "golden-retriever-001"}))
-        .send()
-        .await
-        .expect("answered");
+    let placed = order_as(&app, &customer, json!({"pet_id": "golden-retriever-001"})).await;
     assert_eq!(placed.status(), 202);
     let order: Value = placed.json().await.expect("json");
     let order_id = order["order_id"].as_str().expect("id").to_owned();
@@ -240,23 +221,15 @@ async fn a_real_providers_tokens_work_with_their_roles_and_ownership() {
         ("another customer", &stranger, 403),
         ("the admin", &admin, 200),
     ] {
-        let answer = app
-            .anonymous
-            .get(app.url(&status))
-            .header("Authorization", bearer(token))
-            .send()
-            .await
-            .expect("answered");
+        let answer = get_as(&app, &status, token).await;
         assert_eq!(answer.status(), expected, "{who}");
     }
-    let for_another = app
-        .anonymous
-        .post(app.url("/petstore-domain/orders"))
-        .header("Authorization", bearer(&stranger))
-        .json(&json!({"customer_id": "customer-001", "pet_id": "beagle-001"}))
-        .send()
-        .await
-        .expect("answered");
+    let for_another = order_as(
+        &app,
+        &stranger,
+        json!({"customer_id": "customer-001", "pet_id": "beagle-001"}),
+    )
+    .await;
     assert_problem(for_another, 403).await;
 
     // A client whose subject is no customer id (`shop|app.1`): a 403 that says why, never a
@@ -264,14 +237,7 @@ async fn a_real_providers_tokens_work_with_their_roles_and_ownership() {
     let shop = provider
         .token("shop|app.1", "shop-secret", "urn:petstore:api")
         .await;
-    let refused = app
-        .anonymous
-        .post(app.url("/petstore-domain/orders"))
-        .header("Authorization", bearer(&shop))
-        .json(&json!({"pet_id": "beagle-001"}))
-        .send()
-        .await
-        .expect("answered");
+    let refused = order_as(&app, &shop, json!({"pet_id": "beagle-001"})).await;
     let problem = assert_problem(refused, 403).await;
     let detail = problem["detail"].as_str().expect("detail");
     assert!(
@@ -337,37 +303,22 @@ async fn the_customer_claim_maps_a_subject_outside_the_alphabet() {
     let shop = provider
         .token("shop|app.1", "shop-secret", "urn:petstore:api")
         .await;
-    let placed = app
-        .anonymous
-        .post(app.url("/petstore-domain/orders"))
-        .header("Authorization", bearer(&shop))
-        .json(&json!({"pet_id": "beagle-001"}))
-        .send()
-        .await
-        .expect("answered");
+    let placed = order_as(&app, &shop, json!({"pet_id": "beagle-001"})).await;
     assert_eq!(placed.status(), 202);
     let order: Value = placed.json().await.expect("json");
     let order_id = order["order_id"].as_str().expect("id");
     let view = app.wait_for_terminal(order_id).await;
     assert_eq!(view["customer_id"], "customer-003", "{view}");
-    let own = app
-        .anonymous
-        .get(app.url(&format!("/petstore-domain/orders/{order_id}/status")))
-        .header("Authorization", bearer(&shop))
-        .send()
-        .await
-        .expect("answered");
+    let own = get_as(
+        &app,
+        &format!("/petstore-domain/orders/{order_id}/status"),
+        &shop,
+    )
+    .await;
     assert_eq!(own.status(), 200, "it reads its own order");
     // A token without that claim names no customer: refused 403, saying so.
     let without = provider.customer("customer-001").await;
-    let refused = app
-        .anonymous
-        .post(app.url("/petstore-domain/orders"))
-        .header("Authorization", bearer(&without))
-        .json(&json!({"pet_id": "persian-cat-001"}))
-        .send()
-        .await
-        .expect("answered");
+    let refused = order_as(&app, &without, json!({"pet_id": "persian-cat-001"})).await;
     let problem = assert_problem(refused, 403).await;
     assert!(
         problem["detail"]
@@ -403,13 +354,7 @@ async fn a_key_rotated_at_the_provider_is_followed_with_one_refetch() {
         "the key set is fetched once at start-up"
     );
     let before = provider.admin().await;
-    let get = |token: String| {
-        app.anonymous
-            .get(app.url(path))
-            .header("Authorization", bearer(&token))
-            .send()
-    };
-    assert_eq!(get(before).await.expect("answered").status(), 200);
+    assert_eq!(get_as(&app, path, &before).await.status(), 200);
 
     // The provider rotates: a new signing key published, the old one removed.
     let port = provider.port;
@@ -422,12 +367,12 @@ async fn a_key_rotated_at_the_provider_is_followed_with_one_refetch() {
     );
     let after = provider.admin().await;
     assert_eq!(
-        get(after.clone()).await.expect("answered").status(),
+        get_as(&app, path, &after).await.status(),
         200,
         "the new key works"
     );
     assert_eq!(rotations().await, 2, "after exactly one refetch");
-    assert_eq!(get(after).await.expect("answered").status(), 200);
+    assert_eq!(get_as(&app, path, &after).await.status(), 200);
     assert_eq!(rotations().await, 2, "and no more");
     app.stop().await;
     storage.remove().await;

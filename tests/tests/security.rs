@@ -144,7 +144,7 @@ fn bearer(token: &str) -> String {
 
 /// A token that `alg: none` would be: header and claims, no signature.
 fn unsigned(issuer: &str) -> String {
-    use base64_url::encode;
+    let encode = |text: &str| petstore_tests::base64url(text.as_bytes());
     let now = chrono::Utc::now().timestamp();
     let header = encode(r#"{"alg":"none","typ":"JWT"}"#);
     let claims = encode(
@@ -152,25 +152,6 @@ fn unsigned(issuer: &str) -> String {
             .to_string(),
     );
     format!("{header}.{claims}.")
-}
-
-mod base64_url {
-    /// Unpadded base64url, enough for a test token.
-    pub fn encode(input: &str) -> String {
-        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-        let bytes = input.as_bytes();
-        let mut out = String::new();
-        for chunk in bytes.chunks(3) {
-            let n = chunk
-                .iter()
-                .enumerate()
-                .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
-            for i in 0..=chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
-            }
-        }
-        out
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

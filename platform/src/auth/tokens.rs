@@ -71,7 +71,7 @@ impl TokenRejection {
             Self::BadSignature => "bad_signature",
             Self::Expired => "expired",
             Self::NotYetValid | Self::IssuedInTheFuture => "not_yet_valid",
-            Self::WrongType(_) => "type",
+            Self::WrongType(_) => "wrong_type",
             Self::WrongAudience => "wrong_audience",
             Self::MissingClaim(_) => "missing_claim",
         }

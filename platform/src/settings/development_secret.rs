@@ -91,3 +91,61 @@ fn read(file: &Path) -> Result<String, SettingsError> {
     }
     Ok(secret)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::settings::Environment;
+
+    #[test]
+    fn the_local_secret_is_made_once_per_data_folder() {
+        let folder = tempfile::tempdir().expect("a temporary folder");
+        let mut settings = Settings::default();
+        settings.storage.data_dir = folder.path().join("data");
+        let mut again = settings.clone();
+        let file = settings
+            .ensure_development_secret()
+            .expect("made")
+            .expect("used");
+        assert_eq!(file, folder.path().join("data/jwt-secret"));
+        again.ensure_development_secret().expect("read");
+        let secret = |settings: &Settings| {
+            use secrecy::ExposeSecret;
+            settings
+                .security
+                .jwt
+                .secret
+                .as_ref()
+                .map(|secret| secret.expose_secret().to_owned())
+                .expect("a secret")
+        };
+        assert_eq!(secret(&settings), secret(&again), "kept and read back");
+        assert_eq!(secret(&settings).len(), 64);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&file).expect("kept").permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "readable by its owner only");
+        }
+        let mut production = Settings {
+            environment: Environment("production".to_owned()),
+            ..Settings::default()
+        };
+        production.storage.data_dir = folder.path().join("other");
+        assert_eq!(
+            production.ensure_development_secret().expect("nothing"),
+            None
+        );
+        std::fs::write(&file, "short").expect("damaged");
+        let error = again_with(folder.path()).expect_err("a damaged file is refused");
+        assert!(error.to_string().contains("jwt-secret"), "{error}");
+
+        fn again_with(folder: &Path) -> Result<Option<PathBuf>, SettingsError> {
+            let mut settings = Settings::default();
+            settings.storage.data_dir = folder.join("data");
+            settings.ensure_development_secret()
+        }
+    }
+}

@@ -10,7 +10,7 @@
 //! - [`auth`]: bearer tokens (login, OIDC), roles, the public routes, the security middleware.
 //! - [`rate_limit`]: per-subject and per-route quotas, swappable at run time.
 //! - [`security_audit`]: the durable trail of logins, refusals, rate-limit trips, admin actions.
-//! - [`settings`]: the typed [`settings::Settings`], layered from defaults, YAML files and env.
+//! - [`settings`]: the typed [`settings::Settings`] (re-exported from `petstore-settings`).
 //! - [`live`]: the live settings (flags, limits, provider behaviour, timeouts, log filter) as
 //!   events, applied in every process, and their admin routes.
 //! - [`telemetry`]: the tracing subscriber (JSON or text logs).
@@ -38,6 +38,7 @@ pub mod metrics;
 pub mod rate_limit;
 pub mod resilience;
 pub mod security_audit;
-pub mod settings;
+/// The typed static settings: the `petstore-settings` crate (`platform/settings/`).
+pub use petstore_settings as settings;
 pub mod stream;
 pub mod telemetry;

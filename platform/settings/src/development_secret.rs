@@ -97,7 +97,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::settings::Environment;
+    use crate::Environment;
 
     #[test]
     fn the_local_secret_is_made_once_per_data_folder() {

@@ -188,7 +188,7 @@ pub fn config_dir(explicit: Option<PathBuf>) -> Result<Option<PathBuf>, Settings
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::settings::{DependencyPolicy, FlagSetting};
+    use crate::{DependencyPolicy, FlagSetting};
 
     #[test]
     fn defaults_need_no_file() {
@@ -300,7 +300,7 @@ mod tests {
 
     #[test]
     fn every_shipped_config_file_is_valid() {
-        let config_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
+        let config_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config");
         for environment in ["local", "staging", "production"] {
             let settings: Settings = Settings::figment(Some(&config_dir), environment)
                 .extract()

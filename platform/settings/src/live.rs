@@ -2,7 +2,7 @@
 //! rate limits, simulated provider behaviour, saga step timeouts, resilience policies, the log
 //! filter). Its keys are the same as in the configuration files
 //! (`feature_flags.pet_personalization`, `security.rate_limits.default_per_minute`, ...), so a
-//! file edit and an API change name a setting alike. [`crate::live`] keeps it, as events, and applies it everywhere.
+//! file edit and an API change name a setting alike. The platform's `live` module keeps it, as events, and applies it everywhere.
 
 use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};

@@ -1,14 +1,22 @@
-//! Typed settings, layered: compiled defaults, then `{config folder}/base.yaml`, then
+//! The petstore's typed static settings: the one [`Settings`] tree every role starts from,
+//! layered, strict, and checked before anything runs.
+//!
+//! Layers, later wins: compiled defaults, then `{config folder}/base.yaml`, then
 //! `{config folder}/{PETSTORE_ENV}.yaml` (for `local` without one, the built-in local layer),
 //! then `PETSTORE__SECTION__KEY` environment variables (and the conventional `DATABASE_URL`,
 //! `REDIS_URL`, `KAFKA_BROKERS`). Unknown keys and bad values fail at start-up, naming the key.
 //!
+//! Owns: the settings' shape, defaults, layers and validation; which keys are live
+//! ([`LiveSettings`]) and how a live document is merged and checked. Must not: know who uses a
+//! setting, perform I/O beyond reading the config files and keeping `local`'s token secret,
+//! or apply live changes (the platform's `live` module does, as events).
+//!
 //! # Layout
-//! - this module: the [`Settings`] tree, its layers ([`Settings::load_for`]), the config
-//!   folder ([`config_dir`]) and the range checks.
+//! - this crate root: the [`Settings`] tree, its sections' defaults and the range checks.
+//! - `layers`: the config folder ([`config_dir`]), the layers ([`Settings::load_for`]), and
+//!   which layer each key came from ([`Settings::provenance`], `petstore config check`).
+//! - `provenance`: the built-in local layer, and naming a key's layer.
 //! - `security`, `resilience`, `live`: their sections, and which keys may change at run time.
-//! - `provenance`: the built-in local layer, and which layer each key came from
-//!   ([`Settings::provenance`], `petstore config check`).
 //! - `development_secret`: `local`'s token secret, made once per data folder.
 
 use std::net::SocketAddr;

@@ -121,20 +121,20 @@ impl QueryState {
                 return Ok(Some(view));
             }
         }
-        match self.read_models.order(order_id).await? {
-            Some(view) => Ok(Some(view)),
-            None => self.stored_order(order_id).await,
-        }
+        self.projected_order(order_id).await
     }
 
-    /// The view of an order the read models did not show: waits (bounded, as for a
-    /// consistency token) until they reach the order's first event when the event store
-    /// holds one; `None` at once when it does not. One lookup by the events' primary key, so
-    /// a random id costs no wait.
-    pub(crate) async fn stored_order(
+    /// An order's view in the read models (not Redis). An order they do not show but the
+    /// event store holds (accepted a moment ago) is waited for, bounded as for a consistency
+    /// token, until they reach its first event; `None` at once for an order the store does
+    /// not hold: one lookup by the events' primary key, so a random id costs no wait.
+    pub(crate) async fn projected_order(
         &self,
         order_id: &OrderId,
     ) -> Result<Option<OrderStatusView>, Problem> {
+        if let Some(view) = self.read_models.order(order_id).await? {
+            return Ok(Some(view));
+        }
         // "Order": the order aggregate's type, as `audit::by_order` reads it too.
         let placed = stream::position_of(&self.database, "Order", &order_id.to_string(), 1).await?;
         let Some(placed) = placed else {

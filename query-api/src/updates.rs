@@ -524,11 +524,7 @@ pub async fn order_updates(
         .with_header(RETRY_AFTER, HeaderValue::from_static("1"))
     })?;
     let mut follower = Follower::subscribe(&state, slot, &order_id, flag_subject);
-    let view = match state.read_models.order(&order_id).await? {
-        Some(view) => Some(view),
-        None => state.stored_order(&order_id).await?,
-    };
-    let Some(view) = view else {
+    let Some(view) = state.projected_order(&order_id).await? else {
         return Err(Problem::not_found(format!(
             "order {order_id} does not exist"
         )));

@@ -45,7 +45,7 @@ use petstore_domain::providers::{
 use petstore_domain::saga::{self, SagaAction, SagaEvent, SagaOutcome, SagaPolicy};
 use petstore_domain::{DomainError, OrderId, SagaStep};
 use petstore_platform::bus::{BusError, KafkaSubscriber};
-use petstore_platform::dead_letters;
+use petstore_platform::dead_letters::{self, DeadLetterStatus};
 use petstore_platform::deadlines::{self, Deadline};
 use petstore_platform::event_store::{EventMetadata, EventStore};
 use petstore_platform::http::CorrelationId;
@@ -749,8 +749,8 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                     dead_letters::transition(
                         database,
                         letter.id,
-                        &[dead_letters::RETRYING],
-                        dead_letters::RESOLVED,
+                        &[DeadLetterStatus::Retrying],
+                        DeadLetterStatus::Resolved,
                     )
                     .await
                     .map_err(failed)?;
@@ -762,8 +762,8 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                     dead_letters::transition(
                         database,
                         letter.id,
-                        &[dead_letters::RETRYING],
-                        dead_letters::PENDING,
+                        &[DeadLetterStatus::Retrying],
+                        DeadLetterStatus::Pending,
                     )
                     .await
                     .map_err(failed)?;

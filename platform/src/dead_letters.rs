@@ -15,14 +15,50 @@ use utoipa::ToSchema;
 use crate::database::Database;
 use crate::stream::{RecordedEvent, StreamPosition};
 
-/// Not handled yet.
-pub const PENDING: &str = "pending";
-/// To be handled again by its consumer.
-pub const RETRYING: &str = "retrying";
-/// Handled after a retry.
-pub const RESOLVED: &str = "resolved";
-/// Discarded.
-pub const SKIPPED: &str = "skipped";
+/// Where a dead letter stands: stored as its lower-case name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DeadLetterStatus {
+    /// Not handled yet.
+    Pending,
+    /// To be handled again by its consumer.
+    Retrying,
+    /// Handled after a retry.
+    Resolved,
+    /// Discarded.
+    Skipped,
+}
+
+impl DeadLetterStatus {
+    /// Every status, in its life's order.
+    pub const ALL: [Self; 4] = [Self::Pending, Self::Retrying, Self::Resolved, Self::Skipped];
+
+    /// The status's name, as stored and as the API and the CLI write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Retrying => "retrying",
+            Self::Resolved => "resolved",
+            Self::Skipped => "skipped",
+        }
+    }
+
+    /// The status named `name`, if any.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|status| status.as_str() == name)
+    }
+
+    /// Whether nothing is left to do for the letter (resolved or skipped).
+    pub fn is_settled(self) -> bool {
+        matches!(self, Self::Resolved | Self::Skipped)
+    }
+}
+
+impl std::fmt::Display for DeadLetterStatus {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(self.as_str())
+    }
+}
 
 /// One event set aside.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -53,7 +89,7 @@ pub struct DeadLetter {
     /// How often it failed.
     pub attempts: i64,
     /// `pending`, `retrying`, `resolved` or `skipped`.
-    pub status: String,
+    pub status: DeadLetterStatus,
     /// When it was last set aside (ms since the epoch).
     pub failed_at_ms: i64,
     /// When it was resolved or skipped.
@@ -83,7 +119,7 @@ const COLUMNS: &str = "id, consumer, event_id, transaction_id, global_position, 
     aggregate_id, sequence, event_type, event_version, order_id, error, attempts, status,
     failed_at_ms, resolved_at_ms";
 
-fn from_row(row: Row) -> DeadLetter {
+fn from_row(row: Row) -> Result<DeadLetter, sqlx::Error> {
     let (
         id,
         consumer,
@@ -102,7 +138,10 @@ fn from_row(row: Row) -> DeadLetter {
         failed_at_ms,
         resolved_at_ms,
     ) = row;
-    DeadLetter {
+    let status = DeadLetterStatus::parse(&status).ok_or_else(|| {
+        sqlx::Error::Decode(format!("dead letter {id} has no known status: {status:?}").into())
+    })?;
+    Ok(DeadLetter {
         id,
         consumer,
         event_id,
@@ -121,7 +160,7 @@ fn from_row(row: Row) -> DeadLetter {
         status,
         failed_at_ms,
         resolved_at_ms,
-    }
+    })
 }
 
 /// Runs a query returning rows on either engine.
@@ -206,41 +245,42 @@ pub async fn record_in(
 /// The dead letters, newest first: all, or those with `status`.
 pub async fn list(
     database: &Database,
-    status: Option<&str>,
+    status: Option<DeadLetterStatus>,
     limit: i64,
 ) -> Result<Vec<DeadLetter>, sqlx::Error> {
+    let status = status.map(DeadLetterStatus::as_str);
     let sql = format!(
         "SELECT {COLUMNS} FROM dead_letters WHERE ($1 IS NULL OR status = $1)
           ORDER BY id DESC LIMIT $2"
     );
     let rows: Vec<Row> = fetch!(database, &sql, fetch_all, status, limit)?;
-    Ok(rows.into_iter().map(from_row).collect())
+    rows.into_iter().map(from_row).collect()
 }
 
 /// One dead letter.
 pub async fn get(database: &Database, id: i64) -> Result<Option<DeadLetter>, sqlx::Error> {
     let sql = format!("SELECT {COLUMNS} FROM dead_letters WHERE id = $1");
     let row: Option<Row> = fetch!(database, &sql, fetch_optional, id)?;
-    Ok(row.map(from_row))
+    row.map(from_row).transpose()
 }
 
 /// Moves dead letter `id` to `status` if it is in one of `from`; answers whether it moved.
 pub async fn transition(
     database: &Database,
     id: i64,
-    from: &[&str],
-    status: &str,
+    from: &[DeadLetterStatus],
+    status: DeadLetterStatus,
 ) -> Result<bool, sqlx::Error> {
-    let resolved_at = matches!(status, RESOLVED | SKIPPED).then(|| Utc::now().timestamp_millis());
+    let resolved_at = status.is_settled().then(|| Utc::now().timestamp_millis());
     let sql = "UPDATE dead_letters SET status = $2, resolved_at_ms = $3
                 WHERE id = $1 AND status IN ($4, $5, $6) RETURNING id";
-    let slot = |index: usize| from.get(index).copied().unwrap_or("");
+    let slot = |index: usize| from.get(index).map_or("", |status| status.as_str());
     let moved: Option<(i64,)> = fetch!(
         database,
         sql,
         fetch_optional,
         id,
-        status,
+        status.as_str(),
         resolved_at,
         slot(0),
         slot(1),
@@ -283,7 +323,7 @@ pub async fn retrying(database: &Database, consumer: &str) -> Result<Vec<DeadLet
           ORDER BY id LIMIT 100"
     );
     let rows: Vec<Row> = fetch!(database, &sql, fetch_all, consumer)?;
-    Ok(rows.into_iter().map(from_row).collect())
+    rows.into_iter().map(from_row).collect()
 }
 
 /// How many dead letters wait for someone (`pending` or `retrying`), by consumer.
@@ -304,7 +344,7 @@ pub async fn open_for_order(
           WHERE order_id = $1 AND status IN ('pending', 'retrying') ORDER BY id"
     );
     let rows: Vec<Row> = fetch!(database, &sql, fetch_all, order_id)?;
-    Ok(rows.into_iter().map(from_row).collect())
+    rows.into_iter().map(from_row).collect()
 }
 
 /// Whether any dead letter is open, asked of the database at most once per
@@ -404,36 +444,10 @@ pub fn router(database: Database) -> axum::Router {
 #[into_params(parameter_in = Query)]
 pub struct DeadLetterQuery {
     /// Only those with this status.
-    status: Option<StatusFilter>,
+    status: Option<DeadLetterStatus>,
     /// At most this many, 1 to 500 (default 100).
     #[param(minimum = 1, maximum = 500)]
     limit: Option<i64>,
-}
-
-/// A dead letter's status, as a filter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum StatusFilter {
-    /// Not handled yet.
-    Pending,
-    /// To be handled again.
-    Retrying,
-    /// Handled after a retry.
-    Resolved,
-    /// Discarded.
-    Skipped,
-}
-
-impl StatusFilter {
-    /// The status's name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            StatusFilter::Pending => PENDING,
-            StatusFilter::Retrying => RETRYING,
-            StatusFilter::Resolved => RESOLVED,
-            StatusFilter::Skipped => SKIPPED,
-        }
-    }
 }
 
 /// The dead letters, newest first.
@@ -468,35 +482,39 @@ pub async fn list_route(
     if !(1..=500).contains(&limit) {
         return Err(Problem::bad_request("limit must be 1 to 500"));
     }
-    let dead_letters = list(&database, query.status.map(StatusFilter::as_str), limit)
+    let dead_letters = list(&database, query.status, limit)
         .await
         .map_err(|error| Problem::from_failure(&error))?;
     Ok(crate::http::Json(DeadLetterPage { dead_letters }))
 }
 
-/// Asks for dead letter `id` to be handled again, or discards it (`to`: [`RETRYING`] or
-/// [`SKIPPED`]); answers it after the change. The error names what is wrong: no such dead
+/// Asks for dead letter `id` to be handled again, or discards it (`to`: retrying or
+/// skipped); answers it after the change. The error names what is wrong: no such dead
 /// letter, or one that is not open.
-pub async fn act(database: &Database, id: i64, to: &str) -> Result<DeadLetter, ActError> {
+pub async fn act(
+    database: &Database,
+    id: i64,
+    to: DeadLetterStatus,
+) -> Result<DeadLetter, ActError> {
     // The letter as this change left it, in the same statement: a runner may take it up
     // (and resolve it) at once.
     let sql = format!(
         "UPDATE dead_letters SET status = $2, resolved_at_ms = $3
           WHERE id = $1 AND status IN ($4, $5) RETURNING {COLUMNS}"
     );
-    let resolved_at = (to == SKIPPED).then(|| Utc::now().timestamp_millis());
+    let resolved_at = to.is_settled().then(|| Utc::now().timestamp_millis());
     let moved: Option<Row> = fetch!(
         database,
         &sql,
         fetch_optional,
         id,
-        to,
+        to.as_str(),
         resolved_at,
-        PENDING,
-        RETRYING
+        DeadLetterStatus::Pending.as_str(),
+        DeadLetterStatus::Retrying.as_str()
     )?;
     match moved {
-        Some(row) => Ok(from_row(row)),
+        Some(row) => Ok(from_row(row)?),
         None => Err(match get(database, id).await? {
             None => ActError::NotFound(id),
             Some(letter) => ActError::NotOpen(letter.status),
@@ -512,7 +530,7 @@ pub enum ActError {
     NotFound(i64),
     /// It is resolved or skipped already.
     #[error("the dead letter is {0} already")]
-    NotOpen(String),
+    NotOpen(DeadLetterStatus),
     /// The database failed.
     #[error(transparent)]
     Database(#[from] sqlx::Error),
@@ -550,7 +568,9 @@ pub async fn retry_route(
     axum::extract::State(database): axum::extract::State<Database>,
     crate::http::Path(id): crate::http::Path<i64>,
 ) -> Result<crate::http::Json<DeadLetter>, crate::http::Problem> {
-    Ok(crate::http::Json(act(&database, id, RETRYING).await?))
+    Ok(crate::http::Json(
+        act(&database, id, DeadLetterStatus::Retrying).await?,
+    ))
 }
 
 /// Discard a dead letter.
@@ -574,13 +594,15 @@ pub async fn skip_route(
     axum::extract::State(database): axum::extract::State<Database>,
     crate::http::Path(id): crate::http::Path<i64>,
 ) -> Result<crate::http::Json<DeadLetter>, crate::http::Problem> {
-    Ok(crate::http::Json(act(&database, id, SKIPPED).await?))
+    Ok(crate::http::Json(
+        act(&database, id, DeadLetterStatus::Skipped).await?,
+    ))
 }
 
 /// The OpenAPI description of the dead-letter routes.
 #[derive(utoipa::OpenApi)]
 #[openapi(
     paths(list_route, retry_route, skip_route),
-    components(schemas(DeadLetter, DeadLetterPage, StatusFilter))
+    components(schemas(DeadLetter, DeadLetterPage, DeadLetterStatus))
 )]
 pub struct DeadLettersApiDoc;

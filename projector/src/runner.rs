@@ -21,7 +21,7 @@ use tracing::Instrument;
 
 use crate::projection::{Projection, Refolded};
 use crate::read_models::ReadModelError;
-use petstore_platform::dead_letters;
+use petstore_platform::dead_letters::{self, DeadLetterStatus};
 
 /// How long a standby waits between attempts to take over.
 const TAKEOVER_INTERVAL: Duration = Duration::from_secs(1);
@@ -172,8 +172,8 @@ impl<P: Projection> Projector<P> {
                     dead_letters::transition(
                         database,
                         letter.id,
-                        &[dead_letters::RETRYING],
-                        dead_letters::RESOLVED,
+                        &[DeadLetterStatus::Retrying],
+                        DeadLetterStatus::Resolved,
                     )
                     .await
                     .map_err(failed)?;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use petstore_platform::database::Database;
-use petstore_platform::dead_letters::{self, PENDING, RESOLVED, RETRYING, SKIPPED};
+use petstore_platform::dead_letters::{self, DeadLetterStatus};
 use petstore_platform::settings::Settings;
 
 use super::Format;
@@ -71,14 +71,15 @@ async fn act(database: &Database, action: Command) -> anyhow::Result<()> {
             limit,
             format,
         } => {
-            if let Some(status) = &status {
-                anyhow::ensure!(
-                    [PENDING, RETRYING, RESOLVED, SKIPPED].contains(&status.as_str()),
-                    "--status {status:?}: pending, retrying, resolved or skipped"
-                );
-            }
+            let status = status
+                .map(|status| {
+                    DeadLetterStatus::parse(&status).with_context(|| {
+                        format!("--status {status:?}: pending, retrying, resolved or skipped")
+                    })
+                })
+                .transpose()?;
             anyhow::ensure!(limit > 0, "--limit must be above 0");
-            let letters = dead_letters::list(database, status.as_deref(), limit).await?;
+            let letters = dead_letters::list(database, status, limit).await?;
             match format {
                 Format::Json => writeln!(out, "{}", serde_json::to_string_pretty(&letters)?)?,
                 Format::Table => {
@@ -97,7 +98,7 @@ async fn act(database: &Database, action: Command) -> anyhow::Result<()> {
                     for letter in &letters {
                         table.add_row([
                             letter.id.to_string(),
-                            letter.status.clone(),
+                            letter.status.to_string(),
                             letter.consumer.clone(),
                             format!("{} {}", letter.event_type, letter.event_version),
                             format!(
@@ -115,20 +116,22 @@ async fn act(database: &Database, action: Command) -> anyhow::Result<()> {
             }
         }
         Command::Retry { id, wait } => {
-            dead_letters::act(database, id, RETRYING).await?;
+            dead_letters::act(database, id, DeadLetterStatus::Retrying).await?;
             writeln!(out, "dead letter {id}: retrying")?;
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait);
             loop {
                 let letter = dead_letters::get(database, id)
                     .await?
                     .with_context(|| format!("dead letter {id} vanished"))?;
-                match letter.status.as_str() {
-                    RESOLVED => {
+                match letter.status {
+                    DeadLetterStatus::Resolved => {
                         writeln!(out, "dead letter {id}: resolved")?;
                         return Ok(());
                     }
-                    PENDING => anyhow::bail!("dead letter {id} failed again: {}", letter.error),
-                    _ => {}
+                    DeadLetterStatus::Pending => {
+                        anyhow::bail!("dead letter {id} failed again: {}", letter.error)
+                    }
+                    DeadLetterStatus::Retrying | DeadLetterStatus::Skipped => {}
                 }
                 anyhow::ensure!(
                     std::time::Instant::now() < deadline,
@@ -138,7 +141,7 @@ async fn act(database: &Database, action: Command) -> anyhow::Result<()> {
             }
         }
         Command::Skip { id } => {
-            dead_letters::act(database, id, SKIPPED).await?;
+            dead_letters::act(database, id, DeadLetterStatus::Skipped).await?;
             writeln!(out, "dead letter {id}: skipped")?;
         }
     }

@@ -96,19 +96,25 @@ impl QueryState {
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                return Err(Problem::conflict(format!(
-                    "the read model has not reached your write within {} ms; retry shortly",
-                    self.consistency_wait.as_millis()
-                ))
-                .with_header(RETRY_AFTER, HeaderValue::from_static("1")));
+                return Err(self.not_reached());
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
-    /// An order's status view. An order the read models do not show yet but the event store
-    /// holds (accepted a moment ago) is waited for, as if the request carried its
-    /// consistency token; an order the store does not hold is `None` at once.
+    /// The answer past the consistency bound: 409, retry in a second.
+    fn not_reached(&self) -> Problem {
+        Problem::conflict(format!(
+            "the read model has not reached your write within {} ms; retry shortly",
+            self.consistency_wait.as_millis()
+        ))
+        .with_header(RETRY_AFTER, HeaderValue::from_static("1"))
+    }
+
+    /// An order's status view: from Redis when it has it, else from the read-model database.
+    /// An order neither shows yet but the event store holds (accepted a moment ago) is waited
+    /// for, bounded as for a consistency token, until either shows it; an order the store
+    /// does not hold is `None` at once.
     pub async fn order(
         &self,
         order_id: &OrderId,
@@ -116,18 +122,43 @@ impl QueryState {
     ) -> Result<Option<OrderStatusView>, Problem> {
         if let Some(token) = token.0 {
             self.wait_for(token).await?;
-        } else if let Some(redis) = &self.redis {
-            if let Some(view) = self.redis_answer("order", redis.order(order_id).await) {
+            return self.projected_order(order_id).await;
+        }
+        let Some(redis) = &self.redis else {
+            return self.projected_order(order_id).await;
+        };
+        if let Some(view) = self.redis_answer("order", redis.order(order_id).await) {
+            return Ok(Some(view));
+        }
+        if let Some(view) = self.read_models.order(order_id).await? {
+            return Ok(Some(view));
+        }
+        let Some(placed) = self.placed_at(order_id).await? else {
+            return Ok(None);
+        };
+        // Whichever projection shows it first: Redis, or the database reaching its event.
+        let deadline = Instant::now() + self.consistency_wait;
+        loop {
+            if let Ok(Some(view)) = redis.order(order_id).await {
                 return Ok(Some(view));
             }
+            if self.read_models.position().await? >= placed {
+                return self
+                    .read_models
+                    .order(order_id)
+                    .await
+                    .map_err(Problem::from);
+            }
+            if Instant::now() >= deadline {
+                return Err(self.not_reached());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        self.projected_order(order_id).await
     }
 
-    /// An order's view in the read models (not Redis). An order they do not show but the
-    /// event store holds (accepted a moment ago) is waited for, bounded as for a consistency
-    /// token, until they reach its first event; `None` at once for an order the store does
-    /// not hold: one lookup by the events' primary key, so a random id costs no wait.
+    /// An order's view in the read-model database (not Redis). An order it does not show but
+    /// the event store holds is waited for, bounded as for a consistency token, until the
+    /// database reaches its first event; `None` at once for an order the store does not hold.
     pub(crate) async fn projected_order(
         &self,
         order_id: &OrderId,
@@ -135,9 +166,7 @@ impl QueryState {
         if let Some(view) = self.read_models.order(order_id).await? {
             return Ok(Some(view));
         }
-        // "Order": the order aggregate's type, as `audit::by_order` reads it too.
-        let placed = stream::position_of(&self.database, "Order", &order_id.to_string(), 1).await?;
-        let Some(placed) = placed else {
+        let Some(placed) = self.placed_at(order_id).await? else {
             return Ok(None);
         };
         self.wait_for(placed).await?;
@@ -145,6 +174,13 @@ impl QueryState {
             .order(order_id)
             .await
             .map_err(Problem::from)
+    }
+
+    /// Where the order's first event stands in the stream, if the event store holds the
+    /// order: one lookup by the events' primary key, so a random id costs no wait.
+    async fn placed_at(&self, order_id: &OrderId) -> Result<Option<StreamPosition>, Problem> {
+        // "Order": the order aggregate's type, as `audit::by_order` reads it too.
+        Ok(stream::position_of(&self.database, "Order", &order_id.to_string(), 1).await?)
     }
 
     /// A pet's view.

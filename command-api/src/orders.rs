@@ -13,7 +13,7 @@ use petstore_domain::pet::Pet;
 use petstore_domain::SagaStep;
 use petstore_domain::{CustomerId, OrderId, PetId, SimulatedFailure, SpecialInstructions};
 use petstore_platform::auth::Caller;
-use petstore_platform::deadlines::{self, Deadline};
+use petstore_platform::deadlines::{self, Deadline, DeadlineKind};
 use petstore_platform::event_store::EventMetadata;
 use petstore_platform::http::{
     Json, Problem, ProblemDocument, RequestContext, CONSISTENCY_TOKEN_HEADER,
@@ -245,8 +245,8 @@ async fn schedule_reservation_deadline(
 ) {
     let timeout = state.live.current().settings.saga.reservation_timeout_ms;
     let deadline = Deadline {
-        order_id: order_id.to_string(),
-        step: SagaStep::Reservation.as_str().to_owned(),
+        order_id,
+        kind: DeadlineKind::Step(SagaStep::Reservation),
         due_at: Utc::now()
             + chrono::Duration::milliseconds(i64::try_from(timeout).unwrap_or(i64::MAX)),
         correlation_id: correlation_id.to_owned(),

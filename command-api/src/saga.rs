@@ -46,7 +46,7 @@ use petstore_domain::saga::{self, SagaAction, SagaEvent, SagaOutcome, SagaPolicy
 use petstore_domain::{DomainError, OrderId, SagaStep};
 use petstore_platform::bus::{BusError, KafkaSubscriber};
 use petstore_platform::dead_letters::{self, DeadLetterStatus};
-use petstore_platform::deadlines::{self, Deadline};
+use petstore_platform::deadlines::{self, Deadline, DeadlineKind};
 use petstore_platform::event_store::{EventMetadata, EventStore};
 use petstore_platform::http::CorrelationId;
 use petstore_platform::live::Live;
@@ -69,14 +69,6 @@ use arrivals::{Arrivals, Ticket};
 pub const CHECKPOINT: &str = "saga";
 /// The subject saga commands act as.
 pub const SUBJECT: &str = "saga";
-
-/// The deadline-table step of a waiting payment (payments held, or the gateway not called
-/// while its breaker is open): due when it is time to try again.
-pub const PAYMENT_HOLD: &str = "payment_hold";
-
-/// The deadline-table step of a delivery waiting for its provider's breaker: due when it
-/// is time to try again.
-pub const DELIVERY_RETRY: &str = "delivery_retry";
 
 /// How often a held payment looks whether `payment_processing` is on again.
 const PAYMENT_HOLD_RECHECK: chrono::Duration = chrono::Duration::seconds(1);
@@ -868,8 +860,8 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                     deadlines::rearm(
                         self.store.database(),
                         &Deadline {
-                            order_id: order_key,
-                            step: PAYMENT_HOLD.to_owned(),
+                            order_id: cause.order_id,
+                            kind: DeadlineKind::PaymentHold,
                             due_at: Utc::now() + PAYMENT_HOLD_RECHECK,
                             correlation_id: cause.correlation_id.to_string(),
                         },
@@ -900,7 +892,9 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                         provider_reference: receipt.reference,
                     },
                     Err(CallError::Rejected(rejection)) => {
-                        return self.retry_later(PAYMENT_HOLD, cause, &rejection).await;
+                        return self
+                            .retry_later(DeadlineKind::PaymentHold, cause, &rejection)
+                            .await;
                     }
                     Err(error) => PaymentCommand::RecordPaymentDeclined {
                         order_id: cause.order_id,
@@ -940,7 +934,9 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                         provider_reference: booking.reference,
                     },
                     Err(CallError::Rejected(rejection)) => {
-                        return self.retry_later(DELIVERY_RETRY, cause, &rejection).await;
+                        return self
+                            .retry_later(DeadlineKind::DeliveryRetry, cause, &rejection)
+                            .await;
                     }
                     Err(error) => DeliveryCommand::RecordDeliveryFailed {
                         order_id: cause.order_id,
@@ -953,8 +949,8 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                 deadlines::schedule(
                     self.store.database(),
                     &Deadline {
-                        order_id: order_key,
-                        step: step.as_str().to_owned(),
+                        order_id: cause.order_id,
+                        kind: DeadlineKind::Step(step),
                         due_at,
                         correlation_id: cause.correlation_id.to_string(),
                     },
@@ -977,22 +973,22 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
     }
 
     /// A provider was not called (its breaker is open, its bulkhead full): the step waits
-    /// and is tried again when the policy says it may be, through a durable `step` entry of
-    /// the deadline table (so a restart does not lose it).
+    /// and is tried again when the policy says it may be, through a durable deadline of
+    /// `kind` (so a restart does not lose it).
     async fn retry_later(
         &self,
-        step: &str,
+        kind: DeadlineKind,
         cause: &Cause,
         rejection: &Rejection,
     ) -> Result<(), SagaError> {
         let wait = chrono::Duration::from_std(rejection.retry_after())
             .unwrap_or(chrono::Duration::seconds(1));
-        tracing::info!(%rejection, step, wait_ms = wait.num_milliseconds(), "provider not called; the step waits");
+        tracing::info!(%rejection, step = %kind, wait_ms = wait.num_milliseconds(), "provider not called; the step waits");
         deadlines::rearm(
             self.store.database(),
             &Deadline {
-                order_id: cause.order_id.to_string(),
-                step: step.to_owned(),
+                order_id: cause.order_id,
+                kind,
                 due_at: Utc::now() + wait,
                 correlation_id: cause.correlation_id.to_string(),
             },
@@ -1054,7 +1050,7 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                 "saga deadline",
                 otel.name = "saga deadline",
                 order_id = %deadline.order_id,
-                step = %deadline.step,
+                step = %deadline.kind,
                 correlation_id = %deadline.correlation_id,
             );
             self.fire_deadline(deadline).instrument(span).await?;
@@ -1065,26 +1061,17 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
     /// Fires one due deadline.
     async fn fire_deadline(&self, deadline: &Deadline) -> Result<(), SagaError> {
         let database = self.store.database();
-        if deadline.step == PAYMENT_HOLD {
-            return self.resume_step(deadline, "OrderPetReserved").await;
-        }
-        if deadline.step == DELIVERY_RETRY {
-            return self.resume_step(deadline, "OrderPaid").await;
-        }
-        let (Ok(order_id), Ok(step)) = (
-            OrderId::parse(&deadline.order_id),
-            SagaStep::parse(&deadline.step),
-        ) else {
-            tracing::error!(?deadline, "malformed deadline; marking it fired");
-            deadlines::mark_fired(database, &deadline.order_id, &deadline.step).await?;
-            return Ok(());
+        let step = match deadline.kind {
+            DeadlineKind::PaymentHold => {
+                return self.resume_step(deadline, "OrderPetReserved").await
+            }
+            DeadlineKind::DeliveryRetry => return self.resume_step(deadline, "OrderPaid").await,
+            DeadlineKind::Step(step) => step,
         };
+        let order_id = deadline.order_id;
+        let order_key = order_id.to_string();
         if step == SagaStep::Payment {
-            let order: Order = self
-                .store
-                .load(&deadline.order_id)
-                .await
-                .map_err(store_error)?;
+            let order: Order = self.store.load(&order_key).await.map_err(store_error)?;
             let customer = order
                 .request()
                 .map(|request| request.customer_id.as_str().to_owned())
@@ -1118,13 +1105,9 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                 SUBJECT,
             )
         };
-        self.send::<Order>(
-            &deadline.order_id,
-            OrderCommand::TimeOutStep { step },
-            metadata,
-        )
-        .await?;
-        deadlines::mark_fired(database, &deadline.order_id, &deadline.step).await?;
+        self.send::<Order>(&order_key, OrderCommand::TimeOutStep { step }, metadata)
+            .await?;
+        deadlines::mark_fired(database, &order_id, deadline.kind).await?;
         Ok(())
     }
 }
@@ -1136,20 +1119,16 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
     /// when it falls due first, the order is cancelled and compensated as always.
     async fn resume_step(&self, deadline: &Deadline, trigger: &str) -> Result<(), SagaError> {
         let database = self.store.database();
-        let Ok(order_id) = OrderId::parse(&deadline.order_id) else {
-            deadlines::mark_fired_at(database, deadline).await?;
-            return Ok(());
-        };
-        let order: Order = self
-            .store
-            .load(&deadline.order_id)
-            .await
-            .map_err(store_error)?;
+        let order_id = deadline.order_id;
+        let order_key = order_id.to_string();
+        let order: Order = self.store.load(&order_key).await.map_err(store_error)?;
         let customer = order
             .request()
             .map(|request| request.customer_id.as_str().to_owned())
             .unwrap_or_default();
-        if deadline.step == PAYMENT_HOLD && !self.live.flag(Flag::PaymentProcessing, &customer) {
+        if deadline.kind == DeadlineKind::PaymentHold
+            && !self.live.flag(Flag::PaymentProcessing, &customer)
+        {
             deadlines::rearm(
                 database,
                 &Deadline {
@@ -1165,7 +1144,7 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
         let started = stream::aggregate_events_newest_first(
             database,
             Order::TYPE,
-            &deadline.order_id,
+            &order_key,
             1..i64::MAX,
             100,
         )
@@ -1173,7 +1152,7 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
         .into_iter()
         .find(|event| event.event_type == trigger);
         if let Some(event) = started {
-            tracing::info!(order_id = %order_id, step = %deadline.step, "resuming a waiting step");
+            tracing::info!(order_id = %order_id, step = %deadline.kind, "resuming a waiting step");
             let decoded = Decoded::Order(decode(&event)?);
             self.handle_event(order_id, &event, &decoded).await?;
         }

@@ -10,16 +10,56 @@
 //! event is handled again. Any event append (always flushed) flushes them first.
 
 use chrono::{DateTime, TimeZone, Utc};
+use petstore_domain::{OrderId, SagaStep};
 
 use crate::database::{lazily_durable, Database};
 
-/// One step's deadline.
+/// What a deadline is for: stored as its name in the `step` column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadlineKind {
+    /// A saga step's deadline (`reservation`, `payment`, `delivery`): when it falls due
+    /// first, the order is cancelled.
+    Step(SagaStep),
+    /// A waiting payment's next look (`payment_hold`: payments held, or the gateway not
+    /// called while its breaker is open).
+    PaymentHold,
+    /// A delivery waiting for its provider's breaker: its next try (`delivery_retry`).
+    DeliveryRetry,
+}
+
+impl DeadlineKind {
+    /// The kind's name, as stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Step(step) => step.as_str(),
+            Self::PaymentHold => "payment_hold",
+            Self::DeliveryRetry => "delivery_retry",
+        }
+    }
+
+    /// The kind named `name`, if any.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "payment_hold" => Some(Self::PaymentHold),
+            "delivery_retry" => Some(Self::DeliveryRetry),
+            step => SagaStep::parse(step).ok().map(Self::Step),
+        }
+    }
+}
+
+impl std::fmt::Display for DeadlineKind {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(self.as_str())
+    }
+}
+
+/// One deadline of an order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Deadline {
     /// The order.
-    pub order_id: String,
-    /// The step (`reservation`, `payment`, `delivery`).
-    pub step: String,
+    pub order_id: OrderId,
+    /// What it is for.
+    pub kind: DeadlineKind,
     /// When it is due.
     pub due_at: DateTime<Utc>,
     /// The order's correlation id, carried by the command the deadline fires.
@@ -39,8 +79,8 @@ pub async fn schedule(database: &Database, deadline: &Deadline) -> Result<(), sq
     match database {
         Database::Postgres(pool) => {
             sqlx::query(POSTGRES)
-                .bind(&deadline.order_id)
-                .bind(&deadline.step)
+                .bind(deadline.order_id.to_string())
+                .bind(deadline.kind.as_str())
                 .bind(deadline.due_at.timestamp_millis())
                 .bind(&deadline.correlation_id)
                 .execute(pool)
@@ -48,8 +88,8 @@ pub async fn schedule(database: &Database, deadline: &Deadline) -> Result<(), sq
         }
         Database::Sqlite(pool) => {
             sqlx::query(SQL)
-                .bind(&deadline.order_id)
-                .bind(&deadline.step)
+                .bind(deadline.order_id.to_string())
+                .bind(deadline.kind.as_str())
                 .bind(deadline.due_at.timestamp_millis())
                 .bind(&deadline.correlation_id)
                 .execute(pool)
@@ -76,8 +116,8 @@ pub async fn rearm(database: &Database, deadline: &Deadline) -> Result<(), sqlx:
     match database {
         Database::Postgres(pool) => {
             sqlx::query(POSTGRES)
-                .bind(&deadline.order_id)
-                .bind(&deadline.step)
+                .bind(deadline.order_id.to_string())
+                .bind(deadline.kind.as_str())
                 .bind(deadline.due_at.timestamp_millis())
                 .bind(&deadline.correlation_id)
                 .execute(pool)
@@ -85,8 +125,8 @@ pub async fn rearm(database: &Database, deadline: &Deadline) -> Result<(), sqlx:
         }
         Database::Sqlite(pool) => {
             sqlx::query(SQL)
-                .bind(&deadline.order_id)
-                .bind(&deadline.step)
+                .bind(deadline.order_id.to_string())
+                .bind(deadline.kind.as_str())
                 .bind(deadline.due_at.timestamp_millis())
                 .bind(&deadline.correlation_id)
                 .execute(pool)
@@ -110,8 +150,8 @@ pub async fn mark_fired_at(database: &Database, deadline: &Deadline) -> Result<(
     match database {
         Database::Postgres(pool) => {
             sqlx::query(POSTGRES)
-                .bind(&deadline.order_id)
-                .bind(&deadline.step)
+                .bind(deadline.order_id.to_string())
+                .bind(deadline.kind.as_str())
                 .bind(deadline.due_at.timestamp_millis())
                 .bind(now)
                 .execute(pool)
@@ -119,8 +159,8 @@ pub async fn mark_fired_at(database: &Database, deadline: &Deadline) -> Result<(
         }
         Database::Sqlite(pool) => {
             sqlx::query(SQL)
-                .bind(&deadline.order_id)
-                .bind(&deadline.step)
+                .bind(deadline.order_id.to_string())
+                .bind(deadline.kind.as_str())
                 .bind(deadline.due_at.timestamp_millis())
                 .bind(now)
                 .execute(pool)
@@ -130,7 +170,9 @@ pub async fn mark_fired_at(database: &Database, deadline: &Deadline) -> Result<(
     Ok(())
 }
 
-/// Up to `limit` unfired deadlines due at or before `now`, earliest first.
+/// Up to `limit` unfired deadlines due at or before `now`, earliest first. A row that names
+/// no order or no kind (written by hand, or by a release that knew other kinds) is logged
+/// and marked fired, so it cannot hold up the others.
 pub async fn due(
     database: &Database,
     now: DateTime<Utc>,
@@ -155,18 +197,25 @@ pub async fn due(
                 .await?
         }
     };
-    Ok(rows
-        .into_iter()
-        .map(|(order_id, step, due_at_ms, correlation_id)| Deadline {
-            order_id,
-            step,
+    let mut deadlines = Vec::with_capacity(rows.len());
+    for (order_id, step, due_at_ms, correlation_id) in rows {
+        let (Ok(order), Some(kind)) = (OrderId::parse(&order_id), DeadlineKind::parse(&step))
+        else {
+            tracing::error!(order_id, step, "malformed deadline; marking it fired");
+            mark_row_fired(database, &order_id, &step).await?;
+            continue;
+        };
+        deadlines.push(Deadline {
+            order_id: order,
+            kind,
             due_at: Utc
                 .timestamp_millis_opt(due_at_ms)
                 .single()
                 .unwrap_or_else(Utc::now),
             correlation_id,
-        })
-        .collect())
+        });
+    }
+    Ok(deadlines)
 }
 
 /// When the earliest unfired deadline is due, if any.
@@ -179,8 +228,17 @@ pub async fn next_due(database: &Database) -> Result<Option<DateTime<Utc>>, sqlx
     Ok(millis.and_then(|millis| Utc.timestamp_millis_opt(millis).single()))
 }
 
-/// Marks a deadline fired so it is not fired again.
+/// Marks the order's deadline of `kind` fired so it is not fired again.
 pub async fn mark_fired(
+    database: &Database,
+    order_id: &OrderId,
+    kind: DeadlineKind,
+) -> Result<(), sqlx::Error> {
+    mark_row_fired(database, &order_id.to_string(), kind.as_str()).await
+}
+
+/// Marks the row of (`order_id`, `step`) fired, as stored.
+async fn mark_row_fired(
     database: &Database,
     order_id: &str,
     step: &str,

@@ -163,7 +163,7 @@ pub async fn pay_order(
 
     // The order's correlation id ties the payment into the order's audit trail; this
     // request's own id becomes the causation.
-    let correlation = stream::correlation_of(state.store.database(), "Order", &key)
+    let correlation = stream::correlation_of(state.store.database(), Order::TYPE, &key)
         .await?
         .and_then(|id| CorrelationId::parse(&id))
         .unwrap_or_else(RequestContext::correlation_id);

@@ -171,8 +171,12 @@ impl crate::Decide for Delivery {
     }
 }
 
+/// The aggregate type its events are stored under (`aggregate_type`), and the Kafka topic
+/// `{prefix}.deliverys` is named after.
+pub const AGGREGATE_TYPE: &str = "Delivery";
+
 impl Aggregate for Delivery {
-    const TYPE: &'static str = "Delivery";
+    const TYPE: &'static str = AGGREGATE_TYPE;
     type Command = DeliveryCommand;
     type Event = DeliveryEvent;
     type Error = DomainError;

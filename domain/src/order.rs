@@ -307,8 +307,12 @@ impl crate::Decide for Order {
     }
 }
 
+/// The aggregate type its events are stored under (`aggregate_type`), and the Kafka topic
+/// `{prefix}.orders` is named after.
+pub const AGGREGATE_TYPE: &str = "Order";
+
 impl Aggregate for Order {
-    const TYPE: &'static str = "Order";
+    const TYPE: &'static str = AGGREGATE_TYPE;
     type Command = OrderCommand;
     type Event = OrderEvent;
     type Error = DomainError;

@@ -187,8 +187,12 @@ impl crate::Decide for Payment {
     }
 }
 
+/// The aggregate type its events are stored under (`aggregate_type`), and the Kafka topic
+/// `{prefix}.payments` is named after.
+pub const AGGREGATE_TYPE: &str = "Payment";
+
 impl Aggregate for Payment {
-    const TYPE: &'static str = "Payment";
+    const TYPE: &'static str = AGGREGATE_TYPE;
     type Command = PaymentCommand;
     type Event = PaymentEvent;
     type Error = DomainError;

@@ -213,8 +213,12 @@ impl crate::Decide for Pet {
     }
 }
 
+/// The aggregate type its events are stored under (`aggregate_type`), and the Kafka topic
+/// `{prefix}.pets` is named after.
+pub const AGGREGATE_TYPE: &str = "Pet";
+
 impl Aggregate for Pet {
-    const TYPE: &'static str = "Pet";
+    const TYPE: &'static str = AGGREGATE_TYPE;
     type Command = PetCommand;
     type Event = PetEvent;
     type Error = DomainError;

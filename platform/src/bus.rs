@@ -193,10 +193,10 @@ pub fn topic_for(prefix: &str, aggregate_type: &str) -> String {
 /// The topics the service creates and consumes.
 pub fn topics(prefix: &str) -> Vec<String> {
     [
-        "Order",
-        "Pet",
-        "Payment",
-        "Delivery",
+        petstore_domain::order::AGGREGATE_TYPE,
+        petstore_domain::pet::AGGREGATE_TYPE,
+        petstore_domain::payment::AGGREGATE_TYPE,
+        petstore_domain::delivery::AGGREGATE_TYPE,
         crate::live::AGGREGATE_TYPE,
     ]
     .into_iter()

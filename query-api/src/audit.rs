@@ -123,8 +123,12 @@ pub async fn by_order(
     database: &Database,
     order_id: &OrderId,
 ) -> Result<Option<AuditTrail>, StreamError> {
-    let Some(correlation_id) =
-        stream::correlation_of(database, "Order", &order_id.to_string()).await?
+    let Some(correlation_id) = stream::correlation_of(
+        database,
+        petstore_domain::order::AGGREGATE_TYPE,
+        &order_id.to_string(),
+    )
+    .await?
     else {
         return Ok(None);
     };

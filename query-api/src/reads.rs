@@ -8,7 +8,7 @@ use std::time::Duration;
 use axum::extract::FromRequestParts;
 use axum::http::header::{HeaderValue, RETRY_AFTER};
 use axum::http::request::Parts;
-use petstore_domain::{OrderId, PetId};
+use petstore_domain::{order, OrderId, PetId};
 use petstore_platform::dead_letters;
 use petstore_platform::http::{Problem, CONSISTENCY_TOKEN_HEADER};
 use petstore_platform::stream::{self, StreamPosition};
@@ -179,8 +179,13 @@ impl QueryState {
     /// Where the order's first event stands in the stream, if the event store holds the
     /// order: one lookup by the events' primary key, so a random id costs no wait.
     async fn placed_at(&self, order_id: &OrderId) -> Result<Option<StreamPosition>, Problem> {
-        // "Order": the order aggregate's type, as `audit::by_order` reads it too.
-        Ok(stream::position_of(&self.database, "Order", &order_id.to_string(), 1).await?)
+        Ok(stream::position_of(
+            &self.database,
+            order::AGGREGATE_TYPE,
+            &order_id.to_string(),
+            1,
+        )
+        .await?)
     }
 
     /// A pet's view.

@@ -13,7 +13,9 @@ use petstore_platform::dead_letters;
 use petstore_platform::http::{Problem, CONSISTENCY_TOKEN_HEADER};
 use petstore_platform::stream::{self, StreamPosition};
 use petstore_projector::views::Attention;
-use petstore_projector::{BrowseFilter, BrowsePage, CachedBrowse, OrderStatusView, PetView};
+use petstore_projector::{
+    BrowseFilter, BrowsePage, CachedBrowse, OrderStatusView, PetView, RedisViews,
+};
 use tokio::time::Instant;
 
 use crate::QueryState;
@@ -111,10 +113,8 @@ impl QueryState {
         .with_header(RETRY_AFTER, HeaderValue::from_static("1"))
     }
 
-    /// An order's status view: from Redis when it has it, else from the read-model database.
-    /// An order neither shows yet but the event store holds (accepted a moment ago) is waited
-    /// for, bounded as for a consistency token, until either shows it; an order the store
-    /// does not hold is `None` at once.
+    /// An order's status view: from Redis when it has it, else from the read-model database
+    /// (see [`Self::projected_order`] for an order neither shows yet).
     pub async fn order(
         &self,
         order_id: &OrderId,
@@ -122,25 +122,37 @@ impl QueryState {
     ) -> Result<Option<OrderStatusView>, Problem> {
         if let Some(token) = token.0 {
             self.wait_for(token).await?;
-            return self.projected_order(order_id).await;
+            return self.projected_order(order_id, None).await;
         }
-        let Some(redis) = &self.redis else {
-            return self.projected_order(order_id).await;
-        };
-        if let Some(view) = self.redis_answer("order", redis.order(order_id).await) {
-            return Ok(Some(view));
+        if let Some(redis) = &self.redis {
+            if let Some(view) = self.redis_answer("order", redis.order(order_id).await) {
+                return Ok(Some(view));
+            }
         }
+        self.projected_order(order_id, self.redis.as_ref()).await
+    }
+
+    /// An order's view in the read-model database. An order it does not show but the event
+    /// store holds (accepted a moment ago) is waited for, bounded as for a consistency token,
+    /// until the database reaches its first event or `redis`, when given, shows it, whichever
+    /// comes first; `None` at once for an order the store does not hold.
+    pub(crate) async fn projected_order(
+        &self,
+        order_id: &OrderId,
+        redis: Option<&RedisViews>,
+    ) -> Result<Option<OrderStatusView>, Problem> {
         if let Some(view) = self.read_models.order(order_id).await? {
             return Ok(Some(view));
         }
         let Some(placed) = self.placed_at(order_id).await? else {
             return Ok(None);
         };
-        // Whichever projection shows it first: Redis, or the database reaching its event.
         let deadline = Instant::now() + self.consistency_wait;
         loop {
-            if let Ok(Some(view)) = redis.order(order_id).await {
-                return Ok(Some(view));
+            if let Some(redis) = redis {
+                if let Ok(Some(view)) = redis.order(order_id).await {
+                    return Ok(Some(view));
+                }
             }
             if self.read_models.position().await? >= placed {
                 return self
@@ -154,26 +166,6 @@ impl QueryState {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-    }
-
-    /// An order's view in the read-model database (not Redis). An order it does not show but
-    /// the event store holds is waited for, bounded as for a consistency token, until the
-    /// database reaches its first event; `None` at once for an order the store does not hold.
-    pub(crate) async fn projected_order(
-        &self,
-        order_id: &OrderId,
-    ) -> Result<Option<OrderStatusView>, Problem> {
-        if let Some(view) = self.read_models.order(order_id).await? {
-            return Ok(Some(view));
-        }
-        let Some(placed) = self.placed_at(order_id).await? else {
-            return Ok(None);
-        };
-        self.wait_for(placed).await?;
-        self.read_models
-            .order(order_id)
-            .await
-            .map_err(Problem::from)
     }
 
     /// Where the order's first event stands in the stream, if the event store holds the

@@ -524,7 +524,7 @@ pub async fn order_updates(
         .with_header(RETRY_AFTER, HeaderValue::from_static("1"))
     })?;
     let mut follower = Follower::subscribe(&state, slot, &order_id, flag_subject);
-    let Some(view) = state.projected_order(&order_id).await? else {
+    let Some(view) = state.projected_order(&order_id, None).await? else {
         return Err(Problem::not_found(format!(
             "order {order_id} does not exist"
         )));

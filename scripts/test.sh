@@ -16,8 +16,22 @@ log() { printf '==> %s\n' "$*" >&2; }
 # Stop at exit what this run started (a broker or Redis already running is left alone).
 PETSTORE_STARTED_FILE="$(mktemp)"
 export PETSTORE_STARTED_FILE
-trap 'bash "$repo/scripts/services.sh" stop-started; rm -f "$PETSTORE_STARTED_FILE"' EXIT
-bash "$repo/scripts/services.sh" postgres redis kafka prometheus k6 schemathesis oidc-provider
+kafka_log="$(mktemp)"
+kafka_pid=""
+cleanup() {
+  if [[ -n "$kafka_pid" ]]; then kill -- "-$kafka_pid" 2>/dev/null || true; fi
+  bash "$repo/scripts/services.sh" stop-started
+  rm -f "$PETSTORE_STARTED_FILE" "$kafka_log"
+}
+trap cleanup EXIT
+# The broker's first install (cargo install tansu) is the longest step of a new machine's run:
+# it builds in the background, in a process group of its own, while the lints and the test
+# build run, and the tests wait for it.
+set -m
+bash "$repo/scripts/services.sh" kafka > "$kafka_log" 2>&1 &
+kafka_pid=$!
+set +m
+bash "$repo/scripts/services.sh" postgres redis prometheus k6 schemathesis oidc-provider
 export KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
 export PETSTORE_TEST_REDIS_URL="${PETSTORE_TEST_REDIS_URL:-redis://127.0.0.1:6379/0}"
 
@@ -58,9 +72,18 @@ if [[ $# -eq 0 ]]; then
   log "API contract (schemathesis against the real binary)"
   bash "$repo/scripts/contract.sh"
 fi
-log "tests"
+log "test build"
 profile=default
 [[ "${CI:-}" == "true" ]] && profile=ci
+cargo nextest run --workspace --locked --profile "$profile" --no-run
+log "waiting for the Kafka-protocol broker"
+if ! wait "$kafka_pid"; then
+  cat "$kafka_log" >&2
+  log "the broker could not be installed or started"; exit 1
+fi
+kafka_pid=""
+cat "$kafka_log" >&2
+log "tests"
 cargo nextest run --workspace --locked --profile "$profile" "$@"
 
 if [[ $# -eq 0 ]]; then

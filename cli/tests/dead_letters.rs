@@ -3,7 +3,7 @@
 //! fails again with the error (the type is still unknown), a skip discards it, and what it
 //! cannot do is refused with a non-zero exit.
 
-mod common;
+use crate::common;
 
 use std::process::{Command, Output};
 

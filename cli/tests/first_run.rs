@@ -2,7 +2,7 @@
 //! config folder, no variables), it serves the README's demo lines; a named environment
 //! without its file still stops the start.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

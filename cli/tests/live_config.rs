@@ -3,7 +3,7 @@
 //! one) changes the running service and is recorded as a change by `file`; an edit that does
 //! not validate changes nothing.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

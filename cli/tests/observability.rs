@@ -2,15 +2,15 @@
 //! receiver as one trace across Kafka, a replay starts new traces linked to the old ones,
 //! and its JSON log lines carry the request's ids and never a secret.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::common::{FreshDatabase, Service};
 use axum::body::Bytes;
 use axum::routing::post;
-use common::{FreshDatabase, Service};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use prost::Message;

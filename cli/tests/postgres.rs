@@ -1,11 +1,11 @@
 //! The real binary on Postgres: `DATABASE_URL` selects it, `migrate` builds the schema,
 //! `replay --dry-run` reads without writing.
 
-mod common;
+use crate::common;
 
 use std::process::Output;
 
-use common::FreshDatabase;
+use crate::common::FreshDatabase;
 
 fn petstore(database_url: &str, args: &[&str]) -> Output {
     common::petstore_command(&[

@@ -2,7 +2,7 @@
 //! (`config/local.yaml`'s users): log in as the seed does, use the token, meet the rate limit,
 //! and find neither a password nor a token in any log line.
 
-mod common;
+use crate::common;
 
 use serde_json::{json, Value};
 

@@ -191,7 +191,7 @@ impl Application {
                  roles in the same process, or set DATABASE_URL to split them",
             ));
         }
-        let metrics = Metrics::new().observe_pool(&database);
+        let metrics = Metrics::new().observe_pool(database.clone());
         let store = EventStore::new(database.clone(), settings.commands.max_conflict_retries)
             .with_metrics(metrics.clone());
         let live = Live::start(store.clone(), &settings, metrics.clone()).await?;

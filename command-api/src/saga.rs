@@ -320,7 +320,7 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
             if let Some(position) = position {
                 match stream::lag(database, position).await {
                     Ok(lag) => {
-                        self.metrics.saga_lag(lag);
+                        self.metrics.saga_lag(lag.events, lag.seconds);
                         self.progress.send_modify(|progress| progress.lag = lag);
                     }
                     Err(error) => tracing::debug!(%error, "measuring the saga lag failed"),

@@ -112,7 +112,10 @@ where
                 first_position = batch.first().map_or(0, |event| event.position.global_position),
                 correlation_id = %CorrelationId::generate(),
             );
-            telemetry::link_to_events(&span, &batch);
+            telemetry::link_to_all(
+                &span,
+                batch.iter().filter_map(stream::RecordedEvent::traceparent),
+            );
             applied += apply(batch).instrument(span).await?;
         }
         progress(read);

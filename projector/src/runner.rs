@@ -204,7 +204,7 @@ impl<P: Projection> Projector<P> {
                 Ok(lag) => {
                     self.progress.send_modify(|progress| progress.lag = lag);
                     if let Some(metrics) = &self.metrics {
-                        metrics.projection_lag(name, lag);
+                        metrics.projection_lag(name, lag.events, lag.seconds);
                     }
                 }
                 Err(error) => {
@@ -297,7 +297,10 @@ impl<P: Projection> Projector<P> {
                 first_position = events.first().map_or(0, |event| event.position.global_position),
                 correlation_id = %CorrelationId::generate(),
             );
-            telemetry::link_to_events(&span, &events);
+            telemetry::link_to_all(
+                &span,
+                events.iter().filter_map(stream::RecordedEvent::traceparent),
+            );
             let applied = self
                 .projection
                 .apply(&events, fence)

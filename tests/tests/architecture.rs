@@ -8,7 +8,12 @@ use serde_json::Value;
 
 /// Crates below the HTTP edge. Each crate split out of `platform/` that serves no HTTP joins
 /// this list (issue 27).
-const BELOW_THE_EDGE: [&str; 2] = ["petstore-domain", "petstore-settings"];
+const BELOW_THE_EDGE: [&str; 4] = [
+    "petstore-domain",
+    "petstore-settings",
+    "petstore-telemetry",
+    "petstore-event-store",
+];
 
 /// What serving HTTP would bring in.
 const HTTP_CRATES: [&str; 3] = ["axum", "tower-http", "tower_governor"];

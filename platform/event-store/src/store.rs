@@ -31,11 +31,11 @@ use crate::database::Database;
 mod group_commit;
 mod known;
 
-use crate::http::CorrelationId;
-use crate::metrics::Metrics;
-use crate::settings::Flag;
 use group_commit::GroupCommit;
 use known::{Known, KnownAggregates};
+use petstore_settings::Flag;
+use petstore_telemetry::metrics::Metrics;
+use petstore_telemetry::CorrelationId;
 
 /// The cqrs-es repository of whichever engine the service runs on.
 enum EventRepository {
@@ -531,7 +531,7 @@ impl EventStore {
             SETTINGS_VERSION_KEY.to_owned(),
             self.settings_version.load(Ordering::Relaxed).to_string(),
         );
-        if let Some(traceparent) = crate::telemetry::traceparent_of(&span.context()) {
+        if let Some(traceparent) = petstore_telemetry::traceparent_of(&span.context()) {
             stored.insert("traceparent".to_owned(), traceparent);
         }
         let committed = store

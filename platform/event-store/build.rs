@@ -1,4 +1,4 @@
 //! Rebuilds the platform crate when a migration changes: `sqlx::migrate!` embeds them.
 fn main() {
-    println!("cargo:rerun-if-changed=../migrations");
+    println!("cargo:rerun-if-changed=../../migrations");
 }

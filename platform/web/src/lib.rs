@@ -7,6 +7,12 @@
 //! [`RequestContext`] (so a [`Problem`] can name them), counts the request by route template,
 //! echoes both ids on the response, and turns any bare error response (unknown route, wrong
 //! method, a panic) into `application/problem+json`.
+//!
+//! The crate is the HTTP edge the APIs share (crate `petstore-web`): it owns problem+json,
+//! the request middleware, extractors and the health routes ([`health`]); it must not hold
+//! routes of a role or decide business outcomes.
+
+pub mod health;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -19,13 +25,14 @@ use axum::http::header::{self, HeaderName, HeaderValue};
 use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use uuid::Uuid;
 
-use crate::metrics::{Metrics, RequestLabels};
-use crate::telemetry;
+pub use petstore_telemetry::CorrelationId;
+
+use petstore_telemetry as telemetry;
+use petstore_telemetry::metrics::{Metrics, RequestLabels};
 
 /// The request and response header that carries the correlation id.
 pub const CORRELATION_ID_HEADER: HeaderName = HeaderName::from_static("x-correlation-id");
@@ -40,43 +47,6 @@ pub const FEATURE_FLAGS_HEADER: HeaderName = HeaderName::from_static("x-feature-
 
 /// The media type of problem responses.
 pub const PROBLEM_CONTENT_TYPE: &str = "application/problem+json";
-
-/// Ties together everything one request causes: logs, events, the saga, responses.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct CorrelationId(String);
-
-impl CorrelationId {
-    /// Longest accepted id.
-    pub const MAX_LEN: usize = 128;
-
-    /// A fresh id: a UUIDv7, time-ordered, so the correlation index of the events grows at
-    /// its right edge instead of at a random page per request.
-    pub fn generate() -> Self {
-        Self(Uuid::now_v7().to_string())
-    }
-
-    /// Accepts 1 to 128 characters of ASCII letters, digits and `-_.:`.
-    pub fn parse(input: &str) -> Option<Self> {
-        let valid = !input.is_empty()
-            && input.len() <= Self::MAX_LEN
-            && input
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
-        valid.then(|| Self(input.to_owned()))
-    }
-
-    /// The id as text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for CorrelationId {
-    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        formatter.write_str(&self.0)
-    }
-}
 
 /// What a handler may ask about the request it serves.
 #[derive(Debug, Clone)]
@@ -292,7 +262,7 @@ impl Problem {
         while let Some(current) = cause {
             if current
                 .downcast_ref::<sqlx::Error>()
-                .is_some_and(crate::database::unreachable)
+                .is_some_and(petstore_event_store::database::unreachable)
             {
                 tracing::error!(%error, "database unreachable");
                 return Self::unavailable("a database is unreachable; retry shortly");
@@ -615,9 +585,20 @@ impl From<petstore_domain::DomainError> for Problem {
     }
 }
 
-impl From<crate::stream::StreamError> for Problem {
-    fn from(error: crate::stream::StreamError) -> Self {
+impl From<petstore_event_store::stream::StreamError> for Problem {
+    fn from(error: petstore_event_store::stream::StreamError) -> Self {
         Self::from_failure(&error)
+    }
+}
+
+impl From<petstore_event_store::dead_letters::ActError> for Problem {
+    fn from(error: petstore_event_store::dead_letters::ActError) -> Self {
+        use petstore_event_store::dead_letters::ActError;
+        match &error {
+            ActError::NotFound(_) => Self::not_found(error.to_string()),
+            ActError::NotOpen(_) => Self::conflict(error.to_string()),
+            ActError::Database(cause) => Self::from_failure(cause),
+        }
     }
 }
 
@@ -689,7 +670,7 @@ impl TimeLimits {
     /// From the security settings; requests still running when `cutoff` turns true are
     /// answered at once.
     pub fn new(
-        settings: &crate::settings::SecuritySettings,
+        settings: &petstore_settings::SecuritySettings,
         cutoff: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         Self {

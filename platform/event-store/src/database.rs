@@ -1,6 +1,7 @@
 //! Connecting to the database that holds events (and, on Postgres, read models) and running
 //! the migrations of `migrations/postgres` or `migrations/sqlite`.
 
+use petstore_telemetry::health::{ComponentHealth, HealthCheck};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{PgPool, SqlitePool};
 
-use crate::settings::{DatabaseSettings, StorageSettings};
+use petstore_settings::{DatabaseSettings, StorageSettings};
 
 /// A connection pool to one of the two supported engines.
 #[derive(Debug, Clone)]
@@ -45,8 +46,8 @@ pub enum DatabaseError {
     Query(#[from] sqlx::Error),
 }
 
-static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
-static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite");
 
 /// Whether `error` means the database cannot be reached (as opposed to a failed statement).
 pub fn unreachable(error: &sqlx::Error) -> bool {
@@ -274,18 +275,6 @@ impl Database {
         }
     }
 
-    /// The pool's connections (open, of them idle) and its configured size.
-    pub fn pool_state(&self) -> (u32, u32, u32) {
-        fn state<DB: sqlx::Database>(pool: &sqlx::Pool<DB>) -> (u32, u32, u32) {
-            let idle = u32::try_from(pool.num_idle()).unwrap_or(u32::MAX);
-            (pool.size(), idle, pool.options().get_max_connections())
-        }
-        match self {
-            Self::Postgres(pool) => state(pool),
-            Self::Sqlite(pool) => state(pool),
-        }
-    }
-
     /// Closes the pool, waiting for connections in use.
     pub async fn close(&self) {
         match self {
@@ -399,6 +388,44 @@ fn lock_key(name: &str) -> i64 {
     i64::from_be_bytes([
         bytes[0], bytes[1], bytes[2], bytes[3], bytes[4], bytes[5], bytes[6], bytes[7],
     ])
+}
+
+/// The event store's database answers.
+pub struct EventStoreHealth(pub Database);
+
+impl HealthCheck for EventStoreHealth {
+    fn name(&self) -> String {
+        "event_store".to_owned()
+    }
+
+    fn essential(&self) -> bool {
+        true
+    }
+
+    fn check(&self) -> futures::future::BoxFuture<'_, ComponentHealth> {
+        Box::pin(async {
+            match self.0.ping().await {
+                Ok(()) => ComponentHealth::up(self.0.engine(), None),
+                Err(error) => {
+                    tracing::warn!(%error, "event store health check failed");
+                    ComponentHealth::down(self.0.engine(), "unreachable")
+                }
+            }
+        })
+    }
+}
+
+impl petstore_telemetry::metrics::PoolState for Database {
+    fn pool_state(&self) -> (u32, u32, u32) {
+        fn state<DB: sqlx::Database>(pool: &sqlx::Pool<DB>) -> (u32, u32, u32) {
+            let idle = u32::try_from(pool.num_idle()).unwrap_or(u32::MAX);
+            (pool.size(), idle, pool.options().get_max_connections())
+        }
+        match self {
+            Self::Postgres(pool) => state(pool),
+            Self::Sqlite(pool) => state(pool),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,3 +1,9 @@
+//! Logs, traces and metrics of the petstore: what an operator sees of a process.
+//!
+//! Owns the process's one `tracing` subscriber, W3C trace context in and out, the
+//! [`CorrelationId`] that ties a request's logs, events and responses together, and the
+//! [`metrics`] registry. Must not know HTTP, the database or Kafka: those record into it.
+//!
 //! Logs and traces: one `tracing` subscriber for the process.
 //!
 //! - **Logs**: JSON lines (or text for a terminal) filtered by `log.filter` or `RUST_LOG`
@@ -36,7 +42,49 @@ use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-use crate::settings::{LogFormat, LogSettings};
+use petstore_settings::{LogFormat, LogSettings};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+pub mod health;
+pub mod metrics;
+
+/// Ties together everything one request causes: logs, events, the saga, responses.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct CorrelationId(String);
+
+impl CorrelationId {
+    /// Longest accepted id.
+    pub const MAX_LEN: usize = 128;
+
+    /// A fresh id: a UUIDv7, time-ordered, so the correlation index of the events grows at
+    /// its right edge instead of at a random page per request.
+    pub fn generate() -> Self {
+        Self(Uuid::now_v7().to_string())
+    }
+
+    /// Accepts 1 to 128 characters of ASCII letters, digits and `-_.:`.
+    pub fn parse(input: &str) -> Option<Self> {
+        let valid = !input.is_empty()
+            && input.len() <= Self::MAX_LEN
+            && input
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+        valid.then(|| Self(input.to_owned()))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for CorrelationId {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(&self.0)
+    }
+}
 
 /// Telemetry could not be set up: a bad OpenTelemetry environment variable.
 #[derive(Debug, thiserror::Error)]
@@ -321,13 +369,10 @@ pub fn link_to(span: &tracing::Span, traceparent: Option<&str>) {
     }
 }
 
-/// Links `span` to the traces of `events` (the first [`MAX_LINKS`] that have one).
-pub fn link_to_events(span: &tracing::Span, events: &[crate::stream::RecordedEvent]) {
-    for traceparent in events
-        .iter()
-        .filter_map(crate::stream::RecordedEvent::traceparent)
-        .take(MAX_LINKS)
-    {
+/// Links `span` to the traces the `traceparents` name (the first [`MAX_LINKS`]): a batch
+/// links to the traces of the events it handles.
+pub fn link_to_all<'a>(span: &tracing::Span, traceparents: impl IntoIterator<Item = &'a str>) {
+    for traceparent in traceparents.into_iter().take(MAX_LINKS) {
         link_to(span, Some(traceparent));
     }
 }

@@ -5,7 +5,7 @@
 //! that a slow transaction commits late is never skipped. On SQLite one writer at a time makes
 //! `global_position` commit order by itself. Readers are woken by appends in their own process
 //! and by `NOTIFY petstore_events` from other processes (see
-//! [`crate::event_store::EventStore::notify_appends`]), and poll as a fallback. Subscribers
+//! [`crate::store::EventStore::notify_appends`]), and poll as a fallback. Subscribers
 //! keep durable checkpoints in `stream_checkpoints`; Postgres read models save theirs inside
 //! their own transaction ([`save_checkpoint_in`]).
 
@@ -21,7 +21,7 @@ use sqlx::{PgConnection, Row};
 use tokio::sync::watch;
 
 use crate::database::{Database, Fence};
-use crate::event_store::EventStore;
+use crate::store::EventStore;
 
 /// The Postgres notification channel appends are announced on.
 pub const EVENTS_CHANNEL: &str = "petstore_events";

@@ -16,9 +16,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::database::Database;
-use crate::stream::Lag;
-
 /// Buckets of request and provider-call latencies, in seconds: 1 ms to 10 s.
 const LATENCY_BUCKETS: [f64; 14] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -182,6 +179,12 @@ pub const BREAKER_HALF_OPEN: i64 = 1;
 /// `petstore_circuit_breaker_state` of an open breaker (calls fail fast).
 pub const BREAKER_OPEN: i64 = 2;
 
+/// A connection pool whose state `petstore_db_pool_*` reports (the event store's).
+pub trait PoolState: Send + Sync {
+    /// The pool's connections (open, of them idle) and its configured size.
+    fn pool_state(&self) -> (u32, u32, u32);
+}
+
 /// Every metric of the service.
 #[derive(Clone)]
 pub struct Metrics {
@@ -267,7 +270,7 @@ pub struct Metrics {
     pub order_update_delay: Histogram,
     /// Order-update connections ended, by reason.
     pub order_update_closes: Family<UpdateCloseLabels, Counter>,
-    pool: Option<Database>,
+    pool: Option<Arc<dyn PoolState>>,
 }
 
 impl Default for Metrics {
@@ -473,7 +476,7 @@ impl Metrics {
             "Feature-flag decisions, by flag and the variant served (on or off)",
             feature_flag_evaluations.clone(),
         );
-        for flag in crate::settings::Flag::ALL {
+        for flag in petstore_settings::Flag::ALL {
             for variant in ["on", "off"] {
                 feature_flag_evaluations
                     .get_or_create(&FlagLabels {
@@ -630,9 +633,9 @@ impl Metrics {
         }
     }
 
-    /// Reports `database`'s pool in `petstore_db_pool_*` (read each time metrics render).
-    pub fn observe_pool(mut self, database: &Database) -> Self {
-        self.pool = Some(database.clone());
+    /// Reports `pool` in `petstore_db_pool_*` (read each time metrics render).
+    pub fn observe_pool(mut self, pool: impl PoolState + 'static) -> Self {
+        self.pool = Some(Arc::new(pool));
         self
     }
 
@@ -750,28 +753,29 @@ impl Metrics {
     }
 
     /// Records how far a projection is behind.
-    pub fn projection_lag(&self, projection: &str, lag: Lag) {
+    /// Records how far a projection is behind: `events` unhandled, the oldest `seconds` old.
+    pub fn projection_lag(&self, projection: &str, events: i64, seconds: f64) {
         let labels = ProjectionLabels {
             projection: projection.to_owned(),
         };
         self.projection_lag_events
             .get_or_create(&labels)
-            .set(lag.events);
+            .set(events);
         self.projection_lag_seconds
             .get_or_create(&labels)
-            .set(lag.seconds);
+            .set(seconds);
     }
 
-    /// Records how far the saga runner is behind.
-    pub fn saga_lag(&self, lag: Lag) {
-        self.saga_lag_events.set(lag.events);
-        self.saga_lag_seconds.set(lag.seconds);
+    /// Records how far the saga runner is behind: `events` unhandled, the oldest `seconds` old.
+    pub fn saga_lag(&self, events: i64, seconds: f64) {
+        self.saga_lag_events.set(events);
+        self.saga_lag_seconds.set(seconds);
     }
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
-        if let Some(database) = &self.pool {
-            let (size, idle, max) = database.pool_state();
+        if let Some(pool) = &self.pool {
+            let (size, idle, max) = pool.pool_state();
             let in_use = size.saturating_sub(idle);
             self.pool_connections
                 .get_or_create(&PoolLabels { state: "in_use" })

@@ -1,0 +1,19 @@
+//! The petstore's event store: everything the service keeps in its one database.
+//!
+//! Owns the database (Postgres or embedded SQLite) and its migrations, loading aggregates and
+//! appending their events (optimistic concurrency, group commit), the global gap-free stream
+//! with durable checkpoints, the saga's durable deadlines and the dead letters. Must not know
+//! HTTP, Kafka or Redis, and decides no business outcome: that is `petstore-domain`'s job.
+//!
+//! # Layout
+//! - [`database`]: connecting to Postgres or SQLite, the migrations, locks and fencing.
+//! - [`store`]: loading aggregates and appending their events, with metadata.
+//! - [`stream`]: the global, gap-free event stream, durable checkpoints, audit queries.
+//! - [`deadlines`]: durable saga step deadlines.
+//! - [`dead_letters`]: events a consumer set aside, and what an operator does with them.
+
+pub mod database;
+pub mod dead_letters;
+pub mod deadlines;
+pub mod store;
+pub mod stream;

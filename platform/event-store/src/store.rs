@@ -37,6 +37,9 @@ use petstore_settings::Flag;
 use petstore_telemetry::metrics::Metrics;
 use petstore_telemetry::CorrelationId;
 
+/// The Postgres notification channel appends are announced on (the stream listens to it).
+pub const EVENTS_CHANNEL: &str = "petstore_events";
+
 /// The cqrs-es repository of whichever engine the service runs on.
 enum EventRepository {
     /// postgres-es, and the group commit of appends.
@@ -401,7 +404,7 @@ impl EventStore {
             }
             appended.borrow_and_update();
             if let Err(error) = sqlx::query("SELECT pg_notify($1, '')")
-                .bind(crate::stream::EVENTS_CHANNEL)
+                .bind(EVENTS_CHANNEL)
                 .execute(pool)
                 .await
             {

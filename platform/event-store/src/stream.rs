@@ -21,10 +21,7 @@ use sqlx::{PgConnection, Row};
 use tokio::sync::watch;
 
 use crate::database::{Database, Fence};
-use crate::store::EventStore;
-
-/// The Postgres notification channel appends are announced on.
-pub const EVENTS_CHANNEL: &str = "petstore_events";
+use crate::store::{EventStore, EVENTS_CHANNEL};
 
 /// A place in the global stream; "after this event". Ordered as the stream is.
 #[derive(

@@ -66,12 +66,6 @@ log "formatting"
 cargo fmt --all --check
 log "lints"
 cargo clippy --workspace --all-targets --locked -- -D warnings
-if [[ $# -eq 0 ]]; then
-  log "load script smoke run (k6, 5 s against the real binary)"
-  bash "$repo/scripts/load.sh" --smoke
-  log "API contract (schemathesis against the real binary)"
-  bash "$repo/scripts/contract.sh"
-fi
 log "test build"
 profile=default
 [[ "${CI:-}" == "true" ]] && profile=ci
@@ -83,6 +77,13 @@ if ! wait "$kafka_pid"; then
 fi
 kafka_pid=""
 cat "$kafka_log" >&2
+# The smoke run and the contract check start the service with KAFKA_BROKERS: after the broker.
+if [[ $# -eq 0 ]]; then
+  log "load script smoke run (k6, 5 s against the real binary)"
+  bash "$repo/scripts/load.sh" --smoke
+  log "API contract (schemathesis against the real binary)"
+  bash "$repo/scripts/contract.sh"
+fi
 log "tests"
 cargo nextest run --workspace --locked --profile "$profile" "$@"
 

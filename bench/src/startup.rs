@@ -23,7 +23,6 @@ use anyhow::Context as _;
 use clap::Parser;
 use petstore_bench::saga_log::{order_status, token, until_ready, Template};
 use petstore_cli::{Application, Role};
-use petstore_command_api::saga;
 use petstore_platform::database::Database;
 use petstore_platform::settings::{LogFormat, Settings};
 use petstore_platform::stream::{self, StreamPosition};
@@ -87,7 +86,13 @@ async fn load(
 ) -> anyhow::Result<(String, String)> {
     let database = Database::Sqlite(pool.clone());
     let orders = template.append(&database, from, to).await?;
-    stream::save_checkpoint(&database, saga::CHECKPOINT, head(pool).await?, None).await?;
+    stream::save_checkpoint(
+        &database,
+        petstore_saga::CHECKPOINT,
+        head(pool).await?,
+        None,
+    )
+    .await?;
     sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
         .execute(pool)
         .await?;

@@ -15,8 +15,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cqrs_es::Aggregate;
-use petstore_command_api::providers::{SimulatedDeliveryProvider, SimulatedPaymentGateway};
-use petstore_command_api::saga::SagaRunner;
 use petstore_domain::order::{Order, OrderCommand, OrderRequest, OrderStatus};
 use petstore_domain::payment::Payment;
 use petstore_domain::pet::{Pet, PetCommand, PetDetails};
@@ -28,6 +26,8 @@ use petstore_platform::metrics::Metrics;
 use petstore_platform::resilience::Policies;
 use petstore_platform::settings::Settings;
 use petstore_platform::stream::{self, RecordedEvent};
+use petstore_saga::providers::{SimulatedDeliveryProvider, SimulatedPaymentGateway};
+use petstore_saga::SagaRunner;
 
 use crate::{Application, Role};
 

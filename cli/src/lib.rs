@@ -4,49 +4,35 @@
 //!
 //! # Layout
 //! - [`Application`]: build (connect, migrate, seed, bind), then run until stopped.
+//! - `wiring`: the infrastructure every role shares, and one wiring function per role.
 //! - [`Role`]: which parts of the service this process runs.
 //! - [`Shutdown`]: the signal that stops a running application gracefully.
 
 pub mod chaos;
+mod wiring;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::error_handling::HandleErrorLayer;
-use axum::extract::DefaultBodyLimit;
-use axum::http::header::{self, HeaderName, HeaderValue};
-use axum::http::Method;
-use axum::routing::get;
 use axum::Router;
-use petstore_command_api::providers::{SimulatedDeliveryProvider, SimulatedPaymentGateway};
-use petstore_command_api::saga::{SagaRunner, SagaRunnerHealth};
-use petstore_command_api::{CommandApiDoc, CommandState};
+use petstore_command_api::CommandApiDoc;
 use petstore_platform::auth::{self, AuthError, Security};
-use petstore_platform::bus::{BusError, KafkaBus};
-use petstore_platform::cache::{Cache, CacheError};
+use petstore_platform::bus::BusError;
+use petstore_platform::cache::CacheError;
 use petstore_platform::database::{Database, DatabaseError};
-use petstore_platform::event_store::EventStore;
-use petstore_platform::health::{EventStoreHealth, HealthState};
 use petstore_platform::http;
-use petstore_platform::live::Live;
 use petstore_platform::metrics::Metrics;
-use petstore_platform::resilience::Policies;
-use petstore_platform::settings::{KafkaSettings, SecuritySettings, Settings, SettingsError};
-use petstore_projector::health::{
-    ProjectionHealth, ReadModelsHealth, ReadModelsReadiness, RedisHealth,
-};
-use petstore_projector::read_models::CHECKPOINT;
-use petstore_projector::{KafkaProjection, Owner, Projector, ReadModels, RedisViews};
-use petstore_query_api::updates::OrderUpdates;
-use petstore_query_api::{QueryApiDoc, QueryState};
+use petstore_platform::settings::{SecuritySettings, Settings, SettingsError};
+use petstore_query_api::QueryApiDoc;
+use petstore_saga::providers::SimulatedPaymentGateway;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::cors::{AllowOrigin, CorsLayer};
 use utoipa::OpenApi;
+
+use wiring::{Infrastructure, Wiring};
 
 /// A part of the service a process can run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum)]
@@ -166,8 +152,9 @@ pub struct Application {
 }
 
 impl Application {
-    /// Connects to the store (migrating it unless told not to), seeds the demo catalog,
-    /// starts the projector and binds the listener, for the given roles.
+    /// Connects the infrastructure every role shares (`wiring::Infrastructure::connect`: the
+    /// store, migrated unless told not to, the live settings, Redis, Kafka, the read
+    /// models), wires each of `roles` into the process, and binds the listener.
     pub async fn build(
         mut settings: Settings,
         roles: &BTreeSet<Role>,
@@ -178,233 +165,36 @@ impl Application {
         settings.validate()?;
         let cutoff = watch::channel(false).0;
         let limits = time_limits(&settings.security, cutoff.subscribe())?;
-        let database = Database::connect(&settings.database, &settings.storage).await?;
-        if settings.database.migrate_on_start {
-            database.migrate().await?;
-        }
-        let serves_queries = roles.contains(&Role::Query);
-        if matches!(database, Database::Sqlite(_))
-            && serves_queries != roles.contains(&Role::Projector)
-        {
-            return Err(StartupError::Roles(
-                "the embedded store keeps read models in memory: run the query and projector \
-                 roles in the same process, or set DATABASE_URL to split them",
-            ));
-        }
-        let metrics = Metrics::new().observe_pool(database.clone());
-        let store = EventStore::new(database.clone(), settings.commands.max_conflict_retries)
-            .with_metrics(metrics.clone());
-        let live = Live::start(store.clone(), &settings, metrics.clone()).await?;
-        if roles.contains(&Role::Command) && settings.catalog.seed_demo_pets {
-            let added = petstore_command_api::catalog::seed_demo_catalog(&store)
-                .await
-                .map_err(|error| StartupError::Seed(error.to_string()))?;
-            if added > 0 {
-                tracing::info!(added, "seeded the demo catalog");
-            }
-        }
-        let policies = Policies::new(&live, &metrics);
-        let store_id = database.store_id().await?;
-        let redis = match &settings.redis.url {
-            Some(_) => {
-                let views = RedisViews::new(
-                    Cache::connect(&settings.redis, policies.redis.clone())?,
-                    Duration::from_secs(settings.redis.browse_ttl_seconds),
-                )
-                .bound_to(&store_id)
-                .with_dead_letters(database.clone());
-                claim_redis(
-                    &views,
-                    &database,
-                    &store_id,
-                    roles.contains(&Role::Projector),
-                )
-                .await?;
-                Some(views)
-            }
-            None => None,
-        };
         let shutdown = Shutdown::new();
-        let payments = Arc::new(SimulatedPaymentGateway::new(live.clone()));
-        let deliveries = Arc::new(SimulatedDeliveryProvider::new(live.clone()));
-        let mut workers = vec![tokio::spawn(live.clone().run(shutdown.wait()))];
-        if roles.contains(&Role::Command) || roles.contains(&Role::Saga) {
-            workers.push(tokio::spawn(store.clone().notify_appends(shutdown.wait())));
-        }
-        // The embedded store's read models live in the memory of the process serving them,
-        // loaded from its snapshot; Postgres's are shared tables.
-        let read_models = if serves_queries || matches!(database, Database::Postgres(_)) {
-            Some(
-                ReadModels::open(&database)
-                    .await
-                    .map_err(petstore_projector::ProjectionError::from)?,
-            )
-        } else {
-            None
-        };
-        if settings.kafka.brokers.is_some()
-            && (roles.contains(&Role::Projector) || roles.contains(&Role::Saga))
-        {
-            check_kafka_topics(&settings.kafka, &store_id).await?;
-        }
-        let bus = match &settings.kafka.brokers {
-            Some(_) => Some(
-                KafkaBus::new(&settings.kafka, &store_id, policies.kafka.clone())?
-                    .with_metrics(metrics.clone()),
-            ),
-            None => None,
-        };
-        let mut health = HealthState::default();
-        health.add(EventStoreHealth(database.clone()));
-        health.add(petstore_platform::dead_letters::DeadLetterHealth(
-            database.clone(),
-        ));
-        let mut own_read_models_progress = None;
+        let mut infrastructure = Infrastructure::connect(&settings, roles, &shutdown).await?;
+        let mut wiring = Wiring::new(&mut infrastructure);
+        let payments = Arc::new(SimulatedPaymentGateway::new(infrastructure.live.clone()));
         if roles.contains(&Role::Projector) {
-            let mut spawn = |name: &'static str, progress: watch::Receiver<_>, task| {
-                if name == CHECKPOINT {
-                    own_read_models_progress = Some(progress.clone());
-                }
-                health.add(ProjectionHealth { name, progress });
-                workers.push(tokio::spawn(task));
-            };
-            if let Some(read_models) = &read_models {
-                let projector = Projector::new(
-                    store.clone(),
-                    read_models.clone(),
-                    settings.projector.clone(),
-                )
-                .with_metrics(metrics.clone());
-                spawn(
-                    CHECKPOINT,
-                    projector.progress(),
-                    boxed(projector.run(shutdown.wait())),
-                );
-            }
-            if let Some(redis) = &redis {
-                let projector =
-                    Projector::new(store.clone(), redis.clone(), settings.projector.clone())
-                        .with_metrics(metrics.clone());
-                spawn(
-                    petstore_projector::redis_views::CHECKPOINT,
-                    projector.progress(),
-                    boxed(projector.run(shutdown.wait())),
-                );
-            }
-            if let Some(bus) = &bus {
-                let kafka = KafkaProjection::new(bus.clone(), database.clone());
-                let projector = Projector::new(store.clone(), kafka, settings.projector.clone())
-                    .with_metrics(metrics.clone());
-                spawn(
-                    petstore_projector::kafka::CHECKPOINT,
-                    projector.progress(),
-                    boxed(projector.run(shutdown.wait())),
-                );
-            }
+            wiring.projector(&infrastructure, &settings, &shutdown);
         }
         if roles.contains(&Role::Saga) {
-            let runner = SagaRunner::new(
-                store.clone(),
-                settings.saga.clone(),
-                policies.clone(),
-                payments.clone(),
-                deliveries,
-                metrics.clone(),
-                live.clone(),
-            );
-            let runner = match bus {
-                Some(_) => runner.with_kafka(settings.kafka.clone()),
-                None => runner,
-            };
-            health.add(SagaRunnerHealth(runner.progress()));
-            workers.push(tokio::spawn(runner.run(shutdown.wait())));
+            wiring.saga(&infrastructure, &settings, payments.clone(), &shutdown);
         }
-
-        let security =
-            Security::build(&settings.security, &database, &metrics, &policies.oidc).await?;
-        workers.push(tokio::spawn(
-            security.rate_limits().clone().evict_until(shutdown.wait()),
-        ));
-        live.apply_to(security.rate_limits().clone(), &settings);
-        let mut router = Router::new()
-            .merge(security.router())
-            .merge(petstore_platform::live::http::router(
-                live.clone(),
-                policies.clone(),
-            ))
-            .merge(petstore_platform::dead_letters::router(database.clone()))
-            .route("/petstore-domain/openapi.json", get(openapi));
+        let security = Security::build(
+            &settings.security,
+            &infrastructure.database,
+            &infrastructure.metrics,
+            &infrastructure.policies.oidc,
+        )
+        .await?;
+        wiring.admin(&infrastructure, &settings, &security, &shutdown);
         if roles.contains(&Role::Command) {
-            router = router.merge(petstore_command_api::router(CommandState {
-                store: store.clone(),
-                live: live.clone(),
-                providers: settings.providers.clone(),
-                policies: policies.clone(),
-                payments,
-                metrics: metrics.clone(),
-            }));
+            wiring.command(&infrastructure, &settings, payments);
         }
-        // On Postgres the read models are shared: they are ready once their checkpoint
-        // reaches what the log held now (the demo catalog just seeded included).
-        let readiness = match (&database, own_read_models_progress) {
-            _ if !serves_queries => ReadModelsReadiness::NotServing,
-            (Database::Postgres(_), _) => ReadModelsReadiness::SharedCheckpoint(
-                petstore_platform::stream::head_position(&database).await?,
-            ),
-            (Database::Sqlite(_), Some(progress)) => ReadModelsReadiness::OwnProjector(progress),
-            (Database::Sqlite(_), None) => ReadModelsReadiness::NotServing,
-        };
-        if let Some(read_models) = &read_models {
-            health.add(ReadModelsHealth::new(read_models.clone(), readiness));
+        wiring
+            .read_model_health(&infrastructure, roles.contains(&Role::Query))
+            .await?;
+        if roles.contains(&Role::Query) {
+            wiring.query(&infrastructure, &settings, &security, &shutdown);
         }
-        if let Some(redis) = &redis {
-            health.add(RedisHealth(redis.clone()));
-        }
-        if let (true, Some(read_models)) = (roles.contains(&Role::Query), read_models) {
-            let updates = OrderUpdates::new(
-                read_models.clone(),
-                settings.http.order_updates.clone(),
-                metrics.clone(),
-            );
-            workers.push(tokio::spawn(updates.clone().run(shutdown.wait())));
-            router = router.merge(petstore_query_api::router(QueryState {
-                updates,
-                security_audit: security.audit().clone(),
-                read_models,
-                redis,
-                database: database.clone(),
-                consistency_wait: Duration::from_millis(settings.http.consistency_wait_ms),
-                metrics: metrics.clone(),
-                live: live.clone(),
-                dead_letters: Default::default(),
-            }));
-        }
-        // Load shedding covers the API; health and metrics answer however busy it is.
-        let limit = settings.http.max_concurrent_requests;
-        let shed_metrics = metrics.clone();
-        let router = router
-            .layer(
-                tower::ServiceBuilder::new()
-                    .layer(HandleErrorLayer::new(move |_: tower::BoxError| {
-                        shed_metrics.requests_shed.inc();
-                        std::future::ready(http::Problem::overloaded(limit))
-                    }))
-                    .layer(tower::load_shed::LoadShedLayer::new())
-                    .layer(tower::limit::GlobalConcurrencyLimitLayer::new(limit)),
-            )
-            .merge(petstore_platform::health::router(health))
-            .route("/metrics", get(serve_metrics).with_state(metrics.clone()))
-            .fallback(http::not_found);
-        let router = router
-            .layer(DefaultBodyLimit::max(settings.http.body_limit_bytes))
-            .layer(CatchPanicLayer::new())
-            .layer(axum::middleware::from_fn_with_state(
-                limits,
-                http::time_limit,
-            ))
-            .layer(axum::middleware::from_fn_with_state(security, auth::guard))
-            .layer(tower::util::option_layer(cors(&settings.security)))
-            .layer(axum::middleware::from_fn_with_state(metrics, http::observe));
+        let workers = std::mem::take(&mut wiring.workers);
+        let router =
+            wiring.into_router(&settings, limits, security, infrastructure.metrics.clone());
 
         let address = settings.http.listen;
         let listener = TcpListener::bind(address)
@@ -413,7 +203,7 @@ impl Application {
         Ok(Self {
             listener,
             router,
-            database,
+            database: infrastructure.database,
             workers,
             shutdown,
             drain: Duration::from_millis(settings.http.shutdown_drain_ms),
@@ -481,81 +271,6 @@ impl Application {
     }
 }
 
-/// Makes sure the Redis prefix holds this event store's views before anything reads it:
-/// another store's are deleted and rebuilt by a process that projects (holding the
-/// projection's lock), and refused by one that does not.
-/// Refuses topics that hold another event store's events. A broker that does not answer
-/// never stops the service: the relay checks the topics again before it publishes, and the
-/// saga runner skips any message not of this store.
-async fn check_kafka_topics(settings: &KafkaSettings, store_id: &str) -> Result<(), StartupError> {
-    match petstore_platform::bus::check_topic_owner(settings, store_id).await {
-        Ok(()) => Ok(()),
-        Err(error @ BusError::ForeignTopics { .. }) => Err(error.into()),
-        Err(error) => {
-            tracing::warn!(%error, "Kafka is unreachable: its topics are checked to be this store's when the relay connects");
-            Ok(())
-        }
-    }
-}
-
-async fn claim_redis(
-    views: &RedisViews,
-    database: &Database,
-    store: &str,
-    projects: bool,
-) -> Result<(), StartupError> {
-    let owner = match views.owner(store).await {
-        Ok(owner) => owner,
-        Err(error) => {
-            // Redis down never stops the service: the projection claims the prefix when it
-            // connects, before it writes anything.
-            tracing::warn!(%error, "Redis is unreachable: its views are checked to be this store's when the Redis projection connects");
-            return Ok(());
-        }
-    };
-    let other = match &owner {
-        Owner::This => return Ok(()),
-        Owner::Nobody if !projects => return Ok(()),
-        Owner::Nobody => None,
-        Owner::Another(other) => Some(other.clone().unwrap_or_else(|| "unknown".to_owned())),
-    };
-    let foreign = |remedy| StartupError::ForeignRedis {
-        prefix: views.cache().prefix().to_owned(),
-        store: store.to_owned(),
-        other: other.clone().unwrap_or_default(),
-        remedy,
-    };
-    if !projects {
-        return Err(foreign(
-            "start a process with the projector role to rebuild it",
-        ));
-    }
-    let lock = database
-        .try_lock(&format!(
-            "projection:{}",
-            petstore_projector::redis_views::CHECKPOINT
-        ))
-        .await?;
-    if lock.is_none() {
-        if other.is_none() {
-            // Empty, and the active projector of this store fills it.
-            return Ok(());
-        }
-        return Err(foreign(
-            "the projector of this store that holds the Redis projection has not claimed it; restart it",
-        ));
-    }
-    if let Owner::Another(_) = views.claim(store).await? {
-        tracing::warn!(
-            prefix = views.cache().prefix(),
-            other = other.as_deref().unwrap_or_default(),
-            store,
-            "the Redis prefix held another event store's views: deleted; rebuilding from this store's log"
-        );
-    }
-    Ok(())
-}
-
 /// The routes' time limits, each configured route checked against the routes served.
 fn time_limits(
     settings: &SecuritySettings,
@@ -585,41 +300,6 @@ fn time_limits(
         }
     }
     Ok(timeouts)
-}
-
-/// CORS: off (no layer, no headers at all) unless origins are configured.
-fn cors(settings: &SecuritySettings) -> Option<CorsLayer> {
-    if settings.cors_allowed_origins.is_empty() {
-        return None;
-    }
-    let origins: Vec<HeaderValue> = settings
-        .cors_allowed_origins
-        .iter()
-        .filter_map(|origin| HeaderValue::from_str(origin).ok())
-        .collect();
-    let layer = CorsLayer::new()
-        .allow_origin(AllowOrigin::list(origins))
-        .allow_methods([Method::GET, Method::POST, Method::PUT])
-        .allow_headers([
-            header::AUTHORIZATION,
-            header::CONTENT_TYPE,
-            HeaderName::from_static("idempotency-key"),
-            HeaderName::from_static("x-correlation-id"),
-            HeaderName::from_static("x-consistency-token"),
-        ])
-        .expose_headers([
-            HeaderName::from_static("x-correlation-id"),
-            HeaderName::from_static("x-consistency-token"),
-            header::RETRY_AFTER,
-            header::LOCATION,
-        ]);
-    Some(layer)
-}
-
-type Task = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
-
-fn boxed(task: impl std::future::Future<Output = ()> + Send + 'static) -> Task {
-    Box::pin(task)
 }
 
 /// The routes every process serves besides the command and query APIs.

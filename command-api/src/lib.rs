@@ -8,10 +8,9 @@
 //! - [`orders`]: `POST /petstore-domain/orders` and its legacy alias `/create-order`.
 //! - [`payments`]: `POST /petstore-domain/payments` and its legacy alias `/process-payment`.
 //! - [`catalog`]: creating the demo pets as events on first start.
-//! - [`providers`]: simulated payment gateway and delivery provider, and the timeout and
-//!   retry policy around every call to them.
-//! - [`saga`]: the saga runner: the order-fulfilment saga driven from the event stream,
-//!   and its deadlines.
+//!
+//! The providers it calls (`POST /payments` charges through the payment gateway) are the
+//! saga crate's ([`petstore_saga::providers`]).
 
 use std::sync::Arc;
 
@@ -19,12 +18,11 @@ use axum::Router;
 use petstore_platform::event_store::EventStore;
 use petstore_platform::metrics::Metrics;
 use petstore_platform::settings::ProvidersSettings;
+use petstore_saga::providers;
 
 pub mod catalog;
 pub mod orders;
 pub mod payments;
-pub mod providers;
-pub mod saga;
 
 /// What the command handlers need.
 #[derive(Clone)]

@@ -26,7 +26,9 @@ use petstore_platform::stream;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::{providers, CommandState};
+use petstore_saga::providers;
+
+use crate::CommandState;
 
 /// The payment routes.
 pub fn router() -> axum::Router<CommandState> {

@@ -35,9 +35,11 @@ use crate::settings::{canonical, ProxyBlock, RoleName, SecuritySettings, UserSet
 
 pub mod login;
 pub mod oidc;
+pub mod rejection;
 pub mod tokens;
 
-pub use tokens::{NoCustomerId, TokenRejection, TokenVerifier, VerifiedToken};
+pub use rejection::{NoCustomerId, TokenRejection};
+pub use tokens::{TokenVerifier, VerifiedToken};
 
 /// Routes anyone may call without a token (route templates, as axum matched them).
 /// `unmatched` is a path no route serves: it answers 404 and reveals nothing.
@@ -485,6 +487,7 @@ pub async fn guard(State(security): State<Security>, mut request: Request, next:
         },
     };
     request.extensions_mut().insert(caller.clone());
+    request.extensions_mut().insert(caller.rate_key());
 
     // Logins have quotas of their own, per username and per address (see `login`).
     let route_key = format!("{} {}", route.method, route.template);

@@ -35,7 +35,6 @@ use tokio::sync::{mpsc, watch};
 use crate::event_store::{EventMetadata, EventStore};
 use crate::http::{CorrelationId, RequestContext};
 use crate::metrics::{FlagLabels, Metrics};
-use crate::rate_limit::RateLimits;
 use crate::settings::{
     Flag, LiveReloadSettings, LiveSettings, SettingChange, Settings, SettingsError,
 };
@@ -326,7 +325,8 @@ pub struct Live {
 
 /// The rate limits and log filter a process applied, and what it applied last.
 struct Applied {
-    rate_limits: RateLimits,
+    /// Replaces the process's rate limits.
+    replace_rate_limits: Box<dyn Fn(&crate::settings::RateLimitSettings) + Send + Sync>,
     limits: crate::settings::RateLimitSettings,
     filter: String,
 }
@@ -582,11 +582,16 @@ impl Live {
 
     /// From now on applies every new version, as it is published (before the request that
     /// made it is answered), to what does not read the settings at each decision: the rate
-    /// limits (swapped whole; their counts start afresh) and the log filter. `started` is
-    /// what they were built with; the version in force now is applied at once.
-    pub fn apply_to(&self, rate_limits: RateLimits, started: &Settings) {
+    /// limits (swapped whole by `replace_rate_limits`; their counts start afresh) and the log
+    /// filter. `started` is what they were built with; the version in force now is applied
+    /// at once.
+    pub fn apply_to(
+        &self,
+        replace_rate_limits: impl Fn(&crate::settings::RateLimitSettings) + Send + Sync + 'static,
+        started: &Settings,
+    ) {
         let applied = Applied {
-            rate_limits,
+            replace_rate_limits: Box::new(replace_rate_limits),
             limits: started.security.rate_limits.clone(),
             filter: started.log.filter.clone(),
         };
@@ -610,7 +615,7 @@ impl Live {
         let wanted = &snapshot.settings;
         if wanted.security.rate_limits != applied.limits {
             applied.limits = wanted.security.rate_limits.clone();
-            applied.rate_limits.replace(&applied.limits);
+            (applied.replace_rate_limits)(&applied.limits);
             tracing::info!(version = snapshot.version, "rate limits replaced");
         }
         if wanted.log.filter != applied.filter {

@@ -3,7 +3,8 @@
 //!
 //! Each quota is a keyed GCRA limiter built by tower-governor's [`GovernorConfigBuilder`]
 //! (a burst of the whole per-minute quota, replenished evenly over the minute), keyed by
-//! tower-governor's [`KeyExtractor`] over the authenticated [`Caller`]. Its `GovernorLayer`
+//! tower-governor's [`KeyExtractor`] over the [`RateKey`] the authentication middleware put in
+//! the request (the caller's subject, or its address when anonymous). Its `GovernorLayer`
 //! is not used as the middleware: it fixes quotas when the router is built and answers in
 //! plain text, where ours are swapped at run time ([`RateLimits::replace`]) and answer
 //! problem+json with the IETF `RateLimit-Policy` and `RateLimit` fields.
@@ -23,7 +24,6 @@ use tower_governor::governor::{GovernorConfig, GovernorConfigBuilder};
 use tower_governor::key_extractor::KeyExtractor;
 use tower_governor::GovernorError;
 
-use crate::auth::Caller;
 use crate::settings::RateLimitSettings;
 
 /// Who a quota counts requests of.
@@ -47,7 +47,7 @@ impl std::fmt::Display for RateKey {
     }
 }
 
-/// Keys a request by the [`Caller`] the authentication middleware put in its extensions.
+/// Keys a request by the [`RateKey`] the authentication middleware put in its extensions.
 #[derive(Debug, Clone, Copy)]
 pub struct CallerKey;
 
@@ -57,8 +57,8 @@ impl KeyExtractor for CallerKey {
     fn extract<T>(&self, request: &Request<T>) -> Result<RateKey, GovernorError> {
         request
             .extensions()
-            .get::<Caller>()
-            .map(Caller::rate_key)
+            .get::<RateKey>()
+            .cloned()
             .ok_or(GovernorError::UnableToExtractKey)
     }
 }
@@ -388,7 +388,9 @@ mod tests {
         let limits = RateLimits::new(&settings(1));
         let request = |subject: &str| {
             let mut request = Request::new(());
-            request.extensions_mut().insert(Caller::for_tests(subject));
+            request
+                .extensions_mut()
+                .insert(RateKey::Subject(subject.to_owned()));
             request
         };
         assert!(matches!(

@@ -8,8 +8,30 @@ use petstore_platform::database::{Database, Fence};
 use petstore_platform::dead_letters::DeadLetter;
 use petstore_platform::stream::{RecordedEvent, StreamError, StreamPosition};
 
-use crate::read_models::ReadModelError;
 use crate::views::DecodeError;
+
+/// A read model could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadModelError {
+    /// The database failed.
+    #[error("read model query failed: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Saving the checkpoint failed.
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    /// A stored event could not be decoded.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// A stored document does not match the view's shape.
+    #[error("stored read-model document is malformed: {0}")]
+    Document(#[from] serde_json::Error),
+}
+
+impl From<ReadModelError> for petstore_platform::http::Problem {
+    fn from(error: ReadModelError) -> Self {
+        Self::from_failure(&error)
+    }
+}
 
 /// A projection failed; the projector retries from the last checkpoint.
 #[derive(Debug, thiserror::Error)]

@@ -13,17 +13,18 @@ use std::time::Instant;
 
 use petstore_domain::{OrderId, PetCategory, PetId};
 use petstore_platform::database::{Database, Fence};
-use petstore_platform::stream::{self, RecordedEvent, StreamError, StreamPosition};
+use petstore_platform::stream::{self, RecordedEvent, StreamPosition};
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use tokio::sync::{broadcast, RwLock};
 
 use petstore_platform::dead_letters::{self, DeadLetter};
 
+pub use crate::projection::ReadModelError;
 use crate::projection::Refolded;
 use crate::refold;
 use crate::snapshot::{self, Loaded};
-use crate::views::{DecodeError, OrderStatusView, PetView, Poisoned, ViewBatch};
+use crate::views::{OrderStatusView, PetView, Poisoned, ViewBatch};
 
 impl crate::projection::Projection for ReadModels {
     fn name(&self) -> &'static str {
@@ -136,29 +137,6 @@ pub(crate) async fn set_aside(
 
 /// The checkpoint name of the read models' projection.
 pub const CHECKPOINT: &str = "read_models";
-
-/// A read model could not be read or written.
-#[derive(Debug, thiserror::Error)]
-pub enum ReadModelError {
-    /// The database failed.
-    #[error("read model query failed: {0}")]
-    Database(#[from] sqlx::Error),
-    /// Saving the checkpoint failed.
-    #[error(transparent)]
-    Stream(#[from] StreamError),
-    /// A stored event could not be decoded.
-    #[error(transparent)]
-    Decode(#[from] DecodeError),
-    /// A stored document does not match the view's shape.
-    #[error("stored read-model document is malformed: {0}")]
-    Document(#[from] serde_json::Error),
-}
-
-impl From<ReadModelError> for petstore_platform::http::Problem {
-    fn from(error: ReadModelError) -> Self {
-        Self::from_failure(&error)
-    }
-}
 
 /// Browse filters; every field is optional.
 #[derive(Debug, Clone, Default)]

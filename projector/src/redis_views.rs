@@ -17,8 +17,9 @@ use petstore_platform::database::{Database, Fence};
 use petstore_platform::dead_letters::{self, DeadLetter};
 use petstore_platform::stream::{RecordedEvent, StreamPosition};
 
+use crate::projection::ReadModelError;
 use crate::projection::{Projection, ProjectionError, Refolded};
-use crate::read_models::{BrowseFilter, BrowsePage, ReadModelError};
+use crate::read_models::{BrowseFilter, BrowsePage};
 use crate::views::{OrderStatusView, PetView, ViewBatch};
 
 /// The checkpoint name of the Redis projection.

@@ -19,8 +19,8 @@ use petstore_platform::telemetry;
 use tokio::sync::watch;
 use tracing::Instrument;
 
+use crate::projection::ReadModelError;
 use crate::projection::{Projection, Refolded};
-use crate::read_models::ReadModelError;
 use petstore_platform::dead_letters::{self, DeadLetterStatus};
 
 /// How long a standby waits between attempts to take over.

@@ -13,7 +13,7 @@ use petstore_platform::database::Database;
 use petstore_platform::stream::{self, StreamPosition};
 use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 
-use crate::read_models::ReadModelError;
+use crate::projection::ReadModelError;
 use crate::views::{OrderStatusView, PetView};
 
 /// The views' format. Raise it when a view's shape or the fold changes: a snapshot of another

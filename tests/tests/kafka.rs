@@ -8,8 +8,6 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use petstore_cli::Role;
-use petstore_command_api::providers::{SimulatedDeliveryProvider, SimulatedPaymentGateway};
-use petstore_command_api::saga::SagaRunner;
 use petstore_domain::PetId;
 use petstore_platform::bus::{self, Envelope, KafkaBus};
 use petstore_platform::cache::Cache;
@@ -20,6 +18,8 @@ use petstore_platform::resilience::Policies;
 use petstore_platform::stream::{self, StreamPosition};
 use petstore_projector::views::ViewBatch;
 use petstore_projector::{KafkaProjection, Projector, ReadModels, RedisViews};
+use petstore_saga::providers::{SimulatedDeliveryProvider, SimulatedPaymentGateway};
+use petstore_saga::SagaRunner;
 use petstore_tests::{
     add_pets, kafka_brokers, redis_url, unique_name, with_kafka, with_redis, Engine, Storage,
     TestApp,

@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use petstore_cli::Role;
-use petstore_command_api::providers::{SimulatedDeliveryProvider, SimulatedPaymentGateway};
-use petstore_command_api::saga::SagaRunner;
 use petstore_platform::event_store::EventStore;
 use petstore_platform::live::Live;
 use petstore_platform::metrics::Metrics;
 use petstore_platform::resilience::Policies;
 use petstore_platform::settings::{FlagSetting, Settings};
+use petstore_saga::providers::{SimulatedDeliveryProvider, SimulatedPaymentGateway};
+use petstore_saga::SagaRunner;
 use petstore_tests::{add_pets, assert_problem, on_both_engines, Engine, Storage, TestApp};
 use serde_json::{json, Value};
 

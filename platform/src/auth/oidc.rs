@@ -18,7 +18,7 @@ use serde::Deserialize;
 
 use petstore_domain::CustomerId;
 
-use super::tokens::{NoCustomerId, TokenRejection};
+use super::rejection::{NoCustomerId, TokenRejection};
 use crate::resilience::{AttemptFailure, CallError, Policy};
 use crate::security_audit::{SecurityAudit, SecurityEvent, SecurityEventKind, SecurityOutcome};
 use crate::settings::{same_host, OidcAlgorithm, OidcIssuerSettings, OidcSettings, RoleName};

@@ -10,7 +10,6 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
-use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
@@ -18,80 +17,8 @@ use serde::{Deserialize, Serialize};
 use petstore_domain::CustomerId;
 
 use super::oidc::OidcIssuer;
+use super::rejection::{NoCustomerId, TokenRejection};
 use crate::settings::{JwtSettings, OidcAlgorithm, RoleName};
-
-/// Why a token was refused. The text goes into the audit trail and the `WWW-Authenticate`
-/// error description; it never contains the token.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum TokenRejection {
-    /// Not three base64url parts of JSON, or an algorithm nobody accepts (`none`).
-    #[error("the token is malformed or names an unsupported algorithm")]
-    Malformed,
-    /// `iss` names no configured issuer.
-    #[error("the token's issuer is not trusted")]
-    UnknownIssuer,
-    /// The issuer does not sign with the token's `alg`.
-    #[error("the token's algorithm is not accepted for its issuer")]
-    AlgorithmNotAccepted,
-    /// The issuer's key set has no key with the token's `kid` (after a refetch).
-    #[error("the token's signing key is unknown")]
-    UnknownKey,
-    /// The signature does not verify.
-    #[error("the token's signature is invalid")]
-    BadSignature,
-    /// `exp` has passed.
-    #[error("the token has expired")]
-    Expired,
-    /// `nbf` is in the future.
-    #[error("the token is not valid yet")]
-    NotYetValid,
-    /// `iat` is in the future (beyond the leeway): a token cannot be issued later than now.
-    #[error("the token claims to be issued in the future (iat)")]
-    IssuedInTheFuture,
-    /// The header's `typ` is neither `JWT` nor `at+jwt` (RFC 9068): another kind of token
-    /// (an ID token's, a logout token's) is not an access token.
-    #[error("the token's type (typ {0:?}) is not an access token's (JWT or at+jwt)")]
-    WrongType(String),
-    /// `aud` does not name this service.
-    #[error("the token is not meant for this service (audience)")]
-    WrongAudience,
-    /// A required claim (`iss`, `aud`, `exp`, `sub`) is missing, or a claim is malformed.
-    #[error("the token lacks a required claim: {0}")]
-    MissingClaim(String),
-}
-
-impl TokenRejection {
-    /// A short, bounded label for metrics.
-    pub fn label(&self) -> &'static str {
-        match self {
-            Self::Malformed => "malformed",
-            Self::UnknownIssuer => "unknown_issuer",
-            Self::AlgorithmNotAccepted => "algorithm",
-            Self::UnknownKey => "unknown_key",
-            Self::BadSignature => "bad_signature",
-            Self::Expired => "expired",
-            Self::NotYetValid | Self::IssuedInTheFuture => "not_yet_valid",
-            Self::WrongType(_) => "wrong_type",
-            Self::WrongAudience => "wrong_audience",
-            Self::MissingClaim(_) => "missing_claim",
-        }
-    }
-
-    fn from_validation(error: &jsonwebtoken::errors::Error) -> Self {
-        match error.kind() {
-            ErrorKind::ExpiredSignature => Self::Expired,
-            ErrorKind::ImmatureSignature => Self::NotYetValid,
-            ErrorKind::InvalidAudience => Self::WrongAudience,
-            ErrorKind::InvalidIssuer => Self::UnknownIssuer,
-            ErrorKind::InvalidSignature => Self::BadSignature,
-            ErrorKind::InvalidAlgorithm => Self::AlgorithmNotAccepted,
-            ErrorKind::MissingRequiredClaim(claim) | ErrorKind::InvalidClaimFormat(claim) => {
-                Self::MissingClaim(claim.clone())
-            }
-            _ => Self::Malformed,
-        }
-    }
-}
 
 /// Who a valid token says the caller is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,31 +30,6 @@ pub struct VerifiedToken {
     /// The customer the token acts as (its issuer's `customer_claim`, `sub` by default), or
     /// why it names none.
     pub customer: Result<CustomerId, NoCustomerId>,
-}
-
-/// Why a caller has no customer id: the token's claim is missing or not in the customer-id
-/// alphabet (`auth0|123`). Such a caller is refused 403 wherever a customer id is needed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct NoCustomerId(String);
-
-impl NoCustomerId {
-    /// The token has no string claim `claim`.
-    pub fn missing(claim: &str) -> Self {
-        Self(format!(
-            "your token has no {claim} claim naming a customer: only an admin may act here"
-        ))
-    }
-
-    /// The token's `claim` is `value`, which is no customer id.
-    pub fn not_an_id(claim: &str, value: &str) -> Self {
-        let shown: String = value.chars().take(64).collect();
-        Self(format!(
-            "your token's {claim} claim ({shown:?}) is not a customer id (1 to 128 of letters, \
-             digits and -_.@+): ask the service's operator to map customers from another claim \
-             (security.oidc.issuers[].customer_claim)"
-        ))
-    }
 }
 
 impl VerifiedToken {

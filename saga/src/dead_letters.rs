@@ -1,0 +1,140 @@
+//! Events the saga cannot handle: tried a few times, then set aside as dead letters; and
+//! handled again when an operator asks (`petstore dead-letters retry`).
+
+use std::time::Duration;
+
+use cqrs_es::Aggregate;
+use petstore_domain::delivery::Delivery;
+use petstore_domain::order::Order;
+use petstore_domain::payment::Payment;
+use petstore_domain::providers::{DeliveryProvider, PaymentGateway};
+use petstore_domain::OrderId;
+use petstore_platform::dead_letters::{self, DeadLetterStatus};
+use petstore_platform::stream::{self, RecordedEvent};
+
+use crate::error::*;
+use crate::events::*;
+use crate::runner::*;
+
+impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D> {
+    /// Handles one event, trying again a few times; one that keeps failing because an
+    /// aggregate's stored history cannot be read is set aside (the failure is the events',
+    /// not the infrastructure's).
+    pub(crate) async fn handle_persistently(
+        &self,
+        order_id: OrderId,
+        event: &RecordedEvent,
+        decoded: &Decoded,
+    ) -> Result<(), SagaError> {
+        let mut attempt = 1;
+        loop {
+            let Err(error) = self.handle_event(order_id, event, decoded).await else {
+                return Ok(());
+            };
+            tracing::Span::current().record("otel.status_code", "ERROR");
+            tracing::error!(%error, attempt, "saga step failed");
+            if attempt >= HANDLING_ATTEMPTS {
+                // Only a failure of the event's own (its history cannot be read) is set
+                // aside; anything else is the infrastructure's: the batch fails and is
+                // retried from the checkpoint, the runner shows stalled.
+                if !error.is_poison() {
+                    return Err(error);
+                }
+                return self.set_aside(event, &error).await;
+            }
+            tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+            attempt += 1;
+        }
+    }
+
+    /// Records `event` as a dead letter of the saga, with `error`.
+    pub(crate) async fn set_aside(
+        &self,
+        event: &RecordedEvent,
+        error: &SagaError,
+    ) -> Result<(), SagaError> {
+        let order_id = match event.aggregate_type.as_str() {
+            Order::TYPE | Payment::TYPE | Delivery::TYPE => Some(event.aggregate_id.as_str()),
+            _ => None,
+        };
+        let id = dead_letters::record(
+            self.store.database(),
+            CHECKPOINT,
+            event,
+            order_id,
+            &error.to_string(),
+        )
+        .await
+        .map_err(|error| SagaError::DeadLetters(error.to_string()))?;
+        self.metrics.dead_letter_recorded(CHECKPOINT);
+        tracing::warn!(
+            dead_letter = id,
+            %error,
+            event_type = %event.event_type,
+            aggregate_id = %event.aggregate_id,
+            sequence = event.sequence,
+            "event set aside as a dead letter; the saga moves on"
+        );
+        Ok(())
+    }
+
+    /// Handles again the saga's dead letters an operator asked to retry
+    /// (`petstore dead-letters retry`): resolved when handled, pending again when not.
+    pub async fn retry_dead_letters(&self) -> Result<usize, SagaError> {
+        let database = self.store.database();
+        let failed = |error: sqlx::Error| SagaError::DeadLetters(error.to_string());
+        let letters = dead_letters::retrying(database, CHECKPOINT)
+            .await
+            .map_err(failed)?;
+        for letter in &letters {
+            let event = stream::aggregate_events_newest_first(
+                database,
+                &letter.aggregate_type,
+                &letter.aggregate_id,
+                letter.sequence..letter.sequence + 1,
+                1,
+            )
+            .await?
+            .into_iter()
+            .next();
+            let outcome = match &event {
+                None => Err(SagaError::DeadLetters(
+                    "the event is no longer in the log".into(),
+                )),
+                Some(event) => match saga_event(event) {
+                    Ok(Some((order_id, decoded))) => {
+                        self.handle_event(order_id, event, &decoded).await
+                    }
+                    Ok(None) => Ok(()),
+                    Err(error) => Err(error),
+                },
+            };
+            match (outcome, &event) {
+                (Ok(()), _) => {
+                    dead_letters::transition(
+                        database,
+                        letter.id,
+                        &[DeadLetterStatus::Retrying],
+                        DeadLetterStatus::Resolved,
+                    )
+                    .await
+                    .map_err(failed)?;
+                    tracing::info!(dead_letter = letter.id, "dead letter handled on retry");
+                }
+                (Err(error), Some(event)) => self.set_aside(event, &error).await?,
+                (Err(error), None) => {
+                    tracing::error!(dead_letter = letter.id, %error, "dead letter cannot be retried");
+                    dead_letters::transition(
+                        database,
+                        letter.id,
+                        &[DeadLetterStatus::Retrying],
+                        DeadLetterStatus::Pending,
+                    )
+                    .await
+                    .map_err(failed)?;
+                }
+            }
+        }
+        Ok(letters.len())
+    }
+}

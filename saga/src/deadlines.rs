@@ -1,0 +1,164 @@
+//! The deadline loop: fires the saga's due deadlines (a step that took too long cancels the
+//! order; a held payment or a delivery retry looks again).
+
+use std::time::Duration;
+
+use chrono::Utc;
+use cqrs_es::Aggregate;
+use petstore_domain::order::{Order, OrderCommand};
+use petstore_domain::providers::{DeliveryProvider, PaymentGateway};
+use petstore_domain::SagaStep;
+use petstore_platform::deadlines::{self, Deadline, DeadlineKind};
+use petstore_platform::event_store::EventMetadata;
+use petstore_platform::http::CorrelationId;
+use petstore_platform::settings::Flag;
+use petstore_platform::stream::{self};
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::error::*;
+use crate::events::*;
+use crate::runner::*;
+
+impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D> {
+    pub(crate) async fn fire_deadlines(&self, mut stopped: tokio::sync::watch::Receiver<bool>) {
+        let poll = Duration::from_millis(self.settings.deadline_poll_interval_ms.max(10));
+        loop {
+            if let Err(error) = self.fire_due_deadlines().await {
+                tracing::error!(%error, "firing deadlines failed; retrying");
+            }
+            if let Err(error) = self.retry_dead_letters().await {
+                tracing::error!(%error, "retrying dead letters failed; trying again");
+            }
+            tokio::select! {
+                _ = stopped.wait_for(|stop| *stop) => return,
+                () = tokio::time::sleep(poll) => {}
+            }
+        }
+    }
+
+    /// Fires every deadline that is due now: cancels the order if it still waits for that
+    /// step, then marks the deadline fired.
+    pub async fn fire_due_deadlines(&self) -> Result<usize, SagaError> {
+        let database = self.store.database();
+        let due = deadlines::due(database, Utc::now(), 100).await?;
+        for deadline in &due {
+            let span = tracing::info_span!(
+                parent: None,
+                "saga deadline",
+                otel.name = "saga deadline",
+                order_id = %deadline.order_id,
+                step = %deadline.kind,
+                correlation_id = %deadline.correlation_id,
+            );
+            self.fire_deadline(deadline).instrument(span).await?;
+        }
+        Ok(due.len())
+    }
+
+    /// Fires one due deadline.
+    pub(crate) async fn fire_deadline(&self, deadline: &Deadline) -> Result<(), SagaError> {
+        let database = self.store.database();
+        let step = match deadline.kind {
+            DeadlineKind::PaymentHold => {
+                return self.resume_step(deadline, "OrderPetReserved").await
+            }
+            DeadlineKind::DeliveryRetry => return self.resume_step(deadline, "OrderPaid").await,
+            DeadlineKind::Step(step) => step,
+        };
+        let order_id = deadline.order_id;
+        let order_key = order_id.to_string();
+        if step == SagaStep::Payment {
+            let order: Order = self.store.load(&order_key).await.map_err(store_error)?;
+            let customer = order
+                .request()
+                .map(|request| request.customer_id.as_str().to_owned())
+                .unwrap_or_default();
+            if !self.live.flag(Flag::PaymentProcessing, &customer) {
+                let timeout = self.live.current().settings.saga.payment_timeout_ms;
+                let extended = Utc::now() + millis(timeout);
+                tracing::info!(%extended, "payments are held: the payment deadline is extended");
+                deadlines::rearm(
+                    database,
+                    &Deadline {
+                        due_at: extended,
+                        ..deadline.clone()
+                    },
+                )
+                .await?;
+                return Ok(());
+            }
+        }
+        let command_id = Uuid::new_v5(
+            &COMMAND_NAMESPACE,
+            format!("deadline\u{0}{order_id}\u{0}{}", step.as_str()).as_bytes(),
+        );
+        let metadata = EventMetadata {
+            causation_id: format!("deadline:{}:{}", order_id, step.as_str()),
+            ..EventMetadata::caused_by(
+                CorrelationId::parse(&deadline.correlation_id)
+                    .unwrap_or_else(CorrelationId::generate),
+                command_id,
+                command_id,
+                SUBJECT,
+            )
+        };
+        self.send::<Order>(&order_key, OrderCommand::TimeOutStep { step }, metadata)
+            .await?;
+        deadlines::mark_fired(database, &order_id, deadline.kind).await?;
+        Ok(())
+    }
+}
+
+impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D> {
+    /// A waiting step is due for a look: a payment still held looks again later; else the
+    /// order's `trigger` event (the one that started the step) is handled again, which calls
+    /// the provider now (or makes the step wait anew). The step's own deadline still runs:
+    /// when it falls due first, the order is cancelled and compensated as always.
+    pub(crate) async fn resume_step(
+        &self,
+        deadline: &Deadline,
+        trigger: &str,
+    ) -> Result<(), SagaError> {
+        let database = self.store.database();
+        let order_id = deadline.order_id;
+        let order_key = order_id.to_string();
+        let order: Order = self.store.load(&order_key).await.map_err(store_error)?;
+        let customer = order
+            .request()
+            .map(|request| request.customer_id.as_str().to_owned())
+            .unwrap_or_default();
+        if deadline.kind == DeadlineKind::PaymentHold
+            && !self.live.flag(Flag::PaymentProcessing, &customer)
+        {
+            deadlines::rearm(
+                database,
+                &Deadline {
+                    due_at: Utc::now() + PAYMENT_HOLD_RECHECK,
+                    ..deadline.clone()
+                },
+            )
+            .await?;
+            return Ok(());
+        }
+        // Marked fired only at the time it fell due: held again meanwhile, it was re-armed
+        // for later and stays.
+        let started = stream::aggregate_events_newest_first(
+            database,
+            Order::TYPE,
+            &order_key,
+            1..i64::MAX,
+            100,
+        )
+        .await?
+        .into_iter()
+        .find(|event| event.event_type == trigger);
+        if let Some(event) = started {
+            tracing::info!(order_id = %order_id, step = %deadline.kind, "resuming a waiting step");
+            let decoded = Decoded::Order(decode(&event)?);
+            self.handle_event(order_id, &event, &decoded).await?;
+        }
+        deadlines::mark_fired_at(database, deadline).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,55 @@
+//! Why the saga runner failed to handle an event: retried from the checkpoint, or, when the
+//! event itself cannot be read, set aside.
+
+use cqrs_es::AggregateError;
+use petstore_platform::bus::BusError;
+use petstore_platform::stream;
+
+/// Why handling a batch failed; the runner retries it from the checkpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum SagaError {
+    /// The event store failed.
+    #[error("event store: {0}")]
+    Store(String),
+    /// Reading the stream or the checkpoint failed.
+    #[error(transparent)]
+    Stream(#[from] stream::StreamError),
+    /// The deadline table failed.
+    #[error("deadlines: {0}")]
+    Deadlines(#[from] sqlx::Error),
+    /// Kafka failed.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// The dead-letter store failed.
+    #[error("dead letters: {0}")]
+    DeadLetters(String),
+    /// An aggregate's stored events cannot be read (one of them is malformed, of an
+    /// unknown type or version).
+    #[error("unreadable history: {0}")]
+    Unreadable(String),
+    /// A stored event cannot be decoded.
+    #[error("cannot decode {event_type} of {aggregate_id}: {source}")]
+    Decode {
+        /// The event type.
+        event_type: String,
+        /// The aggregate.
+        aggregate_id: String,
+        /// Why.
+        source: Box<petstore_domain::upcasting::DecodeFailure>,
+    },
+}
+
+pub(crate) fn store_error<E: std::error::Error>(error: AggregateError<E>) -> SagaError {
+    match error {
+        AggregateError::DeserializationError(_) => SagaError::Unreadable(error.to_string()),
+        other => SagaError::Store(other.to_string()),
+    }
+}
+
+impl SagaError {
+    /// Whether the failure is the event's own (it or its aggregate's history cannot be
+    /// read): set aside rather than retried for ever.
+    pub(crate) fn is_poison(&self) -> bool {
+        matches!(self, SagaError::Decode { .. } | SagaError::Unreadable(_))
+    }
+}

@@ -23,7 +23,7 @@
 //! - [`http`]: `GET`/`PUT /petstore-domain/admin/config` and `/history`.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cqrs_es::event_sink::EventSink;
@@ -40,6 +40,7 @@ use crate::settings::{
 };
 use crate::stream::{self, RecordedEvent};
 
+mod apply;
 pub mod http;
 
 /// The aggregate type of the live settings.
@@ -323,14 +324,6 @@ pub struct Live {
     inner: Arc<Inner>,
 }
 
-/// The rate limits and log filter a process applied, and what it applied last.
-struct Applied {
-    /// Replaces the process's rate limits.
-    replace_rate_limits: Box<dyn Fn(&crate::settings::RateLimitSettings) + Send + Sync>,
-    limits: crate::settings::RateLimitSettings,
-    filter: String,
-}
-
 struct Inner {
     store: EventStore,
     metrics: Metrics,
@@ -338,7 +331,7 @@ struct Inner {
     defaults: Mutex<LiveSettings>,
     current: watch::Sender<Arc<LiveSnapshot>>,
     /// What [`Live::apply_to`] keeps in step with the versions.
-    applied: Mutex<Option<Applied>>,
+    applied: Mutex<Option<apply::Applied>>,
     reload: LiveReloadSettings,
     config: Option<(PathBuf, String)>,
 }
@@ -576,58 +569,6 @@ impl Live {
             }
             if let Err(error) = self.refresh().await {
                 tracing::warn!(%error, "reading the live settings failed; retrying");
-            }
-        }
-    }
-
-    /// From now on applies every new version, as it is published (before the request that
-    /// made it is answered), to what does not read the settings at each decision: the rate
-    /// limits (swapped whole by `replace_rate_limits`; their counts start afresh) and the log
-    /// filter. `started` is what they were built with; the version in force now is applied
-    /// at once.
-    pub fn apply_to(
-        &self,
-        replace_rate_limits: impl Fn(&crate::settings::RateLimitSettings) + Send + Sync + 'static,
-        started: &Settings,
-    ) {
-        let applied = Applied {
-            replace_rate_limits: Box::new(replace_rate_limits),
-            limits: started.security.rate_limits.clone(),
-            filter: started.log.filter.clone(),
-        };
-        *self
-            .inner
-            .applied
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(applied);
-        self.apply(&self.current());
-    }
-
-    fn apply(&self, snapshot: &LiveSnapshot) {
-        let mut applied = self
-            .inner
-            .applied
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let Some(applied) = applied.as_mut() else {
-            return;
-        };
-        let wanted = &snapshot.settings;
-        if wanted.security.rate_limits != applied.limits {
-            applied.limits = wanted.security.rate_limits.clone();
-            (applied.replace_rate_limits)(&applied.limits);
-            tracing::info!(version = snapshot.version, "rate limits replaced");
-        }
-        if wanted.log.filter != applied.filter {
-            applied.filter = wanted.log.filter.clone();
-            match crate::telemetry::set_log_filter(&applied.filter) {
-                Ok(true) => {
-                    tracing::info!(version = snapshot.version, filter = %applied.filter, "log filter replaced")
-                }
-                Ok(false) => {}
-                Err(error) => {
-                    tracing::error!(%error, filter = %applied.filter, "the log filter cannot be applied")
-                }
             }
         }
     }

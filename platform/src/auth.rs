@@ -28,6 +28,7 @@ use petstore_domain::CustomerId;
 
 use crate::database::Database;
 use crate::http::Problem;
+use crate::http::RequestContext;
 use crate::metrics::{AuthFailureLabels, Metrics, RateLimitLabels};
 use crate::rate_limit::{Decision, RateKey, RateLimits, Usage};
 use crate::security_audit::{SecurityAudit, SecurityEvent, SecurityEventKind, SecurityOutcome};
@@ -69,6 +70,15 @@ pub const ADMIN_PREFIX: &str = "/petstore-domain/admin/";
 
 /// The subject of callers without a token.
 pub const ANONYMOUS: &str = "anonymous";
+
+/// `event`, tied to the request being served (its correlation and trace ids); as it is
+/// outside a request.
+pub(crate) fn of_current_request(event: SecurityEvent) -> SecurityEvent {
+    match RequestContext::current() {
+        Some(context) => event.during(Some(context.correlation_id.to_string()), context.trace_id),
+        None => event,
+    }
+}
 
 /// Who is calling: put in every request by [`guard`]; handlers extract it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -301,7 +311,10 @@ impl Security {
         event.client_ip = Some(caller.client_ip);
         event.method = Some(route.method.clone());
         event.route = Some(route.template.clone());
-        self.0.audit.record(event).await;
+        self.0
+            .audit
+            .record(crate::auth::of_current_request(event))
+            .await;
     }
 
     fn rejected(&self, reason: &'static str) {

@@ -249,11 +249,11 @@ impl OidcIssuer {
         };
         if let Some(audit) = &self.audit {
             audit
-                .record(SecurityEvent::new(
+                .record(crate::auth::of_current_request(SecurityEvent::new(
                     SecurityEventKind::KeySetRotation,
                     outcome,
                     detail,
-                ))
+                )))
                 .await;
         }
         result

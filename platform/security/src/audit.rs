@@ -11,8 +11,7 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
-use crate::database::{self, Database};
-use crate::http::RequestContext;
+use petstore_event_store::database::{self, Database};
 
 /// What happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -97,9 +96,20 @@ pub struct SecurityEvent {
     pub route: Option<String>,
     /// What, in words: a reason, never a credential.
     pub detail: String,
+    /// The correlation id of the request it happened in, if any.
+    pub correlation_id: Option<String>,
+    /// The trace id of the request it happened in, if any.
+    pub trace_id: Option<String>,
 }
 
 impl SecurityEvent {
+    /// The event as it happened in the request of `correlation_id` and `trace_id`.
+    pub fn during(mut self, correlation_id: Option<String>, trace_id: Option<String>) -> Self {
+        self.correlation_id = correlation_id;
+        self.trace_id = trace_id;
+        self
+    }
+
     /// An event of `kind` that ended with `outcome`, described by `detail`.
     pub fn new(
         kind: SecurityEventKind,
@@ -114,6 +124,8 @@ impl SecurityEvent {
             method: None,
             route: None,
             detail: detail.into(),
+            correlation_id: None,
+            trace_id: None,
         }
     }
 }
@@ -175,14 +187,11 @@ impl SecurityAudit {
         Self { database }
     }
 
-    /// Stores `event` with the current request's correlation and trace ids, and logs it.
-    /// A failed write is logged as an error; the caller's answer does not change.
+    /// Stores `event` with the correlation and trace ids it carries, and logs it. A failed
+    /// write is logged as an error; the caller's answer does not change.
     pub async fn record(&self, event: SecurityEvent) {
-        let context = RequestContext::current();
-        let correlation_id = context
-            .as_ref()
-            .map(|context| context.correlation_id.to_string());
-        let trace_id = context.and_then(|context| context.trace_id);
+        let correlation_id = event.correlation_id;
+        let trace_id = event.trace_id;
         let client_ip = event.client_ip.map(|ip| ip.to_string());
         tracing::info!(
             target: "petstore::security",

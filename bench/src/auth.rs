@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use petstore_cli::{Application, Role};
-use petstore_platform::auth::TokenVerifier;
-use petstore_platform::settings::{LogFormat, RoleName, Settings};
+use petstore_security::auth::TokenVerifier;
+use petstore_settings::{LogFormat, RoleName, Settings};
 use secrecy::SecretString;
 
 // The service's allocator, as the `petstore` binary runs it.

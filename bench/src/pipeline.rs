@@ -29,18 +29,18 @@ use petstore_cli::{Application, Role};
 use petstore_domain::order::{OrderEvent, OrderRequest};
 use petstore_domain::pet::{Pet, PetCommand, PetDetails};
 use petstore_domain::{CustomerId, Money, OrderId, PetCategory, PetId};
-use petstore_platform::auth::TokenVerifier;
-use petstore_platform::bus::KafkaBus;
-use petstore_platform::cache::Cache;
-use petstore_platform::database::Database;
-use petstore_platform::event_store::{EventMetadata, EventStore};
-use petstore_platform::http::CorrelationId;
-use petstore_platform::metrics::Metrics;
-use petstore_platform::resilience::Policies;
-use petstore_platform::settings::{FlagSetting, KafkaSettings, LogFormat, RoleName, Settings};
-use petstore_platform::stream::{self, StreamPosition, StreamReader};
+use petstore_event_store::database::Database;
+use petstore_event_store::store::{EventMetadata, EventStore};
+use petstore_event_store::stream::{self, StreamPosition, StreamReader};
+use petstore_kafka::KafkaBus;
 use petstore_projector::replay;
 use petstore_projector::{KafkaProjection, Projection, ReadModels, RedisViews};
+use petstore_redis::Cache;
+use petstore_resilience::Policies;
+use petstore_security::auth::TokenVerifier;
+use petstore_settings::{FlagSetting, KafkaSettings, LogFormat, RoleName, Settings};
+use petstore_telemetry::metrics::Metrics;
+use petstore_web::CorrelationId;
 use secrecy::SecretString;
 use serde_json::Value;
 use sqlx::{Connection as _, PgConnection};
@@ -306,7 +306,7 @@ async fn saga(args: &Args) -> anyhow::Result<()> {
         let mut log = Settings::default().log;
         log.format = LogFormat::Text;
         log.filter = "warn".to_owned();
-        let telemetry = petstore_platform::telemetry::init(&log)?;
+        let telemetry = petstore_telemetry::init(&log)?;
         anyhow::ensure!(telemetry.exporting(), "spans are not exported");
         Some((telemetry, receiver))
     } else {
@@ -725,7 +725,7 @@ async fn updates(
                 "pipeline-bench-secret-of-32-bytes-or-more".to_owned(),
             ));
             let token =
-                petstore_platform::auth::TokenVerifier::new(&settings.security.jwt, Vec::new())?
+                petstore_security::auth::TokenVerifier::new(&settings.security.jwt, Vec::new())?
                     .issue("bench-admin", RoleName::Admin)
                     .context("a token")?
                     .0;
@@ -854,9 +854,9 @@ async fn raw_produce(database: &Database, kafka: &KafkaSettings) -> anyhow::Resu
     let records: Vec<(String, String, Vec<u8>, OwnedHeaders)> = events
         .iter()
         .map(|event| {
-            let envelope = petstore_platform::bus::Envelope::from(event);
+            let envelope = petstore_kafka::Envelope::from(event);
             let value = serde_json::to_vec(&envelope)?;
-            let topic = petstore_platform::bus::topic_for(&prefix, &event.aggregate_type);
+            let topic = petstore_kafka::topic_for(&prefix, &event.aggregate_type);
             let mut headers = OwnedHeaders::new_with_capacity(7);
             for (key, value) in [
                 ("event_id", envelope.event_id.as_str()),

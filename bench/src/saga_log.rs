@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use petstore_cli::{Application, Role};
-use petstore_platform::auth::TokenVerifier;
-use petstore_platform::database::Database;
-use petstore_platform::settings::{RoleName, Settings};
-use petstore_platform::stream;
+use petstore_event_store::database::Database;
+use petstore_event_store::stream;
+use petstore_security::auth::TokenVerifier;
+use petstore_settings::{RoleName, Settings};
 use serde_json::Value;
 use sqlx::{QueryBuilder, Sqlite};
 

@@ -23,9 +23,9 @@ use anyhow::Context as _;
 use clap::Parser;
 use petstore_bench::saga_log::{order_status, token, until_ready, Template};
 use petstore_cli::{Application, Role};
-use petstore_platform::database::Database;
-use petstore_platform::settings::{LogFormat, Settings};
-use petstore_platform::stream::{self, StreamPosition};
+use petstore_event_store::database::Database;
+use petstore_event_store::stream::{self, StreamPosition};
+use petstore_settings::{LogFormat, Settings};
 use secrecy::SecretString;
 use sqlx::SqlitePool;
 

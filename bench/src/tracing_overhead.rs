@@ -22,7 +22,7 @@ use clap::Parser;
 use hdrhistogram::Histogram;
 use petstore_bench::otlp::Receiver;
 use petstore_cli::{Application, Role};
-use petstore_platform::settings::{LogFormat, Settings};
+use petstore_settings::{LogFormat, Settings};
 
 // The service's allocator, as the `petstore` binary runs it.
 #[global_allocator]
@@ -186,7 +186,7 @@ async fn serve(data_dir: &std::path::Path) -> anyhow::Result<()> {
     // Demo mode, no rate limits: this bench measures tracing, not auth.
     settings.security.authentication_required = false;
     settings.security.rate_limits.enabled = false;
-    let telemetry = petstore_platform::telemetry::init(&settings.log)?;
+    let telemetry = petstore_telemetry::init(&settings.log)?;
     let application = Application::build(settings, &Role::all()).await?;
     println!("PORT {}", application.port());
     let shutdown = application.shutdown_handle();

@@ -19,15 +19,14 @@ use petstore_domain::order::{Order, OrderCommand, OrderRequest, OrderStatus};
 use petstore_domain::payment::Payment;
 use petstore_domain::pet::{Pet, PetCommand, PetDetails};
 use petstore_domain::{CustomerId, Money, OrderId, PetCategory, PetId, SimulatedFailure};
-use petstore_platform::event_store::{EventMetadata, EventStore};
-use petstore_platform::http::CorrelationId;
-use petstore_platform::live::Live;
-use petstore_platform::metrics::Metrics;
-use petstore_platform::resilience::Policies;
-use petstore_platform::settings::Settings;
-use petstore_platform::stream::{self, RecordedEvent};
+use petstore_event_store::store::{EventMetadata, EventStore};
+use petstore_event_store::stream::{self, RecordedEvent};
+use petstore_live_settings::Live;
 use petstore_saga::providers::{SimulatedDeliveryProvider, SimulatedPaymentGateway};
 use petstore_saga::SagaRunner;
+use petstore_settings::Settings;
+use petstore_telemetry::metrics::Metrics;
+use petstore_web::CorrelationId;
 
 use crate::{Application, Role};
 
@@ -141,14 +140,14 @@ pub async fn saga(
     let shutdown = application.shutdown_handle();
     let server = tokio::spawn(application.run_until_stopped());
     let database =
-        petstore_platform::database::Database::connect(&settings.database, &settings.storage)
+        petstore_event_store::database::Database::connect(&settings.database, &settings.storage)
             .await?;
     let store = EventStore::new(database.clone(), 8);
     let metrics = Metrics::new();
     let live = Live::start(store.clone(), &settings, metrics.clone()).await?;
     let payments = Arc::new(SimulatedPaymentGateway::new(live.clone()));
     let deliveries = Arc::new(SimulatedDeliveryProvider::new(live.clone()));
-    let policies = Policies::new(&live, &metrics);
+    let policies = live.policies(&metrics);
     let runner = {
         let runner = SagaRunner::new(
             store.clone(),

@@ -18,15 +18,14 @@ use std::time::Duration;
 
 use axum::Router;
 use petstore_command_api::CommandApiDoc;
-use petstore_platform::auth::{self, AuthError, Security};
-use petstore_platform::bus::BusError;
-use petstore_platform::cache::CacheError;
-use petstore_platform::database::{Database, DatabaseError};
-use petstore_platform::http;
-use petstore_platform::metrics::Metrics;
-use petstore_platform::settings::{SecuritySettings, Settings, SettingsError};
+use petstore_event_store::database::{Database, DatabaseError};
+use petstore_kafka::BusError;
 use petstore_query_api::QueryApiDoc;
+use petstore_redis::CacheError;
 use petstore_saga::providers::SimulatedPaymentGateway;
+use petstore_security::auth::{self, AuthError, Security};
+use petstore_settings::{SecuritySettings, Settings, SettingsError};
+use petstore_telemetry::metrics::Metrics;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -74,13 +73,13 @@ pub enum StartupError {
     Cache(#[from] CacheError),
     /// The live settings cannot be read or recorded.
     #[error(transparent)]
-    Live(#[from] petstore_platform::live::LiveReadError),
+    Live(#[from] petstore_live_settings::LiveReadError),
     /// Kafka is misconfigured.
     #[error(transparent)]
     Bus(#[from] BusError),
     /// The event log cannot be read.
     #[error(transparent)]
-    Stream(#[from] petstore_platform::stream::StreamError),
+    Stream(#[from] petstore_event_store::stream::StreamError),
     /// A Redis view could not be read or claimed.
     #[error(transparent)]
     Projection(#[from] petstore_projector::ProjectionError),
@@ -190,7 +189,7 @@ impl Application {
             .read_model_health(&infrastructure, roles.contains(&Role::Query))
             .await?;
         if roles.contains(&Role::Query) {
-            wiring.query(&infrastructure, &settings, &security, &shutdown);
+            wiring.query(&infrastructure, &settings, &shutdown);
         }
         let workers = std::mem::take(&mut wiring.workers);
         let router =
@@ -275,8 +274,8 @@ impl Application {
 fn time_limits(
     settings: &SecuritySettings,
     cutoff: watch::Receiver<bool>,
-) -> Result<http::TimeLimits, SettingsError> {
-    let timeouts = http::TimeLimits::new(settings, cutoff);
+) -> Result<petstore_web::TimeLimits, SettingsError> {
+    let timeouts = petstore_web::TimeLimits::new(settings, cutoff);
     let document = openapi_document();
     for route in timeouts.routes() {
         let served = route.split_once(' ').is_some_and(|(method, path)| {
@@ -312,11 +311,10 @@ struct ServiceApiDoc;
 pub fn openapi_document() -> utoipa::openapi::OpenApi {
     let mut document = CommandApiDoc::openapi();
     document.merge(QueryApiDoc::openapi());
-    document.merge(petstore_platform::health::HealthApiDoc::openapi());
+    document.merge(petstore_web::health::HealthApiDoc::openapi());
     document.merge(ServiceApiDoc::openapi());
-    document.merge(petstore_platform::auth::login::LoginApiDoc::openapi());
-    document.merge(petstore_platform::live::http::LiveApiDoc::openapi());
-    document.merge(petstore_platform::dead_letters::DeadLettersApiDoc::openapi());
+    document.merge(petstore_security::auth::login::LoginApiDoc::openapi());
+    document.merge(petstore_admin_api::openapi());
     auth::describe_security(&mut document);
     document.info.title = "Petstore order platform".to_owned();
     document.info.version = env!("CARGO_PKG_VERSION").to_owned();
@@ -354,6 +352,6 @@ async fn serve_metrics(
     tag = "service",
     responses((status = 200, description = "The OpenAPI 3.1 document of every route", body = Object))
 )]
-async fn openapi() -> http::Json<utoipa::openapi::OpenApi> {
-    http::Json(openapi_document())
+async fn openapi() -> petstore_web::Json<utoipa::openapi::OpenApi> {
+    petstore_web::Json(openapi_document())
 }

@@ -6,8 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use petstore_platform::settings::{self, Settings};
-use petstore_platform::telemetry;
+use petstore_settings::Settings;
 
 mod commands;
 
@@ -60,7 +59,7 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let config_dir = settings::config_dir(cli.config_dir.clone())?;
+    let config_dir = petstore_settings::config_dir(cli.config_dir.clone())?;
     // These two need no settings (and no telemetry).
     match &cli.command {
         Command::HashPassword => return hash_password::run(),
@@ -68,7 +67,7 @@ async fn main() -> anyhow::Result<()> {
         _ => {}
     }
     let settings = Settings::load(config_dir.as_deref())?;
-    let telemetry = telemetry::init(&settings.log).context("setting up telemetry")?;
+    let telemetry = petstore_telemetry::init(&settings.log).context("setting up telemetry")?;
     if telemetry.exporting() {
         tracing::info!("exporting spans over OTLP");
     }

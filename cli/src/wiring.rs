@@ -13,18 +13,12 @@ use axum::http::header::{self, HeaderName, HeaderValue};
 use axum::http::Method;
 use axum::routing::get;
 use axum::Router;
+use petstore_admin_api::AdminState;
 use petstore_command_api::CommandState;
-use petstore_platform::auth::{self, Security};
-use petstore_platform::bus::{BusError, KafkaBus};
-use petstore_platform::cache::Cache;
-use petstore_platform::database::Database;
-use petstore_platform::event_store::EventStore;
-use petstore_platform::health::{EventStoreHealth, HealthState};
-use petstore_platform::http;
-use petstore_platform::live::Live;
-use petstore_platform::metrics::Metrics;
-use petstore_platform::resilience::Policies;
-use petstore_platform::settings::{KafkaSettings, SecuritySettings, Settings};
+use petstore_event_store::database::Database;
+use petstore_event_store::store::EventStore;
+use petstore_kafka::{BusError, KafkaBus};
+use petstore_live_settings::Live;
 use petstore_projector::health::{
     ProjectionHealth, ReadModelsHealth, ReadModelsReadiness, RedisHealth,
 };
@@ -32,8 +26,14 @@ use petstore_projector::read_models::CHECKPOINT;
 use petstore_projector::{KafkaProjection, Owner, Projector, ReadModels, RedisViews};
 use petstore_query_api::updates::OrderUpdates;
 use petstore_query_api::QueryState;
+use petstore_redis::Cache;
+use petstore_resilience::Policies;
 use petstore_saga::providers::{SimulatedDeliveryProvider, SimulatedPaymentGateway};
 use petstore_saga::{SagaRunner, SagaRunnerHealth};
+use petstore_security::auth::{self, Security};
+use petstore_settings::{KafkaSettings, SecuritySettings, Settings};
+use petstore_telemetry::metrics::Metrics;
+use petstore_web::health::{EventStoreHealth, HealthState};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -94,7 +94,7 @@ impl Infrastructure {
                 tracing::info!(added, "seeded the demo catalog");
             }
         }
-        let policies = Policies::new(&live, &metrics);
+        let policies = live.policies(&metrics);
         let store_id = database.store_id().await?;
         let redis = match &settings.redis.url {
             Some(_) => {
@@ -173,7 +173,7 @@ impl Wiring {
         let workers = std::mem::take(&mut infrastructure.workers);
         let mut health = HealthState::default();
         health.add(EventStoreHealth(infrastructure.database.clone()));
-        health.add(petstore_platform::dead_letters::DeadLetterHealth(
+        health.add(petstore_event_store::dead_letters::DeadLetterHealth(
             infrastructure.database.clone(),
         ));
         Self {
@@ -283,13 +283,12 @@ impl Wiring {
             .apply_to(move |limits| rate_limits.replace(limits), settings);
         let router = std::mem::take(&mut self.router)
             .merge(security.router())
-            .merge(petstore_platform::live::http::router(
-                infrastructure.live.clone(),
-                infrastructure.policies.clone(),
-            ))
-            .merge(petstore_platform::dead_letters::router(
-                infrastructure.database.clone(),
-            ))
+            .merge(petstore_admin_api::router(AdminState {
+                live: infrastructure.live.clone(),
+                policies: infrastructure.policies.clone(),
+                database: infrastructure.database.clone(),
+                security_audit: security.audit().clone(),
+            }))
             .route("/petstore-domain/openapi.json", get(crate::openapi));
         self.router = router;
     }
@@ -324,7 +323,7 @@ impl Wiring {
         let readiness = match (database, self.own_read_models_progress.take()) {
             _ if !serves_queries => ReadModelsReadiness::NotServing,
             (Database::Postgres(_), _) => ReadModelsReadiness::SharedCheckpoint(
-                petstore_platform::stream::head_position(database).await?,
+                petstore_event_store::stream::head_position(database).await?,
             ),
             (Database::Sqlite(_), Some(progress)) => ReadModelsReadiness::OwnProjector(progress),
             (Database::Sqlite(_), None) => ReadModelsReadiness::NotServing,
@@ -344,7 +343,6 @@ impl Wiring {
         &mut self,
         infrastructure: &Infrastructure,
         settings: &Settings,
-        security: &Security,
         shutdown: &Shutdown,
     ) {
         let Some(read_models) = infrastructure.read_models.clone() else {
@@ -361,7 +359,6 @@ impl Wiring {
         self.router =
             std::mem::take(&mut self.router).merge(petstore_query_api::router(QueryState {
                 updates,
-                security_audit: security.audit().clone(),
                 read_models,
                 redis: infrastructure.redis.clone(),
                 database: infrastructure.database.clone(),
@@ -378,7 +375,7 @@ impl Wiring {
     pub(crate) fn into_router(
         self,
         settings: &Settings,
-        limits: http::TimeLimits,
+        limits: petstore_web::TimeLimits,
         security: Security,
         metrics: Metrics,
     ) -> Router {
@@ -390,27 +387,30 @@ impl Wiring {
                 tower::ServiceBuilder::new()
                     .layer(HandleErrorLayer::new(move |_: tower::BoxError| {
                         shed_metrics.requests_shed.inc();
-                        std::future::ready(http::Problem::overloaded(limit))
+                        std::future::ready(petstore_web::Problem::overloaded(limit))
                     }))
                     .layer(tower::load_shed::LoadShedLayer::new())
                     .layer(tower::limit::GlobalConcurrencyLimitLayer::new(limit)),
             )
-            .merge(petstore_platform::health::router(self.health))
+            .merge(petstore_web::health::router(self.health))
             .route(
                 "/metrics",
                 get(crate::serve_metrics).with_state(metrics.clone()),
             )
-            .fallback(http::not_found);
+            .fallback(petstore_web::not_found);
         router
             .layer(DefaultBodyLimit::max(settings.http.body_limit_bytes))
             .layer(CatchPanicLayer::new())
             .layer(axum::middleware::from_fn_with_state(
                 limits,
-                http::time_limit,
+                petstore_web::time_limit,
             ))
             .layer(axum::middleware::from_fn_with_state(security, auth::guard))
             .layer(tower::util::option_layer(cors(&settings.security)))
-            .layer(axum::middleware::from_fn_with_state(metrics, http::observe))
+            .layer(axum::middleware::from_fn_with_state(
+                metrics,
+                petstore_web::observe,
+            ))
     }
 }
 
@@ -418,7 +418,7 @@ impl Wiring {
 /// never stops the service: the relay checks the topics again before it publishes, and the
 /// saga runner skips any message not of this store.
 async fn check_kafka_topics(settings: &KafkaSettings, store_id: &str) -> Result<(), StartupError> {
-    match petstore_platform::bus::check_topic_owner(settings, store_id).await {
+    match petstore_kafka::check_topic_owner(settings, store_id).await {
         Ok(()) => Ok(()),
         Err(error @ BusError::ForeignTopics { .. }) => Err(error.into()),
         Err(error) => {

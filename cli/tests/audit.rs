@@ -4,7 +4,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use petstore_cli::{Application, Role};
-use petstore_platform::settings::{LogFormat, Settings};
+use petstore_settings::{LogFormat, Settings};
 use serde_json::Value;
 
 async fn completed_order(data_dir: &std::path::Path) -> (String, String) {

@@ -4,8 +4,8 @@ use cqrs_es::AggregateError;
 use petstore_domain::catalog::demo_pets;
 use petstore_domain::pet::{Pet, PetCommand};
 use petstore_domain::DomainError;
-use petstore_platform::event_store::{EventMetadata, EventStore};
-use petstore_platform::http::CorrelationId;
+use petstore_event_store::store::{EventMetadata, EventStore};
+use petstore_web::CorrelationId;
 
 /// Adds every demo pet that is not in the store yet; returns how many were added. Safe to run
 /// on every start and from several instances at once: adding an identical pet is a no-op,

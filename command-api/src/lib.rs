@@ -15,10 +15,10 @@
 use std::sync::Arc;
 
 use axum::Router;
-use petstore_platform::event_store::EventStore;
-use petstore_platform::metrics::Metrics;
-use petstore_platform::settings::ProvidersSettings;
+use petstore_event_store::store::EventStore;
 use petstore_saga::providers;
+use petstore_settings::ProvidersSettings;
+use petstore_telemetry::metrics::Metrics;
 
 pub mod catalog;
 pub mod orders;
@@ -30,11 +30,11 @@ pub struct CommandState {
     /// Where aggregates are loaded from and events appended to.
     pub store: EventStore,
     /// The live settings (flags decide how orders are paid).
-    pub live: petstore_platform::live::Live,
+    pub live: petstore_live_settings::Live,
     /// The providers' settings (whether failures may be simulated).
     pub providers: ProvidersSettings,
     /// How the providers are called.
-    pub policies: petstore_platform::resilience::Policies,
+    pub policies: petstore_resilience::Policies,
     /// The payment gateway customers pay through.
     pub payments: Arc<providers::SimulatedPaymentGateway>,
     /// Metrics.
@@ -53,7 +53,7 @@ impl CommandState {
         sequence: usize,
     ) -> Option<axum::http::HeaderValue> {
         let sequence = i64::try_from(sequence).ok()?;
-        match petstore_platform::stream::position_of(
+        match petstore_event_store::stream::position_of(
             self.store.database(),
             aggregate_type,
             aggregate_id,
@@ -92,7 +92,7 @@ pub fn router(state: CommandState) -> Router {
         payments::PaymentBody,
         payments::PaymentResult,
         payments::AmountBody,
-        petstore_platform::http::ProblemDocument
+        petstore_web::ProblemDocument
     ))
 )]
 pub struct CommandApiDoc;

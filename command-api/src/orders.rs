@@ -12,14 +12,12 @@ use petstore_domain::order::{Order, OrderCommand, OrderRequest, OrderStatus};
 use petstore_domain::pet::Pet;
 use petstore_domain::SagaStep;
 use petstore_domain::{CustomerId, OrderId, PetId, SimulatedFailure, SpecialInstructions};
-use petstore_platform::auth::Caller;
-use petstore_platform::deadlines::{self, Deadline, DeadlineKind};
-use petstore_platform::event_store::EventMetadata;
-use petstore_platform::http::{
-    Json, Problem, ProblemDocument, RequestContext, CONSISTENCY_TOKEN_HEADER,
-};
-use petstore_platform::settings::Flag;
-use petstore_platform::stream;
+use petstore_event_store::deadlines::{self, Deadline, DeadlineKind};
+use petstore_event_store::store::EventMetadata;
+use petstore_event_store::stream;
+use petstore_security::auth::Caller;
+use petstore_settings::Flag;
+use petstore_web::{Json, Problem, ProblemDocument, RequestContext, CONSISTENCY_TOKEN_HEADER};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -163,9 +161,12 @@ pub async fn place_order(
         return Err(Problem::not_found(format!("no pet has id {pet_id}")));
     };
     // The order keeps the payment mode of the moment it was placed.
-    let express = state
-        .live
-        .flag(Flag::ExpressOrderProcessing, customer_id.as_str());
+    let express = RequestContext::served_flag(
+        Flag::ExpressOrderProcessing,
+        state
+            .live
+            .flag(Flag::ExpressOrderProcessing, customer_id.as_str()),
+    );
     let command = OrderCommand::PlaceOrder(OrderRequest {
         order_id,
         customer_id,

@@ -15,14 +15,14 @@ use petstore_domain::payment::{Payment, PaymentCommand, PaymentState};
 use petstore_domain::providers::{ChargeRequest, PaymentGateway};
 use petstore_domain::values::Currency;
 use petstore_domain::{Money, OrderId};
-use petstore_platform::auth::Caller;
-use petstore_platform::event_store::EventMetadata;
-use petstore_platform::http::{
+use petstore_event_store::store::EventMetadata;
+use petstore_event_store::stream;
+use petstore_resilience::CallError;
+use petstore_security::auth::Caller;
+use petstore_settings::Flag;
+use petstore_web::{
     CorrelationId, Json, Problem, ProblemDocument, RequestContext, CONSISTENCY_TOKEN_HEADER,
 };
-use petstore_platform::resilience::CallError;
-use petstore_platform::settings::Flag;
-use petstore_platform::stream;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -148,9 +148,12 @@ pub async fn pay_order(
     }
     let live = &state.live;
     let customer = request.customer_id.as_str();
-    let express = request
-        .express_processing
-        .unwrap_or_else(|| live.flag(Flag::ExpressOrderProcessing, customer));
+    let express = request.express_processing.unwrap_or_else(|| {
+        RequestContext::served_flag(
+            Flag::ExpressOrderProcessing,
+            live.flag(Flag::ExpressOrderProcessing, customer),
+        )
+    });
     if express {
         return Err(Problem::conflict(format!(
             "order {order_id} is paid automatically (express_order_processing was on when it was placed)"
@@ -169,7 +172,10 @@ pub async fn pay_order(
         .await?
         .and_then(|id| CorrelationId::parse(&id))
         .unwrap_or_else(RequestContext::correlation_id);
-    if !live.flag(Flag::PaymentProcessing, customer) {
+    if !RequestContext::served_flag(
+        Flag::PaymentProcessing,
+        live.flag(Flag::PaymentProcessing, customer),
+    ) {
         return Err(Problem::unavailable(
             "payment processing is paused (payment_processing is off); the order keeps waiting \
              for its payment, retry later",
@@ -195,7 +201,11 @@ pub async fn pay_order(
     .await;
     match result {
         // No call was made: the order keeps waiting for its payment.
-        Err(CallError::Rejected(rejection)) => Err(rejection.problem("payment")),
+        Err(CallError::Rejected(rejection)) => Err(Problem::dependency_unavailable(
+            "payment",
+            &rejection,
+            rejection.retry_after(),
+        )),
         Ok(receipt) => {
             let command = PaymentCommand::RecordPaymentProcessed {
                 order_id,

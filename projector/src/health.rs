@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
-use petstore_platform::health::{ComponentHealth, HealthCheck};
-use petstore_platform::stream::StreamPosition;
+use petstore_event_store::stream::StreamPosition;
+use petstore_telemetry::health::{ComponentHealth, HealthCheck};
 use tokio::sync::watch;
 
 use crate::{ProjectorProgress, ReadModels, RedisViews};

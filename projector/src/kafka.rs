@@ -7,9 +7,9 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use petstore_platform::bus::{BusError, InFlight, KafkaBus, Trace};
-use petstore_platform::database::{Database, Fence};
-use petstore_platform::stream::{self, RecordedEvent, StreamPosition};
+use petstore_event_store::database::{Database, Fence};
+use petstore_event_store::stream::{self, RecordedEvent, StreamPosition};
+use petstore_kafka::{BusError, InFlight, KafkaBus, Trace};
 use tokio::sync::Mutex;
 
 use crate::projection::{Projection, ProjectionError};

@@ -2,11 +2,11 @@
 
 use std::future::Future;
 
-use petstore_platform::bus::BusError;
-use petstore_platform::cache::CacheError;
-use petstore_platform::database::{Database, Fence};
-use petstore_platform::dead_letters::DeadLetter;
-use petstore_platform::stream::{RecordedEvent, StreamError, StreamPosition};
+use petstore_event_store::database::{Database, Fence};
+use petstore_event_store::dead_letters::DeadLetter;
+use petstore_event_store::stream::{RecordedEvent, StreamError, StreamPosition};
+use petstore_kafka::BusError;
+use petstore_redis::CacheError;
 
 use crate::views::DecodeError;
 
@@ -25,12 +25,6 @@ pub enum ReadModelError {
     /// A stored document does not match the view's shape.
     #[error("stored read-model document is malformed: {0}")]
     Document(#[from] serde_json::Error),
-}
-
-impl From<ReadModelError> for petstore_platform::http::Problem {
-    fn from(error: ReadModelError) -> Self {
-        Self::from_failure(&error)
-    }
 }
 
 /// A projection failed; the projector retries from the last checkpoint.
@@ -54,12 +48,6 @@ pub enum ProjectionError {
     /// A stored document does not match its view.
     #[error("malformed document: {0}")]
     Document(#[from] serde_json::Error),
-}
-
-impl From<ProjectionError> for petstore_platform::http::Problem {
-    fn from(error: ProjectionError) -> Self {
-        Self::from_failure(&error)
-    }
 }
 
 /// A consumer of the global stream that keeps its own checkpoint. `apply` must move the

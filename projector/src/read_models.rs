@@ -12,13 +12,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use petstore_domain::{OrderId, PetCategory, PetId};
-use petstore_platform::database::{Database, Fence};
-use petstore_platform::stream::{self, RecordedEvent, StreamPosition};
+use petstore_event_store::database::{Database, Fence};
+use petstore_event_store::stream::{self, RecordedEvent, StreamPosition};
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use tokio::sync::{broadcast, RwLock};
 
-use petstore_platform::dead_letters::{self, DeadLetter};
+use petstore_event_store::dead_letters::{self, DeadLetter};
 
 pub use crate::projection::ReadModelError;
 use crate::projection::Refolded;
@@ -79,7 +79,7 @@ impl crate::projection::Projection for ReadModels {
             .collect();
         match self {
             Self::Postgres(pool) => {
-                let mut transaction = petstore_platform::database::begin(pool)
+                let mut transaction = petstore_event_store::database::begin(pool)
                     .await
                     .map_err(ReadModelError::from)?;
                 if let Some(fence) = fence {
@@ -756,10 +756,10 @@ async fn apply_postgres(
         ..
     } = LIVE_TABLES;
     let (order_ids, pet_ids) = ViewBatch::ids(events);
-    let mut transaction = petstore_platform::database::begin(pool).await?;
+    let mut transaction = petstore_event_store::database::begin(pool).await?;
     // Read models are derived: a database crash that loses this commit loses its
     // checkpoint with it, and the events are applied again.
-    petstore_platform::database::commit_lazily(&mut transaction).await?;
+    petstore_event_store::database::commit_lazily(&mut transaction).await?;
     let mut batch = ViewBatch::default();
     if !order_ids.is_empty() {
         let rows: Vec<(String, serde_json::Value)> = sqlx::query_as(&format!(

@@ -12,10 +12,10 @@
 use std::time::Duration;
 
 use petstore_domain::{OrderId, PetId};
-use petstore_platform::cache::{Cache, CacheError};
-use petstore_platform::database::{Database, Fence};
-use petstore_platform::dead_letters::{self, DeadLetter};
-use petstore_platform::stream::{RecordedEvent, StreamPosition};
+use petstore_event_store::database::{Database, Fence};
+use petstore_event_store::dead_letters::{self, DeadLetter};
+use petstore_event_store::stream::{RecordedEvent, StreamPosition};
+use petstore_redis::{Cache, CacheError};
 
 use crate::projection::ReadModelError;
 use crate::projection::{Projection, ProjectionError, Refolded};

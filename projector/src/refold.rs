@@ -8,9 +8,9 @@ use petstore_domain::delivery::Delivery;
 use petstore_domain::order::Order;
 use petstore_domain::payment::Payment;
 use petstore_domain::pet::Pet;
-use petstore_platform::database::Database;
-use petstore_platform::dead_letters::DeadLetter;
-use petstore_platform::stream::{self, RecordedEvent, StreamError};
+use petstore_event_store::database::Database;
+use petstore_event_store::dead_letters::DeadLetter;
+use petstore_event_store::stream::{self, RecordedEvent, StreamError};
 
 use cqrs_es::Aggregate;
 

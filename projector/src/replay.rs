@@ -10,11 +10,10 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use petstore_platform::bus::{InFlight, KafkaBus, Trace};
-use petstore_platform::database::{Database, Fence};
-use petstore_platform::http::CorrelationId;
-use petstore_platform::stream::{self, StreamPosition};
-use petstore_platform::telemetry;
+use petstore_event_store::database::{Database, Fence};
+use petstore_event_store::stream::{self, StreamPosition};
+use petstore_kafka::{InFlight, KafkaBus, Trace};
+use petstore_telemetry::CorrelationId;
 use sqlx::PgPool;
 use tracing::Instrument;
 
@@ -40,7 +39,7 @@ pub enum ReplayError {
     Database(#[from] sqlx::Error),
     /// Locking failed.
     #[error(transparent)]
-    Lock(#[from] petstore_platform::database::DatabaseError),
+    Lock(#[from] petstore_event_store::database::DatabaseError),
     /// Folding or publishing failed.
     #[error(transparent)]
     Projection(#[from] ProjectionError),
@@ -112,7 +111,7 @@ where
                 first_position = batch.first().map_or(0, |event| event.position.global_position),
                 correlation_id = %CorrelationId::generate(),
             );
-            telemetry::link_to_all(
+            petstore_telemetry::link_to_all(
                 &span,
                 batch.iter().filter_map(stream::RecordedEvent::traceparent),
             );
@@ -352,10 +351,10 @@ impl ShadowFold {
         self.written().await?;
         let pool = self.pool.clone();
         self.writing = Some(tokio::spawn(async move {
-            let mut transaction = petstore_platform::database::begin(&pool).await?;
+            let mut transaction = petstore_event_store::database::begin(&pool).await?;
             // The shadow tables are thrown away unless the swap, which commits durably (and
             // so flushes the WAL of every write before it), goes through.
-            petstore_platform::database::commit_lazily(&mut transaction).await?;
+            petstore_event_store::database::commit_lazily(&mut transaction).await?;
             copy_views(&mut transaction, &new_orders, &new_pets).await?;
             write_views(&mut transaction, SHADOW_TABLES, &old_orders, &old_pets)
                 .await
@@ -496,7 +495,7 @@ impl std::io::Write for Escaping<'_> {
 }
 
 async fn create_shadow_tables(pool: &PgPool) -> Result<(), sqlx::Error> {
-    let mut transaction = petstore_platform::database::begin(pool).await?;
+    let mut transaction = petstore_event_store::database::begin(pool).await?;
     for (shadow, live) in [
         (SHADOW_TABLES.orders, LIVE_TABLES.orders),
         (SHADOW_TABLES.pets, LIVE_TABLES.pets),
@@ -518,7 +517,7 @@ async fn swap_in_shadow_tables(
     last: StreamPosition,
     fence: Option<&Fence>,
 ) -> Result<(), ReplayError> {
-    let mut transaction = petstore_platform::database::begin(pool).await?;
+    let mut transaction = petstore_event_store::database::begin(pool).await?;
     sqlx::query(&format!(
         "LOCK TABLE {}, {} IN ACCESS EXCLUSIVE MODE",
         LIVE_TABLES.orders, LIVE_TABLES.pets

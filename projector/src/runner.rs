@@ -9,19 +9,18 @@
 use std::future::Future;
 use std::time::Duration;
 
-use petstore_platform::database::Fence;
-use petstore_platform::event_store::EventStore;
-use petstore_platform::http::CorrelationId;
-use petstore_platform::metrics::Metrics;
-use petstore_platform::settings::ProjectorSettings;
-use petstore_platform::stream::{self, Lag, StreamPosition, StreamReader};
-use petstore_platform::telemetry;
+use petstore_event_store::database::Fence;
+use petstore_event_store::store::EventStore;
+use petstore_event_store::stream::{self, Lag, StreamPosition, StreamReader};
+use petstore_settings::ProjectorSettings;
+use petstore_telemetry::metrics::Metrics;
+use petstore_telemetry::CorrelationId;
 use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::projection::ReadModelError;
 use crate::projection::{Projection, Refolded};
-use petstore_platform::dead_letters::{self, DeadLetterStatus};
+use petstore_event_store::dead_letters::{self, DeadLetterStatus};
 
 /// How long a standby waits between attempts to take over.
 const TAKEOVER_INTERVAL: Duration = Duration::from_secs(1);
@@ -75,7 +74,7 @@ impl<P: Projection> Projector<P> {
         metrics.projection_attempt(self.projection.name(), Ok(0));
         metrics
             .projection_failures
-            .get_or_create(&petstore_platform::metrics::ProjectionLabels {
+            .get_or_create(&petstore_telemetry::metrics::ProjectionLabels {
                 projection: self.projection.name().to_owned(),
             })
             .inc_by(0);
@@ -297,7 +296,7 @@ impl<P: Projection> Projector<P> {
                 first_position = events.first().map_or(0, |event| event.position.global_position),
                 correlation_id = %CorrelationId::generate(),
             );
-            telemetry::link_to_all(
+            petstore_telemetry::link_to_all(
                 &span,
                 events.iter().filter_map(stream::RecordedEvent::traceparent),
             );

@@ -9,8 +9,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use petstore_platform::database::Database;
-use petstore_platform::stream::{self, StreamPosition};
+use petstore_event_store::database::Database;
+use petstore_event_store::stream::{self, StreamPosition};
 use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 
 use crate::projection::ReadModelError;

@@ -9,7 +9,7 @@ use petstore_domain::payment::{Payment, PaymentEvent};
 use petstore_domain::pet::{Availability, Pet, PetEvent};
 use petstore_domain::upcasting;
 use petstore_domain::Money;
-use petstore_platform::stream::{RecordedEvent, StreamPosition};
+use petstore_event_store::stream::{RecordedEvent, StreamPosition};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -529,7 +529,7 @@ mod tests {
     use petstore_domain::order::OrderRequest;
     use petstore_domain::values::CancellationReason;
     use petstore_domain::{CustomerId, OrderId, PetId};
-    use petstore_platform::stream::Payload;
+    use petstore_event_store::stream::Payload;
 
     use super::*;
 

@@ -5,11 +5,11 @@ use axum::extract::State;
 use axum::routing::get;
 use axum::Router;
 use petstore_domain::OrderId;
-use petstore_platform::auth::Caller;
-use petstore_platform::database::Database;
-use petstore_platform::event_store;
-use petstore_platform::http::{Json, Path, Problem, ProblemDocument, RequestContext};
-use petstore_platform::stream::{self, Payload, RecordedEvent, StreamError};
+use petstore_event_store::database::Database;
+use petstore_event_store::store as event_store;
+use petstore_event_store::stream::{self, Payload, RecordedEvent, StreamError};
+use petstore_security::auth::Caller;
+use petstore_web::{Json, Path, Problem, ProblemDocument, RequestContext};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 

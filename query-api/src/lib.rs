@@ -8,21 +8,23 @@
 //! - [`orders`]: order status.
 //! - [`updates`]: live order updates (WebSocket and Server-Sent Events).
 //! - [`audit`]: the audit trail of an order or a correlation id, from the event store.
-//! - [`security`]: the security audit trail, for admins.
+//! - `error`: what fails below the routes, as problems.
 //! - [`reads`]: Redis first, database as fallback; read-your-writes tokens.
 
 use std::time::Duration;
 
 use axum::Router;
-use petstore_platform::database::Database;
-use petstore_platform::metrics::Metrics;
+use petstore_event_store::database::Database;
 use petstore_projector::{ReadModels, RedisViews};
+use petstore_telemetry::metrics::Metrics;
+
+pub use error::QueryError;
 
 pub mod audit;
+mod error;
 pub mod orders;
 pub mod pets;
 pub mod reads;
-pub mod security;
 pub mod updates;
 
 /// What the query handlers need.
@@ -36,27 +38,24 @@ pub struct QueryState {
     pub database: Database,
     /// How long a query with a consistency token waits for the read model.
     pub consistency_wait: Duration,
-    /// The security audit trail.
-    pub security_audit: petstore_platform::security_audit::SecurityAudit,
     /// Metrics (Redis hits, misses and fallbacks).
     pub metrics: Metrics,
     /// The live settings (the browse flags).
-    pub live: petstore_platform::live::Live,
+    pub live: petstore_live_settings::Live,
     /// The live order updates' hub.
     pub updates: updates::OrderUpdates,
     /// Whether any dead letter is open (the status route then looks the order's up).
-    pub dead_letters: petstore_platform::dead_letters::OpenGate,
+    pub dead_letters: petstore_event_store::dead_letters::OpenGate,
 }
 
 /// Every query route, with its state applied. (Health is every process's:
-/// `petstore_platform::health`.)
+/// `petstore_web::health`.)
 pub fn router(state: QueryState) -> Router {
     Router::new()
         .merge(pets::router())
         .merge(orders::router())
         .merge(updates::router())
         .merge(audit::router())
-        .merge(security::router())
         .with_state(state)
 }
 
@@ -70,7 +69,6 @@ pub fn router(state: QueryState) -> Router {
         orders::order_status,
         updates::order_updates,
         audit::order_audit,
-        security::security_audit,
     ),
     components(schemas(
         pets::BrowseResponse,
@@ -81,13 +79,10 @@ pub fn router(state: QueryState) -> Router {
         petstore_projector::views::SagaStepView,
         petstore_projector::StatusChange,
         updates::OrderUpdate,
-        petstore_platform::stream::StreamPosition,
+        petstore_event_store::stream::StreamPosition,
         audit::AuditTrail,
         audit::AuditEntry,
-        security::SecurityAuditPage,
-        petstore_platform::security_audit::SecurityAuditEntry,
-        petstore_platform::security_audit::SecurityEventKind,
-        petstore_platform::http::ProblemDocument,
+        petstore_web::ProblemDocument,
     ))
 )]
 pub struct QueryApiDoc;

@@ -4,9 +4,9 @@ use axum::extract::State;
 use axum::routing::get;
 use axum::Router;
 use petstore_domain::OrderId;
-use petstore_platform::auth::Caller;
-use petstore_platform::http::{Json, Path, Problem, ProblemDocument, RequestContext};
 use petstore_projector::OrderStatusView;
+use petstore_security::auth::Caller;
+use petstore_web::{Json, Path, Problem, ProblemDocument, RequestContext};
 
 use crate::reads::ConsistencyToken;
 use crate::QueryState;

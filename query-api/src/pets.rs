@@ -1,13 +1,14 @@
 //! The pet catalog.
 
+use crate::error::failed;
 use axum::extract::State;
 use axum::routing::get;
 use axum::Router;
 use petstore_domain::{PetCategory, PetId};
-use petstore_platform::auth::Caller;
-use petstore_platform::http::{Json, Path, Problem, ProblemDocument, Query};
-use petstore_platform::settings::Flag;
 use petstore_projector::{BrowseFilter, PetView, PremiumFilter};
+use petstore_security::auth::Caller;
+use petstore_settings::Flag;
+use petstore_web::{Json, Path, Problem, ProblemDocument, Query, RequestContext};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -182,14 +183,22 @@ pub async fn browse(
 ) -> Result<Json<BrowseResponse>, Problem> {
     let filter = params.into_filter()?;
     let subject = caller.flag_subject();
-    if filter.premium.is_set() && !state.live.flag(Flag::PremiumFilters, &subject) {
+    if filter.premium.is_set()
+        && !RequestContext::served_flag(
+            Flag::PremiumFilters,
+            state.live.flag(Flag::PremiumFilters, &subject),
+        )
+    {
         return Err(Problem::validation(
             "breed, min_age_months, max_age_months and vaccinated are premium filters, and \
              premium_filters is off",
         ));
     }
     let mut page = state.browse(&filter, token).await?;
-    let personalization = if state.live.flag(Flag::PetPersonalization, &subject) {
+    let personalization = if RequestContext::served_flag(
+        Flag::PetPersonalization,
+        state.live.flag(Flag::PetPersonalization, &subject),
+    ) {
         Some(personalize(&state, &caller, &mut page.pets).await?)
     } else {
         None
@@ -227,7 +236,8 @@ async fn personalize(
     let ranked = state
         .read_models
         .ordered_categories(customer_id.as_str())
-        .await?;
+        .await
+        .map_err(failed)?;
     if ranked.is_empty() {
         return Ok(Personalization {
             applied: false,

@@ -5,17 +5,18 @@
 
 use std::time::Duration;
 
+use crate::error::failed;
 use axum::extract::FromRequestParts;
 use axum::http::header::{HeaderValue, RETRY_AFTER};
 use axum::http::request::Parts;
 use petstore_domain::{order, OrderId, PetId};
-use petstore_platform::dead_letters;
-use petstore_platform::http::{Problem, CONSISTENCY_TOKEN_HEADER};
-use petstore_platform::stream::{self, StreamPosition};
+use petstore_event_store::dead_letters;
+use petstore_event_store::stream::{self, StreamPosition};
 use petstore_projector::views::Attention;
 use petstore_projector::{
     BrowseFilter, BrowsePage, CachedBrowse, OrderStatusView, PetView, RedisViews,
 };
+use petstore_web::{Problem, CONSISTENCY_TOKEN_HEADER};
 use tokio::time::Instant;
 
 use crate::QueryState;
@@ -93,7 +94,7 @@ impl QueryState {
     pub(crate) async fn wait_for(&self, token: StreamPosition) -> Result<(), Problem> {
         let deadline = Instant::now() + self.consistency_wait;
         loop {
-            let position = self.read_models.position().await?;
+            let position = self.read_models.position().await.map_err(failed)?;
             if position >= token {
                 return Ok(());
             }
@@ -141,7 +142,7 @@ impl QueryState {
         order_id: &OrderId,
         redis: Option<&RedisViews>,
     ) -> Result<Option<OrderStatusView>, Problem> {
-        if let Some(view) = self.read_models.order(order_id).await? {
+        if let Some(view) = self.read_models.order(order_id).await.map_err(failed)? {
             return Ok(Some(view));
         }
         let Some(placed) = self.placed_at(order_id).await? else {
@@ -154,12 +155,8 @@ impl QueryState {
                     return Ok(Some(view));
                 }
             }
-            if self.read_models.position().await? >= placed {
-                return self
-                    .read_models
-                    .order(order_id)
-                    .await
-                    .map_err(Problem::from);
+            if self.read_models.position().await.map_err(failed)? >= placed {
+                return self.read_models.order(order_id).await.map_err(failed);
             }
             if Instant::now() >= deadline {
                 return Err(self.not_reached());
@@ -193,7 +190,7 @@ impl QueryState {
                 return Ok(Some(view));
             }
         }
-        self.read_models.pet(pet_id).await.map_err(Problem::from)
+        self.read_models.pet(pet_id).await.map_err(failed)
     }
 
     /// A browse page: from the Redis cache when current, else from the database (and then
@@ -226,10 +223,10 @@ impl QueryState {
             },
         };
         let Some((redis, slot)) = slot else {
-            return self.read_models.browse(filter).await.map_err(Problem::from);
+            return self.read_models.browse(filter).await.map_err(failed);
         };
-        let database_at = self.read_models.position().await?;
-        let page = self.read_models.browse(filter).await?;
+        let database_at = self.read_models.position().await.map_err(failed)?;
+        let page = self.read_models.browse(filter).await.map_err(failed)?;
         if let Err(error) = redis.cache_browse(slot, &page, database_at).await {
             tracing::debug!(%error, "caching a browse page failed");
         }

@@ -25,13 +25,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use petstore_domain::OrderId;
-use petstore_platform::auth::Caller;
-use petstore_platform::http::{Path, Problem, ProblemDocument, RequestContext};
-use petstore_platform::live::Live;
-use petstore_platform::metrics::{Metrics, UpdateProtocolLabels};
-use petstore_platform::settings::{Flag, OrderUpdateSettings};
-use petstore_platform::stream::StreamPosition;
+use petstore_event_store::stream::StreamPosition;
+use petstore_live_settings::Live;
 use petstore_projector::{OrderChanges, OrderStatusView, ReadModels, StatusChange};
+use petstore_security::auth::Caller;
+use petstore_settings::{Flag, OrderUpdateSettings};
+use petstore_telemetry::metrics::{Metrics, UpdateProtocolLabels};
+use petstore_web::{Path, Problem, ProblemDocument, RequestContext};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 use utoipa::{IntoParams, ToSchema};
@@ -297,7 +297,7 @@ struct Follower {
     last: StreamPosition,
     last_status: Option<String>,
     live: Live,
-    settings: watch::Receiver<Arc<petstore_platform::live::LiveSnapshot>>,
+    settings: watch::Receiver<Arc<petstore_live_settings::LiveSnapshot>>,
     flag_subject: String,
     closing: watch::Receiver<bool>,
     _slot: Slot,
@@ -489,7 +489,10 @@ pub async fn order_updates(
         OrderId::parse(&order_id).map_err(|error| Problem::bad_request(error.to_string()))?;
     RequestContext::record_order(&order_id);
     let flag_subject = caller.flag_subject();
-    if !state.live.flag(Flag::RealTimeOrderUpdates, &flag_subject) {
+    if !RequestContext::served_flag(
+        Flag::RealTimeOrderUpdates,
+        state.live.flag(Flag::RealTimeOrderUpdates, &flag_subject),
+    ) {
         return Err(Problem::new(
             StatusCode::FORBIDDEN,
             "feature-disabled",

@@ -14,12 +14,12 @@ use petstore_domain::providers::{
 };
 use petstore_domain::saga::{self, SagaAction, SagaEvent, SagaOutcome};
 use petstore_domain::{DomainError, OrderId};
-use petstore_platform::deadlines::{self, Deadline, DeadlineKind};
-use petstore_platform::event_store::EventMetadata;
-use petstore_platform::http::CorrelationId;
-use petstore_platform::resilience::{CallError, Rejection};
-use petstore_platform::settings::Flag;
-use petstore_platform::stream::RecordedEvent;
+use petstore_event_store::deadlines::{self, Deadline, DeadlineKind};
+use petstore_event_store::store::EventMetadata;
+use petstore_event_store::stream::RecordedEvent;
+use petstore_resilience::{CallError, Rejection};
+use petstore_settings::Flag;
+use petstore_telemetry::CorrelationId;
 use uuid::Uuid;
 
 use crate::error::*;

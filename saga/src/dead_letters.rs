@@ -9,8 +9,8 @@ use petstore_domain::order::Order;
 use petstore_domain::payment::Payment;
 use petstore_domain::providers::{DeliveryProvider, PaymentGateway};
 use petstore_domain::OrderId;
-use petstore_platform::dead_letters::{self, DeadLetterStatus};
-use petstore_platform::stream::{self, RecordedEvent};
+use petstore_event_store::dead_letters::{self, DeadLetterStatus};
+use petstore_event_store::stream::{self, RecordedEvent};
 
 use crate::error::*;
 use crate::events::*;

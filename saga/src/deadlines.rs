@@ -8,11 +8,11 @@ use cqrs_es::Aggregate;
 use petstore_domain::order::{Order, OrderCommand};
 use petstore_domain::providers::{DeliveryProvider, PaymentGateway};
 use petstore_domain::SagaStep;
-use petstore_platform::deadlines::{self, Deadline, DeadlineKind};
-use petstore_platform::event_store::EventMetadata;
-use petstore_platform::http::CorrelationId;
-use petstore_platform::settings::Flag;
-use petstore_platform::stream::{self};
+use petstore_event_store::deadlines::{self, Deadline, DeadlineKind};
+use petstore_event_store::store::EventMetadata;
+use petstore_event_store::stream::{self};
+use petstore_settings::Flag;
+use petstore_telemetry::CorrelationId;
 use tracing::Instrument;
 use uuid::Uuid;
 

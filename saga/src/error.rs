@@ -2,8 +2,8 @@
 //! event itself cannot be read, set aside.
 
 use cqrs_es::AggregateError;
-use petstore_platform::bus::BusError;
-use petstore_platform::stream;
+use petstore_event_store::stream;
+use petstore_kafka::BusError;
 
 /// Why handling a batch failed; the runner retries it from the checkpoint.
 #[derive(Debug, thiserror::Error)]

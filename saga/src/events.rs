@@ -8,7 +8,7 @@ use petstore_domain::payment::{Payment, PaymentEvent};
 use petstore_domain::pet::{Pet, PetEvent};
 use petstore_domain::saga::SagaEvent;
 use petstore_domain::OrderId;
-use petstore_platform::stream::RecordedEvent;
+use petstore_event_store::stream::RecordedEvent;
 
 use crate::error::SagaError;
 

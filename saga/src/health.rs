@@ -8,7 +8,7 @@ use crate::runner::*;
 /// down until one succeeds) or `down` (it stopped). Not essential: queries still work.
 pub struct SagaRunnerHealth(pub watch::Receiver<SagaProgress>);
 
-impl petstore_platform::health::HealthCheck for SagaRunnerHealth {
+impl petstore_telemetry::health::HealthCheck for SagaRunnerHealth {
     fn name(&self) -> String {
         "saga_runner".to_owned()
     }
@@ -17,8 +17,8 @@ impl petstore_platform::health::HealthCheck for SagaRunnerHealth {
         false
     }
 
-    fn check(&self) -> futures::future::BoxFuture<'_, petstore_platform::health::ComponentHealth> {
-        use petstore_platform::health::ComponentHealth;
+    fn check(&self) -> futures::future::BoxFuture<'_, petstore_telemetry::health::ComponentHealth> {
+        use petstore_telemetry::health::ComponentHealth;
         let progress = *self.0.borrow();
         let stopped = self.0.has_changed().is_err();
         Box::pin(async move {

@@ -3,7 +3,7 @@
 //! The default adapters simulate a provider: a configurable latency (±50 %), a configurable
 //! share of transient failures (both live settings), forced failures for `X-Simulate-Failure`, and idempotency by
 //! key (a repeated key answers the first result, as real gateways do). [`call`] makes every
-//! call through the provider's resilience policy ([`petstore_platform::resilience`]).
+//! call through the provider's resilience policy ([`petstore_resilience`]).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -15,9 +15,9 @@ use petstore_domain::providers::{
     ChargeReceipt, ChargeRequest, DeliveryBooking, DeliveryProvider, DeliveryRequest,
     PaymentGateway, ProviderError,
 };
-use petstore_platform::live::Live;
-use petstore_platform::resilience::{CallError, Policy};
-use petstore_platform::settings::LiveProvider;
+use petstore_live_settings::Live;
+use petstore_resilience::{CallError, Policy};
+use petstore_settings::LiveProvider;
 
 /// Calls a provider through `policy`: a refusal is its final answer (not retried, not
 /// counted against its breaker); an unavailable provider or a time-out is its failure.

@@ -13,16 +13,15 @@ use futures::{FutureExt, StreamExt};
 use petstore_domain::providers::{DeliveryProvider, PaymentGateway};
 use petstore_domain::saga::SagaPolicy;
 use petstore_domain::OrderId;
-use petstore_platform::bus::KafkaSubscriber;
-use petstore_platform::dead_letters::{self};
-use petstore_platform::deadlines::{self};
-use petstore_platform::event_store::EventStore;
-use petstore_platform::live::Live;
-use petstore_platform::metrics::Metrics;
-use petstore_platform::resilience::Policies;
-use petstore_platform::settings::{Flag, KafkaSettings, SagaSettings};
-use petstore_platform::stream::{self, Lag, RecordedEvent, StreamPosition, StreamReader};
-use petstore_platform::telemetry;
+use petstore_event_store::dead_letters::{self};
+use petstore_event_store::deadlines::{self};
+use petstore_event_store::store::EventStore;
+use petstore_event_store::stream::{self, Lag, RecordedEvent, StreamPosition, StreamReader};
+use petstore_kafka::KafkaSubscriber;
+use petstore_live_settings::Live;
+use petstore_resilience::Policies;
+use petstore_settings::{Flag, KafkaSettings, SagaSettings};
+use petstore_telemetry::metrics::Metrics;
 use tokio::sync::watch;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -594,13 +593,13 @@ pub(crate) fn step_span(order_id: OrderId, event: &RecordedEvent) -> tracing::Sp
         span.record("messaging.kafka.offset", delivery.offset);
         span.record("messaging.kafka.message.key", event.aggregate_id.as_str());
     }
-    telemetry::continue_trace(&span, event.traceparent());
+    petstore_telemetry::continue_trace(&span, event.traceparent());
     span
 }
 
 #[cfg(test)]
 mod tests {
-    use petstore_platform::stream::Payload;
+    use petstore_event_store::stream::Payload;
 
     use super::*;
 

@@ -14,9 +14,9 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use petstore_cli::{Application, Role, Shutdown};
-use petstore_platform::auth::TokenVerifier;
-use petstore_platform::database::Database;
-use petstore_platform::settings::{JwtSettings, LogFormat, RoleName, Settings};
+use petstore_event_store::database::Database;
+use petstore_security::auth::TokenVerifier;
+use petstore_settings::{JwtSettings, LogFormat, RoleName, Settings};
 use secrecy::SecretString;
 use serde_json::Value;
 use sqlx::{Connection, PgConnection};
@@ -200,7 +200,7 @@ impl TestApp {
     /// Starts the application with `settings` and `roles`.
     pub async fn start_with_roles(settings: Settings, roles: &BTreeSet<Role>) -> Self {
         // The first test of the process installs the subscriber; the rest reuse it.
-        let _telemetry = petstore_platform::telemetry::init(&settings.log).expect("telemetry");
+        let _telemetry = petstore_telemetry::init(&settings.log).expect("telemetry");
         let jwt = settings.security.jwt.clone();
         let application = Application::build(settings, roles)
             .await
@@ -522,13 +522,13 @@ impl Drop for OwnRedis {
 /// Adds `count` pets named `{prefix}-000`, `{prefix}-001`, ... through the event store (for
 /// tests that need more pets than the demo catalog has); returns their ids.
 pub async fn add_pets(
-    store: &petstore_platform::event_store::EventStore,
+    store: &petstore_event_store::store::EventStore,
     prefix: &str,
     count: usize,
 ) -> Vec<String> {
     use petstore_domain::pet::{Pet, PetCommand, PetDetails};
-    let metadata = petstore_platform::event_store::EventMetadata::new(
-        petstore_platform::http::CorrelationId::generate(),
+    let metadata = petstore_event_store::store::EventMetadata::new(
+        petstore_web::CorrelationId::generate(),
         "test",
     );
     let mut pets = Vec::with_capacity(count);

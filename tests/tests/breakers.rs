@@ -5,7 +5,7 @@
 //! `Retry-After`, the order keeps waiting), a step whose deadline passes while its breaker is
 //! open (cancelled and compensated, nothing charged), and the admin routes' refusals.
 
-use petstore_platform::settings::{RoleName, Settings};
+use petstore_settings::{RoleName, Settings};
 use petstore_tests::{assert_problem, on_both_engines, Engine, Storage, TestApp};
 use serde_json::{json, Value};
 

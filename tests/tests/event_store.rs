@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, AggregateError, DomainEvent};
-use petstore_platform::database::Database;
-use petstore_platform::event_store::{EventMetadata, EventStore};
-use petstore_platform::http::CorrelationId;
-use petstore_platform::stream::{self, RecordedEvent, StreamPosition, StreamReader};
+use petstore_event_store::database::Database;
+use petstore_event_store::store::{EventMetadata, EventStore};
+use petstore_event_store::stream::{self, RecordedEvent, StreamPosition, StreamReader};
 use petstore_tests::{on_both_engines, Engine, Storage};
+use petstore_web::CorrelationId;
 use serde::{Deserialize, Serialize};
 
 /// A test aggregate that accepts any number of events, to load the store.
@@ -559,7 +559,7 @@ async fn a_cancelled_begin_leaves_no_pooled_connection_inside_a_transaction() {
         };
         tokio::select! {
             biased;
-            begun = petstore_platform::database::begin(pool) => drop(begun),
+            begun = petstore_event_store::database::begin(pool) => drop(begun),
             () = yields => {}
         }
     }

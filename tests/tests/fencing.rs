@@ -6,15 +6,15 @@
 
 use std::time::{Duration, Instant};
 
-use petstore_platform::cache::Cache;
-use petstore_platform::database::{Database, ExclusiveLock};
-use petstore_platform::event_store::EventStore;
-use petstore_platform::metrics::Metrics;
-use petstore_platform::resilience::Policies;
-use petstore_platform::settings::ProjectorSettings;
-use petstore_platform::stream::{self, RecordedEvent, StreamPosition, StreamReader};
+use petstore_event_store::database::{Database, ExclusiveLock};
+use petstore_event_store::store::EventStore;
+use petstore_event_store::stream::{self, RecordedEvent, StreamPosition, StreamReader};
 use petstore_projector::views::ViewBatch;
 use petstore_projector::{Projection, Projector, ReadModels, RedisViews};
+use petstore_redis::Cache;
+use petstore_resilience::Policies;
+use petstore_settings::ProjectorSettings;
+use petstore_telemetry::metrics::Metrics;
 use petstore_tests::{add_pets, redis_url, unique_name, Engine, Storage};
 
 const LOCK: &str = "projection:read_models";

@@ -9,17 +9,17 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use petstore_cli::Role;
 use petstore_domain::PetId;
-use petstore_platform::bus::{self, Envelope, KafkaBus};
-use petstore_platform::cache::Cache;
-use petstore_platform::event_store::EventStore;
-use petstore_platform::live::Live;
-use petstore_platform::metrics::Metrics;
-use petstore_platform::resilience::Policies;
-use petstore_platform::stream::{self, StreamPosition};
+use petstore_event_store::store::EventStore;
+use petstore_event_store::stream::{self, StreamPosition};
+use petstore_kafka::{Envelope, KafkaBus};
+use petstore_live_settings::Live;
 use petstore_projector::views::ViewBatch;
 use petstore_projector::{KafkaProjection, Projector, ReadModels, RedisViews};
+use petstore_redis::Cache;
+use petstore_resilience::Policies;
 use petstore_saga::providers::{SimulatedDeliveryProvider, SimulatedPaymentGateway};
 use petstore_saga::SagaRunner;
+use petstore_telemetry::metrics::Metrics;
 use petstore_tests::{
     add_pets, kafka_brokers, redis_url, unique_name, with_kafka, with_redis, Engine, Storage,
     TestApp,
@@ -43,7 +43,7 @@ async fn messages_keyed(
         .set("enable.auto.commit", "false")
         .create()
         .expect("consumer");
-    let topics = bus::topics(prefix);
+    let topics = petstore_kafka::topics(prefix);
     let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics).expect("subscribe");
     let deadline = Instant::now() + within;
@@ -85,7 +85,7 @@ async fn consume_all(prefix: &str, count: usize) -> Vec<Consumed> {
         .set("enable.auto.commit", "false")
         .create()
         .expect("consumer");
-    let topics = bus::topics(prefix);
+    let topics = petstore_kafka::topics(prefix);
     let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics).expect("subscribe");
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -368,7 +368,7 @@ async fn two_saga_runners_share_a_group_and_one_can_die() {
         .expect("live settings");
     let payments = Arc::new(SimulatedPaymentGateway::new(live.clone()));
     let deliveries = Arc::new(SimulatedDeliveryProvider::new(live.clone()));
-    let policies = Policies::new(&live, &Metrics::new());
+    let policies = live.policies(&Metrics::new());
     let runner = || {
         SagaRunner::new(
             store.clone(),
@@ -436,7 +436,10 @@ async fn two_saga_runners_share_a_group_and_one_can_die() {
 }
 
 /// Every event of `store`'s log, once the log shows `count` of them.
-async fn log_of(store: &EventStore, count: usize) -> Vec<petstore_platform::stream::RecordedEvent> {
+async fn log_of(
+    store: &EventStore,
+    count: usize,
+) -> Vec<petstore_event_store::stream::RecordedEvent> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let events = stream::read_after(store.database(), StreamPosition::START, 100_000)
@@ -470,7 +473,10 @@ async fn topics_left_by_another_event_store_are_refused_and_their_messages_never
         .await
         .expect("topics of nobody's yet");
     old_bus
-        .publish(&log_of(&old_store, 3).await, bus::Trace::Continue)
+        .publish(
+            &log_of(&old_store, 3).await,
+            petstore_kafka::Trace::Continue,
+        )
         .await
         .expect("published");
 
@@ -492,7 +498,7 @@ async fn topics_left_by_another_event_store_are_refused_and_their_messages_never
     let new_bus = KafkaBus::new(&new_settings.kafka, &new_id, policies.kafka.clone()).expect("bus");
     let error = new_bus.ensure_topics().await.expect_err("foreign topics");
     assert!(
-        matches!(error, bus::BusError::ForeignTopics { .. }),
+        matches!(error, petstore_kafka::BusError::ForeignTopics { .. }),
         "{error}"
     );
 
@@ -500,12 +506,13 @@ async fn topics_left_by_another_event_store_are_refused_and_their_messages_never
     add_pets(&new_store, "kafka-new", 2).await;
     let new_events = log_of(&new_store, 2).await;
     new_bus
-        .publish(&new_events, bus::Trace::Continue)
+        .publish(&new_events, petstore_kafka::Trace::Continue)
         .await
         .expect("published");
-    let subscriber = bus::KafkaSubscriber::new(&new_settings.kafka, &unique_name("group"), &new_id)
-        .await
-        .expect("subscriber");
+    let subscriber =
+        petstore_kafka::KafkaSubscriber::new(&new_settings.kafka, &unique_name("group"), &new_id)
+            .await
+            .expect("subscriber");
     let wanted: HashSet<String> = new_events
         .iter()
         .map(|event| event.event_id().to_string())
@@ -556,17 +563,23 @@ async fn an_unreachable_broker_opens_the_kafka_breaker_and_batches_are_refused_a
     let bus = KafkaBus::new(&settings.kafka, &store_id, policies.kafka.clone()).expect("bus");
     for _ in 0..2 {
         let error = bus
-            .publish(&events, bus::Trace::Continue)
+            .publish(&events, petstore_kafka::Trace::Continue)
             .await
             .expect_err("no broker");
-        assert!(matches!(error, bus::BusError::Kafka(_)), "{error}");
+        assert!(
+            matches!(error, petstore_kafka::BusError::Kafka(_)),
+            "{error}"
+        );
     }
     // Refused before any message reaches the producer.
     let error = bus
-        .publish(&events, bus::Trace::Continue)
+        .publish(&events, petstore_kafka::Trace::Continue)
         .await
         .expect_err("refused");
-    assert!(matches!(error, bus::BusError::Rejected(_)), "{error}");
+    assert!(
+        matches!(error, petstore_kafka::BusError::Rejected(_)),
+        "{error}"
+    );
     assert_eq!(policies.kafka.status().await.state, "open");
     storage.remove().await;
 }
@@ -658,16 +671,19 @@ async fn a_failed_batch_in_flight_fails_the_whole_window() {
     let policies = Policies::fixed(&settings.resilience, &Metrics::new());
     let store_id = store.database().store_id().await.expect("a store id");
     let bus = KafkaBus::new(&settings.kafka, &store_id, policies.kafka.clone()).expect("bus");
-    let mut in_flight = bus::InFlight::new(bus);
+    let mut in_flight = petstore_kafka::InFlight::new(bus);
     for batch in events.chunks(2) {
         in_flight
-            .push(batch, bus::Trace::Continue)
+            .push(batch, petstore_kafka::Trace::Continue)
             .await
             .expect("queued with the producer");
     }
     assert!(!in_flight.is_empty());
     let error = in_flight.acknowledged(true).await.expect_err("no broker");
-    assert!(matches!(error, bus::BusError::Kafka(_)), "{error}");
+    assert!(
+        matches!(error, petstore_kafka::BusError::Kafka(_)),
+        "{error}"
+    );
     assert!(in_flight.is_empty(), "a failure forgets the window");
     storage.remove().await;
 }

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use petstore_cli::Role;
-use petstore_platform::settings::{Flag, FlagSetting, RoleName};
+use petstore_settings::{Flag, FlagSetting, RoleName};
 use petstore_tests::{assert_problem, on_both_engines, Engine, Storage, TestApp};
 use serde_json::{json, Value};
 

@@ -374,10 +374,10 @@ async fn the_saga_runner_shows_in_health_and_stalls_loudly(engine: Engine) {
     let database = storage.database().await;
     let drop = "DROP TABLE saga_deadlines";
     match &database {
-        petstore_platform::database::Database::Postgres(pool) => {
+        petstore_event_store::database::Database::Postgres(pool) => {
             sqlx::query(drop).execute(pool).await.map(|_| ())
         }
-        petstore_platform::database::Database::Sqlite(pool) => {
+        petstore_event_store::database::Database::Sqlite(pool) => {
             sqlx::query(drop).execute(pool).await.map(|_| ())
         }
     }

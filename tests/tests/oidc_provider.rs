@@ -10,7 +10,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use petstore_platform::settings::{OidcIssuerSettings, Settings};
+use petstore_settings::{OidcIssuerSettings, Settings};
 use petstore_tests::{assert_problem, base64url, Engine, Storage, TestApp};
 use serde_json::{json, Value};
 use tokio::io::AsyncBufReadExt;

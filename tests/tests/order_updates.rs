@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use petstore_cli::Role;
-use petstore_platform::settings::{FlagSetting, RoleName, Settings};
+use petstore_settings::{FlagSetting, RoleName, Settings};
 use petstore_tests::updates::{self, statuses};
 use petstore_tests::{assert_problem, on_both_engines, Engine, Storage, TestApp};
 use serde_json::{json, Value};

@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use petstore_platform::database::Database;
+use petstore_event_store::database::Database;
 use petstore_tests::{assert_problem, on_both_engines, Engine, Storage, TestApp};
 use serde_json::{json, Value};
 

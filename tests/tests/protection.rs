@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use petstore_cli::{Application, Role};
-use petstore_platform::settings::Settings;
+use petstore_settings::Settings;
 use petstore_tests::{assert_problem, Engine, Storage, TestApp};
 use serde_json::{json, Value};
 
@@ -157,7 +157,7 @@ async fn place_until_stopped(
     stop: Arc<AtomicUsize>,
     accepted: Arc<AtomicUsize>,
 ) -> Vec<tokio::task::JoinHandle<Vec<String>>> {
-    let token = app.token("admin", petstore_platform::settings::RoleName::Admin);
+    let token = app.token("admin", petstore_settings::RoleName::Admin);
     (0..clients)
         .map(|_| {
             let (url, token, stop, accepted) = (

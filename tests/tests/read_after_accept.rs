@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use petstore_cli::Role;
-use petstore_platform::settings::{FlagSetting, RoleName, Settings};
+use petstore_settings::{FlagSetting, RoleName, Settings};
 use petstore_tests::{
     assert_problem, on_both_engines, redis_url, unique_name, with_kafka, with_redis, Engine,
     Storage, TestApp,

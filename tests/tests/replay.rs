@@ -2,12 +2,12 @@
 
 use std::time::{Duration, Instant};
 
-use petstore_platform::cache::Cache;
-use petstore_platform::metrics::Metrics;
-use petstore_platform::resilience::Policies;
-use petstore_platform::stream;
+use petstore_event_store::stream;
 use petstore_projector::replay::{self, ReplayError};
 use petstore_projector::{Projection, RedisViews};
+use petstore_redis::Cache;
+use petstore_resilience::Policies;
+use petstore_telemetry::metrics::Metrics;
 use petstore_tests::{redis_url, unique_name, Engine, Storage, TestApp};
 use redis::AsyncCommands;
 use secrecy::SecretString;

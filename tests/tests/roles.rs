@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use petstore_domain::PetId;
-use petstore_platform::event_store::EventStore;
+use petstore_event_store::store::EventStore;
 use petstore_projector::{Projector, ReadModels};
 use petstore_tests::{add_pets, assert_problem, Engine, Storage, TestApp};
 
@@ -190,10 +190,10 @@ async fn a_broker_outage_stalls_the_kafka_projection_visibly_and_loses_nothing()
     })
     .await;
     let database = store.database().clone();
-    let head = petstore_platform::stream::head_position(&database)
+    let head = petstore_event_store::stream::head_position(&database)
         .await
         .expect("head");
-    let checkpoint = petstore_platform::stream::load_checkpoint(&database, "kafka")
+    let checkpoint = petstore_event_store::stream::load_checkpoint(&database, "kafka")
         .await
         .expect("checkpoint");
     assert_eq!(

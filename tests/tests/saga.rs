@@ -7,13 +7,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use petstore_cli::Role;
-use petstore_platform::event_store::EventStore;
-use petstore_platform::live::Live;
-use petstore_platform::metrics::Metrics;
-use petstore_platform::resilience::Policies;
-use petstore_platform::settings::{FlagSetting, Settings};
+use petstore_event_store::store::EventStore;
+use petstore_live_settings::Live;
 use petstore_saga::providers::{SimulatedDeliveryProvider, SimulatedPaymentGateway};
 use petstore_saga::SagaRunner;
+use petstore_settings::{FlagSetting, Settings};
+use petstore_telemetry::metrics::Metrics;
 use petstore_tests::{add_pets, assert_problem, on_both_engines, Engine, Storage, TestApp};
 use serde_json::{json, Value};
 
@@ -51,7 +50,7 @@ async fn a_reservation_deadline_fires_though_no_runner_ever_handled_the_order(en
     let runner = SagaRunner::new(
         store.clone(),
         settings.saga.clone(),
-        Policies::new(&live, &Metrics::new()),
+        live.policies(&Metrics::new()),
         Arc::new(SimulatedPaymentGateway::new(live.clone())),
         Arc::new(SimulatedDeliveryProvider::new(live.clone())),
         Metrics::new(),
@@ -489,7 +488,7 @@ async fn a_saga_runner_killed_at_random_points_loses_and_doubles_nothing(engine:
         .expect("live settings");
     let payments = Arc::new(SimulatedPaymentGateway::new(live.clone()));
     let deliveries = Arc::new(SimulatedDeliveryProvider::new(live.clone()));
-    let policies = Policies::new(&live, &Metrics::new());
+    let policies = live.policies(&Metrics::new());
     let runner = || {
         SagaRunner::new(
             store.clone(),

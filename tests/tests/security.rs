@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use jsonwebtoken::jwk::{Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use petstore_platform::settings::{OidcIssuerSettings, RoleName, Settings};
+use petstore_settings::{OidcIssuerSettings, RoleName, Settings};
 use petstore_tests::{assert_problem, Engine, Storage, TestApp};
 use serde_json::{json, Value};
 
@@ -555,7 +555,7 @@ async fn security_events_are_recorded_without_secrets(engine: Engine) {
     let mut settings = storage.settings();
     settings.security.users = vec![serde_json::from_value(json!({
         "username": "demo",
-        "password_hash": petstore_platform::auth::login::hash_password("correct horse").expect("hash"),
+        "password_hash": petstore_security::auth::login::hash_password("correct horse").expect("hash"),
         "role": "customer",
         "subject": "customer-001",
     }))

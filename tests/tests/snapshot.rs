@@ -4,9 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use petstore_platform::database::Database;
-use petstore_platform::event_store::EventStore;
-use petstore_platform::stream;
+use petstore_event_store::database::Database;
+use petstore_event_store::store::EventStore;
+use petstore_event_store::stream;
 use petstore_projector::replay;
 use petstore_tests::{add_pets, Engine, Storage, TestApp};
 use serde_json::Value;

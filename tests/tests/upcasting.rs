@@ -7,10 +7,10 @@ use std::collections::BTreeSet;
 
 use petstore_cli::Role;
 use petstore_domain::order::{Order, OrderCommand, OrderStatus};
-use petstore_platform::database::Database;
-use petstore_platform::event_store::{EventMetadata, EventStore};
-use petstore_platform::http::CorrelationId;
+use petstore_event_store::database::Database;
+use petstore_event_store::store::{EventMetadata, EventStore};
 use petstore_tests::{on_both_engines, Engine, Storage, TestApp};
+use petstore_web::CorrelationId;
 use serde_json::json;
 
 on_both_engines!(a_stored_first_version_event_is_read_in_todays_shape);

@@ -6,12 +6,12 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use petstore_domain::OrderId;
-use petstore_platform::database::Database;
-use petstore_platform::security_audit::{
+use petstore_event_store::database::Database;
+use petstore_query_api::audit;
+use petstore_security::audit::{
     SecurityAudit, SecurityAuditEntry, SecurityAuditFilter, SecurityEventKind,
 };
-use petstore_platform::settings::Settings;
-use petstore_query_api::audit;
+use petstore_settings::Settings;
 
 use super::Format;
 

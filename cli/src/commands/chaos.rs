@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use petstore_platform::settings::Settings;
+use petstore_settings::Settings;
 
 /// `petstore chaos ...`.
 #[derive(Debug, clap::Subcommand)]

@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use petstore_platform::settings::Settings;
+use petstore_settings::Settings;
 
 /// `petstore config ...`.
 #[derive(Debug, clap::Subcommand)]

@@ -5,9 +5,9 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use petstore_platform::database::Database;
-use petstore_platform::dead_letters::{self, DeadLetterStatus};
-use petstore_platform::settings::Settings;
+use petstore_event_store::database::Database;
+use petstore_event_store::dead_letters::{self, DeadLetterStatus};
+use petstore_settings::Settings;
 
 use super::Format;
 

@@ -13,7 +13,7 @@ pub fn run() -> anyhow::Result<()> {
         .context("reading the password from standard input")?;
     let password = password.trim_end_matches(['\n', '\r']);
     anyhow::ensure!(!password.is_empty(), "the password is empty");
-    let hash = petstore_platform::auth::login::hash_password(password)
+    let hash = petstore_security::auth::login::hash_password(password)
         .map_err(|error| anyhow::anyhow!("hashing failed: {error}"))?;
     writeln!(std::io::stdout().lock(), "{hash}")?;
     Ok(())

@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use petstore_platform::database::Database;
-use petstore_platform::settings::Settings;
+use petstore_event_store::database::Database;
+use petstore_settings::Settings;
 
 /// `petstore migrate`'s arguments.
 #[derive(Debug, clap::Args)]

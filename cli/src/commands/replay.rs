@@ -5,14 +5,14 @@
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
-use petstore_platform::bus::KafkaBus;
-use petstore_platform::cache::Cache;
-use petstore_platform::database::Database;
-use petstore_platform::metrics::Metrics;
-use petstore_platform::resilience::Policies;
-use petstore_platform::settings::Settings;
-use petstore_platform::stream;
+use petstore_event_store::database::Database;
+use petstore_event_store::stream;
+use petstore_kafka::KafkaBus;
 use petstore_projector::{replay, RedisViews};
+use petstore_redis::Cache;
+use petstore_resilience::Policies;
+use petstore_settings::Settings;
+use petstore_telemetry::metrics::Metrics;
 
 /// `petstore replay`'s arguments.
 #[derive(Debug, clap::Args)]

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use petstore_cli::{Application, Role};
-use petstore_platform::settings::Settings;
+use petstore_settings::Settings;
 
 /// `petstore serve`'s arguments.
 #[derive(Debug, clap::Args)]

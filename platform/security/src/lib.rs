@@ -1,8 +1,14 @@
-//! The petstore's security: today the durable trail of security events (logins, refused
-//! tokens and callers, rate-limit trips, key-set rotations, admin actions) in [`audit`].
+//! The petstore's security: who calls ([`auth`]: bearer tokens from logins and OIDC
+//! providers, roles, the guard every request passes), how often ([`rate_limit`]: quotas
+//! per subject and route, swappable at run time), and the durable trail of security events
+//! ([`audit`]: logins, refused tokens and callers, rate-limit trips, key-set rotations,
+//! admin actions).
 //!
-//! Owns what security records and how it is queried. Must not know HTTP: the events arrive
-//! with the request's ids already in them. Callers, tokens, OIDC, logins and rate limits are
-//! still `petstore-platform`'s (`auth`, `rate_limit`) and move here next (issue 27).
+//! Owns authentication, authorisation, rate limits and what security records. The guard is
+//! the edge's middleware, so this crate knows axum; the audit trail does not: its events
+//! arrive with the request's ids already in them ([`auth::of_current_request`]). Must not
+//! decide business outcomes, nor serve anything but the login and token routes.
 
 pub mod audit;
+pub mod auth;
+pub mod rate_limit;

@@ -77,14 +77,16 @@ impl RequestContext {
         tracing::Span::current().record("order_id", tracing::field::display(order_id));
     }
 
-    /// Records that the current request was served with `flag` on or off (shown in its
-    /// `X-Feature-Flags` response header). Outside a request it does nothing.
-    pub fn record_flag(flag: &'static str, on: bool) {
+    /// Records that the current request was served with `flag` `on` or off (shown in its
+    /// `X-Feature-Flags` response header), and answers `on`. Outside a request it records
+    /// nothing.
+    pub fn served_flag(flag: petstore_settings::Flag, on: bool) -> bool {
         if let Ok(context) = REQUEST_CONTEXT.try_with(|context| context.served_flags.clone()) {
             if let Ok(mut flags) = context.lock() {
-                flags.insert(flag, on);
+                flags.insert(flag.key(), on);
             }
         }
+        on
     }
 
     /// The current request's correlation id, or a fresh one outside a request.
@@ -241,6 +243,23 @@ impl Problem {
             format!("{limit} requests are in progress, the most this process takes at once; retry shortly"),
         )
         .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
+    }
+
+    /// 503 with `Retry-After` (whole seconds, at least 1): the `dependency` service was not
+    /// called, for `reason` (an open breaker, a full bulkhead).
+    pub fn dependency_unavailable(
+        dependency: &str,
+        reason: &dyn fmt::Display,
+        retry_after: std::time::Duration,
+    ) -> Self {
+        let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "dependency-unavailable",
+            "Dependency unavailable",
+            format!("the {dependency} service is not called now: {reason}; retry in {seconds} s"),
+        )
+        .with_header(header::RETRY_AFTER, HeaderValue::from(seconds))
     }
 
     /// 500: logs `cause` with the correlation id and tells the client nothing internal.

@@ -32,11 +32,10 @@ use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::metrics::Metrics;
-use crate::resilience::{AttemptFailure, CallError, Policy, Rejection};
-use crate::settings::KafkaSettings;
-use crate::stream::{Delivery, Payload, RecordedEvent, StreamPosition};
-use crate::telemetry;
+use petstore_event_store::stream::{Delivery, Payload, RecordedEvent, StreamPosition};
+use petstore_resilience::{AttemptFailure, CallError, Policy, Rejection};
+use petstore_settings::KafkaSettings;
+use petstore_telemetry::metrics::Metrics;
 
 /// Kafka failed.
 #[derive(Debug, thiserror::Error)]
@@ -184,7 +183,7 @@ impl From<Envelope> for RecordedEvent {
 pub fn topic_for(prefix: &str, aggregate_type: &str) -> String {
     let plural = match aggregate_type {
         "Delivery" => "deliveries".to_owned(),
-        crate::live::AGGREGATE_TYPE => "settings".to_owned(),
+        petstore_live_settings::AGGREGATE_TYPE => "settings".to_owned(),
         other => format!("{}s", other.to_lowercase()),
     };
     format!("{prefix}.{plural}")
@@ -197,7 +196,7 @@ pub fn topics(prefix: &str) -> Vec<String> {
         petstore_domain::pet::AGGREGATE_TYPE,
         petstore_domain::payment::AGGREGATE_TYPE,
         petstore_domain::delivery::AGGREGATE_TYPE,
-        crate::live::AGGREGATE_TYPE,
+        petstore_live_settings::AGGREGATE_TYPE,
     ]
     .into_iter()
     .map(|aggregate_type| topic_for(prefix, aggregate_type))
@@ -368,10 +367,10 @@ impl KafkaBus {
         );
         let stored = event.metadata.get("traceparent").map(String::as_str);
         match trace {
-            Trace::Continue => telemetry::continue_trace(&span, stored),
-            Trace::Link => telemetry::link_to(&span, stored),
+            Trace::Continue => petstore_telemetry::continue_trace(&span, stored),
+            Trace::Link => petstore_telemetry::link_to(&span, stored),
         }
-        let traceparent = telemetry::traceparent_of(&span.context()).unwrap_or_default();
+        let traceparent = petstore_telemetry::traceparent_of(&span.context()).unwrap_or_default();
         let envelope = EnvelopeOf::from(event);
         let value = serde_json::to_vec(&envelope).map_err(|source| BusError::Envelope {
             topic: topic.clone(),

@@ -10,7 +10,7 @@
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::settings::BreakerSettings;
+use petstore_settings::BreakerSettings;
 
 /// Buckets the window is divided in.
 const BUCKETS: usize = 10;

@@ -1,11 +1,10 @@
 //! The policies of this process's dependencies (payment, delivery, Redis, Kafka, OIDC), each
-//! reading its settings from the live settings at each call, or fixed.
+//! reading its settings at each call (from the live settings: `Live::policies`), or fixed.
 
 use std::sync::Arc;
 
-use crate::live::Live;
-use crate::metrics::Metrics;
-use crate::settings::{DependencyPolicy, ResilienceSettings};
+use petstore_settings::{DependencyPolicy, ResilienceSettings};
+use petstore_telemetry::metrics::Metrics;
 
 use super::{BreakerStatus, Policy};
 
@@ -25,15 +24,19 @@ pub struct Policies {
 }
 
 impl Policies {
-    /// The policies `resilience.*` of `live` says, at each call.
-    pub fn new(live: &Live, metrics: &Metrics) -> Self {
+    /// The policies `settings` says at each call: given how to pick a dependency's policy
+    /// out of the resilience settings, it answers that policy as in force now.
+    pub fn following<S>(settings: S, metrics: &Metrics) -> Self
+    where
+        S: Fn(fn(&ResilienceSettings) -> &DependencyPolicy) -> DependencyPolicy
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+    {
         let policy = |name: &'static str, pick: fn(&ResilienceSettings) -> &DependencyPolicy| {
-            let live = live.clone();
-            Policy::new(
-                name,
-                Arc::new(move || pick(&live.current().settings.resilience).clone()),
-                metrics.clone(),
-            )
+            let settings = settings.clone();
+            Policy::new(name, Arc::new(move || settings(pick)), metrics.clone())
         };
         Self {
             payment: policy("payment", |all| &all.payment),
@@ -46,17 +49,8 @@ impl Policies {
 
     /// The policies of `settings`, fixed (a command-line tool with no live settings).
     pub fn fixed(settings: &ResilienceSettings, metrics: &Metrics) -> Self {
-        let policy = |name: &'static str, settings: &DependencyPolicy| {
-            let settings = settings.clone();
-            Policy::new(name, Arc::new(move || settings.clone()), metrics.clone())
-        };
-        Self {
-            payment: policy("payment", &settings.payment),
-            delivery: policy("delivery", &settings.delivery),
-            redis: policy("redis", &settings.redis),
-            kafka: policy("kafka", &settings.kafka),
-            oidc: policy("oidc", &settings.oidc),
-        }
+        let settings = Arc::new(settings.clone());
+        Self::following(move |pick| pick(&settings).clone(), metrics)
     }
 
     /// Each policy, by dependency name.

@@ -4,13 +4,13 @@
 use std::sync::PoisonError;
 
 use super::{Live, LiveSnapshot};
-use crate::settings::Settings;
+use petstore_settings::Settings;
 
 /// The rate limits and log filter a process applied, and what it applied last.
 pub(super) struct Applied {
     /// Replaces the process's rate limits.
-    replace_rate_limits: Box<dyn Fn(&crate::settings::RateLimitSettings) + Send + Sync>,
-    limits: crate::settings::RateLimitSettings,
+    replace_rate_limits: Box<dyn Fn(&petstore_settings::RateLimitSettings) + Send + Sync>,
+    limits: petstore_settings::RateLimitSettings,
     filter: String,
 }
 
@@ -22,7 +22,7 @@ impl Live {
     /// at once.
     pub fn apply_to(
         &self,
-        replace_rate_limits: impl Fn(&crate::settings::RateLimitSettings) + Send + Sync + 'static,
+        replace_rate_limits: impl Fn(&petstore_settings::RateLimitSettings) + Send + Sync + 'static,
         started: &Settings,
     ) {
         let applied = Applied {
@@ -55,7 +55,7 @@ impl Live {
         }
         if wanted.log.filter != applied.filter {
             applied.filter = wanted.log.filter.clone();
-            match crate::telemetry::set_log_filter(&applied.filter) {
+            match petstore_telemetry::set_log_filter(&applied.filter) {
                 Ok(true) => {
                     tracing::info!(version = snapshot.version, filter = %applied.filter, "log filter replaced")
                 }

@@ -28,11 +28,8 @@ use tower_resilience::bulkhead::{BulkheadHandle, BulkheadLayer, BulkheadServiceE
 use tracing::Instrument;
 use utoipa::ToSchema;
 
-use axum::http::{header, HeaderValue, StatusCode};
-
-use crate::http::Problem;
-use crate::metrics::{Metrics, BREAKER_CLOSED, BREAKER_HALF_OPEN, BREAKER_OPEN};
-use crate::settings::DependencyPolicy;
+use petstore_settings::DependencyPolicy;
+use petstore_telemetry::metrics::{Metrics, BREAKER_CLOSED, BREAKER_HALF_OPEN, BREAKER_OPEN};
 
 pub mod breaker;
 mod policies;
@@ -83,18 +80,6 @@ impl Rejection {
                 *retry_after
             }
         }
-    }
-
-    /// What a client is told: 503 with `Retry-After` (whole seconds, at least 1).
-    pub fn problem(&self, dependency: &str) -> Problem {
-        let seconds = self.retry_after().as_secs_f64().ceil().max(1.0) as u64;
-        Problem::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "dependency-unavailable",
-            "Dependency unavailable",
-            format!("the {dependency} service is not called now: {self}; retry in {seconds} s"),
-        )
-        .with_header(header::RETRY_AFTER, HeaderValue::from(seconds))
     }
 }
 
@@ -214,7 +199,7 @@ impl Policy {
         let guards = Guards::build(name, &source(), &metrics);
         metrics
             .circuit_breaker_state
-            .get_or_create(&crate::metrics::DependencyLabels { dependency: name })
+            .get_or_create(&petstore_telemetry::metrics::DependencyLabels { dependency: name })
             .set(BREAKER_CLOSED);
         Self {
             inner: Arc::new(PolicyInner {
@@ -279,7 +264,7 @@ impl Policy {
         self.inner
             .metrics
             .circuit_breaker_state
-            .get_or_create(&crate::metrics::DependencyLabels {
+            .get_or_create(&petstore_telemetry::metrics::DependencyLabels {
                 dependency: self.inner.name,
             })
             .set(value);
@@ -590,7 +575,7 @@ impl Guards {
         }
         let gauge = metrics
             .circuit_breaker_state
-            .get_or_create(&crate::metrics::DependencyLabels { dependency: name })
+            .get_or_create(&petstore_telemetry::metrics::DependencyLabels { dependency: name })
             .clone();
         let breaker = Breaker::new(settings.breaker.clone(), move |from, to| {
             gauge.set(gauge_value(to));
@@ -698,7 +683,7 @@ mod tests {
     fn gauge(metrics: &Metrics) -> i64 {
         metrics
             .circuit_breaker_state
-            .get_or_create(&crate::metrics::DependencyLabels {
+            .get_or_create(&petstore_telemetry::metrics::DependencyLabels {
                 dependency: "payment",
             })
             .get()

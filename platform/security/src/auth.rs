@@ -2,7 +2,7 @@
 //! OIDC issuers' RS256/ES256 tokens), roles, the public-route list, rate limits, and the
 //! security audit trail of every refusal.
 //!
-//! [`guard`] runs on every request, inside [`crate::http::observe`] (so refusals carry the
+//! [`guard`] runs on every request, inside [`petstore_web::observe`] (so refusals carry the
 //! correlation id): it works out the client address (the socket's peer, or the rightmost
 //! untrusted `X-Forwarded-For` entry behind a trusted proxy), authenticates the caller,
 //! counts the request against its quota, refuses non-admins on `/admin/*`, and puts the
@@ -26,13 +26,13 @@ use axum::response::{IntoResponse, Response};
 
 use petstore_domain::CustomerId;
 
-use crate::database::Database;
-use crate::http::Problem;
-use crate::http::RequestContext;
-use crate::metrics::{AuthFailureLabels, Metrics, RateLimitLabels};
+use crate::audit::{SecurityAudit, SecurityEvent, SecurityEventKind, SecurityOutcome};
 use crate::rate_limit::{Decision, RateKey, RateLimits, Usage};
-use crate::security_audit::{SecurityAudit, SecurityEvent, SecurityEventKind, SecurityOutcome};
-use crate::settings::{canonical, ProxyBlock, RoleName, SecuritySettings, UserSettings};
+use petstore_event_store::database::Database;
+use petstore_settings::{canonical, ProxyBlock, RoleName, SecuritySettings, UserSettings};
+use petstore_telemetry::metrics::{AuthFailureLabels, Metrics, RateLimitLabels};
+use petstore_web::Problem;
+use petstore_web::RequestContext;
 
 pub mod login;
 pub mod oidc;
@@ -238,7 +238,7 @@ impl Security {
         settings: &SecuritySettings,
         database: &Database,
         metrics: &Metrics,
-        oidc_policy: &crate::resilience::Policy,
+        oidc_policy: &petstore_resilience::Policy,
     ) -> Result<Self, AuthError> {
         if jsonwebtoken::crypto::CryptoProvider::try_get_default().is_none() {
             return Err(AuthError::NoCryptoProvider);
@@ -664,7 +664,7 @@ pub fn describe_security(document: &mut utoipa::openapi::OpenApi) {
         );
     let problem = |description: &str, headers: &[&str]| {
         let mut response = ResponseBuilder::new().description(description).content(
-            crate::http::PROBLEM_CONTENT_TYPE,
+            petstore_web::PROBLEM_CONTENT_TYPE,
             Content::new(Some(Ref::from_schema_name("ProblemDocument"))),
         );
         for name in headers {

@@ -19,9 +19,9 @@ use serde::Deserialize;
 use petstore_domain::CustomerId;
 
 use super::rejection::{NoCustomerId, TokenRejection};
-use crate::resilience::{AttemptFailure, CallError, Policy};
-use crate::security_audit::{SecurityAudit, SecurityEvent, SecurityEventKind, SecurityOutcome};
-use crate::settings::{same_host, OidcAlgorithm, OidcIssuerSettings, OidcSettings, RoleName};
+use crate::audit::{SecurityAudit, SecurityEvent, SecurityEventKind, SecurityOutcome};
+use petstore_resilience::{AttemptFailure, CallError, Policy};
+use petstore_settings::{same_host, OidcAlgorithm, OidcIssuerSettings, OidcSettings, RoleName};
 
 /// A key set could not be had.
 #[derive(Debug, thiserror::Error)]

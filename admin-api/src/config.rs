@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::{FromRef, State};
+use axum::extract::State;
 use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -14,30 +14,22 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::{IntoParams, ToSchema};
 
-use super::{HistoryEntry, Live, LiveReadError, LiveSettingsError, LiveSnapshot};
-use crate::auth::Caller;
-use crate::event_store::EventMetadata;
-use crate::http::{Json, Path, Problem, ProblemDocument, Query, RequestContext};
-use crate::resilience::{BreakerStatus, Mode, Policies};
+use petstore_event_store::store::EventMetadata;
+use petstore_live_settings::{
+    ChangeSource, HistoryEntry, Live, LiveReadError, LiveSettingsError, LiveSnapshot,
+};
+use petstore_resilience::{BreakerStatus, Mode, Policies};
+use petstore_security::auth::Caller;
+use petstore_web::{Json, Path, Problem, ProblemDocument, Query, RequestContext};
+
+use crate::paging::Page;
+use crate::AdminState;
 
 /// The header that says why a change is made (kept in the history).
 pub const CHANGE_REASON_HEADER: HeaderName = HeaderName::from_static("x-change-reason");
 
-/// What the admin routes read: the live settings, and this process's breakers.
-#[derive(Clone)]
-pub struct AdminState {
-    live: Live,
-    breakers: Policies,
-}
-
-impl FromRef<AdminState> for Live {
-    fn from_ref(state: &AdminState) -> Live {
-        state.live.clone()
-    }
-}
-
 /// The live-settings routes.
-pub fn router(live: Live, breakers: Policies) -> Router {
+pub fn router() -> Router<AdminState> {
     Router::new()
         .route(
             "/petstore-domain/admin/config",
@@ -49,7 +41,6 @@ pub fn router(live: Live, breakers: Policies) -> Router {
             "/petstore-domain/admin/circuit-breakers/{dependency}",
             put(set_breaker),
         )
-        .with_state(AdminState { live, breakers })
 }
 
 /// The live settings and their version.
@@ -146,7 +137,11 @@ fn read_failure(error: &LiveReadError) -> Problem {
     )
 )]
 pub async fn get_config(
-    State(AdminState { live, breakers }): State<AdminState>,
+    State(AdminState {
+        live,
+        policies: breakers,
+        ..
+    }): State<AdminState>,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
     let snapshot = live.current();
@@ -197,7 +192,11 @@ pub async fn get_config(
     )
 )]
 pub async fn put_config(
-    State(AdminState { live, breakers }): State<AdminState>,
+    State(AdminState {
+        live,
+        policies: breakers,
+        ..
+    }): State<AdminState>,
     caller: Caller,
     headers: HeaderMap,
     Json(patch): Json<Value>,
@@ -233,10 +232,10 @@ pub async fn put_config(
     {
         Ok(snapshot) => Ok(document(&snapshot, &breakers).await),
         Err(LiveSettingsError::Invalid(error)) => Err(Problem::validation(match &error {
-            crate::settings::SettingsError::Invalid { key, reason } if key.is_empty() => {
+            petstore_settings::SettingsError::Invalid { key, reason } if key.is_empty() => {
                 reason.clone()
             }
-            crate::settings::SettingsError::Invalid { key, reason } => format!("{key}: {reason}"),
+            petstore_settings::SettingsError::Invalid { key, reason } => format!("{key}: {reason}"),
             other => other.to_string(),
         })),
         Err(stale @ LiveSettingsError::StaleVersion { .. }) => Err(Problem::new(
@@ -290,23 +289,16 @@ pub async fn config_history(
     State(live): State<Live>,
     Query(query): Query<HistoryQuery>,
 ) -> Result<Json<HistoryPage>, Problem> {
-    let limit = query.limit.unwrap_or(50);
-    if !(1..=500).contains(&limit) {
-        return Err(Problem::validation("limit must be 1 to 500"));
-    }
-    if query.before.is_some_and(|before| before < 1) {
-        return Err(Problem::validation("before must be above 0"));
-    }
+    let page = Page::new(query.limit, 50, query.before).map_err(Problem::validation)?;
     let changes = live
         .history(
-            limit,
-            query.before.and_then(|before| u64::try_from(before).ok()),
+            page.limit,
+            page.before.and_then(|before| u64::try_from(before).ok()),
         )
         .await
         .map_err(|error| read_failure(&error))?;
-    let next = (changes.len() == limit as usize)
-        .then(|| changes.last().map(|entry| entry.version))
-        .flatten()
+    let next = page
+        .next(&changes, |entry| entry.version)
         .filter(|version| *version > 1);
     Ok(Json(HistoryPage { changes, next }))
 }
@@ -326,7 +318,9 @@ pub async fn config_history(
     )
 )]
 pub async fn get_breakers(
-    State(AdminState { breakers, .. }): State<AdminState>,
+    State(AdminState {
+        policies: breakers, ..
+    }): State<AdminState>,
 ) -> Json<BTreeMap<String, BreakerStatus>> {
     Json(breakers.statuses().await)
 }
@@ -361,7 +355,9 @@ pub struct BreakerModeBody {
     )
 )]
 pub async fn set_breaker(
-    State(AdminState { breakers, .. }): State<AdminState>,
+    State(AdminState {
+        policies: breakers, ..
+    }): State<AdminState>,
     caller: Caller,
     Path(dependency): Path<String>,
     Json(body): Json<BreakerModeBody>,
@@ -389,8 +385,8 @@ pub async fn set_breaker(
         ConfigDocument,
         HistoryPage,
         HistoryEntry,
-        super::ChangeSource,
-        crate::settings::SettingChange
+        ChangeSource,
+        petstore_settings::SettingChange
     ))
 )]
 pub struct LiveApiDoc;

@@ -18,7 +18,7 @@ use petstore_domain::CustomerId;
 
 use super::oidc::OidcIssuer;
 use super::rejection::{NoCustomerId, TokenRejection};
-use crate::settings::{JwtSettings, OidcAlgorithm, RoleName};
+use petstore_settings::{JwtSettings, OidcAlgorithm, RoleName};
 
 /// Who a valid token says the caller is.
 #[derive(Debug, Clone, PartialEq, Eq)]

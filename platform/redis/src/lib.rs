@@ -17,8 +17,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, RetryMethod};
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::resilience::{AttemptFailure, CallError, Policy, Rejection};
-use crate::settings::RedisSettings;
+use petstore_resilience::{AttemptFailure, CallError, Policy, Rejection};
+use petstore_settings::RedisSettings;
 
 /// Redis failed or answered too slowly.
 #[derive(Debug, thiserror::Error)]

@@ -12,10 +12,10 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::{Caller, RouteName, Security};
-use crate::http::{Json, Problem, ProblemDocument};
-use crate::metrics::LoginLabels;
+use crate::audit::{SecurityEventKind, SecurityOutcome};
 use crate::rate_limit::Decision;
-use crate::security_audit::{SecurityEventKind, SecurityOutcome};
+use petstore_telemetry::metrics::LoginLabels;
+use petstore_web::{Json, Problem, ProblemDocument};
 
 /// The OpenAPI description of the login route.
 #[derive(utoipa::OpenApi)]

@@ -24,7 +24,7 @@ use tower_governor::governor::{GovernorConfig, GovernorConfigBuilder};
 use tower_governor::key_extractor::KeyExtractor;
 use tower_governor::GovernorError;
 
-use crate::settings::RateLimitSettings;
+use petstore_settings::RateLimitSettings;
 
 /// Who a quota counts requests of.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -1,20 +1,19 @@
 //! The security audit trail, for admins: logins, token rejections, refusals, rate-limit
-//! trips, admin actions and key-set fetches (recorded by `petstore_platform::auth`).
+//! trips, admin actions and key-set fetches (recorded by `petstore_security::auth`).
 
 use axum::extract::State;
 use axum::routing::get;
 use axum::Router;
-use petstore_platform::http::{Json, Problem, ProblemDocument, Query};
-use petstore_platform::security_audit::{
-    SecurityAuditEntry, SecurityAuditFilter, SecurityEventKind,
-};
+use petstore_security::audit::{SecurityAuditEntry, SecurityAuditFilter, SecurityEventKind};
+use petstore_web::{Json, Problem, ProblemDocument, Query};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use crate::QueryState;
+use crate::paging::Page;
+use crate::AdminState;
 
 /// The security audit route (admin only: the guard refuses others on `/admin/*`).
-pub fn router() -> Router<QueryState> {
+pub fn router() -> Router<AdminState> {
     Router::new().route("/petstore-domain/admin/audit/security", get(security_audit))
 }
 
@@ -77,13 +76,10 @@ fn time_ms(name: &str, value: Option<&str>) -> Result<Option<i64>, Problem> {
     )
 )]
 pub async fn security_audit(
-    State(state): State<QueryState>,
+    State(state): State<AdminState>,
     Query(query): Query<SecurityAuditQuery>,
 ) -> Result<Json<SecurityAuditPage>, Problem> {
-    let limit = query.limit.unwrap_or(100);
-    if !(1..=500).contains(&limit) {
-        return Err(Problem::validation("limit must be 1 to 500"));
-    }
+    let page = Page::new(query.limit, 100, query.before).map_err(Problem::validation)?;
     if query
         .subject
         .as_ref()
@@ -93,24 +89,32 @@ pub async fn security_audit(
             "subject must be at most 256 characters",
         ));
     }
-    if query.before.is_some_and(|before| before < 1) {
-        return Err(Problem::validation("before must be above 0"));
-    }
     let filter = SecurityAuditFilter {
         subject: query.subject,
         kind: query.kind,
         since_ms: time_ms("since", query.since.as_deref())?,
         until_ms: time_ms("until", query.until.as_deref())?,
-        before_id: query.before,
-        limit,
+        before_id: page.before,
+        limit: page.limit,
     };
     let entries = state
         .security_audit
         .query(&filter)
         .await
         .map_err(|error| Problem::from_failure(&error))?;
-    let next = (entries.len() == limit as usize)
-        .then(|| entries.last().map(|entry| entry.id))
-        .flatten();
+    let next = page.next(&entries, |entry| entry.id);
     Ok(Json(SecurityAuditPage { entries, next }))
 }
+
+/// The OpenAPI description of the security audit route.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    paths(security_audit),
+    components(schemas(
+        SecurityAuditPage,
+        SecurityAuditEntry,
+        petstore_security::audit::SecurityEventKind,
+        ProblemDocument,
+    ))
+)]
+pub struct SecurityAuditApiDoc;

@@ -20,7 +20,10 @@
 //! # Layout
 //! - [`LiveConfiguration`]: the aggregate; [`LiveCommand`], [`LiveEvent`].
 //! - [`Live`]: the process's view, its refresh loop and the file watch.
-//! - [`http`]: `GET`/`PUT /petstore-domain/admin/config` and `/history`.
+//! - `apply`: keeping the rate limits and the log filter in step with the versions.
+//!
+//! Owns the live settings and their history; must not know HTTP (the admin routes are
+//! `petstore-admin-api`'s, and a request records the flags it was served with itself).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -32,16 +35,16 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 
-use crate::event_store::{EventMetadata, EventStore};
-use crate::http::{CorrelationId, RequestContext};
-use crate::metrics::{FlagLabels, Metrics};
-use crate::settings::{
+use petstore_event_store::store::{EventMetadata, EventStore};
+use petstore_event_store::stream::{self, RecordedEvent};
+use petstore_resilience::Policies;
+use petstore_settings::{
     Flag, LiveReloadSettings, LiveSettings, SettingChange, Settings, SettingsError,
 };
-use crate::stream::{self, RecordedEvent};
+use petstore_telemetry::metrics::{FlagLabels, Metrics};
+use petstore_telemetry::CorrelationId;
 
 mod apply;
-pub mod http;
 
 /// The aggregate type of the live settings.
 pub const AGGREGATE_TYPE: &str = "LiveSettings";
@@ -374,9 +377,10 @@ impl Live {
         self.inner.current.borrow().clone()
     }
 
-    /// Decides whether `flag` is on for `subject` with the settings in force, and says so:
-    /// in `petstore_feature_flag_evaluations_total{flag, variant}` and, inside a request, in
-    /// its `X-Feature-Flags` response header.
+    /// Decides whether `flag` is on for `subject` with the settings in force, and counts it
+    /// in `petstore_feature_flag_evaluations_total{flag, variant}`. A request served with it
+    /// says so in its `X-Feature-Flags` header: the API records it
+    /// (`RequestContext::served_flag`).
     pub fn flag(&self, flag: Flag, subject: &str) -> bool {
         let on = self.current().flag(flag, subject);
         self.inner
@@ -387,8 +391,17 @@ impl Live {
                 variant: if on { "on" } else { "off" },
             })
             .inc();
-        RequestContext::record_flag(flag.key(), on);
         on
+    }
+
+    /// The policies of this process's dependencies, each following its
+    /// `resilience.{dependency}` live setting at each call.
+    pub fn policies(&self, metrics: &Metrics) -> Policies {
+        let live = self.clone();
+        Policies::following(
+            move |pick| pick(&live.current().settings.resilience).clone(),
+            metrics,
+        )
     }
 
     /// Follows every new version.
@@ -680,7 +693,7 @@ mod tests {
         assert_eq!(settings.security.rate_limits.default_per_minute, 7);
         assert_eq!(
             settings.feature_flags.pet_personalization,
-            crate::settings::FlagSetting::On,
+            petstore_settings::FlagSetting::On,
             "the API's change stays"
         );
         // The same file read again (another instance, a restart) records nothing.

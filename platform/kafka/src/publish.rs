@@ -1,0 +1,412 @@
+//! Publishing: the idempotent producer, one batch or several in flight.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::try_join_all;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use petstore_event_store::stream::{RecordedEvent, StreamPosition};
+use petstore_resilience::Policy;
+use petstore_settings::KafkaSettings;
+use petstore_telemetry::metrics::Metrics;
+
+use crate::envelope::{topic_for, EnvelopeOf};
+use crate::topics::check_topic_owner;
+use crate::topics::ensure_topics;
+use crate::{brokers, BusError};
+
+/// Publishes events to Kafka.
+#[derive(Clone)]
+pub struct KafkaBus {
+    producer: FutureProducer,
+    settings: KafkaSettings,
+    store_id: Arc<str>,
+    policy: Policy,
+    metrics: Option<Metrics>,
+}
+
+/// One message, ready to hand to the producer.
+struct Outgoing {
+    topic: String,
+    key: String,
+    value: Vec<u8>,
+    headers: OwnedHeaders,
+    span: tracing::Span,
+}
+
+impl KafkaBus {
+    /// A producer for the configured brokers (no connection is made yet), stamping
+    /// `store_id` on every message and publishing through `policy` (the `kafka` one).
+    pub fn new(settings: &KafkaSettings, store_id: &str, policy: Policy) -> Result<Self, BusError> {
+        Ok(Self {
+            producer: producer(settings)?,
+            settings: settings.clone(),
+            store_id: store_id.into(),
+            policy,
+            metrics: None,
+        })
+    }
+
+    /// Counts failed deliveries and measures delivery latency in `metrics`.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// A fresh producer with the same settings. After a failed batch the old producer may be
+    /// wedged (a restarted broker that lost its idempotent-producer state rejects its
+    /// sequence numbers); a new one starts a new producer id.
+    pub fn renewed(&self) -> Result<Self, BusError> {
+        Ok(Self {
+            producer: producer(&self.settings)?,
+            ..self.clone()
+        })
+    }
+
+    /// Creates the service's topics with the configured partitions (existing ones are
+    /// kept), then checks that they hold no other event store's events.
+    pub async fn ensure_topics(&self) -> Result<(), BusError> {
+        ensure_topics(&self.settings).await?;
+        check_topic_owner(&self.settings, &self.store_id).await
+    }
+
+    /// Publishes `events` in order and waits until the broker acknowledged every one. Each
+    /// message gets a producer span, in the event's trace (`Trace::Continue`) or in a new
+    /// trace linked to it (`Trace::Link`, for replays), whose `traceparent` travels in the
+    /// message headers.
+    pub async fn publish(&self, events: &[RecordedEvent], trace: Trace) -> Result<(), BusError> {
+        let (handed, _) = self.hand_over(events.to_vec(), trace, None);
+        handed.acknowledged().await
+    }
+
+    /// Hands `events` to the producer, in order, in one call of the `kafka` policy, in a
+    /// task of its own (so the caller reads the next batch meanwhile), and returns at once:
+    /// the batch's acknowledgement and the signal that it is in the producer's queue. With
+    /// `after` (the previous batch's signal) it is queued only once that batch is, and not at
+    /// all when that one never was: batches reach the producer in the order handed over.
+    fn hand_over(
+        &self,
+        events: Vec<RecordedEvent>,
+        trace: Trace,
+        after: Option<Queued>,
+    ) -> (Handed, Queued) {
+        let (queued, signal) = tokio::sync::oneshot::channel();
+        let bus = self.clone();
+        let call = tokio::spawn(
+            async move {
+                if let Some(after) = after {
+                    after.0.await.map_err(|_| BusError::Cancelled)?;
+                }
+                let outgoing = Arc::new(
+                    events
+                        .iter()
+                        .map(|event| bus.outgoing(event, trace))
+                        .collect::<Result<Vec<_>, _>>()?,
+                );
+                // Only the first attempt signals; a retry (with more than one attempt
+                // configured) queues the batch again behind whatever came after it.
+                let queued = std::sync::Mutex::new(Some(queued));
+                bus.policy
+                    .call(BusError::is_failure, || {
+                        send_all(
+                            bus.producer.clone(),
+                            Arc::clone(&outgoing),
+                            bus.metrics.clone(),
+                            queued.lock().ok().and_then(|mut slot| slot.take()),
+                        )
+                    })
+                    .await
+                    .map_err(BusError::from)
+            }
+            .in_current_span(),
+        );
+        (Handed(call), Queued(signal))
+    }
+
+    /// How many batches may wait for their acknowledgements at once: the `kafka` policy's
+    /// bulkhead in force, at most [`MAX_BATCHES_IN_FLIGHT`].
+    fn batches_in_flight(&self) -> usize {
+        self.policy.max_concurrent().clamp(1, MAX_BATCHES_IN_FLIGHT)
+    }
+
+    fn outgoing(&self, event: &RecordedEvent, trace: Trace) -> Result<Outgoing, BusError> {
+        let topic = topic_for(&self.settings.topic_prefix, &event.aggregate_type);
+        let span = tracing::info_span!(
+            "send",
+            otel.name = %format_args!("send {topic}"),
+            otel.kind = "producer",
+            otel.status_code = tracing::field::Empty,
+            messaging.system = "kafka",
+            messaging.operation.type = "send",
+            messaging.operation.name = "send",
+            messaging.destination.name = %topic,
+            messaging.kafka.message.key = %event.aggregate_id,
+            messaging.destination.partition.id = tracing::field::Empty,
+            messaging.kafka.offset = tracing::field::Empty,
+            event_type = %event.event_type,
+            correlation_id = %event.metadata_value("correlation_id"),
+        );
+        let stored = event.metadata.get("traceparent").map(String::as_str);
+        match trace {
+            Trace::Continue => petstore_telemetry::continue_trace(&span, stored),
+            Trace::Link => petstore_telemetry::link_to(&span, stored),
+        }
+        let traceparent = petstore_telemetry::traceparent_of(&span.context()).unwrap_or_default();
+        let envelope = EnvelopeOf::from(event);
+        let value = serde_json::to_vec(&envelope).map_err(|source| BusError::Envelope {
+            topic: topic.clone(),
+            partition: -1,
+            offset: -1,
+            source,
+        })?;
+        let mut headers = OwnedHeaders::new_with_capacity(7);
+        for (key, value) in [
+            ("event_id", envelope.event_id.as_str()),
+            ("event_type", &event.event_type),
+            ("event_version", &event.event_version),
+            ("correlation_id", event.metadata_value("correlation_id")),
+            ("causation_id", event.metadata_value("causation_id")),
+            ("traceparent", traceparent.as_str()),
+            (STORE_HEADER, &self.store_id),
+        ] {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value),
+            });
+        }
+        Ok(Outgoing {
+            topic,
+            key: event.aggregate_id.clone(),
+            value,
+            headers,
+            span,
+        })
+    }
+}
+
+/// The header naming the event store a message's event comes from.
+pub const STORE_HEADER: &str = "store_id";
+
+fn producer(settings: &KafkaSettings) -> Result<FutureProducer, BusError> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", brokers(settings)?)
+        .set(
+            "enable.idempotence",
+            settings.idempotent_producer.to_string(),
+        )
+        .set("acks", "all")
+        .set(
+            "message.timeout.ms",
+            settings.message_timeout_ms.to_string(),
+        )
+        .set("linger.ms", settings.linger_ms.to_string())
+        .set("compression.type", "none")
+        .create()?)
+}
+
+/// Hands every message to the producer in order, then waits for every acknowledgement.
+async fn send_all(
+    producer: FutureProducer,
+    outgoing: Arc<Vec<Outgoing>>,
+    metrics: Option<Metrics>,
+    queued: Option<tokio::sync::oneshot::Sender<()>>,
+) -> Result<(), BusError> {
+    let mut deliveries = Vec::with_capacity(outgoing.len());
+    for message in outgoing.iter() {
+        let mut record = FutureRecord::to(&message.topic)
+            .key(&message.key)
+            .payload(&message.value)
+            .headers(message.headers.clone());
+        // Enqueue in stream order; librdkafka keeps per-partition order with idempotence.
+        let delivery = loop {
+            match producer.send_result(record) {
+                Ok(delivery) => break delivery,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                    record = returned;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((error, _)) => {
+                    if let Some(metrics) = &metrics {
+                        metrics.kafka_publish_errors.inc();
+                    }
+                    return Err(error.into());
+                }
+            }
+        };
+        deliveries.push((delivery, &message.span, Instant::now()));
+    }
+    if let Some(queued) = queued {
+        // Whoever handed the batch over may go on; nobody waiting is fine.
+        let _ = queued.send(());
+    }
+    let metrics = metrics.as_ref();
+    try_join_all(
+        deliveries
+            .into_iter()
+            .map(|(delivery, span, sent)| async move {
+                let outcome = match delivery.await {
+                    Ok(Ok(delivered)) => {
+                        span.record("messaging.destination.partition.id", delivered.partition);
+                        span.record("messaging.kafka.offset", delivered.offset);
+                        Ok(())
+                    }
+                    Ok(Err((error, _))) => Err(BusError::Kafka(error)),
+                    Err(_) => Err(BusError::Cancelled),
+                };
+                if outcome.is_err() {
+                    span.record("otel.status_code", "ERROR");
+                }
+                if let Some(metrics) = metrics {
+                    match &outcome {
+                        Ok(()) => metrics.kafka_delivery.observe(sent.elapsed().as_secs_f64()),
+                        Err(_) => {
+                            metrics.kafka_publish_errors.inc();
+                        }
+                    }
+                }
+                outcome
+            }),
+    )
+    .await?;
+    Ok(())
+}
+
+/// How a published message's span relates to the trace its event was stored in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trace {
+    /// A child of the append that stored the event: the projector publishing live events.
+    Continue,
+    /// A new trace linked to it: a replay, which must never re-parent old traces.
+    Link,
+}
+
+/// At most this many batches wait for their acknowledgements at once ([`InFlight`]).
+pub const MAX_BATCHES_IN_FLIGHT: usize = 8;
+
+/// A batch handed over, its acknowledgements still to come.
+#[must_use = "a batch handed over is acknowledged or not: wait for it"]
+pub struct Handed(tokio::task::JoinHandle<Result<(), BusError>>);
+
+/// Resolves once a batch handed over is in the producer's queue; fails if it never gets there.
+struct Queued(tokio::sync::oneshot::Receiver<()>);
+
+impl Handed {
+    /// Waits until the broker acknowledged every message of the batch.
+    pub async fn acknowledged(self) -> Result<(), BusError> {
+        self.0.await.unwrap_or(Err(BusError::Cancelled))
+    }
+
+    /// Whether its answer is in (acknowledged or failed).
+    pub fn is_finished(&self) -> bool {
+        self.0.is_finished()
+    }
+}
+
+/// Batches handed over whose acknowledgements are still to come, oldest first, each with the
+/// stream position it ends at. Each batch is turned into messages and queued in a task of
+/// its own, after the one before it, while the caller reads the next; and the next is handed
+/// over while earlier ones are being acknowledged, so neither the encoding nor the broker's
+/// round trip is paid in line with reading. Only the acknowledged
+/// prefix counts as published. For ordering, the batches in flight are one large batch:
+/// librdkafka keeps each partition's order (and after a failure, everything from the first
+/// unacknowledged batch on is published again, as a failed batch is now).
+pub struct InFlight {
+    bus: KafkaBus,
+    batches: std::collections::VecDeque<(Handed, StreamPosition)>,
+    /// The last batch's signal: the next one is queued after it.
+    last_queued: Option<Queued>,
+}
+
+impl InFlight {
+    /// Nothing in flight yet, publishing with `bus`.
+    pub fn new(bus: KafkaBus) -> Self {
+        Self {
+            bus,
+            batches: std::collections::VecDeque::new(),
+            last_queued: None,
+        }
+    }
+
+    /// The bus it publishes with.
+    pub fn bus(&self) -> &KafkaBus {
+        &self.bus
+    }
+
+    /// Whether no batch is in flight.
+    pub fn is_empty(&self) -> bool {
+        self.batches.is_empty()
+    }
+
+    /// Forgets the batches in flight (they may still be delivered): their events are to be
+    /// published again.
+    pub fn forget(&mut self) {
+        self.batches.clear();
+        self.last_queued = None;
+    }
+
+    /// Forgets the batches in flight and publishes with a fresh producer from now on (after
+    /// a failure, see [`KafkaBus::renewed`]).
+    pub fn restart(&mut self) -> Result<(), BusError> {
+        self.forget();
+        self.bus = self.bus.renewed()?;
+        Ok(())
+    }
+
+    /// Hands `events` over (waiting for the oldest batches first while
+    /// [`MAX_BATCHES_IN_FLIGHT`] or the policy's bulkhead are reached); the end of the
+    /// acknowledged prefix, when it moved. An error forgets every batch in flight.
+    pub async fn push(
+        &mut self,
+        events: &[RecordedEvent],
+        trace: Trace,
+    ) -> Result<Option<StreamPosition>, BusError> {
+        let Some(last) = events.last() else {
+            return Ok(None);
+        };
+        let mut acknowledged = None;
+        while self.batches.len() >= self.bus.batches_in_flight() {
+            acknowledged = self.settle_front().await?.or(acknowledged);
+        }
+        let ready = self.acknowledged(false).await?;
+        let (handed, queued) = self
+            .bus
+            .hand_over(events.to_vec(), trace, self.last_queued.take());
+        self.batches.push_back((handed, last.position));
+        self.last_queued = Some(queued);
+        Ok(ready.or(acknowledged))
+    }
+
+    /// The end of the acknowledged prefix, when it moved: of the batches acknowledged by now,
+    /// or (`wait`) of all of them. An error forgets every batch in flight.
+    pub async fn acknowledged(&mut self, wait: bool) -> Result<Option<StreamPosition>, BusError> {
+        let mut acknowledged = None;
+        while self
+            .batches
+            .front()
+            .is_some_and(|(handed, _)| wait || handed.is_finished())
+        {
+            acknowledged = self.settle_front().await?.or(acknowledged);
+        }
+        Ok(acknowledged)
+    }
+
+    async fn settle_front(&mut self) -> Result<Option<StreamPosition>, BusError> {
+        let Some((handed, position)) = self.batches.pop_front() else {
+            return Ok(None);
+        };
+        match handed.acknowledged().await {
+            Ok(()) => Ok(Some(position)),
+            Err(error) => {
+                self.forget();
+                Err(error)
+            }
+        }
+    }
+}

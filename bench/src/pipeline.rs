@@ -33,8 +33,9 @@ use petstore_event_store::database::Database;
 use petstore_event_store::store::{EventMetadata, EventStore};
 use petstore_event_store::stream::{self, StreamPosition, StreamReader};
 use petstore_kafka::KafkaBus;
-use petstore_projector::replay;
-use petstore_projector::{KafkaProjection, Projection, ReadModels, RedisViews};
+use petstore_projector::{KafkaProjection, Projection};
+use petstore_read_models::rebuild;
+use petstore_read_models::{ReadModels, RedisViews};
 use petstore_redis::Cache;
 use petstore_resilience::Policies;
 use petstore_security::auth::TokenVerifier;
@@ -1095,7 +1096,7 @@ async fn projector(
             rate_kafka / raw
         );
     }
-    let report = replay::rebuild_read_models(&connected, 1_000, false, &mut |_| {}).await?;
+    let report = rebuild::rebuild_read_models(&connected, 1_000, false, &mut |_| {}).await?;
     let replay_rate = report.events as f64 / report.elapsed.as_secs_f64();
     println!(
         "| replay --projection read_models | {replay_rate:.0} | {:.2} |",

@@ -80,9 +80,9 @@ pub enum StartupError {
     /// The event log cannot be read.
     #[error(transparent)]
     Stream(#[from] petstore_event_store::stream::StreamError),
-    /// A Redis view could not be read or claimed.
+    /// A read model could not be opened, or a Redis view read or claimed.
     #[error(transparent)]
-    Projection(#[from] petstore_projector::ProjectionError),
+    ReadModels(#[from] petstore_read_models::ReadModelError),
     /// The Redis prefix holds another event store's views and this process cannot rebuild it.
     #[error(
         "Redis prefix {prefix:?} holds the views of another event store ({other}), not of this \

@@ -22,10 +22,11 @@ use petstore_live_settings::Live;
 use petstore_projector::health::{
     ProjectionHealth, ReadModelsHealth, ReadModelsReadiness, RedisHealth,
 };
-use petstore_projector::read_models::CHECKPOINT;
-use petstore_projector::{KafkaProjection, Owner, Projector, ReadModels, RedisViews};
+use petstore_projector::{KafkaProjection, Projector};
 use petstore_query_api::updates::OrderUpdates;
 use petstore_query_api::QueryState;
+use petstore_read_models::store::CHECKPOINT;
+use petstore_read_models::{Owner, ReadModels, RedisViews};
 use petstore_redis::Cache;
 use petstore_resilience::Policies;
 use petstore_saga::providers::{SimulatedDeliveryProvider, SimulatedPaymentGateway};
@@ -122,11 +123,7 @@ impl Infrastructure {
         // The embedded store's read models live in the memory of the process serving them,
         // loaded from its snapshot; Postgres's are shared tables.
         let read_models = if serves_queries || matches!(database, Database::Postgres(_)) {
-            Some(
-                ReadModels::open(&database)
-                    .await
-                    .map_err(petstore_projector::ProjectionError::from)?,
-            )
+            Some(ReadModels::open(&database).await?)
         } else {
             None
         };
@@ -224,11 +221,7 @@ impl Wiring {
             let projector =
                 Projector::new(store.clone(), redis.clone(), settings.projector.clone())
                     .with_metrics(metrics.clone());
-            self.spawn_projector(
-                petstore_projector::redis_views::CHECKPOINT,
-                projector,
-                shutdown,
-            );
+            self.spawn_projector(petstore_read_models::redis::CHECKPOINT, projector, shutdown);
         }
         if let Some(bus) = &infrastructure.bus {
             let kafka = KafkaProjection::new(bus.clone(), infrastructure.database.clone());
@@ -466,7 +459,7 @@ async fn claim_redis(
     let lock = database
         .try_lock(&format!(
             "projection:{}",
-            petstore_projector::redis_views::CHECKPOINT
+            petstore_read_models::redis::CHECKPOINT
         ))
         .await?;
     if lock.is_none() {

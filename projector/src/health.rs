@@ -9,7 +9,9 @@ use petstore_event_store::stream::StreamPosition;
 use petstore_telemetry::health::{ComponentHealth, HealthCheck};
 use tokio::sync::watch;
 
-use crate::{ProjectorProgress, ReadModels, RedisViews};
+use petstore_read_models::{ReadModels, RedisViews};
+
+use crate::ProjectorProgress;
 
 /// When a process serving queries is ready, as far as the read models go.
 pub enum ReadModelsReadiness {
@@ -133,7 +135,7 @@ impl HealthCheck for ProjectionHealth {
     }
 
     fn essential(&self) -> bool {
-        self.name == crate::read_models::CHECKPOINT
+        self.name == petstore_read_models::store::CHECKPOINT
     }
 
     fn check(&self) -> BoxFuture<'_, ComponentHealth> {

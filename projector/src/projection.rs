@@ -6,48 +6,21 @@ use petstore_event_store::database::{Database, Fence};
 use petstore_event_store::dead_letters::DeadLetter;
 use petstore_event_store::stream::{RecordedEvent, StreamError, StreamPosition};
 use petstore_kafka::BusError;
-use petstore_redis::CacheError;
 
-use crate::views::DecodeError;
-
-/// A read model could not be read or written.
-#[derive(Debug, thiserror::Error)]
-pub enum ReadModelError {
-    /// The database failed.
-    #[error("read model query failed: {0}")]
-    Database(#[from] sqlx::Error),
-    /// Saving the checkpoint failed.
-    #[error(transparent)]
-    Stream(#[from] StreamError),
-    /// A stored event could not be decoded.
-    #[error(transparent)]
-    Decode(#[from] DecodeError),
-    /// A stored document does not match the view's shape.
-    #[error("stored read-model document is malformed: {0}")]
-    Document(#[from] serde_json::Error),
-}
+pub use petstore_read_models::{ReadModelError, Refolded};
 
 /// A projection failed; the projector retries from the last checkpoint.
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectionError {
-    /// A read-model database failed.
+    /// A read model (or Redis's views) failed.
     #[error(transparent)]
     ReadModels(#[from] ReadModelError),
     /// Kafka failed.
     #[error(transparent)]
     Bus(#[from] BusError),
-    /// Redis failed.
-    #[error(transparent)]
-    Cache(#[from] CacheError),
     /// The event stream or a checkpoint failed.
     #[error(transparent)]
     Stream(#[from] StreamError),
-    /// A stored event cannot be decoded.
-    #[error(transparent)]
-    Decode(#[from] DecodeError),
-    /// A stored document does not match its view.
-    #[error("malformed document: {0}")]
-    Document(#[from] serde_json::Error),
 }
 
 /// A consumer of the global stream that keeps its own checkpoint. `apply` must move the
@@ -94,7 +67,7 @@ pub trait Projection: Send + Sync + 'static {
     }
 
     /// Retries one of this projection's dead letters: folds the views it concerns again from
-    /// the log ([`crate::refold`]) and writes them (with `fence`, like a batch). A projection
+    /// the log (`petstore_read_models::refold`) and writes them (with `fence`, like a batch). A projection
     /// that never sets events aside has none.
     fn refold(
         &self,
@@ -108,22 +81,12 @@ pub trait Projection: Send + Sync + 'static {
     }
 }
 
-/// What retrying a dead letter of a projection came to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Refolded {
-    /// The views it concerns were folded again, it included.
-    Done,
-    /// It still cannot be folded: why.
-    StillFailing(String),
-}
-
 impl ProjectionError {
     /// Whether the write was refused because the projection's lock passed to another holder.
     pub fn is_fenced(&self) -> bool {
         match self {
             ProjectionError::Stream(error) => error.is_fenced(),
-            ProjectionError::Cache(error) => error.is_fenced(),
-            ProjectionError::ReadModels(ReadModelError::Stream(error)) => error.is_fenced(),
+            ProjectionError::ReadModels(error) => error.is_fenced(),
             _ => false,
         }
     }

@@ -18,9 +18,9 @@ use petstore_telemetry::CorrelationId;
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use crate::projection::ReadModelError;
 use crate::projection::{Projection, Refolded};
 use petstore_event_store::dead_letters::{self, DeadLetterStatus};
+use petstore_read_models::ReadModelError;
 
 /// How long a standby waits between attempts to take over.
 const TAKEOVER_INTERVAL: Duration = Duration::from_secs(1);

@@ -1,6 +1,6 @@
 //! How the query routes answer what fails below them.
 
-use petstore_projector::ReadModelError;
+use petstore_read_models::ReadModelError;
 use petstore_web::Problem;
 
 /// What a query route meets below it that is not the client's doing.

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use axum::Router;
 use petstore_event_store::database::Database;
-use petstore_projector::{ReadModels, RedisViews};
+use petstore_read_models::{ReadModels, RedisViews};
 use petstore_telemetry::metrics::Metrics;
 
 pub use error::QueryError;
@@ -73,11 +73,11 @@ pub fn router(state: QueryState) -> Router {
     components(schemas(
         pets::BrowseResponse,
         pets::Personalization,
-        petstore_projector::PetView,
-        petstore_projector::MoneyView,
-        petstore_projector::OrderStatusView,
-        petstore_projector::views::SagaStepView,
-        petstore_projector::StatusChange,
+        petstore_read_models::PetView,
+        petstore_read_models::MoneyView,
+        petstore_read_models::OrderStatusView,
+        petstore_read_models::views::SagaStepView,
+        petstore_read_models::StatusChange,
         updates::OrderUpdate,
         petstore_event_store::stream::StreamPosition,
         audit::AuditTrail,

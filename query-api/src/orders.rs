@@ -4,7 +4,7 @@ use axum::extract::State;
 use axum::routing::get;
 use axum::Router;
 use petstore_domain::OrderId;
-use petstore_projector::OrderStatusView;
+use petstore_read_models::OrderStatusView;
 use petstore_security::auth::Caller;
 use petstore_web::{Json, Path, Problem, ProblemDocument, RequestContext};
 

@@ -5,7 +5,7 @@ use axum::extract::State;
 use axum::routing::get;
 use axum::Router;
 use petstore_domain::{PetCategory, PetId};
-use petstore_projector::{BrowseFilter, PetView, PremiumFilter};
+use petstore_read_models::{BrowseFilter, PetView, PremiumFilter};
 use petstore_security::auth::Caller;
 use petstore_settings::Flag;
 use petstore_web::{Json, Path, Problem, ProblemDocument, Query, RequestContext};

@@ -12,8 +12,8 @@ use axum::http::request::Parts;
 use petstore_domain::{order, OrderId, PetId};
 use petstore_event_store::dead_letters;
 use petstore_event_store::stream::{self, StreamPosition};
-use petstore_projector::views::Attention;
-use petstore_projector::{
+use petstore_read_models::views::Attention;
+use petstore_read_models::{
     BrowseFilter, BrowsePage, CachedBrowse, OrderStatusView, PetView, RedisViews,
 };
 use petstore_web::{Problem, CONSISTENCY_TOKEN_HEADER};
@@ -75,7 +75,7 @@ impl QueryState {
     fn redis_answer<T>(
         &self,
         view: &'static str,
-        read: Result<Option<T>, petstore_projector::ProjectionError>,
+        read: Result<Option<T>, petstore_read_models::ReadModelError>,
     ) -> Option<T> {
         let (result, value) = match read {
             Ok(Some(value)) => ("hit", Some(value)),

@@ -27,7 +27,7 @@ use axum::Router;
 use petstore_domain::OrderId;
 use petstore_event_store::stream::StreamPosition;
 use petstore_live_settings::Live;
-use petstore_projector::{OrderChanges, OrderStatusView, ReadModels, StatusChange};
+use petstore_read_models::{OrderChanges, OrderStatusView, ReadModels, StatusChange};
 use petstore_security::auth::Caller;
 use petstore_settings::{Flag, OrderUpdateSettings};
 use petstore_telemetry::metrics::{Metrics, UpdateProtocolLabels};
@@ -182,7 +182,7 @@ impl Hub {
     async fn deliver(
         &self,
         ids: Option<&[String]>,
-    ) -> Result<(), petstore_projector::ReadModelError> {
+    ) -> Result<(), petstore_read_models::ReadModelError> {
         let wanted: Vec<String> = {
             let followed = locked(&self.followed);
             match ids {

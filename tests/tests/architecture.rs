@@ -8,7 +8,7 @@ use serde_json::Value;
 
 /// Crates below the HTTP edge: everything but the APIs, the security guard, `petstore-web`
 /// and the binary.
-const BELOW_THE_EDGE: [&str; 10] = [
+const BELOW_THE_EDGE: [&str; 11] = [
     "petstore-domain",
     "petstore-settings",
     "petstore-telemetry",
@@ -17,6 +17,7 @@ const BELOW_THE_EDGE: [&str; 10] = [
     "petstore-live-settings",
     "petstore-kafka",
     "petstore-redis",
+    "petstore-read-models",
     "petstore-saga",
     "petstore-projector",
 ];

@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 use petstore_event_store::database::{Database, ExclusiveLock};
 use petstore_event_store::store::EventStore;
 use petstore_event_store::stream::{self, RecordedEvent, StreamPosition, StreamReader};
-use petstore_projector::views::ViewBatch;
-use petstore_projector::{Projection, Projector, ReadModels, RedisViews};
+use petstore_projector::{Projection, Projector};
+use petstore_read_models::views::ViewBatch;
+use petstore_read_models::{ReadModels, RedisViews};
 use petstore_redis::Cache;
 use petstore_resilience::Policies;
 use petstore_settings::ProjectorSettings;
@@ -102,7 +103,7 @@ async fn an_old_holder_cannot_write_the_read_models_after_a_successor_took_over(
         .await
         .expect_err("fenced");
     assert!(
-        matches!(&refused, petstore_projector::read_models::ReadModelError::Stream(error) if error.is_fenced()),
+        matches!(&refused, petstore_read_models::ReadModelError::Stream(error) if error.is_fenced()),
         "{refused}"
     );
     let checkpoint = stream::load_checkpoint(&database, "read_models")

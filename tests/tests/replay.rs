@@ -3,8 +3,9 @@
 use std::time::{Duration, Instant};
 
 use petstore_event_store::stream;
-use petstore_projector::replay::{self, ReplayError};
-use petstore_projector::{Projection, RedisViews};
+use petstore_projector::Projection;
+use petstore_read_models::rebuild::{self, ReplayError};
+use petstore_read_models::RedisViews;
 use petstore_redis::Cache;
 use petstore_resilience::Policies;
 use petstore_telemetry::metrics::Metrics;
@@ -123,7 +124,7 @@ async fn replaying_every_projection_gives_byte_identical_read_models() {
     }
 
     // While the service runs, its projectors hold their locks: a rebuild is refused.
-    let refused = replay::rebuild_read_models(&database, 100, false, &mut |_| {}).await;
+    let refused = rebuild::rebuild_read_models(&database, 100, false, &mut |_| {}).await;
     assert!(
         matches!(refused, Err(ReplayError::ProjectionActive(_))),
         "{refused:?}"
@@ -175,7 +176,7 @@ async fn replaying_every_projection_gives_byte_identical_read_models() {
     assert_ne!(damaged, live_postgres);
 
     let mut seen = 0;
-    let dry = replay::rebuild_read_models(&database, 7, true, &mut |n| seen = n)
+    let dry = rebuild::rebuild_read_models(&database, 7, true, &mut |n| seen = n)
         .await
         .expect("dry run");
     assert_eq!(dry.applied, 0);
@@ -185,11 +186,11 @@ async fn replaying_every_projection_gives_byte_identical_read_models() {
         damaged,
         "a dry run writes nothing"
     );
-    let report = replay::rebuild_read_models(&database, 7, false, &mut |_| {})
+    let report = rebuild::rebuild_read_models(&database, 7, false, &mut |_| {})
         .await
         .expect("rebuild");
     assert_eq!(report.events, report.applied);
-    replay::rebuild_redis(&database, &views, 7, false, &mut |_| {})
+    rebuild::rebuild_redis(&database, &views, 7, false, &mut |_| {})
         .await
         .expect("rebuild redis");
 
@@ -205,7 +206,7 @@ async fn replaying_every_projection_gives_byte_identical_read_models() {
     );
     // One event per batch: the rebuild keeps only 10 views in memory, so views are written
     // out, read back when a later event touches them, and written again.
-    replay::rebuild_read_models(&database, 1, false, &mut |_| {})
+    rebuild::rebuild_read_models(&database, 1, false, &mut |_| {})
         .await
         .expect("rebuild, one event per batch");
     assert_eq!(

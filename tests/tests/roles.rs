@@ -5,7 +5,8 @@ use std::time::{Duration, Instant};
 
 use petstore_domain::PetId;
 use petstore_event_store::store::EventStore;
-use petstore_projector::{Projector, ReadModels};
+use petstore_projector::Projector;
+use petstore_read_models::ReadModels;
 use petstore_tests::{add_pets, assert_problem, Engine, Storage, TestApp};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

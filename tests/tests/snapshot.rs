@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use petstore_event_store::database::Database;
 use petstore_event_store::store::EventStore;
 use petstore_event_store::stream;
-use petstore_projector::replay;
+use petstore_read_models::rebuild;
 use petstore_tests::{add_pets, Engine, Storage, TestApp};
 use serde_json::Value;
 use sqlx::SqlitePool;
@@ -190,7 +190,7 @@ async fn replay_rebuilds_the_embedded_snapshot() {
     app.stop().await;
 
     // ...a dry run writes nothing, and a rebuild from the log repairs it.
-    let dry = replay::rebuild_read_models(&database, 7, true, &mut |_| {})
+    let dry = rebuild::rebuild_read_models(&database, 7, true, &mut |_| {})
         .await
         .expect("dry run");
     assert_eq!((dry.events, dry.applied), (head as u64, 0));
@@ -201,7 +201,7 @@ async fn replay_rebuilds_the_embedded_snapshot() {
             .await
             .expect("view");
     assert!(damaged.contains("\"lost\""), "{damaged}");
-    let report = replay::rebuild_read_models(&database, 7, false, &mut |_| {})
+    let report = rebuild::rebuild_read_models(&database, 7, false, &mut |_| {})
         .await
         .expect("rebuild");
     assert_eq!((report.events, report.applied), (head as u64, head as u64));

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use petstore_event_store::database::Database;
 use petstore_event_store::stream;
 use petstore_kafka::KafkaBus;
-use petstore_projector::{replay, RedisViews};
+use petstore_projector::replay::republish;
+use petstore_read_models::rebuild;
+use petstore_read_models::RedisViews;
 use petstore_redis::Cache;
 use petstore_resilience::Policies;
 use petstore_settings::Settings;
@@ -98,7 +100,7 @@ pub async fn run(args: Args, settings: Settings) -> anyhow::Result<()> {
         let mut progress = Progress::new(name, total);
         let report = match task {
             ReplayTask::ReadModels => {
-                replay::rebuild_read_models(&database, batch_size, dry_run, &mut |n| {
+                rebuild::rebuild_read_models(&database, batch_size, dry_run, &mut |n| {
                     progress.advance(n)
                 })
                 .await?
@@ -109,7 +111,7 @@ pub async fn run(args: Args, settings: Settings) -> anyhow::Result<()> {
                     Duration::from_secs(settings.redis.browse_ttl_seconds),
                 )
                 .with_dead_letters(database.clone());
-                replay::rebuild_redis(&database, &views, batch_size, dry_run, &mut |n| {
+                rebuild::rebuild_redis(&database, &views, batch_size, dry_run, &mut |n| {
                     progress.advance(n)
                 })
                 .await?
@@ -120,7 +122,7 @@ pub async fn run(args: Args, settings: Settings) -> anyhow::Result<()> {
                     &database.store_id().await?,
                     policies.kafka.clone(),
                 )?;
-                replay::republish(
+                republish(
                     &database,
                     &bus,
                     from_position,

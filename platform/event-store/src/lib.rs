@@ -10,10 +10,12 @@
 //! - [`store`]: loading aggregates and appending their events, with metadata.
 //! - [`stream`]: the global, gap-free event stream, durable checkpoints, audit queries.
 //! - [`deadlines`]: durable saga step deadlines.
+//! - [`replay`]: reading the whole log once, in batches, to rebuild or republish.
 //! - [`dead_letters`]: events a consumer set aside, and what an operator does with them.
 
 pub mod database;
 pub mod dead_letters;
 pub mod deadlines;
+pub mod replay;
 pub mod store;
 pub mod stream;

@@ -17,10 +17,9 @@ use petstore_event_store::dead_letters::{self, DeadLetter};
 use petstore_event_store::stream::{RecordedEvent, StreamPosition};
 use petstore_redis::{Cache, CacheError};
 
-use crate::projection::ReadModelError;
-use crate::projection::{Projection, ProjectionError, Refolded};
-use crate::read_models::{BrowseFilter, BrowsePage};
+use crate::store::{BrowseFilter, BrowsePage};
 use crate::views::{OrderStatusView, PetView, ViewBatch};
+use crate::{ReadModelError, Refolded};
 
 /// The checkpoint name of the Redis projection.
 pub const CHECKPOINT: &str = "redis";
@@ -112,7 +111,7 @@ impl RedisViews {
     }
 
     /// Whose views the prefix holds, compared with the event store `store_id`.
-    pub async fn owner(&self, store_id: &str) -> Result<Owner, ProjectionError> {
+    pub async fn owner(&self, store_id: &str) -> Result<Owner, ReadModelError> {
         match self.cache.get(&self.store_key()).await? {
             Some(recorded) if recorded == store_id => Ok(Owner::This),
             Some(recorded) => Ok(Owner::Another(Some(recorded))),
@@ -128,7 +127,7 @@ impl RedisViews {
     /// Makes the prefix this store's: records `store_id`, deleting first whatever another
     /// store left (the projection then rebuilds from the start of this store's log). Run it
     /// holding the projection's lock. Returns what the prefix held before.
-    pub async fn claim(&self, store_id: &str) -> Result<Owner, ProjectionError> {
+    pub async fn claim(&self, store_id: &str) -> Result<Owner, ReadModelError> {
         let owner = self.owner(store_id).await?;
         if let Owner::Another(_) = &owner {
             self.cache.delete_namespace(self.cache.prefix()).await?;
@@ -140,7 +139,7 @@ impl RedisViews {
     }
 
     /// Records that the views under the prefix are `store_id`'s (a replay rebuilt them).
-    pub async fn mark_owned(&self, store_id: &str) -> Result<(), ProjectionError> {
+    pub async fn mark_owned(&self, store_id: &str) -> Result<(), ReadModelError> {
         Ok(self.cache.set(&self.store_key(), store_id).await?)
     }
 
@@ -148,7 +147,7 @@ impl RedisViews {
     pub async fn order(
         &self,
         order_id: &OrderId,
-    ) -> Result<Option<OrderStatusView>, ProjectionError> {
+    ) -> Result<Option<OrderStatusView>, ReadModelError> {
         let document = self
             .cache
             .get(&self.order_key(&order_id.to_string()))
@@ -159,7 +158,7 @@ impl RedisViews {
     }
 
     /// A pet's view, if Redis has it.
-    pub async fn pet(&self, pet_id: &PetId) -> Result<Option<PetView>, ProjectionError> {
+    pub async fn pet(&self, pet_id: &PetId) -> Result<Option<PetView>, ReadModelError> {
         let document = self.cache.get(&self.pet_key(pet_id.as_str())).await?;
         Ok(document
             .map(|text| serde_json::from_str(&text))
@@ -195,7 +194,7 @@ impl RedisViews {
     pub async fn cached_browse(
         &self,
         filter: &BrowseFilter,
-    ) -> Result<CachedBrowse, ProjectionError> {
+    ) -> Result<CachedBrowse, ReadModelError> {
         let key = self.browse_key(filter).await?;
         if let Some(text) = self.cache.get(&key).await? {
             let (pets, next_cursor): (Vec<PetView>, Option<String>) = serde_json::from_str(&text)?;
@@ -217,7 +216,7 @@ impl RedisViews {
         slot: BrowseSlot,
         page: &BrowsePage,
         database_at: StreamPosition,
-    ) -> Result<bool, ProjectionError> {
+    ) -> Result<bool, ReadModelError> {
         if database_at < slot.as_of {
             return Ok(false);
         }
@@ -257,12 +256,10 @@ pub struct BrowseSlot {
     as_of: StreamPosition,
 }
 
-impl Projection for RedisViews {
-    fn name(&self) -> &'static str {
-        CHECKPOINT
-    }
-
-    async fn position(&self) -> Result<StreamPosition, ProjectionError> {
+impl RedisViews {
+    /// The position after the last event its views reflect. Asked holding the projection's
+    /// lock: it claims the prefix for its store first.
+    pub async fn position(&self) -> Result<StreamPosition, ReadModelError> {
         // The projector asks holding the projection's lock: the moment to claim the prefix.
         if let Some(store) = &self.store {
             if let Owner::Another(other) = self.claim(store).await? {
@@ -280,12 +277,14 @@ impl Projection for RedisViews {
         }
     }
 
-    async fn refold(
+    /// Folds the views a dead letter concerns again from the log and writes them (with
+    /// `fence`, like a batch).
+    pub async fn refold(
         &self,
         database: &Database,
         letter: &DeadLetter,
         fence: Option<&Fence>,
-    ) -> Result<Refolded, ProjectionError> {
+    ) -> Result<Refolded, ReadModelError> {
         let (mut batch, events) = crate::refold::history(database, letter).await?;
         let wanted: (Vec<String>, Vec<String>) = (
             batch.orders.keys().cloned().collect(),
@@ -321,18 +320,22 @@ impl Projection for RedisViews {
         Ok(Refolded::Done)
     }
 
-    async fn raise_fence(&self, fence: &Fence) -> Result<(), ProjectionError> {
+    /// Makes `fence` the one its keys accept writes from.
+    pub async fn raise_fence(&self, fence: &Fence) -> Result<(), ReadModelError> {
         Ok(self
             .cache
             .raise_fence(&self.fence_key(), fence.token)
             .await?)
     }
 
-    async fn apply(
+    /// Applies a batch, in order, and moves its checkpoint past it, in one atomic write
+    /// (with `fence`: only while it is still the projection lock's token); the position it
+    /// then reflects.
+    pub async fn apply(
         &self,
         events: &[RecordedEvent],
         fence: Option<&Fence>,
-    ) -> Result<Option<StreamPosition>, ProjectionError> {
+    ) -> Result<Option<StreamPosition>, ReadModelError> {
         let Some(last) = events.last() else {
             return Ok(None);
         };

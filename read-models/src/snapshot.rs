@@ -13,8 +13,8 @@ use petstore_event_store::database::Database;
 use petstore_event_store::stream::{self, StreamPosition};
 use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 
-use crate::projection::ReadModelError;
 use crate::views::{OrderStatusView, PetView};
+use crate::ReadModelError;
 
 /// The views' format. Raise it when a view's shape or the fold changes: a snapshot of another
 /// format is dropped at start-up and the views are rebuilt from the log.

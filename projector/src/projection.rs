@@ -21,6 +21,9 @@ pub enum ProjectionError {
     /// The event stream or a checkpoint failed.
     #[error(transparent)]
     Stream(#[from] StreamError),
+    /// The dead-letter store failed.
+    #[error(transparent)]
+    DeadLetters(#[from] petstore_event_store::subscription::DeadLetterStoreError),
 }
 
 /// A consumer of the global stream that keeps its own checkpoint. `apply` must move the

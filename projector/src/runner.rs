@@ -11,16 +11,18 @@ use std::time::Duration;
 
 use petstore_event_store::database::Fence;
 use petstore_event_store::store::EventStore;
-use petstore_event_store::stream::{self, Lag, StreamPosition, StreamReader};
+use petstore_event_store::stream::{self, Lag, StreamPosition};
 use petstore_settings::ProjectorSettings;
 use petstore_telemetry::metrics::Metrics;
 use petstore_telemetry::CorrelationId;
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use crate::projection::{Projection, Refolded};
-use petstore_event_store::dead_letters::{self, DeadLetterStatus};
-use petstore_read_models::ReadModelError;
+use petstore_event_store::subscription::{
+    retry_dead_letters, LagSampler, Retried, RetryCheck, Subscription,
+};
+
+use crate::projection::{Projection, ProjectionError, Refolded};
 
 /// How long a standby waits between attempts to take over.
 const TAKEOVER_INTERVAL: Duration = Duration::from_secs(1);
@@ -156,40 +158,17 @@ impl<P: Projection> Projector<P> {
     /// Retries the dead letters of this projection someone asked to retry
     /// (`petstore dead-letters retry`): refolds the views each concerns; `resolved` when that
     /// works, `pending` again with the error when not.
-    async fn retry_dead_letters(
-        &self,
-        fence: Option<&Fence>,
-    ) -> Result<(), crate::projection::ProjectionError> {
+    async fn retry_dead_letters(&self, fence: Option<&Fence>) -> Result<(), ProjectionError> {
         let database = self.store.database();
-        let failed = |error: sqlx::Error| ReadModelError::from(error);
-        let letters = dead_letters::retrying(database, self.projection.name())
-            .await
-            .map_err(failed)?;
-        for letter in letters {
-            match self.projection.refold(database, &letter, fence).await? {
-                Refolded::Done => {
-                    dead_letters::transition(
-                        database,
-                        letter.id,
-                        &[DeadLetterStatus::Retrying],
-                        DeadLetterStatus::Resolved,
-                    )
-                    .await
-                    .map_err(failed)?;
-                    tracing::info!(
-                        projection = self.projection.name(),
-                        dead_letter = letter.id,
-                        "dead letter refolded on retry"
-                    );
-                }
-                Refolded::StillFailing(error) => {
-                    dead_letters::fail_again(database, letter.id, &error)
-                        .await
-                        .map_err(failed)?;
-                    tracing::warn!(projection = self.projection.name(), dead_letter = letter.id, %error, "dead letter still fails");
-                }
-            }
-        }
+        retry_dead_letters(database, self.projection.name(), |letter| async move {
+            Ok::<_, ProjectionError>(
+                match self.projection.refold(database, &letter, fence).await? {
+                    Refolded::Done => Retried::Handled,
+                    Refolded::StillFailing(error) => Retried::Failed(error),
+                },
+            )
+        })
+        .await?;
         Ok(())
     }
 
@@ -197,28 +176,26 @@ impl<P: Projection> Projector<P> {
     /// [`stream::LAG_SAMPLE_INTERVAL`], into its progress and metrics. Never returns.
     async fn measure_lag(&self) {
         let name = self.projection.name();
-        loop {
-            let position = self.progress.borrow().position;
-            match stream::lag(self.store.database(), position).await {
-                Ok(lag) => {
+        LagSampler::new(self.store.database())
+            .run(
+                name,
+                || Some(self.progress.borrow().position),
+                |lag| {
                     self.progress.send_modify(|progress| progress.lag = lag);
                     if let Some(metrics) = &self.metrics {
                         metrics.projection_lag(name, lag.events, lag.seconds);
                     }
-                }
-                Err(error) => {
-                    tracing::debug!(projection = name, %error, "measuring the lag failed")
-                }
-            }
-            tokio::time::sleep(stream::LAG_SAMPLE_INTERVAL).await;
-        }
+                },
+                || async {},
+            )
+            .await;
     }
 
     /// Records that the projection durably reflects the stream up to `position`.
-    fn progressed(&self, position: StreamPosition, head: StreamPosition) {
+    fn progressed(&self, position: StreamPosition, subscription: &Subscription) {
         self.progress.send_modify(|progress| {
             progress.position = position;
-            progress.caught_up |= position >= head;
+            progress.caught_up |= subscription.caught_up_at(position);
         });
     }
 
@@ -227,26 +204,21 @@ impl<P: Projection> Projector<P> {
         &self,
         shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
         fence: Option<&Fence>,
-    ) -> Result<(), crate::projection::ProjectionError> {
+    ) -> Result<(), ProjectionError> {
         let start = self.projection.position().await?;
         if let Some(fence) = fence {
             self.projection.raise_fence(fence).await?;
         }
-        // Caught up means: at or past what was committed when the projection (re)started.
-        // An empty read does not prove it: on Postgres an older open transaction anywhere in
-        // the cluster hides newer events until it ends.
-        let head = stream::head_position(self.store.database()).await?;
-        let mut reader = StreamReader::new(
+        let mut subscription = Subscription::open(
             &self.store,
+            self.projection.name(),
             start,
             self.settings.batch_size,
             self.settings.poll_interval(),
-        );
-        self.progress.send_modify(|progress| {
-            progress.position = start;
-            progress.caught_up |= start >= head;
-        });
-        let mut retries_checked = std::time::Instant::now();
+        )
+        .await?;
+        self.progressed(start, &subscription);
+        let mut retry_check = RetryCheck::every(RETRY_CHECK_INTERVAL);
         loop {
             let batch = tokio::select! {
                 () = shutdown.as_mut() => {
@@ -262,16 +234,15 @@ impl<P: Projection> Projector<P> {
                     }
                     return Ok(());
                 }
-                batch = reader.next_batch_or_idle() => batch?,
+                batch = subscription.next_batch_or_idle() => batch?,
             };
             let Some(events) = batch else {
                 // At the head: what is still in flight settles before the projection counts
                 // as caught up or recovered.
                 if let Some(position) = self.projection.settle(fence).await? {
-                    self.progressed(position, head);
+                    self.progressed(position, &subscription);
                 }
-                if retries_checked.elapsed() >= RETRY_CHECK_INTERVAL {
-                    retries_checked = std::time::Instant::now();
+                if retry_check.due() {
                     self.retry_dead_letters(fence).await?;
                 }
                 // Nothing left to apply: whatever failed before holds nothing back now.
@@ -314,7 +285,7 @@ impl<P: Projection> Projector<P> {
                 }
                 self.progress
                     .send_modify(|progress| progress.failing = false);
-                self.progressed(position, head);
+                self.progressed(position, &subscription);
             } else if let Some(metrics) = &self.metrics {
                 metrics.projected(name, events.len() as u64);
             }

@@ -9,8 +9,9 @@ use petstore_domain::order::Order;
 use petstore_domain::payment::Payment;
 use petstore_domain::providers::{DeliveryProvider, PaymentGateway};
 use petstore_domain::OrderId;
-use petstore_event_store::dead_letters::{self, DeadLetterStatus};
+use petstore_event_store::dead_letters;
 use petstore_event_store::stream::{self, RecordedEvent};
+use petstore_event_store::subscription::{retry_dead_letters, Retried};
 
 use crate::error::*;
 use crate::events::*;
@@ -82,11 +83,7 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
     /// (`petstore dead-letters retry`): resolved when handled, pending again when not.
     pub async fn retry_dead_letters(&self) -> Result<usize, SagaError> {
         let database = self.store.database();
-        let failed = |error: sqlx::Error| SagaError::DeadLetters(error.to_string());
-        let letters = dead_letters::retrying(database, CHECKPOINT)
-            .await
-            .map_err(failed)?;
-        for letter in &letters {
+        retry_dead_letters(database, CHECKPOINT, |letter| async move {
             let event = stream::aggregate_events_newest_first(
                 database,
                 &letter.aggregate_type,
@@ -97,44 +94,26 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
             .await?
             .into_iter()
             .next();
-            let outcome = match &event {
-                None => Err(SagaError::DeadLetters(
-                    "the event is no longer in the log".into(),
-                )),
-                Some(event) => match saga_event(event) {
-                    Ok(Some((order_id, decoded))) => {
-                        self.handle_event(order_id, event, &decoded).await
-                    }
-                    Ok(None) => Ok(()),
-                    Err(error) => Err(error),
-                },
+            let Some(event) = event else {
+                return Ok(Retried::Failed(
+                    "the event is no longer in the log".to_owned(),
+                ));
             };
-            match (outcome, &event) {
-                (Ok(()), _) => {
-                    dead_letters::transition(
-                        database,
-                        letter.id,
-                        &[DeadLetterStatus::Retrying],
-                        DeadLetterStatus::Resolved,
-                    )
-                    .await
-                    .map_err(failed)?;
-                    tracing::info!(dead_letter = letter.id, "dead letter handled on retry");
+            let outcome = match saga_event(&event) {
+                Ok(Some((order_id, decoded))) => {
+                    self.handle_event(order_id, &event, &decoded).await
                 }
-                (Err(error), Some(event)) => self.set_aside(event, &error).await?,
-                (Err(error), None) => {
-                    tracing::error!(dead_letter = letter.id, %error, "dead letter cannot be retried");
-                    dead_letters::transition(
-                        database,
-                        letter.id,
-                        &[DeadLetterStatus::Retrying],
-                        DeadLetterStatus::Pending,
-                    )
-                    .await
-                    .map_err(failed)?;
+                Ok(None) => Ok(()),
+                Err(error) => Err(error),
+            };
+            Ok(match outcome {
+                Ok(()) => Retried::Handled,
+                Err(error) => {
+                    self.metrics.dead_letter_recorded(CHECKPOINT);
+                    Retried::Failed(error.to_string())
                 }
-            }
-        }
-        Ok(letters.len())
+            })
+        })
+        .await
     }
 }

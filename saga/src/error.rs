@@ -46,6 +46,12 @@ pub(crate) fn store_error<E: std::error::Error>(error: AggregateError<E>) -> Sag
     }
 }
 
+impl From<petstore_event_store::subscription::DeadLetterStoreError> for SagaError {
+    fn from(error: petstore_event_store::subscription::DeadLetterStoreError) -> Self {
+        SagaError::DeadLetters(error.0.to_string())
+    }
+}
+
 impl SagaError {
     /// Whether the failure is the event's own (it or its aggregate's history cannot be
     /// read): set aside rather than retried for ever.

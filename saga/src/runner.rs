@@ -16,7 +16,8 @@ use petstore_domain::OrderId;
 use petstore_event_store::dead_letters::{self};
 use petstore_event_store::deadlines::{self};
 use petstore_event_store::store::EventStore;
-use petstore_event_store::stream::{self, Lag, RecordedEvent, StreamPosition, StreamReader};
+use petstore_event_store::stream::{Lag, RecordedEvent, StreamPosition};
+use petstore_event_store::subscription::{Acknowledger, LagSampler, Subscription};
 use petstore_kafka::KafkaSubscriber;
 use petstore_live_settings::Live;
 use petstore_resilience::Policies;
@@ -129,7 +130,7 @@ pub(crate) type Step<'a> = BoxFuture<'a, (Option<OrderId>, Result<Vec<(Ticket, U
 /// How the runner acknowledges what it handled.
 pub(crate) enum Acknowledge<'a> {
     /// Following the event store: its checkpoint.
-    Checkpoint,
+    Checkpoint(Acknowledger),
     /// Consuming Kafka: the group's offsets.
     Offsets(&'a KafkaSubscriber),
 }
@@ -187,35 +188,35 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
     /// Measures, every [`stream::LAG_SAMPLE_INTERVAL`], how far behind the log the runner
     /// is and how many deadlines wait, into the progress and the metrics. Never returns.
     pub(crate) async fn measure(&self) {
-        let database = self.store.database();
-        loop {
-            let position = self.progress.borrow().position;
-            if let Some(position) = position {
-                match stream::lag(database, position).await {
-                    Ok(lag) => {
-                        self.metrics.saga_lag(lag.events, lag.seconds);
-                        self.progress.send_modify(|progress| progress.lag = lag);
+        let (database, metrics, in_flight) =
+            (self.store.database(), &self.metrics, &self.in_flight);
+        LagSampler::new(database)
+            .run(
+                CHECKPOINT,
+                || self.progress.borrow().position,
+                |lag| {
+                    self.metrics.saga_lag(lag.events, lag.seconds);
+                    self.progress.send_modify(|progress| progress.lag = lag);
+                },
+                move || async move {
+                    match deadlines::backlog(database, Utc::now()).await {
+                        Ok((pending, overdue)) => {
+                            metrics.deadlines_pending.set(pending);
+                            metrics.deadlines_overdue.set(overdue);
+                        }
+                        Err(error) => tracing::debug!(%error, "counting deadlines failed"),
                     }
-                    Err(error) => tracing::debug!(%error, "measuring the saga lag failed"),
-                }
-            }
-            match deadlines::backlog(database, Utc::now()).await {
-                Ok((pending, overdue)) => {
-                    self.metrics.deadlines_pending.set(pending);
-                    self.metrics.deadlines_overdue.set(overdue);
-                }
-                Err(error) => tracing::debug!(%error, "counting deadlines failed"),
-            }
-            match dead_letters::open_counts(database).await {
-                Ok(counts) => self.metrics.dead_letters_open(&counts),
-                Err(error) => tracing::debug!(%error, "counting dead letters failed"),
-            }
-            let in_flight = self.in_flight.lock().map_or(0, |orders| orders.len());
-            self.metrics
-                .sagas_in_flight
-                .set(i64::try_from(in_flight).unwrap_or(i64::MAX));
-            tokio::time::sleep(stream::LAG_SAMPLE_INTERVAL).await;
-        }
+                    match dead_letters::open_counts(database).await {
+                        Ok(counts) => metrics.dead_letters_open(&counts),
+                        Err(error) => tracing::debug!(%error, "counting dead letters failed"),
+                    }
+                    let in_flight = in_flight.lock().map_or(0, |orders| orders.len());
+                    metrics
+                        .sagas_in_flight
+                        .set(i64::try_from(in_flight).unwrap_or(i64::MAX));
+                },
+            )
+            .await;
     }
 
     /// Consume the events from Kafka, in the configured consumer group, instead of following
@@ -325,23 +326,26 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
         &self,
         stopped: &mut watch::Receiver<bool>,
     ) -> Result<(), SagaError> {
-        let start = stream::load_checkpoint(self.store.database(), CHECKPOINT).await?;
-        // Where it resumes is what it has handled, as far as lag goes.
-        self.progress
-            .send_modify(|progress| progress.position = Some(start));
-        let reader = StreamReader::new(
+        let subscription = Subscription::at_checkpoint(
             &self.store,
-            start,
+            CHECKPOINT,
             self.settings.batch_size,
             Duration::from_millis(100),
-        );
-        let batches = futures::stream::unfold(reader, |mut reader| async move {
-            let batch = reader.next_batch().await;
-            Some((batch.map_err(SagaError::from), reader))
-        });
+        )
+        .await?;
+        // Where it resumes is what it has handled, as far as lag goes.
+        let start = subscription.start();
+        self.progress
+            .send_modify(|progress| progress.position = Some(start));
+        let acknowledger = subscription.acknowledger();
         let mut seen = RecentEvents::new(0);
-        self.pipeline(batches, stopped, &mut seen, Acknowledge::Checkpoint)
-            .await
+        self.pipeline(
+            subscription.batches(),
+            stopped,
+            &mut seen,
+            Acknowledge::Checkpoint(acknowledger),
+        )
+        .await
     }
 
     /// Handles the events of `batches` until stopped (`Ok`, once what arrived is handled) or
@@ -501,11 +505,10 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
     ) -> Result<(), SagaError> {
         let furthest = handled.iter().map(|arrived| arrived.position).max();
         match how {
-            Acknowledge::Checkpoint => {
+            Acknowledge::Checkpoint(acknowledger) => {
                 // In stream order: the last is the furthest.
                 if let Some(position) = furthest {
-                    stream::save_checkpoint(self.store.database(), CHECKPOINT, position, None)
-                        .await?;
+                    acknowledger.acknowledge(position, None).await?;
                 }
             }
             Acknowledge::Offsets(subscriber) => {

@@ -9,6 +9,7 @@
 //! - [`database`]: connecting to Postgres or SQLite, the migrations, locks and fencing.
 //! - [`store`]: loading aggregates and appending their events, with metadata.
 //! - [`stream`]: the global, gap-free event stream, durable checkpoints, audit queries.
+//! - [`subscription`]: one checkpointed subscription to the stream, for every consumer.
 //! - [`deadlines`]: durable saga step deadlines.
 //! - [`replay`]: reading the whole log once, in batches, to rebuild or republish.
 //! - [`dead_letters`]: events a consumer set aside, and what an operator does with them.
@@ -19,3 +20,4 @@ pub mod deadlines;
 pub mod replay;
 pub mod store;
 pub mod stream;
+pub mod subscription;

@@ -15,13 +15,12 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::Value;
-use sqlx::postgres::PgListener;
 use sqlx::types::Json;
 use sqlx::{PgConnection, Row};
-use tokio::sync::watch;
 
 use crate::database::{Database, Fence};
-use crate::store::{EventStore, EVENTS_CHANNEL};
+
+pub use crate::subscription::StreamReader;
 
 /// A place in the global stream; "after this event". Ordered as the stream is.
 #[derive(
@@ -484,126 +483,6 @@ impl StreamError {
     /// Whether the writer lost its lock (as opposed to a failure worth retrying).
     pub fn is_fenced(&self) -> bool {
         matches!(self, StreamError::Fenced { .. })
-    }
-}
-
-/// Tails the global stream from a position, waiting for new events when it has read them all.
-pub struct StreamReader {
-    database: Database,
-    position: StreamPosition,
-    batch_size: u32,
-    poll_interval: Duration,
-    local_appends: watch::Receiver<u64>,
-    listener: Option<PgListener>,
-    /// Quick re-reads left after a wake-up that found nothing: new events can be committed
-    /// yet hidden for a moment behind an older transaction still running.
-    quick_retries: u32,
-}
-
-/// Quick re-reads after a wake-up that found nothing, and the pause between them: together
-/// they cover the few milliseconds an older transaction takes to finish, without polling an
-/// idle stream.
-const QUICK_RETRIES: u32 = 200;
-const QUICK_RETRY_PAUSE: Duration = Duration::from_micros(500);
-
-impl StreamReader {
-    /// A reader of `store`'s stream that starts after `position`.
-    pub fn new(
-        store: &EventStore,
-        position: StreamPosition,
-        batch_size: u32,
-        poll_interval: Duration,
-    ) -> Self {
-        Self {
-            database: store.database().clone(),
-            position,
-            batch_size,
-            poll_interval,
-            local_appends: store.appended(),
-            listener: None,
-            quick_retries: 0,
-        }
-    }
-
-    /// The position after the last event returned.
-    pub fn position(&self) -> StreamPosition {
-        self.position
-    }
-
-    /// The next events, waiting until at least one is there. Each event is returned once;
-    /// a reader recreated from a saved checkpoint resumes right after it.
-    pub async fn next_batch(&mut self) -> Result<Vec<RecordedEvent>, StreamError> {
-        loop {
-            if let Some(batch) = self.next_batch_or_idle().await? {
-                return Ok(batch);
-            }
-        }
-    }
-
-    /// The next events, or `None` after waiting once (for a notification, a local append or
-    /// the poll interval) when the reader is at the head of the stream.
-    pub async fn next_batch_or_idle(&mut self) -> Result<Option<Vec<RecordedEvent>>, StreamError> {
-        self.local_appends.borrow_and_update();
-        self.ensure_listening().await;
-        let batch = read_after(&self.database, self.position, self.batch_size).await?;
-        if let Some(last) = batch.last() {
-            self.position = last.position;
-            self.quick_retries = 0;
-            return Ok(Some(batch));
-        }
-        if self.quick_retries > 0 {
-            self.quick_retries -= 1;
-            tokio::time::sleep(QUICK_RETRY_PAUSE).await;
-            return Ok(None);
-        }
-        if self.wait().await {
-            self.quick_retries = QUICK_RETRIES;
-        }
-        Ok(None)
-    }
-
-    async fn ensure_listening(&mut self) {
-        let Database::Postgres(pool) = &self.database else {
-            return;
-        };
-        if self.listener.is_some() {
-            return;
-        }
-        match PgListener::connect_with(pool).await {
-            Ok(mut listener) => match listener.listen(EVENTS_CHANNEL).await {
-                Ok(()) => self.listener = Some(listener),
-                Err(error) => tracing::warn!(%error, "listen failed; polling instead"),
-            },
-            Err(error) => tracing::warn!(%error, "listener connection failed; polling instead"),
-        }
-    }
-
-    /// Waits for a notification, a local append or the poll interval, whichever comes first;
-    /// true when something signalled new events.
-    async fn wait(&mut self) -> bool {
-        let poll = tokio::time::sleep(self.poll_interval);
-        let local = self.local_appends.changed();
-        match self.listener.as_mut() {
-            Some(listener) => {
-                tokio::select! {
-                    received = listener.try_recv() => {
-                        if let Err(error) = received {
-                            tracing::warn!(%error, "event notifications lost; reconnecting");
-                            self.listener = None;
-                        }
-                        true
-                    }
-                    _ = local => true,
-                    () = poll => false,
-                }
-            }
-            None => {
-                tokio::select! {
-                    _ = local => true,
-                    () = poll => false,
-                }
-            }
-        }
     }
 }
 

@@ -6,7 +6,6 @@ use axum::routing::get;
 use axum::Router;
 use petstore_domain::OrderId;
 use petstore_event_store::database::Database;
-use petstore_event_store::store as event_store;
 use petstore_event_store::stream::{self, Payload, RecordedEvent, StreamError};
 use petstore_security::auth::Caller;
 use petstore_web::{Json, Path, Problem, ProblemDocument, RequestContext};
@@ -37,16 +36,16 @@ pub struct AuditEntry {
     pub sequence: i64,
     /// The event's global position.
     pub global_position: i64,
-    /// Shared by everything one request caused.
-    pub correlation_id: String,
-    /// What caused the command: a request, an event id, or a deadline.
-    pub causation_id: String,
-    /// Who acted: a user, `saga`, or `system`.
-    pub subject: String,
-    /// The command's id.
-    pub command_id: String,
-    /// When the command ran (RFC 3339).
-    pub timestamp: String,
+    /// Shared by everything one request caused. Absent only on an event the service did not append.
+    pub correlation_id: Option<String>,
+    /// What caused the command: a request, an event id, or a deadline. Absent only on an event the service did not append.
+    pub causation_id: Option<String>,
+    /// Who acted: a user, `saga`, or `system`. Absent only on an event the service did not append.
+    pub subject: Option<String>,
+    /// The command's id. Absent only on an event the service did not append.
+    pub command_id: Option<String>,
+    /// When the command ran (RFC 3339). Absent only on an event the service did not append.
+    pub timestamp: Option<String>,
     /// The live settings version the command was decided under (absent on events stored
     /// before settings were versioned).
     pub settings_version: Option<u64>,
@@ -59,21 +58,17 @@ pub struct AuditEntry {
 
 impl From<RecordedEvent> for AuditEntry {
     fn from(event: RecordedEvent) -> Self {
-        let meta = |key: &str| event.metadata_value(key).to_owned();
+        let event_id = event.event_id().to_string();
+        let metadata = event.metadata;
         Self {
-            event_id: event.event_id().to_string(),
-            correlation_id: meta("correlation_id"),
-            causation_id: meta("causation_id"),
-            subject: meta("subject"),
-            command_id: meta("command_id"),
-            timestamp: meta("timestamp"),
-            settings_version: event
-                .metadata_value(event_store::SETTINGS_VERSION_KEY)
-                .parse()
-                .ok(),
-            feature_flags: event_store::parse_feature_flags(
-                event.metadata_value(event_store::FEATURE_FLAGS_KEY),
-            ),
+            event_id,
+            correlation_id: metadata.correlation_id,
+            causation_id: metadata.causation_id,
+            subject: metadata.subject,
+            command_id: metadata.command_id.map(|id| id.to_string()),
+            timestamp: metadata.timestamp,
+            settings_version: metadata.settings_version,
+            feature_flags: metadata.feature_flags,
             event_type: event.event_type,
             event_version: event.event_version,
             aggregate_type: event.aggregate_type,

@@ -10,6 +10,8 @@
 //! # Layout
 //! - [`views`]: the read-model documents and how events fold into them.
 //! - [`store`]: where the views live (Postgres tables or memory) and the queries on them.
+//! - `browse`: the browse query's filters and its pages of results.
+//! - `changes`: the notices of changed order views and the feed that delivers them.
 //! - `snapshot`: the embedded read models' snapshot in the SQLite file.
 //! - [`redis`]: the same views in Redis, and the browse cache.
 //! - [`refold`]: the views a dead letter concerns, folded again from the log.
@@ -19,6 +21,8 @@
 use petstore_event_store::stream::StreamError;
 use petstore_redis::CacheError;
 
+mod browse;
+mod changes;
 pub mod rebuild;
 pub mod redis;
 pub mod refold;

@@ -11,15 +11,19 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
-use petstore_domain::{OrderId, PetCategory, PetId};
+use petstore_domain::{OrderId, PetId};
 use petstore_event_store::database::{Database, Fence};
 use petstore_event_store::stream::{self, RecordedEvent, StreamPosition};
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
-use tokio::sync::{broadcast, RwLock};
+use tokio::sync::RwLock;
 
 use petstore_event_store::dead_letters::{self, DeadLetter};
 
+pub use crate::browse::{BrowseFilter, BrowsePage, PremiumFilter};
+pub use crate::changes::{OrderChangeFeed, OrderChanges, ORDER_CHANGES_CHANNEL};
+
+use crate::changes::{notify_order_changes, ChangeNotices, Feed};
 use crate::refold;
 use crate::snapshot::{self, Loaded};
 use crate::views::{OrderStatusView, PetView, Poisoned, ViewBatch};
@@ -44,81 +48,6 @@ pub(crate) async fn set_aside(
 
 /// The checkpoint name of the read models' projection.
 pub const CHECKPOINT: &str = "read_models";
-
-/// Browse filters; every field is optional.
-#[derive(Debug, Clone, Default)]
-pub struct BrowseFilter {
-    /// Only this category.
-    pub category: Option<PetCategory>,
-    /// Price at least this many minor units.
-    pub min_price: Option<i64>,
-    /// Price at most this many minor units.
-    pub max_price: Option<i64>,
-    /// Only pets with this availability (`available`, `reserved`, `sold`).
-    pub availability: Option<String>,
-    /// The premium filters (`premium_filters` flag).
-    pub premium: PremiumFilter,
-    /// Start after this pet id (the previous page's cursor).
-    pub after: Option<PetId>,
-    /// Page size.
-    pub limit: u32,
-}
-
-/// The premium browse filters.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PremiumFilter {
-    /// Breed contains this, ignoring case.
-    pub breed: Option<String>,
-    /// At least this many months old.
-    pub min_age_months: Option<u32>,
-    /// At most this many months old.
-    pub max_age_months: Option<u32>,
-    /// Vaccinated (true) or not (false).
-    pub vaccinated: Option<bool>,
-}
-
-impl PremiumFilter {
-    /// Whether any premium filter is set.
-    pub fn is_set(&self) -> bool {
-        *self != Self::default()
-    }
-
-    /// Whether `pet` passes.
-    pub fn admits(&self, pet: &PetView) -> bool {
-        self.breed
-            .as_deref()
-            .is_none_or(|breed| pet.breed.to_lowercase().contains(&breed.to_lowercase()))
-            && self.min_age_months.is_none_or(|min| pet.age_months >= min)
-            && self.max_age_months.is_none_or(|max| pet.age_months <= max)
-            && self
-                .vaccinated
-                .is_none_or(|wanted| pet.vaccinated == wanted)
-    }
-
-    /// Its part of a cache key.
-    pub fn key(&self) -> String {
-        format!(
-            "{}:{}:{}:{}",
-            self.breed.as_deref().unwrap_or_default().to_lowercase(),
-            self.min_age_months
-                .map(|n| n.to_string())
-                .unwrap_or_default(),
-            self.max_age_months
-                .map(|n| n.to_string())
-                .unwrap_or_default(),
-            self.vaccinated.map(|v| v.to_string()).unwrap_or_default(),
-        )
-    }
-}
-
-/// One page of browse results, ordered by pet id.
-#[derive(Debug, Clone)]
-pub struct BrowsePage {
-    /// The pets.
-    pub pets: Vec<PetView>,
-    /// Pass it as `cursor` to get the next page; `None` on the last page.
-    pub next_cursor: Option<String>,
-}
 
 /// The in-memory read models and the position they reflect.
 #[derive(Debug)]
@@ -148,98 +77,6 @@ impl MemoryState {
             self.pets.insert(view.id.clone(), view);
         }
     }
-}
-
-/// The in-memory read models' notices of changed orders.
-#[derive(Debug)]
-struct ChangeNotices(broadcast::Sender<Arc<[String]>>);
-
-impl Default for ChangeNotices {
-    fn default() -> Self {
-        Self(broadcast::channel(1024).0)
-    }
-}
-
-/// The Postgres channel the read models' commits notify, with a comma-separated list of the
-/// order ids they changed, or `*` when any order may have (a replay swapped the tables in).
-pub const ORDER_CHANGES_CHANNEL: &str = "petstore_order_views";
-
-/// Postgres refuses notification payloads of 8000 bytes and more.
-const MAX_NOTICE_BYTES: usize = 7_900;
-
-/// What [`OrderChangeFeed::next`] reports.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum OrderChanges {
-    /// These orders' views changed.
-    Orders(Arc<[String]>),
-    /// Any order's view may have changed (notices were missed, the listener reconnected or a
-    /// replay swapped the tables): re-read every order you follow.
-    Unknown,
-}
-
-/// The notices of changed order views, in commit order, whichever process projected them.
-pub struct OrderChangeFeed(Feed);
-
-enum Feed {
-    Postgres(PgListener),
-    Memory(broadcast::Receiver<Arc<[String]>>),
-}
-
-impl OrderChangeFeed {
-    /// The next notice, waiting for one.
-    pub async fn next(&mut self) -> Result<OrderChanges, ReadModelError> {
-        match &mut self.0 {
-            Feed::Postgres(listener) => match listener.try_recv().await? {
-                // The connection dropped; the listener reconnects (and listens again) on the
-                // next call, and anything notified in between is unknown.
-                None => Ok(OrderChanges::Unknown),
-                Some(notice) if notice.payload() == "*" => Ok(OrderChanges::Unknown),
-                Some(notice) => Ok(OrderChanges::Orders(
-                    notice.payload().split(',').map(str::to_owned).collect(),
-                )),
-            },
-            Feed::Memory(receiver) => match receiver.recv().await {
-                Ok(ids) => Ok(OrderChanges::Orders(ids)),
-                Err(broadcast::error::RecvError::Lagged(_)) => Ok(OrderChanges::Unknown),
-                // The sender lives as long as the read models do.
-                Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
-            },
-        }
-    }
-}
-
-/// Notifies [`ORDER_CHANGES_CHANNEL`] in `transaction` (so at its commit) of `ids`.
-pub(crate) async fn notify_order_changes(
-    transaction: &mut sqlx::PgConnection,
-    ids: &[&str],
-) -> Result<(), sqlx::Error> {
-    for payload in notice_payloads(ids) {
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(ORDER_CHANGES_CHANNEL)
-            .bind(payload)
-            .execute(&mut *transaction)
-            .await?;
-    }
-    Ok(())
-}
-
-/// `ids` comma-separated, in as many payloads as Postgres's size limit needs.
-fn notice_payloads(ids: &[&str]) -> Vec<String> {
-    let mut payloads = Vec::new();
-    let mut payload = String::new();
-    for id in ids {
-        if !payload.is_empty() && payload.len() + 1 + id.len() > MAX_NOTICE_BYTES {
-            payloads.push(std::mem::take(&mut payload));
-        }
-        if !payload.is_empty() {
-            payload.push(',');
-        }
-        payload.push_str(id);
-    }
-    if !payload.is_empty() {
-        payloads.push(payload);
-    }
-    payloads
 }
 
 /// The read models, on Postgres or in memory.
@@ -850,30 +687,4 @@ pub(crate) async fn write_views(
         .await?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn notices_carry_every_id_within_the_size_limit() {
-        assert!(notice_payloads(&[]).is_empty());
-        let one = uuid::Uuid::new_v4().to_string();
-        assert_eq!(notice_payloads(&[one.as_str()]), vec![one]);
-        let ids: Vec<String> = (0..1_000)
-            .map(|_| uuid::Uuid::new_v4().to_string())
-            .collect();
-        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-        let payloads = notice_payloads(&refs);
-        assert!(payloads.len() > 1, "a thousand ids need several notices");
-        assert!(payloads
-            .iter()
-            .all(|payload| payload.len() <= MAX_NOTICE_BYTES));
-        let back: Vec<&str> = payloads
-            .iter()
-            .flat_map(|payload| payload.split(','))
-            .collect();
-        assert_eq!(back, refs);
-    }
 }

@@ -9,6 +9,7 @@ use petstore_domain::payment::{Payment, PaymentEvent};
 use petstore_domain::pet::{Availability, Pet, PetEvent};
 use petstore_domain::upcasting;
 use petstore_domain::Money;
+use petstore_event_store::metadata::MissingMetadata;
 use petstore_event_store::stream::{RecordedEvent, StreamPosition};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -169,7 +170,39 @@ pub struct DecodeError {
     aggregate_id: String,
     event_type: String,
     event_version: String,
-    source: Box<upcasting::DecodeFailure>,
+    source: Box<Unreadable>,
+}
+
+/// What about a stored event cannot be read.
+#[derive(Debug, thiserror::Error)]
+enum Unreadable {
+    /// Its payload, in its type and version.
+    #[error(transparent)]
+    Payload(#[from] upcasting::DecodeFailure),
+    /// Metadata a view needs (when it happened, its correlation id).
+    #[error(transparent)]
+    Metadata(#[from] MissingMetadata),
+}
+
+impl DecodeError {
+    fn of(event: &RecordedEvent, source: impl Into<Unreadable>) -> Self {
+        Self {
+            aggregate_type: event.aggregate_type.clone(),
+            aggregate_id: event.aggregate_id.clone(),
+            event_type: event.event_type.clone(),
+            event_version: event.event_version.clone(),
+            source: Box::new(source.into()),
+        }
+    }
+}
+
+/// When `event` happened, as stored.
+fn timestamp(event: &RecordedEvent) -> Result<String, DecodeError> {
+    event
+        .metadata
+        .timestamp()
+        .map(str::to_owned)
+        .map_err(|missing| DecodeError::of(event, missing))
 }
 
 /// Decodes an event in today's shape (an older version upcast first).
@@ -180,13 +213,7 @@ fn decode<E: serde::de::DeserializeOwned>(event: &RecordedEvent) -> Result<E, De
         &event.event_version,
         event.payload.raw(),
     )
-    .map_err(|source| DecodeError {
-        aggregate_type: event.aggregate_type.clone(),
-        aggregate_id: event.aggregate_id.clone(),
-        event_type: event.event_type.clone(),
-        event_version: event.event_version.clone(),
-        source: Box::new(source),
-    })
+    .map_err(|source| DecodeError::of(event, source))
 }
 
 /// An event a projection could not fold: skipped, to be set aside as a dead letter.
@@ -288,9 +315,9 @@ impl OrderStatusView {
         {
             return Ok(());
         }
-        let timestamp = event.metadata_value("timestamp").to_owned();
         if event.aggregate_type == Order::TYPE {
             if let OrderEvent::OrderCreated(request) = decode(event)? {
+                let timestamp = timestamp(event)?;
                 let mut steps: Vec<SagaStepView> =
                     ["reservation", "payment", "delivery", "completion"]
                         .into_iter()
@@ -318,7 +345,11 @@ impl OrderStatusView {
                         .map(|text| text.as_str().to_owned()),
                     cancellation_reason: None,
                     steps,
-                    correlation_id: event.metadata_value("correlation_id").to_owned(),
+                    correlation_id: event
+                        .metadata
+                        .correlation_id()
+                        .map_err(|missing| DecodeError::of(event, missing))?
+                        .to_owned(),
                     created_at: timestamp.clone(),
                     updated_at: timestamp,
                     position: event.position,
@@ -329,6 +360,7 @@ impl OrderStatusView {
         let Some(view) = slot.as_mut() else {
             return Ok(());
         };
+        let timestamp = timestamp(event)?;
         let before = view.current_status();
         view.apply(event, &timestamp)?;
         if view.status != before.status {
@@ -545,7 +577,13 @@ mod tests {
             event_type: event.event_type(),
             event_version: event.event_version(),
             payload: Payload::of(event).expect("an event serializes"),
-            metadata: HashMap::from([("timestamp".to_owned(), "2026-12-02T00:00:00Z".to_owned())]),
+            // What the service stores with every event (an OrderCreated view keeps its
+            // correlation id).
+            metadata: petstore_event_store::metadata::StoredMetadata {
+                timestamp: Some("2026-12-02T00:00:00Z".to_owned()),
+                correlation_id: Some("c-1".to_owned()),
+                ..Default::default()
+            },
             delivery: None,
         }
     }
@@ -557,6 +595,27 @@ mod tests {
         }
         let view = view.expect("the order exists");
         view.status_history.into_iter().map(|c| c.status).collect()
+    }
+
+    #[test]
+    fn an_event_without_its_time_cannot_be_folded_and_leaves_the_view_as_it_was() {
+        let order_id = OrderId::random();
+        let created = OrderEvent::OrderCreated(OrderRequest {
+            order_id,
+            customer_id: CustomerId::parse("customer-001").expect("valid"),
+            pet_id: PetId::parse("persian-cat-001").expect("valid"),
+            amount: Money::usd(1_000).expect("valid"),
+            special_instructions: None,
+            simulated_failure: None,
+            express_processing: None,
+        });
+        let mut view = None;
+        OrderStatusView::fold(&mut view, &recorded(order_id, 1, &created)).expect("folds");
+        let mut reserved = recorded(order_id, 2, &OrderEvent::OrderPetReserved);
+        reserved.metadata.timestamp = None;
+        let refused = OrderStatusView::fold(&mut view, &reserved).expect_err("no timestamp");
+        assert!(refused.to_string().contains("timestamp"), "{refused}");
+        assert_eq!(view.expect("the order exists").status, "pending");
     }
 
     #[test]

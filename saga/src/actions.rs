@@ -39,8 +39,12 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
             .load(&order_id.to_string())
             .await
             .map_err(store_error)?;
-        let occurred_at = DateTime::parse_from_rfc3339(event.metadata_value("timestamp"))
-            .map_or_else(|_| Utc::now(), |at| at.with_timezone(&Utc));
+        let stored_at = event.metadata.timestamp()?;
+        let occurred_at = DateTime::parse_from_rfc3339(stored_at)
+            .map_err(|_| {
+                SagaError::Unreadable(format!("metadata timestamp {stored_at:?} is not RFC 3339"))
+            })?
+            .with_timezone(&Utc);
         let saga_event = match decoded {
             Decoded::Order(inner) => SagaEvent::Order(inner),
             Decoded::Pet(inner) => SagaEvent::Pet(inner),
@@ -58,8 +62,12 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
             .map(|request| request.customer_id.as_str().to_owned())
             .unwrap_or_default();
         let actions = saga::react(&order, saga_event, occurred_at, &self.policy(&customer));
-        let correlation_id = CorrelationId::parse(event.metadata_value("correlation_id"))
-            .unwrap_or_else(CorrelationId::generate);
+        let stored_correlation = event.metadata.correlation_id()?;
+        let correlation_id = CorrelationId::parse(stored_correlation).ok_or_else(|| {
+            SagaError::Unreadable(format!(
+                "metadata correlation_id {stored_correlation:?} is not a correlation id"
+            ))
+        })?;
         let cause = Cause {
             event_id: event.event_id(),
             correlation_id,

@@ -27,6 +27,9 @@ pub enum SagaError {
     /// unknown type or version).
     #[error("unreadable history: {0}")]
     Unreadable(String),
+    /// A stored event lacks metadata the saga needs (its time, its correlation id).
+    #[error(transparent)]
+    Metadata(#[from] petstore_event_store::metadata::MissingMetadata),
     /// A stored event cannot be decoded.
     #[error("cannot decode {event_type} of {aggregate_id}: {source}")]
     Decode {
@@ -56,6 +59,9 @@ impl SagaError {
     /// Whether the failure is the event's own (it or its aggregate's history cannot be
     /// read): set aside rather than retried for ever.
     pub(crate) fn is_poison(&self) -> bool {
-        matches!(self, SagaError::Decode { .. } | SagaError::Unreadable(_))
+        matches!(
+            self,
+            SagaError::Decode { .. } | SagaError::Unreadable(_) | SagaError::Metadata(_)
+        )
     }
 }

@@ -586,7 +586,7 @@ pub(crate) fn step_span(order_id: OrderId, event: &RecordedEvent) -> tracing::Sp
         order_id = %order_id,
         event_type = %event.event_type,
         global_position = event.position.global_position,
-        correlation_id = %event.metadata_value("correlation_id"),
+        correlation_id = event.metadata.correlation_id.as_deref(),
     );
     if let Some(delivery) = &event.delivery {
         span.record("messaging.system", "kafka");
@@ -615,7 +615,7 @@ mod tests {
             event_type: "OrderCreated".to_owned(),
             event_version: "1.0".to_owned(),
             payload: Payload::of(&serde_json::Value::Null).expect("a payload"),
-            metadata: HashMap::new(),
+            metadata: Default::default(),
             delivery: None,
         }
     }

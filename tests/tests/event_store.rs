@@ -9,7 +9,8 @@ use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, AggregateError, DomainEvent};
 use petstore_event_store::database::Database;
 use petstore_event_store::store::{EventMetadata, EventStore};
-use petstore_event_store::stream::{self, RecordedEvent, StreamPosition, StreamReader};
+use petstore_event_store::stream::{self, RecordedEvent, StreamPosition};
+use petstore_event_store::subscription::StreamReader;
 use petstore_tests::{on_both_engines, Engine, Storage};
 use petstore_web::CorrelationId;
 use serde::{Deserialize, Serialize};
@@ -209,16 +210,24 @@ async fn appended_events_load_back_with_their_metadata(engine: Engine) {
         serde_json::json!({"Incremented": {"to": 2}})
     );
     assert_eq!(
-        event.metadata_value("correlation_id"),
+        event.metadata.correlation_id().expect("a correlation id"),
         metadata.correlation_id.as_str()
     );
-    assert_eq!(event.metadata_value("subject"), "tester");
+    assert_eq!(event.metadata.subject().expect("a subject"), "tester");
     assert_eq!(
-        event.metadata_value("command_id"),
+        event.metadata.command_id.expect("a command id").to_string(),
         metadata.command_id.to_string()
     );
-    assert!(!event.metadata_value("causation_id").is_empty());
-    assert!(event.metadata_value("timestamp").ends_with('Z'));
+    assert!(event
+        .metadata
+        .causation_id
+        .as_deref()
+        .is_some_and(|id| !id.is_empty()));
+    assert!(event
+        .metadata
+        .timestamp()
+        .expect("a timestamp")
+        .ends_with('Z'));
     assert!(
         events[0].position < events[1].position,
         "stream order follows append order"

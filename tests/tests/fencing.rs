@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use petstore_event_store::database::{Database, ExclusiveLock};
 use petstore_event_store::store::EventStore;
-use petstore_event_store::stream::{self, RecordedEvent, StreamPosition, StreamReader};
+use petstore_event_store::stream::{self, RecordedEvent, StreamPosition};
+use petstore_event_store::subscription::StreamReader;
 use petstore_projector::{Projection, Projector};
 use petstore_read_models::views::ViewBatch;
 use petstore_read_models::{ReadModels, RedisViews};

@@ -168,11 +168,18 @@ async fn every_event_reaches_kafka_with_its_key_headers_and_per_key_order() {
         assert_eq!(message.headers["event_version"], envelope.event_version);
         assert_eq!(
             message.headers["correlation_id"],
-            envelope.metadata["correlation_id"]
+            envelope
+                .metadata
+                .correlation_id()
+                .expect("a correlation id")
         );
         assert_eq!(
             message.headers["causation_id"],
-            envelope.metadata["causation_id"]
+            envelope
+                .metadata
+                .causation_id
+                .as_deref()
+                .expect("a causation id")
         );
         assert!(
             message.headers["traceparent"].starts_with("00-"),

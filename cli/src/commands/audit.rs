@@ -164,16 +164,18 @@ fn audit_table(trail: &audit::AuditTrail) -> comfy_table::Table {
         "causation",
         "event id",
     ]);
+    // A key the event lacks (one the service did not append) shows as `-`.
+    let shown = |value: &Option<String>| value.clone().unwrap_or_else(|| "-".to_owned());
     for entry in &trail.events {
         table.add_row([
             entry.global_position.to_string(),
-            entry.timestamp.clone(),
+            shown(&entry.timestamp),
             format!("{} {}", entry.aggregate_type, entry.aggregate_id),
             entry.sequence.to_string(),
             entry.event_type.clone(),
             entry.event_version.clone(),
-            entry.subject.clone(),
-            entry.causation_id.clone(),
+            shown(&entry.subject),
+            shown(&entry.causation_id),
             entry.event_id.clone(),
         ]);
     }

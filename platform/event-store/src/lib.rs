@@ -7,7 +7,8 @@
 //!
 //! # Layout
 //! - [`database`]: connecting to Postgres or SQLite, the migrations, locks and fencing.
-//! - [`store`]: loading aggregates and appending their events, with metadata.
+//! - [`store`]: loading aggregates and appending their events.
+//! - [`metadata`]: what each event records about its command, written and read typed.
 //! - [`stream`]: the global, gap-free event stream, durable checkpoints, audit queries.
 //! - [`subscription`]: one checkpointed subscription to the stream, for every consumer.
 //! - [`deadlines`]: durable saga step deadlines.
@@ -17,6 +18,7 @@
 pub mod database;
 pub mod dead_letters;
 pub mod deadlines;
+pub mod metadata;
 pub mod replay;
 pub mod store;
 pub mod stream;

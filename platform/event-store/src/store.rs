@@ -6,12 +6,10 @@
 //! append (another writer took the same sequence number) reloads the aggregate and decides
 //! again, a bounded number of times, before it is reported as a conflict.
 
-use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, SecondsFormat, Utc};
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::persist::{
     EventStoreAggregateContext, EventUpcaster, PersistedEventRepository, PersistedEventStore,
@@ -24,18 +22,19 @@ use sqlite_es::SqliteEventRepository;
 use tokio::sync::watch;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use uuid::Uuid;
 
 use crate::database::Database;
+
+pub use crate::metadata::{
+    parse_feature_flags, EventMetadata, FEATURE_FLAGS_KEY, SETTINGS_VERSION_KEY, TRACEPARENT_KEY,
+};
 
 mod group_commit;
 mod known;
 
 use group_commit::GroupCommit;
 use known::{Known, KnownAggregates};
-use petstore_settings::Flag;
 use petstore_telemetry::metrics::Metrics;
-use petstore_telemetry::CorrelationId;
 
 /// The Postgres notification channel appends are announced on (the stream listens to it).
 pub const EVENTS_CHANNEL: &str = "petstore_events";
@@ -234,104 +233,6 @@ impl PersistedEventRepository for SharedRepository {
     async fn stream_all_events<A: Aggregate>(&self) -> Result<ReplayStream, PersistenceError> {
         delegate!(self, repo => repo.stream_all_events::<A>())
     }
-}
-
-/// What every event records about the command that caused it. Stored as the event's
-/// metadata, it makes the audit trail a query.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EventMetadata {
-    /// Shared by everything one request (and the saga it starts) causes.
-    pub correlation_id: CorrelationId,
-    /// The id of what caused this command: the request's id or the event's id.
-    pub causation_id: String,
-    /// Who acted: a user's subject, or `system` for the service itself.
-    pub subject: String,
-    /// The command's own id; saga commands derive it from their causing event.
-    pub command_id: Uuid,
-    /// When the command ran.
-    pub timestamp: DateTime<Utc>,
-    /// The feature flags that took part in the decision, and whether each was on (stored as
-    /// `feature_flags`: `express_order_processing=on,payment_processing=on`). The live
-    /// settings version is stamped on every event by the store itself.
-    pub feature_flags: BTreeMap<&'static str, bool>,
-}
-
-impl EventMetadata {
-    /// Metadata for a command acting on behalf of `subject` within `correlation_id`.
-    pub fn new(correlation_id: CorrelationId, subject: impl Into<String>) -> Self {
-        let command_id = Uuid::new_v4();
-        Self {
-            causation_id: command_id.to_string(),
-            correlation_id,
-            subject: subject.into(),
-            command_id,
-            timestamp: Utc::now(),
-            feature_flags: BTreeMap::new(),
-        }
-    }
-
-    /// Records that `flag` took part in the decision, on or off.
-    pub fn with_flag(mut self, flag: Flag, on: bool) -> Self {
-        self.feature_flags.insert(flag.key(), on);
-        self
-    }
-
-    /// Metadata for a command the service issues because of an earlier event: same
-    /// correlation id, the event as causation, and the given deterministic command id.
-    pub fn caused_by(
-        correlation_id: CorrelationId,
-        causing_event_id: Uuid,
-        command_id: Uuid,
-        subject: impl Into<String>,
-    ) -> Self {
-        Self {
-            correlation_id,
-            causation_id: causing_event_id.to_string(),
-            subject: subject.into(),
-            command_id,
-            timestamp: Utc::now(),
-            feature_flags: BTreeMap::new(),
-        }
-    }
-
-    /// The form stored beside each event (the event store adds the `traceparent` of the
-    /// append that stores it).
-    pub fn to_map(&self) -> HashMap<String, String> {
-        let mut map = HashMap::from([
-            ("correlation_id".to_owned(), self.correlation_id.to_string()),
-            ("causation_id".to_owned(), self.causation_id.clone()),
-            ("subject".to_owned(), self.subject.clone()),
-            ("command_id".to_owned(), self.command_id.to_string()),
-            (
-                "timestamp".to_owned(),
-                self.timestamp.to_rfc3339_opts(SecondsFormat::Micros, true),
-            ),
-        ]);
-        if !self.feature_flags.is_empty() {
-            let flags: Vec<String> = self
-                .feature_flags
-                .iter()
-                .map(|(flag, on)| format!("{flag}={}", if *on { "on" } else { "off" }))
-                .collect();
-            map.insert(FEATURE_FLAGS_KEY.to_owned(), flags.join(","));
-        }
-        map
-    }
-}
-
-/// The metadata key of the live settings version a command was decided under.
-pub const SETTINGS_VERSION_KEY: &str = "settings_version";
-
-/// The metadata key of the flags that took part in a decision.
-pub const FEATURE_FLAGS_KEY: &str = "feature_flags";
-
-/// The flags of a stored `feature_flags` metadata value.
-pub fn parse_feature_flags(stored: &str) -> BTreeMap<String, bool> {
-    stored
-        .split(',')
-        .filter_map(|pair| pair.split_once('='))
-        .map(|(flag, state)| (flag.to_owned(), state == "on"))
-        .collect()
 }
 
 /// Pause between two notifications of other processes.
@@ -535,7 +436,7 @@ impl EventStore {
             self.settings_version.load(Ordering::Relaxed).to_string(),
         );
         if let Some(traceparent) = petstore_telemetry::traceparent_of(&span.context()) {
-            stored.insert("traceparent".to_owned(), traceparent);
+            stored.insert(TRACEPARENT_KEY.to_owned(), traceparent);
         }
         let committed = store
             .commit(events, context, stored)

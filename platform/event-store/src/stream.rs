@@ -9,7 +9,6 @@
 //! keep durable checkpoints in `stream_checkpoints`; Postgres read models save theirs inside
 //! their own transaction ([`save_checkpoint_in`]).
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -19,8 +18,7 @@ use sqlx::types::Json;
 use sqlx::{PgConnection, Row};
 
 use crate::database::{Database, Fence};
-
-pub use crate::subscription::StreamReader;
+use crate::metadata::StoredMetadata;
 
 /// A place in the global stream; "after this event". Ordered as the stream is.
 #[derive(
@@ -108,8 +106,8 @@ pub struct RecordedEvent {
     /// The event, as the domain serialized it.
     pub payload: Payload,
     /// Correlation id, causation id, subject, command id, timestamp, traceparent (of the
-    /// append that stored it).
-    pub metadata: HashMap<String, String>,
+    /// append that stored it), settings version, flags, and any other key.
+    pub metadata: StoredMetadata,
     /// How it arrived, when it came from Kafka rather than the event store.
     pub delivery: Option<Delivery>,
 }
@@ -150,15 +148,7 @@ impl RecordedEvent {
         self.delivery
             .as_ref()
             .and_then(|delivery| delivery.traceparent.as_deref())
-            .or_else(|| self.metadata.get("traceparent").map(String::as_str))
-    }
-
-    /// A metadata value, or the empty string.
-    pub fn metadata_value(&self, key: &str) -> &str {
-        self.metadata
-            .get(key)
-            .map(String::as_str)
-            .unwrap_or_default()
+            .or(self.metadata.traceparent.as_deref())
     }
 }
 
@@ -168,7 +158,8 @@ pub enum StreamError {
     /// The database failed.
     #[error("reading the event stream failed: {0}")]
     Database(#[from] sqlx::Error),
-    /// A stored event's metadata is not a JSON object of strings.
+    /// A stored event's metadata is not a JSON object of strings, or a known key holds
+    /// something else than it should.
     #[error("event at {position:?} has malformed metadata: {source}")]
     Metadata {
         /// The event.
@@ -213,16 +204,16 @@ where
     for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> Json<Box<RawValue>>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    for<'r> Json<HashMap<String, String>>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Json<StoredMetadata>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'c> &'c str: sqlx::ColumnIndex<R>,
 {
     let position = StreamPosition {
         transaction_id: row.try_get("transaction_id")?,
         global_position: row.try_get("global_position")?,
     };
-    // Straight into the map, without a JSON tree first.
+    // Straight into the typed metadata, without a JSON tree first.
     let Json(metadata) = row
-        .try_get::<Json<HashMap<String, String>>, _>("metadata")
+        .try_get::<Json<StoredMetadata>, _>("metadata")
         .map_err(|source| StreamError::Metadata { position, source })?;
     Ok(RecordedEvent {
         position,

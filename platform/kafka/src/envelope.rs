@@ -1,9 +1,10 @@
 //! The message: its JSON value (the event and its place in the global stream) and its topic.
 
-use std::collections::HashMap;
-
+use rdkafka::message::Headers;
+use rdkafka::Message;
 use serde::{Deserialize, Serialize};
 
+use petstore_event_store::metadata::StoredMetadata;
 use petstore_event_store::stream::{Payload, RecordedEvent, StreamPosition};
 
 /// The JSON value of every message: the event and where it stands in the global stream.
@@ -23,8 +24,9 @@ pub struct Envelope {
     pub event_version: String,
     /// The event's place in the global stream.
     pub position: StreamPosition,
-    /// Correlation id, causation id, subject, command id, timestamp, traceparent.
-    pub metadata: HashMap<String, String>,
+    /// Correlation id, causation id, subject, command id, timestamp, traceparent (one JSON
+    /// object of strings, as stored).
+    pub metadata: StoredMetadata,
     /// The event as the domain serialized it.
     pub payload: Payload,
 }
@@ -56,7 +58,7 @@ pub(crate) struct EnvelopeOf<'a> {
     event_type: &'a str,
     event_version: &'a str,
     position: StreamPosition,
-    metadata: &'a HashMap<String, String>,
+    metadata: &'a StoredMetadata,
     payload: &'a Payload,
 }
 
@@ -116,6 +118,20 @@ pub fn topics(prefix: &str) -> Vec<String> {
     .collect()
 }
 
+/// The header naming the event store a message's event comes from.
+pub const STORE_HEADER: &str = "store_id";
+
+/// A header's value, as text.
+pub(crate) fn header<M: Message>(message: &M, key: &str) -> Option<String> {
+    let headers = message.headers()?;
+    (0..headers.count())
+        .map(|index| headers.get(index))
+        .find(|header| header.key == key)
+        .and_then(|header| header.value)
+        .and_then(|value| std::str::from_utf8(value).ok())
+        .map(str::to_owned)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,7 +150,10 @@ mod tests {
             event_version: "1.0".to_owned(),
             payload: Payload::of(&serde_json::json!({"OrderConfirmed": {"note": "ä \"quoted\""}}))
                 .expect("a payload"),
-            metadata: HashMap::from([("correlation_id".to_owned(), "c-1".to_owned())]),
+            metadata: StoredMetadata {
+                correlation_id: Some("c-1".to_owned()),
+                ..StoredMetadata::default()
+            },
             delivery: None,
         };
         let bytes = serde_json::to_vec(&EnvelopeOf::from(&event)).expect("serialized");

@@ -18,7 +18,7 @@
 //! projector publishes, the saga runner consumes.
 //!
 //! # Layout
-//! - `envelope`: a message's value and its topic.
+//! - `envelope`: a message's value, its topic and its headers.
 //! - `publish`: [`KafkaBus`] (the idempotent producer) and [`InFlight`] batches.
 //! - `topics`: creating the topics and [`check_topic_owner`].
 //! - `subscribe`: [`KafkaSubscriber`], a member of the service's consumer group.
@@ -28,8 +28,8 @@ mod publish;
 mod subscribe;
 mod topics;
 
-pub use envelope::{topic_for, topics, Envelope};
-pub use publish::{Handed, InFlight, KafkaBus, Trace, MAX_BATCHES_IN_FLIGHT, STORE_HEADER};
+pub use envelope::{topic_for, topics, Envelope, STORE_HEADER};
+pub use publish::{Handed, InFlight, KafkaBus, Trace, MAX_BATCHES_IN_FLIGHT};
 pub use subscribe::KafkaSubscriber;
 pub use topics::check_topic_owner;
 

@@ -17,9 +17,8 @@ use petstore_resilience::Policy;
 use petstore_settings::KafkaSettings;
 use petstore_telemetry::metrics::Metrics;
 
-use crate::envelope::{topic_for, EnvelopeOf};
-use crate::topics::check_topic_owner;
-use crate::topics::ensure_topics;
+use crate::envelope::{topic_for, EnvelopeOf, STORE_HEADER};
+use crate::topics::{check_topic_owner, ensure_topics};
 use crate::{brokers, BusError};
 
 /// Publishes events to Kafka.
@@ -151,9 +150,9 @@ impl KafkaBus {
             messaging.destination.partition.id = tracing::field::Empty,
             messaging.kafka.offset = tracing::field::Empty,
             event_type = %event.event_type,
-            correlation_id = %event.metadata_value("correlation_id"),
+            correlation_id = event.metadata.correlation_id.as_deref(),
         );
-        let stored = event.metadata.get("traceparent").map(String::as_str);
+        let stored = event.metadata.traceparent.as_deref();
         match trace {
             Trace::Continue => petstore_telemetry::continue_trace(&span, stored),
             Trace::Link => petstore_telemetry::link_to(&span, stored),
@@ -167,19 +166,23 @@ impl KafkaBus {
             source,
         })?;
         let mut headers = OwnedHeaders::new_with_capacity(7);
+        // An event without a correlation or causation id (not appended by the service) is
+        // published without that header.
         for (key, value) in [
-            ("event_id", envelope.event_id.as_str()),
-            ("event_type", &event.event_type),
-            ("event_version", &event.event_version),
-            ("correlation_id", event.metadata_value("correlation_id")),
-            ("causation_id", event.metadata_value("causation_id")),
-            ("traceparent", traceparent.as_str()),
-            (STORE_HEADER, &self.store_id),
+            ("event_id", Some(envelope.event_id.as_str())),
+            ("event_type", Some(event.event_type.as_str())),
+            ("event_version", Some(event.event_version.as_str())),
+            ("correlation_id", event.metadata.correlation_id.as_deref()),
+            ("causation_id", event.metadata.causation_id.as_deref()),
+            ("traceparent", Some(traceparent.as_str())),
+            (STORE_HEADER, Some(&*self.store_id)),
         ] {
-            headers = headers.insert(Header {
-                key,
-                value: Some(value),
-            });
+            if let Some(value) = value {
+                headers = headers.insert(Header {
+                    key,
+                    value: Some(value),
+                });
+            }
         }
         Ok(Outgoing {
             topic,
@@ -190,9 +193,6 @@ impl KafkaBus {
         })
     }
 }
-
-/// The header naming the event store a message's event comes from.
-pub const STORE_HEADER: &str = "store_id";
 
 fn producer(settings: &KafkaSettings) -> Result<FutureProducer, BusError> {
     Ok(ClientConfig::new()

@@ -5,27 +5,14 @@ use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::Headers;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 use petstore_event_store::stream::{Delivery, RecordedEvent};
 use petstore_settings::KafkaSettings;
 
-use crate::envelope::{topics, Envelope};
-use crate::publish::STORE_HEADER;
+use crate::envelope::{header, topics, Envelope, STORE_HEADER};
 use crate::topics::ensure_topics;
 use crate::{brokers, BusError};
-
-/// A header's value, as text.
-pub(crate) fn header<M: Message>(message: &M, key: &str) -> Option<String> {
-    let headers = message.headers()?;
-    (0..headers.count())
-        .map(|index| headers.get(index))
-        .find(|header| header.key == key)
-        .and_then(|header| header.value)
-        .and_then(|value| std::str::from_utf8(value).ok())
-        .map(str::to_owned)
-}
 
 /// A member of a consumer group over the service's topics.
 pub struct KafkaSubscriber {

@@ -12,9 +12,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 
 use petstore_settings::KafkaSettings;
 
-use crate::envelope::topics;
-use crate::publish::STORE_HEADER;
-use crate::subscribe::header;
+use crate::envelope::{header, topics, STORE_HEADER};
 use crate::{brokers, BusError};
 
 /// Creates the service's topics with the configured partitions; existing ones are kept.

@@ -35,6 +35,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 
+use petstore_event_store::metadata::MissingMetadata;
 use petstore_event_store::store::{EventMetadata, EventStore};
 use petstore_event_store::stream::{self, RecordedEvent};
 use petstore_resilience::Policies;
@@ -319,6 +320,28 @@ pub enum LiveReadError {
     /// The event store refused or failed an append.
     #[error("recording the live settings failed: {0}")]
     Store(String),
+    /// A stored change lacks who made it or when.
+    #[error("live settings version {version}: {source}")]
+    Metadata {
+        /// The version.
+        version: i64,
+        /// What it lacks.
+        source: MissingMetadata,
+    },
+}
+
+/// Who made the change `event` stored, when, and in which request.
+fn made_by(event: &RecordedEvent) -> Result<(&str, &str, &str), LiveReadError> {
+    let missing = |source| LiveReadError::Metadata {
+        version: event.sequence,
+        source,
+    };
+    let metadata = &event.metadata;
+    Ok((
+        metadata.timestamp().map_err(missing)?,
+        metadata.subject().map_err(missing)?,
+        metadata.correlation_id().map_err(missing)?,
+    ))
 }
 
 /// This process's live settings: the latest version, kept current.
@@ -491,11 +514,12 @@ impl Live {
         };
         let version = u64::try_from(event.sequence).unwrap_or(0);
         let changed = decode(&event)?;
+        let (at, by, _) = made_by(&event)?;
         let snapshot = Arc::new(LiveSnapshot {
             version,
             settings: changed.settings,
-            updated_at: Some(event.metadata_value("timestamp").to_owned()),
-            updated_by: Some(event.metadata_value("subject").to_owned()),
+            updated_at: Some(at.to_owned()),
+            updated_by: Some(by.to_owned()),
         });
         self.inner.store.set_settings_version(version);
         self.inner
@@ -537,11 +561,12 @@ impl Live {
             .iter()
             .map(|event| {
                 let changed = decode(event)?;
+                let (at, by, correlation_id) = made_by(event)?;
                 Ok(HistoryEntry {
                     version: u64::try_from(event.sequence).unwrap_or(0),
-                    changed_at: event.metadata_value("timestamp").to_owned(),
-                    changed_by: event.metadata_value("subject").to_owned(),
-                    correlation_id: event.metadata_value("correlation_id").to_owned(),
+                    changed_at: at.to_owned(),
+                    changed_by: by.to_owned(),
+                    correlation_id: correlation_id.to_owned(),
                     source: changed.source,
                     reason: changed.reason,
                     changes: changed.changes,

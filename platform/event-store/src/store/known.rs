@@ -35,7 +35,7 @@ impl<A: Aggregate> Known<A> {
     /// Applies a stored event.
     pub(super) fn apply(&mut self, envelope: EventEnvelope<A>) {
         self.sequence = envelope.sequence;
-        if let Some(command_id) = envelope.metadata.get("command_id") {
+        if let Some(command_id) = envelope.metadata.get(crate::metadata::COMMAND_ID_KEY) {
             self.command_ids.insert(command_id.clone());
         }
         self.aggregate.apply(envelope.payload);

@@ -1,0 +1,128 @@
+//! The feed of changed order views: the notices the read models' commits send (on
+//! [`ORDER_CHANGES_CHANNEL`] in Postgres, on an in-process channel in memory) and
+//! [`OrderChangeFeed`], which delivers them.
+
+use std::sync::Arc;
+
+use sqlx::postgres::PgListener;
+use tokio::sync::broadcast;
+
+use crate::ReadModelError;
+
+/// The in-memory read models' notices of changed orders.
+#[derive(Debug)]
+pub(crate) struct ChangeNotices(pub(crate) broadcast::Sender<Arc<[String]>>);
+
+impl Default for ChangeNotices {
+    fn default() -> Self {
+        Self(broadcast::channel(1024).0)
+    }
+}
+
+/// The Postgres channel the read models' commits notify, with a comma-separated list of the
+/// order ids they changed, or `*` when any order may have (a replay swapped the tables in).
+pub const ORDER_CHANGES_CHANNEL: &str = "petstore_order_views";
+
+/// Postgres refuses notification payloads of 8000 bytes and more.
+const MAX_NOTICE_BYTES: usize = 7_900;
+
+/// What [`OrderChangeFeed::next`] reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OrderChanges {
+    /// These orders' views changed.
+    Orders(Arc<[String]>),
+    /// Any order's view may have changed (notices were missed, the listener reconnected or a
+    /// replay swapped the tables): re-read every order you follow.
+    Unknown,
+}
+
+/// The notices of changed order views, in commit order, whichever process projected them.
+pub struct OrderChangeFeed(pub(crate) Feed);
+
+pub(crate) enum Feed {
+    Postgres(PgListener),
+    Memory(broadcast::Receiver<Arc<[String]>>),
+}
+
+impl OrderChangeFeed {
+    /// The next notice, waiting for one.
+    pub async fn next(&mut self) -> Result<OrderChanges, ReadModelError> {
+        match &mut self.0 {
+            Feed::Postgres(listener) => match listener.try_recv().await? {
+                // The connection dropped; the listener reconnects (and listens again) on the
+                // next call, and anything notified in between is unknown.
+                None => Ok(OrderChanges::Unknown),
+                Some(notice) if notice.payload() == "*" => Ok(OrderChanges::Unknown),
+                Some(notice) => Ok(OrderChanges::Orders(
+                    notice.payload().split(',').map(str::to_owned).collect(),
+                )),
+            },
+            Feed::Memory(receiver) => match receiver.recv().await {
+                Ok(ids) => Ok(OrderChanges::Orders(ids)),
+                Err(broadcast::error::RecvError::Lagged(_)) => Ok(OrderChanges::Unknown),
+                // The sender lives as long as the read models do.
+                Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
+            },
+        }
+    }
+}
+
+/// Notifies [`ORDER_CHANGES_CHANNEL`] in `transaction` (so at its commit) of `ids`.
+pub(crate) async fn notify_order_changes(
+    transaction: &mut sqlx::PgConnection,
+    ids: &[&str],
+) -> Result<(), sqlx::Error> {
+    for payload in notice_payloads(ids) {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(ORDER_CHANGES_CHANNEL)
+            .bind(payload)
+            .execute(&mut *transaction)
+            .await?;
+    }
+    Ok(())
+}
+
+/// `ids` comma-separated, in as many payloads as Postgres's size limit needs.
+fn notice_payloads(ids: &[&str]) -> Vec<String> {
+    let mut payloads = Vec::new();
+    let mut payload = String::new();
+    for id in ids {
+        if !payload.is_empty() && payload.len() + 1 + id.len() > MAX_NOTICE_BYTES {
+            payloads.push(std::mem::take(&mut payload));
+        }
+        if !payload.is_empty() {
+            payload.push(',');
+        }
+        payload.push_str(id);
+    }
+    if !payload.is_empty() {
+        payloads.push(payload);
+    }
+    payloads
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notices_carry_every_id_within_the_size_limit() {
+        assert!(notice_payloads(&[]).is_empty());
+        let one = uuid::Uuid::new_v4().to_string();
+        assert_eq!(notice_payloads(&[one.as_str()]), vec![one]);
+        let ids: Vec<String> = (0..1_000)
+            .map(|_| uuid::Uuid::new_v4().to_string())
+            .collect();
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let payloads = notice_payloads(&refs);
+        assert!(payloads.len() > 1, "a thousand ids need several notices");
+        assert!(payloads
+            .iter()
+            .all(|payload| payload.len() <= MAX_NOTICE_BYTES));
+        let back: Vec<&str> = payloads
+            .iter()
+            .flat_map(|payload| payload.split(','))
+            .collect();
+        assert_eq!(back, refs);
+    }
+}

@@ -65,6 +65,20 @@ pub fn unreachable(error: &sqlx::Error) -> bool {
     }
 }
 
+/// One statement on whichever engine `database` is, its bind chain written once: `$body`
+/// runs with `$pool` bound to the Postgres or the SQLite pool (each expansion typed for its
+/// engine). Where the SQL differs between engines, [`Database::sql`] picks it.
+#[macro_export]
+macro_rules! with_pool {
+    ($database:expr, |$pool:ident| $body:expr) => {
+        match $database {
+            $crate::database::Database::Postgres($pool) => $body,
+            $crate::database::Database::Sqlite($pool) => $body,
+        }
+    };
+}
+pub use with_pool;
+
 /// Postgres: a one-row `FROM` item that lets the statement's own transaction commit without
 /// waiting for the WAL flush (`synchronous_commit` off for that transaction only), for writes
 /// derived from events that are written again should a database crash lose them (deadlines,
@@ -156,6 +170,15 @@ fn without_loopback_tls(
 }
 
 impl Database {
+    /// The statement for this engine: `postgres` on Postgres, `sqlite` on SQLite (for the
+    /// statements whose text differs, such as those that commit lazily on Postgres).
+    pub fn sql(&self, postgres: &'static str, sqlite: &'static str) -> &'static str {
+        match self {
+            Database::Postgres(_) => postgres,
+            Database::Sqlite(_) => sqlite,
+        }
+    }
+
     /// Connects to Postgres when `database.url` is set, else opens (creating it if need be)
     /// the embedded store `petstore.db` in `storage.data_dir`.
     pub async fn connect(

@@ -13,7 +13,7 @@ use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::database::Database;
+use crate::database::{with_pool, Database};
 use crate::stream::{RecordedEvent, StreamPosition};
 
 /// Where a dead letter stands: stored as its lower-case name.
@@ -164,17 +164,10 @@ fn from_row(row: Row) -> Result<DeadLetter, sqlx::Error> {
     })
 }
 
-/// Runs a query returning rows on either engine.
+/// Runs a query returning rows on either engine ([`with_pool!`] with its binds in a row).
 macro_rules! fetch {
     ($database:expr, $sql:expr, $method:ident $(, $bind:expr)*) => {
-        match $database {
-            Database::Postgres(pool) => {
-                sqlx::query_as($sql)$(.bind($bind))*.$method(pool).await
-            }
-            Database::Sqlite(pool) => {
-                sqlx::query_as($sql)$(.bind($bind))*.$method(pool).await
-            }
-        }
+        with_pool!($database, |pool| sqlx::query_as($sql)$(.bind($bind))*.$method(pool).await)
     };
 }
 
@@ -294,26 +287,15 @@ pub async fn transition(
 pub async fn fail_again(database: &Database, id: i64, error: &str) -> Result<(), sqlx::Error> {
     let sql = "UPDATE dead_letters SET status = 'pending', error = $2, attempts = attempts + 1,
                       failed_at_ms = $3 WHERE id = $1";
-    let _: Option<(i64,)> = match database {
-        Database::Postgres(pool) => {
-            sqlx::query(sql)
-                .bind(id)
-                .bind(error)
-                .bind(Utc::now().timestamp_millis())
-                .execute(pool)
-                .await?;
-            None
-        }
-        Database::Sqlite(pool) => {
-            sqlx::query(sql)
-                .bind(id)
-                .bind(error)
-                .bind(Utc::now().timestamp_millis())
-                .execute(pool)
-                .await?;
-            None
-        }
-    };
+    with_pool!(database, |pool| {
+        sqlx::query(sql)
+            .bind(id)
+            .bind(error)
+            .bind(Utc::now().timestamp_millis())
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected())
+    })?;
     Ok(())
 }
 

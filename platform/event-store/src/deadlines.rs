@@ -12,7 +12,7 @@
 use chrono::{DateTime, TimeZone, Utc};
 use petstore_domain::{OrderId, SagaStep};
 
-use crate::database::{lazily_durable, Database};
+use crate::database::{lazily_durable, with_pool, Database};
 
 /// What a deadline is for: stored as its name in the `step` column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,26 +76,16 @@ pub async fn schedule(database: &Database, deadline: &Deadline) -> Result<(), sq
         lazily_durable!(),
         " ON CONFLICT (order_id, step) DO NOTHING"
     );
-    match database {
-        Database::Postgres(pool) => {
-            sqlx::query(POSTGRES)
-                .bind(deadline.order_id.to_string())
-                .bind(deadline.kind.as_str())
-                .bind(deadline.due_at.timestamp_millis())
-                .bind(&deadline.correlation_id)
-                .execute(pool)
-                .await?;
-        }
-        Database::Sqlite(pool) => {
-            sqlx::query(SQL)
-                .bind(deadline.order_id.to_string())
-                .bind(deadline.kind.as_str())
-                .bind(deadline.due_at.timestamp_millis())
-                .bind(&deadline.correlation_id)
-                .execute(pool)
-                .await?;
-        }
-    }
+    with_pool!(database, |pool| {
+        sqlx::query(database.sql(POSTGRES, SQL))
+            .bind(deadline.order_id.to_string())
+            .bind(deadline.kind.as_str())
+            .bind(deadline.due_at.timestamp_millis())
+            .bind(&deadline.correlation_id)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected())
+    })?;
     Ok(())
 }
 
@@ -113,26 +103,16 @@ pub async fn rearm(database: &Database, deadline: &Deadline) -> Result<(), sqlx:
         " ON CONFLICT (order_id, step)
          DO UPDATE SET due_at_ms = excluded.due_at_ms, fired_at_ms = NULL"
     );
-    match database {
-        Database::Postgres(pool) => {
-            sqlx::query(POSTGRES)
-                .bind(deadline.order_id.to_string())
-                .bind(deadline.kind.as_str())
-                .bind(deadline.due_at.timestamp_millis())
-                .bind(&deadline.correlation_id)
-                .execute(pool)
-                .await?;
-        }
-        Database::Sqlite(pool) => {
-            sqlx::query(SQL)
-                .bind(deadline.order_id.to_string())
-                .bind(deadline.kind.as_str())
-                .bind(deadline.due_at.timestamp_millis())
-                .bind(&deadline.correlation_id)
-                .execute(pool)
-                .await?;
-        }
-    }
+    with_pool!(database, |pool| {
+        sqlx::query(database.sql(POSTGRES, SQL))
+            .bind(deadline.order_id.to_string())
+            .bind(deadline.kind.as_str())
+            .bind(deadline.due_at.timestamp_millis())
+            .bind(&deadline.correlation_id)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected())
+    })?;
     Ok(())
 }
 
@@ -147,26 +127,16 @@ pub async fn mark_fired_at(database: &Database, deadline: &Deadline) -> Result<(
         " WHERE order_id = $1 AND step = $2 AND due_at_ms = $3 AND fired_at_ms IS NULL"
     );
     let now = Utc::now().timestamp_millis();
-    match database {
-        Database::Postgres(pool) => {
-            sqlx::query(POSTGRES)
-                .bind(deadline.order_id.to_string())
-                .bind(deadline.kind.as_str())
-                .bind(deadline.due_at.timestamp_millis())
-                .bind(now)
-                .execute(pool)
-                .await?;
-        }
-        Database::Sqlite(pool) => {
-            sqlx::query(SQL)
-                .bind(deadline.order_id.to_string())
-                .bind(deadline.kind.as_str())
-                .bind(deadline.due_at.timestamp_millis())
-                .bind(now)
-                .execute(pool)
-                .await?;
-        }
-    }
+    with_pool!(database, |pool| {
+        sqlx::query(database.sql(POSTGRES, SQL))
+            .bind(deadline.order_id.to_string())
+            .bind(deadline.kind.as_str())
+            .bind(deadline.due_at.timestamp_millis())
+            .bind(now)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected())
+    })?;
     Ok(())
 }
 
@@ -181,22 +151,13 @@ pub async fn due(
     const SQL: &str = "SELECT order_id, step, due_at_ms, correlation_id FROM saga_deadlines
                         WHERE fired_at_ms IS NULL AND due_at_ms <= $1
                         ORDER BY due_at_ms LIMIT $2";
-    let rows: Vec<(String, String, i64, String)> = match database {
-        Database::Postgres(pool) => {
-            sqlx::query_as(SQL)
-                .bind(now.timestamp_millis())
-                .bind(limit)
-                .fetch_all(pool)
-                .await?
-        }
-        Database::Sqlite(pool) => {
-            sqlx::query_as(SQL)
-                .bind(now.timestamp_millis())
-                .bind(limit)
-                .fetch_all(pool)
-                .await?
-        }
-    };
+    let rows: Vec<(String, String, i64, String)> = with_pool!(database, |pool| {
+        sqlx::query_as(SQL)
+            .bind(now.timestamp_millis())
+            .bind(limit)
+            .fetch_all(pool)
+            .await
+    })?;
     let mut deadlines = Vec::with_capacity(rows.len());
     for (order_id, step, due_at_ms, correlation_id) in rows {
         let (Ok(order), Some(kind)) = (OrderId::parse(&order_id), DeadlineKind::parse(&step))
@@ -221,10 +182,9 @@ pub async fn due(
 /// When the earliest unfired deadline is due, if any.
 pub async fn next_due(database: &Database) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
     const SQL: &str = "SELECT min(due_at_ms) FROM saga_deadlines WHERE fired_at_ms IS NULL";
-    let millis: Option<i64> = match database {
-        Database::Postgres(pool) => sqlx::query_scalar(SQL).fetch_one(pool).await?,
-        Database::Sqlite(pool) => sqlx::query_scalar(SQL).fetch_one(pool).await?,
-    };
+    let millis: Option<i64> = with_pool!(database, |pool| sqlx::query_scalar(SQL)
+        .fetch_one(pool)
+        .await)?;
     Ok(millis.and_then(|millis| Utc.timestamp_millis_opt(millis).single()))
 }
 
@@ -251,24 +211,15 @@ async fn mark_row_fired(
         " WHERE order_id = $1 AND step = $2 AND fired_at_ms IS NULL"
     );
     let now = Utc::now().timestamp_millis();
-    match database {
-        Database::Postgres(pool) => {
-            sqlx::query(POSTGRES)
-                .bind(order_id)
-                .bind(step)
-                .bind(now)
-                .execute(pool)
-                .await?;
-        }
-        Database::Sqlite(pool) => {
-            sqlx::query(SQL)
-                .bind(order_id)
-                .bind(step)
-                .bind(now)
-                .execute(pool)
-                .await?;
-        }
-    }
+    with_pool!(database, |pool| {
+        sqlx::query(database.sql(POSTGRES, SQL))
+            .bind(order_id)
+            .bind(step)
+            .bind(now)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected())
+    })?;
     Ok(())
 }
 
@@ -278,18 +229,10 @@ pub async fn backlog(database: &Database, now: DateTime<Utc>) -> Result<(i64, i6
     const SQL: &str =
         "SELECT count(*), coalesce(sum(CASE WHEN due_at_ms <= $1 THEN 1 ELSE 0 END), 0)
                          FROM saga_deadlines WHERE fired_at_ms IS NULL";
-    match database {
-        Database::Postgres(pool) => {
-            sqlx::query_as(SQL)
-                .bind(now.timestamp_millis())
-                .fetch_one(pool)
-                .await
-        }
-        Database::Sqlite(pool) => {
-            sqlx::query_as(SQL)
-                .bind(now.timestamp_millis())
-                .fetch_one(pool)
-                .await
-        }
-    }
+    with_pool!(database, |pool| {
+        sqlx::query_as(SQL)
+            .bind(now.timestamp_millis())
+            .fetch_one(pool)
+            .await
+    })
 }

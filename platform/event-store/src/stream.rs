@@ -17,7 +17,7 @@ use serde_json::Value;
 use sqlx::types::Json;
 use sqlx::{PgConnection, Row};
 
-use crate::database::{Database, Fence};
+use crate::database::{with_pool, Database, Fence};
 use crate::metadata::StoredMetadata;
 
 /// A place in the global stream; "after this event". Ordered as the stream is.
@@ -261,21 +261,15 @@ pub async fn read_after(
 /// [`StreamPosition::START`] for an empty store. A reader at or past it has seen everything
 /// committed when this was asked.
 pub async fn head_position(database: &Database) -> Result<StreamPosition, StreamError> {
-    let row: Option<(i64, i64)> = match database {
-        Database::Postgres(pool) => {
-            sqlx::query_as(
-                "SELECT transaction_id::text::bigint, global_position FROM events
-                  ORDER BY events.transaction_id DESC, events.global_position DESC LIMIT 1",
-            )
+    const POSTGRES: &str = "SELECT transaction_id::text::bigint, global_position FROM events
+                             ORDER BY events.transaction_id DESC, events.global_position DESC
+                             LIMIT 1";
+    const SQLITE: &str = "SELECT 0, coalesce(max(global_position), 0) FROM events";
+    let row: Option<(i64, i64)> = with_pool!(database, |pool| {
+        sqlx::query_as(database.sql(POSTGRES, SQLITE))
             .fetch_optional(pool)
-            .await?
-        }
-        Database::Sqlite(pool) => {
-            sqlx::query_as("SELECT 0, coalesce(max(global_position), 0) FROM events")
-                .fetch_optional(pool)
-                .await?
-        }
-    };
+            .await
+    })?;
     Ok(row.map_or(
         StreamPosition::START,
         |(transaction_id, global_position)| StreamPosition {
@@ -362,20 +356,12 @@ pub async fn load_checkpoint(
 ) -> Result<StreamPosition, StreamError> {
     const SQL: &str =
         "SELECT transaction_id, global_position FROM stream_checkpoints WHERE name = $1";
-    let row = match database {
-        Database::Postgres(pool) => {
-            sqlx::query_as::<_, (i64, i64)>(SQL)
-                .bind(name)
-                .fetch_optional(pool)
-                .await?
-        }
-        Database::Sqlite(pool) => {
-            sqlx::query_as::<_, (i64, i64)>(SQL)
-                .bind(name)
-                .fetch_optional(pool)
-                .await?
-        }
-    };
+    let row = with_pool!(database, |pool| {
+        sqlx::query_as::<_, (i64, i64)>(SQL)
+            .bind(name)
+            .fetch_optional(pool)
+            .await
+    })?;
     Ok(row.map_or(
         StreamPosition::START,
         |(transaction_id, global_position)| StreamPosition {
@@ -497,22 +483,15 @@ pub async fn events_with_correlation(
     database: &Database,
     correlation_id: &str,
 ) -> Result<Vec<RecordedEvent>, StreamError> {
-    match database {
-        Database::Postgres(pool) => sqlx::query(POSTGRES_BY_CORRELATION)
+    with_pool!(database, |pool| {
+        sqlx::query(database.sql(POSTGRES_BY_CORRELATION, SQLITE_BY_CORRELATION))
             .bind(correlation_id)
             .fetch_all(pool)
             .await?
             .iter()
             .map(decode)
-            .collect(),
-        Database::Sqlite(pool) => sqlx::query(SQLITE_BY_CORRELATION)
-            .bind(correlation_id)
-            .fetch_all(pool)
-            .await?
-            .iter()
-            .map(decode)
-            .collect(),
-    }
+            .collect()
+    })
 }
 
 /// Events of one aggregate with a sequence in `sequences`, newest first, at most `limit`.
@@ -537,8 +516,8 @@ SELECT 0 AS transaction_id, global_position, aggregate_type, aggregate_id, seque
  WHERE aggregate_type = ?1 AND aggregate_id = ?2 AND sequence >= ?3 AND sequence < ?4
  ORDER BY sequence DESC
  LIMIT ?5";
-    match database {
-        Database::Postgres(pool) => sqlx::query(POSTGRES)
+    with_pool!(database, |pool| {
+        sqlx::query(database.sql(POSTGRES, SQLITE))
             .bind(aggregate_type)
             .bind(aggregate_id)
             .bind(sequences.start)
@@ -548,19 +527,8 @@ SELECT 0 AS transaction_id, global_position, aggregate_type, aggregate_id, seque
             .await?
             .iter()
             .map(decode)
-            .collect(),
-        Database::Sqlite(pool) => sqlx::query(SQLITE)
-            .bind(aggregate_type)
-            .bind(aggregate_id)
-            .bind(sequences.start)
-            .bind(sequences.end)
-            .bind(limit)
-            .fetch_all(pool)
-            .await?
-            .iter()
-            .map(decode)
-            .collect(),
-    }
+            .collect()
+    })
 }
 
 /// The correlation id of an aggregate's first event, if the aggregate exists.
@@ -569,28 +537,17 @@ pub async fn correlation_of(
     aggregate_type: &str,
     aggregate_id: &str,
 ) -> Result<Option<String>, StreamError> {
-    let correlation: Option<Option<String>> = match database {
-        Database::Postgres(pool) => {
-            sqlx::query_scalar(
-                "SELECT metadata ->> 'correlation_id' FROM events
-                  WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = 1",
-            )
+    const POSTGRES: &str = "SELECT metadata ->> 'correlation_id' FROM events
+                             WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = 1";
+    const SQLITE: &str = "SELECT json_extract(metadata, '$.correlation_id') FROM events
+                           WHERE aggregate_type = ?1 AND aggregate_id = ?2 AND sequence = 1";
+    let correlation: Option<Option<String>> = with_pool!(database, |pool| {
+        sqlx::query_scalar(database.sql(POSTGRES, SQLITE))
             .bind(aggregate_type)
             .bind(aggregate_id)
             .fetch_optional(pool)
-            .await?
-        }
-        Database::Sqlite(pool) => {
-            sqlx::query_scalar(
-                "SELECT json_extract(metadata, '$.correlation_id') FROM events
-                  WHERE aggregate_type = ?1 AND aggregate_id = ?2 AND sequence = 1",
-            )
-            .bind(aggregate_type)
-            .bind(aggregate_id)
-            .fetch_optional(pool)
-            .await?
-        }
-    };
+            .await
+    })?;
     Ok(correlation.flatten())
 }
 
@@ -624,30 +581,18 @@ pub async fn position_of(
     aggregate_id: &str,
     sequence: i64,
 ) -> Result<Option<StreamPosition>, StreamError> {
-    let row: Option<(i64, i64)> = match database {
-        Database::Postgres(pool) => {
-            sqlx::query_as(
-                "SELECT transaction_id::text::bigint, global_position FROM events
-                  WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = $3",
-            )
+    const POSTGRES: &str = "SELECT transaction_id::text::bigint, global_position FROM events
+                             WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = $3";
+    const SQLITE: &str = "SELECT 0, global_position FROM events
+                           WHERE aggregate_type = ?1 AND aggregate_id = ?2 AND sequence = ?3";
+    let row: Option<(i64, i64)> = with_pool!(database, |pool| {
+        sqlx::query_as(database.sql(POSTGRES, SQLITE))
             .bind(aggregate_type)
             .bind(aggregate_id)
             .bind(sequence)
             .fetch_optional(pool)
-            .await?
-        }
-        Database::Sqlite(pool) => {
-            sqlx::query_as(
-                "SELECT 0, global_position FROM events
-                  WHERE aggregate_type = ?1 AND aggregate_id = ?2 AND sequence = ?3",
-            )
-            .bind(aggregate_type)
-            .bind(aggregate_id)
-            .bind(sequence)
-            .fetch_optional(pool)
-            .await?
-        }
-    };
+            .await
+    })?;
     Ok(row.map(|(transaction_id, global_position)| StreamPosition {
         transaction_id,
         global_position,

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
 use petstore_event_store::database::{self, Database};
+use petstore_event_store::with_pool;
 
 /// What happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -208,32 +209,26 @@ impl SecurityAudit {
         const INSERT: &str = "INSERT INTO security_audit (at_ms, kind, outcome, subject, \
              client_ip, method, route, correlation_id, trace_id, detail) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
-        macro_rules! insert {
-            ($pool:expr) => {{
-                let pool = $pool.clone();
-                database::to_completion(async move {
-                    sqlx::query(INSERT)
-                        .bind(at_ms)
-                        .bind(event.kind.as_str())
-                        .bind(event.outcome.as_str())
-                        .bind(event.subject)
-                        .bind(client_ip)
-                        .bind(event.method)
-                        .bind(event.route)
-                        .bind(correlation_id)
-                        .bind(trace_id)
-                        .bind(event.detail)
-                        .execute(&pool)
-                        .await
-                        .map(|_| ())
-                })
-                .await
-            }};
-        }
-        let result = match &self.database {
-            Database::Postgres(pool) => insert!(pool),
-            Database::Sqlite(pool) => insert!(pool),
-        };
+        let result = with_pool!(&self.database, |pool| {
+            let pool = pool.clone();
+            database::to_completion(async move {
+                sqlx::query(INSERT)
+                    .bind(at_ms)
+                    .bind(event.kind.as_str())
+                    .bind(event.outcome.as_str())
+                    .bind(event.subject)
+                    .bind(client_ip)
+                    .bind(event.method)
+                    .bind(event.route)
+                    .bind(correlation_id)
+                    .bind(trace_id)
+                    .bind(event.detail)
+                    .execute(&pool)
+                    .await
+                    .map(|_| ())
+            })
+            .await
+        });
         if let Err(error) = result {
             tracing::error!(target: "petstore::security", %error, "a security event could not be stored");
         }
@@ -254,26 +249,20 @@ impl SecurityAudit {
              AND (CAST($5 AS bigint) IS NULL OR id < $5) ORDER BY id DESC LIMIT $6";
         let kind = filter.kind.map(SecurityEventKind::as_str);
         let limit = i64::from(filter.limit.max(1));
-        macro_rules! select {
-            ($pool:expr) => {
-                sqlx::query(SELECT)
-                    .bind(filter.subject.as_deref())
-                    .bind(kind)
-                    .bind(filter.since_ms)
-                    .bind(filter.until_ms)
-                    .bind(filter.before_id)
-                    .bind(limit)
-                    .fetch_all($pool)
-                    .await?
-                    .iter()
-                    .map(Row10::from_row)
-                    .collect::<Result<_, _>>()?
-            };
-        }
-        let rows: Vec<Row10> = match &self.database {
-            Database::Postgres(pool) => select!(pool),
-            Database::Sqlite(pool) => select!(pool),
-        };
+        let rows: Vec<Row10> = with_pool!(&self.database, |pool| {
+            sqlx::query(SELECT)
+                .bind(filter.subject.as_deref())
+                .bind(kind)
+                .bind(filter.since_ms)
+                .bind(filter.until_ms)
+                .bind(filter.before_id)
+                .bind(limit)
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(Row10::from_row)
+                .collect::<Result<_, _>>()?
+        });
         Ok(rows.into_iter().map(Row10::into_entry).collect())
     }
 }

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use petstore_event_store::database::Database;
-use petstore_event_store::dead_letters::{act, list, DeadLetter, DeadLetterStatus};
+use petstore_event_store::dead_letters::{act, list, ActError, DeadLetter, DeadLetterStatus};
 use petstore_web::{Json, Path, Problem, ProblemDocument, Query};
 
 use crate::paging::Page;
@@ -99,7 +99,11 @@ pub async fn retry_route(
     axum::extract::State(database): axum::extract::State<Database>,
     Path(id): Path<i64>,
 ) -> Result<Json<DeadLetter>, Problem> {
-    Ok(Json(act(&database, id, DeadLetterStatus::Retrying).await?))
+    Ok(Json(
+        act(&database, id, DeadLetterStatus::Retrying)
+            .await
+            .map_err(refused)?,
+    ))
 }
 
 /// Discard a dead letter.
@@ -123,7 +127,21 @@ pub async fn skip_route(
     axum::extract::State(database): axum::extract::State<Database>,
     Path(id): Path<i64>,
 ) -> Result<Json<DeadLetter>, Problem> {
-    Ok(Json(act(&database, id, DeadLetterStatus::Skipped).await?))
+    Ok(Json(
+        act(&database, id, DeadLetterStatus::Skipped)
+            .await
+            .map_err(refused)?,
+    ))
+}
+
+/// Why an operator's action on a dead letter was refused: 404 for an unknown one, 409 for
+/// one already settled, 503 or 500 when the database failed.
+fn refused(error: ActError) -> Problem {
+    match &error {
+        ActError::NotFound(_) => Problem::not_found(error.to_string()),
+        ActError::NotOpen(_) => Problem::conflict(error.to_string()),
+        ActError::Database(cause) => Problem::from_failure(cause),
+    }
 }
 
 /// The OpenAPI description of the dead-letter routes.

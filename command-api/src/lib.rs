@@ -8,6 +8,7 @@
 //! - [`orders`]: `POST /petstore-domain/orders` and its legacy alias `/create-order`.
 //! - [`payments`]: `POST /petstore-domain/payments` and its legacy alias `/process-payment`.
 //! - [`catalog`]: creating the demo pets as events on first start.
+//! - `error`: what the routes cannot accept, as problems ([`CommandError`]).
 //!
 //! The providers it calls (`POST /payments` charges through the payment gateway) are the
 //! saga crate's ([`petstore_saga::providers`]).
@@ -21,8 +22,11 @@ use petstore_settings::ProvidersSettings;
 use petstore_telemetry::metrics::Metrics;
 
 pub mod catalog;
+mod error;
 pub mod orders;
 pub mod payments;
+
+pub use error::CommandError;
 
 /// What the command handlers need.
 #[derive(Clone)]

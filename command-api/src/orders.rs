@@ -1,5 +1,6 @@
 //! Placing orders.
 
+use crate::CommandError;
 use axum::extract::State;
 use axum::http::header::{HeaderMap, HeaderValue, LOCATION};
 use axum::http::StatusCode;
@@ -121,14 +122,15 @@ pub async fn place_order(
     caller: Caller,
     headers: HeaderMap,
     Json(body): Json<PlaceOrderBody>,
-) -> Result<Response, Problem> {
+) -> Result<Response, CommandError> {
     let customer_id = match body.customer_id.as_deref() {
         Some(customer_id) => {
             let customer_id = CustomerId::parse(customer_id)?;
             if !caller.is_admin() && customer_id != *caller.customer_id()? {
                 return Err(Problem::forbidden(
                     "customer_id must be your own (the customer your token names)",
-                ));
+                )
+                .into());
             }
             customer_id
         }
@@ -145,7 +147,8 @@ pub async fn place_order(
         Some(_) if !state.providers.allow_simulated_failures => {
             return Err(Problem::validation(
                 "X-Simulate-Failure is disabled here (providers.allow_simulated_failures)",
-            ))
+            )
+            .into())
         }
         Some(value) => Some(SimulatedFailure::parse(value.to_str().unwrap_or_default())?),
     };
@@ -158,7 +161,7 @@ pub async fn place_order(
 
     let pet: Pet = state.store.load(pet_id.as_str()).await?;
     let Some(details) = pet.details() else {
-        return Err(Problem::not_found(format!("no pet has id {pet_id}")));
+        return Err(Problem::not_found(format!("no pet has id {pet_id}")).into());
     };
     // The order keeps the payment mode of the moment it was placed.
     let express = RequestContext::served_flag(
@@ -273,7 +276,7 @@ pub async fn create_order_legacy(
     caller: Caller,
     headers: HeaderMap,
     body: Json<PlaceOrderBody>,
-) -> Result<Response, Problem> {
+) -> Result<Response, CommandError> {
     place_order(state, caller, headers, body).await
 }
 

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use crate::CommandError;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -120,15 +121,13 @@ pub async fn pay_order(
     State(state): State<CommandState>,
     caller: Caller,
     Json(body): Json<PaymentBody>,
-) -> Result<Response, Problem> {
+) -> Result<Response, CommandError> {
     let order_id = OrderId::parse(&body.order_id)?;
     RequestContext::record_order(&order_id);
     let key = order_id.to_string();
     let order: Order = state.store.load(&key).await?;
     let (Some(request), Some(status)) = (order.request(), order.status()) else {
-        return Err(Problem::not_found(format!(
-            "order {order_id} does not exist"
-        )));
+        return Err(Problem::not_found(format!("order {order_id} does not exist")).into());
     };
     caller.authorize_customer(request.customer_id.as_str())?;
     if let Some(amount) = &body.amount {
@@ -137,14 +136,13 @@ pub async fn pay_order(
             return Err(Problem::validation(format!(
                 "amount: the order costs {}, not {offered}",
                 request.amount
-            )));
+            ))
+            .into());
         }
     }
     let payment: Payment = state.store.load(&key).await?;
     if payment.state() == PaymentState::Processed || status == OrderStatus::Paid {
-        return Err(Problem::conflict(format!(
-            "order {order_id} is already paid"
-        )));
+        return Err(Problem::conflict(format!("order {order_id} is already paid")).into());
     }
     let live = &state.live;
     let customer = request.customer_id.as_str();
@@ -157,13 +155,14 @@ pub async fn pay_order(
     if express {
         return Err(Problem::conflict(format!(
             "order {order_id} is paid automatically (express_order_processing was on when it was placed)"
-        )));
+        )).into());
     }
     if status != OrderStatus::Reserved || payment.state() != PaymentState::None {
         return Err(Problem::conflict(format!(
             "order {order_id} is {} and does not wait for a payment",
             status.as_str()
-        )));
+        ))
+        .into());
     }
 
     // The order's correlation id ties the payment into the order's audit trail; this
@@ -179,7 +178,8 @@ pub async fn pay_order(
         return Err(Problem::unavailable(
             "payment processing is paused (payment_processing is off); the order keeps waiting \
              for its payment, retry later",
-        ));
+        )
+        .into());
     }
     let mut metadata = EventMetadata::new(correlation, caller.subject())
         .with_flag(Flag::ExpressOrderProcessing, false)
@@ -201,11 +201,12 @@ pub async fn pay_order(
     .await;
     match result {
         // No call was made: the order keeps waiting for its payment.
-        Err(CallError::Rejected(rejection)) => Err(Problem::dependency_unavailable(
-            "payment",
-            &rejection,
-            rejection.retry_after(),
-        )),
+        Err(CallError::Rejected(rejection)) => {
+            Err(
+                Problem::dependency_unavailable("payment", &rejection, rejection.retry_after())
+                    .into(),
+            )
+        }
         Ok(receipt) => {
             let command = PaymentCommand::RecordPaymentProcessed {
                 order_id,
@@ -258,7 +259,8 @@ pub async fn pay_order(
                 "payment-declined",
                 "Payment declined",
                 "the payment gateway declined the payment; the order will be cancelled",
-            ))
+            )
+            .into())
         }
     }
 }
@@ -278,6 +280,6 @@ pub async fn process_payment_legacy(
     state: State<CommandState>,
     caller: Caller,
     body: Json<PaymentBody>,
-) -> Result<Response, Problem> {
+) -> Result<Response, CommandError> {
     pay_order(state, caller, body).await
 }

@@ -1,6 +1,7 @@
 //! The audit trail: every event that shares an order's correlation id, across aggregates, in
 //! stream order, with its metadata. Read straight from the event store.
 
+use crate::error::failed;
 use axum::extract::State;
 use axum::routing::get;
 use axum::Router;
@@ -155,7 +156,7 @@ pub async fn order_audit(
     let order_id =
         OrderId::parse(&order_id).map_err(|error| Problem::bad_request(error.to_string()))?;
     RequestContext::record_order(&order_id);
-    match by_order(&state.database, &order_id).await? {
+    match by_order(&state.database, &order_id).await.map_err(failed)? {
         Some(trail) => {
             caller.authorize_customer(&trail.customer_of(&order_id).unwrap_or_default())?;
             Ok(Json(trail))

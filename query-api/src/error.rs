@@ -1,5 +1,6 @@
 //! How the query routes answer what fails below them.
 
+use petstore_event_store::stream::StreamError;
 use petstore_read_models::ReadModelError;
 use petstore_web::Problem;
 
@@ -9,6 +10,9 @@ pub enum QueryError {
     /// The read models could not be read.
     #[error(transparent)]
     ReadModels(#[from] ReadModelError),
+    /// The event store could not be read (audit trails, orders not projected yet).
+    #[error(transparent)]
+    Stream(#[from] StreamError),
 }
 
 impl From<QueryError> for Problem {

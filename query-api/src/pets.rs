@@ -117,7 +117,8 @@ impl BrowseParams {
             .category
             .as_deref()
             .map(PetCategory::parse)
-            .transpose()?;
+            .transpose()
+            .map_err(|error| Problem::validation(error.to_string()))?;
         let availability = match self.availability.as_deref() {
             None => None,
             Some(value @ ("available" | "reserved" | "sold")) => Some(value.to_owned()),

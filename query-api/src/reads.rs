@@ -168,13 +168,14 @@ impl QueryState {
     /// Where the order's first event stands in the stream, if the event store holds the
     /// order: one lookup by the events' primary key, so a random id costs no wait.
     async fn placed_at(&self, order_id: &OrderId) -> Result<Option<StreamPosition>, Problem> {
-        Ok(stream::position_of(
+        stream::position_of(
             &self.database,
             order::AGGREGATE_TYPE,
             &order_id.to_string(),
             1,
         )
-        .await?)
+        .await
+        .map_err(failed)
     }
 
     /// A pet's view.

@@ -585,67 +585,6 @@ pub async fn not_found() -> Problem {
     Problem::from_status(StatusCode::NOT_FOUND)
 }
 
-impl From<petstore_domain::DomainError> for Problem {
-    fn from(error: petstore_domain::DomainError) -> Self {
-        use petstore_domain::DomainError as E;
-        let detail = error.to_string();
-        match error {
-            E::Validation { .. } | E::IdempotencyKeyReused(_) | E::AmountMismatch { .. } => {
-                Self::validation(detail)
-            }
-            E::PetNotFound(_) | E::OrderNotFound(_) => Self::not_found(detail),
-            E::PetAlreadyExists(_)
-            | E::PetUnavailable { .. }
-            | E::PetAlreadySold(_)
-            | E::PetNotReservedForOrder { .. }
-            | E::InvalidOrderTransition { .. }
-            | E::InvalidTransition { .. } => Self::conflict(detail),
-        }
-    }
-}
-
-impl From<petstore_event_store::stream::StreamError> for Problem {
-    fn from(error: petstore_event_store::stream::StreamError) -> Self {
-        Self::from_failure(&error)
-    }
-}
-
-impl From<petstore_event_store::dead_letters::ActError> for Problem {
-    fn from(error: petstore_event_store::dead_letters::ActError) -> Self {
-        use petstore_event_store::dead_letters::ActError;
-        match &error {
-            ActError::NotFound(_) => Self::not_found(error.to_string()),
-            ActError::NotOpen(_) => Self::conflict(error.to_string()),
-            ActError::Database(cause) => Self::from_failure(cause),
-        }
-    }
-}
-
-impl<T> From<cqrs_es::AggregateError<T>> for Problem
-where
-    T: std::error::Error + Into<Problem>,
-{
-    fn from(error: cqrs_es::AggregateError<T>) -> Self {
-        use cqrs_es::AggregateError as E;
-        match error {
-            E::UserError(error) => error.into(),
-            E::AggregateConflict => Self::conflict(
-                "the resource kept changing under concurrent requests; retry the request",
-            ),
-            E::DatabaseConnectionError(cause) => {
-                tracing::error!(error = %cause, "event store unreachable");
-                Self::unavailable("the event store is unreachable; retry shortly")
-            }
-            E::DeserializationError(cause) => Self::internal(&cause),
-            // postgres-es reports some connection failures (a dropped connection, a server
-            // shutting down) as unexpected: look at the cause.
-            E::UnexpectedError(cause) => {
-                Self::from_failure(cause.as_ref() as &(dyn std::error::Error + 'static))
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

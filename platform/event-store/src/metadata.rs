@@ -147,8 +147,7 @@ pub struct MalformedMetadata {
 
 /// The metadata stored beside an event, as a reader finds it: each known key typed, absent
 /// when the event lacks it, and every other key kept as it is.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "HashMap<String, String>")]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StoredMetadata {
     /// Shared by everything one request (and the saga it starts) caused.
     pub correlation_id: Option<String>,
@@ -191,100 +190,115 @@ impl StoredMetadata {
     }
 }
 
-impl TryFrom<HashMap<String, String>> for StoredMetadata {
-    type Error = MalformedMetadata;
-
-    fn try_from(mut map: HashMap<String, String>) -> Result<Self, Self::Error> {
-        let command_id = match map.remove(COMMAND_ID_KEY) {
-            Some(text) => Some(Uuid::parse_str(&text).map_err(|_| MalformedMetadata {
-                key: COMMAND_ID_KEY,
-                value: text,
-                expected: "a UUID",
-            })?),
-            None => None,
+impl StoredMetadata {
+    /// Keeps `value` under `key`: a known key typed, any other as it is.
+    fn set(&mut self, key: &str, value: String) -> Result<(), MalformedMetadata> {
+        let malformed = |key, value, expected| MalformedMetadata {
+            key,
+            value,
+            expected,
         };
-        let settings_version = match map.remove(SETTINGS_VERSION_KEY) {
-            Some(text) => Some(text.parse().map_err(|_| MalformedMetadata {
-                key: SETTINGS_VERSION_KEY,
-                value: text,
-                expected: "a version number",
-            })?),
-            None => None,
-        };
-        Ok(Self {
-            correlation_id: map.remove(CORRELATION_ID_KEY),
-            causation_id: map.remove(CAUSATION_ID_KEY),
-            subject: map.remove(SUBJECT_KEY),
-            command_id,
-            timestamp: map.remove(TIMESTAMP_KEY),
-            traceparent: map.remove(TRACEPARENT_KEY),
-            settings_version,
-            feature_flags: map
-                .remove(FEATURE_FLAGS_KEY)
-                .map(|stored| parse_feature_flags(&stored))
-                .unwrap_or_default(),
-            other: map.into_iter().collect(),
-        })
+        match key {
+            CORRELATION_ID_KEY => self.correlation_id = Some(value),
+            CAUSATION_ID_KEY => self.causation_id = Some(value),
+            SUBJECT_KEY => self.subject = Some(value),
+            TIMESTAMP_KEY => self.timestamp = Some(value),
+            TRACEPARENT_KEY => self.traceparent = Some(value),
+            COMMAND_ID_KEY => match Uuid::parse_str(&value) {
+                Ok(id) => self.command_id = Some(id),
+                Err(_) => return Err(malformed(COMMAND_ID_KEY, value, "a UUID")),
+            },
+            SETTINGS_VERSION_KEY => match value.parse() {
+                Ok(version) => self.settings_version = Some(version),
+                Err(_) => return Err(malformed(SETTINGS_VERSION_KEY, value, "a version number")),
+            },
+            FEATURE_FLAGS_KEY => self.feature_flags = parse_feature_flags(&value),
+            other => {
+                self.other.insert(other.to_owned(), value);
+            }
+        }
+        Ok(())
     }
 }
 
-impl StoredMetadata {
-    /// Each key and its stored value, known keys first.
-    pub fn entries(&self) -> Vec<(&str, String)> {
-        let known = [
-            (CORRELATION_ID_KEY, self.correlation_id.clone()),
-            (CAUSATION_ID_KEY, self.causation_id.clone()),
-            (SUBJECT_KEY, self.subject.clone()),
-            (COMMAND_ID_KEY, self.command_id.map(|id| id.to_string())),
-            (TIMESTAMP_KEY, self.timestamp.clone()),
-            (TRACEPARENT_KEY, self.traceparent.clone()),
-            (
-                SETTINGS_VERSION_KEY,
-                self.settings_version.map(|version| version.to_string()),
-            ),
-            (
-                FEATURE_FLAGS_KEY,
-                (!self.feature_flags.is_empty()).then(|| {
-                    format_feature_flags(
-                        self.feature_flags
-                            .iter()
-                            .map(|(flag, on)| (flag.as_str(), *on)),
-                    )
-                }),
-            ),
-        ];
-        known
-            .into_iter()
-            .filter_map(|(key, value)| value.map(|value| (key, value)))
-            .chain(
-                self.other
-                    .iter()
-                    .map(|(key, value)| (key.as_str(), value.clone())),
-            )
-            .collect()
+impl TryFrom<HashMap<String, String>> for StoredMetadata {
+    type Error = MalformedMetadata;
+
+    fn try_from(map: HashMap<String, String>) -> Result<Self, Self::Error> {
+        let mut metadata = Self::default();
+        for (key, value) in map {
+            metadata.set(&key, value)?;
+        }
+        Ok(metadata)
+    }
+}
+
+impl<'de> Deserialize<'de> for StoredMetadata {
+    /// From one JSON object of strings, each value straight into its field (no map first).
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Fields;
+
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = StoredMetadata;
+
+            fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                formatter.write_str("a JSON object of strings")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<StoredMetadata, A::Error> {
+                let mut metadata = StoredMetadata::default();
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    let value: String = map.next_value()?;
+                    metadata
+                        .set(&key, value)
+                        .map_err(serde::de::Error::custom)?;
+                }
+                Ok(metadata)
+            }
+        }
+
+        deserializer.deserialize_map(Fields)
     }
 }
 
 impl Serialize for StoredMetadata {
-    /// As stored: one JSON object of strings.
+    /// As stored: one JSON object of strings (nothing copied but the typed values' text).
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
-        let entries = self.entries();
-        let mut map = serializer.serialize_map(Some(entries.len()))?;
-        for (key, value) in &entries {
+        let mut map = serializer.serialize_map(None)?;
+        let texts = [
+            (CORRELATION_ID_KEY, &self.correlation_id),
+            (CAUSATION_ID_KEY, &self.causation_id),
+            (SUBJECT_KEY, &self.subject),
+            (TIMESTAMP_KEY, &self.timestamp),
+            (TRACEPARENT_KEY, &self.traceparent),
+        ];
+        for (key, value) in texts {
+            if let Some(value) = value {
+                map.serialize_entry(key, value)?;
+            }
+        }
+        if let Some(id) = self.command_id {
+            let mut buffer = Uuid::encode_buffer();
+            map.serialize_entry(COMMAND_ID_KEY, id.hyphenated().encode_lower(&mut buffer))?;
+        }
+        if let Some(version) = self.settings_version {
+            map.serialize_entry(SETTINGS_VERSION_KEY, &version.to_string())?;
+        }
+        if !self.feature_flags.is_empty() {
+            let flags = self
+                .feature_flags
+                .iter()
+                .map(|(flag, on)| (flag.as_str(), *on));
+            map.serialize_entry(FEATURE_FLAGS_KEY, &format_feature_flags(flags))?;
+        }
+        for (key, value) in &self.other {
             map.serialize_entry(key, value)?;
         }
         map.end()
-    }
-}
-
-impl From<StoredMetadata> for HashMap<String, String> {
-    fn from(metadata: StoredMetadata) -> Self {
-        metadata
-            .entries()
-            .into_iter()
-            .map(|(key, value)| (key.to_owned(), value))
-            .collect()
     }
 }
 
@@ -318,7 +332,13 @@ mod tests {
         assert_eq!(read.settings_version, Some(4));
         assert_eq!(read.feature_flags.get("payment_processing"), Some(&false));
         assert_eq!(read.other.get("tenant").map(String::as_str), Some("blue"));
-        assert_eq!(HashMap::from(read), map);
+        assert_eq!(
+            serde_json::to_value(&read).expect("serializes"),
+            serde_json::to_value(&map).expect("serializes")
+        );
+        let stored = serde_json::to_string(&map).expect("serializes");
+        let decoded: StoredMetadata = serde_json::from_str(&stored).expect("decodes");
+        assert_eq!(decoded, read);
     }
 
     #[test]

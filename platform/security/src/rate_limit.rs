@@ -49,9 +49,9 @@ impl std::fmt::Display for RateKey {
 
 /// Keys a request by the [`RateKey`] the authentication middleware put in its extensions.
 #[derive(Debug, Clone, Copy)]
-pub struct CallerKey;
+pub struct RequestRateKey;
 
-impl KeyExtractor for CallerKey {
+impl KeyExtractor for RequestRateKey {
     type Key = RateKey;
 
     fn extract<T>(&self, request: &Request<T>) -> Result<RateKey, GovernorError> {
@@ -68,7 +68,7 @@ struct Quota {
     /// The name in `RateLimit-Policy` and metrics: `default`, `login`, or the route.
     name: String,
     per_minute: u32,
-    config: RwLock<Arc<GovernorConfig<CallerKey, StateInformationMiddleware>>>,
+    config: RwLock<Arc<GovernorConfig<RequestRateKey, StateInformationMiddleware>>>,
     /// When each key last tripped the quota, so a trip is recorded once per key and minute.
     trips: Mutex<HashMap<RateKey, Instant>>,
 }
@@ -85,11 +85,11 @@ impl Quota {
         }
     }
 
-    fn config(per_minute: u32) -> GovernorConfig<CallerKey, StateInformationMiddleware> {
+    fn config(per_minute: u32) -> GovernorConfig<RequestRateKey, StateInformationMiddleware> {
         let per_minute = per_minute.max(1);
         let period = WINDOW / per_minute;
         GovernorConfigBuilder::default()
-            .key_extractor(CallerKey)
+            .key_extractor(RequestRateKey)
             .period(period.max(Duration::from_nanos(1)))
             .burst_size(per_minute)
             .use_headers()
@@ -97,7 +97,7 @@ impl Quota {
             .expect("the quota is above zero and so is its period")
     }
 
-    fn current(&self) -> Arc<GovernorConfig<CallerKey, StateInformationMiddleware>> {
+    fn current(&self) -> Arc<GovernorConfig<RequestRateKey, StateInformationMiddleware>> {
         match self.config.read() {
             Ok(config) => config.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
@@ -266,7 +266,7 @@ impl RateLimits {
         if !quotas.enabled {
             return Decision::Unlimited;
         }
-        let Ok(key) = CallerKey.extract(request) else {
+        let Ok(key) = RequestRateKey.extract(request) else {
             return Decision::Unlimited;
         };
         quotas

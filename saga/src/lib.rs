@@ -26,8 +26,8 @@
 //! extended by `saga.payment_timeout_ms` instead of cancelling the order.
 //!
 //! # Layout
-//! - `runner`: the [`SagaRunner`]: following the stream or Kafka, lanes, acknowledging,
-//!   dead letters.
+//! - `runner`: the [`SagaRunner`]: following the stream (its subscription) or Kafka, lanes,
+//!   acknowledging the handled prefix (the subscription's `Arrivals`).
 //! - `events`: the events the saga reads, decoded; `error`: why handling one failed.
 //! - `actions`: performing what the domain's saga decides for an event.
 //! - `dead_letters`: events tried a few times, then set aside; retried on request.
@@ -39,7 +39,6 @@
 //! Owns the saga role (`--roles saga`); must not serve HTTP or read read models.
 
 mod actions;
-mod arrivals;
 mod dead_letters;
 mod deadlines;
 mod error;

@@ -17,7 +17,9 @@ use petstore_event_store::dead_letters::{self};
 use petstore_event_store::deadlines::{self};
 use petstore_event_store::store::EventStore;
 use petstore_event_store::stream::{Lag, RecordedEvent, StreamPosition};
-use petstore_event_store::subscription::{Acknowledger, LagSampler, Subscription};
+use petstore_event_store::subscription::{
+    Acknowledger, Arrivals, LagSampler, Subscription, Ticket,
+};
 use petstore_kafka::KafkaSubscriber;
 use petstore_live_settings::Live;
 use petstore_resilience::Policies;
@@ -27,7 +29,6 @@ use tokio::sync::watch;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::arrivals::{Arrivals, Ticket};
 use crate::error::*;
 use crate::events::*;
 

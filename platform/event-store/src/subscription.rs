@@ -3,12 +3,17 @@
 //! ([`StreamReader`]), knows when it has caught up with what was committed when it
 //! (re)started, acknowledges what it handled (its checkpoint saved, fenced while it holds a
 //! lock), measures its lag ([`LagSampler`]), and retries the dead letters an operator asked
-//! to retry ([`retry_dead_letters`]).
+//! to retry ([`retry_dead_letters`]). A subscriber that handles events out of arrival order
+//! acknowledges only the handled prefix ([`Arrivals`]).
 
 use std::future::Future;
 use std::time::{Duration, Instant};
 
 use sqlx::postgres::PgListener;
+
+mod arrivals;
+
+pub use arrivals::{Arrivals, Ticket};
 use tokio::sync::watch;
 
 use crate::database::{Database, Fence};
@@ -62,11 +67,6 @@ impl Subscription {
     ) -> Result<Self, StreamError> {
         let start = stream::load_checkpoint(store.database(), name).await?;
         Self::open(store, name, start, batch_size, poll_interval).await
-    }
-
-    /// Its name: the checkpoint's, and the consumer's of its dead letters.
-    pub fn name(&self) -> &'static str {
-        self.name
     }
 
     /// Where it resumed.

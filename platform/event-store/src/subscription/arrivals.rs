@@ -1,25 +1,32 @@
-//! What the saga runner may acknowledge while it handles events out of arrival order.
+//! What a subscriber may acknowledge while it handles events out of arrival order.
 //!
-//! Events are handed to per-order lanes as they arrive and finish in any order across
-//! orders; the checkpoint (or the Kafka offsets) may only move past an event once it and
-//! every event that arrived before it are handled. [`Arrivals`] numbers the events as they
+//! A subscriber that hands events to lanes (the saga runner: one per order) sees them finish
+//! in any order across lanes; its checkpoint (or its Kafka offsets) may only move past an
+//! event once it and every event that arrived before it are handled. [`Arrivals`] numbers the events as they
 //! arrive and yields, as they finish, the longest handled prefix.
 
 use std::collections::VecDeque;
 
 /// The events arrived and not yet acknowledged, in arrival order, each with what
 /// acknowledging it takes (`T`: its stream position, its Kafka offset).
-pub(super) struct Arrivals<T> {
+pub struct Arrivals<T> {
     /// The ticket of the front of `waiting`.
     front: u64,
     waiting: VecDeque<(bool, T)>,
 }
 
 /// An arrived event's number.
-pub(super) type Ticket = u64;
+pub type Ticket = u64;
+
+impl<T> Default for Arrivals<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl<T> Arrivals<T> {
-    pub(super) fn new() -> Self {
+    /// Nothing arrived yet.
+    pub fn new() -> Self {
         Self {
             front: 0,
             waiting: VecDeque::new(),
@@ -27,19 +34,19 @@ impl<T> Arrivals<T> {
     }
 
     /// Numbers an arriving event; one needing no handling arrives `done`.
-    pub(super) fn arrive(&mut self, token: T, done: bool) -> Ticket {
+    pub fn arrive(&mut self, token: T, done: bool) -> Ticket {
         self.waiting.push_back((done, token));
         self.front + self.waiting.len() as u64 - 1
     }
 
     /// Marks an event handled.
-    pub(super) fn finish(&mut self, ticket: Ticket) {
+    pub fn finish(&mut self, ticket: Ticket) {
         let index = usize::try_from(ticket - self.front).expect("a ticket of this pipeline");
         self.waiting[index].0 = true;
     }
 
     /// Takes the handled prefix: every event handled, with all that arrived before it.
-    pub(super) fn acknowledgeable(&mut self) -> impl Iterator<Item = T> + '_ {
+    pub fn acknowledgeable(&mut self) -> impl Iterator<Item = T> + '_ {
         std::iter::from_fn(|| {
             if !self.waiting.front()?.0 {
                 return None;
@@ -50,7 +57,7 @@ impl<T> Arrivals<T> {
     }
 
     /// How many arrived events are not acknowledged yet.
-    pub(super) fn outstanding(&self) -> usize {
+    pub fn outstanding(&self) -> usize {
         self.waiting.len()
     }
 }

@@ -87,7 +87,7 @@ pub(crate) async fn load(database: &Database) -> Result<Loaded, ReadModelError> 
             %reason,
             "the read-model snapshot is dropped; the read models are rebuilt from the log"
         );
-        let mut transaction = pool.begin().await?;
+        let mut transaction = petstore_event_store::database::begin(pool).await?;
         clear(&mut transaction).await?;
         transaction.commit().await?;
     }
@@ -156,7 +156,7 @@ pub(crate) async fn write(
         .iter()
         .map(|view| Ok((view.id.as_str(), serde_json::to_string(view)?)))
         .collect::<Result<Vec<_>, serde_json::Error>>()?;
-    let mut transaction = pool.begin().await?;
+    let mut transaction = petstore_event_store::database::begin(pool).await?;
     if mode == Write::Everything {
         clear(&mut transaction).await?;
     }

@@ -100,7 +100,8 @@ pub async fn commit_lazily(connection: &mut sqlx::PgConnection) -> Result<(), sq
     Ok(())
 }
 
-/// Begins a transaction on a connection from `pool`, safely even if the caller is cancelled.
+/// Begins a transaction on a connection from `pool` (either engine), safely even if the
+/// caller is cancelled.
 ///
 /// sqlx 0.8 sends `BEGIN` and only then counts the transaction: a future dropped while it
 /// waits for the answer (a task aborted, a `select!` or timeout) leaves a pooled connection
@@ -109,9 +110,9 @@ pub async fn commit_lazily(connection: &mut sqlx::PgConnection) -> Result<(), sq
 /// every reader on the cluster. Here the `BEGIN` runs in a task of its own that always
 /// finishes: if nobody waits for the transaction any more, it is dropped there and rolled
 /// back properly.
-pub async fn begin(
-    pool: &sqlx::PgPool,
-) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+pub async fn begin<DB: sqlx::Database>(
+    pool: &sqlx::Pool<DB>,
+) -> Result<sqlx::Transaction<'static, DB>, sqlx::Error> {
     let pool = pool.clone();
     to_completion(async move { pool.begin().await }).await
 }

@@ -390,7 +390,12 @@ pub async fn save_checkpoint(
 ) -> Result<(), StreamError> {
     match database {
         Database::Postgres(pool) => {
-            let mut transaction = pool.begin().await?;
+            // Acknowledging runs inside subscribers that may be cancelled at any await (a
+            // runner stopped or aborted): a plain `pool.begin()` dropped while it waits for
+            // `BEGIN`'s answer leaves a pooled connection in a transaction sqlx does not
+            // know about, whose later statements hold locks and the cluster's stream horizon
+            // (seen: a killed saga runner's deadline writes stalling every reader for 60 s).
+            let mut transaction = crate::database::begin(pool).await?;
             crate::database::commit_lazily(&mut transaction).await?;
             save_checkpoint_in(&mut transaction, name, position, fence).await?;
             transaction.commit().await?;

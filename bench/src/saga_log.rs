@@ -296,7 +296,7 @@ async fn insert_postgres(pool: &sqlx::PgPool, rows: &[Row]) -> anyhow::Result<()
 }
 
 async fn insert_sqlite(pool: &sqlx::SqlitePool, rows: &[Row]) -> anyhow::Result<()> {
-    let mut transaction = pool.begin().await?;
+    let mut transaction = petstore_event_store::database::begin(pool).await?;
     for chunk in rows.chunks(SQLITE_ROWS_PER_STATEMENT) {
         let mut insert = QueryBuilder::<Sqlite>::new(
             "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) ",

@@ -225,6 +225,9 @@ macro_rules! run_steps {
             appender.statements.insert_baseline
         };
         let inserted = if steps.in_transaction {
+            // The baseline's own transaction, as a plain client would open it (never
+            // cancelled: the bench awaits every operation).
+            #[allow(clippy::disallowed_methods)]
             let mut transaction = pool.begin().await?;
             let inserted = insert_row!(insert, row, aggregate_id, &mut *transaction);
             transaction.commit().await?;

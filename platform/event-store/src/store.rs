@@ -159,6 +159,8 @@ async fn append_sqlite(
             [] => Ok(()),
             [event] => insert(event).execute(&pool).await.map(|_| ()),
             several => {
+                // Inside `to_completion`: this task always finishes what it begins.
+                #[allow(clippy::disallowed_methods)]
                 let mut transaction = pool.begin().await?;
                 for event in several {
                     insert(event).execute(&mut *transaction).await?;

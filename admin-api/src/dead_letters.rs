@@ -99,11 +99,7 @@ pub async fn retry_route(
     axum::extract::State(database): axum::extract::State<Database>,
     Path(id): Path<i64>,
 ) -> Result<Json<DeadLetter>, Problem> {
-    Ok(Json(
-        act(&database, id, DeadLetterStatus::Retrying)
-            .await
-            .map_err(refused)?,
-    ))
+    act_on(&database, id, DeadLetterStatus::Retrying).await
 }
 
 /// Discard a dead letter.
@@ -127,21 +123,25 @@ pub async fn skip_route(
     axum::extract::State(database): axum::extract::State<Database>,
     Path(id): Path<i64>,
 ) -> Result<Json<DeadLetter>, Problem> {
-    Ok(Json(
-        act(&database, id, DeadLetterStatus::Skipped)
-            .await
-            .map_err(refused)?,
-    ))
+    act_on(&database, id, DeadLetterStatus::Skipped).await
 }
 
-/// Why an operator's action on a dead letter was refused: 404 for an unknown one, 409 for
-/// one already settled, 503 or 500 when the database failed.
-fn refused(error: ActError) -> Problem {
-    match &error {
-        ActError::NotFound(_) => Problem::not_found(error.to_string()),
-        ActError::NotOpen(_) => Problem::conflict(error.to_string()),
-        ActError::Database(cause) => Problem::from_failure(cause),
-    }
+/// Moves dead letter `id` to `status`: the row as it then stands, or why the action was
+/// refused (404 for an unknown one, 409 for one already settled, 503 or 500 when the
+/// database failed).
+async fn act_on(
+    database: &Database,
+    id: i64,
+    status: DeadLetterStatus,
+) -> Result<Json<DeadLetter>, Problem> {
+    act(database, id, status)
+        .await
+        .map(Json)
+        .map_err(|error| match &error {
+            ActError::NotFound(_) => Problem::not_found(error.to_string()),
+            ActError::NotOpen(_) => Problem::conflict(error.to_string()),
+            ActError::Database(cause) => Problem::from_failure(cause),
+        })
 }
 
 /// The OpenAPI description of the dead-letter routes.

@@ -572,29 +572,7 @@ async fn a_cancelled_begin_leaves_no_pooled_connection_inside_a_transaction() {
             () = yields => {}
         }
     }
-    // Dropped transactions roll back in tasks of their own: give them a moment (less than
-    // the server's 5 s idle-in-transaction timeout, which would hide a stuck connection).
-    let mut observer = storage.postgres().expect("postgres").connect().await;
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let stuck: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity
-              WHERE datname = current_database() AND state LIKE 'idle in transaction%'
-                AND pid <> pg_backend_pid()",
-        )
-        .fetch_one(&mut observer)
-        .await
-        .expect("query");
-        if stuck == 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{stuck} pooled connections left inside a transaction"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    drop(observer);
+    assert_no_connection_left_inside_a_transaction(&storage).await;
     database.close().await;
     storage.remove().await;
 }
@@ -626,6 +604,15 @@ async fn a_cancelled_checkpoint_save_leaves_no_pooled_connection_inside_a_transa
             () = yields => {}
         }
     }
+    assert_no_connection_left_inside_a_transaction(&storage).await;
+    database.close().await;
+    storage.remove().await;
+}
+
+/// Fails unless every connection to `storage`'s database soon leaves its transaction.
+/// Dropped transactions roll back in tasks of their own: they get a moment (less than the
+/// server's 5 s idle-in-transaction timeout, which would hide a stuck connection).
+async fn assert_no_connection_left_inside_a_transaction(storage: &Storage) {
     let mut observer = storage.postgres().expect("postgres").connect().await;
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
@@ -647,6 +634,4 @@ async fn a_cancelled_checkpoint_save_leaves_no_pooled_connection_inside_a_transa
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     drop(observer);
-    database.close().await;
-    storage.remove().await;
 }

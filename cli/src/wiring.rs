@@ -17,6 +17,7 @@ use petstore_admin_api::AdminState;
 use petstore_command_api::CommandState;
 use petstore_event_store::database::Database;
 use petstore_event_store::store::EventStore;
+use petstore_event_store::subscription::try_become_active;
 use petstore_kafka::{BusError, KafkaBus};
 use petstore_live_settings::Live;
 use petstore_projector::health::{
@@ -456,12 +457,7 @@ async fn claim_redis(
             "start a process with the projector role to rebuild it",
         ));
     }
-    let lock = database
-        .try_lock(&format!(
-            "projection:{}",
-            petstore_read_models::redis::CHECKPOINT
-        ))
-        .await?;
+    let lock = try_become_active(database, petstore_read_models::redis::CHECKPOINT).await?;
     if lock.is_none() {
         if other.is_none() {
             // Empty, and the active projector of this store fills it.

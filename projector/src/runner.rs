@@ -19,13 +19,11 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use petstore_event_store::subscription::{
-    retry_dead_letters, LagSampler, Retried, RetryCheck, Subscription,
+    become_active, retry_dead_letters, LagSampler, Retried, RetryCheck, Subscription,
 };
 
 use crate::projection::{Projection, ProjectionError, Refolded};
 
-/// How long a standby waits between attempts to take over.
-const TAKEOVER_INTERVAL: Duration = Duration::from_secs(1);
 /// How often an idle projection looks for dead letters to retry.
 const RETRY_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a failing projection waits before retrying from its checkpoint.
@@ -94,25 +92,9 @@ impl<P: Projection> Projector<P> {
         tokio::pin!(shutdown);
         let name = self.projection.name();
         loop {
-            let lock = loop {
-                match self
-                    .store
-                    .database()
-                    .try_lock(&format!("projection:{name}"))
-                    .await
-                {
-                    Ok(Some(lock)) => break lock,
-                    Ok(None) => {
-                        tracing::debug!(projection = name, "standby: another instance is active")
-                    }
-                    Err(error) => {
-                        tracing::warn!(projection = name, %error, "cannot take the projection lock")
-                    }
-                }
-                tokio::select! {
-                    () = &mut shutdown => return,
-                    () = tokio::time::sleep(TAKEOVER_INTERVAL) => {}
-                }
+            let Some(lock) = become_active(self.store.database(), name, shutdown.as_mut()).await
+            else {
+                return;
             };
             let token = lock.fence().map(|fence| fence.token);
             tracing::info!(projection = name, fencing_token = token, "active");

@@ -60,7 +60,7 @@ pub async fn order_status(
     RequestContext::record_order(&order_id);
     match state.order(&order_id, token).await? {
         Some(mut view) => {
-            caller.authorize_customer(&view.customer_id)?;
+            caller.authorize_customer(view.customer_id.as_str())?;
             view.attention = state.attention(&order_id).await;
             Ok(Json(view))
         }

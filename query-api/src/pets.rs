@@ -208,7 +208,7 @@ pub async fn browse(
         count: page.pets.len(),
         pets: page.pets,
         personalization,
-        next_cursor: page.next_cursor,
+        next_cursor: page.next_cursor.as_ref().map(PetId::to_string),
     }))
 }
 
@@ -236,7 +236,7 @@ async fn personalize(
     };
     let ranked = state
         .read_models
-        .ordered_categories(customer_id.as_str())
+        .ordered_categories(customer_id)
         .await
         .map_err(failed)?;
     if ranked.is_empty() {

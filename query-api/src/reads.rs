@@ -51,7 +51,7 @@ impl QueryState {
             if !self.dead_letters.any_open(&self.database).await? {
                 return Ok(Vec::new());
             }
-            dead_letters::open_for_order(&self.database, &order_id.to_string()).await
+            dead_letters::open_for_order(&self.database, order_id).await
         };
         match lookup.await {
             Ok(letters) => letters

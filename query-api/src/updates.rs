@@ -65,7 +65,8 @@ pub struct OrderUpdate {
     /// `Last-Event-ID` or `last_event_id` take to resume after it.
     pub id: String,
     /// The order.
-    pub order_id: String,
+    #[schema(value_type = String, format = Uuid)]
+    pub order_id: OrderId,
     /// `pending`, `reserved`, `paid`, `scheduled`, `completed`, `compensating` or
     /// `cancelled`.
     pub status: String,
@@ -78,10 +79,10 @@ pub struct OrderUpdate {
 }
 
 impl OrderUpdate {
-    fn new(order_id: &str, change: &StatusChange) -> Self {
+    fn new(order_id: OrderId, change: &StatusChange) -> Self {
         Self {
             id: change.position.to_token(),
-            order_id: order_id.to_owned(),
+            order_id,
             status: change.status.clone(),
             cancellation_reason: change.cancellation_reason.clone(),
             at: change.at.clone(),
@@ -151,7 +152,6 @@ impl End {
 struct Follower {
     hub: Arc<Hub>,
     order: OrderId,
-    order_id: String,
     receiver: broadcast::Receiver<Arc<OrderStatusView>>,
     /// The position of the last status sent (or skipped by `Last-Event-ID`).
     last: StreamPosition,
@@ -168,10 +168,10 @@ impl Drop for Follower {
         let mut followed = locked(&self.hub.followed);
         // Our own receiver is still alive here.
         if followed
-            .get(&self.order_id)
+            .get(&self.order)
             .is_some_and(|sender| sender.receiver_count() <= 1)
         {
-            followed.remove(&self.order_id);
+            followed.remove(&self.order);
         }
     }
 }
@@ -180,15 +180,13 @@ impl Follower {
     /// Subscribes to `order_id` (before its snapshot is read: see the module's docs).
     fn subscribe(state: &QueryState, slot: Slot, order: &OrderId, flag_subject: String) -> Self {
         let hub = &state.updates.0;
-        let order_id = order.to_string();
         let receiver = locked(&hub.followed)
-            .entry(order_id.clone())
+            .entry(*order)
             .or_insert_with(|| broadcast::channel(FOLLOWER_BACKLOG).0)
             .subscribe();
         Self {
             hub: hub.clone(),
             order: *order,
-            order_id,
             receiver,
             last: StreamPosition::START,
             last_status: None,
@@ -218,7 +216,7 @@ impl Follower {
             }
             self.last = change.position;
             self.last_status = Some(change.status.clone());
-            updates.push(OrderUpdate::new(&view.order_id, change));
+            updates.push(OrderUpdate::new(view.order_id, change));
         }
         updates
     }
@@ -392,7 +390,7 @@ pub async fn order_updates(
             "order {order_id} does not exist"
         )));
     };
-    caller.authorize_customer(&view.customer_id)?;
+    caller.authorize_customer(view.customer_id.as_str())?;
     let updates = match resume {
         Some(after) => {
             follower.last = after;
@@ -402,7 +400,7 @@ pub async fn order_updates(
             let current = view.current_status();
             follower.last = current.position;
             follower.last_status = Some(current.status.clone());
-            vec![OrderUpdate::new(&view.order_id, &current)]
+            vec![OrderUpdate::new(view.order_id, &current)]
         }
     };
     let first = Start {

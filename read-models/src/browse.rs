@@ -77,5 +77,5 @@ pub struct BrowsePage {
     /// The pets.
     pub pets: Vec<PetView>,
     /// Pass it as `cursor` to get the next page; `None` on the last page.
-    pub next_cursor: Option<String>,
+    pub next_cursor: Option<PetId>,
 }

@@ -4,6 +4,8 @@
 
 use std::sync::Arc;
 
+use petstore_domain::OrderId;
+
 use sqlx::postgres::PgListener;
 use tokio::sync::broadcast;
 
@@ -11,7 +13,7 @@ use crate::ReadModelError;
 
 /// The in-memory read models' notices of changed orders.
 #[derive(Debug)]
-pub(crate) struct ChangeNotices(pub(crate) broadcast::Sender<Arc<[String]>>);
+pub(crate) struct ChangeNotices(pub(crate) broadcast::Sender<Arc<[OrderId]>>);
 
 impl Default for ChangeNotices {
     fn default() -> Self {
@@ -30,7 +32,7 @@ const MAX_NOTICE_BYTES: usize = 7_900;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OrderChanges {
     /// These orders' views changed.
-    Orders(Arc<[String]>),
+    Orders(Arc<[OrderId]>),
     /// Any order's view may have changed (notices were missed, the listener reconnected or a
     /// replay swapped the tables): re-read every order you follow.
     Unknown,
@@ -41,7 +43,7 @@ pub struct OrderChangeFeed(pub(crate) Feed);
 
 pub(crate) enum Feed {
     Postgres(PgListener),
-    Memory(broadcast::Receiver<Arc<[String]>>),
+    Memory(broadcast::Receiver<Arc<[OrderId]>>),
 }
 
 impl OrderChangeFeed {
@@ -54,7 +56,12 @@ impl OrderChangeFeed {
                 None => Ok(OrderChanges::Unknown),
                 Some(notice) if notice.payload() == "*" => Ok(OrderChanges::Unknown),
                 Some(notice) => Ok(OrderChanges::Orders(
-                    notice.payload().split(',').map(str::to_owned).collect(),
+                    // Only the read models' commits notify it, with ids they folded.
+                    notice
+                        .payload()
+                        .split(',')
+                        .filter_map(|id| OrderId::parse(id).ok())
+                        .collect(),
                 )),
             },
             Feed::Memory(receiver) => match receiver.recv().await {
@@ -70,7 +77,7 @@ impl OrderChangeFeed {
 /// Notifies [`ORDER_CHANGES_CHANNEL`] in `transaction` (so at its commit) of `ids`.
 pub(crate) async fn notify_order_changes(
     transaction: &mut sqlx::PgConnection,
-    ids: &[&str],
+    ids: &[OrderId],
 ) -> Result<(), sqlx::Error> {
     for payload in notice_payloads(ids) {
         sqlx::query("SELECT pg_notify($1, $2)")
@@ -83,17 +90,18 @@ pub(crate) async fn notify_order_changes(
 }
 
 /// `ids` comma-separated, in as many payloads as Postgres's size limit needs.
-fn notice_payloads(ids: &[&str]) -> Vec<String> {
+fn notice_payloads(ids: &[OrderId]) -> Vec<String> {
     let mut payloads = Vec::new();
     let mut payload = String::new();
     for id in ids {
+        let id = id.to_string();
         if !payload.is_empty() && payload.len() + 1 + id.len() > MAX_NOTICE_BYTES {
             payloads.push(std::mem::take(&mut payload));
         }
         if !payload.is_empty() {
             payload.push(',');
         }
-        payload.push_str(id);
+        payload.push_str(&id);
     }
     if !payload.is_empty() {
         payloads.push(payload);
@@ -108,13 +116,11 @@ mod tests {
     #[test]
     fn notices_carry_every_id_within_the_size_limit() {
         assert!(notice_payloads(&[]).is_empty());
-        let one = uuid::Uuid::new_v4().to_string();
-        assert_eq!(notice_payloads(&[one.as_str()]), vec![one]);
-        let ids: Vec<String> = (0..1_000)
-            .map(|_| uuid::Uuid::new_v4().to_string())
-            .collect();
-        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-        let payloads = notice_payloads(&refs);
+        let one = OrderId::random();
+        assert_eq!(notice_payloads(&[one]), vec![one.to_string()]);
+        let ids: Vec<OrderId> = (0..1_000).map(|_| OrderId::random()).collect();
+        let refs: Vec<String> = ids.iter().map(OrderId::to_string).collect();
+        let payloads = notice_payloads(&ids);
         assert!(payloads.len() > 1, "a thousand ids need several notices");
         assert!(payloads
             .iter()

@@ -10,16 +10,18 @@
 use std::collections::HashSet;
 use std::time::Instant;
 
+use petstore_domain::{OrderId, PetId};
 use petstore_event_store::database::{Database, Fence};
 use petstore_event_store::replay::{fold_log, FoldError};
 use petstore_event_store::stream::{self, StreamPosition};
+use petstore_event_store::subscription::try_become_active;
 use sqlx::PgPool;
 
 pub use petstore_event_store::replay::ReplayReport;
 
 use crate::redis::RedisViews;
 use crate::snapshot::Loaded;
-use crate::store::{write_views, PgTables, ReadModels, CHECKPOINT, LIVE_TABLES};
+use crate::store::{slugs, uuids, write_views, PgTables, ReadModels, CHECKPOINT, LIVE_TABLES};
 use crate::views::{OrderStatusView, PetView, ViewBatch};
 use crate::ReadModelError;
 
@@ -85,8 +87,7 @@ pub async fn rebuild_read_models(
             elapsed: started.elapsed(),
         });
     };
-    let lock = database
-        .try_lock(&format!("projection:{CHECKPOINT}"))
+    let lock = try_become_active(database, CHECKPOINT)
         .await?
         .ok_or(ReplayError::ProjectionActive(CHECKPOINT))?;
     if !dry_run {
@@ -133,7 +134,7 @@ struct ShadowFold {
     views_in_memory: usize,
     views: ViewBatch,
     /// Ids of the order views and pet views in the shadow tables (or being written there).
-    written: (HashSet<String>, HashSet<String>),
+    written: (HashSet<OrderId>, HashSet<PetId>),
     /// The write under way.
     writing: Option<tokio::task::JoinHandle<Result<(), ReplayError>>>,
 }
@@ -166,11 +167,11 @@ impl ShadowFold {
 
     async fn fold(&mut self, events: &[stream::RecordedEvent]) -> Result<(), ReplayError> {
         let (order_ids, pet_ids) = ViewBatch::ids(events);
-        let orders: Vec<String> = order_ids
+        let orders: Vec<OrderId> = order_ids
             .into_iter()
             .filter(|id| !self.views.orders.contains_key(id) && self.written.0.contains(id))
             .collect();
-        let pets: Vec<String> = pet_ids
+        let pets: Vec<PetId> = pet_ids
             .into_iter()
             .filter(|id| !self.views.pets.contains_key(id) && self.written.1.contains(id))
             .collect();
@@ -178,29 +179,31 @@ impl ShadowFold {
             self.written().await?;
         }
         if !orders.is_empty() {
-            let rows: Vec<(String, serde_json::Value)> = sqlx::query_as(&format!(
-                "SELECT order_id::text, document FROM {} WHERE order_id = ANY($1::text[]::uuid[])",
+            let documents: Vec<serde_json::Value> = sqlx::query_scalar(&format!(
+                "SELECT document FROM {} WHERE order_id = ANY($1)",
                 SHADOW_TABLES.orders
             ))
-            .bind(&orders)
+            .bind(uuids(&orders))
             .fetch_all(&self.pool)
             .await?;
-            for (id, document) in rows {
-                let view = serde_json::from_value(document).map_err(ReadModelError::from)?;
-                self.views.orders.insert(id, Some(view));
+            for document in documents {
+                let view: OrderStatusView =
+                    serde_json::from_value(document).map_err(ReadModelError::from)?;
+                self.views.orders.insert(view.order_id, Some(view));
             }
         }
         if !pets.is_empty() {
-            let rows: Vec<(String, serde_json::Value)> = sqlx::query_as(&format!(
-                "SELECT pet_id, document FROM {} WHERE pet_id = ANY($1)",
+            let documents: Vec<serde_json::Value> = sqlx::query_scalar(&format!(
+                "SELECT document FROM {} WHERE pet_id = ANY($1)",
                 SHADOW_TABLES.pets
             ))
-            .bind(&pets)
+            .bind(slugs(&pets))
             .fetch_all(&self.pool)
             .await?;
-            for (id, document) in rows {
-                let view = serde_json::from_value(document).map_err(ReadModelError::from)?;
-                self.views.pets.insert(id, Some(view));
+            for document in documents {
+                let view: PetView =
+                    serde_json::from_value(document).map_err(ReadModelError::from)?;
+                self.views.pets.insert(view.id.clone(), Some(view));
             }
         }
         for poison in self.views.fold(events) {
@@ -221,7 +224,7 @@ impl ShadowFold {
             if self.written.0.contains(&view.order_id) {
                 old_orders.push(view);
             } else {
-                self.written.0.insert(view.order_id.clone());
+                self.written.0.insert(view.order_id);
                 new_orders.push(view);
             }
         }
@@ -259,7 +262,7 @@ async fn copy_views(
     if !orders.is_empty() {
         let mut rows = CopyRows::with_capacity(orders.len() * 512);
         for view in orders {
-            rows.text(&view.order_id)
+            rows.text(&view.order_id.to_string())
                 .number(view.position.global_position)
                 .document(view)?
                 .end_row();
@@ -276,7 +279,7 @@ async fn copy_views(
     if !pets.is_empty() {
         let mut rows = CopyRows::with_capacity(pets.len() * 512);
         for view in pets {
-            rows.text(&view.id)
+            rows.text(view.id.as_str())
                 .text(view.category.as_str())
                 .number(view.price.amount_minor)
                 .text(view.availability.as_str())
@@ -441,8 +444,7 @@ pub async fn rebuild_redis(
 ) -> Result<ReplayReport, ReplayError> {
     let started = Instant::now();
     let name = crate::redis::CHECKPOINT;
-    let _lock = database
-        .try_lock(&format!("projection:{name}"))
+    let _lock = try_become_active(database, name)
         .await?
         .ok_or(ReplayError::ProjectionActive(name))?;
     let shadow_prefix = format!("{}:replay", live.cache().prefix());

@@ -85,11 +85,11 @@ impl RedisViews {
         &self.cache
     }
 
-    fn order_key(&self, order_id: &str) -> String {
+    fn order_key(&self, order_id: &OrderId) -> String {
         self.cache.key(&format!("order:{order_id}"))
     }
 
-    fn pet_key(&self, pet_id: &str) -> String {
+    fn pet_key(&self, pet_id: &PetId) -> String {
         self.cache.key(&format!("pet:{pet_id}"))
     }
 
@@ -148,10 +148,7 @@ impl RedisViews {
         &self,
         order_id: &OrderId,
     ) -> Result<Option<OrderStatusView>, ReadModelError> {
-        let document = self
-            .cache
-            .get(&self.order_key(&order_id.to_string()))
-            .await?;
+        let document = self.cache.get(&self.order_key(order_id)).await?;
         Ok(document
             .map(|text| serde_json::from_str(&text))
             .transpose()?)
@@ -159,7 +156,7 @@ impl RedisViews {
 
     /// A pet's view, if Redis has it.
     pub async fn pet(&self, pet_id: &PetId) -> Result<Option<PetView>, ReadModelError> {
-        let document = self.cache.get(&self.pet_key(pet_id.as_str())).await?;
+        let document = self.cache.get(&self.pet_key(pet_id)).await?;
         Ok(document
             .map(|text| serde_json::from_str(&text))
             .transpose()?)
@@ -197,7 +194,7 @@ impl RedisViews {
     ) -> Result<CachedBrowse, ReadModelError> {
         let key = self.browse_key(filter).await?;
         if let Some(text) = self.cache.get(&key).await? {
-            let (pets, next_cursor): (Vec<PetView>, Option<String>) = serde_json::from_str(&text)?;
+            let (pets, next_cursor): (Vec<PetView>, Option<PetId>) = serde_json::from_str(&text)?;
             return Ok(CachedBrowse::Hit(BrowsePage { pets, next_cursor }));
         }
         // Read after the generation: this projection has applied at least every pet change
@@ -286,7 +283,7 @@ impl RedisViews {
         fence: Option<&Fence>,
     ) -> Result<Refolded, ReadModelError> {
         let (mut batch, events) = crate::refold::history(database, letter).await?;
-        let wanted: (Vec<String>, Vec<String>) = (
+        let wanted: (Vec<OrderId>, Vec<PetId>) = (
             batch.orders.keys().cloned().collect(),
             batch.pets.keys().cloned().collect(),
         );
@@ -369,7 +366,7 @@ impl RedisViews {
                         database,
                         CHECKPOINT,
                         poison.event,
-                        poison.order_id.as_deref(),
+                        poison.order_id.as_ref(),
                         &poison.error.to_string(),
                     )
                     .await

@@ -8,6 +8,7 @@ use petstore_domain::delivery::Delivery;
 use petstore_domain::order::Order;
 use petstore_domain::payment::Payment;
 use petstore_domain::pet::Pet;
+use petstore_domain::PetId;
 use petstore_event_store::database::Database;
 use petstore_event_store::dead_letters::DeadLetter;
 use petstore_event_store::stream::{self, RecordedEvent, StreamError};
@@ -54,23 +55,26 @@ pub async fn history(
     let mut batch = ViewBatch::default();
     let mut events = Vec::new();
     if let Some(order_id) = &letter.order_id {
-        batch.orders.insert(order_id.clone(), None);
+        batch.orders.insert(*order_id, None);
         let mut order_events = Vec::new();
         for aggregate_type in [Order::TYPE, Payment::TYPE, Delivery::TYPE] {
-            order_events.extend(events_of(database, aggregate_type, order_id).await?);
+            order_events.extend(events_of(database, aggregate_type, &order_id.to_string()).await?);
         }
         if let Some(pet_id) = pet_of(&order_events) {
             let named: Vec<RecordedEvent> = events_of(database, Pet::TYPE, &pet_id)
                 .await?
                 .into_iter()
-                .filter(|event| order_view_id(event).as_deref() == Some(order_id.as_str()))
+                .filter(|event| order_view_id(event).as_ref() == Some(order_id))
                 .collect();
             order_events.extend(named);
         }
         events.extend(order_events);
     }
-    if letter.aggregate_type == Pet::TYPE {
-        batch.pets.insert(letter.aggregate_id.clone(), None);
+    let pet = (letter.aggregate_type == Pet::TYPE)
+        .then(|| PetId::parse(&letter.aggregate_id).ok())
+        .flatten();
+    if let Some(pet_id) = pet {
+        batch.pets.insert(pet_id, None);
         events.extend(events_of(database, Pet::TYPE, &letter.aggregate_id).await?);
     }
     events.sort_by_key(|event| event.position);

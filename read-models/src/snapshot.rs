@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
+use petstore_domain::{OrderId, PetId};
 use petstore_event_store::database::Database;
 use petstore_event_store::stream::{self, StreamPosition};
 use sqlx::{QueryBuilder, Sqlite, SqlitePool};
@@ -33,8 +34,8 @@ const ROWS_PER_STATEMENT: usize = 1_000;
 /// Views loaded from a snapshot and the position they reflect.
 #[derive(Debug, Default)]
 pub(crate) struct Loaded {
-    pub(crate) orders: HashMap<String, OrderStatusView>,
-    pub(crate) pets: BTreeMap<String, PetView>,
+    pub(crate) orders: HashMap<OrderId, OrderStatusView>,
+    pub(crate) pets: BTreeMap<PetId, PetView>,
     pub(crate) position: StreamPosition,
 }
 
@@ -96,22 +97,22 @@ pub(crate) async fn load(database: &Database) -> Result<Loaded, ReadModelError> 
 
 async fn decode(
     pool: &SqlitePool,
-) -> Result<(HashMap<String, OrderStatusView>, BTreeMap<String, PetView>), ReadModelError> {
-    let rows: Vec<(String, String)> =
-        sqlx::query_as("SELECT order_id, view FROM read_model_snapshot_orders")
-            .fetch_all(pool)
-            .await?;
+) -> Result<(HashMap<OrderId, OrderStatusView>, BTreeMap<PetId, PetView>), ReadModelError> {
+    let rows: Vec<String> = sqlx::query_scalar("SELECT view FROM read_model_snapshot_orders")
+        .fetch_all(pool)
+        .await?;
     let mut orders = HashMap::with_capacity(rows.len());
-    for (id, view) in rows {
-        orders.insert(id, serde_json::from_str(&view)?);
+    for view in rows {
+        let view: OrderStatusView = serde_json::from_str(&view)?;
+        orders.insert(view.order_id, view);
     }
-    let rows: Vec<(String, String)> =
-        sqlx::query_as("SELECT pet_id, view FROM read_model_snapshot_pets")
-            .fetch_all(pool)
-            .await?;
+    let rows: Vec<String> = sqlx::query_scalar("SELECT view FROM read_model_snapshot_pets")
+        .fetch_all(pool)
+        .await?;
     let mut pets = BTreeMap::new();
-    for (id, view) in rows {
-        pets.insert(id, serde_json::from_str(&view)?);
+    for view in rows {
+        let view: PetView = serde_json::from_str(&view)?;
+        pets.insert(view.id.clone(), view);
     }
     Ok((orders, pets))
 }
@@ -150,11 +151,11 @@ pub(crate) async fn write(
     // Serialized before the transaction: the file's write lock is held for the writes only.
     let orders = orders
         .iter()
-        .map(|view| Ok((view.order_id.as_str(), serde_json::to_string(view)?)))
+        .map(|view| Ok((view.order_id.to_string(), serde_json::to_string(view)?)))
         .collect::<Result<Vec<_>, serde_json::Error>>()?;
     let pets = pets
         .iter()
-        .map(|view| Ok((view.id.as_str(), serde_json::to_string(view)?)))
+        .map(|view| Ok((view.id.to_string(), serde_json::to_string(view)?)))
         .collect::<Result<Vec<_>, serde_json::Error>>()?;
     let mut transaction = petstore_event_store::database::begin(pool).await?;
     if mode == Write::Everything {
@@ -186,7 +187,7 @@ pub(crate) async fn write(
             let mut insert =
                 QueryBuilder::<Sqlite>::new(format!("INSERT INTO {table} ({key}, view) "));
             insert.push_values(chunk, |mut row, (id, view)| {
-                row.push_bind(*id).push_bind(view.as_str());
+                row.push_bind(id.as_str()).push_bind(view.as_str());
             });
             insert.push(format!(
                 " ON CONFLICT ({key}) DO UPDATE SET view = excluded.view"

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
-use petstore_domain::{OrderId, PetId};
+use petstore_domain::{CustomerId, OrderId, PetId};
 use petstore_event_store::database::{Database, Fence};
 use petstore_event_store::stream::{self, RecordedEvent, StreamPosition};
 use sqlx::postgres::PgListener;
@@ -38,7 +38,7 @@ pub(crate) async fn set_aside(
         database,
         CHECKPOINT,
         poison.event,
-        poison.order_id.as_deref(),
+        poison.order_id.as_ref(),
         &poison.error.to_string(),
     )
     .await?;
@@ -52,16 +52,16 @@ pub const CHECKPOINT: &str = "read_models";
 /// The in-memory read models and the position they reflect.
 #[derive(Debug)]
 pub struct MemoryState {
-    orders: HashMap<String, OrderStatusView>,
-    pets: BTreeMap<String, PetView>,
+    orders: HashMap<OrderId, OrderStatusView>,
+    pets: BTreeMap<PetId, PetView>,
     position: StreamPosition,
     changes: ChangeNotices,
     /// The embedded store: where events that cannot be folded are set aside, and where the
     /// snapshot is written.
     database: Database,
     /// Views changed since the snapshot was last written, and when that was.
-    unsaved_orders: HashSet<String>,
-    unsaved_pets: HashSet<String>,
+    unsaved_orders: HashSet<OrderId>,
+    unsaved_pets: HashSet<PetId>,
     saved_at: Instant,
 }
 
@@ -69,8 +69,8 @@ impl MemoryState {
     /// Stores folded views, to be written to the snapshot.
     fn insert(&mut self, orders: Vec<OrderStatusView>, pets: Vec<PetView>) {
         for view in orders {
-            self.unsaved_orders.insert(view.order_id.clone());
-            self.orders.insert(view.order_id.clone(), view);
+            self.unsaved_orders.insert(view.order_id);
+            self.orders.insert(view.order_id, view);
         }
         for view in pets {
             self.unsaved_pets.insert(view.id.clone());
@@ -212,7 +212,7 @@ impl ReadModels {
         fence: Option<&Fence>,
     ) -> Result<Refolded, ReadModelError> {
         let (mut batch, events) = refold::history(database, letter).await?;
-        let wanted: (Vec<String>, Vec<String>) = (
+        let wanted: (Vec<OrderId>, Vec<PetId>) = (
             batch.orders.keys().cloned().collect(),
             batch.pets.keys().cloned().collect(),
         );
@@ -240,10 +240,10 @@ impl ReadModels {
                         .map_err(ReadModelError::from)?;
                 }
                 sqlx::query(&format!(
-                    "DELETE FROM {} WHERE order_id = ANY($1::text[]::uuid[])",
+                    "DELETE FROM {} WHERE order_id = ANY($1)",
                     LIVE_TABLES.orders
                 ))
-                .bind(&wanted.0)
+                .bind(uuids(&wanted.0))
                 .execute(&mut *transaction)
                 .await
                 .map_err(ReadModelError::from)?;
@@ -251,7 +251,7 @@ impl ReadModels {
                     "DELETE FROM {} WHERE pet_id = ANY($1)",
                     LIVE_TABLES.pets
                 ))
-                .bind(&wanted.1)
+                .bind(slugs(&wanted.1))
                 .execute(&mut *transaction)
                 .await
                 .map_err(ReadModelError::from)?;
@@ -260,8 +260,7 @@ impl ReadModels {
             }
             Self::Memory(state) => {
                 let mut guard = state.write().await;
-                let changed: Arc<[String]> =
-                    orders.iter().map(|view| view.order_id.clone()).collect();
+                let changed: Arc<[OrderId]> = orders.iter().map(|view| view.order_id).collect();
                 guard.insert(orders, pets);
                 let _ = guard.changes.0.send(changed);
             }
@@ -324,8 +323,7 @@ impl ReadModels {
                     set_aside(&guard.database, poison).await?;
                 }
                 let (orders, pets) = batch.into_views();
-                let changed: Arc<[String]> =
-                    orders.iter().map(|view| view.order_id.clone()).collect();
+                let changed: Arc<[OrderId]> = orders.iter().map(|view| view.order_id).collect();
                 guard.insert(orders, pets);
                 guard.position = last.position;
                 if !changed.is_empty() {
@@ -352,27 +350,21 @@ impl ReadModels {
                 .await?;
                 Ok(document.map(serde_json::from_value).transpose()?)
             }
-            Self::Memory(state) => Ok(state
-                .read()
-                .await
-                .orders
-                .get(&order_id.to_string())
-                .cloned()),
+            Self::Memory(state) => Ok(state.read().await.orders.get(order_id).cloned()),
         }
     }
 
     /// The status views of `order_ids` that exist.
     pub async fn orders(
         &self,
-        order_ids: &[String],
+        order_ids: &[OrderId],
     ) -> Result<Vec<OrderStatusView>, ReadModelError> {
         match self {
             Self::Postgres(pool) => {
                 let documents: Vec<serde_json::Value> = sqlx::query_scalar(
-                    "SELECT document FROM order_status_view
-                      WHERE order_id = ANY($1::text[]::uuid[])",
+                    "SELECT document FROM order_status_view WHERE order_id = ANY($1)",
                 )
-                .bind(order_ids)
+                .bind(uuids(order_ids))
                 .fetch_all(pool)
                 .await?;
                 Ok(documents
@@ -410,7 +402,7 @@ impl ReadModels {
     /// many orders each, most ordered first.
     pub async fn ordered_categories(
         &self,
-        customer_id: &str,
+        customer_id: &CustomerId,
     ) -> Result<Vec<(String, i64)>, ReadModelError> {
         match self {
             Self::Postgres(pool) => Ok(sqlx::query_as(
@@ -421,14 +413,14 @@ impl ReadModels {
                   GROUP BY p.category
                   ORDER BY orders DESC, p.category",
             )
-            .bind(customer_id)
+            .bind(customer_id.as_str())
             .fetch_all(pool)
             .await?),
             Self::Memory(state) => {
                 let guard = state.read().await;
                 let mut counts: HashMap<String, i64> = HashMap::new();
                 for order in guard.orders.values() {
-                    if order.customer_id != customer_id
+                    if order.customer_id != *customer_id
                         || matches!(order.status.as_str(), "cancelled" | "compensating") {
                         continue;
                     }
@@ -454,7 +446,7 @@ impl ReadModels {
                         .await?;
                 Ok(document.map(serde_json::from_value).transpose()?)
             }
-            Self::Memory(state) => Ok(state.read().await.pets.get(pet_id.as_str()).cloned()),
+            Self::Memory(state) => Ok(state.read().await.pets.get(pet_id).cloned()),
         }
     }
 
@@ -500,7 +492,7 @@ impl ReadModels {
                     .after
                     .as_ref()
                     .map_or(std::ops::Bound::Unbounded, |after| {
-                        std::ops::Bound::Excluded(after.as_str().to_owned())
+                        std::ops::Bound::Excluded(after.clone())
                     });
                 guard
                     .pets
@@ -572,30 +564,27 @@ async fn apply_postgres(
     petstore_event_store::database::commit_lazily(&mut transaction).await?;
     let mut batch = ViewBatch::default();
     if !order_ids.is_empty() {
-        let rows: Vec<(String, serde_json::Value)> = sqlx::query_as(&format!(
-            "SELECT order_id::text, document FROM {orders_table}
-              WHERE order_id = ANY($1::text[]::uuid[]) FOR UPDATE"
+        let documents: Vec<serde_json::Value> = sqlx::query_scalar(&format!(
+            "SELECT document FROM {orders_table} WHERE order_id = ANY($1) FOR UPDATE"
         ))
-        .bind(&order_ids)
+        .bind(uuids(&order_ids))
         .fetch_all(&mut *transaction)
         .await?;
-        for (id, document) in rows {
-            batch
-                .orders
-                .insert(id, Some(serde_json::from_value(document)?));
+        for document in documents {
+            let view: OrderStatusView = serde_json::from_value(document)?;
+            batch.orders.insert(view.order_id, Some(view));
         }
     }
     if !pet_ids.is_empty() {
-        let rows: Vec<(String, serde_json::Value)> = sqlx::query_as(&format!(
-            "SELECT pet_id, document FROM {pets_table} WHERE pet_id = ANY($1) FOR UPDATE"
+        let documents: Vec<serde_json::Value> = sqlx::query_scalar(&format!(
+            "SELECT document FROM {pets_table} WHERE pet_id = ANY($1) FOR UPDATE"
         ))
-        .bind(&pet_ids)
+        .bind(slugs(&pet_ids))
         .fetch_all(&mut *transaction)
         .await?;
-        for (id, document) in rows {
-            batch
-                .pets
-                .insert(id, Some(serde_json::from_value(document)?));
+        for document in documents {
+            let view: PetView = serde_json::from_value(document)?;
+            batch.pets.insert(view.id.clone(), Some(view));
         }
     }
     for poison in batch.fold(events) {
@@ -603,7 +592,7 @@ async fn apply_postgres(
             &mut transaction,
             CHECKPOINT,
             poison.event,
-            poison.order_id.as_deref(),
+            poison.order_id.as_ref(),
             &poison.error.to_string(),
         )
         .await?;
@@ -631,7 +620,7 @@ pub(crate) async fn write_views(
     if !orders.is_empty() {
         // An order view folds events of four aggregates, so its `last_sequence` column holds
         // the global position of the last event applied, not a per-aggregate sequence.
-        let ids: Vec<&str> = orders.iter().map(|view| view.order_id.as_str()).collect();
+        let ids: Vec<OrderId> = orders.iter().map(|view| view.order_id).collect();
         let versions: Vec<i64> = orders
             .iter()
             .map(|view| view.position.global_position)
@@ -642,12 +631,12 @@ pub(crate) async fn write_views(
             .collect::<Result<Vec<_>, _>>()?;
         sqlx::query(&format!(
             "INSERT INTO {orders_table} (order_id, last_sequence, document)
-             SELECT id::uuid, version, document::jsonb
-               FROM UNNEST($1::text[], $2::bigint[], $3::text[]) AS t(id, version, document)
+             SELECT id, version, document::jsonb
+               FROM UNNEST($1::uuid[], $2::bigint[], $3::text[]) AS t(id, version, document)
              ON CONFLICT (order_id) DO UPDATE
                 SET last_sequence = excluded.last_sequence, document = excluded.document"
         ))
-        .bind(&ids)
+        .bind(uuids(&ids))
         .bind(&versions)
         .bind(&documents)
         .execute(&mut *transaction)
@@ -687,4 +676,14 @@ pub(crate) async fn write_views(
         .await?;
     }
     Ok(())
+}
+
+/// Order ids as Postgres binds them.
+pub(crate) fn uuids(ids: &[OrderId]) -> Vec<uuid::Uuid> {
+    ids.iter().map(OrderId::as_uuid).collect()
+}
+
+/// Pet ids as Postgres binds them.
+pub(crate) fn slugs(ids: &[PetId]) -> Vec<&str> {
+    ids.iter().map(PetId::as_str).collect()
 }

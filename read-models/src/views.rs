@@ -8,7 +8,7 @@ use petstore_domain::order::{Order, OrderEvent, OrderStatus};
 use petstore_domain::payment::{Payment, PaymentEvent};
 use petstore_domain::pet::{Availability, Pet, PetEvent};
 use petstore_domain::upcasting;
-use petstore_domain::Money;
+use petstore_domain::{CustomerId, Money, OrderId, PetId};
 use petstore_event_store::metadata::MissingMetadata;
 use petstore_event_store::stream::{RecordedEvent, StreamPosition};
 use serde::{Deserialize, Serialize};
@@ -67,14 +67,17 @@ impl SagaStepView {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct OrderStatusView {
     /// The order's id.
-    pub order_id: String,
+    #[schema(value_type = String, format = Uuid)]
+    pub order_id: OrderId,
     /// `pending`, `reserved`, `paid`, `scheduled`, then `completed`, or `compensating` and
     /// `cancelled` (every compensation recorded: nothing is left to undo).
     pub status: String,
     /// Who ordered.
-    pub customer_id: String,
+    #[schema(value_type = String)]
+    pub customer_id: CustomerId,
     /// The pet ordered.
-    pub pet_id: String,
+    #[schema(value_type = String)]
+    pub pet_id: PetId,
     /// What the order costs.
     pub amount: MoneyView,
     /// The customer's free text.
@@ -140,7 +143,8 @@ impl StatusChange {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct PetView {
     /// The pet's id, a slug.
-    pub id: String,
+    #[schema(value_type = String)]
+    pub id: PetId,
     /// Display name.
     pub name: String,
     /// `dog`, `cat`, `bird`, `fish` or `reptile`.
@@ -222,7 +226,7 @@ pub struct Poisoned<'a> {
     /// The event.
     pub event: &'a RecordedEvent,
     /// The order whose view it concerns, when known.
-    pub order_id: Option<String>,
+    pub order_id: Option<OrderId>,
     /// Why.
     pub error: DecodeError,
 }
@@ -231,22 +235,18 @@ pub struct Poisoned<'a> {
 #[derive(Debug, Default)]
 pub struct ViewBatch {
     /// Order views by order id; `None` until the order exists.
-    pub orders: HashMap<String, Option<OrderStatusView>>,
+    pub orders: HashMap<OrderId, Option<OrderStatusView>>,
     /// Pet views by pet id.
-    pub pets: HashMap<String, Option<PetView>>,
+    pub pets: HashMap<PetId, Option<PetView>>,
 }
 
 impl ViewBatch {
     /// The order and pet ids `events` touch, each once, sorted: load these views, fold.
-    pub fn ids(events: &[RecordedEvent]) -> (Vec<String>, Vec<String>) {
-        let mut orders: Vec<String> = events.iter().filter_map(order_view_id).collect();
+    pub fn ids(events: &[RecordedEvent]) -> (Vec<OrderId>, Vec<PetId>) {
+        let mut orders: Vec<OrderId> = events.iter().filter_map(order_view_id).collect();
         orders.sort_unstable();
         orders.dedup();
-        let mut pets: Vec<String> = events
-            .iter()
-            .filter(|event| event.aggregate_type == Pet::TYPE)
-            .map(|event| event.aggregate_id.clone())
-            .collect();
+        let mut pets: Vec<PetId> = events.iter().filter_map(pet_view_id).collect();
         pets.sort_unstable();
         pets.dedup();
         (orders, pets)
@@ -262,17 +262,11 @@ impl ViewBatch {
             let folded = order_id
                 .as_ref()
                 .map_or(Ok(()), |order_id| {
-                    OrderStatusView::fold(self.orders.entry(order_id.clone()).or_default(), event)
+                    OrderStatusView::fold(self.orders.entry(*order_id).or_default(), event)
                 })
-                .and_then(|()| {
-                    if event.aggregate_type == Pet::TYPE {
-                        PetView::fold(
-                            self.pets.entry(event.aggregate_id.clone()).or_default(),
-                            event,
-                        )
-                    } else {
-                        Ok(())
-                    }
+                .and_then(|()| match pet_view_id(event) {
+                    Some(pet_id) => PetView::fold(self.pets.entry(pet_id).or_default(), event),
+                    None => Ok(()),
                 });
             if let Err(error) = folded {
                 poisoned.push(Poisoned {
@@ -295,12 +289,20 @@ impl ViewBatch {
 }
 
 /// The order whose status view an event changes, if any.
-pub fn order_view_id(event: &RecordedEvent) -> Option<String> {
-    match event.aggregate_type.as_str() {
+pub fn order_view_id(event: &RecordedEvent) -> Option<OrderId> {
+    let id = match event.aggregate_type.as_str() {
         Order::TYPE | Payment::TYPE | Delivery::TYPE => Some(event.aggregate_id.clone()),
         Pet::TYPE => event.payload.variant_field("order_id"),
         _ => None,
-    }
+    };
+    id.and_then(|id| OrderId::parse(&id).ok())
+}
+
+/// The pet whose view an event changes, if any.
+pub fn pet_view_id(event: &RecordedEvent) -> Option<PetId> {
+    (event.aggregate_type == Pet::TYPE)
+        .then(|| PetId::parse(&event.aggregate_id).ok())
+        .flatten()
 }
 
 impl OrderStatusView {
@@ -327,7 +329,7 @@ impl OrderStatusView {
                 steps[0].started_at = Some(timestamp.clone());
                 let status = OrderStatus::Pending.as_str().to_owned();
                 *slot = Some(Self {
-                    order_id: request.order_id.to_string(),
+                    order_id: request.order_id,
                     status_history: vec![StatusChange {
                         status: status.clone(),
                         cancellation_reason: None,
@@ -336,8 +338,8 @@ impl OrderStatusView {
                     }],
                     attention: Vec::new(),
                     status,
-                    customer_id: request.customer_id.to_string(),
-                    pet_id: request.pet_id.to_string(),
+                    customer_id: request.customer_id.clone(),
+                    pet_id: request.pet_id.clone(),
                     amount: request.amount.into(),
                     special_instructions: request
                         .special_instructions
@@ -530,7 +532,7 @@ impl PetView {
         let availability = match decode::<PetEvent>(event)? {
             PetEvent::PetAdded(details) => {
                 *slot = Some(Self {
-                    id: details.pet_id.to_string(),
+                    id: details.pet_id.clone(),
                     name: details.name,
                     category: details.category.as_str().to_owned(),
                     breed: details.breed,

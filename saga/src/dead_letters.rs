@@ -55,14 +55,16 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
         error: &SagaError,
     ) -> Result<(), SagaError> {
         let order_id = match event.aggregate_type.as_str() {
-            Order::TYPE | Payment::TYPE | Delivery::TYPE => Some(event.aggregate_id.as_str()),
+            Order::TYPE | Payment::TYPE | Delivery::TYPE => {
+                OrderId::parse(&event.aggregate_id).ok()
+            }
             _ => None,
         };
         let id = dead_letters::record(
             self.store.database(),
             CHECKPOINT,
             event,
-            order_id,
+            order_id.as_ref(),
             &error.to_string(),
         )
         .await

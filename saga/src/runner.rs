@@ -1,15 +1,12 @@
 //! The runner: follows the stream (or Kafka), hands each order's events to its lane, and
 //! acknowledges what is handled.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use futures::future::BoxFuture;
-use futures::stream::FuturesUnordered;
-use futures::{FutureExt, StreamExt};
 use petstore_domain::providers::{DeliveryProvider, PaymentGateway};
 use petstore_domain::saga::SagaPolicy;
 use petstore_domain::OrderId;
@@ -18,7 +15,8 @@ use petstore_event_store::deadlines::{self};
 use petstore_event_store::store::EventStore;
 use petstore_event_store::stream::{Lag, RecordedEvent, StreamPosition};
 use petstore_event_store::subscription::{
-    Acknowledger, Arrivals, LagSampler, Subscription, Ticket,
+    run_in_lanes, Acknowledger, Arrived, LagSampler, LaneLimits, Lanes, RecentEvents, Route,
+    Subscription,
 };
 use petstore_kafka::KafkaSubscriber;
 use petstore_live_settings::Live;
@@ -96,37 +94,26 @@ impl<P, D> Clone for SagaRunner<P, D> {
     }
 }
 
-/// An arrived event, as far as acknowledging it goes.
-pub(crate) struct Arrived {
-    pub(crate) position: StreamPosition,
-    /// Its Kafka topic and partition, and offset.
-    pub(crate) delivery: Option<((String, i32), i64)>,
+/// A saga lane: one order's, or an event alone that cannot be decoded (set aside).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub(crate) enum Lane {
+    Order(OrderId),
+    Undecodable(Uuid),
 }
 
-impl Arrived {
-    pub(crate) fn of(event: &RecordedEvent) -> Self {
-        Self {
-            position: event.position,
-            delivery: event.delivery.as_ref().map(|delivery| {
-                (
-                    (delivery.topic.clone(), delivery.partition),
-                    delivery.offset,
-                )
-            }),
-        }
-    }
+/// An event in its lane.
+pub(crate) enum Work {
+    /// A step of the order's saga.
+    Step {
+        event: RecordedEvent,
+        decoded: Decoded,
+    },
+    /// An event that cannot be decoded: set aside as a dead letter.
+    Undecodable {
+        event: RecordedEvent,
+        error: SagaError,
+    },
 }
-
-/// An event waiting for, or in, its order's lane.
-pub(crate) struct Work {
-    pub(crate) ticket: Ticket,
-    pub(crate) event: RecordedEvent,
-    pub(crate) decoded: Decoded,
-}
-
-/// A lane's run (or an event being set aside): its order, and the tickets and ids of the
-/// events handled, or why one failed.
-pub(crate) type Step<'a> = BoxFuture<'a, (Option<OrderId>, Result<Vec<(Ticket, Uuid)>, SagaError>)>;
 
 /// How the runner acknowledges what it handled.
 pub(crate) enum Acknowledge<'a> {
@@ -134,6 +121,80 @@ pub(crate) enum Acknowledge<'a> {
     Checkpoint(Acknowledger),
     /// Consuming Kafka: the group's offsets.
     Offsets(&'a KafkaSubscriber),
+}
+
+/// The saga runner's events in lanes, acknowledged one way.
+pub(crate) struct SagaLanes<'a, P, D> {
+    runner: &'a SagaRunner<P, D>,
+    acknowledge: Acknowledge<'a>,
+}
+
+impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> Lanes for SagaLanes<'_, P, D> {
+    type Key = Lane;
+    type Work = Work;
+    type Error = SagaError;
+
+    fn route(&self, event: RecordedEvent) -> Route<Lane, Work> {
+        match saga_event(&event) {
+            Ok(Some((order_id, decoded))) => {
+                Route::Lane(Lane::Order(order_id), Work::Step { event, decoded })
+            }
+            Ok(None) => Route::Done,
+            Err(error) => Route::Lane(
+                Lane::Undecodable(event.event_id()),
+                Work::Undecodable { event, error },
+            ),
+        }
+    }
+
+    /// Handles one order's events in order (or sets an undecodable event aside).
+    async fn handle(&self, lane: Lane, work: Vec<Work>) -> Result<(), SagaError> {
+        for work in work {
+            match (&lane, work) {
+                (Lane::Order(order_id), Work::Step { event, decoded }) => {
+                    let span = step_span(*order_id, &event);
+                    self.runner
+                        .handle_persistently(*order_id, &event, &decoded)
+                        .instrument(span)
+                        .await?;
+                }
+                (_, Work::Undecodable { event, error }) => {
+                    self.runner.set_aside(&event, &error).await?;
+                }
+                (Lane::Undecodable(_), Work::Step { .. }) => {
+                    unreachable!("a step is routed to its order's lane")
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Saves the checkpoint, or commits the offsets (waiting for the broker when `finally`).
+    async fn acknowledge(&self, handled: Vec<Arrived>, finally: bool) -> Result<(), SagaError> {
+        let furthest = handled.iter().map(|arrived| arrived.position).max();
+        match &self.acknowledge {
+            Acknowledge::Checkpoint(acknowledger) => {
+                // In stream order: the last is the furthest.
+                if let Some(position) = furthest {
+                    acknowledger.acknowledge(position, None).await?;
+                }
+            }
+            Acknowledge::Offsets(subscriber) => {
+                let mut offsets = HashMap::new();
+                for (partition, offset) in
+                    handled.into_iter().filter_map(|arrived| arrived.delivery)
+                {
+                    let at = offsets.entry(partition).or_insert(offset);
+                    *at = offset.max(*at);
+                }
+                subscriber.commit(&offsets, finally)?;
+            }
+        }
+        if furthest.is_some() {
+            self.runner.handled(furthest);
+        }
+        Ok(())
+    }
 }
 
 impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D> {
@@ -350,13 +411,11 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
     }
 
     /// Handles the events of `batches` until stopped (`Ok`, once what arrived is handled) or
-    /// until one's handling fails (`Err`). Each order's events go, in order, through the
-    /// order's lane; up to `saga.max_concurrent_orders` lanes run at once, and more events are
-    /// read while they run (up to `saga.batch_size` unacknowledged), so one slow order holds
-    /// up no other. What is handled with everything that arrived before it is acknowledged
-    /// (the checkpoint saved, the offsets committed) every [`ACKNOWLEDGE_EVERY`] at most. An
-    /// event that cannot be decoded, or whose handling keeps failing because its history
-    /// cannot be read, is set aside as a dead letter and the runner moves on.
+    /// until one's handling fails (`Err`): each order's events in its lane, up to
+    /// `saga.max_concurrent_orders` lanes at once and `saga.batch_size` events
+    /// unacknowledged ([`run_in_lanes`]). An event that cannot be decoded, or whose handling
+    /// keeps failing because its history cannot be read, is set aside as a dead letter and
+    /// the runner moves on.
     pub(crate) async fn pipeline(
         &self,
         batches: impl futures::Stream<Item = Result<Vec<RecordedEvent>, SagaError>>,
@@ -364,204 +423,16 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
         seen: &mut RecentEvents,
         acknowledge: Acknowledge<'_>,
     ) -> Result<(), SagaError> {
-        let mut batches = std::pin::pin!(batches);
-        let lanes_at_most = self.settings.max_concurrent_orders.max(1);
-        let outstanding_at_most = (self.settings.batch_size as usize).max(1);
-        let mut arrivals = Arrivals::new();
-        // Nothing below awaits outside these futures: a lane not polled while it holds a
-        // database connection could starve whatever waits for one.
-        let mut lanes: FuturesUnordered<Step<'_>> = FuturesUnordered::new();
-        let mut acknowledging: Option<BoxFuture<'_, Result<(), SagaError>>> = None;
-        // Events waiting for their order's lane; orders waiting for a lane, each once.
-        let mut queued: HashMap<OrderId, Vec<Work>> = HashMap::new();
-        let mut waiting: VecDeque<OrderId> = VecDeque::new();
-        let mut running: HashSet<OrderId> = HashSet::new();
-        let mut in_flight: HashSet<Uuid> = HashSet::new();
-        let mut unacknowledged: Vec<Arrived> = Vec::new();
-        let mut acknowledge_at: Option<tokio::time::Instant> = None;
-        let mut stopping = false;
-        loop {
-            while lanes.len() < lanes_at_most {
-                let Some(order_id) = waiting.pop_front() else {
-                    break;
-                };
-                let work = queued.remove(&order_id).unwrap_or_default();
-                running.insert(order_id);
-                lanes.push(self.lane(order_id, work).boxed());
-            }
-            if stopping && lanes.is_empty() {
-                if let Some(acknowledging) = acknowledging.take() {
-                    acknowledging.await?;
-                }
-                unacknowledged.extend(arrivals.acknowledgeable());
-                return self.acknowledge(&acknowledge, unacknowledged, true).await;
-            }
-            let room = !stopping && arrivals.outstanding() < outstanding_at_most;
-            tokio::select! {
-                // (The guard `wait_for` returns must not live on across the awaits below.)
-                _ = async { stopped.wait_for(|stop| *stop).await.is_ok() }, if !stopping => stopping = true,
-                batch = batches.next(), if room => {
-                    let Some(batch) = batch else {
-                        stopping = true;
-                        continue;
-                    };
-                    for event in batch? {
-                        let arrived = Arrived::of(&event);
-                        let id = event.event_id();
-                        // Kafka delivers at least once: a redelivery of an event handled
-                        // or being handled needs nothing more.
-                        if seen.contains(&id) || in_flight.contains(&id) {
-                            arrivals.arrive(arrived, true);
-                            continue;
-                        }
-                        let decoded = match saga_event(&event) {
-                            Ok(decoded) => decoded,
-                            Err(error) => {
-                                let ticket = arrivals.arrive(arrived, false);
-                                lanes.push(async move {
-                                    let outcome = self.set_aside(&event, &error).await;
-                                    (None, outcome.map(|()| vec![(ticket, id)]))
-                                }.boxed());
-                                continue;
-                            }
-                        };
-                        let Some((order_id, decoded)) = decoded else {
-                            arrivals.arrive(arrived, true);
-                            continue;
-                        };
-                        in_flight.insert(id);
-                        let ticket = arrivals.arrive(arrived, false);
-                        let queue = queued.entry(order_id).or_default();
-                        if queue.is_empty() && !running.contains(&order_id) {
-                            waiting.push_back(order_id);
-                        }
-                        queue.push(Work { ticket, event, decoded });
-                    }
-                }
-                Some((order_id, handled)) = lanes.next(), if !lanes.is_empty() => {
-                    if let Some(order_id) = order_id {
-                        running.remove(&order_id);
-                        if queued.contains_key(&order_id) {
-                            waiting.push_back(order_id);
-                        }
-                    }
-                    for (ticket, id) in handled? {
-                        arrivals.finish(ticket);
-                        in_flight.remove(&id);
-                        seen.record(id);
-                    }
-                }
-                () = tokio::time::sleep_until(acknowledge_at.unwrap_or_else(tokio::time::Instant::now)), if acknowledge_at.is_some() && acknowledging.is_none() => {
-                    acknowledge_at = None;
-                    let handled = std::mem::take(&mut unacknowledged);
-                    acknowledging = Some(self.acknowledge(&acknowledge, handled, false).boxed());
-                }
-                acknowledged = async { acknowledging.as_mut().expect("guarded").await }, if acknowledging.is_some() => {
-                    acknowledging = None;
-                    acknowledged?;
-                }
-            }
-            let before = unacknowledged.len();
-            unacknowledged.extend(arrivals.acknowledgeable());
-            if unacknowledged.len() > before && acknowledge_at.is_none() {
-                acknowledge_at = Some(tokio::time::Instant::now() + ACKNOWLEDGE_EVERY);
-            }
-        }
-    }
-
-    /// Handles one order's events in order: the tickets and ids of those handled, or why
-    /// one failed.
-    pub(crate) async fn lane(
-        &self,
-        order_id: OrderId,
-        work: Vec<Work>,
-    ) -> (Option<OrderId>, Result<Vec<(Ticket, Uuid)>, SagaError>) {
-        let mut handled = Vec::with_capacity(work.len());
-        for Work {
-            ticket,
-            event,
-            decoded,
-        } in work
-        {
-            let span = step_span(order_id, &event);
-            let outcome = self
-                .handle_persistently(order_id, &event, &decoded)
-                .instrument(span)
-                .await;
-            if let Err(error) = outcome {
-                return (Some(order_id), Err(error));
-            }
-            handled.push((ticket, event.event_id()));
-        }
-        (Some(order_id), Ok(handled))
-    }
-
-    /// Acknowledges `handled` (events handled with all that arrived before them): saves the
-    /// checkpoint, or commits the offsets (waiting for the broker when `finally`).
-    pub(crate) async fn acknowledge(
-        &self,
-        how: &Acknowledge<'_>,
-        handled: Vec<Arrived>,
-        finally: bool,
-    ) -> Result<(), SagaError> {
-        let furthest = handled.iter().map(|arrived| arrived.position).max();
-        match how {
-            Acknowledge::Checkpoint(acknowledger) => {
-                // In stream order: the last is the furthest.
-                if let Some(position) = furthest {
-                    acknowledger.acknowledge(position, None).await?;
-                }
-            }
-            Acknowledge::Offsets(subscriber) => {
-                let mut offsets = HashMap::new();
-                for (partition, offset) in
-                    handled.into_iter().filter_map(|arrived| arrived.delivery)
-                {
-                    let at = offsets.entry(partition).or_insert(offset);
-                    *at = offset.max(*at);
-                }
-                subscriber.commit(&offsets, finally)?;
-            }
-        }
-        if furthest.is_some() {
-            self.handled(furthest);
-        }
-        Ok(())
-    }
-}
-
-/// The ids of the events handled most recently, to drop redeliveries cheaply (the command
-/// ids make a redelivered event harmless anyway).
-pub(crate) struct RecentEvents {
-    pub(crate) capacity: usize,
-    pub(crate) order: std::collections::VecDeque<Uuid>,
-    pub(crate) ids: std::collections::HashSet<Uuid>,
-}
-
-impl RecentEvents {
-    pub(crate) fn new(capacity: usize) -> Self {
-        Self {
-            capacity,
-            order: std::collections::VecDeque::new(),
-            ids: std::collections::HashSet::new(),
-        }
-    }
-
-    /// Whether the event was handled.
-    pub(crate) fn contains(&self, id: &Uuid) -> bool {
-        self.ids.contains(id)
-    }
-
-    /// Remembers an event as handled, forgetting the oldest beyond the capacity.
-    pub(crate) fn record(&mut self, id: Uuid) {
-        if self.ids.insert(id) {
-            self.order.push_back(id);
-        }
-        while self.order.len() > self.capacity {
-            if let Some(oldest) = self.order.pop_front() {
-                self.ids.remove(&oldest);
-            }
-        }
+        let limits = LaneLimits {
+            lanes: self.settings.max_concurrent_orders,
+            outstanding: self.settings.batch_size as usize,
+            acknowledge_every: ACKNOWLEDGE_EVERY,
+        };
+        let lanes = SagaLanes {
+            runner: self,
+            acknowledge,
+        };
+        run_in_lanes(&lanes, limits, batches, stopped, seen).await
     }
 }
 
@@ -599,40 +470,4 @@ pub(crate) fn step_span(order_id: OrderId, event: &RecordedEvent) -> tracing::Sp
     }
     petstore_telemetry::continue_trace(&span, event.traceparent());
     span
-}
-
-#[cfg(test)]
-mod tests {
-    use petstore_event_store::stream::Payload;
-
-    use super::*;
-
-    fn event(sequence: i64) -> RecordedEvent {
-        RecordedEvent {
-            position: StreamPosition::START,
-            aggregate_type: "Order".to_owned(),
-            aggregate_id: "o".to_owned(),
-            sequence,
-            event_type: "OrderCreated".to_owned(),
-            event_version: "1.0".to_owned(),
-            payload: Payload::of(&serde_json::Value::Null).expect("a payload"),
-            metadata: Default::default(),
-            delivery: None,
-        }
-    }
-
-    #[test]
-    fn handled_events_are_remembered_up_to_the_capacity() {
-        let mut seen = RecentEvents::new(2);
-        let (one, two, three) = (event(1), event(2), event(3));
-        assert!(!seen.contains(&one.event_id()));
-        seen.record(one.event_id());
-        seen.record(one.event_id());
-        seen.record(two.event_id());
-        assert!(seen.contains(&one.event_id()) && seen.contains(&two.event_id()));
-        // The oldest are forgotten beyond the capacity.
-        seen.record(three.event_id());
-        assert!(!seen.contains(&one.event_id()));
-        assert!(seen.contains(&three.event_id()));
-    }
 }

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use petstore_cli::Role;
-use petstore_domain::PetId;
 use petstore_event_store::store::EventStore;
 use petstore_event_store::stream::{self, StreamPosition};
 use petstore_kafka::{Envelope, KafkaBus};
@@ -331,7 +330,7 @@ async fn projectors_killed_while_orders_pour_in_lose_nothing() {
     assert_eq!(orders.len(), ORDERS);
     let read_models = ReadModels::open(&database).await.expect("read models");
     for view in &orders {
-        let order_id = petstore_domain::OrderId::parse(&view.order_id).expect("id");
+        let order_id = view.order_id;
         assert_eq!(
             read_models.order(&order_id).await.expect("pg").as_ref(),
             Some(view)
@@ -342,7 +341,7 @@ async fn projectors_killed_while_orders_pour_in_lose_nothing() {
         );
     }
     for view in &pets {
-        let pet_id = PetId::parse(&view.id).expect("id");
+        let pet_id = view.id.clone();
         assert_eq!(
             read_models.pet(&pet_id).await.expect("pg").as_ref(),
             Some(view)

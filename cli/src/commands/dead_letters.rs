@@ -105,7 +105,7 @@ async fn act(database: &Database, action: Command) -> anyhow::Result<()> {
                                 "{} {} #{}",
                                 letter.aggregate_type, letter.aggregate_id, letter.sequence
                             ),
-                            letter.order_id.clone().unwrap_or_default(),
+                            letter.order_id.map(|id| id.to_string()).unwrap_or_default(),
                             letter.attempts.to_string(),
                             letter.error.clone(),
                         ]);

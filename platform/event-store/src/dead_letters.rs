@@ -10,8 +10,10 @@ use petstore_telemetry::health::{ComponentHealth, HealthCheck};
 use std::collections::BTreeMap;
 
 use chrono::Utc;
+use petstore_domain::OrderId;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
+use uuid::Uuid;
 
 use crate::database::{with_pool, Database};
 use crate::stream::{RecordedEvent, StreamPosition};
@@ -69,7 +71,8 @@ pub struct DeadLetter {
     /// Who could not handle it: `saga`.
     pub consumer: String,
     /// The event's id.
-    pub event_id: String,
+    #[schema(value_type = String, format = Uuid)]
+    pub event_id: Uuid,
     /// Where it stands in the stream.
     #[schema(value_type = Object)]
     pub position: StreamPosition,
@@ -84,7 +87,8 @@ pub struct DeadLetter {
     /// Its version.
     pub event_version: String,
     /// The order it concerns, when known.
-    pub order_id: Option<String>,
+    #[schema(value_type = Option<String>, format = Uuid)]
+    pub order_id: Option<OrderId>,
     /// The last error.
     pub error: String,
     /// How often it failed.
@@ -139,9 +143,18 @@ fn from_row(row: Row) -> Result<DeadLetter, sqlx::Error> {
         failed_at_ms,
         resolved_at_ms,
     ) = row;
-    let status = DeadLetterStatus::parse(&status).ok_or_else(|| {
-        sqlx::Error::Decode(format!("dead letter {id} has no known status: {status:?}").into())
-    })?;
+    let malformed =
+        |what: String| sqlx::Error::Decode(format!("dead letter {id} has {what}").into());
+    let status = DeadLetterStatus::parse(&status)
+        .ok_or_else(|| malformed(format!("no known status: {status:?}")))?;
+    let event_id = Uuid::try_parse(&event_id)
+        .map_err(|_| malformed(format!("a malformed event id: {event_id:?}")))?;
+    let order_id = order_id
+        .map(|order_id| {
+            OrderId::parse(&order_id)
+                .map_err(|_| malformed(format!("a malformed order id: {order_id:?}")))
+        })
+        .transpose()?;
     Ok(DeadLetter {
         id,
         consumer,
@@ -177,7 +190,7 @@ pub async fn record(
     database: &Database,
     consumer: &str,
     event: &RecordedEvent,
-    order_id: Option<&str>,
+    order_id: Option<&OrderId>,
     error: &str,
 ) -> Result<i64, sqlx::Error> {
     let (id,): (i64,) = fetch!(
@@ -193,7 +206,7 @@ pub async fn record(
         event.sequence,
         &event.event_type,
         &event.event_version,
-        order_id,
+        order_id.map(OrderId::to_string),
         error,
         Utc::now().timestamp_millis()
     )?;
@@ -215,7 +228,7 @@ pub async fn record_in(
     connection: &mut sqlx::PgConnection,
     consumer: &str,
     event: &RecordedEvent,
-    order_id: Option<&str>,
+    order_id: Option<&OrderId>,
     error: &str,
 ) -> Result<i64, sqlx::Error> {
     let (id,): (i64,) = sqlx::query_as(RECORD)
@@ -228,7 +241,7 @@ pub async fn record_in(
         .bind(event.sequence)
         .bind(&event.event_type)
         .bind(&event.event_version)
-        .bind(order_id)
+        .bind(order_id.map(OrderId::to_string))
         .bind(error)
         .bind(Utc::now().timestamp_millis())
         .fetch_one(connection)
@@ -320,13 +333,13 @@ pub async fn open_counts(database: &Database) -> Result<BTreeMap<String, i64>, s
 /// The open dead letters of an order.
 pub async fn open_for_order(
     database: &Database,
-    order_id: &str,
+    order_id: &OrderId,
 ) -> Result<Vec<DeadLetter>, sqlx::Error> {
     let sql = format!(
         "SELECT {COLUMNS} FROM dead_letters
           WHERE order_id = $1 AND status IN ('pending', 'retrying') ORDER BY id"
     );
-    let rows: Vec<Row> = fetch!(database, &sql, fetch_all, order_id)?;
+    let rows: Vec<Row> = fetch!(database, &sql, fetch_all, order_id.to_string())?;
     rows.into_iter().map(from_row).collect()
 }
 

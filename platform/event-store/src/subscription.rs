@@ -2,9 +2,10 @@
 //! runner and each projection): [`Subscription`] follows from a checkpoint in batches
 //! ([`StreamReader`]), knows when it has caught up with what was committed when it
 //! (re)started, acknowledges what it handled (its checkpoint saved, fenced while it holds a
-//! lock), measures its lag ([`LagSampler`]), and retries the dead letters an operator asked
-//! to retry ([`retry_dead_letters`]). A subscriber that handles events out of arrival order
-//! acknowledges only the handled prefix ([`Arrivals`]).
+//! lock: one process at a time is a subscriber's active instance, [`become_active`]), measures its lag ([`LagSampler`]), and retries the dead letters an operator asked
+//! to retry ([`retry_dead_letters`]). A subscriber whose events fall into independent lanes
+//! (the saga runner: one per order) runs them side by side and acknowledges only the handled
+//! prefix ([`run_in_lanes`], [`Arrivals`]).
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -12,11 +13,13 @@ use std::time::{Duration, Instant};
 use sqlx::postgres::PgListener;
 
 mod arrivals;
+mod lanes;
 
 pub use arrivals::{Arrivals, Ticket};
+pub use lanes::{run_in_lanes, Arrived, LaneLimits, Lanes, RecentEvents, Route};
 use tokio::sync::watch;
 
-use crate::database::{Database, Fence};
+use crate::database::{Database, DatabaseError, ExclusiveLock, Fence};
 use crate::dead_letters::{self, DeadLetter, DeadLetterStatus};
 use crate::store::{EventStore, EVENTS_CHANNEL};
 use crate::stream::{
@@ -106,6 +109,42 @@ impl Subscription {
         Acknowledger {
             name: self.name,
             database: self.database.clone(),
+        }
+    }
+}
+
+/// How long a standby waits between attempts to become the active instance.
+pub const TAKEOVER_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Tries to become the one active instance of the subscriber `name` (a Postgres advisory
+/// lock; on SQLite the one process always is): `None` while another process is. The lock's
+/// fence goes with every write the instance makes, refused once a successor holds it.
+pub async fn try_become_active(
+    database: &Database,
+    name: &str,
+) -> Result<Option<ExclusiveLock>, DatabaseError> {
+    database.try_lock(&format!("projection:{name}")).await
+}
+
+/// Waits to become the active instance of the subscriber `name`, standing by while another
+/// process is (trying again every [`TAKEOVER_INTERVAL`], so a standby takes over when the
+/// active one dies); `None` once `shutdown` resolves first.
+pub async fn become_active(
+    database: &Database,
+    name: &str,
+    mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Option<ExclusiveLock> {
+    loop {
+        match try_become_active(database, name).await {
+            Ok(Some(lock)) => return Some(lock),
+            Ok(None) => tracing::debug!(subscriber = name, "standby: another instance is active"),
+            Err(error) => {
+                tracing::warn!(subscriber = name, %error, "cannot take the subscriber's lock")
+            }
+        }
+        tokio::select! {
+            () = shutdown.as_mut() => return None,
+            () = tokio::time::sleep(TAKEOVER_INTERVAL) => {}
         }
     }
 }

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use petstore_domain::OrderId;
 use petstore_read_models::{OrderChanges, OrderStatusView, ReadModels};
 use petstore_settings::OrderUpdateSettings;
 use petstore_telemetry::metrics::Metrics;
@@ -20,7 +21,7 @@ pub(crate) struct Hub {
     pub(crate) settings: OrderUpdateSettings,
     pub(crate) metrics: Metrics,
     /// A broadcast per followed order.
-    pub(crate) followed: Mutex<HashMap<String, broadcast::Sender<Arc<OrderStatusView>>>>,
+    pub(crate) followed: Mutex<HashMap<OrderId, broadcast::Sender<Arc<OrderStatusView>>>>,
     /// Open connections per subject.
     connections: Mutex<HashMap<String, u32>>,
     /// True once the process is shutting down: every connection closes.
@@ -96,9 +97,9 @@ impl Hub {
     /// broadcasts each to its connections.
     async fn deliver(
         &self,
-        ids: Option<&[String]>,
+        ids: Option<&[OrderId]>,
     ) -> Result<(), petstore_read_models::ReadModelError> {
-        let wanted: Vec<String> = {
+        let wanted: Vec<OrderId> = {
             let followed = locked(&self.followed);
             match ids {
                 Some(ids) => ids

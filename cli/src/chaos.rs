@@ -159,7 +159,7 @@ pub async fn saga(
             live,
         );
         match settings.kafka.brokers {
-            Some(_) => runner.with_kafka(settings.kafka.clone()),
+            Some(_) => runner.with_kafka(settings.kafka.clone(), settings.saga.partitions()?),
             None => runner,
         }
     };

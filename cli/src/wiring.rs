@@ -15,6 +15,7 @@ use axum::routing::get;
 use axum::Router;
 use petstore_admin_api::AdminState;
 use petstore_command_api::CommandState;
+use petstore_domain::partition::Partitions;
 use petstore_event_store::database::Database;
 use petstore_event_store::store::EventStore;
 use petstore_event_store::subscription::try_become_active;
@@ -54,6 +55,8 @@ pub(crate) struct Infrastructure {
     pub(crate) redis: Option<RedisViews>,
     /// Kafka, when `kafka.brokers` is set.
     pub(crate) bus: Option<KafkaBus>,
+    /// The store's saga partitions.
+    pub(crate) partitions: Partitions,
     /// The read models, where this process serves or projects them.
     pub(crate) read_models: Option<ReadModels>,
     /// The live settings' follower and the appends' notifications, started as soon as the
@@ -75,6 +78,9 @@ impl Infrastructure {
         if settings.database.migrate_on_start {
             database.migrate().await?;
         }
+        let partitions = database
+            .saga_partitions(settings.saga.partitions()?)
+            .await?;
         let serves_queries = roles.contains(&Role::Query);
         if matches!(database, Database::Sqlite(_))
             && serves_queries != roles.contains(&Role::Projector)
@@ -131,12 +137,17 @@ impl Infrastructure {
         if settings.kafka.brokers.is_some()
             && (roles.contains(&Role::Projector) || roles.contains(&Role::Saga))
         {
-            check_kafka_topics(&settings.kafka, &store_id).await?;
+            check_kafka_topics(&settings.kafka, &store_id, partitions).await?;
         }
         let bus = match &settings.kafka.brokers {
             Some(_) => Some(
-                KafkaBus::new(&settings.kafka, &store_id, policies.kafka.clone())?
-                    .with_metrics(metrics.clone()),
+                KafkaBus::new(
+                    &settings.kafka,
+                    &store_id,
+                    partitions,
+                    policies.kafka.clone(),
+                )?
+                .with_metrics(metrics.clone()),
             ),
             None => None,
         };
@@ -148,6 +159,7 @@ impl Infrastructure {
             policies,
             redis,
             bus,
+            partitions,
             read_models,
             workers,
         })
@@ -251,7 +263,7 @@ impl Wiring {
             infrastructure.live.clone(),
         );
         let runner = match infrastructure.bus {
-            Some(_) => runner.with_kafka(settings.kafka.clone()),
+            Some(_) => runner.with_kafka(settings.kafka.clone(), infrastructure.partitions),
             None => runner,
         };
         self.health.add(SagaRunnerHealth(runner.progress()));
@@ -411,10 +423,16 @@ impl Wiring {
 /// Refuses topics that hold another event store's events. A broker that does not answer
 /// never stops the service: the relay checks the topics again before it publishes, and the
 /// saga runner skips any message not of this store.
-async fn check_kafka_topics(settings: &KafkaSettings, store_id: &str) -> Result<(), StartupError> {
-    match petstore_kafka::check_topic_owner(settings, store_id).await {
+async fn check_kafka_topics(
+    settings: &KafkaSettings,
+    store_id: &str,
+    partitions: Partitions,
+) -> Result<(), StartupError> {
+    match petstore_kafka::check_topics(settings, store_id, partitions).await {
         Ok(()) => Ok(()),
-        Err(error @ BusError::ForeignTopics { .. }) => Err(error.into()),
+        Err(error @ (BusError::ForeignTopics { .. } | BusError::PartitionCount { .. })) => {
+            Err(error.into())
+        }
         Err(error) => {
             tracing::warn!(%error, "Kafka is unreachable: its topics are checked to be this store's when the relay connects");
             Ok(())

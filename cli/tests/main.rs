@@ -12,5 +12,6 @@ mod dead_letters;
 mod first_run;
 mod live_config;
 mod observability;
+mod partitions;
 mod postgres;
 mod security;

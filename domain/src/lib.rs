@@ -19,11 +19,13 @@
 //! - [`catalog`]: the demo catalog created as events on first start.
 //! - [`providers`]: the payment gateway and delivery provider the saga calls, as traits.
 //! - [`saga`]: the order-fulfilment saga as pure decisions: event in, actions out.
+//! - [`partition`]: the saga partitions orders belong to, one owner each.
 
 pub mod catalog;
 pub mod delivery;
 pub mod error;
 pub mod order;
+pub mod partition;
 pub mod payment;
 pub mod pet;
 pub mod providers;

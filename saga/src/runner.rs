@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
+use petstore_domain::partition::Partitions;
 use petstore_domain::providers::{DeliveryProvider, PaymentGateway};
 use petstore_domain::saga::SagaPolicy;
 use petstore_domain::OrderId;
@@ -66,7 +67,7 @@ pub struct SagaProgress {
 /// Runs the sagas.
 pub struct SagaRunner<P, D> {
     pub(crate) store: EventStore,
-    pub(crate) kafka: Option<KafkaSettings>,
+    pub(crate) kafka: Option<(KafkaSettings, Partitions)>,
     pub(crate) settings: SagaSettings,
     pub(crate) policies: Policies,
     pub(crate) payments: Arc<P>,
@@ -283,9 +284,10 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
 
     /// Consume the events from Kafka, in the configured consumer group, instead of following
     /// the event store: several runners then share the work, and a dead runner's partitions
-    /// move to the others.
-    pub fn with_kafka(mut self, kafka: KafkaSettings) -> Self {
-        self.kafka = Some(kafka);
+    /// move to the others. The topics have one partition per saga partition of `partitions`
+    /// (the store's).
+    pub fn with_kafka(mut self, kafka: KafkaSettings, partitions: Partitions) -> Self {
+        self.kafka = Some((kafka, partitions));
         self
     }
 
@@ -309,7 +311,9 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
         let work = async {
             let events = async {
                 match &self.kafka {
-                    Some(kafka) => self.follow_kafka(kafka, stopped.clone()).await,
+                    Some((kafka, partitions)) => {
+                        self.follow_kafka(kafka, *partitions, stopped.clone()).await
+                    }
                     None => self.follow_stream(stopped.clone()).await,
                 }
             };
@@ -342,10 +346,14 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
     pub(crate) async fn follow_kafka(
         &self,
         kafka: &KafkaSettings,
+        partitions: Partitions,
         mut stopped: watch::Receiver<bool>,
     ) {
         let mut seen = RecentEvents::new(100_000);
-        while let Err(error) = self.consume_kafka(kafka, &mut stopped, &mut seen).await {
+        while let Err(error) = self
+            .consume_kafka(kafka, partitions, &mut stopped, &mut seen)
+            .await
+        {
             // The consumer is dropped: it rejoins the group and resumes from the last
             // committed offsets, so what was not handled is delivered again.
             self.failed();
@@ -362,6 +370,7 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
     pub(crate) async fn consume_kafka(
         &self,
         kafka: &KafkaSettings,
+        partitions: Partitions,
         stopped: &mut watch::Receiver<bool>,
         seen: &mut RecentEvents,
     ) -> Result<(), SagaError> {
@@ -371,7 +380,8 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
             .store_id()
             .await
             .map_err(|error| SagaError::Store(error.to_string()))?;
-        let subscriber = KafkaSubscriber::new(kafka, &kafka.consumer_group, &store_id).await?;
+        let subscriber =
+            KafkaSubscriber::new(kafka, &kafka.consumer_group, &store_id, partitions).await?;
         let max = self.settings.batch_size as usize;
         // Polled from a stream, never cancelled: a batch being taken is not lost.
         let batches = futures::stream::unfold(&subscriber, |subscriber| async move {

@@ -69,8 +69,9 @@ async fn messages_keyed(
     found
 }
 
-/// A consumed message: its key, headers and envelope.
+/// A consumed message: its partition, key, headers and envelope.
 struct Consumed {
+    partition: i32,
     key: String,
     headers: HashMap<String, String>,
     envelope: Envelope,
@@ -116,6 +117,7 @@ async fn consume_all(prefix: &str, count: usize) -> Vec<Consumed> {
             serde_json::from_slice(message.payload().expect("value")).expect("envelope");
         distinct.insert(envelope.event_id.clone());
         consumed.push(Consumed {
+            partition: message.partition(),
             key: String::from_utf8_lossy(message.key().expect("key")).into_owned(),
             headers,
             envelope,
@@ -243,6 +245,7 @@ async fn projectors_killed_while_orders_pour_in_lose_nothing() {
     let bus = KafkaBus::new(
         &settings.kafka,
         &store_id,
+        settings.saga.partitions().expect("partitions"),
         Policies::fixed(&settings.resilience, &Metrics::new()).kafka,
     )
     .expect("bus");
@@ -322,7 +325,19 @@ async fn projectors_killed_while_orders_pour_in_lose_nothing() {
         .await
         .expect("log");
     assert_eq!(events.len(), stored_event_count(&storage).await);
-    consume_all(&prefix, events.len()).await;
+    // Each event is on its saga partition: Kafka partitions are saga partitions.
+    let partitions = settings.saga.partitions().expect("partitions");
+    let mut used = HashSet::new();
+    for message in consume_all(&prefix, events.len()).await {
+        let expected = partitions.of_key(&message.envelope.aggregate_id);
+        assert_eq!(message.partition, expected.kafka(), "{}", message.key);
+        if message.envelope.aggregate_type == "Order" {
+            let order = petstore_domain::OrderId::parse(&message.key).expect("an order id");
+            assert_eq!(partitions.of_order(&order), expected);
+            used.insert(message.partition);
+        }
+    }
+    assert!(used.len() > 1, "orders spread over partitions: {used:?}");
 
     let mut expected = ViewBatch::default();
     assert!(expected.fold(&events).is_empty(), "every event folds");
@@ -386,7 +401,10 @@ async fn two_saga_runners_share_a_group_and_one_can_die() {
             Metrics::new(),
             live.clone(),
         )
-        .with_kafka(settings.kafka.clone())
+        .with_kafka(
+            settings.kafka.clone(),
+            settings.saga.partitions().expect("partitions"),
+        )
     };
     let doomed = tokio::spawn(runner().run(futures::future::pending()));
     let survivor = tokio::spawn(runner().run(futures::future::pending()));
@@ -464,6 +482,59 @@ async fn log_of(
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_with_other_partitions_than_the_store_are_refused_naming_both() {
+    let storage = Storage::new(Engine::Embedded).await;
+    let store = EventStore::new(storage.database().await, 4);
+    add_pets(&store, "kafka-parts", 2).await;
+    let mut settings = storage.settings();
+    let prefix = with_kafka(&mut settings);
+    settings.saga.partitions = 5;
+    let store_id = store.database().store_id().await.expect("a store id");
+    let policies = Policies::fixed(&settings.resilience, &Metrics::new());
+    let five = settings.saga.partitions().expect("partitions");
+    let bus = KafkaBus::new(&settings.kafka, &store_id, five, policies.kafka.clone()).expect("bus");
+    bus.ensure_topics()
+        .await
+        .expect("topics of five partitions");
+    bus.publish(&log_of(&store, 2).await, petstore_kafka::Trace::Continue)
+        .await
+        .expect("published");
+
+    // The same topics for a store of three partitions: refused, naming both counts.
+    let three = petstore_domain::partition::Partitions::new(3).expect("3");
+    let other =
+        KafkaBus::new(&settings.kafka, &store_id, three, policies.kafka.clone()).expect("bus");
+    let error = other
+        .ensure_topics()
+        .await
+        .expect_err("topics of five partitions");
+    assert!(
+        matches!(
+            error,
+            petstore_kafka::BusError::PartitionCount {
+                found: 5,
+                partitions: 3,
+                ..
+            }
+        ),
+        "{error}"
+    );
+    let message = error.to_string();
+    for part in [prefix.as_str(), "5 partitions", "saga.partitions = 3"] {
+        assert!(message.contains(part), "names {part}: {message}");
+    }
+    // So does a process started on them.
+    settings.saga.partitions = 3;
+    settings.database.migrate_on_start = true;
+    let roles: BTreeSet<Role> = [Role::Query, Role::Projector].into();
+    let refused = match petstore_cli::Application::build(settings, &roles).await {
+        Ok(_) => panic!("a process must not start on topics of other partitions"),
+        Err(error) => error.to_string(),
+    };
+    assert!(refused.contains("saga.partitions = 3"), "{refused}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn topics_left_by_another_event_store_are_refused_and_their_messages_never_handled() {
     // Store A's events in the topics under a prefix.
@@ -474,7 +545,13 @@ async fn topics_left_by_another_event_store_are_refused_and_their_messages_never
     let prefix = with_kafka(&mut settings);
     let old_id = old_store.database().store_id().await.expect("a store id");
     let policies = Policies::fixed(&settings.resilience, &Metrics::new());
-    let old_bus = KafkaBus::new(&settings.kafka, &old_id, policies.kafka.clone()).expect("bus");
+    let old_bus = KafkaBus::new(
+        &settings.kafka,
+        &old_id,
+        settings.saga.partitions().expect("partitions"),
+        policies.kafka.clone(),
+    )
+    .expect("bus");
     old_bus
         .ensure_topics()
         .await
@@ -502,7 +579,13 @@ async fn topics_left_by_another_event_store_are_refused_and_their_messages_never
         assert!(refused.contains(part), "names {part}: {refused}");
     }
     // Its relay refuses them too.
-    let new_bus = KafkaBus::new(&new_settings.kafka, &new_id, policies.kafka.clone()).expect("bus");
+    let new_bus = KafkaBus::new(
+        &new_settings.kafka,
+        &new_id,
+        new_settings.saga.partitions().expect("partitions"),
+        policies.kafka.clone(),
+    )
+    .expect("bus");
     let error = new_bus.ensure_topics().await.expect_err("foreign topics");
     assert!(
         matches!(error, petstore_kafka::BusError::ForeignTopics { .. }),
@@ -516,10 +599,14 @@ async fn topics_left_by_another_event_store_are_refused_and_their_messages_never
         .publish(&new_events, petstore_kafka::Trace::Continue)
         .await
         .expect("published");
-    let subscriber =
-        petstore_kafka::KafkaSubscriber::new(&new_settings.kafka, &unique_name("group"), &new_id)
-            .await
-            .expect("subscriber");
+    let subscriber = petstore_kafka::KafkaSubscriber::new(
+        &new_settings.kafka,
+        &unique_name("group"),
+        &new_id,
+        new_settings.saga.partitions().expect("partitions"),
+    )
+    .await
+    .expect("subscriber");
     let wanted: HashSet<String> = new_events
         .iter()
         .map(|event| event.event_id().to_string())
@@ -567,7 +654,13 @@ async fn an_unreachable_broker_opens_the_kafka_breaker_and_batches_are_refused_a
     policy.breaker.minimum_calls = 2;
     let policies = Policies::fixed(&settings.resilience, &Metrics::new());
     let store_id = store.database().store_id().await.expect("a store id");
-    let bus = KafkaBus::new(&settings.kafka, &store_id, policies.kafka.clone()).expect("bus");
+    let bus = KafkaBus::new(
+        &settings.kafka,
+        &store_id,
+        settings.saga.partitions().expect("partitions"),
+        policies.kafka.clone(),
+    )
+    .expect("bus");
     for _ in 0..2 {
         let error = bus
             .publish(&events, petstore_kafka::Trace::Continue)
@@ -606,7 +699,13 @@ async fn batches_in_flight_are_checkpointed_only_once_acknowledged() {
     let database = store.database().clone();
     let store_id = database.store_id().await.expect("a store id");
     let policies = Policies::fixed(&settings.resilience, &Metrics::new());
-    let bus = KafkaBus::new(&settings.kafka, &store_id, policies.kafka.clone()).expect("bus");
+    let bus = KafkaBus::new(
+        &settings.kafka,
+        &store_id,
+        settings.saga.partitions().expect("partitions"),
+        policies.kafka.clone(),
+    )
+    .expect("bus");
     let relay = KafkaProjection::new(bus, database.clone());
     assert_eq!(
         relay.position().await.expect("position"),
@@ -677,7 +776,13 @@ async fn a_failed_batch_in_flight_fails_the_whole_window() {
     policy.timeout_ms = 5_000;
     let policies = Policies::fixed(&settings.resilience, &Metrics::new());
     let store_id = store.database().store_id().await.expect("a store id");
-    let bus = KafkaBus::new(&settings.kafka, &store_id, policies.kafka.clone()).expect("bus");
+    let bus = KafkaBus::new(
+        &settings.kafka,
+        &store_id,
+        settings.saga.partitions().expect("partitions"),
+        policies.kafka.clone(),
+    )
+    .expect("bus");
     let mut in_flight = petstore_kafka::InFlight::new(bus);
     for batch in events.chunks(2) {
         in_flight

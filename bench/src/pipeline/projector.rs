@@ -119,6 +119,7 @@ async fn raw_produce(database: &Database, kafka: &KafkaSettings) -> anyhow::Resu
     KafkaBus::new(
         &raw_settings,
         &store_id,
+        Settings::default().saga.partitions()?,
         Policies::fixed(&Settings::default().resilience, &Metrics::new()).kafka,
     )?
     .ensure_topics()
@@ -318,6 +319,7 @@ pub(crate) async fn projector(
             KafkaBus::new(
                 &settings.kafka,
                 &connected.store_id().await?,
+                settings.saga.partitions()?,
                 Policies::fixed(&settings.resilience, &Metrics::new()).kafka,
             )?,
             connected.clone(),

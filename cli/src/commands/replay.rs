@@ -120,6 +120,9 @@ pub async fn run(args: Args, settings: Settings) -> anyhow::Result<()> {
                 let bus = KafkaBus::new(
                     &settings.kafka,
                     &database.store_id().await?,
+                    database
+                        .saga_partitions(settings.saga.partitions()?)
+                        .await?,
                     policies.kafka.clone(),
                 )?;
                 republish(

@@ -10,6 +10,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{PgPool, SqlitePool};
 
+use petstore_domain::partition::Partitions;
 use petstore_settings::{DatabaseSettings, StorageSettings};
 
 /// A connection pool to one of the two supported engines.
@@ -44,6 +45,18 @@ pub enum DatabaseError {
     /// A query failed.
     #[error("database query failed: {0}")]
     Query(#[from] sqlx::Error),
+    /// The store was initialised with other saga partitions than this process asks for.
+    #[error(
+        "the event store was initialised with saga.partitions = {stored}, and this process is \
+         configured with {configured}: a store's partitions are fixed (set saga.partitions to \
+         {stored}, or start a new store)"
+    )]
+    PartitionsMismatch {
+        /// The store's.
+        stored: u32,
+        /// This process's.
+        configured: u32,
+    },
 }
 
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
@@ -269,6 +282,30 @@ impl Database {
                     .fetch_one(pool)
                     .await?
             }
+        })
+    }
+
+    /// The store's saga partitions: `configured` when the store has none recorded yet (it
+    /// is new, or older than partitions), which it then keeps; a store with others is
+    /// [`DatabaseError::PartitionsMismatch`].
+    pub async fn saga_partitions(
+        &self,
+        configured: Partitions,
+    ) -> Result<Partitions, DatabaseError> {
+        const RECORD: &str =
+            "UPDATE store_identity SET saga_partitions = $1 WHERE saga_partitions IS NULL";
+        const READ: &str = "SELECT saga_partitions FROM store_identity";
+        let count = i32::try_from(configured.count()).expect("at most MAX_PARTITIONS");
+        let stored: i32 = with_pool!(self, |pool| {
+            sqlx::query(RECORD).bind(count).execute(pool).await?;
+            sqlx::query_scalar(READ).fetch_one(pool).await?
+        });
+        if stored == count {
+            return Ok(configured);
+        }
+        Err(DatabaseError::PartitionsMismatch {
+            stored: u32::try_from(stored).unwrap_or(u32::MAX),
+            configured: configured.count(),
         })
     }
 

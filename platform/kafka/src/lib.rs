@@ -10,7 +10,7 @@
 //! caller may move its checkpoint after it; [`InFlight`] keeps several batches in flight and
 //! tells which prefix is acknowledged. Each batch goes through the `kafka` resilience policy.
 //!
-//! Topics are bound to the event store whose events they carry: [`check_topic_owner`] refuses
+//! Topics are bound to the event store whose events they carry: [`check_topics`] refuses
 //! topics whose latest messages are another store's, and a [`KafkaSubscriber`] skips (and
 //! logs) any message not stamped with its store's identity.
 //!
@@ -20,7 +20,7 @@
 //! # Layout
 //! - `envelope`: a message's value, its topic and its headers.
 //! - `publish`: [`KafkaBus`] (the idempotent producer) and [`InFlight`] batches.
-//! - `topics`: creating the topics and [`check_topic_owner`].
+//! - `topics`: creating the topics (one partition per saga partition) and [`check_topics`].
 //! - `subscribe`: [`KafkaSubscriber`], a member of the service's consumer group.
 
 mod envelope;
@@ -31,7 +31,7 @@ mod topics;
 pub use envelope::{topic_for, topics, Envelope, STORE_HEADER};
 pub use publish::{Handed, InFlight, KafkaBus, Trace, MAX_BATCHES_IN_FLIGHT};
 pub use subscribe::KafkaSubscriber;
-pub use topics::check_topic_owner;
+pub use topics::check_topics;
 
 use std::time::Duration;
 
@@ -81,6 +81,23 @@ pub enum BusError {
         found: String,
         /// This store's identity.
         store: String,
+    },
+    /// A topic of the service has other partitions than the store's saga partitions.
+    #[error(
+        "the Kafka topic {topic} has {found} partitions, not one per saga partition \
+         (saga.partitions = {partitions}): Kafka partitions are saga partitions; delete the topics \
+         under {prefix:?} to let them be made again, or give this deployment a \
+         kafka.topic_prefix of its own"
+    )]
+    PartitionCount {
+        /// The topic.
+        topic: String,
+        /// The topic prefix.
+        prefix: String,
+        /// Its partitions.
+        found: usize,
+        /// The store's saga partitions.
+        partitions: u32,
     },
     /// A consumed message is not an envelope.
     #[error("message at {topic}/{partition}@{offset} is not an event envelope: {source}")]

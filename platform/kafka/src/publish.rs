@@ -12,13 +12,14 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use petstore_domain::partition::Partitions;
 use petstore_event_store::stream::{RecordedEvent, StreamPosition};
 use petstore_resilience::Policy;
 use petstore_settings::KafkaSettings;
 use petstore_telemetry::metrics::Metrics;
 
 use crate::envelope::{topic_for, EnvelopeOf, STORE_HEADER};
-use crate::topics::{check_topic_owner, ensure_topics};
+use crate::topics::{check_topics, ensure_topics};
 use crate::{brokers, BusError};
 
 /// Publishes events to Kafka.
@@ -26,6 +27,7 @@ use crate::{brokers, BusError};
 pub struct KafkaBus {
     producer: FutureProducer,
     settings: KafkaSettings,
+    partitions: Partitions,
     store_id: Arc<str>,
     policy: Policy,
     metrics: Option<Metrics>,
@@ -34,6 +36,7 @@ pub struct KafkaBus {
 /// One message, ready to hand to the producer.
 struct Outgoing {
     topic: String,
+    partition: i32,
     key: String,
     value: Vec<u8>,
     headers: OwnedHeaders,
@@ -42,11 +45,18 @@ struct Outgoing {
 
 impl KafkaBus {
     /// A producer for the configured brokers (no connection is made yet), stamping
-    /// `store_id` on every message and publishing through `policy` (the `kafka` one).
-    pub fn new(settings: &KafkaSettings, store_id: &str, policy: Policy) -> Result<Self, BusError> {
+    /// `store_id` on every message, putting each on its aggregate's saga partition of
+    /// `partitions` (the store's), and publishing through `policy` (the `kafka` one).
+    pub fn new(
+        settings: &KafkaSettings,
+        store_id: &str,
+        partitions: Partitions,
+        policy: Policy,
+    ) -> Result<Self, BusError> {
         Ok(Self {
             producer: producer(settings)?,
             settings: settings.clone(),
+            partitions,
             store_id: store_id.into(),
             policy,
             metrics: None,
@@ -69,11 +79,11 @@ impl KafkaBus {
         })
     }
 
-    /// Creates the service's topics with the configured partitions (existing ones are
-    /// kept), then checks that they hold no other event store's events.
+    /// Creates the service's topics, one partition per saga partition (existing ones are
+    /// kept), then checks that they are this event store's ([`check_topics`]).
     pub async fn ensure_topics(&self) -> Result<(), BusError> {
-        ensure_topics(&self.settings).await?;
-        check_topic_owner(&self.settings, &self.store_id).await
+        ensure_topics(&self.settings, self.partitions).await?;
+        check_topics(&self.settings, &self.store_id, self.partitions).await
     }
 
     /// Publishes `events` in order and waits until the broker acknowledged every one. Each
@@ -186,6 +196,8 @@ impl KafkaBus {
         }
         Ok(Outgoing {
             topic,
+            // Its saga partition, not the client's partitioner's choice.
+            partition: self.partitions.of_key(&event.aggregate_id).kafka(),
             key: event.aggregate_id.clone(),
             value,
             headers,
@@ -221,6 +233,7 @@ async fn send_all(
     let mut deliveries = Vec::with_capacity(outgoing.len());
     for message in outgoing.iter() {
         let mut record = FutureRecord::to(&message.topic)
+            .partition(message.partition)
             .key(&message.key)
             .payload(&message.value)
             .headers(message.headers.clone());

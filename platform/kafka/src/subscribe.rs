@@ -7,6 +7,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
+use petstore_domain::partition::Partitions;
 use petstore_event_store::stream::{Delivery, RecordedEvent};
 use petstore_settings::KafkaSettings;
 
@@ -23,7 +24,8 @@ pub struct KafkaSubscriber {
 }
 
 impl KafkaSubscriber {
-    /// Creates the service's topics if need be, joins `group` and subscribes to every topic,
+    /// Creates the service's topics if need be (one partition per saga partition of
+    /// `partitions`), joins `group` and subscribes to every topic,
     /// for the events of the store `store_id` (others' messages are skipped, each partition
     /// logged once). Offsets are committed only by [`Self::commit`]; a new group starts from
     /// the earliest offset. (Subscribing to a topic that does not exist yet would leave its
@@ -33,8 +35,9 @@ impl KafkaSubscriber {
         settings: &KafkaSettings,
         group: &str,
         store_id: &str,
+        partitions: Partitions,
     ) -> Result<Self, BusError> {
-        ensure_topics(settings).await?;
+        ensure_topics(settings, partitions).await?;
         let consumer: StreamConsumer = ClientConfig::new()
             .set("bootstrap.servers", brokers(settings)?)
             .set("group.id", group)

@@ -10,13 +10,17 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
+use petstore_domain::partition::Partitions;
 use petstore_settings::KafkaSettings;
 
 use crate::envelope::{header, topics, STORE_HEADER};
 use crate::{brokers, BusError};
 
-/// Creates the service's topics with the configured partitions; existing ones are kept.
-pub(crate) async fn ensure_topics(settings: &KafkaSettings) -> Result<(), BusError> {
+/// Creates the service's topics, one partition per saga partition; existing ones are kept.
+pub(crate) async fn ensure_topics(
+    settings: &KafkaSettings,
+    partitions: Partitions,
+) -> Result<(), BusError> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers(settings)?)
         .create()?;
@@ -26,7 +30,7 @@ pub(crate) async fn ensure_topics(settings: &KafkaSettings) -> Result<(), BusErr
         .map(|name| {
             NewTopic::new(
                 name,
-                settings.partitions,
+                i32::try_from(partitions.count()).expect("at most MAX_PARTITIONS"),
                 TopicReplication::Fixed(settings.replication_factor),
             )
         })
@@ -44,22 +48,31 @@ pub(crate) async fn ensure_topics(settings: &KafkaSettings) -> Result<(), BusErr
     Ok(())
 }
 
-/// How long [`check_topic_owner`] may take.
+/// How long [`check_topics`] may take.
 const OWNER_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Checks that the service's topics hold this event store's events: the latest message of
-/// every partition must carry `store_id` in its `store_id` header. Empty or missing topics
-/// pass. A message of another store, or with no store at all (written before identities),
-/// is [`BusError::ForeignTopics`].
-pub async fn check_topic_owner(settings: &KafkaSettings, store_id: &str) -> Result<(), BusError> {
+/// Checks that the service's topics are this event store's: each has one partition per saga
+/// partition (else [`BusError::PartitionCount`]), and the latest message of every partition
+/// carries `store_id` in its `store_id` header. Missing topics pass, and empty ones as far as
+/// their messages go. A message of another store, or with no store at all (written before
+/// identities), is [`BusError::ForeignTopics`].
+pub async fn check_topics(
+    settings: &KafkaSettings,
+    store_id: &str,
+    partitions: Partitions,
+) -> Result<(), BusError> {
     let settings = settings.clone();
     let store_id = store_id.to_owned();
-    tokio::task::spawn_blocking(move || check_owner_blocking(&settings, &store_id))
+    tokio::task::spawn_blocking(move || check_blocking(&settings, &store_id, partitions))
         .await
         .map_err(|_| BusError::Cancelled)?
 }
 
-fn check_owner_blocking(settings: &KafkaSettings, store_id: &str) -> Result<(), BusError> {
+fn check_blocking(
+    settings: &KafkaSettings,
+    store_id: &str,
+    partitions: Partitions,
+) -> Result<(), BusError> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers(settings)?)
         // Assigned partitions only: it never joins or commits to this group.
@@ -76,6 +89,14 @@ fn check_owner_blocking(settings: &KafkaSettings, store_id: &str) -> Result<(), 
     for topic in metadata.topics() {
         if !names.contains(topic.name()) {
             continue;
+        }
+        if topic.partitions().len() != partitions.count() as usize {
+            return Err(BusError::PartitionCount {
+                topic: topic.name().to_owned(),
+                prefix: settings.topic_prefix.clone(),
+                found: topic.partitions().len(),
+                partitions: partitions.count(),
+            });
         }
         for partition in topic.partitions() {
             let (low, high) =

@@ -294,6 +294,18 @@ pub struct SagaSettings {
     pub batch_size: u32,
     /// Most orders the runner advances at the same time (each order's events stay in order).
     pub max_concurrent_orders: usize,
+    /// P, the saga partitions every order belongs to one of (and the partitions of every
+    /// Kafka topic): fixed when the event store is initialised; a start with another is
+    /// refused.
+    pub partitions: u32,
+}
+
+impl SagaSettings {
+    /// P, checked.
+    pub fn partitions(&self) -> Result<petstore_domain::partition::Partitions, SettingsError> {
+        petstore_domain::partition::Partitions::new(self.partitions)
+            .map_err(|error| SettingsError::invalid("saga.partitions", error.to_string()))
+    }
 }
 
 impl Default for SagaSettings {
@@ -305,6 +317,7 @@ impl Default for SagaSettings {
             deadline_poll_interval_ms: 200,
             batch_size: 200,
             max_concurrent_orders: 64,
+            partitions: petstore_domain::partition::DEFAULT_PARTITIONS,
         }
     }
 }
@@ -358,8 +371,9 @@ pub struct KafkaSettings {
     pub brokers: Option<String>,
     /// Topics are `{topic_prefix}.orders`, `.pets`, `.payments`, `.deliveries`.
     pub topic_prefix: String,
-    /// Partitions of each topic created at start-up.
-    pub partitions: i32,
+    /// Partitions of each topic: always `saga.partitions` (Kafka partitions are saga
+    /// partitions). Unset, it follows; set, it must be the same.
+    pub partitions: Option<u32>,
     /// Replication factor of each topic created at start-up.
     pub replication_factor: i32,
     /// How long the producer keeps trying to deliver a message, in milliseconds.
@@ -382,7 +396,7 @@ impl Default for KafkaSettings {
         Self {
             brokers: None,
             topic_prefix: "petstore".to_owned(),
-            partitions: 3,
+            partitions: None,
             replication_factor: 1,
             message_timeout_ms: 10_000,
             consumer_group: "petstore-saga".to_owned(),
@@ -532,13 +546,28 @@ impl Settings {
             ),
             (
                 "kafka.partitions",
-                u64::try_from(self.kafka.partitions).unwrap_or(0),
+                // Unset, it is saga.partitions, checked below.
+                self.kafka.partitions.map_or(1, u64::from),
             ),
         ];
         for (key, value) in positive {
             if value == 0 {
                 return Err(SettingsError::invalid(key, "must be above 0"));
             }
+        }
+        let partitions = self.saga.partitions()?;
+        if let Some(kafka) = self
+            .kafka
+            .partitions
+            .filter(|kafka| *kafka != partitions.count())
+        {
+            return Err(SettingsError::invalid(
+                "kafka.partitions",
+                format!(
+                    "{kafka} is not saga.partitions ({partitions}): every topic has one \
+                     partition per saga partition; leave kafka.partitions unset"
+                ),
+            ));
         }
         if self.kafka.replication_factor < 1 {
             return Err(SettingsError::invalid(

@@ -4,13 +4,11 @@
 //!
 //! # Layout
 //! - [`Application`]: build (connect, migrate, seed, bind), then run until stopped.
-//! - [`commands`]: one module per `petstore` subcommand (`main` parses and dispatches).
 //! - `wiring`: the infrastructure every role shares, and one wiring function per role.
 //! - [`Role`]: which parts of the service this process runs.
 //! - [`Shutdown`]: the signal that stops a running application gracefully.
 
 pub mod chaos;
-pub mod commands;
 mod wiring;
 
 use std::collections::BTreeSet;

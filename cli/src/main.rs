@@ -1,7 +1,6 @@
 //! `petstore`: run the service, print audit trails, replay projections, or migrate. This
 //! file parses the command line, loads the settings and dispatches; each subcommand lives in
-//! a module of its own (`petstore_cli::commands`, in the library: compiled there, beside the
-//! code it calls, rather than instantiated again in the binary).
+//! a module of its own (`commands`).
 
 use std::path::PathBuf;
 
@@ -9,9 +8,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use petstore_settings::Settings;
 
-use petstore_cli::commands::{
-    audit, chaos, config, dead_letters, hash_password, migrate, replay, serve,
-};
+mod commands;
+
+use commands::{audit, chaos, config, dead_letters, hash_password, migrate, replay, serve};
 
 /// mimalloc instead of the system allocator: the event pipeline allocates and frees many
 /// small strings and JSON nodes per event, where glibc's malloc spent a third of a replay's

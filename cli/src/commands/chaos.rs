@@ -1,5 +1,5 @@
 //! `petstore chaos saga`: fail each saga step in turn and kill the saga runner between
-//! steps, then check that every order settled ([`crate::chaos`] runs the cases).
+//! steps, then check that every order settled (`petstore_cli::chaos` runs the cases).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -46,10 +46,11 @@ pub async fn run(command: Command, mut settings: Settings) -> anyhow::Result<()>
         }
     };
     let report =
-        crate::chaos::saga(settings, orders, std::time::Duration::from_secs(timeout)).await?;
+        petstore_cli::chaos::saga(settings, orders, std::time::Duration::from_secs(timeout))
+            .await?;
     drop(temporary);
     let mut out = std::io::stdout();
-    writeln!(out, "{}", crate::chaos::table(&report))?;
+    writeln!(out, "{}", petstore_cli::chaos::table(&report))?;
     anyhow::ensure!(report.passed(), "the sagas did not converge");
     writeln!(out, "every case converged")?;
     Ok(())

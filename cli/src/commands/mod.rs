@@ -6,7 +6,7 @@
 //! - [`audit`]: an order's, a correlation id's or the security audit trail.
 //! - [`replay`]: rebuild projections, or republish the log to Kafka, with progress.
 //! - [`dead_letters`]: list, retry or skip events consumers set aside.
-//! - [`chaos`]: the saga convergence check ([`crate::chaos`] runs it).
+//! - [`chaos`]: the saga convergence check (`petstore_cli::chaos` runs it).
 //! - [`config`]: `config check`, each key with the layer it came from.
 //! - [`migrate`]: apply the migrations.
 //! - [`hash_password`]: the Argon2id hash of a password read on standard input.

@@ -4,8 +4,8 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use crate::{Application, Role};
 use anyhow::Context;
+use petstore_cli::{Application, Role};
 use petstore_settings::Settings;
 
 /// `petstore serve`'s arguments.

@@ -11,6 +11,7 @@ mod breakers;
 mod event_store;
 mod fencing;
 mod kafka;
+mod leases;
 mod live_settings;
 mod observability;
 mod oidc_provider;

@@ -12,12 +12,14 @@
 //! - [`stream`]: the global, gap-free event stream, durable checkpoints, audit queries.
 //! - [`subscription`]: one checkpointed subscription to the stream, for every consumer.
 //! - [`deadlines`]: durable saga step deadlines.
+//! - [`leases`]: the saga partitions' leases and the fence every write for one checks.
 //! - [`replay`]: reading the whole log once, in batches, to rebuild or republish.
 //! - [`dead_letters`]: events a consumer set aside, and what an operator does with them.
 
 pub mod database;
 pub mod dead_letters;
 pub mod deadlines;
+pub mod leases;
 pub mod metadata;
 pub mod replay;
 pub mod store;

@@ -1,0 +1,244 @@
+//! Leases on the saga partitions: which runner owns a partition, until when, and under which
+//! fencing token (its epoch).
+//!
+//! A runner takes a partition that is free, expired, or its own ([`Leases::acquire`]): the
+//! partition's epoch goes up by one, which fences every earlier holder, its own earlier
+//! incarnation included. It keeps it by renewing before the lease expires
+//! ([`Leases::renew`], refused once another holds a newer epoch) and hands it over at once
+//! with [`Leases::release`]. A write made for a partition checks, in its own transaction,
+//! that its lease is still current ([`check_lease_in`]): a runner that lost its lease, paused
+//! or cut off past its expiry, cannot write once another took over. Expiry is judged by the
+//! database's clock, the one clock every runner shares.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use petstore_domain::partition::Partition;
+
+use crate::database::{with_pool, Database};
+
+/// A partition held: the fencing token every write for it carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Lease {
+    /// The partition.
+    pub partition: Partition,
+    /// Its epoch when taken: higher than every earlier holder's.
+    pub epoch: i64,
+}
+
+/// A partition's lease as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseState {
+    /// The partition's number.
+    pub partition: u32,
+    /// Who holds it; `None` when released.
+    pub owner: Option<String>,
+    /// Its current epoch.
+    pub epoch: i64,
+    /// Whether it is free to take: released, or expired by the database's clock.
+    pub free: bool,
+    /// How long until it expires (by the database's clock); zero when free.
+    pub expires_in: Duration,
+}
+
+/// The lease of a write was lost: another runner took the partition over.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the lease on saga partition {partition} (epoch {epoch}) is no longer held by {owner}")]
+pub struct LeaseLost {
+    /// The partition.
+    pub partition: u32,
+    /// The lease's epoch.
+    pub epoch: i64,
+    /// The runner that held it.
+    pub owner: String,
+}
+
+/// The database's clock, in milliseconds since the epoch: `NOW_MS` in the statements below.
+const NOW_MS: [&str; 2] = [
+    "(extract(epoch from clock_timestamp()) * 1000)::bigint",
+    "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)",
+];
+
+/// A statement for Postgres and for SQLite, `NOW_MS` replaced by each one's clock.
+struct PerEngine(LazyLock<[String; 2]>);
+
+macro_rules! per_engine {
+    ($sql:expr) => {
+        PerEngine(LazyLock::new(|| {
+            NOW_MS.map(|now| $sql.replace("NOW_MS", now))
+        }))
+    };
+}
+
+static ACQUIRE: PerEngine = per_engine!(
+    "INSERT INTO saga_leases (partition_number, owner, epoch, expires_at_ms)
+     VALUES ($1, $2, 1, NOW_MS + $3)
+     ON CONFLICT (partition_number) DO UPDATE
+        SET owner = excluded.owner, epoch = saga_leases.epoch + 1,
+            expires_at_ms = excluded.expires_at_ms
+      WHERE saga_leases.owner IS NULL OR saga_leases.owner = excluded.owner
+         OR saga_leases.expires_at_ms <= NOW_MS
+     RETURNING epoch"
+);
+static RENEW: PerEngine = per_engine!(
+    "UPDATE saga_leases SET expires_at_ms = NOW_MS + $4
+      WHERE partition_number = $1 AND owner = $2 AND epoch = $3"
+);
+const RELEASE: &str = "UPDATE saga_leases SET owner = NULL, expires_at_ms = 0
+                        WHERE partition_number = $1 AND owner = $2 AND epoch = $3";
+static STATES: PerEngine = per_engine!(
+    "SELECT partition_number, owner, epoch, expires_at_ms - NOW_MS
+       FROM saga_leases ORDER BY partition_number"
+);
+
+impl PerEngine {
+    fn of(&'static self, database: &Database) -> &'static str {
+        let [postgres, sqlite] = &*self.0;
+        database.sql(postgres, sqlite)
+    }
+}
+
+/// One runner's leases.
+#[derive(Clone)]
+pub struct Leases {
+    database: Database,
+    owner: String,
+    timeout: Duration,
+}
+
+impl Leases {
+    /// The leases `owner` takes in `database`, each valid for `timeout` after it was taken
+    /// or last renewed.
+    pub fn new(database: &Database, owner: impl Into<String>, timeout: Duration) -> Self {
+        Self {
+            database: database.clone(),
+            owner: owner.into(),
+            timeout,
+        }
+    }
+
+    /// Who takes them.
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    fn timeout_ms(&self) -> i64 {
+        i64::try_from(self.timeout.as_millis()).unwrap_or(i64::MAX)
+    }
+
+    /// Takes `partition` if it is free, expired or this owner's: a new epoch, which fences
+    /// every earlier holder. `None` while another runner holds it.
+    pub async fn acquire(&self, partition: Partition) -> Result<Option<Lease>, sqlx::Error> {
+        let sql = ACQUIRE.of(&self.database);
+        let epoch: Option<i64> = with_pool!(&self.database, |pool| {
+            sqlx::query_scalar(sql)
+                .bind(number(partition))
+                .bind(&self.owner)
+                .bind(self.timeout_ms())
+                .fetch_optional(pool)
+                .await?
+        });
+        Ok(epoch.map(|epoch| Lease { partition, epoch }))
+    }
+
+    /// Extends `lease` by the timeout from now; false when it is lost (another runner took
+    /// the partition, or it was released).
+    pub async fn renew(&self, lease: &Lease) -> Result<bool, sqlx::Error> {
+        let sql = RENEW.of(&self.database);
+        let renewed = with_pool!(&self.database, |pool| {
+            sqlx::query(sql)
+                .bind(number(lease.partition))
+                .bind(&self.owner)
+                .bind(lease.epoch)
+                .bind(self.timeout_ms())
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(renewed == 1)
+    }
+
+    /// Hands `lease` over at once: the partition is free for any runner. False when it was
+    /// lost already.
+    pub async fn release(&self, lease: &Lease) -> Result<bool, sqlx::Error> {
+        let released = with_pool!(&self.database, |pool| {
+            sqlx::query(RELEASE)
+                .bind(number(lease.partition))
+                .bind(&self.owner)
+                .bind(lease.epoch)
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(released == 1)
+    }
+
+    /// Every partition's lease as stored (partitions never taken are absent).
+    pub async fn states(&self) -> Result<Vec<LeaseState>, sqlx::Error> {
+        let sql = STATES.of(&self.database);
+        let rows: Vec<(i32, Option<String>, i64, i64)> = with_pool!(&self.database, |pool| {
+            sqlx::query_as(sql).fetch_all(pool).await?
+        });
+        Ok(rows
+            .into_iter()
+            .map(|(partition, owner, epoch, left_ms)| {
+                let free = owner.is_none() || left_ms <= 0;
+                LeaseState {
+                    partition: u32::try_from(partition).unwrap_or(u32::MAX),
+                    owner,
+                    epoch,
+                    free,
+                    expires_in: if free {
+                        Duration::ZERO
+                    } else {
+                        Duration::from_millis(u64::try_from(left_ms).unwrap_or(0))
+                    },
+                }
+            })
+            .collect())
+    }
+}
+
+/// A partition as the `partition_number` column holds it.
+fn number(partition: Partition) -> i32 {
+    i32::try_from(partition.number()).expect("at most MAX_PARTITIONS")
+}
+
+/// Why a fenced write's check did not pass.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// The lease is lost: the write must not happen.
+    #[error(transparent)]
+    Lost(#[from] LeaseLost),
+    /// The check itself failed.
+    #[error("checking the lease failed: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// Checks, inside the Postgres transaction on `connection`, that `owner` still holds `lease`
+/// (its epoch is still the partition's), and locks the lease's row for share: a takeover
+/// (which updates the row) waits for this transaction, so a write checked here is never
+/// committed after another runner took the partition.
+pub async fn check_lease_in(
+    connection: &mut sqlx::PgConnection,
+    owner: &str,
+    lease: &Lease,
+) -> Result<(), CheckError> {
+    let held: Option<i32> = sqlx::query_scalar(
+        "SELECT 1 FROM saga_leases
+          WHERE partition_number = $1 AND owner = $2 AND epoch = $3 FOR SHARE",
+    )
+    .bind(number(lease.partition))
+    .bind(owner)
+    .bind(lease.epoch)
+    .fetch_optional(connection)
+    .await?;
+    match held {
+        Some(_) => Ok(()),
+        None => Err(CheckError::Lost(LeaseLost {
+            partition: lease.partition.number(),
+            epoch: lease.epoch,
+            owner: owner.to_owned(),
+        })),
+    }
+}

@@ -106,6 +106,7 @@ pub(crate) enum Lane {
 pub(crate) enum Work {
     /// A step of the order's saga.
     Step {
+        order_id: OrderId,
         event: RecordedEvent,
         decoded: Decoded,
     },
@@ -137,9 +138,14 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> Lanes for SagaL
 
     fn route(&self, event: RecordedEvent) -> Route<Lane, Work> {
         match saga_event(&event) {
-            Ok(Some((order_id, decoded))) => {
-                Route::Lane(Lane::Order(order_id), Work::Step { event, decoded })
-            }
+            Ok(Some((order_id, decoded))) => Route::Lane(
+                Lane::Order(order_id),
+                Work::Step {
+                    order_id,
+                    event,
+                    decoded,
+                },
+            ),
             Ok(None) => Route::Done,
             Err(error) => Route::Lane(
                 Lane::Undecodable(event.event_id()),
@@ -149,21 +155,22 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> Lanes for SagaL
     }
 
     /// Handles one order's events in order (or sets an undecodable event aside).
-    async fn handle(&self, lane: Lane, work: Vec<Work>) -> Result<(), SagaError> {
+    async fn handle(&self, _: Lane, work: Vec<Work>) -> Result<(), SagaError> {
         for work in work {
-            match (&lane, work) {
-                (Lane::Order(order_id), Work::Step { event, decoded }) => {
-                    let span = step_span(*order_id, &event);
+            match work {
+                Work::Step {
+                    order_id,
+                    event,
+                    decoded,
+                } => {
+                    let span = step_span(order_id, &event);
                     self.runner
-                        .handle_persistently(*order_id, &event, &decoded)
+                        .handle_persistently(order_id, &event, &decoded)
                         .instrument(span)
                         .await?;
                 }
-                (_, Work::Undecodable { event, error }) => {
+                Work::Undecodable { event, error } => {
                     self.runner.set_aside(&event, &error).await?;
-                }
-                (Lane::Undecodable(_), Work::Step { .. }) => {
-                    unreachable!("a step is routed to its order's lane")
                 }
             }
         }

@@ -18,13 +18,27 @@ use uuid::Uuid;
 
 use crate::error::*;
 use crate::events::*;
+use crate::ownership::Owned;
 use crate::runner::*;
 
 impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D> {
-    pub(crate) async fn fire_deadlines(&self, mut stopped: tokio::sync::watch::Receiver<bool>) {
+    /// Fires the due deadlines until `stopped`: those of the partitions `owned` (following
+    /// the event store), or all (consuming Kafka).
+    pub(crate) async fn fire_deadlines(
+        &self,
+        owned: Option<tokio::sync::watch::Receiver<Owned>>,
+        mut stopped: tokio::sync::watch::Receiver<bool>,
+    ) {
         let poll = Duration::from_millis(self.settings.deadline_poll_interval_ms.max(10));
+        let partitions = self.settings.partitions();
         loop {
-            if let Err(error) = self.fire_due_deadlines().await {
+            let mine = |deadline: &Deadline| match (&owned, &partitions) {
+                (Some(owned), Ok(partitions)) => owned
+                    .borrow()
+                    .contains_key(&partitions.of_order(&deadline.order_id)),
+                _ => true,
+            };
+            if let Err(error) = self.fire_due_deadlines_of(mine).await {
                 tracing::error!(%error, "firing deadlines failed; retrying");
             }
             if let Err(error) = self.retry_dead_letters().await {
@@ -40,8 +54,20 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
     /// Fires every deadline that is due now: cancels the order if it still waits for that
     /// step, then marks the deadline fired.
     pub async fn fire_due_deadlines(&self) -> Result<usize, SagaError> {
+        self.fire_due_deadlines_of(|_| true).await
+    }
+
+    /// Fires the deadlines due now that are `mine`.
+    async fn fire_due_deadlines_of(
+        &self,
+        mine: impl Fn(&Deadline) -> bool,
+    ) -> Result<usize, SagaError> {
         let database = self.store.database();
-        let due = deadlines::due(database, Utc::now(), 100).await?;
+        let due: Vec<Deadline> = deadlines::due(database, Utc::now(), 100)
+            .await?
+            .into_iter()
+            .filter(|deadline| mine(deadline))
+            .collect();
         for deadline in &due {
             let span = tracing::info_span!(
                 parent: None,

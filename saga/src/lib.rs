@@ -44,9 +44,10 @@ mod deadlines;
 mod error;
 mod events;
 mod health;
+mod ownership;
 pub mod providers;
 mod runner;
 
 pub use error::SagaError;
 pub use health::SagaRunnerHealth;
-pub use runner::{SagaProgress, SagaRunner, CHECKPOINT, SUBJECT};
+pub use runner::{partition_checkpoint, SagaProgress, SagaRunner, CHECKPOINT, SUBJECT};

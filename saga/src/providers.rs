@@ -62,6 +62,9 @@ async fn simulate(
 pub struct SimulatedPaymentGateway {
     live: Live,
     charges: Mutex<HashMap<String, ChargeReceipt>>,
+    /// Every charge call that got through the simulated latency and failures, repeats of a
+    /// key included.
+    calls: std::sync::atomic::AtomicUsize,
 }
 
 impl SimulatedPaymentGateway {
@@ -70,6 +73,7 @@ impl SimulatedPaymentGateway {
         Self {
             live,
             charges: Mutex::default(),
+            calls: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -77,12 +81,19 @@ impl SimulatedPaymentGateway {
     pub fn captured(&self) -> usize {
         self.charges.lock().map_or(0, |charges| charges.len())
     }
+
+    /// How many charge calls it answered, a repeated idempotency key counted each time.
+    pub fn calls(&self) -> usize {
+        self.calls.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl PaymentGateway for SimulatedPaymentGateway {
     async fn charge(&self, request: ChargeRequest) -> Result<ChargeReceipt, ProviderError> {
         let behaviour = self.live.current().settings.providers.payment.clone();
         simulate(&behaviour, request.simulate_failure, "payment-service").await?;
+        self.calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut charges = self
             .charges
             .lock()

@@ -1,23 +1,23 @@
 //! The runner: follows the stream (or Kafka), hands each order's events to its lane, and
 //! acknowledges what is handled.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use petstore_domain::partition::Partitions;
+use petstore_domain::partition::{Partition, Partitions};
 use petstore_domain::providers::{DeliveryProvider, PaymentGateway};
 use petstore_domain::saga::SagaPolicy;
 use petstore_domain::OrderId;
 use petstore_event_store::dead_letters::{self};
 use petstore_event_store::deadlines::{self};
+use petstore_event_store::leases::{Lease, Leases};
 use petstore_event_store::store::EventStore;
-use petstore_event_store::stream::{Lag, RecordedEvent, StreamPosition};
+use petstore_event_store::stream::{self, Lag, RecordedEvent, StreamPosition};
 use petstore_event_store::subscription::{
-    run_in_lanes, Acknowledger, Arrived, LagSampler, LaneLimits, Lanes, RecentEvents, Route,
-    Subscription,
+    run_in_lanes, Arrived, LagSampler, LaneLimits, Lanes, RecentEvents, Route, Subscription,
 };
 use petstore_kafka::KafkaSubscriber;
 use petstore_live_settings::Live;
@@ -30,6 +30,7 @@ use uuid::Uuid;
 
 use crate::error::*;
 use crate::events::*;
+use crate::ownership::{Owned, Ownership};
 
 /// The checkpoint name of the saga runner's subscription.
 pub const CHECKPOINT: &str = "saga";
@@ -76,6 +77,9 @@ pub struct SagaRunner<P, D> {
     pub(crate) live: Live,
     pub(crate) progress: watch::Sender<SagaProgress>,
     pub(crate) in_flight: Arc<std::sync::Mutex<std::collections::HashSet<OrderId>>>,
+    /// Who its leases name: a runner run again (after a crash of its task) takes its
+    /// partitions back at once, fencing its earlier run.
+    pub(crate) owner: Arc<str>,
 }
 
 impl<P, D> Clone for SagaRunner<P, D> {
@@ -91,6 +95,7 @@ impl<P, D> Clone for SagaRunner<P, D> {
             live: self.live.clone(),
             progress: self.progress.clone(),
             in_flight: self.in_flight.clone(),
+            owner: self.owner.clone(),
         }
     }
 }
@@ -119,10 +124,31 @@ pub(crate) enum Work {
 
 /// How the runner acknowledges what it handled.
 pub(crate) enum Acknowledge<'a> {
-    /// Following the event store: its checkpoint.
-    Checkpoint(Acknowledger),
+    /// Following the event store: each owned partition's checkpoint, under its lease.
+    Partitions(&'a Leases, &'a Scope),
     /// Consuming Kafka: the group's offsets.
     Offsets(&'a KafkaSubscriber),
+}
+
+/// The partitions a runner following the event store owns: their leases, and where each
+/// one's checkpoint stood when the run began (its events up to there are handled).
+pub(crate) struct Scope {
+    pub(crate) partitions: Partitions,
+    pub(crate) from: BTreeMap<Partition, (Lease, StreamPosition)>,
+}
+
+impl Scope {
+    /// Whether `event`, of `partition`, is this runner's to handle now.
+    fn handles(&self, partition: Partition, event: &RecordedEvent) -> bool {
+        self.from
+            .get(&partition)
+            .is_some_and(|(_, from)| event.position > *from)
+    }
+}
+
+/// The name of a saga partition's checkpoint.
+pub fn partition_checkpoint(partition: Partition) -> String {
+    format!("{CHECKPOINT}:p{}", partition.number())
 }
 
 /// The saga runner's events in lanes, acknowledged one way.
@@ -137,7 +163,19 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> Lanes for SagaL
     type Error = SagaError;
 
     fn route(&self, event: RecordedEvent) -> Route<Lane, Work> {
-        match saga_event(&event) {
+        let decoded = saga_event(&event);
+        if let Acknowledge::Partitions(_, scope) = &self.acknowledge {
+            // An event is its order's partition's; one that cannot be decoded, its
+            // aggregate's (so one runner sets it aside).
+            let partition = match &decoded {
+                Ok(Some((order_id, _))) => scope.partitions.of_order(order_id),
+                _ => scope.partitions.of_key(&event.aggregate_id),
+            };
+            if !scope.handles(partition, &event) {
+                return Route::Done;
+            }
+        }
+        match decoded {
             Ok(Some((order_id, decoded))) => Route::Lane(
                 Lane::Order(order_id),
                 Work::Step {
@@ -181,10 +219,20 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> Lanes for SagaL
     async fn acknowledge(&self, handled: Vec<Arrived>, finally: bool) -> Result<(), SagaError> {
         let furthest = handled.iter().map(|arrived| arrived.position).max();
         match &self.acknowledge {
-            Acknowledge::Checkpoint(acknowledger) => {
-                // In stream order: the last is the furthest.
-                if let Some(position) = furthest {
-                    acknowledger.acknowledge(position, None).await?;
+            Acknowledge::Partitions(leases, scope) => {
+                if let Some(furthest) = furthest {
+                    // Every owned partition's events up to the furthest are handled (or
+                    // were before the run began).
+                    let moved: Vec<_> = scope
+                        .from
+                        .values()
+                        .filter(|(_, from)| *from < furthest)
+                        .map(|(lease, _)| (*lease, furthest))
+                        .collect();
+                    leases
+                        .save_checkpoints(&moved, partition_checkpoint)
+                        .await
+                        .map_err(|error| SagaError::Store(error.to_string()))?;
                 }
             }
             Acknowledge::Offsets(subscriber) => {
@@ -228,6 +276,7 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
             live,
             progress: watch::Sender::new(SagaProgress::default()),
             in_flight: Arc::default(),
+            owner: format!("saga-{}", Uuid::new_v4().simple()).into(),
         }
     }
 
@@ -312,20 +361,52 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
 
     /// Runs the stream loop and the deadline loop until `shutdown` resolves. A batch being
     /// handled when it does is finished first. Everything runs inside this future (nothing is
-    /// spawned), so dropping it stops the runner at once, as a crash would.
+    /// spawned), so dropping it stops the runner at once, as a crash would. Following the
+    /// event store, the runner owns a share of the saga partitions through leases and
+    /// handles (and fires the deadlines of) only those; a clean stop hands them over.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let (stop, stopped) = tokio::sync::watch::channel(false);
+        let ownership = match (&self.kafka, self.settings.partitions()) {
+            (Some(_), _) => None,
+            (None, Ok(partitions)) => Some(Ownership::new(
+                Leases::new(
+                    self.store.database(),
+                    &*self.owner,
+                    Duration::from_millis(self.settings.lease_timeout_ms),
+                ),
+                partitions,
+            )),
+            (None, Err(error)) => {
+                // Refused at start-up already; a runner built around the settings check
+                // stalls visibly rather than acting on every order.
+                self.failed();
+                tracing::error!(%error, "the saga runner cannot own partitions");
+                return;
+            }
+        };
+        // The leases outlive the events' loop: its last acknowledgement is made under them.
+        let (events_done, keeping_stopped) = tokio::sync::watch::channel(false);
         let work = async {
             let events = async {
-                match &self.kafka {
-                    Some((kafka, partitions)) => {
+                match (&self.kafka, &ownership) {
+                    (Some((kafka, partitions)), _) => {
                         self.follow_kafka(kafka, *partitions, stopped.clone()).await
                     }
-                    None => self.follow_stream(stopped.clone()).await,
+                    (None, Some(ownership)) => self.follow_stream(ownership, stopped.clone()).await,
+                    (None, None) => {}
+                }
+                let _ = events_done.send(true);
+            };
+            let keeping = async {
+                if let Some(ownership) = &ownership {
+                    let every = Duration::from_millis(self.settings.lease_timeout_ms / 3)
+                        .max(Duration::from_millis(10));
+                    ownership.keep(every, keeping_stopped.clone()).await;
                 }
             };
+            let owned = ownership.as_ref().map(Ownership::owned);
             tokio::select! {
-                _ = async { tokio::join!(self.fire_deadlines(stopped.clone()), events) } => {}
+                _ = async { tokio::join!(self.fire_deadlines(owned, stopped.clone()), events, keeping) } => {}
                 () = self.measure() => {}
             }
         };
@@ -339,10 +420,33 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
         }
     }
 
-    pub(crate) async fn follow_stream(&self, mut stopped: watch::Receiver<bool>) {
-        while let Err(error) = self.follow_from_checkpoint(&mut stopped).await {
+    /// Follows the event store for the partitions `ownership` holds, starting again whenever
+    /// they change, until stopped.
+    pub(crate) async fn follow_stream(
+        &self,
+        ownership: &Ownership,
+        mut stopped: watch::Receiver<bool>,
+    ) {
+        let mut owned = ownership.owned();
+        loop {
+            if *stopped.borrow() {
+                return;
+            }
+            let held = owned.borrow_and_update().clone();
+            if held.is_empty() {
+                tokio::select! {
+                    _ = stopped.wait_for(|stop| *stop) => return,
+                    _ = owned.changed() => continue,
+                }
+            }
+            let Err(error) = self
+                .follow_partitions(ownership, &held, &mut owned, &mut stopped)
+                .await
+            else {
+                continue;
+            };
             self.failed();
-            tracing::error!(%error, "saga step failed; retrying from the checkpoint");
+            tracing::error!(%error, "saga step failed; retrying from the checkpoints");
             tokio::select! {
                 _ = stopped.wait_for(|stop| *stop) => return,
                 () = tokio::time::sleep(Duration::from_millis(500)) => {}
@@ -399,32 +503,68 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
             .await
     }
 
-    /// Handles the stream from the checkpoint until stopped (`Ok`) or until an event's
+    /// Handles the stream's events of the `held` partitions, each from its checkpoint,
+    /// until stopped or until the partitions owned change (`Ok`), or until an event's
     /// handling fails (`Err`).
-    pub(crate) async fn follow_from_checkpoint(
+    pub(crate) async fn follow_partitions(
         &self,
+        ownership: &Ownership,
+        held: &Owned,
+        owned: &mut watch::Receiver<Owned>,
         stopped: &mut watch::Receiver<bool>,
     ) -> Result<(), SagaError> {
-        let subscription = Subscription::at_checkpoint(
+        let database = self.store.database();
+        // A partition never acknowledged on its own starts where the runner's one
+        // checkpoint stood before partitions.
+        let before_partitions = stream::load_checkpoint(database, CHECKPOINT).await?;
+        let mut from = BTreeMap::new();
+        for (partition, lease) in held {
+            let saved =
+                stream::load_checkpoint(database, &partition_checkpoint(*partition)).await?;
+            from.insert(*partition, (*lease, saved.max(before_partitions)));
+        }
+        let start = from
+            .values()
+            .map(|(_, position)| *position)
+            .min()
+            .unwrap_or(before_partitions);
+        // Where it resumes is what it has handled, as far as lag goes.
+        self.progress
+            .send_modify(|progress| progress.position = Some(start));
+        let subscription = Subscription::open(
             &self.store,
             CHECKPOINT,
+            start,
             self.settings.batch_size,
             Duration::from_millis(100),
         )
         .await?;
-        // Where it resumes is what it has handled, as far as lag goes.
-        let start = subscription.start();
-        self.progress
-            .send_modify(|progress| progress.position = Some(start));
-        let acknowledger = subscription.acknowledger();
+        let scope = Scope {
+            partitions: ownership.partitions(),
+            from,
+        };
+        let (stop, mut stop_run) = watch::channel(false);
         let mut seen = RecentEvents::new(0);
-        self.pipeline(
+        let run = self.pipeline(
             subscription.batches(),
-            stopped,
+            &mut stop_run,
             &mut seen,
-            Acknowledge::Checkpoint(acknowledger),
-        )
-        .await
+            Acknowledge::Partitions(ownership.leases(), &scope),
+        );
+        tokio::pin!(run);
+        tokio::select! {
+            result = &mut run => result,
+            () = async {
+                tokio::select! {
+                    _ = stopped.wait_for(|stop| *stop) => {}
+                    _ = owned.changed() => {}
+                }
+            } => {
+                // Stopping, or the partitions changed: finish what arrived, then start over.
+                let _ = stop.send(true);
+                run.await
+            }
+        }
     }
 
     /// Handles the events of `batches` until stopped (`Ok`, once what arrived is handled) or

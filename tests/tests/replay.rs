@@ -104,15 +104,21 @@ async fn replaying_every_projection_gives_byte_identical_read_models() {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let head = stream::head_position(&database).await.expect("head");
-        let reached = [
+        let mut reached = vec![
             stream::load_checkpoint(&database, "read_models")
-                .await
-                .expect("checkpoint"),
-            stream::load_checkpoint(&database, "saga")
                 .await
                 .expect("checkpoint"),
             Projection::position(&views).await.expect("redis"),
         ];
+        // The saga's: one per saga partition.
+        for partition in settings.saga.partitions().expect("partitions").all() {
+            let name = petstore_saga::partition_checkpoint(partition);
+            reached.push(
+                stream::load_checkpoint(&database, &name)
+                    .await
+                    .expect("checkpoint"),
+            );
+        }
         if reached.iter().all(|position| *position >= head) {
             tokio::time::sleep(Duration::from_millis(200)).await;
             if stream::head_position(&database).await.expect("head") == head {

@@ -560,3 +560,108 @@ async fn a_saga_runner_killed_at_random_points_loses_and_doubles_nothing(engine:
     app.stop().await;
     storage.remove().await;
 }
+
+/// Two runners following one Postgres store (no Kafka) share the saga partitions through
+/// leases: each order is handled by one of them, its payment charged by one call; when one
+/// dies, the other takes its partitions over once their leases expire and finishes the
+/// orders placed meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_runners_share_the_partitions_and_one_takes_over_when_the_other_dies() {
+    let storage = Storage::new(Engine::Postgres).await;
+    let mut settings = storage.settings();
+    settings.saga.lease_timeout_ms = 1_000;
+    let roles: BTreeSet<Role> = [Role::Command, Role::Query, Role::Projector].into();
+    let app = TestApp::start_with_roles(settings.clone(), &roles).await;
+    app.wait_until_ready().await;
+    let store = EventStore::new(storage.database().await, 4);
+    let live = Live::start(store.clone(), &settings, Metrics::new())
+        .await
+        .expect("live settings");
+    let payments = Arc::new(SimulatedPaymentGateway::new(live.clone()));
+    let deliveries = Arc::new(SimulatedDeliveryProvider::new(live.clone()));
+    let start_runner = || {
+        let runner = SagaRunner::new(
+            store.clone(),
+            settings.saga.clone(),
+            live.policies(&Metrics::new()),
+            payments.clone(),
+            deliveries.clone(),
+            Metrics::new(),
+            live.clone(),
+        );
+        tokio::spawn(runner.run(futures::future::pending()))
+    };
+    let (first, second) = (start_runner(), start_runner());
+    let petstore_event_store::database::Database::Postgres(pool) = store.database().clone() else {
+        panic!("a Postgres store");
+    };
+    // Who holds how many partitions, by the database's clock.
+    let owners = || async {
+        let rows: Vec<(Option<String>, i64)> = sqlx::query_as(
+            "SELECT owner, count(*) FROM saga_leases
+              WHERE expires_at_ms > (extract(epoch from clock_timestamp()) * 1000)::bigint
+              GROUP BY owner",
+        )
+        .fetch_all(&pool)
+        .await
+        .expect("leases");
+        rows
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let rows = owners().await;
+        if rows.len() == 2 && rows.iter().all(|(_, count)| *count == 8) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the runners never shared: {rows:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let pets = [
+        "golden-retriever-001",
+        "labrador-001",
+        "beagle-001",
+        "corgi-001",
+        "budgie-001",
+    ];
+    let mut orders = Vec::new();
+    for pet in pets {
+        orders.push(post_order(&app, pet, None).await);
+    }
+    for order in &orders {
+        let view = app
+            .wait_for_order(order, |view| view["status"] == "completed")
+            .await;
+        assert_eq!(view["status"], "completed", "{view}");
+    }
+    assert_eq!(payments.calls(), orders.len(), "one charge call per order");
+
+    // One runner dies: the other owns every partition once the leases expire.
+    first.abort();
+    let _ = first.await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let rows = owners().await;
+        if rows.len() == 1 && rows[0].1 == 16 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no takeover: {rows:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let more = ["persian-cat-001", "siamese-cat-001", "goldfish-001"];
+    let mut later = Vec::new();
+    for pet in more {
+        later.push(post_order(&app, pet, None).await);
+    }
+    for order in &later {
+        app.wait_for_order(order, |view| view["status"] == "completed")
+            .await;
+    }
+    assert_eq!(payments.calls(), orders.len() + later.len());
+    second.abort();
+    app.stop().await;
+    storage.remove().await;
+}

@@ -16,6 +16,7 @@ use std::time::Duration;
 use petstore_domain::partition::Partition;
 
 use crate::database::{with_pool, Database};
+use crate::stream::{self, StreamPosition};
 
 /// A partition held: the fencing token every write for it carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -86,6 +87,12 @@ static RENEW: PerEngine = per_engine!(
 );
 const RELEASE: &str = "UPDATE saga_leases SET owner = NULL, expires_at_ms = 0
                         WHERE partition_number = $1 AND owner = $2 AND epoch = $3";
+static HEARTBEAT: PerEngine = per_engine!(
+    "INSERT INTO saga_runners (owner, expires_at_ms) VALUES ($1, NOW_MS + $2)
+     ON CONFLICT (owner) DO UPDATE SET expires_at_ms = excluded.expires_at_ms"
+);
+static LIVE_RUNNERS: PerEngine =
+    per_engine!("SELECT count(*) FROM saga_runners WHERE expires_at_ms > NOW_MS");
 static STATES: PerEngine = per_engine!(
     "SELECT partition_number, owner, epoch, expires_at_ms - NOW_MS
        FROM saga_leases ORDER BY partition_number"
@@ -173,6 +180,87 @@ impl Leases {
         Ok(released == 1)
     }
 
+    /// Says this runner is alive for another timeout: the partitions are shared among the
+    /// runners alive ([`Self::live_runners`]).
+    pub async fn heartbeat(&self) -> Result<(), sqlx::Error> {
+        let sql = HEARTBEAT.of(&self.database);
+        with_pool!(&self.database, |pool| {
+            sqlx::query(sql)
+                .bind(&self.owner)
+                .bind(self.timeout_ms())
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(())
+    }
+
+    /// How many runners are alive (their heartbeat not expired), this one included once it
+    /// has beaten.
+    pub async fn live_runners(&self) -> Result<u32, sqlx::Error> {
+        let sql = LIVE_RUNNERS.of(&self.database);
+        let count: i64 = with_pool!(&self.database, |pool| {
+            sqlx::query_scalar(sql).fetch_one(pool).await?
+        });
+        Ok(u32::try_from(count).unwrap_or(u32::MAX))
+    }
+
+    /// Says this runner stopped: the others share the partitions without it at once.
+    pub async fn leave(&self) -> Result<(), sqlx::Error> {
+        with_pool!(&self.database, |pool| {
+            sqlx::query("DELETE FROM saga_runners WHERE owner = $1")
+                .bind(&self.owner)
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(())
+    }
+
+    /// Saves each held partition's checkpoint (named `name(partition)`) at its position, in
+    /// one transaction that first checks every lease is still this owner's
+    /// ([`check_lease_in`]; on SQLite, one process owns the store).
+    pub async fn save_checkpoints(
+        &self,
+        held: &[(Lease, StreamPosition)],
+        name: impl Fn(Partition) -> String,
+    ) -> Result<(), CheckError> {
+        match &self.database {
+            Database::Postgres(pool) => {
+                let mut transaction = crate::database::begin(pool).await?;
+                // As every checkpoint: a crash that loses it only means handling again.
+                crate::database::commit_lazily(&mut transaction).await?;
+                for (lease, _) in held {
+                    check_lease_in(&mut transaction, &self.owner, lease).await?;
+                }
+                for (lease, position) in held {
+                    stream::save_checkpoint_in(
+                        &mut transaction,
+                        &name(lease.partition),
+                        *position,
+                        None,
+                    )
+                    .await
+                    .map_err(CheckError::Checkpoint)?;
+                }
+                transaction.commit().await?;
+            }
+            Database::Sqlite(_) => {
+                for (lease, position) in held {
+                    stream::save_checkpoint(
+                        &self.database,
+                        &name(lease.partition),
+                        *position,
+                        None,
+                    )
+                    .await
+                    .map_err(CheckError::Checkpoint)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Every partition's lease as stored (partitions never taken are absent).
     pub async fn states(&self) -> Result<Vec<LeaseState>, sqlx::Error> {
         let sql = STATES.of(&self.database);
@@ -213,6 +301,9 @@ pub enum CheckError {
     /// The check itself failed.
     #[error("checking the lease failed: {0}")]
     Database(#[from] sqlx::Error),
+    /// The checkpoint could not be saved.
+    #[error(transparent)]
+    Checkpoint(crate::stream::StreamError),
 }
 
 /// Checks, inside the Postgres transaction on `connection`, that `owner` still holds `lease`

@@ -298,6 +298,9 @@ pub struct SagaSettings {
     /// Kafka topic): fixed when the event store is initialised; a start with another is
     /// refused.
     pub partitions: u32,
+    /// How long a runner's lease on a saga partition lasts unless renewed (a third of it
+    /// apart), in milliseconds: a dead runner's partitions are taken over within it.
+    pub lease_timeout_ms: u64,
 }
 
 impl SagaSettings {
@@ -318,6 +321,7 @@ impl Default for SagaSettings {
             batch_size: 200,
             max_concurrent_orders: 64,
             partitions: petstore_domain::partition::DEFAULT_PARTITIONS,
+            lease_timeout_ms: 10_000,
         }
     }
 }
@@ -499,7 +503,7 @@ impl Settings {
 
     fn validate_ranges(&self) -> Result<(), SettingsError> {
         let updates = &self.http.order_updates;
-        let positive: [(&str, u64); 18] = [
+        let positive: [(&str, u64); 19] = [
             ("http.body_limit_bytes", self.http.body_limit_bytes as u64),
             (
                 "http.max_concurrent_requests",
@@ -529,6 +533,7 @@ impl Settings {
                 self.saga.deadline_poll_interval_ms,
             ),
             ("saga.batch_size", u64::from(self.saga.batch_size)),
+            ("saga.lease_timeout_ms", self.saga.lease_timeout_ms),
             (
                 "saga.max_concurrent_orders",
                 self.saga.max_concurrent_orders as u64,

@@ -1,0 +1,123 @@
+//! Which saga partitions this runner owns: leases taken, renewed and handed over so the
+//! runners alive share the partitions evenly (`ceil(P / runners)` each), a dead runner's
+//! taken over once its leases expire, a stopping runner's handed over at once.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use petstore_domain::partition::{Partition, Partitions};
+use petstore_event_store::leases::{Lease, Leases};
+use tokio::sync::watch;
+
+/// The partitions owned now, with their leases.
+pub type Owned = BTreeMap<Partition, Lease>;
+
+/// Keeps this runner's share of the partitions.
+pub(crate) struct Ownership {
+    leases: Leases,
+    partitions: Partitions,
+    owned: watch::Sender<Owned>,
+}
+
+impl Ownership {
+    pub(crate) fn new(leases: Leases, partitions: Partitions) -> Self {
+        Self {
+            leases,
+            partitions,
+            owned: watch::Sender::new(Owned::new()),
+        }
+    }
+
+    /// Follows the partitions owned.
+    pub(crate) fn owned(&self) -> watch::Receiver<Owned> {
+        self.owned.subscribe()
+    }
+
+    pub(crate) fn leases(&self) -> &Leases {
+        &self.leases
+    }
+
+    pub(crate) fn partitions(&self) -> Partitions {
+        self.partitions
+    }
+
+    /// Keeps the share until `stopped`, a round every third of the lease timeout, then hands
+    /// every partition over and leaves.
+    pub(crate) async fn keep(&self, every: Duration, mut stopped: watch::Receiver<bool>) {
+        loop {
+            if let Err(error) = self.round().await {
+                tracing::warn!(%error, "keeping the saga partitions' leases failed; trying again");
+            }
+            tokio::select! {
+                _ = stopped.wait_for(|stop| *stop) => break,
+                () = tokio::time::sleep(every) => {}
+            }
+        }
+        self.hand_over().await;
+    }
+
+    /// One round: say this runner is alive, renew what it holds (dropping what it lost),
+    /// then give up what is above its share or take free partitions up to it.
+    pub(crate) async fn round(&self) -> Result<(), sqlx::Error> {
+        self.leases.heartbeat().await?;
+        let mut owned = self.owned.borrow().clone();
+        let mut lost = Vec::new();
+        for lease in owned.values() {
+            if !self.leases.renew(lease).await? {
+                lost.push(lease.partition);
+            }
+        }
+        for partition in lost {
+            tracing::warn!(
+                partition = partition.number(),
+                "lost the lease on a saga partition"
+            );
+            owned.remove(&partition);
+        }
+        let runners = self.leases.live_runners().await?.max(1);
+        let share = self.partitions.count().div_ceil(runners) as usize;
+        while owned.len() > share {
+            let Some((_, lease)) = owned.pop_last() else {
+                break;
+            };
+            self.leases.release(&lease).await?;
+        }
+        if owned.len() < share {
+            for partition in self.partitions.all() {
+                if owned.len() >= share {
+                    break;
+                }
+                if owned.contains_key(&partition) {
+                    continue;
+                }
+                if let Some(lease) = self.leases.acquire(partition).await? {
+                    tracing::info!(
+                        partition = partition.number(),
+                        epoch = lease.epoch,
+                        "took a saga partition"
+                    );
+                    owned.insert(partition, lease);
+                }
+            }
+        }
+        self.owned.send_if_modified(|current| {
+            let changed = *current != owned;
+            *current = owned;
+            changed
+        });
+        Ok(())
+    }
+
+    /// Hands every partition over at once and leaves the runners.
+    async fn hand_over(&self) {
+        let owned = self.owned.send_replace(Owned::new());
+        for lease in owned.values() {
+            if let Err(error) = self.leases.release(lease).await {
+                tracing::warn!(%error, "handing a saga partition over failed: it is taken over when its lease expires");
+            }
+        }
+        if let Err(error) = self.leases.leave().await {
+            tracing::warn!(%error, "leaving the saga runners failed");
+        }
+    }
+}

@@ -229,10 +229,18 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> Lanes for SagaL
                         .filter(|(_, from)| *from < furthest)
                         .map(|(lease, _)| (*lease, furthest))
                         .collect();
-                    leases
+                    let lost = leases
                         .save_checkpoints(&moved, partition_checkpoint)
                         .await
                         .map_err(|error| SagaError::Store(error.to_string()))?;
+                    for partition in lost {
+                        // Handed over (or taken) meanwhile: its new owner resumes from its
+                        // last checkpoint and handles again what this run did not save.
+                        tracing::info!(
+                            partition = partition.number(),
+                            "a saga partition's checkpoint is its new owner's"
+                        );
+                    }
                 }
             }
             Acknowledge::Offsets(subscriber) => {

@@ -4,9 +4,10 @@
 
 use std::time::Duration;
 
-use petstore_domain::partition::Partitions;
+use petstore_domain::partition::{Partition, Partitions};
 use petstore_event_store::database::Database;
 use petstore_event_store::leases::{check_lease_in, CheckError, Leases};
+use petstore_event_store::stream::{self, StreamPosition};
 use petstore_tests::{on_both_engines, Engine, Storage};
 
 /// Long enough that the checks between two steps never outlast a quarter of it.
@@ -69,6 +70,35 @@ async fn one_holder_at_a_time_and_a_takeover_only_after_expiry(engine: Engine) {
         check_lease_in(&mut transaction, "runner-b", &taken)
             .await
             .expect("b's lease is current");
+        drop(transaction);
+        // A checkpoint under a lost lease is not saved; under a current one it is.
+        let at = StreamPosition {
+            transaction_id: 7,
+            global_position: 7,
+        };
+        let name = |partition: Partition| format!("leases-test:p{}", partition.number());
+        let lost = first
+            .save_checkpoints(&[(held, at)], name)
+            .await
+            .expect("save");
+        assert_eq!(lost, vec![partition]);
+        assert_eq!(
+            stream::load_checkpoint(&database, &name(partition))
+                .await
+                .expect("load"),
+            StreamPosition::START
+        );
+        let lost = second
+            .save_checkpoints(&[(taken, at)], name)
+            .await
+            .expect("save");
+        assert!(lost.is_empty());
+        assert_eq!(
+            stream::load_checkpoint(&database, &name(partition))
+                .await
+                .expect("load"),
+            at
+        );
     }
 
     // Released, it is free at once; whoever takes it next fences b.

@@ -218,47 +218,46 @@ impl Leases {
     }
 
     /// Saves each held partition's checkpoint (named `name(partition)`) at its position, in
-    /// one transaction that first checks every lease is still this owner's
-    /// ([`check_lease_in`]; on SQLite, one process owns the store).
+    /// one transaction, each only if its lease is still this owner's ([`check_lease_in`]; on
+    /// SQLite, one process owns the store). Answers the partitions whose lease was lost:
+    /// their checkpoints stay where they were, for their new owner to resume from.
     pub async fn save_checkpoints(
         &self,
         held: &[(Lease, StreamPosition)],
         name: impl Fn(Partition) -> String,
-    ) -> Result<(), CheckError> {
+    ) -> Result<Vec<Partition>, CheckError> {
+        let mut lost = Vec::new();
         match &self.database {
             Database::Postgres(pool) => {
                 let mut transaction = crate::database::begin(pool).await?;
                 // As every checkpoint: a crash that loses it only means handling again.
                 crate::database::commit_lazily(&mut transaction).await?;
-                for (lease, _) in held {
-                    check_lease_in(&mut transaction, &self.owner, lease).await?;
-                }
                 for (lease, position) in held {
-                    stream::save_checkpoint_in(
-                        &mut transaction,
-                        &name(lease.partition),
-                        *position,
-                        None,
-                    )
-                    .await
-                    .map_err(CheckError::Checkpoint)?;
+                    match check_lease_in(&mut transaction, &self.owner, lease).await {
+                        Ok(()) => {}
+                        Err(CheckError::Lost(_)) => {
+                            lost.push(lease.partition);
+                            continue;
+                        }
+                        Err(error) => return Err(error),
+                    }
+                    let name = name(lease.partition);
+                    stream::save_checkpoint_in(&mut transaction, &name, *position, None)
+                        .await
+                        .map_err(CheckError::Checkpoint)?;
                 }
                 transaction.commit().await?;
             }
             Database::Sqlite(_) => {
                 for (lease, position) in held {
-                    stream::save_checkpoint(
-                        &self.database,
-                        &name(lease.partition),
-                        *position,
-                        None,
-                    )
-                    .await
-                    .map_err(CheckError::Checkpoint)?;
+                    let name = name(lease.partition);
+                    stream::save_checkpoint(&self.database, &name, *position, None)
+                        .await
+                        .map_err(CheckError::Checkpoint)?;
                 }
             }
         }
-        Ok(())
+        Ok(lost)
     }
 
     /// Every partition's lease as stored (partitions never taken are absent).

@@ -378,6 +378,40 @@ ON CONFLICT (name) DO UPDATE
        global_position = excluded.global_position,
        updated_at = CURRENT_TIMESTAMP";
 
+/// Saves each `(name, position)` checkpoint in one statement, inside the Postgres
+/// transaction on `connection`.
+pub async fn save_checkpoints_in(
+    connection: &mut PgConnection,
+    checkpoints: &[(String, StreamPosition)],
+) -> Result<(), sqlx::Error> {
+    if checkpoints.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<&str> = checkpoints.iter().map(|(name, _)| name.as_str()).collect();
+    let transactions: Vec<i64> = checkpoints
+        .iter()
+        .map(|(_, at)| at.transaction_id)
+        .collect();
+    let positions: Vec<i64> = checkpoints
+        .iter()
+        .map(|(_, at)| at.global_position)
+        .collect();
+    sqlx::query(
+        "INSERT INTO stream_checkpoints (name, transaction_id, global_position)
+         SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bigint[])
+         ON CONFLICT (name) DO UPDATE
+            SET transaction_id = excluded.transaction_id,
+                global_position = excluded.global_position,
+                updated_at = CURRENT_TIMESTAMP",
+    )
+    .bind(names)
+    .bind(transactions)
+    .bind(positions)
+    .execute(connection)
+    .await?;
+    Ok(())
+}
+
 /// Saves `position` as the checkpoint `name`; with `fence` (Postgres), only while it is still
 /// the lock's token. On Postgres the commit does not wait for the WAL flush
 /// ([`crate::database::commit_lazily`]): a checkpoint lost in a database crash only means

@@ -76,17 +76,7 @@ pub async fn schedule(database: &Database, deadline: &Deadline) -> Result<(), sq
         lazily_durable!(),
         " ON CONFLICT (order_id, step) DO NOTHING"
     );
-    with_pool!(database, |pool| {
-        sqlx::query(database.sql(POSTGRES, SQL))
-            .bind(deadline.order_id.to_string())
-            .bind(deadline.kind.as_str())
-            .bind(deadline.due_at.timestamp_millis())
-            .bind(&deadline.correlation_id)
-            .execute(pool)
-            .await
-            .map(|done| done.rows_affected())
-    })?;
-    Ok(())
+    write(database, database.sql(POSTGRES, SQL), deadline).await
 }
 
 /// Records `deadline`, or moves the one for the same order and step to its new time (and
@@ -103,8 +93,17 @@ pub async fn rearm(database: &Database, deadline: &Deadline) -> Result<(), sqlx:
         " ON CONFLICT (order_id, step)
          DO UPDATE SET due_at_ms = excluded.due_at_ms, fired_at_ms = NULL"
     );
+    write(database, database.sql(POSTGRES, SQL), deadline).await
+}
+
+/// Runs `sql` with `deadline`'s order, step, time and correlation id as `$1` to `$4`.
+async fn write(
+    database: &Database,
+    sql: &'static str,
+    deadline: &Deadline,
+) -> Result<(), sqlx::Error> {
     with_pool!(database, |pool| {
-        sqlx::query(database.sql(POSTGRES, SQL))
+        sqlx::query(sql)
             .bind(deadline.order_id.to_string())
             .bind(deadline.kind.as_str())
             .bind(deadline.due_at.timestamp_millis())

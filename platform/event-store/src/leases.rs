@@ -226,40 +226,22 @@ impl Leases {
         held: &[(Lease, StreamPosition)],
         name: impl Fn(Partition) -> String,
     ) -> Result<Vec<Partition>, CheckError> {
-        let mut lost = Vec::new();
         match &self.database {
             Database::Postgres(pool) => {
                 let mut transaction = crate::database::begin(pool).await?;
                 // As every checkpoint: a crash that loses it only means handling again.
                 crate::database::commit_lazily(&mut transaction).await?;
                 // Every lease checked, and every checkpoint saved, in one statement each.
-                let partitions: Vec<i32> = held
+                let leases: Vec<Lease> = held.iter().map(|(lease, _)| *lease).collect();
+                let lost = check_leases_in(&mut transaction, &self.owner, &leases).await?;
+                let saved: Vec<(String, StreamPosition)> = held
                     .iter()
-                    .map(|(lease, _)| number(lease.partition))
+                    .filter(|(lease, _)| !lost.contains(&lease.partition))
+                    .map(|(lease, position)| (name(lease.partition), *position))
                     .collect();
-                let epochs: Vec<i64> = held.iter().map(|(lease, _)| lease.epoch).collect();
-                let current: Vec<i32> = sqlx::query_scalar(
-                    "SELECT partition_number FROM saga_leases
-                      WHERE owner = $1
-                        AND (partition_number, epoch) IN
-                            (SELECT * FROM UNNEST($2::integer[], $3::bigint[]))
-                        FOR SHARE",
-                )
-                .bind(&self.owner)
-                .bind(partitions)
-                .bind(epochs)
-                .fetch_all(&mut *transaction)
-                .await?;
-                let mut saved = Vec::with_capacity(held.len());
-                for (lease, position) in held {
-                    if current.contains(&number(lease.partition)) {
-                        saved.push((name(lease.partition), *position));
-                    } else {
-                        lost.push(lease.partition);
-                    }
-                }
                 stream::save_checkpoints_in(&mut transaction, &saved).await?;
                 transaction.commit().await?;
+                Ok(lost)
             }
             Database::Sqlite(_) => {
                 for (lease, position) in held {
@@ -268,9 +250,9 @@ impl Leases {
                         .await
                         .map_err(CheckError::Checkpoint)?;
                 }
+                Ok(Vec::new())
             }
         }
-        Ok(lost)
     }
 
     /// Every partition's lease as stored (partitions never taken are absent).
@@ -327,21 +309,43 @@ pub async fn check_lease_in(
     owner: &str,
     lease: &Lease,
 ) -> Result<(), CheckError> {
-    let held: Option<i32> = sqlx::query_scalar(
-        "SELECT 1 FROM saga_leases
-          WHERE partition_number = $1 AND owner = $2 AND epoch = $3 FOR SHARE",
-    )
-    .bind(number(lease.partition))
-    .bind(owner)
-    .bind(lease.epoch)
-    .fetch_optional(connection)
-    .await?;
-    match held {
-        Some(_) => Ok(()),
-        None => Err(CheckError::Lost(LeaseLost {
-            partition: lease.partition.number(),
-            epoch: lease.epoch,
-            owner: owner.to_owned(),
-        })),
+    if check_leases_in(connection, owner, &[*lease])
+        .await?
+        .is_empty()
+    {
+        return Ok(());
     }
+    Err(CheckError::Lost(LeaseLost {
+        partition: lease.partition.number(),
+        epoch: lease.epoch,
+        owner: owner.to_owned(),
+    }))
+}
+
+/// [`check_lease_in`] for several leases in one statement: answers the partitions whose
+/// lease `owner` no longer holds; the others' rows stay locked for share until the
+/// transaction ends.
+pub async fn check_leases_in(
+    connection: &mut sqlx::PgConnection,
+    owner: &str,
+    leases: &[Lease],
+) -> Result<Vec<Partition>, sqlx::Error> {
+    let partitions: Vec<i32> = leases.iter().map(|lease| number(lease.partition)).collect();
+    let epochs: Vec<i64> = leases.iter().map(|lease| lease.epoch).collect();
+    let current: Vec<i32> = sqlx::query_scalar(
+        "SELECT partition_number FROM saga_leases
+          WHERE owner = $1
+            AND (partition_number, epoch) IN (SELECT * FROM UNNEST($2::integer[], $3::bigint[]))
+            FOR SHARE",
+    )
+    .bind(owner)
+    .bind(partitions)
+    .bind(epochs)
+    .fetch_all(connection)
+    .await?;
+    Ok(leases
+        .iter()
+        .map(|lease| lease.partition)
+        .filter(|partition| !current.contains(&number(*partition)))
+        .collect())
 }

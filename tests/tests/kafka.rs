@@ -379,9 +379,7 @@ async fn two_saga_runners_share_a_group_and_one_can_die() {
     let storage = Storage::new(Engine::Postgres).await;
     let mut settings = storage.settings();
     let prefix = with_kafka(&mut settings);
-    // The three partitions this test was written with. With sixteen, tansu once left a dead
-    // member's partition unassigned past the 90 s below (1 run in about 7): the group's
-    // hand-over is what issue 28's leases with Kafka replace.
+    // The three partitions this test was written with.
     settings.saga.partitions = 3;
     let roles: BTreeSet<Role> = [Role::Command, Role::Query, Role::Projector].into();
     let app = TestApp::start_with_roles(settings.clone(), &roles).await;

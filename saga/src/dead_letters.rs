@@ -33,6 +33,10 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                 return Ok(());
             };
             tracing::Span::current().record("otel.status_code", "ERROR");
+            if let SagaError::LeaseLost(_) = error {
+                // Not this runner's order any more: nothing to try again.
+                return Err(error);
+            }
             tracing::error!(%error, attempt, "saga step failed");
             if attempt >= HANDLING_ATTEMPTS {
                 // Only a failure of the event's own (its history cannot be read) is set

@@ -1,6 +1,7 @@
 //! The deadline loop: fires the saga's due deadlines (a step that took too long cancels the
 //! order; a held payment or a delivery retry looks again).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -9,6 +10,7 @@ use petstore_domain::order::{Order, OrderCommand};
 use petstore_domain::providers::{DeliveryProvider, PaymentGateway};
 use petstore_domain::SagaStep;
 use petstore_event_store::deadlines::{self, Deadline, DeadlineKind};
+use petstore_event_store::leases::Fence;
 use petstore_event_store::store::EventMetadata;
 use petstore_event_store::stream::{self};
 use petstore_settings::Flag;
@@ -20,6 +22,16 @@ use crate::error::*;
 use crate::events::*;
 use crate::ownership::Owned;
 use crate::runner::*;
+
+/// Whether a due deadline is this runner's to fire.
+enum Mine {
+    /// Another runner's: its partition is not owned here.
+    No,
+    /// Fired without a fence (consuming Kafka, or called directly).
+    Unfenced,
+    /// Fired under its partition's fence.
+    Under(Fence),
+}
 
 impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D> {
     /// Fires the due deadlines until `stopped`: those of the partitions `owned` (following
@@ -35,8 +47,14 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
             let mine = |deadline: &Deadline| match (&owned, &partitions) {
                 (Some(owned), Ok(partitions)) => owned
                     .borrow()
-                    .contains_key(&partitions.of_order(&deadline.order_id)),
-                _ => true,
+                    .get(&partitions.of_order(&deadline.order_id))
+                    .map_or(Mine::No, |lease| {
+                        Mine::Under(Fence {
+                            owner: Arc::clone(&self.owner),
+                            lease: *lease,
+                        })
+                    }),
+                _ => Mine::Unfenced,
             };
             if let Err(error) = self.fire_due_deadlines_of(mine).await {
                 tracing::error!(%error, "firing deadlines failed; retrying");
@@ -54,21 +72,25 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
     /// Fires every deadline that is due now: cancels the order if it still waits for that
     /// step, then marks the deadline fired.
     pub async fn fire_due_deadlines(&self) -> Result<usize, SagaError> {
-        self.fire_due_deadlines_of(|_| true).await
+        self.fire_due_deadlines_of(|_| Mine::Unfenced).await
     }
 
-    /// Fires the deadlines due now that are `mine`.
+    /// Fires the deadlines due now that are `mine`, each under its partition's fence.
     async fn fire_due_deadlines_of(
         &self,
-        mine: impl Fn(&Deadline) -> bool,
+        mine: impl Fn(&Deadline) -> Mine,
     ) -> Result<usize, SagaError> {
         let database = self.store.database();
-        let due: Vec<Deadline> = deadlines::due(database, Utc::now(), 100)
+        let due: Vec<(Deadline, Option<Fence>)> = deadlines::due(database, Utc::now(), 100)
             .await?
             .into_iter()
-            .filter(|deadline| mine(deadline))
+            .filter_map(|deadline| match mine(&deadline) {
+                Mine::No => None,
+                Mine::Unfenced => Some((deadline, None)),
+                Mine::Under(fence) => Some((deadline, Some(fence))),
+            })
             .collect();
-        for deadline in &due {
+        for (deadline, fence) in &due {
             let span = tracing::info_span!(
                 parent: None,
                 "saga deadline",
@@ -77,7 +99,12 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                 step = %deadline.kind,
                 correlation_id = %deadline.correlation_id,
             );
-            self.fire_deadline(deadline).instrument(span).await?;
+            // Boxed: firing is deep (it may handle a step), and the fence nests it further.
+            let fire = Box::pin(self.fire_deadline(deadline).instrument(span));
+            match fence {
+                Some(fence) => fence.clone().guard(fire).await?,
+                None => fire.await?,
+            }
         }
         Ok(due.len())
     }

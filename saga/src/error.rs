@@ -2,6 +2,7 @@
 //! event itself cannot be read, set aside.
 
 use cqrs_es::AggregateError;
+use petstore_event_store::leases::{CheckError, LeaseLost};
 use petstore_event_store::stream;
 use petstore_kafka::BusError;
 
@@ -17,6 +18,10 @@ pub enum SagaError {
     /// The deadline table failed.
     #[error("deadlines: {0}")]
     Deadlines(#[from] sqlx::Error),
+    /// The runner's lease on the order's partition is lost: another runner owns it now, and
+    /// this one must not act on its orders.
+    #[error(transparent)]
+    LeaseLost(#[from] LeaseLost),
     /// Kafka failed.
     #[error(transparent)]
     Bus(#[from] BusError),
@@ -45,7 +50,23 @@ pub enum SagaError {
 pub(crate) fn store_error<E: std::error::Error>(error: AggregateError<E>) -> SagaError {
     match error {
         AggregateError::DeserializationError(_) => SagaError::Unreadable(error.to_string()),
+        AggregateError::UnexpectedError(error) if error.is::<LeaseLost>() => {
+            match error.downcast::<LeaseLost>() {
+                Ok(lost) => SagaError::LeaseLost(*lost),
+                Err(error) => SagaError::Store(error.to_string()),
+            }
+        }
         other => SagaError::Store(other.to_string()),
+    }
+}
+
+impl From<CheckError> for SagaError {
+    fn from(error: CheckError) -> Self {
+        match error {
+            CheckError::Lost(lost) => SagaError::LeaseLost(lost),
+            CheckError::Database(error) => SagaError::Deadlines(error),
+            CheckError::Checkpoint(error) => SagaError::Stream(error),
+        }
     }
 }
 

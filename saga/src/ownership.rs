@@ -41,6 +41,15 @@ impl Ownership {
         self.partitions
     }
 
+    /// Forgets `partition` at once: a write for it was refused, its lease is another's.
+    pub(crate) fn lost(&self, partition: u32) {
+        self.owned.send_if_modified(|owned| {
+            let before = owned.len();
+            owned.retain(|owned, _| owned.number() != partition);
+            owned.len() != before
+        });
+    }
+
     /// Keeps the share until `stopped`, a round every third of the lease timeout, then hands
     /// every partition over and leaves.
     pub(crate) async fn keep(&self, every: Duration, mut stopped: watch::Receiver<bool>) {

@@ -13,7 +13,7 @@ use petstore_domain::saga::SagaPolicy;
 use petstore_domain::OrderId;
 use petstore_event_store::dead_letters::{self};
 use petstore_event_store::deadlines::{self};
-use petstore_event_store::leases::{Lease, Leases};
+use petstore_event_store::leases::{Fence, Lease, Leases};
 use petstore_event_store::store::EventStore;
 use petstore_event_store::stream::{self, Lag, RecordedEvent, StreamPosition};
 use petstore_event_store::subscription::{
@@ -157,6 +157,20 @@ pub(crate) struct SagaLanes<'a, P, D> {
     acknowledge: Acknowledge<'a>,
 }
 
+impl<P, D> SagaLanes<'_, P, D> {
+    /// The fence of `order`'s partition, when the runner owns partitions through leases.
+    fn fence_of(&self, order: &OrderId) -> Option<Fence> {
+        let Acknowledge::Partitions(_, scope) = &self.acknowledge else {
+            return None;
+        };
+        let (lease, _) = scope.from.get(&scope.partitions.of_order(order))?;
+        Some(Fence {
+            owner: Arc::clone(&self.runner.owner),
+            lease: *lease,
+        })
+    }
+}
+
 impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> Lanes for SagaLanes<'_, P, D> {
     type Key = Lane;
     type Work = Work;
@@ -202,10 +216,17 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> Lanes for SagaL
                     decoded,
                 } => {
                     let span = step_span(order_id, &event);
-                    self.runner
-                        .handle_persistently(order_id, &event, &decoded)
-                        .instrument(span)
-                        .await?;
+                    // Boxed: the step's future is deep, and the lanes' nest it further.
+                    let step = Box::pin(
+                        self.runner
+                            .handle_persistently(order_id, &event, &decoded)
+                            .instrument(span),
+                    );
+                    match self.fence_of(&order_id) {
+                        // The order's partition's writes are fenced by its lease.
+                        Some(fence) => fence.guard(step).await?,
+                        None => step.await?,
+                    }
                 }
                 Work::Undecodable { event, error } => {
                     self.runner.set_aside(&event, &error).await?;
@@ -447,11 +468,19 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                     _ = owned.changed() => continue,
                 }
             }
-            let Err(error) = self
+            let error = match self
                 .follow_partitions(ownership, &held, &mut owned, &mut stopped)
                 .await
-            else {
-                continue;
+            {
+                Ok(()) => continue,
+                Err(SagaError::LeaseLost(lost)) => {
+                    // Another runner took a partition over: its orders are no longer this
+                    // one's. The others go on from their checkpoints.
+                    tracing::warn!(%lost, "a write was refused by its fence; giving the partition up");
+                    ownership.lost(lost.partition);
+                    continue;
+                }
+                Err(error) => error,
             };
             self.failed();
             tracing::error!(%error, "saga step failed; retrying from the checkpoints");

@@ -635,3 +635,156 @@ async fn assert_no_connection_left_inside_a_transaction(storage: &Storage) {
     }
     drop(observer);
 }
+
+/// Appends and deadline writes made under a saga partition's fence land while its lease
+/// holds, and are refused with `LeaseLost` once another runner took the partition: alone, in
+/// a group-commit batch beside unfenced appends, and several events at once. A refused
+/// append leaves nothing stored; a concurrent conflict under a current lease is still a
+/// conflict (retried), not a lost lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_under_a_lost_lease_are_refused() {
+    use petstore_domain::partition::Partitions;
+    use petstore_domain::OrderId;
+    use petstore_event_store::deadlines::{self, Deadline, DeadlineKind};
+    use petstore_event_store::leases::{CheckError, Fence, LeaseLost, Leases};
+
+    let storage = Storage::new(Engine::Postgres).await;
+    let database = storage.database().await;
+    let store = EventStore::new(database.clone(), 100);
+    let partition = Partitions::default().all().nth(5).expect("partition 5");
+    let timeout = Duration::from_secs(30);
+    let (a, b) = (
+        Leases::new(&database, "runner-a", timeout),
+        Leases::new(&database, "runner-b", timeout),
+    );
+    let old = a.acquire(partition).await.expect("acquire").expect("free");
+    let fence_a = Fence {
+        owner: "runner-a".into(),
+        lease: old,
+    };
+    let lost = |outcome: &Result<Vec<cqrs_es::EventEnvelope<Counter>>, AggregateError<Refused>>| {
+        matches!(outcome, Err(AggregateError::UnexpectedError(error))
+            if error.downcast_ref::<LeaseLost>().is_some_and(|lost| lost.epoch == old.epoch))
+    };
+
+    // Held: alone, several at once, and many concurrent appends on one aggregate (whose
+    // conflicts are retried) all land.
+    let outcome = fence_a
+        .clone()
+        .guard(store.execute::<Counter>("held", CounterCommand::Increment, &(), &metadata()))
+        .await;
+    assert_eq!(outcome.expect("held").len(), 1);
+    let outcome = fence_a
+        .clone()
+        .guard(store.execute::<Counter>("held", CounterCommand::IncrementTwice, &(), &metadata()))
+        .await;
+    assert_eq!(outcome.expect("held").len(), 2);
+    let tasks: Vec<_> = (0..40)
+        .map(|_| {
+            let (store, fence) = (store.clone(), fence_a.clone());
+            tokio::spawn(fence.guard(async move {
+                store
+                    .execute::<Counter>("held", CounterCommand::Increment, &(), &metadata())
+                    .await
+            }))
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.expect("task").expect("held").len(), 1);
+    }
+    let deadline = Deadline {
+        order_id: OrderId::random(),
+        kind: DeadlineKind::PaymentHold,
+        due_at: chrono::Utc::now(),
+        correlation_id: "c".into(),
+    };
+    fence_a
+        .clone()
+        .guard(deadlines::schedule(&database, &deadline))
+        .await
+        .expect("held");
+
+    // b takes the partition over: a's fence is lost.
+    assert!(a.release(&old).await.expect("release"));
+    let new = b.acquire(partition).await.expect("acquire").expect("free");
+    let fence_b = Fence {
+        owner: "runner-b".into(),
+        lease: new,
+    };
+    let outcome = fence_a
+        .clone()
+        .guard(store.execute::<Counter>("held", CounterCommand::Increment, &(), &metadata()))
+        .await;
+    assert!(lost(&outcome), "alone: {outcome:?}");
+    let outcome = fence_a
+        .clone()
+        .guard(store.execute::<Counter>("held", CounterCommand::IncrementTwice, &(), &metadata()))
+        .await;
+    assert!(lost(&outcome), "several: {outcome:?}");
+    // Batched beside unfenced appends and b's: only a's are refused.
+    let tasks: Vec<_> = (0..90)
+        .map(|n| {
+            let store = store.clone();
+            let fence = [Some(fence_a.clone()), Some(fence_b.clone()), None][n % 3].clone();
+            tokio::spawn(async move {
+                let (id, metadata) = (format!("batch-{n}"), metadata());
+                let append =
+                    store.execute_on_new::<Counter>(&id, CounterCommand::Increment, &(), &metadata);
+                match fence {
+                    Some(fence) => fence.guard(append).await,
+                    None => append.await,
+                }
+            })
+        })
+        .collect();
+    for (n, task) in tasks.into_iter().enumerate() {
+        let outcome = task.await.expect("task");
+        if n % 3 == 0 {
+            assert!(lost(&outcome), "batched under a's fence: {outcome:?}");
+        } else {
+            assert_eq!(outcome.expect("landed").len(), 1, "append {n}");
+        }
+    }
+    let refused = fence_a
+        .clone()
+        .guard(deadlines::rearm(&database, &deadline))
+        .await;
+    assert!(
+        matches!(&refused, Err(CheckError::Lost(lost)) if lost.epoch == old.epoch),
+        "{refused:?}"
+    );
+    let refused = fence_a
+        .clone()
+        .guard(deadlines::mark_fired(
+            &database,
+            &deadline.order_id,
+            deadline.kind,
+        ))
+        .await;
+    assert!(matches!(refused, Err(CheckError::Lost(_))), "{refused:?}");
+    assert_eq!(
+        deadlines::due(&database, chrono::Utc::now(), 10)
+            .await
+            .expect("due")
+            .len(),
+        1,
+        "the refused mark left the deadline due"
+    );
+    fence_b
+        .guard(deadlines::mark_fired(
+            &database,
+            &deadline.order_id,
+            deadline.kind,
+        ))
+        .await
+        .expect("b's lease holds");
+
+    let counter: Counter = store.load("held").await.expect("load");
+    assert_eq!(counter.value, 43, "nothing refused is stored");
+    assert_eq!(
+        stored_event_count(&store).await,
+        43 + 60,
+        "a's refused appends left nothing"
+    );
+    storage.remove().await;
+}

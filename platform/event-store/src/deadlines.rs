@@ -12,7 +12,10 @@
 use chrono::{DateTime, TimeZone, Utc};
 use petstore_domain::{OrderId, SagaStep};
 
+use std::sync::LazyLock;
+
 use crate::database::{lazily_durable, with_pool, Database};
+use crate::leases::{self, CheckError};
 
 /// What a deadline is for: stored as its name in the `step` column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,76 +70,107 @@ pub struct Deadline {
 }
 
 /// Records `deadline` unless one exists for the same order and step.
-pub async fn schedule(database: &Database, deadline: &Deadline) -> Result<(), sqlx::Error> {
+pub async fn schedule(database: &Database, deadline: &Deadline) -> Result<(), CheckError> {
     const SQL: &str = "INSERT INTO saga_deadlines (order_id, step, due_at_ms, correlation_id)
                        VALUES ($1, $2, $3, $4) ON CONFLICT (order_id, step) DO NOTHING";
-    const POSTGRES: &str = concat!(
-        "INSERT INTO saga_deadlines (order_id, step, due_at_ms, correlation_id)
-         SELECT $1, $2, $3, $4 FROM ",
-        lazily_durable!(),
-        " ON CONFLICT (order_id, step) DO NOTHING"
-    );
-    write(database, database.sql(POSTGRES, SQL), deadline).await
+    static POSTGRES: LazyLock<String> = LazyLock::new(|| {
+        leases::fenced(
+            concat!(
+                "INSERT INTO saga_deadlines (order_id, step, due_at_ms, correlation_id)
+                 SELECT $1, $2, $3, $4 FROM ",
+                lazily_durable!(),
+                " WHERE FENCED ON CONFLICT (order_id, step) DO NOTHING"
+            ),
+            5,
+        )
+    });
+    write(database, (&POSTGRES, SQL), deadline).await
 }
 
 /// Records `deadline`, or moves the one for the same order and step to its new time (and
 /// arms it again if it fired): a held payment's next look, an extended payment deadline.
-pub async fn rearm(database: &Database, deadline: &Deadline) -> Result<(), sqlx::Error> {
+pub async fn rearm(database: &Database, deadline: &Deadline) -> Result<(), CheckError> {
     const SQL: &str = "INSERT INTO saga_deadlines (order_id, step, due_at_ms, correlation_id)
                        VALUES ($1, $2, $3, $4)
                        ON CONFLICT (order_id, step)
                        DO UPDATE SET due_at_ms = excluded.due_at_ms, fired_at_ms = NULL";
-    const POSTGRES: &str = concat!(
-        "INSERT INTO saga_deadlines (order_id, step, due_at_ms, correlation_id)
-         SELECT $1, $2, $3, $4 FROM ",
-        lazily_durable!(),
-        " ON CONFLICT (order_id, step)
-         DO UPDATE SET due_at_ms = excluded.due_at_ms, fired_at_ms = NULL"
-    );
-    write(database, database.sql(POSTGRES, SQL), deadline).await
-}
-
-/// Runs `sql` with `deadline`'s order, step, time and correlation id as `$1` to `$4`.
-async fn write(
-    database: &Database,
-    sql: &'static str,
-    deadline: &Deadline,
-) -> Result<(), sqlx::Error> {
-    with_pool!(database, |pool| {
-        sqlx::query(sql)
-            .bind(deadline.order_id.to_string())
-            .bind(deadline.kind.as_str())
-            .bind(deadline.due_at.timestamp_millis())
-            .bind(&deadline.correlation_id)
-            .execute(pool)
-            .await
-            .map(|done| done.rows_affected())
-    })?;
-    Ok(())
+    static POSTGRES: LazyLock<String> = LazyLock::new(|| {
+        leases::fenced(
+            concat!(
+                "INSERT INTO saga_deadlines (order_id, step, due_at_ms, correlation_id)
+                 SELECT $1, $2, $3, $4 FROM ",
+                lazily_durable!(),
+                " WHERE FENCED ON CONFLICT (order_id, step)
+                 DO UPDATE SET due_at_ms = excluded.due_at_ms, fired_at_ms = NULL"
+            ),
+            5,
+        )
+    });
+    write(database, (&POSTGRES, SQL), deadline).await
 }
 
 /// Marks `deadline` fired if it is still due at the time it had when read (one re-armed
 /// since stays armed).
-pub async fn mark_fired_at(database: &Database, deadline: &Deadline) -> Result<(), sqlx::Error> {
+pub async fn mark_fired_at(database: &Database, deadline: &Deadline) -> Result<(), CheckError> {
     const SQL: &str = "UPDATE saga_deadlines SET fired_at_ms = $4
                         WHERE order_id = $1 AND step = $2 AND due_at_ms = $3 AND fired_at_ms IS NULL";
-    const POSTGRES: &str = concat!(
-        "UPDATE saga_deadlines SET fired_at_ms = $4 FROM ",
-        lazily_durable!(),
-        " WHERE order_id = $1 AND step = $2 AND due_at_ms = $3 AND fired_at_ms IS NULL"
-    );
+    static POSTGRES: LazyLock<String> = LazyLock::new(|| {
+        leases::fenced(
+            concat!(
+                "UPDATE saga_deadlines SET fired_at_ms = $4 FROM ",
+                lazily_durable!(),
+                " WHERE order_id = $1 AND step = $2 AND due_at_ms = $3
+                    AND fired_at_ms IS NULL AND FENCED"
+            ),
+            5,
+        )
+    });
     let now = Utc::now().timestamp_millis();
-    with_pool!(database, |pool| {
-        sqlx::query(database.sql(POSTGRES, SQL))
-            .bind(deadline.order_id.to_string())
-            .bind(deadline.kind.as_str())
-            .bind(deadline.due_at.timestamp_millis())
-            .bind(now)
-            .execute(pool)
-            .await
-            .map(|done| done.rows_affected())
-    })?;
-    Ok(())
+    macro_rules! bound {
+        ($query:expr) => {
+            $query
+                .bind(deadline.order_id.to_string())
+                .bind(deadline.kind.as_str())
+                .bind(deadline.due_at.timestamp_millis())
+                .bind(now)
+        };
+    }
+    match database {
+        Database::Postgres(pool) => {
+            leases::execute_fenced(pool, bound!(sqlx::query_scalar(&POSTGRES))).await
+        }
+        Database::Sqlite(pool) => {
+            bound!(sqlx::query(SQL)).execute(pool).await?;
+            Ok(())
+        }
+    }
+}
+
+/// Runs a deadline's write (on Postgres, fenced by the work's [`Fence`](leases::Fence), if
+/// any), `deadline`'s order, step, time and correlation id bound as `$1` to `$4`.
+async fn write(
+    database: &Database,
+    (postgres, sqlite): (&'static str, &'static str),
+    deadline: &Deadline,
+) -> Result<(), CheckError> {
+    macro_rules! bound {
+        ($query:expr) => {
+            $query
+                .bind(deadline.order_id.to_string())
+                .bind(deadline.kind.as_str())
+                .bind(deadline.due_at.timestamp_millis())
+                .bind(&deadline.correlation_id)
+        };
+    }
+    match database {
+        Database::Postgres(pool) => {
+            leases::execute_fenced(pool, bound!(sqlx::query_scalar(postgres))).await
+        }
+        Database::Sqlite(pool) => {
+            bound!(sqlx::query(sqlite)).execute(pool).await?;
+            Ok(())
+        }
+    }
 }
 
 /// Up to `limit` unfired deadlines due at or before `now`, earliest first. A row that names
@@ -146,7 +180,7 @@ pub async fn due(
     database: &Database,
     now: DateTime<Utc>,
     limit: i64,
-) -> Result<Vec<Deadline>, sqlx::Error> {
+) -> Result<Vec<Deadline>, CheckError> {
     const SQL: &str = "SELECT order_id, step, due_at_ms, correlation_id FROM saga_deadlines
                         WHERE fired_at_ms IS NULL AND due_at_ms <= $1
                         ORDER BY due_at_ms LIMIT $2";
@@ -192,34 +226,43 @@ pub async fn mark_fired(
     database: &Database,
     order_id: &OrderId,
     kind: DeadlineKind,
-) -> Result<(), sqlx::Error> {
+) -> Result<(), CheckError> {
     mark_row_fired(database, &order_id.to_string(), kind.as_str()).await
 }
 
 /// Marks the row of (`order_id`, `step`) fired, as stored.
-async fn mark_row_fired(
-    database: &Database,
-    order_id: &str,
-    step: &str,
-) -> Result<(), sqlx::Error> {
+async fn mark_row_fired(database: &Database, order_id: &str, step: &str) -> Result<(), CheckError> {
     const SQL: &str = "UPDATE saga_deadlines SET fired_at_ms = $3
                         WHERE order_id = $1 AND step = $2 AND fired_at_ms IS NULL";
-    const POSTGRES: &str = concat!(
-        "UPDATE saga_deadlines SET fired_at_ms = $3 FROM ",
-        lazily_durable!(),
-        " WHERE order_id = $1 AND step = $2 AND fired_at_ms IS NULL"
-    );
+    static POSTGRES: LazyLock<String> = LazyLock::new(|| {
+        leases::fenced(
+            concat!(
+                "UPDATE saga_deadlines SET fired_at_ms = $3 FROM ",
+                lazily_durable!(),
+                " WHERE order_id = $1 AND step = $2 AND fired_at_ms IS NULL AND FENCED"
+            ),
+            4,
+        )
+    });
     let now = Utc::now().timestamp_millis();
-    with_pool!(database, |pool| {
-        sqlx::query(database.sql(POSTGRES, SQL))
-            .bind(order_id)
-            .bind(step)
-            .bind(now)
-            .execute(pool)
-            .await
-            .map(|done| done.rows_affected())
-    })?;
-    Ok(())
+    match database {
+        Database::Postgres(pool) => {
+            let query = sqlx::query_scalar(&POSTGRES)
+                .bind(order_id)
+                .bind(step)
+                .bind(now);
+            leases::execute_fenced(pool, query).await
+        }
+        Database::Sqlite(pool) => {
+            sqlx::query(SQL)
+                .bind(order_id)
+                .bind(step)
+                .bind(now)
+                .execute(pool)
+                .await?;
+            Ok(())
+        }
+    }
 }
 
 /// How many deadlines are unfired, and how many of those are already due at `now` (a

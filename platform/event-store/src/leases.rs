@@ -9,8 +9,14 @@
 //! that its lease is still current ([`check_lease_in`]): a runner that lost its lease, paused
 //! or cut off past its expiry, cannot write once another took over. Expiry is judged by the
 //! database's clock, the one clock every runner shares.
+//!
+//! The work a runner does for a partition runs under the partition's [`Fence`]
+//! ([`Fence::guard`]): every write of the event store made inside it on Postgres (event
+//! appends, deadlines) checks the lease in its own statement and fails with [`LeaseLost`]
+//! once it is gone. (On SQLite one process owns the store, and nothing needs fencing.)
 
-use std::sync::LazyLock;
+use std::future::Future;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use petstore_domain::partition::Partition;
@@ -52,6 +58,131 @@ pub struct LeaseLost {
     pub epoch: i64,
     /// The runner that held it.
     pub owner: String,
+}
+
+/// The lease a runner's writes for a partition are made under, and who holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    /// The runner holding the lease.
+    pub owner: Arc<str>,
+    /// The lease.
+    pub lease: Lease,
+}
+
+tokio::task_local! {
+    /// The fence of the work running in this task, if any.
+    static FENCE: Fence;
+}
+
+impl Fence {
+    /// Runs `work` under this fence: each write of the event store it makes on Postgres
+    /// (appending events, scheduling, moving or firing deadlines) commits only if the lease
+    /// is still current, checked in the write's own statement (the lease's row locked for
+    /// share, so a takeover waits for it), and fails with [`LeaseLost`] otherwise.
+    pub async fn guard<F: Future>(self, work: F) -> F::Output {
+        FENCE.scope(self, work).await
+    }
+
+    /// The fence of the work running now, if any.
+    pub(crate) fn current() -> Option<Fence> {
+        FENCE.try_with(Clone::clone).ok()
+    }
+
+    /// The error of a write this fence refused.
+    pub fn lost(&self) -> LeaseLost {
+        LeaseLost {
+            partition: self.lease.partition.number(),
+            epoch: self.lease.epoch,
+            owner: self.owner.to_string(),
+        }
+    }
+
+    /// The fence's (partition, owner, epoch), as the fenced statements bind them.
+    pub(crate) fn binds(fence: Option<&Fence>) -> (Option<i32>, Option<String>, Option<i64>) {
+        (
+            fence.map(|fence| number(fence.lease.partition)),
+            fence.map(|fence| fence.owner.to_string()),
+            fence.map(|fence| fence.lease.epoch),
+        )
+    }
+}
+
+/// `write` (a Postgres statement whose condition says `FENCED`) made a fenced write: it
+/// happens only if the fence bound at `$first` (partition), `$first + 1` (owner) and
+/// `$first + 2` (epoch) is still current, or if none is bound (all three NULL). The statement
+/// answers one boolean: whether the fence held (true when none is bound).
+pub(crate) fn fenced(write: &str, first: usize) -> String {
+    let (partition, owner, epoch) = (first, first + 1, first + 2);
+    let held = format!("(${partition}::integer IS NULL OR EXISTS (SELECT 1 FROM lease))");
+    format!(
+        "WITH lease AS (SELECT 1 FROM saga_leases
+                         WHERE partition_number = ${partition} AND owner = ${owner}
+                           AND epoch = ${epoch} FOR SHARE),
+              written AS ({})
+         SELECT {held}",
+        write.replace("FENCED", &held)
+    )
+}
+
+/// Runs `query` (a [`fenced`] statement, its own parameters bound) under the work's fence,
+/// if any: [`LeaseLost`] when the fence no longer held (and the write did not happen).
+pub(crate) async fn execute_fenced<'q>(
+    pool: &sqlx::PgPool,
+    query: sqlx::query::QueryScalar<'q, sqlx::Postgres, bool, sqlx::postgres::PgArguments>,
+) -> Result<(), CheckError> {
+    let fence = Fence::current();
+    let (partition, owner, epoch) = Fence::binds(fence.as_ref());
+    let held = query
+        .bind(partition)
+        .bind(owner)
+        .bind(epoch)
+        .fetch_one(pool)
+        .await?;
+    match fence {
+        Some(fence) if !held => Err(CheckError::Lost(fence.lost())),
+        _ => Ok(()),
+    }
+}
+
+/// Of `fences`, those whose lease is no longer current (read without locking).
+pub(crate) async fn lost_of(
+    pool: &sqlx::PgPool,
+    fences: &[&Fence],
+) -> Result<Vec<Fence>, sqlx::Error> {
+    if fences.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (partitions, owners, epochs): (Vec<_>, Vec<_>, Vec<_>) = fences
+        .iter()
+        .map(|fence| {
+            (
+                number(fence.lease.partition),
+                fence.owner.to_string(),
+                fence.lease.epoch,
+            )
+        })
+        .collect();
+    let held: Vec<(i32, String, i64)> = sqlx::query_as(
+        "SELECT partition_number, owner, epoch FROM saga_leases
+          WHERE (partition_number, owner, epoch) IN
+                (SELECT * FROM UNNEST($1::integer[], $2::text[], $3::bigint[]))",
+    )
+    .bind(partitions)
+    .bind(owners)
+    .bind(epochs)
+    .fetch_all(pool)
+    .await?;
+    Ok(fences
+        .iter()
+        .filter(|fence| {
+            !held.iter().any(|(partition, owner, epoch)| {
+                *partition == number(fence.lease.partition)
+                    && **owner == *fence.owner
+                    && *epoch == fence.lease.epoch
+            })
+        })
+        .map(|fence| (*fence).clone())
+        .collect())
 }
 
 /// The database's clock, in milliseconds since the epoch: `NOW_MS` in the statements below.

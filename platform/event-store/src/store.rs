@@ -7,7 +7,7 @@
 //! again, a bounded number of times, before it is reported as a conflict.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use cqrs_es::event_sink::EventSink;
@@ -24,6 +24,7 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::database::Database;
+use crate::leases::Fence;
 
 pub use crate::metadata::{
     parse_feature_flags, EventMetadata, FEATURE_FLAGS_KEY, SETTINGS_VERSION_KEY, TRACEPARENT_KEY,
@@ -65,18 +66,25 @@ impl EventRepository {
 /// Appends a command's events to Postgres in one statement, atomic on its own (no
 /// BEGIN/COMMIT), where postgres-es sends BEGIN, one INSERT per event and COMMIT. One event
 /// (most commands decide one) joins the group commit of concurrent appends. A taken
-/// (aggregate, sequence) is the optimistic-concurrency conflict, as in postgres-es.
+/// (aggregate, sequence) is the optimistic-concurrency conflict, as in postgres-es. Under a
+/// saga partition's [`Fence`], the append is written only while its lease holds.
 async fn append_postgres<A: Aggregate>(
     group_commit: &Arc<GroupCommit>,
     events: &[SerializedEvent],
 ) -> Result<(), PersistenceError> {
+    let fence = Fence::current();
     match events {
         [] => Ok(()),
-        [event] => group_commit.append(A::TYPE, event).await,
-        [first, ..] => append_many::<A>(group_commit.pool(), first, events)
-            .await
-            .map(|_| ())
-            .map_err(|error| persistence_error(error, "23505")),
+        [event] => group_commit.append(A::TYPE, event, fence).await,
+        [first, ..] => {
+            let held = append_many::<A>(group_commit.pool(), first, events, fence.as_ref())
+                .await
+                .map_err(|error| persistence_error(error, "23505"))?;
+            match fence {
+                Some(fence) if !held => Err(group_commit::lease_lost(&fence)),
+                _ => Ok(()),
+            }
+        }
     }
 }
 
@@ -94,12 +102,24 @@ fn persistence_error(error: sqlx::Error, conflict_code: &str) -> PersistenceErro
     }
 }
 
-/// Several events of one aggregate in one statement.
+/// Several events of one aggregate in one statement, under `fence` if any: answers whether
+/// it held (and the events were written).
 async fn append_many<A: Aggregate>(
     pool: &sqlx::PgPool,
     first: &SerializedEvent,
     events: &[SerializedEvent],
-) -> Result<sqlx::postgres::PgQueryResult, sqlx::Error> {
+    fence: Option<&Fence>,
+) -> Result<bool, sqlx::Error> {
+    static INSERT: LazyLock<String> = LazyLock::new(|| {
+        crate::leases::fenced(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+             SELECT $1, $2, sequence, event_type, event_version, payload, metadata
+               FROM UNNEST($3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::jsonb[])
+                    AS t(sequence, event_type, event_version, payload, metadata)
+              WHERE FENCED",
+            8,
+        )
+    });
     let mut sequences = Vec::with_capacity(events.len());
     let mut types = Vec::with_capacity(events.len());
     let mut versions = Vec::with_capacity(events.len());
@@ -112,21 +132,20 @@ async fn append_many<A: Aggregate>(
         payloads.push(&event.payload);
         metadata.push(&event.metadata);
     }
-    sqlx::query(
-        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
-         SELECT $1, $2, sequence, event_type, event_version, payload, metadata
-           FROM UNNEST($3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::jsonb[])
-                AS t(sequence, event_type, event_version, payload, metadata)",
-    )
-    .bind(A::TYPE)
-    .bind(&first.aggregate_id)
-    .bind(&sequences)
-    .bind(&types)
-    .bind(&versions)
-    .bind(&payloads)
-    .bind(&metadata)
-    .execute(pool)
-    .await
+    let (partition, owner, epoch) = Fence::binds(fence);
+    sqlx::query_scalar(&INSERT)
+        .bind(A::TYPE)
+        .bind(&first.aggregate_id)
+        .bind(&sequences)
+        .bind(&types)
+        .bind(&versions)
+        .bind(&payloads)
+        .bind(&metadata)
+        .bind(partition)
+        .bind(owner)
+        .bind(epoch)
+        .fetch_one(pool)
+        .await
 }
 
 /// Appends a command's events to SQLite, in a task of its own: a caller cancelled mid-way (a

@@ -20,14 +20,19 @@
 //!
 //! Appends of several events (one command deciding more than one) keep their own statement,
 //! all or nothing: `ON CONFLICT DO NOTHING` would let half of them through.
+//!
+//! An append made under a saga partition's [`Fence`] is written only while its lease holds,
+//! checked by the same statement (alone or in a batch, next to unfenced appends); one the
+//! fence refused fails with [`LeaseLost`](crate::leases::LeaseLost).
 
 use std::collections::{HashSet, VecDeque};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 
 use cqrs_es::persist::{PersistenceError, SerializedEvent};
 use tokio::sync::oneshot;
 
 use super::persistence_error;
+use crate::leases::{self, Fence};
 
 /// The most appends one statement writes.
 const MAX_BATCH: usize = 128;
@@ -38,8 +43,32 @@ const UNIQUE_VIOLATION: &str = "23505";
 const INSERT_ONE: &str = "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
      VALUES ($1, $2, $3, $4, $5, $6, $7)";
 
-const INSERT_BATCH: &str = "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
-     SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::jsonb[])
+/// [`INSERT_ONE`] under a fence (`$8` to `$10`): answers whether the fence held.
+static INSERT_ONE_FENCED: LazyLock<String> = LazyLock::new(|| {
+    leases::fenced(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+         SELECT $1, $2, $3, $4, $5, $6, $7 WHERE FENCED",
+        8,
+    )
+});
+
+/// Each row under its own fence (`$8` to `$10`, NULL for an unfenced row), the fences'
+/// lease rows locked for share, as [`leases::fenced`] does for one.
+const INSERT_BATCH: &str = "WITH batch AS (
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::jsonb[],
+                              $8::integer[], $9::text[], $10::bigint[])
+             AS t(aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata,
+                  lease_partition, lease_owner, lease_epoch)),
+     held AS (
+         SELECT partition_number, owner, epoch FROM saga_leases
+          WHERE (partition_number, owner, epoch) IN
+                (SELECT lease_partition, lease_owner, lease_epoch FROM batch)
+            FOR SHARE)
+     INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+     SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata
+       FROM batch
+      WHERE lease_partition IS NULL
+         OR (lease_partition, lease_owner, lease_epoch) IN (SELECT * FROM held)
      ON CONFLICT (aggregate_type, aggregate_id, sequence) DO NOTHING
      RETURNING aggregate_type, aggregate_id, sequence";
 
@@ -64,22 +93,24 @@ struct Pending {
     outcome: oneshot::Sender<Result<(), PersistenceError>>,
 }
 
-/// One event row.
+/// One event row, and the fence it is written under, if any.
 struct Row {
     aggregate_type: &'static str,
     sequence: i64,
     event: SerializedEvent,
+    fence: Option<Fence>,
 }
 
 /// What makes a row unique in `events`.
 type Key<'a> = (&'a str, &'a str, i64);
 
 impl Row {
-    fn new(aggregate_type: &'static str, event: &SerializedEvent) -> Self {
+    fn new(aggregate_type: &'static str, event: &SerializedEvent, fence: Option<Fence>) -> Self {
         Self {
             aggregate_type,
             sequence: i64::try_from(event.sequence).unwrap_or(i64::MAX),
             event: event.clone(),
+            fence,
         }
     }
 
@@ -88,24 +119,52 @@ impl Row {
     }
 }
 
-/// Writes one event row alone; a taken key is the optimistic-concurrency conflict.
-async fn insert_one(
-    pool: &sqlx::PgPool,
-    aggregate_type: &'static str,
-    event: &SerializedEvent,
-) -> Result<(), PersistenceError> {
-    sqlx::query(INSERT_ONE)
-        .bind(aggregate_type)
-        .bind(&event.aggregate_id)
-        .bind(i64::try_from(event.sequence).unwrap_or(i64::MAX))
-        .bind(&event.event_type)
-        .bind(&event.event_version)
-        .bind(&event.payload)
-        .bind(&event.metadata)
-        .execute(pool)
+/// Writes one event row alone (under its fence, if any); a taken key is the
+/// optimistic-concurrency conflict.
+async fn insert_one(pool: &sqlx::PgPool, row: &Row) -> Result<(), PersistenceError> {
+    let Row {
+        aggregate_type,
+        sequence,
+        event,
+        fence,
+    } = row;
+    macro_rules! bound {
+        ($query:expr) => {
+            $query
+                .bind(*aggregate_type)
+                .bind(&event.aggregate_id)
+                .bind(*sequence)
+                .bind(&event.event_type)
+                .bind(&event.event_version)
+                .bind(&event.payload)
+                .bind(&event.metadata)
+        };
+    }
+    let Some(fence) = fence else {
+        return bound!(sqlx::query(INSERT_ONE))
+            .execute(pool)
+            .await
+            .map(|_| ())
+            .map_err(|error| persistence_error(error, UNIQUE_VIOLATION));
+    };
+    let (partition, owner, epoch) = Fence::binds(Some(fence));
+    let held: bool = bound!(sqlx::query_scalar(&INSERT_ONE_FENCED))
+        .bind(partition)
+        .bind(owner)
+        .bind(epoch)
+        .fetch_one(pool)
         .await
-        .map(|_| ())
-        .map_err(|error| persistence_error(error, UNIQUE_VIOLATION))
+        .map_err(|error| persistence_error(error, UNIQUE_VIOLATION))?;
+    if held {
+        Ok(())
+    } else {
+        Err(lease_lost(fence))
+    }
+}
+
+/// How an append the fence refused fails.
+pub(super) fn lease_lost(fence: &Fence) -> PersistenceError {
+    PersistenceError::UnknownError(Box::new(fence.lost()))
 }
 
 impl GroupCommit {
@@ -128,30 +187,29 @@ impl GroupCommit {
         self: &Arc<Self>,
         aggregate_type: &'static str,
         event: &SerializedEvent,
+        fence: Option<Fence>,
     ) -> Result<(), PersistenceError> {
+        let row = Row::new(aggregate_type, event, fence);
         let (outcome, written) = oneshot::channel();
-        let start_flushing = {
+        let (alone, start_flushing) = {
             let mut state = self.lock();
             if state.flushing == 0 {
                 // Nothing in flight (so nothing queued): written at once, by the caller.
                 state.flushing = 1;
-                None
+                (Some(row), false)
             } else {
-                state.queue.push_back(Pending {
-                    row: Row::new(aggregate_type, event),
-                    outcome,
-                });
+                state.queue.push_back(Pending { row, outcome });
                 let start = state.flushing < self.max_flushing;
                 if start {
                     state.flushing += 1;
                 }
-                Some(start)
+                (None, start)
             }
         };
-        let Some(start_flushing) = start_flushing else {
+        if let Some(row) = alone {
             let _written_alone = WrittenAlone(self);
-            return insert_one(&self.pool, aggregate_type, event).await;
-        };
+            return insert_one(&self.pool, &row).await;
+        }
         if start_flushing {
             tokio::spawn(Arc::clone(self).flush());
         }
@@ -185,8 +243,7 @@ impl GroupCommit {
     async fn write(&self, mut batch: Vec<Pending>) {
         if batch.len() == 1 {
             let pending = batch.remove(0);
-            let outcome =
-                insert_one(&self.pool, pending.row.aggregate_type, &pending.row.event).await;
+            let outcome = insert_one(&self.pool, &pending.row).await;
             // The caller may have gone; the row is written all the same.
             let _ = pending.outcome.send(outcome);
             return;
@@ -201,11 +258,26 @@ impl GroupCommit {
                     .iter()
                     .map(|pending| written.contains(&pending.row.key()))
                     .collect();
+                // A fenced row not written was refused by its fence, or conflicted: told
+                // apart by whether its lease still holds.
+                let refused: Vec<&Fence> = batch
+                    .iter()
+                    .zip(&outcomes)
+                    .filter_map(|(pending, written)| {
+                        pending.row.fence.as_ref().filter(|_| !written)
+                    })
+                    .collect();
+                let lost = leases::lost_of(&self.pool, &refused)
+                    .await
+                    .map_err(Arc::new);
                 for (pending, written) in batch.into_iter().zip(outcomes) {
-                    let outcome = if written {
-                        Ok(())
-                    } else {
-                        Err(PersistenceError::OptimisticLockError)
+                    let outcome = match (&pending.row.fence, &lost) {
+                        _ if written => Ok(()),
+                        (Some(_), Err(error)) => {
+                            Err(PersistenceError::UnknownError(Box::new(Arc::clone(error))))
+                        }
+                        (Some(fence), Ok(lost)) if lost.contains(fence) => Err(lease_lost(fence)),
+                        _ => Err(PersistenceError::OptimisticLockError),
                     };
                     let _ = pending.outcome.send(outcome);
                 }
@@ -223,9 +295,7 @@ impl GroupCommit {
             Err(error) => {
                 tracing::debug!(%error, rows = batch.len(), "a batch of appends failed; writing them one by one");
                 for pending in batch {
-                    let outcome =
-                        insert_one(&self.pool, pending.row.aggregate_type, &pending.row.event)
-                            .await;
+                    let outcome = insert_one(&self.pool, &pending.row).await;
                     let _ = pending.outcome.send(outcome);
                 }
             }
@@ -258,6 +328,21 @@ impl GroupCommit {
             )
             .bind(rows().map(|row| &row.event.payload).collect::<Vec<_>>())
             .bind(rows().map(|row| &row.event.metadata).collect::<Vec<_>>())
+            .bind(
+                rows()
+                    .map(|row| Fence::binds(row.fence.as_ref()).0)
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                rows()
+                    .map(|row| Fence::binds(row.fence.as_ref()).1)
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                rows()
+                    .map(|row| Fence::binds(row.fence.as_ref()).2)
+                    .collect::<Vec<_>>(),
+            )
             .fetch_all(&self.pool)
             .await
     }

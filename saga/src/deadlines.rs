@@ -27,25 +27,25 @@ use crate::runner::*;
 enum Mine {
     /// Another runner's: its partition is not owned here.
     No,
-    /// Fired without a fence (consuming Kafka, or called directly).
+    /// Fired without a fence (called directly, outside a running runner).
     Unfenced,
     /// Fired under its partition's fence.
     Under(Fence),
 }
 
 impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D> {
-    /// Fires the due deadlines until `stopped`: those of the partitions `owned` (following
-    /// the event store), or all (consuming Kafka).
+    /// Fires the due deadlines of the partitions `owned` until `stopped`, each under its
+    /// partition's fence.
     pub(crate) async fn fire_deadlines(
         &self,
-        owned: Option<tokio::sync::watch::Receiver<Owned>>,
+        owned: tokio::sync::watch::Receiver<Owned>,
         mut stopped: tokio::sync::watch::Receiver<bool>,
     ) {
         let poll = Duration::from_millis(self.settings.deadline_poll_interval_ms.max(10));
         let partitions = self.settings.partitions();
         loop {
-            let mine = |deadline: &Deadline| match (&owned, &partitions) {
-                (Some(owned), Ok(partitions)) => owned
+            let mine = |deadline: &Deadline| match &partitions {
+                Ok(partitions) => owned
                     .borrow()
                     .get(&partitions.of_order(&deadline.order_id))
                     .map_or(Mine::No, |lease| {
@@ -54,7 +54,7 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                             lease: *lease,
                         })
                     }),
-                _ => Mine::Unfenced,
+                Err(_) => Mine::No,
             };
             if let Err(error) = self.fire_due_deadlines_of(mine).await {
                 tracing::error!(%error, "firing deadlines failed; retrying");

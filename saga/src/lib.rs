@@ -12,9 +12,10 @@
 //! command whose id the aggregate already holds. Provider calls are made only while the
 //! payment or delivery has no recorded result, with an idempotency key derived the same way.
 //!
-//! With Kafka configured the runner consumes the events from the topics in a consumer group
-//! instead (offsets committed, the same way, up to what is handled); several runners then
-//! share the work.
+//! Runners share the saga partitions through leases (`ownership.rs`); each handles the
+//! orders of its partitions, following the event store or, with Kafka configured, consuming
+//! those partitions of the topics (offsets committed, the same way, up to what is handled).
+//! Its writes for an order are fenced by the order's partition's lease.
 //!
 //! A second loop fires due deadlines: a step that has not finished in time cancels the order.
 //!

@@ -125,12 +125,12 @@ pub(crate) enum Work {
 /// How the runner acknowledges what it handled.
 pub(crate) enum Acknowledge<'a> {
     /// Following the event store: each owned partition's checkpoint, under its lease.
-    Partitions(&'a Leases, &'a Scope),
-    /// Consuming Kafka: the group's offsets.
+    Checkpoints,
+    /// Consuming Kafka: the group's offsets of the partitions whose lease still holds.
     Offsets(&'a KafkaSubscriber),
 }
 
-/// The partitions a runner following the event store owns: their leases, and where each
+/// The partitions a runner owns: their leases, and (following the event store) where each
 /// one's checkpoint stood when the run began (its events up to there are handled).
 pub(crate) struct Scope {
     pub(crate) partitions: Partitions,
@@ -138,10 +138,22 @@ pub(crate) struct Scope {
 }
 
 impl Scope {
-    /// Whether `event`, of `partition`, is this runner's to handle now.
+    /// Whether `event`, of `partition` (its order's), is this runner's to handle now.
+    /// Consuming Kafka, an event is handled by whoever consumes its Kafka partition, which
+    /// is its aggregate's: a pet's event concerning an order may arrive at another runner
+    /// than the order's owner (and is then handled unfenced, its commands deduplicated by
+    /// their ids as before partitions).
     fn handles(&self, partition: Partition, event: &RecordedEvent) -> bool {
-        self.from
-            .get(&partition)
+        let partition = match &event.delivery {
+            Some(delivery) => self
+                .from
+                .keys()
+                .find(|owned| owned.kafka() == delivery.partition)
+                .copied(),
+            None => Some(partition),
+        };
+        partition
+            .and_then(|partition| self.from.get(&partition))
             .is_some_and(|(_, from)| event.position > *from)
     }
 }
@@ -154,16 +166,19 @@ pub fn partition_checkpoint(partition: Partition) -> String {
 /// The saga runner's events in lanes, acknowledged one way.
 pub(crate) struct SagaLanes<'a, P, D> {
     runner: &'a SagaRunner<P, D>,
+    leases: &'a Leases,
+    scope: &'a Scope,
     acknowledge: Acknowledge<'a>,
 }
 
 impl<P, D> SagaLanes<'_, P, D> {
-    /// The fence of `order`'s partition, when the runner owns partitions through leases.
+    /// The fence of `order`'s partition, if this runner owns it (consuming Kafka, it may
+    /// handle a pet's event of another runner's order).
     fn fence_of(&self, order: &OrderId) -> Option<Fence> {
-        let Acknowledge::Partitions(_, scope) = &self.acknowledge else {
-            return None;
-        };
-        let (lease, _) = scope.from.get(&scope.partitions.of_order(order))?;
+        let (lease, _) = self
+            .scope
+            .from
+            .get(&self.scope.partitions.of_order(order))?;
         Some(Fence {
             owner: Arc::clone(&self.runner.owner),
             lease: *lease,
@@ -178,16 +193,15 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> Lanes for SagaL
 
     fn route(&self, event: RecordedEvent) -> Route<Lane, Work> {
         let decoded = saga_event(&event);
-        if let Acknowledge::Partitions(_, scope) = &self.acknowledge {
-            // An event is its order's partition's; one that cannot be decoded, its
-            // aggregate's (so one runner sets it aside).
-            let partition = match &decoded {
-                Ok(Some((order_id, _))) => scope.partitions.of_order(order_id),
-                _ => scope.partitions.of_key(&event.aggregate_id),
-            };
-            if !scope.handles(partition, &event) {
-                return Route::Done;
-            }
+        // An event is its order's partition's; one that cannot be decoded, its aggregate's
+        // (so one runner sets it aside).
+        let scope = self.scope;
+        let partition = match &decoded {
+            Ok(Some((order_id, _))) => scope.partitions.of_order(order_id),
+            _ => scope.partitions.of_key(&event.aggregate_id),
+        };
+        if !scope.handles(partition, &event) {
+            return Route::Done;
         }
         match decoded {
             Ok(Some((order_id, decoded))) => Route::Lane(
@@ -240,17 +254,19 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> Lanes for SagaL
     async fn acknowledge(&self, handled: Vec<Arrived>, finally: bool) -> Result<(), SagaError> {
         let furthest = handled.iter().map(|arrived| arrived.position).max();
         match &self.acknowledge {
-            Acknowledge::Partitions(leases, scope) => {
+            Acknowledge::Checkpoints => {
                 if let Some(furthest) = furthest {
                     // Every owned partition's events up to the furthest are handled (or
                     // were before the run began).
-                    let moved: Vec<_> = scope
+                    let moved: Vec<_> = self
+                        .scope
                         .from
                         .values()
                         .filter(|(_, from)| *from < furthest)
                         .map(|(lease, _)| (*lease, furthest))
                         .collect();
-                    let lost = leases
+                    let lost = self
+                        .leases
                         .save_checkpoints(&moved, partition_checkpoint)
                         .await
                         .map_err(|error| SagaError::Store(error.to_string()))?;
@@ -272,6 +288,18 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> Lanes for SagaL
                     let at = offsets.entry(partition).or_insert(offset);
                     *at = offset.max(*at);
                 }
+                // Only the offsets of partitions still owned: a lost one's new owner
+                // resumes from the offsets committed before it took over.
+                let leases: Vec<Lease> =
+                    self.scope.from.values().map(|(lease, _)| *lease).collect();
+                let lost = self
+                    .leases
+                    .lost(&leases)
+                    .await
+                    .map_err(|error| SagaError::Store(error.to_string()))?;
+                offsets.retain(|(_, partition), _| {
+                    !lost.iter().any(|lost| lost.kafka() == *partition)
+                });
                 subscriber.commit(&offsets, finally)?;
             }
         }
@@ -367,10 +395,10 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
             .await;
     }
 
-    /// Consume the events from Kafka, in the configured consumer group, instead of following
-    /// the event store: several runners then share the work, and a dead runner's partitions
-    /// move to the others. The topics have one partition per saga partition of `partitions`
-    /// (the store's).
+    /// Consume the events from Kafka instead of following the event store: each runner reads
+    /// the Kafka partitions of the saga partitions it owns, its offsets kept in the configured
+    /// consumer group. The topics have one partition per saga partition of `partitions` (the
+    /// store's).
     pub fn with_kafka(mut self, kafka: KafkaSettings, partitions: Partitions) -> Self {
         self.kafka = Some((kafka, partitions));
         self
@@ -395,17 +423,16 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
     /// handles (and fires the deadlines of) only those; a clean stop hands them over.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let (stop, stopped) = tokio::sync::watch::channel(false);
-        let ownership = match (&self.kafka, self.settings.partitions()) {
-            (Some(_), _) => None,
-            (None, Ok(partitions)) => Some(Ownership::new(
+        let ownership = match self.settings.partitions() {
+            Ok(partitions) => Ownership::new(
                 Leases::new(
                     self.store.database(),
                     &*self.owner,
                     Duration::from_millis(self.settings.lease_timeout_ms),
                 ),
                 partitions,
-            )),
-            (None, Err(error)) => {
+            ),
+            Err(error) => {
                 // Refused at start-up already; a runner built around the settings check
                 // stalls visibly rather than acting on every order.
                 self.failed();
@@ -417,25 +444,14 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
         let (events_done, keeping_stopped) = tokio::sync::watch::channel(false);
         let work = async {
             let events = async {
-                match (&self.kafka, &ownership) {
-                    (Some((kafka, partitions)), _) => {
-                        self.follow_kafka(kafka, *partitions, stopped.clone()).await
-                    }
-                    (None, Some(ownership)) => self.follow_stream(ownership, stopped.clone()).await,
-                    (None, None) => {}
-                }
+                self.follow(&ownership, stopped.clone()).await;
                 let _ = events_done.send(true);
             };
-            let keeping = async {
-                if let Some(ownership) = &ownership {
-                    let every = Duration::from_millis(self.settings.lease_timeout_ms / 3)
-                        .max(Duration::from_millis(10));
-                    ownership.keep(every, keeping_stopped.clone()).await;
-                }
-            };
-            let owned = ownership.as_ref().map(Ownership::owned);
+            let every = Duration::from_millis(self.settings.lease_timeout_ms / 3)
+                .max(Duration::from_millis(10));
+            let keeping = ownership.keep(every, keeping_stopped.clone());
             tokio::select! {
-                _ = async { tokio::join!(self.fire_deadlines(owned, stopped.clone()), events, keeping) } => {}
+                _ = async { tokio::join!(self.fire_deadlines(ownership.owned(), stopped.clone()), events, keeping) } => {}
                 () = self.measure() => {}
             }
         };
@@ -449,14 +465,12 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
         }
     }
 
-    /// Follows the event store for the partitions `ownership` holds, starting again whenever
-    /// they change, until stopped.
-    pub(crate) async fn follow_stream(
-        &self,
-        ownership: &Ownership,
-        mut stopped: watch::Receiver<bool>,
-    ) {
+    /// Handles the events of the partitions `ownership` holds (from the event store, or
+    /// from Kafka), starting again whenever they change, until stopped.
+    pub(crate) async fn follow(&self, ownership: &Ownership, mut stopped: watch::Receiver<bool>) {
         let mut owned = ownership.owned();
+        // Consuming Kafka, redeliveries after a restart are dropped by event id.
+        let mut seen = RecentEvents::new(if self.kafka.is_some() { 100_000 } else { 0 });
         loop {
             if *stopped.borrow() {
                 return;
@@ -468,22 +482,57 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                     _ = owned.changed() => continue,
                 }
             }
-            let error = match self
-                .follow_partitions(ownership, &held, &mut owned, &mut stopped)
-                .await
-            {
+            let (stop, mut stop_run) = watch::channel(false);
+            let run = async {
+                match &self.kafka {
+                    Some((kafka, partitions)) => {
+                        self.consume_kafka(
+                            kafka,
+                            *partitions,
+                            ownership,
+                            &held,
+                            &mut stop_run,
+                            &mut seen,
+                        )
+                        .await
+                    }
+                    None => {
+                        self.follow_partitions(ownership, &held, &mut stop_run)
+                            .await
+                    }
+                }
+            };
+            tokio::pin!(run);
+            let outcome = tokio::select! {
+                outcome = &mut run => outcome,
+                () = async {
+                    tokio::select! {
+                        _ = stopped.wait_for(|stop| *stop) => {}
+                        _ = owned.changed() => {}
+                    }
+                } => {
+                    // Stopping, or the partitions changed: finish what arrived, then start
+                    // over.
+                    let _ = stop.send(true);
+                    run.await
+                }
+            };
+            let error = match outcome {
                 Ok(()) => continue,
                 Err(SagaError::LeaseLost(lost)) => {
                     // Another runner took a partition over: its orders are no longer this
-                    // one's. The others go on from their checkpoints.
+                    // one's. The others go on from where they were acknowledged.
                     tracing::warn!(%lost, "a write was refused by its fence; giving the partition up");
                     ownership.lost(lost.partition);
                     continue;
                 }
                 Err(error) => error,
             };
+            // Following the event store, the runner resumes from the checkpoints; consuming
+            // Kafka, a new consumer resumes from the last committed offsets. Either way what
+            // was not handled is handled again.
             self.failed();
-            tracing::error!(%error, "saga step failed; retrying from the checkpoints");
+            tracing::error!(%error, kafka = self.kafka.is_some(), "saga step failed; resuming from what was acknowledged");
             tokio::select! {
                 _ = stopped.wait_for(|stop| *stop) => return,
                 () = tokio::time::sleep(Duration::from_millis(500)) => {}
@@ -491,34 +540,15 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
         }
     }
 
-    pub(crate) async fn follow_kafka(
-        &self,
-        kafka: &KafkaSettings,
-        partitions: Partitions,
-        mut stopped: watch::Receiver<bool>,
-    ) {
-        let mut seen = RecentEvents::new(100_000);
-        while let Err(error) = self
-            .consume_kafka(kafka, partitions, &mut stopped, &mut seen)
-            .await
-        {
-            // The consumer is dropped: it rejoins the group and resumes from the last
-            // committed offsets, so what was not handled is delivered again.
-            self.failed();
-            tracing::error!(%error, "saga step from kafka failed; rejoining the group");
-            tokio::select! {
-                _ = stopped.wait_for(|stop| *stop) => return,
-                () = tokio::time::sleep(Duration::from_millis(500)) => {}
-            }
-        }
-    }
-
-    /// Handles the consumer group's events until stopped (`Ok`) or until one fails. Offsets
-    /// are committed only up to events handled with all before them.
+    /// Handles the events of the `held` partitions from Kafka, each from the group's
+    /// committed offset, until stopped (`Ok`) or until one fails. Offsets are committed only
+    /// up to events handled with all before them.
     pub(crate) async fn consume_kafka(
         &self,
         kafka: &KafkaSettings,
         partitions: Partitions,
+        ownership: &Ownership,
+        held: &Owned,
         stopped: &mut watch::Receiver<bool>,
         seen: &mut RecentEvents,
     ) -> Result<(), SagaError> {
@@ -528,26 +558,44 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
             .store_id()
             .await
             .map_err(|error| SagaError::Store(error.to_string()))?;
-        let subscriber =
-            KafkaSubscriber::new(kafka, &kafka.consumer_group, &store_id, partitions).await?;
+        let subscriber = KafkaSubscriber::assigned(
+            kafka,
+            &kafka.consumer_group,
+            &store_id,
+            partitions,
+            held.keys().copied(),
+        )
+        .await?;
         let max = self.settings.batch_size as usize;
         // Polled from a stream, never cancelled: a batch being taken is not lost.
         let batches = futures::stream::unfold(&subscriber, |subscriber| async move {
             let batch = subscriber.next_batch(max, Duration::ZERO).await;
             Some((batch.map_err(SagaError::from), subscriber))
         });
-        self.pipeline(batches, stopped, seen, Acknowledge::Offsets(&subscriber))
-            .await
+        let scope = Scope {
+            partitions,
+            from: held
+                .iter()
+                .map(|(partition, lease)| (*partition, (*lease, StreamPosition::START)))
+                .collect(),
+        };
+        self.pipeline(
+            batches,
+            stopped,
+            seen,
+            ownership.leases(),
+            &scope,
+            Acknowledge::Offsets(&subscriber),
+        )
+        .await
     }
 
     /// Handles the stream's events of the `held` partitions, each from its checkpoint,
-    /// until stopped or until the partitions owned change (`Ok`), or until an event's
-    /// handling fails (`Err`).
+    /// until stopped (`Ok`) or until an event's handling fails (`Err`).
     pub(crate) async fn follow_partitions(
         &self,
         ownership: &Ownership,
         held: &Owned,
-        owned: &mut watch::Receiver<Owned>,
         stopped: &mut watch::Receiver<bool>,
     ) -> Result<(), SagaError> {
         let database = self.store.database();
@@ -580,28 +628,15 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
             partitions: ownership.partitions(),
             from,
         };
-        let (stop, mut stop_run) = watch::channel(false);
-        let mut seen = RecentEvents::new(0);
-        let run = self.pipeline(
+        self.pipeline(
             subscription.batches(),
-            &mut stop_run,
-            &mut seen,
-            Acknowledge::Partitions(ownership.leases(), &scope),
-        );
-        tokio::pin!(run);
-        tokio::select! {
-            result = &mut run => result,
-            () = async {
-                tokio::select! {
-                    _ = stopped.wait_for(|stop| *stop) => {}
-                    _ = owned.changed() => {}
-                }
-            } => {
-                // Stopping, or the partitions changed: finish what arrived, then start over.
-                let _ = stop.send(true);
-                run.await
-            }
-        }
+            stopped,
+            &mut RecentEvents::new(0),
+            ownership.leases(),
+            &scope,
+            Acknowledge::Checkpoints,
+        )
+        .await
     }
 
     /// Handles the events of `batches` until stopped (`Ok`, once what arrived is handled) or
@@ -615,6 +650,8 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
         batches: impl futures::Stream<Item = Result<Vec<RecordedEvent>, SagaError>>,
         stopped: &mut watch::Receiver<bool>,
         seen: &mut RecentEvents,
+        leases: &Leases,
+        scope: &Scope,
         acknowledge: Acknowledge<'_>,
     ) -> Result<(), SagaError> {
         let limits = LaneLimits {
@@ -624,6 +661,8 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
         };
         let lanes = SagaLanes {
             runner: self,
+            leases,
+            scope,
             acknowledge,
         };
         run_in_lanes(&lanes, limits, batches, stopped, seen).await

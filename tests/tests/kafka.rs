@@ -373,8 +373,12 @@ async fn projectors_killed_while_orders_pour_in_lose_nothing() {
     storage.remove().await;
 }
 
+/// Two runners consuming Kafka share the saga partitions through their leases (each reads
+/// only its partitions, assigned by itself, not by a group rebalance); one dies mid-run, and
+/// the other takes its partitions over once their leases expire, resuming from the offsets
+/// the dead one committed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn two_saga_runners_share_a_group_and_one_can_die() {
+async fn two_saga_runners_on_kafka_share_the_partitions_and_one_can_die() {
     const ORDERS: usize = 20;
     let storage = Storage::new(Engine::Postgres).await;
     let mut settings = storage.settings();
@@ -416,7 +420,7 @@ async fn two_saga_runners_share_a_group_and_one_can_die() {
         let accepted = app.place_order(pet).await;
         orders.push(accepted["order_id"].as_str().expect("id").to_owned());
         if index == ORDERS / 2 {
-            doomed.abort(); // one runner dies mid-run; its partitions move to the other
+            doomed.abort(); // one runner dies mid-run; the other takes its partitions over
         }
     }
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -457,6 +461,42 @@ async fn two_saga_runners_share_a_group_and_one_can_die() {
         "no double payment"
     );
     assert_eq!(payments.captured(), ORDERS);
+    // The offsets are kept by the group, though no member joined it: every order partition
+    // that carried an order has an offset committed.
+    let group: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set("group.id", &settings.kafka.consumer_group)
+        .create()
+        .expect("consumer");
+    let topic = petstore_kafka::topic_for(&prefix, petstore_domain::order::AGGREGATE_TYPE);
+    let mut list = rdkafka::TopicPartitionList::new();
+    for partition in 0..3 {
+        list.add_partition(&topic, partition);
+    }
+    let committed = group
+        .committed_offsets(list, Duration::from_secs(10))
+        .expect("committed offsets");
+    let used: HashSet<i32> = orders
+        .iter()
+        .map(|order| {
+            settings
+                .saga
+                .partitions()
+                .expect("partitions")
+                .of_order(&petstore_domain::OrderId::parse(order).expect("order id"))
+                .kafka()
+        })
+        .collect();
+    for element in committed.elements() {
+        if used.contains(&element.partition()) {
+            assert!(
+                matches!(element.offset(), rdkafka::Offset::Offset(offset) if offset > 0),
+                "partition {} has no committed offset: {:?}",
+                element.partition(),
+                element.offset()
+            );
+        }
+    }
     survivor.abort();
     app.stop().await;
     storage.remove().await;

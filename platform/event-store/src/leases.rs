@@ -386,6 +386,28 @@ impl Leases {
         }
     }
 
+    /// Of `leases` (this owner's), the partitions whose lease is no longer current (read
+    /// without locking; on SQLite, where one process owns the store, none).
+    pub async fn lost(&self, leases: &[Lease]) -> Result<Vec<Partition>, sqlx::Error> {
+        let Database::Postgres(pool) = &self.database else {
+            return Ok(Vec::new());
+        };
+        let owner: Arc<str> = self.owner.as_str().into();
+        let fences: Vec<Fence> = leases
+            .iter()
+            .map(|lease| Fence {
+                owner: Arc::clone(&owner),
+                lease: *lease,
+            })
+            .collect();
+        let fences: Vec<&Fence> = fences.iter().collect();
+        Ok(lost_of(pool, &fences)
+            .await?
+            .into_iter()
+            .map(|fence| fence.lease.partition)
+            .collect())
+    }
+
     /// Every partition's lease as stored (partitions never taken are absent).
     pub async fn states(&self) -> Result<Vec<LeaseState>, sqlx::Error> {
         let sql = STATES.of(&self.database);

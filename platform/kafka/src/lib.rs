@@ -21,7 +21,7 @@
 //! - `envelope`: a message's value, its topic and its headers.
 //! - `publish`: [`KafkaBus`] (the idempotent producer) and [`InFlight`] batches.
 //! - `topics`: creating the topics (one partition per saga partition) and [`check_topics`].
-//! - `subscribe`: [`KafkaSubscriber`], a member of the service's consumer group.
+//! - `subscribe`: [`KafkaSubscriber`], a consumer of the topics (in a group, or assigned).
 
 mod envelope;
 mod publish;

@@ -1,4 +1,4 @@
-//! Consuming the topics in a consumer group.
+//! Consuming the topics: in a consumer group, or the partitions a saga runner owns.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -7,7 +7,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
-use petstore_domain::partition::Partitions;
+use petstore_domain::partition::{Partition, Partitions};
 use petstore_event_store::stream::{Delivery, RecordedEvent};
 use petstore_settings::KafkaSettings;
 
@@ -15,7 +15,7 @@ use crate::envelope::{header, topics, Envelope, STORE_HEADER};
 use crate::topics::ensure_topics;
 use crate::{brokers, BusError};
 
-/// A member of a consumer group over the service's topics.
+/// A consumer of the service's topics: a group member, or one assigned its partitions.
 pub struct KafkaSubscriber {
     consumer: StreamConsumer,
     store_id: String,
@@ -37,6 +37,44 @@ impl KafkaSubscriber {
         store_id: &str,
         partitions: Partitions,
     ) -> Result<Self, BusError> {
+        let subscriber = Self::connect(settings, group, store_id, partitions).await?;
+        let names = topics(&settings.topic_prefix);
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        subscriber.consumer.subscribe(&names)?;
+        Ok(subscriber)
+    }
+
+    /// Like [`Self::new`], but consumes only the saga partitions `owned`, of every topic,
+    /// assigned by the caller rather than by the group (which only keeps the offsets): each
+    /// starts at the group's committed offset (the earliest without one). Nothing waits for a
+    /// rebalance: whoever owns a partition (through its lease) consumes it at once.
+    pub async fn assigned(
+        settings: &KafkaSettings,
+        group: &str,
+        store_id: &str,
+        partitions: Partitions,
+        owned: impl IntoIterator<Item = Partition>,
+    ) -> Result<Self, BusError> {
+        let subscriber = Self::connect(settings, group, store_id, partitions).await?;
+        let owned: Vec<Partition> = owned.into_iter().collect();
+        let mut list = TopicPartitionList::new();
+        for topic in topics(&settings.topic_prefix) {
+            for partition in &owned {
+                list.add_partition_offset(&topic, partition.kafka(), Offset::Stored)?;
+            }
+        }
+        subscriber.consumer.assign(&list)?;
+        Ok(subscriber)
+    }
+
+    /// A consumer in `group` (offsets committed only by [`Self::commit`]; the earliest
+    /// offset where the group has none), the topics made sure of first.
+    async fn connect(
+        settings: &KafkaSettings,
+        group: &str,
+        store_id: &str,
+        partitions: Partitions,
+    ) -> Result<Self, BusError> {
         ensure_topics(settings, partitions).await?;
         let consumer: StreamConsumer = ClientConfig::new()
             .set("bootstrap.servers", brokers(settings)?)
@@ -50,9 +88,6 @@ impl KafkaSubscriber {
             // Notice re-created topics within seconds, not the default five minutes.
             .set("topic.metadata.refresh.interval.ms", "5000")
             .create()?;
-        let names = topics(&settings.topic_prefix);
-        let names: Vec<&str> = names.iter().map(String::as_str).collect();
-        consumer.subscribe(&names)?;
         Ok(Self {
             consumer,
             store_id: store_id.to_owned(),

@@ -382,7 +382,7 @@ pub struct KafkaSettings {
     pub replication_factor: i32,
     /// How long the producer keeps trying to deliver a message, in milliseconds.
     pub message_timeout_ms: u64,
-    /// The saga runners' consumer group.
+X
     pub consumer_group: String,
     /// Idempotent producer (acks=all, no duplicates from producer retries).
     pub idempotent_producer: bool,

@@ -6,8 +6,19 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use petstore_domain::partition::{Partition, Partitions};
-use petstore_event_store::leases::{Lease, Leases};
+use petstore_event_store::leases::{Displaced, Lease, Leases};
 use tokio::sync::watch;
+
+/// Why a round of keeping the share failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum KeepError {
+    /// The database failed: tried again next round.
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    /// Another process took this runner's id over.
+    #[error(transparent)]
+    Displaced(#[from] Displaced),
+}
 
 /// The partitions owned now, with their leases.
 pub type Owned = BTreeMap<Partition, Lease>;
@@ -51,11 +62,24 @@ impl Ownership {
     }
 
     /// Keeps the share until `stopped`, a round every third of the lease timeout, then hands
-    /// every partition over and leaves.
-    pub(crate) async fn keep(&self, every: Duration, mut stopped: watch::Receiver<bool>) {
+    /// every partition over and leaves. Stops at once, owning nothing, when another process
+    /// took this runner's id over.
+    pub(crate) async fn keep(
+        &self,
+        every: Duration,
+        mut stopped: watch::Receiver<bool>,
+    ) -> Result<(), Displaced> {
         loop {
-            if let Err(error) = self.round().await {
-                tracing::warn!(%error, "keeping the saga partitions' leases failed; trying again");
+            match self.round().await {
+                Ok(()) => {}
+                Err(KeepError::Displaced(displaced)) => {
+                    // Its leases are the other process's now (same owner): nothing to hand over.
+                    self.owned.send_replace(Owned::new());
+                    return Err(displaced);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "keeping the saga partitions' leases failed; trying again")
+                }
             }
             tokio::select! {
                 _ = stopped.wait_for(|stop| *stop) => break,
@@ -63,12 +87,13 @@ impl Ownership {
             }
         }
         self.hand_over().await;
+        Ok(())
     }
 
     /// One round: say this runner is alive, renew what it holds (dropping what it lost),
     /// then give up what is above its share or take free partitions up to it.
-    pub(crate) async fn round(&self) -> Result<(), sqlx::Error> {
-        self.leases.heartbeat().await?;
+    pub(crate) async fn round(&self) -> Result<(), KeepError> {
+        self.leases.heartbeat().await??;
         let mut owned = self.owned.borrow().clone();
         let mut lost = Vec::new();
         for lease in owned.values() {

@@ -77,7 +77,8 @@ pub struct SagaRunner<P, D> {
     pub(crate) live: Live,
     pub(crate) progress: watch::Sender<SagaProgress>,
     pub(crate) in_flight: Arc<std::sync::Mutex<std::collections::HashSet<OrderId>>>,
-    /// Who its leases name: a runner run again (after a crash of its task) takes its
+    /// Who its leases name (`saga.runner_id`, else made up for this runner): a runner run
+    /// again under the same id (after a crash of its task or of its process) takes its
     /// partitions back at once, fencing its earlier run.
     pub(crate) owner: Arc<str>,
 }
@@ -322,6 +323,11 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
         metrics: Metrics,
         live: Live,
     ) -> Self {
+        let owner = settings
+            .runner_id
+            .clone()
+            .unwrap_or_else(|| format!("saga-{}", Uuid::new_v4().simple()))
+            .into();
         Self {
             store,
             kafka: None,
@@ -333,7 +339,7 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
             live,
             progress: watch::Sender::new(SagaProgress::default()),
             in_flight: Arc::default(),
-            owner: format!("saga-{}", Uuid::new_v4().simple()).into(),
+            owner,
         }
     }
 
@@ -449,7 +455,13 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
             };
             let every = Duration::from_millis(self.settings.lease_timeout_ms / 3)
                 .max(Duration::from_millis(10));
-            let keeping = ownership.keep(every, keeping_stopped.clone());
+            let keeping = async {
+                if let Err(displaced) = ownership.keep(every, keeping_stopped.clone()).await {
+                    // Owning nothing, the runner handles nothing more: stalled, loudly.
+                    self.failed();
+                    tracing::error!(%displaced, "the saga runner stops");
+                }
+            };
             tokio::select! {
                 _ = async { tokio::join!(self.fire_deadlines(ownership.owned(), stopped.clone()), events, keeping) } => {}
                 () = self.measure() => {}

@@ -145,7 +145,42 @@ async fn an_owner_taking_its_partition_again_fences_its_earlier_incarnation(engi
     }
 }
 
+async fn a_second_process_under_the_same_runner_id_displaces_the_first(engine: Engine) {
+    let storage = Storage::new(engine).await;
+    let database = storage.database().await;
+    let first = Leases::new(&database, "node-1", TIMEOUT);
+    first.heartbeat().await.expect("beat").expect("first beat");
+    first
+        .heartbeat()
+        .await
+        .expect("beat")
+        .expect("still its own");
+    // Started again (or started twice): the first beat of the new instance claims the id.
+    let second = Leases::new(&database, "node-1", TIMEOUT);
+    second
+        .heartbeat()
+        .await
+        .expect("beat")
+        .expect("claims the id");
+    let displaced = first.heartbeat().await.expect("beat");
+    assert_eq!(
+        displaced.map_err(|displaced| displaced.owner),
+        Err("node-1".to_owned())
+    );
+    second
+        .heartbeat()
+        .await
+        .expect("beat")
+        .expect("the id is its");
+    // The displaced instance leaving removes nothing of the newer one's.
+    first.leave().await.expect("leave");
+    assert_eq!(second.live_runners().await.expect("count"), 1);
+    second.leave().await.expect("leave");
+    assert_eq!(second.live_runners().await.expect("count"), 0);
+}
+
 on_both_engines!(
     one_holder_at_a_time_and_a_takeover_only_after_expiry,
     an_owner_taking_its_partition_again_fences_its_earlier_incarnation,
+    a_second_process_under_the_same_runner_id_displaces_the_first,
 );

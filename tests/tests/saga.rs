@@ -665,3 +665,116 @@ async fn two_runners_share_the_partitions_and_one_takes_over_when_the_other_dies
     app.stop().await;
     storage.remove().await;
 }
+
+/// A runner started again under its `saga.runner_id` (its process killed: nothing handed
+/// over) takes its partitions back at once, long before its leases expire; a second process
+/// started with the same id while the first still runs takes the id over, and the first
+/// stops owning anything. Orders complete throughout, each charged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_restarted_under_its_id_takes_its_partitions_back_at_once() {
+    let storage = Storage::new(Engine::Postgres).await;
+    let mut settings = storage.settings();
+    // Far longer than the test waits: only the same id can take the partitions back.
+    settings.saga.lease_timeout_ms = 120_000;
+    settings.saga.runner_id = Some("node-1".to_owned());
+    let roles: BTreeSet<Role> = [Role::Command, Role::Query, Role::Projector].into();
+    let app = TestApp::start_with_roles(settings.clone(), &roles).await;
+    app.wait_until_ready().await;
+    let store = EventStore::new(storage.database().await, 4);
+    let live = Live::start(store.clone(), &settings, Metrics::new())
+        .await
+        .expect("live settings");
+    let payments = Arc::new(SimulatedPaymentGateway::new(live.clone()));
+    let deliveries = Arc::new(SimulatedDeliveryProvider::new(live.clone()));
+    let start_runner = || {
+        let runner = SagaRunner::new(
+            store.clone(),
+            settings.saga.clone(),
+            live.policies(&Metrics::new()),
+            payments.clone(),
+            deliveries.clone(),
+            Metrics::new(),
+            live.clone(),
+        );
+        tokio::spawn(runner.run(futures::future::pending()))
+    };
+    let petstore_event_store::database::Database::Postgres(pool) = store.database().clone() else {
+        panic!("a Postgres store");
+    };
+    // (owner, epoch) of each partition held now, by the database's clock.
+    let leases = || async {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT owner, epoch FROM saga_leases
+              WHERE owner IS NOT NULL
+                AND expires_at_ms > (extract(epoch from clock_timestamp()) * 1000)::bigint
+              ORDER BY partition_number",
+        )
+        .fetch_all(&pool)
+        .await
+        .expect("leases");
+        rows
+    };
+    // Waits until node-1 holds all 16 partitions at epochs above `above`; answers them.
+    let all_taken = |above: i64| {
+        let leases = &leases;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let rows = leases().await;
+                if rows.len() == 16
+                    && rows
+                        .iter()
+                        .all(|(owner, epoch)| owner == "node-1" && *epoch > above)
+                {
+                    return rows;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "node-1 never held every partition above epoch {above}: {rows:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let mut orders = Vec::new();
+    let complete = async |pet: &str, orders: &mut Vec<String>| {
+        let order = post_order(&app, pet, None).await;
+        let view = app
+            .wait_for_order(&order, |view| view["status"] == "completed")
+            .await;
+        assert_eq!(view["status"], "completed", "{view}");
+        orders.push(order);
+    };
+
+    let first = start_runner();
+    let taken = all_taken(0).await;
+    complete("golden-retriever-001", &mut orders).await;
+    first.abort(); // killed: its leases stay until they expire, two minutes on
+    let _ = first.await;
+    let again = start_runner();
+    let epoch = taken.iter().map(|(_, epoch)| *epoch).max().expect("16");
+    all_taken(epoch).await;
+    complete("labrador-001", &mut orders).await;
+
+    // The same id started twice: the newer instance takes it over.
+    let retaken = all_taken(0).await;
+    let twin = start_runner();
+    let epoch = retaken.iter().map(|(_, epoch)| *epoch).max().expect("16");
+    all_taken(epoch).await;
+    complete("beagle-001", &mut orders).await;
+    let instances: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT owner, instance FROM saga_runners")
+            .fetch_all(&pool)
+            .await
+            .expect("runners");
+    assert_eq!(instances.len(), 1, "one row per runner id: {instances:?}");
+    assert!(
+        !again.is_finished(),
+        "a displaced runner stalls, it does not exit"
+    );
+    assert_eq!(payments.calls(), orders.len(), "one charge call per order");
+    again.abort();
+    twin.abort();
+    app.stop().await;
+    storage.remove().await;
+}

@@ -219,8 +219,10 @@ static RENEW: PerEngine = per_engine!(
 const RELEASE: &str = "UPDATE saga_leases SET owner = NULL, expires_at_ms = 0
                         WHERE partition_number = $1 AND owner = $2 AND epoch = $3";
 static HEARTBEAT: PerEngine = per_engine!(
-    "INSERT INTO saga_runners (owner, expires_at_ms) VALUES ($1, NOW_MS + $2)
-     ON CONFLICT (owner) DO UPDATE SET expires_at_ms = excluded.expires_at_ms"
+    "INSERT INTO saga_runners (owner, expires_at_ms, instance) VALUES ($1, NOW_MS + $2, $3)
+     ON CONFLICT (owner) DO UPDATE
+        SET expires_at_ms = excluded.expires_at_ms, instance = excluded.instance
+      WHERE $4 OR saga_runners.instance = excluded.instance"
 );
 static LIVE_RUNNERS: PerEngine =
     per_engine!("SELECT count(*) FROM saga_runners WHERE expires_at_ms > NOW_MS");
@@ -242,6 +244,18 @@ pub struct Leases {
     database: Database,
     owner: String,
     timeout: Duration,
+    /// This process's instance of the runner `owner`, and whether it has beaten yet.
+    instance: String,
+    beaten: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Another process took this runner's id over (the same `saga.runner_id` running twice):
+/// this one must stop.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("another process runs the saga as {owner}: this one stops (give each process its own saga.runner_id)")]
+pub struct Displaced {
+    /// The runner id both use.
+    pub owner: String,
 }
 
 impl Leases {
@@ -252,6 +266,8 @@ impl Leases {
             database: database.clone(),
             owner: owner.into(),
             timeout,
+            instance: uuid::Uuid::new_v4().to_string(),
+            beaten: Arc::default(),
         }
     }
 
@@ -312,18 +328,30 @@ impl Leases {
     }
 
     /// Says this runner is alive for another timeout: the partitions are shared among the
-    /// runners alive ([`Self::live_runners`]).
-    pub async fn heartbeat(&self) -> Result<(), sqlx::Error> {
+    /// runners alive ([`Self::live_runners`]). The first beat claims the runner's id for this
+    /// process (a restarted process takes its own id back at once); a later one finds
+    /// whether another process claimed it since ([`Displaced`]).
+    pub async fn heartbeat(&self) -> Result<Result<(), Displaced>, sqlx::Error> {
+        use std::sync::atomic::Ordering;
         let sql = HEARTBEAT.of(&self.database);
-        with_pool!(&self.database, |pool| {
+        let first = !self.beaten.load(Ordering::Acquire);
+        let beaten = with_pool!(&self.database, |pool| {
             sqlx::query(sql)
                 .bind(&self.owner)
                 .bind(self.timeout_ms())
+                .bind(&self.instance)
+                .bind(first)
                 .execute(pool)
                 .await?
                 .rows_affected()
         });
-        Ok(())
+        if beaten == 1 {
+            self.beaten.store(true, Ordering::Release);
+            return Ok(Ok(()));
+        }
+        Ok(Err(Displaced {
+            owner: self.owner.clone(),
+        }))
     }
 
     /// How many runners are alive (their heartbeat not expired), this one included once it
@@ -336,11 +364,13 @@ impl Leases {
         Ok(u32::try_from(count).unwrap_or(u32::MAX))
     }
 
-    /// Says this runner stopped: the others share the partitions without it at once.
+    /// Says this runner stopped: the others share the partitions without it at once. (A
+    /// displaced instance leaves the row to the process that took its id over.)
     pub async fn leave(&self) -> Result<(), sqlx::Error> {
         with_pool!(&self.database, |pool| {
-            sqlx::query("DELETE FROM saga_runners WHERE owner = $1")
+            sqlx::query("DELETE FROM saga_runners WHERE owner = $1 AND instance = $2")
                 .bind(&self.owner)
+                .bind(&self.instance)
                 .execute(pool)
                 .await?
                 .rows_affected()

@@ -287,6 +287,7 @@ mod tests {
                     "saga.payment_timeout_ms",
                 ),
                 ("PETSTORE__LOG__FILTER", "info,[", "log.filter"),
+                ("PETSTORE__SAGA__RUNNER_ID", "node 1", "saga.runner_id"),
             ] {
                 jail.set_env(variable, value);
                 let message = error(Settings::load(Some(jail.directory())));

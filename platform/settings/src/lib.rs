@@ -301,6 +301,10 @@ pub struct SagaSettings {
     /// How long a runner's lease on a saga partition lasts unless renewed (a third of it
     /// apart), in milliseconds: a dead runner's partitions are taken over within it.
     pub lease_timeout_ms: u64,
+    /// Who this process's saga runner is in the leases: set it (per process, stable across
+    /// restarts: a host or pod name) so that a restarted process takes its partitions back at
+    /// once instead of after `lease_timeout_ms`. Unset, each start is a new runner.
+    pub runner_id: Option<String>,
 }
 
 impl SagaSettings {
@@ -322,6 +326,7 @@ impl Default for SagaSettings {
             max_concurrent_orders: 64,
             partitions: petstore_domain::partition::DEFAULT_PARTITIONS,
             lease_timeout_ms: 10_000,
+            runner_id: None,
         }
     }
 }
@@ -382,7 +387,7 @@ pub struct KafkaSettings {
     pub replication_factor: i32,
     /// How long the producer keeps trying to deliver a message, in milliseconds.
     pub message_timeout_ms: u64,
-X
+    /// The consumer group the saga runners keep their offsets in.
     pub consumer_group: String,
     /// Idempotent producer (acks=all, no duplicates from producer retries).
     pub idempotent_producer: bool,
@@ -558,6 +563,17 @@ impl Settings {
         for (key, value) in positive {
             if value == 0 {
                 return Err(SettingsError::invalid(key, "must be above 0"));
+            }
+        }
+        if let Some(id) = &self.saga.runner_id {
+            if id.is_empty()
+                || id.len() > 128
+                || id.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                return Err(SettingsError::invalid(
+                    "saga.runner_id",
+                    "must be 1 to 128 characters without spaces or control characters",
+                ));
             }
         }
         let partitions = self.saga.partitions()?;

@@ -9,6 +9,7 @@
 //! - [`Shutdown`]: the signal that stops a running application gracefully.
 
 pub mod chaos;
+pub mod provider_simulator;
 mod wiring;
 
 use std::collections::BTreeSet;
@@ -22,7 +23,7 @@ use petstore_event_store::database::{Database, DatabaseError};
 use petstore_kafka::BusError;
 use petstore_query_api::QueryApiDoc;
 use petstore_redis::CacheError;
-use petstore_saga::providers::SimulatedPaymentGateway;
+use petstore_saga::providers::{Deliveries, Payments};
 use petstore_security::auth::{self, AuthError, Security};
 use petstore_settings::{SecuritySettings, Settings, SettingsError};
 use petstore_telemetry::metrics::Metrics;
@@ -77,6 +78,9 @@ pub enum StartupError {
     /// Kafka is misconfigured.
     #[error(transparent)]
     Bus(#[from] BusError),
+    /// A provider's URL cannot be called.
+    #[error(transparent)]
+    Provider(#[from] petstore_saga::providers::InvalidProviderUrl),
     /// The event log cannot be read.
     #[error(transparent)]
     Stream(#[from] petstore_event_store::stream::StreamError),
@@ -167,12 +171,19 @@ impl Application {
         let shutdown = Shutdown::new();
         let mut infrastructure = Infrastructure::connect(&settings, roles, &shutdown).await?;
         let mut wiring = Wiring::new(&mut infrastructure);
-        let payments = Arc::new(SimulatedPaymentGateway::new(infrastructure.live.clone()));
+        let payments = Arc::new(Payments::new(&settings.providers, &infrastructure.live)?);
+        let deliveries = Arc::new(Deliveries::new(&settings.providers, &infrastructure.live)?);
         if roles.contains(&Role::Projector) {
             wiring.projector(&infrastructure, &settings, &shutdown);
         }
         if roles.contains(&Role::Saga) {
-            wiring.saga(&infrastructure, &settings, payments.clone(), &shutdown);
+            wiring.saga(
+                &infrastructure,
+                &settings,
+                payments.clone(),
+                deliveries,
+                &shutdown,
+            );
         }
         let security = Security::build(
             &settings.security,

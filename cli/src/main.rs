@@ -10,7 +10,9 @@ use petstore_settings::Settings;
 
 mod commands;
 
-use commands::{audit, chaos, config, dead_letters, hash_password, migrate, replay, serve};
+use commands::{
+    audit, chaos, config, dead_letters, hash_password, migrate, providers, replay, serve,
+};
 
 /// mimalloc instead of the system allocator: the event pipeline allocates and frees many
 /// small strings and JSON nodes per event, where glibc's malloc spent a third of a replay's
@@ -54,6 +56,9 @@ enum Command {
     Chaos(chaos::Command),
     /// Apply pending database migrations and exit.
     Migrate(migrate::Args),
+    /// The payment gateway and delivery provider, simulated, over HTTP.
+    #[command(subcommand)]
+    Providers(providers::Command),
 }
 
 #[tokio::main]
@@ -85,6 +90,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::DeadLetters(args) => dead_letters::run(args, settings).await,
         Command::Chaos(command) => chaos::run(command, settings).await,
         Command::Migrate(args) => migrate::run(args, settings).await,
+        Command::Providers(command) => providers::run(command).await,
         Command::HashPassword | Command::Config(_) => {
             unreachable!("handled before the settings are loaded")
         }

@@ -31,7 +31,7 @@ use petstore_read_models::store::CHECKPOINT;
 use petstore_read_models::{Owner, ReadModels, RedisViews};
 use petstore_redis::Cache;
 use petstore_resilience::Policies;
-use petstore_saga::providers::{SimulatedDeliveryProvider, SimulatedPaymentGateway};
+use petstore_saga::providers::{Deliveries, Payments};
 use petstore_saga::{SagaRunner, SagaRunnerHealth};
 use petstore_security::auth::{self, Security};
 use petstore_settings::{KafkaSettings, SecuritySettings, Settings};
@@ -249,10 +249,10 @@ impl Wiring {
         &mut self,
         infrastructure: &Infrastructure,
         settings: &Settings,
-        payments: Arc<SimulatedPaymentGateway>,
+        payments: Arc<Payments>,
+        deliveries: Arc<Deliveries>,
         shutdown: &Shutdown,
     ) {
-        let deliveries = Arc::new(SimulatedDeliveryProvider::new(infrastructure.live.clone()));
         let runner = SagaRunner::new(
             infrastructure.store.clone(),
             settings.saga.clone(),
@@ -304,7 +304,7 @@ impl Wiring {
         &mut self,
         infrastructure: &Infrastructure,
         settings: &Settings,
-        payments: Arc<SimulatedPaymentGateway>,
+        payments: Arc<Payments>,
     ) {
         self.router =
             std::mem::take(&mut self.router).merge(petstore_command_api::router(CommandState {

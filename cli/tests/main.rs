@@ -14,4 +14,5 @@ mod live_config;
 mod observability;
 mod partitions;
 mod postgres;
+mod providers;
 mod security;

@@ -40,7 +40,7 @@ pub struct CommandState {
     /// How the providers are called.
     pub policies: petstore_resilience::Policies,
     /// The payment gateway customers pay through.
-    pub payments: Arc<providers::SimulatedPaymentGateway>,
+    pub payments: Arc<providers::Payments>,
     /// Metrics.
     pub metrics: Metrics,
 }

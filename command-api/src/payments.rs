@@ -187,6 +187,7 @@ pub async fn pay_order(
     metadata.causation_id = RequestContext::correlation_id().to_string();
     let charge = ChargeRequest {
         order_id,
+        customer_id: request.customer_id.clone(),
         amount: request.amount,
         // One key per order: a retried POST never charges twice.
         idempotency_key: format!("customer-payment:{order_id}"),

@@ -117,12 +117,23 @@ impl DeliveryState {
 pub struct Delivery {
     state: DeliveryState,
     order_id: Option<OrderId>,
+    /// The provider's reference of the booking, once scheduled.
+    #[serde(default)]
+    provider_reference: Option<String>,
 }
 
 impl Delivery {
     /// Where the delivery stands.
     pub fn state(&self) -> DeliveryState {
         self.state
+    }
+
+    /// The provider's reference of the booking, while it stands (scheduled, not cancelled).
+    pub fn booking(&self) -> Option<&str> {
+        match self.state {
+            DeliveryState::Scheduled => self.provider_reference.as_deref(),
+            _ => None,
+        }
     }
 }
 
@@ -193,9 +204,14 @@ impl Aggregate for Delivery {
 
     fn apply(&mut self, event: Self::Event) {
         match event {
-            DeliveryEvent::DeliveryScheduled { order_id, .. } => {
+            DeliveryEvent::DeliveryScheduled {
+                order_id,
+                provider_reference,
+                ..
+            } => {
                 self.state = DeliveryState::Scheduled;
                 self.order_id = Some(order_id);
+                self.provider_reference = Some(provider_reference);
             }
             DeliveryEvent::DeliveryFailed { order_id, .. } => {
                 self.state = DeliveryState::Failed;

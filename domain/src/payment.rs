@@ -119,12 +119,24 @@ pub struct Payment {
     state: PaymentState,
     order_id: Option<OrderId>,
     amount: Option<Money>,
+    /// The gateway's reference of the charge, once processed.
+    #[serde(default)]
+    provider_reference: Option<String>,
 }
 
 impl Payment {
     /// Where the payment stands.
     pub fn state(&self) -> PaymentState {
         self.state
+    }
+
+    /// The charge, while it stands (processed, not refunded): the gateway's reference and
+    /// the amount (what a refund gives back).
+    pub fn charge(&self) -> Option<(&str, Money)> {
+        match (self.state, &self.provider_reference, self.amount) {
+            (PaymentState::Processed, Some(reference), Some(amount)) => Some((reference, amount)),
+            _ => None,
+        }
     }
 }
 
@@ -210,11 +222,14 @@ impl Aggregate for Payment {
     fn apply(&mut self, event: Self::Event) {
         match event {
             PaymentEvent::PaymentProcessed {
-                order_id, amount, ..
+                order_id,
+                amount,
+                provider_reference,
             } => {
                 self.state = PaymentState::Processed;
                 self.order_id = Some(order_id);
                 self.amount = Some(amount);
+                self.provider_reference = Some(provider_reference);
             }
             PaymentEvent::PaymentDeclined {
                 order_id, amount, ..

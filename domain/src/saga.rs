@@ -113,6 +113,18 @@ pub enum SagaAction {
         /// Fail as if the provider were down.
         simulate_failure: bool,
     },
+    /// Give the charge back through the payment gateway, then record it on the payment
+    /// (`RefundPayment`); nothing when nothing stands charged. Tried until it goes through.
+    RefundPayment {
+        /// Why.
+        reason: String,
+    },
+    /// Call the booked delivery off with the provider, then record it on the delivery
+    /// (`CancelDelivery`); nothing when nothing stands booked. Tried until it goes through.
+    CancelDelivery {
+        /// Why.
+        reason: String,
+    },
     /// Cancel the order if `step` has not finished by `due_at` (stored durably).
     ScheduleDeadline {
         /// The step.
@@ -182,9 +194,9 @@ pub fn react(
             OrderStatus::Reserved => vec![SagaAction::Order(OrderCommand::ConfirmPayment {
                 amount: *amount,
             })],
-            OrderStatus::Cancelled => vec![SagaAction::Payment(PaymentCommand::RefundPayment {
+            OrderStatus::Cancelled => vec![SagaAction::RefundPayment {
                 reason: "order cancelled".to_owned(),
-            })],
+            }],
             _ => Vec::new(),
         },
         SagaEvent::Payment(PaymentEvent::PaymentDeclined { .. }) if live => {
@@ -199,9 +211,9 @@ pub fn react(
         ],
         SagaEvent::Delivery(DeliveryEvent::DeliveryScheduled { .. }) => match status {
             OrderStatus::Paid => vec![SagaAction::Order(OrderCommand::ConfirmDeliveryScheduled)],
-            OrderStatus::Cancelled => vec![SagaAction::Delivery(DeliveryCommand::CancelDelivery {
+            OrderStatus::Cancelled => vec![SagaAction::CancelDelivery {
                 reason: "order cancelled".to_owned(),
-            })],
+            }],
             _ => Vec::new(),
         },
         SagaEvent::Delivery(DeliveryEvent::DeliveryFailed { .. }) if live => {
@@ -223,12 +235,12 @@ pub fn react(
             vec![SagaAction::Finished(SagaOutcome::Completed)]
         }
         SagaEvent::Order(OrderEvent::OrderCancelled { reason, .. }) => vec![
-            SagaAction::Delivery(DeliveryCommand::CancelDelivery {
+            SagaAction::CancelDelivery {
                 reason: format!("order cancelled: {}", reason.as_str()),
-            }),
-            SagaAction::Payment(PaymentCommand::RefundPayment {
+            },
+            SagaAction::RefundPayment {
                 reason: format!("order cancelled: {}", reason.as_str()),
-            }),
+            },
             SagaAction::Pet {
                 pet_id,
                 command: PetCommand::ReleasePet { order_id },
@@ -505,14 +517,8 @@ mod tests {
             cancelled.clone(),
         ]);
         let actions = react(&state, SagaEvent::Order(&cancelled), now(), &policy(true));
-        assert!(matches!(
-            actions[0],
-            SagaAction::Delivery(DeliveryCommand::CancelDelivery { .. })
-        ));
-        assert!(matches!(
-            actions[1],
-            SagaAction::Payment(PaymentCommand::RefundPayment { .. })
-        ));
+        assert!(matches!(actions[0], SagaAction::CancelDelivery { .. }));
+        assert!(matches!(actions[1], SagaAction::RefundPayment { .. }));
         assert!(matches!(
             actions[2],
             SagaAction::Pet {
@@ -568,7 +574,7 @@ mod tests {
                 now(),
                 &policy(true)
             )[..],
-            [SagaAction::Payment(PaymentCommand::RefundPayment { .. })]
+            [SagaAction::RefundPayment { .. }]
         ));
         let reserved = PetEvent::PetReserved {
             order_id: order_id(),

@@ -10,14 +10,14 @@ use petstore_domain::order::{Order, OrderCommand, OrderEvent};
 use petstore_domain::payment::{Payment, PaymentCommand, PaymentState};
 use petstore_domain::pet::Pet;
 use petstore_domain::providers::{
-    ChargeRequest, DeliveryProvider, DeliveryRequest, PaymentGateway,
+    CancelRequest, ChargeRequest, DeliveryProvider, DeliveryRequest, PaymentGateway, RefundRequest,
 };
 use petstore_domain::saga::{self, SagaAction, SagaEvent, SagaOutcome};
-use petstore_domain::{DomainError, OrderId};
+use petstore_domain::{CustomerId, DomainError, OrderId};
 use petstore_event_store::deadlines::{self, Deadline, DeadlineKind};
 use petstore_event_store::store::EventMetadata;
 use petstore_event_store::stream::RecordedEvent;
-use petstore_resilience::{CallError, Rejection};
+use petstore_resilience::CallError;
 use petstore_settings::Flag;
 use petstore_telemetry::CorrelationId;
 use uuid::Uuid;
@@ -57,11 +57,17 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                 orders.insert(order_id);
             }
         }
-        let customer = order
-            .request()
-            .map(|request| request.customer_id.as_str().to_owned())
-            .unwrap_or_default();
-        let actions = saga::react(&order, saga_event, occurred_at, &self.policy(&customer));
+        let Some(request) = order.request() else {
+            // No such order (yet): the saga does nothing about it.
+            return Ok(());
+        };
+        let customer = request.customer_id.clone();
+        let actions = saga::react(
+            &order,
+            saga_event,
+            occurred_at,
+            &self.policy(customer.as_str()),
+        );
         let stored_correlation = event.metadata.correlation_id()?;
         let correlation_id = CorrelationId::parse(stored_correlation).ok_or_else(|| {
             SagaError::Unreadable(format!(
@@ -75,17 +81,23 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
             customer,
         };
         for (position, action) in actions.into_iter().enumerate() {
-            self.perform(&cause, position, action).await?;
+            if self.perform(&cause, position, action).await? == Flow::Wait {
+                // The rest of the reaction runs when the step is resumed (all of it again,
+                // each action with the same id: what was done is not done twice).
+                break;
+            }
         }
         Ok(())
     }
 
+    /// Performs one action of a reaction: [`Flow::Wait`] when the reaction cannot go on
+    /// now (a provider did not take a compensation: it is tried again later).
     pub(crate) async fn perform(
         &self,
         cause: &Cause,
         position: usize,
         action: SagaAction,
-    ) -> Result<(), SagaError> {
+    ) -> Result<Flow, SagaError> {
         let order_key = cause.order_id.to_string();
         match action {
             SagaAction::Order(command) => {
@@ -124,9 +136,12 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
             } => {
                 let payment: Payment = self.store.load(&order_key).await.map_err(store_error)?;
                 if payment.state() != PaymentState::None {
-                    return Ok(());
+                    return Ok(Flow::Go);
                 }
-                if !self.live.flag(Flag::PaymentProcessing, &cause.customer) {
+                if !self
+                    .live
+                    .flag(Flag::PaymentProcessing, cause.customer.as_str())
+                {
                     tracing::info!("payment held: payment_processing is off");
                     deadlines::rearm(
                         self.store.database(),
@@ -138,13 +153,14 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                         },
                     )
                     .await?;
-                    return Ok(());
+                    return Ok(Flow::Go);
                 }
                 let metadata = cause
                     .metadata(position, "")
                     .with_flag(Flag::PaymentProcessing, true);
                 let request = ChargeRequest {
                     order_id: cause.order_id,
+                    customer_id: cause.customer.clone(),
                     amount,
                     idempotency_key: metadata.command_id.to_string(),
                     simulate_failure,
@@ -163,9 +179,9 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                         provider_reference: receipt.reference,
                     },
                     Err(CallError::Rejected(rejection)) => {
-                        return self
-                            .retry_later(DeadlineKind::PaymentHold, cause, &rejection)
-                            .await;
+                        self.retry_later(DeadlineKind::PaymentHold, cause, rejection.retry_after())
+                            .await?;
+                        return Ok(Flow::Wait);
                     }
                     Err(error) => PaymentCommand::RecordPaymentDeclined {
                         order_id: cause.order_id,
@@ -181,12 +197,13 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
             } => {
                 let delivery: Delivery = self.store.load(&order_key).await.map_err(store_error)?;
                 if delivery.state() != DeliveryState::None {
-                    return Ok(());
+                    return Ok(Flow::Go);
                 }
                 let metadata = cause.metadata(position, "");
                 let request = DeliveryRequest {
                     order_id: cause.order_id,
                     pet_id: pet_id.clone(),
+                    customer_id: cause.customer.clone(),
                     idempotency_key: metadata.command_id.to_string(),
                     simulate_failure,
                 };
@@ -205,9 +222,13 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                         provider_reference: booking.reference,
                     },
                     Err(CallError::Rejected(rejection)) => {
-                        return self
-                            .retry_later(DeadlineKind::DeliveryRetry, cause, &rejection)
-                            .await;
+                        self.retry_later(
+                            DeadlineKind::DeliveryRetry,
+                            cause,
+                            rejection.retry_after(),
+                        )
+                        .await?;
+                        return Ok(Flow::Wait);
                     }
                     Err(error) => DeliveryCommand::RecordDeliveryFailed {
                         order_id: cause.order_id,
@@ -215,6 +236,74 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                     },
                 };
                 self.send::<Delivery>(&order_key, command, metadata).await?;
+            }
+            SagaAction::RefundPayment { reason } => {
+                let payment: Payment = self.store.load(&order_key).await.map_err(store_error)?;
+                let Some((charge, amount)) = payment.charge() else {
+                    // Nothing charged, or given back already.
+                    return Ok(Flow::Go);
+                };
+                let metadata = cause.metadata(position, "");
+                let request = RefundRequest {
+                    order_id: cause.order_id,
+                    charge_reference: charge.to_owned(),
+                    amount,
+                    idempotency_key: metadata.command_id.to_string(),
+                };
+                let gateway = Arc::clone(&self.payments);
+                let result = providers::call(&self.policies.payment, move || {
+                    let gateway = Arc::clone(&gateway);
+                    let request = request.clone();
+                    async move { gateway.refund(request).await }
+                })
+                .await;
+                match result {
+                    Ok(receipt) => {
+                        tracing::info!(refund = %receipt.reference, "payment refunded");
+                        self.send::<Payment>(
+                            &order_key,
+                            PaymentCommand::RefundPayment { reason },
+                            metadata,
+                        )
+                        .await?;
+                    }
+                    Err(error) => return self.compensate_later(cause, "refund", &error).await,
+                }
+            }
+            SagaAction::CancelDelivery { reason } => {
+                let delivery: Delivery = self.store.load(&order_key).await.map_err(store_error)?;
+                let Some(booking) = delivery.booking() else {
+                    // Nothing booked, or called off already.
+                    return Ok(Flow::Go);
+                };
+                let metadata = cause.metadata(position, "");
+                let request = CancelRequest {
+                    order_id: cause.order_id,
+                    booking_reference: booking.to_owned(),
+                    idempotency_key: metadata.command_id.to_string(),
+                };
+                let provider = Arc::clone(&self.deliveries);
+                let result = providers::call(&self.policies.delivery, move || {
+                    let provider = Arc::clone(&provider);
+                    let request = request.clone();
+                    async move { provider.cancel(request).await }
+                })
+                .await;
+                match result {
+                    Ok(()) => {
+                        self.send::<Delivery>(
+                            &order_key,
+                            DeliveryCommand::CancelDelivery { reason },
+                            metadata,
+                        )
+                        .await?;
+                    }
+                    Err(error) => {
+                        return self
+                            .compensate_later(cause, "delivery cancellation", &error)
+                            .await
+                    }
+                }
             }
             SagaAction::ScheduleDeadline { step, due_at } => {
                 deadlines::schedule(
@@ -240,7 +329,32 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                 }
             }
         }
-        Ok(())
+        Ok(Flow::Go)
+    }
+
+    /// A provider did not take a compensation (`what`): the reaction waits, and is resumed
+    /// (from the order's cancellation) when the policy allows another call, or in a second
+    /// when the provider failed or refused (a refusal is logged as an error each time: a
+    /// compensation is never given up).
+    async fn compensate_later(
+        &self,
+        cause: &Cause,
+        what: &str,
+        error: &CallError<petstore_domain::providers::ProviderError>,
+    ) -> Result<Flow, SagaError> {
+        let wait = match error {
+            CallError::Rejected(rejection) => rejection.retry_after(),
+            _ => std::time::Duration::from_secs(1),
+        };
+        match error {
+            CallError::Refused(_) => {
+                tracing::error!(%error, what, "a provider refused a compensation; trying again")
+            }
+            _ => tracing::warn!(%error, what, "a compensation did not go through; trying again"),
+        }
+        self.retry_later(DeadlineKind::CompensationRetry, cause, wait)
+            .await?;
+        Ok(Flow::Wait)
     }
 
     /// A provider was not called (its breaker is open, its bulkhead full): the step waits
@@ -250,11 +364,10 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
         &self,
         kind: DeadlineKind,
         cause: &Cause,
-        rejection: &Rejection,
+        wait: std::time::Duration,
     ) -> Result<(), SagaError> {
-        let wait = chrono::Duration::from_std(rejection.retry_after())
-            .unwrap_or(chrono::Duration::seconds(1));
-        tracing::info!(%rejection, step = %kind, wait_ms = wait.num_milliseconds(), "provider not called; the step waits");
+        let wait = chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::seconds(1));
+        tracing::info!(step = %kind, wait_ms = wait.num_milliseconds(), "provider not called; the step waits");
         deadlines::rearm(
             self.store.database(),
             &Deadline {
@@ -295,13 +408,22 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
     }
 }
 
+/// Whether a reaction goes on after an action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Flow {
+    /// On to the next action.
+    Go,
+    /// The reaction stops here and is resumed later (a deadline is set for it).
+    Wait,
+}
+
 /// The event a reaction answers.
 pub(crate) struct Cause {
     pub(crate) event_id: Uuid,
     pub(crate) correlation_id: CorrelationId,
     pub(crate) order_id: OrderId,
     /// The order's customer: the subject flags are evaluated for.
-    pub(crate) customer: String,
+    pub(crate) customer: CustomerId,
 }
 
 impl Cause {

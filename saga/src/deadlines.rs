@@ -117,6 +117,9 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                 return self.resume_step(deadline, "OrderPetReserved").await
             }
             DeadlineKind::DeliveryRetry => return self.resume_step(deadline, "OrderPaid").await,
+            DeadlineKind::CompensationRetry => {
+                return self.resume_step(deadline, "OrderCancelled").await
+            }
             DeadlineKind::Step(step) => step,
         };
         let order_id = deadline.order_id;

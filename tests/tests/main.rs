@@ -18,6 +18,7 @@ mod oidc_provider;
 mod order_updates;
 mod poison;
 mod protection;
+mod providers;
 mod read_after_accept;
 mod redis;
 mod replay;

@@ -9,6 +9,7 @@
 //! - [`chaos`]: the saga convergence check (`petstore_cli::chaos` runs it).
 //! - [`config`]: `config check`, each key with the layer it came from.
 //! - [`migrate`]: apply the migrations.
+//! - [`providers`]: `providers serve`, the simulated providers over HTTP.
 //! - [`hash_password`]: the Argon2id hash of a password read on standard input.
 
 pub mod audit;
@@ -17,6 +18,7 @@ pub mod config;
 pub mod dead_letters;
 pub mod hash_password;
 pub mod migrate;
+pub mod providers;
 pub mod replay;
 pub mod serve;
 

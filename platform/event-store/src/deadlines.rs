@@ -28,6 +28,9 @@ pub enum DeadlineKind {
     PaymentHold,
     /// A delivery waiting for its provider's breaker: its next try (`delivery_retry`).
     DeliveryRetry,
+    /// A compensation (refund, delivery cancellation) a provider did not take yet: its next
+    /// try (`compensation_retry`).
+    CompensationRetry,
 }
 
 impl DeadlineKind {
@@ -37,6 +40,7 @@ impl DeadlineKind {
             Self::Step(step) => step.as_str(),
             Self::PaymentHold => "payment_hold",
             Self::DeliveryRetry => "delivery_retry",
+            Self::CompensationRetry => "compensation_retry",
         }
     }
 
@@ -45,6 +49,7 @@ impl DeadlineKind {
         match name {
             "payment_hold" => Some(Self::PaymentHold),
             "delivery_retry" => Some(Self::DeliveryRetry),
+            "compensation_retry" => Some(Self::CompensationRetry),
             step => SagaStep::parse(step).ok().map(Self::Step),
         }
     }

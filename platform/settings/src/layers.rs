@@ -288,6 +288,16 @@ mod tests {
                 ),
                 ("PETSTORE__LOG__FILTER", "info,[", "log.filter"),
                 ("PETSTORE__SAGA__RUNNER_ID", "node 1", "saga.runner_id"),
+                (
+                    "PETSTORE__PROVIDERS__PAYMENT__URL",
+                    "ftp://127.0.0.1/",
+                    "providers.payment.url",
+                ),
+                (
+                    "PETSTORE__PROVIDERS__DELIVERY__URL",
+                    "not a url",
+                    "providers.delivery.url",
+                ),
             ] {
                 jail.set_env(variable, value);
                 let message = error(Settings::load(Some(jail.directory())));

@@ -357,6 +357,9 @@ impl Default for ProvidersSettings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProviderSettings {
+    /// The provider's base URL: calls go to it over HTTP (the README's provider protocol).
+    /// Unset, the provider is simulated in-process.
+    pub url: Option<String>,
     /// Simulated latency of a call, in milliseconds (each call varies by up to ±50 %).
     pub latency_ms: u64,
     /// Share of simulated calls that fail transiently, 0.0 to 1.0.
@@ -366,6 +369,7 @@ pub struct ProviderSettings {
 impl Default for ProviderSettings {
     fn default() -> Self {
         Self {
+            url: None,
             latency_ms: 20,
             failure_rate: 0.0,
         }
@@ -563,6 +567,23 @@ impl Settings {
         for (key, value) in positive {
             if value == 0 {
                 return Err(SettingsError::invalid(key, "must be above 0"));
+            }
+        }
+        for (key, provider) in [
+            ("providers.payment.url", &self.providers.payment),
+            ("providers.delivery.url", &self.providers.delivery),
+        ] {
+            if let Some(url) = &provider.url {
+                match url::Url::parse(url) {
+                    Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => {}
+                    Ok(_) => {
+                        return Err(SettingsError::invalid(
+                            key,
+                            "must be an http or https URL with a host",
+                        ))
+                    }
+                    Err(error) => return Err(SettingsError::invalid(key, error.to_string())),
+                }
             }
         }
         if let Some(id) = &self.saga.runner_id {

@@ -1,39 +1,19 @@
-//! Adapters of the domain's provider traits, and how every call to them is made.
-//!
-//! The default adapters simulate a provider: a configurable latency (±50 %), a configurable
-//! share of transient failures (both live settings), forced failures for `X-Simulate-Failure`, and idempotency by
-//! key (a repeated key answers the first result, as real gateways do). [`call`] makes every
-//! call through the provider's resilience policy ([`petstore_resilience`]).
+//! The simulated providers, in-process (the default): a configurable latency (±50 %), a
+//! configurable share of transient failures (both live settings), forced failures for
+//! `X-Simulate-Failure`, and idempotency by key (a repeated key answers the first result, as
+//! real gateways do).
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use chrono::Utc;
 use petstore_domain::providers::{
-    ChargeReceipt, ChargeRequest, DeliveryBooking, DeliveryProvider, DeliveryRequest,
-    PaymentGateway, ProviderError,
+    CancelRequest, ChargeReceipt, ChargeRequest, DeliveryBooking, DeliveryProvider,
+    DeliveryRequest, PaymentGateway, ProviderError, RefundReceipt, RefundRequest,
 };
 use petstore_live_settings::Live;
-use petstore_resilience::{CallError, Policy};
 use petstore_settings::LiveProvider;
-
-/// Calls a provider through `policy`: a refusal is its final answer (not retried, not
-/// counted against its breaker); an unavailable provider or a time-out is its failure.
-pub async fn call<T, F, Fut>(policy: &Policy, attempt: F) -> Result<T, CallError<ProviderError>>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, ProviderError>> + Send + 'static,
-    T: Send + 'static,
-{
-    policy
-        .call(
-            |error| matches!(error, ProviderError::Unavailable(_)),
-            attempt,
-        )
-        .await
-}
 
 async fn simulate(
     settings: &LiveProvider,
@@ -62,6 +42,7 @@ async fn simulate(
 pub struct SimulatedPaymentGateway {
     live: Live,
     charges: Mutex<HashMap<String, ChargeReceipt>>,
+    refunds: Mutex<HashMap<String, RefundReceipt>>,
     /// Every charge call that got through the simulated latency and failures, repeats of a
     /// key included.
     calls: std::sync::atomic::AtomicUsize,
@@ -73,6 +54,7 @@ impl SimulatedPaymentGateway {
         Self {
             live,
             charges: Mutex::default(),
+            refunds: Mutex::default(),
             calls: std::sync::atomic::AtomicUsize::new(0),
         }
     }
@@ -80,6 +62,11 @@ impl SimulatedPaymentGateway {
     /// How many distinct charges the gateway has taken.
     pub fn captured(&self) -> usize {
         self.charges.lock().map_or(0, |charges| charges.len())
+    }
+
+    /// How many distinct refunds the gateway has made.
+    pub fn refunded(&self) -> usize {
+        self.refunds.lock().map_or(0, |refunds| refunds.len())
     }
 
     /// How many charge calls it answered, a repeated idempotency key counted each time.
@@ -105,12 +92,40 @@ impl PaymentGateway for SimulatedPaymentGateway {
             });
         Ok(receipt.clone())
     }
+
+    async fn refund(&self, request: RefundRequest) -> Result<RefundReceipt, ProviderError> {
+        let behaviour = self.live.current().settings.providers.payment.clone();
+        simulate(&behaviour, false, "payment-service").await?;
+        let known = self.charges.lock().is_ok_and(|charges| {
+            charges
+                .values()
+                .any(|charge| charge.reference == request.charge_reference)
+        });
+        if !known {
+            return Err(ProviderError::Refused(format!(
+                "no charge {}",
+                request.charge_reference
+            )));
+        }
+        let mut refunds = self
+            .refunds
+            .lock()
+            .map_err(|_| ProviderError::Unavailable("payment gateway state poisoned".to_owned()))?;
+        let receipt = refunds
+            .entry(request.idempotency_key)
+            .or_insert_with(|| RefundReceipt {
+                reference: format!("re_{}", uuid::Uuid::new_v4().simple()),
+            });
+        Ok(receipt.clone())
+    }
 }
 
 /// A simulated delivery provider.
 pub struct SimulatedDeliveryProvider {
     live: Live,
     bookings: Mutex<HashMap<String, DeliveryBooking>>,
+    /// The idempotency keys of the cancellations made.
+    cancellations: Mutex<HashMap<String, String>>,
 }
 
 impl SimulatedDeliveryProvider {
@@ -119,12 +134,20 @@ impl SimulatedDeliveryProvider {
         Self {
             live,
             bookings: Mutex::default(),
+            cancellations: Mutex::default(),
         }
     }
 
     /// How many distinct deliveries the provider has booked.
     pub fn booked(&self) -> usize {
         self.bookings.lock().map_or(0, |bookings| bookings.len())
+    }
+
+    /// How many distinct cancellations it has made.
+    pub fn cancelled(&self) -> usize {
+        self.cancellations
+            .lock()
+            .map_or(0, |cancellations| cancellations.len())
     }
 }
 
@@ -142,5 +165,27 @@ impl DeliveryProvider for SimulatedDeliveryProvider {
                 estimated_arrival: Utc::now() + chrono::Duration::days(3),
             });
         Ok(booking.clone())
+    }
+
+    async fn cancel(&self, request: CancelRequest) -> Result<(), ProviderError> {
+        let behaviour = self.live.current().settings.providers.delivery.clone();
+        simulate(&behaviour, false, "delivery-service").await?;
+        let known = self.bookings.lock().is_ok_and(|bookings| {
+            bookings
+                .values()
+                .any(|booking| booking.reference == request.booking_reference)
+        });
+        if !known {
+            return Err(ProviderError::Refused(format!(
+                "no delivery {}",
+                request.booking_reference
+            )));
+        }
+        self.cancellations
+            .lock()
+            .map_err(|_| ProviderError::Unavailable("delivery provider state poisoned".to_owned()))?
+            .entry(request.idempotency_key)
+            .or_insert(request.booking_reference);
+        Ok(())
     }
 }

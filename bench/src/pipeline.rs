@@ -104,6 +104,12 @@ enum Bench {
         /// (off then on at each level, with the ratio).
         #[arg(long, default_value = "on")]
         policies: String,
+        /// Where the providers are: `in-process` (simulated in the service), `http` (the
+        /// simulator `petstore providers serve` runs, in this process on a thread of its own,
+        /// called over HTTP on 127.0.0.1), or `both` (in-process then http at each level,
+        /// with the ratio).
+        #[arg(long, default_value = "in-process")]
+        providers: String,
         /// The observability and security layers to turn on, as a production deployment runs
         /// them, comma-separated: `tracing` (every trace sampled, its spans exported over
         /// OTLP/HTTP to a receiver in this process, on a thread of its own), `auth` (every

@@ -73,6 +73,7 @@ pub(crate) async fn saga(args: &Args) -> anyhow::Result<()> {
         distributed,
         wait,
         policies,
+        providers,
         layers,
     } = &args.bench
     else {
@@ -104,11 +105,26 @@ pub(crate) async fn saga(args: &Args) -> anyhow::Result<()> {
         "poll" => false,
         other => anyhow::bail!("--wait {other:?}: updates or poll"),
     };
-    let modes: &[bool] = match policies.as_str() {
+    let policy_modes: &[bool] = match policies.as_str() {
         "on" => &[true],
         "off" => &[false],
         "both" => &[false, true],
         other => anyhow::bail!("--policies {other:?}: on, off or both"),
+    };
+    let provider_modes: &[bool] = match providers.as_str() {
+        "in-process" => &[false],
+        "http" => &[true],
+        "both" => &[false, true],
+        other => anyhow::bail!("--providers {other:?}: in-process, http or both"),
+    };
+    let modes: Vec<(bool, bool)> = provider_modes
+        .iter()
+        .flat_map(|http| policy_modes.iter().map(move |policies| (*http, *policies)))
+        .collect();
+    let compared = if provider_modes.len() == 2 {
+        "http / in-process"
+    } else {
+        "on / off"
     };
     let with_redis = with_redis || distributed;
     let reads = if with_redis {
@@ -134,32 +150,39 @@ pub(crate) async fn saga(args: &Args) -> anyhow::Result<()> {
     println!("simulated provider latency {latency_ms} ms per call (2 calls per saga); {orders} orders per level");
     println!("layers: {}", layers.describe());
     println!();
-    println!("| clients | policies | orders | completed/s | p50 ms | p99 ms | max ms |");
-    println!("|---:|---|---:|---:|---:|---:|---:|");
+    println!(
+        "| clients | providers | policies | orders | completed/s | p50 ms | p99 ms | max ms |"
+    );
+    println!("|---:|---|---|---:|---:|---:|---:|---:|");
     for &level in clients.iter() {
-        let mut throughputs = Vec::new();
-        for &enabled in modes {
+        let mut measured = Vec::new();
+        for &(http, enabled) in &modes {
             let (elapsed, histogram) = saga_level(
                 args,
                 level,
                 orders,
                 latency_ms,
                 (with_redis, distributed, updates),
-                (enabled, layers),
+                (enabled, layers, http),
             )
             .await?;
             let throughput = orders as f64 / elapsed;
-            throughputs.push(throughput);
+            let p99 = millis(&histogram, 0.99);
+            measured.push((throughput, p99));
             println!(
-                "| {level} | {} | {orders} | {throughput:.0} | {:.1} | {:.1} | {:.1} |",
+                "| {level} | {} | {} | {orders} | {throughput:.0} | {:.1} | {p99:.1} | {:.1} |",
+                if http { "http" } else { "in-process" },
                 if enabled { "on" } else { "off" },
                 millis(&histogram, 0.5),
-                millis(&histogram, 0.99),
                 histogram.max() as f64 / 1000.0
             );
         }
-        if let [off, on] = throughputs[..] {
-            println!("| {level} | **on / off** | | **{:.2}** | | | |", on / off);
+        if let [(before, before_p99), (after, after_p99)] = measured[..] {
+            println!(
+                "| {level} | **{compared}** | | | **{:.2}** | | **{:.2}** | |",
+                after / before,
+                after_p99 / before_p99
+            );
         }
     }
     if let Some((telemetry, receiver)) = telemetry {
@@ -168,6 +191,33 @@ pub(crate) async fn saga(args: &Args) -> anyhow::Result<()> {
         println!("spans received by the OTLP receiver: {}", receiver.spans());
     }
     Ok(())
+}
+
+/// The simulated providers over HTTP (`petstore providers serve`), answering after
+/// `latency_ms`, on a thread and runtime of their own (as a provider would be another
+/// process); their base URL. They run until the bench exits.
+fn serve_providers(latency_ms: u64) -> anyhow::Result<String> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    listener.set_nonblocking(true)?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let router =
+        petstore_cli::provider_simulator::router(petstore_cli::provider_simulator::Behaviour {
+            latency_ms,
+            failure_rate: 0.0,
+        });
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime for the providers");
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            axum::serve(listener, router)
+                .await
+                .expect("the providers serve");
+        });
+    });
+    Ok(url)
 }
 
 /// Places an order for `pet` and waits until it is `completed`: on its live-update stream
@@ -268,13 +318,18 @@ async fn saga_level(
     orders: usize,
     latency_ms: u64,
     (with_redis, distributed, updates): (bool, bool, bool),
-    (policies, layers): (bool, Layers),
+    (policies, layers, http_providers): (bool, Layers, bool),
 ) -> anyhow::Result<(f64, Histogram<u64>)> {
     let database = BenchDatabase::create(&args.postgres_url).await?;
     let mut settings = database.settings();
     settings.catalog.seed_demo_pets = false;
     settings.providers.payment.latency_ms = latency_ms;
     settings.providers.delivery.latency_ms = latency_ms;
+    if http_providers {
+        let url = serve_providers(latency_ms)?;
+        settings.providers.payment.url = Some(url.clone());
+        settings.providers.delivery.url = Some(url);
+    }
     settings.resilience.payment.enabled = policies;
     settings.resilience.delivery.enabled = policies;
     settings.feature_flags.real_time_order_updates = FlagSetting::On;

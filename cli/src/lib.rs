@@ -166,13 +166,28 @@ impl Application {
             tracing::info!(file = %file.display(), "no security.jwt.secret is set: local tokens are signed with the secret kept in this file");
         }
         settings.validate()?;
+        // One id for this process's saga runner, in its leases and in what it tells the
+        // providers it calls.
+        let runner_id = settings
+            .saga
+            .runner_id
+            .get_or_insert_with(|| format!("saga-{}", uuid::Uuid::new_v4().simple()))
+            .clone();
         let cutoff = watch::channel(false).0;
         let limits = time_limits(&settings.security, cutoff.subscribe())?;
         let shutdown = Shutdown::new();
         let mut infrastructure = Infrastructure::connect(&settings, roles, &shutdown).await?;
         let mut wiring = Wiring::new(&mut infrastructure);
-        let payments = Arc::new(Payments::new(&settings.providers, &infrastructure.live)?);
-        let deliveries = Arc::new(Deliveries::new(&settings.providers, &infrastructure.live)?);
+        let payments = Arc::new(Payments::new(
+            &settings.providers,
+            &infrastructure.live,
+            &runner_id,
+        )?);
+        let deliveries = Arc::new(Deliveries::new(
+            &settings.providers,
+            &infrastructure.live,
+            &runner_id,
+        )?);
         if roles.contains(&Role::Projector) {
             wiring.projector(&infrastructure, &settings, &shutdown);
         }

@@ -46,6 +46,10 @@ pub struct Call {
     pub status: u16,
     /// Whether it repeated a key and got the first answer again.
     pub replayed: bool,
+    /// Who called: the request's `User-Agent` (`petstore (RUNNER ID)`), empty when none.
+    pub caller: String,
+    /// When it was answered, in milliseconds since the Unix epoch.
+    pub at_ms: i64,
 }
 
 /// The effects made (each at most once per key).
@@ -128,6 +132,11 @@ impl Simulator {
             .and_then(|key| key.to_str().ok())
             .filter(|key| !key.is_empty())
             .map(str::to_owned);
+        let caller = headers
+            .get("user-agent")
+            .and_then(|agent| agent.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
         let simulate = headers
             .get("x-simulate-failure")
             .and_then(|value| value.to_str().ok());
@@ -189,6 +198,8 @@ impl Simulator {
             idempotency_key: key.unwrap_or_default(),
             status: status.as_u16(),
             replayed,
+            caller,
+            at_ms: Utc::now().timestamp_millis(),
         });
         (status, Json(answer)).into_response()
     }

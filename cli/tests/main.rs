@@ -12,6 +12,7 @@ mod dead_letters;
 mod first_run;
 mod live_config;
 mod observability;
+mod ownership;
 mod partitions;
 mod postgres;
 mod providers;

@@ -2,44 +2,14 @@
 //! completes an order, charging and booking through it once; bad arguments and provider URLs
 //! are refused at start-up.
 
-use std::io::BufRead;
-use std::process::{Child, Stdio};
-
 use serde_json::{json, Value};
 
-use crate::common::{self, Service};
-
-/// `petstore providers serve` on a free port; its base URL, read from its first line.
-fn providers_serve() -> (Child, String) {
-    let mut child = common::petstore_command(&[])
-        .args([
-            "providers",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--latency-ms",
-            "0",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("the binary starts");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let mut line = String::new();
-    std::io::BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("a first line");
-    let base = line
-        .trim()
-        .strip_prefix("providers listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
-        .to_owned();
-    (child, base)
-}
+use crate::common::{self, Providers, Service};
 
 #[tokio::test]
 async fn the_service_calls_the_simulated_providers_over_http() {
-    let (mut providers, base) = providers_serve();
+    let providers = Providers::start(0);
+    let base = providers.base.clone();
     let data = tempfile::tempdir().expect("a data dir");
     let service = Service::start(&[
         (
@@ -76,8 +46,6 @@ async fn the_service_calls_the_simulated_providers_over_http() {
         json!({"charges": 1, "refunds": 0, "deliveries": 1, "cancellations": 0})
     );
     assert!(service.stop().await.success());
-    let _ = providers.kill();
-    let _ = providers.wait();
 }
 
 #[test]

@@ -15,6 +15,7 @@ use petstore_domain::providers::{
 use petstore_domain::saga::{self, SagaAction, SagaEvent, SagaOutcome};
 use petstore_domain::{CustomerId, DomainError, OrderId};
 use petstore_event_store::deadlines::{self, Deadline, DeadlineKind};
+use petstore_event_store::leases::Fence;
 use petstore_event_store::store::EventMetadata;
 use petstore_event_store::stream::RecordedEvent;
 use petstore_resilience::CallError;
@@ -166,6 +167,7 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                     simulate_failure,
                 };
                 let gateway = Arc::clone(&self.payments);
+                self.may_call_providers()?;
                 let result = providers::call(&self.policies.payment, move || {
                     let gateway = Arc::clone(&gateway);
                     let request = request.clone();
@@ -208,6 +210,7 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                     simulate_failure,
                 };
                 let provider = Arc::clone(&self.deliveries);
+                self.may_call_providers()?;
                 let result = providers::call(&self.policies.delivery, move || {
                     let provider = Arc::clone(&provider);
                     let request = request.clone();
@@ -251,6 +254,7 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                     idempotency_key: metadata.command_id.to_string(),
                 };
                 let gateway = Arc::clone(&self.payments);
+                self.may_call_providers()?;
                 let result = providers::call(&self.policies.payment, move || {
                     let gateway = Arc::clone(&gateway);
                     let request = request.clone();
@@ -283,6 +287,7 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                     idempotency_key: metadata.command_id.to_string(),
                 };
                 let provider = Arc::clone(&self.deliveries);
+                self.may_call_providers()?;
                 let result = providers::call(&self.policies.delivery, move || {
                     let provider = Arc::clone(&provider);
                     let request = request.clone();
@@ -330,6 +335,18 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
             }
         }
         Ok(Flow::Go)
+    }
+
+    /// Refuses a provider call for a partition whose lease may be lost: past its validity by
+    /// this process's clock (paused past it, say), the runner calls nothing for it; the new
+    /// owner makes the call, under the same idempotency key.
+    fn may_call_providers(&self) -> Result<(), SagaError> {
+        match Fence::current() {
+            Some(fence) if !self.lease_clock.holds(&fence.lease) => {
+                Err(SagaError::LeaseLost(fence.lost()))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// A provider did not take a compensation (`what`): the reaction waits, and is resumed

@@ -30,7 +30,7 @@ use uuid::Uuid;
 
 use crate::error::*;
 use crate::events::*;
-use crate::ownership::{Owned, Ownership};
+use crate::ownership::{LeaseClock, Owned, Ownership};
 
 /// The checkpoint name of the saga runner's subscription.
 pub const CHECKPOINT: &str = "saga";
@@ -81,6 +81,8 @@ pub struct SagaRunner<P, D> {
     /// again under the same id (after a crash of its task or of its process) takes its
     /// partitions back at once, fencing its earlier run.
     pub(crate) owner: Arc<str>,
+    /// Until when its leases are valid by its own clock (no provider call past it).
+    pub(crate) lease_clock: LeaseClock,
 }
 
 impl<P, D> Clone for SagaRunner<P, D> {
@@ -97,6 +99,7 @@ impl<P, D> Clone for SagaRunner<P, D> {
             progress: self.progress.clone(),
             in_flight: self.in_flight.clone(),
             owner: self.owner.clone(),
+            lease_clock: self.lease_clock.clone(),
         }
     }
 }
@@ -340,6 +343,7 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
             progress: watch::Sender::new(SagaProgress::default()),
             in_flight: Arc::default(),
             owner,
+            lease_clock: LeaseClock::default(),
         }
     }
 
@@ -430,14 +434,15 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let ownership = match self.settings.partitions() {
-            Ok(partitions) => Ownership::new(
-                Leases::new(
-                    self.store.database(),
-                    &*self.owner,
-                    Duration::from_millis(self.settings.lease_timeout_ms),
-                ),
-                partitions,
-            ),
+            Ok(partitions) => {
+                let timeout = Duration::from_millis(self.settings.lease_timeout_ms);
+                Ownership::new(
+                    Leases::new(self.store.database(), &*self.owner, timeout),
+                    partitions,
+                    self.lease_clock.clone(),
+                    timeout,
+                )
+            }
             Err(error) => {
                 // Refused at start-up already; a runner built around the settings check
                 // stalls visibly rather than acting on every order.

@@ -63,7 +63,7 @@ fn charge(key: &str) -> ChargeRequest {
 #[tokio::test]
 async fn the_http_adapters_speak_the_protocol_and_a_repeated_key_is_one_effect() {
     let base = simulator(Behaviour::default()).await;
-    let gateway = HttpPaymentGateway::new("providers.payment.url", &base).expect("url");
+    let gateway = HttpPaymentGateway::new("providers.payment.url", &base, "test").expect("url");
     let first = gateway.charge(charge("charge-1")).await.expect("charged");
     let again = gateway.charge(charge("charge-1")).await.expect("replayed");
     assert_eq!(first, again, "a repeated key answers the first charge");
@@ -104,7 +104,8 @@ async fn the_http_adapters_speak_the_protocol_and_a_repeated_key_is_one_effect()
         "{failing:?}"
     );
 
-    let deliveries = HttpDeliveryProvider::new("providers.delivery.url", &base).expect("url");
+    let deliveries =
+        HttpDeliveryProvider::new("providers.delivery.url", &base, "test").expect("url");
     let booking = |key: &str| DeliveryRequest {
         order_id: OrderId::random(),
         pet_id: PetId::parse("beagle-001").expect("pet"),
@@ -153,7 +154,7 @@ async fn the_http_adapters_speak_the_protocol_and_a_repeated_key_is_one_effect()
     );
 
     // Nothing listening: unavailable (retried by the policy), not refused.
-    let closed = HttpPaymentGateway::new("providers.payment.url", "http://127.0.0.1:9")
+    let closed = HttpPaymentGateway::new("providers.payment.url", "http://127.0.0.1:9", "test")
         .expect("url")
         .charge(charge("charge-3"))
         .await;
@@ -163,7 +164,7 @@ async fn the_http_adapters_speak_the_protocol_and_a_repeated_key_is_one_effect()
     );
     for url in ["ftp://127.0.0.1/", "127.0.0.1:4010", "http://"] {
         assert!(
-            HttpPaymentGateway::new("providers.payment.url", url).is_err(),
+            HttpPaymentGateway::new("providers.payment.url", url, "test").is_err(),
             "{url} accepted"
         );
     }

@@ -124,11 +124,23 @@ impl Service {
         Self::start_command(petstore_command(env)).await
     }
 
+    /// Starts `petstore serve --listen 127.0.0.1:0 --roles ROLES` with `env`, and waits until
+    /// it is ready.
+    pub async fn start_roles(env: &[(&str, String)], roles: &str) -> Self {
+        Self::start_with(petstore_command(env), &["--roles", roles]).await
+    }
+
     /// Starts `command serve --listen 127.0.0.1:0` and waits until it is ready; its log
     /// lines may be JSON or text.
-    pub async fn start_command(mut command: Command) -> Self {
+    pub async fn start_command(command: Command) -> Self {
+        Self::start_with(command, &[]).await
+    }
+
+    /// Starts `command serve --listen 127.0.0.1:0 ARGS` and waits until it is ready.
+    pub async fn start_with(mut command: Command, args: &[&str]) -> Self {
         let mut child = command
             .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -189,6 +201,21 @@ impl Service {
     /// Every log line so far.
     pub fn lines(&self) -> Vec<String> {
         self.lines.lock().expect("lines").clone()
+    }
+
+    /// Sends it `signal` (`KILL`, `STOP`, `CONT`…).
+    pub fn signal(&self, signal: &str) {
+        let sent = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success(), "kill -{signal} failed");
+    }
+
+    /// Kills it (`kill -9`: nothing handed over, nothing flushed) and reaps it.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Stops it with SIGTERM (a graceful shutdown) and waits, at most 30 s.
@@ -252,6 +279,68 @@ impl Service {
 }
 
 impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `petstore providers serve --listen 127.0.0.1:0 --latency-ms LATENCY`, killed when dropped.
+pub struct Providers {
+    child: Child,
+    /// `http://127.0.0.1:PORT`, read from its first line.
+    pub base: String,
+}
+
+impl Providers {
+    /// Starts it and reads its address.
+    pub fn start(latency_ms: u64) -> Self {
+        let mut child = petstore_command(&[])
+            .args([
+                "providers",
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--latency-ms",
+            ])
+            .arg(latency_ms.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the binary starts");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("a first line");
+        let base = line
+            .trim()
+            .strip_prefix("providers listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+            .to_owned();
+        Self { child, base }
+    }
+
+    /// `PETSTORE__PROVIDERS__{PAYMENT,DELIVERY}__URL` pointing at it.
+    pub fn env(&self) -> [(&'static str, String); 2] {
+        [
+            ("PETSTORE__PROVIDERS__PAYMENT__URL", self.base.clone()),
+            ("PETSTORE__PROVIDERS__DELIVERY__URL", self.base.clone()),
+        ]
+    }
+
+    /// `GET path`'s JSON.
+    pub async fn get(&self, path: &str) -> serde_json::Value {
+        reqwest::get(format!("{}{path}", self.base))
+            .await
+            .expect("the providers answer")
+            .json()
+            .await
+            .expect("json")
+    }
+}
+
+impl Drop for Providers {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -84,7 +84,7 @@ impl Fence {
     }
 
     /// The fence of the work running now, if any.
-    pub(crate) fn current() -> Option<Fence> {
+    pub fn current() -> Option<Fence> {
         FENCE.try_with(Clone::clone).ok()
     }
 
@@ -225,7 +225,7 @@ static HEARTBEAT: PerEngine = per_engine!(
       WHERE $4 OR saga_runners.instance = excluded.instance"
 );
 static LIVE_RUNNERS: PerEngine =
-    per_engine!("SELECT count(*) FROM saga_runners WHERE expires_at_ms > NOW_MS");
+    per_engine!("SELECT owner FROM saga_runners WHERE expires_at_ms > NOW_MS ORDER BY owner");
 static STATES: PerEngine = per_engine!(
     "SELECT partition_number, owner, epoch, expires_at_ms - NOW_MS
        FROM saga_leases ORDER BY partition_number"
@@ -354,14 +354,13 @@ impl Leases {
         }))
     }
 
-    /// How many runners are alive (their heartbeat not expired), this one included once it
-    /// has beaten.
-    pub async fn live_runners(&self) -> Result<u32, sqlx::Error> {
+    /// The runners alive (their heartbeat not expired), this one included once it has
+    /// beaten, in order of their ids.
+    pub async fn live_runners(&self) -> Result<Vec<String>, sqlx::Error> {
         let sql = LIVE_RUNNERS.of(&self.database);
-        let count: i64 = with_pool!(&self.database, |pool| {
-            sqlx::query_scalar(sql).fetch_one(pool).await?
-        });
-        Ok(u32::try_from(count).unwrap_or(u32::MAX))
+        Ok(with_pool!(&self.database, |pool| {
+            sqlx::query_scalar(sql).fetch_all(pool).await?
+        }))
     }
 
     /// Says this runner stopped: the others share the partitions without it at once. (A

@@ -49,7 +49,12 @@ struct Endpoint {
 }
 
 impl Endpoint {
-    fn new(key: &'static str, url: &str, name: &'static str) -> Result<Self, InvalidProviderUrl> {
+    fn new(
+        key: &'static str,
+        url: &str,
+        name: &'static str,
+        caller: &str,
+    ) -> Result<Self, InvalidProviderUrl> {
         let invalid = |reason: String| InvalidProviderUrl {
             key,
             url: url.to_owned(),
@@ -64,6 +69,7 @@ impl Endpoint {
         let client = reqwest::Client::builder()
             // Each attempt's time limit is the provider's policy's.
             .connect_timeout(Duration::from_secs(2))
+            .user_agent(format!("petstore ({caller})"))
             .build()
             .map_err(|error| invalid(error.to_string()))?;
         Ok(Self { client, base, name })
@@ -128,9 +134,10 @@ impl Endpoint {
 pub struct HttpPaymentGateway(Endpoint);
 
 impl HttpPaymentGateway {
-    /// The gateway at `url` (the setting `key`'s value).
-    pub fn new(key: &'static str, url: &str) -> Result<Self, InvalidProviderUrl> {
-        Endpoint::new(key, url, "payment-service").map(Self)
+    /// The gateway at `url` (the setting `key`'s value), called by `caller` (named in the
+    /// `User-Agent`: `petstore (CALLER)`).
+    pub fn new(key: &'static str, url: &str, caller: &str) -> Result<Self, InvalidProviderUrl> {
+        Endpoint::new(key, url, "payment-service", caller).map(Self)
     }
 }
 
@@ -181,9 +188,10 @@ impl PaymentGateway for HttpPaymentGateway {
 pub struct HttpDeliveryProvider(Endpoint);
 
 impl HttpDeliveryProvider {
-    /// The provider at `url` (the setting `key`'s value).
-    pub fn new(key: &'static str, url: &str) -> Result<Self, InvalidProviderUrl> {
-        Endpoint::new(key, url, "delivery-service").map(Self)
+    /// The provider at `url` (the setting `key`'s value), called by `caller` (named in the
+    /// `User-Agent`: `petstore (CALLER)`).
+    pub fn new(key: &'static str, url: &str, caller: &str) -> Result<Self, InvalidProviderUrl> {
+        Endpoint::new(key, url, "delivery-service", caller).map(Self)
     }
 }
 

@@ -59,20 +59,38 @@ pub enum Deliveries {
 }
 
 impl Payments {
-    /// The gateway of `settings` (the simulation following the `live` settings).
-    pub fn new(settings: &ProvidersSettings, live: &Live) -> Result<Self, InvalidProviderUrl> {
+    /// The gateway of `settings` (the simulation following the `live` settings), called by
+    /// `caller` (named in each HTTP request's `User-Agent`).
+    pub fn new(
+        settings: &ProvidersSettings,
+        live: &Live,
+        caller: &str,
+    ) -> Result<Self, InvalidProviderUrl> {
         Ok(match &settings.payment.url {
-            Some(url) => Self::Http(HttpPaymentGateway::new("providers.payment.url", url)?),
+            Some(url) => Self::Http(HttpPaymentGateway::new(
+                "providers.payment.url",
+                url,
+                caller,
+            )?),
             None => Self::Simulated(SimulatedPaymentGateway::new(live.clone())),
         })
     }
 }
 
 impl Deliveries {
-    /// The provider of `settings` (the simulation following the `live` settings).
-    pub fn new(settings: &ProvidersSettings, live: &Live) -> Result<Self, InvalidProviderUrl> {
+    /// The provider of `settings` (the simulation following the `live` settings), called by
+    /// `caller` (named in each HTTP request's `User-Agent`).
+    pub fn new(
+        settings: &ProvidersSettings,
+        live: &Live,
+        caller: &str,
+    ) -> Result<Self, InvalidProviderUrl> {
         Ok(match &settings.delivery.url {
-            Some(url) => Self::Http(HttpDeliveryProvider::new("providers.delivery.url", url)?),
+            Some(url) => Self::Http(HttpDeliveryProvider::new(
+                "providers.delivery.url",
+                url,
+                caller,
+            )?),
             None => Self::Simulated(SimulatedDeliveryProvider::new(live.clone())),
         })
     }

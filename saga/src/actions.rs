@@ -1,9 +1,9 @@
 //! What the runner does for an event: asks the domain's saga what it calls for, and performs
 //! it (commands to aggregates, provider calls, deadlines), each with an id derived from its cause.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use cqrs_es::{Aggregate, AggregateError};
 use petstore_domain::delivery::{Delivery, DeliveryCommand, DeliveryState};
 use petstore_domain::order::{Order, OrderCommand, OrderEvent};
@@ -21,6 +21,7 @@ use petstore_event_store::stream::RecordedEvent;
 use petstore_resilience::CallError;
 use petstore_settings::Flag;
 use petstore_telemetry::CorrelationId;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::error::*;
@@ -29,10 +30,28 @@ use crate::providers;
 use crate::runner::*;
 
 impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D> {
+    /// Reacts to `event` (of `order_id`'s saga, read from the stream or Kafka), then to
+    /// what that reaction appended for the order, and so on, without waiting for the stream
+    /// to bring those back ([`Self::react`]).
     pub(crate) async fn handle_event(
         &self,
         order_id: OrderId,
         event: &RecordedEvent,
+        decoded: &Decoded,
+    ) -> Result<(), SagaError> {
+        let arrival = Arrival::of(event)?;
+        self.react(order_id, &arrival, decoded).await
+    }
+
+    /// Reacts to one event of `order_id`'s saga: performs what the domain's saga decides on
+    /// the order as it stands. Then reacts, from memory, to each event those actions appended
+    /// for this order (the runner owns it: nobody else reacts to them first), and remembers
+    /// each so that its copy from the stream is only acknowledged. A reaction from memory
+    /// that fails is not remembered: its copy from the stream is handled as any event.
+    pub(crate) async fn react(
+        &self,
+        order_id: OrderId,
+        arrival: &Arrival,
         decoded: &Decoded,
     ) -> Result<(), SagaError> {
         let order: Order = self
@@ -40,12 +59,6 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
             .load(&order_id.to_string())
             .await
             .map_err(store_error)?;
-        let stored_at = event.metadata.timestamp()?;
-        let occurred_at = DateTime::parse_from_rfc3339(stored_at)
-            .map_err(|_| {
-                SagaError::Unreadable(format!("metadata timestamp {stored_at:?} is not RFC 3339"))
-            })?
-            .with_timezone(&Utc);
         let saga_event = match decoded {
             Decoded::Order(inner) => SagaEvent::Order(inner),
             Decoded::Pet(inner) => SagaEvent::Pet(inner),
@@ -66,27 +79,45 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
         let actions = saga::react(
             &order,
             saga_event,
-            occurred_at,
+            arrival.occurred_at,
             &self.policy(customer.as_str()),
         );
-        let stored_correlation = event.metadata.correlation_id()?;
-        let correlation_id = CorrelationId::parse(stored_correlation).ok_or_else(|| {
-            SagaError::Unreadable(format!(
-                "metadata correlation_id {stored_correlation:?} is not a correlation id"
-            ))
-        })?;
         let cause = Cause {
-            event_id: event.event_id(),
-            correlation_id,
+            event_id: arrival.event_id,
+            correlation_id: arrival.correlation_id.clone(),
             order_id,
             customer,
+            appended: Mutex::default(),
         };
         for (position, action) in actions.into_iter().enumerate() {
-            if self.perform(&cause, position, action).await? == Flow::Wait {
+            // Boxed: an action's future is deep (a provider call through its policy).
+            if Box::pin(self.perform(&cause, position, action)).await? == Flow::Wait {
                 // The rest of the reaction runs when the step is resumed (all of it again,
                 // each action with the same id: what was done is not done twice).
                 break;
             }
+        }
+        let appended = std::mem::take(
+            &mut *cause
+                .appended
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        for (arrival, decoded) in appended {
+            // A step of its own in the order's trace, inside the step that appended it.
+            let span = tracing::info_span!(
+                "saga step",
+                otel.name = %format_args!("saga {}", decoded.event_type()),
+                otel.kind = "internal",
+                order_id = %order_id,
+                event_type = %decoded.event_type(),
+                from_memory = true,
+            );
+            // Boxed: a reaction's future holds the next one's.
+            Box::pin(self.react(order_id, &arrival, &decoded))
+                .instrument(span)
+                .await?;
+            self.remember(arrival.event_id);
         }
         Ok(())
     }
@@ -102,7 +133,7 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
         let order_key = cause.order_id.to_string();
         match action {
             SagaAction::Order(command) => {
-                self.send::<Order>(&order_key, command, cause.metadata(position, ""))
+                self.send_for::<Order>(cause, &order_key, command, cause.metadata(position, ""))
                     .await?;
             }
             SagaAction::Pet {
@@ -111,11 +142,17 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                 if_refused,
             } => {
                 let refused = self
-                    .send::<Pet>(pet_id.as_str(), command, cause.metadata(position, ""))
+                    .send_for::<Pet>(
+                        cause,
+                        pet_id.as_str(),
+                        command,
+                        cause.metadata(position, ""),
+                    )
                     .await?;
                 if let (Some(error), Some(reason)) = (refused, if_refused) {
                     tracing::info!(%error, reason = reason.as_str(), "pet refused; cancelling the order");
-                    self.send::<Order>(
+                    self.send_for::<Order>(
+                        cause,
                         &order_key,
                         OrderCommand::CancelOrder { reason },
                         cause.metadata(position, "refused"),
@@ -124,11 +161,11 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                 }
             }
             SagaAction::Payment(command) => {
-                self.send::<Payment>(&order_key, command, cause.metadata(position, ""))
+                self.send_for::<Payment>(cause, &order_key, command, cause.metadata(position, ""))
                     .await?;
             }
             SagaAction::Delivery(command) => {
-                self.send::<Delivery>(&order_key, command, cause.metadata(position, ""))
+                self.send_for::<Delivery>(cause, &order_key, command, cause.metadata(position, ""))
                     .await?;
             }
             SagaAction::ChargePayment {
@@ -191,7 +228,8 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                         reason: error.to_string(),
                     },
                 };
-                self.send::<Payment>(&order_key, command, metadata).await?;
+                self.send_for::<Payment>(cause, &order_key, command, metadata)
+                    .await?;
             }
             SagaAction::BookDelivery {
                 pet_id,
@@ -238,7 +276,8 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                         reason: error.to_string(),
                     },
                 };
-                self.send::<Delivery>(&order_key, command, metadata).await?;
+                self.send_for::<Delivery>(cause, &order_key, command, metadata)
+                    .await?;
             }
             SagaAction::RefundPayment { reason } => {
                 let payment: Payment = self.store.load(&order_key).await.map_err(store_error)?;
@@ -264,7 +303,8 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                 match result {
                     Ok(receipt) => {
                         tracing::info!(refund = %receipt.reference, "payment refunded");
-                        self.send::<Payment>(
+                        self.send_for::<Payment>(
+                            cause,
                             &order_key,
                             PaymentCommand::RefundPayment { reason },
                             metadata,
@@ -296,7 +336,8 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                 .await;
                 match result {
                     Ok(()) => {
-                        self.send::<Delivery>(
+                        self.send_for::<Delivery>(
+                            cause,
                             &order_key,
                             DeliveryCommand::CancelDelivery { reason },
                             metadata,
@@ -398,6 +439,39 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
         Ok(())
     }
 
+    /// [`Self::send`] for `cause`'s reaction: the events it appends for the cause's order
+    /// are reacted to next, from memory.
+    pub(crate) async fn send_for<A>(
+        &self,
+        cause: &Cause,
+        aggregate_id: &str,
+        command: A::Command,
+        metadata: EventMetadata,
+    ) -> Result<Option<DomainError>, SagaError>
+    where
+        A: SagaAggregate<Error = DomainError, Services = ()> + Clone + 'static,
+        A::Command: Clone + std::fmt::Debug,
+    {
+        let (refused, committed) = self.execute::<A>(aggregate_id, command, &metadata).await?;
+        let mut appended = Vec::new();
+        for envelope in &committed {
+            let Some((order_id, decoded)) =
+                A::saga_event(&envelope.aggregate_id, &envelope.payload)
+            else {
+                continue;
+            };
+            if order_id == cause.order_id {
+                appended.push((Arrival::appended(envelope, &cause.correlation_id)?, decoded));
+            }
+        }
+        cause
+            .appended
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(appended);
+        Ok(refused)
+    }
+
     /// Executes a saga command. A refusal by the domain is expected in races (the pet was
     /// taken, the order was cancelled meanwhile) and is returned, not raised.
     pub(crate) async fn send<A>(
@@ -410,15 +484,30 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
         A: Aggregate<Error = DomainError, Services = ()> + Clone + 'static,
         A::Command: Clone + std::fmt::Debug,
     {
+        Ok(self.execute::<A>(aggregate_id, command, &metadata).await?.0)
+    }
+
+    /// Executes a saga command: the domain's refusal, if it refused, and the events
+    /// appended.
+    async fn execute<A>(
+        &self,
+        aggregate_id: &str,
+        command: A::Command,
+        metadata: &EventMetadata,
+    ) -> Result<(Option<DomainError>, Vec<cqrs_es::EventEnvelope<A>>), SagaError>
+    where
+        A: Aggregate<Error = DomainError, Services = ()> + Clone + 'static,
+        A::Command: Clone + std::fmt::Debug,
+    {
         match self
             .store
-            .execute::<A>(aggregate_id, command, &(), &metadata)
+            .execute::<A>(aggregate_id, command, &(), metadata)
             .await
         {
-            Ok(_) => Ok(None),
+            Ok(committed) => Ok((None, committed)),
             Err(AggregateError::UserError(error)) => {
                 tracing::debug!(%error, aggregate_id, "saga command refused");
-                Ok(Some(error))
+                Ok((Some(error), Vec::new()))
             }
             Err(error) => Err(store_error(error)),
         }
@@ -441,6 +530,8 @@ pub(crate) struct Cause {
     pub(crate) order_id: OrderId,
     /// The order's customer: the subject flags are evaluated for.
     pub(crate) customer: CustomerId,
+    /// The events the reaction appended for this order, to react to next.
+    pub(crate) appended: Mutex<Vec<(Arrival, Decoded)>>,
 }
 
 impl Cause {

@@ -48,6 +48,10 @@ pub(crate) const HANDLING_ATTEMPTS: u32 = 3;
 /// (harmlessly), and one acknowledgement covers many events.
 pub(crate) const ACKNOWLEDGE_EVERY: Duration = Duration::from_millis(50);
 
+/// How many events reacted to from memory a runner remembers: far more than arrive between
+/// an append and its copy from the stream.
+const REMEMBERED: usize = 100_000;
+
 /// Namespace of the ids of commands the saga issues.
 pub(crate) const COMMAND_NAMESPACE: Uuid =
     Uuid::from_u128(0x9d2c_41a7_63e8_4f0b_8a5d_1c3e_6b7f_2a90);
@@ -83,6 +87,9 @@ pub struct SagaRunner<P, D> {
     pub(crate) owner: Arc<str>,
     /// Until when its leases are valid by its own clock (no provider call past it).
     pub(crate) lease_clock: LeaseClock,
+    /// The events it reacted to from memory (its own appends): their copies from the stream
+    /// are only acknowledged.
+    pub(crate) remembered: Arc<std::sync::Mutex<RecentEvents>>,
 }
 
 impl<P, D> Clone for SagaRunner<P, D> {
@@ -100,6 +107,7 @@ impl<P, D> Clone for SagaRunner<P, D> {
             in_flight: self.in_flight.clone(),
             owner: self.owner.clone(),
             lease_clock: self.lease_clock.clone(),
+            remembered: self.remembered.clone(),
         }
     }
 }
@@ -233,6 +241,10 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> Lanes for SagaL
                     event,
                     decoded,
                 } => {
+                    if self.runner.reacted_from_memory(&event.event_id()) {
+                        // Its reaction ran when this runner appended it.
+                        continue;
+                    }
                     let span = step_span(order_id, &event);
                     // Boxed: the step's future is deep, and the lanes' nest it further.
                     let step = Box::pin(
@@ -344,7 +356,24 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
             in_flight: Arc::default(),
             owner,
             lease_clock: LeaseClock::default(),
+            remembered: Arc::new(std::sync::Mutex::new(RecentEvents::new(REMEMBERED))),
         }
+    }
+
+    /// Remembers that the event `id` was reacted to from memory.
+    pub(crate) fn remember(&self, id: Uuid) {
+        self.remembered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .record(id);
+    }
+
+    /// Whether the event `id` was reacted to from memory already.
+    fn reacted_from_memory(&self, id: &Uuid) -> bool {
+        self.remembered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(id)
     }
 
     /// Follows the runner's progress (for health).

@@ -54,11 +54,7 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
         arrival: &Arrival,
         decoded: &Decoded,
     ) -> Result<(), SagaError> {
-        let order: Order = self
-            .store
-            .load(&order_id.to_string())
-            .await
-            .map_err(store_error)?;
+        let order: Order = self.load_owned(&order_id.to_string()).await?;
         let saga_event = match decoded {
             Decoded::Order(inner) => SagaEvent::Order(inner),
             Decoded::Pet(inner) => SagaEvent::Pet(inner),
@@ -172,7 +168,7 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                 amount,
                 simulate_failure,
             } => {
-                let payment: Payment = self.store.load(&order_key).await.map_err(store_error)?;
+                let payment: Payment = self.load_owned(&order_key).await?;
                 if payment.state() != PaymentState::None {
                     return Ok(Flow::Go);
                 }
@@ -235,7 +231,7 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                 pet_id,
                 simulate_failure,
             } => {
-                let delivery: Delivery = self.store.load(&order_key).await.map_err(store_error)?;
+                let delivery: Delivery = self.load_owned(&order_key).await?;
                 if delivery.state() != DeliveryState::None {
                     return Ok(Flow::Go);
                 }
@@ -280,7 +276,7 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                     .await?;
             }
             SagaAction::RefundPayment { reason } => {
-                let payment: Payment = self.store.load(&order_key).await.map_err(store_error)?;
+                let payment: Payment = self.load_owned(&order_key).await?;
                 let Some((charge, amount)) = payment.charge() else {
                     // Nothing charged, or given back already.
                     return Ok(Flow::Go);
@@ -315,7 +311,7 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                 }
             }
             SagaAction::CancelDelivery { reason } => {
-                let delivery: Delivery = self.store.load(&order_key).await.map_err(store_error)?;
+                let delivery: Delivery = self.load_owned(&order_key).await?;
                 let Some(booking) = delivery.booking() else {
                     // Nothing booked, or called off already.
                     return Ok(Flow::Go);
@@ -376,6 +372,21 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
             }
         }
         Ok(Flow::Go)
+    }
+
+    /// The order's (or its payment's, or delivery's) aggregate: the copy this runner trusts
+    /// when it owns the order's partition (it is told of every event appended to it, and
+    /// distrusts every copy when its partitions change), else as stored.
+    async fn load_owned<A: Aggregate + Clone + 'static>(&self, id: &str) -> Result<A, SagaError>
+    where
+        A::Error: std::error::Error,
+    {
+        let loaded = if Fence::current().is_some() {
+            self.store.load_owned::<A>(id).await
+        } else {
+            self.store.load::<A>(id).await
+        };
+        loaded.map_err(store_error)
     }
 
     /// Refuses a provider call for a partition whose lease may be lost: past its validity by

@@ -241,6 +241,12 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> Lanes for SagaL
                     event,
                     decoded,
                 } => {
+                    // A copy of this aggregate that does not hold the event is stale.
+                    self.runner.store.observe(
+                        &event.aggregate_type,
+                        &event.aggregate_id,
+                        event.sequence,
+                    );
                     if self.runner.reacted_from_memory(&event.event_id()) {
                         // Its reaction ran when this runner appended it.
                         continue;
@@ -528,6 +534,9 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                     _ = owned.changed() => continue,
                 }
             }
+            // What it trusts of its orders' aggregates was proven under the partitions it
+            // owned before: read each again once.
+            self.store.distrust_all();
             let (stop, mut stop_run) = watch::channel(false);
             let run = async {
                 match &self.kafka {

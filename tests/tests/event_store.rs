@@ -132,7 +132,60 @@ on_both_engines!(
     checkpoints_are_durable,
     concurrent_writers_and_a_tailing_reader_see_every_event_exactly_once,
     stores_of_two_processes_see_each_others_appends,
+    an_owned_copy_is_trusted_until_the_owner_is_told_of_a_later_event,
 );
+
+/// An owner's copy (proven current by its own append or read) is used without reading,
+/// until the owner is told of a later event (another process appended), or distrusts every
+/// copy; a command decided on a stale copy still conflicts and is decided again.
+async fn an_owned_copy_is_trusted_until_the_owner_is_told_of_a_later_event(engine: Engine) {
+    let storage = Storage::new(engine).await;
+    let (owner, other) = (
+        EventStore::new(storage.database().await, 8),
+        EventStore::new(storage.database().await, 8),
+    );
+    let increment = |store: &EventStore| {
+        let store = store.clone();
+        async move {
+            store
+                .execute::<Counter>("owned", CounterCommand::Increment, &(), &metadata())
+                .await
+                .expect("appended");
+        }
+    };
+    let value = |store: &EventStore| {
+        let store = store.clone();
+        async move {
+            store
+                .load_owned::<Counter>("owned")
+                .await
+                .expect("loaded")
+                .value
+        }
+    };
+    increment(&owner).await;
+    increment(&other).await;
+    // Trusted: what the owner's own append left, read from nothing.
+    assert_eq!(value(&owner).await, 1);
+    assert_eq!(owner.load::<Counter>("owned").await.expect("load").value, 2);
+    // A plain load proved the copy current again.
+    assert_eq!(value(&owner).await, 2);
+    increment(&other).await;
+    assert_eq!(value(&owner).await, 2, "not told yet");
+    owner.observe(Counter::TYPE, "owned", 2);
+    assert_eq!(value(&owner).await, 2, "an event it holds changes nothing");
+    owner.observe(Counter::TYPE, "owned", 3);
+    assert_eq!(value(&owner).await, 3, "told of a later event, it reads");
+    increment(&other).await;
+    owner.distrust_all();
+    assert_eq!(value(&owner).await, 4, "distrusted, it reads");
+    // A command on a stale trusted copy conflicts and is decided again on the stored one.
+    increment(&other).await;
+    increment(&owner).await;
+    assert_eq!(value(&other).await, 5, "the other's own copy");
+    assert_eq!(owner.load::<Counter>("owned").await.expect("load").value, 6);
+    storage.remove().await;
+}
 
 /// Each store keeps what it knows of the aggregates it loaded or appended to; another
 /// process's appends make that stale, and neither a load nor a command may act on it.

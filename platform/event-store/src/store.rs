@@ -352,6 +352,36 @@ impl EventStore {
         Ok(self.current::<A>(aggregate_id).await?.aggregate)
     }
 
+    /// [`Self::load`] for an owner told of every event appended to the aggregate (the saga
+    /// runner, for its partitions' aggregates): the copy this process proved current, if it
+    /// is still trusted, without reading anything; else as [`Self::load`]. The owner must
+    /// tell the store of the events it is told of ([`Self::observe`]), and distrust every
+    /// copy when what it owns changes ([`Self::distrust_all`]).
+    pub async fn load_owned<A: Aggregate + Clone + 'static>(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<A, AggregateError<A::Error>> {
+        if let Some(known) = self.known.trusted::<A>(aggregate_id) {
+            return Ok(known.aggregate);
+        }
+        self.load(aggregate_id).await
+    }
+
+    /// Tells the store that the aggregate has an event at `sequence`: a copy of it that
+    /// does not hold that event is no longer trusted (and is read again when next needed).
+    pub fn observe(&self, aggregate_type: &str, aggregate_id: &str, sequence: i64) {
+        self.known.observe(
+            aggregate_type,
+            aggregate_id,
+            usize::try_from(sequence).unwrap_or(usize::MAX),
+        );
+    }
+
+    /// Trusts no copy kept so far ([`Self::load_owned`] reads each again once).
+    pub fn distrust_all(&self) {
+        self.known.distrust_all();
+    }
+
     /// [`Self::load`], with the sequence and command ids.
     async fn current<A: Aggregate + Clone + 'static>(
         &self,

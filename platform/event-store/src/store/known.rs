@@ -2,6 +2,12 @@
 //! reads only the events appended since, and a command can be decided without reading
 //! anything first: the append's optimistic-concurrency check proves the copy current, and a
 //! stale one (another process appended) conflicts and is brought up to date.
+//!
+//! A copy can also be *trusted*: used without reading at all, by an owner that is told of
+//! every event appended to the aggregate (the saga runner, for its partitions' orders,
+//! payments and deliveries). A copy is trusted from the moment a read or an append of this
+//! process proved it current, until the owner is told of a later event ([`KnownAggregates::observe`])
+//! or distrusts everything ([`KnownAggregates::distrust_all`]: its partitions changed).
 
 use std::any::Any;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -51,8 +57,13 @@ pub(super) struct KnownAggregates(Arc<Mutex<Entries>>);
 #[derive(Default)]
 struct Entries {
     known: HashMap<Key, Box<dyn Any + Send>>,
+    /// Each kept aggregate's sequence, and the trust generation in which a read or an
+    /// append proved it current, by (type, id).
+    proven: HashMap<(String, String), (usize, u64)>,
     /// The keys in the order they were first kept.
     order: VecDeque<Key>,
+    /// Bumped to distrust every copy at once.
+    generation: u64,
 }
 
 impl KnownAggregates {
@@ -69,30 +80,78 @@ impl KnownAggregates {
             .cloned()
     }
 
-    /// Keeps `known` (an aggregate that exists), forgetting the longest-kept beyond the
-    /// capacity.
+    /// A copy of the aggregate if it is trusted: proven current (by a read or an append of
+    /// this process) since the last distrust, and no later event observed since.
+    pub(super) fn trusted<A: Aggregate + Clone + 'static>(&self, id: &str) -> Option<Known<A>> {
+        let entries = self.entries();
+        let (sequence, generation) = *entries.proven.get(&(A::TYPE.to_owned(), id.to_owned()))?;
+        let known = entries
+            .known
+            .get(&(A::TYPE, id.to_owned()))?
+            .downcast_ref::<Known<A>>()?;
+        (generation == entries.generation && sequence == known.sequence).then(|| known.clone())
+    }
+
+    /// Keeps `known` (an aggregate that exists, just proven current by a read or an
+    /// append), forgetting the longest-kept beyond the capacity.
     pub(super) fn put<A: Aggregate + Clone + 'static>(&self, id: &str, known: Known<A>) {
         if known.sequence == 0 {
             return;
         }
         let mut entries = self.entries();
         let key = (A::TYPE, id.to_owned());
+        let generation = entries.generation;
+        entries.proven.insert(
+            (A::TYPE.to_owned(), id.to_owned()),
+            (known.sequence, generation),
+        );
         if entries.known.insert(key.clone(), Box::new(known)).is_none() {
             entries.order.push_back(key);
         }
         while entries.order.len() > CAPACITY {
-            if let Some(oldest) = entries.order.pop_front() {
-                entries.known.remove(&oldest);
+            if let Some((kind, id)) = entries.order.pop_front() {
+                entries.known.remove(&(kind, id.clone()));
+                entries.proven.remove(&(kind.to_owned(), id));
             }
         }
     }
 
     /// Forgets the aggregate (whether an append went through is unknown).
     pub(super) fn forget<A: Aggregate>(&self, id: &str) {
+        self.forget_key(A::TYPE, id);
+    }
+
+    fn forget_key(&self, aggregate_type: &str, id: &str) {
         let mut entries = self.entries();
-        let key = (A::TYPE, id.to_owned());
-        if entries.known.remove(&key).is_some() {
-            entries.order.retain(|kept| *kept != key);
+        if entries
+            .proven
+            .remove(&(aggregate_type.to_owned(), id.to_owned()))
+            .is_some()
+        {
+            entries
+                .known
+                .retain(|(kind, kept), _| !(*kind == aggregate_type && kept == id));
+            entries
+                .order
+                .retain(|(kind, kept)| !(*kind == aggregate_type && kept == id));
         }
+    }
+
+    /// Told that the aggregate has an event at `sequence`: a copy that does not hold it is
+    /// stale (another process appended), and is forgotten.
+    pub(super) fn observe(&self, aggregate_type: &str, id: &str, sequence: usize) {
+        let stale = self
+            .entries()
+            .proven
+            .get(&(aggregate_type.to_owned(), id.to_owned()))
+            .is_some_and(|(known, _)| *known < sequence);
+        if stale {
+            self.forget_key(aggregate_type, id);
+        }
+    }
+
+    /// Trusts no copy kept so far: each is read again before it is trusted.
+    pub(super) fn distrust_all(&self) {
+        self.entries().generation += 1;
     }
 }

@@ -168,6 +168,24 @@ async fn assert_settled_once(
 
 #[tokio::test]
 async fn three_saga_processes_share_the_partitions_and_survive_a_kill_9() {
+    three_saga_processes_survive_a_kill_9(Vec::new()).await;
+}
+
+#[tokio::test]
+async fn three_saga_processes_on_kafka_share_the_partitions_and_survive_a_kill_9() {
+    let brokers = std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned());
+    let prefix = format!("ownership_{}", uuid::Uuid::new_v4().simple());
+    three_saga_processes_survive_a_kill_9(vec![
+        ("KAFKA_BROKERS", brokers),
+        ("PETSTORE__KAFKA__TOPIC_PREFIX", prefix.clone()),
+        ("PETSTORE__KAFKA__CONSUMER_GROUP", format!("{prefix}-saga")),
+    ])
+    .await;
+}
+
+/// Three saga processes (with `kafka` in the environment, consuming Kafka) share the
+/// partitions; one is killed half-way through a burst of orders.
+async fn three_saga_processes_survive_a_kill_9(kafka: Vec<(&'static str, String)>) {
     let database = FreshDatabase::create().await;
     let providers = Providers::start(5);
     let mut env = vec![
@@ -175,6 +193,7 @@ async fn three_saga_processes_share_the_partitions_and_survive_a_kill_9() {
         ("PETSTORE__SAGA__LEASE_TIMEOUT_MS", "2000".to_owned()),
     ];
     env.extend(providers.env());
+    env.extend(kafka);
     let front = Service::start_roles(&env, "command,query,projector").await;
     let mut sagas = Vec::new();
     for id in ["saga-a", "saga-b", "saga-c"] {

@@ -191,6 +191,9 @@ async fn three_saga_processes_survive_a_kill_9(kafka: Vec<(&'static str, String)
     let mut env = vec![
         ("DATABASE_URL", database.url.clone()),
         ("PETSTORE__SAGA__LEASE_TIMEOUT_MS", "2000".to_owned()),
+        // Four processes per test, tests side by side: small pools, within the server's
+        // connection limit.
+        ("PETSTORE__DATABASE__MAX_CONNECTIONS", "6".to_owned()),
     ];
     env.extend(providers.env());
     env.extend(kafka);
@@ -237,6 +240,9 @@ async fn a_paused_owner_is_fenced_and_calls_no_provider_after_losing_its_lease()
     let mut env = vec![
         ("DATABASE_URL", database.url.clone()),
         ("PETSTORE__SAGA__LEASE_TIMEOUT_MS", "2000".to_owned()),
+        // Four processes per test, tests side by side: small pools, within the server's
+        // connection limit.
+        ("PETSTORE__DATABASE__MAX_CONNECTIONS", "6".to_owned()),
     ];
     env.extend(providers.env());
     let front = Service::start_roles(&env, "command,query,projector").await;
@@ -321,6 +327,7 @@ async fn the_only_process_killed_mid_burst_with_kafka_resumes_at_once_twenty_tim
         ("PETSTORE__KAFKA__TOPIC_PREFIX", prefix.clone()),
         ("PETSTORE__KAFKA__CONSUMER_GROUP", format!("{prefix}-saga")),
         ("PETSTORE__SAGA__RUNNER_ID", "solo".to_owned()),
+        ("PETSTORE__DATABASE__MAX_CONNECTIONS", "6".to_owned()),
         ("PETSTORE__PROVIDERS__PAYMENT__LATENCY_MS", "5".to_owned()),
         ("PETSTORE__PROVIDERS__DELIVERY__LATENCY_MS", "5".to_owned()),
     ];

@@ -92,12 +92,10 @@ impl KnownAggregates {
         (generation == entries.generation && sequence == known.sequence).then(|| known.clone())
     }
 
-    /// Keeps `known` (an aggregate that exists, just proven current by a read or an
-    /// append), forgetting the longest-kept beyond the capacity.
+    /// Keeps `known` (just proven current by a read or an append; an aggregate with no
+    /// events yet too: a command decided on it appends at sequence 1, which conflicts if
+    /// another writer created it meanwhile), forgetting the longest-kept beyond the capacity.
     pub(super) fn put<A: Aggregate + Clone + 'static>(&self, id: &str, known: Known<A>) {
-        if known.sequence == 0 {
-            return;
-        }
         let mut entries = self.entries();
         let key = (A::TYPE, id.to_owned());
         let generation = entries.generation;

@@ -27,15 +27,17 @@
 //! extended by `saga.payment_timeout_ms` instead of cancelling the order.
 //!
 //! # Layout
-//! - `runner`: the [`SagaRunner`]: following the stream (its subscription) or Kafka, lanes,
-//!   acknowledging the handled prefix (the subscription's `Arrivals`).
+//! - `runner`: the [`SagaRunner`]: what it runs, the lanes (where an event goes, what a lane
+//!   does, how it acknowledges the handled prefix).
+//! - `following`: taking the owned partitions' events from the event store or Kafka.
+//! - `ownership`: the partitions owned through leases, and the lease clock.
 //! - `events`: the events the saga reads, decoded; `error`: why handling one failed.
 //! - `actions`: performing what the domain's saga decides for an event.
 //! - `dead_letters`: events tried a few times, then set aside; retried on request.
 //! - `deadlines`: the deadline loop.
 //! - `health`: [`SagaRunnerHealth`].
-//! - [`providers`]: the simulated payment gateway and delivery provider, and the one
-//!   function that calls a provider through its policy.
+//! - [`providers`]: the payment gateway and delivery provider adapters (simulated, over
+//!   HTTP), and the one function that calls a provider through its policy.
 //!
 //! Owns the saga role (`--roles saga`); must not serve HTTP or read read models.
 
@@ -44,6 +46,7 @@ mod dead_letters;
 mod deadlines;
 mod error;
 mod events;
+mod following;
 mod health;
 mod ownership;
 pub mod providers;

@@ -778,3 +778,92 @@ async fn a_runner_restarted_under_its_id_takes_its_partitions_back_at_once() {
     app.stop().await;
     storage.remove().await;
 }
+
+/// A second runner started while orders pour in takes half the partitions from the first
+/// (handed over, not expired); every order completes, each charged once. (A partition handed
+/// over mid-step may see its charge asked for again by the new owner, under the same key:
+/// one charge.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_added_under_load_takes_partitions_and_nothing_is_lost_or_doubled() {
+    const ORDERS: usize = 40;
+    let storage = Storage::new(Engine::Postgres).await;
+    let mut settings = storage.settings();
+    // Long: the partitions move only by being handed over.
+    settings.saga.lease_timeout_ms = 60_000;
+    let roles: BTreeSet<Role> = [Role::Command, Role::Query, Role::Projector].into();
+    let app = TestApp::start_with_roles(settings.clone(), &roles).await;
+    app.wait_until_ready().await;
+    let store = EventStore::new(storage.database().await, 8);
+    let pets = add_pets(&store, "added-runner", ORDERS).await;
+    let live = Live::start(store.clone(), &settings, Metrics::new())
+        .await
+        .expect("live settings");
+    let payments = Arc::new(SimulatedPaymentGateway::new(live.clone()));
+    let deliveries = Arc::new(SimulatedDeliveryProvider::new(live.clone()));
+    let start_runner = || {
+        let runner = SagaRunner::new(
+            store.clone(),
+            settings.saga.clone(),
+            live.policies(&Metrics::new()),
+            payments.clone(),
+            deliveries.clone(),
+            Metrics::new(),
+            live.clone(),
+        );
+        tokio::spawn(runner.run(futures::future::pending()))
+    };
+    let petstore_event_store::database::Database::Postgres(pool) = store.database().clone() else {
+        panic!("a Postgres store");
+    };
+    let owners = || async {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT owner, count(*) FROM saga_leases WHERE owner IS NOT NULL GROUP BY owner",
+        )
+        .fetch_all(&pool)
+        .await
+        .expect("leases");
+        rows
+    };
+    let first = start_runner();
+    let mut second = None;
+    let mut orders = Vec::new();
+    for (index, pet) in pets.iter().enumerate() {
+        orders.push(post_order(&app, pet, None).await);
+        if index == ORDERS / 3 {
+            second = Some(start_runner());
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let rows = owners().await;
+        if rows.len() == 2 && rows.iter().all(|(_, count)| *count == 8) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the partitions never moved: {rows:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for order in &orders {
+        let view = app
+            .wait_for_order(order, |view| view["status"] == "completed")
+            .await;
+        assert_eq!(view["status"], "completed", "{view}");
+    }
+    assert_eq!(payments.captured(), ORDERS, "one charge per order");
+    assert_eq!(
+        storage.count_events("PaymentProcessed").await,
+        ORDERS as i64
+    );
+    assert_eq!(
+        storage.count_events("DeliveryScheduled").await,
+        ORDERS as i64
+    );
+    first.abort();
+    if let Some(second) = second {
+        second.abort();
+    }
+    app.stop().await;
+    storage.remove().await;
+}

@@ -95,9 +95,22 @@ impl KnownAggregates {
     /// Keeps `known` (just proven current by a read or an append; an aggregate with no
     /// events yet too: a command decided on it appends at sequence 1, which conflicts if
     /// another writer created it meanwhile), forgetting the longest-kept beyond the capacity.
+    ///
+    /// A copy older than the one kept is ignored: two tasks of this process may load and
+    /// append to one aggregate at once (a command handler's load beside the saga's append),
+    /// and the load that read before the append must not put the older copy back, let alone
+    /// as proven current.
     pub(super) fn put<A: Aggregate + Clone + 'static>(&self, id: &str, known: Known<A>) {
         let mut entries = self.entries();
         let key = (A::TYPE, id.to_owned());
+        let newer_kept = entries
+            .known
+            .get(&key)
+            .and_then(|kept| kept.downcast_ref::<Known<A>>())
+            .is_some_and(|kept| kept.sequence > known.sequence);
+        if newer_kept {
+            return;
+        }
         let generation = entries.generation;
         entries.proven.insert(
             (A::TYPE.to_owned(), id.to_owned()),
@@ -151,5 +164,81 @@ impl KnownAggregates {
     /// Trusts no copy kept so far: each is read again before it is trusted.
     pub(super) fn distrust_all(&self) {
         self.entries().generation += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use cqrs_es::event_sink::EventSink;
+    use cqrs_es::DomainEvent;
+    use serde::{Deserialize, Serialize};
+
+    use super::*;
+
+    #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+    struct Tally;
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    struct Counted;
+
+    impl DomainEvent for Counted {
+        fn event_type(&self) -> String {
+            "Counted".to_owned()
+        }
+        fn event_version(&self) -> String {
+            "1.0".to_owned()
+        }
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("never")]
+    struct Never;
+
+    impl Aggregate for Tally {
+        const TYPE: &'static str = "Tally";
+        type Command = ();
+        type Event = Counted;
+        type Error = Never;
+        type Services = ();
+
+        async fn handle(&mut self, (): (), _: &(), _: &EventSink<Self>) -> Result<(), Never> {
+            Ok(())
+        }
+
+        fn apply(&mut self, _: Counted) {}
+    }
+
+    fn at(sequence: usize) -> Known<Tally> {
+        Known {
+            sequence,
+            ..Known::default()
+        }
+    }
+
+    /// A load that read before another task's append must not put its older copy back:
+    /// the newer stays, still trusted.
+    #[test]
+    fn an_older_copy_never_replaces_a_newer_one() {
+        let known = KnownAggregates::default();
+        known.put("t", at(8));
+        known.put("t", at(7));
+        assert_eq!(known.get::<Tally>("t").map(|kept| kept.sequence), Some(8));
+        assert_eq!(
+            known.trusted::<Tally>("t").map(|kept| kept.sequence),
+            Some(8)
+        );
+        known.observe("Tally", "t", 9);
+        assert!(
+            known.trusted::<Tally>("t").is_none(),
+            "told of a later event"
+        );
+        known.put("t", at(9));
+        assert_eq!(
+            known.trusted::<Tally>("t").map(|kept| kept.sequence),
+            Some(9)
+        );
+        known.distrust_all();
+        assert!(known.trusted::<Tally>("t").is_none(), "distrusted");
+        assert_eq!(known.get::<Tally>("t").map(|kept| kept.sequence), Some(9));
     }
 }

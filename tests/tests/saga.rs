@@ -87,6 +87,45 @@ async fn spawn_with(engine: Engine, configure: impl FnOnce(&mut Settings)) -> (S
     (storage, app)
 }
 
+/// Saga runners over one store, sharing one simulated gateway and delivery provider (what
+/// each order was charged is counted in one place), started on demand.
+struct Runners {
+    store: EventStore,
+    settings: Settings,
+    live: Live,
+    payments: Arc<SimulatedPaymentGateway>,
+    deliveries: Arc<SimulatedDeliveryProvider>,
+}
+
+impl Runners {
+    async fn new(store: &EventStore, settings: &Settings) -> Self {
+        let live = Live::start(store.clone(), settings, Metrics::new())
+            .await
+            .expect("live settings");
+        Self {
+            store: store.clone(),
+            settings: settings.clone(),
+            payments: Arc::new(SimulatedPaymentGateway::new(live.clone())),
+            deliveries: Arc::new(SimulatedDeliveryProvider::new(live.clone())),
+            live,
+        }
+    }
+
+    /// Starts a runner (with the settings' `saga.runner_id`, else an id of its own).
+    fn start(&self) -> tokio::task::JoinHandle<()> {
+        let runner = SagaRunner::new(
+            self.store.clone(),
+            self.settings.saga.clone(),
+            self.live.policies(&Metrics::new()),
+            self.payments.clone(),
+            self.deliveries.clone(),
+            Metrics::new(),
+            self.live.clone(),
+        );
+        tokio::spawn(runner.run(futures::future::pending()))
+    }
+}
+
 async fn post_order(app: &TestApp, pet_id: &str, simulate: Option<&str>) -> String {
     let mut request = app
         .client
@@ -574,23 +613,9 @@ async fn two_runners_share_the_partitions_and_one_takes_over_when_the_other_dies
     let app = TestApp::start_with_roles(settings.clone(), &roles).await;
     app.wait_until_ready().await;
     let store = EventStore::new(storage.database().await, 4);
-    let live = Live::start(store.clone(), &settings, Metrics::new())
-        .await
-        .expect("live settings");
-    let payments = Arc::new(SimulatedPaymentGateway::new(live.clone()));
-    let deliveries = Arc::new(SimulatedDeliveryProvider::new(live.clone()));
-    let start_runner = || {
-        let runner = SagaRunner::new(
-            store.clone(),
-            settings.saga.clone(),
-            live.policies(&Metrics::new()),
-            payments.clone(),
-            deliveries.clone(),
-            Metrics::new(),
-            live.clone(),
-        );
-        tokio::spawn(runner.run(futures::future::pending()))
-    };
+    let runners = Runners::new(&store, &settings).await;
+    let start_runner = || runners.start();
+    let payments = &runners.payments;
     let (first, second) = (start_runner(), start_runner());
     let petstore_event_store::database::Database::Postgres(pool) = store.database().clone() else {
         panic!("a Postgres store");
@@ -681,23 +706,9 @@ async fn a_runner_restarted_under_its_id_takes_its_partitions_back_at_once() {
     let app = TestApp::start_with_roles(settings.clone(), &roles).await;
     app.wait_until_ready().await;
     let store = EventStore::new(storage.database().await, 4);
-    let live = Live::start(store.clone(), &settings, Metrics::new())
-        .await
-        .expect("live settings");
-    let payments = Arc::new(SimulatedPaymentGateway::new(live.clone()));
-    let deliveries = Arc::new(SimulatedDeliveryProvider::new(live.clone()));
-    let start_runner = || {
-        let runner = SagaRunner::new(
-            store.clone(),
-            settings.saga.clone(),
-            live.policies(&Metrics::new()),
-            payments.clone(),
-            deliveries.clone(),
-            Metrics::new(),
-            live.clone(),
-        );
-        tokio::spawn(runner.run(futures::future::pending()))
-    };
+    let runners = Runners::new(&store, &settings).await;
+    let start_runner = || runners.start();
+    let payments = &runners.payments;
     let petstore_event_store::database::Database::Postgres(pool) = store.database().clone() else {
         panic!("a Postgres store");
     };
@@ -795,23 +806,9 @@ async fn a_runner_added_under_load_takes_partitions_and_nothing_is_lost_or_doubl
     app.wait_until_ready().await;
     let store = EventStore::new(storage.database().await, 8);
     let pets = add_pets(&store, "added-runner", ORDERS).await;
-    let live = Live::start(store.clone(), &settings, Metrics::new())
-        .await
-        .expect("live settings");
-    let payments = Arc::new(SimulatedPaymentGateway::new(live.clone()));
-    let deliveries = Arc::new(SimulatedDeliveryProvider::new(live.clone()));
-    let start_runner = || {
-        let runner = SagaRunner::new(
-            store.clone(),
-            settings.saga.clone(),
-            live.policies(&Metrics::new()),
-            payments.clone(),
-            deliveries.clone(),
-            Metrics::new(),
-            live.clone(),
-        );
-        tokio::spawn(runner.run(futures::future::pending()))
-    };
+    let runners = Runners::new(&store, &settings).await;
+    let start_runner = || runners.start();
+    let payments = &runners.payments;
     let petstore_event_store::database::Database::Postgres(pool) = store.database().clone() else {
         panic!("a Postgres store");
     };

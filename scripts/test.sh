@@ -88,7 +88,7 @@ log "tests"
 cargo nextest run --workspace --locked --profile "$profile" "$@"
 
 if [[ $# -eq 0 ]]; then
-  log "chaos: sagas under step failures and runner kills (embedded, then Postgres + Kafka + Redis)"
+  log "chaos: sagas under step failures, runner kills and owner processes killed or paused (embedded, then Postgres + Kafka + Redis)"
   cargo build --locked -q -p petstore-cli --bin petstore
   petstore_bin="$CARGO_TARGET_DIR/debug/petstore"
   env -u KAFKA_BROKERS -u DATABASE_URL -u REDIS_URL PETSTORE__LOG__FILTER=error "$petstore_bin" chaos saga

@@ -76,19 +76,23 @@ async fn main() -> anyhow::Result<()> {
     if telemetry.exporting() {
         tracing::info!("exporting spans over OTLP");
     }
-    let outcome = run(cli.command, settings).await;
+    let outcome = run(cli.command, settings, config_dir).await;
     // Export the spans still buffered, whatever the outcome.
     telemetry.shutdown().await;
     outcome
 }
 
-async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
+async fn run(
+    command: Command,
+    settings: Settings,
+    config_dir: Option<PathBuf>,
+) -> anyhow::Result<()> {
     match command {
         Command::Serve(args) => serve::run(args, settings).await,
         Command::Audit(args) => audit::run(args, settings).await,
         Command::Replay(args) => replay::run(args, settings).await,
         Command::DeadLetters(args) => dead_letters::run(args, settings).await,
-        Command::Chaos(command) => chaos::run(command, settings).await,
+        Command::Chaos(command) => chaos::run(command, settings, config_dir).await,
         Command::Migrate(args) => migrate::run(args, settings).await,
         Command::Providers(command) => providers::run(command).await,
         Command::HashPassword | Command::Config(_) => {

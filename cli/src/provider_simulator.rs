@@ -78,27 +78,49 @@ struct Books {
     effects: Effects,
 }
 
+/// Both simulated providers: their routes, and what they were asked and did.
 #[derive(Clone)]
-struct Simulator {
+pub struct Simulator {
     behaviour: Behaviour,
     books: Arc<Mutex<Books>>,
 }
 
 /// The routes of both simulated providers.
 pub fn router(behaviour: Behaviour) -> Router {
-    let simulator = Simulator {
-        behaviour,
-        books: Arc::default(),
-    };
-    Router::new()
-        .route("/charges", post(charge))
-        .route("/refunds", post(refund))
-        .route("/deliveries", post(book))
-        .route("/deliveries/{delivery_id}/cancel", post(cancel))
-        .route("/calls", get(calls))
-        .route("/effects", get(effects))
-        .route("/health", get(|| async { Json(json!({"status": "up"})) }))
-        .with_state(simulator)
+    Simulator::new(behaviour).router()
+}
+
+impl Simulator {
+    /// Simulators that have seen no call yet.
+    pub fn new(behaviour: Behaviour) -> Self {
+        Self {
+            behaviour,
+            books: Arc::default(),
+        }
+    }
+
+    /// Their routes (sharing these books).
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/charges", post(charge))
+            .route("/refunds", post(refund))
+            .route("/deliveries", post(book))
+            .route("/deliveries/{delivery_id}/cancel", post(cancel))
+            .route("/calls", get(calls))
+            .route("/effects", get(effects))
+            .route("/health", get(|| async { Json(json!({"status": "up"})) }))
+            .with_state(self.clone())
+    }
+
+    /// Every call recorded so far (the latest [`MAX_RECORDED_CALLS`]), oldest first.
+    pub fn calls(&self) -> Vec<Call> {
+        self.books().calls.iter().cloned().collect()
+    }
+
+    /// The effects made so far.
+    pub fn effects(&self) -> Effects {
+        self.books().effects
+    }
 }
 
 /// An answer: a status and a JSON body.

@@ -26,8 +26,13 @@ pub enum Command {
     },
 }
 
-/// Runs the check and prints its table; an error when a case did not converge.
-pub async fn run(command: Command, mut settings: Settings) -> anyhow::Result<()> {
+/// Runs the check and prints its table; an error when a case did not converge. The
+/// ownership cases start this binary, with `config_dir`, as saga runners.
+pub async fn run(
+    command: Command,
+    mut settings: Settings,
+    config_dir: Option<PathBuf>,
+) -> anyhow::Result<()> {
     let Command::Saga {
         orders,
         timeout,
@@ -45,9 +50,12 @@ pub async fn run(command: Command, mut settings: Settings) -> anyhow::Result<()>
             Some(dir)
         }
     };
-    let report =
-        petstore_cli::chaos::saga(settings, orders, std::time::Duration::from_secs(timeout))
-            .await?;
+    let runners = petstore_cli::chaos::Runners {
+        program: std::env::current_exe().context("the path of this binary")?,
+        config_dir,
+    };
+    let timeout = std::time::Duration::from_secs(timeout);
+    let report = petstore_cli::chaos::saga(settings, orders, timeout, &runners).await?;
     drop(temporary);
     let mut out = std::io::stdout();
     writeln!(out, "{}", petstore_cli::chaos::table(&report))?;

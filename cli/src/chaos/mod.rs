@@ -8,7 +8,8 @@
 //! It runs in this process against the configured store (a temporary embedded store unless
 //! `DATABASE_URL` is set; with `KAFKA_BROKERS` the runner consumes Kafka, fed by a relay in
 //! this process), with pets of its own, so it can point at any deployment's backends
-//! without touching their orders.
+//! without touching their orders. On Postgres it then runs the [`ownership`] cases: two
+//! runner processes, one killed or paused.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -29,6 +30,10 @@ use petstore_telemetry::metrics::Metrics;
 use petstore_web::CorrelationId;
 
 use crate::{Application, Role};
+
+mod ownership;
+
+pub use ownership::Runners;
 
 /// One scenario of the run.
 #[derive(Debug, Clone, Copy)]
@@ -103,6 +108,10 @@ pub struct CaseReport {
     pub released: usize,
     /// Times the runner was killed.
     pub crashes: usize,
+    /// Times the runner was paused.
+    pub pauses: usize,
+    /// Why the case was not run, when it was not.
+    pub skipped: Option<String>,
     /// What did not converge; empty when the case passed.
     pub problems: Vec<String>,
 }
@@ -122,11 +131,12 @@ impl ChaosReport {
 }
 
 /// Runs every case with `orders` orders each, waiting at most `timeout` per case for them to
-/// settle.
+/// settle; the ownership cases start `runners`.
 pub async fn saga(
     mut settings: Settings,
     orders: usize,
     timeout: Duration,
+    runners: &Runners,
 ) -> anyhow::Result<ChaosReport> {
     // Slow enough providers that a kill lands while a call is in flight.
     settings.providers.payment.latency_ms = 60;
@@ -168,7 +178,14 @@ pub async fn saga(
     let mut charged_before = payments.captured();
     for (index, case) in Case::ALL.into_iter().enumerate() {
         let pets = add_pets(&store, &format!("chaos-{}-{index}", &run[..8]), orders).await?;
-        let mut task = Some(tokio::spawn(runner.clone().run(std::future::pending())));
+        let start = || {
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(runner.clone().run(async {
+                let _ = stopped.await;
+            }));
+            (stop, task)
+        };
+        let mut task = Some(start());
         let mut placed = Vec::new();
         for pet in &pets {
             placed.push(place(&store, pet, case.failure()).await?);
@@ -185,13 +202,13 @@ pub async fn saga(
                 loaded.push(store.load::<Order>(&order_id.to_string()).await?);
             }
             if case_report.crashes == 0 && loaded.iter().any(|order| case.crash_point(order)) {
-                if let Some(task) = task.take() {
+                if let Some((_, task)) = task.take() {
                     task.abort();
                     let _ = task.await;
                 }
                 case_report.crashes += 1;
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                task = Some(tokio::spawn(runner.clone().run(std::future::pending())));
+                task = Some(start());
             }
             if loaded.iter().all(Order::is_settled) {
                 break;
@@ -210,9 +227,11 @@ pub async fn saga(
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        if let Some(task) = task.take() {
-            task.abort();
-            let _ = task.await;
+        // A clean stop: the partitions are handed over at once (to the next case's runner,
+        // or the ownership cases' processes).
+        if let Some((stop, task)) = task.take() {
+            let _ = stop.send(());
+            task.await?;
         }
         check(&store, &placed, &pets, &mut case_report).await?;
         let charged = payments.captured() - charged_before;
@@ -224,6 +243,23 @@ pub async fn saga(
             ));
         }
         report.cases.push(case_report);
+    }
+    let partitions = settings.saga.partitions()?;
+    for (index, blow) in ownership::Blow::ALL.into_iter().enumerate() {
+        if database.engine() != "postgres" {
+            report.cases.push(CaseReport {
+                name: blow.name(),
+                skipped: Some(
+                    "skipped: runner processes share a store only on Postgres (DATABASE_URL)"
+                        .to_owned(),
+                ),
+                ..CaseReport::default()
+            });
+            continue;
+        }
+        let name = format!("chaos-{}-owner-{index}", &run[..8]);
+        let case = ownership::run(blow, &store, partitions, runners, &name, orders, timeout);
+        report.cases.push(case.await?);
     }
     shutdown.trigger();
     server.await??;
@@ -397,6 +433,7 @@ pub fn table(report: &ChaosReport) -> comfy_table::Table {
         "refunded",
         "released",
         "runner kills",
+        "runner pauses",
         "verdict",
     ]);
     for case in &report.cases {
@@ -409,7 +446,10 @@ pub fn table(report: &ChaosReport) -> comfy_table::Table {
             case.refunded.to_string(),
             case.released.to_string(),
             case.crashes.to_string(),
-            if case.problems.is_empty() {
+            case.pauses.to_string(),
+            if let Some(skipped) = &case.skipped {
+                skipped.clone()
+            } else if case.problems.is_empty() {
                 "converged".to_owned()
             } else {
                 case.problems.join("; ")

@@ -345,15 +345,16 @@ impl Wiring {
     }
 
     /// The query role: the GET routes and the live order updates.
-    pub(crate) fn query(
+    pub(crate) async fn query(
         &mut self,
         infrastructure: &Infrastructure,
         settings: &Settings,
         shutdown: &Shutdown,
-    ) {
+    ) -> Result<(), StartupError> {
         let Some(read_models) = infrastructure.read_models.clone() else {
-            return;
+            return Ok(());
         };
+        let progress = read_models.progress().await?;
         let metrics = &infrastructure.metrics;
         let updates = OrderUpdates::new(
             read_models.clone(),
@@ -365,6 +366,7 @@ impl Wiring {
         self.router =
             std::mem::take(&mut self.router).merge(petstore_query_api::router(QueryState {
                 updates,
+                progress,
                 read_models,
                 redis: infrastructure.redis.clone(),
                 database: infrastructure.database.clone(),
@@ -373,6 +375,7 @@ impl Wiring {
                 live: infrastructure.live.clone(),
                 dead_letters: Default::default(),
             }));
+        Ok(())
     }
 
     /// The routes with the edge around them: load shedding over the API (health and

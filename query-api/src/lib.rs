@@ -36,6 +36,9 @@ pub struct QueryState {
     pub redis: Option<RedisViews>,
     /// The event store's database, for audit trails.
     pub database: Database,
+    /// How far the read models got ([`ReadModels::progress`]): what a query waiting for
+    /// its reader's write waits on.
+    pub progress: petstore_read_models::Progress,
     /// How long a query with a consistency token waits for the read model.
     pub consistency_wait: Duration,
     /// Metrics (Redis hits, misses and fallbacks).

@@ -93,15 +93,10 @@ impl QueryState {
     /// configured bound.
     pub(crate) async fn wait_for(&self, token: StreamPosition) -> Result<(), Problem> {
         let deadline = Instant::now() + self.consistency_wait;
-        loop {
-            let position = self.read_models.position().await.map_err(failed)?;
-            if position >= token {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(self.not_reached());
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        if self.progress.reached(token, deadline).await {
+            Ok(())
+        } else {
+            Err(self.not_reached())
         }
     }
 
@@ -155,13 +150,17 @@ impl QueryState {
                     return Ok(Some(view));
                 }
             }
-            if self.read_models.position().await.map_err(failed)? >= placed {
+            // Redis is looked at again every 5 ms; the database once it has got there.
+            let look_again = match redis {
+                Some(_) => deadline.min(Instant::now() + Duration::from_millis(5)),
+                None => deadline,
+            };
+            if self.progress.reached(placed, look_again).await {
                 return self.read_models.order(order_id).await.map_err(failed);
             }
             if Instant::now() >= deadline {
                 return Err(self.not_reached());
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 

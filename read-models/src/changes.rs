@@ -74,18 +74,27 @@ impl OrderChangeFeed {
     }
 }
 
-/// Notifies [`ORDER_CHANGES_CHANNEL`] in `transaction` (so at its commit) of `ids`.
-pub(crate) async fn notify_order_changes(
+/// The notices of changed `ids` on [`ORDER_CHANGES_CHANNEL`].
+pub(crate) fn order_notices(ids: &[OrderId]) -> impl Iterator<Item = (&'static str, String)> {
+    notice_payloads(ids)
+        .into_iter()
+        .map(|payload| (ORDER_CHANGES_CHANNEL, payload))
+}
+
+/// Sends `notices` (channel, payload) in `transaction` (so at its commit), in one statement.
+pub(crate) async fn notify(
     transaction: &mut sqlx::PgConnection,
-    ids: &[OrderId],
+    notices: Vec<(&'static str, String)>,
 ) -> Result<(), sqlx::Error> {
-    for payload in notice_payloads(ids) {
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(ORDER_CHANGES_CHANNEL)
-            .bind(payload)
-            .execute(&mut *transaction)
-            .await?;
+    if notices.is_empty() {
+        return Ok(());
     }
+    let (channels, payloads): (Vec<&str>, Vec<String>) = notices.into_iter().unzip();
+    sqlx::query("SELECT pg_notify(channel, payload) FROM UNNEST($1::text[], $2::text[]) AS n(channel, payload)")
+        .bind(channels)
+        .bind(payloads)
+        .execute(&mut *transaction)
+        .await?;
     Ok(())
 }
 

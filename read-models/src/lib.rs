@@ -23,6 +23,7 @@ use petstore_redis::CacheError;
 
 mod browse;
 mod changes;
+pub mod progress;
 pub mod rebuild;
 pub mod redis;
 pub mod refold;
@@ -30,6 +31,7 @@ mod snapshot;
 pub mod store;
 pub mod views;
 
+pub use progress::Progress;
 pub use redis::{BrowseSlot, CachedBrowse, Owner, RedisViews};
 pub use store::{
     BrowseFilter, BrowsePage, OrderChangeFeed, OrderChanges, PremiumFilter, ReadModels,

@@ -51,7 +51,6 @@ pub enum ReplayError {
 const SHADOW_TABLES: PgTables = PgTables {
     orders: "order_status_view_replay",
     pets: "pet_catalog_view_replay",
-    notify: false,
 };
 
 /// Rebuilds the Postgres read models into shadow tables and swaps them in; on the embedded
@@ -425,11 +424,16 @@ async fn swap_in_shadow_tables(
     stream::save_checkpoint_in(&mut transaction, CHECKPOINT, last, fence)
         .await
         .map_err(ReadModelError::from)?;
-    // Live order updates re-read every order they follow.
-    sqlx::query("SELECT pg_notify($1, '*')")
-        .bind(crate::store::ORDER_CHANGES_CHANNEL)
-        .execute(&mut *transaction)
-        .await?;
+    // Live order updates re-read every order they follow; queries waiting for a write
+    // learn where the swapped-in views stand.
+    crate::changes::notify(
+        &mut transaction,
+        vec![
+            (crate::store::ORDER_CHANGES_CHANNEL, "*".to_owned()),
+            crate::progress::notice(last),
+        ],
+    )
+    .await?;
     transaction.commit().await?;
     Ok(())
 }

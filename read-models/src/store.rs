@@ -2,7 +2,8 @@
 //!
 //! Postgres: `order_status_view` and `pet_catalog_view`, updated batch by batch in one
 //! transaction together with the `read_models` checkpoint; the transaction also notifies
-//! [`ORDER_CHANGES_CHANNEL`] with the ids of the orders it changed, delivered by Postgres at
+//! [`ORDER_CHANGES_CHANNEL`] with the ids of the orders it changed and
+//! [`crate::progress::PROGRESS_CHANNEL`] with the new position, delivered by Postgres at
 //! commit to every process listening. Memory (embedded mode): maps behind a lock, with the
 //! same notice on an in-process channel, written behind to a snapshot in the SQLite file
 //! (`read_model_snapshot`): a start loads it and folds only the rest of the log.
@@ -16,14 +17,15 @@ use petstore_event_store::database::{Database, Fence};
 use petstore_event_store::stream::{self, RecordedEvent, StreamPosition};
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
-use tokio::sync::RwLock;
+use tokio::sync::{watch, RwLock};
 
 use petstore_event_store::dead_letters::{self, DeadLetter};
 
 pub use crate::browse::{BrowseFilter, BrowsePage, PremiumFilter};
 pub use crate::changes::{OrderChangeFeed, OrderChanges, ORDER_CHANGES_CHANNEL};
 
-use crate::changes::{notify_order_changes, ChangeNotices, Feed};
+use crate::changes::{notify, order_notices, ChangeNotices, Feed};
+use crate::progress::{self, Progress};
 use crate::refold;
 use crate::snapshot::{self, Loaded};
 use crate::views::{OrderStatusView, PetView, Poisoned, ViewBatch};
@@ -55,6 +57,8 @@ pub struct MemoryState {
     orders: HashMap<OrderId, OrderStatusView>,
     pets: BTreeMap<PetId, PetView>,
     position: StreamPosition,
+    /// The position, told to [`Progress`].
+    progress: watch::Sender<StreamPosition>,
     changes: ChangeNotices,
     /// The embedded store: where events that cannot be folded are set aside, and where the
     /// snapshot is written.
@@ -104,6 +108,7 @@ impl ReadModels {
             orders: loaded.orders,
             pets: loaded.pets,
             position: loaded.position,
+            progress: watch::channel(loaded.position).0,
             changes: ChangeNotices::default(),
             database: database.clone(),
             unsaved_orders: HashSet::new(),
@@ -256,6 +261,8 @@ impl ReadModels {
                 .await
                 .map_err(ReadModelError::from)?;
                 write_views(&mut transaction, LIVE_TABLES, &orders, &pets).await?;
+                let ids: Vec<OrderId> = orders.iter().map(|view| view.order_id).collect();
+                notify(&mut transaction, order_notices(&ids).collect()).await?;
                 transaction.commit().await.map_err(ReadModelError::from)?;
             }
             Self::Memory(state) => {
@@ -283,6 +290,16 @@ impl ReadModels {
                 Ok(stream::load_checkpoint(&Database::Postgres(pool.clone()), CHECKPOINT).await?)
             }
             Self::Memory(state) => Ok(state.read().await.position),
+        }
+    }
+
+    /// Their [`Progress`], as their commits tell it (on Postgres, whichever process
+    /// projects: this follows the notices on a connection of its own, as long as a copy of
+    /// the returned value lives).
+    pub async fn progress(&self) -> Result<Progress, ReadModelError> {
+        match self {
+            Self::Postgres(pool) => progress::follow_postgres(pool).await,
+            Self::Memory(state) => Ok(Progress(state.read().await.progress.subscribe())),
         }
     }
 
@@ -326,6 +343,7 @@ impl ReadModels {
                 let changed: Arc<[OrderId]> = orders.iter().map(|view| view.order_id).collect();
                 guard.insert(orders, pets);
                 guard.position = last.position;
+                guard.progress.send_replace(last.position);
                 if !changed.is_empty() {
                     // Nobody listening is fine: the notices are for live updates only.
                     let _ = guard.changes.0.send(changed);
@@ -534,15 +552,12 @@ impl ReadModels {
 pub(crate) struct PgTables {
     pub(crate) orders: &'static str,
     pub(crate) pets: &'static str,
-    /// Notify [`ORDER_CHANGES_CHANNEL`] of the orders changed.
-    pub(crate) notify: bool,
 }
 
 /// The tables queries read.
 pub(crate) const LIVE_TABLES: PgTables = PgTables {
     orders: "order_status_view",
     pets: "pet_catalog_view",
-    notify: true,
 };
 
 /// Folds a batch into the live tables and moves the checkpoint to `last`, in one transaction.
@@ -601,6 +616,12 @@ async fn apply_postgres(
     let (orders, pets) = batch.into_views();
     write_views(&mut transaction, LIVE_TABLES, &orders, &pets).await?;
     stream::save_checkpoint_in(&mut transaction, CHECKPOINT, last, fence).await?;
+    // The live updates learn which orders changed, the queries waiting for a write how
+    // far the views got.
+    let ids: Vec<OrderId> = orders.iter().map(|view| view.order_id).collect();
+    let mut notices: Vec<_> = order_notices(&ids).collect();
+    notices.push(progress::notice(last));
+    notify(&mut transaction, notices).await?;
     transaction.commit().await?;
     Ok(())
 }
@@ -641,9 +662,6 @@ pub(crate) async fn write_views(
         .bind(&documents)
         .execute(&mut *transaction)
         .await?;
-        if tables.notify {
-            notify_order_changes(&mut *transaction, &ids).await?;
-        }
     }
     if !pets.is_empty() {
         let ids: Vec<&str> = pets.iter().map(|view| view.id.as_str()).collect();

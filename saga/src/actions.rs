@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use chrono::Utc;
 use cqrs_es::{Aggregate, AggregateError};
 use petstore_domain::delivery::{Delivery, DeliveryCommand, DeliveryState};
-use petstore_domain::order::{Order, OrderCommand, OrderEvent};
+use petstore_domain::order::{Order, OrderCommand, OrderEvent, OrderStatus};
 use petstore_domain::payment::{Payment, PaymentCommand, PaymentState};
 use petstore_domain::pet::Pet;
 use petstore_domain::providers::{
@@ -65,6 +65,14 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
             self.metrics.sagas_started.inc();
             if let Ok(mut orders) = self.in_flight.lock() {
                 orders.insert(order_id);
+            }
+            // A pending order has no payment or delivery yet: the saga makes them, after
+            // the reservation, and only the owner of the order's partition runs it (`POST
+            // /payments` pays reserved orders only). So the owner reads neither to begin.
+            if Fence::current().is_some() && order.status() == Some(OrderStatus::Pending) {
+                let key = order_id.to_string();
+                self.store.trust_new::<Payment>(&key);
+                self.store.trust_new::<Delivery>(&key);
             }
         }
         let Some(request) = order.request() else {

@@ -2,7 +2,8 @@
 //! (`pg_terminate_backend`) notices within seconds; a successor takes the lock with a higher
 //! fencing token; the old holder's writes (Postgres read models and checkpoint, Redis views)
 //! are refused, and the read models stay equal to a fold of the log. A running projector
-//! whose lock connection is killed stops, stands by, and takes over again.
+//! whose lock connection is killed stops, stands by, and takes over again. The read models'
+//! progress follows their commits across a lost listening connection.
 
 use std::time::{Duration, Instant};
 
@@ -244,6 +245,58 @@ async fn a_projector_whose_lock_connection_dies_stops_and_takes_over_again() {
     }
     let _ = stop.send(());
     running.await.expect("stopped");
+    database.close().await;
+    storage.remove().await;
+}
+
+/// The read models' progress (what a query waiting for a write waits on) follows their
+/// commits as Postgres notifies them, carries on after its listening connection is
+/// killed, and never says a position is reached before a commit got there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_read_models_progress_follows_their_commits_across_a_lost_connection() {
+    let storage = Storage::new(Engine::Postgres).await;
+    let database = storage.database().await;
+    let store = EventStore::new(database.clone(), 4);
+    add_pets(&store, "progress-pup", 6).await;
+    let log = whole_log(&store, 6).await;
+    let (first, rest) = log.split_at(log.len() / 2);
+    let read_models = ReadModels::open(&database).await.expect("read models");
+    let progress = read_models.progress().await.expect("progress");
+    assert_eq!(progress.current(), StreamPosition::START);
+    let soon = || tokio::time::Instant::now() + Duration::from_millis(300);
+    let within = || tokio::time::Instant::now() + Duration::from_secs(15);
+    let head = log.last().expect("events").position;
+    assert!(!progress.reached(head, soon()).await, "nothing applied yet");
+
+    read_models.apply(first, None).await.expect("apply");
+    let applied = first.last().expect("events").position;
+    assert!(
+        progress.reached(applied, within()).await,
+        "told of the commit"
+    );
+    assert_eq!(progress.current(), applied);
+    assert!(!progress.reached(head, soon()).await, "not past the commit");
+
+    // Its listening connection dies: the next commit is still told (read again once the
+    // listener reconnects, or notified to it).
+    let Database::Postgres(pool) = &database else {
+        panic!("Postgres only")
+    };
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+          WHERE datname = current_database() AND query LIKE 'LISTEN%progress%'",
+    )
+    .fetch_all(pool)
+    .await
+    .expect("terminate");
+    assert_eq!(killed, vec![true], "one listening connection");
+    read_models.apply(rest, None).await.expect("apply");
+    assert!(
+        progress.reached(head, within()).await,
+        "told after reconnecting"
+    );
+    assert_eq!(progress.current(), head);
+    drop(progress);
     database.close().await;
     storage.remove().await;
 }

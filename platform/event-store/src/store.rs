@@ -367,6 +367,14 @@ impl EventStore {
         self.load(aggregate_id).await
     }
 
+    /// For an owner that knows the aggregate has no events yet (nobody but itself could
+    /// have made it, and it has not): trusts an empty copy, so that [`Self::load_owned`]
+    /// reads nothing. Nothing changes if a copy with events is kept. Should the owner be
+    /// wrong, the first append conflicts and the aggregate is read.
+    pub fn trust_new<A: Aggregate + Clone + 'static>(&self, aggregate_id: &str) {
+        self.known.put(aggregate_id, Known::<A>::default());
+    }
+
     /// Tells the store that the aggregate has an event at `sequence`: a copy of it that
     /// does not hold that event is no longer trusted (and is read again when next needed).
     pub fn observe(&self, aggregate_type: &str, aggregate_id: &str, sequence: i64) {

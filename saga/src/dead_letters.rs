@@ -10,6 +10,7 @@ use petstore_domain::payment::Payment;
 use petstore_domain::providers::{DeliveryProvider, PaymentGateway};
 use petstore_domain::OrderId;
 use petstore_event_store::dead_letters;
+use petstore_event_store::leases::CheckError;
 use petstore_event_store::stream::{self, RecordedEvent};
 use petstore_event_store::subscription::{retry_dead_letters, Retried};
 
@@ -64,7 +65,8 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
             }
             _ => None,
         };
-        let id = dead_letters::record(
+        // Fenced: a runner that lost the order's partition sets nothing aside for it.
+        let id = dead_letters::record_fenced(
             self.store.database(),
             CHECKPOINT,
             event,
@@ -72,7 +74,10 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
             &error.to_string(),
         )
         .await
-        .map_err(|error| SagaError::DeadLetters(error.to_string()))?;
+        .map_err(|error| match error {
+            CheckError::Lost(lost) => SagaError::LeaseLost(lost),
+            other => SagaError::DeadLetters(other.to_string()),
+        })?;
         self.metrics.dead_letter_recorded(CHECKPOINT);
         tracing::warn!(
             dead_letter = id,

@@ -698,6 +698,7 @@ async fn assert_no_connection_left_inside_a_transaction(storage: &Storage) {
 async fn writes_under_a_lost_lease_are_refused() {
     use petstore_domain::partition::Partitions;
     use petstore_domain::OrderId;
+    use petstore_event_store::dead_letters;
     use petstore_event_store::deadlines::{self, Deadline, DeadlineKind};
     use petstore_event_store::leases::{CheckError, Fence, LeaseLost, Leases};
 
@@ -823,6 +824,30 @@ async fn writes_under_a_lost_lease_are_refused() {
         1,
         "the refused mark left the deadline due"
     );
+    // Dead letters too: a's is refused, b's recorded.
+    let event = stream::aggregate_events_newest_first(&database, Counter::TYPE, "held", 1..2, 1)
+        .await
+        .expect("read")
+        .remove(0);
+    let set_aside = |fence: &Fence| {
+        fence.clone().guard(dead_letters::record_fenced(
+            &database, "saga", &event, None, "poison",
+        ))
+    };
+    let refused = set_aside(&fence_a).await;
+    assert!(
+        matches!(&refused, Err(CheckError::Lost(lost)) if lost.epoch == old.epoch),
+        "{refused:?}"
+    );
+    set_aside(&fence_b).await.expect("b's lease holds");
+    let Database::Postgres(pool) = &database else {
+        panic!("Postgres only")
+    };
+    let letters: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letters")
+        .fetch_one(pool)
+        .await
+        .expect("count");
+    assert_eq!(letters, 1, "a's refused dead letter left nothing");
     fence_b
         .guard(deadlines::mark_fired(
             &database,

@@ -15,7 +15,10 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use std::sync::LazyLock;
+
 use crate::database::{with_pool, Database};
+use crate::leases::{self, CheckError, Fence};
 use crate::stream::{RecordedEvent, StreamPosition};
 
 /// Where a dead letter stands: stored as its lower-case name.
@@ -211,6 +214,54 @@ pub async fn record(
         Utc::now().timestamp_millis()
     )?;
     Ok(id)
+}
+
+/// [`record`] for work under a saga partition's lease ([`Fence::current`]): on Postgres the
+/// letter is written only while the lease holds, checked in the same statement
+/// ([`CheckError::Lost`] when it does not: the partition's new owner handles the event).
+pub async fn record_fenced(
+    database: &Database,
+    consumer: &str,
+    event: &RecordedEvent,
+    order_id: Option<&OrderId>,
+    error: &str,
+) -> Result<i64, CheckError> {
+    let (Database::Postgres(pool), Some(fence)) = (database, Fence::current()) else {
+        return Ok(record(database, consumer, event, order_id, error).await?);
+    };
+    static FENCED: LazyLock<String> = LazyLock::new(|| {
+        leases::fenced_with(
+            &RECORD.replace(
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                "SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12 WHERE FENCED",
+            ),
+            13,
+            Some("(SELECT id FROM written)"),
+        )
+    });
+    let (partition, owner, epoch) = Fence::binds(Some(&fence));
+    let (held, id): (bool, Option<i64>) = sqlx::query_as(&FENCED)
+        .bind(consumer)
+        .bind(event.event_id().to_string())
+        .bind(event.position.transaction_id)
+        .bind(event.position.global_position)
+        .bind(&event.aggregate_type)
+        .bind(&event.aggregate_id)
+        .bind(event.sequence)
+        .bind(&event.event_type)
+        .bind(&event.event_version)
+        .bind(order_id.map(OrderId::to_string))
+        .bind(error)
+        .bind(Utc::now().timestamp_millis())
+        .bind(partition)
+        .bind(owner)
+        .bind(epoch)
+        .fetch_one(pool)
+        .await?;
+    match (held, id) {
+        (true, Some(id)) => Ok(id),
+        _ => Err(CheckError::Lost(fence.lost())),
+    }
 }
 
 const RECORD: &str = "INSERT INTO dead_letters (consumer, event_id, transaction_id,

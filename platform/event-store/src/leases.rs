@@ -112,14 +112,21 @@ impl Fence {
 /// `$first + 2` (epoch) is still current, or if none is bound (all three NULL). The statement
 /// answers one boolean: whether the fence held (true when none is bound).
 pub(crate) fn fenced(write: &str, first: usize) -> String {
+    fenced_with(write, first, None)
+}
+
+/// [`fenced`], the statement answering `also` (an expression over `written`, say) after the
+/// boolean.
+pub(crate) fn fenced_with(write: &str, first: usize, also: Option<&str>) -> String {
     let (partition, owner, epoch) = (first, first + 1, first + 2);
     let held = format!("(${partition}::integer IS NULL OR EXISTS (SELECT 1 FROM lease))");
+    let also = also.map(|also| format!(", {also}")).unwrap_or_default();
     format!(
         "WITH lease AS (SELECT 1 FROM saga_leases
                          WHERE partition_number = ${partition} AND owner = ${owner}
                            AND epoch = ${epoch} FOR SHARE),
               written AS ({})
-         SELECT {held}",
+         SELECT {held}{also}",
         write.replace("FENCED", &held)
     )
 }

@@ -187,6 +187,26 @@ macro_rules! fetch {
     };
 }
 
+/// `query` ([`RECORD`] or a statement made of it) with a dead letter's columns bound as `$1`
+/// to `$12`.
+macro_rules! letter {
+    ($query:expr, $consumer:expr, $event:expr, $order_id:expr, $error:expr) => {
+        $query
+            .bind($consumer)
+            .bind($event.event_id().to_string())
+            .bind($event.position.transaction_id)
+            .bind($event.position.global_position)
+            .bind(&$event.aggregate_type)
+            .bind(&$event.aggregate_id)
+            .bind($event.sequence)
+            .bind(&$event.event_type)
+            .bind(&$event.event_version)
+            .bind($order_id.map(OrderId::to_string))
+            .bind($error)
+            .bind(Utc::now().timestamp_millis())
+    };
+}
+
 /// Sets `event` aside for `consumer` with `error`; answers its id. The same event set aside
 /// again is the same dead letter, `pending` again, one attempt more.
 pub async fn record(
@@ -196,23 +216,11 @@ pub async fn record(
     order_id: Option<&OrderId>,
     error: &str,
 ) -> Result<i64, sqlx::Error> {
-    let (id,): (i64,) = fetch!(
-        database,
-        RECORD,
-        fetch_one,
-        consumer,
-        event.event_id().to_string(),
-        event.position.transaction_id,
-        event.position.global_position,
-        &event.aggregate_type,
-        &event.aggregate_id,
-        event.sequence,
-        &event.event_type,
-        &event.event_version,
-        order_id.map(OrderId::to_string),
-        error,
-        Utc::now().timestamp_millis()
-    )?;
+    let (id,): (i64,) = with_pool!(database, |pool| {
+        letter!(sqlx::query_as(RECORD), consumer, event, order_id, error)
+            .fetch_one(pool)
+            .await
+    })?;
     Ok(id)
 }
 
@@ -240,24 +248,13 @@ pub async fn record_fenced(
         )
     });
     let (partition, owner, epoch) = Fence::binds(Some(&fence));
-    let (held, id): (bool, Option<i64>) = sqlx::query_as(&FENCED)
-        .bind(consumer)
-        .bind(event.event_id().to_string())
-        .bind(event.position.transaction_id)
-        .bind(event.position.global_position)
-        .bind(&event.aggregate_type)
-        .bind(&event.aggregate_id)
-        .bind(event.sequence)
-        .bind(&event.event_type)
-        .bind(&event.event_version)
-        .bind(order_id.map(OrderId::to_string))
-        .bind(error)
-        .bind(Utc::now().timestamp_millis())
-        .bind(partition)
-        .bind(owner)
-        .bind(epoch)
-        .fetch_one(pool)
-        .await?;
+    let (held, id): (bool, Option<i64>) =
+        letter!(sqlx::query_as(&FENCED), consumer, event, order_id, error)
+            .bind(partition)
+            .bind(owner)
+            .bind(epoch)
+            .fetch_one(pool)
+            .await?;
     match (held, id) {
         (true, Some(id)) => Ok(id),
         _ => Err(CheckError::Lost(fence.lost())),
@@ -282,19 +279,7 @@ pub async fn record_in(
     order_id: Option<&OrderId>,
     error: &str,
 ) -> Result<i64, sqlx::Error> {
-    let (id,): (i64,) = sqlx::query_as(RECORD)
-        .bind(consumer)
-        .bind(event.event_id().to_string())
-        .bind(event.position.transaction_id)
-        .bind(event.position.global_position)
-        .bind(&event.aggregate_type)
-        .bind(&event.aggregate_id)
-        .bind(event.sequence)
-        .bind(&event.event_type)
-        .bind(&event.event_version)
-        .bind(order_id.map(OrderId::to_string))
-        .bind(error)
-        .bind(Utc::now().timestamp_millis())
+    let (id,): (i64,) = letter!(sqlx::query_as(RECORD), consumer, event, order_id, error)
         .fetch_one(connection)
         .await?;
     Ok(id)

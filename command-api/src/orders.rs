@@ -195,28 +195,30 @@ pub async fn place_order(
             .await?
     };
     let mut correlation_id = correlation_id.to_string();
-    let status = if appended.is_empty() {
+    let key = order_id.to_string();
+    let token = state.consistency_token(
+        Order::TYPE,
+        &key,
+        appended.last().map_or(1, |event| event.sequence),
+    );
+    let (status, token) = if appended.is_empty() {
         // A retried request: answer with the order as it stands now, and the correlation id
         // its events carry (the first request's).
-        let order: Order = state.store.load(&order_id.to_string()).await?;
+        let order: Order = state.store.load(&key).await?;
         if let Some(original) =
-            stream::correlation_of(state.store.database(), Order::TYPE, &order_id.to_string())
-                .await?
+            stream::correlation_of(state.store.database(), Order::TYPE, &key).await?
         {
             correlation_id = original;
         }
-        order.status().unwrap_or(OrderStatus::Pending)
+        (order.status().unwrap_or(OrderStatus::Pending), token.await)
     } else {
-        schedule_reservation_deadline(&state, order_id, &correlation_id).await;
-        OrderStatus::Pending
+        // Two independent statements on two connections: one round trip's wait, not two.
+        let ((), token) = tokio::join!(
+            schedule_reservation_deadline(&state, order_id, &correlation_id),
+            token
+        );
+        (OrderStatus::Pending, token)
     };
-    let token = state
-        .consistency_token(
-            Order::TYPE,
-            &order_id.to_string(),
-            appended.last().map_or(1, |event| event.sequence),
-        )
-        .await;
     let location = format!("/petstore-domain/orders/{order_id}/status");
     let mut response = (
         StatusCode::ACCEPTED,

@@ -16,7 +16,6 @@ use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::store::CHECKPOINT;
 use crate::ReadModelError;
 
 /// The Postgres channel the read models' commits notify with their new position (the
@@ -44,14 +43,18 @@ impl Progress {
     }
 }
 
-/// Follows [`PROGRESS_CHANNEL`] on a connection of its own: the position as the checkpoint
-/// holds it now, then as each commit tells it. Ends when every [`Progress`] is dropped.
-pub(crate) async fn follow_postgres(pool: &PgPool) -> Result<Progress, ReadModelError> {
+/// Follows [`PROGRESS_CHANNEL`] on a connection of its own: the position as the read models'
+/// `checkpoint` holds it now, then as each commit tells it. Ends when every [`Progress`] is
+/// dropped.
+pub(crate) async fn follow_postgres(
+    pool: &PgPool,
+    checkpoint: &'static str,
+) -> Result<Progress, ReadModelError> {
     let mut listener = PgListener::connect_with(pool).await?;
     listener.listen(PROGRESS_CHANNEL).await?;
     // Read after listening: nothing committed in between is missed.
     let database = Database::Postgres(pool.clone());
-    let start = stream::load_checkpoint(&database, CHECKPOINT).await?;
+    let start = stream::load_checkpoint(&database, checkpoint).await?;
     let (sender, receiver) = watch::channel(start);
     tokio::spawn(async move {
         loop {
@@ -66,11 +69,11 @@ pub(crate) async fn follow_postgres(pool: &PgPool) -> Result<Progress, ReadModel
                     },
                     // The connection dropped (the listener reconnects on the next call):
                     // notices may have been missed, so read where the checkpoint stands.
-                    Ok(None) => reread(&database, &sender).await,
+                    Ok(None) => reread(&database, checkpoint, &sender).await,
                     Err(error) => {
                         tracing::warn!(%error, "following the read models' progress failed; trying again in a second");
                         tokio::time::sleep(Duration::from_secs(1)).await;
-                        reread(&database, &sender).await;
+                        reread(&database, checkpoint, &sender).await;
                     }
                 },
             }
@@ -79,9 +82,9 @@ pub(crate) async fn follow_postgres(pool: &PgPool) -> Result<Progress, ReadModel
     Ok(Progress(receiver))
 }
 
-/// Sets the position to the checkpoint's, read now.
-async fn reread(database: &Database, sender: &watch::Sender<StreamPosition>) {
-    match stream::load_checkpoint(database, CHECKPOINT).await {
+/// Sets the position to `checkpoint`'s, read now.
+async fn reread(database: &Database, checkpoint: &str, sender: &watch::Sender<StreamPosition>) {
+    match stream::load_checkpoint(database, checkpoint).await {
         Ok(position) => {
             sender.send_replace(position);
         }

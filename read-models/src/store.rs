@@ -298,7 +298,7 @@ impl ReadModels {
     /// the returned value lives).
     pub async fn progress(&self) -> Result<Progress, ReadModelError> {
         match self {
-            Self::Postgres(pool) => progress::follow_postgres(pool).await,
+            Self::Postgres(pool) => progress::follow_postgres(pool, CHECKPOINT).await,
             Self::Memory(state) => Ok(Progress(state.read().await.progress.subscribe())),
         }
     }

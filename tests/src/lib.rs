@@ -311,6 +311,22 @@ impl TestApp {
         response.json().await.expect("JSON body")
     }
 
+    /// Places an order for `pet_id` as customer-001, with `X-Simulate-Failure: SERVICE`
+    /// when `simulate` names one; returns its id.
+    pub async fn post_order(&self, pet_id: &str, simulate: Option<&str>) -> String {
+        let mut request = self
+            .client
+            .post(self.url("/petstore-domain/orders"))
+            .json(&serde_json::json!({"customer_id": "customer-001", "pet_id": pet_id}));
+        if let Some(service) = simulate {
+            request = request.header("X-Simulate-Failure", service);
+        }
+        let response = request.send().await.expect("answered");
+        assert_eq!(response.status(), 202);
+        let body: Value = response.json().await.expect("json");
+        body["order_id"].as_str().expect("order id").to_owned()
+    }
+
     /// Polls the order's status until `accept` holds or 30 s pass; returns the last view.
     pub async fn wait_for_order(&self, order_id: &str, accept: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + Duration::from_secs(30);

@@ -20,20 +20,6 @@ fn small_payment_breaker(settings: &mut Settings) {
     settings.saga.deadline_poll_interval_ms = 50;
 }
 
-async fn post_order(app: &TestApp, pet_id: &str, simulate: Option<&str>) -> String {
-    let mut request = app
-        .client
-        .post(app.url("/petstore-domain/orders"))
-        .json(&json!({"customer_id": "customer-001", "pet_id": pet_id}));
-    if let Some(service) = simulate {
-        request = request.header("X-Simulate-Failure", service);
-    }
-    let response = request.send().await.expect("answered");
-    assert_eq!(response.status(), 202);
-    let body: Value = response.json().await.expect("json");
-    body["order_id"].as_str().expect("order id").to_owned()
-}
-
 async fn payment_breaker(app: &TestApp) -> Value {
     let config = app.get_json("/petstore-domain/admin/config").await;
     config["circuit_breakers"]["payment"].clone()
@@ -62,7 +48,9 @@ async fn simulated_payment_failures_open_the_breaker_and_it_recovers(engine: Eng
     assert_eq!(payment_breaker(&app).await["state"], "closed");
 
     for _ in 0..4 {
-        let order = post_order(&app, "golden-retriever-001", Some("payment-service")).await;
+        let order = app
+            .post_order("golden-retriever-001", Some("payment-service"))
+            .await;
         let view = app.wait_for_terminal(&order).await;
         assert_eq!(view["cancellation_reason"], "payment-failed", "{view}");
     }
@@ -79,7 +67,7 @@ async fn simulated_payment_failures_open_the_breaker_and_it_recovers(engine: Eng
 
     // An order placed now is not sent to the gateway: it waits for the cool-down, then its
     // payment is the probe that closes the breaker.
-    let order = post_order(&app, "labrador-001", None).await;
+    let order = app.post_order("labrador-001", None).await;
     let view = app.wait_for_terminal(&order).await;
     assert_eq!(view["status"], "completed", "{view}");
     let text = metrics(&app).await;
@@ -119,7 +107,7 @@ async fn a_step_whose_deadline_passes_behind_an_open_breaker_is_compensated(engi
     settings.saga.payment_timeout_ms = 1_000;
     let app = TestApp::start(settings).await;
     assert_eq!(set_mode(&app, "payment", "forced_open").await.status(), 200);
-    let order = post_order(&app, "beagle-001", None).await;
+    let order = app.post_order("beagle-001", None).await;
     let view = app.wait_for_terminal(&order).await;
     assert_eq!(view["status"], "cancelled", "{view}");
     assert_eq!(view["cancellation_reason"], "step-timed-out", "{view}");
@@ -147,7 +135,7 @@ async fn a_payment_behind_an_open_breaker_is_503_with_retry_after_and_the_order_
         .await
         .expect("answered");
     assert_eq!(changed.status(), 200);
-    let order = post_order(&app, "corgi-001", None).await;
+    let order = app.post_order("corgi-001", None).await;
     app.wait_for_order(&order, |view| view["status"] == "reserved")
         .await;
 

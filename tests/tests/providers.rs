@@ -270,22 +270,7 @@ async fn sagas_call_the_providers_over_http_once_per_effect() {
     settings.resilience.delivery.max_attempts = 6;
     let app = TestApp::start(settings).await;
     app.wait_until_ready().await;
-    let place = |pet: &'static str, simulate: Option<&'static str>| {
-        let app = &app;
-        async move {
-            let mut request = app
-                .client
-                .post(app.url("/petstore-domain/orders"))
-                .json(&json!({"customer_id": "customer-001", "pet_id": pet}));
-            if let Some(service) = simulate {
-                request = request.header("X-Simulate-Failure", service);
-            }
-            let response = request.send().await.expect("answered");
-            assert_eq!(response.status(), 202);
-            let body: Value = response.json().await.expect("json");
-            body["order_id"].as_str().expect("order id").to_owned()
-        }
-    };
+    let place = |pet: &'static str, simulate: Option<&'static str>| app.post_order(pet, simulate);
     let completed = [
         place("golden-retriever-001", None).await,
         place("labrador-001", None).await,

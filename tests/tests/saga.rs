@@ -2,11 +2,12 @@
 //! compensations, deadlines (also across a restart), contention for one pet, the payments
 //! API, and a saga runner killed at random points.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use petstore_cli::Role;
+use petstore_event_store::leases::Leases;
 use petstore_event_store::store::EventStore;
 use petstore_live_settings::Live;
 use petstore_saga::providers::{SimulatedDeliveryProvider, SimulatedPaymentGateway};
@@ -41,7 +42,7 @@ async fn a_reservation_deadline_fires_though_no_runner_ever_handled_the_order(en
     let roles: BTreeSet<Role> = [Role::Command, Role::Query, Role::Projector].into();
     let app = TestApp::start_with_roles(settings.clone(), &roles).await;
     app.wait_until_ready().await;
-    let order_id = post_order(&app, "budgie-001", None).await;
+    let order_id = app.post_order("budgie-001", None).await;
 
     let store = EventStore::new(storage.database().await, 4);
     let live = Live::start(store.clone(), &settings, Metrics::new())
@@ -111,6 +112,30 @@ impl Runners {
         }
     }
 
+    /// Waits (30 s at most) until `accept` says yes to how many partitions each runner
+    /// holds (live leases, by the database's clock); `what` names the wait when it fails.
+    async fn wait_for_owners(&self, what: &str, accept: impl Fn(&BTreeMap<String, usize>) -> bool) {
+        let leases = Leases::new(
+            self.store.database(),
+            "test-observer",
+            Duration::from_secs(1),
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut owners = BTreeMap::new();
+            for state in leases.states().await.expect("leases") {
+                if let (false, Some(owner)) = (state.free, state.owner) {
+                    *owners.entry(owner).or_insert(0) += 1;
+                }
+            }
+            if accept(&owners) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{what}: {owners:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Starts a runner (with the settings' `saga.runner_id`, else an id of its own).
     fn start(&self) -> tokio::task::JoinHandle<()> {
         let runner = SagaRunner::new(
@@ -124,20 +149,6 @@ impl Runners {
         );
         tokio::spawn(runner.run(futures::future::pending()))
     }
-}
-
-async fn post_order(app: &TestApp, pet_id: &str, simulate: Option<&str>) -> String {
-    let mut request = app
-        .client
-        .post(app.url("/petstore-domain/orders"))
-        .json(&json!({"customer_id": "customer-001", "pet_id": pet_id}));
-    if let Some(service) = simulate {
-        request = request.header("X-Simulate-Failure", service);
-    }
-    let response = request.send().await.expect("answered");
-    assert_eq!(response.status(), 202);
-    let body: Value = response.json().await.expect("json");
-    body["order_id"].as_str().expect("order id").to_owned()
 }
 
 async fn audit_types(app: &TestApp, order_id: &str) -> Vec<String> {
@@ -173,7 +184,7 @@ fn step<'a>(view: &'a Value, name: &str) -> &'a Value {
 
 async fn an_order_completes_and_its_audit_trail_shows_the_whole_chain(engine: Engine) {
     let (storage, app) = spawn_with(engine, |_| {}).await;
-    let order_id = post_order(&app, "golden-retriever-001", None).await;
+    let order_id = app.post_order("golden-retriever-001", None).await;
     let view = app.wait_for_terminal(&order_id).await;
     assert_eq!(view["status"], "completed");
     for name in ["reservation", "payment", "delivery", "completion"] {
@@ -252,7 +263,7 @@ async fn an_order_completes_and_its_audit_trail_shows_the_whole_chain(engine: En
 
 async fn a_failing_payment_cancels_the_order_and_frees_the_pet(engine: Engine) {
     let (storage, app) = spawn_with(engine, |_| {}).await;
-    let order_id = post_order(&app, "beagle-001", Some("payment-service")).await;
+    let order_id = app.post_order("beagle-001", Some("payment-service")).await;
     let view = app.wait_for_terminal(&order_id).await;
     assert_eq!(view["status"], "cancelled");
     assert_eq!(view["cancellation_reason"], "payment-failed");
@@ -272,7 +283,7 @@ async fn a_failing_payment_cancels_the_order_and_frees_the_pet(engine: Engine) {
 
 async fn a_failing_delivery_refunds_the_payment_and_frees_the_pet(engine: Engine) {
     let (storage, app) = spawn_with(engine, |_| {}).await;
-    let order_id = post_order(&app, "corgi-001", Some("delivery-service")).await;
+    let order_id = app.post_order("corgi-001", Some("delivery-service")).await;
     let view = app.wait_for_terminal(&order_id).await;
     assert_eq!(view["cancellation_reason"], "delivery-failed");
     let view = app
@@ -302,7 +313,9 @@ async fn a_failing_delivery_refunds_the_payment_and_frees_the_pet(engine: Engine
 
 async fn a_failing_inventory_service_cancels_the_order(engine: Engine) {
     let (storage, app) = spawn_with(engine, |_| {}).await;
-    let order_id = post_order(&app, "budgie-001", Some("inventory-service")).await;
+    let order_id = app
+        .post_order("budgie-001", Some("inventory-service"))
+        .await;
     let view = app.wait_for_terminal(&order_id).await;
     assert_eq!(view["cancellation_reason"], "inventory-failed");
     wait_for_pet(&app, "budgie-001", "available").await;
@@ -330,7 +343,7 @@ async fn a_step_that_times_out_is_compensated(engine: Engine) {
         settings.saga.deadline_poll_interval_ms = 20;
     })
     .await;
-    let order_id = post_order(&app, "maine-coon-001", None).await;
+    let order_id = app.post_order("maine-coon-001", None).await;
     let view = app.wait_for_terminal(&order_id).await;
     assert_eq!(view["status"], "cancelled");
     assert_eq!(view["cancellation_reason"], "step-timed-out");
@@ -354,7 +367,7 @@ async fn a_deadline_survives_a_restart_and_fires_once(engine: Engine) {
     settings.saga.deadline_poll_interval_ms = 20;
     let app = TestApp::start(settings.clone()).await;
     app.wait_until_ready().await;
-    let order_id = post_order(&app, "cockatiel-001", None).await;
+    let order_id = app.post_order("cockatiel-001", None).await;
     app.wait_for_order(&order_id, |view| view["status"] == "reserved")
         .await;
     app.stop().await;
@@ -379,7 +392,7 @@ async fn twenty_orders_for_one_pet_sell_it_once(engine: Engine) {
     let app = Arc::new(app);
     let orders: Vec<String> = futures::future::join_all((0..20).map(|_| {
         let app = app.clone();
-        async move { post_order(&app, "african-grey-001", None).await }
+        async move { app.post_order("african-grey-001", None).await }
     }))
     .await;
     let mut completed = 0;
@@ -408,7 +421,7 @@ async fn customers_pay_through_the_payments_api_when_express_processing_is_off(e
         settings.feature_flags.express_order_processing = FlagSetting::Off;
     })
     .await;
-    let order_id = post_order(&app, "siamese-cat-001", None).await;
+    let order_id = app.post_order("siamese-cat-001", None).await;
     let view = app
         .wait_for_order(&order_id, |view| view["status"] == "reserved")
         .await;
@@ -449,7 +462,7 @@ async fn the_payments_api_refuses_what_it_cannot_do(engine: Engine) {
         settings.feature_flags.express_order_processing = FlagSetting::Off;
     })
     .await;
-    let order_id = post_order(&app, "goldfish-001", None).await;
+    let order_id = app.post_order("goldfish-001", None).await;
     app.wait_for_order(&order_id, |view| view["status"] == "reserved")
         .await;
     let pay = |body: Value| {
@@ -493,7 +506,7 @@ async fn the_payments_api_refuses_what_it_cannot_do(engine: Engine) {
     let mut settings = storage.settings();
     settings.feature_flags.express_order_processing = FlagSetting::On;
     let app = TestApp::start(settings).await;
-    let order_id = post_order(&app, "betta-001", None).await;
+    let order_id = app.post_order("betta-001", None).await;
     app.wait_for_terminal(&order_id).await;
     let refused = app
         .post_json("/petstore-domain/payments", &json!({"order_id": order_id}))
@@ -519,7 +532,7 @@ async fn a_saga_runner_killed_at_random_points_loses_and_doubles_nothing(engine:
     let pets = add_pets(&store, "test-puppy", ORDERS).await;
     let mut orders = Vec::new();
     for pet_id in &pets {
-        orders.push(post_order(&app, pet_id, None).await);
+        orders.push(app.post_order(pet_id, None).await);
     }
 
     let live = Live::start(store.clone(), &settings, Metrics::new())
@@ -617,33 +630,12 @@ async fn two_runners_share_the_partitions_and_one_takes_over_when_the_other_dies
     let start_runner = || runners.start();
     let payments = &runners.payments;
     let (first, second) = (start_runner(), start_runner());
-    let petstore_event_store::database::Database::Postgres(pool) = store.database().clone() else {
-        panic!("a Postgres store");
+    let shared = |owners: &BTreeMap<String, usize>| {
+        owners.len() == 2 && owners.values().all(|count| *count == 8)
     };
-    // Who holds how many partitions, by the database's clock.
-    let owners = || async {
-        let rows: Vec<(Option<String>, i64)> = sqlx::query_as(
-            "SELECT owner, count(*) FROM saga_leases
-              WHERE expires_at_ms > (extract(epoch from clock_timestamp()) * 1000)::bigint
-              GROUP BY owner",
-        )
-        .fetch_all(&pool)
-        .await
-        .expect("leases");
-        rows
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let rows = owners().await;
-        if rows.len() == 2 && rows.iter().all(|(_, count)| *count == 8) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the runners never shared: {rows:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    runners
+        .wait_for_owners("the runners never shared", shared)
+        .await;
 
     let pets = [
         "golden-retriever-001",
@@ -654,7 +646,7 @@ async fn two_runners_share_the_partitions_and_one_takes_over_when_the_other_dies
     ];
     let mut orders = Vec::new();
     for pet in pets {
-        orders.push(post_order(&app, pet, None).await);
+        orders.push(app.post_order(pet, None).await);
     }
     for order in &orders {
         let view = app
@@ -667,19 +659,15 @@ async fn two_runners_share_the_partitions_and_one_takes_over_when_the_other_dies
     // One runner dies: the other owns every partition once the leases expire.
     first.abort();
     let _ = first.await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let rows = owners().await;
-        if rows.len() == 1 && rows[0].1 == 16 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no takeover: {rows:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    runners
+        .wait_for_owners("no takeover", |owners| {
+            owners.len() == 1 && owners.values().all(|count| *count == 16)
+        })
+        .await;
     let more = ["persian-cat-001", "siamese-cat-001", "goldfish-001"];
     let mut later = Vec::new();
     for pet in more {
-        later.push(post_order(&app, pet, None).await);
+        later.push(app.post_order(pet, None).await);
     }
     for order in &later {
         app.wait_for_order(order, |view| view["status"] == "completed")
@@ -749,7 +737,7 @@ async fn a_runner_restarted_under_its_id_takes_its_partitions_back_at_once() {
     };
     let mut orders = Vec::new();
     let complete = async |pet: &str, orders: &mut Vec<String>| {
-        let order = post_order(&app, pet, None).await;
+        let order = app.post_order(pet, None).await;
         let view = app
             .wait_for_order(&order, |view| view["status"] == "completed")
             .await;
@@ -809,39 +797,20 @@ async fn a_runner_added_under_load_takes_partitions_and_nothing_is_lost_or_doubl
     let runners = Runners::new(&store, &settings).await;
     let start_runner = || runners.start();
     let payments = &runners.payments;
-    let petstore_event_store::database::Database::Postgres(pool) = store.database().clone() else {
-        panic!("a Postgres store");
-    };
-    let owners = || async {
-        let rows: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT owner, count(*) FROM saga_leases WHERE owner IS NOT NULL GROUP BY owner",
-        )
-        .fetch_all(&pool)
-        .await
-        .expect("leases");
-        rows
-    };
     let first = start_runner();
     let mut second = None;
     let mut orders = Vec::new();
     for (index, pet) in pets.iter().enumerate() {
-        orders.push(post_order(&app, pet, None).await);
+        orders.push(app.post_order(pet, None).await);
         if index == ORDERS / 3 {
             second = Some(start_runner());
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let rows = owners().await;
-        if rows.len() == 2 && rows.iter().all(|(_, count)| *count == 8) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the partitions never moved: {rows:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    runners
+        .wait_for_owners("the partitions never moved", |owners| {
+            owners.len() == 2 && owners.values().all(|count| *count == 8)
+        })
+        .await;
     for order in &orders {
         let view = app
             .wait_for_order(order, |view| view["status"] == "completed")

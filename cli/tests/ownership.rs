@@ -271,13 +271,14 @@ async fn a_paused_owner_is_fenced_and_calls_no_provider_after_losing_its_lease()
     }
     let woken = chrono::Utc::now().timestamp_millis();
     paused.signal("CONT");
-    // Awake, it finds its leases gone at its next renewal (a third of the timeout).
+    // Awake, it finds its leases gone.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !paused
-        .lines()
-        .iter()
-        .any(|line| line.contains("lost the lease on a saga partition"))
-    {
+    while !paused.lines().iter().any(|line| {
+        // At its next renewal (a third of the timeout), or when the fence refuses a
+        // write of its first.
+        line.contains("lost the lease on a saga partition")
+            || line.contains("a write was refused by its fence")
+    }) {
         assert!(
             Instant::now() < deadline,
             "the paused owner never noticed: {:?}",

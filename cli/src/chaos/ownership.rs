@@ -428,13 +428,20 @@ async fn owner_at(
     }
 }
 
+/// What a runner logs when it finds a lease of its gone: at its next renewal, or when the
+/// fence refuses one of its writes first.
+const NOTICED_A_LOST_LEASE: [&str; 2] = [
+    "lost the lease on a saga partition",
+    "a write was refused by its fence",
+];
+
 /// The paused owner, woken after its successor settled every order: it notices its lost
 /// leases (within 10 s) and calls no provider from then on for orders it no longer owns.
 async fn woken(case: &mut Case<'_>, paused: &Process, simulator: &Simulator) -> anyhow::Result<()> {
     let woken_at = chrono::Utc::now().timestamp_millis();
     paused.signal("CONT")?;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !paused.said("lost the lease on a saga partition") {
+    while !NOTICED_A_LOST_LEASE.iter().any(|text| paused.said(text)) {
         if Instant::now() >= deadline {
             case.report.problems.push(format!(
                 "{} never said it lost its leases within 10 s of waking",

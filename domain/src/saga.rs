@@ -136,6 +136,19 @@ pub enum SagaAction {
     Finished(SagaOutcome),
 }
 
+impl SagaAction {
+    /// Whether the action is a command to one of the saga's aggregates, and nothing more:
+    /// what it decides may wait to be written with the commands after it. Any other action
+    /// (a provider call, a deadline, the saga's end) acts on what the reaction decided
+    /// before it, which must have been written first.
+    pub fn is_command(&self) -> bool {
+        matches!(
+            self,
+            Self::Order(_) | Self::Pet { .. } | Self::Payment(_) | Self::Delivery(_)
+        )
+    }
+}
+
 /// What the saga does about `event`, given the order as it stands now and when the event
 /// happened. An order that does not exist (yet) gets no reaction.
 pub fn react(

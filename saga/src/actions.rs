@@ -32,7 +32,17 @@ use crate::runner::*;
 impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D> {
     /// Reacts to `event` (of `order_id`'s saga, read from the stream or Kafka), then to
     /// what that reaction appended for the order, and so on, without waiting for the stream
-    /// to bring those back ([`Self::react`]).
+    /// to bring those back ([`Self::react`]); then remembers each event reacted to from
+    /// memory, so that its copy from the stream is only acknowledged.
+    ///
+    /// The owner of the order's partition stages what the commands decide and writes it at
+    /// once where an action depends on it (a provider call, a deadline, the saga's end) and
+    /// when the reaction ends ([`EventStore::staged`](petstore_event_store::store::EventStore::staged)):
+    /// the steps between two provider calls are one commit, all or nothing. Should another
+    /// writer have appended meanwhile to an aggregate it staged for (a pet another order
+    /// took, an order its customer cancelled), nothing staged is written, and the reaction
+    /// runs again on the aggregates as stored (each command with the same id: what was
+    /// written before is not written twice).
     pub(crate) async fn handle_event(
         &self,
         order_id: OrderId,
@@ -40,19 +50,58 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
         decoded: &Decoded,
     ) -> Result<(), SagaError> {
         let arrival = Arrival::of(event)?;
-        self.react(order_id, &arrival, decoded).await
+        let mut attempt = 0;
+        loop {
+            let mut reacted = Vec::new();
+            let outcome = if Fence::current().is_some() {
+                let reaction = async {
+                    self.react(order_id, &arrival, decoded, &mut reacted)
+                        .await?;
+                    self.flush().await
+                };
+                self.store.staged(reaction).await
+            } else {
+                // Not the order's owner (a pet's event of another runner's order, consuming
+                // Kafka): each command is written as it is decided.
+                self.react(order_id, &arrival, decoded, &mut reacted).await
+            };
+            match outcome {
+                Ok(()) => {
+                    for event_id in reacted {
+                        self.remember(event_id);
+                    }
+                    return Ok(());
+                }
+                Err(SagaError::Conflict(conflict)) if attempt < STAGED_CONFLICT_RETRIES => {
+                    attempt += 1;
+                    tracing::debug!(attempt, %conflict, "the step's appends conflicted; reacting again");
+                    let ceiling = 2_u64.saturating_pow(attempt.min(6));
+                    tokio::time::sleep(std::time::Duration::from_millis(fastrand::u64(
+                        0..=ceiling,
+                    )))
+                    .await;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    /// Writes what the reaction has staged.
+    async fn flush(&self) -> Result<(), SagaError> {
+        self.store.flush().await.map_err(store_error)
     }
 
     /// Reacts to one event of `order_id`'s saga: performs what the domain's saga decides on
     /// the order as it stands. Then reacts, from memory, to each event those actions appended
-    /// for this order (the runner owns it: nobody else reacts to them first), and remembers
-    /// each so that its copy from the stream is only acknowledged. A reaction from memory
-    /// that fails is not remembered: its copy from the stream is handled as any event.
+    /// for this order (the runner owns it: nobody else reacts to them first), and adds each
+    /// to `reacted`. Should the reaction fail, none is remembered: their copies from the
+    /// stream are handled as any event.
     pub(crate) async fn react(
         &self,
         order_id: OrderId,
         arrival: &Arrival,
         decoded: &Decoded,
+        reacted: &mut Vec<Uuid>,
     ) -> Result<(), SagaError> {
         let order: Order = self.load_owned(&order_id.to_string()).await?;
         let saga_event = match decoded {
@@ -118,10 +167,10 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                 from_memory = true,
             );
             // Boxed: a reaction's future holds the next one's.
-            Box::pin(self.react(order_id, &arrival, &decoded))
+            Box::pin(self.react(order_id, &arrival, &decoded, reacted))
                 .instrument(span)
                 .await?;
-            self.remember(arrival.event_id);
+            reacted.push(arrival.event_id);
         }
         Ok(())
     }
@@ -135,6 +184,10 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
         action: SagaAction,
     ) -> Result<Flow, SagaError> {
         let order_key = cause.order_id.to_string();
+        if !action.is_command() {
+            // It acts on what the reaction decided so far: written first.
+            self.flush().await?;
+        }
         match action {
             SagaAction::Order(command) => {
                 self.send_for::<Order>(cause, &order_key, command, cause.metadata(position, ""))

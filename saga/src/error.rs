@@ -12,6 +12,10 @@ pub enum SagaError {
     /// The event store failed.
     #[error("event store: {0}")]
     Store(String),
+    /// Another writer appended to an aggregate the step decided on, before the step's
+    /// events were written (none of them was).
+    #[error("event store: {0}")]
+    Conflict(String),
     /// Reading the stream or the checkpoint failed.
     #[error(transparent)]
     Stream(#[from] stream::StreamError),
@@ -56,6 +60,7 @@ pub(crate) fn store_error<E: std::error::Error>(error: AggregateError<E>) -> Sag
                 Err(error) => SagaError::Store(error.to_string()),
             }
         }
+        AggregateError::AggregateConflict => SagaError::Conflict(error.to_string()),
         other => SagaError::Store(other.to_string()),
     }
 }

@@ -133,7 +133,114 @@ on_both_engines!(
     concurrent_writers_and_a_tailing_reader_see_every_event_exactly_once,
     stores_of_two_processes_see_each_others_appends,
     an_owned_copy_is_trusted_until_the_owner_is_told_of_a_later_event,
+    staged_appends_are_written_together_or_not_at_all,
 );
+
+/// A work that stages its appends decides each command on what it staged before, shows
+/// nobody (not even another task of its process) anything until it flushes, and then
+/// writes everything at once; a conflict on any staged aggregate writes none of it, and
+/// what is still staged when the work ends is dropped.
+async fn staged_appends_are_written_together_or_not_at_all(engine: Engine) {
+    let storage = Storage::new(engine).await;
+    let (owner, other) = (
+        EventStore::new(storage.database().await, 8),
+        EventStore::new(storage.database().await, 8),
+    );
+    let run = |store: &EventStore, id: &'static str, command: CounterCommand| {
+        let store = store.clone();
+        async move {
+            store
+                .execute::<Counter>(id, command, &(), &metadata())
+                .await
+                .expect("decided")
+        }
+    };
+    let value = |store: &EventStore, id: &'static str| {
+        let store = store.clone();
+        async move { store.load::<Counter>(id).await.expect("loaded").value }
+    };
+
+    owner
+        .staged(async {
+            assert_eq!(run(&owner, "x", CounterCommand::Increment).await.len(), 1);
+            assert_eq!(
+                run(&owner, "y", CounterCommand::IncrementTwice).await.len(),
+                2
+            );
+            let staged = run(&owner, "x", CounterCommand::Increment).await;
+            assert_eq!(staged[0].sequence, 2, "decided on the staged copy");
+            assert_eq!(value(&owner, "x").await, 2, "the work sees what it staged");
+            // The stage is the task's: other tasks, of this process or another, see nothing.
+            let elsewhere = tokio::spawn(value(&owner, "x"));
+            assert_eq!(
+                elsewhere.await.expect("task"),
+                0,
+                "another task sees nothing"
+            );
+            let elsewhere = tokio::spawn(value(&other, "x"));
+            assert_eq!(
+                elsewhere.await.expect("task"),
+                0,
+                "another process sees nothing"
+            );
+            assert_eq!(stored_event_count(&owner).await, 0);
+            owner.flush().await.expect("written");
+            assert_eq!(stored_event_count(&owner).await, 4);
+            owner.flush().await.expect("nothing left to write");
+        })
+        .await;
+    let events = read_at_least(&owner, 4).await;
+    let positions: Vec<i64> = events
+        .iter()
+        .map(|event| event.position.global_position)
+        .collect();
+    assert!(
+        positions.windows(2).all(|pair| pair[1] == pair[0] + 1),
+        "{positions:?}"
+    );
+    assert_eq!(value(&other, "x").await, 2);
+    assert_eq!(value(&other, "y").await, 2);
+    assert_eq!(
+        owner.load_owned::<Counter>("y").await.expect("kept").value,
+        2,
+        "the written copies are kept"
+    );
+
+    // Another writer takes a sequence the work staged: nothing staged is written.
+    let outcome = owner
+        .staged(async {
+            run(&owner, "y", CounterCommand::Increment).await;
+            run(&owner, "x", CounterCommand::Increment).await;
+            tokio::spawn(run(&other, "x", CounterCommand::Note("first".into())))
+                .await
+                .expect("the other's append");
+            owner.flush().await
+        })
+        .await;
+    assert!(
+        matches!(outcome, Err(AggregateError::AggregateConflict)),
+        "{outcome:?}"
+    );
+    assert_eq!(stored_event_count(&owner).await, 5, "only the other's note");
+    assert_eq!(
+        value(&owner, "y").await,
+        2,
+        "y's staged event was not written"
+    );
+    // What the owner knew of the staged aggregates is forgotten: it decides on the stored.
+    let written = run(&owner, "x", CounterCommand::Increment).await;
+    assert_eq!(written[0].sequence, 4);
+
+    // Staged and never flushed: dropped with the work.
+    owner
+        .staged(async {
+            run(&owner, "y", CounterCommand::Increment).await;
+        })
+        .await;
+    assert_eq!(value(&owner, "y").await, 2);
+    assert_eq!(stored_event_count(&owner).await, 6);
+    storage.remove().await;
+}
 
 /// An owner's copy (proven current by its own append or read) is used without reading,
 /// until the owner is told of a later event (another process appended), or distrusts every
@@ -775,6 +882,26 @@ async fn writes_under_a_lost_lease_are_refused() {
         .guard(store.execute::<Counter>("held", CounterCommand::IncrementTwice, &(), &metadata()))
         .await;
     assert!(lost(&outcome), "several: {outcome:?}");
+    // Staged appends of several aggregates, written at once.
+    let outcome = fence_a
+        .clone()
+        .guard(store.staged(async {
+            store
+                .execute::<Counter>("held", CounterCommand::Increment, &(), &metadata())
+                .await
+                .expect("staged");
+            store
+                .execute::<Counter>("staged", CounterCommand::Increment, &(), &metadata())
+                .await
+                .expect("staged");
+            store.flush().await
+        }))
+        .await;
+    assert!(
+        matches!(&outcome, Err(AggregateError::UnexpectedError(error))
+            if error.downcast_ref::<LeaseLost>().is_some_and(|lost| lost.epoch == old.epoch)),
+        "staged: {outcome:?}"
+    );
     // Batched beside unfenced appends and b's: only a's are refused.
     let tasks: Vec<_> = (0..90)
         .map(|n| {

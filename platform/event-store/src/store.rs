@@ -32,6 +32,7 @@ pub use crate::metadata::{
 
 mod group_commit;
 mod known;
+mod stage;
 
 use group_commit::GroupCommit;
 use known::{Known, KnownAggregates};
@@ -68,16 +69,16 @@ impl EventRepository {
 /// (most commands decide one) joins the group commit of concurrent appends. A taken
 /// (aggregate, sequence) is the optimistic-concurrency conflict, as in postgres-es. Under a
 /// saga partition's [`Fence`], the append is written only while its lease holds.
-async fn append_postgres<A: Aggregate>(
+async fn append_postgres(
     group_commit: &Arc<GroupCommit>,
-    events: &[SerializedEvent],
+    events: Vec<(&'static str, SerializedEvent)>,
 ) -> Result<(), PersistenceError> {
     let fence = Fence::current();
-    match events {
-        [] => Ok(()),
-        [event] => group_commit.append(A::TYPE, event, fence).await,
-        [first, ..] => {
-            let held = append_many::<A>(group_commit.pool(), first, events, fence.as_ref())
+    match <[_; 1]>::try_from(events) {
+        Ok([(aggregate_type, event)]) => group_commit.append(aggregate_type, event, fence).await,
+        Err(none) if none.is_empty() => Ok(()),
+        Err(several) => {
+            let held = append_many(group_commit.pool(), &several, fence.as_ref())
                 .await
                 .map_err(|error| persistence_error(error, "23505"))?;
             match fence {
@@ -102,30 +103,33 @@ fn persistence_error(error: sqlx::Error, conflict_code: &str) -> PersistenceErro
     }
 }
 
-/// Several events of one aggregate in one statement, under `fence` if any: answers whether
-/// it held (and the events were written).
-async fn append_many<A: Aggregate>(
+/// Several events (of one aggregate or of several) in one statement, all or nothing, under
+/// `fence` if any: answers whether it held (and the events were written).
+async fn append_many(
     pool: &sqlx::PgPool,
-    first: &SerializedEvent,
-    events: &[SerializedEvent],
+    events: &[(&'static str, SerializedEvent)],
     fence: Option<&Fence>,
 ) -> Result<bool, sqlx::Error> {
     static INSERT: LazyLock<String> = LazyLock::new(|| {
         crate::leases::fenced(
             "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
-             SELECT $1, $2, sequence, event_type, event_version, payload, metadata
-               FROM UNNEST($3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::jsonb[])
-                    AS t(sequence, event_type, event_version, payload, metadata)
+             SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata
+               FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::jsonb[])
+                    AS t(aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
               WHERE FENCED",
             8,
         )
     });
+    let mut kinds = Vec::with_capacity(events.len());
+    let mut ids = Vec::with_capacity(events.len());
     let mut sequences = Vec::with_capacity(events.len());
     let mut types = Vec::with_capacity(events.len());
     let mut versions = Vec::with_capacity(events.len());
     let mut payloads = Vec::with_capacity(events.len());
     let mut metadata = Vec::with_capacity(events.len());
-    for event in events {
+    for (kind, event) in events {
+        kinds.push(*kind);
+        ids.push(event.aggregate_id.as_str());
         sequences.push(i64::try_from(event.sequence).unwrap_or(i64::MAX));
         types.push(event.event_type.as_str());
         versions.push(event.event_version.as_str());
@@ -134,8 +138,8 @@ async fn append_many<A: Aggregate>(
     }
     let (partition, owner, epoch) = Fence::binds(fence);
     sqlx::query_scalar(&INSERT)
-        .bind(A::TYPE)
-        .bind(&first.aggregate_id)
+        .bind(&kinds)
+        .bind(&ids)
         .bind(&sequences)
         .bind(&types)
         .bind(&versions)
@@ -148,25 +152,23 @@ async fn append_many<A: Aggregate>(
         .await
 }
 
-/// Appends a command's events to SQLite, in a task of its own: a caller cancelled mid-way (a
-/// client that hung up) can neither leave a pooled connection inside a transaction, which
-/// would hold SQLite's only write lock, nor half an append. One event is one `INSERT`
-/// (atomic by itself, its global position the rowid); several share a transaction. A taken
-/// (aggregate, sequence) is the optimistic-concurrency conflict: a unique-constraint
-/// violation (2067; a primary-key one before migration 0012).
+/// Appends events (a command's, or everything a work staged) to SQLite, in a task of its own: a
+/// caller cancelled mid-way (a client that hung up) can neither leave a pooled connection
+/// inside a transaction, which would hold SQLite's only write lock, nor half an append. One
+/// event is one `INSERT` (atomic by itself, its global position the rowid); several share a
+/// transaction. A taken (aggregate, sequence) is the optimistic-concurrency conflict: a
+/// unique-constraint violation (2067; a primary-key one before migration 0012).
 async fn append_sqlite(
     pool: &sqlx::SqlitePool,
-    aggregate_type: &'static str,
-    events: &[SerializedEvent],
+    events: Vec<(&'static str, SerializedEvent)>,
 ) -> Result<(), PersistenceError> {
     const INSERT: &str = "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
          VALUES (?, ?, ?, ?, ?, ?, ?)";
     let pool = pool.clone();
-    let events = events.to_vec();
     crate::database::to_completion(async move {
-        let insert = |event: &SerializedEvent| {
+        let insert = |(aggregate_type, event): &(&'static str, SerializedEvent)| {
             sqlx::query(INSERT)
-                .bind(aggregate_type)
+                .bind(*aggregate_type)
                 .bind(event.aggregate_id.clone())
                 .bind(i64::try_from(event.sequence).unwrap_or(i64::MAX))
                 .bind(event.event_type.clone())
@@ -205,6 +207,22 @@ macro_rules! delegate {
     };
 }
 
+impl SharedRepository {
+    /// Writes `events` (each with its aggregate's type) all or nothing, under the work's
+    /// fence, if any.
+    async fn append(
+        &self,
+        events: Vec<(&'static str, SerializedEvent)>,
+    ) -> Result<(), PersistenceError> {
+        match self.0.as_ref() {
+            EventRepository::Postgres(_, group_commit) => {
+                append_postgres(group_commit, events).await
+            }
+            EventRepository::Sqlite(_, pool) => append_sqlite(pool, events).await,
+        }
+    }
+}
+
 impl PersistedEventRepository for SharedRepository {
     async fn get_events<A: Aggregate>(
         &self,
@@ -233,12 +251,21 @@ impl PersistedEventRepository for SharedRepository {
         events: &[SerializedEvent],
         snapshot_update: Option<(String, Value, usize)>,
     ) -> Result<(), PersistenceError> {
-        match (self.0.as_ref(), snapshot_update) {
-            (EventRepository::Postgres(_, group_commit), None) => {
-                append_postgres::<A>(group_commit, events).await
+        if snapshot_update.is_none() && stage::stage(A::TYPE, events) {
+            // Written with the rest of the stage, by `EventStore::flush`.
+            return Ok(());
+        }
+        match snapshot_update {
+            None => {
+                self.append(
+                    events
+                        .iter()
+                        .map(|event| (A::TYPE, event.clone()))
+                        .collect(),
+                )
+                .await
             }
-            (EventRepository::Sqlite(_, pool), None) => append_sqlite(pool, A::TYPE, events).await,
-            (_, snapshot_update) => {
+            snapshot_update => {
                 delegate!(self, repo => repo.persist::<A>(events, snapshot_update))
             }
         }
@@ -361,7 +388,9 @@ impl EventStore {
         &self,
         aggregate_id: &str,
     ) -> Result<A, AggregateError<A::Error>> {
-        if let Some(known) = self.known.trusted::<A>(aggregate_id) {
+        if let Some(known) =
+            stage::copy::<A>(aggregate_id).or_else(|| self.known.trusted::<A>(aggregate_id))
+        {
             return Ok(known.aggregate);
         }
         self.load(aggregate_id).await
@@ -390,11 +419,75 @@ impl EventStore {
         self.known.distrust_all();
     }
 
+    /// Runs `work` with its appends staged: each command it executes is decided on the
+    /// aggregate as its earlier staged events leave it, and the events it decides wait in
+    /// the work's stage, seen by nobody else (not by this process's other tasks either),
+    /// until [`Self::flush`] writes them. Whatever is still staged when `work` ends is
+    /// dropped unwritten: the work flushes before it ends, and before it does anything that
+    /// depends on what it staged having happened (a provider call, a deadline).
+    pub async fn staged<F: std::future::Future>(&self, work: F) -> F::Output {
+        stage::scope(work).await
+    }
+
+    /// Writes everything the work running now has staged ([`Self::staged`]) in one
+    /// statement, all or nothing, under the work's fence, if any (nothing to do when it
+    /// staged nothing, or does not stage). Written, the staged copies of the aggregates are
+    /// kept as current. Not written (another writer took a sequence staged here: a
+    /// conflict; the fence no longer held; the database failed), the stage is empty all the
+    /// same and this process forgets what it knew of the staged aggregates: the work
+    /// decides again on them as stored.
+    pub async fn flush(&self) -> Result<(), AggregateError<std::convert::Infallible>> {
+        let mut staged = stage::take();
+        let events = std::mem::take(&mut staged.events);
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut written: Vec<(&'static str, usize)> = Vec::new();
+        for (aggregate_type, _) in &events {
+            match written.iter_mut().find(|(kind, _)| kind == aggregate_type) {
+                Some((_, count)) => *count += 1,
+                None => written.push((aggregate_type, 1)),
+            }
+        }
+        let span = tracing::info_span!(
+            "append",
+            otel.name = "INSERT events",
+            otel.kind = "client",
+            db.system.name = self.database.semconv_system(),
+            db.operation.name = "INSERT",
+            db.collection.name = "events",
+            events = events.len(),
+        );
+        match self.repository.append(events).instrument(span).await {
+            Ok(()) => {
+                self.written(&written);
+                staged.keep_copies(&self.known);
+                Ok(())
+            }
+            Err(error) => {
+                for (aggregate_type, id) in staged.aggregates() {
+                    self.known.forget_key(aggregate_type, id);
+                }
+                Err(error.into())
+            }
+        }
+    }
+
+    /// What is known of the aggregate: as the work's staged events leave it, else as this
+    /// process last saw it.
+    fn kept<A: Aggregate + Clone + 'static>(&self, aggregate_id: &str) -> Option<Known<A>> {
+        stage::copy::<A>(aggregate_id).or_else(|| self.known.get::<A>(aggregate_id))
+    }
+
     /// [`Self::load`], with the sequence and command ids.
     async fn current<A: Aggregate + Clone + 'static>(
         &self,
         aggregate_id: &str,
     ) -> Result<Known<A>, AggregateError<A::Error>> {
+        if let Some(staged) = stage::copy::<A>(aggregate_id) {
+            // What the store holds beyond it could only conflict with the flush.
+            return Ok(staged);
+        }
         let mut known = self.known.get::<A>(aggregate_id).unwrap_or_default();
         let newer = if known.sequence == 0 {
             self.cqrs_store::<A>().load_events(aggregate_id).await?
@@ -478,17 +571,30 @@ impl EventStore {
         }
         // The append is a client span of the command's trace; its context is stored with
         // the events, so whatever handles them later (projector, saga) continues the trace.
-        let span = tracing::info_span!(
-            "append",
-            otel.name = %format_args!("INSERT {}", A::TYPE),
-            otel.kind = "client",
-            db.system.name = self.database.semconv_system(),
-            db.operation.name = "INSERT",
-            db.collection.name = "events",
-            aggregate_type = A::TYPE,
-            aggregate_id = %context.aggregate_id,
-            events = events.len(),
-        );
+        // A staged append is an internal span (the flush that writes it is the client's).
+        let staged = stage::active();
+        let span = if staged {
+            tracing::info_span!(
+                "stage",
+                otel.name = %format_args!("stage {}", A::TYPE),
+                otel.kind = "internal",
+                aggregate_type = A::TYPE,
+                aggregate_id = %context.aggregate_id,
+                events = events.len(),
+            )
+        } else {
+            tracing::info_span!(
+                "append",
+                otel.name = %format_args!("INSERT {}", A::TYPE),
+                otel.kind = "client",
+                db.system.name = self.database.semconv_system(),
+                db.operation.name = "INSERT",
+                db.collection.name = "events",
+                aggregate_type = A::TYPE,
+                aggregate_id = %context.aggregate_id,
+                events = events.len(),
+            )
+        };
         let mut stored = metadata.to_map();
         stored.insert(
             SETTINGS_VERSION_KEY.to_owned(),
@@ -501,12 +607,22 @@ impl EventStore {
             .commit(events, context, stored)
             .instrument(span)
             .await?;
+        if !staged {
+            self.written(&[(A::TYPE, committed.len())]);
+        }
+        Ok(committed)
+    }
+
+    /// Counts `written` events (so many of each aggregate type) and wakes this process's
+    /// stream readers.
+    fn written(&self, written: &[(&'static str, usize)]) {
         if let Some(metrics) = &self.metrics {
-            metrics.events_appended(A::TYPE, committed.len());
+            for (aggregate_type, count) in written {
+                metrics.events_appended(aggregate_type, *count);
+            }
         }
         self.appended
             .send_modify(|count| *count = count.wrapping_add(1));
-        Ok(committed)
     }
 
     /// Runs `command` against the aggregate and appends the events it decides, with
@@ -532,7 +648,7 @@ impl EventStore {
         A::Command: Clone,
     {
         let command_id = metadata.command_id.to_string();
-        if let Some(known) = self.known.get::<A>(aggregate_id) {
+        if let Some(known) = self.kept::<A>(aggregate_id) {
             if !known.command_ids.contains(&command_id) {
                 match self
                     .decide_on(aggregate_id, known, command.clone(), services, metadata)
@@ -600,7 +716,11 @@ impl EventStore {
                 for envelope in committed {
                     known.apply(envelope.clone());
                 }
-                self.known.put(aggregate_id, known);
+                if stage::active() {
+                    stage::keep(aggregate_id, known);
+                } else {
+                    self.known.put(aggregate_id, known);
+                }
             }
             Ok(_) | Err(AggregateError::UserError(_)) => {}
             Err(_) => self.known.forget::<A>(aggregate_id),

@@ -105,11 +105,11 @@ struct Row {
 type Key<'a> = (&'a str, &'a str, i64);
 
 impl Row {
-    fn new(aggregate_type: &'static str, event: &SerializedEvent, fence: Option<Fence>) -> Self {
+    fn new(aggregate_type: &'static str, event: SerializedEvent, fence: Option<Fence>) -> Self {
         Self {
             aggregate_type,
             sequence: i64::try_from(event.sequence).unwrap_or(i64::MAX),
-            event: event.clone(),
+            event,
             fence,
         }
     }
@@ -186,7 +186,7 @@ impl GroupCommit {
     pub(super) async fn append(
         self: &Arc<Self>,
         aggregate_type: &'static str,
-        event: &SerializedEvent,
+        event: SerializedEvent,
         fence: Option<Fence>,
     ) -> Result<(), PersistenceError> {
         let row = Row::new(aggregate_type, event, fence);

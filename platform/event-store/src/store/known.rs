@@ -132,7 +132,8 @@ impl KnownAggregates {
         self.forget_key(A::TYPE, id);
     }
 
-    fn forget_key(&self, aggregate_type: &str, id: &str) {
+    /// Forgets the aggregate of `aggregate_type` (whether an append went through is unknown).
+    pub(super) fn forget_key(&self, aggregate_type: &str, id: &str) {
         let mut entries = self.entries();
         if entries
             .proven

@@ -40,9 +40,10 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
     /// when the reaction ends ([`EventStore::staged`](petstore_event_store::store::EventStore::staged)):
     /// the steps between two provider calls are one commit, all or nothing. Should another
     /// writer have appended meanwhile to an aggregate it staged for (a pet another order
-    /// took, an order its customer cancelled), nothing staged is written, and the reaction
-    /// runs again on the aggregates as stored (each command with the same id: what was
-    /// written before is not written twice).
+    /// took, an order its customer cancelled), the staged commands are written one by one
+    /// up to the conflicting one ([`EventStore::flush`](petstore_event_store::store::EventStore::flush)),
+    /// and the reaction runs again on the aggregates as stored (each command with the same
+    /// id: what was written before is not written twice).
     pub(crate) async fn handle_event(
         &self,
         order_id: OrderId,
@@ -50,10 +51,11 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
         decoded: &Decoded,
     ) -> Result<(), SagaError> {
         let arrival = Arrival::of(event)?;
+        let staged = Fence::current().is_some();
         let mut attempt = 0;
         loop {
             let mut reacted = Vec::new();
-            let outcome = if Fence::current().is_some() {
+            let outcome = if staged {
                 let reaction = async {
                     self.react(order_id, &arrival, decoded, &mut reacted)
                         .await?;
@@ -67,12 +69,17 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
             };
             match outcome {
                 Ok(()) => {
+                    if matches!(decoded, Decoded::Order(OrderEvent::OrderCreated(_))) {
+                        self.metrics.sagas_started.inc();
+                    }
                     for event_id in reacted {
                         self.remember(event_id);
                     }
                     return Ok(());
                 }
-                Err(SagaError::Conflict(conflict)) if attempt < STAGED_CONFLICT_RETRIES => {
+                Err(SagaError::Conflict(conflict))
+                    if staged && attempt < STAGED_CONFLICT_RETRIES =>
+                {
                     attempt += 1;
                     tracing::debug!(attempt, %conflict, "the step's appends conflicted; reacting again");
                     let ceiling = 2_u64.saturating_pow(attempt.min(6));
@@ -111,7 +118,6 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
             Decoded::Delivery(inner) => SagaEvent::Delivery(inner),
         };
         if matches!(decoded, Decoded::Order(OrderEvent::OrderCreated(_))) {
-            self.metrics.sagas_started.inc();
             if let Ok(mut orders) = self.in_flight.lock() {
                 orders.insert(order_id);
             }

@@ -138,8 +138,8 @@ on_both_engines!(
 
 /// A work that stages its appends decides each command on what it staged before, shows
 /// nobody (not even another task of its process) anything until it flushes, and then
-/// writes everything at once; a conflict on any staged aggregate writes none of it, and
-/// what is still staged when the work ends is dropped.
+/// writes everything at once; on a conflict, only the commands decided before the
+/// conflicting one are written; what is still staged when the work ends is dropped.
 async fn staged_appends_are_written_together_or_not_at_all(engine: Engine) {
     let storage = Storage::new(engine).await;
     let (owner, other) = (
@@ -206,11 +206,14 @@ async fn staged_appends_are_written_together_or_not_at_all(engine: Engine) {
         "the written copies are kept"
     );
 
-    // Another writer takes a sequence the work staged: nothing staged is written.
+    // Another writer takes a sequence the work staged: the commands decided before the
+    // conflicting one are written (as if each had been written when decided), the
+    // conflicting one and all after it are not.
     let outcome = owner
         .staged(async {
             run(&owner, "y", CounterCommand::Increment).await;
             run(&owner, "x", CounterCommand::Increment).await;
+            run(&owner, "y", CounterCommand::Increment).await;
             tokio::spawn(run(&other, "x", CounterCommand::Note("first".into())))
                 .await
                 .expect("the other's append");
@@ -221,13 +224,18 @@ async fn staged_appends_are_written_together_or_not_at_all(engine: Engine) {
         matches!(outcome, Err(AggregateError::AggregateConflict)),
         "{outcome:?}"
     );
-    assert_eq!(stored_event_count(&owner).await, 5, "only the other's note");
     assert_eq!(
-        value(&owner, "y").await,
-        2,
-        "y's staged event was not written"
+        stored_event_count(&owner).await,
+        6,
+        "the other's note, y's first"
+    );
+    assert_eq!(
+        tokio::spawn(value(&other, "y")).await.expect("task"),
+        3,
+        "y's command before the conflict is written, the one after it is not"
     );
     // What the owner knew of the staged aggregates is forgotten: it decides on the stored.
+    assert_eq!(value(&owner, "y").await, 3);
     let written = run(&owner, "x", CounterCommand::Increment).await;
     assert_eq!(written[0].sequence, 4);
 
@@ -237,8 +245,8 @@ async fn staged_appends_are_written_together_or_not_at_all(engine: Engine) {
             run(&owner, "y", CounterCommand::Increment).await;
         })
         .await;
-    assert_eq!(value(&owner, "y").await, 2);
-    assert_eq!(stored_event_count(&owner).await, 6);
+    assert_eq!(value(&owner, "y").await, 3);
+    assert_eq!(stored_event_count(&owner).await, 7);
     storage.remove().await;
 }
 

@@ -71,14 +71,18 @@ impl EventRepository {
 /// saga partition's [`Fence`], the append is written only while its lease holds.
 async fn append_postgres(
     group_commit: &Arc<GroupCommit>,
-    events: Vec<(&'static str, SerializedEvent)>,
+    events: &[(&'static str, SerializedEvent)],
 ) -> Result<(), PersistenceError> {
     let fence = Fence::current();
-    match <[_; 1]>::try_from(events) {
-        Ok([(aggregate_type, event)]) => group_commit.append(aggregate_type, event, fence).await,
-        Err(none) if none.is_empty() => Ok(()),
-        Err(several) => {
-            let held = append_many(group_commit.pool(), &several, fence.as_ref())
+    match events {
+        [] => Ok(()),
+        [(aggregate_type, event)] => {
+            group_commit
+                .append(aggregate_type, event.clone(), fence)
+                .await
+        }
+        several => {
+            let held = append_many(group_commit.pool(), several, fence.as_ref())
                 .await
                 .map_err(|error| persistence_error(error, "23505"))?;
             match fence {
@@ -160,11 +164,12 @@ async fn append_many(
 /// unique-constraint violation (2067; a primary-key one before migration 0012).
 async fn append_sqlite(
     pool: &sqlx::SqlitePool,
-    events: Vec<(&'static str, SerializedEvent)>,
+    events: &[(&'static str, SerializedEvent)],
 ) -> Result<(), PersistenceError> {
     const INSERT: &str = "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
          VALUES (?, ?, ?, ?, ?, ?, ?)";
     let pool = pool.clone();
+    let events = events.to_vec();
     crate::database::to_completion(async move {
         let insert = |(aggregate_type, event): &(&'static str, SerializedEvent)| {
             sqlx::query(INSERT)
@@ -212,7 +217,7 @@ impl SharedRepository {
     /// fence, if any.
     async fn append(
         &self,
-        events: Vec<(&'static str, SerializedEvent)>,
+        events: &[(&'static str, SerializedEvent)],
     ) -> Result<(), PersistenceError> {
         match self.0.as_ref() {
             EventRepository::Postgres(_, group_commit) => {
@@ -257,13 +262,11 @@ impl PersistedEventRepository for SharedRepository {
         }
         match snapshot_update {
             None => {
-                self.append(
-                    events
-                        .iter()
-                        .map(|event| (A::TYPE, event.clone()))
-                        .collect(),
-                )
-                .await
+                let events: Vec<_> = events
+                    .iter()
+                    .map(|event| (A::TYPE, event.clone()))
+                    .collect();
+                self.append(&events).await
             }
             snapshot_update => {
                 delegate!(self, repo => repo.persist::<A>(events, snapshot_update))
@@ -432,45 +435,76 @@ impl EventStore {
     /// Writes everything the work running now has staged ([`Self::staged`]) in one
     /// statement, all or nothing, under the work's fence, if any (nothing to do when it
     /// staged nothing, or does not stage). Written, the staged copies of the aggregates are
-    /// kept as current. Not written (another writer took a sequence staged here: a
-    /// conflict; the fence no longer held; the database failed), the stage is empty all the
-    /// same and this process forgets what it knew of the staged aggregates: the work
-    /// decides again on them as stored.
+    /// kept as current.
+    ///
+    /// Should another writer have taken a sequence staged here (a conflict), the staged
+    /// commands are written one by one instead, in the order they were decided, up to the
+    /// first that conflicts: what each was decided on is then written before it, as if each
+    /// had been written when decided, and nothing decided on a conflicting copy is. So
+    /// what a command recorded of the world outside (a provider's answer) is kept though a
+    /// later command of the stage conflicted. The conflict is returned all the same. Not
+    /// written (a conflict; the fence no longer held; the database failed), the stage is
+    /// empty all the same and this process forgets what it knew of the staged aggregates:
+    /// the work decides again on them as stored.
     pub async fn flush(&self) -> Result<(), AggregateError<std::convert::Infallible>> {
-        let mut staged = stage::take();
-        let events = std::mem::take(&mut staged.events);
-        if events.is_empty() {
+        let staged = stage::take();
+        if staged.events.is_empty() {
             return Ok(());
         }
         let mut written: Vec<(&'static str, usize)> = Vec::new();
-        for (aggregate_type, _) in &events {
+        for (aggregate_type, _) in &staged.events {
             match written.iter_mut().find(|(kind, _)| kind == aggregate_type) {
                 Some((_, count)) => *count += 1,
                 None => written.push((aggregate_type, 1)),
             }
         }
-        let span = tracing::info_span!(
-            "append",
-            otel.name = "INSERT events",
-            otel.kind = "client",
-            db.system.name = self.database.semconv_system(),
-            db.operation.name = "INSERT",
-            db.collection.name = "events",
-            events = events.len(),
-        );
-        match self.repository.append(events).instrument(span).await {
+        match self
+            .repository
+            .append(&staged.events)
+            .instrument(self.insert_span(staged.events.len()))
+            .await
+        {
             Ok(()) => {
                 self.written(&written);
                 staged.keep_copies(&self.known);
                 Ok(())
             }
             Err(error) => {
+                if matches!(error, PersistenceError::OptimisticLockError) {
+                    for command in staged.commands() {
+                        let Some((aggregate_type, _)) = command.first() else {
+                            continue;
+                        };
+                        let written = self
+                            .repository
+                            .append(command)
+                            .instrument(self.insert_span(command.len()))
+                            .await;
+                        if written.is_err() {
+                            break;
+                        }
+                        self.written(&[(aggregate_type, command.len())]);
+                    }
+                }
                 for (aggregate_type, id) in staged.aggregates() {
                     self.known.forget_key(aggregate_type, id);
                 }
                 Err(error.into())
             }
         }
+    }
+
+    /// The client span of a write of `events` staged events.
+    fn insert_span(&self, events: usize) -> tracing::Span {
+        tracing::info_span!(
+            "append",
+            otel.name = "INSERT events",
+            otel.kind = "client",
+            db.system.name = self.database.semconv_system(),
+            db.operation.name = "INSERT",
+            db.collection.name = "events",
+            events,
+        )
     }
 
     /// What is known of the aggregate: as the work's staged events leave it, else as this

@@ -24,8 +24,8 @@ tokio::task_local! {
 
 /// An aggregate as the staged events leave it, and how to keep it once they are written.
 struct Copy {
-    known: Box<dyn Any + Send>,
-    keep: fn(&KnownAggregates, &str, Box<dyn Any + Send>),
+    known: Box<dyn Any + Send + Sync>,
+    keep: fn(&KnownAggregates, &str, Box<dyn Any + Send + Sync>),
 }
 
 /// The staged events and the aggregates as they leave them.
@@ -33,10 +33,20 @@ struct Copy {
 pub(super) struct Staged {
     /// The events, in the order they were decided, each with its aggregate's type.
     pub(super) events: Vec<(&'static str, SerializedEvent)>,
+    /// Where each command's events end in `events`.
+    ends: Vec<usize>,
     copies: HashMap<(&'static str, String), Copy>,
 }
 
 impl Staged {
+    /// The staged events, each command's apart, in the order they were decided.
+    pub(super) fn commands(&self) -> impl Iterator<Item = &[(&'static str, SerializedEvent)]> + '_ {
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        starts
+            .zip(self.ends.iter().copied())
+            .map(|(start, end)| &self.events[start..end])
+    }
+
     /// Keeps the staged copies among `known` (the events are written: the copies are
     /// current).
     pub(super) fn keep_copies(self, known: &KnownAggregates) {
@@ -66,10 +76,12 @@ pub(super) fn active() -> bool {
 pub(super) fn stage(aggregate_type: &'static str, events: &[SerializedEvent]) -> bool {
     STAGE
         .try_with(|stage| {
+            let mut stage = stage.borrow_mut();
             stage
-                .borrow_mut()
                 .events
                 .extend(events.iter().map(|event| (aggregate_type, event.clone())));
+            let end = stage.events.len();
+            stage.ends.push(end);
         })
         .is_ok()
 }
@@ -112,7 +124,7 @@ pub(super) fn take() -> Staged {
 fn keep_written<A: Aggregate + Clone + 'static>(
     known: &KnownAggregates,
     id: &str,
-    copy: Box<dyn Any + Send>,
+    copy: Box<dyn Any + Send + Sync>,
 ) {
     if let Ok(copy) = copy.downcast::<Known<A>>() {
         known.put(id, *copy);

@@ -4,7 +4,12 @@
 # the single-row commit floor (pgbench), the single process at 1 and 50 clients, the CPU per
 # saga at 50 clients (bench/cpu_share.py), and the distributed saga (Kafka).
 #
-#   ROUNDS=3 bench/saga_rounds.sh OUT_DIR BUILD_A BUILD_B ...
+#   ROUNDS=3 bench/saga_rounds.sh OUT_DIR DIR_A/pipeline-bench DIR_B/pipeline-bench ...
+#
+# Each build is a pipeline-bench binary in a directory of its own, named after the build (the
+# commit): bench/cpu_share.py finds the process by its name, `pipeline-bench`. Two checkouts
+# built into one target directory: touch the second one's sources first (`find . -name '*.rs'
+# -exec touch {} +`), or cargo may keep the first one's artifacts of the same crates.
 #
 # Needs Postgres, Redis and the broker running (scripts/services.sh postgres redis kafka).
 # Writes OUT_DIR/<round>-<build name>-<what>.txt; prints nothing else of note.
@@ -24,7 +29,7 @@ echo "INSERT INTO floor (payload) VALUES ('an order placed, one row');" > "$out/
 
 run_build() {
   local round="$1" build="$2" name
-  name="$(basename "$build")"
+  name="$(basename "$(dirname "$build")")"
   pgbench -h 127.0.0.1 -U postgres -n -M prepared -f "$out/insert.sql" -c 1 -T 5 floor \
     > "$out/$round-$name-floor.txt" 2>&1
   "$build" --kafka-brokers none saga --provider-latency-ms 0 --clients 1,50 --orders 1500 \
@@ -45,7 +50,7 @@ for round in $(seq 1 "$rounds"); do
     for (( i=${#builds[@]}-1; i>=0; i-- )); do order+=("${builds[$i]}"); done
   fi
   for build in "${order[@]}"; do
-    echo "round $round: $(basename "$build") $(date -u +%H:%M:%S)"
+    echo "round $round: $(basename "$(dirname "$build")") $(date -u +%H:%M:%S)"
     run_build "$round" "$build"
   done
 done

@@ -16,7 +16,7 @@ use petstore_domain::saga::{self, SagaAction, SagaEvent, SagaOutcome};
 use petstore_domain::{CustomerId, DomainError, OrderId};
 use petstore_event_store::deadlines::{self, Deadline, DeadlineKind};
 use petstore_event_store::leases::Fence;
-use petstore_event_store::store::EventMetadata;
+use petstore_event_store::store::{EventMetadata, EventStore};
 use petstore_event_store::stream::RecordedEvent;
 use petstore_resilience::CallError;
 use petstore_settings::Flag;
@@ -37,13 +37,14 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
     ///
     /// The owner of the order's partition stages what the commands decide and writes it at
     /// once where an action depends on it (a provider call, a deadline, the saga's end) and
-    /// when the reaction ends ([`EventStore::staged`](petstore_event_store::store::EventStore::staged)):
+    /// when the reaction ends ([`EventStore::staged`]):
     /// the steps between two provider calls are one commit, all or nothing. Should another
     /// writer have appended meanwhile to an aggregate it staged for (a pet another order
     /// took, an order its customer cancelled), the staged commands are written one by one
-    /// up to the conflicting one ([`EventStore::flush`](petstore_event_store::store::EventStore::flush)),
-    /// and the reaction runs again on the aggregates as stored (each command with the same
-    /// id: what was written before is not written twice).
+    /// up to the conflicting one ([`EventStore::flush`]), and the reaction runs again on the
+    /// aggregates as stored, as often as a command that lost a race is decided again
+    /// (`commands.max_conflict_retries`; each command with the same id: what was written
+    /// before is not written twice).
     pub(crate) async fn handle_event(
         &self,
         order_id: OrderId,
@@ -78,15 +79,11 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                     return Ok(());
                 }
                 Err(SagaError::Conflict(conflict))
-                    if staged && attempt < STAGED_CONFLICT_RETRIES =>
+                    if staged && self.store.retry_after_conflict(attempt) =>
                 {
                     attempt += 1;
                     tracing::debug!(attempt, %conflict, "the step's appends conflicted; reacting again");
-                    let ceiling = 2_u64.saturating_pow(attempt.min(6));
-                    tokio::time::sleep(std::time::Duration::from_millis(fastrand::u64(
-                        0..=ceiling,
-                    )))
-                    .await;
+                    EventStore::back_off(attempt).await;
                 }
                 Err(error) => return Err(error),
             }

@@ -39,10 +39,6 @@ pub const SUBJECT: &str = "saga";
 /// How often a held payment looks whether `payment_processing` is on again.
 pub(crate) const PAYMENT_HOLD_RECHECK: chrono::Duration = chrono::Duration::seconds(1);
 
-/// Times a step is reacted to again when what it staged conflicted with another writer's
-/// appends (see `handle_event`), before the conflict fails the step.
-pub(crate) const STAGED_CONFLICT_RETRIES: u32 = 5;
-
 /// Attempts at handling one event before it is set aside as a dead letter.
 pub(crate) const HANDLING_ATTEMPTS: u32 = 3;
 

@@ -71,21 +71,7 @@ async fn replaying_every_projection_gives_byte_identical_read_models() {
         ("beagle-001", Some("payment-service")),
         ("golden-retriever-001", None),
     ] {
-        let mut request = app
-            .client
-            .post(app.url("/petstore-domain/orders"))
-            .json(&serde_json::json!({"customer_id": "c", "pet_id": pet}));
-        if let Some(service) = failure {
-            request = request.header("X-Simulate-Failure", service);
-        }
-        let accepted: Value = request
-            .send()
-            .await
-            .expect("answered")
-            .json()
-            .await
-            .expect("json");
-        orders.push(accepted["order_id"].as_str().expect("id").to_owned());
+        orders.push(app.post_order(pet, failure).await);
     }
     for order_id in &orders {
         app.wait_for_terminal(order_id).await;

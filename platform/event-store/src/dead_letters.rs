@@ -8,14 +8,13 @@
 
 use petstore_telemetry::health::{ComponentHealth, HealthCheck};
 use std::collections::BTreeMap;
+use std::sync::LazyLock;
 
 use chrono::Utc;
 use petstore_domain::OrderId;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
-
-use std::sync::LazyLock;
 
 use crate::database::{with_pool, Database};
 use crate::leases::{self, CheckError, Fence};

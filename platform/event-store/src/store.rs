@@ -475,12 +475,12 @@ impl EventStore {
                         let Some((aggregate_type, _)) = command.first() else {
                             continue;
                         };
-                        let written = self
+                        let outcome = self
                             .repository
                             .append(command)
                             .instrument(self.insert_span(command.len()))
                             .await;
-                        if written.is_err() {
+                        if outcome.is_err() {
                             break;
                         }
                         self.written(&[(aggregate_type, command.len())]);
@@ -705,15 +705,27 @@ impl EventStore {
                 .decide_on(aggregate_id, known, command.clone(), services, metadata)
                 .await
             {
-                Err(AggregateError::AggregateConflict) if attempt < self.max_conflict_retries => {
+                Err(AggregateError::AggregateConflict) if self.retry_after_conflict(attempt) => {
                     attempt += 1;
                     tracing::debug!(attempt, aggregate_id, "append conflicted; retrying");
-                    let ceiling = 2_u64.saturating_pow(attempt.min(6));
-                    tokio::time::sleep(Duration::from_millis(fastrand::u64(0..=ceiling))).await;
+                    Self::back_off(attempt).await;
                 }
                 outcome => return outcome,
             }
         }
+    }
+
+    /// Whether work that conflicted `attempt` times so far may try again: at most
+    /// `max_conflict_retries` times.
+    pub fn retry_after_conflict(&self, attempt: u32) -> bool {
+        attempt < self.max_conflict_retries
+    }
+
+    /// Waits before the `attempt`th try after a conflict: a jittered pause of up to 2^attempt
+    /// ms (64 at most), so that racing writers spread out.
+    pub async fn back_off(attempt: u32) {
+        let ceiling = 2_u64.saturating_pow(attempt.min(6));
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(0..=ceiling))).await;
     }
 
     /// Decides `command` on `known` and commits it; what is known of the aggregate follows:

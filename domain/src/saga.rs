@@ -132,19 +132,28 @@ pub enum SagaAction {
         /// When it is due.
         due_at: DateTime<Utc>,
     },
+    /// The saga ended: every deadline of the order still armed has nothing left to do
+    /// (it would fire a step's time-out the order refuses, or look again at a step that is
+    /// over), and is settled.
+    SettleDeadlines,
     /// The saga ended; count it.
     Finished(SagaOutcome),
 }
 
 impl SagaAction {
-    /// Whether the action is a command to one of the saga's aggregates, and nothing more:
-    /// what it decides may wait to be written with the commands after it. Any other action
-    /// (a provider call, a deadline, the saga's end) acts on what the reaction decided
-    /// before it, which must have been written first.
-    pub fn is_command(&self) -> bool {
+    /// Whether the action only writes to the event store (a command to one of the saga's
+    /// aggregates, a deadline): it may wait to be written with the writes after it, all or
+    /// nothing. Any other action (a provider call, the saga's end) acts on what the
+    /// reaction decided before it, which must have been written first.
+    pub fn only_writes(&self) -> bool {
         matches!(
             self,
-            Self::Order(_) | Self::Pet { .. } | Self::Payment(_) | Self::Delivery(_)
+            Self::Order(_)
+                | Self::Pet { .. }
+                | Self::Payment(_)
+                | Self::Delivery(_)
+                | Self::ScheduleDeadline { .. }
+                | Self::SettleDeadlines
         )
     }
 }
@@ -245,7 +254,10 @@ pub fn react(
             ]
         }
         SagaEvent::Order(OrderEvent::OrderCompleted) => {
-            vec![SagaAction::Finished(SagaOutcome::Completed)]
+            vec![
+                SagaAction::SettleDeadlines,
+                SagaAction::Finished(SagaOutcome::Completed),
+            ]
         }
         SagaEvent::Order(OrderEvent::OrderCancelled { reason, .. }) => vec![
             SagaAction::CancelDelivery {
@@ -265,7 +277,10 @@ pub fn react(
             let reason = order
                 .cancellation_reason()
                 .unwrap_or(CancellationReason::Requested);
-            vec![SagaAction::Finished(SagaOutcome::Cancelled(reason))]
+            vec![
+                SagaAction::SettleDeadlines,
+                SagaAction::Finished(SagaOutcome::Cancelled(reason)),
+            ]
         }
         _ => Vec::new(),
     }
@@ -559,9 +574,10 @@ mod tests {
                 now(),
                 &policy(true)
             ),
-            [SagaAction::Finished(SagaOutcome::Cancelled(
-                CancellationReason::DeliveryFailed
-            ))]
+            [
+                SagaAction::SettleDeadlines,
+                SagaAction::Finished(SagaOutcome::Cancelled(CancellationReason::DeliveryFailed))
+            ]
         );
     }
 

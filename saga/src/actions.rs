@@ -35,9 +35,9 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
     /// to bring those back ([`Self::react`]); then remembers each event reacted to from
     /// memory, so that its copy from the stream is only acknowledged.
     ///
-    /// The owner of the order's partition stages what the commands decide and writes it at
-    /// once where an action depends on it (a provider call, a deadline, the saga's end) and
-    /// when the reaction ends ([`EventStore::staged`]):
+    /// The owner of the order's partition stages what the commands decide (and the deadlines
+    /// it schedules) and writes it at once where an action depends on it (a provider call,
+    /// the saga's end) and when the reaction ends ([`EventStore::staged`]):
     /// the steps between two provider calls are one commit, all or nothing. Should another
     /// writer have appended meanwhile to an aggregate it staged for (a pet another order
     /// took, an order its customer cancelled), the staged commands are written one by one
@@ -187,7 +187,7 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
         action: SagaAction,
     ) -> Result<Flow, SagaError> {
         let order_key = cause.order_id.to_string();
-        if !action.is_command() {
+        if !action.only_writes() {
             // It acts on what the reaction decided so far: written first.
             self.flush().await?;
         }
@@ -422,6 +422,9 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                     },
                 )
                 .await?;
+            }
+            SagaAction::SettleDeadlines => {
+                deadlines::settle(self.store.database(), &cause.order_id).await?;
             }
             SagaAction::Finished(outcome) => {
                 if let Ok(mut orders) = self.in_flight.lock() {

@@ -138,9 +138,13 @@ on_both_engines!(
 
 /// A work that stages its appends decides each command on what it staged before, shows
 /// nobody (not even another task of its process) anything until it flushes, and then
-/// writes everything at once; on a conflict, only the commands decided before the
-/// conflicting one are written; what is still staged when the work ends is dropped.
+/// writes everything at once, the deadlines it staged too; on a conflict, only the commands
+/// decided before the conflicting one are written, and no deadline; what is still staged
+/// when the work ends is dropped.
 async fn staged_appends_are_written_together_or_not_at_all(engine: Engine) {
+    use petstore_domain::OrderId;
+    use petstore_event_store::deadlines::{self, Deadline, DeadlineKind};
+
     let storage = Storage::new(engine).await;
     let (owner, other) = (
         EventStore::new(storage.database().await, 8),
@@ -159,6 +163,32 @@ async fn staged_appends_are_written_together_or_not_at_all(engine: Engine) {
         let store = store.clone();
         async move { store.load::<Counter>(id).await.expect("loaded").value }
     };
+    let database = owner.database().clone();
+    let now = chrono::Utc::now();
+    let order = OrderId::random();
+    let deadline = |kind, due_at| Deadline {
+        order_id: order,
+        kind,
+        due_at,
+        correlation_id: "staged".into(),
+    };
+    // As stored: (kind, due at), the earliest first.
+    let stored_deadlines = || {
+        let database = database.clone();
+        async move {
+            let due = deadlines::due(&database, now + chrono::Duration::days(1), 10)
+                .await
+                .expect("deadlines");
+            due.into_iter()
+                .map(|deadline| (deadline.kind, deadline.due_at.timestamp_millis()))
+                .collect::<Vec<_>>()
+        }
+    };
+    let (soon, later, latest) = (
+        now - chrono::Duration::seconds(3),
+        now - chrono::Duration::seconds(2),
+        now - chrono::Duration::seconds(1),
+    );
 
     owner
         .staged(async {
@@ -183,9 +213,38 @@ async fn staged_appends_are_written_together_or_not_at_all(engine: Engine) {
                 0,
                 "another process sees nothing"
             );
+            // Deadlines staged as the writes in turn would leave them: a schedule keeps the
+            // one staged before it, a re-arm moves it.
+            let (payment, hold) = (
+                DeadlineKind::Step(petstore_domain::SagaStep::Payment),
+                DeadlineKind::PaymentHold,
+            );
+            for (kind, due_at, rearm) in [
+                (payment, soon, false),
+                (payment, latest, false),
+                (hold, soon, false),
+                (hold, later, true),
+                (hold, latest, false),
+            ] {
+                let write = if rearm {
+                    deadlines::rearm(&database, &deadline(kind, due_at)).await
+                } else {
+                    deadlines::schedule(&database, &deadline(kind, due_at)).await
+                };
+                write.expect("staged");
+            }
             assert_eq!(stored_event_count(&owner).await, 0);
+            assert_eq!(stored_deadlines().await, [], "no deadline written yet");
             owner.flush().await.expect("written");
             assert_eq!(stored_event_count(&owner).await, 4);
+            assert_eq!(
+                stored_deadlines().await,
+                [
+                    (payment, soon.timestamp_millis()),
+                    (hold, later.timestamp_millis())
+                ],
+                "written with the events"
+            );
             owner.flush().await.expect("nothing left to write");
         })
         .await;
@@ -212,6 +271,9 @@ async fn staged_appends_are_written_together_or_not_at_all(engine: Engine) {
     let outcome = owner
         .staged(async {
             run(&owner, "y", CounterCommand::Increment).await;
+            deadlines::rearm(&database, &deadline(DeadlineKind::PaymentHold, latest))
+                .await
+                .expect("staged");
             run(&owner, "x", CounterCommand::Increment).await;
             run(&owner, "y", CounterCommand::Increment).await;
             tokio::spawn(run(&other, "x", CounterCommand::Note("first".into())))
@@ -233,6 +295,11 @@ async fn staged_appends_are_written_together_or_not_at_all(engine: Engine) {
         tokio::spawn(value(&other, "y")).await.expect("task"),
         3,
         "y's command before the conflict is written, the one after it is not"
+    );
+    assert_eq!(
+        stored_deadlines().await[1],
+        (DeadlineKind::PaymentHold, later.timestamp_millis()),
+        "the staged deadline is not written"
     );
     // What the owner knew of the staged aggregates is forgotten: it decides on the stored.
     assert_eq!(value(&owner, "y").await, 3);
@@ -902,6 +969,16 @@ async fn writes_under_a_lost_lease_are_refused() {
                 .execute::<Counter>("staged", CounterCommand::Increment, &(), &metadata())
                 .await
                 .expect("staged");
+            // A deadline staged with them: refused with them (the count of due ones below).
+            deadlines::schedule(
+                &database,
+                &Deadline {
+                    order_id: OrderId::random(),
+                    ..deadline.clone()
+                },
+            )
+            .await
+            .expect("staged");
             store.flush().await
         }))
         .await;

@@ -6,8 +6,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use chrono::Utc;
 use petstore_cli::Role;
 use petstore_event_store::database::Database;
+use petstore_event_store::deadlines;
 use petstore_event_store::leases::Leases;
 use petstore_event_store::store::EventStore;
 use petstore_live_settings::Live;
@@ -296,6 +298,24 @@ async fn an_order_completes_and_its_audit_trail_shows_the_whole_chain(engine: En
         metrics.contains(r#"petstore_saga_completed_total{outcome="completed",reason=""} 1"#)
     })
     .await;
+    // The saga ended: none of its step deadlines is left to fire (they were settled in the
+    // commit that completed the order).
+    let database = storage.database().await;
+    let armed = deadlines::due(&database, Utc::now() + chrono::Duration::days(1), 100)
+        .await
+        .expect("deadlines");
+    assert_eq!(armed, [], "no deadline armed after the saga ended");
+    if let Database::Postgres(pool) = &database {
+        let steps: Vec<String> = sqlx::query_scalar(
+            "SELECT step FROM saga_deadlines
+              WHERE order_id = $1 AND fired_at_ms IS NOT NULL ORDER BY step",
+        )
+        .bind(&order_id)
+        .fetch_all(pool)
+        .await
+        .expect("deadlines");
+        assert_eq!(steps, ["delivery", "payment", "reservation"]);
+    }
     app.stop().await;
     storage.remove().await;
 }

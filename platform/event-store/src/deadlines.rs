@@ -8,6 +8,11 @@
 //! they are derived from events, and the saga checkpoint that covers a deadline's event is
 //! written after it, so a database crash that loses one loses that checkpoint too, and the
 //! event is handled again. Any event append (always flushed) flushes them first.
+//!
+//! Inside work that stages its appends (the owner of a saga partition reacting,
+//! [`EventStore::staged`](crate::store::EventStore::staged)), scheduling, re-arming and
+//! settling are staged as well ([`Writes`]) and written in the statement (or SQLite
+//! transaction) that writes the staged events, all or nothing.
 
 use chrono::{DateTime, TimeZone, Utc};
 use petstore_domain::{OrderId, SagaStep};
@@ -74,44 +79,261 @@ pub struct Deadline {
     pub correlation_id: String,
 }
 
-/// Records `deadline` unless one exists for the same order and step.
-pub async fn schedule(database: &Database, deadline: &Deadline) -> Result<(), CheckError> {
-    const SQL: &str = "INSERT INTO saga_deadlines (order_id, step, due_at_ms, correlation_id)
-                       VALUES ($1, $2, $3, $4) ON CONFLICT (order_id, step) DO NOTHING";
-    static POSTGRES: LazyLock<String> = LazyLock::new(|| {
-        leases::fenced(
-            concat!(
+/// How a deadline's write treats the order's deadline of the same kind, if one is recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Write {
+    /// Leaves it as it is ([`schedule`]).
+    Schedule,
+    /// Moves it to the new time and arms it again ([`rearm`]).
+    Rearm,
+}
+
+impl Write {
+    /// The statement on SQLite, `$1` to `$4` the deadline's order, kind, time and
+    /// correlation id.
+    fn sqlite(self) -> &'static str {
+        match self {
+            Self::Schedule => {
                 "INSERT INTO saga_deadlines (order_id, step, due_at_ms, correlation_id)
-                 SELECT $1, $2, $3, $4 FROM ",
-                lazily_durable!(),
-                " WHERE FENCED ON CONFLICT (order_id, step) DO NOTHING"
-            ),
-            5,
-        )
-    });
-    write(database, (&POSTGRES, SQL), deadline).await
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (order_id, step) DO NOTHING"
+            }
+            Self::Rearm => {
+                "INSERT INTO saga_deadlines (order_id, step, due_at_ms, correlation_id)
+                 VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (order_id, step)
+                 DO UPDATE SET due_at_ms = excluded.due_at_ms, fired_at_ms = NULL"
+            }
+        }
+    }
+
+    /// What the write does on a recorded deadline, on Postgres.
+    fn on_conflict(self) -> &'static str {
+        match self {
+            Self::Schedule => "ON CONFLICT (order_id, step) DO NOTHING",
+            Self::Rearm => {
+                "ON CONFLICT (order_id, step)
+                 DO UPDATE SET due_at_ms = excluded.due_at_ms, fired_at_ms = NULL"
+            }
+        }
+    }
+}
+
+/// Records `deadline` unless one exists for the same order and step. Inside work whose
+/// appends are staged ([`EventStore::staged`](crate::store::EventStore::staged)), it is
+/// staged too, and written with them.
+pub async fn schedule(database: &Database, deadline: &Deadline) -> Result<(), CheckError> {
+    write(database, deadline, Write::Schedule).await
 }
 
 /// Records `deadline`, or moves the one for the same order and step to its new time (and
 /// arms it again if it fired): a held payment's next look, an extended payment deadline.
+/// Staged as [`schedule`] is.
 pub async fn rearm(database: &Database, deadline: &Deadline) -> Result<(), CheckError> {
-    const SQL: &str = "INSERT INTO saga_deadlines (order_id, step, due_at_ms, correlation_id)
-                       VALUES ($1, $2, $3, $4)
-                       ON CONFLICT (order_id, step)
-                       DO UPDATE SET due_at_ms = excluded.due_at_ms, fired_at_ms = NULL";
-    static POSTGRES: LazyLock<String> = LazyLock::new(|| {
-        leases::fenced(
-            concat!(
-                "INSERT INTO saga_deadlines (order_id, step, due_at_ms, correlation_id)
-                 SELECT $1, $2, $3, $4 FROM ",
-                lazily_durable!(),
-                " WHERE FENCED ON CONFLICT (order_id, step)
-                 DO UPDATE SET due_at_ms = excluded.due_at_ms, fired_at_ms = NULL"
-            ),
-            5,
-        )
+    write(database, deadline, Write::Rearm).await
+}
+
+/// Writes `deadline` (on Postgres, fenced by the work's [`Fence`](leases::Fence), if any),
+/// unless the work running now stages its writes.
+async fn write(database: &Database, deadline: &Deadline, write: Write) -> Result<(), CheckError> {
+    if crate::store::stage_deadlines(|staged| staged.add(deadline, write)) {
+        return Ok(());
+    }
+    static POSTGRES: LazyLock<[String; 2]> = LazyLock::new(|| {
+        [Write::Schedule, Write::Rearm].map(|write| {
+            leases::fenced(
+                &format!(
+                    "INSERT INTO saga_deadlines (order_id, step, due_at_ms, correlation_id)
+                     SELECT $1, $2, $3, $4 FROM {} WHERE FENCED {}",
+                    lazily_durable!(),
+                    write.on_conflict()
+                ),
+                5,
+            )
+        })
     });
-    write(database, (&POSTGRES, SQL), deadline).await
+    match database {
+        Database::Postgres(pool) => {
+            let statement = &POSTGRES[usize::from(write == Write::Rearm)];
+            let query = sqlx::query_scalar(statement)
+                .bind(deadline.order_id.to_string())
+                .bind(deadline.kind.as_str())
+                .bind(deadline.due_at.timestamp_millis())
+                .bind(&deadline.correlation_id);
+            leases::execute_fenced(pool, query).await
+        }
+        Database::Sqlite(pool) => {
+            let mut writes = Writes::default();
+            writes.add(deadline, write);
+            writes.write_sqlite(&mut *pool.acquire().await?).await?;
+            Ok(())
+        }
+    }
+}
+
+/// Marks every armed deadline of `order_id` fired: its saga ended, and none has anything
+/// left to do. Staged as [`schedule`] is.
+pub async fn settle(database: &Database, order_id: &OrderId) -> Result<(), CheckError> {
+    if crate::store::stage_deadlines(|staged| staged.settle(*order_id)) {
+        return Ok(());
+    }
+    let mut writes = Writes::default();
+    writes.settle(*order_id);
+    match database {
+        Database::Postgres(pool) => {
+            static POSTGRES: LazyLock<String> = LazyLock::new(|| {
+                leases::fenced(&settling(1, concat!("FROM ", lazily_durable!())), 3)
+            });
+            let query = writes.bind_settled(sqlx::query_scalar(&POSTGRES));
+            leases::execute_fenced(pool, query).await
+        }
+        Database::Sqlite(pool) => {
+            writes.write_sqlite(&mut *pool.acquire().await?).await?;
+            Ok(())
+        }
+    }
+}
+
+/// The fenced statement settling the deadlines of the orders bound at `$first + 1` (an
+/// array), marked fired at `$first`, `from` the tables named.
+fn settling(first: usize, from: &str) -> String {
+    format!(
+        "UPDATE saga_deadlines SET fired_at_ms = ${first} {from}
+          WHERE order_id = ANY(${}::text[]) AND fired_at_ms IS NULL AND FENCED",
+        first + 1
+    )
+}
+
+/// Deadline writes staged to be written with staged events, in the same statement or
+/// transaction: each as the writes in turn would leave the order's deadline of its kind, and
+/// the orders whose deadlines are settled.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Writes {
+    writes: Vec<(Deadline, Write)>,
+    settled: Vec<OrderId>,
+}
+
+impl Writes {
+    /// Whether there is nothing to write.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.writes.is_empty() && self.settled.is_empty()
+    }
+
+    /// How many writes there are.
+    pub(crate) fn len(&self) -> usize {
+        self.writes.len() + self.settled.len()
+    }
+
+    /// Adds `write` of `deadline`. A schedule leaves the order's deadline of that kind as
+    /// staged before it; a re-arm moves it.
+    pub(crate) fn add(&mut self, deadline: &Deadline, write: Write) {
+        let staged = self.writes.iter_mut().find(|(staged, _)| {
+            staged.order_id == deadline.order_id && staged.kind == deadline.kind
+        });
+        match (staged, write) {
+            (Some(_), Write::Schedule) => {}
+            (Some(staged), Write::Rearm) => *staged = (deadline.clone(), Write::Rearm),
+            (None, write) => self.writes.push((deadline.clone(), write)),
+        }
+    }
+
+    /// Settles every deadline of `order_id`: those staged before are dropped unwritten.
+    pub(crate) fn settle(&mut self, order_id: OrderId) {
+        self.writes
+            .retain(|(staged, _)| staged.order_id != order_id);
+        if !self.settled.contains(&order_id) {
+            self.settled.push(order_id);
+        }
+    }
+
+    /// The writes, as the common table expressions of a [`leases::fenced_writes`] statement
+    /// (scheduling, re-arming, settling) binding their arrays at `$first` to `$first + 6`
+    /// ([`Self::bind`]).
+    pub(crate) fn statements(first: usize) -> [String; 3] {
+        let arrays = format!(
+            "UNNEST(${first}::text[], ${}::text[], ${}::bigint[], ${}::text[], ${}::boolean[])
+                AS d(order_id, step, due_at_ms, correlation_id, rearm)",
+            first + 1,
+            first + 2,
+            first + 3,
+            first + 4
+        );
+        let [schedule, rearm] = [Write::Schedule, Write::Rearm].map(|write| {
+            format!(
+                "INSERT INTO saga_deadlines (order_id, step, due_at_ms, correlation_id)
+                 SELECT order_id, step, due_at_ms, correlation_id FROM {arrays}
+                  WHERE rearm = {} AND FENCED {}",
+                write == Write::Rearm,
+                write.on_conflict()
+            )
+        });
+        [schedule, rearm, settling(first + 5, "")]
+    }
+
+    /// Binds the arrays to `query`, in the order of [`Self::statements`].
+    pub(crate) fn bind<'q, O>(
+        &self,
+        query: sqlx::query::QueryScalar<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::QueryScalar<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+        let count = self.writes.len();
+        let (mut orders, mut kinds, mut due_at_ms, mut correlation_ids, mut rearms) = (
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+            Vec::with_capacity(count),
+        );
+        for (deadline, write) in &self.writes {
+            orders.push(deadline.order_id.to_string());
+            kinds.push(deadline.kind.as_str());
+            due_at_ms.push(deadline.due_at.timestamp_millis());
+            correlation_ids.push(deadline.correlation_id.clone());
+            rearms.push(*write == Write::Rearm);
+        }
+        let query = query
+            .bind(orders)
+            .bind(kinds)
+            .bind(due_at_ms)
+            .bind(correlation_ids)
+            .bind(rearms);
+        self.bind_settled(query)
+    }
+
+    /// Binds the settling's time and orders.
+    fn bind_settled<'q, O>(
+        &self,
+        query: sqlx::query::QueryScalar<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::QueryScalar<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+        let settled: Vec<String> = self.settled.iter().map(ToString::to_string).collect();
+        query.bind(Utc::now().timestamp_millis()).bind(settled)
+    }
+
+    /// Writes them on SQLite, on `connection` (in the caller's transaction, if any).
+    pub(crate) async fn write_sqlite(
+        &self,
+        connection: &mut sqlx::SqliteConnection,
+    ) -> Result<(), sqlx::Error> {
+        for (deadline, write) in &self.writes {
+            sqlx::query(write.sqlite())
+                .bind(deadline.order_id.to_string())
+                .bind(deadline.kind.as_str())
+                .bind(deadline.due_at.timestamp_millis())
+                .bind(&deadline.correlation_id)
+                .execute(&mut *connection)
+                .await?;
+        }
+        let now = Utc::now().timestamp_millis();
+        for order_id in &self.settled {
+            sqlx::query(
+                "UPDATE saga_deadlines SET fired_at_ms = $1
+                  WHERE order_id = $2 AND fired_at_ms IS NULL",
+            )
+            .bind(now)
+            .bind(order_id.to_string())
+            .execute(&mut *connection)
+            .await?;
+        }
+        Ok(())
+    }
 }
 
 /// Marks `deadline` fired if it is still due at the time it had when read (one re-armed
@@ -146,33 +368,6 @@ pub async fn mark_fired_at(database: &Database, deadline: &Deadline) -> Result<(
         }
         Database::Sqlite(pool) => {
             bound!(sqlx::query(SQL)).execute(pool).await?;
-            Ok(())
-        }
-    }
-}
-
-/// Runs a deadline's write (on Postgres, fenced by the work's [`Fence`](leases::Fence), if
-/// any), `deadline`'s order, step, time and correlation id bound as `$1` to `$4`.
-async fn write(
-    database: &Database,
-    (postgres, sqlite): (&'static str, &'static str),
-    deadline: &Deadline,
-) -> Result<(), CheckError> {
-    macro_rules! bound {
-        ($query:expr) => {
-            $query
-                .bind(deadline.order_id.to_string())
-                .bind(deadline.kind.as_str())
-                .bind(deadline.due_at.timestamp_millis())
-                .bind(&deadline.correlation_id)
-        };
-    }
-    match database {
-        Database::Postgres(pool) => {
-            leases::execute_fenced(pool, bound!(sqlx::query_scalar(postgres))).await
-        }
-        Database::Sqlite(pool) => {
-            bound!(sqlx::query(sqlite)).execute(pool).await?;
             Ok(())
         }
     }

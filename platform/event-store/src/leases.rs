@@ -118,16 +118,37 @@ pub(crate) fn fenced(write: &str, first: usize) -> String {
 /// [`fenced`], the statement answering `also` (an expression over `written`, say) after the
 /// boolean.
 pub(crate) fn fenced_with(write: &str, first: usize, also: Option<&str>) -> String {
+    fenced_statement(&[write], first, also)
+}
+
+/// [`fenced`] for several writes in one statement (common table expressions `written`,
+/// `written_1`, ...), each saying `FENCED` in its condition: all of them happen, or none.
+pub(crate) fn fenced_writes(writes: &[&str], first: usize) -> String {
+    fenced_statement(writes, first, None)
+}
+
+fn fenced_statement(writes: &[&str], first: usize, also: Option<&str>) -> String {
     let (partition, owner, epoch) = (first, first + 1, first + 2);
     let held = format!("(${partition}::integer IS NULL OR EXISTS (SELECT 1 FROM lease))");
     let also = also.map(|also| format!(", {also}")).unwrap_or_default();
+    let writes: Vec<String> = writes
+        .iter()
+        .enumerate()
+        .map(|(index, write)| {
+            let name = match index {
+                0 => "written".to_owned(),
+                index => format!("written_{index}"),
+            };
+            format!("{name} AS ({})", write.replace("FENCED", &held))
+        })
+        .collect();
     format!(
         "WITH lease AS (SELECT 1 FROM saga_leases
                          WHERE partition_number = ${partition} AND owner = ${owner}
                            AND epoch = ${epoch} FOR SHARE),
-              written AS ({})
+              {}
          SELECT {held}{also}",
-        write.replace("FENCED", &held)
+        writes.join(",\n              ")
     )
 }
 

@@ -24,6 +24,7 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::database::Database;
+use crate::deadlines;
 use crate::leases::Fence;
 
 pub use crate::metadata::{
@@ -37,6 +38,7 @@ mod stage;
 use group_commit::GroupCommit;
 use known::{Known, KnownAggregates};
 use petstore_telemetry::metrics::Metrics;
+pub(crate) use stage::stage_deadlines;
 
 /// The Postgres notification channel appends are announced on (the stream listens to it).
 pub const EVENTS_CHANNEL: &str = "petstore_events";
@@ -69,20 +71,22 @@ impl EventRepository {
 /// (most commands decide one) joins the group commit of concurrent appends. A taken
 /// (aggregate, sequence) is the optimistic-concurrency conflict, as in postgres-es. Under a
 /// saga partition's [`Fence`], the append is written only while its lease holds.
+/// `deadlines` (staged with the events) are written in the same statement.
 async fn append_postgres(
     group_commit: &Arc<GroupCommit>,
     events: &[(&'static str, SerializedEvent)],
+    deadlines: &deadlines::Writes,
 ) -> Result<(), PersistenceError> {
     let fence = Fence::current();
     match events {
-        [] => Ok(()),
-        [(aggregate_type, event)] => {
+        [] if deadlines.is_empty() => Ok(()),
+        [(aggregate_type, event)] if deadlines.is_empty() => {
             group_commit
                 .append(aggregate_type, event.clone(), fence)
                 .await
         }
-        several => {
-            let held = append_many(group_commit.pool(), several, fence.as_ref())
+        events => {
+            let held = append_many(group_commit.pool(), events, deadlines, fence.as_ref())
                 .await
                 .map_err(|error| persistence_error(error, "23505"))?;
             match fence {
@@ -107,20 +111,27 @@ fn persistence_error(error: sqlx::Error, conflict_code: &str) -> PersistenceErro
     }
 }
 
-/// Several events (of one aggregate or of several) in one statement, all or nothing, under
-/// `fence` if any: answers whether it held (and the events were written).
+/// Several events (of one aggregate or of several) and `deadlines` in one statement, all or
+/// nothing, under `fence` if any: answers whether it held (and everything was written).
 async fn append_many(
     pool: &sqlx::PgPool,
     events: &[(&'static str, SerializedEvent)],
+    deadlines: &deadlines::Writes,
     fence: Option<&Fence>,
 ) -> Result<bool, sqlx::Error> {
     static INSERT: LazyLock<String> = LazyLock::new(|| {
-        crate::leases::fenced(
-            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
-             SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata
-               FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::jsonb[])
-                    AS t(aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
-              WHERE FENCED",
+        let [schedule, rearm, settle] = deadlines::Writes::statements(11);
+        crate::leases::fenced_writes(
+            &[
+                "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+                 SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata
+                   FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::jsonb[])
+                        AS t(aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+                  WHERE FENCED",
+                &schedule,
+                &rearm,
+                &settle,
+            ],
             8,
         )
     });
@@ -141,7 +152,7 @@ async fn append_many(
         metadata.push(&event.metadata);
     }
     let (partition, owner, epoch) = Fence::binds(fence);
-    sqlx::query_scalar(&INSERT)
+    let query = sqlx::query_scalar(&INSERT)
         .bind(&kinds)
         .bind(&ids)
         .bind(&sequences)
@@ -151,25 +162,27 @@ async fn append_many(
         .bind(&metadata)
         .bind(partition)
         .bind(owner)
-        .bind(epoch)
-        .fetch_one(pool)
-        .await
+        .bind(epoch);
+    deadlines.bind(query).fetch_one(pool).await
 }
 
 /// Appends events (a command's, or everything a work staged) to SQLite, in a task of its own: a
 /// caller cancelled mid-way (a client that hung up) can neither leave a pooled connection
 /// inside a transaction, which would hold SQLite's only write lock, nor half an append. One
 /// event is one `INSERT` (atomic by itself, its global position the rowid); several share a
-/// transaction. A taken (aggregate, sequence) is the optimistic-concurrency conflict: a
-/// unique-constraint violation (2067; a primary-key one before migration 0012).
+/// transaction, with `deadlines` (staged with them). A taken (aggregate, sequence) is the
+/// optimistic-concurrency conflict: a unique-constraint violation (2067; a primary-key one
+/// before migration 0012).
 async fn append_sqlite(
     pool: &sqlx::SqlitePool,
     events: &[(&'static str, SerializedEvent)],
+    deadlines: &deadlines::Writes,
 ) -> Result<(), PersistenceError> {
     const INSERT: &str = "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
          VALUES (?, ?, ?, ?, ?, ?, ?)";
     let pool = pool.clone();
     let events = events.to_vec();
+    let deadlines = deadlines.clone();
     crate::database::to_completion(async move {
         let insert = |(aggregate_type, event): &(&'static str, SerializedEvent)| {
             sqlx::query(INSERT)
@@ -182,15 +195,16 @@ async fn append_sqlite(
                 .bind(event.metadata.to_string())
         };
         match events.as_slice() {
-            [] => Ok(()),
-            [event] => insert(event).execute(&pool).await.map(|_| ()),
-            several => {
+            [] if deadlines.is_empty() => Ok(()),
+            [event] if deadlines.is_empty() => insert(event).execute(&pool).await.map(|_| ()),
+            events => {
                 // Inside `to_completion`: this task always finishes what it begins.
                 #[allow(clippy::disallowed_methods)]
                 let mut transaction = pool.begin().await?;
-                for event in several {
+                for event in events {
                     insert(event).execute(&mut *transaction).await?;
                 }
+                deadlines.write_sqlite(&mut transaction).await?;
                 transaction.commit().await
             }
         }
@@ -213,17 +227,18 @@ macro_rules! delegate {
 }
 
 impl SharedRepository {
-    /// Writes `events` (each with its aggregate's type) all or nothing, under the work's
-    /// fence, if any.
+    /// Writes `events` (each with its aggregate's type) and `deadlines` all or nothing,
+    /// under the work's fence, if any.
     async fn append(
         &self,
         events: &[(&'static str, SerializedEvent)],
+        deadlines: &deadlines::Writes,
     ) -> Result<(), PersistenceError> {
         match self.0.as_ref() {
             EventRepository::Postgres(_, group_commit) => {
-                append_postgres(group_commit, events).await
+                append_postgres(group_commit, events, deadlines).await
             }
-            EventRepository::Sqlite(_, pool) => append_sqlite(pool, events).await,
+            EventRepository::Sqlite(_, pool) => append_sqlite(pool, events, deadlines).await,
         }
     }
 }
@@ -266,7 +281,7 @@ impl PersistedEventRepository for SharedRepository {
                     .iter()
                     .map(|event| (A::TYPE, event.clone()))
                     .collect();
-                self.append(&events).await
+                self.append(&events, &deadlines::Writes::default()).await
             }
             snapshot_update => {
                 delegate!(self, repo => repo.persist::<A>(events, snapshot_update))
@@ -425,30 +440,32 @@ impl EventStore {
     /// Runs `work` with its appends staged: each command it executes is decided on the
     /// aggregate as its earlier staged events leave it, and the events it decides wait in
     /// the work's stage, seen by nobody else (not by this process's other tasks either),
-    /// until [`Self::flush`] writes them. Whatever is still staged when `work` ends is
-    /// dropped unwritten: the work flushes before it ends, and before it does anything that
-    /// depends on what it staged having happened (a provider call, a deadline).
+    /// until [`Self::flush`] writes them; so do the deadlines it schedules or moves
+    /// ([`deadlines::schedule`], [`deadlines::rearm`]). Whatever is still staged when `work`
+    /// ends is dropped unwritten: the work flushes before it ends, and before it does
+    /// anything that depends on what it staged having happened (a provider call).
     pub async fn staged<F: std::future::Future>(&self, work: F) -> F::Output {
         stage::scope(work).await
     }
 
-    /// Writes everything the work running now has staged ([`Self::staged`]) in one
-    /// statement, all or nothing, under the work's fence, if any (nothing to do when it
-    /// staged nothing, or does not stage). Written, the staged copies of the aggregates are
-    /// kept as current.
+    /// Writes everything the work running now has staged ([`Self::staged`]), events and
+    /// deadlines, in one statement, all or nothing, under the work's fence, if any (nothing
+    /// to do when it staged nothing, or does not stage). Written, the staged copies of the
+    /// aggregates are kept as current.
     ///
     /// Should another writer have taken a sequence staged here (a conflict), the staged
     /// commands are written one by one instead, in the order they were decided, up to the
     /// first that conflicts: what each was decided on is then written before it, as if each
     /// had been written when decided, and nothing decided on a conflicting copy is. So
     /// what a command recorded of the world outside (a provider's answer) is kept though a
-    /// later command of the stage conflicted. The conflict is returned all the same. Not
+    /// later command of the stage conflicted; the staged deadlines are not written (the work,
+    /// run again, schedules them again). The conflict is returned all the same. Not
     /// written (a conflict; the fence no longer held; the database failed), the stage is
     /// empty all the same and this process forgets what it knew of the staged aggregates:
     /// the work decides again on them as stored.
     pub async fn flush(&self) -> Result<(), AggregateError<std::convert::Infallible>> {
         let staged = stage::take();
-        if staged.events.is_empty() {
+        if staged.events.is_empty() && staged.deadlines.is_empty() {
             return Ok(());
         }
         let mut written: Vec<(&'static str, usize)> = Vec::new();
@@ -460,12 +477,14 @@ impl EventStore {
         }
         match self
             .repository
-            .append(&staged.events)
-            .instrument(self.insert_span(staged.events.len()))
+            .append(&staged.events, &staged.deadlines)
+            .instrument(self.insert_span(staged.events.len(), staged.deadlines.len()))
             .await
         {
             Ok(()) => {
-                self.written(&written);
+                if !written.is_empty() {
+                    self.written(&written);
+                }
                 staged.keep_copies(&self.known);
                 Ok(())
             }
@@ -477,8 +496,8 @@ impl EventStore {
                         };
                         let outcome = self
                             .repository
-                            .append(command)
-                            .instrument(self.insert_span(command.len()))
+                            .append(command, &deadlines::Writes::default())
+                            .instrument(self.insert_span(command.len(), 0))
                             .await;
                         if outcome.is_err() {
                             break;
@@ -494,8 +513,8 @@ impl EventStore {
         }
     }
 
-    /// The client span of a write of `events` staged events.
-    fn insert_span(&self, events: usize) -> tracing::Span {
+    /// The client span of a write of `events` staged events and `deadlines` staged deadlines.
+    fn insert_span(&self, events: usize, deadlines: usize) -> tracing::Span {
         tracing::info_span!(
             "append",
             otel.name = "INSERT events",
@@ -504,6 +523,7 @@ impl EventStore {
             db.operation.name = "INSERT",
             db.collection.name = "events",
             events,
+            deadlines,
         )
     }
 

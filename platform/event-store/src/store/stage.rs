@@ -5,7 +5,8 @@
 //! staged events leave, and writes everything staged in one statement, all or nothing
 //! ([`EventStore::flush`](super::EventStore::flush)). Nothing staged is seen by anyone else
 //! before that: the staged copies live here, in the task's stage, not among the process's
-//! known aggregates, and the stream holds only what is written.
+//! known aggregates, and the stream holds only what is written. The deadlines the work
+//! schedules or moves meanwhile are staged as well, and written in the same statement.
 
 use std::any::Any;
 use std::cell::RefCell;
@@ -16,6 +17,7 @@ use cqrs_es::persist::SerializedEvent;
 use cqrs_es::Aggregate;
 
 use super::known::{Known, KnownAggregates};
+use crate::deadlines;
 
 tokio::task_local! {
     /// What the work running in this task staged, if it stages its appends.
@@ -36,6 +38,8 @@ pub(super) struct Staged {
     /// Where each command's events end in `events`.
     ends: Vec<usize>,
     copies: HashMap<(&'static str, String), Copy>,
+    /// The deadline writes.
+    pub(super) deadlines: deadlines::Writes,
 }
 
 impl Staged {
@@ -83,6 +87,14 @@ pub(super) fn stage(aggregate_type: &'static str, events: &[SerializedEvent]) ->
             let end = stage.events.len();
             stage.ends.push(end);
         })
+        .is_ok()
+}
+
+/// Stages deadline writes (`stage` adds them): false when the work running now does not
+/// stage (they are to be written now).
+pub(crate) fn stage_deadlines(stage: impl FnOnce(&mut deadlines::Writes)) -> bool {
+    STAGE
+        .try_with(|staged| stage(&mut staged.borrow_mut().deadlines))
         .is_ok()
 }
 

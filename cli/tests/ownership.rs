@@ -8,6 +8,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
+use petstore_cli::chaos::NOTICED_A_LOST_LEASE;
 use serde_json::{json, Value};
 use sqlx::Connection;
 
@@ -276,8 +277,7 @@ async fn a_paused_owner_is_fenced_and_calls_no_provider_after_losing_its_lease()
     while !paused.lines().iter().any(|line| {
         // At its next renewal (a third of the timeout), or when the fence refuses a
         // write of its first.
-        line.contains("lost the lease on a saga partition")
-            || line.contains("a write was refused by its fence")
+        NOTICED_A_LOST_LEASE.iter().any(|text| line.contains(text))
     }) {
         assert!(
             Instant::now() < deadline,

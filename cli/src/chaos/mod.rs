@@ -33,7 +33,7 @@ use crate::{Application, Role};
 
 mod ownership;
 
-pub use ownership::Runners;
+pub use ownership::{Runners, NOTICED_A_LOST_LEASE};
 
 /// One scenario of the run.
 #[derive(Debug, Clone, Copy)]

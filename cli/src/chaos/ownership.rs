@@ -430,7 +430,7 @@ async fn owner_at(
 
 /// What a runner logs when it finds a lease of its gone: at its next renewal, or when the
 /// fence refuses one of its writes first.
-const NOTICED_A_LOST_LEASE: [&str; 2] = [
+pub const NOTICED_A_LOST_LEASE: [&str; 2] = [
     "lost the lease on a saga partition",
     "a write was refused by its fence",
 ];

@@ -194,11 +194,14 @@ pub async fn settle(database: &Database, order_id: &OrderId) -> Result<(), Check
 }
 
 /// The fenced statement settling the deadlines of the orders bound at `$first + 1` (an
-/// array), marked fired at `$first`, `from` the tables named.
+/// array), marked fired at `$first` (those fired already keep their time), `from` the tables
+/// named. Found by the primary key alone: a condition on `fired_at_ms IS NULL` would let the
+/// planner pick the pending deadlines' index instead, and read every pending deadline (and
+/// every one settled since the last vacuum) to settle one order's.
 fn settling(first: usize, from: &str) -> String {
     format!(
-        "UPDATE saga_deadlines SET fired_at_ms = ${first} {from}
-          WHERE order_id = ANY(${}::text[]) AND fired_at_ms IS NULL AND FENCED",
+        "UPDATE saga_deadlines SET fired_at_ms = coalesce(fired_at_ms, ${first}) {from}
+          WHERE order_id = ANY(${}::text[]) AND FENCED",
         first + 1
     )
 }
@@ -324,8 +327,8 @@ impl Writes {
         let now = Utc::now().timestamp_millis();
         for order_id in &self.settled {
             sqlx::query(
-                "UPDATE saga_deadlines SET fired_at_ms = $1
-                  WHERE order_id = $2 AND fired_at_ms IS NULL",
+                "UPDATE saga_deadlines SET fired_at_ms = coalesce(fired_at_ms, $1)
+                  WHERE order_id = $2",
             )
             .bind(now)
             .bind(order_id.to_string())

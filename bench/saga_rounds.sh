@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rounds of the saga benchmarks of bench/README sections 20 and 21, for two or more release
+# Rounds of the saga benchmarks of bench/README sections 20 to 22, for two or more release
 # builds of pipeline-bench run back to back, their order alternating from round to round:
 # the single-row commit floor (pgbench), the single process at 1 and 50 clients, the CPU per
 # saga at 50 clients (bench/cpu_share.py), and the distributed saga (Kafka).

@@ -14,7 +14,7 @@ use petstore_domain::providers::{
 };
 use petstore_domain::saga::{self, SagaAction, SagaEvent, SagaOutcome};
 use petstore_domain::{CustomerId, DomainError, OrderId};
-use petstore_event_store::deadlines::{self, Deadline, DeadlineKind};
+use petstore_event_store::deadlines::{Deadline, DeadlineKind};
 use petstore_event_store::leases::Fence;
 use petstore_event_store::store::{EventMetadata, EventStore};
 use petstore_event_store::stream::RecordedEvent;
@@ -241,16 +241,14 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                     .flag(Flag::PaymentProcessing, cause.customer.as_str())
                 {
                     tracing::info!("payment held: payment_processing is off");
-                    deadlines::rearm(
-                        self.store.database(),
-                        &Deadline {
+                    self.store
+                        .rearm_deadline(&Deadline {
                             order_id: cause.order_id,
                             kind: DeadlineKind::PaymentHold,
                             due_at: Utc::now() + PAYMENT_HOLD_RECHECK,
                             correlation_id: cause.correlation_id.to_string(),
-                        },
-                    )
-                    .await?;
+                        })
+                        .await?;
                     return Ok(Flow::Go);
                 }
                 let metadata = cause
@@ -412,19 +410,17 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                 }
             }
             SagaAction::ScheduleDeadline { step, due_at } => {
-                deadlines::schedule(
-                    self.store.database(),
-                    &Deadline {
+                self.store
+                    .schedule_deadline(&Deadline {
                         order_id: cause.order_id,
                         kind: DeadlineKind::Step(step),
                         due_at,
                         correlation_id: cause.correlation_id.to_string(),
-                    },
-                )
-                .await?;
+                    })
+                    .await?;
             }
             SagaAction::SettleDeadlines => {
-                deadlines::settle(self.store.database(), &cause.order_id).await?;
+                self.store.settle_deadlines(&cause.order_id).await?;
             }
             SagaAction::Finished(outcome) => {
                 if let Ok(mut orders) = self.in_flight.lock() {
@@ -504,16 +500,14 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
     ) -> Result<(), SagaError> {
         let wait = chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::seconds(1));
         tracing::info!(step = %kind, wait_ms = wait.num_milliseconds(), "provider not called; the step waits");
-        deadlines::rearm(
-            self.store.database(),
-            &Deadline {
+        self.store
+            .rearm_deadline(&Deadline {
                 order_id: cause.order_id,
                 kind,
                 due_at: Utc::now() + wait,
                 correlation_id: cause.correlation_id.to_string(),
-            },
-        )
-        .await?;
+            })
+            .await?;
         Ok(())
     }
 

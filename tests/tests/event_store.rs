@@ -227,9 +227,9 @@ async fn staged_appends_are_written_together_or_not_at_all(engine: Engine) {
                 (hold, latest, false),
             ] {
                 let write = if rearm {
-                    deadlines::rearm(&database, &deadline(kind, due_at)).await
+                    owner.rearm_deadline(&deadline(kind, due_at)).await
                 } else {
-                    deadlines::schedule(&database, &deadline(kind, due_at)).await
+                    owner.schedule_deadline(&deadline(kind, due_at)).await
                 };
                 write.expect("staged");
             }
@@ -271,7 +271,8 @@ async fn staged_appends_are_written_together_or_not_at_all(engine: Engine) {
     let outcome = owner
         .staged(async {
             run(&owner, "y", CounterCommand::Increment).await;
-            deadlines::rearm(&database, &deadline(DeadlineKind::PaymentHold, latest))
+            owner
+                .rearm_deadline(&deadline(DeadlineKind::PaymentHold, latest))
                 .await
                 .expect("staged");
             run(&owner, "x", CounterCommand::Increment).await;
@@ -970,15 +971,13 @@ async fn writes_under_a_lost_lease_are_refused() {
                 .await
                 .expect("staged");
             // A deadline staged with them: refused with them (the count of due ones below).
-            deadlines::schedule(
-                &database,
-                &Deadline {
+            store
+                .schedule_deadline(&Deadline {
                     order_id: OrderId::random(),
                     ..deadline.clone()
-                },
-            )
-            .await
-            .expect("staged");
+                })
+                .await
+                .expect("staged");
             store.flush().await
         }))
         .await;

@@ -9,10 +9,12 @@
 //! written after it, so a database crash that loses one loses that checkpoint too, and the
 //! event is handled again. Any event append (always flushed) flushes them first.
 //!
-//! Inside work that stages its appends (the owner of a saga partition reacting,
-//! [`EventStore::staged`](crate::store::EventStore::staged)), scheduling, re-arming and
-//! settling are staged as well ([`Writes`]) and written in the statement (or SQLite
-//! transaction) that writes the staged events, all or nothing.
+//! Work that stages its appends (the owner of a saga partition reacting,
+//! [`EventStore::staged`](crate::store::EventStore::staged)) stages its scheduling,
+//! re-arming and settling with them ([`Writes`]), through the store's
+//! [`schedule_deadline`](crate::store::EventStore::schedule_deadline) and its kin: they are
+//! written in the statement (or SQLite transaction) that writes the staged events, all or
+//! nothing.
 
 use chrono::{DateTime, TimeZone, Utc};
 use petstore_domain::{OrderId, SagaStep};
@@ -118,26 +120,20 @@ impl Write {
     }
 }
 
-/// Records `deadline` unless one exists for the same order and step. Inside work whose
-/// appends are staged ([`EventStore::staged`](crate::store::EventStore::staged)), it is
-/// staged too, and written with them.
+/// Records `deadline` unless one exists for the same order and step. (Work whose appends
+/// are staged stages its deadlines with them: [`EventStore::schedule_deadline`](crate::store::EventStore::schedule_deadline).)
 pub async fn schedule(database: &Database, deadline: &Deadline) -> Result<(), CheckError> {
     write(database, deadline, Write::Schedule).await
 }
 
 /// Records `deadline`, or moves the one for the same order and step to its new time (and
 /// arms it again if it fired): a held payment's next look, an extended payment deadline.
-/// Staged as [`schedule`] is.
 pub async fn rearm(database: &Database, deadline: &Deadline) -> Result<(), CheckError> {
     write(database, deadline, Write::Rearm).await
 }
 
-/// Writes `deadline` (on Postgres, fenced by the work's [`Fence`](leases::Fence), if any),
-/// unless the work running now stages its writes.
+/// Writes `deadline` (on Postgres, fenced by the work's [`Fence`](leases::Fence), if any).
 async fn write(database: &Database, deadline: &Deadline, write: Write) -> Result<(), CheckError> {
-    if crate::store::stage_deadlines(|staged| staged.add(deadline, write)) {
-        return Ok(());
-    }
     static POSTGRES: LazyLock<[String; 2]> = LazyLock::new(|| {
         [Write::Schedule, Write::Rearm].map(|write| {
             leases::fenced(
@@ -171,11 +167,8 @@ async fn write(database: &Database, deadline: &Deadline, write: Write) -> Result
 }
 
 /// Marks every armed deadline of `order_id` fired: its saga ended, and none has anything
-/// left to do. Staged as [`schedule`] is.
+/// left to do.
 pub async fn settle(database: &Database, order_id: &OrderId) -> Result<(), CheckError> {
-    if crate::store::stage_deadlines(|staged| staged.settle(*order_id)) {
-        return Ok(());
-    }
     let mut writes = Writes::default();
     writes.settle(*order_id);
     match database {

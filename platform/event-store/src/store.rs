@@ -24,8 +24,8 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::database::Database;
-use crate::deadlines;
-use crate::leases::Fence;
+use crate::deadlines::{self, Deadline, Write};
+use crate::leases::{CheckError, Fence};
 
 pub use crate::metadata::{
     parse_feature_flags, EventMetadata, FEATURE_FLAGS_KEY, SETTINGS_VERSION_KEY, TRACEPARENT_KEY,
@@ -38,7 +38,6 @@ mod stage;
 use group_commit::GroupCommit;
 use known::{Known, KnownAggregates};
 use petstore_telemetry::metrics::Metrics;
-pub(crate) use stage::stage_deadlines;
 
 /// The Postgres notification channel appends are announced on (the stream listens to it).
 pub const EVENTS_CHANNEL: &str = "petstore_events";
@@ -440,12 +439,41 @@ impl EventStore {
     /// Runs `work` with its appends staged: each command it executes is decided on the
     /// aggregate as its earlier staged events leave it, and the events it decides wait in
     /// the work's stage, seen by nobody else (not by this process's other tasks either),
-    /// until [`Self::flush`] writes them; so do the deadlines it schedules or moves
-    /// ([`deadlines::schedule`], [`deadlines::rearm`]). Whatever is still staged when `work`
-    /// ends is dropped unwritten: the work flushes before it ends, and before it does
-    /// anything that depends on what it staged having happened (a provider call).
+    /// until [`Self::flush`] writes them; so do the deadlines it schedules, moves or settles
+    /// ([`Self::schedule_deadline`], [`Self::rearm_deadline`], [`Self::settle_deadlines`]).
+    /// Whatever is still staged when `work` ends is dropped unwritten: the work flushes
+    /// before it ends, and before it does anything that depends on what it staged having
+    /// happened (a provider call).
     pub async fn staged<F: std::future::Future>(&self, work: F) -> F::Output {
         stage::scope(work).await
+    }
+
+    /// [`deadlines::schedule`], staged if the work running now stages its appends
+    /// ([`Self::staged`]).
+    pub async fn schedule_deadline(&self, deadline: &Deadline) -> Result<(), CheckError> {
+        if stage::deadlines(|staged| staged.add(deadline, Write::Schedule)) {
+            return Ok(());
+        }
+        deadlines::schedule(&self.database, deadline).await
+    }
+
+    /// [`deadlines::rearm`], staged if the work running now stages its appends.
+    pub async fn rearm_deadline(&self, deadline: &Deadline) -> Result<(), CheckError> {
+        if stage::deadlines(|staged| staged.add(deadline, Write::Rearm)) {
+            return Ok(());
+        }
+        deadlines::rearm(&self.database, deadline).await
+    }
+
+    /// [`deadlines::settle`], staged if the work running now stages its appends.
+    pub async fn settle_deadlines(
+        &self,
+        order_id: &petstore_domain::OrderId,
+    ) -> Result<(), CheckError> {
+        if stage::deadlines(|staged| staged.settle(*order_id)) {
+            return Ok(());
+        }
+        deadlines::settle(&self.database, order_id).await
     }
 
     /// Writes everything the work running now has staged ([`Self::staged`]), events and

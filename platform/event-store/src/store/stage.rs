@@ -92,7 +92,7 @@ pub(super) fn stage(aggregate_type: &'static str, events: &[SerializedEvent]) ->
 
 /// Stages deadline writes (`stage` adds them): false when the work running now does not
 /// stage (they are to be written now).
-pub(crate) fn stage_deadlines(stage: impl FnOnce(&mut deadlines::Writes)) -> bool {
+pub(super) fn deadlines(stage: impl FnOnce(&mut deadlines::Writes)) -> bool {
     STAGE
         .try_with(|staged| stage(&mut staged.borrow_mut().deadlines))
         .is_ok()

@@ -94,21 +94,19 @@ impl Write {
     /// The statement on SQLite, `$1` to `$4` the deadline's order, kind, time and
     /// correlation id.
     fn sqlite(self) -> &'static str {
-        match self {
-            Self::Schedule => {
-                "INSERT INTO saga_deadlines (order_id, step, due_at_ms, correlation_id)
-                 VALUES ($1, $2, $3, $4) ON CONFLICT (order_id, step) DO NOTHING"
-            }
-            Self::Rearm => {
-                "INSERT INTO saga_deadlines (order_id, step, due_at_ms, correlation_id)
-                 VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (order_id, step)
-                 DO UPDATE SET due_at_ms = excluded.due_at_ms, fired_at_ms = NULL"
-            }
-        }
+        static SQLITE: LazyLock<[String; 2]> = LazyLock::new(|| {
+            [Write::Schedule, Write::Rearm].map(|write| {
+                format!(
+                    "INSERT INTO saga_deadlines (order_id, step, due_at_ms, correlation_id)
+                     VALUES ($1, $2, $3, $4) {}",
+                    write.on_conflict()
+                )
+            })
+        });
+        &SQLITE[usize::from(self == Self::Rearm)]
     }
 
-    /// What the write does on a recorded deadline, on Postgres.
+    /// What the write does on a recorded deadline (the same on both engines).
     fn on_conflict(self) -> &'static str {
         match self {
             Self::Schedule => "ON CONFLICT (order_id, step) DO NOTHING",

@@ -4,13 +4,14 @@
 //!
 //! Owns the admin routes and how their errors become problems. Must not hold what they
 //! show: the live settings are `petstore-live-settings`'s, the breakers
-//! `petstore-resilience`'s, the dead letters `petstore-event-store`'s, the security trail
+//! `petstore-resilience`'s, the dead letters `petstore-event-store`'s, the order timeline `petstore-read-models`', the security trail
 //! `petstore-security`'s.
 //!
 //! # Layout
 //! - [`config`]: the live settings (`/admin/config`, its history) and the circuit breakers.
 //! - [`dead_letters`]: list, retry and skip dead letters.
 //! - [`security_audit`]: the security audit trail.
+//! - [`timeline`]: an order's timeline (what happened to it, what it waits for).
 //! - `paging`: the one check of every list route's `limit` and `before`.
 
 use axum::extract::FromRef;
@@ -24,6 +25,7 @@ pub mod config;
 pub mod dead_letters;
 mod paging;
 pub mod security_audit;
+pub mod timeline;
 
 /// What the admin routes read and change.
 #[derive(Clone)]
@@ -56,6 +58,7 @@ pub fn router(state: AdminState) -> Router {
         .merge(config::router())
         .merge(dead_letters::router())
         .merge(security_audit::router())
+        .merge(timeline::router())
         .with_state(state)
 }
 
@@ -65,5 +68,6 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     let mut document = config::LiveApiDoc::openapi();
     document.merge(dead_letters::DeadLettersApiDoc::openapi());
     document.merge(security_audit::SecurityAuditApiDoc::openapi());
+    document.merge(timeline::TimelineApiDoc::openapi());
     document
 }

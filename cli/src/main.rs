@@ -3,6 +3,7 @@
 //! a module of its own (`commands`).
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -11,7 +12,7 @@ use petstore_settings::Settings;
 mod commands;
 
 use commands::{
-    audit, chaos, config, dead_letters, hash_password, migrate, providers, replay, serve,
+    audit, chaos, config, dead_letters, explain, hash_password, migrate, providers, replay, serve,
 };
 
 /// mimalloc instead of the system allocator: the event pipeline allocates and frees many
@@ -39,6 +40,10 @@ enum Command {
     /// Print the audit trail of an order or a correlation id: every event, in order, with
     /// its metadata.
     Audit(audit::Args),
+    /// What happened to an order and what it waits for: its timeline (commands, events,
+    /// saga steps, compensations, deadlines, dead letters) and where it stands now. Exits 0
+    /// when terminal, 3 in flight, 4 stuck, 2 for an unknown order.
+    Explain(explain::Args),
     /// Rebuild projections from the event log (into shadow copies, swapped in atomically), or
     /// republish the log to Kafka. Stop the projector role of running services first.
     Replay(replay::Args),
@@ -62,13 +67,15 @@ enum Command {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     let config_dir = petstore_settings::config_dir(cli.config_dir.clone())?;
     // These two need no settings (and no telemetry).
     match &cli.command {
-        Command::HashPassword => return hash_password::run(),
-        Command::Config(command) => return config::run(command, config_dir.as_deref()),
+        Command::HashPassword => return hash_password::run().map(|()| ExitCode::SUCCESS),
+        Command::Config(command) => {
+            return config::run(command, config_dir.as_deref()).map(|()| ExitCode::SUCCESS)
+        }
         _ => {}
     }
     let settings = Settings::load(config_dir.as_deref())?;
@@ -86,8 +93,11 @@ async fn run(
     command: Command,
     settings: Settings,
     config_dir: Option<PathBuf>,
-) -> anyhow::Result<()> {
-    match command {
+) -> anyhow::Result<ExitCode> {
+    if let Command::Explain(args) = command {
+        return explain::run(args, settings).await;
+    }
+    let outcome = match command {
         Command::Serve(args) => serve::run(args, settings).await,
         Command::Audit(args) => audit::run(args, settings).await,
         Command::Replay(args) => replay::run(args, settings).await,
@@ -95,8 +105,9 @@ async fn run(
         Command::Chaos(command) => chaos::run(command, settings, config_dir).await,
         Command::Migrate(args) => migrate::run(args, settings).await,
         Command::Providers(command) => providers::run(command).await,
-        Command::HashPassword | Command::Config(_) => {
-            unreachable!("handled before the settings are loaded")
+        Command::HashPassword | Command::Config(_) | Command::Explain(_) => {
+            unreachable!("handled before")
         }
-    }
+    };
+    outcome.map(|()| ExitCode::SUCCESS)
 }

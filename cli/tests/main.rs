@@ -9,6 +9,7 @@ mod common;
 mod audit;
 mod config;
 mod dead_letters;
+mod explain;
 mod first_run;
 mod live_config;
 mod observability;

@@ -15,6 +15,7 @@
 //! - `snapshot`: the embedded read models' snapshot in the SQLite file.
 //! - [`redis`]: the same views in Redis, and the browse cache.
 //! - [`refold`]: the views a dead letter concerns, folded again from the log.
+//! - [`timeline`]: an order's timeline (`petstore explain`, the admin timeline route).
 //! - [`rebuild`]: rebuilding the read models or Redis's views into shadow copies and
 //!   swapping them in.
 
@@ -29,6 +30,7 @@ pub mod redis;
 pub mod refold;
 mod snapshot;
 pub mod store;
+pub mod timeline;
 pub mod views;
 
 pub use progress::Progress;

@@ -4,6 +4,7 @@
 //! # Layout
 //! - [`serve`]: run the service (`Application`) until a signal.
 //! - [`audit`]: an order's, a correlation id's or the security audit trail.
+//! - [`explain`]: an order's timeline and what it waits for; the exit code says where it stands.
 //! - [`replay`]: rebuild projections, or republish the log to Kafka, with progress.
 //! - [`dead_letters`]: list, retry or skip events consumers set aside.
 //! - [`chaos`]: the saga convergence check (`petstore_cli::chaos` runs it).
@@ -16,6 +17,7 @@ pub mod audit;
 pub mod chaos;
 pub mod config;
 pub mod dead_letters;
+pub mod explain;
 pub mod hash_password;
 pub mod migrate;
 pub mod providers;

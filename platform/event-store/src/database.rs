@@ -309,6 +309,18 @@ impl Database {
         })
     }
 
+    /// The store's saga partitions as recorded; `None` before a saga runner or server
+    /// recorded them.
+    pub async fn stored_saga_partitions(&self) -> Result<Option<Partitions>, sqlx::Error> {
+        const READ: &str = "SELECT saga_partitions FROM store_identity";
+        let stored: Option<i32> = with_pool!(self, |pool| sqlx::query_scalar(READ)
+            .fetch_one(pool)
+            .await?);
+        Ok(stored
+            .and_then(|count| u32::try_from(count).ok())
+            .and_then(|count| Partitions::new(count).ok()))
+    }
+
     /// Checks that the events table answers, for health checks.
     pub async fn ping(&self) -> Result<(), DatabaseError> {
         const SQL: &str = "SELECT 1 FROM events LIMIT 1";

@@ -370,11 +370,25 @@ pub async fn open_for_order(
     database: &Database,
     order_id: &OrderId,
 ) -> Result<Vec<DeadLetter>, sqlx::Error> {
-    let sql = format!(
-        "SELECT {COLUMNS} FROM dead_letters
-          WHERE order_id = $1 AND status IN ('pending', 'retrying') ORDER BY id"
-    );
-    let rows: Vec<Row> = fetch!(database, &sql, fetch_all, order_id.to_string())?;
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "SELECT {COLUMNS} FROM dead_letters
+              WHERE order_id = $1 AND status IN ('pending', 'retrying') ORDER BY id"
+        )
+    });
+    let rows: Vec<Row> = fetch!(database, &*SQL, fetch_all, order_id.to_string())?;
+    rows.into_iter().map(from_row).collect()
+}
+
+/// Every dead letter of an order, open or settled, oldest first.
+pub async fn of_order(
+    database: &Database,
+    order_id: &OrderId,
+) -> Result<Vec<DeadLetter>, sqlx::Error> {
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!("SELECT {COLUMNS} FROM dead_letters WHERE order_id = $1 ORDER BY id")
+    });
+    let rows: Vec<Row> = fetch!(database, &*SQL, fetch_all, order_id.to_string())?;
     rows.into_iter().map(from_row).collect()
 }
 

@@ -213,8 +213,9 @@ pub(crate) async fn lost_of(
         .collect())
 }
 
-/// The database's clock, in milliseconds since the epoch: `NOW_MS` in the statements below.
-const NOW_MS: [&str; 2] = [
+/// The database's clock, in milliseconds since the epoch (Postgres, SQLite): `NOW_MS` in the
+/// statements below, and the time a deadline is armed.
+pub(crate) const NOW_MS: [&str; 2] = [
     "(extract(epoch from clock_timestamp()) * 1000)::bigint",
     "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)",
 ];
@@ -257,6 +258,10 @@ static LIVE_RUNNERS: PerEngine =
 static STATES: PerEngine = per_engine!(
     "SELECT partition_number, owner, epoch, expires_at_ms - NOW_MS
        FROM saga_leases ORDER BY partition_number"
+);
+static STATE_OF: PerEngine = per_engine!(
+    "SELECT partition_number, owner, epoch, expires_at_ms - NOW_MS
+       FROM saga_leases WHERE partition_number = $1"
 );
 
 impl PerEngine {
@@ -468,26 +473,45 @@ impl Leases {
     /// Every partition's lease as stored (partitions never taken are absent).
     pub async fn states(&self) -> Result<Vec<LeaseState>, sqlx::Error> {
         let sql = STATES.of(&self.database);
-        let rows: Vec<(i32, Option<String>, i64, i64)> = with_pool!(&self.database, |pool| {
+        let rows: Vec<StateRow> = with_pool!(&self.database, |pool| {
             sqlx::query_as(sql).fetch_all(pool).await?
         });
-        Ok(rows
-            .into_iter()
-            .map(|(partition, owner, epoch, left_ms)| {
-                let free = owner.is_none() || left_ms <= 0;
-                LeaseState {
-                    partition: u32::try_from(partition).unwrap_or(u32::MAX),
-                    owner,
-                    epoch,
-                    free,
-                    expires_in: if free {
-                        Duration::ZERO
-                    } else {
-                        Duration::from_millis(u64::try_from(left_ms).unwrap_or(0))
-                    },
-                }
-            })
-            .collect())
+        Ok(rows.into_iter().map(LeaseState::from_row).collect())
+    }
+}
+
+/// `partition`'s lease as stored; `None` when no runner ever took it.
+pub async fn state_of(
+    database: &Database,
+    partition: Partition,
+) -> Result<Option<LeaseState>, sqlx::Error> {
+    let sql = STATE_OF.of(database);
+    let row: Option<StateRow> = with_pool!(database, |pool| {
+        sqlx::query_as(sql)
+            .bind(number(partition))
+            .fetch_optional(pool)
+            .await?
+    });
+    Ok(row.map(LeaseState::from_row))
+}
+
+/// A lease's row: partition, owner, epoch, milliseconds left by the database's clock.
+type StateRow = (i32, Option<String>, i64, i64);
+
+impl LeaseState {
+    fn from_row((partition, owner, epoch, left_ms): StateRow) -> Self {
+        let free = owner.is_none() || left_ms <= 0;
+        LeaseState {
+            partition: u32::try_from(partition).unwrap_or(u32::MAX),
+            owner,
+            epoch,
+            free,
+            expires_in: if free {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(u64::try_from(left_ms).unwrap_or(0))
+            },
+        }
     }
 }
 

@@ -146,6 +146,10 @@ fn now_text(timeline: &Timeline) -> String {
     if let Some(waiting_for) = &now.waiting_for {
         text += &format!("  waiting for: {waiting_for}\n");
     }
+    let times = |count: u32| match count {
+        1 => "once".to_owned(),
+        count => format!("{count} times"),
+    };
     let left = |millis: i64| {
         if millis >= 0 {
             format!("{:.1} s left", millis as f64 / 1000.0)
@@ -155,11 +159,11 @@ fn now_text(timeline: &Timeline) -> String {
     };
     if let Some(deadline) = &now.deadline {
         text += &format!(
-            "  deadline: {} due {} ({}, armed {} times)\n",
+            "  deadline: {} due {} ({}, armed {})\n",
             deadline.kind,
             deadline.due_at,
             left(deadline.time_left_ms),
-            deadline.times_armed
+            times(deadline.times_armed)
         );
     }
     if let Some(retry) = &now.next_retry {

@@ -7,7 +7,8 @@ use chrono::Utc;
 use petstore_domain::OrderId;
 use petstore_event_store::database::Database;
 use petstore_read_models::timeline::{
-    self, ArmedDeadline, EntryKind, Now, PartitionOwner, Timeline, TimelineEntry, Verdict,
+    self, ArmedDeadline, EntryKind, KafkaCoordinates, Now, PartitionOwner, ProviderCall, Timeline,
+    TimelineEntry, Verdict,
 };
 use petstore_read_models::views::SagaStepView;
 use petstore_web::{Json, Path, Problem, ProblemDocument, Query, RequestContext};
@@ -100,6 +101,8 @@ pub async fn timeline_route(
         Verdict,
         ArmedDeadline,
         PartitionOwner,
+        ProviderCall,
+        KafkaCoordinates,
         SagaStepView
     ))
 )]

@@ -4,8 +4,14 @@
 //! machine spreads over both; the figure to read is the 404's latency as a ratio of the 200's,
 //! compared between two builds of the service measured one after the other.
 //!
+//! With `--timeline-entries N` it measures the admin timeline route instead
+//! (`GET /admin/orders/{id}/timeline`, what `petstore explain` prints): one order is placed
+//! and completed, then paid again until its timeline holds N entries (each refused payment
+//! is one entry), and the timeline's latency alternates with the same order's status read.
+//!
 //! ```text
 //! read-bench --url http://127.0.0.1:8080 [--username admin --password admin] [--orders 200]
+//! read-bench --url http://127.0.0.1:8080 --timeline-entries 200
 //! ```
 
 // The results on stdout are what this binary is for.
@@ -44,6 +50,9 @@ struct Args {
     /// Rounds: each measures both kinds once, in alternating order.
     #[arg(long, default_value_t = 6)]
     rounds: u32,
+    /// Measure the timeline of one order with this many entries against its status read.
+    #[arg(long)]
+    timeline_entries: Option<usize>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,6 +61,8 @@ enum Kind {
     Known,
     /// A random UUIDv7 nobody placed: 404.
     Unknown,
+    /// The first order's timeline (admin): 200.
+    Timeline,
 }
 
 struct Client {
@@ -62,18 +73,73 @@ struct Client {
 
 impl Client {
     async fn status(&self, order_id: &str) -> anyhow::Result<reqwest::StatusCode> {
+        self.get(&format!("/petstore-domain/orders/{order_id}/status"))
+            .await
+    }
+
+    async fn timeline(&self, order_id: &str) -> anyhow::Result<(reqwest::StatusCode, Value)> {
         let response = self
             .http
             .get(format!(
-                "{}/petstore-domain/orders/{order_id}/status",
+                "{}/petstore-domain/admin/orders/{order_id}/timeline",
                 self.base
             ))
             .bearer_auth(&self.token)
             .send()
             .await?;
         let status = response.status();
+        Ok((status, response.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// GETs `path` and reads the whole body: its status.
+    async fn get(&self, path: &str) -> anyhow::Result<reqwest::StatusCode> {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await?;
+        let status = response.status();
         response.bytes().await?;
         Ok(status)
+    }
+}
+
+/// Completes `order_id`'s saga, then pays it again (each refused, one timeline entry) until
+/// its timeline holds `entries` entries.
+async fn grow_timeline(client: &Client, order_id: &str, entries: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (_, timeline) = client.timeline(order_id).await?;
+        let total = timeline["total_entries"].as_u64().unwrap_or(0) as usize;
+        if timeline["now"]["verdict"] == "terminal" && total >= entries {
+            anyhow::ensure!(total == entries, "the timeline holds {total} entries");
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the timeline never grew: {timeline}"
+        );
+        if timeline["now"]["verdict"] != "terminal" {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        // Refusals are written in batches: pay no more than the entries missing, then look.
+        for _ in total..entries {
+            let response = client
+                .http
+                .post(format!("{}/petstore-domain/payments", client.base))
+                .bearer_auth(&client.token)
+                .json(&json!({"order_id": order_id}))
+                .send()
+                .await?;
+            anyhow::ensure!(
+                response.status() == reqwest::StatusCode::CONFLICT,
+                "a second payment answered {}",
+                response.status()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
 
@@ -141,12 +207,22 @@ async fn measure(
                         orders[next.fetch_add(1, Ordering::Relaxed) % orders.len()].clone()
                     }
                     Kind::Unknown => uuid::Uuid::now_v7().to_string(),
+                    Kind::Timeline => orders[0].clone(),
                 };
                 let started = Instant::now();
-                let status = client.status(&order_id).await?;
+                let status = match kind {
+                    Kind::Timeline => {
+                        client
+                            .get(&format!(
+                                "/petstore-domain/admin/orders/{order_id}/timeline"
+                            ))
+                            .await?
+                    }
+                    Kind::Known | Kind::Unknown => client.status(&order_id).await?,
+                };
                 histogram.record(u64::try_from(started.elapsed().as_micros())?)?;
                 let expected = match kind {
-                    Kind::Known => reqwest::StatusCode::OK,
+                    Kind::Known | Kind::Timeline => reqwest::StatusCode::OK,
                     Kind::Unknown => reqwest::StatusCode::NOT_FOUND,
                 };
                 anyhow::ensure!(status == expected, "{kind:?} {order_id}: {status}");
@@ -171,9 +247,25 @@ async fn main() -> anyhow::Result<()> {
         base: args.url.clone(),
         token,
     });
-    let orders = Arc::new(place(&client, args.orders).await?);
+    let (orders, kinds, names) = match args.timeline_entries {
+        Some(entries) => {
+            let orders = place(&client, 1).await?;
+            grow_timeline(&client, &orders[0], entries).await?;
+            (
+                orders,
+                [Kind::Known, Kind::Timeline],
+                ["the order's status", "its timeline"],
+            )
+        }
+        None => (
+            place(&client, args.orders).await?,
+            [Kind::Known, Kind::Unknown],
+            ["known order (200)", "unknown id (404)"],
+        ),
+    };
+    let orders = Arc::new(orders);
     // Warm-up: connections, caches, the query plans.
-    for kind in [Kind::Known, Kind::Unknown] {
+    for kind in kinds {
         measure(&client, &orders, kind, args.clients, Duration::from_secs(1)).await?;
     }
     let duration = Duration::from_secs(args.seconds);
@@ -181,15 +273,15 @@ async fn main() -> anyhow::Result<()> {
     let mut unknown = Histogram::<u64>::new(3)?;
     for round in 0..args.rounds {
         let order = if round % 2 == 0 {
-            [Kind::Known, Kind::Unknown]
+            kinds
         } else {
-            [Kind::Unknown, Kind::Known]
+            [kinds[1], kinds[0]]
         };
         for kind in order {
             let histogram = measure(&client, &orders, kind, args.clients, duration).await?;
             match kind {
                 Kind::Known => known.add(histogram)?,
-                Kind::Unknown => unknown.add(histogram)?,
+                Kind::Unknown | Kind::Timeline => unknown.add(histogram)?,
             }
         }
     }
@@ -198,10 +290,7 @@ async fn main() -> anyhow::Result<()> {
         "{:<24} {:>10} {:>10} {:>10} {:>12}",
         "read", "reads/s", "p50 ms", "p99 ms", "mean ms"
     );
-    for (name, histogram) in [
-        ("known order (200)", &known),
-        ("unknown id (404)", &unknown),
-    ] {
+    for (name, histogram) in [(names[0], &known), (names[1], &unknown)] {
         println!(
             "{:<24} {:>10.0} {:>10.3} {:>10.3} {:>12.3}",
             name,
@@ -212,7 +301,9 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     println!(
-        "404 / 200: p50 {:.2}, p99 {:.2}, mean {:.2} ({} clients, {} rounds of {} s)",
+        "{} / {}: p50 {:.2}, p99 {:.2}, mean {:.2} ({} clients, {} rounds of {} s)",
+        names[1],
+        names[0],
         unknown.value_at_quantile(0.5) as f64 / known.value_at_quantile(0.5) as f64,
         unknown.value_at_quantile(0.99) as f64 / known.value_at_quantile(0.99) as f64,
         unknown.mean() / known.mean(),

@@ -17,6 +17,7 @@ use petstore_admin_api::AdminState;
 use petstore_command_api::CommandState;
 use petstore_domain::partition::Partitions;
 use petstore_event_store::database::Database;
+use petstore_event_store::records::{self, Recorder};
 use petstore_event_store::store::EventStore;
 use petstore_event_store::subscription::try_become_active;
 use petstore_kafka::{BusError, KafkaBus};
@@ -43,6 +44,9 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::{Role, Shutdown, StartupError};
+
+/// How often the timeline records past `timeline.retention_hours` are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
 
 /// What every role of a process shares, connected once.
 pub(crate) struct Infrastructure {
@@ -91,8 +95,10 @@ impl Infrastructure {
             ));
         }
         let metrics = Metrics::new().observe_pool(database.clone());
+        let (recorder, record_writer) = Recorder::new(database.clone());
         let store = EventStore::new(database.clone(), settings.commands.max_conflict_retries)
-            .with_metrics(metrics.clone());
+            .with_metrics(metrics.clone())
+            .with_recorder(recorder);
         let live = Live::start(store.clone(), settings, metrics.clone()).await?;
         if roles.contains(&Role::Command) && settings.catalog.seed_demo_pets {
             let added = petstore_command_api::catalog::seed_demo_catalog(&store)
@@ -123,7 +129,16 @@ impl Infrastructure {
             }
             None => None,
         };
-        let mut workers = vec![tokio::spawn(live.clone().run(shutdown.wait()))];
+        let mut workers = vec![
+            tokio::spawn(live.clone().run(shutdown.wait())),
+            tokio::spawn(record_writer.run(shutdown.wait())),
+            tokio::spawn(records::prune_every(
+                database.clone(),
+                Duration::from_secs(settings.timeline.retention_hours.saturating_mul(3600)),
+                PRUNE_EVERY,
+                shutdown.wait(),
+            )),
+        ];
         if roles.contains(&Role::Command) || roles.contains(&Role::Saga) {
             workers.push(tokio::spawn(store.clone().notify_appends(shutdown.wait())));
         }

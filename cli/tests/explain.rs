@@ -124,7 +124,7 @@ fn assert_chronological(document: &Value) {
     );
     let others: Vec<&str> = entries
         .iter()
-        .filter(|entry| entry["global_position"].is_null())
+        .filter(|entry| entry["event_id"].is_null() && entry["step"].is_null())
         .map(|entry| entry["at"].as_str().expect("at"))
         .collect();
     assert!(
@@ -180,6 +180,9 @@ fn fixture_form(document: &Value) -> Value {
                                 | "epoch"
                                 | "partition"
                                 | "runner"
+                                | "idempotency_key"
+                                | "last_attempt_at"
+                                | "offset"
                                 | "order_id",
                                 _,
                             ) => json!(format!("<{key}>")),
@@ -305,8 +308,15 @@ async fn explain_follows_an_order_from_in_flight_to_terminal_on_the_embedded_sto
         .expect("answered");
     assert_eq!(paid.status(), 200);
     service.wait_for_terminal(&order_id).await;
+    // Provider attempts are written in batches, within a tenth of a second.
     let (output, done) = explain_until(&env, &order_id, |document| {
         document["now"]["verdict"] == "terminal"
+            && has_entry(
+                document,
+                "provider_attempt",
+                "provider_call",
+                "delivery book",
+            )
     })
     .await;
     assert_eq!(code(&output), 0);
@@ -327,6 +337,22 @@ async fn explain_follows_an_order_from_in_flight_to_terminal_on_the_embedded_sto
         "event_type",
         "PaymentProcessed"
     ));
+    // The customer's charge and the saga's booking, each attempted once under its key.
+    let key = format!("customer-payment:{order_id}");
+    assert!(entries(&done)
+        .iter()
+        .any(|entry| entry["kind"] == "provider_attempt"
+            && entry["provider_call"] == "payment charge"
+            && entry["idempotency_key"] == key.as_str()
+            && entry["outcome"] == "succeeded"));
+    assert!(has_entry(
+        &done,
+        "provider_attempt",
+        "provider_call",
+        "delivery book"
+    ));
+    assert_eq!(done["now"]["last_call"]["provider"], "delivery");
+    assert_eq!(done["now"]["last_call"]["attempts"], 1);
     assert!(entries(&done)
         .iter()
         .filter(|entry| entry["event_id"].is_string())
@@ -364,6 +390,20 @@ async fn explain_follows_an_order_from_in_flight_to_terminal_on_the_embedded_sto
         .collect();
     assert_eq!(lines.len(), entries(&done).len() + 1);
     assert_eq!(lines.last().expect("now")["verdict"], "terminal");
+
+    // Paying again is refused by the payment, and the refusal is on the order's timeline.
+    let again = reqwest::Client::new()
+        .post(service.url("/petstore-domain/payments"))
+        .json(&json!({"order_id": order_id}))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(again.status(), 409);
+    let (_, refused) = explain_until(&env, &order_id, |document| {
+        has_entry(document, "command_refused", "subject", "anonymous")
+    })
+    .await;
+    assert_chronological(&refused);
 
     // Unhappy paths.
     let unknown = "6f1e0b6c-58a4-4c1e-9a3e-2d7b0c5f1a90";
@@ -464,4 +504,60 @@ async fn explain_calls_an_order_stuck_while_its_deadline_is_overdue_on_postgres(
     drop(saga);
     drop(front);
     database.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_shows_a_failing_providers_attempts_and_the_compensation() {
+    let data_dir = tempfile::tempdir().expect("temp dir");
+    let env = [(
+        "PETSTORE__STORAGE__DATA_DIR",
+        data_dir.path().display().to_string(),
+    )];
+    let service = Service::start(&env).await;
+    let response = reqwest::Client::new()
+        .post(service.url("/petstore-domain/orders"))
+        .header("X-Simulate-Failure", "payment-service")
+        .json(&json!({"customer_id": "customer-001", "pet_id": PET}))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(response.status(), 202);
+    let accepted: Value = response.json().await.expect("json");
+    let order_id = accepted["order_id"].as_str().expect("id").to_owned();
+    service.wait_for_terminal(&order_id).await;
+    let (output, ended) = explain_until(&env, &order_id, |document| {
+        document["now"]["verdict"] == "terminal" && document["now"]["last_call"].is_object()
+    })
+    .await;
+    assert_eq!(code(&output), 0);
+    assert_eq!(ended["now"]["status"], "cancelled");
+    assert_eq!(ended["now"]["cancellation_reason"], "payment-failed");
+    let charges: Vec<&Value> = entries(&ended)
+        .iter()
+        .filter(|entry| entry["provider_call"] == "payment charge")
+        .collect();
+    assert!(!charges.is_empty(), "{:?}", kinds(&ended));
+    assert!(charges.iter().all(|entry| entry["outcome"] != "succeeded"));
+    assert_eq!(charges[0]["kind"], "provider_attempt");
+    assert!(charges[1..]
+        .iter()
+        .all(|entry| entry["kind"] == "provider_retry"));
+    assert!(
+        charges
+            .iter()
+            .all(|entry| entry["idempotency_key"] == charges[0]["idempotency_key"]),
+        "one key for every attempt of one call"
+    );
+    assert!(has_entry(&ended, "step_failed", "step", "payment"));
+    assert!(has_entry(&ended, "compensation", "step", "reservation"));
+    assert_eq!(ended["now"]["last_call"]["provider"], "payment");
+    assert_eq!(ended["now"]["last_call"]["attempts"], charges.len());
+    assert!(ended["now"]["last_error"].is_string(), "{}", ended["now"]);
+    assert_chronological(&ended);
+    let table = explain(&env, &["--order", &order_id]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        text.contains("last provider call: payment charge"),
+        "{text}"
+    );
 }

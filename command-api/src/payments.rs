@@ -16,6 +16,7 @@ use petstore_domain::payment::{Payment, PaymentCommand, PaymentState};
 use petstore_domain::providers::{ChargeRequest, PaymentGateway};
 use petstore_domain::values::Currency;
 use petstore_domain::{Money, OrderId};
+use petstore_event_store::records::{Operation, Provider, Record, RefusedCommand};
 use petstore_event_store::store::EventMetadata;
 use petstore_event_store::stream;
 use petstore_resilience::CallError;
@@ -126,10 +127,66 @@ pub async fn pay_order(
     RequestContext::record_order(&order_id);
     let key = order_id.to_string();
     let order: Order = state.store.load(&key).await?;
-    let (Some(request), Some(status)) = (order.request(), order.status()) else {
+    let Some(request) = order.request() else {
         return Err(Problem::not_found(format!("order {order_id} does not exist")).into());
     };
     caller.authorize_customer(request.customer_id.as_str())?;
+    let outcome = pay_known_order(&state, &caller, &body, order_id, &order).await;
+    if let Err(CommandError::Problem(problem)) = &outcome {
+        if matches!(
+            problem.status(),
+            StatusCode::CONFLICT | StatusCode::UNPROCESSABLE_ENTITY
+        ) {
+            record_refusal(&state, &caller, order_id, problem.detail()).await;
+        }
+    }
+    outcome
+}
+
+/// Records, for the order's timeline, that the customer's payment of `order_id` was refused
+/// (`reason`), under the order's correlation id.
+async fn record_refusal(state: &CommandState, caller: &Caller, order_id: OrderId, reason: &str) {
+    let Some(recorder) = state.store.recorder() else {
+        return;
+    };
+    let correlation = match stream::correlation_of(
+        state.store.database(),
+        Order::TYPE,
+        &order_id.to_string(),
+    )
+    .await
+    {
+        Ok(Some(correlation)) => correlation,
+        Ok(None) => return,
+        Err(error) => {
+            tracing::warn!(%error, "the refused payment is not recorded on the order's timeline");
+            return;
+        }
+    };
+    recorder.record(Record::Refusal(RefusedCommand {
+        correlation_id: correlation,
+        aggregate_type: Payment::TYPE.to_owned(),
+        aggregate_id: order_id.to_string(),
+        command: "ProcessPayment".to_owned(),
+        subject: Some(caller.subject().to_owned()),
+        causation_id: Some(RequestContext::correlation_id().to_string()),
+        reason: reason.to_owned(),
+        refused_at: chrono::Utc::now(),
+    }));
+}
+
+/// Pays `order_id` (placed: `order` holds its request) for the customer.
+async fn pay_known_order(
+    state: &CommandState,
+    caller: &Caller,
+    body: &PaymentBody,
+    order_id: OrderId,
+    order: &Order,
+) -> Result<Response, CommandError> {
+    let key = order_id.to_string();
+    let (Some(request), Some(status)) = (order.request(), order.status()) else {
+        return Err(Problem::not_found(format!("order {order_id} does not exist")).into());
+    };
     if let Some(amount) = &body.amount {
         let offered = Money::new(amount.amount_minor, Currency::parse(&amount.currency)?)?;
         if offered != request.amount {
@@ -194,7 +251,18 @@ pub async fn pay_order(
         simulate_failure: false,
     };
     let gateway = Arc::clone(&state.payments);
-    let result = providers::call(&state.policies.payment, move || {
+    let record = state
+        .store
+        .recorder()
+        .map(|recorder| providers::CallRecord {
+            recorder: recorder.clone(),
+            order_id,
+            correlation_id: metadata.correlation_id.to_string(),
+            provider: Provider::Payment,
+            operation: Operation::Charge,
+            idempotency_key: charge.idempotency_key.clone(),
+        });
+    let result = providers::call(&state.policies.payment, record, move || {
         let gateway = Arc::clone(&gateway);
         let charge = charge.clone();
         async move { gateway.charge(charge).await }

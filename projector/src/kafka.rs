@@ -3,11 +3,14 @@
 //! acknowledged ([`InFlight`]); the checkpoint (`kafka` in `stream_checkpoints`) moves only
 //! over the acknowledged prefix, so a broker outage stalls it and nothing is lost. A crash,
 //! or a failed batch, publishes everything after the checkpoint again (consumers deduplicate
-//! by event id).
+//! by event id). Where the broker put each event (topic, partition, offset) is recorded with
+//! the checkpoint that passes it ([`published`]), for the order timeline.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use chrono::Utc;
 use petstore_event_store::database::{Database, Fence};
+use petstore_event_store::published::{self, Published};
 use petstore_event_store::stream::{self, RecordedEvent, StreamPosition};
 use petstore_kafka::{BusError, InFlight, KafkaBus, Trace};
 use tokio::sync::Mutex;
@@ -45,7 +48,26 @@ impl KafkaProjection {
     ) -> Result<Option<StreamPosition>, ProjectionError> {
         match acknowledged {
             Ok(Some(position)) => {
-                stream::save_checkpoint(&self.database, CHECKPOINT, position, fence).await?;
+                let at = Utc::now();
+                let published: Vec<Published> = in_flight
+                    .take_delivered()
+                    .into_iter()
+                    .map(|delivered| Published {
+                        global_position: delivered.global_position,
+                        topic: delivered.topic,
+                        partition: delivered.partition,
+                        offset: delivered.offset,
+                        at,
+                    })
+                    .collect();
+                published::save_checkpoint_with(
+                    &self.database,
+                    CHECKPOINT,
+                    position,
+                    fence,
+                    &published,
+                )
+                .await?;
                 Ok(Some(position))
             }
             Ok(None) => Ok(None),

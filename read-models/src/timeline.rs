@@ -16,6 +16,8 @@ use petstore_event_store::database::Database;
 use petstore_event_store::dead_letters::{self, DeadLetter};
 use petstore_event_store::deadlines::{self, DeadlineEnd, DeadlineKind, DeadlineRecord};
 use petstore_event_store::leases;
+use petstore_event_store::published::{self, Published};
+use petstore_event_store::records::{self, AttemptOutcome, ProviderAttempt, RefusedCommand};
 use petstore_event_store::stream::{self, RecordedEvent};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -84,8 +86,11 @@ pub struct Now {
     /// The next try of a held payment, a delivery waiting for its provider's breaker, or a
     /// compensation a provider did not take yet.
     pub next_retry: Option<ArmedDeadline>,
-    /// The last error: an open dead letter's, or the failed step's reason.
+    /// The last error: an open dead letter's, the last provider attempt's that failed, or
+    /// the failed step's reason.
     pub last_error: Option<String>,
+    /// The latest provider call: its attempts so far and how the last one ended.
+    pub last_call: Option<ProviderCall>,
     /// The saga's steps.
     pub steps: Vec<SagaStepView>,
     /// The saga partition the order belongs to and who owns it.
@@ -104,6 +109,34 @@ pub struct ArmedDeadline {
     pub time_left_ms: i64,
     /// How often it was armed: for a retry, the tries scheduled so far.
     pub times_armed: u32,
+}
+
+/// A provider call and its attempts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ProviderCall {
+    /// `payment` or `delivery`.
+    pub provider: String,
+    /// `charge`, `refund`, `book` or `cancel`.
+    pub operation: String,
+    /// The idempotency key every attempt of the call carries.
+    pub idempotency_key: String,
+    /// How many attempts were made.
+    pub attempts: u32,
+    /// How the last one ended: `succeeded`, `refused`, `failed` or `timed_out`.
+    pub last_outcome: String,
+    /// When the last one started (RFC 3339).
+    pub last_attempt_at: String,
+}
+
+/// Where the Kafka relay published an event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct KafkaCoordinates {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: i32,
+    /// The offset in the partition.
+    pub offset: i64,
 }
 
 /// The saga partition of an order, and its lease.
@@ -125,6 +158,8 @@ pub struct PartitionOwner {
 pub enum EntryKind {
     /// A request's command was accepted: the event it appended.
     CommandAccepted,
+    /// An aggregate refused a command (a request's or the saga's).
+    CommandRefused,
     /// An event the saga or the service appended.
     Event,
     /// A saga step started.
@@ -145,6 +180,12 @@ pub enum EntryKind {
     DeadlineFired,
     /// The saga ended before the deadline fell due.
     DeadlineCancelled,
+    /// A provider call's first attempt.
+    ProviderAttempt,
+    /// A provider call's later attempt, under the same idempotency key.
+    ProviderRetry,
+    /// The Kafka relay published the event (after the broker acknowledged it).
+    Published,
     /// A consumer set one of the order's events aside.
     DeadLettered,
     /// A dead letter was handled after all, or skipped by an operator.
@@ -182,6 +223,17 @@ pub struct TimelineEntry {
     pub deadline: Option<String>,
     /// The dead letter, for a dead letter's entry.
     pub dead_letter_id: Option<i64>,
+    /// The refused command's name, for a refusal.
+    pub command: Option<String>,
+    /// `payment` or `delivery` and what was asked (`charge`, `refund`, `book`, `cancel`),
+    /// for a provider attempt.
+    pub provider_call: Option<String>,
+    /// The provider call's idempotency key.
+    pub idempotency_key: Option<String>,
+    /// How the attempt ended: `succeeded`, `refused`, `failed` or `timed_out`.
+    pub outcome: Option<String>,
+    /// Where the event was published, for a `published` entry.
+    pub kafka: Option<KafkaCoordinates>,
 }
 
 /// The timeline of `order_id` as of `as_of`, entries after index `after` (all when `None`),
@@ -206,6 +258,13 @@ pub async fn of_order(
     let events = stream::events_with_correlation(database, &correlation_id).await?;
     let deadlines = deadlines::of_order(database, order_id).await?;
     let dead_letters = dead_letters::of_order(database, order_id).await?;
+    let attempts = records::attempts_of(database, order_id).await?;
+    let refusals = records::refusals_of(database, &correlation_id).await?;
+    let positions: Vec<i64> = events
+        .iter()
+        .map(|event| event.position.global_position)
+        .collect();
+    let coordinates = published::of_positions(database, &positions).await?;
     let owner = match database.stored_saga_partitions().await? {
         Some(partitions) => {
             let partition = partitions.of_order(order_id);
@@ -230,11 +289,14 @@ pub async fn of_order(
     };
     let mut others = deadline_entries(&deadlines, &correlation_id);
     others.extend(dead_letter_entries(&dead_letters, &correlation_id));
+    others.extend(attempt_entries(&attempts));
+    others.extend(refusal_entries(&refusals));
+    others.extend(published_entries(&coordinates, &events));
     let mut entries = merge(from_events, others);
     for (index, entry) in entries.iter_mut().enumerate() {
         entry.index = index;
     }
-    let now = now_of(&view, &deadlines, &dead_letters, owner, as_of);
+    let now = now_of(&view, &deadlines, &dead_letters, &attempts, owner, as_of);
     let total_entries = entries.len();
     let first = after.map_or(0, |after| after.saturating_add(1));
     let page: Vec<TimelineEntry> = entries
@@ -302,6 +364,11 @@ fn entry(at: String, kind: EntryKind, summary: String) -> TimelineEntry {
         step: None,
         deadline: None,
         dead_letter_id: None,
+        command: None,
+        provider_call: None,
+        idempotency_key: None,
+        outcome: None,
+        kafka: None,
     }
 }
 
@@ -470,6 +537,97 @@ fn dead_letter_entries(letters: &[DeadLetter], correlation_id: &str) -> Vec<Time
     entries
 }
 
+/// The entries of the order's provider attempts.
+fn attempt_entries(attempts: &[ProviderAttempt]) -> Vec<TimelineEntry> {
+    attempts
+        .iter()
+        .map(|attempt| {
+            let call = format!(
+                "{} {}",
+                attempt.provider.as_str(),
+                attempt.operation.as_str()
+            );
+            let error = attempt
+                .error
+                .as_deref()
+                .map(|error| format!(": {error}"))
+                .unwrap_or_default();
+            let kind = if attempt.attempt > 1 {
+                EntryKind::ProviderRetry
+            } else {
+                EntryKind::ProviderAttempt
+            };
+            TimelineEntry {
+                correlation_id: Some(attempt.correlation_id.clone()),
+                provider_call: Some(call.clone()),
+                idempotency_key: Some(attempt.idempotency_key.clone()),
+                outcome: Some(attempt.outcome.as_str().to_owned()),
+                ..entry(
+                    rfc3339(attempt.started_at),
+                    kind,
+                    format!(
+                        "{call} attempt {} {} in {} ms{error}",
+                        attempt.attempt,
+                        attempt.outcome.as_str(),
+                        attempt.duration.as_millis()
+                    ),
+                )
+            }
+        })
+        .collect()
+}
+
+/// The entries of the commands refused under the order's correlation id.
+fn refusal_entries(refusals: &[RefusedCommand]) -> Vec<TimelineEntry> {
+    refusals
+        .iter()
+        .map(|refusal| TimelineEntry {
+            correlation_id: Some(refusal.correlation_id.clone()),
+            causation_id: refusal.causation_id.clone(),
+            subject: refusal.subject.clone(),
+            command: Some(refusal.command.clone()),
+            ..entry(
+                rfc3339(refusal.refused_at),
+                EntryKind::CommandRefused,
+                format!(
+                    "{} refused {} {}: {}",
+                    refusal.aggregate_type, refusal.command, refusal.aggregate_id, refusal.reason
+                ),
+            )
+        })
+        .collect()
+}
+
+/// The entries of where the relay published the order's events.
+fn published_entries(coordinates: &[Published], events: &[RecordedEvent]) -> Vec<TimelineEntry> {
+    coordinates
+        .iter()
+        .filter_map(|published| {
+            let event = events
+                .iter()
+                .find(|event| event.position.global_position == published.global_position)?;
+            Some(TimelineEntry {
+                global_position: Some(published.global_position),
+                correlation_id: event.metadata.correlation_id.clone(),
+                event_type: Some(event.event_type.clone()),
+                kafka: Some(KafkaCoordinates {
+                    topic: published.topic.clone(),
+                    partition: published.partition,
+                    offset: published.offset,
+                }),
+                ..entry(
+                    rfc3339(published.at),
+                    EntryKind::Published,
+                    format!(
+                        "{} published to {} partition {} offset {}",
+                        event.event_type, published.topic, published.partition, published.offset
+                    ),
+                )
+            })
+        })
+        .collect()
+}
+
 /// `events` (in commit order) with `others` merged in: each other entry goes before the
 /// first event entry later than it, others keeping their order by time.
 fn merge(events: Vec<TimelineEntry>, mut others: Vec<TimelineEntry>) -> Vec<TimelineEntry> {
@@ -491,6 +649,7 @@ fn now_of(
     view: &OrderStatusView,
     deadlines: &[DeadlineRecord],
     dead_letters: &[DeadLetter],
+    attempts: &[ProviderAttempt],
     owner: Option<PartitionOwner>,
     as_of: DateTime<Utc>,
 ) -> Now {
@@ -548,12 +707,34 @@ fn now_of(
     } else {
         Verdict::InFlight
     };
-    let last_error = open.last().map(|letter| letter.error.clone()).or_else(|| {
-        view.steps
-            .iter()
-            .filter(|step| step.state == "failed")
-            .find_map(|step| step.detail.clone())
+    let last_call = attempts.last().map(|last| ProviderCall {
+        provider: last.provider.as_str().to_owned(),
+        operation: last.operation.as_str().to_owned(),
+        idempotency_key: last.idempotency_key.clone(),
+        attempts: u32::try_from(
+            attempts
+                .iter()
+                .filter(|attempt| attempt.idempotency_key == last.idempotency_key)
+                .count(),
+        )
+        .unwrap_or(u32::MAX),
+        last_outcome: last.outcome.as_str().to_owned(),
+        last_attempt_at: rfc3339(last.started_at),
     });
+    let failed_attempt = attempts
+        .last()
+        .filter(|attempt| attempt.outcome != AttemptOutcome::Succeeded)
+        .and_then(|attempt| attempt.error.clone());
+    let last_error = open
+        .last()
+        .map(|letter| letter.error.clone())
+        .or(failed_attempt)
+        .or_else(|| {
+            view.steps
+                .iter()
+                .filter(|step| step.state == "failed")
+                .find_map(|step| step.detail.clone())
+        });
     Now {
         status: view.status.clone(),
         cancellation_reason: view.cancellation_reason.clone(),
@@ -563,6 +744,7 @@ fn now_of(
         deadline,
         next_retry,
         last_error,
+        last_call,
         steps: view.steps.clone(),
         owner,
     }

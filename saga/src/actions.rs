@@ -16,6 +16,7 @@ use petstore_domain::saga::{self, SagaAction, SagaEvent, SagaOutcome};
 use petstore_domain::{CustomerId, DomainError, OrderId};
 use petstore_event_store::deadlines::{Deadline, DeadlineKind};
 use petstore_event_store::leases::Fence;
+use petstore_event_store::records::{Operation, Provider};
 use petstore_event_store::store::{EventMetadata, EventStore};
 use petstore_event_store::stream::RecordedEvent;
 use petstore_resilience::CallError;
@@ -26,7 +27,7 @@ use uuid::Uuid;
 
 use crate::error::*;
 use crate::events::*;
-use crate::providers;
+use crate::providers::{self, CallRecord};
 use crate::runner::*;
 
 impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D> {
@@ -263,11 +264,20 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                 };
                 let gateway = Arc::clone(&self.payments);
                 self.may_call_providers()?;
-                let result = providers::call(&self.policies.payment, move || {
-                    let gateway = Arc::clone(&gateway);
-                    let request = request.clone();
-                    async move { gateway.charge(request).await }
-                })
+                let result = providers::call(
+                    &self.policies.payment,
+                    self.call_record(
+                        cause,
+                        Provider::Payment,
+                        Operation::Charge,
+                        &request.idempotency_key,
+                    ),
+                    move || {
+                        let gateway = Arc::clone(&gateway);
+                        let request = request.clone();
+                        async move { gateway.charge(request).await }
+                    },
+                )
                 .await;
                 let command = match result {
                     Ok(receipt) => PaymentCommand::RecordPaymentProcessed {
@@ -307,11 +317,20 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                 };
                 let provider = Arc::clone(&self.deliveries);
                 self.may_call_providers()?;
-                let result = providers::call(&self.policies.delivery, move || {
-                    let provider = Arc::clone(&provider);
-                    let request = request.clone();
-                    async move { provider.book(request).await }
-                })
+                let result = providers::call(
+                    &self.policies.delivery,
+                    self.call_record(
+                        cause,
+                        Provider::Delivery,
+                        Operation::Book,
+                        &request.idempotency_key,
+                    ),
+                    move || {
+                        let provider = Arc::clone(&provider);
+                        let request = request.clone();
+                        async move { provider.book(request).await }
+                    },
+                )
                 .await;
                 let command = match result {
                     Ok(booking) => DeliveryCommand::RecordDeliveryScheduled {
@@ -352,11 +371,20 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                 };
                 let gateway = Arc::clone(&self.payments);
                 self.may_call_providers()?;
-                let result = providers::call(&self.policies.payment, move || {
-                    let gateway = Arc::clone(&gateway);
-                    let request = request.clone();
-                    async move { gateway.refund(request).await }
-                })
+                let result = providers::call(
+                    &self.policies.payment,
+                    self.call_record(
+                        cause,
+                        Provider::Payment,
+                        Operation::Refund,
+                        &request.idempotency_key,
+                    ),
+                    move || {
+                        let gateway = Arc::clone(&gateway);
+                        let request = request.clone();
+                        async move { gateway.refund(request).await }
+                    },
+                )
                 .await;
                 match result {
                     Ok(receipt) => {
@@ -386,11 +414,20 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                 };
                 let provider = Arc::clone(&self.deliveries);
                 self.may_call_providers()?;
-                let result = providers::call(&self.policies.delivery, move || {
-                    let provider = Arc::clone(&provider);
-                    let request = request.clone();
-                    async move { provider.cancel(request).await }
-                })
+                let result = providers::call(
+                    &self.policies.delivery,
+                    self.call_record(
+                        cause,
+                        Provider::Delivery,
+                        Operation::Cancel,
+                        &request.idempotency_key,
+                    ),
+                    move || {
+                        let provider = Arc::clone(&provider);
+                        let request = request.clone();
+                        async move { provider.cancel(request).await }
+                    },
+                )
                 .await;
                 match result {
                     Ok(()) => {
@@ -450,6 +487,25 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
             self.store.load::<A>(id).await
         };
         loaded.map_err(store_error)
+    }
+
+    /// What a provider call for `cause`'s order is, for the records of its attempts (none
+    /// when the store keeps no timeline records).
+    fn call_record(
+        &self,
+        cause: &Cause,
+        provider: Provider,
+        operation: Operation,
+        idempotency_key: &str,
+    ) -> Option<CallRecord> {
+        Some(CallRecord {
+            recorder: self.store.recorder()?.clone(),
+            order_id: cause.order_id,
+            correlation_id: cause.correlation_id.to_string(),
+            provider,
+            operation,
+            idempotency_key: idempotency_key.to_owned(),
+        })
     }
 
     /// Refuses a provider call for a partition whose lease may be lost: past its validity by

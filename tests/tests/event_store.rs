@@ -134,7 +134,130 @@ on_both_engines!(
     stores_of_two_processes_see_each_others_appends,
     an_owned_copy_is_trusted_until_the_owner_is_told_of_a_later_event,
     staged_appends_are_written_together_or_not_at_all,
+    refusals_and_provider_attempts_are_recorded_and_pruned_after_their_retention,
 );
+
+/// A refused command is recorded (in the background, by the record writer) under its
+/// correlation id; provider attempts and Kafka coordinates are written and read back; a
+/// prune deletes exactly the records older than the retention.
+async fn refusals_and_provider_attempts_are_recorded_and_pruned_after_their_retention(
+    engine: Engine,
+) {
+    use petstore_domain::OrderId;
+    use petstore_event_store::published::{self, Published};
+    use petstore_event_store::records::{
+        self, AttemptOutcome, Operation, Provider, ProviderAttempt, Record, Recorder,
+    };
+
+    let storage = Storage::new(engine).await;
+    let database = storage.database().await;
+    let (recorder, writer) = Recorder::new(database.clone());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let writing = tokio::spawn(writer.run(async move {
+        let _ = stopped.await;
+    }));
+    let store = EventStore::new(database.clone(), 8).with_recorder(recorder.clone());
+    let metadata = metadata();
+    let correlation_id = metadata.correlation_id.to_string();
+    let result = store
+        .execute::<Counter>("c-1", CounterCommand::Refuse, &(), &metadata)
+        .await;
+    assert!(matches!(result, Err(AggregateError::UserError(Refused))));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let refusals = loop {
+        let refusals = records::refusals_of(&database, &correlation_id)
+            .await
+            .expect("read");
+        if !refusals.is_empty() {
+            break refusals;
+        }
+        assert!(Instant::now() < deadline, "the refusal was never written");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(refusals.len(), 1);
+    assert_eq!(refusals[0].command, "Refuse");
+    assert_eq!(refusals[0].aggregate_type, "Counter");
+    assert_eq!(refusals[0].aggregate_id, "c-1");
+    assert_eq!(refusals[0].reason, "refused");
+    assert_eq!(refusals[0].subject.as_deref(), Some("tester"));
+
+    let order_id = OrderId::parse("6f1e0b6c-58a4-4c1e-9a3e-2d7b0c5f1a90").expect("an order id");
+    let now = chrono::Utc::now();
+    let old = now - chrono::Duration::days(10);
+    let attempt = |number: u32, started_at| ProviderAttempt {
+        order_id,
+        correlation_id: correlation_id.clone(),
+        provider: Provider::Payment,
+        operation: Operation::Charge,
+        idempotency_key: "key-1".to_owned(),
+        attempt: number,
+        outcome: AttemptOutcome::Failed,
+        error: Some("unavailable: down".to_owned()),
+        started_at,
+        duration: Duration::from_millis(12),
+    };
+    records::write(
+        &database,
+        &[
+            Record::Attempt(attempt(1, old)),
+            Record::Attempt(attempt(2, now)),
+        ],
+    )
+    .await
+    .expect("written");
+    let coordinates = |global_position, at| Published {
+        global_position,
+        topic: "orders".to_owned(),
+        partition: 3,
+        offset: global_position * 10,
+        at,
+    };
+    published::save_checkpoint_with(
+        &database,
+        "kafka",
+        StreamPosition::START,
+        None,
+        &[coordinates(1, old), coordinates(2, now)],
+    )
+    .await
+    .expect("recorded");
+    let attempts = records::attempts_of(&database, &order_id)
+        .await
+        .expect("read");
+    assert_eq!(
+        attempts.iter().map(|a| a.attempt).collect::<Vec<_>>(),
+        [1, 2]
+    );
+    assert_eq!(attempts[1].error.as_deref(), Some("unavailable: down"));
+    assert_eq!(attempts[1].duration, Duration::from_millis(12));
+
+    let deleted = records::prune(&database, now - chrono::Duration::days(7))
+        .await
+        .expect("pruned");
+    assert_eq!(deleted, 2, "the old attempt and the old coordinates");
+    let attempts = records::attempts_of(&database, &order_id)
+        .await
+        .expect("read");
+    assert_eq!(attempts.len(), 1);
+    assert_eq!(attempts[0].attempt, 2);
+    let kept = published::of_positions(&database, &[1, 2])
+        .await
+        .expect("read");
+    assert_eq!(kept.len(), 1);
+    assert_eq!((kept[0].global_position, kept[0].offset), (2, 20));
+    assert_eq!(
+        records::refusals_of(&database, &correlation_id)
+            .await
+            .expect("read")
+            .len(),
+        1,
+        "a recent refusal is kept"
+    );
+    assert_eq!(recorder.dropped(), 0);
+    let _ = stop.send(());
+    writing.await.expect("the writer stops");
+    storage.remove().await;
+}
 
 /// A work that stages its appends decides each command on what it staged before, shows
 /// nobody (not even another task of its process) anything until it flushes, and then

@@ -204,6 +204,54 @@ async fn every_event_reaches_kafka_with_its_key_headers_and_per_key_order() {
         *last = envelope.sequence;
     }
     assert_eq!(seen.len(), total);
+
+    // The order's timeline says where the relay published each of its events, as a consumer
+    // reads them.
+    let order_id = &orders[0];
+    let timeline = app
+        .wait_for_json(
+            &format!("/petstore-domain/admin/orders/{order_id}/timeline"),
+            |timeline| {
+                let entries = timeline["entries"].as_array().cloned().unwrap_or_default();
+                let events = entries
+                    .iter()
+                    .filter(|entry| entry["event_id"].is_string())
+                    .count();
+                let published = entries
+                    .iter()
+                    .filter(|entry| entry["kind"] == "published")
+                    .count();
+                events > 0 && published == events
+            },
+        )
+        .await;
+    let read = messages_keyed(&prefix, order_id, Duration::from_secs(10)).await;
+    let keyed_types: BTreeSet<&str> = read.iter().map(|(.., kind)| kind.as_str()).collect();
+    let mut compared = 0;
+    for entry in timeline["entries"].as_array().expect("entries") {
+        let Some(event_type) = entry["event_type"].as_str() else {
+            continue;
+        };
+        if entry["kind"] != "published" || !keyed_types.contains(event_type) {
+            continue;
+        }
+        let coordinates = (
+            entry["kafka"]["topic"].as_str().expect("topic").to_owned(),
+            i32::try_from(entry["kafka"]["partition"].as_i64().expect("partition"))
+                .expect("a partition"),
+            entry["kafka"]["offset"].as_i64().expect("offset"),
+            event_type.to_owned(),
+        );
+        assert!(
+            read.contains(&coordinates),
+            "{coordinates:?} is what a consumer reads: {read:?}"
+        );
+        compared += 1;
+    }
+    assert!(
+        compared >= 3 && compared == keyed_types.len(),
+        "each of the order's events a consumer read ({read:?}) is on the timeline: {timeline}"
+    );
     let health: Value = app
         .get("/petstore-domain/health")
         .await

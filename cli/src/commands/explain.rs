@@ -175,6 +175,19 @@ fn now_text(timeline: &Timeline) -> String {
             retry.times_armed
         );
     }
+    if let Some(call) = &now.last_call {
+        text += &format!(
+            "  last provider call: {} {}, {} ({} attempt{}, the last {} at {}; key {})\n",
+            call.provider,
+            call.operation,
+            call.last_outcome,
+            call.attempts,
+            if call.attempts == 1 { "" } else { "s" },
+            call.last_outcome,
+            call.last_attempt_at,
+            call.idempotency_key
+        );
+    }
     if let Some(error) = &now.last_error {
         text += &format!("  last error: {error}\n");
     }

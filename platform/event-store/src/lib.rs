@@ -15,12 +15,17 @@
 //! - [`leases`]: the saga partitions' leases and the fence every write for one checks.
 //! - [`replay`]: reading the whole log once, in batches, to rebuild or republish.
 //! - [`dead_letters`]: events a consumer set aside, and what an operator does with them.
+//! - [`records`]: provider attempts and refused commands, kept to explain orders, and their
+//!   retention.
+//! - [`published`]: where the Kafka relay published each event.
 
 pub mod database;
 pub mod dead_letters;
 pub mod deadlines;
 pub mod leases;
 pub mod metadata;
+pub mod published;
+pub mod records;
 pub mod replay;
 pub mod store;
 pub mod stream;

@@ -26,6 +26,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use crate::database::Database;
 use crate::deadlines::{self, Deadline, Write};
 use crate::leases::{CheckError, Fence};
+use crate::records::{Record, Recorder, RefusedCommand};
 
 pub use crate::metadata::{
     parse_feature_flags, EventMetadata, FEATURE_FLAGS_KEY, SETTINGS_VERSION_KEY, TRACEPARENT_KEY,
@@ -313,6 +314,7 @@ pub struct EventStore {
     metrics: Option<Metrics>,
     settings_version: Arc<AtomicU64>,
     known: KnownAggregates,
+    recorder: Option<Recorder>,
 }
 
 impl EventStore {
@@ -327,7 +329,21 @@ impl EventStore {
             metrics: None,
             settings_version: Arc::default(),
             known: KnownAggregates::default(),
+            recorder: None,
         }
+    }
+
+    /// Records each command an aggregate refuses ([`crate::records`]), for the order
+    /// timeline.
+    pub fn with_recorder(mut self, recorder: Recorder) -> Self {
+        self.recorder = Some(recorder);
+        self
+    }
+
+    /// Where this store's timeline records go, if anywhere (the saga records its provider
+    /// attempts there too).
+    pub fn recorder(&self) -> Option<&Recorder> {
+        self.recorder.as_ref()
     }
 
     /// Counts appended events in `metrics`.
@@ -611,7 +627,7 @@ impl EventStore {
     ) -> Result<Vec<EventEnvelope<A>>, AggregateError<A::Error>>
     where
         A: Aggregate + Clone + 'static,
-        A::Command: Clone,
+        A::Command: Clone + std::fmt::Debug,
     {
         match self
             .decide_on(
@@ -727,7 +743,7 @@ impl EventStore {
     ) -> Result<Vec<EventEnvelope<A>>, AggregateError<A::Error>>
     where
         A: Aggregate + Clone + 'static,
-        A::Command: Clone,
+        A::Command: Clone + std::fmt::Debug,
     {
         let command_id = metadata.command_id.to_string();
         if let Some(known) = self.kept::<A>(aggregate_id) {
@@ -758,9 +774,44 @@ impl EventStore {
                     tracing::debug!(attempt, aggregate_id, "append conflicted; retrying");
                     Self::back_off(attempt).await;
                 }
+                Err(AggregateError::UserError(error)) => {
+                    self.record_refusal::<A>(aggregate_id, &command, metadata, &error);
+                    return Err(AggregateError::UserError(error));
+                }
                 outcome => return outcome,
             }
         }
+    }
+
+    /// Records that the aggregate refused `command`, when a recorder is attached.
+    fn record_refusal<A: Aggregate>(
+        &self,
+        aggregate_id: &str,
+        command: &A::Command,
+        metadata: &EventMetadata,
+        error: &A::Error,
+    ) where
+        A::Command: std::fmt::Debug,
+    {
+        let Some(recorder) = &self.recorder else {
+            return;
+        };
+        // The variant's name: what `Debug` prints before its fields.
+        let command = format!("{command:?}");
+        let name = command
+            .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+            .next()
+            .unwrap_or_default();
+        recorder.record(Record::Refusal(RefusedCommand {
+            correlation_id: metadata.correlation_id.to_string(),
+            aggregate_type: A::TYPE.to_owned(),
+            aggregate_id: aggregate_id.to_owned(),
+            command: name.to_owned(),
+            subject: Some(metadata.subject.clone()),
+            causation_id: Some(metadata.causation_id.clone()),
+            reason: error.to_string(),
+            refused_at: chrono::Utc::now(),
+        }));
     }
 
     /// Whether work that conflicted `attempt` times so far may try again: at most

@@ -29,7 +29,7 @@ mod subscribe;
 mod topics;
 
 pub use envelope::{topic_for, topics, Envelope, STORE_HEADER};
-pub use publish::{Handed, InFlight, KafkaBus, Trace, MAX_BATCHES_IN_FLIGHT};
+pub use publish::{Delivered, Handed, InFlight, KafkaBus, Trace, MAX_BATCHES_IN_FLIGHT};
 pub use subscribe::KafkaSubscriber;
 pub use topics::check_topics;
 

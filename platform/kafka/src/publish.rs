@@ -35,6 +35,7 @@ pub struct KafkaBus {
 
 /// One message, ready to hand to the producer.
 struct Outgoing {
+    global_position: i64,
     topic: String,
     partition: i32,
     key: String,
@@ -92,7 +93,7 @@ impl KafkaBus {
     /// message headers.
     pub async fn publish(&self, events: &[RecordedEvent], trace: Trace) -> Result<(), BusError> {
         let (handed, _) = self.hand_over(events.to_vec(), trace, None);
-        handed.acknowledged().await
+        handed.acknowledged().await.map(drop)
     }
 
     /// Hands `events` to the producer, in order, in one call of the `kafka` policy, in a
@@ -195,6 +196,7 @@ impl KafkaBus {
             }
         }
         Ok(Outgoing {
+            global_position: event.position.global_position,
             topic,
             // Its saga partition, not the client's partitioner's choice.
             partition: self.partitions.of_key(&event.aggregate_id).kafka(),
@@ -223,13 +225,27 @@ fn producer(settings: &KafkaSettings) -> Result<FutureProducer, BusError> {
         .create()?)
 }
 
-/// Hands every message to the producer in order, then waits for every acknowledgement.
+/// Where the broker put one event's message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivered {
+    /// The event's global position.
+    pub global_position: i64,
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: i32,
+    /// The offset in the partition.
+    pub offset: i64,
+}
+
+/// Hands every message to the producer in order, then waits for every acknowledgement: where
+/// each message went, in order.
 async fn send_all(
     producer: FutureProducer,
     outgoing: Arc<Vec<Outgoing>>,
     metrics: Option<Metrics>,
     queued: Option<tokio::sync::oneshot::Sender<()>>,
-) -> Result<(), BusError> {
+) -> Result<Vec<Delivered>, BusError> {
     let mut deliveries = Vec::with_capacity(outgoing.len());
     for message in outgoing.iter() {
         let mut record = FutureRecord::to(&message.topic)
@@ -253,7 +269,7 @@ async fn send_all(
                 }
             }
         };
-        deliveries.push((delivery, &message.span, Instant::now()));
+        deliveries.push((delivery, message, Instant::now()));
     }
     if let Some(queued) = queued {
         // Whoever handed the batch over may go on; nobody waiting is fine.
@@ -263,12 +279,18 @@ async fn send_all(
     try_join_all(
         deliveries
             .into_iter()
-            .map(|(delivery, span, sent)| async move {
+            .map(|(delivery, message, sent)| async move {
+                let span = &message.span;
                 let outcome = match delivery.await {
                     Ok(Ok(delivered)) => {
                         span.record("messaging.destination.partition.id", delivered.partition);
                         span.record("messaging.kafka.offset", delivered.offset);
-                        Ok(())
+                        Ok(Delivered {
+                            global_position: message.global_position,
+                            topic: message.topic.clone(),
+                            partition: delivered.partition,
+                            offset: delivered.offset,
+                        })
                     }
                     Ok(Err((error, _))) => Err(BusError::Kafka(error)),
                     Err(_) => Err(BusError::Cancelled),
@@ -278,7 +300,7 @@ async fn send_all(
                 }
                 if let Some(metrics) = metrics {
                     match &outcome {
-                        Ok(()) => metrics.kafka_delivery.observe(sent.elapsed().as_secs_f64()),
+                        Ok(_) => metrics.kafka_delivery.observe(sent.elapsed().as_secs_f64()),
                         Err(_) => {
                             metrics.kafka_publish_errors.inc();
                         }
@@ -287,8 +309,7 @@ async fn send_all(
                 outcome
             }),
     )
-    .await?;
-    Ok(())
+    .await
 }
 
 /// How a published message's span relates to the trace its event was stored in.
@@ -305,14 +326,14 @@ pub const MAX_BATCHES_IN_FLIGHT: usize = 8;
 
 /// A batch handed over, its acknowledgements still to come.
 #[must_use = "a batch handed over is acknowledged or not: wait for it"]
-pub struct Handed(tokio::task::JoinHandle<Result<(), BusError>>);
+pub struct Handed(tokio::task::JoinHandle<Result<Vec<Delivered>, BusError>>);
 
 /// Resolves once a batch handed over is in the producer's queue; fails if it never gets there.
 struct Queued(tokio::sync::oneshot::Receiver<()>);
 
 impl Handed {
-    /// Waits until the broker acknowledged every message of the batch.
-    pub async fn acknowledged(self) -> Result<(), BusError> {
+    /// Waits until the broker acknowledged every message of the batch: where each went.
+    pub async fn acknowledged(self) -> Result<Vec<Delivered>, BusError> {
         self.0.await.unwrap_or(Err(BusError::Cancelled))
     }
 
@@ -333,6 +354,8 @@ impl Handed {
 pub struct InFlight {
     bus: KafkaBus,
     batches: std::collections::VecDeque<(Handed, StreamPosition)>,
+    /// Where the messages of the batches acknowledged since the last [`Self::take_delivered`] went.
+    delivered: Vec<Delivered>,
     /// The last batch's signal: the next one is queued after it.
     last_queued: Option<Queued>,
 }
@@ -343,8 +366,14 @@ impl InFlight {
         Self {
             bus,
             batches: std::collections::VecDeque::new(),
+            delivered: Vec::new(),
             last_queued: None,
         }
+    }
+
+    /// Where the messages of the batches acknowledged since the last call went, in order.
+    pub fn take_delivered(&mut self) -> Vec<Delivered> {
+        std::mem::take(&mut self.delivered)
     }
 
     /// The bus it publishes with.
@@ -361,6 +390,7 @@ impl InFlight {
     /// published again.
     pub fn forget(&mut self) {
         self.batches.clear();
+        self.delivered.clear();
         self.last_queued = None;
     }
 
@@ -415,7 +445,10 @@ impl InFlight {
             return Ok(None);
         };
         match handed.acknowledged().await {
-            Ok(()) => Ok(Some(position)),
+            Ok(delivered) => {
+                self.delivered.extend(delivered);
+                Ok(Some(position))
+            }
             Err(error) => {
                 self.forget();
                 Err(error)

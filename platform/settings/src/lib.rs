@@ -52,6 +52,8 @@ pub struct Settings {
     pub projector: ProjectorSettings,
     /// Command dispatch.
     pub commands: CommandSettings,
+    /// What is kept to explain orders (`petstore explain`, the order timeline).
+    pub timeline: TimelineSettings,
     /// The demo catalog.
     pub catalog: CatalogSettings,
     /// The order-fulfilment saga.
@@ -258,6 +260,23 @@ impl Default for CommandSettings {
     fn default() -> Self {
         Self {
             max_conflict_retries: 8,
+        }
+    }
+}
+
+/// What is kept to explain orders besides events, deadlines and dead letters: provider
+/// attempts, refused commands, Kafka coordinates.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimelineSettings {
+    /// How long they are kept, in hours; older ones are pruned.
+    pub retention_hours: u64,
+}
+
+impl Default for TimelineSettings {
+    fn default() -> Self {
+        Self {
+            retention_hours: 168,
         }
     }
 }
@@ -512,7 +531,7 @@ impl Settings {
 
     fn validate_ranges(&self) -> Result<(), SettingsError> {
         let updates = &self.http.order_updates;
-        let positive: [(&str, u64); 19] = [
+        let positive: [(&str, u64); 20] = [
             ("http.body_limit_bytes", self.http.body_limit_bytes as u64),
             (
                 "http.max_concurrent_requests",
@@ -554,6 +573,7 @@ impl Settings {
                 self.redis.operation_timeout_ms,
             ),
             ("redis.browse_ttl_seconds", self.redis.browse_ttl_seconds),
+            ("timeline.retention_hours", self.timeline.retention_hours),
             (
                 "live_settings.poll_interval_ms",
                 self.live_settings.poll_interval_ms,

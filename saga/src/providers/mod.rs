@@ -9,10 +9,18 @@
 //! call through the provider's resilience policy ([`petstore_resilience`]).
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
 
+use chrono::Utc;
 use petstore_domain::providers::{
     CancelRequest, ChargeReceipt, ChargeRequest, DeliveryBooking, DeliveryProvider,
     DeliveryRequest, PaymentGateway, ProviderError, RefundReceipt, RefundRequest,
+};
+use petstore_domain::OrderId;
+use petstore_event_store::records::{
+    AttemptOutcome, Operation, Provider, ProviderAttempt, Record, Recorder,
 };
 use petstore_live_settings::Live;
 use petstore_resilience::{CallError, Policy};
@@ -25,19 +33,119 @@ pub use http::{HttpDeliveryProvider, HttpPaymentGateway, InvalidProviderUrl};
 pub use simulated::{SimulatedDeliveryProvider, SimulatedPaymentGateway};
 
 /// Calls a provider through `policy`: a refusal is its final answer (not retried, not
-/// counted against its breaker); an unavailable provider or a time-out is its failure.
-pub async fn call<T, F, Fut>(policy: &Policy, attempt: F) -> Result<T, CallError<ProviderError>>
+/// counted against its breaker); an unavailable provider or a time-out is its failure. With
+/// `record`, each attempt is recorded for the order's timeline as it ends.
+pub async fn call<T, F, Fut>(
+    policy: &Policy,
+    record: Option<CallRecord>,
+    mut attempt: F,
+) -> Result<T, CallError<ProviderError>>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, ProviderError>> + Send + 'static,
     T: Send + 'static,
 {
+    let record = record.map(Arc::new);
+    let tries = AtomicU32::new(0);
     policy
         .call(
             |error| matches!(error, ProviderError::Unavailable(_)),
-            attempt,
+            || {
+                let attempt = attempt();
+                let number = tries.fetch_add(1, Ordering::Relaxed) + 1;
+                let record = record.clone();
+                async move {
+                    let Some(record) = record else {
+                        return attempt.await;
+                    };
+                    let mut guard = AttemptGuard::start(record, number);
+                    let result = attempt.await;
+                    guard.finish(result.as_ref().err());
+                    result
+                }
+            },
         )
         .await
+}
+
+/// What a provider call is, for the records of its attempts ([`petstore_event_store::records`]).
+#[derive(Debug, Clone)]
+pub struct CallRecord {
+    /// Where the records go.
+    pub recorder: Recorder,
+    /// The order called for.
+    pub order_id: OrderId,
+    /// The order's correlation id.
+    pub correlation_id: String,
+    /// Which provider.
+    pub provider: Provider,
+    /// What it is asked.
+    pub operation: Operation,
+    /// The call's idempotency key.
+    pub idempotency_key: String,
+}
+
+/// One attempt under way: recorded when it ends, or as timed out when it is dropped before
+/// (the policy's time-out cancels the attempt's future).
+struct AttemptGuard {
+    record: Arc<CallRecord>,
+    number: u32,
+    started_at: chrono::DateTime<Utc>,
+    clock: Instant,
+    done: bool,
+}
+
+impl AttemptGuard {
+    fn start(record: Arc<CallRecord>, number: u32) -> Self {
+        Self {
+            record,
+            number,
+            started_at: Utc::now(),
+            clock: Instant::now(),
+            done: false,
+        }
+    }
+
+    fn finish(&mut self, error: Option<&ProviderError>) {
+        let (outcome, error) = match error {
+            None => (AttemptOutcome::Succeeded, None),
+            Some(error @ ProviderError::Refused(_)) => {
+                (AttemptOutcome::Refused, Some(error.to_string()))
+            }
+            Some(error @ ProviderError::Unavailable(_)) => {
+                (AttemptOutcome::Failed, Some(error.to_string()))
+            }
+        };
+        self.write(outcome, error);
+    }
+
+    fn write(&mut self, outcome: AttemptOutcome, error: Option<String>) {
+        self.done = true;
+        let record = &self.record;
+        record.recorder.record(Record::Attempt(ProviderAttempt {
+            order_id: record.order_id,
+            correlation_id: record.correlation_id.clone(),
+            provider: record.provider,
+            operation: record.operation,
+            idempotency_key: record.idempotency_key.clone(),
+            attempt: self.number,
+            outcome,
+            error,
+            started_at: self.started_at,
+            duration: self.clock.elapsed(),
+        }));
+    }
+}
+
+impl Drop for AttemptGuard {
+    fn drop(&mut self) {
+        if !self.done {
+            self.write(
+                AttemptOutcome::TimedOut,
+                Some("no answer in time: the attempt was given up".to_owned()),
+            );
+        }
+    }
 }
 
 /// The payment gateway the settings choose: over HTTP at `providers.payment.url`, else

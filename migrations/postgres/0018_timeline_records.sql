@@ -1,0 +1,47 @@
+-- What the order timeline (`petstore explain`) shows besides events, deadlines and dead
+-- letters, each kept for `timeline.retention_hours` and then pruned:
+-- * where the Kafka relay published each event, recorded after the broker acknowledged it,
+--   in the transaction that moves the relay's checkpoint;
+-- * every attempt of a call to a provider (the payment gateway, the delivery provider);
+-- * commands an aggregate refused, found by the correlation id they ran under.
+CREATE TABLE kafka_coordinates
+(
+    global_position bigint PRIMARY KEY,
+    topic           text    NOT NULL,
+    kafka_partition integer NOT NULL,
+    kafka_offset    bigint  NOT NULL,
+    published_at_ms bigint  NOT NULL
+);
+CREATE INDEX kafka_coordinates_published ON kafka_coordinates (published_at_ms);
+
+CREATE TABLE provider_attempts
+(
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    order_id        text    NOT NULL,
+    correlation_id  text    NOT NULL,
+    provider        text    NOT NULL,
+    operation       text    NOT NULL,
+    idempotency_key text    NOT NULL,
+    attempt         integer NOT NULL,
+    outcome         text    NOT NULL,
+    error           text,
+    started_at_ms   bigint  NOT NULL,
+    duration_ms     bigint  NOT NULL
+);
+CREATE INDEX provider_attempts_order ON provider_attempts (order_id);
+CREATE INDEX provider_attempts_started ON provider_attempts (started_at_ms);
+
+CREATE TABLE refused_commands
+(
+    id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    correlation_id text   NOT NULL,
+    aggregate_type text   NOT NULL,
+    aggregate_id   text   NOT NULL,
+    command        text   NOT NULL,
+    subject        text,
+    causation_id   text,
+    reason         text   NOT NULL,
+    refused_at_ms  bigint NOT NULL
+);
+CREATE INDEX refused_commands_correlation ON refused_commands (correlation_id);
+CREATE INDEX refused_commands_refused ON refused_commands (refused_at_ms);

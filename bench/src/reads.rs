@@ -106,15 +106,15 @@ impl Client {
 }
 
 /// Completes `order_id`'s saga, then pays it again (each refused, one timeline entry) until
-/// its timeline holds `entries` entries.
-async fn grow_timeline(client: &Client, order_id: &str, entries: usize) -> anyhow::Result<()> {
+/// its timeline holds at least `entries` entries: how many it holds (refusals are written in
+/// batches, so a few more may land).
+async fn grow_timeline(client: &Client, order_id: &str, entries: usize) -> anyhow::Result<usize> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let (_, timeline) = client.timeline(order_id).await?;
         let total = timeline["total_entries"].as_u64().unwrap_or(0) as usize;
         if timeline["now"]["verdict"] == "terminal" && total >= entries {
-            anyhow::ensure!(total == entries, "the timeline holds {total} entries");
-            return Ok(());
+            return Ok(total);
         }
         anyhow::ensure!(
             Instant::now() < deadline,
@@ -125,7 +125,7 @@ async fn grow_timeline(client: &Client, order_id: &str, entries: usize) -> anyho
             continue;
         }
         // Refusals are written in batches: pay no more than the entries missing, then look.
-        for _ in total..entries {
+        for _ in total..entries.min(total + 50) {
             let response = client
                 .http
                 .post(format!("{}/petstore-domain/payments", client.base))
@@ -250,7 +250,8 @@ async fn main() -> anyhow::Result<()> {
     let (orders, kinds, names) = match args.timeline_entries {
         Some(entries) => {
             let orders = place(&client, 1).await?;
-            grow_timeline(&client, &orders[0], entries).await?;
+            let held = grow_timeline(&client, &orders[0], entries).await?;
+            println!("one order, its timeline of {held} entries");
             (
                 orders,
                 [Kind::Known, Kind::Timeline],

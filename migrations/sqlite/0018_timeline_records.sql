@@ -1,18 +1,22 @@
 -- What the order timeline (`petstore explain`) shows besides events, deadlines and dead
 -- letters, each kept for `timeline.retention_hours` and then pruned:
 -- * where the Kafka relay published each event, recorded after the broker acknowledged it,
---   in the transaction that moves the relay's checkpoint;
+--   in the transaction that moves the relay's checkpoint (a row per batch);
 -- * every attempt of a call to a provider (the payment gateway, the delivery provider);
 -- * commands an aggregate refused, found by the correlation id they ran under.
-CREATE TABLE kafka_coordinates
+-- One row per acknowledged relay batch: `entries` is a JSON array of
+-- [global_position, topic, partition, offset], one per event; `first_position` and
+-- `last_position` bound the batch's positions.
+CREATE TABLE kafka_published
 (
-    global_position bigint PRIMARY KEY,
-    topic           text    NOT NULL,
-    kafka_partition integer NOT NULL,
-    kafka_offset    bigint  NOT NULL,
-    published_at_ms bigint  NOT NULL
+    id              INTEGER PRIMARY KEY,
+    first_position  bigint NOT NULL,
+    last_position   bigint NOT NULL,
+    published_at_ms bigint NOT NULL,
+    entries         text   NOT NULL
 );
-CREATE INDEX kafka_coordinates_published ON kafka_coordinates (published_at_ms);
+CREATE INDEX kafka_published_last ON kafka_published (last_position);
+CREATE INDEX kafka_published_at ON kafka_published (published_at_ms);
 
 CREATE TABLE provider_attempts
 (

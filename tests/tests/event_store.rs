@@ -212,15 +212,12 @@ async fn refusals_and_provider_attempts_are_recorded_and_pruned_after_their_rete
         offset: global_position * 10,
         at,
     };
-    published::save_checkpoint_with(
-        &database,
-        "kafka",
-        StreamPosition::START,
-        None,
-        &[coordinates(1, old), coordinates(2, now)],
-    )
-    .await
-    .expect("recorded");
+    // Two acknowledged batches, a week and more apart.
+    for batch in [coordinates(1, old), coordinates(2, now)] {
+        published::save_checkpoint_with(&database, "kafka", StreamPosition::START, None, &[batch])
+            .await
+            .expect("recorded");
+    }
     let attempts = records::attempts_of(&database, &order_id)
         .await
         .expect("read");

@@ -466,7 +466,7 @@ pub async fn prune(database: &Database, before: DateTime<Utc>) -> Result<u64, sq
     const STATEMENTS: [&str; 3] = [
         "DELETE FROM provider_attempts WHERE started_at_ms < $1",
         "DELETE FROM refused_commands WHERE refused_at_ms < $1",
-        "DELETE FROM kafka_coordinates WHERE published_at_ms < $1",
+        "DELETE FROM kafka_published WHERE published_at_ms < $1",
     ];
     let mut deleted = 0;
     for statement in STATEMENTS {

@@ -4,11 +4,12 @@
 --   in the transaction that moves the relay's checkpoint (a row per batch);
 -- * every attempt of a call to a provider (the payment gateway, the delivery provider);
 -- * commands an aggregate refused, found by the correlation id they ran under.
--- One row per acknowledged relay batch: `entries` is a JSON array of
--- [global_position, topic, partition, offset], one per event (a row per event cost the relay
--- a fifth of its throughput); `first_position` and `last_position` bound the batch's
--- positions (a batch is in stream order, which global positions follow but for concurrent
--- transactions), and the GiST index finds the batches holding a position.
+-- One row per acknowledged relay batch (a row per event cost the relay a fifth of its
+-- throughput): `entries` is a JSON array of runs of consecutive offsets,
+-- [topic, partition, first offset, [global positions]], the i-th event at the first
+-- offset + i; `first_position` and `last_position` bound the batch's positions (a batch is
+-- in stream order, which global positions follow but for concurrent transactions), and the
+-- GiST index finds the batches holding a position.
 CREATE TABLE kafka_published
 (
     id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

@@ -4,9 +4,9 @@
 --   in the transaction that moves the relay's checkpoint (a row per batch);
 -- * every attempt of a call to a provider (the payment gateway, the delivery provider);
 -- * commands an aggregate refused, found by the correlation id they ran under.
--- One row per acknowledged relay batch: `entries` is a JSON array of
--- [global_position, topic, partition, offset], one per event; `first_position` and
--- `last_position` bound the batch's positions.
+-- One row per acknowledged relay batch: `entries` is a JSON array of runs of consecutive
+-- offsets, [topic, partition, first offset, [global positions]], the i-th event at the
+-- first offset + i; `first_position` and `last_position` bound the batch's positions.
 CREATE TABLE kafka_published
 (
     id              INTEGER PRIMARY KEY,

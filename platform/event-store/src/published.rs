@@ -47,18 +47,7 @@ pub async fn save_checkpoint_with(
         .map(|one| one.at.timestamp_millis())
         .max()
         .unwrap_or_default();
-    let entries: Vec<(i64, &str, i32, i64)> = published
-        .iter()
-        .map(|one| {
-            (
-                one.global_position,
-                one.topic.as_str(),
-                one.partition,
-                one.offset,
-            )
-        })
-        .collect();
-    let entries = serde_json::to_string(&entries)
+    let entries = serde_json::to_string(&runs(published))
         .map_err(|error| StreamError::Database(sqlx::Error::Encode(Box::new(error))))?;
     const INSERT: &str = "INSERT INTO kafka_published
                             (first_position, last_position, published_at_ms, entries)
@@ -89,6 +78,36 @@ pub async fn save_checkpoint_with(
         }
     }
     Ok(())
+}
+
+/// A batch's coordinates as stored: runs of consecutive offsets of one partition of one topic,
+/// each `(topic, partition, first offset, the events' positions)`, the i-th position at the
+/// first offset + i. A relay batch is some tens of runs (a topic per aggregate type, a
+/// partition per saga partition), so a row holds little more than the positions.
+type Run<'a> = (std::borrow::Cow<'a, str>, i32, i64, Vec<i64>);
+
+/// `published` (in the order the broker acknowledged them) as [`Run`]s.
+fn runs(published: &[Published]) -> Vec<Run<'_>> {
+    let mut runs: Vec<Run<'_>> = Vec::new();
+    for one in published {
+        let open = runs.iter_mut().rev().find(|(topic, partition, ..)| {
+            topic.as_ref() == one.topic && *partition == one.partition
+        });
+        match open {
+            Some((_, _, first, positions))
+                if *first + i64::try_from(positions.len()).unwrap_or(i64::MAX) == one.offset =>
+            {
+                positions.push(one.global_position);
+            }
+            _ => runs.push((
+                std::borrow::Cow::Borrowed(one.topic.as_str()),
+                one.partition,
+                one.offset,
+                vec![one.global_position],
+            )),
+        }
+    }
+    runs
 }
 
 /// The coordinates recorded for the events at `positions` (the latest, for an event
@@ -131,7 +150,7 @@ pub async fn of_positions(
     let wanted: std::collections::HashSet<i64> = positions.iter().copied().collect();
     let mut found: std::collections::BTreeMap<i64, Published> = std::collections::BTreeMap::new();
     for (id, at, entries) in rows {
-        let Ok(entries) = serde_json::from_str::<Vec<(i64, String, i32, i64)>>(&entries) else {
+        let Ok(runs) = serde_json::from_str::<Vec<Run<'_>>>(&entries) else {
             tracing::warn!(id, "a malformed row of kafka_published; not shown");
             continue;
         };
@@ -139,14 +158,17 @@ pub async fn of_positions(
             .timestamp_millis_opt(at)
             .single()
             .unwrap_or(DateTime::UNIX_EPOCH);
-        for (global_position, topic, partition, offset) in entries {
-            if wanted.contains(&global_position) {
+        for (topic, partition, first, positions) in runs {
+            for (global_position, offset) in positions.into_iter().zip(first..) {
+                if !wanted.contains(&global_position) {
+                    continue;
+                }
                 // Rows come oldest first: a later publication replaces an earlier one.
                 found.insert(
                     global_position,
                     Published {
                         global_position,
-                        topic,
+                        topic: topic.to_string(),
                         partition,
                         offset,
                         at,
@@ -156,4 +178,62 @@ pub async fn of_positions(
         }
     }
     Ok(found.into_values().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn published(global_position: i64, topic: &str, partition: i32, offset: i64) -> Published {
+        Published {
+            global_position,
+            topic: topic.to_owned(),
+            partition,
+            offset,
+            at: DateTime::UNIX_EPOCH,
+        }
+    }
+
+    #[test]
+    fn runs_hold_consecutive_offsets_of_one_partition_and_split_at_a_gap() {
+        let batch = [
+            published(10, "orders", 3, 7),
+            published(11, "pets", 1, 2),
+            published(12, "orders", 3, 8),
+            published(13, "orders", 4, 0),
+            // A gap: offset 9 went to someone else (a retried batch, another producer).
+            published(14, "orders", 3, 10),
+        ];
+        let runs = runs(&batch);
+        let stored = serde_json::to_string(&runs).expect("json");
+        assert_eq!(
+            stored,
+            r#"[["orders",3,7,[10,12]],["pets",1,2,[11]],["orders",4,0,[13]],["orders",3,10,[14]]]"#
+        );
+        let read: Vec<Run<'_>> = serde_json::from_str(&stored).expect("json");
+        let expanded: Vec<(i64, String, i32, i64)> = read
+            .into_iter()
+            .flat_map(|(topic, partition, first, positions)| {
+                positions
+                    .into_iter()
+                    .zip(first..)
+                    .map(move |(position, offset)| (position, topic.to_string(), partition, offset))
+            })
+            .collect();
+        let mut expected: Vec<(i64, String, i32, i64)> = batch
+            .iter()
+            .map(|one| {
+                (
+                    one.global_position,
+                    one.topic.clone(),
+                    one.partition,
+                    one.offset,
+                )
+            })
+            .collect();
+        let mut sorted = expanded;
+        sorted.sort();
+        expected.sort();
+        assert_eq!(sorted, expected);
+    }
 }

@@ -192,11 +192,18 @@ impl Recorder {
     /// Queues `record` without waiting; drops it (and counts it) when the queue is full or
     /// the writer stopped.
     pub fn record(&self, record: Record) {
-        if self.sender.try_send(record).is_err() {
-            let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-            if dropped.is_power_of_two() {
+        let Err(refused) = self.sender.try_send(record) else {
+            return;
+        };
+        let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        match refused {
+            mpsc::error::TrySendError::Full(_) if dropped.is_power_of_two() => {
                 tracing::warn!(dropped, "timeline records dropped: the writer falls behind");
             }
+            mpsc::error::TrySendError::Closed(_) => {
+                tracing::debug!("a timeline record after the writer stopped (shutting down)");
+            }
+            mpsc::error::TrySendError::Full(_) => {}
         }
     }
 

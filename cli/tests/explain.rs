@@ -36,12 +36,18 @@ fn json_of(output: &Output) -> Value {
 }
 
 async fn place_order(service: &Service) -> String {
-    let response = reqwest::Client::new()
+    place_order_failing(service, None).await
+}
+
+/// Places an order, with `X-Simulate-Failure: failing` when given.
+async fn place_order_failing(service: &Service, failing: Option<&str>) -> String {
+    let mut request = reqwest::Client::new()
         .post(service.url("/petstore-domain/orders"))
-        .json(&json!({"customer_id": "customer-001", "pet_id": PET}))
-        .send()
-        .await
-        .expect("answered");
+        .json(&json!({"customer_id": "customer-001", "pet_id": PET}));
+    if let Some(failing) = failing {
+        request = request.header("X-Simulate-Failure", failing);
+    }
+    let response = request.send().await.expect("answered");
     assert_eq!(response.status(), 202);
     let accepted: Value = response.json().await.expect("json");
     accepted["order_id"].as_str().expect("id").to_owned()
@@ -517,16 +523,7 @@ async fn explain_shows_a_failing_providers_attempts_and_the_compensation() {
         data_dir.path().display().to_string(),
     )];
     let service = Service::start(&env).await;
-    let response = reqwest::Client::new()
-        .post(service.url("/petstore-domain/orders"))
-        .header("X-Simulate-Failure", "payment-service")
-        .json(&json!({"customer_id": "customer-001", "pet_id": PET}))
-        .send()
-        .await
-        .expect("answered");
-    assert_eq!(response.status(), 202);
-    let accepted: Value = response.json().await.expect("json");
-    let order_id = accepted["order_id"].as_str().expect("id").to_owned();
+    let order_id = place_order_failing(&service, Some("payment-service")).await;
     service.wait_for_terminal(&order_id).await;
     let (output, ended) = explain_until(&env, &order_id, |document| {
         document["now"]["verdict"] == "terminal" && document["now"]["last_call"].is_object()

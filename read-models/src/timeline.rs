@@ -246,6 +246,18 @@ pub async fn of_order(
     after: Option<usize>,
     limit: usize,
 ) -> Result<Option<Timeline>, ReadModelError> {
+    Ok(whole(database, order_id, as_of)
+        .await?
+        .map(|timeline| timeline.page(after, limit)))
+}
+
+/// The whole timeline of `order_id` as of `as_of`, every entry in one document (what
+/// `petstore explain` prints); `None` for an order the store does not hold.
+pub async fn whole(
+    database: &Database,
+    order_id: &OrderId,
+    as_of: DateTime<Utc>,
+) -> Result<Option<Timeline>, ReadModelError> {
     let Some(correlation_id) = stream::correlation_of(
         database,
         petstore_domain::order::AGGREGATE_TYPE,
@@ -297,25 +309,33 @@ pub async fn of_order(
         entry.index = index;
     }
     let now = now_of(&view, &deadlines, &dead_letters, &attempts, owner, as_of);
-    let total_entries = entries.len();
-    let first = after.map_or(0, |after| after.saturating_add(1));
-    let page: Vec<TimelineEntry> = entries
-        .into_iter()
-        .skip(first)
-        .take(limit.clamp(1, MAX_PAGE))
-        .collect();
-    let next_after = page
-        .last()
-        .map(|last| last.index)
-        .filter(|last| last + 1 < total_entries);
     Ok(Some(Timeline {
         order_id: *order_id,
         as_of: rfc3339(as_of),
         now,
-        total_entries,
-        entries: page,
-        next_after,
+        total_entries: entries.len(),
+        entries,
+        next_after: None,
     }))
+}
+
+impl Timeline {
+    /// The entries after index `after` (all when `None`), at most `limit` of them (at most
+    /// [`MAX_PAGE`]), with the cursor of the next page.
+    fn page(mut self, after: Option<usize>, limit: usize) -> Self {
+        let first = after.map_or(0, |after| after.saturating_add(1));
+        self.entries = std::mem::take(&mut self.entries)
+            .into_iter()
+            .skip(first)
+            .take(limit.clamp(1, MAX_PAGE))
+            .collect();
+        self.next_after = self
+            .entries
+            .last()
+            .map(|last| last.index)
+            .filter(|last| last + 1 < self.total_entries);
+        self
+    }
 }
 
 /// RFC 3339 in milliseconds, UTC.

@@ -1,6 +1,6 @@
 //! `petstore explain`: what happened to an order and what it waits for, from the event
 //! store, as a table or as the JSON `GET /petstore-domain/admin/orders/{id}/timeline`
-//! answers (one document, every page). Exits 0 when the order is terminal, 3 while it is in
+//! answers (one document, unpaged). Exits 0 when the order is terminal, 3 while it is in
 //! flight, 4 when it is stuck (a deadline overdue or a dead letter open), 2 when the store
 //! does not hold it.
 
@@ -12,7 +12,7 @@ use std::time::Duration;
 use chrono::Utc;
 use petstore_domain::OrderId;
 use petstore_event_store::database::Database;
-use petstore_read_models::timeline::{self, Timeline, TimelineEntry, Verdict, MAX_PAGE};
+use petstore_read_models::timeline::{self, Timeline, TimelineEntry, Verdict};
 use petstore_settings::Settings;
 
 /// How often `--follow` reads the timeline again.
@@ -108,21 +108,9 @@ async fn explain(
     Ok(exit_code(timeline.now.verdict))
 }
 
-/// The whole timeline, every page, as of one moment.
+/// The whole timeline, as of now.
 async fn whole(database: &Database, order_id: &OrderId) -> anyhow::Result<Option<Timeline>> {
-    let as_of = Utc::now();
-    let Some(mut whole) = timeline::of_order(database, order_id, as_of, None, MAX_PAGE).await?
-    else {
-        return Ok(None);
-    };
-    while let Some(after) = whole.next_after {
-        let page = timeline::of_order(database, order_id, as_of, Some(after), MAX_PAGE)
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("order {order_id} disappeared"))?;
-        whole.entries.extend(page.entries);
-        whole.next_after = page.next_after;
-    }
-    Ok(Some(whole))
+    Ok(timeline::whole(database, order_id, Utc::now()).await?)
 }
 
 /// The "now" block, as lines of text.

@@ -26,8 +26,10 @@ pub struct Published {
 }
 
 /// Saves the checkpoint `name` at `position` (fenced as [`stream::save_checkpoint`] is) and
-/// records `published` (the events up to it, with the same `at`), in one transaction: one
-/// row for the whole acknowledged prefix, its coordinates as a JSON array. An event published
+/// records `published` (the events up to it, with the same `at`): one row for the whole
+/// acknowledged prefix, its coordinates as runs. On Postgres in one transaction; on SQLite
+/// the row first, then the checkpoint (a crash between them records coordinates of events
+/// that are published again, whose later row then wins). An event published
 /// again (after a failure, or by a replay) is found with its latest coordinates.
 pub async fn save_checkpoint_with(
     database: &Database,

@@ -15,7 +15,7 @@ use petstore_domain::providers::{
 use petstore_domain::saga::{self, SagaAction, SagaEvent, SagaOutcome};
 use petstore_domain::{CustomerId, DomainError, OrderId};
 use petstore_event_store::deadlines::{Deadline, DeadlineKind};
-use petstore_event_store::leases::Fence;
+use petstore_event_store::leases::{Fence, LeaseLost};
 use petstore_event_store::records::{Operation, Provider};
 use petstore_event_store::store::{EventMetadata, EventStore};
 use petstore_event_store::stream::RecordedEvent;
@@ -263,8 +263,7 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                     simulate_failure,
                 };
                 let gateway = Arc::clone(&self.payments);
-                self.may_call_providers()?;
-                let result = providers::call(
+                let result = providers::call_while(
                     &self.policies.payment,
                     self.call_record(
                         cause,
@@ -272,13 +271,14 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                         Operation::Charge,
                         &request.idempotency_key,
                     ),
+                    self.lease_held(),
                     move || {
                         let gateway = Arc::clone(&gateway);
                         let request = request.clone();
                         async move { gateway.charge(request).await }
                     },
                 )
-                .await;
+                .await?;
                 let command = match result {
                     Ok(receipt) => PaymentCommand::RecordPaymentProcessed {
                         order_id: cause.order_id,
@@ -316,8 +316,7 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                     simulate_failure,
                 };
                 let provider = Arc::clone(&self.deliveries);
-                self.may_call_providers()?;
-                let result = providers::call(
+                let result = providers::call_while(
                     &self.policies.delivery,
                     self.call_record(
                         cause,
@@ -325,13 +324,14 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                         Operation::Book,
                         &request.idempotency_key,
                     ),
+                    self.lease_held(),
                     move || {
                         let provider = Arc::clone(&provider);
                         let request = request.clone();
                         async move { provider.book(request).await }
                     },
                 )
-                .await;
+                .await?;
                 let command = match result {
                     Ok(booking) => DeliveryCommand::RecordDeliveryScheduled {
                         order_id: cause.order_id,
@@ -370,8 +370,7 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                     idempotency_key: metadata.command_id.to_string(),
                 };
                 let gateway = Arc::clone(&self.payments);
-                self.may_call_providers()?;
-                let result = providers::call(
+                let result = providers::call_while(
                     &self.policies.payment,
                     self.call_record(
                         cause,
@@ -379,13 +378,14 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                         Operation::Refund,
                         &request.idempotency_key,
                     ),
+                    self.lease_held(),
                     move || {
                         let gateway = Arc::clone(&gateway);
                         let request = request.clone();
                         async move { gateway.refund(request).await }
                     },
                 )
-                .await;
+                .await?;
                 match result {
                     Ok(receipt) => {
                         tracing::info!(refund = %receipt.reference, "payment refunded");
@@ -413,8 +413,7 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                     idempotency_key: metadata.command_id.to_string(),
                 };
                 let provider = Arc::clone(&self.deliveries);
-                self.may_call_providers()?;
-                let result = providers::call(
+                let result = providers::call_while(
                     &self.policies.delivery,
                     self.call_record(
                         cause,
@@ -422,13 +421,14 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
                         Operation::Cancel,
                         &request.idempotency_key,
                     ),
+                    self.lease_held(),
                     move || {
                         let provider = Arc::clone(&provider);
                         let request = request.clone();
                         async move { provider.cancel(request).await }
                     },
                 )
-                .await;
+                .await?;
                 match result {
                     Ok(()) => {
                         self.send_for::<Delivery>(
@@ -508,14 +508,15 @@ impl<P: PaymentGateway + 'static, D: DeliveryProvider + 'static> SagaRunner<P, D
         })
     }
 
-    /// Refuses a provider call for a partition whose lease may be lost: past its validity by
-    /// this process's clock (paused past it, say), the runner calls nothing for it; the new
-    /// owner makes the call, under the same idempotency key.
-    fn may_call_providers(&self) -> Result<(), SagaError> {
-        match Fence::current() {
-            Some(fence) if !self.lease_clock.holds(&fence.lease) => {
-                Err(SagaError::LeaseLost(fence.lost()))
-            }
+    /// Whether a provider may be called for this work's partition: not once its lease may
+    /// be lost, past its validity by this process's clock (paused past it, say). Asked just
+    /// before each attempt, so a runner that wakes mid-call or mid-back-off calls nothing
+    /// more; the new owner makes the call, under the same idempotency key.
+    fn lease_held(&self) -> impl Fn() -> Result<(), LeaseLost> + Clone + Send + 'static {
+        let fence = Fence::current();
+        let clock = self.lease_clock.clone();
+        move || match &fence {
+            Some(fence) if !clock.holds(&fence.lease) => Err(fence.lost()),
             _ => Ok(()),
         }
     }

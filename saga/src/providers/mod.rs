@@ -8,6 +8,7 @@
 //! [`Payments`] and [`Deliveries`] are whichever one the settings choose. [`call`] makes every
 //! call through the provider's resilience policy ([`petstore_resilience`]).
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -23,7 +24,7 @@ use petstore_event_store::records::{
     AttemptOutcome, Operation, Provider, ProviderAttempt, Record, Recorder,
 };
 use petstore_live_settings::Live;
-use petstore_resilience::{CallError, Policy};
+use petstore_resilience::{AttemptFailure, CallError, Policy};
 use petstore_settings::ProvidersSettings;
 
 pub mod http;
@@ -38,34 +39,77 @@ pub use simulated::{SimulatedDeliveryProvider, SimulatedPaymentGateway};
 pub async fn call<T, F, Fut>(
     policy: &Policy,
     record: Option<CallRecord>,
-    mut attempt: F,
+    attempt: F,
 ) -> Result<T, CallError<ProviderError>>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, ProviderError>> + Send + 'static,
     T: Send + 'static,
 {
+    let Ok(result) = call_while(policy, record, || Ok::<(), Infallible>(()), attempt).await;
+    result
+}
+
+/// [`call`], each attempt made only while `may_call` allows it, asked just before the
+/// attempt (a retry after its back-off too): when it refuses, no attempt is made from then
+/// on, and its refusal is the answer.
+pub async fn call_while<T, C, G, F, Fut>(
+    policy: &Policy,
+    record: Option<CallRecord>,
+    may_call: G,
+    mut attempt: F,
+) -> Result<Result<T, CallError<ProviderError>>, C>
+where
+    G: Fn() -> Result<(), C> + Clone + Send + 'static,
+    C: Send + 'static,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, ProviderError>> + Send + 'static,
+    T: Send + 'static,
+{
     let record = record.map(Arc::new);
     let tries = AtomicU32::new(0);
-    policy
+    let result = policy
         .call(
-            |error| matches!(error, ProviderError::Unavailable(_)),
+            |error| matches!(error, Attempt::Made(ProviderError::Unavailable(_))),
             || {
                 let attempt = attempt();
                 let number = tries.fetch_add(1, Ordering::Relaxed) + 1;
+                let may_call = may_call.clone();
                 let record = record.clone();
                 async move {
+                    may_call().map_err(Attempt::NotMade)?;
                     let Some(record) = record else {
-                        return attempt.await;
+                        return attempt.await.map_err(Attempt::Made);
                     };
                     let mut guard = AttemptGuard::start(record, number);
                     let result = attempt.await;
                     guard.finish(result.as_ref().err());
-                    result
+                    result.map_err(Attempt::Made)
                 }
             },
         )
-        .await
+        .await;
+    let made = |failure| match failure {
+        AttemptFailure::Error(Attempt::Made(error)) => Ok(AttemptFailure::Error(error)),
+        AttemptFailure::Error(Attempt::NotMade(refusal)) => Err(refusal),
+        AttemptFailure::TimedOut(after) => Ok(AttemptFailure::TimedOut(after)),
+    };
+    Ok(match result {
+        Ok(value) => Ok(value),
+        Err(CallError::Refused(Attempt::NotMade(refusal))) => return Err(refusal),
+        Err(CallError::Refused(Attempt::Made(error))) => Err(CallError::Refused(error)),
+        Err(CallError::Failed { failure, attempts }) => Err(CallError::Failed {
+            failure: made(failure)?,
+            attempts,
+        }),
+        Err(CallError::Rejected(rejection)) => Err(CallError::Rejected(rejection)),
+    })
+}
+
+/// An attempt's end: the provider's answer, or no attempt made (`may_call` refused).
+enum Attempt<C> {
+    Made(ProviderError),
+    NotMade(C),
 }
 
 /// What a provider call is, for the records of its attempts ([`petstore_event_store::records`]).
@@ -233,5 +277,82 @@ impl DeliveryProvider for Deliveries {
             Self::Simulated(provider) => provider.cancel(request).await,
             Self::Http(provider) => provider.cancel(request).await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use petstore_resilience::PolicySource;
+    use petstore_settings::DependencyPolicy;
+    use petstore_telemetry::metrics::Metrics;
+
+    use super::*;
+
+    /// A policy that tries up to three times, a millisecond apart.
+    fn retrying() -> Policy {
+        let settings = DependencyPolicy {
+            max_attempts: 3,
+            initial_backoff_ms: 1,
+            max_backoff_ms: 1,
+            ..DependencyPolicy::default()
+        };
+        let source: PolicySource = Arc::new(move || settings.clone());
+        Policy::new("payment", source, Metrics::new())
+    }
+
+    /// Calls a provider that is always unavailable, `may_call` asked before each attempt;
+    /// the number of attempts made, and the answer.
+    async fn unavailable(
+        may_call: impl Fn() -> Result<(), &'static str> + Clone + Send + 'static,
+        after_each: impl Fn() + Send + Sync + 'static,
+    ) -> (
+        u32,
+        Result<Result<(), CallError<ProviderError>>, &'static str>,
+    ) {
+        let made = Arc::new(AtomicU32::new(0));
+        let after_each = Arc::new(after_each);
+        let counted = Arc::clone(&made);
+        let answer = call_while(&retrying(), None, may_call, move || {
+            let made = Arc::clone(&counted);
+            let after_each = Arc::clone(&after_each);
+            async move {
+                made.fetch_add(1, Ordering::SeqCst);
+                after_each();
+                Err(ProviderError::Unavailable("down".to_owned()))
+            }
+        })
+        .await;
+        (made.load(Ordering::SeqCst), answer)
+    }
+
+    #[tokio::test]
+    async fn while_allowed_every_attempt_is_made() {
+        let (made, answer) = unavailable(|| Ok(()), || {}).await;
+        assert_eq!(made, 3);
+        assert!(matches!(
+            answer,
+            Ok(Err(CallError::Failed { attempts: 3, .. }))
+        ));
+    }
+
+    #[tokio::test]
+    async fn once_refused_no_attempt_is_made_not_even_a_retry() {
+        let (made, answer) = unavailable(|| Err("lease lost"), || {}).await;
+        assert_eq!((made, answer.err()), (0, Some("lease lost")));
+
+        // Refused between the first attempt and its retry (a runner woken mid-back-off).
+        let allowed = Arc::new(AtomicBool::new(true));
+        let asked = Arc::clone(&allowed);
+        let (made, answer) = unavailable(
+            move || match asked.load(Ordering::SeqCst) {
+                true => Ok(()),
+                false => Err("lease lost"),
+            },
+            move || allowed.store(false, Ordering::SeqCst),
+        )
+        .await;
+        assert_eq!((made, answer.err()), (1, Some("lease lost")));
     }
 }

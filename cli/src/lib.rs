@@ -215,7 +215,9 @@ impl Application {
             .read_model_health(&infrastructure, roles.contains(&Role::Query))
             .await?;
         if roles.contains(&Role::Query) {
-            wiring.query(&infrastructure, &settings, &shutdown).await?;
+            wiring
+                .query(&infrastructure, &settings, &security, &shutdown)
+                .await?;
         }
         let workers = std::mem::take(&mut wiring.workers);
         let router =

@@ -15,6 +15,7 @@ use axum::routing::get;
 use axum::Router;
 use petstore_admin_api::AdminState;
 use petstore_command_api::CommandState;
+use petstore_console::ConsoleState;
 use petstore_domain::partition::Partitions;
 use petstore_event_store::database::Database;
 use petstore_event_store::records::{self, Recorder};
@@ -359,11 +360,12 @@ impl Wiring {
         Ok(())
     }
 
-    /// The query role: the GET routes and the live order updates.
+    /// The query role: the GET routes, the live order updates and the operator console.
     pub(crate) async fn query(
         &mut self,
         infrastructure: &Infrastructure,
         settings: &Settings,
+        security: &Security,
         shutdown: &Shutdown,
     ) -> Result<(), StartupError> {
         let Some(read_models) = infrastructure.read_models.clone() else {
@@ -378,8 +380,14 @@ impl Wiring {
         );
         self.workers
             .push(tokio::spawn(updates.clone().run(shutdown.wait())));
-        self.router =
-            std::mem::take(&mut self.router).merge(petstore_query_api::router(QueryState {
+        self.router = std::mem::take(&mut self.router)
+            .merge(petstore_console::router(ConsoleState {
+                database: infrastructure.database.clone(),
+                read_models: read_models.clone(),
+                security: security.clone(),
+                settings: settings.console.clone(),
+            }))
+            .merge(petstore_query_api::router(QueryState {
                 updates,
                 progress,
                 read_models,

@@ -11,6 +11,7 @@
 //! - [`views`]: the read-model documents and how events fold into them.
 //! - [`store`]: where the views live (Postgres tables or memory) and the queries on them.
 //! - `browse`: the browse query's filters and its pages of results.
+//! - [`listing`]: listing orders for operators (by status, customer, time placed, stuck).
 //! - `changes`: the notices of changed order views and the feed that delivers them.
 //! - `snapshot`: the embedded read models' snapshot in the SQLite file.
 //! - [`redis`]: the same views in Redis, and the browse cache.
@@ -24,6 +25,7 @@ use petstore_redis::CacheError;
 
 mod browse;
 mod changes;
+pub mod listing;
 pub mod progress;
 pub mod rebuild;
 pub mod redis;

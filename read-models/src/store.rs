@@ -25,6 +25,7 @@ pub use crate::browse::{BrowseFilter, BrowsePage, PremiumFilter};
 pub use crate::changes::{OrderChangeFeed, OrderChanges, ORDER_CHANGES_CHANNEL};
 
 use crate::changes::{notify, order_notices, ChangeNotices, Feed};
+use crate::listing::{placed_at, OrderFilter, OrderPage, ViewStatus};
 use crate::progress::{self, Progress};
 use crate::refold;
 use crate::snapshot::{self, Loaded};
@@ -398,6 +399,65 @@ impl ReadModels {
                     .collect())
             }
         }
+    }
+
+    /// A page of the orders `filter` admits, newest first: by the position of the event that
+    /// placed each.
+    pub async fn list_orders(&self, filter: &OrderFilter) -> Result<OrderPage, ReadModelError> {
+        let limit = filter.limit.max(1) as usize;
+        let orders = match self {
+            Self::Postgres(pool) => {
+                let among = filter
+                    .among
+                    .as_ref()
+                    .map(|ids| ids.iter().map(OrderId::as_uuid).collect::<Vec<_>>());
+                let documents: Vec<serde_json::Value> = sqlx::query_scalar(
+                    "SELECT document FROM order_status_view
+                      WHERE ($1::text IS NULL OR document->>'status' = $1)
+                        AND ($2::text IS NULL OR document->>'customer_id' = $2)
+                        AND ($3::timestamptz IS NULL OR (document->>'created_at')::timestamptz >= $3)
+                        AND ($4::timestamptz IS NULL OR (document->>'created_at')::timestamptz < $4)
+                        AND ($5::uuid[] IS NULL OR order_id = ANY($5))
+                        AND ($6::bigint IS NULL
+                             OR (document->'status_history'->0->'position'->>'global_position')::bigint < $6)
+                      ORDER BY (document->'status_history'->0->'position'->>'global_position')::bigint DESC
+                      LIMIT $7",
+                )
+                .bind(filter.status.map(ViewStatus::as_str))
+                .bind(filter.customer.as_ref().map(CustomerId::as_str))
+                .bind(filter.created_from)
+                .bind(filter.created_to)
+                .bind(among)
+                .bind(filter.before)
+                .bind(limit as i64 + 1)
+                .fetch_all(pool)
+                .await?;
+                documents
+                    .into_iter()
+                    .map(serde_json::from_value)
+                    .collect::<Result<Vec<OrderStatusView>, _>>()?
+            }
+            Self::Memory(state) => {
+                let guard = state.read().await;
+                let mut orders: Vec<OrderStatusView> = guard
+                    .orders
+                    .values()
+                    .filter(|view| {
+                        filter.before.is_none_or(|before| placed_at(view) < before)
+                            && filter
+                                .among
+                                .as_ref()
+                                .is_none_or(|among| among.contains(&view.order_id))
+                            && filter.admits(view)
+                    })
+                    .cloned()
+                    .collect();
+                orders.sort_unstable_by_key(|view| std::cmp::Reverse(placed_at(view)));
+                orders.truncate(limit + 1);
+                orders
+            }
+        };
+        Ok(OrderPage::of(orders, limit))
     }
 
     /// A feed of the orders whose views change from now on. On Postgres it holds a

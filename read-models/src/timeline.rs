@@ -10,6 +10,8 @@
 //! Events stay in commit order; every other entry goes before the first event recorded
 //! after it (by time), so the merge never reorders the log.
 
+use std::collections::BTreeSet;
+
 use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
 use petstore_domain::OrderId;
 use petstore_event_store::database::Database;
@@ -65,6 +67,17 @@ pub enum Verdict {
     InFlight,
     /// A deadline is overdue, or a dead letter of the order is open (exit 4).
     Stuck,
+}
+
+impl Verdict {
+    /// Its name, as the JSON document spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Terminal => "terminal",
+            Self::InFlight => "in_flight",
+            Self::Stuck => "stuck",
+        }
+    }
 }
 
 /// Where an order stands now.
@@ -192,6 +205,31 @@ pub enum EntryKind {
     DeadLetterSettled,
 }
 
+impl EntryKind {
+    /// Its name, as the JSON document spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::CommandAccepted => "command_accepted",
+            Self::CommandRefused => "command_refused",
+            Self::Event => "event",
+            Self::StepStarted => "step_started",
+            Self::StepSucceeded => "step_succeeded",
+            Self::StepFailed => "step_failed",
+            Self::StepSkipped => "step_skipped",
+            Self::Compensation => "compensation",
+            Self::DeadlineScheduled => "deadline_scheduled",
+            Self::DeadlineExtended => "deadline_extended",
+            Self::DeadlineFired => "deadline_fired",
+            Self::DeadlineCancelled => "deadline_cancelled",
+            Self::ProviderAttempt => "provider_attempt",
+            Self::ProviderRetry => "provider_retry",
+            Self::Published => "published",
+            Self::DeadLettered => "dead_lettered",
+            Self::DeadLetterSettled => "dead_letter_settled",
+        }
+    }
+}
+
 /// One entry of a timeline.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct TimelineEntry {
@@ -234,6 +272,22 @@ pub struct TimelineEntry {
     pub outcome: Option<String>,
     /// Where the event was published, for a `published` entry.
     pub kafka: Option<KafkaCoordinates>,
+}
+
+/// The orders stuck at `as_of` (a deadline armed and overdue by more than
+/// [`OVERDUE_AFTER`], or an open dead letter): at most `limit` of each kind.
+pub async fn stuck_orders(
+    database: &Database,
+    as_of: DateTime<Utc>,
+    limit: i64,
+) -> Result<BTreeSet<OrderId>, sqlx::Error> {
+    let mut stuck: BTreeSet<OrderId> =
+        deadlines::overdue_orders(database, as_of - OVERDUE_AFTER, limit)
+            .await?
+            .into_iter()
+            .collect();
+    stuck.extend(dead_letters::open_orders(database, limit).await?);
+    Ok(stuck)
 }
 
 /// The timeline of `order_id` as of `as_of`, entries after index `after` (all when `None`),
@@ -773,6 +827,24 @@ fn now_of(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kinds_and_verdicts_are_named_as_the_document_spells_them() {
+        for kind in [
+            EntryKind::CommandAccepted,
+            EntryKind::StepSucceeded,
+            EntryKind::DeadLetterSettled,
+            EntryKind::ProviderRetry,
+        ] {
+            assert_eq!(serde_json::to_value(kind).expect("json"), kind.as_str());
+        }
+        for verdict in [Verdict::Terminal, Verdict::InFlight, Verdict::Stuck] {
+            assert_eq!(
+                serde_json::to_value(verdict).expect("json"),
+                verdict.as_str()
+            );
+        }
+    }
 
     fn at(at: &str, kind: EntryKind) -> TimelineEntry {
         entry(at.to_owned(), kind, String::new())

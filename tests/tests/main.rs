@@ -8,6 +8,7 @@
 mod api;
 mod architecture;
 mod breakers;
+mod console;
 mod event_store;
 mod fencing;
 mod kafka;

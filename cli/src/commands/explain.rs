@@ -219,14 +219,10 @@ fn entries_table(entries: &[TimelineEntry]) -> comfy_table::Table {
     table.set_header(["#", "at", "kind", "what", "pos", "subject", "trace"]);
     let shown = |value: &Option<String>| value.clone().unwrap_or_else(|| "-".to_owned());
     for entry in entries {
-        let kind = serde_json::to_value(entry.kind)
-            .ok()
-            .and_then(|kind| kind.as_str().map(str::to_owned))
-            .unwrap_or_default();
         table.add_row([
             entry.index.to_string(),
             entry.at.clone(),
-            kind,
+            entry.kind.as_str().to_owned(),
             entry.summary.clone(),
             entry
                 .global_position

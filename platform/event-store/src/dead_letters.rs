@@ -365,6 +365,18 @@ pub async fn open_counts(database: &Database) -> Result<BTreeMap<String, i64>, s
     Ok(rows.into_iter().collect())
 }
 
+/// The orders with an open dead letter (at most `limit`, the oldest letter first).
+pub async fn open_orders(database: &Database, limit: i64) -> Result<Vec<OrderId>, sqlx::Error> {
+    let sql = "SELECT order_id FROM dead_letters
+                WHERE order_id IS NOT NULL AND status IN ('pending', 'retrying')
+                GROUP BY order_id ORDER BY min(id) LIMIT $1";
+    let rows: Vec<(String,)> = fetch!(database, sql, fetch_all, limit)?;
+    Ok(rows
+        .iter()
+        .filter_map(|(id,)| OrderId::parse(id).ok())
+        .collect())
+}
+
 /// The open dead letters of an order.
 pub async fn open_for_order(
     database: &Database,

@@ -413,6 +413,29 @@ pub async fn due(
     Ok(deadlines)
 }
 
+/// The orders with a deadline still armed that fell due before `before` (at most `limit`,
+/// the most overdue first).
+pub async fn overdue_orders(
+    database: &Database,
+    before: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<OrderId>, sqlx::Error> {
+    const SQL: &str = "SELECT order_id FROM saga_deadlines
+                        WHERE fired_at_ms IS NULL AND due_at_ms < $1
+                        GROUP BY order_id ORDER BY min(due_at_ms) LIMIT $2";
+    let rows: Vec<String> = with_pool!(database, |pool| {
+        sqlx::query_scalar(SQL)
+            .bind(before.timestamp_millis())
+            .bind(limit)
+            .fetch_all(pool)
+            .await
+    })?;
+    Ok(rows
+        .iter()
+        .filter_map(|id| OrderId::parse(id).ok())
+        .collect())
+}
+
 /// When the earliest unfired deadline is due, if any.
 pub async fn next_due(database: &Database) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
     const SQL: &str = "SELECT min(due_at_ms) FROM saga_deadlines WHERE fired_at_ms IS NULL";

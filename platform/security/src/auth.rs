@@ -13,6 +13,7 @@
 //! - [`tokens`]: verifying and issuing tokens, chosen by issuer, never by `alg`.
 //! - [`oidc`]: an issuer's key set, refetched on an unknown `kid` (single-flight, cooled down).
 //! - [`login`]: `POST /auth/login` and Argon2 password hashing.
+//! - [`console`]: the operator console's session cookie and CSRF tokens.
 //! - `guard`: the middleware: [`guard`] and [`client_address`].
 //! - `openapi`: [`describe_security`].
 
@@ -33,6 +34,7 @@ use petstore_telemetry::metrics::{AuthFailureLabels, Metrics, RateLimitLabels};
 use petstore_web::Problem;
 use petstore_web::RequestContext;
 
+pub mod console;
 mod guard;
 pub mod login;
 pub mod oidc;
@@ -229,6 +231,7 @@ struct SecurityInner {
     proxies: Vec<ProxyBlock>,
     max_header_bytes: usize,
     metrics: Metrics,
+    csrf: console::CsrfKey,
 }
 
 /// Everything [`guard`] and the login route need.
@@ -278,6 +281,13 @@ impl Security {
             proxies: settings.proxy_blocks(),
             max_header_bytes: settings.max_header_bytes,
             metrics: metrics.clone(),
+            csrf: console::CsrfKey::new(
+                settings
+                    .jwt
+                    .secret
+                    .as_ref()
+                    .map(|secret| secrecy::ExposeSecret::expose_secret(secret).as_bytes()),
+            ),
         })))
     }
 
@@ -289,6 +299,17 @@ impl Security {
     /// The security audit trail.
     pub fn audit(&self) -> &SecurityAudit {
         &self.0.audit
+    }
+
+    /// The CSRF token of the console forms of `session` (the session cookie's token; `""`
+    /// without one, in demo mode).
+    pub fn csrf_token(&self, session: &str) -> String {
+        self.0.csrf.token(session)
+    }
+
+    /// Whether `token` is the CSRF token of `session`.
+    pub fn csrf_matches(&self, session: &str, token: &str) -> bool {
+        self.0.csrf.matches(session, token)
     }
 
     /// The token verifier (and issuer of the service's own tokens).

@@ -54,6 +54,8 @@ pub struct Settings {
     pub commands: CommandSettings,
     /// What is kept to explain orders (`petstore explain`, the order timeline).
     pub timeline: TimelineSettings,
+    /// The operator console.
+    pub console: ConsoleSettings,
     /// The demo catalog.
     pub catalog: CatalogSettings,
     /// The order-fulfilment saga.
@@ -280,6 +282,28 @@ impl Default for TimelineSettings {
         }
     }
 }
+
+/// The operator console (`/petstore-domain/console/`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleSettings {
+    /// A link to a trace in the team's trace UI, `{trace_id}` standing for the trace's id
+    /// (`http://127.0.0.1:16686/trace/{trace_id}`); unset, the console shows trace ids
+    /// without links.
+    pub trace_url_template: Option<String>,
+}
+
+impl ConsoleSettings {
+    /// The link to `trace_id`'s trace, when a template is set.
+    pub fn trace_url(&self, trace_id: &str) -> Option<String> {
+        self.trace_url_template
+            .as_ref()
+            .map(|template| template.replace(TRACE_ID_PLACEHOLDER, trace_id))
+    }
+}
+
+/// What `console.trace_url_template` puts a trace's id in place of.
+pub const TRACE_ID_PLACEHOLDER: &str = "{trace_id}";
 
 /// The demo catalog.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -587,6 +611,17 @@ impl Settings {
         for (key, value) in positive {
             if value == 0 {
                 return Err(SettingsError::invalid(key, "must be above 0"));
+            }
+        }
+        if let Some(template) = &self.console.trace_url_template {
+            let invalid =
+                |reason: &str| SettingsError::invalid("console.trace_url_template", reason);
+            if !template.contains(TRACE_ID_PLACEHOLDER) {
+                return Err(invalid("must contain {trace_id}"));
+            }
+            match url::Url::parse(&template.replace(TRACE_ID_PLACEHOLDER, "0")) {
+                Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => {}
+                _ => return Err(invalid("must be an http or https URL")),
             }
         }
         for (key, provider) in [

@@ -1,6 +1,7 @@
 //! The middleware every request passes: the client address, the caller, its quota, the
 //! admin prefix, and the audit trail of each refusal.
 
+use std::borrow::Cow;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
@@ -14,6 +15,9 @@ use crate::rate_limit::{Decision, Usage};
 use petstore_settings::{canonical, ProxyBlock};
 use petstore_web::Problem;
 
+use super::console::{
+    is_console_route, session_token, CONSOLE_PREFIX, CONSOLE_PUBLIC, CONTENT_SECURITY_POLICY,
+};
 use super::{Caller, Security, TokenRejection, ADMIN_PREFIX, PUBLIC_ROUTES, QUERY_TOKEN_ROUTES};
 
 /// A request's method and route template, as the audit trail names them.
@@ -25,7 +29,8 @@ pub(crate) struct RouteName {
 enum Credentials<'a> {
     Missing,
     Malformed,
-    Bearer(&'a str),
+    /// A token: from the `Authorization` header, the query, or the console's session cookie.
+    Bearer(Cow<'a, str>),
 }
 
 fn credentials(headers: &HeaderMap) -> Credentials<'_> {
@@ -39,14 +44,15 @@ fn credentials(headers: &HeaderMap) -> Credentials<'_> {
         Some((scheme, token))
             if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
         {
-            Credentials::Bearer(token.trim())
+            Credentials::Bearer(Cow::Borrowed(token.trim()))
         }
         _ => Credentials::Malformed,
     }
 }
 
 /// The credentials of a request: its `Authorization` header or, on [`QUERY_TOKEN_ROUTES`],
-/// its `access_token` query parameter (as it is: JWTs are URL-safe).
+/// its `access_token` query parameter (as it is: JWTs are URL-safe), or on console routes
+/// its session cookie.
 fn request_credentials<'a>(request: &'a Request, template: &str) -> Credentials<'a> {
     let from_query = QUERY_TOKEN_ROUTES
         .contains(&template)
@@ -57,9 +63,20 @@ fn request_credentials<'a>(request: &'a Request, template: &str) -> Credentials<
                 .split('&')
                 .find_map(|pair| pair.strip_prefix("access_token="))
         });
+    let from_cookie = || {
+        is_console_route(template)
+            .then(|| session_token(request.headers()))
+            .flatten()
+    };
     match (credentials(request.headers()), from_query) {
+        (Credentials::Missing, None) => match from_cookie() {
+            Some(token) => Credentials::Bearer(Cow::Owned(token)),
+            None => Credentials::Missing,
+        },
         (credentials, None) => credentials,
-        (Credentials::Missing, Some(token)) if !token.is_empty() => Credentials::Bearer(token),
+        (Credentials::Missing, Some(token)) if !token.is_empty() => {
+            Credentials::Bearer(Cow::Borrowed(token))
+        }
         _ => Credentials::Malformed,
     }
 }
@@ -113,6 +130,35 @@ pub(crate) fn with_usage(mut response: Response, usage: &Usage) -> Response {
     response
 }
 
+/// 303 to the console's login page, which comes back to `uri` after the login.
+fn to_console_login(uri: &axum::http::Uri) -> Response {
+    let back = uri
+        .path_and_query()
+        .map_or(CONSOLE_PREFIX, |path| path.as_str());
+    let mut location = format!("{CONSOLE_PREFIX}/login");
+    if back != CONSOLE_PREFIX && back != format!("{CONSOLE_PREFIX}/") {
+        location.push_str("?next=");
+        location.push_str(&percent_encode(back));
+    }
+    let mut response = StatusCode::SEE_OTHER.into_response();
+    if let Ok(location) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    response
+}
+
+/// `text` with every byte but unreserved ones (RFC 3986) percent-encoded.
+fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|byte| match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (byte as char).to_string()
+            }
+            _ => format!("%{byte:02X}"),
+        })
+        .collect()
+}
+
 /// The security middleware of every route: header size, authentication, rate limit, the
 /// admin-only prefix, the audit trail of refusals and admin actions, and security headers.
 pub async fn guard(State(security): State<Security>, mut request: Request, next: Next) -> Response {
@@ -133,7 +179,9 @@ pub async fn guard(State(security): State<Security>, mut request: Request, next:
             .map_or("unmatched", MatchedPath::as_str)
             .to_owned(),
     };
-    let public = PUBLIC_ROUTES.contains(&route.template.as_str());
+    let public = PUBLIC_ROUTES.contains(&route.template.as_str())
+        || CONSOLE_PUBLIC.contains(&route.template.as_str());
+    let console = is_console_route(&route.template);
     let (caller, rejection) = match request_credentials(&request, &route.template) {
         Credentials::Missing if public => (Caller::anonymous(client_ip), None),
         Credentials::Missing if inner.demo_mode => (Caller::demo(client_ip), None),
@@ -142,7 +190,7 @@ pub async fn guard(State(security): State<Security>, mut request: Request, next:
             Caller::anonymous(client_ip),
             Some(Some(TokenRejection::Malformed)),
         ),
-        Credentials::Bearer(token) => match inner.verifier.verify(token).await {
+        Credentials::Bearer(token) => match inner.verifier.verify(&token).await {
             Ok(verified) => (
                 Caller {
                     subject: verified.subject,
@@ -187,6 +235,16 @@ pub async fn guard(State(security): State<Security>, mut request: Request, next:
         if caller.authenticated {
             headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         }
+        if console {
+            headers.insert(
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static(CONTENT_SECURITY_POLICY),
+            );
+            headers.insert(
+                header::REFERRER_POLICY,
+                HeaderValue::from_static("same-origin"),
+            );
+        }
         response
     };
 
@@ -205,6 +263,10 @@ pub async fn guard(State(security): State<Security>, mut request: Request, next:
                 detail.clone(),
             )
             .await;
+        if console && route.method == "GET" {
+            // A browser: to the login page, and back here after it.
+            return finish(to_console_login(request.uri()));
+        }
         let message = if invalid_token {
             detail
         } else {
@@ -212,7 +274,7 @@ pub async fn guard(State(security): State<Security>, mut request: Request, next:
         };
         return finish(Problem::unauthorized(message, invalid_token).into_response());
     }
-    let admin_route = route.template.starts_with(ADMIN_PREFIX);
+    let admin_route = route.template.starts_with(ADMIN_PREFIX) || console && !public;
     if admin_route && !caller.is_admin() {
         security
             .record(
@@ -305,7 +367,7 @@ mod tests {
         );
         assert!(matches!(
             credentials(&map),
-            Credentials::Bearer("abc.def.ghi")
+            Credentials::Bearer(token) if token == "abc.def.ghi"
         ));
         map.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer "));
         assert!(matches!(credentials(&map), Credentials::Malformed));

@@ -124,84 +124,126 @@ pub async fn login(
             Problem::bad_request(format!("the body is not JSON: {error}"))
         }
     })?;
-    if !security.verifier().issues_tokens() {
-        return Err(Problem::not_found(
-            "logins are not configured here (security.jwt.secret)",
-        ));
-    }
-    let route = RouteName {
-        method: "POST".to_owned(),
-        template: "/auth/login".to_owned(),
-    };
-    let mut who = caller.clone();
-    who.subject = attempt.username.clone();
-    if let Decision::Limited { usage, first_trip } = security
-        .0
-        .limits
-        .check_login(&attempt.username, caller.client_ip)
+    let (token, expires_in) = match security
+        .log_in(&caller, "/auth/login", &attempt.username, attempt.password)
+        .await
     {
-        return Ok(security.limited(&usage, first_trip, &who, &route).await);
-    }
-    let user = security.0.users.get(&attempt.username).cloned();
-    let hash = user
-        .as_ref()
-        .map(|user| secrecy::ExposeSecret::expose_secret(&user.password_hash).to_owned());
-    let password = attempt.password;
-    let matches = tokio::task::spawn_blocking(move || match hash {
-        Some(hash) => verify_password(&password, &hash),
-        None => {
-            // The same work as for a known user, and never a match.
-            let _ = verify_password(&password, decoy_hash());
-            false
-        }
-    })
-    .await
-    .unwrap_or(false);
-    let issued = match &user {
-        Some(user) if matches => security.verifier().issue(user.subject(), user.role),
-        _ => None,
+        Ok(issued) => issued,
+        Err(refused) => return Ok(refused.into_response()),
     };
-    let outcome = if issued.is_some() {
-        "success"
-    } else {
-        "failure"
-    };
-    security
-        .0
-        .metrics
-        .logins
-        .get_or_create(&LoginLabels { outcome })
-        .inc();
-    let Some((token, expires_in)) = issued else {
-        security
-            .record(
-                SecurityEventKind::Login,
-                SecurityOutcome::Failure,
-                &who,
-                &route,
-                "invalid username or password",
-            )
-            .await;
-        return Err(Problem::unauthorized("invalid username or password", false));
-    };
-    if let Some(user) = &user {
-        who.subject = user.subject().to_owned();
-    }
-    security
-        .record(
-            SecurityEventKind::Login,
-            SecurityOutcome::Success,
-            &who,
-            &route,
-            format!("logged in as {}", attempt.username),
-        )
-        .await;
     Ok(Json(LoginToken {
         token,
         token_type: "Bearer".to_owned(),
         expires_in,
     })
     .into_response())
+}
+
+/// Why a login did not issue a token.
+pub enum LoginRefused {
+    /// The service issues no tokens (no `security.jwt.secret`).
+    NotConfigured,
+    /// Too many attempts: the answer to send (429).
+    Limited(Response),
+    /// A wrong username or password (recorded in the security trail).
+    Invalid,
+}
+
+impl LoginRefused {
+    /// The answer of the JSON login route.
+    pub fn into_response(self) -> Response {
+        match self {
+            Self::NotConfigured => {
+                Problem::not_found("logins are not configured here (security.jwt.secret)")
+                    .into_response()
+            }
+            Self::Limited(response) => response,
+            Self::Invalid => {
+                Problem::unauthorized("invalid username or password", false).into_response()
+            }
+        }
+    }
+}
+
+impl Security {
+    /// Checks a configured user's password (off the async runtime; an unknown user costs
+    /// the same hash) under the login quotas, records the outcome in the security trail as
+    /// made by a POST to `template`, and issues a token with its lifetime in seconds.
+    pub async fn log_in(
+        &self,
+        caller: &Caller,
+        template: &str,
+        username: &str,
+        password: String,
+    ) -> Result<(String, u64), LoginRefused> {
+        let route = &RouteName {
+            method: "POST".to_owned(),
+            template: template.to_owned(),
+        };
+        if !self.verifier().issues_tokens() {
+            return Err(LoginRefused::NotConfigured);
+        }
+        let mut who = caller.clone();
+        who.subject = username.to_owned();
+        if let Decision::Limited { usage, first_trip } =
+            self.0.limits.check_login(username, caller.client_ip)
+        {
+            return Err(LoginRefused::Limited(
+                self.limited(&usage, first_trip, &who, route).await,
+            ));
+        }
+        let user = self.0.users.get(username).cloned();
+        let hash = user
+            .as_ref()
+            .map(|user| secrecy::ExposeSecret::expose_secret(&user.password_hash).to_owned());
+        let matches = tokio::task::spawn_blocking(move || match hash {
+            Some(hash) => verify_password(&password, &hash),
+            None => {
+                // The same work as for a known user, and never a match.
+                let _ = verify_password(&password, decoy_hash());
+                false
+            }
+        })
+        .await
+        .unwrap_or(false);
+        let issued = match &user {
+            Some(user) if matches => self.verifier().issue(user.subject(), user.role),
+            _ => None,
+        };
+        let outcome = if issued.is_some() {
+            "success"
+        } else {
+            "failure"
+        };
+        self.0
+            .metrics
+            .logins
+            .get_or_create(&LoginLabels { outcome })
+            .inc();
+        let Some(issued) = issued else {
+            self.record(
+                SecurityEventKind::Login,
+                SecurityOutcome::Failure,
+                &who,
+                route,
+                "invalid username or password",
+            )
+            .await;
+            return Err(LoginRefused::Invalid);
+        };
+        if let Some(user) = &user {
+            who.subject = user.subject().to_owned();
+        }
+        self.record(
+            SecurityEventKind::Login,
+            SecurityOutcome::Success,
+            &who,
+            route,
+            format!("logged in as {username}"),
+        )
+        .await;
+        Ok(issued)
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,262 @@
+//! One order: where it stands now, its saga's steps, its timeline grouped by step and in
+//! full (500 entries a page, a permalink per entry, a trace link per traced entry), and the
+//! whole timeline as JSON.
+
+use askama::Template;
+use axum::extract::State;
+use axum::http::header::{self, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+use petstore_domain::OrderId;
+use petstore_read_models::timeline::{self, ArmedDeadline, Timeline, TimelineEntry, MAX_PAGE};
+use petstore_read_models::OrderStatusView;
+use petstore_web::{Path, Problem, Query, RequestContext};
+use serde::Deserialize;
+
+use crate::session::Session;
+use crate::{html, ConsoleState, Frame};
+
+/// Which page of the timeline.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PageQuery {
+    after: Option<usize>,
+}
+
+/// An entry as the page shows it.
+struct Entry {
+    index: usize,
+    at: String,
+    kind: &'static str,
+    summary: String,
+    position: String,
+    correlation_id: String,
+    causation_id: String,
+    subject: String,
+    trace_id: Option<String>,
+    trace_url: Option<String>,
+    detail: String,
+}
+
+/// The entries of one saga step (or of the order before its saga started).
+struct Group {
+    name: String,
+    entries: Vec<Entry>,
+}
+
+/// A deadline as the page shows it.
+struct Deadline {
+    kind: String,
+    due_at: String,
+    left: String,
+    times_armed: u32,
+}
+
+impl From<&ArmedDeadline> for Deadline {
+    fn from(deadline: &ArmedDeadline) -> Self {
+        Self {
+            kind: deadline.kind.clone(),
+            due_at: deadline.due_at.clone(),
+            left: time_left(deadline.time_left_ms),
+            times_armed: deadline.times_armed,
+        }
+    }
+}
+
+/// "12.3 s left" or "overdue by 4.0 s".
+fn time_left(millis: i64) -> String {
+    let seconds = millis.unsigned_abs() as f64 / 1000.0;
+    if millis >= 0 {
+        format!("{seconds:.1} s left")
+    } else {
+        format!("overdue by {seconds:.1} s")
+    }
+}
+
+#[derive(Template)]
+#[template(path = "order.html")]
+struct OrderPage {
+    frame: Frame,
+    timeline: Timeline,
+    /// The order's view, once the read models reached it.
+    order: Option<OrderStatusView>,
+    amount: String,
+    verdict: &'static str,
+    deadline: Option<Deadline>,
+    next_retry: Option<Deadline>,
+    owner: Option<String>,
+    groups: Vec<Group>,
+    entries: Vec<Entry>,
+    first_shown: usize,
+    previous: Option<String>,
+    next: Option<String>,
+}
+
+/// `GET /petstore-domain/console/orders/{order_id}`.
+pub(crate) async fn page(
+    State(state): State<ConsoleState>,
+    session: Session,
+    Path(order_id): Path<String>,
+    Query(query): Query<PageQuery>,
+) -> Result<Response, Problem> {
+    let order_id = parse(&order_id)?;
+    let timeline = timeline::of_order(
+        &state.database,
+        &order_id,
+        Utc::now(),
+        query.after,
+        MAX_PAGE,
+    )
+    .await
+    .map_err(|error| Problem::from_failure(&error))?
+    .ok_or_else(|| Problem::not_found(format!("order {order_id} does not exist")))?;
+    let entry = |entry: &TimelineEntry| Entry {
+        index: entry.index,
+        at: entry.at.clone(),
+        kind: entry.kind.as_str(),
+        summary: entry.summary.clone(),
+        position: entry
+            .global_position
+            .map_or_else(String::new, |position| position.to_string()),
+        correlation_id: entry.correlation_id.clone().unwrap_or_default(),
+        causation_id: entry.causation_id.clone().unwrap_or_default(),
+        subject: entry.subject.clone().unwrap_or_default(),
+        trace_url: entry
+            .trace_id
+            .as_deref()
+            .and_then(|trace| state.settings.trace_url(trace)),
+        trace_id: entry.trace_id.clone(),
+        detail: detail(entry),
+    };
+    let mut groups: Vec<Group> = Vec::new();
+    for item in &timeline.entries {
+        let name = item.step.clone().unwrap_or_else(|| {
+            groups
+                .last()
+                .map_or_else(|| "order".to_owned(), |group| group.name.clone())
+        });
+        match groups.last_mut() {
+            Some(group) if group.name == name => group.entries.push(entry(item)),
+            _ => groups.push(Group {
+                name,
+                entries: vec![entry(item)],
+            }),
+        }
+    }
+    let entries = timeline.entries.iter().map(entry).collect();
+    let base = format!("/petstore-domain/console/orders/{order_id}");
+    let first_shown = query.after.map_or(0, |after| after + 1);
+    let previous = (first_shown > 0).then(|| match first_shown.checked_sub(MAX_PAGE + 1) {
+        Some(after) => format!("{base}?after={after}"),
+        None => base.clone(),
+    });
+    let next = timeline
+        .next_after
+        .map(|after| format!("{base}?after={after}"));
+    let order = state
+        .read_models
+        .order(&order_id)
+        .await
+        .map_err(|error| Problem::from_failure(&error))?;
+    let amount = order
+        .as_ref()
+        .map(|order| crate::money(&order.amount))
+        .unwrap_or_default();
+    let now = &timeline.now;
+    let page = OrderPage {
+        order,
+        amount,
+        frame: session.frame(format!("Order {order_id}")),
+        verdict: now.verdict.as_str(),
+        deadline: now.deadline.as_ref().map(Deadline::from),
+        next_retry: now.next_retry.as_ref().map(Deadline::from),
+        owner: now
+            .owner
+            .as_ref()
+            .map(|owner| match (&owner.runner, owner.epoch) {
+                (Some(runner), Some(epoch)) => format!(
+                    "partition {} held by {runner} (epoch {epoch}{})",
+                    owner.partition,
+                    owner
+                        .lease_expires_in_ms
+                        .map(|left| format!(", lease {:.1} s left", left as f64 / 1000.0))
+                        .unwrap_or_default()
+                ),
+                _ => format!("partition {}, held by no runner now", owner.partition),
+            }),
+        groups,
+        entries,
+        first_shown,
+        previous,
+        next,
+        timeline,
+    };
+    Ok(html(&page))
+}
+
+/// What an entry adds to its summary: the provider call, its key and outcome, where it was
+/// published, the dead letter, the refused command.
+fn detail(entry: &TimelineEntry) -> String {
+    let mut parts = Vec::new();
+    if let Some(call) = &entry.provider_call {
+        parts.push(call.clone());
+    }
+    if let Some(outcome) = &entry.outcome {
+        parts.push(outcome.clone());
+    }
+    if let Some(key) = &entry.idempotency_key {
+        parts.push(format!("key {key}"));
+    }
+    if let Some(kafka) = &entry.kafka {
+        parts.push(format!(
+            "{} partition {} offset {}",
+            kafka.topic, kafka.partition, kafka.offset
+        ));
+    }
+    if let Some(letter) = entry.dead_letter_id {
+        parts.push(format!("dead letter {letter}"));
+    }
+    if let Some(command) = &entry.command {
+        parts.push(command.clone());
+    }
+    if let Some(deadline) = &entry.deadline {
+        parts.push(format!("{deadline} deadline"));
+    }
+    parts.join(" · ")
+}
+
+fn parse(order_id: &str) -> Result<OrderId, Problem> {
+    let order_id =
+        OrderId::parse(order_id).map_err(|error| Problem::bad_request(error.to_string()))?;
+    RequestContext::record_order(&order_id);
+    Ok(order_id)
+}
+
+/// `GET /petstore-domain/console/orders/{order_id}/timeline.json`: the whole timeline, the
+/// document `petstore explain --json` prints, as a download.
+pub(crate) async fn download(
+    State(state): State<ConsoleState>,
+    Path(order_id): Path<String>,
+) -> Result<Response, Problem> {
+    let order_id = parse(&order_id)?;
+    let timeline = timeline::whole(&state.database, &order_id, Utc::now())
+        .await
+        .map_err(|error| Problem::from_failure(&error))?
+        .ok_or_else(|| Problem::not_found(format!("order {order_id} does not exist")))?;
+    let body = serde_json::to_vec_pretty(&timeline).map_err(|error| Problem::internal(&error))?;
+    let disposition = format!("attachment; filename=\"order-{order_id}-timeline.json\"");
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
+            (
+                header::CONTENT_DISPOSITION,
+                HeaderValue::from_str(&disposition).map_err(|error| Problem::internal(&error))?,
+            ),
+        ],
+        body,
+    )
+        .into_response())
+}

@@ -1,0 +1,588 @@
+//! The operator console over HTTP, as a browser without JavaScript uses it: the login and
+//! its session cookie, the admin-only rule, CSRF tokens, the security headers, the orders
+//! list and its filters, an order's page and its JSON, on both stores.
+
+use std::time::{Duration, Instant};
+
+use petstore_cli::Role;
+use petstore_settings::{RoleName, Settings};
+use petstore_tests::{Engine, Storage, TestApp};
+use reqwest::header::{CONTENT_TYPE, COOKIE, LOCATION, SET_COOKIE};
+use reqwest::redirect::Policy;
+use serde_json::{json, Value};
+
+const CONSOLE: &str = "/petstore-domain/console";
+
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+                   connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+
+/// Settings with two users of the console's login: an admin and a customer.
+fn with_users(mut settings: Settings) -> Settings {
+    let user = |username: &str, role: &str, subject: &str| {
+        serde_json::from_value(json!({
+            "username": username,
+            "password_hash": petstore_security::auth::login::hash_password("correct horse")
+                .expect("hash"),
+            "role": role,
+            "subject": subject,
+        }))
+        .expect("a user")
+    };
+    settings.security.users = vec![
+        user("ops", "admin", "ops-1"),
+        user("shopper", "customer", "customer-001"),
+    ];
+    settings.console.trace_url_template =
+        Some("http://127.0.0.1:16686/trace/{trace_id}".to_owned());
+    settings
+}
+
+/// A browser: no redirects followed, cookies kept by hand.
+struct Browser<'a> {
+    app: &'a TestApp,
+    client: reqwest::Client,
+    cookies: Vec<(String, String)>,
+}
+
+impl<'a> Browser<'a> {
+    fn new(app: &'a TestApp) -> Self {
+        Self {
+            app,
+            client: reqwest::Client::builder()
+                .redirect(Policy::none())
+                .build()
+                .expect("a client"),
+            cookies: Vec::new(),
+        }
+    }
+
+    fn keep_cookies(&mut self, response: &reqwest::Response) {
+        for value in response.headers().get_all(SET_COOKIE) {
+            let value = value.to_str().expect("ascii");
+            let pair = value.split(';').next().expect("a pair");
+            let (name, content) = pair.split_once('=').expect("name=value");
+            self.cookies.retain(|(kept, _)| kept != name);
+            if !content.is_empty() {
+                self.cookies.push((name.to_owned(), content.to_owned()));
+            }
+        }
+    }
+
+    fn cookie_header(&self) -> String {
+        self.cookies
+            .iter()
+            .map(|(name, value)| format!("{name}={value}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    async fn get(&mut self, path: &str) -> reqwest::Response {
+        let response = self
+            .client
+            .get(self.app.url(path))
+            .header(COOKIE, self.cookie_header())
+            .send()
+            .await
+            .expect("answered");
+        self.keep_cookies(&response);
+        response
+    }
+
+    async fn post(&mut self, path: &str, form: &[(&str, &str)]) -> reqwest::Response {
+        let response = self
+            .client
+            .post(self.app.url(path))
+            .header(COOKIE, self.cookie_header())
+            .form(form)
+            .send()
+            .await
+            .expect("answered");
+        self.keep_cookies(&response);
+        response
+    }
+
+    /// The login page's form token, then the login; the response to it.
+    async fn log_in(&mut self, username: &str, password: &str, next: &str) -> reqwest::Response {
+        let page = self.get(&format!("{CONSOLE}/login")).await;
+        assert_eq!(page.status(), 200);
+        let csrf = form_token(&page.text().await.expect("html"));
+        self.post(
+            &format!("{CONSOLE}/login"),
+            &[
+                ("username", username),
+                ("password", password),
+                ("csrf", &csrf),
+                ("next", next),
+            ],
+        )
+        .await
+    }
+
+    /// A page's HTML, which must answer 200 with the console's headers.
+    async fn page(&mut self, path: &str) -> String {
+        let response = self.get(path).await;
+        assert_eq!(response.status(), 200, "{path}");
+        assert_console_headers(&response);
+        assert_eq!(
+            response.headers()[CONTENT_TYPE],
+            "text/html; charset=utf-8",
+            "{path}"
+        );
+        response.text().await.expect("html")
+    }
+}
+
+/// The value of the first `csrf` field of a page.
+fn form_token(html: &str) -> String {
+    let marker = "name=\"csrf\" value=\"";
+    let start = html.find(marker).expect("a form with a CSRF token") + marker.len();
+    html[start..start + 64].to_owned()
+}
+
+fn assert_console_headers(response: &reqwest::Response) {
+    assert_eq!(
+        response.headers()["content-security-policy"],
+        CSP,
+        "{}",
+        response.url()
+    );
+    assert_eq!(response.headers()["x-content-type-options"], "nosniff");
+}
+
+/// No inline script, style or event handler: the CSP would refuse them.
+fn assert_no_inline_code(html: &str) {
+    assert!(!html.contains("<script>"), "an inline script: {html}");
+    assert!(!html.contains("<style"), "an inline style sheet: {html}");
+    assert!(!html.contains(" style="), "a style attribute: {html}");
+    let handler = html.match_indices(" on").any(|(at, _)| {
+        let rest = &html[at + 3..];
+        let name_length = rest.chars().take_while(char::is_ascii_lowercase).count();
+        name_length > 0 && rest[name_length..].starts_with('=')
+    });
+    assert!(!handler, "an event handler attribute: {html}");
+}
+
+fn location(response: &reqwest::Response) -> &str {
+    response.headers()[LOCATION].to_str().expect("ascii")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_console_is_for_admins_with_a_session_and_every_form_carries_its_token() {
+    let storage = Storage::new(Engine::Embedded).await;
+    let app = TestApp::start(with_users(storage.settings())).await;
+    let order_page = format!("{CONSOLE}/orders/01a24f85-a4d2-72c5-b30d-55ecc29c0481");
+
+    // No session: a page sends to the login page (coming back afterwards), and says so
+    // with the console's headers; a form is refused outright.
+    let mut stranger = Browser::new(&app);
+    for (path, next) in [
+        (format!("{CONSOLE}/"), None),
+        (
+            format!("{CONSOLE}/orders?status=paid"),
+            Some("%2Fpetstore-domain%2Fconsole%2Forders%3Fstatus%3Dpaid"),
+        ),
+        (order_page.clone(), None),
+        (format!("{order_page}/timeline.json"), None),
+    ] {
+        let response = stranger.get(&path).await;
+        assert_eq!(response.status(), 303, "{path}");
+        assert_console_headers(&response);
+        let to = location(&response);
+        assert!(to.starts_with(&format!("{CONSOLE}/login")), "{path}: {to}");
+        if let Some(next) = next {
+            assert_eq!(to, format!("{CONSOLE}/login?next={next}"));
+        }
+    }
+    let refused = stranger
+        .post(&format!("{CONSOLE}/logout"), &[("csrf", "0")])
+        .await;
+    assert_eq!(refused.status(), 401);
+    assert_console_headers(&refused);
+    let problem: Value = refused.json().await.expect("a problem");
+    assert!(problem["correlation_id"].is_string(), "{problem}");
+
+    // The login page and the static files are public, with the same headers.
+    let login_page = stranger.get(&format!("{CONSOLE}/login")).await;
+    assert_eq!(login_page.status(), 200);
+    assert_console_headers(&login_page);
+    for (file, content_type) in [
+        ("htmx.min.js", "text/javascript; charset=utf-8"),
+        ("htmx-ext-sse.min.js", "text/javascript; charset=utf-8"),
+        ("console.css", "text/css; charset=utf-8"),
+    ] {
+        let asset = stranger.get(&format!("{CONSOLE}/assets/{file}")).await;
+        assert_eq!(asset.status(), 200, "{file}");
+        assert_eq!(asset.headers()[CONTENT_TYPE], content_type);
+        assert_console_headers(&asset);
+    }
+    assert_eq!(
+        stranger
+            .get(&format!("{CONSOLE}/assets/nope.js"))
+            .await
+            .status(),
+        404
+    );
+
+    // A login form without its token, or with another login page's, is refused.
+    let forged = stranger
+        .post(
+            &format!("{CONSOLE}/login"),
+            &[
+                ("username", "ops"),
+                ("password", "correct horse"),
+                ("csrf", "00"),
+            ],
+        )
+        .await;
+    assert_eq!(forged.status(), 403);
+    assert!(forged
+        .headers()
+        .get_all(SET_COOKIE)
+        .iter()
+        .all(|cookie| !cookie
+            .to_str()
+            .expect("ascii")
+            .starts_with("petstore_console=")));
+    // A wrong password: the page again, 401, no session.
+    let wrong = stranger.log_in("ops", "wrong", "").await;
+    assert_eq!(wrong.status(), 401);
+    assert!(wrong
+        .text()
+        .await
+        .expect("html")
+        .contains("Wrong username or password."));
+    assert!(stranger
+        .cookies
+        .iter()
+        .all(|(name, _)| name != "petstore_console"));
+
+    // A customer signs in, and is refused every page and form.
+    let mut customer = Browser::new(&app);
+    assert_eq!(
+        customer
+            .log_in("shopper", "correct horse", "")
+            .await
+            .status(),
+        303
+    );
+    for path in [format!("{CONSOLE}/"), order_page.clone()] {
+        let response = customer.get(&path).await;
+        assert_eq!(response.status(), 403, "{path}");
+        assert_console_headers(&response);
+    }
+    // And with a bearer token instead of a session.
+    let with_token = app
+        .client_as("customer-001", RoleName::Customer)
+        .get(app.url(&format!("{CONSOLE}/orders")))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(with_token.status(), 403);
+
+    // An admin signs in: a locked-down cookie (not Secure on a loopback address), back to
+    // the page asked for, never to another site.
+    let mut admin = Browser::new(&app);
+    let signed_in = admin
+        .log_in(
+            "ops",
+            "correct horse",
+            "/petstore-domain/console/orders?status=paid",
+        )
+        .await;
+    assert_eq!(signed_in.status(), 303);
+    assert_eq!(
+        location(&signed_in),
+        "/petstore-domain/console/orders?status=paid"
+    );
+    let session = signed_in
+        .headers()
+        .get_all(SET_COOKIE)
+        .iter()
+        .map(|cookie| cookie.to_str().expect("ascii"))
+        .find(|cookie| cookie.starts_with("petstore_console="))
+        .expect("a session cookie");
+    for part in [
+        "HttpOnly",
+        "SameSite=Strict",
+        "Path=/petstore-domain/console",
+    ] {
+        assert!(session.contains(part), "{session} lacks {part}");
+    }
+    assert!(!session.contains("Secure"), "{session}");
+    let elsewhere = Browser::new(&app)
+        .log_in("ops", "correct horse", "https://evil.example/")
+        .await;
+    assert_eq!(location(&elsewhere), "/petstore-domain/console/");
+
+    let home = admin.page(&format!("{CONSOLE}/")).await;
+    assert!(
+        home.contains("Signed in as <strong>ops-1</strong>"),
+        "{home}"
+    );
+    assert_no_inline_code(&home);
+    assert_no_inline_code(
+        &stranger
+            .get(&format!("{CONSOLE}/login"))
+            .await
+            .text()
+            .await
+            .expect("html"),
+    );
+
+    // Signing out needs the page's token; then the session is gone.
+    let csrf = form_token(&home);
+    let other_session_token = form_token(
+        &Browser::new(&app)
+            .get(&format!("{CONSOLE}/login"))
+            .await
+            .text()
+            .await
+            .expect("html"),
+    );
+    for token in ["", "00", other_session_token.as_str()] {
+        let refused = admin
+            .post(&format!("{CONSOLE}/logout"), &[("csrf", token)])
+            .await;
+        assert_eq!(refused.status(), 403, "token {token:?}");
+        let problem: Value = refused.json().await.expect("a problem");
+        assert!(problem["correlation_id"].is_string(), "{problem}");
+    }
+    let out = admin
+        .post(&format!("{CONSOLE}/logout"), &[("csrf", &csrf)])
+        .await;
+    assert_eq!(out.status(), 303);
+    assert_eq!(location(&out), "/petstore-domain/console/login");
+    assert!(admin
+        .cookies
+        .iter()
+        .all(|(name, _)| name != "petstore_console"));
+    assert_eq!(admin.get(&format!("{CONSOLE}/")).await.status(), 303);
+
+    app.stop().await;
+    storage.remove().await;
+}
+
+async fn orders_are_listed_filtered_paged_and_explained(engine: Engine) {
+    let storage = Storage::new(engine).await;
+    let app = TestApp::start(with_users(storage.settings())).await;
+    app.wait_until_ready().await;
+    let mut admin = Browser::new(&app);
+    assert_eq!(admin.log_in("ops", "correct horse", "").await.status(), 303);
+
+    let hostile = "<img src=x onerror=alert(1)>";
+    let placed = app
+        .post_json(
+            "/petstore-domain/orders",
+            &json!({
+                "customer_id": "customer-001",
+                "pet_id": "golden-retriever-001",
+                "special_instructions": hostile,
+            }),
+        )
+        .await;
+    assert_eq!(placed.status(), 202);
+    let completed = placed.json::<Value>().await.expect("json")["order_id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let cancelled = app.post_order("beagle-001", Some("payment-service")).await;
+    let other = app.post_order("persian-cat-001", None).await;
+    for order in [&completed, &cancelled, &other] {
+        app.wait_for_terminal(order).await;
+    }
+
+    // Every order, newest first.
+    let list = admin.page(&format!("{CONSOLE}/orders")).await;
+    let at = |html: &str, id: &str| html.find(&format!("/orders/{id}\"")).unwrap_or(usize::MAX);
+    assert!(at(&list, &other) < at(&list, &cancelled), "{list}");
+    assert!(at(&list, &cancelled) < at(&list, &completed), "{list}");
+    // Filtered by status, in the URL.
+    let only_cancelled = admin
+        .page(&format!("{CONSOLE}/orders?status=cancelled"))
+        .await;
+    assert!(at(&only_cancelled, &cancelled) < usize::MAX);
+    assert_eq!(at(&only_cancelled, &completed), usize::MAX);
+    assert!(only_cancelled.contains("<option value=\"cancelled\" selected>"));
+    // By customer and time placed.
+    let nobody = admin
+        .page(&format!("{CONSOLE}/orders?customer=customer-999"))
+        .await;
+    assert!(nobody.contains("No order matches."));
+    let before_any = admin.page(&format!("{CONSOLE}/orders?to=2000-01-01")).await;
+    assert!(before_any.contains("No order matches."));
+    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    let since_today = admin
+        .page(&format!(
+            "{CONSOLE}/orders?from={today}&customer=customer-001"
+        ))
+        .await;
+    assert!(at(&since_today, &completed) < usize::MAX, "{since_today}");
+    // Two a page: the next page's link keeps the filter and goes on from the last one.
+    let first = admin.page(&format!("{CONSOLE}/orders?limit=2")).await;
+    assert!(at(&first, &other) < usize::MAX && at(&first, &cancelled) < usize::MAX);
+    assert_eq!(at(&first, &completed), usize::MAX);
+    let next = first
+        .split("href=\"")
+        .filter_map(|rest| rest.split('"').next())
+        .find(|href| href.contains("before="))
+        .expect("a next page")
+        .replace("&amp;", "&");
+    assert!(next.contains("limit=2"), "{next}");
+    let second = admin.page(&next).await;
+    assert!(at(&second, &completed) < usize::MAX, "{second}");
+    assert_eq!(at(&second, &other), usize::MAX);
+    // A filter that cannot be used: 400, each reason said, the form kept.
+    let bad = admin
+        .get(&format!("{CONSOLE}/orders?status=lost&from=yesterday"))
+        .await;
+    assert_eq!(bad.status(), 400);
+    assert_console_headers(&bad);
+    let bad = bad.text().await.expect("html");
+    assert!(bad.contains("There is no status “lost”."), "{bad}");
+    assert!(bad.contains("From: “yesterday” is not a date"), "{bad}");
+    assert!(bad.contains("value=\"yesterday\""), "{bad}");
+    let unknown = admin.get(&format!("{CONSOLE}/orders?colour=red")).await;
+    assert_eq!(unknown.status(), 422);
+
+    // An order's page: its text escaped, where it stands, every entry of the timeline the
+    // admin route serves, each with its permalink and its trace link.
+    // Provider attempts reach the timeline in batches (every 100 ms): the page and the
+    // JSON are compared with the route's document once two reads around them agree.
+    let timeline_path = format!("/petstore-domain/admin/orders/{completed}/timeline");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (page, timeline, download) = loop {
+        let before: Value = app.get_json(&timeline_path).await;
+        let page = admin.page(&format!("{CONSOLE}/orders/{completed}")).await;
+        let download = admin
+            .get(&format!("{CONSOLE}/orders/{completed}/timeline.json"))
+            .await;
+        let after: Value = app.get_json(&timeline_path).await;
+        if before["entries"] == after["entries"] {
+            break (page, after, download);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the timeline never settled: {after}"
+        );
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    };
+    assert!(!page.contains(hostile), "unescaped instructions");
+    assert!(
+        page.contains("&#60;img src=x onerror=alert(1)&#62;")
+            || page.contains("&lt;img src=x onerror=alert(1)&gt;"),
+        "{page}"
+    );
+    assert!(page.contains("<span class=\"status status-terminal\">terminal</span>"));
+    let entries = timeline["entries"].as_array().expect("entries");
+    assert!(entries.len() > 10, "{timeline}");
+    for entry in entries {
+        let index = entry["index"].as_u64().expect("index");
+        assert!(
+            page.contains(&format!("<tr id=\"entry-{index}\">")),
+            "entry {index}"
+        );
+        if let Some(trace) = entry["trace_id"].as_str() {
+            assert!(
+                page.contains(&format!("href=\"http://127.0.0.1:16686/trace/{trace}\"")),
+                "no trace link for {entry}"
+            );
+        }
+    }
+    let traced = entries
+        .iter()
+        .filter(|entry| entry["trace_id"].is_string())
+        .count();
+    assert!(traced > 0, "no entry has a trace: {timeline}");
+    // Its JSON: the timeline route's document, as a download.
+    assert_eq!(download.status(), 200);
+    assert_eq!(
+        download.headers()["content-disposition"],
+        format!("attachment; filename=\"order-{completed}-timeline.json\"")
+    );
+    let document: Value = download.json().await.expect("json");
+    assert_eq!(document["entries"], timeline["entries"]);
+    assert_eq!(document["total_entries"], timeline["total_entries"]);
+    // The cancelled order's page names its failed step.
+    let failed = admin.page(&format!("{CONSOLE}/orders/{cancelled}")).await;
+    assert!(failed.contains("payment-failed"), "{failed}");
+    // Unknown and malformed ids.
+    let missing = admin
+        .get(&format!(
+            "{CONSOLE}/orders/01a24f85-a4d2-72c5-b30d-55ecc29c0481"
+        ))
+        .await;
+    assert_eq!(missing.status(), 404);
+    assert_console_headers(&missing);
+    assert_eq!(
+        admin
+            .get(&format!("{CONSOLE}/orders/not-a-uuid"))
+            .await
+            .status(),
+        400
+    );
+    assert_eq!(
+        admin
+            .get(&format!("{CONSOLE}/orders/{completed}?after=x"))
+            .await
+            .status(),
+        422
+    );
+
+    app.stop().await;
+    storage.remove().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn orders_are_listed_filtered_paged_and_explained_on_the_embedded_store() {
+    orders_are_listed_filtered_paged_and_explained(Engine::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn orders_are_listed_filtered_paged_and_explained_on_postgres() {
+    orders_are_listed_filtered_paged_and_explained(Engine::Postgres).await;
+}
+
+/// With no saga runner, an order's reservation deadline passes: the stuck filter lists it,
+/// and its page says why, with the deadline overdue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_stuck_filter_lists_an_order_whose_deadline_is_overdue() {
+    let storage = Storage::new(Engine::Postgres).await;
+    let mut settings = with_users(storage.settings());
+    settings.saga.reservation_timeout_ms = 200;
+    let roles = [Role::Command, Role::Query, Role::Projector]
+        .into_iter()
+        .collect();
+    let app = TestApp::start_with_roles(settings, &roles).await;
+    app.wait_until_ready().await;
+    let mut admin = Browser::new(&app);
+    assert_eq!(admin.log_in("ops", "correct horse", "").await.status(), 303);
+    let order = app.post_order("golden-retriever-001", None).await;
+    app.wait_for_order(&order, |view| view["status"] == "pending")
+        .await;
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let stuck = loop {
+        let stuck = admin.page(&format!("{CONSOLE}/orders?stuck=on")).await;
+        if stuck.contains(&order) {
+            break stuck;
+        }
+        assert!(Instant::now() < deadline, "never listed as stuck: {stuck}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert!(stuck
+        .contains("<input id=\"stuck\" name=\"stuck\" type=\"checkbox\" value=\"on\" checked>"));
+    let page = admin.page(&format!("{CONSOLE}/orders/{order}")).await;
+    assert!(
+        page.contains("<span class=\"status status-stuck\">stuck</span>"),
+        "{page}"
+    );
+    assert!(
+        page.contains("the reservation deadline is overdue by"),
+        "{page}"
+    );
+    assert!(page.contains("reservation, due "), "{page}");
+    assert!(page.contains("overdue by "), "{page}");
+
+    app.stop().await;
+    storage.remove().await;
+}

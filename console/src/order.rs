@@ -128,17 +128,18 @@ pub(crate) async fn page(
         trace_id: entry.trace_id.clone(),
         detail: detail(entry),
     };
+    // An entry of a step goes to that step's group; one of no step (an event, a deadline,
+    // a provider attempt) to the group of the step last named before it.
     let mut groups: Vec<Group> = Vec::new();
+    let mut current = "order".to_owned();
     for item in &timeline.entries {
-        let name = item.step.clone().unwrap_or_else(|| {
-            groups
-                .last()
-                .map_or_else(|| "order".to_owned(), |group| group.name.clone())
-        });
-        match groups.last_mut() {
-            Some(group) if group.name == name => group.entries.push(entry(item)),
-            _ => groups.push(Group {
-                name,
+        if let Some(step) = &item.step {
+            current.clone_from(step);
+        }
+        match groups.iter_mut().find(|group| group.name == current) {
+            Some(group) => group.entries.push(entry(item)),
+            None => groups.push(Group {
+                name: current.clone(),
                 entries: vec![entry(item)],
             }),
         }

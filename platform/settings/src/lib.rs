@@ -730,4 +730,27 @@ mod tests {
             .expect_err("typo must fail");
         assert!(error.to_string().contains("lisen"), "{error}");
     }
+
+    #[test]
+    fn a_trace_url_template_must_be_an_http_url_with_the_trace_id() {
+        let with = |template: &str| {
+            let mut settings = Settings::default();
+            settings.console.trace_url_template = Some(template.to_owned());
+            settings
+        };
+        let fine = with("http://127.0.0.1:16686/trace/{trace_id}");
+        fine.validate().expect("a valid template");
+        assert_eq!(
+            fine.console.trace_url("abc").as_deref(),
+            Some("http://127.0.0.1:16686/trace/abc")
+        );
+        for bad in ["http://127.0.0.1:16686/trace/", "javascript:{trace_id}", "{trace_id}"] {
+            let error = with(bad).validate().expect_err(bad);
+            assert!(
+                error.to_string().contains("console.trace_url_template"),
+                "{bad}: {error}"
+            );
+        }
+        assert_eq!(Settings::default().console.trace_url("abc"), None);
+    }
 }

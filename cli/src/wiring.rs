@@ -383,6 +383,9 @@ impl Wiring {
         self.router = std::mem::take(&mut self.router)
             .merge(petstore_console::router(ConsoleState {
                 database: infrastructure.database.clone(),
+                store: infrastructure.store.clone(),
+                live: infrastructure.live.clone(),
+                policies: infrastructure.policies.clone(),
                 read_models: read_models.clone(),
                 security: security.clone(),
                 settings: settings.console.clone(),

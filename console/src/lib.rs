@@ -17,6 +17,11 @@
 //! - `session`: the login page, logging in and out, the session of a page (its CSRF token).
 //! - `orders`: the orders list (filters in the URL, keyset paging).
 //! - `order`: one order's timeline, grouped by saga step and in full, and its JSON.
+//! - `dead_letters`: the dead letters, retried or skipped one or many at once.
+//! - `flags`: the feature flags (toggled at the version shown) and the circuit breakers.
+//! - `audit`: what operators did through the console.
+//! - `actions`: how every write is checked (CSRF, `console.read_only`) and recorded as an
+//!   operator action.
 //! - [`assets`]: the embedded static files.
 
 use askama::Template;
@@ -25,13 +30,20 @@ use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use petstore_event_store::database::Database;
+use petstore_event_store::store::EventStore;
+use petstore_live_settings::Live;
 use petstore_read_models::ReadModels;
+use petstore_resilience::Policies;
 use petstore_security::auth::console::CONSOLE_PREFIX;
 use petstore_security::auth::Security;
 use petstore_settings::ConsoleSettings;
 use petstore_web::Problem;
 
+mod actions;
 pub mod assets;
+mod audit;
+mod dead_letters;
+mod flags;
 mod order;
 mod orders;
 mod session;
@@ -39,8 +51,14 @@ mod session;
 /// What the console's pages read.
 #[derive(Clone)]
 pub struct ConsoleState {
-    /// The event store's database (timelines, stuck orders).
+    /// The event store's database (timelines, stuck orders, dead letters).
     pub database: Database,
+    /// The event store (operator actions are recorded in it).
+    pub store: EventStore,
+    /// The live settings (the flags).
+    pub live: Live,
+    /// This process's dependencies' policies (their breakers).
+    pub policies: Policies,
     /// The read models (the orders list).
     pub read_models: ReadModels,
     /// Logins and CSRF tokens.
@@ -71,6 +89,20 @@ pub fn router(state: ConsoleState) -> Router {
             get(session::login_page).post(session::log_in),
         )
         .route(&format!("{CONSOLE_PREFIX}/logout"), post(session::log_out))
+        .route(
+            &format!("{CONSOLE_PREFIX}/dead-letters"),
+            get(dead_letters::page).post(dead_letters::act),
+        )
+        .route(&format!("{CONSOLE_PREFIX}/flags"), get(flags::page))
+        .route(
+            &format!("{CONSOLE_PREFIX}/flags/{{flag}}"),
+            post(flags::toggle),
+        )
+        .route(
+            &format!("{CONSOLE_PREFIX}/breakers/{{dependency}}"),
+            post(flags::force),
+        )
+        .route(&format!("{CONSOLE_PREFIX}/audit"), get(audit::page))
         .route(
             &format!("{CONSOLE_PREFIX}/assets/{{file}}"),
             get(assets::serve),

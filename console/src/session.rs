@@ -30,6 +30,11 @@ pub(crate) struct Session {
 }
 
 impl Session {
+    /// Who is signed in.
+    pub(crate) fn subject(&self) -> &str {
+        &self.subject
+    }
+
     /// The frame of a page titled `title`.
     pub(crate) fn frame(&self, title: impl Into<String>) -> Frame {
         Frame {

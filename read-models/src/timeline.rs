@@ -18,6 +18,7 @@ use petstore_event_store::database::Database;
 use petstore_event_store::dead_letters::{self, DeadLetter};
 use petstore_event_store::deadlines::{self, DeadlineEnd, DeadlineKind, DeadlineRecord};
 use petstore_event_store::leases;
+use petstore_event_store::operator;
 use petstore_event_store::published::{self, Published};
 use petstore_event_store::records::{self, AttemptOutcome, ProviderAttempt, RefusedCommand};
 use petstore_event_store::stream::{self, RecordedEvent};
@@ -171,6 +172,8 @@ pub struct PartitionOwner {
 pub enum EntryKind {
     /// A request's command was accepted: the event it appended.
     CommandAccepted,
+    /// An operator acted on the order through the console (retried its dead letter, say).
+    OperatorAction,
     /// An aggregate refused a command (a request's or the saga's).
     CommandRefused,
     /// An event the saga or the service appended.
@@ -210,6 +213,7 @@ impl EntryKind {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::CommandAccepted => "command_accepted",
+            Self::OperatorAction => "operator_action",
             Self::CommandRefused => "command_refused",
             Self::Event => "event",
             Self::StepStarted => "step_started",
@@ -472,19 +476,30 @@ fn fold_events(
         let by_request = subject
             .as_deref()
             .is_some_and(|subject| subject != SAGA_SUBJECT && subject != SYSTEM_SUBJECT);
-        let kind = if by_request {
-            EntryKind::CommandAccepted
-        } else {
-            EntryKind::Event
+        let action = operator::RecordedAction::of(event);
+        let kind = match &action {
+            Some(_) => EntryKind::OperatorAction,
+            None if by_request => EntryKind::CommandAccepted,
+            None => EntryKind::Event,
         };
-        let summary = format!(
-            "{} {} of {} {} (#{}){undecodable}",
-            event.event_type,
-            event.event_version,
-            event.aggregate_type,
-            event.aggregate_id,
-            event.sequence
-        );
+        let summary = match &action {
+            Some(action) => format!(
+                "{} {}: {} (was {}, now {})",
+                action.subject,
+                action.acted.action.as_str(),
+                action.acted.target,
+                action.acted.before,
+                action.acted.after
+            ),
+            None => format!(
+                "{} {} of {} {} (#{}){undecodable}",
+                event.event_type,
+                event.event_version,
+                event.aggregate_type,
+                event.aggregate_id,
+                event.sequence
+            ),
+        };
         let base = TimelineEntry {
             global_position: Some(event.position.global_position),
             correlation_id: metadata.correlation_id.clone(),

@@ -586,3 +586,288 @@ async fn the_stuck_filter_lists_an_order_whose_deadline_is_overdue() {
     app.stop().await;
     storage.remove().await;
 }
+
+/// The value of the hidden `version` field of the flags page.
+fn shown_version(html: &str) -> String {
+    let marker = "name=\"version\" value=\"";
+    let start = html.find(marker).expect("a toggle form") + marker.len();
+    html[start..].split('"').next().expect("a value").to_owned()
+}
+
+/// Every console write: a flag toggled (and refused when made on a stale page, saying who
+/// changed the settings since), a breaker forced, a dead letter retried; each refused
+/// without its token or to a customer, each recorded as an operator action, listed on the
+/// audit page and, for the dead letter's order, in its timeline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_console_write_is_checked_and_recorded_as_an_operator_action() {
+    let storage = Storage::new(Engine::Embedded).await;
+    let app = TestApp::start(with_users(storage.settings())).await;
+    app.wait_until_ready().await;
+    let mut admin = Browser::new(&app);
+    assert_eq!(admin.log_in("ops", "correct horse", "").await.status(), 303);
+    let mut customer = Browser::new(&app);
+    assert_eq!(
+        customer
+            .log_in("shopper", "correct horse", "")
+            .await
+            .status(),
+        303
+    );
+
+    // A flag, at the version the page showed.
+    let flags = admin.page(&format!("{CONSOLE}/flags")).await;
+    let csrf = form_token(&flags);
+    let version = shown_version(&flags);
+    assert!(flags.contains("Turn premium_filters off"), "{flags}");
+    let toggle = |on: &'static str, version: String, csrf: String| {
+        vec![("csrf", csrf), ("on", on.to_owned()), ("version", version)]
+    };
+    for (who, form) in [
+        (
+            &mut customer,
+            toggle("false", version.clone(), csrf.clone()),
+        ),
+        (
+            &mut admin,
+            toggle("false", version.clone(), "00".to_owned()),
+        ),
+    ] {
+        let form: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let refused = who
+            .post(&format!("{CONSOLE}/flags/premium_filters"), &form)
+            .await;
+        assert_eq!(refused.status(), 403);
+    }
+    let form = toggle("false", version.clone(), csrf.clone());
+    let form: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let toggled = admin
+        .post(&format!("{CONSOLE}/flags/premium_filters"), &form)
+        .await;
+    assert_eq!(toggled.status(), 303);
+    assert_eq!(
+        location(&toggled),
+        "/petstore-domain/console/flags?done=flag"
+    );
+    let config = app.get_json("/petstore-domain/admin/config").await;
+    assert_eq!(
+        config["settings"]["feature_flags"]["premium_filters"],
+        false
+    );
+    // The same form again: the settings moved on since, so nothing changes, and the page
+    // says who moved them.
+    let stale = admin
+        .post(&format!("{CONSOLE}/flags/premium_filters"), &form)
+        .await;
+    assert_eq!(stale.status(), 412);
+    assert_console_headers(&stale);
+    let stale = stale.text().await.expect("html");
+    assert!(stale.contains("changed by ops-1"), "{stale}");
+    assert!(stale.contains("Turn premium_filters on"), "{stale}");
+
+    // A breaker, in this process.
+    let forced = admin
+        .post(
+            &format!("{CONSOLE}/breakers/payment"),
+            &[("csrf", &csrf), ("mode", "forced_open")],
+        )
+        .await;
+    assert_eq!(forced.status(), 303);
+    let breakers = app
+        .get_json("/petstore-domain/admin/circuit-breakers")
+        .await;
+    assert_eq!(breakers["payment"]["mode"], "forced_open");
+    let released = admin
+        .post(
+            &format!("{CONSOLE}/breakers/payment"),
+            &[("csrf", &csrf), ("mode", "automatic")],
+        )
+        .await;
+    assert_eq!(released.status(), 303);
+    assert_eq!(
+        admin
+            .post(
+                &format!("{CONSOLE}/breakers/teleporter"),
+                &[("csrf", &csrf), ("mode", "automatic")],
+            )
+            .await
+            .status(),
+        404
+    );
+
+    // A dead letter of a completed order: retried from the list.
+    let order = app.post_order("golden-retriever-001", None).await;
+    app.wait_for_terminal(&order).await;
+    let database = storage.database().await;
+    crate::poison::insert_event(
+        &database,
+        "Payment",
+        &order,
+        2,
+        ("PaymentTeleported", "1.0"),
+        &json!({"PaymentTeleported": {"to": "mars"}}),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let letter = loop {
+        let letters = app
+            .get_json("/petstore-domain/admin/dead-letters?status=pending")
+            .await;
+        if let Some(letter) = letters["dead_letters"]
+            .as_array()
+            .and_then(|letters| letters.first())
+        {
+            break letter.clone();
+        }
+        assert!(Instant::now() < deadline, "no dead letter: {letters}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let id = letter["id"].as_i64().expect("id").to_string();
+    let list = admin.page(&format!("{CONSOLE}/dead-letters")).await;
+    assert!(list.contains(&format!("value=\"{id}\"")), "{list}");
+    assert!(!list.contains("mars"), "a payload shown: {list}");
+    assert_eq!(
+        customer
+            .post(
+                &format!("{CONSOLE}/dead-letters"),
+                &[("csrf", &csrf), ("action", "retry"), ("id", &id)],
+            )
+            .await
+            .status(),
+        403
+    );
+    let retried = admin
+        .post(
+            &format!("{CONSOLE}/dead-letters"),
+            &[
+                ("csrf", &csrf),
+                ("action", "retry"),
+                ("id", &id),
+                ("id", "999999"),
+            ],
+        )
+        .await;
+    assert_eq!(retried.status(), 303);
+    let outcome = admin.page(location(&retried)).await;
+    assert!(
+        outcome.contains("1 dead letter asked to be handled again; 1 refused"),
+        "{outcome}"
+    );
+    for bad in [
+        vec![
+            ("csrf", csrf.as_str()),
+            ("action", "teleport"),
+            ("id", id.as_str()),
+        ],
+        vec![("csrf", csrf.as_str()), ("action", "skip")],
+        vec![("csrf", csrf.as_str()), ("action", "skip"), ("id", "x")],
+    ] {
+        assert_eq!(
+            admin
+                .post(&format!("{CONSOLE}/dead-letters"), &bad)
+                .await
+                .status(),
+            422,
+            "{bad:?}"
+        );
+    }
+
+    // Every action in the audit list, newest first, with who and before and after.
+    let audit = admin.page(&format!("{CONSOLE}/audit")).await;
+    let at = |text: &str| audit.find(text).unwrap_or(usize::MAX);
+    assert!(at("dead_letter_retried") < at("breaker_forced"), "{audit}");
+    assert!(at("breaker_forced") < at("flag_set"), "{audit}");
+    assert!(audit.contains("flag premium_filters"), "{audit}");
+    assert!(audit.contains("ops-1"), "{audit}");
+    assert!(audit.contains(&format!("dead letter {id}")), "{audit}");
+    // And the dead letter's in its order's timeline.
+    let timeline = app
+        .get_json(&format!("/petstore-domain/admin/orders/{order}/timeline"))
+        .await;
+    let action = timeline["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .find(|entry| entry["kind"] == "operator_action")
+        .unwrap_or_else(|| panic!("no operator action in {timeline}"))
+        .clone();
+    assert_eq!(action["subject"], "ops-1");
+    assert!(
+        action["summary"].as_str().is_some_and(
+            |summary| summary.contains(&format!("dead_letter_retried: dead letter {id}"))
+        ),
+        "{action}"
+    );
+
+    database.close().await;
+    app.stop().await;
+    storage.remove().await;
+}
+
+/// `console.read_only`: no write control is rendered, and every write is refused (with
+/// its token, by an admin), changing nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_read_only_console_renders_no_write_control_and_refuses_every_write() {
+    let storage = Storage::new(Engine::Embedded).await;
+    let mut settings = with_users(storage.settings());
+    settings.console.read_only = true;
+    let app = TestApp::start(settings).await;
+    app.wait_until_ready().await;
+    let mut admin = Browser::new(&app);
+    assert_eq!(admin.log_in("ops", "correct horse", "").await.status(), 303);
+    let flags = admin.page(&format!("{CONSOLE}/flags")).await;
+    let letters = admin.page(&format!("{CONSOLE}/dead-letters")).await;
+    for page in [&flags, &letters] {
+        assert!(
+            !page.contains("action=\"/petstore-domain/console/flags/"),
+            "{page}"
+        );
+        assert!(
+            !page.contains("action=\"/petstore-domain/console/breakers/"),
+            "{page}"
+        );
+        assert!(!page.contains("name=\"action\""), "{page}");
+    }
+    let csrf = form_token(&flags);
+    let version = app.get_json("/petstore-domain/admin/config").await["version"].to_string();
+    for (path, form) in [
+        (
+            "flags/premium_filters",
+            vec![
+                ("csrf", csrf.as_str()),
+                ("on", "false"),
+                ("version", version.as_str()),
+            ],
+        ),
+        (
+            "breakers/payment",
+            vec![("csrf", csrf.as_str()), ("mode", "forced_open")],
+        ),
+        (
+            "dead-letters",
+            vec![("csrf", csrf.as_str()), ("action", "skip"), ("id", "1")],
+        ),
+    ] {
+        let refused = admin.post(&format!("{CONSOLE}/{path}"), &form).await;
+        assert_eq!(refused.status(), 403, "{path}");
+        let problem: Value = refused.json().await.expect("a problem");
+        assert!(
+            problem["detail"]
+                .as_str()
+                .is_some_and(|detail| detail.contains("read-only")),
+            "{problem}"
+        );
+    }
+    let config = app.get_json("/petstore-domain/admin/config").await;
+    assert_eq!(config["settings"]["feature_flags"]["premium_filters"], true);
+    let breakers = app
+        .get_json("/petstore-domain/admin/circuit-breakers")
+        .await;
+    assert_eq!(breakers["payment"]["mode"], "automatic");
+    assert!(admin
+        .page(&format!("{CONSOLE}/audit"))
+        .await
+        .contains("No action yet."));
+
+    app.stop().await;
+    storage.remove().await;
+}

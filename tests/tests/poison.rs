@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 on_both_engines!(poison_events_are_set_aside_and_can_be_retried_or_skipped);
 
-async fn insert_event(
+pub(crate) async fn insert_event(
     database: &Database,
     aggregate_type: &str,
     aggregate_id: &str,

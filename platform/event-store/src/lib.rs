@@ -18,12 +18,14 @@
 //! - [`records`]: provider attempts and refused commands, kept to explain orders, and their
 //!   retention.
 //! - [`published`]: where the Kafka relay published each event.
+//! - [`operator`]: what operators did through the console, as events.
 
 pub mod database;
 pub mod dead_letters;
 pub mod deadlines;
 pub mod leases;
 pub mod metadata;
+pub mod operator;
 pub mod published;
 pub mod records;
 pub mod replay;

@@ -99,6 +99,7 @@ pub fn topic_for(prefix: &str, aggregate_type: &str) -> String {
     let plural = match aggregate_type {
         "Delivery" => "deliveries".to_owned(),
         petstore_live_settings::AGGREGATE_TYPE => "settings".to_owned(),
+        petstore_event_store::operator::AGGREGATE_TYPE => "operator_actions".to_owned(),
         other => format!("{}s", other.to_lowercase()),
     };
     format!("{prefix}.{plural}")
@@ -112,6 +113,7 @@ pub fn topics(prefix: &str) -> Vec<String> {
         petstore_domain::payment::AGGREGATE_TYPE,
         petstore_domain::delivery::AGGREGATE_TYPE,
         petstore_live_settings::AGGREGATE_TYPE,
+        petstore_event_store::operator::AGGREGATE_TYPE,
     ]
     .into_iter()
     .map(|aggregate_type| topic_for(prefix, aggregate_type))

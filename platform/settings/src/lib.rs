@@ -291,6 +291,12 @@ pub struct ConsoleSettings {
     /// (`http://127.0.0.1:16686/trace/{trace_id}`); unset, the console shows trace ids
     /// without links.
     pub trace_url_template: Option<String>,
+    /// Refuse every write (retries, skips, toggles, forced breakers) and render no control
+    /// for one: a console to look only.
+    pub read_only: bool,
+    /// Show the events of dead letters (their payloads hold what customers sent); hidden
+    /// by default.
+    pub show_payloads: bool,
 }
 
 impl ConsoleSettings {
@@ -744,7 +750,11 @@ mod tests {
             fine.console.trace_url("abc").as_deref(),
             Some("http://127.0.0.1:16686/trace/abc")
         );
-        for bad in ["http://127.0.0.1:16686/trace/", "javascript:{trace_id}", "{trace_id}"] {
+        for bad in [
+            "http://127.0.0.1:16686/trace/",
+            "javascript:{trace_id}",
+            "{trace_id}",
+        ] {
             let error = with(bad).validate().expect_err(bad);
             assert!(
                 error.to_string().contains("console.trace_url_template"),

@@ -5,6 +5,7 @@
 #   scripts/services.sh postgres redis kafka
 #   scripts/services.sh prometheus k6 schemathesis   # tools only: installed, not started
 #   scripts/services.sh oidc-provider    # Node.js and tests/oidc's packages: the tests start it
+#   scripts/services.sh browser          # Chromium and tests/browser's packages (the console's browser test)
 #   scripts/services.sh stop-started     # stops what an earlier call started
 set -euo pipefail
 # Functions are named ensure_*: a function named like the tool (k6) would answer `command -v`
@@ -114,17 +115,21 @@ ensure_schemathesis() {
   type -P st >/dev/null 2>&1 || { log "st is not on the PATH after installing schemathesis"; exit 1; }
 }
 
-ensure_oidc_provider() {
-  # The tests' OpenID Provider (tests/oidc/provider.mjs, oidc-provider 9) is started by the
-  # tests themselves; here only Node.js and the packages pinned in tests/oidc/package-lock.json.
+ensure_node() {
   if ! type -P node >/dev/null 2>&1 || ! type -P npm >/dev/null 2>&1; then
     log "installing Node.js and npm"
     apt_install nodejs npm
   fi
-  # oidc-provider 9 needs Node.js 20.19 or newer (Debian 12's own nodejs is 18).
+  # oidc-provider 9 and playwright-core need Node.js 20.19 or newer (Debian 12's own is 18).
   if ! node -e 'const [a, b] = process.versions.node.split(".").map(Number); process.exit(a > 20 || (a === 20 && b >= 19) ? 0 : 1)'; then
-    log "Node.js $(node --version) is too old for oidc-provider 9 (20.19 or newer is needed)"; exit 1
+    log "Node.js $(node --version) is too old for the tests' Node packages (20.19 or newer is needed)"; exit 1
   fi
+}
+
+ensure_oidc_provider() {
+  # The tests' OpenID Provider (tests/oidc/provider.mjs, oidc-provider 9) is started by the
+  # tests themselves; here only Node.js and the packages pinned in tests/oidc/package-lock.json.
+  ensure_node
   # Installed, at the version tests/oidc/package.json pins: nothing to do.
   if OIDC_DIR="$repo/tests/oidc" node -e '
     const dir = process.env.OIDC_DIR, fs = require("node:fs");
@@ -135,6 +140,27 @@ ensure_oidc_provider() {
   fi
   log "installing oidc-provider (npm ci in tests/oidc)"
   npm ci --prefix "$repo/tests/oidc" --no-audit --no-fund
+}
+
+ensure_browser() {
+  # The console's browser tests (tests/browser/console.mjs): Debian's Chromium, driven by
+  # playwright-core (which downloads no browser), and axe-core; both pinned in
+  # tests/browser/package-lock.json.
+  if [[ ! -x /usr/bin/chromium ]]; then
+    log "installing Chromium (Debian)"
+    apt_install --no-install-recommends chromium
+  fi
+  ensure_node
+  if BROWSER_DIR="$repo/tests/browser" node -e '
+    const dir = process.env.BROWSER_DIR, fs = require("node:fs");
+    const pinned = JSON.parse(fs.readFileSync(`${dir}/package.json`)).dependencies;
+    const ok = Object.entries(pinned).every(([name, version]) =>
+      JSON.parse(fs.readFileSync(`${dir}/node_modules/${name}/package.json`)).version === version);
+    process.exit(ok ? 0 : 1);' 2>/dev/null; then
+    return
+  fi
+  log "installing playwright-core and axe-core (npm ci in tests/browser)"
+  npm ci --prefix "$repo/tests/browser" --no-audit --no-fund
 }
 
 stop_started() {
@@ -157,6 +183,7 @@ for service in "$@"; do
     k6) ensure_k6 ;;
     schemathesis) ensure_schemathesis ;;
     oidc-provider) ensure_oidc_provider ;;
+    browser) ensure_browser ;;
     stop-started) stop_started ;;
     *) log "unknown service $service"; exit 2 ;;
   esac

@@ -31,7 +31,7 @@ set -m
 bash "$repo/scripts/services.sh" kafka > "$kafka_log" 2>&1 &
 kafka_pid=$!
 set +m
-bash "$repo/scripts/services.sh" postgres redis prometheus k6 schemathesis oidc-provider
+bash "$repo/scripts/services.sh" postgres redis prometheus k6 schemathesis oidc-provider browser
 export KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
 export PETSTORE_TEST_REDIS_URL="${PETSTORE_TEST_REDIS_URL:-redis://127.0.0.1:6379/0}"
 

@@ -871,3 +871,100 @@ async fn a_read_only_console_renders_no_write_control_and_refuses_every_write() 
     app.stop().await;
     storage.remove().await;
 }
+
+/// Where the browser test keeps its screenshots: `$PETSTORE_ARTIFACTS/console`, by default
+/// under `~/.cache/petstore/artifacts` (outside the clone, kept between runs).
+fn artifacts() -> std::path::PathBuf {
+    let root = std::env::var_os("PETSTORE_ARTIFACTS").map_or_else(
+        || {
+            std::path::PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
+                .join(".cache/petstore/artifacts")
+        },
+        std::path::PathBuf::from,
+    );
+    root.join("console")
+}
+
+/// The console in Debian's Chromium (`tests/browser/console.mjs`, playwright-core): every
+/// page at 1280x800 and 390x844 with no CSP violation, console error or dialog, no serious
+/// or critical axe-core violation, no sideways scroll at 390 px, hostile text shown as
+/// text, and a keyboard-only sign-in and toggle; screenshots kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_console_passes_in_a_real_browser() {
+    let folder = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("browser");
+    if !folder.join("node_modules/playwright-core").is_dir()
+        || !std::path::Path::new("/usr/bin/chromium").exists()
+    {
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/services.sh");
+        let installed = std::process::Command::new("bash")
+            .arg(script)
+            .arg("browser")
+            .status()
+            .expect("scripts/services.sh runs");
+        assert!(
+            installed.success(),
+            "Chromium and playwright-core could not be installed"
+        );
+    }
+    let storage = Storage::new(Engine::Embedded).await;
+    let app = TestApp::start(with_users(storage.settings())).await;
+    app.wait_until_ready().await;
+    let placed = app
+        .post_json(
+            "/petstore-domain/orders",
+            &json!({
+                "customer_id": "customer-001",
+                "pet_id": "golden-retriever-001",
+                "special_instructions": "<img src=x onerror=alert(1)>",
+            }),
+        )
+        .await;
+    assert_eq!(placed.status(), 202);
+    let order = placed.json::<Value>().await.expect("json")["order_id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let cancelled = app.post_order("beagle-001", Some("payment-service")).await;
+    app.wait_for_terminal(&order).await;
+    app.wait_for_terminal(&cancelled).await;
+
+    let artifacts = artifacts();
+    let run = tokio::time::timeout(
+        Duration::from_secs(240),
+        tokio::process::Command::new("node")
+            .arg(folder.join("console.mjs"))
+            .env("BASE_URL", &app.address)
+            .env("USERNAME", "ops")
+            .env("PASSWORD", "correct horse")
+            .env("ORDER", &order)
+            .env("CANCELLED", &cancelled)
+            .env("ARTIFACTS", &artifacts)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the browser run ends within 4 minutes")
+    .expect("node runs");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let report: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|_| {
+        panic!(
+            "no report: {stdout}\n{}",
+            String::from_utf8_lossy(&run.stderr)
+        )
+    });
+    assert_eq!(report["problems"], json!([]), "{report}");
+    assert!(run.status.success(), "{report}");
+    let screenshots = report["screenshots"].as_array().expect("screenshots");
+    assert_eq!(screenshots.len(), 14, "{report}");
+    for path in screenshots {
+        let path = path.as_str().expect("a path");
+        assert!(
+            std::fs::metadata(path).is_ok_and(|file| file.len() > 1000),
+            "{path}"
+        );
+    }
+
+    app.stop().await;
+    storage.remove().await;
+}

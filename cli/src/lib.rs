@@ -133,6 +133,11 @@ impl Shutdown {
         self.0.send_replace(true);
     }
 
+    /// Follows whether [`Self::trigger`] was called.
+    pub fn watch(&self) -> watch::Receiver<bool> {
+        self.0.subscribe()
+    }
+
     /// Resolves once [`Self::trigger`] was called.
     pub fn wait(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let mut receiver = self.0.subscribe();

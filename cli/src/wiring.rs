@@ -389,6 +389,8 @@ impl Wiring {
                 read_models: read_models.clone(),
                 security: security.clone(),
                 settings: settings.console.clone(),
+                streams: Default::default(),
+                closing: shutdown.watch(),
             }))
             .merge(petstore_query_api::router(QueryState {
                 updates,

@@ -17,6 +17,7 @@
 //! - `session`: the login page, logging in and out, the session of a page (its CSRF token).
 //! - `orders`: the orders list (filters in the URL, keyset paging).
 //! - `order`: one order's timeline, grouped by saga step and in full, and its JSON.
+//! - [`live`]: the order page's changing part over Server-Sent Events.
 //! - `dead_letters`: the dead letters, retried or skipped one or many at once.
 //! - `flags`: the feature flags (toggled at the version shown) and the circuit breakers.
 //! - `audit`: what operators did through the console.
@@ -44,6 +45,7 @@ pub mod assets;
 mod audit;
 mod dead_letters;
 mod flags;
+pub mod live;
 mod order;
 mod orders;
 mod session;
@@ -65,6 +67,10 @@ pub struct ConsoleState {
     pub security: Security,
     /// The console's settings.
     pub settings: ConsoleSettings,
+    /// The live pages' streams open, by subject.
+    pub streams: live::Streams,
+    /// True once the process is shutting down: every live stream ends.
+    pub closing: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Every console route, with its state applied.
@@ -83,6 +89,10 @@ pub fn router(state: ConsoleState) -> Router {
         .route(
             &format!("{CONSOLE_PREFIX}/orders/{{order_id}}/timeline.json"),
             get(order::download),
+        )
+        .route(
+            &format!("{CONSOLE_PREFIX}/orders/{{order_id}}/live"),
+            get(live::stream),
         )
         .route(
             &format!("{CONSOLE_PREFIX}/login"),

@@ -8,7 +8,9 @@ use axum::http::header::{self, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use petstore_domain::OrderId;
-use petstore_read_models::timeline::{self, ArmedDeadline, Timeline, TimelineEntry, MAX_PAGE};
+use petstore_read_models::timeline::{
+    self, ArmedDeadline, Timeline, TimelineEntry, Verdict, MAX_PAGE,
+};
 use petstore_read_models::OrderStatusView;
 use petstore_web::{Path, Problem, Query, RequestContext};
 use serde::Deserialize;
@@ -73,14 +75,11 @@ fn time_left(millis: i64) -> String {
     }
 }
 
-#[derive(Template)]
-#[template(path = "order.html")]
-struct OrderPage {
-    frame: Frame,
-    timeline: Timeline,
-    /// The order's view, once the read models reached it.
-    order: Option<OrderStatusView>,
-    amount: String,
+/// The part of an order's page that changes while its saga runs: where it stands, its
+/// steps, its timeline (grouped by step and in full, one page). The page renders it, and
+/// the live stream ([`crate::live`]) sends it again, whole, each time it changes.
+pub(crate) struct Live {
+    pub(crate) timeline: Timeline,
     verdict: &'static str,
     deadline: Option<Deadline>,
     next_retry: Option<Deadline>,
@@ -92,6 +91,156 @@ struct OrderPage {
     next: Option<String>,
 }
 
+impl Live {
+    /// The part of `order_id`'s page with the timeline's page after `after`; `None` for an
+    /// order the store does not hold.
+    pub(crate) async fn read(
+        state: &ConsoleState,
+        order_id: &OrderId,
+        after: Option<usize>,
+    ) -> Result<Option<Self>, Problem> {
+        let Some(timeline) =
+            timeline::of_order(&state.database, order_id, Utc::now(), after, MAX_PAGE)
+                .await
+                .map_err(|error| Problem::from_failure(&error))?
+        else {
+            return Ok(None);
+        };
+        let entry = |entry: &TimelineEntry| Entry {
+            index: entry.index,
+            at: entry.at.clone(),
+            kind: entry.kind.as_str(),
+            summary: entry.summary.clone(),
+            position: entry
+                .global_position
+                .map_or_else(String::new, |position| position.to_string()),
+            correlation_id: entry.correlation_id.clone().unwrap_or_default(),
+            causation_id: entry.causation_id.clone().unwrap_or_default(),
+            subject: entry.subject.clone().unwrap_or_default(),
+            trace_url: entry
+                .trace_id
+                .as_deref()
+                .and_then(|trace| state.settings.trace_url(trace)),
+            trace_id: entry.trace_id.clone(),
+            detail: detail(entry),
+        };
+        // An entry of a step goes to that step's group; one of no step (an event, a
+        // deadline, a provider attempt) to the group of the step last named before it.
+        let mut groups: Vec<Group> = Vec::new();
+        let mut current = "order".to_owned();
+        for item in &timeline.entries {
+            if let Some(step) = &item.step {
+                current.clone_from(step);
+            }
+            match groups.iter_mut().find(|group| group.name == current) {
+                Some(group) => group.entries.push(entry(item)),
+                None => groups.push(Group {
+                    name: current.clone(),
+                    entries: vec![entry(item)],
+                }),
+            }
+        }
+        let entries = timeline.entries.iter().map(entry).collect();
+        let base = format!("/petstore-domain/console/orders/{order_id}");
+        let first_shown = after.map_or(0, |after| after + 1);
+        let previous = (first_shown > 0).then(|| match first_shown.checked_sub(MAX_PAGE + 1) {
+            Some(after) => format!("{base}?after={after}"),
+            None => base.clone(),
+        });
+        let next = timeline
+            .next_after
+            .map(|after| format!("{base}?after={after}"));
+        let now = &timeline.now;
+        Ok(Some(Self {
+            verdict: now.verdict.as_str(),
+            deadline: now.deadline.as_ref().map(Deadline::from),
+            next_retry: now.next_retry.as_ref().map(Deadline::from),
+            owner: now
+                .owner
+                .as_ref()
+                .map(|owner| match (&owner.runner, owner.epoch) {
+                    (Some(runner), Some(epoch)) => format!(
+                        "partition {} held by {runner} (epoch {epoch}{})",
+                        owner.partition,
+                        owner
+                            .lease_expires_in_ms
+                            .map(|left| format!(", lease {:.1} s left", left as f64 / 1000.0))
+                            .unwrap_or_default()
+                    ),
+                    _ => format!("partition {}, held by no runner now", owner.partition),
+                }),
+            groups,
+            entries,
+            first_shown,
+            previous,
+            next,
+            timeline,
+        }))
+    }
+
+    /// Whether the order can change no more (and the page need not be live).
+    pub(crate) fn terminal(&self) -> bool {
+        self.timeline.now.verdict == Verdict::Terminal
+    }
+
+    /// The global position of the latest event shown: the live stream's event id.
+    pub(crate) fn position(&self) -> i64 {
+        self.timeline
+            .entries
+            .iter()
+            .filter_map(|entry| entry.global_position)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// What changes when the order does: the entries and where it stands, without the
+    /// times counted from now (time left, the lease's expiry).
+    pub(crate) fn fingerprint(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut now = self.timeline.now.clone();
+        for deadline in [&mut now.deadline, &mut now.next_retry]
+            .into_iter()
+            .flatten()
+        {
+            deadline.time_left_ms = 0;
+        }
+        if let Some(owner) = &mut now.owner {
+            owner.lease_expires_in_ms = None;
+        }
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        serde_json::to_string(&(&self.timeline.entries, &now))
+            .unwrap_or_default()
+            .hash(&mut hasher);
+        hasher.finish()
+    }
+
+    /// The part, rendered.
+    pub(crate) fn render(&self) -> Result<String, askama::Error> {
+        LiveFragment { live: self }.render()
+    }
+}
+
+/// The live part alone: what the live stream sends.
+#[derive(Template)]
+#[template(path = "order_live.html")]
+struct LiveFragment<'a> {
+    live: &'a Live,
+}
+
+#[derive(Template)]
+#[template(path = "order.html")]
+struct OrderPage {
+    frame: Frame,
+    order_id: String,
+    /// The order's view, once the read models reached it.
+    order: Option<OrderStatusView>,
+    amount: String,
+    /// The live part, rendered.
+    live: String,
+    /// Where the live stream is, while the order can still change (first page only).
+    live_url: Option<String>,
+}
+
 /// `GET /petstore-domain/console/orders/{order_id}`.
 pub(crate) async fn page(
     State(state): State<ConsoleState>,
@@ -100,60 +249,9 @@ pub(crate) async fn page(
     Query(query): Query<PageQuery>,
 ) -> Result<Response, Problem> {
     let order_id = parse(&order_id)?;
-    let timeline = timeline::of_order(
-        &state.database,
-        &order_id,
-        Utc::now(),
-        query.after,
-        MAX_PAGE,
-    )
-    .await
-    .map_err(|error| Problem::from_failure(&error))?
-    .ok_or_else(|| Problem::not_found(format!("order {order_id} does not exist")))?;
-    let entry = |entry: &TimelineEntry| Entry {
-        index: entry.index,
-        at: entry.at.clone(),
-        kind: entry.kind.as_str(),
-        summary: entry.summary.clone(),
-        position: entry
-            .global_position
-            .map_or_else(String::new, |position| position.to_string()),
-        correlation_id: entry.correlation_id.clone().unwrap_or_default(),
-        causation_id: entry.causation_id.clone().unwrap_or_default(),
-        subject: entry.subject.clone().unwrap_or_default(),
-        trace_url: entry
-            .trace_id
-            .as_deref()
-            .and_then(|trace| state.settings.trace_url(trace)),
-        trace_id: entry.trace_id.clone(),
-        detail: detail(entry),
-    };
-    // An entry of a step goes to that step's group; one of no step (an event, a deadline,
-    // a provider attempt) to the group of the step last named before it.
-    let mut groups: Vec<Group> = Vec::new();
-    let mut current = "order".to_owned();
-    for item in &timeline.entries {
-        if let Some(step) = &item.step {
-            current.clone_from(step);
-        }
-        match groups.iter_mut().find(|group| group.name == current) {
-            Some(group) => group.entries.push(entry(item)),
-            None => groups.push(Group {
-                name: current.clone(),
-                entries: vec![entry(item)],
-            }),
-        }
-    }
-    let entries = timeline.entries.iter().map(entry).collect();
-    let base = format!("/petstore-domain/console/orders/{order_id}");
-    let first_shown = query.after.map_or(0, |after| after + 1);
-    let previous = (first_shown > 0).then(|| match first_shown.checked_sub(MAX_PAGE + 1) {
-        Some(after) => format!("{base}?after={after}"),
-        None => base.clone(),
-    });
-    let next = timeline
-        .next_after
-        .map(|after| format!("{base}?after={after}"));
+    let live = Live::read(&state, &order_id, query.after)
+        .await?
+        .ok_or_else(|| Problem::not_found(format!("order {order_id} does not exist")))?;
     let order = state
         .read_models
         .order(&order_id)
@@ -163,34 +261,19 @@ pub(crate) async fn page(
         .as_ref()
         .map(|order| crate::money(&order.amount))
         .unwrap_or_default();
-    let now = &timeline.now;
+    let live_url = (query.after.is_none() && !live.terminal()).then(|| {
+        format!(
+            "/petstore-domain/console/orders/{order_id}/live?after={}",
+            live.position()
+        )
+    });
     let page = OrderPage {
+        frame: session.frame(format!("Order {order_id}")),
+        order_id: order_id.to_string(),
         order,
         amount,
-        frame: session.frame(format!("Order {order_id}")),
-        verdict: now.verdict.as_str(),
-        deadline: now.deadline.as_ref().map(Deadline::from),
-        next_retry: now.next_retry.as_ref().map(Deadline::from),
-        owner: now
-            .owner
-            .as_ref()
-            .map(|owner| match (&owner.runner, owner.epoch) {
-                (Some(runner), Some(epoch)) => format!(
-                    "partition {} held by {runner} (epoch {epoch}{})",
-                    owner.partition,
-                    owner
-                        .lease_expires_in_ms
-                        .map(|left| format!(", lease {:.1} s left", left as f64 / 1000.0))
-                        .unwrap_or_default()
-                ),
-                _ => format!("partition {}, held by no runner now", owner.partition),
-            }),
-        groups,
-        entries,
-        first_shown,
-        previous,
-        next,
-        timeline,
+        live: live.render().map_err(|error| Problem::internal(&error))?,
+        live_url,
     };
     Ok(html(&page))
 }
@@ -226,7 +309,7 @@ fn detail(entry: &TimelineEntry) -> String {
     parts.join(" · ")
 }
 
-fn parse(order_id: &str) -> Result<OrderId, Problem> {
+pub(crate) fn parse(order_id: &str) -> Result<OrderId, Problem> {
     let order_id =
         OrderId::parse(order_id).map_err(|error| Problem::bad_request(error.to_string()))?;
     RequestContext::record_order(&order_id);

@@ -968,3 +968,233 @@ async fn the_console_passes_in_a_real_browser() {
     app.stop().await;
     storage.remove().await;
 }
+
+/// One Server-Sent Event.
+#[derive(Debug, Default)]
+struct SseEvent {
+    event: String,
+    id: String,
+    data: String,
+}
+
+/// Reads a live stream's events as they come.
+struct EventReader {
+    response: reqwest::Response,
+    buffer: String,
+}
+
+impl EventReader {
+    /// The next event (comments skipped), waiting at most 30 s.
+    async fn next(&mut self) -> Option<SseEvent> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let mut event = SseEvent::default();
+                let mut data = Vec::new();
+                for line in block.lines() {
+                    if let Some(value) = line.strip_prefix("event:") {
+                        event.event = value.trim_start().to_owned();
+                    } else if let Some(value) = line.strip_prefix("id:") {
+                        event.id = value.trim_start().to_owned();
+                    } else if let Some(value) = line.strip_prefix("data:") {
+                        data.push(value.strip_prefix(' ').unwrap_or(value).to_owned());
+                    }
+                }
+                if event.event.is_empty() && data.is_empty() {
+                    continue; // a comment: the keep-alive
+                }
+                event.data = data.join("\n");
+                return Some(event);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.response.chunk()).await {
+                Ok(Ok(Some(chunk))) => self.buffer.push_str(&String::from_utf8_lossy(&chunk)),
+                Ok(Ok(None)) => return None,
+                Ok(Err(error)) => panic!("the stream failed: {error}"),
+                Err(_) => panic!("no event within 30 s; so far: {}", self.buffer),
+            }
+        }
+    }
+}
+
+/// The entries' indexes a live fragment shows, in order (`<tr id="entry-N">`).
+fn shown_entries(html: &str) -> Vec<usize> {
+    html.match_indices("<tr id=\"entry-")
+        .filter_map(|(at, marker)| {
+            html[at + marker.len()..]
+                .split('"')
+                .next()
+                .and_then(|index| index.parse().ok())
+        })
+        .collect()
+}
+
+/// An order's page, live: its stream sends the changing part whole as the saga moves on
+/// (an order waiting for its payment, then paid and completed) and says `done` at the end;
+/// a reconnect from the last id shows every entry once; unhappy paths answer problems.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_order_page_follows_its_saga_live_and_a_reconnect_misses_nothing() {
+    let storage = Storage::new(Engine::Embedded).await;
+    let mut settings = with_users(storage.settings());
+    settings.feature_flags.express_order_processing = petstore_settings::FlagSetting::Off;
+    let app = TestApp::start(settings).await;
+    app.wait_until_ready().await;
+    let mut admin = Browser::new(&app);
+    assert_eq!(admin.log_in("ops", "correct horse", "").await.status(), 303);
+    let order = app.post_order("golden-retriever-001", None).await;
+    app.wait_for_order(&order, |view| view["status"] == "reserved")
+        .await;
+
+    // The page says where its stream is while the order can still change.
+    let page = admin.page(&format!("{CONSOLE}/orders/{order}")).await;
+    assert!(page.contains("hx-ext=\"sse\""), "{page}");
+    let live_path = page
+        .split("sse-connect=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("the live stream's URL")
+        .replace("&amp;", "&");
+    assert!(live_path.starts_with(&format!("{CONSOLE}/orders/{order}/live?after=")));
+
+    let (client, cookies) = (admin.client.clone(), admin.cookie_header());
+    let open = |path: String| {
+        let client = client.clone();
+        let cookies = cookies.clone();
+        let url = app.url(&path);
+        async move {
+            client
+                .get(url)
+                .header(COOKIE, cookies)
+                .send()
+                .await
+                .expect("answered")
+        }
+    };
+    let response = open(live_path.clone()).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()[CONTENT_TYPE], "text/event-stream");
+    assert_console_headers(&response);
+    let mut stream = EventReader {
+        response,
+        buffer: String::new(),
+    };
+    let first = stream.next().await.expect("the current state");
+    assert_eq!(first.event, "timeline");
+    assert!(first.data.contains("status-reserved"), "{}", first.data);
+    assert!(first.data.contains("payment"), "{}", first.data);
+    let first_id: i64 = first.id.parse().expect("a position");
+    let first_entries = shown_entries(&first.data);
+    assert_eq!(first_entries, (0..first_entries.len()).collect::<Vec<_>>());
+
+    // The customer pays: the stream sends the order moving on, then done.
+    let paid = app
+        .post_json("/petstore-domain/payments", &json!({"order_id": order}))
+        .await;
+    assert!(paid.status().is_success(), "{}", paid.status());
+    let mut last = first;
+    loop {
+        let event = stream.next().await.expect("an event");
+        if event.event == "done" {
+            break;
+        }
+        assert_eq!(event.event, "timeline");
+        assert!(event.id.parse::<i64>().expect("a position") >= first_id);
+        let entries = shown_entries(&event.data);
+        assert_eq!(
+            entries,
+            (0..entries.len()).collect::<Vec<_>>(),
+            "in order, once each"
+        );
+        assert!(entries.len() >= shown_entries(&last.data).len());
+        last = event;
+    }
+    assert!(last.data.contains("status-completed"), "{}", last.data);
+    assert!(stream.next().await.is_none(), "the stream ends after done");
+
+    // A reconnect from the last id it had, the way the htmx extension does (?after=) and the
+    // way a browser does (Last-Event-ID): the whole state once, then done.
+    for resumed in [
+        open(format!("{CONSOLE}/orders/{order}/live?after={first_id}")).await,
+        admin
+            .client
+            .get(app.url(&format!("{CONSOLE}/orders/{order}/live")))
+            .header(COOKIE, admin.cookie_header())
+            .header("Last-Event-ID", first_id.to_string())
+            .send()
+            .await
+            .expect("answered"),
+    ] {
+        let mut stream = EventReader {
+            response: resumed,
+            buffer: String::new(),
+        };
+        let state = stream.next().await.expect("the state");
+        assert_eq!(shown_entries(&state.data), shown_entries(&last.data));
+        assert_eq!(state.id, last.id);
+        assert_eq!(stream.next().await.expect("done").event, "done");
+    }
+    // A terminal order's page is not live.
+    let page = admin.page(&format!("{CONSOLE}/orders/{order}")).await;
+    assert!(!page.contains("sse-connect"), "{page}");
+
+    // Unhappy paths: a bad resume id, an unknown order, no session, too many streams.
+    let bad = admin
+        .client
+        .get(app.url(&format!("{CONSOLE}/orders/{order}/live")))
+        .header(COOKIE, admin.cookie_header())
+        .header("Last-Event-ID", "t1p2")
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(bad.status(), 400);
+    assert_eq!(
+        open(format!("{CONSOLE}/orders/{order}/live?after=-1"))
+            .await
+            .status(),
+        400
+    );
+    assert_eq!(
+        open(format!(
+            "{CONSOLE}/orders/01a24f85-a4d2-72c5-b30d-55ecc29c0481/live"
+        ))
+        .await
+        .status(),
+        404
+    );
+    assert_eq!(
+        Browser::new(&app)
+            .get(&format!("{CONSOLE}/orders/{order}/live"))
+            .await
+            .status(),
+        303
+    );
+    let waiting = app.post_order("beagle-001", None).await;
+    app.wait_for_order(&waiting, |view| view["status"] == "reserved")
+        .await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let response = open(format!("{CONSOLE}/orders/{waiting}/live")).await;
+        assert_eq!(response.status(), 200);
+        held.push(response);
+    }
+    let refused = open(format!("{CONSOLE}/orders/{waiting}/live")).await;
+    assert_eq!(refused.status(), 429);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let again = open(format!("{CONSOLE}/orders/{waiting}/live")).await;
+        if again.status() == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the streams' places never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    app.stop().await;
+    storage.remove().await;
+}

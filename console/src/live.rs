@@ -10,8 +10,8 @@
 //! milliseconds, bench/README section 23), and sent only when something but the clock
 //! changed. A subject holds at most [`STREAMS_PER_SUBJECT`] streams; a client that does not
 //! take an event within [`SEND_TIMEOUT`] is dropped (every stream has its own task, so a
-//! slow one holds up no other); comments keep idle connections open; every stream ends when
-//! the process shuts down.
+//! slow one holds up no other); comments keep idle connections open; a stream ends after
+//! `console.live_max_seconds` (the browser reconnects) and when the process shuts down.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -40,6 +40,9 @@ pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How often the order is read again.
 const POLL: Duration = Duration::from_secs(1);
+
+/// How soon a browser reconnects a stream that ended (the `retry` field).
+const RECONNECT: Duration = Duration::from_secs(1);
 
 /// How often an idle stream sends a comment.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
@@ -152,6 +155,8 @@ async fn follow(
     sender: mpsc::Sender<Event>,
 ) {
     let mut closing = state.closing.clone();
+    let ends_at =
+        tokio::time::Instant::now() + Duration::from_secs(state.settings.live_max_seconds);
     let mut sent = None;
     loop {
         let fingerprint = live.fingerprint();
@@ -160,6 +165,7 @@ async fn follow(
                 Ok(html) => Event::default()
                     .event("timeline")
                     .id(live.position().to_string())
+                    .retry(RECONNECT)
                     .data(html),
                 Err(error) => {
                     tracing::error!(%error, %order_id, "the live order page cannot be rendered");
@@ -180,6 +186,8 @@ async fn follow(
             () = tokio::time::sleep(POLL) => {}
             _ = closing.wait_for(|closing| *closing) => return,
             () = sender.closed() => return,
+            // Its time is up: the browser reconnects, and gets the state whole again.
+            () = tokio::time::sleep_until(ends_at) => return,
         }
         live = match Live::read(&state, &order_id, None).await {
             Ok(Some(read)) => read,

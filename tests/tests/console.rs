@@ -888,7 +888,9 @@ fn artifacts() -> std::path::PathBuf {
 /// The console in Debian's Chromium (`tests/browser/console.mjs`, playwright-core): every
 /// page at 1280x800 and 390x844 with no CSP violation, console error or dialog, no serious
 /// or critical axe-core violation, no sideways scroll at 390 px, hostile text shown as
-/// text, and a keyboard-only sign-in and toggle; screenshots kept.
+/// text, a waiting order's page following its saga live without a reload while the server
+/// ends its stream every 2 s (every entry once, in order), and a keyboard-only sign-in and
+/// toggle; screenshots kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_console_passes_in_a_real_browser() {
     let folder = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("browser");
@@ -908,8 +910,23 @@ async fn the_console_passes_in_a_real_browser() {
         );
     }
     let storage = Storage::new(Engine::Embedded).await;
-    let app = TestApp::start(with_users(storage.settings())).await;
+    let mut settings = with_users(storage.settings());
+    // The live page's stream ends every 2 s: the browser must carry on across it.
+    settings.console.live_max_seconds = 2;
+    let app = TestApp::start(settings).await;
     app.wait_until_ready().await;
+    // An order placed while express_order_processing is off waits for its payment.
+    let express = |on: bool| {
+        app.client
+            .put(app.url("/petstore-domain/admin/config"))
+            .json(&json!({"feature_flags": {"express_order_processing": on}}))
+            .send()
+    };
+    assert_eq!(express(false).await.expect("answered").status(), 200);
+    let waiting = app.post_order("persian-cat-001", None).await;
+    app.wait_for_order(&waiting, |view| view["status"] == "reserved")
+        .await;
+    assert_eq!(express(true).await.expect("answered").status(), 200);
     let placed = app
         .post_json(
             "/petstore-domain/orders",
@@ -939,6 +956,8 @@ async fn the_console_passes_in_a_real_browser() {
             .env("PASSWORD", "correct horse")
             .env("ORDER", &order)
             .env("CANCELLED", &cancelled)
+            .env("WAITING", &waiting)
+            .env("ADMIN_TOKEN", app.token("ops-1", RoleName::Admin))
             .env("ARTIFACTS", &artifacts)
             .kill_on_drop(true)
             .output(),
@@ -956,7 +975,8 @@ async fn the_console_passes_in_a_real_browser() {
     assert_eq!(report["problems"], json!([]), "{report}");
     assert!(run.status.success(), "{report}");
     let screenshots = report["screenshots"].as_array().expect("screenshots");
-    assert_eq!(screenshots.len(), 14, "{report}");
+    assert_eq!(screenshots.len(), 15, "{report}");
+    assert_eq!(app.wait_for_terminal(&waiting).await["status"], "completed");
     for path in screenshots {
         let path = path.as_str().expect("a path");
         assert!(

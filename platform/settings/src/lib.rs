@@ -284,7 +284,7 @@ impl Default for TimelineSettings {
 }
 
 /// The operator console (`/petstore-domain/console/`).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ConsoleSettings {
     /// A link to a trace in the team's trace UI, `{trace_id}` standing for the trace's id
@@ -297,6 +297,21 @@ pub struct ConsoleSettings {
     /// Show the events of dead letters (their payloads hold what customers sent); hidden
     /// by default.
     pub show_payloads: bool,
+    /// How long a live page's stream lasts before the server ends it (the browser then
+    /// reconnects and carries on): a forgotten tab holds nothing for ever, and a balancer
+    /// can move the page to another instance.
+    pub live_max_seconds: u64,
+}
+
+impl Default for ConsoleSettings {
+    fn default() -> Self {
+        Self {
+            trace_url_template: None,
+            read_only: false,
+            show_payloads: false,
+            live_max_seconds: 300,
+        }
+    }
 }
 
 impl ConsoleSettings {
@@ -561,7 +576,7 @@ impl Settings {
 
     fn validate_ranges(&self) -> Result<(), SettingsError> {
         let updates = &self.http.order_updates;
-        let positive: [(&str, u64); 20] = [
+        let positive: [(&str, u64); 21] = [
             ("http.body_limit_bytes", self.http.body_limit_bytes as u64),
             (
                 "http.max_concurrent_requests",
@@ -604,6 +619,7 @@ impl Settings {
             ),
             ("redis.browse_ttl_seconds", self.redis.browse_ttl_seconds),
             ("timeline.retention_hours", self.timeline.retention_hours),
+            ("console.live_max_seconds", self.console.live_max_seconds),
             (
                 "live_settings.poll_interval_ms",
                 self.live_settings.poll_interval_ms,

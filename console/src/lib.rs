@@ -21,6 +21,7 @@
 //! - `dead_letters`: the dead letters, retried or skipped one or many at once.
 //! - `flags`: the feature flags (toggled at the version shown) and the circuit breakers.
 //! - `audit`: what operators did through the console.
+//! - `tail`: the stream's live tail.
 //! - `actions`: how every write is checked (CSRF, `console.read_only`) and recorded as an
 //!   operator action.
 //! - [`assets`]: the embedded static files.
@@ -49,6 +50,7 @@ pub mod live;
 mod order;
 mod orders;
 mod session;
+mod tail;
 
 /// What the console's pages read.
 #[derive(Clone)]
@@ -113,6 +115,8 @@ pub fn router(state: ConsoleState) -> Router {
             post(flags::force),
         )
         .route(&format!("{CONSOLE_PREFIX}/audit"), get(audit::page))
+        .route(&format!("{CONSOLE_PREFIX}/tail"), get(tail::page))
+        .route(&format!("{CONSOLE_PREFIX}/tail/live"), get(tail::live))
         .route(
             &format!("{CONSOLE_PREFIX}/assets/{{file}}"),
             get(assets::serve),
@@ -133,6 +137,18 @@ fn html(template: &impl Template) -> Response {
             .into_response(),
         Err(error) => Problem::internal(&error).into_response(),
     }
+}
+
+/// `text` percent-encoded for a query (every byte but unreserved ones).
+fn encode(text: &str) -> String {
+    text.bytes()
+        .map(|byte| match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (byte as char).to_string()
+            }
+            _ => format!("%{byte:02X}"),
+        })
+        .collect()
 }
 
 /// An amount for a person: `1200.00 USD`.

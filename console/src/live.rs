@@ -42,16 +42,31 @@ pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_secs(1);
 
 /// How soon a browser reconnects a stream that ended (the `retry` field).
-const RECONNECT: Duration = Duration::from_secs(1);
+pub(crate) const RECONNECT: Duration = Duration::from_secs(1);
 
 /// How often an idle stream sends a comment.
-const KEEP_ALIVE: Duration = Duration::from_secs(15);
+pub(crate) const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
 /// The open streams, by subject.
 #[derive(Clone, Default)]
 pub struct Streams(Arc<Mutex<HashMap<String, u32>>>);
 
 impl Streams {
+    /// A place for one more stream of `subject`, or 429.
+    pub(crate) fn acquire_or_refuse(&self, subject: &str) -> Result<Slot, Problem> {
+        self.acquire(subject).ok_or_else(|| {
+            Problem::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too-many-streams",
+                "Too many live pages",
+                format!(
+                    "you follow {STREAMS_PER_SUBJECT} live pages already, the most allowed: close one"
+                ),
+            )
+            .with_header(RETRY_AFTER, HeaderValue::from_static("1"))
+        })
+    }
+
     fn acquire(&self, subject: &str) -> Option<Slot> {
         let mut open = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         let count = open.entry(subject.to_owned()).or_default();
@@ -67,7 +82,7 @@ impl Streams {
 }
 
 /// A stream's place among its subject's; given back when the stream ends.
-struct Slot {
+pub(crate) struct Slot {
     streams: Streams,
     subject: String,
 }
@@ -119,17 +134,7 @@ pub(crate) async fn stream(
     if resumed.is_some_and(|after| after < 0) {
         return Err(Problem::bad_request("after must be 0 or more"));
     }
-    let slot = state.streams.acquire(session.subject()).ok_or_else(|| {
-        Problem::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too-many-streams",
-            "Too many live pages",
-            format!(
-                "you follow {STREAMS_PER_SUBJECT} live pages already, the most allowed: close one"
-            ),
-        )
-        .with_header(RETRY_AFTER, HeaderValue::from_static("1"))
-    })?;
+    let slot = state.streams.acquire_or_refuse(session.subject())?;
     let first = Live::read(&state, &order_id, None)
         .await?
         .ok_or_else(|| Problem::not_found(format!("order {order_id} does not exist")))?;
@@ -202,7 +207,7 @@ async fn follow(
 
 /// Hands `event` to the client's connection; false when it is gone or did not take it in
 /// [`SEND_TIMEOUT`] (it is then dropped).
-async fn deliver(sender: &mpsc::Sender<Event>, event: Event) -> bool {
+pub(crate) async fn deliver(sender: &mpsc::Sender<Event>, event: Event) -> bool {
     match tokio::time::timeout(SEND_TIMEOUT, sender.send(event)).await {
         Ok(Ok(())) => true,
         Ok(Err(_)) => false,

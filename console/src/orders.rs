@@ -166,24 +166,12 @@ fn link(form: &FilterForm, before: Option<i64>) -> String {
     }
     let query: Vec<String> = query
         .iter()
-        .map(|(name, value)| format!("{name}={}", encode(value)))
+        .map(|(name, value)| format!("{name}={}", crate::encode(value)))
         .collect();
     match query.is_empty() {
         true => "/petstore-domain/console/orders".to_owned(),
         false => format!("/petstore-domain/console/orders?{}", query.join("&")),
     }
-}
-
-/// `text` percent-encoded for a query (every byte but unreserved ones).
-fn encode(text: &str) -> String {
-    text.bytes()
-        .map(|byte| match byte {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (byte as char).to_string()
-            }
-            _ => format!("%{byte:02X}"),
-        })
-        .collect()
 }
 
 /// The filter the form asks for, or what is wrong with it.

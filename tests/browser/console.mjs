@@ -44,6 +44,7 @@ const pages = [
   ['dead-letters', '/petstore-domain/console/dead-letters'],
   ['flags', '/petstore-domain/console/flags'],
   ['audit', '/petstore-domain/console/audit'],
+  ['tail', '/petstore-domain/console/tail'],
 ];
 
 const browser = await chromium.launch({
@@ -159,6 +160,46 @@ for (const viewport of [{ width: 1280, height: 800 }, { width: 390, height: 844 
   if (ended > sseErrors) problems.push(`live: ${ended - sseErrors} console errors besides the ended streams`);
   await page.screenshot({ path: `${artifacts}/console-live-order-1280x800.png`, fullPage: true });
   screenshots.push(`${artifacts}/console-live-order-1280x800.png`);
+  await opened.close();
+}
+
+// The live tail: a committed event appears without a reload; pausing keeps it; an event
+// committed while paused shows once resumed.
+{
+  const viewport = { width: 1280, height: 800 };
+  const { context: opened, page } = await context(viewport, 'tail');
+  await signIn(page);
+  await page.goto(`${base}/petstore-domain/console/tail?type=LiveSettingsChanged`);
+  const change = async (on) => {
+    const response = await fetch(`${base}/petstore-domain/admin/config`, {
+      method: 'PUT',
+      headers: { authorization: `Bearer ${env('ADMIN_TOKEN')}`, 'content-type': 'application/json' },
+      body: JSON.stringify({ feature_flags: { pet_personalization: on } }),
+    });
+    if (!response.ok) problems.push(`tail: changing a flag answered ${response.status}`);
+  };
+  const rows = async () => page.evaluate(() => [...document.querySelectorAll('tbody tr[id^="tail-"]')]
+    .map((row) => Number(row.id.slice('tail-'.length))));
+  const before = (await rows()).length;
+  await page.waitForTimeout(300);
+  await change(true);
+  await page.waitForFunction((count) => document.querySelectorAll('tbody tr[id^="tail-"]').length > count, before, { timeout: 20000 })
+    .catch(() => problems.push('tail: the committed event never appeared'));
+  const seen = await rows();
+  const newest = seen[seen.length - 1];
+  const pause = await page.getAttribute('#pause', 'href');
+  if (!pause?.includes(`until=${newest}`)) problems.push(`tail: the pause link does not keep the place: ${pause} (newest ${newest})`);
+  await Promise.all([page.waitForNavigation(), page.click('#pause')]);
+  if (!(await rows()).includes(newest)) problems.push('tail: the paused page lost the newest event');
+  await change(false);
+  await Promise.all([page.waitForNavigation(), page.click('text=Resume from here')]);
+  await page.waitForFunction((newest) => [...document.querySelectorAll('tbody tr[id^="tail-"]')]
+    .some((row) => Number(row.id.slice('tail-'.length)) > newest), newest, { timeout: 20000 })
+    .catch(() => problems.push('tail: the event committed while paused never appeared'));
+  const resumed = await rows();
+  if (new Set(resumed).size !== resumed.length || resumed.some((position, at) => at > 0 && position <= resumed[at - 1])) {
+    problems.push(`tail: rows twice or out of order: ${resumed.join(',')}`);
+  }
   await opened.close();
 }
 

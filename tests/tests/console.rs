@@ -975,7 +975,7 @@ async fn the_console_passes_in_a_real_browser() {
     assert_eq!(report["problems"], json!([]), "{report}");
     assert!(run.status.success(), "{report}");
     let screenshots = report["screenshots"].as_array().expect("screenshots");
-    assert_eq!(screenshots.len(), 15, "{report}");
+    assert_eq!(screenshots.len(), 17, "{report}");
     assert_eq!(app.wait_for_terminal(&waiting).await["status"], "completed");
     for path in screenshots {
         let path = path.as_str().expect("a path");
@@ -1217,4 +1217,125 @@ async fn an_order_page_follows_its_saga_live_and_a_reconnect_misses_nothing() {
 
     app.stop().await;
     storage.remove().await;
+}
+
+/// The stream's live tail over HTTP: the page of the latest events of one type, paused at a
+/// position; its stream sending the window at once and again when an event is committed;
+/// the unhappy paths.
+async fn the_live_tail_shows_the_latest_events_and_follows_new_ones(engine: Engine) {
+    let storage = Storage::new(engine).await;
+    let app = TestApp::start(with_users(storage.settings())).await;
+    app.wait_until_ready().await;
+    let mut admin = Browser::new(&app);
+    assert_eq!(admin.log_in("ops", "correct horse", "").await.status(), 303);
+    let order = app.post_order("golden-retriever-001", None).await;
+    app.wait_for_terminal(&order).await;
+
+    let all = admin.page(&format!("{CONSOLE}/tail")).await;
+    assert!(all.contains("OrderCompleted 1.0"), "{all}");
+    assert!(
+        all.contains(&format!("/petstore-domain/console/orders/{order}")),
+        "{all}"
+    );
+    assert!(all.contains("sse-connect=\"/petstore-domain/console/tail/live?after="));
+    let created = admin
+        .page(&format!("{CONSOLE}/tail?type=OrderCreated"))
+        .await;
+    assert!(created.contains("OrderCreated 1.0"), "{created}");
+    assert!(!created.contains("OrderCompleted"), "{created}");
+    // Paused at the OrderCreated: the same rows, no stream, a way back.
+    let position = created
+        .split("<tr id=\"tail-")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("a row")
+        .to_owned();
+    let paused = admin
+        .page(&format!("{CONSOLE}/tail?until={position}&paused=1"))
+        .await;
+    assert!(
+        paused.contains(&format!("<tr id=\"tail-{position}\">")),
+        "{paused}"
+    );
+    assert!(!paused.contains("sse-connect"), "{paused}");
+    assert!(paused.contains("Resume from here"), "{paused}");
+
+    // The stream: the window at once, then again with a new event.
+    let response = admin
+        .client
+        .get(app.url(&format!(
+            "{CONSOLE}/tail/live?after={position}&type=LiveSettingsChanged"
+        )))
+        .header(COOKIE, admin.cookie_header())
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(response.status(), 200);
+    let mut stream = EventReader {
+        response,
+        buffer: String::new(),
+    };
+    let first = stream.next().await.expect("the window");
+    assert_eq!(first.event, "events");
+    assert!(first.data.contains("No event yet"), "{}", first.data);
+    let changed = app
+        .client
+        .put(app.url("/petstore-domain/admin/config"))
+        .json(&json!({"feature_flags": {"pet_personalization": true}}))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(changed.status(), 200);
+    let next = stream.next().await.expect("the window again");
+    assert!(
+        next.data.contains("LiveSettingsChanged 1.0"),
+        "{}",
+        next.data
+    );
+    assert!(
+        next.id.parse::<i64>().expect("a position") > first.id.parse::<i64>().expect("a position")
+    );
+    assert!(
+        next.data.contains(&format!(
+            "<a id=\"pause\" hx-swap-oob=\"true\" href=\"/petstore-domain/console/tail?type=LiveSettingsChanged&#38;until={}&#38;paused=1\">",
+            next.id
+        )),
+        "{}",
+        next.data
+    );
+
+    // Unhappy paths.
+    for (path, status) in [
+        (format!("{CONSOLE}/tail?type=Order%20Created"), 422),
+        (format!("{CONSOLE}/tail?until=999999"), 400),
+        (format!("{CONSOLE}/tail?until=x"), 422),
+        (format!("{CONSOLE}/tail?colour=red"), 422),
+        (format!("{CONSOLE}/tail/live"), 422),
+        (format!("{CONSOLE}/tail/live?after=-1"), 400),
+        (format!("{CONSOLE}/tail/live?after=999999"), 400),
+    ] {
+        let response = admin.get(&path).await;
+        assert_eq!(response.status(), status, "{path}");
+        assert_console_headers(&response);
+    }
+    assert_eq!(
+        Browser::new(&app)
+            .get(&format!("{CONSOLE}/tail"))
+            .await
+            .status(),
+        303
+    );
+
+    app.stop().await;
+    storage.remove().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_live_tail_shows_the_latest_events_and_follows_new_ones_on_the_embedded_store() {
+    the_live_tail_shows_the_latest_events_and_follows_new_ones(Engine::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_live_tail_shows_the_latest_events_and_follows_new_ones_on_postgres() {
+    the_live_tail_shows_the_latest_events_and_follows_new_ones(Engine::Postgres).await;
 }

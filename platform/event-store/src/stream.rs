@@ -257,6 +257,66 @@ pub async fn read_after(
     }
 }
 
+/// Up to `limit` events of type `event_type` (any, for `None`), newest first in stream
+/// order, at or before `until` (the head, for `None`): the console's tail, read back.
+pub async fn newest_first(
+    database: &Database,
+    until: Option<StreamPosition>,
+    event_type: Option<&str>,
+    limit: u32,
+) -> Result<Vec<RecordedEvent>, StreamError> {
+    const POSTGRES: &str = "
+SELECT transaction_id::text::bigint AS transaction_id, global_position, aggregate_type,
+       aggregate_id, sequence, event_type, event_version, payload, metadata
+  FROM events
+ WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+   AND ($1::bigint IS NULL OR (transaction_id, global_position) <= ($1::text::xid8, $2))
+   AND ($3::text IS NULL OR event_type = $3)
+ ORDER BY events.transaction_id DESC, events.global_position DESC
+ LIMIT $4";
+    const SQLITE: &str = "
+SELECT 0 AS transaction_id, global_position, aggregate_type, aggregate_id, sequence,
+       event_type, event_version, payload, metadata
+  FROM events
+ WHERE (?1 IS NULL OR global_position <= ?2)
+   AND (?3 IS NULL OR event_type = ?3)
+ ORDER BY global_position DESC
+ LIMIT ?4";
+    let limit = i64::from(limit.max(1));
+    with_pool!(database, |pool| {
+        sqlx::query(database.sql(POSTGRES, SQLITE))
+            .bind(until.map(|until| until.transaction_id))
+            .bind(until.map_or(0, |until| until.global_position))
+            .bind(event_type)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(decode)
+            .collect()
+    })
+}
+
+/// The stream position of the event at `global_position`, if there is one.
+pub async fn position_at(
+    database: &Database,
+    global_position: i64,
+) -> Result<Option<StreamPosition>, StreamError> {
+    const POSTGRES: &str =
+        "SELECT transaction_id::text::bigint FROM events WHERE global_position = $1";
+    const SQLITE: &str = "SELECT 0 FROM events WHERE global_position = ?1";
+    let transaction_id: Option<i64> = with_pool!(database, |pool| {
+        sqlx::query_scalar(database.sql(POSTGRES, SQLITE))
+            .bind(global_position)
+            .fetch_optional(pool)
+            .await
+    })?;
+    Ok(transaction_id.map(|transaction_id| StreamPosition {
+        transaction_id,
+        global_position,
+    }))
+}
+
 /// The position of the last committed event (the stream's head), or
 /// [`StreamPosition::START`] for an empty store. A reader at or past it has seen everything
 /// committed when this was asked.

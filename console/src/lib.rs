@@ -22,6 +22,7 @@
 //! - `flags`: the feature flags (toggled at the version shown) and the circuit breakers.
 //! - `audit`: what operators did through the console.
 //! - `tail`: the stream's live tail.
+//! - `projections`: where each subscriber of the stream stands, and the saga partitions.
 //! - `actions`: how every write is checked (CSRF, `console.read_only`) and recorded as an
 //!   operator action.
 //! - [`assets`]: the embedded static files.
@@ -49,6 +50,7 @@ mod flags;
 pub mod live;
 mod order;
 mod orders;
+mod projections;
 mod session;
 mod tail;
 
@@ -116,6 +118,10 @@ pub fn router(state: ConsoleState) -> Router {
         )
         .route(&format!("{CONSOLE_PREFIX}/audit"), get(audit::page))
         .route(&format!("{CONSOLE_PREFIX}/tail"), get(tail::page))
+        .route(
+            &format!("{CONSOLE_PREFIX}/projections"),
+            get(projections::page),
+        )
         .route(&format!("{CONSOLE_PREFIX}/tail/live"), get(tail::live))
         .route(
             &format!("{CONSOLE_PREFIX}/assets/{{file}}"),

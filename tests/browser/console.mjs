@@ -45,6 +45,7 @@ const pages = [
   ['flags', '/petstore-domain/console/flags'],
   ['audit', '/petstore-domain/console/audit'],
   ['tail', '/petstore-domain/console/tail'],
+  ['projections', '/petstore-domain/console/projections'],
 ];
 
 const browser = await chromium.launch({

@@ -975,7 +975,7 @@ async fn the_console_passes_in_a_real_browser() {
     assert_eq!(report["problems"], json!([]), "{report}");
     assert!(run.status.success(), "{report}");
     let screenshots = report["screenshots"].as_array().expect("screenshots");
-    assert_eq!(screenshots.len(), 17, "{report}");
+    assert_eq!(screenshots.len(), 19, "{report}");
     assert_eq!(app.wait_for_terminal(&waiting).await["status"], "completed");
     for path in screenshots {
         let path = path.as_str().expect("a path");
@@ -1338,4 +1338,74 @@ async fn the_live_tail_shows_the_latest_events_and_follows_new_ones_on_the_embed
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_live_tail_shows_the_latest_events_and_follows_new_ones_on_postgres() {
     the_live_tail_shows_the_latest_events_and_follows_new_ones(Engine::Postgres).await;
+}
+
+/// Projections and runners: each checkpoint caught up once an order completed, and each saga
+/// partition's runner with its lease.
+async fn the_projections_page_says_where_each_subscriber_stands(engine: Engine) {
+    let storage = Storage::new(engine).await;
+    let app = TestApp::start(with_users(storage.settings())).await;
+    app.wait_until_ready().await;
+    let mut admin = Browser::new(&app);
+    assert_eq!(admin.log_in("ops", "correct horse", "").await.status(), 303);
+    let order = app.post_order("golden-retriever-001", None).await;
+    app.wait_for_terminal(&order).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let page = loop {
+        let page = admin.page(&format!("{CONSOLE}/projections")).await;
+        let name = match engine {
+            Engine::Postgres => "read_models",
+            Engine::Embedded => "read_models (in this process)",
+        };
+        let read_models = page
+            .split(&format!("<th scope=\"row\">{name}</th>"))
+            .nth(1)
+            .unwrap_or_default();
+        if read_models
+            .split("</tr>")
+            .next()
+            .unwrap_or_default()
+            .contains("caught up")
+        {
+            break page;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "read_models never caught up: {page}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let head = page
+        .split("The stream's head is at position ")
+        .nth(1)
+        .and_then(|rest| rest.split('.').next())
+        .and_then(|head| head.parse::<i64>().ok())
+        .expect("the head");
+    assert!(head > 0, "{page}");
+    if engine == Engine::Postgres {
+        assert!(page.contains("fencing token 1"), "{page}");
+    }
+    // Sixteen partitions, each held by this process's runner.
+    for partition in 0..16 {
+        assert!(
+            page.contains(&format!(
+                "<tr><th scope=\"row\">{partition}</th><td class=\"code\">saga-"
+            )),
+            "partition {partition}: {page}"
+        );
+    }
+    assert!(page.contains(" s left</td>"), "{page}");
+
+    app.stop().await;
+    storage.remove().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_projections_page_says_where_each_subscriber_stands_on_the_embedded_store() {
+    the_projections_page_says_where_each_subscriber_stands(Engine::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_projections_page_says_where_each_subscriber_stands_on_postgres() {
+    the_projections_page_says_where_each_subscriber_stands(Engine::Postgres).await;
 }

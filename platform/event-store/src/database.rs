@@ -380,6 +380,23 @@ pub struct Fence {
     pub token: i64,
 }
 
+/// The current fencing token of every exclusive lock ever taken (Postgres; none on SQLite,
+/// where one process holds everything): how many times each changed hands.
+pub async fn fence_tokens(
+    database: &Database,
+) -> Result<std::collections::BTreeMap<String, i64>, sqlx::Error> {
+    match database {
+        Database::Postgres(pool) => Ok(sqlx::query_as::<_, (String, i64)>(
+            "SELECT name, token FROM lock_fences",
+        )
+        .fetch_all(pool)
+        .await?
+        .into_iter()
+        .collect()),
+        Database::Sqlite(_) => Ok(Default::default()),
+    }
+}
+
 /// How often a lock holder checks that its lock connection is alive.
 pub const LOCK_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 

@@ -472,12 +472,17 @@ impl Leases {
 
     /// Every partition's lease as stored (partitions never taken are absent).
     pub async fn states(&self) -> Result<Vec<LeaseState>, sqlx::Error> {
-        let sql = STATES.of(&self.database);
-        let rows: Vec<StateRow> = with_pool!(&self.database, |pool| {
-            sqlx::query_as(sql).fetch_all(pool).await?
-        });
-        Ok(rows.into_iter().map(LeaseState::from_row).collect())
+        states(&self.database).await
     }
+}
+
+/// Every partition's lease as stored, by partition.
+pub async fn states(database: &Database) -> Result<Vec<LeaseState>, sqlx::Error> {
+    let sql = STATES.of(database);
+    let rows: Vec<StateRow> = with_pool!(database, |pool| {
+        sqlx::query_as(sql).fetch_all(pool).await?
+    });
+    Ok(rows.into_iter().map(LeaseState::from_row).collect())
 }
 
 /// `partition`'s lease as stored; `None` when no runner ever took it.

@@ -409,6 +409,44 @@ pub async fn lag(database: &Database, after: StreamPosition) -> Result<Lag, Stre
 /// How often subscribers measure their [`lag`].
 pub const LAG_SAMPLE_INTERVAL: Duration = Duration::from_secs(2);
 
+/// A subscriber's saved place in the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// The subscriber (`read_models`, `redis`, `kafka`, …).
+    pub name: String,
+    /// Where it is.
+    pub position: StreamPosition,
+    /// When it last moved (RFC 3339).
+    pub updated_at: String,
+}
+
+/// Every checkpoint saved, by name.
+pub async fn checkpoints(database: &Database) -> Result<Vec<Checkpoint>, StreamError> {
+    const POSTGRES: &str = "SELECT name, transaction_id, global_position,
+                                   to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')
+                              FROM stream_checkpoints ORDER BY name";
+    const SQLITE: &str = "SELECT name, transaction_id, global_position, updated_at
+                            FROM stream_checkpoints ORDER BY name";
+    let rows: Vec<(String, i64, i64, String)> = with_pool!(database, |pool| {
+        sqlx::query_as(database.sql(POSTGRES, SQLITE))
+            .fetch_all(pool)
+            .await
+    })?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(name, transaction_id, global_position, updated_at)| Checkpoint {
+                name,
+                position: StreamPosition {
+                    transaction_id,
+                    global_position,
+                },
+                updated_at,
+            },
+        )
+        .collect())
+}
+
 /// The checkpoint saved under `name`, or [`StreamPosition::START`].
 pub async fn load_checkpoint(
     database: &Database,

@@ -390,6 +390,7 @@ impl Wiring {
                 security: security.clone(),
                 settings: settings.console.clone(),
                 streams: Default::default(),
+                replays: Default::default(),
                 closing: shutdown.watch(),
             }))
             .merge(petstore_query_api::router(QueryState {

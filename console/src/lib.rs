@@ -23,6 +23,7 @@
 //! - `audit`: what operators did through the console.
 //! - `tail`: the stream's live tail.
 //! - `projections`: where each subscriber of the stream stands, and the saga partitions.
+//! - [`replay`]: a projection's dry run, then its replay, with live progress.
 //! - `actions`: how every write is checked (CSRF, `console.read_only`) and recorded as an
 //!   operator action.
 //! - [`assets`]: the embedded static files.
@@ -51,6 +52,7 @@ pub mod live;
 mod order;
 mod orders;
 mod projections;
+pub mod replay;
 mod session;
 mod tail;
 
@@ -73,6 +75,8 @@ pub struct ConsoleState {
     pub settings: ConsoleSettings,
     /// The live pages' streams open, by subject.
     pub streams: live::Streams,
+    /// This process's replay, under way or the last one.
+    pub replays: replay::Replays,
     /// True once the process is shutting down: every live stream ends.
     pub closing: tokio::sync::watch::Receiver<bool>,
 }
@@ -122,6 +126,11 @@ pub fn router(state: ConsoleState) -> Router {
             &format!("{CONSOLE_PREFIX}/projections"),
             get(projections::page),
         )
+        .route(
+            &format!("{CONSOLE_PREFIX}/replay"),
+            get(replay::page).post(replay::start),
+        )
+        .route(&format!("{CONSOLE_PREFIX}/replay/live"), get(replay::live))
         .route(&format!("{CONSOLE_PREFIX}/tail/live"), get(tail::live))
         .route(
             &format!("{CONSOLE_PREFIX}/assets/{{file}}"),

@@ -46,6 +46,7 @@ const pages = [
   ['audit', '/petstore-domain/console/audit'],
   ['tail', '/petstore-domain/console/tail'],
   ['projections', '/petstore-domain/console/projections'],
+  ['replay', '/petstore-domain/console/replay'],
 ];
 
 const browser = await chromium.launch({
@@ -235,6 +236,33 @@ for (const viewport of [{ width: 1280, height: 800 }, { width: 390, height: 844 
   await Promise.all([page.waitForURL('**/console/flags?done=flag'), page.keyboard.press('Enter')]);
   const text = await page.textContent('main');
   if (!text.includes('The flag was changed in every process.')) problems.push('keyboard: the toggle did not say it was done');
+  // A replay: from the projections page to a dry run, its progress live, then the replay
+  // confirmed by typing the projection's name.
+  if (!(await reach('Projections and runners'))) problems.push('keyboard: the projections link was never focused');
+  await Promise.all([page.waitForURL('**/console/projections'), page.keyboard.press('Enter')]);
+  if (!(await reach('Replay a projection'))) problems.push('keyboard: the replay link was never focused');
+  await Promise.all([page.waitForURL('**/console/replay'), page.keyboard.press('Enter')]);
+  if (!(await reach('Dry run of read_models'))) problems.push('keyboard: the dry run was never focused');
+  await Promise.all([page.waitForNavigation(), page.keyboard.press('Enter')]);
+  await page.waitForFunction(() => document.querySelector('#progress')?.textContent.includes('finished'), null, { timeout: 30000 })
+    .catch(() => problems.push('keyboard: the dry run never finished on the page'));
+  await page.reload();
+  await page.focus('body');
+  let typed = false;
+  for (let presses = 0; presses < 80 && !typed; presses += 1) {
+    await page.keyboard.press('Tab');
+    typed = await page.evaluate(() => document.activeElement?.id === 'confirm-read_models');
+  }
+  if (!typed) problems.push('keyboard: the confirmation field was never focused');
+  await page.keyboard.type('read_models');
+  await page.keyboard.press('Tab');
+  const focused = await page.evaluate(() => document.activeElement?.textContent?.trim());
+  if (focused !== 'Replay read_models') problems.push(`keyboard: after the confirmation came ${focused}`);
+  await Promise.all([page.waitForNavigation(), page.keyboard.press('Enter')]);
+  await page.waitForFunction(() => document.querySelector('#progress')?.textContent.includes('the rebuilt views are in place'), null, { timeout: 30000 })
+    .catch(async () => problems.push(`keyboard: the replay never finished: ${(await page.textContent('#progress'))?.replace(/\s+/g, ' ')}`));
+  await page.screenshot({ path: `${artifacts}/console-replay-1280x800.png`, fullPage: true });
+  screenshots.push(`${artifacts}/console-replay-1280x800.png`);
   await opened.close();
 }
 

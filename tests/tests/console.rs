@@ -975,7 +975,7 @@ async fn the_console_passes_in_a_real_browser() {
     assert_eq!(report["problems"], json!([]), "{report}");
     assert!(run.status.success(), "{report}");
     let screenshots = report["screenshots"].as_array().expect("screenshots");
-    assert_eq!(screenshots.len(), 19, "{report}");
+    assert_eq!(screenshots.len(), 22, "{report}");
     assert_eq!(app.wait_for_terminal(&waiting).await["status"], "completed");
     for path in screenshots {
         let path = path.as_str().expect("a path");
@@ -1408,4 +1408,179 @@ async fn the_projections_page_says_where_each_subscriber_stands_on_the_embedded_
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_projections_page_says_where_each_subscriber_stands_on_postgres() {
     the_projections_page_says_where_each_subscriber_stands(Engine::Postgres).await;
+}
+
+/// Polls the replay page until the replay finished; returns the page.
+async fn replay_finished(admin: &mut Browser<'_>) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let page = admin.page(&format!("{CONSOLE}/replay")).await;
+        if page.contains("status-succeeded\">finished") || page.contains("status-failed\">failed") {
+            return page;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replay never finished: {page}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A replay from the console on Postgres: refused while a projector holds the projection;
+/// with none, a dry run (its counts), then the replay confirmed by the projection's name,
+/// the order views the same afterwards; each start an operator action.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replay_runs_a_dry_run_first_then_rebuilds_leaving_the_views_equal() {
+    let storage = Storage::new(Engine::Postgres).await;
+    let settings = with_users(storage.settings());
+    let app = TestApp::start(settings.clone()).await;
+    app.wait_until_ready().await;
+    let mut orders = Vec::new();
+    for (pet, failure) in [
+        ("golden-retriever-001", None),
+        ("beagle-001", Some("payment-service")),
+        ("persian-cat-001", None),
+    ] {
+        orders.push(app.post_order(pet, failure).await);
+    }
+    for order in &orders {
+        app.wait_for_terminal(order).await;
+    }
+    let mut admin = Browser::new(&app);
+    assert_eq!(admin.log_in("ops", "correct horse", "").await.status(), 303);
+    let page = admin.page(&format!("{CONSOLE}/replay")).await;
+    let csrf = form_token(&page);
+    assert!(page.contains("Dry run of read_models"), "{page}");
+    assert!(!page.contains("Replay read_models</button>"), "{page}");
+    // A projector runs here: the dry run is refused, and says why.
+    let started = admin
+        .post(
+            &format!("{CONSOLE}/replay"),
+            &[
+                ("csrf", &csrf),
+                ("projection", "read_models"),
+                ("mode", "dry_run"),
+            ],
+        )
+        .await;
+    assert_eq!(started.status(), 303);
+    let refused = replay_finished(&mut admin).await;
+    assert!(
+        refused.contains("stop its projector role first"),
+        "{refused}"
+    );
+    let views = |app: &TestApp| {
+        let orders = orders.clone();
+        let client = app.client.clone();
+        let base = app.address.clone();
+        async move {
+            let mut views = Vec::new();
+            for order in orders {
+                let view: Value = client
+                    .get(format!("{base}/petstore-domain/orders/{order}/status"))
+                    .send()
+                    .await
+                    .expect("answered")
+                    .json()
+                    .await
+                    .expect("json");
+                views.push(view);
+            }
+            views
+        }
+    };
+    let before = views(&app).await;
+    app.stop().await;
+
+    // A process with the query role only: no projector holds the read models.
+    let app = TestApp::start_with_roles(settings, &[Role::Query].into_iter().collect()).await;
+    app.wait_until_ready().await;
+    let mut admin = Browser::new(&app);
+    assert_eq!(admin.log_in("ops", "correct horse", "").await.status(), 303);
+    let csrf = form_token(&admin.page(&format!("{CONSOLE}/replay")).await);
+    let (client, cookies) = (admin.client.clone(), admin.cookie_header());
+    let post = |form: Vec<(&'static str, String)>| {
+        let client = client.clone();
+        let cookies = cookies.clone();
+        let url = app.url(&format!("{CONSOLE}/replay"));
+        async move {
+            client
+                .post(url)
+                .header(COOKIE, cookies)
+                .form(&form)
+                .send()
+                .await
+                .expect("answered")
+        }
+    };
+    let form = |mode: &str, confirm: Option<&str>| {
+        let mut form = vec![
+            ("csrf", csrf.clone()),
+            ("projection", "read_models".to_owned()),
+            ("mode", mode.to_owned()),
+        ];
+        if let Some(confirm) = confirm {
+            form.push(("confirm", confirm.to_owned()));
+        }
+        form
+    };
+    // No replay before a dry run of it here.
+    assert_eq!(
+        post(form("replay", Some("read_models"))).await.status(),
+        409
+    );
+    for (bad, status) in [
+        (
+            vec![
+                ("csrf", csrf.clone()),
+                ("projection", "teleporter".to_owned()),
+                ("mode", "dry_run".to_owned()),
+            ],
+            422,
+        ),
+        (
+            vec![
+                ("csrf", csrf.clone()),
+                ("projection", "read_models".to_owned()),
+                ("mode", "now".to_owned()),
+            ],
+            422,
+        ),
+        (
+            vec![
+                ("csrf", "00".to_owned()),
+                ("projection", "read_models".to_owned()),
+                ("mode", "dry_run".to_owned()),
+            ],
+            403,
+        ),
+    ] {
+        assert_eq!(post(bad).await.status(), status);
+    }
+    assert_eq!(post(form("dry_run", None)).await.status(), 303);
+    let dry = replay_finished(&mut admin).await;
+    assert!(dry.contains("(dry run: nothing written)"), "{dry}");
+    assert!(dry.contains("Replay read_models</button>"), "{dry}");
+    // The replay wants the projection's name typed.
+    assert_eq!(post(form("replay", None)).await.status(), 422);
+    assert_eq!(
+        post(form("replay", Some("read models"))).await.status(),
+        422
+    );
+    assert_eq!(
+        post(form("replay", Some("read_models"))).await.status(),
+        303
+    );
+    let done = replay_finished(&mut admin).await;
+    assert!(done.contains("the rebuilt views are in place"), "{done}");
+    assert_eq!(
+        views(&app).await,
+        before,
+        "the rebuilt views equal the ones before"
+    );
+    let audit = admin.page(&format!("{CONSOLE}/audit")).await;
+    assert_eq!(audit.matches("replay_started").count(), 3, "{audit}");
+
+    app.stop().await;
+    storage.remove().await;
 }

@@ -33,6 +33,8 @@ pub enum ActionKind {
     FlagSet,
     /// Forced a circuit breaker open or closed, or back to automatic.
     BreakerForced,
+    /// Started rebuilding a projection from the log (or a dry run of it).
+    ReplayStarted,
 }
 
 impl ActionKind {
@@ -43,6 +45,7 @@ impl ActionKind {
             Self::DeadLetterSkipped => "dead_letter_skipped",
             Self::FlagSet => "flag_set",
             Self::BreakerForced => "breaker_forced",
+            Self::ReplayStarted => "replay_started",
         }
     }
 }

@@ -154,16 +154,9 @@ fn html(template: &impl Template) -> Response {
     }
 }
 
-/// `text` percent-encoded for a query (every byte but unreserved ones).
+/// `text` encoded as a query's value.
 fn encode(text: &str) -> String {
-    text.bytes()
-        .map(|byte| match byte {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (byte as char).to_string()
-            }
-            _ => format!("%{byte:02X}"),
-        })
-        .collect()
+    url::form_urlencoded::byte_serialize(text.as_bytes()).collect()
 }
 
 /// An amount for a person: `1200.00 USD`.

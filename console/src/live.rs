@@ -140,13 +140,20 @@ pub(crate) async fn stream(
         .ok_or_else(|| Problem::not_found(format!("order {order_id} does not exist")))?;
     let (sender, receiver) = mpsc::channel(2);
     tokio::spawn(follow(state, order_id, first, slot, sender));
+    Ok(respond(receiver))
+}
+
+/// The response of a stream whose task sends its events to `receiver`'s sender (each
+/// stream has its own task: [`deliver`] drops a client too slow to take them), with
+/// comments every [`KEEP_ALIVE`] while idle.
+pub(crate) fn respond(receiver: mpsc::Receiver<Event>) -> Response {
     let events = futures::stream::unfold(receiver, |mut receiver| async move {
         let event = receiver.recv().await?;
         Some((Ok::<_, Infallible>(event), receiver))
     });
-    Ok(Sse::new(events)
+    Sse::new(events)
         .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
-        .into_response())
+        .into_response()
 }
 
 /// Sends `live` whenever it changes, until the order is terminal, the client goes or is too

@@ -4,7 +4,6 @@
 //! process, in the background; its progress is live on the replay page (Server-Sent
 //! Events), and each start is an operator action.
 
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -12,8 +11,8 @@ use std::time::Duration;
 use askama::Template;
 use axum::extract::State;
 use axum::http::HeaderMap;
-use axum::response::sse::{Event, KeepAlive, Sse};
-use axum::response::{IntoResponse, Response};
+use axum::response::sse::Event;
+use axum::response::Response;
 use axum::Form;
 use chrono::Utc;
 use petstore_event_store::operator::{ActionKind, OperatorActed};
@@ -308,11 +307,5 @@ pub(crate) async fn live(
             }
         }
     });
-    let events = futures::stream::unfold(receiver, |mut receiver| async move {
-        let event = receiver.recv().await?;
-        Some((Ok::<_, Infallible>(event), receiver))
-    });
-    Ok(Sse::new(events)
-        .keep_alive(KeepAlive::new().interval(crate::live::KEEP_ALIVE))
-        .into_response())
+    Ok(crate::live::respond(receiver))
 }

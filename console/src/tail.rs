@@ -4,13 +4,12 @@
 //! shows the events up to the last one seen, and resuming goes on from there, so nothing
 //! committed meanwhile is missed. Without JavaScript the page is a snapshot.
 
-use std::convert::Infallible;
 use std::time::Duration;
 
 use askama::Template;
 use axum::extract::State;
-use axum::response::sse::{Event, KeepAlive, Sse};
-use axum::response::{IntoResponse, Response};
+use axum::response::sse::Event;
+use axum::response::Response;
 use petstore_event_store::stream::{self, RecordedEvent, StreamPosition};
 use petstore_web::{Problem, Query};
 use serde::Deserialize;
@@ -219,13 +218,7 @@ pub(crate) async fn live(
         let _slot = slot;
         follow(state, after, wanted, sender).await;
     });
-    let events = futures::stream::unfold(receiver, |mut receiver| async move {
-        let event = receiver.recv().await?;
-        Some((Ok::<_, Infallible>(event), receiver))
-    });
-    Ok(Sse::new(events)
-        .keep_alive(KeepAlive::new().interval(crate::live::KEEP_ALIVE))
-        .into_response())
+    Ok(crate::live::respond(receiver))
 }
 
 /// Sends the tail's window (the latest [`SHOWN`] events of the type, up to the newest

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use petstore_cli::Role;
 use petstore_settings::{RoleName, Settings};
-use petstore_tests::{Engine, Storage, TestApp};
+use petstore_tests::{on_both_engines, Engine, Storage, TestApp};
 use reqwest::header::{CONTENT_TYPE, COOKIE, LOCATION, SET_COOKIE};
 use reqwest::redirect::Policy;
 use serde_json::{json, Value};
@@ -15,6 +15,12 @@ const CONSOLE: &str = "/petstore-domain/console";
 
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
                    connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+
+on_both_engines!(
+    orders_are_listed_filtered_paged_and_explained,
+    the_live_tail_shows_the_latest_events_and_follows_new_ones,
+    the_projections_page_says_where_each_subscriber_stands,
+);
 
 /// Settings with two users of the console's login: an admin and a customer.
 fn with_users(mut settings: Settings) -> Settings {
@@ -530,16 +536,6 @@ async fn orders_are_listed_filtered_paged_and_explained(engine: Engine) {
 
     app.stop().await;
     storage.remove().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn orders_are_listed_filtered_paged_and_explained_on_the_embedded_store() {
-    orders_are_listed_filtered_paged_and_explained(Engine::Embedded).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn orders_are_listed_filtered_paged_and_explained_on_postgres() {
-    orders_are_listed_filtered_paged_and_explained(Engine::Postgres).await;
 }
 
 /// With no saga runner, an order's reservation deadline passes: the stuck filter lists it,
@@ -1330,16 +1326,6 @@ async fn the_live_tail_shows_the_latest_events_and_follows_new_ones(engine: Engi
     storage.remove().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_live_tail_shows_the_latest_events_and_follows_new_ones_on_the_embedded_store() {
-    the_live_tail_shows_the_latest_events_and_follows_new_ones(Engine::Embedded).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_live_tail_shows_the_latest_events_and_follows_new_ones_on_postgres() {
-    the_live_tail_shows_the_latest_events_and_follows_new_ones(Engine::Postgres).await;
-}
-
 /// Projections and runners: each checkpoint caught up once an order completed, and each saga
 /// partition's runner with its lease.
 async fn the_projections_page_says_where_each_subscriber_stands(engine: Engine) {
@@ -1398,16 +1384,6 @@ async fn the_projections_page_says_where_each_subscriber_stands(engine: Engine) 
 
     app.stop().await;
     storage.remove().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_projections_page_says_where_each_subscriber_stands_on_the_embedded_store() {
-    the_projections_page_says_where_each_subscriber_stands(Engine::Embedded).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_projections_page_says_where_each_subscriber_stands_on_postgres() {
-    the_projections_page_says_where_each_subscriber_stands(Engine::Postgres).await;
 }
 
 /// Polls the replay page until the replay finished; returns the page.

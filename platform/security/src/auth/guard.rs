@@ -138,25 +138,13 @@ fn to_console_login(uri: &axum::http::Uri) -> Response {
     let mut location = format!("{CONSOLE_PREFIX}/login");
     if back != CONSOLE_PREFIX && back != format!("{CONSOLE_PREFIX}/") {
         location.push_str("?next=");
-        location.push_str(&percent_encode(back));
+        location.extend(url::form_urlencoded::byte_serialize(back.as_bytes()));
     }
     let mut response = StatusCode::SEE_OTHER.into_response();
     if let Ok(location) = HeaderValue::from_str(&location) {
         response.headers_mut().insert(header::LOCATION, location);
     }
     response
-}
-
-/// `text` with every byte but unreserved ones (RFC 3986) percent-encoded.
-fn percent_encode(text: &str) -> String {
-    text.bytes()
-        .map(|byte| match byte {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (byte as char).to_string()
-            }
-            _ => format!("%{byte:02X}"),
-        })
-        .collect()
 }
 
 /// The security middleware of every route: header size, authentication, rate limit, the

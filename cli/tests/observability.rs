@@ -130,6 +130,10 @@ async fn one_order_is_one_trace_across_kafka_and_a_replay_links_to_it() {
         ("PETSTORE__PROVIDERS__DELIVERY__LATENCY_MS", "1".to_owned()),
         ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint.clone()),
         ("OTEL_SERVICE_NAME", "petstore-test".to_owned()),
+        (
+            "PETSTORE__CONSOLE__TRACE_URL_TEMPLATE",
+            "http://127.0.0.1:16686/trace/{trace_id}".to_owned(),
+        ),
     ];
     let service = Service::start(&env).await;
 
@@ -164,6 +168,18 @@ async fn one_order_is_one_trace_across_kafka_and_a_replay_links_to_it() {
             text.contains("petstore_saga_completed_total{outcome=\"completed\",reason=\"\"} 1")
         })
         .await;
+    // The console's page of the order (open: these tests run without authentication) links
+    // its entries to this trace, the one the receiver gets below, and says where the relay
+    // published the order's events.
+    let console = format!("/petstore-domain/console/orders/{order_id}");
+    let published = format!("{prefix}.orders partition ");
+    let page = service
+        .wait_for_text(&console, |page| page.contains(&published))
+        .await;
+    assert!(
+        page.contains(&format!("href=\"http://127.0.0.1:16686/trace/{trace_id}\"")),
+        "no link to the trace {trace_id}: {page}"
+    );
     // Graceful shutdown flushes the spans still buffered.
     let status = service.stop().await;
     assert!(status.success(), "clean exit: {status}");

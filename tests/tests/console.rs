@@ -207,10 +207,34 @@ async fn the_console_is_for_admins_with_a_session_and_every_form_carries_its_tok
     let problem: Value = refused.json().await.expect("a problem");
     assert!(problem["correlation_id"].is_string(), "{problem}");
 
-    // The login page and the static files are public, with the same headers.
+    // The login page and the static files are public, with the same headers; an expired or
+    // forged session cookie does not keep anyone from them (nor loop the login page).
     let login_page = stranger.get(&format!("{CONSOLE}/login")).await;
     assert_eq!(login_page.status(), 200);
     assert_console_headers(&login_page);
+    let mut stale = Browser::new(&app);
+    stale.cookies.push((
+        "petstore_console".to_owned(),
+        "expired.or.forged".to_owned(),
+    ));
+    assert_eq!(stale.get(&format!("{CONSOLE}/login")).await.status(), 200);
+    assert_eq!(
+        stale
+            .get(&format!("{CONSOLE}/assets/console.css"))
+            .await
+            .status(),
+        200
+    );
+    let refused = stale.get(&format!("{CONSOLE}/orders")).await;
+    assert_eq!(
+        refused.status(),
+        303,
+        "a bad session is sent to sign in again"
+    );
+    assert_eq!(
+        location(&refused),
+        format!("{CONSOLE}/login?next=%2Fpetstore-domain%2Fconsole%2Forders")
+    );
     for (file, content_type) in [
         ("htmx.min.js", "text/javascript; charset=utf-8"),
         ("htmx-ext-sse.min.js", "text/javascript; charset=utf-8"),

@@ -63,8 +63,10 @@ fn request_credentials<'a>(request: &'a Request, template: &str) -> Credentials<
                 .split('&')
                 .find_map(|pair| pair.strip_prefix("access_token="))
         });
+    // Not on the login page or the static files: an expired session must not send the
+    // login page to itself.
     let from_cookie = || {
-        is_console_route(template)
+        (is_console_route(template) && !CONSOLE_PUBLIC.contains(&template))
             .then(|| session_token(request.headers()))
             .flatten()
     };

@@ -166,9 +166,7 @@ async fn follow(
     _slot: Slot,
     sender: mpsc::Sender<Event>,
 ) {
-    let mut closing = state.closing.clone();
-    let ends_at =
-        tokio::time::Instant::now() + Duration::from_secs(state.settings.live_max_seconds);
+    let mut pacing = Pacing::new(&state);
     let mut sent = None;
     loop {
         let fingerprint = live.fingerprint();
@@ -194,12 +192,8 @@ async fn follow(
             deliver(&sender, done).await;
             return;
         }
-        tokio::select! {
-            () = tokio::time::sleep(POLL) => {}
-            _ = closing.wait_for(|closing| *closing) => return,
-            () = sender.closed() => return,
-            // Its time is up: the browser reconnects, and gets the state whole again.
-            () = tokio::time::sleep_until(ends_at) => return,
+        if !pacing.wait(POLL, &sender).await {
+            return;
         }
         live = match Live::read(&state, &order_id, None).await {
             Ok(Some(read)) => read,
@@ -209,6 +203,34 @@ async fn follow(
                 continue;
             }
         };
+    }
+}
+
+/// When a stream's task goes on: after each pause, unless the client went, the process is
+/// shutting down, or the stream's time (`console.live_max_seconds`) is up; the browser then
+/// reconnects and gets the state whole again.
+pub(crate) struct Pacing {
+    closing: tokio::sync::watch::Receiver<bool>,
+    ends_at: tokio::time::Instant,
+}
+
+impl Pacing {
+    pub(crate) fn new(state: &ConsoleState) -> Self {
+        Self {
+            closing: state.closing.clone(),
+            ends_at: tokio::time::Instant::now()
+                + Duration::from_secs(state.settings.live_max_seconds),
+        }
+    }
+
+    /// Waits `pause`; false when the stream is to end instead.
+    pub(crate) async fn wait(&mut self, pause: Duration, sender: &mpsc::Sender<Event>) -> bool {
+        tokio::select! {
+            () = tokio::time::sleep(pause) => true,
+            _ = self.closing.wait_for(|closing| *closing) => false,
+            () = sender.closed() => false,
+            () = tokio::time::sleep_until(self.ends_at) => false,
+        }
     }
 }
 

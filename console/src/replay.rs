@@ -283,7 +283,7 @@ pub(crate) async fn live(
     };
     let slot = state.streams.acquire_or_refuse(session.subject())?;
     let (sender, receiver) = mpsc::channel(2);
-    let mut closing = state.closing.clone();
+    let mut pacing = crate::live::Pacing::new(&state);
     tokio::spawn(async move {
         let _slot = slot;
         loop {
@@ -300,10 +300,8 @@ pub(crate) async fn live(
                     .await;
                 return;
             }
-            tokio::select! {
-                () = tokio::time::sleep(EVERY) => {}
-                _ = closing.wait_for(|closing| *closing) => return,
-                () = sender.closed() => return,
+            if !pacing.wait(EVERY, &sender).await {
+                return;
             }
         }
     });

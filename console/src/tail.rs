@@ -230,9 +230,7 @@ async fn follow(
     wanted: Option<String>,
     sender: mpsc::Sender<Event>,
 ) {
-    let mut closing = state.closing.clone();
-    let ends_at =
-        tokio::time::Instant::now() + Duration::from_secs(state.settings.live_max_seconds);
+    let mut pacing = crate::live::Pacing::new(&state);
     let kind = wanted.clone().unwrap_or_default();
     let mut changed = true;
     loop {
@@ -288,11 +286,8 @@ async fn follow(
             }
             changed = false;
         }
-        tokio::select! {
-            () = tokio::time::sleep(POLL) => {}
-            _ = closing.wait_for(|closing| *closing) => return,
-            () = sender.closed() => return,
-            () = tokio::time::sleep_until(ends_at) => return,
+        if !pacing.wait(POLL, &sender).await {
+            return;
         }
     }
 }

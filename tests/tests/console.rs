@@ -107,6 +107,16 @@ impl<'a> Browser<'a> {
         response
     }
 
+    /// A browser with the admin `ops` signed in.
+    async fn admin(app: &'a TestApp) -> Self {
+        let mut browser = Self::new(app);
+        assert_eq!(
+            browser.log_in("ops", "correct horse", "").await.status(),
+            303
+        );
+        browser
+    }
+
     /// The login page's form token, then the login; the response to it.
     async fn log_in(&mut self, username: &str, password: &str, next: &str) -> reqwest::Response {
         let page = self.get(&format!("{CONSOLE}/login")).await;
@@ -396,8 +406,7 @@ async fn orders_are_listed_filtered_paged_and_explained(engine: Engine) {
     let storage = Storage::new(engine).await;
     let app = TestApp::start(with_users(storage.settings())).await;
     app.wait_until_ready().await;
-    let mut admin = Browser::new(&app);
-    assert_eq!(admin.log_in("ops", "correct horse", "").await.status(), 303);
+    let mut admin = Browser::admin(&app).await;
 
     let hostile = "<img src=x onerror=alert(1)>";
     let placed = app
@@ -574,8 +583,7 @@ async fn the_stuck_filter_lists_an_order_whose_deadline_is_overdue() {
         .collect();
     let app = TestApp::start_with_roles(settings, &roles).await;
     app.wait_until_ready().await;
-    let mut admin = Browser::new(&app);
-    assert_eq!(admin.log_in("ops", "correct horse", "").await.status(), 303);
+    let mut admin = Browser::admin(&app).await;
     let order = app.post_order("golden-retriever-001", None).await;
     app.wait_for_order(&order, |view| view["status"] == "pending")
         .await;
@@ -623,8 +631,7 @@ async fn every_console_write_is_checked_and_recorded_as_an_operator_action() {
     let storage = Storage::new(Engine::Embedded).await;
     let app = TestApp::start(with_users(storage.settings())).await;
     app.wait_until_ready().await;
-    let mut admin = Browser::new(&app);
-    assert_eq!(admin.log_in("ops", "correct horse", "").await.status(), 303);
+    let mut admin = Browser::admin(&app).await;
     let mut customer = Browser::new(&app);
     assert_eq!(
         customer
@@ -832,8 +839,7 @@ async fn a_read_only_console_renders_no_write_control_and_refuses_every_write() 
     settings.console.read_only = true;
     let app = TestApp::start(settings).await;
     app.wait_until_ready().await;
-    let mut admin = Browser::new(&app);
-    assert_eq!(admin.log_in("ops", "correct horse", "").await.status(), 303);
+    let mut admin = Browser::admin(&app).await;
     let flags = admin.page(&format!("{CONSOLE}/flags")).await;
     let letters = admin.page(&format!("{CONSOLE}/dead-letters")).await;
     for page in [&flags, &letters] {
@@ -1080,8 +1086,7 @@ async fn an_order_page_follows_its_saga_live_and_a_reconnect_misses_nothing() {
     settings.feature_flags.express_order_processing = petstore_settings::FlagSetting::Off;
     let app = TestApp::start(settings).await;
     app.wait_until_ready().await;
-    let mut admin = Browser::new(&app);
-    assert_eq!(admin.log_in("ops", "correct horse", "").await.status(), 303);
+    let mut admin = Browser::admin(&app).await;
     let order = app.post_order("golden-retriever-001", None).await;
     app.wait_for_order(&order, |view| view["status"] == "reserved")
         .await;
@@ -1246,8 +1251,7 @@ async fn the_live_tail_shows_the_latest_events_and_follows_new_ones(engine: Engi
     let storage = Storage::new(engine).await;
     let app = TestApp::start(with_users(storage.settings())).await;
     app.wait_until_ready().await;
-    let mut admin = Browser::new(&app);
-    assert_eq!(admin.log_in("ops", "correct horse", "").await.status(), 303);
+    let mut admin = Browser::admin(&app).await;
     let order = app.post_order("golden-retriever-001", None).await;
     app.wait_for_terminal(&order).await;
 
@@ -1356,8 +1360,7 @@ async fn the_projections_page_says_where_each_subscriber_stands(engine: Engine) 
     let storage = Storage::new(engine).await;
     let app = TestApp::start(with_users(storage.settings())).await;
     app.wait_until_ready().await;
-    let mut admin = Browser::new(&app);
-    assert_eq!(admin.log_in("ops", "correct horse", "").await.status(), 303);
+    let mut admin = Browser::admin(&app).await;
     let order = app.post_order("golden-retriever-001", None).await;
     app.wait_for_terminal(&order).await;
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -1446,8 +1449,7 @@ async fn a_replay_runs_a_dry_run_first_then_rebuilds_leaving_the_views_equal() {
     for order in &orders {
         app.wait_for_terminal(order).await;
     }
-    let mut admin = Browser::new(&app);
-    assert_eq!(admin.log_in("ops", "correct horse", "").await.status(), 303);
+    let mut admin = Browser::admin(&app).await;
     let page = admin.page(&format!("{CONSOLE}/replay")).await;
     let csrf = form_token(&page);
     assert!(page.contains("Dry run of read_models"), "{page}");
@@ -1495,8 +1497,7 @@ async fn a_replay_runs_a_dry_run_first_then_rebuilds_leaving_the_views_equal() {
     // A process with the query role only: no projector holds the read models.
     let app = TestApp::start_with_roles(settings, &[Role::Query].into_iter().collect()).await;
     app.wait_until_ready().await;
-    let mut admin = Browser::new(&app);
-    assert_eq!(admin.log_in("ops", "correct horse", "").await.status(), 303);
+    let mut admin = Browser::admin(&app).await;
     let csrf = form_token(&admin.page(&format!("{CONSOLE}/replay")).await);
     let (client, cookies) = (admin.client.clone(), admin.cookie_header());
     let post = |form: Vec<(&'static str, String)>| {

@@ -63,10 +63,15 @@ fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
 
 /// 32 random bytes, in hex.
 pub fn random_token() -> String {
+    hex(&random_bytes())
+}
+
+/// 32 bytes from the OS's generator (two UUIDv4s' worth).
+fn random_bytes() -> [u8; 32] {
     let mut bytes = [0; 32];
     bytes[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
     bytes[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
-    hex(&bytes)
+    bytes
 }
 
 /// The `Set-Cookie` value of a login page's cookie holding `nonce`.
@@ -133,12 +138,7 @@ impl CsrfKey {
                 mac.update(b"petstore console csrf key");
                 Self(mac.finalize().into_bytes().into())
             }
-            None => {
-                let mut key = [0; 32];
-                key[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
-                key[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
-                Self(key)
-            }
+            None => Self(random_bytes()),
         }
     }
 

@@ -207,6 +207,7 @@ impl Application {
         }
         let security = Security::build(
             &settings.security,
+            settings.console.oidc.as_ref(),
             &infrastructure.database,
             &infrastructure.metrics,
             &infrastructure.policies.oidc,

@@ -15,6 +15,7 @@
 //!
 //! # Layout
 //! - `session`: the login page, logging in and out, the session of a page (its CSRF token).
+//! - `sign_in`: signing in at the identity provider (`console.oidc`) and coming back.
 //! - `orders`: the orders list (filters in the URL, keyset paging).
 //! - `order`: one order's timeline, grouped by saga step and in full, and its JSON.
 //! - [`live`]: the order page's changing part over Server-Sent Events.
@@ -38,9 +39,9 @@ use petstore_event_store::store::EventStore;
 use petstore_live_settings::Live;
 use petstore_read_models::ReadModels;
 use petstore_resilience::Policies;
-use petstore_security::auth::console::CONSOLE_PREFIX;
+use petstore_security::auth::console::{CONSOLE_PREFIX, OIDC_START};
 use petstore_security::auth::Security;
-use petstore_settings::ConsoleSettings;
+use petstore_settings::{ConsoleSettings, CONSOLE_OIDC_CALLBACK};
 use petstore_web::Problem;
 
 mod actions;
@@ -54,6 +55,7 @@ mod orders;
 mod projections;
 pub mod replay;
 mod session;
+mod sign_in;
 mod tail;
 
 /// What the console's pages read.
@@ -106,6 +108,8 @@ pub fn router(state: ConsoleState) -> Router {
             &format!("{CONSOLE_PREFIX}/login"),
             get(session::login_page).post(session::log_in),
         )
+        .route(OIDC_START, get(sign_in::start))
+        .route(CONSOLE_OIDC_CALLBACK, get(sign_in::callback))
         .route(&format!("{CONSOLE_PREFIX}/logout"), post(session::log_out))
         .route(
             &format!("{CONSOLE_PREFIX}/dead-letters"),

@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Form;
 use petstore_security::auth::console::{
     ended_login_cookie, ended_session_cookie, login_cookie, login_nonce, random_token,
-    session_cookie, session_token, CONSOLE_PREFIX,
+    session_cookie, session_token, CONSOLE_PREFIX, OIDC_START,
 };
 use petstore_security::auth::login::LoginRefused;
 use petstore_security::auth::Caller;
@@ -80,11 +80,11 @@ pub(crate) fn check_csrf(
 /// Where a login goes back to.
 #[derive(Deserialize)]
 pub(crate) struct Next {
-    next: Option<String>,
+    pub(crate) next: Option<String>,
 }
 
 /// `next` when it is a console page (never another site), else the console's home.
-fn back_to(next: Option<&str>) -> String {
+pub(crate) fn back_to(next: Option<&str>) -> String {
     match next {
         Some(path)
             if path.starts_with(&format!("{CONSOLE_PREFIX}/"))
@@ -104,11 +104,18 @@ struct LoginPage {
     csrf: String,
     next: String,
     error: Option<String>,
+    provider: Option<ProviderLink>,
+}
+
+/// The login page's link to sign in at the identity provider.
+struct ProviderLink {
+    href: String,
+    label: String,
 }
 
 /// Whether cookies set for this request must be `Secure`: unless the console is reached on
 /// a loopback name (where browsers allow plain HTTP).
-fn secure(headers: &HeaderMap) -> bool {
+pub(crate) fn secure(headers: &HeaderMap) -> bool {
     let host = headers
         .get(header::HOST)
         .and_then(|value| value.to_str().ok())
@@ -120,18 +127,27 @@ fn secure(headers: &HeaderMap) -> bool {
     !matches!(name, "localhost" | "127.0.0.1" | "[::1]")
 }
 
-/// The login page, with a fresh login cookie its form's token belongs to.
-fn login_form(
+/// The login page, with a fresh login cookie its form's token belongs to, and a link to the
+/// identity provider when one is configured.
+pub(crate) fn login_form(
     headers: &HeaderMap,
     state: &ConsoleState,
     next: String,
     error: Option<String>,
 ) -> Response {
     let nonce = random_token();
+    let provider = state.security.oidc_sign_in().map(|sign_in| ProviderLink {
+        href: format!(
+            "{OIDC_START}?{}",
+            serde_urlencoded::to_string([("next", next.as_str())]).unwrap_or_default()
+        ),
+        label: sign_in.label().to_owned(),
+    });
     let mut response = html(&LoginPage {
         csrf: state.security.csrf_token(&login_session(&nonce)),
         next,
         error,
+        provider,
     });
     response
         .headers_mut()
@@ -200,7 +216,7 @@ pub(crate) async fn log_in(
             }
             headers_out.append(
                 header::SET_COOKIE,
-                session_cookie(&token, expires_in, secure(&headers)),
+                session_cookie(&token, Some(expires_in), secure(&headers)),
             );
             headers_out.append(header::SET_COOKIE, ended_login_cookie(secure(&headers)));
             return response;

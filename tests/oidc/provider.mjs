@@ -21,6 +21,14 @@
 // metadata. oidc-provider URL-decodes the Basic credentials (RFC 6749 2.3.1): `shop|app.1` works
 // as it is or as `shop%7Capp.1`.
 //
+// Sign-in (the console's): the authorization code flow with PKCE for the public, native client
+// `petstore-console` (`token_endpoint_auth_method: none`, so PKCE is required), whose redirect
+// URI is the console's callback on 127.0.0.1 or localhost at any port (RFC 8252 7.3: a native
+// client's loopback redirect may use any port). oidc-provider's development interactions serve the login
+// and consent pages: any login name with any password signs in as the account of that name.
+// The account `console-admin` has the role admin, `console-customer` the role customer, any other
+// none; the roles go into the access tokens issued for the account (the `roles` claim).
+//
 // Resource indicators (RFC 8707): `resource=urn:petstore:api` (audience petstore-api, scope
 // orders, 600 s), `resource=urn:petstore:short-lived` (audience petstore-api, 1 s: a token that
 // expires), `resource=urn:other:api` (audience other-api). Any other resource is refused with
@@ -67,8 +75,9 @@ const RESOURCE_SERVERS = {
   'urn:other:api': { audience: 'other-api', scope: 'orders', accessTokenTTL: 600 },
 };
 
-// Static clients: client credentials only. `roles` and `customer_id` are extra client metadata
-// (extraClientMetadata.properties) that extraTokenClaims copies into the access tokens.
+// Static clients: the console's, and machines with the client credentials grant. `roles` and
+// `customer_id` are extra client metadata (extraClientMetadata.properties) that
+// extraTokenClaims copies into the machines' access tokens.
 const machineClient = (clientId, secret, extra) => ({
   client_id: clientId,
   client_secret: secret,
@@ -78,7 +87,20 @@ const machineClient = (clientId, secret, extra) => ({
   redirect_uris: [],
   ...extra,
 });
+const CONSOLE_CALLBACK = '/petstore-domain/console/login/oidc/callback';
+const ACCOUNT_ROLES = {
+  'console-admin': ['admin'],
+  'console-customer': ['customer'],
+};
 const clients = [
+  {
+    client_id: 'petstore-console',
+    application_type: 'native',
+    token_endpoint_auth_method: 'none',
+    grant_types: ['authorization_code'],
+    response_types: ['code'],
+    redirect_uris: [`http://127.0.0.1${CONSOLE_CALLBACK}`, `http://localhost${CONSOLE_CALLBACK}`],
+  },
   machineClient('petstore-admin', 'admin-secret', { roles: ['admin'] }),
   machineClient('customer-001', 'customer-secret', { roles: ['customer'] }),
   machineClient('customer-002', 'customer-secret', { roles: ['customer'] }),
@@ -103,6 +125,9 @@ const configuration = {
     },
   },
   async extraTokenClaims(ctx, token) {
+    if (token.accountId !== undefined) {
+      return { roles: [...(ACCOUNT_ROLES[token.accountId] ?? [])] };
+    }
     const client = token.client ?? ctx?.oidc?.client;
     if (!client) return undefined;
     const claims = {};
@@ -111,7 +136,7 @@ const configuration = {
     return claims;
   },
   features: {
-    devInteractions: { enabled: false },
+    devInteractions: { enabled: true },
     clientCredentials: { enabled: true },
     resourceIndicators: {
       enabled: true,

@@ -898,9 +898,31 @@ async fn a_read_only_console_renders_no_write_control_and_refuses_every_write() 
     storage.remove().await;
 }
 
+/// The browser scripts' folder (`tests/browser`), with Chromium and the scripts' packages
+/// installed (`scripts/services.sh browser`) when they are missing.
+pub(crate) fn browser_scripts() -> std::path::PathBuf {
+    let folder = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("browser");
+    if !folder.join("node_modules/playwright-core").is_dir()
+        || !std::path::Path::new("/usr/bin/chromium").exists()
+    {
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/services.sh");
+        let installed = std::process::Command::new("bash")
+            .arg(script)
+            .arg("browser")
+            .status()
+            .expect("scripts/services.sh runs");
+        assert!(
+            installed.success(),
+            "Chromium and playwright-core could not be installed"
+        );
+    }
+    folder
+}
+
 /// Where the browser test keeps its screenshots: `$PETSTORE_ARTIFACTS/console`, by default
 /// under `~/.cache/petstore/artifacts` (outside the clone, kept between runs).
-fn artifacts() -> std::path::PathBuf {
+pub(crate) fn artifacts() -> std::path::PathBuf {
     let root = std::env::var_os("PETSTORE_ARTIFACTS").map_or_else(
         || {
             std::path::PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
@@ -919,22 +941,7 @@ fn artifacts() -> std::path::PathBuf {
 /// toggle; screenshots kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_console_passes_in_a_real_browser() {
-    let folder = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("browser");
-    if !folder.join("node_modules/playwright-core").is_dir()
-        || !std::path::Path::new("/usr/bin/chromium").exists()
-    {
-        let script =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/services.sh");
-        let installed = std::process::Command::new("bash")
-            .arg(script)
-            .arg("browser")
-            .status()
-            .expect("scripts/services.sh runs");
-        assert!(
-            installed.success(),
-            "Chromium and playwright-core could not be installed"
-        );
-    }
+    let folder = browser_scripts();
     let storage = Storage::new(Engine::Embedded).await;
     let mut settings = with_users(storage.settings());
     // The live page's stream ends every 2 s: the browser must carry on across it.

@@ -9,6 +9,7 @@ mod api;
 mod architecture;
 mod breakers;
 mod console;
+mod console_sign_in;
 mod event_store;
 mod fencing;
 mod kafka;

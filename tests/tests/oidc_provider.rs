@@ -20,9 +20,9 @@ const FORGED_KEY: &[u8] = include_bytes!("../fixtures/oidc-rsa-2.pem");
 const AUDIENCE: &str = "petstore-api";
 
 /// `node tests/oidc/provider.mjs`, running.
-struct Provider {
+pub(crate) struct Provider {
     child: tokio::process::Child,
-    issuer: String,
+    pub(crate) issuer: String,
     port: u16,
     http: reqwest::Client,
 }
@@ -30,7 +30,7 @@ struct Provider {
 impl Provider {
     /// Starts the provider on `port` (0: a free one) signing with a new key named `kid`,
     /// installing its packages first if they are missing.
-    async fn start(port: u16, kid: &str) -> Self {
+    pub(crate) async fn start(port: u16, kid: &str) -> Self {
         let folder = Path::new(env!("CARGO_MANIFEST_DIR")).join("oidc");
         if !folder.join("node_modules/oidc-provider").is_dir() {
             let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/services.sh");
@@ -67,12 +67,12 @@ impl Provider {
         }
     }
 
-    async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         let _ = self.child.kill().await;
     }
 
     /// The issuer's settings, as the README's OIDC section shows them for this provider.
-    fn settings(&self, customer_claim: Option<&str>) -> OidcIssuerSettings {
+    pub(crate) fn settings(&self, customer_claim: Option<&str>) -> OidcIssuerSettings {
         let mut settings = json!({
             "issuer": self.issuer,
             "audience": AUDIENCE,

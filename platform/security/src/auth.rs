@@ -14,6 +14,7 @@
 //! - [`oidc`]: an issuer's key set, refetched on an unknown `kid` (single-flight, cooled down).
 //! - [`login`]: `POST /auth/login` and Argon2 password hashing.
 //! - [`console`]: the operator console's session cookie and CSRF tokens.
+//! - [`sign_in`]: the console's sign-in at an OpenID Provider (authorization code, PKCE).
 //! - `guard`: the middleware: [`guard`] and [`client_address`].
 //! - `openapi`: [`describe_security`].
 
@@ -29,7 +30,9 @@ use petstore_domain::CustomerId;
 use crate::audit::{SecurityAudit, SecurityEvent, SecurityEventKind, SecurityOutcome};
 use crate::rate_limit::{RateKey, RateLimits, Usage};
 use petstore_event_store::database::Database;
-use petstore_settings::{ProxyBlock, RoleName, SecuritySettings, UserSettings};
+use petstore_settings::{
+    ConsoleOidcSettings, ProxyBlock, RoleName, SecuritySettings, UserSettings,
+};
 use petstore_telemetry::metrics::{AuthFailureLabels, Metrics, RateLimitLabels};
 use petstore_web::Problem;
 use petstore_web::RequestContext;
@@ -40,6 +43,7 @@ pub mod login;
 pub mod oidc;
 mod openapi;
 pub mod rejection;
+pub mod sign_in;
 pub mod tokens;
 
 pub use guard::{client_address, guard};
@@ -220,6 +224,9 @@ pub enum AuthError {
     /// An issuer's key file cannot be read.
     #[error(transparent)]
     KeySet(#[from] oidc::KeySetError),
+    /// The console's OIDC client cannot be set up.
+    #[error("console.oidc cannot be used: {0}")]
+    ConsoleSignIn(String),
 }
 
 struct SecurityInner {
@@ -232,6 +239,7 @@ struct SecurityInner {
     max_header_bytes: usize,
     metrics: Metrics,
     csrf: console::CsrfKey,
+    sign_in: Option<sign_in::OidcSignIn>,
 }
 
 /// Everything [`guard`] and the login route need.
@@ -240,9 +248,11 @@ pub struct Security(Arc<SecurityInner>);
 
 impl Security {
     /// Sets up token verification (reading key files and fetching key sets), the users, the
-    /// quotas and the audit trail in `database`.
+    /// quotas, the audit trail in `database`, and the console's sign-in at `console_oidc`'s
+    /// provider.
     pub async fn build(
         settings: &SecuritySettings,
+        console_oidc: Option<&ConsoleOidcSettings>,
         database: &Database,
         metrics: &Metrics,
         oidc_policy: &petstore_resilience::Policy,
@@ -267,10 +277,27 @@ impl Security {
                 "DEMO MODE: security.authentication_required is false; requests without a token may do anything (local environment only)"
             );
         }
+        let verifier = TokenVerifier::new(&settings.jwt, issuers)
+            .map_err(|error| AuthError::Secret(error.to_string()))?;
+        let sign_in = match console_oidc {
+            Some(client) => {
+                let issuer = verifier.oidc_issuer(&client.issuer).ok_or_else(|| {
+                    AuthError::ConsoleSignIn(format!(
+                        "{} is not one of security.oidc.issuers",
+                        client.issuer
+                    ))
+                })?;
+                let timeout = std::time::Duration::from_millis(settings.oidc.fetch_timeout_ms);
+                Some(
+                    sign_in::OidcSignIn::new(client.clone(), issuer.clone(), timeout)
+                        .map_err(|error| AuthError::ConsoleSignIn(error.to_string()))?,
+                )
+            }
+            None => None,
+        };
         Ok(Self(Arc::new(SecurityInner {
             demo_mode: !settings.authentication_required,
-            verifier: TokenVerifier::new(&settings.jwt, issuers)
-                .map_err(|error| AuthError::Secret(error.to_string()))?,
+            verifier,
             users: settings
                 .users
                 .iter()
@@ -288,6 +315,7 @@ impl Security {
                     .as_ref()
                     .map(|secret| secrecy::ExposeSecret::expose_secret(secret).as_bytes()),
             ),
+            sign_in,
         })))
     }
 

@@ -26,12 +26,14 @@ use std::time::Duration;
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
+mod console;
 mod development_secret;
 mod layers;
 mod live;
 mod provenance;
 mod resilience;
 mod security;
+pub use console::*;
 pub use layers::config_dir;
 pub use live::*;
 pub use provenance::KeySource;
@@ -283,49 +285,6 @@ impl Default for TimelineSettings {
     }
 }
 
-/// The operator console (`/petstore-domain/console/`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ConsoleSettings {
-    /// A link to a trace in the team's trace UI, `{trace_id}` standing for the trace's id
-    /// (`http://127.0.0.1:16686/trace/{trace_id}`); unset, the console shows trace ids
-    /// without links.
-    pub trace_url_template: Option<String>,
-    /// Refuse every write (retries, skips, toggles, forced breakers) and render no control
-    /// for one: a console to look only.
-    pub read_only: bool,
-    /// Show the events of dead letters (their payloads hold what customers sent); hidden
-    /// by default.
-    pub show_payloads: bool,
-    /// How long a live page's stream lasts before the server ends it (the browser then
-    /// reconnects and carries on): a forgotten tab holds nothing for ever, and a balancer
-    /// can move the page to another instance.
-    pub live_max_seconds: u64,
-}
-
-impl Default for ConsoleSettings {
-    fn default() -> Self {
-        Self {
-            trace_url_template: None,
-            read_only: false,
-            show_payloads: false,
-            live_max_seconds: 300,
-        }
-    }
-}
-
-impl ConsoleSettings {
-    /// The link to `trace_id`'s trace, when a template is set.
-    pub fn trace_url(&self, trace_id: &str) -> Option<String> {
-        self.trace_url_template
-            .as_ref()
-            .map(|template| template.replace(TRACE_ID_PLACEHOLDER, trace_id))
-    }
-}
-
-/// What `console.trace_url_template` puts a trace's id in place of.
-pub const TRACE_ID_PLACEHOLDER: &str = "{trace_id}";
-
 /// The demo catalog.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -571,7 +530,8 @@ impl Settings {
     /// users, issuers, proxies or limits.
     pub fn validate(&self) -> Result<(), SettingsError> {
         self.validate_ranges()?;
-        self.security.validate(&self.environment)
+        self.security.validate(&self.environment)?;
+        self.console.validate(&self.security, &self.environment)
     }
 
     fn validate_ranges(&self) -> Result<(), SettingsError> {
@@ -633,17 +593,6 @@ impl Settings {
         for (key, value) in positive {
             if value == 0 {
                 return Err(SettingsError::invalid(key, "must be above 0"));
-            }
-        }
-        if let Some(template) = &self.console.trace_url_template {
-            let invalid =
-                |reason: &str| SettingsError::invalid("console.trace_url_template", reason);
-            if !template.contains(TRACE_ID_PLACEHOLDER) {
-                return Err(invalid("must contain {trace_id}"));
-            }
-            match url::Url::parse(&template.replace(TRACE_ID_PLACEHOLDER, "0")) {
-                Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => {}
-                _ => return Err(invalid("must be an http or https URL")),
             }
         }
         for (key, provider) in [
@@ -751,32 +700,5 @@ mod tests {
             .extract::<Settings>()
             .expect_err("typo must fail");
         assert!(error.to_string().contains("lisen"), "{error}");
-    }
-
-    #[test]
-    fn a_trace_url_template_must_be_an_http_url_with_the_trace_id() {
-        let with = |template: &str| {
-            let mut settings = Settings::default();
-            settings.console.trace_url_template = Some(template.to_owned());
-            settings
-        };
-        let fine = with("http://127.0.0.1:16686/trace/{trace_id}");
-        fine.validate().expect("a valid template");
-        assert_eq!(
-            fine.console.trace_url("abc").as_deref(),
-            Some("http://127.0.0.1:16686/trace/abc")
-        );
-        for bad in [
-            "http://127.0.0.1:16686/trace/",
-            "javascript:{trace_id}",
-            "{trace_id}",
-        ] {
-            let error = with(bad).validate().expect_err(bad);
-            assert!(
-                error.to_string().contains("console.trace_url_template"),
-                "{bad}: {error}"
-            );
-        }
-        assert_eq!(Settings::default().console.trace_url("abc"), None);
     }
 }

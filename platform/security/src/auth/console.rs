@@ -11,11 +11,21 @@ use sha2::Sha256;
 /// Where the console lives: its routes are for admins only, but for [`CONSOLE_PUBLIC`].
 pub const CONSOLE_PREFIX: &str = "/petstore-domain/console";
 
-/// The console's routes anyone may reach: its login page and its static files.
-pub const CONSOLE_PUBLIC: [&str; 2] = [
+/// The console's routes anyone may reach: its login page, the sign-in at an identity
+/// provider and back, and its static files.
+pub const CONSOLE_PUBLIC: [&str; 4] = [
     "/petstore-domain/console/login",
+    OIDC_START,
+    petstore_settings::CONSOLE_OIDC_CALLBACK,
     "/petstore-domain/console/assets/{file}",
 ];
+
+/// Where a sign-in at the identity provider starts.
+pub const OIDC_START: &str = "/petstore-domain/console/login/oidc";
+
+/// The name of the cookie that carries a sign-in at the identity provider (its state, nonce
+/// and PKCE verifier, signed) to the callback.
+pub const OIDC_FLOW_COOKIE: &str = "petstore_console_oidc";
 
 /// The name of the session cookie.
 pub const SESSION_COOKIE: &str = "petstore_console";
@@ -43,6 +53,11 @@ pub fn is_console_route(template: &str) -> bool {
 /// The session token the request's cookies carry, if any.
 pub fn session_token(headers: &HeaderMap) -> Option<String> {
     cookie_value(headers, SESSION_COOKIE)
+}
+
+/// The sign-in flow cookie's value, if the request carries one.
+pub fn oidc_flow(headers: &HeaderMap) -> Option<String> {
+    cookie_value(headers, OIDC_FLOW_COOKIE)
 }
 
 /// The login cookie's value, if the request carries one.
@@ -94,16 +109,39 @@ pub fn ended_login_cookie(secure: bool) -> HeaderValue {
     )
 }
 
-/// The `Set-Cookie` value of a session holding `token` for `max_age` seconds; `Secure`
-/// unless the console is reached on a loopback address over plain HTTP.
-pub fn session_cookie(token: &str, max_age: u64, secure: bool) -> HeaderValue {
-    let max_age = i64::try_from(max_age).unwrap_or(i64::MAX);
-    cookie_header(
-        Cookie::build((SESSION_COOKIE, token))
-            .max_age(cookie::time::Duration::seconds(max_age))
-            .secure(secure)
-            .build(),
-    )
+/// The `Set-Cookie` value of a session holding `token` for `max_age` seconds (unknown: until
+/// the browser closes; the token's own expiry still ends it); `Secure` unless the console is
+/// reached on a loopback address over plain HTTP.
+pub fn session_cookie(token: &str, max_age: Option<u64>, secure: bool) -> HeaderValue {
+    let mut cookie = Cookie::build((SESSION_COOKIE, token)).secure(secure);
+    if let Some(max_age) = max_age {
+        let max_age = i64::try_from(max_age).unwrap_or(i64::MAX);
+        cookie = cookie.max_age(cookie::time::Duration::seconds(max_age));
+    }
+    cookie_header(cookie.build())
+}
+
+/// The `Set-Cookie` value of a sign-in's flow cookie. Unlike the others it is
+/// `SameSite=Lax`: the provider sends the browser back by a navigation from its own site,
+/// on which a `Strict` cookie would not be sent. It is scoped to the sign-in's two routes.
+pub fn oidc_flow_cookie(flow: &str, secure: bool) -> HeaderValue {
+    oidc_flow_header(flow, LOGIN_FORM_SECONDS, secure)
+}
+
+/// The `Set-Cookie` value that drops a sign-in's flow cookie (once used).
+pub fn ended_oidc_flow_cookie(secure: bool) -> HeaderValue {
+    oidc_flow_header("", 0, secure)
+}
+
+fn oidc_flow_header(flow: &str, max_age: i64, secure: bool) -> HeaderValue {
+    let cookie = Cookie::build((OIDC_FLOW_COOKIE, flow))
+        .path(OIDC_START)
+        .http_only(true)
+        .same_site(SameSite::Lax)
+        .max_age(cookie::time::Duration::seconds(max_age))
+        .secure(secure)
+        .build();
+    HeaderValue::from_str(&cookie.to_string()).unwrap_or(HeaderValue::from_static(""))
 }
 
 /// The `Set-Cookie` value that ends the session.
@@ -159,11 +197,11 @@ impl CsrfKey {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
-fn unhex(text: &str) -> Option<Vec<u8>> {
+pub(crate) fn unhex(text: &str) -> Option<Vec<u8>> {
     if text.len() % 2 != 0 || !text.is_ascii() {
         return None;
     }
@@ -205,7 +243,7 @@ mod tests {
             HeaderValue::from_static("petstore_console="),
         );
         assert_eq!(session_token(&headers), None);
-        let cookie = session_cookie("abc.def", 3600, true);
+        let cookie = session_cookie("abc.def", Some(3600), true);
         let cookie = cookie.to_str().expect("ascii");
         for part in [
             "petstore_console=abc.def",
@@ -217,7 +255,7 @@ mod tests {
         ] {
             assert!(cookie.contains(part), "{cookie} lacks {part}");
         }
-        assert!(!session_cookie("t", 1, false)
+        assert!(!session_cookie("t", Some(1), false)
             .to_str()
             .expect("ascii")
             .contains("Secure"));
@@ -225,6 +263,18 @@ mod tests {
             .to_str()
             .expect("ascii")
             .contains("Max-Age=0"));
+        let flow = oidc_flow_cookie("f", true);
+        let flow = flow.to_str().expect("ascii");
+        for part in [
+            "petstore_console_oidc=f",
+            "HttpOnly",
+            "SameSite=Lax",
+            "Secure",
+            "Path=/petstore-domain/console/login/oidc",
+            "Max-Age=600",
+        ] {
+            assert!(flow.contains(part), "{flow} lacks {part}");
+        }
         assert!(is_console_route(
             "/petstore-domain/console/orders/{order_id}"
         ));

@@ -1,6 +1,6 @@
 //! One OIDC issuer's signing keys: read from a file, or fetched from its JWKS (found by
 //! discovery or configured), kept in memory and refetched when a token names an unknown
-//! `kid` (key rotation).
+//! `kid` (key rotation); and its sign-in endpoints, for the console's sign-in.
 //!
 //! Refetches are single-flight (one at a time, the others wait for its result) and at most
 //! one per cooldown, so tokens with random kids cannot make the service hammer the provider.
@@ -34,8 +34,8 @@ pub enum KeySetError {
         /// Why it failed.
         reason: String,
     },
-    /// The discovery document names a key set off the issuer's host, or over http.
-    #[error("the discovered jwks_uri is refused: {0}")]
+    /// The discovery document names a URL off the issuer's host or over http, or lacks one.
+    #[error("the discovery document is refused: {0}")]
     Untrusted(String),
     /// The file cannot be read or parsed.
     #[error("the key set file {path} cannot be read: {reason}")]
@@ -57,6 +57,8 @@ pub struct OidcIssuer {
     refetch: tokio::sync::Mutex<Option<Instant>>,
     audit: Option<SecurityAudit>,
     policy: Policy,
+    /// The discovered sign-in endpoints, once found.
+    endpoints: tokio::sync::OnceCell<Endpoints>,
 }
 
 /// One failed fetch attempt: `failure` when the provider failed (retried, counted by its
@@ -75,6 +77,17 @@ impl FetchFailure {
 #[derive(Deserialize)]
 struct Discovery {
     jwks_uri: String,
+    authorization_endpoint: Option<String>,
+    token_endpoint: Option<String>,
+}
+
+/// Where a browser signs in at the issuer, and where its code is exchanged for tokens.
+#[derive(Debug, Clone)]
+pub struct Endpoints {
+    /// The authorization endpoint.
+    pub authorization: url::Url,
+    /// The token endpoint.
+    pub token: url::Url,
 }
 
 impl OidcIssuer {
@@ -102,6 +115,7 @@ impl OidcIssuer {
             refetch: tokio::sync::Mutex::new(None),
             audit,
             policy,
+            endpoints: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -212,6 +226,40 @@ impl OidcIssuer {
         }
     }
 
+    /// The issuer's authorization and token endpoints, from its discovery document (fetched
+    /// through the `oidc` policy on first use, then kept; a failed fetch is tried again on the
+    /// next call). Like the key set, both must be on the issuer's host.
+    pub async fn endpoints(&self) -> Result<&Endpoints, KeySetError> {
+        self.endpoints
+            .get_or_try_init(|| async {
+                let url = self.discovery_url();
+                let discovery: Discovery = self.get_json(&url).await?;
+                let endpoint = |name: &str, value: Option<String>| {
+                    let value = value.ok_or_else(|| {
+                        KeySetError::Untrusted(format!("the discovery document has no {name}"))
+                    })?;
+                    same_host(&self.settings.issuer, &value).map_err(KeySetError::Untrusted)?;
+                    url::Url::parse(&value)
+                        .map_err(|error| KeySetError::Untrusted(format!("{name}: {error}")))
+                };
+                Ok(Endpoints {
+                    authorization: endpoint(
+                        "authorization_endpoint",
+                        discovery.authorization_endpoint,
+                    )?,
+                    token: endpoint("token_endpoint", discovery.token_endpoint)?,
+                })
+            })
+            .await
+    }
+
+    fn discovery_url(&self) -> String {
+        format!(
+            "{}/.well-known/openid-configuration",
+            self.settings.issuer.trim_end_matches('/')
+        )
+    }
+
     fn current(&self) -> Arc<HashMap<String, Arc<DecodingKey>>> {
         match self.keys.read() {
             Ok(keys) => keys.clone(),
@@ -263,11 +311,7 @@ impl OidcIssuer {
         let jwks_uri = match &self.settings.jwks_uri {
             Some(uri) => uri.clone(),
             None => {
-                let url = format!(
-                    "{}/.well-known/openid-configuration",
-                    self.settings.issuer.trim_end_matches('/')
-                );
-                let discovery: Discovery = self.get_json(&url).await?;
+                let discovery: Discovery = self.get_json(&self.discovery_url()).await?;
                 same_host(&self.settings.issuer, &discovery.jwks_uri)
                     .map_err(KeySetError::Untrusted)?;
                 discovery.jwks_uri

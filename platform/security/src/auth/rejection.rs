@@ -41,6 +41,9 @@ pub enum TokenRejection {
     /// A required claim (`iss`, `aud`, `exp`, `sub`) is missing, or a claim is malformed.
     #[error("the token lacks a required claim: {0}")]
     MissingClaim(String),
+    /// An ID token's `nonce` is not the one its sign-in sent (a replayed or injected token).
+    #[error("the ID token's nonce is not this sign-in's")]
+    WrongNonce,
 }
 
 impl TokenRejection {
@@ -57,6 +60,7 @@ impl TokenRejection {
             Self::WrongType(_) => "wrong_type",
             Self::WrongAudience => "wrong_audience",
             Self::MissingClaim(_) => "missing_claim",
+            Self::WrongNonce => "wrong_nonce",
         }
     }
 

@@ -244,20 +244,9 @@ impl TokenVerifier {
             return Ok((verified, claims.nbf.unwrap_or(i64::MIN), claims.exp));
         }
         let oidc = self
-            .issuers
-            .iter()
-            .find(|candidate| candidate.issuer() == issuer)
+            .oidc_issuer(&issuer)
             .ok_or(TokenRejection::UnknownIssuer)?;
-        let algorithm = match header.alg {
-            Algorithm::RS256 => OidcAlgorithm::RS256,
-            Algorithm::ES256 => OidcAlgorithm::ES256,
-            _ => return Err(TokenRejection::AlgorithmNotAccepted),
-        };
-        if !oidc.accepts(algorithm) {
-            return Err(TokenRejection::AlgorithmNotAccepted);
-        }
-        let kid = header.kid.as_deref().ok_or(TokenRejection::UnknownKey)?;
-        let key = oidc.key(kid, header.alg).await?;
+        let key = signing_key(oidc, &header).await?;
         let validation = self.validation(header.alg, oidc.issuer(), oidc.audience());
         let claims = jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation)
             .map_err(|error| TokenRejection::from_validation(&error))?
@@ -285,6 +274,59 @@ impl TokenVerifier {
         Ok((verified, time("nbf").unwrap_or(i64::MIN), expires))
     }
 
+    /// The configured OIDC issuer whose `iss` is `issuer`.
+    pub fn oidc_issuer(&self, issuer: &str) -> Option<&Arc<OidcIssuer>> {
+        self.issuers
+            .iter()
+            .find(|candidate| candidate.issuer() == issuer)
+    }
+
+    /// Checks an ID token of `oidc` for the client `client_id` (OpenID Connect Core
+    /// 3.1.3.7): signed by one of the issuer's keys with one of its algorithms, `iss` the
+    /// issuer, `aud` naming the client (and `azp` the client when it names several), not
+    /// expired nor issued in the future, and carrying the sign-in's `nonce`. Returns its
+    /// subject.
+    pub async fn verify_id_token(
+        &self,
+        oidc: &OidcIssuer,
+        token: &str,
+        client_id: &str,
+        nonce: &str,
+    ) -> Result<String, TokenRejection> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| TokenRejection::Malformed)?;
+        let key = signing_key(oidc, &header).await?;
+        let mut validation = self.validation(header.alg, oidc.issuer(), client_id);
+        validation.set_required_spec_claims(&["iss", "aud", "exp", "sub", "iat"]);
+        let claims = jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation)
+            .map_err(|error| TokenRejection::from_validation(&error))?
+            .claims;
+        let now = chrono::Utc::now().timestamp();
+        let leeway = i64::try_from(self.leeway_seconds).unwrap_or(i64::MAX);
+        let issued_at = claims
+            .get("iat")
+            .and_then(serde_json::Value::as_f64)
+            .map(|seconds| seconds as i64);
+        issued_in_the_past(issued_at, now, leeway)?;
+        let audiences = claims
+            .get("aud")
+            .and_then(serde_json::Value::as_array)
+            .map_or(1, Vec::len);
+        if audiences > 1 && claims.get("azp").and_then(serde_json::Value::as_str) != Some(client_id)
+        {
+            return Err(TokenRejection::WrongAudience);
+        }
+        let sent = claims.get("nonce").and_then(serde_json::Value::as_str);
+        if !sent.is_some_and(|sent| constant_time_equal(sent.as_bytes(), nonce.as_bytes())) {
+            return Err(TokenRejection::WrongNonce);
+        }
+        claims
+            .get("sub")
+            .and_then(serde_json::Value::as_str)
+            .filter(|subject| !subject.is_empty())
+            .map(str::to_owned)
+            .ok_or_else(|| TokenRejection::MissingClaim("sub".to_owned()))
+    }
+
     fn validation(&self, algorithm: Algorithm, issuer: &str, audience: &str) -> Validation {
         let mut validation = Validation::new(algorithm);
         validation.set_required_spec_claims(&REQUIRED_CLAIMS);
@@ -294,6 +336,29 @@ impl TokenVerifier {
         validation.leeway = self.leeway_seconds;
         validation
     }
+}
+
+/// The key `oidc` signed a token with `header` by: the algorithm must be one the issuer
+/// signs with, and the `kid` one of its keys (refetched once when unknown).
+async fn signing_key(
+    oidc: &OidcIssuer,
+    header: &Header,
+) -> Result<Arc<DecodingKey>, TokenRejection> {
+    let algorithm = match header.alg {
+        Algorithm::RS256 => OidcAlgorithm::RS256,
+        Algorithm::ES256 => OidcAlgorithm::ES256,
+        _ => return Err(TokenRejection::AlgorithmNotAccepted),
+    };
+    if !oidc.accepts(algorithm) {
+        return Err(TokenRejection::AlgorithmNotAccepted);
+    }
+    let kid = header.kid.as_deref().ok_or(TokenRejection::UnknownKey)?;
+    oidc.key(kid, header.alg).await
+}
+
+/// Whether `a` equals `b`, in time that depends on their lengths only.
+pub(crate) fn constant_time_equal(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0, |diff, (x, y)| diff | (x ^ y)) == 0
 }
 
 #[cfg(test)]

@@ -73,35 +73,30 @@ pub(crate) async fn start(
     Query(next): Query<Next>,
 ) -> Response {
     let next = back_to(next.next.as_deref());
-    let Some(sign_in) = state.security.oidc_sign_in() else {
-        return refused(&headers, &state, next, &SignInRefused::NotConfigured);
-    };
     let Some(origin) = origin(&headers) else {
         let why = SignInRefused::Denied("the request names no valid Host".to_owned());
         return refused(&headers, &state, next, &why);
     };
-    let redirect_uri = sign_in.redirect_uri(&origin);
-    match sign_in
-        .start(&state.security, redirect_uri, next.clone())
+    let started = match state
+        .security
+        .start_oidc_sign_in(&origin, next.clone())
         .await
     {
-        Ok(started) => {
-            let Ok(location) = HeaderValue::from_str(&started.authorization_url) else {
-                let why = SignInRefused::Unavailable(
-                    "the authorization URL is not a valid header".to_owned(),
-                );
-                return refused(&headers, &state, next, &why);
-            };
-            let mut response = StatusCode::SEE_OTHER.into_response();
-            response.headers_mut().insert(header::LOCATION, location);
-            response.headers_mut().append(
-                header::SET_COOKIE,
-                oidc_flow_cookie(&started.flow, secure(&headers)),
-            );
-            response
-        }
-        Err(why) => refused(&headers, &state, next, &why),
-    }
+        Ok(started) => started,
+        Err(why) => return refused(&headers, &state, next, &why),
+    };
+    let Ok(location) = HeaderValue::from_str(&started.authorization_url) else {
+        let why =
+            SignInRefused::Unavailable("the authorization URL is not a valid header".to_owned());
+        return refused(&headers, &state, next, &why);
+    };
+    let mut response = StatusCode::SEE_OTHER.into_response();
+    response.headers_mut().insert(header::LOCATION, location);
+    response.headers_mut().append(
+        header::SET_COOKIE,
+        oidc_flow_cookie(&started.flow, secure(&headers)),
+    );
+    response
 }
 
 /// `GET /petstore-domain/console/login/oidc/callback`: the provider's answer.

@@ -222,6 +222,17 @@ async fn the_console_is_for_admins_with_a_session_and_every_form_carries_its_tok
     let login_page = stranger.get(&format!("{CONSOLE}/login")).await;
     assert_eq!(login_page.status(), 200);
     assert_console_headers(&login_page);
+    // Without console.oidc: no provider to sign in at, and the sign-in's routes say so.
+    assert!(!login_page
+        .text()
+        .await
+        .expect("text")
+        .contains("/login/oidc"));
+    for path in ["login/oidc", "login/oidc/callback?code=a&state=b"] {
+        let refused = stranger.get(&format!("{CONSOLE}/{path}")).await;
+        assert_eq!(refused.status(), 404, "{path}");
+        assert_console_headers(&refused);
+    }
     let mut stale = Browser::new(&app);
     stale.cookies.push((
         "petstore_console".to_owned(),

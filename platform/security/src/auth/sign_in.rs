@@ -2,7 +2,7 @@
 //! flow with PKCE (S256), `state` and `nonce` (OpenID Connect Core 3.1, RFC 9700 2.1.1),
 //! through the `oauth2` crate.
 //!
-//! [`OidcSignIn::start`] makes the provider's authorization URL and the flow's cookie value:
+//! [`Security::start_oidc_sign_in`] makes the provider's authorization URL and the flow's cookie value:
 //! the state, nonce, PKCE verifier, redirect URI and the console page to go back to, signed
 //! with the console's key (so an instance can finish what another started), valid for
 //! [`LOGIN_FORM_SECONDS`]. [`Security::finish_oidc_sign_in`] checks the provider's answer
@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use super::console::{hex, random_token, unhex, CsrfKey, LOGIN_FORM_SECONDS};
 use super::oidc::{Endpoints, OidcIssuer};
 use super::tokens::constant_time_equal;
-use super::{Caller, RouteName, Security};
+use super::{Caller, RouteName, Security, TokenVerifier, VerifiedToken};
 use crate::audit::{SecurityEventKind, SecurityOutcome};
 use petstore_settings::{ConsoleOidcSettings, RoleName, CONSOLE_OIDC_CALLBACK};
 use petstore_telemetry::metrics::LoginLabels;
@@ -159,14 +159,6 @@ impl OidcSignIn {
         &self.settings.label
     }
 
-    /// The configured redirect URI, or the callback on `origin` (`http://127.0.0.1:8080`).
-    pub fn redirect_uri(&self, origin: &str) -> String {
-        self.settings
-            .redirect_uri
-            .clone()
-            .unwrap_or_else(|| format!("{origin}{CONSOLE_OIDC_CALLBACK}"))
-    }
-
     fn client(
         &self,
         endpoints: &Endpoints,
@@ -187,9 +179,9 @@ impl OidcSignIn {
     }
 
     /// Starts a sign-in that comes back to `redirect_uri` and then goes on to `next`.
-    pub async fn start(
+    async fn start(
         &self,
-        security: &Security,
+        key: &CsrfKey,
         redirect_uri: String,
         next: String,
     ) -> Result<Started, SignInRefused> {
@@ -216,7 +208,7 @@ impl OidcSignIn {
         };
         Ok(Started {
             authorization_url: url.to_string(),
-            flow: seal(&security.0.csrf, &flow),
+            flow: seal(key, &flow),
         })
     }
 
@@ -227,13 +219,14 @@ impl OidcSignIn {
             .map_err(|error| SignInRefused::Unavailable(error.to_string()))
     }
 
-    /// Exchanges the code of `flow` for the provider's tokens, and checks them.
+    /// Exchanges the code of `flow` for the provider's tokens, and checks them with
+    /// `verifier`.
     async fn exchange(
         &self,
-        security: &Security,
+        verifier: &TokenVerifier,
         flow: &Flow,
         code: String,
-    ) -> Result<(String, Option<u64>, super::VerifiedToken), SignInRefused> {
+    ) -> Result<(String, Option<u64>, VerifiedToken), SignInRefused> {
         let endpoints = self.endpoints().await?;
         let client = self.client(endpoints, &flow.redirect_uri)?;
         let mut request = client
@@ -263,7 +256,6 @@ impl OidcSignIn {
         let id_token = answer.extra_fields().id_token.as_deref().ok_or_else(|| {
             SignInRefused::Denied("the identity provider sent no ID token".to_owned())
         })?;
-        let verifier = security.verifier();
         let subject = verifier
             .verify_id_token(
                 &self.issuer,
@@ -296,6 +288,23 @@ impl Security {
     /// The console's OIDC client, when `console.oidc` is configured.
     pub fn oidc_sign_in(&self) -> Option<&OidcSignIn> {
         self.0.sign_in.as_ref()
+    }
+
+    /// Starts a sign-in at the identity provider that comes back to the console at
+    /// `console.oidc.redirect_uri`, or else at its callback on `origin`
+    /// (`http://127.0.0.1:8080`), and then goes on to the console page `next`.
+    pub async fn start_oidc_sign_in(
+        &self,
+        origin: &str,
+        next: String,
+    ) -> Result<Started, SignInRefused> {
+        let sign_in = self.oidc_sign_in().ok_or(SignInRefused::NotConfigured)?;
+        let redirect_uri = sign_in
+            .settings
+            .redirect_uri
+            .clone()
+            .unwrap_or_else(|| format!("{origin}{CONSOLE_OIDC_CALLBACK}"));
+        sign_in.start(&self.0.csrf, redirect_uri, next).await
     }
 
     /// Finishes a sign-in: the provider sent the browser back with `callback`, carrying the
@@ -360,7 +369,7 @@ impl Security {
         sign_in: &OidcSignIn,
         sealed: Option<&str>,
         callback: Callback,
-    ) -> Result<(Flow, (String, Option<u64>, super::VerifiedToken)), SignInRefused> {
+    ) -> Result<(Flow, (String, Option<u64>, VerifiedToken)), SignInRefused> {
         let flow = sealed
             .and_then(|sealed| unseal(&self.0.csrf, sealed, chrono::Utc::now().timestamp()))
             .ok_or(SignInRefused::Expired)?;
@@ -398,7 +407,7 @@ impl Security {
             .ok_or_else(|| {
                 SignInRefused::Denied("the identity provider sent no code".to_owned())
             })?;
-        let checked = sign_in.exchange(self, &flow, code).await?;
+        let checked = sign_in.exchange(self.verifier(), &flow, code).await?;
         Ok((flow, checked))
     }
 }

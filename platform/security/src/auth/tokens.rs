@@ -295,18 +295,19 @@ impl TokenVerifier {
     ) -> Result<String, TokenRejection> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenRejection::Malformed)?;
         let key = signing_key(oidc, &header).await?;
-        let mut validation = self.validation(header.alg, oidc.issuer(), client_id);
-        validation.set_required_spec_claims(&["iss", "aud", "exp", "sub", "iat"]);
+        let validation = self.validation(header.alg, oidc.issuer(), client_id);
         let claims = jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation)
             .map_err(|error| TokenRejection::from_validation(&error))?
             .claims;
         let now = chrono::Utc::now().timestamp();
         let leeway = i64::try_from(self.leeway_seconds).unwrap_or(i64::MAX);
+        // Required of an ID token (jsonwebtoken requires only `exp`, `nbf`, `aud`, `iss`, `sub`).
         let issued_at = claims
             .get("iat")
             .and_then(serde_json::Value::as_f64)
-            .map(|seconds| seconds as i64);
-        issued_in_the_past(issued_at, now, leeway)?;
+            .map(|seconds| seconds as i64)
+            .ok_or_else(|| TokenRejection::MissingClaim("iat".to_owned()))?;
+        issued_in_the_past(Some(issued_at), now, leeway)?;
         let audiences = claims
             .get("aud")
             .and_then(serde_json::Value::as_array)
@@ -460,6 +461,146 @@ mod tests {
             let token = shaped(&verifier, typ, claims);
             assert_eq!(verifier.verify(&token).await, Err(expected), "{name}");
         }
+    }
+
+    /// An issuer of `https://idp.example` whose key set (a file) is the EC fixture's public
+    /// key, `ec-1`; and that key, to sign with.
+    async fn issuer_with_ec_key() -> (OidcIssuer, EncodingKey) {
+        use jsonwebtoken::jwk::{Jwk, JwkSet};
+        const EC: &[u8] = include_bytes!("../../../../tests/fixtures/oidc-ec.pem");
+        let key = EncodingKey::from_ec_pem(EC).expect("a test key");
+        let mut jwk = Jwk::from_encoding_key(&key, Algorithm::ES256).expect("a public JWK");
+        jwk.common.key_id = Some("ec-1".to_owned());
+        let file =
+            std::env::temp_dir().join(format!("petstore-keys-{}.json", uuid::Uuid::new_v4()));
+        let set = serde_json::to_vec(&JwkSet { keys: vec![jwk] }).expect("json");
+        std::fs::write(&file, set).expect("written");
+        let settings = serde_json::from_value(serde_json::json!({
+            "issuer": "https://idp.example", "audience": "petstore-api", "jwks_file": file,
+        }))
+        .expect("issuer settings");
+        let policies = petstore_resilience::Policies::fixed(
+            &petstore_settings::ResilienceSettings::default(),
+            &petstore_telemetry::metrics::Metrics::new(),
+        );
+        let issuer = OidcIssuer::new(
+            settings,
+            &petstore_settings::OidcSettings::default(),
+            None,
+            policies.oidc.clone(),
+        )
+        .expect("an issuer");
+        issuer.load().await.expect("the key file");
+        std::fs::remove_file(&file).expect("removed");
+        (issuer, key)
+    }
+
+    #[tokio::test]
+    async fn an_id_token_must_be_the_issuers_for_this_client_fresh_and_this_sign_ins() {
+        let (issuer, key) = issuer_with_ec_key().await;
+        let verifier = verifier(30);
+        let now = chrono::Utc::now().timestamp();
+        let sign = |kid: &str, changes: serde_json::Value| {
+            let mut claims = serde_json::json!({
+                "iss": "https://idp.example", "aud": "petstore-console", "sub": "ops",
+                "iat": now, "exp": now + 300, "nonce": "nonce-1",
+            });
+            for (name, value) in changes.as_object().expect("an object") {
+                if value.is_null() {
+                    claims.as_object_mut().expect("an object").remove(name);
+                } else {
+                    claims[name] = value.clone();
+                }
+            }
+            let mut header = Header::new(Algorithm::ES256);
+            header.kid = Some(kid.to_owned());
+            jsonwebtoken::encode(&header, &claims, &key).expect("signed")
+        };
+        let check = |token: String| {
+            let verifier = verifier.clone();
+            let issuer = &issuer;
+            async move {
+                verifier
+                    .verify_id_token(issuer, &token, "petstore-console", "nonce-1")
+                    .await
+            }
+        };
+        assert_eq!(
+            check(sign("ec-1", serde_json::json!({}))).await,
+            Ok("ops".to_owned())
+        );
+        let several = serde_json::json!(["petstore-console", "other"]);
+        assert_eq!(
+            check(sign(
+                "ec-1",
+                serde_json::json!({"aud": several, "azp": "petstore-console"})
+            ))
+            .await,
+            Ok("ops".to_owned()),
+            "several audiences, this client the authorized party"
+        );
+        let refused = [
+            (
+                "another nonce",
+                serde_json::json!({"nonce": "nonce-2"}),
+                TokenRejection::WrongNonce,
+            ),
+            (
+                "no nonce",
+                serde_json::json!({"nonce": null}),
+                TokenRejection::WrongNonce,
+            ),
+            (
+                "another client",
+                serde_json::json!({"aud": "other"}),
+                TokenRejection::WrongAudience,
+            ),
+            (
+                "several audiences, no azp",
+                serde_json::json!({"aud": several}),
+                TokenRejection::WrongAudience,
+            ),
+            (
+                "another issuer",
+                serde_json::json!({"iss": "https://evil.example"}),
+                TokenRejection::UnknownIssuer,
+            ),
+            (
+                "expired",
+                serde_json::json!({"exp": now - 300}),
+                TokenRejection::Expired,
+            ),
+            (
+                "no iat",
+                serde_json::json!({"iat": null}),
+                TokenRejection::MissingClaim("iat".to_owned()),
+            ),
+            (
+                "iat ahead",
+                serde_json::json!({"iat": now + 600}),
+                TokenRejection::IssuedInTheFuture,
+            ),
+            (
+                "no subject",
+                serde_json::json!({"sub": ""}),
+                TokenRejection::MissingClaim("sub".to_owned()),
+            ),
+        ];
+        for (name, changes, expected) in refused {
+            assert_eq!(check(sign("ec-1", changes)).await, Err(expected), "{name}");
+        }
+        assert_eq!(
+            check(sign("ec-2", serde_json::json!({}))).await,
+            Err(TokenRejection::UnknownKey),
+            "a key the issuer does not have"
+        );
+        // Another token's claims under this one's signature.
+        let genuine = sign("ec-1", serde_json::json!({}));
+        let other = sign("ec-1", serde_json::json!({"sub": "admin"}));
+        let parts: Vec<&str> = genuine.split('.').collect();
+        let claims = other.split('.').nth(1).expect("claims");
+        let forged = format!("{}.{claims}.{}", parts[0], parts[2]);
+        assert_eq!(check(forged).await, Err(TokenRejection::BadSignature));
     }
 
     #[tokio::test]

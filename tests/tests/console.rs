@@ -909,9 +909,42 @@ async fn a_read_only_console_renders_no_write_control_and_refuses_every_write() 
     storage.remove().await;
 }
 
+/// Runs `node tests/browser/{script}` with `env` (and `ARTIFACTS`) within `limit`, and
+/// returns its JSON report once sure it found no problem. Chromium and the scripts'
+/// packages are installed first (`scripts/services.sh browser`) when they are missing.
+pub(crate) async fn run_browser_script(
+    script: &str,
+    env: &[(&str, String)],
+    limit: Duration,
+) -> Value {
+    let folder = browser_scripts();
+    let mut command = tokio::process::Command::new("node");
+    command
+        .arg(folder.join(script))
+        .env("ARTIFACTS", artifacts())
+        .kill_on_drop(true);
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let run = tokio::time::timeout(limit, command.output())
+        .await
+        .unwrap_or_else(|_| panic!("{script} ends within {limit:?}"))
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let report: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|_| {
+        panic!(
+            "no report from {script}: {stdout}\n{}",
+            String::from_utf8_lossy(&run.stderr)
+        )
+    });
+    assert_eq!(report["problems"], json!([]), "{report}");
+    assert!(run.status.success(), "{report}");
+    report
+}
+
 /// The browser scripts' folder (`tests/browser`), with Chromium and the scripts' packages
 /// installed (`scripts/services.sh browser`) when they are missing.
-pub(crate) fn browser_scripts() -> std::path::PathBuf {
+fn browser_scripts() -> std::path::PathBuf {
     let folder = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("browser");
     if !folder.join("node_modules/playwright-core").is_dir()
         || !std::path::Path::new("/usr/bin/chromium").exists()
@@ -933,7 +966,7 @@ pub(crate) fn browser_scripts() -> std::path::PathBuf {
 
 /// Where the browser test keeps its screenshots: `$PETSTORE_ARTIFACTS/console`, by default
 /// under `~/.cache/petstore/artifacts` (outside the clone, kept between runs).
-pub(crate) fn artifacts() -> std::path::PathBuf {
+fn artifacts() -> std::path::PathBuf {
     let root = std::env::var_os("PETSTORE_ARTIFACTS").map_or_else(
         || {
             std::path::PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
@@ -952,7 +985,6 @@ pub(crate) fn artifacts() -> std::path::PathBuf {
 /// toggle; screenshots kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_console_passes_in_a_real_browser() {
-    let folder = browser_scripts();
     let storage = Storage::new(Engine::Embedded).await;
     let mut settings = with_users(storage.settings());
     // The live page's stream ends every 2 s: the browser must carry on across it.
@@ -990,34 +1022,20 @@ async fn the_console_passes_in_a_real_browser() {
     app.wait_for_terminal(&order).await;
     app.wait_for_terminal(&cancelled).await;
 
-    let artifacts = artifacts();
-    let run = tokio::time::timeout(
+    let report = run_browser_script(
+        "console.mjs",
+        &[
+            ("BASE_URL", app.address.clone()),
+            ("USERNAME", "ops".to_owned()),
+            ("PASSWORD", "correct horse".to_owned()),
+            ("ORDER", order.clone()),
+            ("CANCELLED", cancelled.clone()),
+            ("WAITING", waiting.clone()),
+            ("ADMIN_TOKEN", app.token("ops-1", RoleName::Admin)),
+        ],
         Duration::from_secs(240),
-        tokio::process::Command::new("node")
-            .arg(folder.join("console.mjs"))
-            .env("BASE_URL", &app.address)
-            .env("USERNAME", "ops")
-            .env("PASSWORD", "correct horse")
-            .env("ORDER", &order)
-            .env("CANCELLED", &cancelled)
-            .env("WAITING", &waiting)
-            .env("ADMIN_TOKEN", app.token("ops-1", RoleName::Admin))
-            .env("ARTIFACTS", &artifacts)
-            .kill_on_drop(true)
-            .output(),
     )
-    .await
-    .expect("the browser run ends within 4 minutes")
-    .expect("node runs");
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    let report: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|_| {
-        panic!(
-            "no report: {stdout}\n{}",
-            String::from_utf8_lossy(&run.stderr)
-        )
-    });
-    assert_eq!(report["problems"], json!([]), "{report}");
-    assert!(run.status.success(), "{report}");
+    .await;
     let screenshots = report["screenshots"].as_array().expect("screenshots");
     assert_eq!(screenshots.len(), 22, "{report}");
     assert_eq!(app.wait_for_terminal(&waiting).await["status"], "completed");

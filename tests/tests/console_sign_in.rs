@@ -6,12 +6,13 @@
 //! the login page saying why; every outcome is in the security trail.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use petstore_settings::Settings;
 use petstore_tests::{Engine, Storage, TestApp};
 use serde_json::{json, Value};
 
-use crate::console::{artifacts, browser_scripts};
+use crate::console::run_browser_script;
 use crate::oidc_provider::Provider;
 
 const CALLBACK: &str = "/petstore-domain/console/login/oidc/callback";
@@ -397,15 +398,9 @@ async fn the_console_signs_an_admin_in_at_the_provider_with_pkce_and_refuses_the
     }
 
     // Every outcome is a login in the security trail.
-    let trail: Value = app
-        .client
-        .get(app.url("/petstore-domain/admin/audit/security?kind=login"))
-        .send()
-        .await
-        .expect("answered")
-        .json()
-        .await
-        .expect("json");
+    let trail = app
+        .get_json("/petstore-domain/admin/audit/security?kind=login")
+        .await;
     let entries = trail["entries"].as_array().expect("entries");
     let seen = |subject: &str, outcome: &str, says: &str| {
         entries.iter().any(|entry| {
@@ -452,33 +447,19 @@ async fn the_console_signs_an_admin_in_at_the_provider_with_pkce_and_refuses_the
 /// error or serious axe-core violation on the console's pages; screenshots kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_sign_in_at_the_provider_works_in_a_real_browser() {
-    let folder = browser_scripts();
     let provider = Provider::start(0, "key-1").await;
     let storage = Storage::new(Engine::Embedded).await;
     let app = TestApp::start(with_sign_in(&storage, &provider)).await;
     app.wait_until_ready().await;
-    let run = tokio::time::timeout(
-        std::time::Duration::from_secs(120),
-        tokio::process::Command::new("node")
-            .arg(folder.join("sign_in.mjs"))
-            .env("BASE_URL", &app.address)
-            .env("PROVIDER", &provider.issuer)
-            .env("ARTIFACTS", artifacts())
-            .kill_on_drop(true)
-            .output(),
+    let report = run_browser_script(
+        "sign_in.mjs",
+        &[
+            ("BASE_URL", app.address.clone()),
+            ("PROVIDER", provider.issuer.clone()),
+        ],
+        Duration::from_secs(120),
     )
-    .await
-    .expect("the browser run ends within 2 minutes")
-    .expect("node runs");
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    let report: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|_| {
-        panic!(
-            "no report: {stdout}\n{}",
-            String::from_utf8_lossy(&run.stderr)
-        )
-    });
-    assert_eq!(report["problems"], json!([]), "{report}");
-    assert!(run.status.success(), "{report}");
+    .await;
     assert_eq!(
         report["screenshots"].as_array().map(Vec::len),
         Some(3),

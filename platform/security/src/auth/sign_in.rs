@@ -108,6 +108,16 @@ pub struct SignedIn {
     pub next: String,
 }
 
+/// What the token endpoint issued, checked.
+struct Issued {
+    /// The access token.
+    token: String,
+    /// Its lifetime in seconds, when the provider says.
+    expires_in: Option<u64>,
+    /// Who it names.
+    verified: VerifiedToken,
+}
+
 /// Why a sign-in did not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum SignInRefused {
@@ -226,7 +236,7 @@ impl OidcSignIn {
         verifier: &TokenVerifier,
         flow: &Flow,
         code: String,
-    ) -> Result<(String, Option<u64>, VerifiedToken), SignInRefused> {
+    ) -> Result<Issued, SignInRefused> {
         let endpoints = self.endpoints().await?;
         let client = self.client(endpoints, &flow.redirect_uri)?;
         let mut request = client
@@ -267,8 +277,8 @@ impl OidcSignIn {
             .map_err(|reason| {
                 SignInRefused::Denied(format!("the ID token is refused: {reason}"))
             })?;
-        let access_token = answer.access_token().secret().clone();
-        let verified = verifier.verify(&access_token).await.map_err(|reason| {
+        let token = answer.access_token().secret().clone();
+        let verified = verifier.verify(&token).await.map_err(|reason| {
             SignInRefused::Denied(format!(
                 "the access token is refused: {reason} (is console.oidc.resource the resource \
                  whose tokens name security.oidc.issuers[].audience?)"
@@ -279,8 +289,11 @@ impl OidcSignIn {
                 "the access token names another subject than the ID token".to_owned(),
             ));
         }
-        let expires_in = answer.expires_in().map(|lifetime| lifetime.as_secs());
-        Ok((access_token, expires_in, verified))
+        Ok(Issued {
+            token,
+            expires_in: answer.expires_in().map(|lifetime| lifetime.as_secs()),
+            verified,
+        })
     }
 }
 
@@ -319,7 +332,14 @@ impl Security {
         let mut who = caller.clone();
         let outcome = self.check_callback(sign_in, sealed, callback).await;
         let (result, detail) = match outcome {
-            Ok((flow, (token, expires_in, verified))) => {
+            Ok((
+                next,
+                Issued {
+                    token,
+                    expires_in,
+                    verified,
+                },
+            )) => {
                 who.subject.clone_from(&verified.subject);
                 who.roles = verified.roles.clone();
                 if verified.roles.contains(&RoleName::Admin) {
@@ -332,7 +352,7 @@ impl Security {
                         token,
                         expires_in,
                         subject: verified.subject,
-                        next: flow.next,
+                        next,
                     };
                     (Ok(signed_in), detail)
                 } else {
@@ -364,12 +384,14 @@ impl Security {
         result
     }
 
+    /// The page to go on to and what the provider issued, when the callback is the answer to
+    /// the flow `sealed` holds and everything issued checks out.
     async fn check_callback(
         &self,
         sign_in: &OidcSignIn,
         sealed: Option<&str>,
         callback: Callback,
-    ) -> Result<(Flow, (String, Option<u64>, VerifiedToken)), SignInRefused> {
+    ) -> Result<(String, Issued), SignInRefused> {
         let flow = sealed
             .and_then(|sealed| unseal(&self.0.csrf, sealed, chrono::Utc::now().timestamp()))
             .ok_or(SignInRefused::Expired)?;
@@ -407,8 +429,8 @@ impl Security {
             .ok_or_else(|| {
                 SignInRefused::Denied("the identity provider sent no code".to_owned())
             })?;
-        let checked = sign_in.exchange(self.verifier(), &flow, code).await?;
-        Ok((flow, checked))
+        let issued = sign_in.exchange(self.verifier(), &flow, code).await?;
+        Ok((flow.next, issued))
     }
 }
 

@@ -58,14 +58,6 @@ struct FlagsPage {
     conflict: Option<String>,
 }
 
-fn mode_name(mode: Mode) -> &'static str {
-    match mode {
-        Mode::Automatic => "automatic",
-        Mode::ForcedOpen => "forced_open",
-        Mode::ForcedClosed => "forced_closed",
-    }
-}
-
 fn setting_text(setting: FlagSetting) -> String {
     match setting {
         FlagSetting::On => "on".to_owned(),
@@ -98,7 +90,7 @@ async fn render(
         breakers.push(BreakerRow {
             name: policy.name(),
             state: status.state.clone(),
-            mode: mode_name(status.mode),
+            mode: status.mode.as_str(),
             calls: status.calls,
             failures: status.failures,
             retry_after: status
@@ -244,9 +236,9 @@ pub(crate) async fn force(
             action: ActionKind::BreakerForced,
             target: format!("breaker {dependency}"),
             order_id: None,
-            parameters: json!({"mode": mode_name(form.mode)}),
-            before: json!({"mode": mode_name(before.mode), "state": before.state}),
-            after: json!({"mode": mode_name(after.mode), "state": after.state}),
+            parameters: json!({"mode": form.mode.as_str()}),
+            before: json!({"mode": before.mode.as_str(), "state": before.state}),
+            after: json!({"mode": after.mode.as_str(), "state": after.state}),
         },
     )
     .await?;

@@ -110,16 +110,14 @@ pub(crate) struct LiveQuery {
     after: Option<i64>,
 }
 
-/// `GET /petstore-domain/console/orders/{order_id}/live`.
-pub(crate) async fn stream(
-    State(state): State<ConsoleState>,
-    session: Session,
-    headers: HeaderMap,
-    Path(order_id): Path<String>,
-    Query(query): Query<LiveQuery>,
-) -> Result<Response, Problem> {
-    let order_id = parse(&order_id)?;
-    let resumed = match headers.get("last-event-id") {
+/// Where a reconnecting stream resumes: after its `Last-Event-ID` (a global position it
+/// sent) or else after `after` (the htmx SSE extension reconnects without the header); 400
+/// for a header that is not one, or a position below 0.
+pub(crate) fn resume_after(
+    headers: &HeaderMap,
+    after: Option<i64>,
+) -> Result<Option<i64>, Problem> {
+    let after = match headers.get("last-event-id") {
         Some(value) => Some(
             value
                 .to_str()
@@ -129,11 +127,26 @@ pub(crate) async fn stream(
                     Problem::bad_request("Last-Event-ID must be an event id this stream sent")
                 })?,
         ),
-        None => query.after,
+        None => after,
     };
-    if resumed.is_some_and(|after| after < 0) {
+    if after.is_some_and(|after| after < 0) {
         return Err(Problem::bad_request("after must be 0 or more"));
     }
+    Ok(after)
+}
+
+/// `GET /petstore-domain/console/orders/{order_id}/live`.
+pub(crate) async fn stream(
+    State(state): State<ConsoleState>,
+    session: Session,
+    headers: HeaderMap,
+    Path(order_id): Path<String>,
+    Query(query): Query<LiveQuery>,
+) -> Result<Response, Problem> {
+    let order_id = parse(&order_id)?;
+    // The state is sent whole whatever the stream resumes from; a bad resume point is
+    // still refused.
+    resume_after(&headers, query.after)?;
     let slot = state.streams.acquire_or_refuse(session.subject())?;
     let first = Live::read(&state, &order_id, None)
         .await?

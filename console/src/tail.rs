@@ -21,9 +21,6 @@ use crate::{html, ConsoleState, Frame};
 /// Events the page shows when it opens.
 const SHOWN: u32 = 50;
 
-/// Events read from the stream at a time.
-const BATCH: u32 = 200;
-
 /// How often the stream is read again when nothing new came.
 const POLL: Duration = Duration::from_millis(500);
 
@@ -197,20 +194,9 @@ pub(crate) async fn live(
     Query(query): Query<LiveQuery>,
 ) -> Result<Response, Problem> {
     let wanted = event_type(query.event_type.as_deref())?;
-    let after = match headers.get("last-event-id") {
-        Some(value) => value
-            .to_str()
-            .ok()
-            .and_then(|id| id.parse::<i64>().ok())
-            .ok_or_else(|| {
-                Problem::bad_request("Last-Event-ID must be an event id this stream sent")
-            })?,
-        None => query.after,
-    };
-    let after = match after {
-        0 => StreamPosition::START,
-        global if global > 0 => position(&state, global).await?,
-        _ => return Err(Problem::bad_request("after must be 0 or more")),
+    let after = match crate::live::resume_after(&headers, Some(query.after))? {
+        Some(global) if global > 0 => position(&state, global).await?,
+        _ => StreamPosition::START,
     };
     let slot = state.streams.acquire_or_refuse(session.subject())?;
     let (sender, receiver) = mpsc::channel(2);
@@ -234,14 +220,12 @@ async fn follow(
     let kind = wanted.clone().unwrap_or_default();
     let mut changed = true;
     loop {
-        match stream::read_after(&state.database, after, BATCH).await {
-            Ok(batch) => {
-                if let Some(last) = batch.last() {
-                    after = last.position;
+        // The newest event committed (and visible: none can commit before it later).
+        match stream::newest_first(&state.database, None, None, 1).await {
+            Ok(newest) => {
+                if let Some(newest) = newest.first().filter(|newest| newest.position > after) {
+                    after = newest.position;
                     changed = true;
-                }
-                if batch.len() as u32 == BATCH {
-                    continue;
                 }
             }
             Err(error) => {

@@ -55,6 +55,17 @@ pub enum Mode {
     ForcedClosed,
 }
 
+impl Mode {
+    /// The mode as written in the admin API and the console (`forced_open`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Automatic => "automatic",
+            Self::ForcedOpen => "forced_open",
+            Self::ForcedClosed => "forced_closed",
+        }
+    }
+}
+
 /// Why no attempt was made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Rejection {
@@ -635,6 +646,16 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
+
+    #[test]
+    fn a_modes_name_is_how_the_admin_api_writes_it() {
+        for mode in [Mode::Automatic, Mode::ForcedOpen, Mode::ForcedClosed] {
+            assert_eq!(
+                serde_json::to_value(mode).expect("json"),
+                serde_json::json!(mode.as_str())
+            );
+        }
+    }
 
     #[derive(Debug, Clone, PartialEq)]
     enum Failing {
